@@ -1,0 +1,46 @@
+# Two entry points for a newcomer: `make demo` and `make test` (see README.md).
+# Both create .venv on first use and install the package from this checkout with the
+# versions pinned in requirements/ci-constraints.txt (torch is pinned to the CPU build
+# 2.13.0 so CI does not pull a multi-GB CUDA build).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+CONSTRAINTS := requirements/ci-constraints.txt
+PIP_INSTALL := $(PY) -m pip install --disable-pip-version-check -q -c $(CONSTRAINTS)
+
+.PHONY: demo test venv bench validate-smoke validate-small clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# The stamps depend on pyproject.toml and the constraints: editing either reinstalls.
+$(VENV)/.demo-installed: pyproject.toml $(CONSTRAINTS) | $(PY)
+	$(PIP_INSTALL) -e ".[torch,cvxpy,plot]"
+	touch $@
+
+$(VENV)/.all-installed: pyproject.toml $(CONSTRAINTS) | $(PY)
+	$(PIP_INSTALL) -e ".[all]"
+	touch $@ $(VENV)/.demo-installed
+
+venv: $(VENV)/.all-installed
+
+demo: $(VENV)/.demo-installed
+	$(PY) -m clairstat.demo --output demo_output
+
+# pytest exits 5 when it collects nothing; say so instead of leaving a bare code.
+test: $(VENV)/.all-installed
+	@$(PY) -m pytest; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; fi; \
+	exit $$rc
+
+bench: $(VENV)/.all-installed
+	$(PY) benchmarks/solver_benchmark.py
+
+validate-smoke: $(VENV)/.all-installed
+	$(PY) -m validation --scale smoke
+
+validate-small: $(VENV)/.all-installed
+	$(PY) -m validation --scale small
+
+clean:
+	rm -rf $(VENV) demo_output .pytest_cache
