@@ -7,6 +7,12 @@ try:
 except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0+unknown"
 
-from . import datasets, metrics
+from . import datasets, metrics, solvers
+from ._decompose import clair_decompose
+from ._estimator import CLAIREstimator
+from ._objective import objective
+from ._result import DecompositionResult, Problem
+from ._summary import CLAIRSummary
 
-__all__ = ["datasets", "metrics", "__version__"]
+__all__ = ["CLAIREstimator", "CLAIRSummary", "DecompositionResult", "Problem",
+           "clair_decompose", "datasets", "metrics", "objective", "solvers", "__version__"]
