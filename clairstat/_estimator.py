@@ -168,8 +168,11 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator):
     # -- input -------------------------------------------------------------------
     def _read(self, X, *, reset):
         """Blocks (n_clients, p, q) in the working orientation, and whether X was 2-D."""
-        if np.ndim(X) == 2 and not isinstance(X, (list, tuple)) or (
-                isinstance(X, (list, tuple)) and len(X) and np.ndim(X[0]) == 1):
+        if isinstance(X, (list, tuple)):
+            two_d = len(X) > 0 and np.asarray(X[0]).ndim == 1
+        else:
+            two_d = np.asarray(X).ndim <= 2  # 1-D input gets scikit-learn's "reshape" error
+        if two_d:
             X = validate_data(self, X, reset=reset, dtype=[np.float64, np.float32],
                               ensure_all_finite=False, ensure_min_samples=1)
         blocks, was_2d = check_local_estimates(X, min_clients=2 if reset else 1)

@@ -42,7 +42,7 @@ def estimate_noise_scale(local_estimates):
     contaminated clients cannot drag), and sigma is read off the median singular value
     of the stacked ``p x (K q)`` matrix against the Marchenko-Pastur median (Gavish and
     Donoho, 2014): low-rank signal and a minority of contaminated blocks move only a few
-    singular values, not the median.
+    singular values, not the median. Exactly duplicated clients are counted once.
 
     Parameters
     ----------
@@ -58,7 +58,13 @@ def estimate_noise_scale(local_estimates):
     >>> round(estimate_noise_scale(0.5 * rng.standard_normal((40, 30, 8))), 1)
     0.5
     """
+    # Exact duplicates carry no information on the noise and, if numerous, would make
+    # the median singular value structurally zero.
+    flat = local_estimates.reshape(len(local_estimates), -1)
+    local_estimates = local_estimates[np.sort(np.unique(flat, axis=0, return_index=True)[1])]
     n_clients = local_estimates.shape[0]
+    if n_clients < 2:
+        return 0.0
     centred = local_estimates - np.median(local_estimates, axis=0)[None]
     sing = np.linalg.svd(stack_blocks(centred), compute_uv=False)
     n_long, n_short = max(centred.shape[1], n_clients * centred.shape[2]), len(sing)

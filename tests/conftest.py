@@ -1,0 +1,23 @@
+"""Shared fixtures: small problems sized for a 2-core CI machine."""
+
+import numpy as np
+import pytest
+
+from clairstat.datasets import make_federated_regression, make_low_rank_block_sparse
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(12345)
+
+
+@pytest.fixture(scope="session")
+def regression():
+    """The demo's regression model at a smaller size (fits in well under a second)."""
+    return make_federated_regression(30, 20, 5, 2, 200, 5, separation=3.0, random_state=7)
+
+
+@pytest.fixture(scope="session")
+def noiseless():
+    """A noiseless low-rank + block-sparse instance inside the recovery region."""
+    return make_low_rank_block_sparse(40, 30, 4, 2, 4, noise_level=0.0, random_state=3)

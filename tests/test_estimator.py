@@ -1,0 +1,221 @@
+"""CLAIREstimator: detection, subspace, refinement, interface and bad input."""
+
+import pickle
+import warnings
+
+import numpy as np
+import pytest
+from sklearn.base import clone
+
+from clairstat import CLAIREstimator
+from clairstat.datasets import make_federated_regression
+from clairstat.metrics import detection_scores, estimation_errors, subspace_distance
+
+pytest.importorskip("torch")
+
+
+@pytest.fixture(scope="module")
+def fitted(regression):
+    return CLAIREstimator(random_state=0).fit(regression.local_estimates,
+                                              sample_weight=regression.n_samples)
+
+
+def test_detects_the_contaminated_clients(fitted, regression):
+    scores = detection_scores(fitted.contaminated_, regression.contaminated)
+    assert scores["exact"], scores
+    np.testing.assert_array_equal(fitted.collaborative_set_, regression.collaborative_set)
+    np.testing.assert_array_equal(fitted.predict(regression.local_estimates),
+                                  np.where(regression.contaminated, -1, 1))
+
+
+def test_recovers_the_subspace_and_refines(fitted, regression):
+    assert fitted.rank_ == 2
+    # ||P_hat - P*|| for r = 2 directions estimated from 25 clients x 5 columns with
+    # per-entry noise ~0.07: first-order perturbation ~ sigma sqrt(r p / (q K)) ~ 0.06.
+    assert subspace_distance(fitted.subspace_, regression.subspace) < 0.2
+    benign = ~regression.contaminated
+    refined = estimation_errors(fitted.refined_, regression.truth)[benign].mean()
+    local = estimation_errors(regression.local_estimates, regression.truth)[benign].mean()
+    # Oracle risk ratio (r + (p - r)/|C|) / p = (2 + 18/25) / 20 = 0.136; allow the
+    # subspace-estimation cost on top.
+    assert refined / local < 0.3
+
+
+def test_flagged_clients_keep_their_estimate(fitted, regression):
+    flagged = fitted.contaminated_
+    np.testing.assert_array_equal(fitted.refined_[flagged], regression.local_estimates[flagged])
+
+
+def test_transform_refines_new_clients(fitted, regression):
+    new = make_federated_regression(30, 20, 5, 2, 200, 5, separation=3.0, random_state=7)
+    np.testing.assert_allclose(fitted.transform(new.local_estimates[:3]), fitted.refined_[:3])
+    assert fitted.transform(new.local_estimates[:1]).shape == (1, 20, 5)
+
+
+def test_test_statistics_are_calibrated_under_the_null():
+    """No contamination: p-values of the benign clients are roughly uniform."""
+    data = make_federated_regression(60, 20, 4, 2, 300, 0, random_state=1)
+    est = CLAIREstimator(rank=2).fit(data.local_estimates)
+    # FDR control at 5% with no contamination: no flag expected in the vast majority of
+    # runs; the seed is fixed so this is deterministic.
+    assert est.contaminated_.sum() == 0
+    # Kolmogorov-Smirnov distance of 60 p-values from uniform: the 1% critical value is 0.21.
+    from scipy import stats
+    assert stats.kstest(est.p_values_, "uniform").statistic < 0.21
+
+
+def test_test_detection_beats_threshold_on_a_small_shift():
+    """A shift of about the noise's own Frobenius norm (~1.1 here): the calibrated test
+    (statistic ratio ~1.8 with sd ~0.1 under the null) catches every attacker, while the
+    raw ||S_k|| threshold, which only sees shifts beyond beta, misses some."""
+    data = make_federated_regression(40, 30, 8, 3, 200, 8, separation=1.0, random_state=2)
+    tested = CLAIREstimator().fit(data.local_estimates)
+    thresholded = CLAIREstimator(detection="threshold").fit(data.local_estimates)
+    assert detection_scores(tested.contaminated_, data.contaminated)["exact"]
+    assert detection_scores(thresholded.contaminated_, data.contaminated)["recall"] < 1.0
+
+
+def test_row_subspace_is_the_column_fit_of_transposes(regression):
+    X = regression.local_estimates
+    col = CLAIREstimator(rank=2).fit(X.transpose(0, 2, 1))
+    row = CLAIREstimator(rank=2, subspace="row").fit(X)
+    np.testing.assert_allclose(row.refined_, col.refined_.transpose(0, 2, 1), atol=1e-10)
+    np.testing.assert_array_equal(row.contaminated_, col.contaminated_)
+
+
+def test_low_rank_subspace_option(regression):
+    est = CLAIREstimator(subspace_source="low_rank").fit(regression.local_estimates)
+    assert est.subspace_.shape[0] == 20 and est.rank_ >= 1
+
+
+def test_threshold_detection_and_all_flagged_warning(regression):
+    est = CLAIREstimator(detection="threshold").fit(regression.local_estimates)
+    np.testing.assert_array_equal(est.contaminated_, est.contamination_scores_ > 0)
+    with pytest.warns(UserWarning, match="every client"):
+        flagged = CLAIREstimator(detection="threshold", beta=0.0).fit(
+            regression.local_estimates)
+    assert flagged.contaminated_.all()
+    np.testing.assert_array_equal(flagged.refined_, regression.local_estimates)
+
+
+def test_exact_formulation_with_cvxpy_matches_torch():
+    pytest.importorskip("cvxpy")
+    data = make_federated_regression(12, 6, 2, 1, 100, 2, separation=3.0, random_state=4)
+    a = CLAIREstimator(solver="torch").fit(data.local_estimates)
+    b = CLAIREstimator(solver="cvxpy").fit(data.local_estimates)
+    assert a.solver_ == "torch" and b.solver_ == "cvxpy"
+    np.testing.assert_array_equal(a.contaminated_, b.contaminated_)
+
+
+def test_float32_and_float64_inputs_agree(regression):
+    X = regression.local_estimates
+    a = CLAIREstimator().fit(X.astype(np.float32))
+    b = CLAIREstimator(dtype="float32", tol=1e-4).fit(X)
+    c = CLAIREstimator().fit(X)
+    for est in (a, b):
+        np.testing.assert_array_equal(est.contaminated_, c.contaminated_)
+        # float32 data carry ~1e-7 relative rounding; refined values are averages of them.
+        np.testing.assert_allclose(est.refined_, c.refined_, atol=1e-4 * np.abs(X).max())
+
+
+def test_list_input_and_2d_input(regression):
+    X = regression.local_estimates
+    est = CLAIREstimator().fit(list(X))
+    assert est.refined_.shape == X.shape
+    vectors = X[:, :, 0]
+    est2 = CLAIREstimator().fit(vectors)
+    assert est2.refined_.shape == vectors.shape
+    assert est2.transform(vectors).shape == vectors.shape
+
+
+def test_clone_pickle_and_params(fitted, regression):
+    restored = pickle.loads(pickle.dumps(fitted))
+    np.testing.assert_array_equal(restored.predict(regression.local_estimates),
+                                  fitted.predict(regression.local_estimates))
+    twin = clone(fitted).set_params(rank=2)
+    assert twin.get_params()["rank"] == 2 and not hasattr(twin, "refined_")
+
+
+def test_summary_formats(fitted):
+    summary = fitted.summary()
+    assert "CLAIR" in str(summary) and "p-value" in summary.as_text()
+    assert "\\begin{" in summary.as_latex()
+    markdown = summary.as_markdown()
+    assert markdown.count("\n| ") >= len(fitted.contaminated_)
+
+
+def test_sample_weight_enters_the_collaborative_mean(regression):
+    X = regression.local_estimates
+    weights = np.ones(len(X))
+    weights[regression.collaborative_set[0]] = 50.0
+    a = CLAIREstimator().fit(X, sample_weight=weights)
+    b = CLAIREstimator().fit(X)
+    assert not np.allclose(a.collaborative_mean_, b.collaborative_mean_)
+    with pytest.raises(ValueError, match="sample_weight"):
+        CLAIREstimator().fit(X, sample_weight=-weights)
+
+
+def test_known_noise_scale_is_used(regression):
+    est = CLAIREstimator(noise_scale=regression.estimate_noise_scale).fit(
+        regression.local_estimates)
+    np.testing.assert_allclose(est.client_noise_scale_, regression.estimate_noise_scale)
+
+
+# ---- bad input --------------------------------------------------------------------
+def test_nan_names_the_client(regression):
+    X = regression.local_estimates.copy()
+    X[4, 0, 0] = np.nan
+    X[7, 1, 1] = np.inf
+    with pytest.raises(ValueError, match=r"NaN or infinite.*\[4, 7\]"):
+        CLAIREstimator().fit(X)
+
+
+@pytest.mark.parametrize("bad,match", [
+    ([np.ones((3, 2)), np.ones((3, 3))], "ragged"),
+    (np.ones((1, 3, 2)), "at least 2 clients"),
+    (np.array([["a", "b"], ["c", "d"]]), "numeric|dtype|convert"),
+    (np.ones((2, 3, 2, 2)), "dimension 4"),
+    ([], "empty|at least 2"),
+])
+def test_malformed_input(bad, match):
+    with pytest.raises(ValueError, match=match):
+        CLAIREstimator().fit(bad)
+
+
+def test_rank_above_the_maximum(regression):
+    with pytest.raises(ValueError, match="exceeds min"):
+        CLAIREstimator(rank=21).fit(regression.local_estimates)
+
+
+@pytest.mark.parametrize("params", [{"alpha": -1.0}, {"beta": "big"}, {"solver": "magic"},
+                                    {"test_level": 1.5}, {"correction": "nope"},
+                                    {"detection": "vote"}, {"noise_scale": -1.0}])
+def test_bad_parameters(params, regression):
+    with pytest.raises(ValueError):
+        CLAIREstimator(**params).fit(regression.local_estimates)
+
+
+def test_wrong_shape_at_predict(fitted):
+    with pytest.raises(ValueError, match="fitted on"):
+        fitted.predict(np.ones((2, 3, 3)))
+
+
+def test_missing_optional_dependency_is_named(monkeypatch):
+    import builtins
+    real_import = builtins.__import__
+
+    def no_cvxpy(name, *args, **kwargs):
+        if name == "cvxpy":
+            raise ImportError("no cvxpy here")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_cvxpy)
+    with pytest.raises(ImportError, match=r"clairstat\[cvxpy\]"):
+        CLAIREstimator(solver="cvxpy").fit(np.random.default_rng(0).standard_normal((4, 3, 2)))
+
+
+def test_convergence_warning_when_iterations_run_out(regression):
+    from sklearn.exceptions import ConvergenceWarning
+    with pytest.warns(ConvergenceWarning):
+        est = CLAIREstimator(max_iter=1, tol=1e-14).fit(regression.local_estimates)
+    assert not est.converged_

@@ -1,0 +1,168 @@
+"""The two solver backends: certificates, agreement, degenerate penalties, recovery.
+
+Tolerances come from the certificates: for any primal point, objective - optimum <= its
+duality gap, so two solvers' objectives may differ by at most the larger of their gaps.
+"""
+
+import warnings
+
+import numpy as np
+import pytest
+from sklearn.exceptions import ConvergenceWarning
+
+from clairstat import Problem, clair_decompose, objective
+from clairstat._objective import penalized_gap, stack_blocks
+from clairstat._prox import block_soft_threshold, svt
+from clairstat.datasets import make_low_rank_block_sparse
+from clairstat.metrics import subspace_distance
+from clairstat.solvers import CVXPYSolver, TorchSolver, resolve_solver
+
+pytest.importorskip("torch")
+pytest.importorskip("cvxpy")
+
+GRID = [  # (K, p, q, rank, n_contaminated, backbone)
+    (8, 6, 2, 1, 0, True),
+    (8, 6, 2, 1, 2, True),
+    (10, 8, 3, 2, 2, False),
+    (12, 5, 1, 1, 3, True),
+    (6, 10, 4, 2, 1, False),
+]
+
+
+def _data(K, p, q, r, m, seed=0, noise=0.3):
+    return make_low_rank_block_sparse(K, p, q, r, m, noise_level=noise,
+                                      random_state=seed).local_estimates
+
+
+@pytest.mark.parametrize("K,p,q,r,m,backbone", GRID)
+def test_torch_reaches_the_high_accuracy_cvxpy_optimum(K, p, q, r, m, backbone):
+    X = _data(K, p, q, r, m)
+    torch_res = clair_decompose(X, backbone=backbone, solver=TorchSolver(tol=1e-9))
+    reference = clair_decompose(X, backbone=backbone,
+                                solver=CVXPYSolver("CLARABEL", tol=1e-6))
+    # The torch certificate: relative gap below its tolerance.
+    assert torch_res.converged and torch_res.relative_gap <= 1e-9
+    # Both objectives lie within their own gaps of the optimum.
+    bound = max(torch_res.dual_gap, reference.dual_gap)
+    assert abs(torch_res.objective - reference.objective) <= bound + 1e-12
+    assert abs(torch_res.objective - reference.objective) <= 1e-6 * reference.objective
+
+
+@pytest.mark.parametrize("K,p,q,r,m,backbone", GRID[:3])
+def test_torch_is_never_worse_than_scs(K, p, q, r, m, backbone):
+    X = _data(K, p, q, r, m, seed=1)
+    torch_res = clair_decompose(X, backbone=backbone, solver="torch")
+    scs = clair_decompose(X, backbone=backbone, solver="cvxpy")
+    assert torch_res.objective <= scs.objective + torch_res.dual_gap
+
+
+def test_both_backends_report_the_same_gap_formula():
+    X = _data(10, 8, 3, 2, 2)
+    res = clair_decompose(X, solver="cvxpy")
+    gap, value = penalized_gap(X, res.backbone, res.low_rank, res.sparse, alpha=res.alpha,
+                               beta=res.beta)
+    assert gap == pytest.approx(res.dual_gap, rel=1e-12)
+    assert value == pytest.approx(objective(X, res.backbone, res.low_rank, res.sparse,
+                                            alpha=res.alpha, beta=res.beta), rel=1e-12)
+
+
+def test_duality_gap_closes_along_the_iterations():
+    X = _data(20, 10, 3, 2, 3)
+    res = clair_decompose(X, solver=TorchSolver(tol=1e-10, check_every=1))
+    gaps = [h["gap"] / h["objective"] for h in res.history]
+    assert gaps[-1] <= 1e-10 < gaps[0]
+    assert res.n_svd <= 60  # about one SVD per iteration plus one per gap check
+
+
+def test_gap_is_positive_away_from_the_optimum():
+    X = _data(10, 8, 3, 2, 2)
+    res = clair_decompose(X, solver="torch")
+    gap, _ = penalized_gap(X, res.backbone, 0.5 * res.low_rank, res.sparse,
+                           alpha=res.alpha, beta=res.beta)
+    assert gap > 100 * res.dual_gap
+
+
+def test_huge_beta_gives_no_sparse_part_and_svt():
+    X = _data(8, 6, 3, 2, 2)
+    alpha = 0.5 * np.linalg.norm(stack_blocks(X), 2)
+    res = clair_decompose(X, alpha=alpha, beta=1e6, backbone=False,
+                          solver=TorchSolver(tol=1e-12))
+    assert np.all(res.sparse == 0)
+    expected, _ = svt(stack_blocks(X), alpha)
+    # Exact prox in one step: agreement to rounding of one SVD.
+    np.testing.assert_allclose(stack_blocks(res.low_rank), expected, atol=1e-10)
+
+
+def test_huge_alpha_gives_no_low_rank_part():
+    X = _data(8, 6, 3, 2, 2)
+    res = clair_decompose(X, alpha=1e6, beta=0.5, backbone=False,
+                          solver=TorchSolver(tol=1e-12))
+    assert np.all(res.low_rank == 0)
+    np.testing.assert_allclose(res.sparse, block_soft_threshold(X, 0.5), atol=1e-12)
+
+
+def test_exact_program_recovers_a_noiseless_instance(noiseless):
+    res = clair_decompose(noiseless.local_estimates, formulation="exact", solver="torch",
+                          tol=1e-8)
+    assert res.converged
+    left = np.linalg.svd(stack_blocks(res.low_rank))[0][:, :2]
+    # Subspace error and benign sparse blocks are at the solver's tolerance.
+    scale = np.linalg.norm(noiseless.local_estimates)
+    assert subspace_distance(left, noiseless.subspace) <= 1e-5
+    scores = np.linalg.norm(res.sparse, axis=(1, 2))
+    assert np.all(scores[~noiseless.contaminated] <= 1e-6 * scale)
+    assert np.all(scores[noiseless.contaminated] >= 0.1 * noiseless.separation)
+
+
+def test_exact_program_torch_matches_cvxpy():
+    X = _data(10, 6, 2, 1, 2, noise=0.0)
+    torch_res = clair_decompose(X, formulation="exact", solver=TorchSolver(tol=1e-8))
+    reference = clair_decompose(X, formulation="exact", solver=CVXPYSolver("CLARABEL"))
+    bound = max(torch_res.dual_gap, reference.dual_gap)
+    assert abs(torch_res.objective - reference.objective) <= bound + 1e-9
+
+
+def test_float32_solver_certifies_at_float32_accuracy():
+    X = _data(12, 8, 3, 2, 2)
+    res = clair_decompose(X, solver=TorchSolver(dtype="float32", tol=1e-4))
+    ref = clair_decompose(X, solver=TorchSolver(tol=1e-10))
+    assert res.converged
+    # float32 carries ~1e-7 relative rounding per entry; 1e-4 leaves room for the sums.
+    assert abs(res.objective - ref.objective) <= 1e-4 * ref.objective
+
+
+def test_running_out_of_iterations_warns():
+    X = _data(20, 10, 3, 2, 3)
+    with pytest.warns(ConvergenceWarning, match="duality gap"):
+        res = clair_decompose(X, solver=TorchSolver(max_iter=2, tol=1e-12))
+    assert not res.converged and res.n_iter == 2
+
+
+def test_warm_start_converges_faster():
+    X = _data(20, 10, 3, 2, 3)
+    cold = clair_decompose(X, solver="torch", tol=1e-9)
+    warm = clair_decompose(X, solver="torch", tol=1e-9, init=cold)
+    assert warm.n_iter <= cold.n_iter
+
+
+def test_solver_resolution_and_errors():
+    assert resolve_solver("auto").name == "torch"
+    with pytest.raises(ValueError, match="solver must be"):
+        resolve_solver("nope")
+    with pytest.raises(ValueError, match="CPU only"):
+        resolve_solver("cvxpy", device="cuda")
+    with pytest.raises(TypeError, match="Problem"):
+        TorchSolver().solve("not a problem")
+    with pytest.raises(ValueError, match="init.low_rank"):
+        TorchSolver().solve(Problem(np.ones((3, 2, 2)), alpha=1.0, beta=1.0),
+                            init={"backbone": np.zeros((2, 2)), "low_rank": np.zeros((2, 2)),
+                                  "sparse": np.zeros((3, 2, 2))})
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"alpha": -1.0}, "alpha"), ({"beta": np.nan}, "beta"), ({"lam": "big"}, "lam"),
+    ({"formulation": "other"}, "formulation"),
+])
+def test_bad_penalties_are_refused(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        clair_decompose(_data(5, 4, 2, 1, 1), **kwargs)
