@@ -32,7 +32,23 @@ def _singular_values(matrix):
 
 
 def _op_norm(matrix):
-    return float(_singular_values(matrix).max()) if min(matrix.shape) else 0.0
+    """Largest singular value; through the smaller Gram matrix when the shape is long.
+
+    The top eigenvalue of a Gram matrix is accurate to eps relative, so its square root is
+    the top singular value to eps / 2 relative: as good as an SVD, at a fraction of it.
+    """
+    short, long_ = sorted(matrix.shape)
+    if short == 0:
+        return 0.0
+    if long_ < 2 * short:
+        return float(_singular_values(matrix).max())
+    gram = matrix @ matrix.T if matrix.shape[0] == short else matrix.T @ matrix
+    if _is_torch(gram):
+        import torch
+        top = torch.linalg.eigvalsh(gram)[-1]
+    else:
+        top = np.linalg.eigvalsh(gram)[-1]
+    return float(max(float(top), 0.0)) ** 0.5
 
 
 def _inner(a, b):
