@@ -107,4 +107,4 @@ class DecompositionResult:
     @property
     def relative_gap(self):
         """``dual_gap / max(objective, tiny)``."""
-        return self.dual_gap / max(abs(self.objective), np.finfo(float).tiny)
+        return float(self.dual_gap / max(abs(self.objective), np.finfo(float).tiny))

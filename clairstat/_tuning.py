@@ -20,7 +20,7 @@ def marchenko_pastur_median(ratio):
     Examples
     --------
     >>> round(marchenko_pastur_median(1.0), 4)
-    0.6495
+    0.6528
     """
     if not 0 < ratio <= 1:
         raise ValueError(f"ratio must lie in (0, 1], got {ratio}.")
@@ -30,7 +30,10 @@ def marchenko_pastur_median(ratio):
         return np.sqrt(max((upper - x) * (x - lower), 0.0)) / (2 * np.pi * ratio * x)
 
     def mass_below(x):
-        return integrate.quad(density, lower, x, limit=200)[0] - 0.5
+        # x = lower + u^2 removes the 1/sqrt(x) singularity at lower = 0 (ratio 1).
+        def integrand(u):
+            return density(lower + u * u) * 2.0 * u
+        return integrate.quad(integrand, 0.0, np.sqrt(x - lower), limit=200)[0] - 0.5
 
     return float(optimize.brentq(mass_below, lower + 1e-12, upper))
 
