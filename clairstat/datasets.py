@@ -33,7 +33,9 @@ def random_subspace(p, rank, random_state=None):
     return q_factor * np.sign(np.diag(r_factor))
 
 
-def _check_sizes(n_clients, p, q, rank, n_contaminated):
+def _check_sizes(n_clients, p, q, rank, n_contaminated, noise_level):
+    if noise_level < 0:
+        raise ValueError(f"noise_level must be non-negative, got {noise_level}.")
     if n_clients < 2:
         raise ValueError(f"n_clients must be at least 2, got {n_clients}.")
     if min(p, q) < 1:
@@ -47,8 +49,8 @@ def _check_sizes(n_clients, p, q, rank, n_contaminated):
 
 
 def _true_parameters(rng, n_clients, p, q, rank, n_contaminated, *, backbone,
-                     coefficient_scale, separation):
-    """Draw Theta_0, U*, W_k, the contaminated set and the true Theta_k."""
+                     coefficient_scale, separation, noise_level):
+    """Draw Theta_0, U*, W_k, the contaminated set and the true Theta_k (a Bunch)."""
     subspace = random_subspace(p, rank, rng)
     theta0 = rng.standard_normal((p, q)) if backbone else np.zeros((p, q))
     coefficients = coefficient_scale * rng.standard_normal((n_clients, rank, q))
@@ -64,7 +66,9 @@ def _true_parameters(rng, n_clients, p, q, rank, n_contaminated, *, backbone,
         norm = np.linalg.norm(shift)
         if norm > 0:
             truth[k] += separation * shift / norm
-    return theta0, subspace, coefficients, truth, contaminated, float(separation)
+    return Bunch(truth=truth, subspace=subspace, backbone=theta0, coefficients=coefficients,
+                 contaminated=contaminated, collaborative_set=np.flatnonzero(~contaminated),
+                 noise_level=noise_level, separation=float(separation))
 
 
 def make_low_rank_block_sparse(n_clients=40, p=30, q=8, rank=3, n_contaminated=8, *,
@@ -102,18 +106,13 @@ def make_low_rank_block_sparse(n_clients=40, p=30, q=8, rank=3, n_contaminated=8
     >>> data.local_estimates.shape, int(data.contaminated.sum())
     ((10, 6, 2), 2)
     """
-    _check_sizes(n_clients, p, q, rank, n_contaminated)
-    if noise_level < 0:
-        raise ValueError(f"noise_level must be non-negative, got {noise_level}.")
+    _check_sizes(n_clients, p, q, rank, n_contaminated, noise_level)
     rng = check_random_state(random_state)
-    theta0, subspace, coefs, truth, contaminated, sep = _true_parameters(
-        rng, n_clients, p, q, rank, n_contaminated, backbone=backbone,
-        coefficient_scale=coefficient_scale, separation=separation)
-    noise = noise_level * rng.standard_normal(truth.shape)
-    return Bunch(local_estimates=truth + noise, truth=truth, subspace=subspace,
-                 backbone=theta0, coefficients=coefs, contaminated=contaminated,
-                 collaborative_set=np.flatnonzero(~contaminated), noise_level=noise_level,
-                 separation=sep)
+    model = _true_parameters(rng, n_clients, p, q, rank, n_contaminated, backbone=backbone,
+                             coefficient_scale=coefficient_scale, separation=separation,
+                             noise_level=noise_level)
+    noise = noise_level * rng.standard_normal(model.truth.shape)
+    return Bunch(**model, local_estimates=model.truth + noise)
 
 
 def make_federated_regression(n_clients=40, p=30, q=8, rank=3, n_samples=200,
@@ -148,27 +147,22 @@ def make_federated_regression(n_clients=40, p=30, q=8, rank=3, n_samples=200,
     >>> data.local_estimates.shape, data.designs[0].shape
     ((5, 4, 2), (50, 4))
     """
-    _check_sizes(n_clients, p, q, rank, n_contaminated)
+    _check_sizes(n_clients, p, q, rank, n_contaminated, noise_level)
     n_samples = np.broadcast_to(np.asarray(n_samples, dtype=int), (n_clients,)).copy()
     if np.any(n_samples <= p + 1):
         raise ValueError(f"every client needs more than p + 1 = {p + 1} samples for OLS; "
                          f"got min n_samples = {n_samples.min()}.")
-    if noise_level < 0:
-        raise ValueError(f"noise_level must be non-negative, got {noise_level}.")
     rng = check_random_state(random_state)
-    theta0, subspace, coefs, truth, contaminated, sep = _true_parameters(
-        rng, n_clients, p, q, rank, n_contaminated, backbone=backbone,
-        coefficient_scale=coefficient_scale, separation=separation)
-    designs, responses, estimates = [], [], np.empty_like(truth)
+    model = _true_parameters(rng, n_clients, p, q, rank, n_contaminated, backbone=backbone,
+                             coefficient_scale=coefficient_scale, separation=separation,
+                             noise_level=noise_level)
+    designs, responses, estimates = [], [], np.empty_like(model.truth)
     for k in range(n_clients):
         X = rng.standard_normal((n_samples[k], p))
-        Y = X @ truth[k] + noise_level * rng.standard_normal((n_samples[k], q))
+        Y = X @ model.truth[k] + noise_level * rng.standard_normal((n_samples[k], q))
         estimates[k] = np.linalg.lstsq(X, Y, rcond=None)[0]
         designs.append(X)
         responses.append(Y)
-    return Bunch(local_estimates=estimates, truth=truth, subspace=subspace, backbone=theta0,
-                 coefficients=coefs, contaminated=contaminated,
-                 collaborative_set=np.flatnonzero(~contaminated), designs=designs,
-                 responses=responses, n_samples=n_samples, noise_level=noise_level,
-                 estimate_noise_scale=noise_level / np.sqrt(n_samples - p - 1.0),
-                 separation=sep)
+    return Bunch(**model, local_estimates=estimates, designs=designs, responses=responses,
+                 n_samples=n_samples,
+                 estimate_noise_scale=noise_level / np.sqrt(n_samples - p - 1.0))
