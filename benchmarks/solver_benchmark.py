@@ -53,6 +53,7 @@ def _run(X, solver):
 
 
 def benchmark(both, torch_only, skip_cvxpy=False):
+    _run(_instance(10, 2, 5), "torch")  # warm-up: torch's first call pays its start-up
     rows = []
     for p, q, n_clients in both + torch_only:
         X = _instance(p, q, n_clients)
