@@ -175,3 +175,13 @@ def test_small_penalties_converge_through_continuation():
     assert res.converged and res.relative_gap <= 1e-6
     assert max(h["penalty_factor"] for h in res.history) > 1
     assert res.n_iter < 400
+
+
+def test_device_is_honoured_and_a_missing_gpu_is_named():
+    import torch
+    X = _data(6, 5, 2, 1, 1)
+    res = clair_decompose(X, solver="torch", device="cpu")
+    assert res.converged
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="no CUDA device"):
+            clair_decompose(X, solver="torch", device="cuda")

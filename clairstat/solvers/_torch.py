@@ -68,8 +68,12 @@ class TorchSolver(Solver):
         torch = _import_torch()
         if self.dtype not in ("float64", "float32"):
             raise ValueError(f"dtype must be 'float64' or 'float32', got {self.dtype!r}.")
+        device = torch.device(self.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError(f"device={self.device!r} was requested but this torch build "
+                               "sees no CUDA device; use device='cpu'.")
         return torch.as_tensor(np.asarray(array), dtype=getattr(torch, self.dtype),
-                               device=torch.device(self.device))
+                               device=device)
 
     def _inner_tol(self):
         # IRLS stops when Theta_0 moves less than this (relative); a few ulps above the
