@@ -69,7 +69,13 @@ def estimate_noise_scale(local_estimates):
     if n_clients < 2:
         return 0.0
     centred = local_estimates - np.median(local_estimates, axis=0)[None]
-    sing = np.linalg.svd(stack_blocks(centred), compute_uv=False)
+    stacked = stack_blocks(centred)
+    short, long_ = sorted(stacked.shape)
+    if long_ >= 2 * short:  # Gram eigenvalues: s^2 to eps * s_max^2, ample for a median
+        gram = stacked @ stacked.T if stacked.shape[0] == short else stacked.T @ stacked
+        sing = np.sqrt(np.clip(np.linalg.eigvalsh(gram), 0.0, None))
+    else:
+        sing = np.linalg.svd(stacked, compute_uv=False)
     n_long, n_short = max(centred.shape[1], n_clients * centred.shape[2]), len(sing)
     sigma = np.median(sing) / np.sqrt(n_long * marchenko_pastur_median(n_short / n_long))
     # Subtracting the median leaves noise of variance sigma^2 (1 + pi / (2K)) per entry.
