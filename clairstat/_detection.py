@@ -71,10 +71,15 @@ def refit_subspace(blocks, weights, rank, random_state=None):
     return _left_singular(stacked)[0][:, :rank]
 
 
+def _project(basis, blocks):
+    """``P X_k`` for every block, as two thin products (never the p x p projector)."""
+    return basis @ (basis.T @ blocks)
+
+
 def projection_statistics(blocks, mean, basis):
     """``||(I - P)(Theta_hat_k - mean)||_F^2`` for every client."""
     resid = blocks - mean[None]
-    resid = resid - np.einsum("pr,rs,ksq->kpq", basis, basis.T, resid)
+    resid = resid - _project(basis, resid)
     return np.einsum("kpq,kpq->k", resid, resid)
 
 
@@ -170,7 +175,7 @@ def test_clients(blocks, weights, start, *, rank, noise_scale, level, correction
 
 def refine(blocks, basis, mean, contaminated):
     """``P Theta_hat_k + (I - P) mean`` for collaborative clients; flagged ones unchanged."""
-    projected = np.einsum("pr,rs,ksq->kpq", basis, basis.T, blocks - mean[None])
+    projected = _project(basis, blocks - mean[None])
     refined = mean[None] + projected
     refined[contaminated] = blocks[contaminated]
     return refined
