@@ -12,7 +12,7 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from ._decompose import clair_decompose
-from ._detection import _fit_on, projection_statistics, refine, test_clients
+from ._detection import projection_statistics, refine, test_clients
 from ._tuning import estimate_noise_scale, floor_noise_scale
 from ._validation import check_local_estimates, check_noise_scale, check_sample_weight
 from .solvers import Solver, resolve_solver
@@ -80,7 +80,8 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator):
     contamination_scores_ : ndarray of shape (n_clients,)
         ``||S_k||_F``.
     test_statistics_ : ndarray of shape (n_clients,)
-        ``||(I - P)(Theta_hat_k - mean)||_F^2``.
+        ``||(I - P)(Theta_hat_k - mean)||_F^2``, against the leave-one-out mean for
+        collaborative clients (so every client is tested out of sample).
     p_values_ : ndarray of shape (n_clients,)
     contaminated_ : ndarray of bool, shape (n_clients,)
     collaborative_set_ : ndarray of int
@@ -254,19 +255,16 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator):
         return self._threshold_outcome(blocks, weights, start, sigma)
 
     def _threshold_outcome(self, blocks, weights, start, sigma):
-        """Threshold detection; p-values are still reported for the fitted model."""
-        members = start
+        """Threshold detection: one fit on the unflagged clients; p-values for the record."""
         if start.sum() < 2:
             warnings.warn(f"{int((~start).sum())} of {len(start)} clients have a non-zero "
                           "sparse block: every client looks contaminated; estimates are "
                           "returned unrefined (lower beta/lam or raise threshold).",
                           UserWarning, stacklevel=3)
-            members = np.ones(len(start), dtype=bool)
-        outcome = test_clients(blocks, weights, members, rank=self.rank, noise_scale=sigma,
-                               level=self.test_level, correction=self.correction,
-                               estimate_noise=False, random_state=self.random_state)
-        outcome.contaminated = ~start
-        return outcome
+        return test_clients(blocks, weights, start, rank=self.rank, noise_scale=sigma,
+                            level=self.test_level, correction=self.correction,
+                            estimate_noise=False, iterate=False,
+                            random_state=self.random_state)
 
     def _low_rank_basis(self, result, rank):
         from ._objective import stack_blocks
@@ -287,8 +285,11 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator):
         self.noise_scale_ = float(np.sqrt(np.mean(outcome.noise_scale ** 2)))
         self.degrees_of_freedom_ = outcome.degrees_of_freedom
         self.n_detection_rounds_ = outcome.n_rounds
-        self.test_statistics_ = projection_statistics(blocks, outcome.mean, basis)
-        self.p_values_ = self._p_values(self.test_statistics_, outcome.noise_scale)
+        if self.subspace_source == "refit":  # what the detection tested
+            self.test_statistics_, self.p_values_ = outcome.statistics, outcome.p_values
+        else:
+            self.test_statistics_ = projection_statistics(blocks, outcome.mean, basis)
+            self.p_values_ = self._p_values(self.test_statistics_, outcome.noise_scale)
         self.refined_ = self._output(refine(blocks, basis, outcome.mean, self.contaminated_))
         self.offset_ = _offset(np.log(np.maximum(self.p_values_, 1e-300)), self.contaminated_,
                                self.test_level)
@@ -297,10 +298,12 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator):
                           "unchanged local estimates.", UserWarning, stacklevel=3)
 
     def _p_values(self, statistics, noise):
+        """P-values under the null the detection used (its scale and degrees of freedom)."""
+        nu = self.degrees_of_freedom_
         df = (self.estimate_shape_[0] - self.rank_) * self.estimate_shape_[1]
-        if df == 0:
+        if nu == 0 or df == 0:
             return np.ones_like(statistics)
-        return stats.chi2.sf(statistics / noise ** 2, df)
+        return stats.chi2.sf(statistics / noise ** 2 * nu / df, nu)
 
     # -- outlier-detector and transformer interface -------------------------------
     def score_samples(self, X):
