@@ -7,12 +7,12 @@ try:
 except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0+unknown"
 
-from . import datasets, metrics, solvers
+from . import aggregation, datasets, metrics, solvers
 from ._decompose import clair_decompose
 from ._estimator import CLAIREstimator
 from ._objective import objective
 from ._result import DecompositionResult, Problem
 from ._summary import CLAIRSummary
 
-__all__ = ["CLAIREstimator", "CLAIRSummary", "DecompositionResult", "Problem",
+__all__ = ["CLAIREstimator", "CLAIRSummary", "DecompositionResult", "Problem", "aggregation",
            "clair_decompose", "datasets", "metrics", "objective", "solvers", "__version__"]

@@ -1,0 +1,61 @@
+"""The single entry point :func:`aggregate` and the registry of rule names."""
+
+from __future__ import annotations
+
+from ._clair import clair
+from ._glora import glora
+from ._robust import geomedian, krum, median, trimmed_mean
+from ._rotation import fedrot
+from ._rules import fedex, fedit, ffa, flora
+from ._validation import check_factors, check_weights
+
+__all__ = ["RULES", "aggregate"]
+
+RULES = {"fedit": fedit, "ffa": ffa, "fedex": fedex, "flora": flora, "fedrot": fedrot,
+         "glora": glora, "median": median, "trimmed_mean": trimmed_mean, "krum": krum,
+         "geomedian": geomedian, "clair": clair}
+
+
+def aggregate(rule, factors, weights=None, **options):
+    """Aggregate clients' LoRA factors with one of the rules of the method (section 5).
+
+    Parameters
+    ----------
+    rule : str
+        One of ``"fedit"``, ``"ffa"``, ``"fedex"``, ``"flora"``, ``"fedrot"``,
+        ``"glora"``, ``"median"``, ``"trimmed_mean"``, ``"krum"``, ``"geomedian"``,
+        ``"clair"``.
+    factors : list of (ndarray of shape (d, r_i), ndarray of shape (r_i, k))
+        Client i's ``(B_i, A_i)``, update ``Delta W_i = B_i A_i`` (scale absorbed).
+        Ranks may differ for flora, glora, the robust rules and clair; the others raise
+        ValueError.
+    weights : array-like of shape (n_clients,), optional
+        Non-negative client weights (e.g. sample sizes), normalised to sum 1; uniform by
+        default. Every rule that averages uses them.
+    **options
+        Rule options: fedrot ``reference=(B_ref, A_ref)``, ``align="A"|"B"``,
+        ``lam``; glora ``reference_rank``, ``readout_rank``; trimmed_mean ``trim``;
+        krum ``n_byzantine``, ``multi``; geomedian ``tol``, ``max_iter``; clair: the
+        parameters of :class:`clairstat.CLAIREstimator`.
+
+    Returns
+    -------
+    AggregationResult
+        ``update`` (d, k), ``factors`` (global ``(B, A)`` or None), ``weights``, and the
+        rule's extras as attributes.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> rng = np.random.default_rng(0)
+    >>> f = [(rng.standard_normal((6, 2)), rng.standard_normal((2, 5))) for _ in range(3)]
+    >>> exact = sum(b @ a for b, a in f) / 3
+    >>> bool(np.allclose(aggregate("flora", f).update, exact))
+    True
+    >>> bool(np.allclose(aggregate("fedit", f).update, exact))
+    False
+    """
+    if rule not in RULES:
+        raise ValueError(f"unknown rule {rule!r}; valid rules: {', '.join(RULES)}.")
+    factors = check_factors(factors)
+    return RULES[rule](factors, check_weights(weights, len(factors)), **options)

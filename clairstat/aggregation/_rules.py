@@ -1,0 +1,94 @@
+"""Factor-level rules: FedIT, FFA-LoRA, FedEx-LoRA and FLoRA (method, section 5)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ._result import AggregationResult
+from ._validation import common_rank, exact_update, stacked_factors
+
+__all__ = ["average_factors", "fedit", "ffa", "fedex", "flora"]
+
+
+def average_factors(factors, weights):
+    """Weighted factor means ``(B_bar, A_bar) = (sum p_i B_i, sum p_i A_i)``."""
+    b_bar = sum(w * b for (b, _), w in zip(factors, weights))
+    a_bar = sum(w * a for (_, a), w in zip(factors, weights))
+    return b_bar, a_bar
+
+
+def fedit(factors, weights):
+    """FedIT: average B and A separately; the update is ``B_bar A_bar``.
+
+    Notes
+    -----
+    The aggregation error is ``sum p_i B_i A_i - B_bar A_bar = sum p_i (B_i - B_bar)
+    (A_i - A_bar)``, bounded in Frobenius norm by the product of the weighted factor
+    spreads (Cauchy-Schwarz). Equal ranks are required.
+
+    Examples
+    --------
+    >>> f = [(np.ones((2, 1)), np.ones((1, 3))), (-np.ones((2, 1)), -np.ones((1, 3)))]
+    >>> fedit(f, np.array([0.5, 0.5])).update.tolist()
+    [[0.0, 0.0, 0.0], [0.0, 0.0, 0.0]]
+    """
+    common_rank(factors, "fedit")
+    b_bar, a_bar = average_factors(factors, weights)
+    return AggregationResult("fedit", b_bar @ a_bar, (b_bar, a_bar), weights)
+
+
+def ffa(factors, weights):
+    """FFA-LoRA: A is frozen at a shared initialisation, only B is averaged (exact).
+
+    Raises ValueError when the clients' A factors differ (beyond rounding at the dtype's
+    precision), since FFA's exactness rests on the shared, untrained A.
+
+    Examples
+    --------
+    >>> a = np.eye(2)
+    >>> res = ffa([(np.ones((3, 2)), a), (np.zeros((3, 2)), a)], np.array([0.5, 0.5]))
+    >>> res.update.tolist()
+    [[0.5, 0.5], [0.5, 0.5], [0.5, 0.5]]
+    """
+    common_rank(factors, "ffa")
+    a_shared = factors[0][1]
+    # Equality up to a few ulps of the entries: A is the same frozen array on every client.
+    tol = 8 * np.finfo(a_shared.dtype).eps * max(1.0, float(np.max(np.abs(a_shared))))
+    if any(np.max(np.abs(a - a_shared)) > tol for _, a in factors):
+        raise ValueError("rule 'ffa' needs the same frozen A on every client.")
+    b_bar = sum(w * b for (b, _), w in zip(factors, weights))
+    return AggregationResult("ffa", b_bar @ a_shared, (b_bar, a_shared), weights)
+
+
+def fedex(factors, weights):
+    """FedEx-LoRA: FedIT factors plus the dense residual ``Delta W* - B_bar A_bar``.
+
+    The residual is folded into the frozen weights, so ``update`` is exactly
+    ``Delta W* = sum p_i B_i A_i``; ``residual`` (d, k) is the extra dense message.
+
+    Examples
+    --------
+    >>> f = [(np.ones((2, 1)), np.ones((1, 2))), (-np.ones((2, 1)), -np.ones((1, 2)))]
+    >>> fedex(f, np.array([0.5, 0.5])).residual.tolist()
+    [[1.0, 1.0], [1.0, 1.0]]
+    """
+    common_rank(factors, "fedex")
+    b_bar, a_bar = average_factors(factors, weights)
+    update = exact_update(factors, weights)
+    return AggregationResult("fedex", update, (b_bar, a_bar), weights,
+                             {"residual": update - b_bar @ a_bar})
+
+
+def flora(factors, weights):
+    """FLoRA: stack ``B = [p_1 B_1, ..., p_N B_N]``, ``A = [A_1; ...; A_N]`` (exact).
+
+    The global factors have rank ``sum r_i``; client ranks may differ.
+
+    Examples
+    --------
+    >>> f = [(np.ones((2, 1)), np.ones((1, 3))), (np.ones((2, 2)), np.ones((2, 3)))]
+    >>> flora(f, np.array([0.5, 0.5])).factors[0].shape
+    (2, 3)
+    """
+    b_stack, a_stack = stacked_factors(factors, weights)
+    return AggregationResult("flora", b_stack @ a_stack, (b_stack, a_stack), weights)
