@@ -1,0 +1,86 @@
+"""``python -m paper [--scale small]``: every figure and table from the saved results.
+
+Runs ``main(results_dir, out_dir)`` of every script in ``paper/figures/`` on the tables
+in ``simulations/results/<scale>/`` and copies the verdict table of
+``validation/report.json`` (when it is of the same scale) beside the figures. Nothing is
+simulated here: run ``python -m validation --scale SCALE`` (or ``python -m simulations``)
+first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import pkgutil
+import sys
+import traceback
+from pathlib import Path
+
+from ._common import PAPER_DIR, output_dir
+
+
+def figure_modules():
+    """The figure scripts of ``paper/figures`` (module objects), by name."""
+    from . import figures
+
+    names = sorted(info.name for info in pkgutil.iter_modules(figures.__path__)
+                   if not info.name.startswith("_"))
+    return {name: importlib.import_module(f"{figures.__name__}.{name}") for name in names}
+
+
+def write_verdict_table(report_json, out_dir, scale):
+    """Copy the verdict table as Markdown if ``report_json`` is of ``scale``; its path."""
+    from validation._report import markdown_table
+
+    report_json = Path(report_json)
+    if not report_json.exists():
+        return None
+    report = json.loads(report_json.read_text())
+    if report["meta"]["scale"] != scale:
+        return None
+    path = Path(out_dir) / "verdicts.md"
+    path.write_text(markdown_table(report["checks"]) + "\n")
+    return path
+
+
+def _draw_all(results_dir, out_dir, only):
+    """Run every figure script; a failing one is reported and does not stop the rest."""
+    made, failed = [], []
+    for name, module in figure_modules().items():
+        if only and name not in only:
+            continue
+        try:
+            made += [Path(p) for p in module.main(results_dir, out_dir)]
+        except Exception:
+            failed.append(name)
+            traceback.print_exc()
+    return made, failed
+
+
+def main(argv=None):
+    """Draw every figure and write the verdict table; 1 if a figure script failed."""
+    from simulations import SCALES, default_results_dir
+
+    parser = argparse.ArgumentParser(prog="python -m paper", description=__doc__)
+    parser.add_argument("--scale", choices=SCALES, default="small")
+    parser.add_argument("--results-dir", default=None, help="default simulations/results")
+    parser.add_argument("--out-dir", default=None, help="default paper/figures_out/SCALE")
+    parser.add_argument("--report", default=None, help="default validation/report.json")
+    parser.add_argument("--only", nargs="*", default=None, help="only these figure scripts")
+    args = parser.parse_args(argv)
+    results = Path(args.results_dir or default_results_dir()) / args.scale
+    out_dir = Path(args.out_dir or output_dir(args.scale))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    made, failed = _draw_all(results, out_dir, args.only)
+    report = args.report or PAPER_DIR.parent / "validation" / "report.json"
+    table = write_verdict_table(report, out_dir, args.scale)
+    for path in made + ([table] if table else []):
+        print(path)
+    if failed:
+        print(f"figure scripts failed: {failed}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

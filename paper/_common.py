@@ -1,0 +1,57 @@
+"""Shared pieces of the figure scripts: table loading, saving, and a standalone entry."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+__all__ = ["load", "save", "script_main", "output_dir"]
+
+PAPER_DIR = Path(__file__).resolve().parent
+
+
+def load(results_dir, study):
+    """The results table ``<results_dir>/<study>.jsonl`` as a DataFrame (maybe empty).
+
+    When ``results_dir`` is a scale's folder (``.../small``), only the rows of the
+    study's current grid at that scale are kept, as the validation does.
+    """
+    from simulations import SCALES, get_study, load_results, load_table
+
+    results_dir = Path(results_dir)
+    if results_dir.name in SCALES:
+        return load_results(get_study(study), results_dir.name, results_dir.parent,
+                            current_only=True)
+    return load_table(results_dir / f"{study}.jsonl")
+
+
+def output_dir(scale):
+    """Where ``python -m paper --scale SCALE`` writes: ``paper/figures_out/<scale>``."""
+    return PAPER_DIR / "figures_out" / scale
+
+
+def save(fig, out_dir, name):
+    """Save ``fig`` as ``<out_dir>/<name>.png`` (and .pdf), close it, return both paths."""
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [out_dir / f"{name}.png", out_dir / f"{name}.pdf"]
+    for path in paths:
+        fig.savefig(path, dpi=150, bbox_inches="tight")
+    plt.close(fig)
+    return paths
+
+
+def script_main(main, argv=None):
+    """Standalone entry of a figure script: ``python paper/figures/X.py --scale small``."""
+    from simulations import SCALES, default_results_dir
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--scale", choices=SCALES, default="small")
+    parser.add_argument("--results-dir", default=None)
+    parser.add_argument("--out-dir", default=None)
+    args = parser.parse_args(argv)
+    root = Path(args.results_dir) if args.results_dir else default_results_dir()
+    for path in main(root / args.scale, args.out_dir or output_dir(args.scale)):
+        print(path)

@@ -1,0 +1,59 @@
+"""Command line: ``python -m simulations STUDY --scale smoke|small|full [options]``.
+
+``python -m simulations list`` lists the studies; ``python -m simulations copying ...``
+hands the remaining arguments to ``simulations.copying.main``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ._framework import SCALES, results_path, run_study
+from .studies import available_studies, get_study
+
+
+def build_parser():
+    """The argument parser of ``python -m simulations``."""
+    parser = argparse.ArgumentParser(prog="python -m simulations", description=__doc__)
+    parser.add_argument("study", help="study name, 'list', or 'module:ATTRIBUTE'")
+    parser.add_argument("--scale", choices=SCALES, default="smoke")
+    parser.add_argument("--n-jobs", type=int, default=1,
+                        help="parallel joblib workers (default 1; -1: all cores)")
+    parser.add_argument("--backend", choices=("loky", "dask"), default="loky")
+    parser.add_argument("--scheduler", default=None,
+                        help="Dask scheduler address, e.g. tcp://host:8786 (with --backend dask)")
+    parser.add_argument("--results-dir", default=None,
+                        help="results root (default simulations/results)")
+    parser.add_argument("--threads-per-task", type=int, default=1,
+                        help="BLAS/OpenMP/torch threads per replicate (default 1)")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    return parser
+
+
+def main(argv=None):
+    """Run one study (or dispatch ``copying``); returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "copying":
+        from . import copying  # lazily: it needs torch and is written separately
+
+        return copying.main(argv[1:]) or 0
+    args = build_parser().parse_args(argv)
+    if args.study == "list":
+        for name, study in sorted(available_studies().items()):
+            print(f"{name:14s} {study.description}")
+        return 0
+    if args.backend == "dask" and not args.scheduler:
+        build_parser().error("--backend dask needs --scheduler ADDRESS")
+    study = get_study(args.study)
+    n_new = run_study(study, args.scale, n_jobs=args.n_jobs, backend=args.backend,
+                      scheduler=args.scheduler, results_dir=args.results_dir,
+                      progress=not args.no_progress,
+                      threads_per_task=args.threads_per_task)
+    print(f"{study.name}[{args.scale}]: {n_new} new replicates -> "
+          f"{results_path(study.name, args.scale, args.results_dir)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

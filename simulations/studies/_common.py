@@ -1,0 +1,67 @@
+"""Helpers shared by the studies: incoherence, subspaces of fitted parts, risks.
+
+Only public clairstat API and numpy are used here; these helpers measure, they do not
+estimate.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["column_incoherence", "block_row_incoherence", "stack", "leading_subspace",
+           "oracle_refine", "benign_mean"]
+
+
+def stack(blocks):
+    """``[B_1, ..., B_K]`` of shape (p, K q) from blocks of shape (K, p, q)."""
+    blocks = np.asarray(blocks)
+    return blocks.transpose(1, 0, 2).reshape(blocks.shape[1], -1)
+
+
+def column_incoherence(basis):
+    """``mu(U) = (p / r) max_i ||U^T e_i||^2`` in [1, p / r] (Candes and Recht, 2009)."""
+    p, rank = basis.shape
+    return float(p / rank * np.max(np.sum(basis**2, axis=1)))
+
+
+def block_row_incoherence(low_rank_blocks, rank):
+    """Block incoherence of the row space of ``L = [L_1, ..., L_K]`` over the clients.
+
+    With ``L = U S V^T`` and ``V_k`` the q rows of V belonging to client k,
+    ``mu_V = (K / r) max_k ||V_k||_F^2``: the outlier-pursuit incoherence of Xu,
+    Caramanis and Sanghavi (2012) with one column group per client. Clients with a zero
+    block (the contaminated ones in the true L) are not counted in K.
+    """
+    n_clients, _, q = low_rank_blocks.shape
+    _, _, right = np.linalg.svd(stack(low_rank_blocks), full_matrices=False)
+    per_client = np.sum(right[:rank].T.reshape(n_clients, q, rank) ** 2, axis=(1, 2))
+    active = np.linalg.norm(low_rank_blocks.reshape(n_clients, -1), axis=1) > 0
+    return float(active.sum() / rank * per_client.max())
+
+
+def leading_subspace(blocks, relative_tol):
+    """Left singular vectors of ``stack(blocks)`` above ``relative_tol * s_max``.
+
+    Returns the basis of shape (p, r_hat) (``r_hat`` may be 0).
+    """
+    left, singular, _ = np.linalg.svd(stack(blocks), full_matrices=False)
+    if singular.size == 0 or singular[0] == 0:
+        return left[:, :0]
+    return left[:, : int(np.sum(singular > relative_tol * singular[0]))]
+
+
+def benign_mean(values, contaminated):
+    """Mean of per-client ``values`` over the benign clients."""
+    return float(np.mean(np.asarray(values)[~np.asarray(contaminated, dtype=bool)]))
+
+
+def oracle_refine(local_estimates, subspace, collaborative, weights=None):
+    """The refinement of method.md section 3 with the true P* and C plugged in.
+
+    ``Theta_tilde_k = P* Theta_hat_k + (I - P*) Theta_bar_C`` for every client.
+    """
+    weights = np.ones(len(local_estimates)) if weights is None else np.asarray(weights)
+    index = np.asarray(collaborative)
+    mean = np.tensordot(weights[index], local_estimates[index], axes=1) / weights[index].sum()
+    inside = np.einsum("pr,sr,ksq->kpq", subspace, subspace, local_estimates)
+    return inside + (mean - subspace @ (subspace.T @ mean))[None]

@@ -1,0 +1,28 @@
+"""A toy study for the framework tests (importable as ``simulation_toy:STUDY``)."""
+
+import os
+import time
+
+import numpy as np
+
+from simulations import Study, grid
+
+
+def simulate_one(params, seed):
+    """Draw one N(mu, 1) value; ``delay`` seconds of sleep make runs interruptible."""
+    time.sleep(params.get("delay", 0.0))
+    rng = np.random.default_rng(seed)
+    return {"value": float(rng.normal(params["mu"])), "solver": "none", "pid": os.getpid()}
+
+
+def make_study(delay=0.0, replicates=4):
+    """The toy study with a given per-replicate delay and replicate count."""
+    cells = grid(mu=[0.0, 1.0, 2.0], delay=delay)
+    return Study(name="toy", description="framework test study",
+                 grids={scale: cells for scale in ("smoke", "small", "full")},
+                 replicates={scale: replicates for scale in ("smoke", "small", "full")},
+                 simulate_one=simulate_one)
+
+
+STUDY = make_study()
+SLOW_STUDY = make_study(delay=0.3, replicates=10)

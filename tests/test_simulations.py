@@ -1,0 +1,286 @@
+"""Tests of the simulation framework: seeds, tables, resume after kill -9, Dask, CLI.
+
+The framework is exercised with the toy study of ``tests/simulation_toy.py`` (one normal
+draw per replicate, optionally slowed by a sleep), so these tests do not depend on the
+estimator. Subprocesses run from the repository root with ``tests/`` on ``PYTHONPATH``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import clairstat
+import simulations
+from simulations import Study, cell_id, derive_seed, grid, load_results, read_rows, run_study
+from simulations.__main__ import main as simulations_main
+
+ROOT = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
+sys.path.insert(0, str(TESTS))
+import simulation_toy  # noqa: E402
+
+
+def _env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(TESTS), str(ROOT), env.get("PYTHONPATH", "")])
+    return env
+
+
+def _keys(rows):
+    return [(row["cell"], row["replicate"]) for row in rows]
+
+
+# --- seeds and grids ----------------------------------------------------------------
+
+def test_seed_is_a_fixed_function_of_study_cell_replicate():
+    # Values recorded once; they must never change (committed tables depend on them),
+    # whatever PYTHONHASHSEED, platform or grid order.
+    assert derive_seed("toy", {"mu": 0.0, "delay": 0.0}, 0) == 972934515
+    assert derive_seed("recovery", {"p": 20, "gamma": 0.1}, 3) == 3229896225
+    assert derive_seed("recovery", {"gamma": 0.1, "p": 20}, 3) == 3229896225
+    assert cell_id({"p": 20, "gamma": 0.1}) == "3bbe5cd854a4"
+
+
+def test_seed_is_stable_across_interpreters_with_different_hash_salt():
+    code = "from simulations import derive_seed; print(derive_seed('s', {'a': 'x'}, 5))"
+    outputs = set()
+    for salt in ("1", "2"):
+        env = {**_env(), "PYTHONHASHSEED": salt}
+        outputs.add(subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT,
+                                   capture_output=True, text=True, check=True).stdout)
+    assert outputs == {f"{derive_seed('s', {'a': 'x'}, 5)}\n"}
+
+
+def test_seeds_differ_across_studies_cells_and_replicates():
+    cells = grid(a=list(range(20)), b=[0.5, 1.5])
+    seeds = {derive_seed(name, cell, rep) for name in ("s1", "s2") for cell in cells
+             for rep in range(25)}
+    # 2000 draws from 2**32 values: a collision has probability < 1e-3.
+    assert len(seeds) == 2 * 40 * 25
+
+
+def test_grid_expands_axes_and_keeps_scalars():
+    assert grid(p=20, g=[1, 2], r=(3, 4)) == [
+        {"p": 20, "g": 1, "r": 3}, {"p": 20, "g": 1, "r": 4},
+        {"p": 20, "g": 2, "r": 3}, {"p": 20, "g": 2, "r": 4}]
+
+
+def test_reserved_parameter_names_are_refused():
+    with pytest.raises(ValueError, match="reserved"):
+        cell_id({"seed": 1})
+
+
+# --- tables, resume ------------------------------------------------------------------
+
+def test_run_writes_one_tidy_row_per_replicate_and_resumes(tmp_path):
+    study = simulation_toy.STUDY
+    assert run_study(study, "smoke", results_dir=tmp_path, progress=False) == 12
+    frame = load_results("toy", "smoke", tmp_path)
+    assert len(frame) == 12 and not frame.duplicated(["cell", "replicate"]).any()
+    assert {"study", "cell", "replicate", "mu", "delay", "seed", "clairstat_version",
+            "value", "solver", "elapsed_s"} <= set(frame.columns)
+    assert (frame["clairstat_version"] == clairstat.__version__).all()
+    # Each row is exactly what the pure replicate function gives for its seed.
+    for row in frame.itertuples():
+        expected = simulation_toy.simulate_one({"mu": row.mu, "delay": 0.0}, row.seed)
+        assert row.value == expected["value"]
+        assert row.seed == derive_seed("toy", {"mu": row.mu, "delay": 0.0}, row.replicate)
+    assert run_study(study, "smoke", results_dir=tmp_path, progress=False) == 0
+
+
+def test_resume_runs_only_missing_replicates_and_more_replicates_extend(tmp_path):
+    study = simulation_toy.STUDY
+    run_study(study, "smoke", results_dir=tmp_path, progress=False)
+    path = tmp_path / "smoke" / "toy.jsonl"
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(lines[:5]))
+    assert run_study(study, "smoke", results_dir=tmp_path, progress=False) == 7
+    bigger = simulation_toy.make_study(replicates=6)
+    assert run_study(bigger, "smoke", results_dir=tmp_path, progress=False) == 6
+    rows = read_rows(path)
+    assert len(rows) == 18 and len(set(_keys(rows))) == 18
+
+
+def test_torn_last_line_is_ignored_then_cut_before_appending(tmp_path):
+    study = simulation_toy.STUDY
+    run_study(study, "smoke", results_dir=tmp_path, progress=False)
+    path = tmp_path / "smoke" / "toy.jsonl"
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(lines[:-1]) + lines[-1][:25])  # as if killed mid-write
+    assert len(read_rows(path)) == 11
+    assert run_study(study, "smoke", results_dir=tmp_path, progress=False) == 1
+    rows = read_rows(path)
+    assert len(rows) == 12 and len(set(_keys(rows))) == 12
+    assert all(line.startswith("{") for line in path.read_text().splitlines())
+
+
+def test_parallel_joblib_run_gives_the_same_table_as_a_serial_run(tmp_path):
+    study = simulation_toy.STUDY
+    run_study(study, "smoke", results_dir=tmp_path / "serial", progress=False)
+    run_study(study, "smoke", n_jobs=2, results_dir=tmp_path / "par", progress=False)
+    columns = ["cell", "replicate", "seed", "value"]
+    serial = load_results("toy", "smoke", tmp_path / "serial")[columns]
+    parallel = load_results("toy", "smoke", tmp_path / "par")[columns]
+    assert serial.equals(parallel)
+
+
+def test_kill_9_mid_run_loses_no_finished_replicate_and_duplicates_none(tmp_path):
+    # SLOW_STUDY: 3 cells x 10 replicates, 0.3 s each, so the kill lands mid-run.
+    path = tmp_path / "smoke" / "toy.jsonl"
+    command = [sys.executable, "-m", "simulations", "simulation_toy:SLOW_STUDY",
+               "--scale", "smoke", "--results-dir", str(tmp_path), "--no-progress"]
+    process = subprocess.Popen(command, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and len(read_rows(path)) < 4:
+        time.sleep(0.05)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    before = read_rows(path)
+    assert 4 <= len(before) < 30, "the kill must land in the middle of the run"
+    subprocess.run(command, cwd=ROOT, env=_env(), check=True, capture_output=True)
+    after = read_rows(path)
+    assert len(after) == 30 and len(set(_keys(after))) == 30
+    assert after[:len(before)] == before  # finished replicates kept, untouched
+
+
+def test_a_second_concurrent_run_on_the_same_table_is_refused(tmp_path):
+    path = tmp_path / "smoke" / "toy.jsonl"
+    path.parent.mkdir(parents=True)
+    with simulations._framework._exclusive_lock(path):
+        with pytest.raises(RuntimeError, match="another run"):
+            run_study(simulation_toy.STUDY, "smoke", results_dir=tmp_path, progress=False)
+
+
+def test_simulate_one_must_return_a_dict(tmp_path):
+    study = Study("bad", "", {"smoke": [{"a": 1}]}, {"smoke": 1}, _returns_a_list)
+    with pytest.raises(TypeError, match="dict"):
+        run_study(study, "smoke", results_dir=tmp_path, progress=False)
+
+
+def _returns_a_list(params, seed):
+    return [seed]
+
+
+# --- Dask ------------------------------------------------------------------------------
+
+@pytest.mark.timeout(180)
+def test_dask_backend_runs_replicates_on_a_local_cluster_of_worker_processes(tmp_path):
+    # LocalCluster(processes=True) needs a script with a __main__ guard: see the script.
+    result = subprocess.run([sys.executable, str(TESTS / "dask_run_script.py"),
+                             str(tmp_path)], cwd=ROOT, env=_env(), capture_output=True,
+                            text=True, timeout=170)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = dict(line.split(" ", 1) for line in result.stdout.splitlines()
+                 if line.startswith(("MAIN_PID", "WORKER_PIDS")))
+    worker_pids = {int(pid) for pid in lines["WORKER_PIDS"].split()}
+    frame = load_results("toy", "smoke", tmp_path)
+    assert len(frame) == 12 and not frame.duplicated(["cell", "replicate"]).any()
+    assert set(frame["pid"]) <= worker_pids
+    assert int(lines["MAIN_PID"]) not in set(frame["pid"])
+    serial = tmp_path / "serial"
+    run_study(simulation_toy.STUDY, "smoke", results_dir=serial, progress=False)
+    assert np.array_equal(frame["value"], load_results("toy", "smoke", serial)["value"])
+
+
+# --- command line and discovery ---------------------------------------------------------
+
+def test_cli_runs_a_study_by_import_path_and_lists_the_studies(tmp_path, capsys):
+    assert simulations_main(["simulation_toy:STUDY", "--scale", "smoke", "--results-dir",
+                             str(tmp_path), "--no-progress"]) == 0
+    assert len(read_rows(tmp_path / "smoke" / "toy.jsonl")) == 12
+    assert simulations_main(["list"]) == 0
+
+
+def test_cli_dispatches_copying_to_its_package_lazily(monkeypatch):
+    calls = []
+    fake = types.ModuleType("simulations.copying")
+    fake.main = lambda argv: calls.append(argv) or 0
+    monkeypatch.setitem(sys.modules, "simulations.copying", fake)
+    monkeypatch.setattr(simulations, "copying", fake, raising=False)
+    assert simulations_main(["copying", "--scale", "smoke"]) == 0
+    assert calls == [["--scale", "smoke"]]
+
+
+def test_every_discovered_study_declares_all_scales():
+    for name, study in simulations.available_studies().items():
+        assert study.name == name
+        for scale in simulations.SCALES:
+            assert study.cells(scale) and study.replicates[scale] >= 1, (name, scale)
+
+
+def test_rows_are_json_lines_with_numpy_values_converted(tmp_path):
+    study = Study("np", "", {"smoke": [{"a": 1}]}, {"smoke": 1}, _returns_numpy)
+    run_study(study, "smoke", results_dir=tmp_path, progress=False)
+    row = json.loads((tmp_path / "smoke" / "np.jsonl").read_text())
+    assert row["x"] == 1.5 and row["flag"] is True and row["n"] == 3
+
+
+def _returns_numpy(params, seed):
+    return {"x": np.float64(1.5), "flag": np.bool_(True), "n": np.int64(3)}
+
+
+def test_load_results_can_keep_only_the_current_grid(tmp_path):
+    run_study(simulation_toy.make_study(replicates=6), "smoke", results_dir=tmp_path,
+              progress=False)
+    assert len(load_results("toy", "smoke", tmp_path)) == 18
+    current = load_results(simulation_toy.STUDY, "smoke", tmp_path, current_only=True)
+    assert len(current) == 12 and current["replicate"].max() == 3
+
+
+# --- the studies' measuring helpers and purity -------------------------------------------
+
+from simulations.studies import _common  # noqa: E402
+
+
+def test_oracle_refinement_reduces_to_local_and_to_the_mean_at_the_extremes():
+    rng = np.random.default_rng(0)
+    estimates = rng.standard_normal((6, 5, 3))
+    everything, nothing = np.eye(5), np.zeros((5, 0))
+    assert np.allclose(_common.oracle_refine(estimates, everything, range(6)), estimates)
+    collab = [0, 2, 3]
+    refined = _common.oracle_refine(estimates, nothing, collab)
+    assert np.allclose(refined, estimates[collab].mean(0)[None])
+    # In between: the in-subspace part is the client's own, the rest the mean's.
+    basis = np.linalg.qr(rng.standard_normal((5, 2)))[0]
+    refined = _common.oracle_refine(estimates, basis, collab)
+    assert np.allclose(basis.T @ refined[1], basis.T @ estimates[1])
+    off = np.eye(5) - basis @ basis.T
+    assert np.allclose(off @ refined[1], off @ estimates[collab].mean(0))
+
+
+def test_incoherences_span_their_known_ranges():
+    # Coordinate-aligned subspace: maximally coherent, mu = p / r; Fourier-like
+    # (equal row norms): mu = 1.
+    assert _common.column_incoherence(np.eye(8)[:, :2]) == pytest.approx(4.0)
+    hadamard = np.array([[1, 1], [1, -1], [1, 1], [1, -1]]) / 2.0
+    assert _common.column_incoherence(hadamard) == pytest.approx(1.0)
+    rng = np.random.default_rng(1)
+    blocks = np.einsum("pr,krq->kpq", rng.standard_normal((6, 2)),
+                       rng.standard_normal((10, 2, 3)))
+    mu_v = _common.block_row_incoherence(blocks, 2)
+    assert 1.0 <= mu_v <= 10 / 2  # max_k ||V_k||_F^2 lies in [r/K, min(r, q)]
+    blocks[3] = 0.0  # a zero (contaminated) block is not counted among the clients
+    _, _, right = np.linalg.svd(_common.stack(blocks), full_matrices=False)
+    top = np.sum(right[:2].T.reshape(10, 3, 2) ** 2, axis=(1, 2)).max()
+    assert _common.block_row_incoherence(blocks, 2) == pytest.approx(9 / 2 * top)
+
+
+@pytest.mark.parametrize("name", ["recovery", "stability", "detection", "refinement"])
+def test_each_study_replicate_is_a_pure_function_of_params_and_seed(name):
+    study = simulations.get_study(name)
+    params = study.cells("smoke")[0]
+    seed = derive_seed(name, params, 0)
+    first, second = study.simulate_one(params, seed), study.simulate_one(params, seed)
+    assert first == second and first["solver"] == "torch"
+    assert all(np.isscalar(value) for value in first.values())

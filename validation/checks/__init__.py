@@ -1,0 +1,1 @@
+"""One module per claim; each defines ``CHECKS``, a list of :class:`validation.Check`."""
