@@ -1,0 +1,128 @@
+"""Tests of the copying-task experiment: tasks, model, cached pretraining, the oracle
+refinement, and the whole pipeline at toy size (run, resume, figures)."""
+
+import json
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("peft")
+
+from simulations.copying.methods import oracle_refine  # noqa: E402
+from simulations.copying.model import ModelConfig, TinyTransformer  # noqa: E402
+from simulations.copying.pretrain import PretrainConfig, cache_key, pretrain  # noqa: E402
+from simulations.copying.tasks import TaskSpec, client_tasks, make_batch  # noqa: E402
+
+N_CONTENT = 12
+
+
+def test_batch_masks_exactly_the_copy_positions(rng):
+    relabel = tuple(int(v) for v in rng.permutation(N_CONTENT))
+    inputs, targets, mask = make_batch(TaskSpec(relabel), 20, rng, 3, 6)
+    sep = N_CONTENT
+    for row in range(20):
+        length = int(mask[row].sum())
+        content = inputs[row, :length].numpy()
+        assert inputs[row, length] == sep  # the separator follows the content
+        assert np.array_equal(targets[row, mask[row]].numpy(), np.asarray(relabel)[content])
+        assert not mask[row, :length].any()  # the content itself is never scored
+
+
+@pytest.mark.parametrize("kind, transform", [("reverse", lambda y: y[::-1]),
+                                             ("shift", lambda y: np.roll(y, -1))])
+def test_corruptions(rng, kind, transform):
+    identity = tuple(range(N_CONTENT))
+    inputs, targets, mask = make_batch(TaskSpec(identity, kind), 5, rng, 4, 6)
+    for row in range(5):
+        length = int(mask[row].sum())
+        assert np.array_equal(targets[row, mask[row]].numpy(),
+                              transform(inputs[row, :length].numpy()))
+
+
+def test_client_tasks_share_a_family(rng):
+    specs, bad, variant = client_tasks(9, 3, N_CONTENT, 4, 3, ["reverse", "random"], rng)
+    assert bad.tolist() == [False] * 6 + [True] * 3
+    relabels = {s.relabel for s in specs}
+    assert len(relabels) == 3  # three variants of one family
+    moved = [set(np.flatnonzero(np.asarray(r) != np.arange(N_CONTENT))) for r in relabels]
+    assert all(m == moved[0] and len(m) == 4 for m in moved)  # the same moved tokens
+    assert [s.corruption for s in specs[6:]] == ["reverse", "random", "reverse"]
+    assert variant.tolist() == [0, 1, 2] * 3
+
+
+def test_model_is_causal():
+    torch.manual_seed(0)
+    model = TinyTransformer(ModelConfig(vocab_size=N_CONTENT + 2, max_len=12, d_model=16,
+                                        n_heads=2, n_layers=1, d_mlp=32)).eval()
+    tokens = torch.randint(0, N_CONTENT, (2, 12))
+    changed = tokens.clone()
+    changed[:, 7:] = (changed[:, 7:] + 1) % N_CONTENT
+    with torch.no_grad():
+        assert torch.allclose(model(tokens)[:, :7], model(changed)[:, :7], atol=1e-6)
+
+
+def _tiny_pretrain_config(steps=20, seed=0):
+    model = ModelConfig(vocab_size=N_CONTENT + 2, max_len=12, d_model=16, n_heads=2,
+                        n_layers=1, d_mlp=32)
+    return PretrainConfig(model=model, n_content=N_CONTENT, min_len=2, max_len=6,
+                          steps=steps, batch_size=8, seed=seed)
+
+
+def test_pretraining_is_deterministic_and_cached(tmp_path):
+    config = _tiny_pretrain_config()
+    first, info_first = pretrain(config, tmp_path / "a", log=lambda *_: None)
+    again, info_again = pretrain(config, tmp_path / "a", log=lambda *_: None)
+    other, _ = pretrain(config, tmp_path / "b", log=lambda *_: None)  # trained afresh
+    assert not info_first["cached"] and info_again["cached"]
+    for name, value in first.state_dict().items():
+        assert torch.equal(value, again.state_dict()[name])
+        assert torch.equal(value, other.state_dict()[name])  # same seed, same weights
+    assert cache_key(_tiny_pretrain_config(steps=21)) != cache_key(config)
+    from safetensors.torch import load_file  # the cache is safetensors, never a pickle
+
+    assert load_file(str(next((tmp_path / "a" / "copying").glob("*.safetensors"))))
+
+
+def test_oracle_refine_extremes(rng):
+    updates = rng.standard_normal((6, 5, 4))
+    benign = np.array([True] * 4 + [False] * 2)
+    mean = updates[benign].mean(axis=0)
+    pooled = oracle_refine(updates, benign, 0)  # rank 0: everyone gets the benign mean
+    assert np.allclose(pooled[benign], mean)
+    assert np.allclose(pooled[~benign], updates[~benign])  # attackers keep their own
+    own = oracle_refine(updates, benign, 5)  # full rank: nothing is pooled
+    assert np.allclose(own, updates)
+
+
+def test_mlp_option_adapts_and_refines_the_mlp(tmp_path):
+    from clairstat.lora import refine_adapters
+    from simulations.copying.finetune import FinetuneConfig, finetune_client, lora_config
+
+    model, _ = pretrain(_tiny_pretrain_config(steps=2), tmp_path, log=lambda *_: None)
+    config = FinetuneConfig(rank=2, mlp=True, n_train=8, steps=2, batch_size=4)
+    spec = TaskSpec(tuple(range(N_CONTENT)))
+    states = [finetune_client(model, spec, config, 0, seed, (2, 6))[0] for seed in range(4)]
+    assert any("fc_in.lora_A" in key for key in states[0])
+    refined = refine_adapters(states, lora_config(config), joint=True, rank=1)
+    assert all(v.shape == states[0][k].shape for k, v in refined.state_dicts[0].items())
+
+
+@pytest.mark.slow
+def test_pipeline_runs_resumes_and_draws(tmp_path):
+    from simulations.copying import main
+
+    args = ["--config", "tiny", "--results-dir", str(tmp_path / "results"),
+            "--cache-dir", str(tmp_path / "cache"), "--no-progress"]
+    assert main(args) == 0
+    table = tmp_path / "results" / "smoke" / "copying.jsonl"
+    rows = [json.loads(line) for line in table.read_text().splitlines()]
+    assert sorted(r["setting"] for r in rows) == ["heterogeneous", "homogeneous"]
+    for row in rows:
+        assert 0.0 <= row["acc_clair_joint"] <= 1.0 and row["rel_local"] == 0.0
+        assert 0.0 <= row["recall_clair_joint"] <= 1.0 and row["pretrain_cached"]
+    assert main(args + ["--no-figures"]) == 0  # resume: nothing left to run
+    assert len(table.read_text().splitlines()) == 2
+    figures = tmp_path / "results" / "figures"
+    assert (figures / "copying_smoke_homogeneous.png").exists()
+    assert "clair_joint" in (figures / "summary_smoke.md").read_text()

@@ -1,0 +1,224 @@
+"""Tests of clairstat.lora: peft adapters <-> per-module updates, CLAIR on the reduction."""
+
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from clairstat import CLAIREstimator
+from clairstat.lora import (adapter_factors, aggregate_adapters, factors_to_state_dict,
+                            global_state_dict, lora_scaling, module_factors,
+                            readout_factors, refine_adapters)
+
+EPS = np.finfo(np.float64).eps
+# Identities below hold exactly in real arithmetic; each entry is a short sum of float64
+# products (plus one small SVD), so rounding stays near 1e2 eps of the matrices' scale.
+# 1e5 eps (2e-11) leaves margin and is still far below every effect tested.
+RTOL = 1e5 * EPS
+MODULES = ("layers.0.q_proj", "layers.0.v_proj")
+
+
+def close(actual, desired):
+    scale = max(np.linalg.norm(desired), 1.0)
+    return np.linalg.norm(np.asarray(actual) - desired) <= RTOL * scale
+
+
+def lora_state(b_mats, a_mats, prefix="base_model.model."):
+    """A peft-style adapter state dict from per-module factors."""
+    out = {}
+    for name, b_mat, a_mat in zip(MODULES, b_mats, a_mats):
+        out[f"{prefix}{name}.lora_A.weight"] = a_mat
+        out[f"{prefix}{name}.lora_B.weight"] = b_mat
+    return out
+
+
+def shared_clients(rng, n_clients=12, n_bad=2, d=20, k=16, rank=3, shift=6.0):
+    """Adapters whose updates share a column space (U W_k); the last n_bad leave it."""
+    basis = np.linalg.qr(rng.standard_normal((d, 2)))[0]
+    states = []
+    for client in range(n_clients):
+        b_mats, a_mats = [], []
+        for _ in MODULES:
+            coef = rng.standard_normal((2, rank))
+            b_mat = basis @ coef + 0.02 * rng.standard_normal((d, rank))
+            if client >= n_clients - n_bad:  # off the shared subspace
+                b_mat = b_mat + shift * np.linalg.qr(rng.standard_normal((d, rank)))[0]
+            b_mats.append(b_mat)
+            a_mats.append(rng.standard_normal((rank, k)) / np.sqrt(k))
+        states.append(lora_state(b_mats, a_mats))
+    bad = np.arange(n_clients) >= n_clients - n_bad
+    return states, bad
+
+
+def test_scaling_follows_peft():
+    assert lora_scaling({"lora_alpha": 16}, "x.q_proj", 8) == 2.0
+    assert lora_scaling({"lora_alpha": 16, "use_rslora": True}, "x.q_proj", 16) == 4.0
+    config = {"lora_alpha": 16, "alpha_pattern": {"v_proj": 2}}
+    assert lora_scaling(config, "model.layers.0.v_proj", 2) == 1.0
+    assert lora_scaling(config, "model.layers.0.q_proj", 2) == 8.0
+    assert lora_scaling(None, "anything", 3) == 1.0
+
+
+def test_factors_give_the_scaled_update_for_both_key_layouts(rng):
+    b_mat, a_mat = rng.standard_normal((5, 2)), rng.standard_normal((2, 4))
+    plain = {"m.q_proj.lora_A.weight": a_mat, "m.q_proj.lora_B.weight": b_mat}
+    named = {"m.q_proj.lora_A.default.weight": a_mat, "m.q_proj.lora_B.default.weight": b_mat,
+             "m.q_proj.base_layer.weight": np.zeros((5, 4))}
+    for state in (plain, named):
+        scaled_b, same_a = adapter_factors(state, {"lora_alpha": 6})["m.q_proj"]
+        assert close(scaled_b @ same_a, 3.0 * b_mat @ a_mat)
+
+
+def test_incomplete_adapter_is_rejected(rng):
+    with pytest.raises(ValueError, match="incomplete"):
+        adapter_factors({"m.lora_A.weight": rng.standard_normal((2, 3))})
+
+
+def test_readout_is_eckart_young_and_pads(rng):
+    left = np.linalg.qr(rng.standard_normal((30, 5)))[0]
+    right = np.linalg.qr(rng.standard_normal((20, 5)))[0]
+    reduced = rng.standard_normal((5, 5))
+    b_mat, a_mat = readout_factors(left, reduced, right, 2)
+    singular = np.linalg.svd(reduced, compute_uv=False)
+    error = np.linalg.norm(left @ reduced @ right.T - b_mat @ a_mat)
+    assert abs(error - np.linalg.norm(singular[2:])) <= RTOL * singular[0]
+    b_big, a_big = readout_factors(left, reduced, right, 7)  # rank above what exists
+    assert b_big.shape == (30, 7) and a_big.shape == (7, 20)
+    assert close(b_big @ a_big, left @ reduced @ right.T)
+
+
+def test_round_trip_keeps_keys_dtypes_and_scaling(rng):
+    torch = pytest.importorskip("torch")
+    state = {k: torch.as_tensor(v, dtype=torch.float32)
+             for k, v in lora_state([rng.standard_normal((6, 2))] * 2,
+                                    [rng.standard_normal((2, 5))] * 2).items()}
+    config = {"lora_alpha": 4}
+    back = factors_to_state_dict(adapter_factors(state, config), state, config)
+    assert set(back) == set(state)
+    for key in state:
+        assert back[key].dtype == torch.float32
+        assert torch.allclose(back[key], state[key])
+
+
+def test_refinement_on_reduction_equals_dense_estimator(rng):
+    """The reduced fit gives the dense fit's flags and refined updates (given rank)."""
+    states, bad = shared_clients(rng)
+    refinement = refine_adapters(states, rank=2)
+    assert np.array_equal(refinement.flagged, bad)
+    for name, factors in module_factors(states).items():
+        dense = np.stack([b @ a for b, a in factors])
+        estimator = CLAIREstimator(rank=2).fit(dense)
+        assert np.array_equal(estimator.contaminated_, refinement.module_flagged[name])
+        assert close(np.asarray(refinement.per_client[name]), estimator.refined_)
+
+
+def test_refined_adapters_reproduce_the_rank_r_refinement(rng):
+    states, bad = shared_clients(rng, n_clients=8, n_bad=1)
+    refinement = refine_adapters(states, rank=2)
+    for k, state in enumerate(refinement.state_dicts):
+        for name, (b_mat, a_mat) in adapter_factors(state).items():
+            refined = np.asarray(refinement.per_client[name][k])
+            if bad[k]:  # a flagged client keeps its own adapter
+                b_own, a_own = adapter_factors(states[k])[name]
+                assert close(b_mat @ a_mat, b_own @ a_own)
+                continue
+            singular = np.linalg.svd(refined, compute_uv=False)
+            error = np.linalg.norm(refined - b_mat @ a_mat)
+            assert abs(error - np.linalg.norm(singular[3:])) <= 1e-8 * singular[0]
+
+
+def test_different_client_ranks(rng):
+    ranks = [2, 4, 3, 2, 4, 3, 2, 4]
+    states = [lora_state([rng.standard_normal((10, r))] * 2, [rng.standard_normal((r, 7))] * 2)
+              for r in ranks]
+    refinement = refine_adapters(states, joint=True, rank=1)
+    for state, rank in zip(refinement.state_dicts, ranks):
+        assert all(v.shape[0 if ".lora_A." in key else 1] == rank
+                   for key, v in state.items())
+
+
+def test_joint_mode_flags_the_same_clients_everywhere(rng):
+    states, bad = shared_clients(rng)
+    refinement = refine_adapters(states, joint=True, rank=2)
+    assert np.array_equal(refinement.flagged, bad)
+    assert all(np.array_equal(f, bad) for f in refinement.module_flagged.values())
+    mean = refinement.mean_state_dict(states[0])
+    benign_mean = {name: np.mean([b @ a for (b, a), ok in zip(f, ~bad) if ok], axis=0)
+                   for name, f in module_factors(states).items()}
+    for name, (b_mat, a_mat) in adapter_factors(mean).items():  # rank 3 keeps the mean's
+        singular = np.linalg.svd(benign_mean[name], compute_uv=False)  # top 3 directions
+        assert np.linalg.norm(b_mat @ a_mat - benign_mean[name]) <= np.linalg.norm(
+            singular[3:]) + RTOL * singular[0]
+
+
+def test_aggregate_adapters_exact_and_fedit(rng):
+    states, _ = shared_clients(rng, n_clients=5, n_bad=0)
+    flora = aggregate_adapters("flora", states)
+    fedit = aggregate_adapters("fedit", states)
+    for name, factors in module_factors(states).items():
+        assert close(flora[name].update, np.mean([b @ a for b, a in factors], axis=0))
+    readout = global_state_dict(fedit, states[0])
+    for name, (b_mat, a_mat) in adapter_factors(readout).items():
+        assert close(b_mat @ a_mat, fedit[name].update)  # FedIT's own rank-r factors
+
+
+def test_fedrot_reference_may_be_a_state_dict(rng):
+    states, _ = shared_clients(rng, n_clients=4, n_bad=0)
+    results = aggregate_adapters("fedrot", states, reference=states[0], lam=0.5)
+    assert set(results) == {f"base_model.model.{m}" for m in MODULES}
+
+
+def test_large_module_is_fast():
+    """A 2048 x 2048 module, 30 rank-16 clients: seconds, thanks to the reduction."""
+    rng = np.random.default_rng(0)
+    d = 2048
+    basis = np.linalg.qr(rng.standard_normal((d, 8)))[0]
+    states = [{"m.lora_A.weight": rng.standard_normal((16, d)) / np.sqrt(d),
+               "m.lora_B.weight": basis @ rng.standard_normal((8, 16))
+               + 0.01 * rng.standard_normal((d, 16))} for _ in range(30)]
+    start = time.perf_counter()
+    refinement = refine_adapters(states, joint=True)
+    assert refinement.state_dicts[0]["m.lora_B.weight"].shape == (d, 16)
+    assert time.perf_counter() - start < 60  # generous: 2 shared cores
+
+
+def test_import_needs_no_torch():
+    code = ("import sys, clairstat, clairstat.lora, clairstat.integrations;"
+            "print(any(m in sys.modules for m in ('torch', 'peft', 'flwr')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_peft_round_trip_loads_into_the_model(rng, tmp_path):
+    """Refined adapters load into a peft model; the merged weight moves by the update."""
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    from clairstat.lora import load_adapter, save_adapter
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q_proj = torch.nn.Linear(8, 6, bias=False)
+            self.v_proj = torch.nn.Linear(8, 6, bias=False)
+
+    config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"])
+    states = []
+    for seed in range(6):
+        torch.manual_seed(seed)
+        model = peft.get_peft_model(Tiny(), config)
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(param)
+        states.append(peft.get_peft_model_state_dict(model))
+    refinement = refine_adapters(states, config, rank=1)
+    path = tmp_path / "adapter.safetensors"
+    save_adapter(refinement.state_dicts[0], path)
+    torch.manual_seed(0)
+    model = peft.get_peft_model(Tiny(), config)
+    peft.set_peft_model_state_dict(model, load_adapter(path))
+    delta = model.base_model.model.q_proj.get_delta_weight("default").detach().double()
+    expected = adapter_factors(refinement.state_dicts[0], config)["base_model.model.q_proj"]
+    assert np.allclose(delta.numpy(), expected[0] @ expected[1], atol=1e-5)  # float32
