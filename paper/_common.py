@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-__all__ = ["load", "save", "script_main", "output_dir"]
+__all__ = ["load", "prepare", "save", "script_main", "output_dir"]
 
 PAPER_DIR = Path(__file__).resolve().parent
 
@@ -23,6 +23,19 @@ def load(results_dir, study):
         return load_results(get_study(study), results_dir.name, results_dir.parent,
                             current_only=True)
     return load_table(results_dir / f"{study}.jsonl")
+
+
+def prepare(results_dir, study):
+    """pyplot on the Agg backend and the study's table; an empty table is an error."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    table = load(results_dir, study)
+    if table.empty:
+        raise FileNotFoundError(f"no {study} results in {results_dir}")
+    return plt, table
 
 
 def output_dir(scale):

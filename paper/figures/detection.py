@@ -14,7 +14,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from paper._common import load, save, script_main
+from paper._common import prepare, save, script_main
 from validation import wilson
 
 STUDY = "detection"
@@ -54,14 +54,7 @@ def _panel(ax, rows, title, correction):
 
 def main(results_dir, out_dir):
     """Draw the figure from ``<results_dir>/detection.jsonl``; return the written paths."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    df = load(results_dir, STUDY)
-    if df.empty:
-        raise FileNotFoundError(f"no {STUDY} results in {results_dir}")
+    plt, df = prepare(results_dir, STUDY)
     corrections = [c for c in TITLES if c in set(df["correction"])]
     fig, axes = plt.subplots(1, len(corrections), figsize=(5.5 * len(corrections), 4),
                              squeeze=False)

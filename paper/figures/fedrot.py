@@ -14,7 +14,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from paper._common import load, save, script_main
+from paper._common import prepare, save, script_main
 
 STUDY = "fedrot"
 
@@ -44,14 +44,7 @@ def _bound_panel(ax, df):
 
 def main(results_dir, out_dir):
     """Draw the figure from ``<results_dir>/fedrot.jsonl``; return the written paths."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    df = load(results_dir, STUDY)
-    if df.empty:
-        raise FileNotFoundError(f"no {STUDY} results in {results_dir}")
+    plt, df = prepare(results_dir, STUDY)
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     _error_panel(left, df)
     _bound_panel(right, df)

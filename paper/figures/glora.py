@@ -16,7 +16,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 import numpy as np
 
-from paper._common import load, save, script_main
+from paper._common import prepare, save, script_main
 
 STUDY = "glora"
 _FLOOR = 1e-17  # exact zeros drawn at the bottom of the log axis
@@ -48,14 +48,7 @@ def _gauge_panel(ax, df):
 
 def main(results_dir, out_dir):
     """Draw the figure from ``<results_dir>/glora.jsonl``; return the written paths."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    df = load(results_dir, STUDY)
-    if df.empty:
-        raise FileNotFoundError(f"no {STUDY} results in {results_dir}")
+    plt, df = prepare(results_dir, STUDY)
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4),
                                       gridspec_kw={"width_ratios": [3, 2]})
     _error_panel(left, df)

@@ -18,7 +18,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 import numpy as np
 
-from paper._common import load, save, script_main
+from paper._common import prepare, save, script_main
 from validation.checks.recovery import empirical_boundary
 
 STUDY = "recovery"
@@ -62,14 +62,7 @@ def _certificate_panel(ax, df):
 
 def main(results_dir, out_dir):
     """Draw the figure from ``<results_dir>/recovery.jsonl``; return the written paths."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    everything = load(results_dir, STUDY)
-    if everything.empty:
-        raise FileNotFoundError(f"no {STUDY} results in {results_dir}")
+    plt, everything = prepare(results_dir, STUDY)
     df = everything[everything["lam_setting"] == "auto"]
     boundary = empirical_boundary(df)
     c_fit = float(np.nanmedian(boundary["odds_star"] * boundary["mu_r"]))

@@ -15,7 +15,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from paper._common import load, save, script_main
+from paper._common import prepare, save, script_main
 from validation import mean_interval
 
 STUDY = "refinement"
@@ -37,14 +37,7 @@ def _panel(ax, rows, title):
 
 def main(results_dir, out_dir):
     """Draw the figure from ``<results_dir>/refinement.jsonl``; return the written paths."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    df = load(results_dir, STUDY)
-    if df.empty:
-        raise FileNotFoundError(f"no {STUDY} results in {results_dir}")
+    plt, df = prepare(results_dir, STUDY)
     groups = list(df.groupby(["n", "gamma"]))
     fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 4), squeeze=False,
                              sharey=True)

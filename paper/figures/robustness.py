@@ -17,7 +17,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 import numpy as np
 
-from paper._common import load, save, script_main
+from paper._common import prepare, save, script_main
 
 STUDY = "robustness"
 RULES = ["mean", "fedit", "median", "trimmed_mean", "krum", "multikrum", "geomedian",
@@ -46,14 +46,7 @@ def _detection_panel(ax, rows):
 
 def main(results_dir, out_dir):
     """Draw the figure from ``<results_dir>/robustness.jsonl``; return the written paths."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    df = load(results_dir, STUDY)
-    if df.empty:
-        raise FileNotFoundError(f"no {STUDY} results in {results_dir}")
+    plt, df = prepare(results_dir, STUDY)
     attacks = [a for a in ATTACKS if a in set(df["attack"])]
     fig, axes = plt.subplots(2, len(attacks), figsize=(3.2 * len(attacks), 6),
                              sharex=True, squeeze=False, gridspec_kw={"height_ratios": [2, 1]})

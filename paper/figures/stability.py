@@ -16,7 +16,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 import numpy as np
 
-from paper._common import load, save, script_main
+from paper._common import prepare, save, script_main
 
 STUDY = "stability"
 PANELS = [("K", "n_clients", "number of clients K", -0.5),
@@ -44,14 +44,7 @@ def _panel(ax, rows, x, label, exponent):
 
 def main(results_dir, out_dir):
     """Draw the figure from ``<results_dir>/stability.jsonl``; return the written paths."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    df = load(results_dir, STUDY)
-    if df.empty:
-        raise FileNotFoundError(f"no {STUDY} results in {results_dir}")
+    plt, df = prepare(results_dir, STUDY)
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for ax, (sweep, x, label, exponent) in zip(axes, PANELS):
         _panel(ax, df[df["sweep"] == sweep], x, label, exponent)
