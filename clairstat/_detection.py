@@ -90,7 +90,6 @@ class TestOutcome:
 
     contaminated: np.ndarray
     p_values: np.ndarray
-    log_p_values: np.ndarray
     statistics: np.ndarray
     basis: np.ndarray
     mean: np.ndarray
@@ -291,7 +290,7 @@ def test_clients(blocks, weights, start, *, rank, noise_scale, level, correction
     if not iterate:
         mean, basis, stat, noise, nu, log_p = _test_round(
             blocks, weights, members, rank, noise, estimate_noise, random_state)
-        return TestOutcome(~start, np.exp(log_p), log_p, stat, basis, mean, noise, nu, 1)
+        return TestOutcome(~start, np.exp(log_p), stat, basis, mean, noise, nu, 1)
     members = concentrate(blocks, weights, members, rank, noise, random_state=random_state)
     # The concentrated half-set holds the smallest statistics by construction, so the first
     # calibration uses every client (median and quartiles are robust while attackers are
@@ -311,7 +310,7 @@ def test_clients(blocks, weights, start, *, rank, noise_scale, level, correction
             break
         seen.add(key)
         members = new_members
-    return TestOutcome(~members, np.exp(log_p), log_p, stat, basis, mean, noise, nu,
+    return TestOutcome(~members, np.exp(log_p), stat, basis, mean, noise, nu,
                        n_rounds)
 
 
