@@ -14,7 +14,7 @@ from statsmodels.stats.multitest import multipletests
 from ._objective import stack_blocks
 
 __all__ = ["weighted_mean", "refit_subspace", "select_rank", "projection_statistics",
-           "calibrate_null", "concentrate", "test_clients", "refine"]
+           "calibrate_null", "concentrate", "detect_clients", "refine"]
 
 _MAX_ROUNDS = 25
 
@@ -256,7 +256,7 @@ def _test_round(blocks, weights, members, rank, noise, estimate_noise, random_st
     return mean, basis, stat, noise, nu, log_p
 
 
-def test_clients(blocks, weights, start, *, rank, noise_scale, level, correction,
+def detect_clients(blocks, weights, start, *, rank, noise_scale, level, correction,
                  estimate_noise, iterate=True, random_state=None):
     """Refit-and-test until the collaborative set stops changing.
 

@@ -12,7 +12,7 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from ._decompose import clair_decompose
-from ._detection import projection_statistics, refine, test_clients
+from ._detection import projection_statistics, refine, detect_clients
 from ._tuning import estimate_noise_scale, floor_noise_scale
 from ._validation import check_local_estimates, check_noise_scale, check_sample_weight
 from .solvers import Solver, resolve_solver
@@ -69,7 +69,10 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator):
     dtype : {"float64", "float32"}, default="float64"
         Precision of the first-order solver.
     random_state : int, RandomState instance or None, default=None
-        Seeds the randomized SVD used for the refit on large problems.
+        Seeds the random starts of the concentration steps (the robust start of the
+        test) and the randomized SVD of the refit on large problems. With ``None``
+        (numpy's global generator) a client on the edge of the decision can change
+        flag between two fits; pass an int for reproducible fits.
 
     Attributes
     ----------
@@ -249,7 +252,7 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator):
     def _detect(self, blocks, weights, result, sigma, estimate_noise):
         start = self.contamination_scores_ <= self._threshold_value(blocks)
         if self.detection == "test":
-            return test_clients(blocks, weights, start, rank=self.rank, noise_scale=sigma,
+            return detect_clients(blocks, weights, start, rank=self.rank, noise_scale=sigma,
                                 level=self.test_level, correction=self.correction,
                                 estimate_noise=estimate_noise, random_state=self.random_state)
         return self._threshold_outcome(blocks, weights, start, sigma)
@@ -261,7 +264,7 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator):
                           "sparse block: every client looks contaminated; estimates are "
                           "returned unrefined (lower beta/lam or raise threshold).",
                           UserWarning, stacklevel=3)
-        return test_clients(blocks, weights, start, rank=self.rank, noise_scale=sigma,
+        return detect_clients(blocks, weights, start, rank=self.rank, noise_scale=sigma,
                             level=self.test_level, correction=self.correction,
                             estimate_noise=False, iterate=False,
                             random_state=self.random_state)

@@ -58,7 +58,7 @@ def test_transform_refines_new_clients(fitted, regression):
 def test_test_statistics_are_calibrated_under_the_null():
     """No contamination: p-values of the benign clients are roughly uniform."""
     data = make_federated_regression(60, 20, 4, 2, 300, 0, random_state=1)
-    est = CLAIREstimator(rank=2).fit(data.local_estimates)
+    est = CLAIREstimator(random_state=0, rank=2).fit(data.local_estimates)
     # FDR control at 5% with no contamination: no flag expected in the vast majority of
     # runs; the seed is fixed so this is deterministic.
     assert est.contaminated_.sum() == 0
@@ -72,8 +72,8 @@ def test_test_detection_beats_threshold_on_a_small_shift():
     (statistic ratio ~1.8 with sd ~0.1 under the null) catches every attacker, while the
     raw ||S_k|| threshold, which only sees shifts beyond beta, misses some."""
     data = make_federated_regression(40, 30, 8, 3, 200, 8, separation=1.0, random_state=2)
-    tested = CLAIREstimator().fit(data.local_estimates)
-    thresholded = CLAIREstimator(detection="threshold").fit(data.local_estimates)
+    tested = CLAIREstimator(random_state=0).fit(data.local_estimates)
+    thresholded = CLAIREstimator(random_state=0, detection="threshold").fit(data.local_estimates)
     scores = detection_scores(tested.contaminated_, data.contaminated)
     # FDR control is in expectation: on this seed two benign clients have p ~ 0.005 even
     # under the true sigma (OLS noise is not exactly isotropic), so allow 2 of 10 flags.
@@ -97,22 +97,22 @@ def test_colluding_attackers_are_flagged_when_the_rank_is_given():
 
 def test_row_subspace_is_the_column_fit_of_transposes(regression):
     X = regression.local_estimates
-    col = CLAIREstimator(rank=2).fit(X.transpose(0, 2, 1))
-    row = CLAIREstimator(rank=2, subspace="row").fit(X)
+    col = CLAIREstimator(random_state=0, rank=2).fit(X.transpose(0, 2, 1))
+    row = CLAIREstimator(random_state=0, rank=2, subspace="row").fit(X)
     np.testing.assert_allclose(row.refined_, col.refined_.transpose(0, 2, 1), atol=1e-10)
     np.testing.assert_array_equal(row.contaminated_, col.contaminated_)
 
 
 def test_low_rank_subspace_option(regression):
-    est = CLAIREstimator(subspace_source="low_rank").fit(regression.local_estimates)
+    est = CLAIREstimator(random_state=0, subspace_source="low_rank").fit(regression.local_estimates)
     assert est.subspace_.shape[0] == 20 and est.rank_ >= 1
 
 
 def test_threshold_detection_and_all_flagged_warning(regression):
-    est = CLAIREstimator(detection="threshold").fit(regression.local_estimates)
+    est = CLAIREstimator(random_state=0, detection="threshold").fit(regression.local_estimates)
     np.testing.assert_array_equal(est.contaminated_, est.contamination_scores_ > 0)
     with pytest.warns(UserWarning, match="every client"):
-        flagged = CLAIREstimator(detection="threshold", beta=0.0).fit(
+        flagged = CLAIREstimator(random_state=0, detection="threshold", beta=0.0).fit(
             regression.local_estimates)
     assert flagged.contaminated_.all()
     np.testing.assert_array_equal(flagged.refined_, regression.local_estimates)
@@ -121,17 +121,17 @@ def test_threshold_detection_and_all_flagged_warning(regression):
 def test_exact_formulation_with_cvxpy_matches_torch():
     pytest.importorskip("cvxpy")
     data = make_federated_regression(12, 6, 2, 1, 100, 2, separation=3.0, random_state=4)
-    a = CLAIREstimator(solver="torch").fit(data.local_estimates)
-    b = CLAIREstimator(solver="cvxpy").fit(data.local_estimates)
+    a = CLAIREstimator(random_state=0, solver="torch").fit(data.local_estimates)
+    b = CLAIREstimator(random_state=0, solver="cvxpy").fit(data.local_estimates)
     assert a.solver_ == "torch" and b.solver_ == "cvxpy"
     np.testing.assert_array_equal(a.contaminated_, b.contaminated_)
 
 
 def test_float32_and_float64_inputs_agree(regression):
     X = regression.local_estimates
-    a = CLAIREstimator().fit(X.astype(np.float32))
-    b = CLAIREstimator(dtype="float32", tol=1e-4).fit(X)
-    c = CLAIREstimator().fit(X)
+    a = CLAIREstimator(random_state=0).fit(X.astype(np.float32))
+    b = CLAIREstimator(random_state=0, dtype="float32", tol=1e-4).fit(X)
+    c = CLAIREstimator(random_state=0).fit(X)
     for est in (a, b):
         np.testing.assert_array_equal(est.contaminated_, c.contaminated_)
         # float32 data carry ~1e-7 relative rounding; refined values are averages of them.
@@ -140,10 +140,10 @@ def test_float32_and_float64_inputs_agree(regression):
 
 def test_list_input_and_2d_input(regression):
     X = regression.local_estimates
-    est = CLAIREstimator().fit(list(X))
+    est = CLAIREstimator(random_state=0).fit(list(X))
     assert est.refined_.shape == X.shape
     vectors = X[:, :, 0]
-    est2 = CLAIREstimator().fit(vectors)
+    est2 = CLAIREstimator(random_state=0).fit(vectors)
     assert est2.refined_.shape == vectors.shape
     assert est2.transform(vectors).shape == vectors.shape
 
@@ -168,15 +168,15 @@ def test_sample_weight_enters_the_collaborative_mean(regression):
     X = regression.local_estimates
     weights = np.ones(len(X))
     weights[regression.collaborative_set[0]] = 50.0
-    a = CLAIREstimator().fit(X, sample_weight=weights)
-    b = CLAIREstimator().fit(X)
+    a = CLAIREstimator(random_state=0).fit(X, sample_weight=weights)
+    b = CLAIREstimator(random_state=0).fit(X)
     assert not np.allclose(a.collaborative_mean_, b.collaborative_mean_)
     with pytest.raises(ValueError, match="sample_weight"):
-        CLAIREstimator().fit(X, sample_weight=-weights)
+        CLAIREstimator(random_state=0).fit(X, sample_weight=-weights)
 
 
 def test_known_noise_scale_is_used(regression):
-    est = CLAIREstimator(noise_scale=regression.estimate_noise_scale).fit(
+    est = CLAIREstimator(random_state=0, noise_scale=regression.estimate_noise_scale).fit(
         regression.local_estimates)
     np.testing.assert_allclose(est.client_noise_scale_, regression.estimate_noise_scale)
 
@@ -187,7 +187,7 @@ def test_nan_names_the_client(regression):
     X[4, 0, 0] = np.nan
     X[7, 1, 1] = np.inf
     with pytest.raises(ValueError, match=r"NaN or infinite.*\[4, 7\]"):
-        CLAIREstimator().fit(X)
+        CLAIREstimator(random_state=0).fit(X)
 
 
 @pytest.mark.parametrize("bad,match", [
@@ -199,12 +199,12 @@ def test_nan_names_the_client(regression):
 ])
 def test_malformed_input(bad, match):
     with pytest.raises(ValueError, match=match):
-        CLAIREstimator().fit(bad)
+        CLAIREstimator(random_state=0).fit(bad)
 
 
 def test_rank_above_the_maximum(regression):
     with pytest.raises(ValueError, match="exceeds min"):
-        CLAIREstimator(rank=21).fit(regression.local_estimates)
+        CLAIREstimator(random_state=0, rank=21).fit(regression.local_estimates)
 
 
 @pytest.mark.parametrize("params", [{"alpha": -1.0}, {"beta": "big"}, {"solver": "magic"},
@@ -212,7 +212,7 @@ def test_rank_above_the_maximum(regression):
                                     {"detection": "vote"}, {"noise_scale": -1.0}])
 def test_bad_parameters(params, regression):
     with pytest.raises(ValueError):
-        CLAIREstimator(**params).fit(regression.local_estimates)
+        CLAIREstimator(random_state=0, **params).fit(regression.local_estimates)
 
 
 def test_wrong_shape_at_predict(fitted):
@@ -231,13 +231,13 @@ def test_missing_optional_dependency_is_named(monkeypatch):
 
     monkeypatch.setattr(builtins, "__import__", no_cvxpy)
     with pytest.raises(ImportError, match=r"clairstat\[cvxpy\]"):
-        CLAIREstimator(solver="cvxpy").fit(np.random.default_rng(0).standard_normal((4, 3, 2)))
+        CLAIREstimator(random_state=0, solver="cvxpy").fit(np.random.default_rng(0).standard_normal((4, 3, 2)))
 
 
 def test_convergence_warning_when_iterations_run_out(regression):
     from sklearn.exceptions import ConvergenceWarning
     with pytest.warns(ConvergenceWarning):
-        est = CLAIREstimator(max_iter=1, tol=1e-14).fit(regression.local_estimates)
+        est = CLAIREstimator(random_state=0, max_iter=1, tol=1e-14).fit(regression.local_estimates)
     assert not est.converged_
 
 
@@ -245,7 +245,7 @@ def test_threshold_detection_fits_on_the_reported_set(regression):
     """The mean and subspace come from exactly the clients reported collaborative."""
     X = regression.local_estimates
     weights = np.arange(1.0, len(X) + 1)
-    est = CLAIREstimator(detection="threshold").fit(X, sample_weight=weights)
+    est = CLAIREstimator(random_state=0, detection="threshold").fit(X, sample_weight=weights)
     members = est.collaborative_set_
     expected = np.tensordot(weights[members] / weights[members].sum(), X[members], axes=1)
     np.testing.assert_allclose(est.collaborative_mean_, expected, rtol=1e-12)
