@@ -139,7 +139,7 @@ class TorchSolver(Solver):
         state = self._init(X, init, problem.backbone)
         ratio = _op_norm(stack_blocks(X)) / max(problem.alpha, np.finfo(float).tiny)
         n_stages = int(np.clip(np.floor(np.log10(ratio)) - 1, 0, 6)) if init is None else 0
-        history, n_svd, total = [], 0, 0
+        history, n_svd, total = [], 1, 0  # the operator norm above is one factorization
         for stage in range(n_stages, -1, -1):
             factor, last = 10.0 ** stage, stage == 0
             state, info = self._fista(X, problem.alpha * factor, problem.beta * factor,
@@ -204,7 +204,7 @@ class TorchSolver(Solver):
         # which the iterates freeze short of the optimum.
         multiplier = X / max(op_norm, block_max / lam, np.finfo(float).tiny)
         mu = 1.25 / max(op_norm, 1e-300)
-        history, n_svd, converged, gap = [], 0, False, math.inf
+        history, n_svd, converged, gap = [], 1, False, math.inf  # counting ||M||_op
         for it in range(1, self.max_iter + 1):
             L, _ = self._svt(X - theta0 - S + multiplier / mu, 1.0 / mu)
             n_svd += 1
