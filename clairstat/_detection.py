@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from functools import singledispatch
 
 import numpy as np
 from scipy import optimize, stats
@@ -11,6 +12,7 @@ from sklearn.utils import check_random_state
 from sklearn.utils.extmath import randomized_svd
 from statsmodels.stats.multitest import multipletests
 
+from ._factored import FactoredBlocks, FactoredRefined, off_subspace_statistics
 from ._objective import stack_blocks
 
 __all__ = ["weighted_mean", "refit_subspace", "select_rank", "projection_statistics",
@@ -19,9 +21,17 @@ __all__ = ["weighted_mean", "refit_subspace", "select_rank", "projection_statist
 _MAX_ROUNDS = 25
 
 
+# The detection works on a dense (n_clients, p, q) array or on a FactoredBlocks stack
+# (LoRA updates, clairstat._factored): the four stack operations below dispatch on it.
+@singledispatch
 def weighted_mean(blocks, weights):
     """``sum_k w_k Theta_k / sum_k w_k`` over the given clients."""
     return np.tensordot(weights / weights.sum(), blocks, axes=1)
+
+
+@weighted_mean.register
+def _(blocks: FactoredBlocks, weights):
+    return blocks.mean(weights)
 
 
 def _centred_stack(blocks, weights):
@@ -45,6 +55,17 @@ def _left_singular(stacked):
     return left, sing
 
 
+@singledispatch
+def _centred_left_singular(blocks, weights):
+    """Left singular vectors and values of the centred stack, largest first."""
+    return _left_singular(_centred_stack(blocks, weights))
+
+
+@_centred_left_singular.register
+def _(blocks: FactoredBlocks, weights):
+    return blocks.centred_left_singular(weights)
+
+
 def select_rank(blocks, weights, noise_scale):
     """Rank rule: singular values of the centred collaborative stack above the noise edge.
 
@@ -52,7 +73,7 @@ def select_rank(blocks, weights, noise_scale):
     ``sigma (sqrt(p) + sqrt(q m))``; directions above 1.1 times that edge are kept.
     """
     n_clients, p, q = blocks.shape
-    sing = _left_singular(_centred_stack(blocks, weights))[1]
+    sing = _centred_left_singular(blocks, weights)[1]
     edge = 1.1 * noise_scale * (np.sqrt(p) + np.sqrt(q * n_clients))
     return int(np.sum(sing > edge))
 
@@ -64,6 +85,8 @@ def refit_subspace(blocks, weights, rank, random_state=None):
     -------
     basis : ndarray of shape (p, rank)
     """
+    if isinstance(blocks, FactoredBlocks):
+        return blocks.centred_left_singular(weights, rank)[0]
     stacked = _centred_stack(blocks, weights)
     if rank == 0:
         return np.zeros((stacked.shape[0], 0))
@@ -77,11 +100,15 @@ def _project(basis, blocks):
     return basis @ (basis.T @ blocks)
 
 
+@singledispatch
 def projection_statistics(blocks, mean, basis):
     """``||(I - P)(Theta_hat_k - mean)||_F^2`` for every client."""
     resid = blocks - mean[None]
     resid = resid - _project(basis, resid)
     return np.einsum("kpq,kpq->k", resid, resid)
+
+
+projection_statistics.register(FactoredBlocks, off_subspace_statistics)
 
 
 @dataclass
@@ -314,9 +341,13 @@ def detect_clients(blocks, weights, start, *, rank, noise_scale, level, correcti
                        n_rounds)
 
 
+@singledispatch
 def refine(blocks, basis, mean, contaminated):
     """``P Theta_hat_k + (I - P) mean`` for collaborative clients; flagged ones unchanged."""
     projected = _project(basis, blocks - mean[None])
     refined = mean[None] + projected
     refined[contaminated] = blocks[contaminated]
     return refined
+
+
+refine.register(FactoredBlocks, FactoredRefined)

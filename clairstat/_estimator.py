@@ -13,7 +13,7 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 
 from ._decompose import clair_decompose
 from ._detection import projection_statistics, refine, detect_clients
-from ._tuning import estimate_noise_scale, floor_noise_scale
+from ._tuning import estimate_noise_scale, factored_noise_scale, floor_noise_scale
 from ._validation import check_local_estimates, check_noise_scale, check_sample_weight
 from .solvers import Solver, resolve_solver
 
@@ -213,6 +213,27 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator):
         """
         self._validate_params()
         blocks = self._read(X, reset=True)
+        return self._fit(blocks, blocks, sample_weight, estimate_noise_scale, self.backbone)
+
+    def _fit_factored(self, stack, sample_weight=None):
+        """Fit on a :class:`clairstat._factored.FactoredBlocks` stack (LoRA updates).
+
+        The decomposition runs on the per-client blocks ``Y_k`` (n_clients, p, r) with no
+        backbone (exact: method, section 2), the detection and the refinement on the
+        factored stack; ``collaborative_mean_`` is then a ``FactoredMean`` and
+        ``refined_`` a ``FactoredRefined`` (both expand to (p, t) matrices). Used by the
+        aggregation rule ``"clair"``; needs ``backbone=False`` and
+        ``subspace="column"``.
+        """
+        self._validate_params()
+        if self.backbone or self.subspace != "column":
+            raise ValueError("the factored fit needs backbone=False and subspace='column'.")
+        n_clients, p, q = stack.shape
+        self.estimate_shape_, self.input_2d_ = (p, q), False
+        return self._fit(stack, stack.coef, sample_weight, factored_noise_scale, False)
+
+    def _fit(self, blocks, solve_blocks, sample_weight, noise_estimator, backbone):
+        """Decompose ``solve_blocks``, then detect and refine on ``blocks``."""
         n_clients, p, q = blocks.shape
         if self.rank is not None and self.rank > min(p, q * n_clients):
             raise ValueError(f"rank={self.rank} exceeds min(p, q * n_clients) = "
@@ -221,14 +242,15 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator):
         sigma = check_noise_scale(self.noise_scale, n_clients)
         estimate_noise = sigma is None
         if estimate_noise:
-            sigma = np.full(n_clients, floor_noise_scale(estimate_noise_scale(blocks), blocks))
+            sigma = np.full(n_clients, floor_noise_scale(noise_estimator(blocks), solve_blocks))
         engine = resolve_solver(self.solver, max_iter=self.max_iter, tol=self.tol,
                                 device=self.device, dtype=self.dtype)
-        result = clair_decompose(blocks, alpha=self.alpha, beta=self.beta, lam=self.lam,
-                                 formulation=self.formulation, backbone=self.backbone,
+        result = clair_decompose(solve_blocks, alpha=self.alpha, beta=self.beta, lam=self.lam,
+                                 formulation=self.formulation, backbone=backbone,
                                  solver=engine, noise_scale=sigma)
         self._store_decomposition(result, engine)
-        outcome = self._detect(blocks, weights, result, sigma, estimate_noise)
+        start = self.contamination_scores_ <= self._threshold_value(solve_blocks)
+        outcome = self._detect(blocks, weights, start, sigma, estimate_noise)
         self._store_detection(blocks, outcome, result)
         return self
 
@@ -249,8 +271,7 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator):
         # residual (relative size ~ tol) into S, the penalized one gives exact zeros.
         return float(np.sqrt(self.tol) * np.sqrt(np.mean(np.sum(blocks ** 2, axis=(1, 2)))))
 
-    def _detect(self, blocks, weights, result, sigma, estimate_noise):
-        start = self.contamination_scores_ <= self._threshold_value(blocks)
+    def _detect(self, blocks, weights, start, sigma, estimate_noise):
         if self.detection == "test":
             return detect_clients(blocks, weights, start, rank=self.rank, noise_scale=sigma,
                                 level=self.test_level, correction=self.correction,

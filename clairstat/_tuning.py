@@ -77,9 +77,32 @@ def estimate_noise_scale(local_estimates):
     else:
         sing = np.linalg.svd(stacked, compute_uv=False)
     n_long, n_short = max(centred.shape[1], n_clients * centred.shape[2]), len(sing)
-    sigma = np.median(sing) / np.sqrt(n_long * marchenko_pastur_median(n_short / n_long))
+    sigma = _marchenko_pastur_scale(sing, n_long, n_short)
     # Subtracting the median leaves noise of variance sigma^2 (1 + pi / (2K)) per entry.
     return float(sigma / np.sqrt(1.0 + np.pi / (2.0 * n_clients)))
+
+
+def _marchenko_pastur_scale(sing, n_long, n_short):
+    """sigma from the median of the ``n_short`` singular values of a noise matrix."""
+    return np.median(sing) / np.sqrt(n_long * marchenko_pastur_median(n_short / n_long))
+
+
+def factored_noise_scale(stack):
+    """Noise scale of a :class:`clairstat._factored.FactoredBlocks` stack (no backbone).
+
+    The median singular value of ``[Y_1, ..., Y_K]`` (p x sum r_k, the padding columns
+    left out) against the Marchenko-Pastur median, as :func:`estimate_noise_scale`
+    but uncentred: without a backbone the shared structure is low rank and moves only a
+    few singular values. Exactly duplicated clients are counted once.
+    """
+    flat = np.hstack([stack.coef.reshape(len(stack), -1), stack.rights.reshape(len(stack), -1)])
+    keep = np.sort(np.unique(flat, axis=0, return_index=True)[1])
+    if len(keep) < 2:
+        return 0.0
+    columns = stack.coef[keep].transpose(1, 0, 2).reshape(stack.shape[1], -1)
+    columns = columns[:, np.any(columns != 0.0, axis=0)]
+    sing = np.linalg.svd(columns, compute_uv=False)
+    return float(_marchenko_pastur_scale(sing, max(columns.shape), len(sing)))
 
 
 def default_penalties(shape, noise_scale, *, c_alpha=1.0, c_beta=None):

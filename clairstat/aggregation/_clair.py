@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from ._glora import low_rank_readout
-from ._reduce import ReducedStack, reduce_factors
+from ._reduce import ReducedFactors, ReducedStack, factored_reduction, reduce_factors
 from ._result import AggregationResult
 
 __all__ = ["clair"]
@@ -20,7 +20,9 @@ def clair(factors, weights, **options):
     weights : ndarray of shape (n_clients,)
         Passed as ``sample_weight``.
     **options
-        Keyword arguments of :class:`clairstat.CLAIREstimator`.
+        Keyword arguments of :class:`clairstat.CLAIREstimator`. ``backbone`` defaults to
+        ``False`` here: LoRA updates are already differences from the base weights
+        (method, section 1, where the common backbone may be 0).
 
     Returns
     -------
@@ -29,33 +31,47 @@ def clair(factors, weights, **options):
         ``factors`` = its rank-``max r_i`` readout; extras ``flagged`` (bool,
         n_clients), ``per_client`` (a :class:`ReducedStack` of the refined updates,
         (n_clients, d, k) when expanded), ``subspace`` (d, rank_), ``estimator`` (fitted
-        on the reduced updates), ``reduction`` (:class:`ReducedFactors`).
+        on the reduced updates), ``reduction`` (:class:`ReducedFactors`; without a
+        backbone its ``updates`` are the :class:`clairstat._factored.FactoredBlocks`
+        stack).
 
     Notes
     -----
     Every update lies in ``col(Q) x row(V^T)`` (see :func:`reduce_factors`), and the
     decomposition, the refit and the refinement are equivariant under the orthonormal
-    maps ``X -> Q X V^T``, so fitting on the (s, t) blocks and mapping back is exact for
-    given penalties, a given rank and ``detection="threshold"``. Data-driven choices
-    ("auto" penalties, the noise scale, the rank rule and the calibrated test's degrees
-    of freedom ``(p - r) q``) see the reduced dimensions s and t, the dimensions the
-    updates actually occupy, rather than d and k, and may then differ from a dense fit.
+    maps ``X -> Q X V^T``, so fitting on the reduced updates and mapping back is exact
+    for given penalties, a given rank and ``detection="threshold"``.
 
-    The reduction removes d and k from the cost, not the clients' ranks: s and t reach
-    ``sum r_i`` when the clients' factors are in general position. 50 rank-16 clients on
-    a 4096 x 4096 module reduce in about 5 s (one BLAS thread), but the estimator then
-    works on (50, 800, 800) blocks, which took more than 20 minutes on 2 CPU cores;
-    clients sharing col(B) (s small) run in seconds.
+    Without a backbone (the default here) each client is kept in its own row basis
+    (:func:`factored_reduction`): the decomposition solves on (s, r_i) blocks and the
+    detection works on the factored stack (:mod:`clairstat._factored`), so 50 rank-16
+    clients on a 4096 x 4096 module take seconds (``benchmarks/lora_benchmark.py``).
+    The data-driven choices (noise scale, "auto" penalties, rank rule, the test's
+    degrees of freedom) then count r_i columns per client, the dimension a rank-r_i
+    update's noise occupies. With ``backbone=True`` the blocks are the (s, t) matrices
+    ``Q^T B_i A_i V``, t up to ``sum r_i``: exact as well, but the 4096 x 4096 case then
+    works on (50, 800, 800) blocks and took more than 10 minutes on 2 CPU cores.
     """
     from clairstat import CLAIREstimator  # lazily: clairstat's modules import this package
 
-    reduction = reduce_factors(factors, backbone=True)
-    estimator = CLAIREstimator(**options).fit(reduction.updates, sample_weight=weights)
-    mean = reduction.expand(estimator.collaborative_mean_)
+    options = {"backbone": False, **options}
+    estimator = CLAIREstimator(**options)
+    if options["backbone"] or options.get("subspace", "column") != "column":
+        reduction = reduce_factors(factors, backbone=True)
+        estimator.fit(reduction.updates, sample_weight=weights)
+        refined = estimator.refined_
+        mean_reduced = estimator.collaborative_mean_
+    else:
+        left, right, stack = factored_reduction(factors)
+        reduction = ReducedFactors(left, right, stack)
+        estimator._fit_factored(stack, sample_weight=weights)
+        refined = estimator.refined_
+        mean_reduced = estimator.collaborative_mean_.to_dense()
+    mean = reduction.expand(mean_reduced)
     rank = max(b.shape[1] for b, _ in factors)
-    readout = low_rank_readout(reduction.left_basis, estimator.collaborative_mean_ @
-                               reduction.right_basis.T, rank)
-    per_client = ReducedStack(reduction.left_basis, estimator.refined_, reduction.right_basis)
+    readout = low_rank_readout(reduction.left_basis, mean_reduced @ reduction.right_basis.T,
+                               rank)
+    per_client = ReducedStack(reduction.left_basis, refined, reduction.right_basis)
     return AggregationResult("clair", mean, readout, weights, {
         "flagged": np.asarray(estimator.contaminated_, dtype=bool),
         "per_client": per_client,

@@ -48,10 +48,11 @@ def low_rank_readout(basis, coefficients, rank):
     >>> np.round(b @ a, 12).tolist()
     [[3.0, 0.0, 0.0], [0.0, 2.0, 0.0], [0.0, 0.0, 0.0]]
     """
-    left, singular, right_t = scipy.linalg.svd(coefficients, full_matrices=False)
-    rank = min(rank, singular.size)
-    root = np.sqrt(singular[:rank])
-    return basis @ (left[:, :rank] * root), root[:, None] * right_t[:rank]
+    from .._factored import truncated_svd  # lazily: clairstat's modules import this package
+
+    left, singular, right_t = truncated_svd(coefficients, rank)
+    root = np.sqrt(singular)
+    return basis @ (left * root), root[:, None] * right_t
 
 
 def glora(factors, weights, reference_rank=None, readout_rank=None):

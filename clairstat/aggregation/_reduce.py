@@ -16,7 +16,7 @@ import numpy as np
 
 from ._validation import check_factors, orthonormal_basis
 
-__all__ = ["ReducedFactors", "ReducedStack", "reduce_factors"]
+__all__ = ["ReducedFactors", "ReducedStack", "factored_reduction", "reduce_factors"]
 
 
 class ReducedFactors(NamedTuple):
@@ -82,6 +82,48 @@ def reduce_factors(factors, backbone=True):
     return ReducedFactors(left, right, blocks)
 
 
+def factored_reduction(factors):
+    """The updates as a :class:`clairstat._factored.FactoredBlocks` stack, exactly.
+
+    With Q (d, s) and V (k, t) the orthonormal bases of all ``B_i`` and all ``A_i^T``,
+    ``A_i = (A_i V) V^T``; a thin QR ``(A_i V)^T = W_i T_i`` gives
+    ``B_i A_i = Q Y_i W_i^T V^T`` with ``Y_i = Q^T B_i T_i^T`` (s, r_i) and ``W_i^T``
+    (r_i, t) with orthonormal rows: each client in its own row basis, all row bases in
+    the shared coordinates V. Ranks below the largest are zero-padded.
+
+    Returns
+    -------
+    left_basis : ndarray of shape (d, s)
+    right_basis : ndarray of shape (k, t)
+    stack : FactoredBlocks
+        ``coef`` (n_clients, s, max r_i), ``rights`` (n_clients, max r_i, t);
+        ``Q stack.expand(i) V^T == B_i A_i``.
+
+    Examples
+    --------
+    >>> rng = np.random.default_rng(0)
+    >>> f = [(rng.standard_normal((50, r)), rng.standard_normal((r, 40))) for r in (2, 3)]
+    >>> left, right, stack = factored_reduction(f)
+    >>> stack.shape
+    (2, 5, 3)
+    >>> bool(np.allclose(left @ stack.expand(0) @ right.T, f[0][0] @ f[0][1]))
+    True
+    """
+    from .._factored import FactoredBlocks  # lazily: clairstat's modules import this package
+
+    factors = check_factors(factors)
+    left = orthonormal_basis(np.hstack([b for b, _ in factors]))
+    right = orthonormal_basis(np.vstack([a for _, a in factors]).T)
+    width = max(b.shape[1] for b, _ in factors)
+    coef = np.zeros((len(factors), left.shape[1], width))
+    rights = np.zeros((len(factors), width, right.shape[1]))
+    for i, (b_mat, a_mat) in enumerate(factors):
+        row_basis, tri = np.linalg.qr((a_mat @ right).T)  # (t, m), (m, r_i), m <= r_i
+        coef[i, :, :tri.shape[0]] = (left.T @ b_mat) @ tri.T
+        rights[i, :tri.shape[0]] = row_basis.T
+    return left, right, FactoredBlocks(coef, rights)
+
+
 class ReducedStack:
     """A stack of (d, k) matrices ``Q X_i V^T`` kept in reduced coordinates.
 
@@ -109,5 +151,5 @@ class ReducedStack:
         return self.left_basis @ self.reduced[index] @ self.right_basis.T
 
     def __array__(self, dtype=None, copy=None):
-        full = self.left_basis @ self.reduced @ self.right_basis.T
+        full = self.left_basis @ np.asarray(self.reduced) @ self.right_basis.T
         return full if dtype is None else full.astype(dtype)

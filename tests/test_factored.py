@@ -1,0 +1,154 @@
+"""Tests of clairstat._factored: the factored stack equals the dense one, operation by operation."""
+
+import numpy as np
+import pytest
+
+from clairstat import CLAIREstimator
+from clairstat._detection import (_centred_left_singular, projection_statistics, refine,
+                                  refit_subspace, weighted_mean)
+from clairstat._factored import FactoredBlocks, _top_eigh, truncated_svd
+from clairstat._tuning import factored_noise_scale
+from clairstat.aggregation import factored_reduction
+
+EPS = np.finfo(np.float64).eps
+# Every identity below is exact in real arithmetic; the factored side sums a few hundred
+# float64 products per entry (Gram matrices of s x sum r_k factors), so rounding stays
+# within ~1e3 eps of the scale; 1e5 eps (2e-11) leaves margin, far below any effect.
+RTOL = 1e5 * EPS
+
+
+def close(actual, desired):
+    scale = max(np.linalg.norm(desired), 1.0)
+    return np.linalg.norm(np.asarray(actual) - desired) <= RTOL * scale
+
+
+@pytest.fixture
+def case():
+    """Mixed ranks (2, 3, 4), one client with a rank-deficient A, a shared column space."""
+    rng = np.random.default_rng(5)
+    d, k = 40, 35
+    shared = np.linalg.qr(rng.standard_normal((d, 3)))[0]
+    factors = []
+    for i, rank in enumerate([2, 3, 4, 3, 2, 4, 3, 2, 4]):
+        b_mat = shared @ rng.standard_normal((3, rank)) + 0.05 * rng.standard_normal((d, rank))
+        a_mat = rng.standard_normal((rank, k))
+        if i == 4:  # rank-deficient A: two equal rows
+            a_mat[1] = a_mat[0]
+        factors.append((b_mat, a_mat))
+    left, right, stack = factored_reduction(factors)
+    dense = np.stack([left.T @ b @ a @ right for b, a in factors])
+    weights = rng.uniform(0.5, 2.0, len(factors))
+    return stack, dense, weights, factors, (left, right)
+
+
+def test_reduction_is_exact(case):
+    stack, dense, _, factors, (left, right) = case
+    assert stack.shape == (9, left.shape[1], 4)
+    for k, (b_mat, a_mat) in enumerate(factors):
+        assert close(left @ stack.expand(k) @ right.T, b_mat @ a_mat)
+    assert close(stack.to_dense(), dense)
+    rows = stack.rights.reshape(-1, stack.rights.shape[2])
+    norms = np.linalg.norm(rows, axis=1)  # orthonormal rows, zero rows for padding
+    assert np.all((np.abs(norms - 1) < 1e3 * EPS) | (norms == 0))
+    assert close(stack.squared_norms(), np.sum(dense ** 2, axis=(1, 2)))
+
+
+def test_stack_operations_equal_the_dense_ones(case):
+    stack, dense, weights, _, _ = case
+    members = np.array([1, 1, 1, 0, 1, 1, 0, 1, 1], dtype=bool)
+    sub, sub_dense = stack[members], dense[members]
+    assert close(np.asarray(weighted_mean(sub, weights[members])),
+                 weighted_mean(sub_dense, weights[members]))
+    left, sing = _centred_left_singular(sub, weights[members])
+    left_dense, sing_dense = _centred_left_singular(sub_dense, weights[members])
+    size = min(sing.size, sing_dense.size)
+    # Via a Gram matrix, squared singular values carry an absolute error ~ eps s_max^2
+    # (tiny ones come out near sqrt(eps) s_max instead of 0).
+    assert np.allclose(sing[:size] ** 2, sing_dense[:size] ** 2, rtol=0,
+                       atol=1e3 * EPS * sing_dense[0] ** 2)
+    basis = refit_subspace(sub, weights[members], 3)
+    basis_dense = refit_subspace(sub_dense, weights[members], 3)
+    assert close(basis @ basis.T, basis_dense @ basis_dense.T)
+    mean = weighted_mean(sub, weights[members])
+    mean_dense = weighted_mean(sub_dense, weights[members])
+    assert close(projection_statistics(stack, mean, basis),
+                 projection_statistics(dense, mean_dense, basis))
+    assert close(projection_statistics(sub, mean, basis),
+                 projection_statistics(sub_dense, mean_dense, basis))
+    refined = refine(stack, basis, mean, ~members)
+    assert close(np.asarray(refined), refine(dense, basis, mean_dense, ~members))
+    assert close(refined[2], refine(dense, basis, mean_dense, ~members)[2])
+
+
+def test_mean_of_another_stack_is_refused(case):
+    stack, _, weights, _, _ = case
+    other = FactoredBlocks(stack.coef.copy(), stack.rights.copy())
+    mean = weighted_mean(other, weights)
+    with pytest.raises(ValueError, match="another stack"):
+        projection_statistics(stack, mean, np.zeros((stack.shape[1], 0)))
+
+
+def test_mismatched_factors_are_refused():
+    with pytest.raises(ValueError, match="do not match"):
+        FactoredBlocks(np.zeros((3, 5, 2)), np.zeros((3, 3, 6)))
+
+
+def test_factored_fit_equals_the_dense_fit_without_backbone(case):
+    """Same flags, subspace and refined estimates as the dense estimator (given all knobs)."""
+    stack, dense, weights, _, _ = case
+    params = dict(rank=3, alpha=1.0, beta=2.0, noise_scale=0.05, backbone=False,
+                  detection="threshold", random_state=0)
+    factored = CLAIREstimator(**params)._fit_factored(stack, sample_weight=weights)
+    full = CLAIREstimator(**params).fit(dense, sample_weight=weights)
+    assert np.array_equal(factored.contaminated_, full.contaminated_)
+    assert close(factored.subspace_ @ factored.subspace_.T, full.subspace_ @ full.subspace_.T)
+    # The decomposition runs on (s, r) instead of (s, t) blocks: the same convex program
+    # up to the solver's relative duality gap (tol=1e-6), hence this looser check.
+    assert np.allclose(factored.contamination_scores_, full.contamination_scores_,
+                       atol=1e-5 * np.linalg.norm(dense))
+    assert close(np.asarray(factored.refined_), full.refined_)
+    assert close(np.asarray(factored.collaborative_mean_), full.collaborative_mean_)
+
+
+def test_factored_fit_needs_no_backbone(case):
+    with pytest.raises(ValueError, match="backbone=False"):
+        CLAIREstimator()._fit_factored(case[0])
+
+
+def test_noise_scale_of_pure_noise():
+    rng = np.random.default_rng(0)
+    sigma, n_clients, p, rank = 0.3, 40, 200, 5
+    rights = np.stack([np.linalg.qr(rng.standard_normal((300, rank)))[0].T
+                       for _ in range(n_clients)])
+    stack = FactoredBlocks(sigma * rng.standard_normal((n_clients, p, rank)), rights)
+    # 200 x 200 noise: the median singular value has a relative sd of about 1%.
+    assert abs(factored_noise_scale(stack) / sigma - 1) < 0.05
+    twice = FactoredBlocks(np.concatenate([stack.coef, stack.coef]),
+                           np.concatenate([rights, rights]))
+    assert factored_noise_scale(twice) == pytest.approx(factored_noise_scale(stack))
+
+
+def test_truncated_svd_paths_agree():
+    rng = np.random.default_rng(1)
+    matrix = rng.standard_normal((300, 12)) @ rng.standard_normal((12, 250))
+    matrix += 0.01 * rng.standard_normal(matrix.shape)
+    left, sing, right_t = truncated_svd(matrix, 8)  # the Lanczos path
+    dense = np.linalg.svd(matrix, compute_uv=False)
+    assert np.all(np.diff(sing) <= 0)
+    # ARPACK with tol=0 converges to machine precision relative to the largest value.
+    assert np.allclose(sing, dense[:8], rtol=0, atol=1e3 * EPS * dense[0])
+    approx = left * sing @ right_t
+    assert np.isclose(np.linalg.norm(matrix - approx), np.linalg.norm(dense[8:]),
+                      rtol=1e3 * EPS * dense[0] / np.linalg.norm(dense[8:]))
+    small = truncated_svd(matrix[:50, :40], 8)[1]  # the dense path
+    assert np.allclose(small, np.linalg.svd(matrix[:50, :40], compute_uv=False)[:8])
+
+
+def test_top_eigh_paths_agree():
+    rng = np.random.default_rng(2)
+    half = rng.standard_normal((200, 200))
+    matrix = half @ half.T
+    values, vectors = _top_eigh(matrix, 5)  # Lanczos
+    full = np.linalg.eigvalsh(matrix)[::-1]
+    assert np.allclose(values, full[:5], rtol=0, atol=1e3 * EPS * full[0])
+    assert np.allclose(matrix @ vectors, vectors * values, atol=1e3 * EPS * full[0])
