@@ -16,7 +16,7 @@ from ._factored import FactoredBlocks, FactoredRefined, off_subspace_statistics
 from ._objective import stack_blocks
 
 __all__ = ["weighted_mean", "refit_subspace", "select_rank", "projection_statistics",
-           "calibrate_null", "concentrate", "detect_clients", "refine"]
+           "calibrate_null", "concentrate", "out_of_sample_statistics", "detect_clients", "refine"]
 
 _MAX_ROUNDS = 25
 
@@ -125,19 +125,35 @@ class TestOutcome:
     n_rounds: int
 
 
-def leave_one_out(statistics, weights, members):
-    """Put members' statistics on the footing of out-of-sample clients.
+def out_of_sample_statistics(blocks, weights, members, mean, basis, random_state=None):
+    """Every client's statistic against a mean and subspace fitted without it.
 
-    For a member k the residual against the leave-one-out mean is exactly
-    ``(Theta_hat_k - mean) W / (W - w_k)`` (W: the members' total weight), so its squared
-    norm is the in-sample statistic times ``(W / (W - w_k))^2``. Without this, clients
-    outside the fitted set carry the mean's variance on top of their own and, once
-    rejected, stay rejected.
+    Non-members are compared with the members' fit (``mean``, ``basis``) as they are; each
+    member k with a refit on the other members at the same rank. In-sample, a member's
+    own noise pulls both the mean and the subspace towards it: its statistic is smaller
+    than a non-member's by the mean's share (a factor ``((W - w_k) / W)^2``) and by what
+    the subspace absorbs (measured: 4% of the statistic for 50 rank-16 LoRA clients of
+    a 4096 x 4096 module, three standard deviations of a chi^2 with 12 672 degrees of
+    freedom), so benign clients outside the set would look deviant and, once rejected,
+    stay rejected. The refits cost one subspace fit per member.
     """
-    total = weights[members].sum()
-    factor = np.ones_like(statistics)
-    factor[members] = (total / np.maximum(total - weights[members], 1e-300)) ** 2
-    return statistics * factor
+    stat = projection_statistics(blocks, mean, basis)
+    rank = basis.shape[1]
+    n_clients, p, q = blocks.shape
+    for k in np.flatnonzero(members):
+        others = members.copy()
+        others[k] = False
+        if others.sum() < 1:
+            continue
+        sub_blocks, sub_weights = blocks[others], weights[others]
+        # the rank the others support (their centred stack has (m - 2) q + ... columns)
+        sub_rank = min(rank, p, q * max(int(others.sum()) - 1, 1))
+        sub_basis = refit_subspace(sub_blocks, sub_weights, sub_rank, random_state)
+        one = np.zeros(n_clients, dtype=bool)
+        one[k] = True
+        stat[k] = projection_statistics(blocks[one], weighted_mean(sub_blocks, sub_weights),
+                                        sub_basis)[0]
+    return stat
 
 
 def calibrate_null(ratios, members, df_theory):
@@ -148,7 +164,7 @@ def calibrate_null(ratios, members, df_theory):
     ``sigma^2 chi^2_nu / nu`` (quantile matching; attackers sit in the upper tail, so
     this stays right while they are fewer than half): nu from the ratio Q1 / median,
     which rises monotonically in nu, then sigma^2 from the median (the statistics are
-    leave-one-out, :func:`leave_one_out`, so no in-sample correction is needed).
+    out of sample, :func:`out_of_sample_statistics`, so no in-sample correction is needed).
     nu never exceeds the i.i.d. value ``(p - r) q``: noise with structure (LoRA updates:
     rank-r noise) spreads the statistics more than chi^2 with full df, and testing it
     against the full df would flag benign clients (measured: 14-25% of them).
@@ -269,7 +285,7 @@ def _test_round(blocks, weights, members, rank, noise, estimate_noise, random_st
     n_clients, p, q = blocks.shape
     mean, basis = _fit_on(blocks, weights, members, rank, noise, random_state)
     df = (p - basis.shape[1]) * q
-    stat = leave_one_out(projection_statistics(blocks, mean, basis), weights, members)
+    stat = out_of_sample_statistics(blocks, weights, members, mean, basis, random_state)
     if df == 0:  # the subspace is everything: no client can be told apart
         return mean, basis, stat, noise, 0.0, np.zeros(n_clients)
     nu = float(df)

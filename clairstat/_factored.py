@@ -151,17 +151,20 @@ class FactoredMean:
 def off_subspace_statistics(stack, mean, basis):
     """``||(I - P)(X_k - mean)||_F^2`` for every client of ``stack``.
 
-    With ``Z_k = (I - P) Y_k`` and ``Phi`` the K x K inner products of the ``Z_k R_k``,
-    the statistic is ``Phi_kk - 2 (Phi omega)_k + omega^T Phi omega``.
+    With ``Z_k = (I - P) Y_k`` and ``Phi`` the inner products of the ``Z_k R_k`` over the
+    clients involved (the mean's and the stack's), the statistic is
+    ``Phi_kk - 2 (Phi omega)_k + omega^T Phi omega``.
     """
-    if mean.stack is not stack.root:
+    root = stack.root
+    if mean.stack is not root:
         raise ValueError("the mean was fitted on another stack.")
-    coef = stack.root.coef
+    involved = np.union1d(np.flatnonzero(mean.omega), stack.index)
+    coef = root.coef[involved]
     resid = coef - basis @ (basis.T @ coef)
-    phi = stack.root.inner_products(resid)
-    omega = mean.omega
+    phi = root[involved].inner_products(resid)
+    omega = mean.omega[involved]
     stat = np.diag(phi) - 2.0 * phi @ omega + omega @ phi @ omega
-    return np.clip(stat, 0.0, None)[stack.index]
+    return np.clip(stat, 0.0, None)[np.searchsorted(involved, stack.index)]
 
 
 class FactoredRefined:

@@ -109,7 +109,7 @@ def _baselines(state_dicts, config, init_state, params):
     }
 
 
-def run_methods(state_dicts, config, init_state, contaminated, params):
+def run_methods(state_dicts, config, init_state, contaminated, params, seed=0):
     """Per-client updates of every method, with timings and CLAIR's flags.
 
     Parameters
@@ -123,6 +123,10 @@ def run_methods(state_dicts, config, init_state, contaminated, params):
         Used only by the oracles.
     params : dict
         Cell parameters (``fedrot_lam``, ``rank``, ``clair_rank``, ``test_level``).
+    seed : int, default=0
+        The replicate's seed: CLAIR's robust start draws its random sets from it (left
+        unseeded, they would come from numpy's global generator, and a client on the edge
+        of the decision could change flag with what ran before).
 
     Returns
     -------
@@ -134,7 +138,7 @@ def run_methods(state_dicts, config, init_state, contaminated, params):
     """
     benign = ~np.asarray(contaminated, dtype=bool)
     factor_lists = module_factors(state_dicts, config)
-    level = {"test_level": params["test_level"]}
+    level = {"test_level": params["test_level"], "random_state": seed}
     steps = {"local": lambda: _local(factor_lists),
              **_baselines(state_dicts, config, init_state, params)}
     updates, info = _timed(steps)

@@ -117,7 +117,7 @@ def simulate_one(params, seed):
     start = time.perf_counter()
     adapters, init, config = _finetune_all(model, specs, params, seed)
     info = {"seconds_finetune": time.perf_counter() - start}
-    updates, method_info = run_methods(adapters, config, init, contaminated, params)
+    updates, method_info = run_methods(adapters, config, init, contaminated, params, seed)
     info.update(method_info)
     start = time.perf_counter()
     accuracy = _evaluate(model, updates, specs, contaminated, params, seed)
