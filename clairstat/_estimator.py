@@ -83,8 +83,8 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator):
     contamination_scores_ : ndarray of shape (n_clients,)
         ``||S_k||_F``.
     test_statistics_ : ndarray of shape (n_clients,)
-        ``||(I - P)(Theta_hat_k - mean)||_F^2``, against the leave-one-out mean for
-        collaborative clients (so every client is tested out of sample).
+        ``||(I - P)(Theta_hat_k - mean)||_F^2``; for a collaborative client, P and the
+        mean are refitted without it (so every client is tested out of sample).
     p_values_ : ndarray of shape (n_clients,)
     contaminated_ : ndarray of bool, shape (n_clients,)
     collaborative_set_ : ndarray of int

@@ -384,21 +384,20 @@ def refine_adapters(state_dicts, configs=None, *, joint=False, sample_weight=Non
 
     Notes
     -----
-    Each module is reduced exactly to the orthonormal bases Q of all ``B_k`` and V of all
-    ``A_k^T``: ``Delta W_k = Q X_k V^T`` with ``X_k`` of size at most
-    ``sum r_k x sum r_k``. The decomposition, the refit and the refinement commute with
-    ``X -> Q X V^T`` (Frobenius norms, nuclear norms and projections are preserved), so
-    the refined updates are those of the full problem; data-driven defaults see the
-    reduced sizes (see :func:`clairstat.aggregation.aggregate`, rule ``"clair"``). The
-    refined update ``P Delta W_k + (I - P) mean_C`` generally has rank above ``r_k``;
-    the adapter keeps its best rank-``r_k`` approximation (``per_client`` keeps it all).
+    Per module (the default) each module is reduced exactly (method, section 2) to the
+    orthonormal basis Q of all ``B_k`` on the left and, on the right, to each client's
+    own row basis: ``Delta W_k = Q Y_k W_k^T`` with ``Y_k`` of size at most
+    ``sum r_k x r_k``, and the fit has no backbone (LoRA updates are differences from
+    the base weights; pass ``backbone=True`` for the (sum r_k x sum r_k) blocks of the
+    shared row basis instead). The detection and the refinement run on the factored
+    stack (:mod:`clairstat._factored`), so a 4096 x 4096 module with 50 rank-16 clients
+    takes seconds (``benchmarks/RESULTS.md``). The refined update
+    ``P Delta W_k + (I - P) mean_C`` generally has rank above ``r_k``; the adapter keeps
+    its best rank-``r_k`` approximation (``per_client`` keeps it all).
 
-    The per-client test assumes noise of one level and isotropic within each block. A
-    LoRA update's deviation is a rank-``r_k`` matrix whose size varies across clients,
-    and on the copying experiment (``simulations/copying/RESULTS.md``) the per-module
-    tests, with thousands of degrees of freedom, flagged most benign clients, while the
-    joint test (``n_clients - rank`` degrees of freedom) did not. Prefer ``joint=True``
-    for detection, or pass per-client ``noise_scale``.
+    On the copying experiment (``simulations/copying/RESULTS.md``) per-module CLAIR
+    detects without false alarms but gains less than the joint fit, which pools whole
+    adapters across modules; ``joint=True`` is the stronger refinement there.
     """
     configs = _per_client(configs, len(state_dicts), "configs")
     factor_lists = module_factors(state_dicts, configs)
