@@ -197,6 +197,16 @@ def readout_factors(left_basis, reduced, right_basis, rank):
     return _pad(left_basis @ (left * root), (root[:, None] * right_t) @ right_basis.T, rank)
 
 
+def _readout_client(stack, k, rank):
+    """``readout_factors`` of client k of a ReducedStack (structured when factored)."""
+    if hasattr(stack.reduced, "truncated_svd"):  # FactoredRefined: never formed densely
+        left, singular, right_t = stack.reduced.truncated_svd(k, rank)
+        root = np.sqrt(singular)
+        return _pad(stack.left_basis @ (left * root),
+                    (root[:, None] * right_t) @ stack.right_basis.T, rank)
+    return readout_factors(stack.left_basis, stack.reduced[k], stack.right_basis, rank)
+
+
 def _pad(b_mat, a_mat, rank):
     """Zero columns of B and rows of A up to ``rank`` (fewer singular values than asked)."""
     missing = rank - b_mat.shape[1]
@@ -349,8 +359,7 @@ def _readout_state_dicts(state_dicts, configs, per_client, flagged, ranks):
         if flagged[k]:  # the estimator returns a flagged client's own estimate
             refined.append(dict(template))
             continue
-        factors = {name: readout_factors(stack.left_basis, stack.reduced[k],
-                                         stack.right_basis, ranks[k])
+        factors = {name: _readout_client(stack, k, ranks[k])
                    for name, stack in per_client.items()}
         refined.append(factors_to_state_dict(factors, template, config))
     return refined

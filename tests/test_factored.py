@@ -152,3 +152,29 @@ def test_top_eigh_paths_agree():
     full = np.linalg.eigvalsh(matrix)[::-1]
     assert np.allclose(values, full[:5], rtol=0, atol=1e3 * EPS * full[0])
     assert np.allclose(matrix @ vectors, vectors * values, atol=1e3 * EPS * full[0])
+
+
+@pytest.mark.parametrize("flagged", [False, True])
+def test_structured_readout_is_the_dense_truncated_svd(flagged):
+    """Client readouts from C^T C's eigenbasis equal the dense SVD of the refined matrix."""
+    rng = np.random.default_rng(3)
+    n_clients, s, rank, t = 30, 120, 6, 180
+    rights = np.stack([np.linalg.qr(rng.standard_normal((t, rank)))[0].T
+                       for _ in range(n_clients)])
+    shared = np.linalg.qr(rng.standard_normal((s, 3)))[0]
+    coef = shared @ rng.standard_normal((n_clients, 3, rank))
+    coef += 0.1 * rng.standard_normal(coef.shape)
+    stack = FactoredBlocks(coef, rights)
+    weights = np.ones(n_clients)
+    basis = refit_subspace(stack, weights, 3)
+    contaminated = np.zeros(n_clients, dtype=bool)
+    contaminated[4] = flagged
+    refined = refine(stack, basis, weighted_mean(stack, weights), contaminated)
+    dense = refined[4]
+    left, sing, right_t = refined.truncated_svd(4, rank)  # t = 180: the Lanczos path
+    want = np.linalg.svd(dense, compute_uv=False)
+    # Via C^T C the squared singular values carry an absolute error ~ eps s_max^2.
+    assert np.allclose(sing ** 2, want[:rank] ** 2, rtol=0, atol=1e3 * EPS * want[0] ** 2)
+    assert np.allclose(left.T @ left, np.eye(rank), atol=1e-8)
+    error = np.linalg.norm(dense - left * sing @ right_t)
+    assert abs(error - np.linalg.norm(want[rank:])) <= 1e-8 * want[0]
