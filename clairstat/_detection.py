@@ -146,8 +146,8 @@ def out_of_sample_statistics(blocks, weights, members, mean, basis, random_state
         if others.sum() < 1:
             continue
         sub_blocks, sub_weights = blocks[others], weights[others]
-        # the rank the others support (their centred stack has (m - 2) q + ... columns)
-        sub_rank = min(rank, p, q * max(int(others.sum()) - 1, 1))
+        # the centred stack of the m - 1 others has rank at most (m - 2) q
+        sub_rank = min(rank, p, q * (int(others.sum()) - 1))
         sub_basis = refit_subspace(sub_blocks, sub_weights, sub_rank, random_state)
         one = np.zeros(n_clients, dtype=bool)
         one[k] = True
