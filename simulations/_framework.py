@@ -65,10 +65,15 @@ class Study:
         return [dict(cell) for cell in self.grids[scale]]
 
     def tasks(self, scale):
-        """Every ``(cell_id, replicate, params, seed)`` of ``scale``, in grid order."""
+        """Every ``(cell_id, replicate, params, seed)`` of ``scale``, replicate by replicate.
+
+        Replicate 0 of every cell comes first, then replicate 1, ...: a run stopped early
+        (a deadline, a lost worker) leaves every cell with about the same number of rows.
+        """
         n_rep = int(self.replicates[scale])
+        cells = self.cells(scale)
         return [(cell_id(params), rep, params, derive_seed(self.name, params, rep))
-                for params in self.cells(scale) for rep in range(n_rep)]
+                for rep in range(n_rep) for params in cells]
 
 
 def _check_scale(scale):

@@ -75,6 +75,14 @@ def test_grid_expands_axes_and_keeps_scalars():
         {"p": 20, "g": 2, "r": 3}, {"p": 20, "g": 2, "r": 4}]
 
 
+def test_tasks_go_replicate_by_replicate_across_cells():
+    """A run stopped early leaves every cell with about the same number of rows."""
+    tasks = simulation_toy.STUDY.tasks("smoke")
+    assert [rep for _, rep, _, _ in tasks[:3]] == [0, 0, 0]
+    assert len({cell for cell, _, _, _ in tasks[:3]}) == 3
+    assert [rep for _, rep, _, _ in tasks[-3:]] == [3, 3, 3]
+
+
 def test_reserved_parameter_names_are_refused():
     with pytest.raises(ValueError, match="reserved"):
         cell_id({"seed": 1})

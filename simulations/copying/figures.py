@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["main", "client_table", "summary_table"]
+__all__ = ["main", "client_table", "flagged_by_kind", "summary_table"]
 
 _LABELS = {"local": "local", "fedavg": "FedAvg", "fedit": "FedIT", "fedrot": "FedRot",
            "glora": "GLoRA", "median": "median", "clair": "CLAIR\nper-module",
@@ -76,6 +76,36 @@ def _detection_table(frame):
             if f"{name}_{method}" in frame:
                 cols[f"{name}_{method}"] = "mean"
     return frame.groupby("setting").agg(cols).T
+
+
+def flagged_by_kind(frame):
+    """Share of clients flagged, per setting, CLAIR variant and kind of client.
+
+    The kind follows :func:`simulations.copying.tasks.client_tasks`: the last
+    ``n_contaminated`` clients are contaminated, cycling through ``contamination``; the
+    others are "benign".
+
+    Returns
+    -------
+    pandas.DataFrame
+        Index ``(setting, method)``, one column per kind.
+    """
+    import pandas as pd
+
+    records = []
+    for row in frame.to_dict("records"):
+        n_clients, n_bad = int(row["n_clients"]), int(row["n_contaminated"])
+        kinds = row["contamination"].split(",")
+        for k in range(n_clients):
+            first_bad = n_clients - n_bad
+            kind = kinds[(k - first_bad) % len(kinds)] if k >= first_bad else "benign"
+            for method in ("clair", "clair_joint", "clair_joint_r"):
+                column = f"flagged_{method}_c{k}"
+                if column in row:
+                    records.append((row["setting"], method, kind, bool(row[column])))
+    table = pd.DataFrame(records, columns=["setting", "method", "kind", "flagged"])
+    return table.pivot_table(index=["setting", "method"], columns="kind",
+                             values="flagged", aggfunc="mean")
 
 
 def _panel(axis, clients, methods, column, ylabel):
@@ -156,6 +186,8 @@ def _summary_text(frame, scale):
     return (f"# copying[{scale}]: summary\n\n## Benign clients' masked accuracy\n\n"
             f"{_markdown(table, index=False)}\n\n## Detection (mean over replicates)\n\n"
             f"{_markdown(_detection_table(frame).round(3))}\n\n"
+            f"## Share flagged by kind of client\n\n"
+            f"{_markdown(flagged_by_kind(frame).round(3))}\n\n"
             f"## Seconds per stage (mean over replicates)\n\n"
             f"{_markdown(frame.groupby('setting')[timing].mean().T.round(2))}\n")
 
