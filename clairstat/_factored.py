@@ -93,10 +93,6 @@ class FactoredBlocks:
         """The whole stack, shape (n_clients, p, t)."""
         return self.coef @ self.rights
 
-    def squared_norms(self):
-        """``||X_k||_F^2`` (the rows of ``R_k`` are orthonormal)."""
-        return np.einsum("kpr,kpr->k", self.coef, self.coef)
-
     def inner_products(self, left=None):
         """K x K matrix of ``<Z_j R_j, Z_k R_k>`` with ``Z = left(Y)`` (default ``Y``)."""
         coef = self.coef if left is None else left

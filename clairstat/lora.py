@@ -192,7 +192,12 @@ def readout_factors(left_basis, reduced, right_basis, rank):
         ``b_mat @ a_mat`` is the Eckart-Young truncation of ``Q X V^T`` (exact when
         ``rank(X) <= rank``), with the singular values split evenly between the factors.
     """
-    left, singular, right_t = truncated_svd(np.asarray(reduced), rank)
+    return _split(left_basis, truncated_svd(np.asarray(reduced), rank), right_basis, rank)
+
+
+def _split(left_basis, triplets, right_basis, rank):
+    """Factors ``(Q U S^1/2, S^1/2 V^T V_basis^T)`` of reduced singular triplets, padded."""
+    left, singular, right_t = triplets
     root = np.sqrt(singular)
     return _pad(left_basis @ (left * root), (root[:, None] * right_t) @ right_basis.T, rank)
 
@@ -200,10 +205,8 @@ def readout_factors(left_basis, reduced, right_basis, rank):
 def _readout_client(stack, k, rank):
     """``readout_factors`` of client k of a ReducedStack (structured when factored)."""
     if hasattr(stack.reduced, "truncated_svd"):  # FactoredRefined: never formed densely
-        left, singular, right_t = stack.reduced.truncated_svd(k, rank)
-        root = np.sqrt(singular)
-        return _pad(stack.left_basis @ (left * root),
-                    (root[:, None] * right_t) @ stack.right_basis.T, rank)
+        return _split(stack.left_basis, stack.reduced.truncated_svd(k, rank),
+                      stack.right_basis, rank)
     return readout_factors(stack.left_basis, stack.reduced[k], stack.right_basis, rank)
 
 

@@ -50,7 +50,8 @@ def test_reduction_is_exact(case):
     rows = stack.rights.reshape(-1, stack.rights.shape[2])
     norms = np.linalg.norm(rows, axis=1)  # orthonormal rows, zero rows for padding
     assert np.all((np.abs(norms - 1) < 1e3 * EPS) | (norms == 0))
-    assert close(stack.squared_norms(), np.sum(dense ** 2, axis=(1, 2)))
+    # the decomposition sees Y_k: the same Frobenius norms as the (s, t) blocks
+    assert close(np.sum(stack.coef ** 2, axis=(1, 2)), np.sum(dense ** 2, axis=(1, 2)))
 
 
 def test_stack_operations_equal_the_dense_ones(case):

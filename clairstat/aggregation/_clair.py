@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from ._glora import low_rank_readout
-from ._reduce import ReducedFactors, ReducedStack, factored_reduction, reduce_factors
+from ._reduce import ReducedStack, factored_reduction, reduce_factors
 from ._result import AggregationResult
 
 __all__ = ["clair"]
@@ -59,14 +59,11 @@ def clair(factors, weights, **options):
     if options["backbone"] or options.get("subspace", "column") != "column":
         reduction = reduce_factors(factors, backbone=True)
         estimator.fit(reduction.updates, sample_weight=weights)
-        refined = estimator.refined_
-        mean_reduced = estimator.collaborative_mean_
     else:
-        left, right, stack = factored_reduction(factors)
-        reduction = ReducedFactors(left, right, stack)
-        estimator._fit_factored(stack, sample_weight=weights)
-        refined = estimator.refined_
-        mean_reduced = estimator.collaborative_mean_.to_dense()
+        reduction = factored_reduction(factors)
+        estimator._fit_factored(reduction.updates, sample_weight=weights)
+    refined = estimator.refined_
+    mean_reduced = np.asarray(estimator.collaborative_mean_)  # (s, t), whichever path
     mean = reduction.expand(mean_reduced)
     rank = max(b.shape[1] for b, _ in factors)
     readout = low_rank_readout(reduction.left_basis, mean_reduced @ reduction.right_basis.T,

@@ -20,7 +20,7 @@ __all__ = ["ReducedFactors", "ReducedStack", "factored_reduction", "reduce_facto
 
 
 class ReducedFactors(NamedTuple):
-    """Output of :func:`reduce_factors`.
+    """Output of :func:`reduce_factors` and :func:`factored_reduction`.
 
     Attributes
     ----------
@@ -28,8 +28,9 @@ class ReducedFactors(NamedTuple):
         Orthonormal basis Q of the span of all B_i.
     right_basis : ndarray of shape (k, t), or tuple of (k, t_i) when ``backbone=False``
         Orthonormal basis V of the span of all A_i^T (or one basis V_i per client).
-    updates : ndarray of shape (n_clients, s, t), or list of (s, t_i)
-        Reduced updates ``Q^T B_i A_i V`` (or ``Q^T B_i A_i V_i``).
+    updates : ndarray of shape (n_clients, s, t), list of (s, t_i), or FactoredBlocks
+        Reduced updates ``Q^T B_i A_i V`` (or ``Q^T B_i A_i V_i``; or, from
+        :func:`factored_reduction`, ``Y_i R_i`` in factored form).
     """
 
     left_basis: np.ndarray
@@ -93,11 +94,10 @@ def factored_reduction(factors):
 
     Returns
     -------
-    left_basis : ndarray of shape (d, s)
-    right_basis : ndarray of shape (k, t)
-    stack : FactoredBlocks
-        ``coef`` (n_clients, s, max r_i), ``rights`` (n_clients, max r_i, t);
-        ``Q stack.expand(i) V^T == B_i A_i``.
+    ReducedFactors
+        ``(left_basis (d, s), right_basis (k, t), updates)`` with ``updates`` a
+        FactoredBlocks stack: ``coef`` (n_clients, s, max r_i), ``rights``
+        (n_clients, max r_i, t), and ``Q updates.expand(i) V^T == B_i A_i``.
 
     Examples
     --------
@@ -121,7 +121,7 @@ def factored_reduction(factors):
         row_basis, tri = np.linalg.qr((a_mat @ right).T)  # (t, m), (m, r_i), m <= r_i
         coef[i, :, :tri.shape[0]] = (left.T @ b_mat) @ tri.T
         rights[i, :tri.shape[0]] = row_basis.T
-    return left, right, FactoredBlocks(coef, rights)
+    return ReducedFactors(left, right, FactoredBlocks(coef, rights))
 
 
 class ReducedStack:
