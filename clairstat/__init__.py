@@ -11,8 +11,10 @@ from . import aggregation, datasets, metrics, solvers
 from ._decompose import clair_decompose
 from ._estimator import CLAIREstimator
 from ._objective import objective
+from ._ols import LocalOLS, local_ols
 from ._result import DecompositionResult, Problem
 from ._summary import CLAIRSummary
 
-__all__ = ["CLAIREstimator", "CLAIRSummary", "DecompositionResult", "Problem", "aggregation",
+__all__ = ["CLAIREstimator", "CLAIRSummary", "DecompositionResult", "LocalOLS", "Problem",
+           "aggregation", "local_ols",
            "clair_decompose", "datasets", "metrics", "objective", "solvers", "__version__"]

@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from dataclasses import dataclass
 from functools import singledispatch
 
 import numpy as np
+import scipy.linalg
 from scipy import optimize, stats
 from sklearn.utils import check_random_state
 from sklearn.utils.extmath import randomized_svd
 from statsmodels.stats.multitest import multipletests
 
 from ._factored import FactoredBlocks, FactoredRefined, off_subspace_statistics
+from ._null import (NoiseCovariance, NullDistribution, kronecker_df, kronecker_moments,
+                    median_scale_df, robust_log_spread_df, satterthwaite)
 from ._objective import stack_blocks
 
-__all__ = ["weighted_mean", "refit_subspace", "select_rank", "projection_statistics",
-           "calibrate_null", "concentrate", "out_of_sample_statistics", "detect_clients", "refine"]
+__all__ = ["CollaborativeFit", "NoiseKnowledge", "weighted_mean", "refit_subspace",
+           "select_rank", "projection_statistics", "calibrate_null", "concentrate",
+           "out_of_sample_statistics", "detect_clients", "refine"]
 
 _MAX_ROUNDS = 25
 
@@ -66,13 +71,25 @@ def _(blocks: FactoredBlocks, weights):
     return blocks.centred_left_singular(weights)
 
 
-def select_rank(blocks, weights, noise_scale):
+def select_rank(blocks, weights, noise_scale, whitening=None):
     """Rank rule: singular values of the centred collaborative stack above the noise edge.
 
     A p x (q m) matrix of i.i.d. N(0, sigma^2) entries has its largest singular value near
     ``sigma (sqrt(p) + sqrt(q m))``; directions above 1.1 times that edge are kept.
+
+    ``whitening = (left, right, sigma)`` first maps every block to ``left X_k right``,
+    a transform common to all clients (it maps the shared column space to another and
+    keeps the rank), under which the noise is close to isotropic: rows and outputs on
+    different scales would otherwise put noise directions above the edge. ``sigma`` is
+    the whitened noise's scale, or ``None`` to estimate it (Marchenko-Pastur median,
+    :func:`clairstat._tuning.estimate_noise_scale`).
     """
     n_clients, p, q = blocks.shape
+    if whitening is not None and not isinstance(blocks, FactoredBlocks):
+        from ._tuning import estimate_noise_scale
+        left, right, sigma = whitening
+        blocks = left @ blocks @ right
+        noise_scale = estimate_noise_scale(blocks) if sigma is None else sigma
     sing = _centred_left_singular(blocks, weights)[1]
     edge = 1.1 * noise_scale * (np.sqrt(p) + np.sqrt(q * n_clients))
     return int(np.sum(sing > edge))
@@ -111,49 +128,55 @@ def projection_statistics(blocks, mean, basis):
 projection_statistics.register(FactoredBlocks, off_subspace_statistics)
 
 
-@dataclass
-class TestOutcome:
-    """What the refit-and-test loop ends with."""
+def _sub_rank(rank, p, q, n_others):
+    """The centred stack of n clients has rank at most (n - 1) q."""
+    return min(rank, p, q * max(n_others - 1, 0))
 
-    contaminated: np.ndarray
-    p_values: np.ndarray
-    statistics: np.ndarray
-    basis: np.ndarray
-    mean: np.ndarray
-    noise_scale: np.ndarray
-    degrees_of_freedom: float
-    n_rounds: int
+
+def _leave_one_out(blocks, weights, members, rank, random_state):
+    """``(k, mean, basis, others)`` for every member k, fitted on the other members.
+
+    In-sample, a member's own noise pulls both the mean and the subspace towards it: its
+    statistic is smaller than a non-member's by the mean's share (a factor
+    ``((W - w_k) / W)^2``) and by what the subspace absorbs (measured: 4% of the
+    statistic for 50 rank-16 LoRA clients of a 4096 x 4096 module, three standard
+    deviations of a chi^2 with 12 672 degrees of freedom), so benign clients outside the
+    set would look deviant and, once rejected, stay rejected.
+    """
+    n_clients, p, q = blocks.shape
+    for k in np.flatnonzero(members):
+        others = members.copy()
+        others[k] = False
+        sub_blocks, sub_weights = blocks[others], weights[others]
+        if sub_weights.sum() <= 0:  # nobody else carries weight: no refit to compare with
+            continue
+        sub_rank = _sub_rank(rank, p, q, int(others.sum()))
+        yield (k, weighted_mean(sub_blocks, sub_weights),
+               refit_subspace(sub_blocks, sub_weights, sub_rank, random_state), others)
 
 
 def out_of_sample_statistics(blocks, weights, members, mean, basis, random_state=None):
     """Every client's statistic against a mean and subspace fitted without it.
 
-    Non-members are compared with the members' fit (``mean``, ``basis``) as they are; each
-    member k with a refit on the other members at the same rank. In-sample, a member's
-    own noise pulls both the mean and the subspace towards it: its statistic is smaller
-    than a non-member's by the mean's share (a factor ``((W - w_k) / W)^2``) and by what
-    the subspace absorbs (measured: 4% of the statistic for 50 rank-16 LoRA clients of
-    a 4096 x 4096 module, three standard deviations of a chi^2 with 12 672 degrees of
-    freedom), so benign clients outside the set would look deviant and, once rejected,
-    stay rejected. The refits cost one subspace fit per member.
+    Non-members are compared with the members' fit (``mean``, ``basis``) as they are;
+    each member with a refit on the other members at the same rank
+    (:func:`_leave_one_out`).
+
+    Returns
+    -------
+    statistics : ndarray of shape (n_clients,)
+    fits : list of (basis, others) per client
+        The basis and the mean's client set each statistic was computed against.
     """
     stat = projection_statistics(blocks, mean, basis)
-    rank = basis.shape[1]
-    n_clients, p, q = blocks.shape
-    for k in np.flatnonzero(members):
-        others = members.copy()
-        others[k] = False
-        if others.sum() < 1:
-            continue
-        sub_blocks, sub_weights = blocks[others], weights[others]
-        # the centred stack of the m - 1 others has rank at most (m - 2) q
-        sub_rank = min(rank, p, q * (int(others.sum()) - 1))
-        sub_basis = refit_subspace(sub_blocks, sub_weights, sub_rank, random_state)
-        one = np.zeros(n_clients, dtype=bool)
+    fits = [(basis, members)] * len(stat)
+    for k, sub_mean, sub_basis, others in _leave_one_out(blocks, weights, members,
+                                                          basis.shape[1], random_state):
+        one = np.zeros(len(stat), dtype=bool)
         one[k] = True
-        stat[k] = projection_statistics(blocks[one], weighted_mean(sub_blocks, sub_weights),
-                                        sub_basis)[0]
-    return stat
+        stat[k] = projection_statistics(blocks[one], sub_mean, sub_basis)[0]
+        fits[k] = (sub_basis, others)
+    return stat, fits
 
 
 def calibrate_null(ratios, members, df_theory):
@@ -185,7 +208,9 @@ def calibrate_null(ratios, members, df_theory):
     target = 1.0 - q1 / med if med > 0 else 0.0
     nu = float(df_theory)
     if len(sample) >= 8 and target > spread(df_theory):
-        nu = float(optimize.brentq(lambda v: spread(v) - target, 0.05, df_theory))
+        # Q1 = 0 (several identical clients) is spread beyond any chi^2: the floor.
+        nu = 0.05 if target >= spread(0.05) else float(
+            optimize.brentq(lambda v: spread(v) - target, 0.05, df_theory))
     # Second, symmetric look at the spread: log(chi^2_nu / nu) has sd ~ sqrt(2 / nu), and
     # the MAD of the log-statistics resists just under half the sample being attackers.
     # The smaller nu (the more conservative null) is kept.
@@ -198,14 +223,14 @@ def calibrate_null(ratios, members, df_theory):
     return sigma2, nu
 
 
-def _fit_on(blocks, weights, members, rank, noise, random_state):
+def _fit_on(blocks, weights, members, rank, noise, random_state, whitening=None):
     """Mean and basis refitted on the current collaborative set."""
     sub_blocks, sub_weights = blocks[members], weights[members]
     n_members, p, q = sub_blocks.shape
-    max_rank = min(p, q * (n_members - 1))
+    max_rank = _sub_rank(p, p, q, n_members)
     if rank is None:
-        rank = min(select_rank(sub_blocks, sub_weights, float(np.sqrt(np.mean(noise ** 2)))),
-                   max_rank)
+        rank = min(select_rank(sub_blocks, sub_weights, float(np.sqrt(np.mean(noise ** 2))),
+                               whitening), max_rank)
     elif rank > max_rank:
         warnings.warn(f"rank={rank} exceeds what {n_members} collaborative clients support; "
                       f"using {max_rank}.", UserWarning, stacklevel=4)
@@ -215,7 +240,7 @@ def _fit_on(blocks, weights, members, rank, noise, random_state):
 
 
 def concentrate(blocks, weights, start, rank, noise, *, n_half_starts=3, n_random_starts=10,
-                max_steps=10, random_state=None):
+                max_steps=10, random_state=None, whitening=None):
     """Robust starting set by concentration steps (the C-steps of FastMCD).
 
     From each start (``start``: the clients with S_k = 0; all clients;
@@ -241,7 +266,8 @@ def concentrate(blocks, weights, start, rank, noise, *, n_half_starts=3, n_rando
         return start
     rng = check_random_state(random_state)
     if rank is None:
-        rank = _fit_on(blocks, weights, start, None, noise, random_state)[1].shape[1]
+        rank = _fit_on(blocks, weights, start, None, noise, random_state,
+                       whitening)[1].shape[1]
     unflagged = np.flatnonzero(start)
     small_pool = unflagged if len(unflagged) >= rank + 2 else np.arange(n_clients)
     starts = [start, np.ones(n_clients, dtype=bool)]
@@ -276,85 +302,357 @@ def _c_steps(blocks, weights, members, rank, noise, half, max_steps, random_stat
     return float(np.sort(relative)[:half].sum()), members
 
 
-def _test_round(blocks, weights, members, rank, noise, estimate_noise, random_state,
-                calibrate_on=None):
-    """One refit on ``members`` and every client's log p-value.
+@dataclass(frozen=True)
+class NoiseKnowledge:
+    """What the test knows of the noise.
 
-    ``calibrate_on`` (default ``members``) is the set whose statistics calibrate the null.
+    ``sigma`` (n_clients,): per-entry standard deviations (the rank rule's noise edge and
+    the concentration steps' relative statistics); ``cov``: the covariance when it is
+    known (``noise_cov``, or ``noise_scale`` as ``sigma_k^2 I``), else ``None`` (the
+    test estimates its null from the statistics); ``floor``: the smallest noise variance
+    per entry that is not round-off (a machine-precision floor for noiseless data);
+    ``whitening``: the common transform of the rank rule (:func:`select_rank`).
+    """
+
+    sigma: np.ndarray
+    cov: NoiseCovariance | None = None
+    floor: float = 0.0
+    whitening: tuple | None = None
+
+    @property
+    def estimated(self):
+        return self.cov is None
+
+
+def _mean_weights(weights, others):
+    return weights[others] / weights[others].sum()
+
+
+def _given_null(noise, weights, fits):
+    """Per-client scaled chi^2 from the known covariance (exact first two moments)."""
+    scale, df = np.zeros(len(fits)), np.zeros(len(fits))
+    for k, (basis, others) in enumerate(fits):
+        index = np.r_[k, np.flatnonzero(others & (np.arange(len(fits)) != k))]
+        coefficients = np.r_[1.0, -_mean_weights(weights, index[1:])] if len(index) > 1 \
+            else np.ones(1)
+        scale[k], df[k] = satterthwaite(*kronecker_moments(noise.cov.subset(index), basis,
+                                                           coefficients))
+    return NullDistribution(scale, df)
+
+
+def understatement(stat, null, calibrate_on):
+    """How much a given covariance understates the noise, matched at the median.
+
+    The factor ``c >= 1`` that brings the calibration clients' median p-value to 1/2
+    (1 when it already is). A covariance can be right in shape but too small (OLS's
+    classical covariance under heteroscedastic errors: measured on the real-data splits
+    of ``benchmarks/real_data_calibration.py``); the data can raise the noise, never
+    lower it below what the user gave. A raised scale is an estimate, carried into an F
+    null (:func:`clairstat._null.median_scale_df`).
+
+    Returns
+    -------
+    factor : float
+    scale_df : float
+        ``inf`` when the factor is 1.
+    """
+    ok = calibrate_on & (null.df > 0) & (null.scale > 0)
+    if ok.sum() < 2:
+        return 1.0, np.inf
+    ratio, df = stat[ok] / null.scale[ok], null.df[ok]
+
+    def excess(log_c):  # median p-value - 1/2, rising in c
+        return float(np.median(stats.chi2.sf(ratio / np.exp(log_c), df))) - 0.5
+
+    if excess(0.0) >= 0.0:
+        return 1.0, np.inf
+    upper = 1.0
+    while excess(upper) < 0.0 and upper < 700.0:
+        upper *= 2.0
+    log_c = optimize.brentq(excess, 0.0, upper)
+    return float(np.exp(log_c)), median_scale_df(float(np.median(df)), int(ok.sum()))
+
+
+def _mean_variance_share(weights, fits):
+    """``1 + sum_j a_j^2``: the statistic's variance relative to the client's own noise."""
+    return np.array([1.0 + np.sum(_mean_weights(weights, others) ** 2)
+                     for _, others in fits])
+
+
+def _estimated_shape_df(blocks, mean, basis, calibrate_on):
+    """Effective degrees of freedom of a shared Kronecker noise shape (dense stacks)."""
+    p = blocks.shape[1]
+    complement = scipy.linalg.null_space(basis.T) if basis.shape[1] else np.eye(p)
+    residuals = complement.T @ (blocks[calibrate_on] - mean[None])
+    if residuals.shape[1] == 0:
+        return 0.0
+    return kronecker_df(residuals)
+
+
+def _estimated_null(blocks, weights, stat, fits, members, calibrate_on, noise, mean, basis):
+    """Scaled chi^2 (or F) with an estimated df and a robust scale (noise not known).
+
+    Dense stacks: the df of a shared Kronecker shape fitted to the calibration clients'
+    residuals (outputs and rows on different scales), capped by the model-free spread
+    of the log-statistics; the scale matched to their median, whose sampling error
+    turns the null into an F (:func:`clairstat._null.median_scale_df`). Factored stacks
+    (LoRA updates, rank-r noise): :func:`calibrate_null`'s quantile matching.
+
+    Returns
+    -------
+    null : NullDistribution
+    unit : float
+        The scale of a statistic with mean-variance share 1 (for new clients).
     """
     n_clients, p, q = blocks.shape
-    mean, basis = _fit_on(blocks, weights, members, rank, noise, random_state)
-    df = (p - basis.shape[1]) * q
-    stat = out_of_sample_statistics(blocks, weights, members, mean, basis, random_state)
-    if df == 0:  # the subspace is everything: no client can be told apart
-        return mean, basis, stat, noise, 0.0, np.zeros(n_clients)
-    nu = float(df)
-    if estimate_noise:
-        relative = noise / np.sqrt(np.mean(noise ** 2))
-        sigma2, nu = calibrate_null(stat / (relative ** 2 * df),
-                                    members if calibrate_on is None else calibrate_on, df)
-        noise = relative * np.sqrt(sigma2)
-    # T_k / sigma_k^2 ~ (df / nu) chi^2_nu: the same mean as chi^2_df, the fitted spread.
-    log_p = stats.chi2.logsf(stat / noise ** 2 * nu / df, nu)
-    return mean, basis, stat, noise, nu, log_p
+    df_theory = (p - basis.shape[1]) * q
+    share = _mean_variance_share(weights, fits)
+    relative = noise.sigma ** 2 / np.mean(noise.sigma ** 2) * share
+    n_calibrate = int(np.sum(calibrate_on))
+    if isinstance(blocks, FactoredBlocks):
+        sigma2, nu = calibrate_null(stat / (relative * df_theory), calibrate_on, df_theory)
+        sigma2 *= df_theory
+    else:
+        nu = min(_estimated_shape_df(blocks, mean, basis, calibrate_on),
+                 robust_log_spread_df(stat[calibrate_on] / relative[calibrate_on]))
+        if nu <= 0:
+            return NullDistribution(np.zeros(n_clients), np.zeros(n_clients)), 0.0
+        sigma2 = float(np.median(stat[calibrate_on] / relative[calibrate_on])) * nu \
+            / stats.chi2.median(nu)
+    # Noiseless data: statistics at round-off level are zero, not evidence.
+    floored = noise.floor * df_theory
+    scale_df = np.inf if sigma2 < floored else median_scale_df(nu, n_calibrate)
+    sigma2 = max(sigma2, floored)
+    null = NullDistribution(sigma2 * relative / nu, np.full(n_clients, nu), scale_df)
+    return null, sigma2 / nu
 
 
-def detect_clients(blocks, weights, start, *, rank, noise_scale, level, correction,
-                 estimate_noise, iterate=True, random_state=None):
-    """Refit-and-test until the collaborative set stops changing.
+@dataclass(frozen=True)
+class _Round:
+    """One refit on a client set and every client's test against it."""
+
+    members: np.ndarray
+    mean: object
+    basis: np.ndarray
+    statistics: np.ndarray
+    null: NullDistribution
+    new_client_null: NullDistribution
+    log_p: np.ndarray
+    adjusted: np.ndarray
+    rejected: np.ndarray
+
+
+def _test_round(blocks, weights, members, rank, noise, level, correction, random_state,
+                calibrate_on):
+    """Refit on ``members``; test every client out of sample; correct the p-values."""
+    n_clients, p, q = blocks.shape
+    mean, basis = _fit_on(blocks, weights, members, rank, noise.sigma, random_state,
+                          noise.whitening)
+    stat, fits = out_of_sample_statistics(blocks, weights, members, mean, basis, random_state)
+    if noise.estimated:
+        null, sigma2 = _estimated_null(blocks, weights, stat, fits, members, calibrate_on,
+                                       noise, mean, basis)
+        share = 1.0 + np.sum(_mean_weights(weights, members) ** 2)
+        new = NullDistribution(np.array([sigma2 * share]), null.df[:1], null.scale_df)
+    else:
+        null = _given_null(noise, weights, fits)
+        new = _new_client_given_null(noise, weights, members, basis)
+        factor, scale_df = understatement(stat, null, calibrate_on)
+        null = NullDistribution(null.scale * factor, null.df, scale_df)
+        new = NullDistribution(new.scale * factor, new.df, scale_df)
+    log_p = null.log_sf(stat)
+    if not np.any(null.df > 0):  # the subspace is everything: nobody can be told apart
+        adjusted = np.ones(n_clients)
+    else:
+        adjusted = multipletests(np.exp(log_p), alpha=level, method=correction)[1]
+    return _Round(members, mean, basis, stat, null, new, log_p, adjusted, adjusted <= level)
+
+
+def _new_client_given_null(noise, weights, members, basis):
+    """A new client's null: the members' average covariance, plus the mean's share.
+
+    A new client's own covariance is not known; it is taken as the members' average
+    ``(1/m) sum_j C_j (x) R_j``, so ``Sigma = sum_j (1/m + a_j^2) C_j (x) Q R_j Q``.
+    """
+    index = np.flatnonzero(members)
+    a = _mean_weights(weights, members)
+    coefficients = np.sqrt(1.0 / len(index) + a ** 2)
+    g, h = satterthwaite(*kronecker_moments(noise.cov.subset(index), basis, coefficients))
+    return NullDistribution(np.array([g]), np.array([h]))
+
+
+@dataclass(frozen=True)
+class CollaborativeFit:
+    """The detection's result: one fit on one collaborative set, and every client's test.
+
+    Every attribute comes from the same fit: ``mean`` is the weighted mean of
+    ``members``, ``basis`` their refitted subspace, ``statistics`` and ``log_p`` every
+    client's out-of-sample test against them (a member against a refit without it),
+    ``adjusted`` the p-values corrected over the clients, ``contaminated`` the clients
+    outside ``members``. ``converged`` is ``False`` when the refit-and-test loop did not
+    reach a set that its own test reproduces (then some clients are left out of the
+    collaborative set although their test does not reject them: see
+    :func:`detect_clients`).
+
+    Attributes
+    ----------
+    members : ndarray of bool, shape (n_clients,)
+    mean : ndarray of shape (p, q) (or a FactoredMean)
+    basis : ndarray of shape (p, rank)
+    statistics, log_p, adjusted : ndarray of shape (n_clients,)
+    null : NullDistribution
+        Of the training clients' statistics.
+    new_client_null : NullDistribution
+        Of a new client's statistic against ``mean`` and ``basis``.
+    level : float
+    correction : str
+    converged : bool
+    n_rounds : int
+    """
+
+    members: np.ndarray
+    mean: object
+    basis: np.ndarray
+    statistics: np.ndarray
+    log_p: np.ndarray
+    adjusted: np.ndarray
+    null: NullDistribution
+    new_client_null: NullDistribution
+    level: float
+    correction: str
+    converged: bool
+    n_rounds: int
+
+    @property
+    def contaminated(self):
+        return ~self.members
+
+    @property
+    def rank(self):
+        return self.basis.shape[1]
+
+    @property
+    def p_values(self):
+        return np.exp(self.log_p)
+
+    def training_scores(self):
+        """Log adjusted p-values, each on the side of ``log(level)`` its flag is on.
+
+        They differ from ``log(adjusted)`` only for a client whose flag was not set by
+        the test (threshold detection, or a loop that did not converge).
+        """
+        cut = np.log(self.level)
+        scores = np.log(np.maximum(self.adjusted, np.finfo(float).tiny))
+        kept = np.maximum(scores, cut)
+        flagged = np.minimum(scores, cut - np.log(2.0))
+        return np.where(self.members, kept, flagged)
+
+    def new_client_log_p(self, blocks):
+        """Log p-values of new clients tested one by one against the collaborative fit."""
+        stat = projection_statistics(blocks, self.mean, self.basis)
+        null = NullDistribution(np.full(len(stat), self.new_client_null.scale[0]),
+                                np.full(len(stat), self.new_client_null.df[0]),
+                                self.new_client_null.scale_df)
+        return null.log_sf(stat), stat
+
+    def refine(self, blocks, contaminated):
+        """``P Theta_k + (I - P) mean`` for the others; ``contaminated`` ones unchanged."""
+        return refine(blocks, self.basis, self.mean, contaminated)
+
+
+def _final(state, level, correction, converged, n_rounds):
+    return CollaborativeFit(state.members, state.mean, state.basis, state.statistics,
+                            state.log_p, state.adjusted, state.null, state.new_client_null,
+                            level, correction, converged, n_rounds)
+
+
+def detect_clients(blocks, weights, start, *, rank, noise, level, correction, iterate=True,
+                   random_state=None):
+    """Refit-and-test until the collaborative set is the one its own test keeps.
 
     Starting from a robust set (:func:`concentrate`, seeded by ``start``: the clients
-    with S_k = 0), refit the mean and subspace on the collaborative set, compute every
-    client's off-subspace statistic ``T_k = ||(I - P)(Theta_hat_k - mean)||^2``, compare
-    ``T_k / sigma_k^2`` with its null (chi^2 with (p - r) q degrees of freedom, or the
-    calibrated scaled chi^2 of :func:`calibrate_null` when sigma is estimated), correct
-    the p-values (statsmodels' ``multipletests``) and repeat.
+    with S_k = 0), refit the mean and subspace on the collaborative set, test every
+    client out of sample against its null (:mod:`clairstat._null`), correct the
+    p-values (statsmodels' ``multipletests``) and take the clients not rejected as the
+    next set, until the set repeats. If the sets cycle instead (or ``_MAX_ROUNDS``
+    pass), the set shrinks to the clients of the cycle that every round kept and then
+    drops, round by round, the members its own test rejects; it stops at a set all of
+    whose members pass (``converged=False`` if some outsider passes too).
 
     Parameters
     ----------
-    blocks : ndarray of shape (n_clients, p, q)
+    blocks : ndarray of shape (n_clients, p, q) or FactoredBlocks
     weights : ndarray of shape (n_clients,)
     start : ndarray of bool, shape (n_clients,)
     rank : int or None
         ``None``: the rank rule of :func:`select_rank` at every round.
-    noise_scale : ndarray of shape (n_clients,)
-        Per-client sigma; rescaled robustly from the collaborators' statistics when
-        ``estimate_noise`` (the relative scales are kept).
+    noise : NoiseKnowledge
     level : float
     correction : str
         A ``multipletests`` method ("fdr_bh", "holm", "bonferroni", ...).
     iterate : bool, default=True
         ``False``: a single fit on ``start`` (threshold detection); ``start`` is then the
         collaborative set and nothing is tested away.
+
+    Returns
+    -------
+    CollaborativeFit
     """
     n_clients = len(blocks)
     members = start.copy() if start.sum() >= 2 else np.ones(n_clients, dtype=bool)
-    noise, seen = noise_scale.astype(float), set()
+
+    def test(members, calibrate_on=None):
+        return _test_round(blocks, weights, members, rank, noise, level, correction,
+                           random_state, members if calibrate_on is None else calibrate_on)
+
     if not iterate:
-        mean, basis, stat, noise, nu, log_p = _test_round(
-            blocks, weights, members, rank, noise, estimate_noise, random_state)
-        return TestOutcome(~start, np.exp(log_p), stat, basis, mean, noise, nu, 1)
-    members = concentrate(blocks, weights, members, rank, noise, random_state=random_state)
-    # The concentrated half-set holds the smallest statistics by construction, so the first
-    # calibration uses every client (median and quartiles are robust while attackers are
-    # a minority); later rounds use the tested collaborative set.
-    calibrate_on = np.ones(n_clients, dtype=bool)
+        state = test(members)
+        if start.sum() < 2:  # threshold detection that kept fewer than two clients
+            warnings.warn(f"{int((~start).sum())} of {n_clients} clients have a non-zero "
+                          "sparse block: every client looks contaminated; estimates are "
+                          "returned unrefined (lower beta/lam or raise threshold).",
+                          UserWarning, stacklevel=4)
+            # No collaborative fit exists: the tests are against all clients, for the
+            # record, and nothing is refined.
+            state = dataclasses.replace(state, members=start.copy())
+        return _final(state, level, correction, True, 1)
+    members = concentrate(blocks, weights, members, rank, noise.sigma,
+                          random_state=random_state, whitening=noise.whitening)
+    # The concentrated half-set holds the smallest statistics by construction, so the
+    # first calibration uses every client (the median is robust while attackers are a
+    # minority); later rounds use the tested collaborative set.
+    state, history = test(members, np.ones(n_clients, dtype=bool)), []
     for n_rounds in range(1, _MAX_ROUNDS + 1):
-        mean, basis, stat, noise, nu, log_p = _test_round(
-            blocks, weights, members, rank, noise, estimate_noise, random_state, calibrate_on)
-        calibrate_on = None
-        if nu == 0:
-            members = np.ones(n_clients, dtype=bool)
+        kept = ~state.rejected
+        if np.array_equal(kept, state.members):
+            return _final(state, level, correction, True, n_rounds)
+        if kept.sum() < 2 or any(np.array_equal(kept, seen) for seen in history):
             break
-        new_members = ~multipletests(np.exp(log_p), alpha=level, method=correction)[0]
-        key = new_members.tobytes()
-        if np.array_equal(new_members, members) or key in seen or new_members.sum() < 2:
-            members = new_members if new_members.sum() >= 2 else members
+        history.append(state.members)
+        state = test(kept)
+    # No fixed point: keep the clients every set of the cycle agreed on, then drop the
+    # members the set's own test rejects until none is.
+    cycle = history[next((i for i, seen in enumerate(history)
+                          if np.array_equal(seen, ~state.rejected)), 0):] + [state.members]
+    members = np.logical_and.reduce(cycle)
+    while members.sum() >= 2:
+        state = test(members)
+        n_rounds += 1
+        if not np.any(state.rejected & members):
             break
-        seen.add(key)
-        members = new_members
-    return TestOutcome(~members, np.exp(log_p), stat, basis, mean, noise, nu,
-                       n_rounds)
+        members = members & ~state.rejected
+    if members.sum() < 2:  # nothing left to fit on: keep everyone, say so
+        warnings.warn("the detection found no stable collaborative set; every client is "
+                      "kept.", UserWarning, stacklevel=4)
+        return _final(test(np.ones(n_clients, dtype=bool)), level, correction, False,
+                      n_rounds)
+    converged = np.array_equal(~state.rejected, state.members)
+    if not converged:
+        warnings.warn(f"the detection did not settle on a set its own test reproduces; "
+                      f"clients {np.flatnonzero(~state.rejected & ~state.members).tolist()} "
+                      "are left out of the collaborative set although their test does not "
+                      "reject them.", UserWarning, stacklevel=4)
+    return _final(state, level, correction, converged, n_rounds)
 
 
 @singledispatch

@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
 import numbers
 import warnings
 
 import numpy as np
-from scipy import stats
 from sklearn.base import BaseEstimator, OutlierMixin, TransformerMixin
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from ._decompose import clair_decompose
-from ._detection import projection_statistics, refine, detect_clients
+from ._detection import NoiseKnowledge, detect_clients, refine
+from ._factored import FactoredBlocks
+from ._null import NoiseCovariance
 from ._tuning import estimate_noise_scale, factored_noise_scale, floor_noise_scale
-from ._validation import check_local_estimates, check_noise_scale, check_sample_weight
+from ._validation import (as_real_array, check_local_estimates, check_noise_cov,
+                          check_noise_scale, check_sample_weight, data_scale)
 from .solvers import Solver, resolve_solver
 
 __all__ = ["CLAIREstimator"]
@@ -172,6 +175,16 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator):
     # -- input -------------------------------------------------------------------
     def _read(self, X, *, reset):
         """Blocks (n_clients, p, q) in the working orientation, and whether X was 2-D."""
+        if isinstance(X, FactoredBlocks):
+            if not reset:
+                raise TypeError("score_samples, predict and transform take dense estimates "
+                                "(n_clients, p, q), not a FactoredBlocks stack.")
+            if self.backbone or self.subspace != "column":
+                raise ValueError("a FactoredBlocks stack (LoRA updates) is fitted with "
+                                 "backbone=False and subspace='column'.")
+            self.estimate_shape_, self.input_2d_ = X.shape[1:], False
+            return X
+        X = as_real_array(X, "local_estimates")
         if isinstance(X, (list, tuple)):
             two_d = len(X) > 0 and np.asarray(X[0]).ndim == 1
         else:
@@ -196,16 +209,31 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator):
         return blocks[:, :, 0] if self.input_2d_ else blocks
 
     # -- fit ---------------------------------------------------------------------
-    def fit(self, X, y=None, sample_weight=None):
+    def fit(self, X, y=None, sample_weight=None, noise_cov=None):
         """Fit CLAIR to the clients' estimates.
 
         Parameters
         ----------
-        X : array-like of shape (n_clients, p, q), list of (p, q) arrays, or (n_clients, p)
-            Local estimates (2-D input is read as q = 1).
+        X : array-like of shape (n_clients, p, q), list of (p, q) arrays, (n_clients, p), or FactoredBlocks
+            Local estimates (2-D input is read as q = 1). Torch tensors (any float dtype,
+            bf16 included, with or without ``requires_grad``) are read as float64. A
+            :class:`clairstat._factored.FactoredBlocks` stack holds LoRA updates in
+            factored form (needs ``backbone=False``); its fitted ``collaborative_mean_``
+            and ``refined_`` are then lazy factored objects.
         y : ignored
         sample_weight : array-like of shape (n_clients,), default=None
-            Client weights (sample sizes) of the collaborative mean.
+            Client weights of the collaborative mean (sample sizes); non-negative, at
+            least two positive. ``None``: equal weights.
+        noise_cov : tuple (row_cov, col_cov), default=None
+            The estimates' noise covariance, ``cov(vec Theta_hat_k) = col_cov_k (x)
+            row_cov_k``, with ``row_cov`` of shape (p, p) or (n_clients, p, p) and
+            ``col_cov`` of shape (q, q) or (n_clients, q, q) (OLS:
+            ``(X_k^T X_k)^{-1}`` and the residual covariance; :func:`clairstat.local_ols`
+            returns them). The tests' null then uses it (exact first two moments of the
+            statistic, nothing estimated), and the penalties use its average per-entry
+            variance. ``None``: the null is estimated from the clients (a shared
+            Kronecker shape and a robust scale). Ignored by nothing: passing both
+            ``noise_cov`` and ``noise_scale`` is an error.
 
         Returns
         -------
@@ -213,82 +241,115 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator):
         """
         self._validate_params()
         blocks = self._read(X, reset=True)
-        return self._fit(blocks, blocks, sample_weight, estimate_noise_scale, self.backbone)
-
-    def _fit_factored(self, stack, sample_weight=None):
-        """Fit on a :class:`clairstat._factored.FactoredBlocks` stack (LoRA updates).
-
-        The decomposition runs on the per-client blocks ``Y_k`` (n_clients, p, r) with no
-        backbone (exact: method, section 2), the detection and the refinement on the
-        factored stack; ``collaborative_mean_`` is then a ``FactoredMean`` and
-        ``refined_`` a ``FactoredRefined`` (both expand to (p, t) matrices). Used by the
-        aggregation rule ``"clair"``; needs ``backbone=False`` and
-        ``subspace="column"``.
-        """
-        self._validate_params()
-        if self.backbone or self.subspace != "column":
-            raise ValueError("the factored fit needs backbone=False and subspace='column'.")
-        n_clients, p, q = stack.shape
-        self.estimate_shape_, self.input_2d_ = (p, q), False
-        return self._fit(stack, stack.coef, sample_weight, factored_noise_scale, False)
-
-    def _fit(self, blocks, solve_blocks, sample_weight, noise_estimator, backbone):
-        """Decompose ``solve_blocks``, then detect and refine on ``blocks``."""
         n_clients, p, q = blocks.shape
         if self.rank is not None and self.rank > min(p, q * n_clients):
             raise ValueError(f"rank={self.rank} exceeds min(p, q * n_clients) = "
                              f"{min(p, q * n_clients)}; choose a smaller rank or None.")
         weights = check_sample_weight(sample_weight, n_clients)
-        sigma = check_noise_scale(self.noise_scale, n_clients)
-        estimate_noise = sigma is None
-        if estimate_noise:
-            sigma = np.full(n_clients, floor_noise_scale(noise_estimator(blocks), solve_blocks))
+        factored = isinstance(blocks, FactoredBlocks)
+        # Work in units of the largest entry (overflow-safe, scale-equivariant); LoRA
+        # stacks keep theirs (their lazy mean and refinement refer to the stack).
+        scale = 1.0 if factored else data_scale(blocks)
+        original, blocks = blocks, (blocks if factored else blocks / scale)
+        noise = self._noise_knowledge(blocks, noise_cov, scale, factored)
+        _warn_few_clients(n_clients, noise.estimated)
         engine = resolve_solver(self.solver, max_iter=self.max_iter, tol=self.tol,
                                 device=self.device, dtype=self.dtype)
-        result = clair_decompose(solve_blocks, alpha=self.alpha, beta=self.beta, lam=self.lam,
-                                 formulation=self.formulation, backbone=backbone,
-                                 solver=engine, noise_scale=sigma)
-        self._store_decomposition(result, engine)
-        start = self.contamination_scores_ <= self._threshold_value(solve_blocks)
-        outcome = self._detect(blocks, weights, start, sigma, estimate_noise)
-        self._store_detection(blocks, outcome, result)
+        solve_blocks = blocks.coef if factored else blocks
+        result = clair_decompose(solve_blocks, alpha=self._scaled(self.alpha, scale),
+                                 beta=self._scaled(self.beta, scale), lam=self.lam,
+                                 formulation=self.formulation,
+                                 backbone=False if factored else self.backbone,
+                                 solver=engine, noise_scale=noise.sigma)
+        if noise.estimated and not factored:
+            noise = dataclasses.replace(noise, whitening=_residual_whitening(blocks, result))
+        scores = np.linalg.norm(result.sparse, axis=(1, 2))
+        start = scores <= self._threshold_value(solve_blocks, scale)
+        fit = detect_clients(blocks, weights, start, rank=self.rank, noise=noise,
+                             level=self.test_level, correction=self.correction,
+                             iterate=self.detection == "test", random_state=self.random_state)
+        self._store(blocks, result, engine, fit, scale, noise)
+        # Flagged clients get their own estimate back exactly (not via the rescaling).
+        refined = refine(original, self.subspace_, self.collaborative_mean_, self.contaminated_)
+        self.refined_ = self._output(refined)
         return self
 
-    def _store_decomposition(self, result, engine):
-        self.decomposition_ = result
-        self.backbone_, self.low_rank_, self.sparse_ = (result.backbone, result.low_rank,
-                                                        result.sparse)
-        self.objective_, self.dual_gap_ = result.objective, result.dual_gap
-        self.n_iter_, self.converged_ = result.n_iter, result.converged
-        self.solver_ = engine.name
-        self.alpha_, self.beta_, self.lam_ = result.alpha, result.beta, result.lam
-        self.contamination_scores_ = np.linalg.norm(result.sparse, axis=(1, 2))
+    @staticmethod
+    def _scaled(value, scale):
+        return value if isinstance(value, str) else value / scale
 
-    def _threshold_value(self, blocks):
+    def _noise_knowledge(self, blocks, noise_cov, scale, factored):
+        """The noise as the test knows it, in the rescaled units of the fit."""
+        n_clients, p, q = blocks.shape
+        floor = (_ROUND_OFF * (1.0 if factored else float(np.sqrt(np.mean(blocks ** 2))))) ** 2
+        if noise_cov is not None and self.noise_scale is not None:
+            raise ValueError("pass noise_cov or noise_scale, not both.")
+        if noise_cov is not None:
+            if factored:
+                raise ValueError("noise_cov is for dense estimates; LoRA stacks estimate "
+                                 "their noise.")
+            row, col = check_noise_cov(noise_cov, n_clients, *self.estimate_shape_,
+                                       transpose=self.subspace == "row")
+            cov = NoiseCovariance(row, col, np.full(n_clients, scale ** -2.0))
+            sigma = np.sqrt(np.trace(row, axis1=1, axis2=2) * np.trace(col, axis1=1, axis2=2)
+                            / (p * q)) / scale
+            cov_row = np.mean(row, axis=0) / scale ** 2
+            whitening = (_inv_sqrt(cov_row), _inv_sqrt(np.mean(col, axis=0)), 1.0)
+            return NoiseKnowledge(sigma, cov, floor, whitening)
+        sigma = check_noise_scale(self.noise_scale, n_clients)
+        if sigma is not None:
+            sigma = sigma / scale
+            return NoiseKnowledge(sigma, NoiseCovariance.isotropic(sigma ** 2, p, q), floor)
+        estimate = factored_noise_scale(blocks) if factored else estimate_noise_scale(blocks)
+        solve_blocks = blocks.coef if factored else blocks
+        return NoiseKnowledge(np.full(n_clients, floor_noise_scale(estimate, solve_blocks)),
+                              None, floor)
+
+    def _threshold_value(self, blocks, scale):
         if self.threshold != "auto":
-            return float(self.threshold)
+            return float(self.threshold) / scale
         # Zero up to the solver's accuracy: the exact program folds its feasibility
         # residual (relative size ~ tol) into S, the penalized one gives exact zeros.
         return float(np.sqrt(self.tol) * np.sqrt(np.mean(np.sum(blocks ** 2, axis=(1, 2)))))
 
-    def _detect(self, blocks, weights, start, sigma, estimate_noise):
-        if self.detection == "test":
-            return detect_clients(blocks, weights, start, rank=self.rank, noise_scale=sigma,
-                                level=self.test_level, correction=self.correction,
-                                estimate_noise=estimate_noise, random_state=self.random_state)
-        return self._threshold_outcome(blocks, weights, start, sigma)
-
-    def _threshold_outcome(self, blocks, weights, start, sigma):
-        """Threshold detection: one fit on the unflagged clients; p-values for the record."""
-        if start.sum() < 2:
-            warnings.warn(f"{int((~start).sum())} of {len(start)} clients have a non-zero "
-                          "sparse block: every client looks contaminated; estimates are "
-                          "returned unrefined (lower beta/lam or raise threshold).",
-                          UserWarning, stacklevel=3)
-        return detect_clients(blocks, weights, start, rank=self.rank, noise_scale=sigma,
-                            level=self.test_level, correction=self.correction,
-                            estimate_noise=False, iterate=False,
-                            random_state=self.random_state)
+    def _store(self, blocks, result, engine, fit, scale, noise):
+        """Copy the decomposition and the detection out, in the data's own units."""
+        self._fit, self._scale = fit, scale
+        self._training_keys = {_row_key(b): k for k, b in enumerate(blocks)} \
+            if isinstance(blocks, np.ndarray) else {}
+        self.decomposition_ = dataclasses.replace(
+            result, backbone=result.backbone * scale, low_rank=result.low_rank * scale,
+            sparse=result.sparse * scale, objective=result.objective * scale ** 2,
+            dual_gap=result.dual_gap * scale ** 2, alpha=result.alpha * scale,
+            beta=result.beta * scale,
+            noise_scale=None if result.noise_scale is None else result.noise_scale * scale)
+        res = self.decomposition_
+        self.backbone_, self.low_rank_, self.sparse_ = res.backbone, res.low_rank, res.sparse
+        self.objective_, self.dual_gap_ = res.objective, res.dual_gap
+        self.n_iter_, self.converged_ = res.n_iter, res.converged
+        self.solver_ = engine.name
+        self.alpha_, self.beta_, self.lam_ = res.alpha, res.beta, res.lam
+        self.contamination_scores_ = np.linalg.norm(res.sparse, axis=(1, 2))
+        basis = fit.basis
+        if self.subspace_source == "low_rank":
+            basis = self._low_rank_basis(result, self.rank)
+        self.subspace_, self.rank_ = basis, basis.shape[1]
+        self.contaminated_ = fit.contaminated.copy()
+        self.collaborative_set_ = np.flatnonzero(fit.members)
+        self.collaborative_mean_ = _rescale(fit.mean, scale)
+        self.test_statistics_ = fit.statistics * scale ** 2
+        self.p_values_ = fit.p_values
+        self.adjusted_p_values_ = fit.adjusted
+        self.null_scale_ = fit.null.scale * scale ** 2
+        self.degrees_of_freedom_ = fit.null.df
+        self.client_noise_scale_ = noise.sigma * scale
+        self.noise_scale_ = float(np.sqrt(np.mean(noise.sigma ** 2)) * scale)
+        self.detection_converged_ = fit.converged
+        self.n_detection_rounds_ = fit.n_rounds
+        self.offset_ = float(np.log(self.test_level))
+        if self.contaminated_.all():
+            warnings.warn("every client was flagged as contaminated; refined_ holds the "
+                          "unchanged local estimates.", UserWarning, stacklevel=3)
 
     def _low_rank_basis(self, result, rank):
         from ._objective import stack_blocks
@@ -297,41 +358,20 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator):
             rank = int(np.sum(sing > np.sqrt(self.tol) * max(sing.max(initial=0.0), 1e-300)))
         return left[:, :rank]
 
-    def _store_detection(self, blocks, outcome, result):
-        basis = outcome.basis
-        if self.subspace_source == "low_rank":
-            basis = self._low_rank_basis(result, self.rank)
-        self.subspace_, self.rank_ = basis, basis.shape[1]
-        self.contaminated_ = outcome.contaminated
-        self.collaborative_set_ = np.flatnonzero(~outcome.contaminated)
-        self.collaborative_mean_ = outcome.mean
-        self.client_noise_scale_ = outcome.noise_scale
-        self.noise_scale_ = float(np.sqrt(np.mean(outcome.noise_scale ** 2)))
-        self.degrees_of_freedom_ = outcome.degrees_of_freedom
-        self.n_detection_rounds_ = outcome.n_rounds
-        if self.subspace_source == "refit":  # what the detection tested
-            self.test_statistics_, self.p_values_ = outcome.statistics, outcome.p_values
-        else:
-            self.test_statistics_ = projection_statistics(blocks, outcome.mean, basis)
-            self.p_values_ = self._p_values(self.test_statistics_, outcome.noise_scale)
-        self.refined_ = self._output(refine(blocks, basis, outcome.mean, self.contaminated_))
-        self.offset_ = _offset(np.log(np.maximum(self.p_values_, 1e-300)), self.contaminated_,
-                               self.test_level)
-        if self.contaminated_.all():
-            warnings.warn("every client was flagged as contaminated; refined_ holds the "
-                          "unchanged local estimates.", UserWarning, stacklevel=3)
-
-    def _p_values(self, statistics, noise):
-        """P-values under the null the detection used (its scale and degrees of freedom)."""
-        nu = self.degrees_of_freedom_
-        df = (self.estimate_shape_[0] - self.rank_) * self.estimate_shape_[1]
-        if nu == 0 or df == 0:
-            return np.ones_like(statistics)
-        return stats.chi2.sf(statistics / noise ** 2 * nu / df, nu)
-
     # -- outlier-detector and transformer interface -------------------------------
     def score_samples(self, X):
-        """Log p-value of each client's off-subspace test (higher: more collaborative).
+        """Log p-value of each client's test, on the scale of ``test_level``.
+
+        A client of the training set (a row of ``X`` equal to one the estimator was
+        fitted on) gets its fitted, out-of-sample test: the log of its p-value adjusted
+        by ``correction`` over the training clients (``adjusted_p_values_``; for a client
+        whose flag the test did not set, with ``detection="threshold"`` or a detection
+        that did not converge, the value is moved to the side of ``log(test_level)`` its
+        flag is on). A new client is tested on its own against the fitted collaborative
+        mean and subspace (its p-value, not adjusted): a collaborative new client scores
+        below ``log(test_level)`` with probability ``test_level``. To control the error
+        rate over a batch of new clients, adjust ``np.exp(score_samples(X))`` with
+        ``statsmodels.stats.multitest.multipletests``.
 
         Parameters
         ----------
@@ -340,29 +380,39 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator):
         Returns
         -------
         scores : ndarray of shape (n_clients,)
+            Higher: more collaborative. ``predict`` cuts at ``offset_ = log(test_level)``.
         """
         check_is_fitted(self)
-        blocks = self._read(X, reset=False)
-        stat = projection_statistics(blocks, self.collaborative_mean_, self.subspace_)
-        p_values = self._p_values(stat, self.noise_scale_)
-        return np.log(np.maximum(p_values, 1e-300))
+        blocks = self._read(X, reset=False) / self._scale
+        log_p = self._fit.new_client_log_p(blocks)[0]
+        training = self._fit.training_scores()
+        for i, block in enumerate(blocks):
+            k = self._training_keys.get(_row_key(block))
+            if k is not None:
+                log_p[i] = training[k]
+        return log_p
 
     def decision_function(self, X):
         """``score_samples(X) - offset_``: negative for contaminated clients."""
         return self.score_samples(X) - self.offset_
 
     def predict(self, X):
-        """+1 for collaborative clients, -1 for contaminated ones."""
+        """+1 for collaborative clients, -1 for contaminated ones.
+
+        On the training clients this returns the fitted flags; a new client is flagged
+        when its own test rejects at ``test_level`` (see :meth:`score_samples`).
+        """
         return np.where(self.decision_function(X) >= 0, 1, -1)
 
-    def fit_predict(self, X, y=None, sample_weight=None):
+    def fit_predict(self, X, y=None, sample_weight=None, noise_cov=None):
         """Fit, then return the fitted flags as +1 / -1."""
-        return np.where(self.fit(X, sample_weight=sample_weight).contaminated_, -1, 1)
+        self.fit(X, sample_weight=sample_weight, noise_cov=noise_cov)
+        return np.where(self.contaminated_, -1, 1)
 
     def transform(self, X):
         """Refine clients with the fitted subspace and collaborative mean.
 
-        Clients predicted contaminated are returned unchanged.
+        Clients that :meth:`predict` flags are returned unchanged.
 
         Returns
         -------
@@ -385,11 +435,52 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator):
         return tags
 
 
-def _offset(log_p, contaminated, level):
-    """A cut in log p-value that separates the fitted flags (so predict == fit flags)."""
-    flagged, kept = log_p[contaminated], log_p[~contaminated]
-    if flagged.size and kept.size:
-        return 0.5 * (flagged.max() + kept.min())
-    if kept.size:  # nothing flagged: Bonferroni cut, kept below every fitted score
-        return min(np.log(level / len(log_p)), kept.min() - np.log(2.0))
-    return flagged.max() + np.log(2.0)
+# Relative size of round-off in an entry: a statistic below (this x the entries' size)^2
+# per degree of freedom is numerical zero, not a deviation (noiseless data).
+_ROUND_OFF = 64 * np.finfo(float).eps
+
+
+def _inv_sqrt(matrix):
+    vals, vecs = np.linalg.eigh(matrix)
+    return (vecs / np.sqrt(np.maximum(vals, vals.max() * 1e-12))) @ vecs.T
+
+
+def _residual_whitening(blocks, result):
+    """Per-row and per-output noise scales read off the decomposition's residual.
+
+    Real estimates have rows (intercept, features on different scales) and outputs of
+    very different precision. The residual ``Theta_hat_k - Theta_0 - L_k - S_k`` is the
+    noise left after the low-rank and sparse parts (the spread across clients would mix
+    in the signal); the median over clients of its mean square per row, then per
+    output, gives diagonal scales under which the noise is close to isotropic, for the
+    rank rule (:func:`clairstat._detection.select_rank`).
+    """
+    resid = blocks - result.backbone[None] - result.low_rank - result.sparse
+    row = np.sqrt(np.median(np.mean(resid ** 2, axis=2), axis=0))
+    if not row.max() > 0:  # nothing left over (all absorbed, or noiseless): no reweighting
+        return None
+    # a row with no residual at all is weighted like the least noisy measurable one
+    row = np.maximum(row, row.max() * 1e-8)
+    col = np.sqrt(np.median(np.mean((resid / row[None, :, None]) ** 2, axis=1), axis=0))
+    col = np.maximum(col, col.max() * 1e-8)
+    return np.diag(1.0 / row), np.diag(1.0 / col), None
+
+
+def _row_key(block):
+    return np.ascontiguousarray(block, dtype=np.float64).tobytes()
+
+
+def _rescale(value, scale):
+    """Back to the data's units (factored fits are not rescaled: scale is 1)."""
+    return value * scale if isinstance(value, np.ndarray) else value
+
+
+def _warn_few_clients(n_clients, estimated):
+    if n_clients <= 3:
+        warnings.warn(f"only {n_clients} clients: each is compared with at most "
+                      f"{n_clients - 1} others, and the tests have next to no power.",
+                      UserWarning, stacklevel=3)
+    elif estimated and n_clients < 8:
+        warnings.warn(f"only {n_clients} clients: the tests' null is estimated from "
+                      f"{n_clients} statistics and has little power; pass noise_cov or "
+                      "noise_scale if the noise is known.", UserWarning, stacklevel=3)

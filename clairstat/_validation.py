@@ -5,9 +5,11 @@ from __future__ import annotations
 import numbers
 
 import numpy as np
+import scipy.sparse
 from sklearn.utils import check_array
 
-__all__ = ["check_local_estimates", "check_sample_weight", "check_noise_scale"]
+__all__ = ["as_real_array", "check_local_estimates", "check_noise_cov", "check_noise_scale",
+           "check_sample_weight", "data_scale"]
 
 
 def _as_blocks(local_estimates, dtype):
@@ -27,6 +29,9 @@ def _as_blocks(local_estimates, dtype):
         array = np.asarray(local_estimates)
     except ValueError as exc:  # numpy refuses some ragged nestings outright
         raise ValueError(f"local_estimates could not be read as an array: {exc}") from exc
+    if np.iscomplexobj(array):
+        raise ValueError("Complex data not supported: local_estimates are complex; CLAIR "
+                         "works on real estimates.")
     if array.dtype == object or not (np.issubdtype(array.dtype, np.number)
                                      or array.dtype == bool):
         raise ValueError(f"local_estimates must be numeric, got dtype {array.dtype}.")
@@ -76,9 +81,13 @@ def check_sample_weight(sample_weight, n_clients):
     if weights.shape != (n_clients,):
         raise ValueError(f"sample_weight must have one entry per client ({n_clients}), "
                          f"got shape {np.shape(sample_weight)}.")
-    if not np.all(np.isfinite(weights)) or np.any(weights < 0) or weights.sum() <= 0:
-        raise ValueError("sample_weight must be finite, non-negative and not all zero.")
-    return weights
+    if not np.all(np.isfinite(weights)) or np.any(weights < 0):
+        raise ValueError("sample_weight must be finite and non-negative.")
+    if np.sum(weights > 0) < 2:
+        raise ValueError("sample_weight must give non-zero weight to at least two clients: "
+                         "the collaborative mean and every client's comparison need them.")
+    # Only ratios matter: dividing by the largest keeps a claim of 1e308 from overflowing.
+    return weights / weights.max()
 
 
 def check_noise_scale(noise_scale, n_clients):
@@ -102,3 +111,77 @@ def check_penalty(name, value, *, allow_auto=True):
             not np.isfinite(value) or value < 0:
         raise ValueError(f"{name} must be 'auto' or a non-negative number, got {value!r}.")
     return float(value)
+
+
+def as_real_array(values, name):
+    """Torch tensors (any float dtype, on any device, with or without grad) and
+    array-likes as real numpy data; complex input is refused, not truncated."""
+    if hasattr(values, "detach") and hasattr(values, "cpu"):  # a torch tensor
+        values = values.detach().cpu()
+        if values.is_complex():
+            raise ValueError(f"Complex data not supported: {name} is {values.dtype}; pass "
+                             "the real and imaginary parts as separate outputs if that is "
+                             "what they are.")
+        values = values.double().numpy()
+    elif isinstance(values, (list, tuple)) and values and hasattr(values[0], "detach"):
+        values = [as_real_array(v, name) for v in values]
+    if isinstance(values, (list, tuple)) or scipy.sparse.issparse(values):
+        return values  # lists are read client by client; sparse input is refused later
+    array = np.asarray(values) if not hasattr(values, "iloc") else values
+    if np.iscomplexobj(array):
+        raise ValueError(f"Complex data not supported: {name} is "
+                         f"{np.asarray(array).dtype}; pass the real and imaginary parts as "
+                         "separate outputs if that is what they are.")
+    return array
+
+
+def data_scale(blocks):
+    """The largest absolute entry (1 for all-zero data): the unit the fit works in.
+
+    Dividing by it keeps every square and product of the fit inside float64's range
+    (entries of 1e154 would overflow a squared norm) and makes the fit scale-equivariant.
+    """
+    scale = float(np.max(np.abs(blocks), initial=0.0))
+    return scale if scale > 0 else 1.0
+
+
+def _cov_factor(matrix, n_clients, size, name):
+    matrix = np.asarray(as_real_array(matrix, name), dtype=float)
+    if matrix.shape == (size, size):
+        matrix = np.broadcast_to(matrix, (n_clients, size, size))
+    if matrix.shape != (n_clients, size, size):
+        raise ValueError(f"{name} must have shape ({size}, {size}) or ({n_clients}, {size}, "
+                         f"{size}); got {matrix.shape}.")
+    if not np.all(np.isfinite(matrix)):
+        raise ValueError(f"{name} contains NaN or infinite entries.")
+    asym = np.abs(matrix - matrix.transpose(0, 2, 1)).max()
+    size_ = np.abs(matrix).max(initial=0.0)
+    # symmetric up to round-off of the products that made it
+    if asym > 1e-8 * max(size_, np.finfo(float).tiny):
+        raise ValueError(f"{name} is not symmetric (largest asymmetry {asym:.3g}).")
+    matrix = 0.5 * (matrix + matrix.transpose(0, 2, 1))
+    low = np.linalg.eigvalsh(matrix).min(axis=1)
+    bad = np.flatnonzero(low < -1e-8 * np.maximum(size_, np.finfo(float).tiny))
+    if bad.size:
+        raise ValueError(f"{name} is not positive semi-definite for clients "
+                         f"{bad.tolist()} (smallest eigenvalue {low[bad[0]]:.3g}).")
+    if np.any(np.trace(matrix, axis1=1, axis2=2) <= 0):
+        raise ValueError(f"{name} is zero for some client: a covariance must be positive.")
+    return matrix
+
+
+def check_noise_cov(noise_cov, n_clients, p, q, *, transpose=False):
+    """``(row_cov, col_cov)`` as arrays (n_clients, p, p) and (n_clients, q, q).
+
+    ``p, q`` are the working orientation's; with ``transpose`` (a shared row space) the
+    user's covariance of ``vec Theta_k`` is that of the transposes with the factors
+    swapped.
+    """
+    if not isinstance(noise_cov, (tuple, list)) or len(noise_cov) != 2:
+        raise ValueError("noise_cov must be a pair (row_cov, col_cov) with cov(vec Theta_k) "
+                         "= col_cov_k (x) row_cov_k.")
+    row, col = noise_cov[::-1] if transpose else noise_cov
+    return (_cov_factor(row, n_clients, p, "noise_cov[0] (row_cov)" if not transpose
+                        else "noise_cov[1] (col_cov)"),
+            _cov_factor(col, n_clients, q, "noise_cov[1] (col_cov)" if not transpose
+                        else "noise_cov[0] (row_cov)"))

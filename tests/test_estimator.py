@@ -267,7 +267,7 @@ def test_members_and_outsiders_are_tested_on_the_same_footing():
         weights, members = np.ones(60), np.arange(60) < 30
         mean, fitted = _fit_on(blocks, weights, members, 3, np.ones(60), 0)
         inside = projection_statistics(blocks, mean, fitted)
-        outside = out_of_sample_statistics(blocks, weights, members, mean, fitted, 0)
+        outside = out_of_sample_statistics(blocks, weights, members, mean, fitted, 0)[0]
         in_ratio.append(inside[members].mean() / inside[~members].mean())
         out_ratio.append(outside[members].mean() / outside[~members].mean())
     # Each ratio of two means of 30 chi^2_108 / 108 has sd ~ sqrt(2 * 2 / (30 * 108)) =

@@ -99,7 +99,7 @@ def test_factored_fit_equals_the_dense_fit_without_backbone(case):
     stack, dense, weights, _, _ = case
     params = dict(rank=3, alpha=1.0, beta=2.0, noise_scale=0.05, backbone=False,
                   detection="threshold", random_state=0)
-    factored = CLAIREstimator(**params)._fit_factored(stack, sample_weight=weights)
+    factored = CLAIREstimator(**params).fit(stack, sample_weight=weights)
     full = CLAIREstimator(**params).fit(dense, sample_weight=weights)
     assert np.array_equal(factored.contaminated_, full.contaminated_)
     assert close(factored.subspace_ @ factored.subspace_.T, full.subspace_ @ full.subspace_.T)
@@ -113,7 +113,7 @@ def test_factored_fit_equals_the_dense_fit_without_backbone(case):
 
 def test_factored_fit_needs_no_backbone(case):
     with pytest.raises(ValueError, match="backbone=False"):
-        CLAIREstimator()._fit_factored(case[0])
+        CLAIREstimator().fit(case[0])
 
 
 def test_noise_scale_of_pure_noise():

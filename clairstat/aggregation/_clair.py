@@ -58,10 +58,9 @@ def clair(factors, weights, **options):
     estimator = CLAIREstimator(**options)
     if options["backbone"] or options.get("subspace", "column") != "column":
         reduction = reduce_factors(factors, backbone=True)
-        estimator.fit(reduction.updates, sample_weight=weights)
     else:
         reduction = factored_reduction(factors)
-        estimator._fit_factored(reduction.updates, sample_weight=weights)
+    estimator.fit(reduction.updates, sample_weight=weights)
     refined = estimator.refined_
     mean_reduced = np.asarray(estimator.collaborative_mean_)  # (s, t), whichever path
     mean = reduction.expand(mean_reduced)

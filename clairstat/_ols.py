@@ -1,0 +1,140 @@
+"""Per-client least squares: the statistician's entry point from per-client data."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+__all__ = ["LocalOLS", "local_ols"]
+
+
+@dataclass(frozen=True)
+class LocalOLS:
+    """Per-client OLS estimates with their noise covariance.
+
+    Attributes
+    ----------
+    estimates : ndarray of shape (n_clients, p, q)
+        ``(X_k^T X_k)^{-1} X_k^T Y_k``.
+    noise_cov : tuple of ndarray of shapes (n_clients, p, p) and (n_clients, q, q)
+        ``(row_cov, col_cov)`` with ``cov(vec Theta_hat_k) = col_cov_k (x) row_cov_k``:
+        ``row_cov_k = (X_k^T X_k)^{-1}`` and ``col_cov_k`` the residual covariance
+        ``R_k^T R_k / (n_k - p)`` (unbiased under homoscedastic Gaussian errors).
+    n_samples : ndarray of shape (n_clients,)
+    residual_df : ndarray of shape (n_clients,)
+        ``n_k - p``.
+    feature_names, output_names : list of str
+        Column names of the first client's design and response (from DataFrames), or
+        ``x0, x1, ...`` and ``y0, y1, ...``.
+    """
+
+    estimates: np.ndarray
+    noise_cov: tuple
+    n_samples: np.ndarray
+    residual_df: np.ndarray
+    feature_names: list = field(default_factory=list)
+    output_names: list = field(default_factory=list)
+
+
+def _names(table, prefix, width):
+    columns = getattr(table, "columns", None)
+    if columns is not None:
+        return [str(c) for c in columns]
+    name = getattr(table, "name", None)  # a pandas Series
+    if name is not None and width == 1:
+        return [str(name)]
+    return [f"{prefix}{j}" for j in range(width)]
+
+
+def _as_matrix(table, what, k):
+    try:
+        array = np.asarray(table, dtype=float)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"client {k}'s {what} is not numeric: {exc}") from exc
+    if array.ndim == 1:
+        array = array[:, None]
+    if array.ndim != 2:
+        raise ValueError(f"client {k}'s {what} must be 2-D (n_samples, columns); got "
+                         f"shape {array.shape}.")
+    if not np.all(np.isfinite(array)):
+        raise ValueError(f"client {k}'s {what} contains NaN or infinite values.")
+    return array
+
+
+def _client_fit(design, response, k):
+    n_samples, p = design.shape
+    if response.shape[0] != n_samples:
+        raise ValueError(f"client {k}: the design has {n_samples} rows but the response "
+                         f"has {response.shape[0]}.")
+    if n_samples <= p:
+        raise ValueError(f"client {k} has {n_samples} samples for {p} coefficients per "
+                         "output: OLS needs more samples than coefficients to estimate "
+                         "its noise.")
+    # The SVD gives the pseudo-inverse and the numerical rank in one pass.
+    left, sing, right_t = np.linalg.svd(design, full_matrices=False)
+    if sing[-1] <= sing[0] * max(design.shape) * np.finfo(float).eps:
+        raise ValueError(f"client {k}'s design is rank deficient (singular values "
+                         f"{sing[0]:.3g} ... {sing[-1]:.3g}): drop collinear columns.")
+    inv_sing = right_t.T / sing
+    estimate = inv_sing @ (left.T @ response)
+    row_cov = inv_sing @ inv_sing.T  # (X^T X)^{-1}
+    resid = response - design @ estimate
+    col_cov = resid.T @ resid / (n_samples - p)
+    return estimate, 0.5 * (row_cov + row_cov.T), col_cov
+
+
+def local_ols(designs, responses):
+    """Fit ordinary least squares on every client's own data.
+
+    Parameters
+    ----------
+    designs : sequence of array-like or DataFrame, each of shape (n_k, p)
+        Client ``k``'s design matrix (include a column of ones for an intercept:
+        ``statsmodels.api.add_constant`` does).
+    responses : sequence of array-like, Series or DataFrame, each of shape (n_k, q) or (n_k,)
+        Client ``k``'s responses (``q`` outputs).
+
+    Returns
+    -------
+    LocalOLS
+        ``estimates`` (n_clients, p, q), ``noise_cov`` = ((n_clients, p, p),
+        (n_clients, q, q)) and ``n_samples`` (n_clients,), ready for
+        ``CLAIREstimator().fit(ols.estimates, sample_weight=ols.n_samples,
+        noise_cov=ols.noise_cov)``.
+
+    Raises
+    ------
+    ValueError
+        Clients of different widths, a client with no more samples than coefficients,
+        a rank-deficient design, or non-finite data (the message names the client).
+
+    Examples
+    --------
+    >>> rng = np.random.default_rng(0)
+    >>> designs = [np.c_[np.ones(50), rng.standard_normal((50, 2))] for _ in range(4)]
+    >>> responses = [x @ np.ones((3, 2)) + rng.standard_normal((50, 2)) for x in designs]
+    >>> ols = local_ols(designs, responses)
+    >>> ols.estimates.shape, ols.noise_cov[0].shape, ols.noise_cov[1].shape
+    ((4, 3, 2), (4, 3, 3), (4, 2, 2))
+    """
+    designs, responses = list(designs), list(responses)
+    if len(designs) != len(responses):
+        raise ValueError(f"{len(designs)} designs but {len(responses)} responses: give one "
+                         "of each per client.")
+    if len(designs) == 0:
+        raise ValueError("no clients given.")
+    fits, first = [], None
+    for k, (design, response) in enumerate(zip(designs, responses)):
+        x_mat, y_mat = _as_matrix(design, "design", k), _as_matrix(response, "response", k)
+        width = (x_mat.shape[1], y_mat.shape[1])
+        first = width if first is None else first
+        if width != first:
+            raise ValueError(f"client {k} has (p, q) = {width} but client 0 has {first}: "
+                             "every client needs the same columns.")
+        fits.append((*_client_fit(x_mat, y_mat, k), len(x_mat)))
+    estimates, row_cov, col_cov, n_samples = (np.stack(part) for part in zip(*fits))
+    p, q = estimates.shape[1:]
+    return LocalOLS(estimates, (row_cov, col_cov), n_samples.astype(int),
+                    n_samples.astype(int) - p, _names(designs[0], "x", p),
+                    _names(responses[0], "y", q))
