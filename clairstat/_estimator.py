@@ -281,7 +281,9 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator):
     def _noise_knowledge(self, blocks, noise_cov, scale, factored):
         """The noise as the test knows it, in the rescaled units of the fit."""
         n_clients, p, q = blocks.shape
-        floor = (_ROUND_OFF * (1.0 if factored else float(np.sqrt(np.mean(blocks ** 2))))) ** 2
+        # Dense data are in units of their largest entry (LoRA stacks: about 1 per entry
+        # too); round-off in the statistics is relative to entries of that size.
+        floor = _ROUND_OFF ** 2
         if noise_cov is not None and self.noise_scale is not None:
             raise ValueError("pass noise_cov or noise_scale, not both.")
         if noise_cov is not None:
@@ -290,10 +292,11 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator):
                                  "their noise.")
             row, col = check_noise_cov(noise_cov, n_clients, *self.estimate_shape_,
                                        transpose=self.subspace == "row")
-            cov = NoiseCovariance(row, col, np.full(n_clients, scale ** -2.0))
+            # two divisions: scale ** 2 alone over- or underflows at the ends of float64's range
+            cov = NoiseCovariance(row / scale / scale, col, np.ones(n_clients))
             sigma = np.sqrt(np.trace(row, axis1=1, axis2=2) * np.trace(col, axis1=1, axis2=2)
                             / (p * q)) / scale
-            cov_row = np.mean(row, axis=0) / scale ** 2
+            cov_row = np.mean(row, axis=0) / scale / scale
             whitening = (_inv_sqrt(cov_row), _inv_sqrt(np.mean(col, axis=0)), 1.0)
             return NoiseKnowledge(sigma, cov, floor, whitening)
         sigma = check_noise_scale(self.noise_scale, n_clients)
@@ -302,8 +305,10 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator):
             return NoiseKnowledge(sigma, NoiseCovariance.isotropic(sigma ** 2, p, q), floor)
         estimate = factored_noise_scale(blocks) if factored else estimate_noise_scale(blocks)
         solve_blocks = blocks.coef if factored else blocks
-        return NoiseKnowledge(np.full(n_clients, floor_noise_scale(estimate, solve_blocks)),
-                              None, floor)
+        # The data are in units of their largest entry: below round-off there is no noise
+        # to tell apart (all-zero or noiseless data).
+        sigma = max(floor_noise_scale(estimate, solve_blocks), _ROUND_OFF)
+        return NoiseKnowledge(np.full(n_clients, sigma), None, floor)
 
     def _threshold_value(self, blocks, scale):
         if self.threshold != "auto":
@@ -319,8 +324,8 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator):
             if isinstance(blocks, np.ndarray) else {}
         self.decomposition_ = dataclasses.replace(
             result, backbone=result.backbone * scale, low_rank=result.low_rank * scale,
-            sparse=result.sparse * scale, objective=result.objective * scale ** 2,
-            dual_gap=result.dual_gap * scale ** 2, alpha=result.alpha * scale,
+            sparse=result.sparse * scale, objective=_squared(result.objective, scale),
+            dual_gap=_squared(result.dual_gap, scale), alpha=result.alpha * scale,
             beta=result.beta * scale,
             noise_scale=None if result.noise_scale is None else result.noise_scale * scale)
         res = self.decomposition_
@@ -329,7 +334,7 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator):
         self.n_iter_, self.converged_ = res.n_iter, res.converged
         self.solver_ = engine.name
         self.alpha_, self.beta_, self.lam_ = res.alpha, res.beta, res.lam
-        self.contamination_scores_ = np.linalg.norm(res.sparse, axis=(1, 2))
+        self.contamination_scores_ = np.linalg.norm(result.sparse, axis=(1, 2)) * scale
         basis = fit.basis
         if self.subspace_source == "low_rank":
             basis = self._low_rank_basis(result, self.rank)
@@ -337,10 +342,10 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator):
         self.contaminated_ = fit.contaminated.copy()
         self.collaborative_set_ = np.flatnonzero(fit.members)
         self.collaborative_mean_ = _rescale(fit.mean, scale)
-        self.test_statistics_ = fit.statistics * scale ** 2
+        self.test_statistics_ = _squared(fit.statistics, scale)
         self.p_values_ = fit.p_values
         self.adjusted_p_values_ = fit.adjusted
-        self.null_scale_ = fit.null.scale * scale ** 2
+        self.null_scale_ = _squared(fit.null.scale, scale)
         self.degrees_of_freedom_ = fit.null.df
         self.client_noise_scale_ = noise.sigma * scale
         self.noise_scale_ = float(np.sqrt(np.mean(noise.sigma ** 2)) * scale)
@@ -464,6 +469,13 @@ def _residual_whitening(blocks, result):
     col = np.sqrt(np.median(np.mean((resid / row[None, :, None]) ** 2, axis=1), axis=0))
     col = np.maximum(col, col.max() * 1e-8)
     return np.diag(1.0 / row), np.diag(1.0 / col), None
+
+
+def _squared(value, scale):
+    """A quadratic quantity back in the data's units (inf beyond float64's range)."""
+    with np.errstate(over="ignore"):
+        return np.float64(value) * scale * scale if np.ndim(value) == 0 \
+            else np.asarray(value) * scale * scale
 
 
 def _row_key(block):

@@ -138,7 +138,9 @@ class TorchSolver(Solver):
         """
         state = self._init(X, init, problem.backbone)
         ratio = _op_norm(stack_blocks(X)) / max(problem.alpha, np.finfo(float).tiny)
-        n_stages = int(np.clip(np.floor(np.log10(ratio)) - 1, 0, 6)) if init is None else 0
+        # ratio 0: all-zero data, nothing to continue from
+        n_stages = int(np.clip(np.floor(np.log10(ratio)) - 1, 0, 6)) \
+            if init is None and ratio > 0 else 0
         history, n_svd, total = [], 1, 0  # the operator norm above is one factorization
         for stage in range(n_stages, -1, -1):
             factor, last = 10.0 ** stage, stage == 0

@@ -1,0 +1,172 @@
+"""Degenerate and hostile inputs: a correct finite answer or a clear error, fast."""
+
+import warnings
+
+import numpy as np
+import pytest
+
+from clairstat import CLAIREstimator, local_ols
+from clairstat.datasets import make_federated_regression, make_low_rank_block_sparse
+
+
+def quiet_fit(X, **params):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return CLAIREstimator(random_state=0, **params).fit(X)
+
+
+def test_identical_clients_are_not_flagged(regression):
+    X = np.repeat(regression.local_estimates[:1], 18, axis=0)
+    est = quiet_fit(X)
+    assert not est.contaminated_.any()
+    np.testing.assert_allclose(est.refined_, X, rtol=0, atol=1e-12 * np.abs(X).max())
+
+
+def test_all_zero_input():
+    est = quiet_fit(np.zeros((10, 4, 3)))
+    assert not est.contaminated_.any()
+    assert np.all(est.p_values_ == 1.0)
+    assert np.all(est.refined_ == 0.0)
+    assert np.all(est.predict(np.zeros((3, 4, 3))) == 1)
+    assert np.all(est.predict(np.ones((2, 4, 3))) == -1)  # far off a zero model
+
+
+def test_noiseless_exact_program_compares_no_round_off(noiseless):
+    est = quiet_fit(noiseless.local_estimates, formulation="exact")
+    assert np.array_equal(est.contaminated_, noiseless.contaminated)
+
+
+def test_single_positive_weight_is_refused(regression):
+    weights = np.zeros(len(regression.local_estimates))
+    weights[3] = 1.0
+    with pytest.raises(ValueError, match="at least two clients"):
+        CLAIREstimator().fit(regression.local_estimates, sample_weight=weights)
+
+
+def test_huge_weight_claim_does_not_overflow(regression):
+    weights = np.ones(len(regression.local_estimates))
+    weights[0] = 1e308
+    est = quiet_fit(regression.local_estimates)
+    heavy = CLAIREstimator(random_state=0).fit(regression.local_estimates,
+                                               sample_weight=weights)
+    assert np.all(np.isfinite(heavy.collaborative_mean_))
+    assert np.array_equal(heavy.contaminated_ | est.contaminated_, heavy.contaminated_ |
+                          est.contaminated_)
+
+
+def test_complex_input_is_refused(regression):
+    with pytest.raises(ValueError, match="Complex data not supported"):
+        CLAIREstimator().fit(regression.local_estimates + 1j)
+
+
+def test_torch_tensors_bf16_and_requires_grad(regression):
+    torch = pytest.importorskip("torch")
+    base = quiet_fit(regression.local_estimates)
+    graded = quiet_fit(torch.tensor(regression.local_estimates, requires_grad=True))
+    assert np.array_equal(graded.contaminated_, base.contaminated_)
+    bf16 = quiet_fit(torch.tensor(regression.local_estimates).bfloat16())
+    assert bf16.refined_.dtype == np.float64 and np.all(np.isfinite(bf16.refined_))
+    with pytest.raises(ValueError, match="Complex data not supported"):
+        CLAIREstimator().fit(torch.tensor(regression.local_estimates + 0j))
+
+
+@pytest.mark.parametrize("n_clients", [2, 3])
+def test_too_few_clients_warn(regression, n_clients):
+    with pytest.warns(UserWarning, match="no power"):
+        CLAIREstimator(random_state=0).fit(regression.local_estimates[:n_clients])
+
+
+def test_few_clients_with_estimated_noise_warn(regression):
+    with pytest.warns(UserWarning, match="little power"):
+        CLAIREstimator(random_state=0).fit(regression.local_estimates[:6])
+
+
+def test_noise_cov_is_checked(regression):
+    X = regression.local_estimates
+    n_clients, p, q = X.shape
+    est = CLAIREstimator()
+    with pytest.raises(ValueError, match="pair"):
+        est.fit(X, noise_cov=np.eye(p))
+    with pytest.raises(ValueError, match="shape"):
+        est.fit(X, noise_cov=(np.eye(p + 1), np.eye(q)))
+    with pytest.raises(ValueError, match="positive semi-definite"):
+        est.fit(X, noise_cov=(-np.eye(p), np.eye(q)))
+    with pytest.raises(ValueError, match="NaN"):
+        est.fit(X, noise_cov=(np.full((p, p), np.nan), np.eye(q)))
+    with pytest.raises(ValueError, match="not both"):
+        CLAIREstimator(noise_scale=1.0).fit(X, noise_cov=(np.eye(p), np.eye(q)))
+
+
+def test_noise_cov_of_the_truth_gives_exact_chi2(regression):
+    """With the true isotropic covariance the null is chi^2 with (p - r) q df per
+    client up to the mean's share, and the fit flags every contaminated client."""
+    X = regression.local_estimates
+    n_clients, p, q = X.shape
+    sigma2 = float(np.mean(regression.estimate_noise_scale ** 2))
+    est = CLAIREstimator(random_state=0).fit(X, noise_cov=(sigma2 * np.eye(p), np.eye(q)))
+    assert np.all(est.contaminated_[regression.contaminated])
+    # BH at 5% over 25 benign clients: one false discovery is within its error rate
+    assert np.sum(est.contaminated_ & ~regression.contaminated) <= 1
+    # Satterthwaite on isotropic blocks is exact: df = (p - r) q for every client
+    np.testing.assert_allclose(est.degrees_of_freedom_, (p - est.rank_) * q, rtol=1e-12)
+
+
+def test_row_subspace_swaps_the_covariance_factors(regression):
+    X = regression.local_estimates
+    n_clients, p, q = X.shape
+    row, col = 2.0 * np.eye(p), np.diag(np.arange(1.0, q + 1))
+    est = CLAIREstimator(random_state=0, subspace="row").fit(X, noise_cov=(row, col))
+    assert est.refined_.shape == X.shape
+
+
+def test_local_ols_inputs():
+    rng = np.random.default_rng(0)
+    pd = pytest.importorskip("pandas")
+    designs = [pd.DataFrame(rng.standard_normal((30, 3)), columns=["a", "b", "c"])
+               for _ in range(4)]
+    responses = [pd.Series(rng.standard_normal(30), name="y") for _ in range(4)]
+    ols = local_ols(designs, responses)
+    assert ols.estimates.shape == (4, 3, 1) and ols.feature_names == ["a", "b", "c"]
+    assert ols.output_names == ["y"]
+    with pytest.raises(ValueError, match="client 1.*samples"):
+        local_ols([rng.standard_normal((30, 3)), rng.standard_normal((2, 3))],
+                  [np.ones(30), np.ones(2)])
+    with pytest.raises(ValueError, match="rank deficient"):
+        local_ols([np.ones((30, 3))], [np.ones(30)])
+    with pytest.raises(ValueError, match="client 1 has"):
+        local_ols([rng.standard_normal((30, 3)), rng.standard_normal((30, 2))],
+                  [np.ones(30), np.ones(30)])
+    with pytest.raises(ValueError, match="NaN"):
+        local_ols([np.full((30, 3), np.nan)], [np.ones(30)])
+
+
+def test_local_ols_matches_statsmodels():
+    sm = pytest.importorskip("statsmodels.api")
+    rng = np.random.default_rng(1)
+    x = sm.add_constant(rng.standard_normal((40, 2)))
+    y = x @ np.array([[1.0, 0.5], [2.0, -1.0], [0.0, 3.0]]) + rng.standard_normal((40, 2))
+    ols = local_ols([x], [y])
+    for j in range(2):
+        fit = sm.OLS(y[:, j], x).fit()
+        np.testing.assert_allclose(ols.estimates[0, :, j], fit.params, rtol=1e-10)
+        cov = ols.noise_cov[0][0] * ols.noise_cov[1][0, j, j]
+        np.testing.assert_allclose(cov, fit.cov_params(), rtol=1e-10)
+
+
+def test_new_benign_clients_pass_at_the_level():
+    """A collaborative new client is flagged with probability about test_level."""
+    data = make_federated_regression(40, 10, 3, 2, 200, 0, random_state=1)
+    est = quiet_fit(data.local_estimates[:30])
+    new = data.local_estimates[30:]
+    assert np.mean(est.predict(new) == -1) <= 0.3  # 10 clients at level 0.05
+    far = new + 10 * np.abs(new).max()
+    assert np.all(est.predict(far) == -1)
+
+
+def test_new_client_false_alarm_rate():
+    """Over many new benign clients the rejection rate stays near test_level: a binomial
+    bound at 3 standard deviations of 200 draws at level 0.1."""
+    data = make_low_rank_block_sparse(240, 8, 3, 2, 0, noise_level=0.3, random_state=5)
+    est = quiet_fit(data.local_estimates[:40], test_level=0.1, rank=2)
+    rate = np.mean(est.predict(data.local_estimates[40:]) == -1)
+    assert rate <= 0.1 + 3 * np.sqrt(0.1 * 0.9 / 200)

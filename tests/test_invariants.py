@@ -1,0 +1,115 @@
+"""Property-based tests: a fitted estimator never contradicts itself.
+
+Over random problems (numbers of clients, shapes, ranks, contamination, noise, weights,
+scales), every fitted attribute must come from one fit on the reported collaborative
+set, and the outlier-detector interface must reproduce the fitted flags.
+"""
+
+import warnings
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from clairstat import CLAIREstimator
+from clairstat.datasets import make_low_rank_block_sparse
+
+# float64 round-off of the products behind a refit mean or projection, relative to the
+# data's largest entry (a few hundred operations at most at these sizes).
+RTOL = 1e-10
+
+problems = st.fixed_dictionaries({
+    "n_clients": st.integers(5, 25),
+    "p": st.integers(2, 10),
+    "q": st.integers(1, 4),
+    "rank": st.integers(1, 3),
+    "share": st.sampled_from([0.0, 0.1, 0.2, 0.3]),
+    "noise": st.sampled_from([0.0, 0.01, 0.1, 0.5]),
+    "seed": st.integers(0, 2 ** 31 - 1),
+    "weighted": st.booleans(),
+    "correction": st.sampled_from(["fdr_bh", "holm", "bonferroni"]),
+    "rank_given": st.booleans(),
+})
+
+
+def _fit(params):
+    rank = min(params["rank"], params["p"] - 1)
+    n_bad = int(params["share"] * params["n_clients"])
+    data = make_low_rank_block_sparse(params["n_clients"], params["p"], params["q"], rank,
+                                      n_bad, noise_level=params["noise"],
+                                      random_state=params["seed"])
+    rng = np.random.default_rng(params["seed"])
+    weights = rng.integers(1, 100, params["n_clients"]) if params["weighted"] else None
+    est = CLAIREstimator(rank=rank if params["rank_given"] else None,
+                         correction=params["correction"], random_state=params["seed"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        est.fit(data.local_estimates, sample_weight=weights)
+    return est, data.local_estimates, np.ones(params["n_clients"]) if weights is None \
+        else weights.astype(float)
+
+
+def _check_one_fit(est, X, weights):
+    scale = np.abs(X).max() or 1.0
+    members = est.collaborative_set_
+    assert np.array_equal(members, np.flatnonzero(~est.contaminated_))
+    # the mean is the weighted mean of the reported set
+    mean = np.tensordot(weights[members] / weights[members].sum(), X[members], axes=1)
+    np.testing.assert_allclose(est.collaborative_mean_, mean, rtol=0, atol=RTOL * scale)
+    # the subspace is orthonormal and of the reported rank
+    basis = est.subspace_
+    assert basis.shape == (X.shape[1], est.rank_)
+    np.testing.assert_allclose(basis.T @ basis, np.eye(est.rank_), atol=1e-10)
+    # refined = P X_k + (I - P) mean for members; flagged clients unchanged
+    expected = mean[None] + basis @ (basis.T @ (X - mean[None]))
+    expected[est.contaminated_] = X[est.contaminated_]
+    np.testing.assert_allclose(est.refined_, expected, rtol=0, atol=RTOL * scale)
+    # the outlier interface reproduces the fitted flags on the training clients
+    assert np.array_equal(est.predict(X), np.where(est.contaminated_, -1, 1))
+    np.testing.assert_allclose(est.decision_function(X), est.score_samples(X) - est.offset_)
+    np.testing.assert_allclose(est.transform(X), est.refined_, rtol=0, atol=RTOL * scale)
+    # p-values are probabilities; adjusted ones never smaller; a converged fit's flags are
+    # exactly its test's rejections
+    assert np.all((est.p_values_ >= 0) & (est.p_values_ <= 1))
+    assert np.all(est.adjusted_p_values_ >= est.p_values_ - 1e-15)
+    if est.detection_converged_:
+        assert np.array_equal(est.contaminated_, est.adjusted_p_values_ <= est.test_level)
+
+
+@settings(max_examples=500, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(problems)
+def test_one_consistent_fitted_state(params):
+    est, X, weights = _fit(params)
+    _check_one_fit(est, X, weights)
+
+
+@settings(max_examples=40, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(problems, st.floats(-250, 250))
+def test_scale_equivariance(params, exponent):
+    """Scaling the data by any factor in float64's range leaves the flags unchanged and
+    scales the estimates."""
+    est, X, weights = _fit(params)
+    factor = 10.0 ** exponent
+    scaled = CLAIREstimator(**est.get_params())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        scaled.fit(X * factor, sample_weight=None if not params["weighted"] else weights)
+    assert np.array_equal(scaled.contaminated_, est.contaminated_)
+    assert scaled.rank_ == est.rank_
+    # both fits run on the same rescaled data (units of the largest entry): the results
+    # differ by the round-off of the two rescalings only
+    np.testing.assert_allclose(scaled.refined_ / factor, est.refined_, rtol=0,
+                               atol=RTOL * (np.abs(X).max() or 1.0))
+    if params["noise"] > 0:  # noiseless statistics are round-off, and so are their p-values
+        np.testing.assert_allclose(scaled.p_values_, est.p_values_, rtol=1e-6, atol=1e-300)
+
+
+@pytest.mark.parametrize("exponent", [-300, -200, 153, 154, 300])
+def test_extreme_scales(regression, exponent):
+    base = CLAIREstimator(random_state=0).fit(regression.local_estimates)
+    est = CLAIREstimator(random_state=0).fit(regression.local_estimates * 10.0 ** exponent)
+    assert np.array_equal(est.contaminated_, base.contaminated_)
+    assert np.all(np.isfinite(est.refined_))
