@@ -101,6 +101,8 @@ def factored_noise_scale(stack):
         return 0.0
     columns = stack.coef[keep].transpose(1, 0, 2).reshape(stack.shape[1], -1)
     columns = columns[:, np.any(columns != 0.0, axis=0)]
+    if columns.size == 0:  # every update is zero (fresh LoRA adapters): no noise
+        return 0.0
     sing = np.linalg.svd(columns, compute_uv=False)
     return float(_marchenko_pastur_scale(sing, max(columns.shape), len(sing)))
 

@@ -127,3 +127,203 @@ def test_flower_simulation_flags_the_adversary_and_personalizes(monkeypatch):
     assert evaluated["loaded"] == pytest.approx(1.0)  # every client loaded its adapter
     factors = adapter_factors(arrays_to_state_dict(strategy.result_.arrays), LORA)
     assert factors["base_model.model.q_proj"][0].shape == (D_OUT, RANK)
+
+
+# --- malformed and hostile replies (the strategy's aggregate_train, no simulation) ---
+def _reply(node, state, count=10, **metrics):
+    """A train reply from ``node`` as the ServerApp receives it."""
+    from flwr.app import Metadata
+
+    metadata = Metadata(run_id=0, message_id="", src_node_id=node, dst_node_id=0,
+                        reply_to_message_id="", group_id="", created_at=0.0, ttl=1e9,
+                        message_type="train")
+    record = {} if count is None else {"num-examples": count}
+    content = RecordDict({"arrays": state_dict_to_arrays(state),
+                          "metrics": MetricRecord({**record, **metrics})})
+    return Message(content=content, metadata=metadata)
+
+
+NODES = [101 + k for k in range(N_NODES)]
+Q_A, Q_B = "base_model.model.q_proj.lora_A.weight", "base_model.model.q_proj.lora_B.weight"
+V_B = "base_model.model.v_proj.lora_B.weight"
+
+
+def _set(key, value):
+    def corrupt(state):
+        state[key] = value
+    return corrupt
+
+
+def _set_entry(key, value):
+    def corrupt(state):
+        state[key] = state[key].copy()
+        state[key][0, 1] = value
+    return corrupt
+
+
+def _delete(key):
+    def corrupt(state):
+        del state[key]
+    return corrupt
+
+
+def _rank_zero(state):
+    state[Q_A] = np.zeros((0, D_IN), dtype="float32")
+    state[Q_B] = np.zeros((D_OUT, 0), dtype="float32")
+
+
+def _huge(state):
+    state[Q_A] = np.full((RANK, D_IN), 1e200)  # finite, but B A would reach 2e400
+    state[Q_B] = np.full((D_OUT, RANK), 1e200)
+
+
+MALFORMED = {
+    "rank 0": (_rank_zero, {}, "q_proj has rank 0 or is empty"),
+    "empty module": (_set(Q_B, np.zeros((0, RANK), "float32")), {}, "q_proj has rank 0 or is"),
+    "NaN in B": (_set_entry(Q_B, np.nan), {}, r"q_proj\.lora_B holds non-finite"),
+    "inf in A": (_set_entry(Q_A, np.inf), {}, r"q_proj\.lora_A holds non-finite"),
+    "wrong shape": (_set(V_B, np.ones((D_OUT + 1, RANK), "float32")), {},
+                    "differ from those of most replies"),
+    "inner mismatch": (_set(V_B, np.ones((D_OUT, RANK + 1), "float32")), {},
+                       "unreadable adapter"),
+    "missing key": (_delete(V_B), {}, r"unreadable adapter: .*incomplete"),
+    "negative count": (None, {"count": -5}, "num-examples = -5 is not a finite positive"),
+    "NaN count": (None, {"count": float("nan")}, "num-examples = nan is not a finite"),
+    "zero count": (None, {"count": 0}, "num-examples = 0 is not a finite positive"),
+    "no count": (None, {"count": None}, "no 'num-examples' in its MetricRecord"),
+    "huge values": (_huge, {}, "may overflow float64"),
+    "count beyond float": (None, {"count": 10**400}, r"num-examples = 1000.*\.\.\. is not"),
+    "list count": (None, {"count": [1, 2]}, r"num-examples = \[1, 2\] is not a finite"),
+}
+
+
+@pytest.mark.parametrize("rule", ["clair", "median"])
+@pytest.mark.parametrize("case", list(MALFORMED))
+def test_malformed_reply_is_dropped_logged_and_reported(case, rule, caplog):
+    corrupt, kwargs, reason = MALFORMED[case]
+    states = [client_adapter(k) for k in range(N_NODES)]
+    if corrupt is not None:
+        corrupt(states[2])
+    replies = [_reply(node, state, **(kwargs if k == 2 else {}))
+               for k, (node, state) in enumerate(zip(NODES, states))]
+    strategy = LoraStrategy(rule=rule, lora_config=LORA, rule_options=(
+        {"rank": 1} if rule == "clair" else {}))
+    with caplog.at_level("WARNING", logger="clairstat.integrations.flower"):
+        arrays, metrics = strategy.aggregate_train(3, replies)
+    assert arrays is not None  # the round went on with the other five replies
+    assert metrics["n-dropped"] == 1 and metrics["dropped-nodes"] == [NODES[2]]
+    assert set(strategy.dropped_) == {3} and set(strategy.dropped_[3]) == {NODES[2]}
+    assert __import__("re").search(reason, strategy.dropped_[3][NODES[2]])
+    logged = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any(f"node {NODES[2]}" in m and strategy.dropped_[3][NODES[2]] in m
+               for m in logged)
+    valid = set(NODES) - {NODES[2]}
+    assert set(strategy.client_arrays_) == valid and set(strategy.weights_) == valid
+    if rule == "clair":
+        assert set(strategy.flagged_) == valid
+        assert strategy.flagged_[NODES[ADVERSARY]] and metrics["n-flagged"] == 1
+
+
+def test_a_fresh_adapter_is_a_valid_zero_update():
+    states = [client_adapter(k) for k in range(N_NODES)]
+    states[1] = {key: (np.zeros_like(v) if ".lora_B." in key else v)
+                 for key, v in states[1].items()}
+    strategy = LoraStrategy(rule="clair", lora_config=LORA, rule_options={"rank": 1})
+    _, metrics = strategy.aggregate_train(1, [_reply(n, s) for n, s in zip(NODES, states)])
+    assert metrics["n-dropped"] == 0 and metrics["dropped-nodes"] == []
+    assert set(strategy.client_arrays_) == set(NODES)
+
+
+def test_fewer_than_two_valid_replies_fail_clearly():
+    states = [client_adapter(k) for k in range(3)]
+    replies = [_reply(NODES[0], states[0]), _reply(NODES[1], states[1], count=-1),
+               _reply(NODES[2], states[2], count=float("nan"))]
+    strategy = LoraStrategy(rule="fedit", lora_config=LORA)
+    with pytest.raises(ValueError, match="round 2: 1 valid replies after dropping 2"):
+        strategy.aggregate_train(2, replies)
+    assert set(strategy.dropped_[2]) == {NODES[1], NODES[2]}
+
+
+def test_a_huge_example_count_is_capped_at_the_weight_ratio():
+    """One client claims 1e308 examples, the others 10: it weighs as 10 median clients."""
+    states = [client_adapter(k) for k in range(N_NODES)]
+    counts = [10] * N_NODES
+    counts[2] = 1e308
+    losses = [1.0] * N_NODES
+    losses[2] = 100.0
+    replies = [_reply(n, s, count=c, loss=v)
+               for n, s, c, v in zip(NODES, states, counts, losses)]
+    strategy = LoraStrategy(rule="flora", lora_config=LORA, max_weight_ratio=10.0)
+    _, metrics = strategy.aggregate_train(1, replies)
+    expected = np.ones(N_NODES)
+    expected[2] = 10.0  # the cap: 10 times the median claim
+    expected /= expected.sum()
+    eps = np.finfo(float).eps  # a normalisation of six numbers: a few ulps
+    assert np.allclose([strategy.weights_[n] for n in NODES], expected, rtol=8 * eps, atol=0)
+    result = next(iter(strategy.last_results_.values()))
+    assert np.allclose(result.weights, expected, rtol=8 * eps, atol=0)
+    assert metrics["loss"] == pytest.approx(expected @ losses, rel=8 * eps)  # capped too
+    uncapped = LoraStrategy(rule="flora", lora_config=LORA, max_weight_ratio=None)
+    uncapped.aggregate_train(1, replies)  # without the cap: finite, but node 103 takes all
+    uncapped_weights = np.array(list(uncapped.weights_.values()))
+    assert np.isfinite(uncapped_weights).all() and uncapped.weights_[NODES[2]] == 1.0
+
+
+def test_max_weight_ratio_is_validated():
+    with pytest.raises(ValueError, match="max_weight_ratio"):
+        LoraStrategy(max_weight_ratio=0.5)
+
+
+@pytest.mark.parametrize("rule", ["clair", "median", "fedit"])
+def test_a_round_of_fresh_adapters_keeps_them_trainable(rule):
+    """Every reply fresh (lora_B = 0): zero updates, nobody flagged, A kept, B = 0."""
+    fresh = [{key: (np.zeros_like(v) if ".lora_B." in key else v)
+              for key, v in client_adapter(0).items()} for _ in range(N_NODES)]
+    strategy = LoraStrategy(rule=rule, lora_config=LORA)
+    arrays, metrics = strategy.aggregate_train(1, [_reply(n, s) for n, s in zip(NODES, fresh)])
+    assert metrics["n-dropped"] == 0 and not any(strategy.flagged_.values())
+    for state in [arrays_to_state_dict(arrays)] + [arrays_to_state_dict(a) for a in
+                                                   strategy.client_arrays_.values()]:
+        for key, value in state.items():
+            expected = np.zeros_like(value) if ".lora_B." in key else fresh[0][key]
+            assert np.array_equal(value, expected), key
+
+
+def _evaluate_reply(node, count, accuracy):
+    from flwr.app import Metadata
+
+    metadata = Metadata(run_id=0, message_id="", src_node_id=node, dst_node_id=0,
+                        reply_to_message_id="", group_id="", created_at=0.0, ttl=1e9,
+                        message_type="evaluate")
+    record = {"accuracy": accuracy} if count is None else {"num-examples": count,
+                                                            "accuracy": accuracy}
+    return Message(content=RecordDict({"metrics": MetricRecord(record)}), metadata=metadata)
+
+
+def test_evaluation_drops_malformed_replies_and_caps_counts(caplog):
+    counts = [10, 10, None, float("nan"), 1e308, 10]
+    accuracy = [0.5, 0.5, 0.0, 0.0, 1.0, 0.5]
+    replies = [_evaluate_reply(n, c, a) for n, c, a in zip(NODES, counts, accuracy)]
+    strategy = LoraStrategy(rule="fedit", max_weight_ratio=10.0)
+    with caplog.at_level("WARNING", logger="clairstat.integrations.flower"):
+        metrics = strategy.aggregate_evaluate(4, replies)
+    assert set(strategy.dropped_evaluate_[4]) == {NODES[2], NODES[3]}
+    assert metrics["n-dropped"] == 2 and metrics["dropped-nodes"] == [NODES[2], NODES[3]]
+    assert sum("evaluation reply of node" in r.getMessage() for r in caplog.records) == 2
+    # Valid: three clients at 10 examples (weight 1 each), one capped at 10 x the median.
+    expected = (3 * 0.5 + 10 * 1.0) / 13  # a weighted mean of four numbers: a few ulps
+    assert metrics["accuracy"] == pytest.approx(expected, rel=8 * np.finfo(float).eps)
+
+
+def test_a_different_rank_is_malformed_only_for_the_equal_rank_rules():
+    states = [client_adapter(k) for k in range(N_NODES)]
+    states[4] = {**states[4], Q_A: np.ones((RANK + 1, D_IN), "float32"),
+                 Q_B: np.ones((D_OUT, RANK + 1), "float32")}
+    replies = [_reply(n, s) for n, s in zip(NODES, states)]
+    fedit = LoraStrategy(rule="fedit", lora_config=LORA)
+    _, metrics = fedit.aggregate_train(1, replies)
+    assert metrics["dropped-nodes"] == [NODES[4]]
+    assert "differ from those of most replies" in fedit.dropped_[1][NODES[4]]
+    flora = LoraStrategy(rule="flora", lora_config=LORA)  # mixed ranks are fine here
+    _, metrics = flora.aggregate_train(1, replies)
+    assert metrics["n-dropped"] == 0

@@ -44,6 +44,20 @@ def aggregate(rule, factors, weights=None, **options):
         ``update`` (d, k), ``factors`` (global ``(B, A)`` or None), ``weights``, and the
         rule's extras as attributes.
 
+    Raises
+    ------
+    ValueError
+        Before any rule runs, naming the client (``factors[i]``, and the factor, A or
+        B): a non-finite value, a factor that is not 2-D or not real, rank 0, inner
+        dimensions that do not match, a module shape (d, k) that differs from the
+        other clients', or an update ``B_i A_i`` that would overflow; and a negative or
+        non-finite weight (naming the clients).
+
+    Notes
+    -----
+    Zero updates are valid input: with fresh adapters (every ``B_i = 0``, as peft
+    initialises them) every rule returns the zero update, and CLAIR flags nobody.
+
     Examples
     --------
     >>> import numpy as np

@@ -44,6 +44,16 @@ class ReducedFactors(NamedTuple):
         return self.left_basis @ np.asarray(reduced) @ self.right_basis.T
 
 
+def _span_basis(matrix):
+    """:func:`orthonormal_basis` of ``matrix`` (m, n), or the unit vector e_1 (m, 1) when
+    its span is {0} (every B_i, or every A_i, is zero, as in fresh adapters): the reduced
+    updates are then exactly 0 of size at least 1 instead of an empty array."""
+    basis = orthonormal_basis(matrix)
+    if basis.shape[1] == 0:
+        basis = np.eye(matrix.shape[0], 1, dtype=basis.dtype)
+    return basis
+
+
 def reduce_factors(factors, backbone=True):
     """Orthonormal bases of the factors' spans and the updates in those coordinates.
 
@@ -59,7 +69,8 @@ def reduce_factors(factors, backbone=True):
     Returns
     -------
     ReducedFactors
-        ``(left_basis, right_basis, updates)``; ``s, t <= sum r_i``.
+        ``(left_basis, right_basis, updates)``; ``1 <= s, t <= sum r_i`` (a span that is
+        {0}, all updates zero, is kept as one unit vector: the updates reduce to zeros).
 
     Examples
     --------
@@ -72,13 +83,13 @@ def reduce_factors(factors, backbone=True):
     True
     """
     factors = check_factors(factors)
-    left = orthonormal_basis(np.hstack([b for b, _ in factors]))
+    left = _span_basis(np.hstack([b for b, _ in factors]))
     small_left = [left.T @ b for b, _ in factors]
     if not backbone:
-        rights = tuple(orthonormal_basis(a.T) for _, a in factors)
+        rights = tuple(_span_basis(a.T) for _, a in factors)
         blocks = [sl @ (a @ v) for sl, (_, a), v in zip(small_left, factors, rights)]
         return ReducedFactors(left, rights, blocks)
-    right = orthonormal_basis(np.vstack([a for _, a in factors]).T)
+    right = _span_basis(np.vstack([a for _, a in factors]).T)
     blocks = np.stack([sl @ (a @ right) for sl, (_, a) in zip(small_left, factors)])
     return ReducedFactors(left, right, blocks)
 
@@ -112,8 +123,8 @@ def factored_reduction(factors):
     from .._factored import FactoredBlocks  # lazily: clairstat's modules import this package
 
     factors = check_factors(factors)
-    left = orthonormal_basis(np.hstack([b for b, _ in factors]))
-    right = orthonormal_basis(np.vstack([a for _, a in factors]).T)
+    left = _span_basis(np.hstack([b for b, _ in factors]))
+    right = _span_basis(np.vstack([a for _, a in factors]).T)
     width = max(b.shape[1] for b, _ in factors)
     coef = np.zeros((len(factors), left.shape[1], width))
     rights = np.zeros((len(factors), width, right.shape[1]))

@@ -113,8 +113,9 @@ def update_gram(factors):
     >>> update_gram(f).tolist()
     [[6.0, 6.0], [6.0, 12.0]]
     """
-    left = np.hstack([b for b, _ in factors])
-    right = np.vstack([a for _, a in factors])
+    # float64 whatever the factors' dtype: squared norms of float32 updates overflow early.
+    left = np.hstack([b for b, _ in factors]).astype(np.float64, copy=False)
+    right = np.vstack([a for _, a in factors]).astype(np.float64, copy=False)
     starts = np.cumsum([0] + [b.shape[1] for b, _ in factors[:-1]])
     products = (left.T @ left) * (right @ right.T)
     return np.add.reduceat(np.add.reduceat(products, starts, axis=0), starts, axis=1)
@@ -181,7 +182,8 @@ def krum(factors, weights, n_byzantine=None, multi=1):
 def _distances(gram, coefficients, floor):
     """``||x_i - z||`` for ``z = sum c_j x_j``, from the Gram matrix, floored at ``floor``."""
     squared = np.diag(gram) - 2 * gram @ coefficients + coefficients @ gram @ coefficients
-    return np.sqrt(np.maximum(squared, floor**2))
+    # Floor after the root: floor**2 would underflow to 0 for updates of tiny norm.
+    return np.maximum(np.sqrt(np.maximum(squared, 0.0)), floor)
 
 
 def weiszfeld(gram, weights, tol=1e-10, max_iter=1000):
@@ -190,6 +192,9 @@ def weiszfeld(gram, weights, tol=1e-10, max_iter=1000):
     Minimises ``sum p_i ||z - x_i||`` over ``z = sum c_j x_j``; every iterate is such a
     combination, so only the (n, n) Gram matrix is needed. Distances are floored at
     ``tol`` times the data scale so that an iterate on a data point does not divide by 0.
+
+    When every point is 0 (all updates zero, e.g. fresh adapters) the median is 0 and
+    the weights are returned as coefficients after 0 iterations.
 
     Returns
     -------
@@ -206,10 +211,13 @@ def weiszfeld(gram, weights, tol=1e-10, max_iter=1000):
     >>> bool(ok), bool(np.linalg.norm(c @ points) < 1.0)
     (True, True)
     """
-    scale = max(float(np.sqrt(np.max(np.diag(gram)))), np.finfo(float).tiny)
+    scale = float(np.sqrt(np.max(np.diag(gram))))
     coefficients = weights.copy()
+    if scale == 0.0:  # all points at 0: any combination is the median (no 0 / 0 below)
+        return coefficients, 0, True
     for n_iter in range(1, max_iter + 1):
-        inverse = weights / _distances(gram, coefficients, tol * scale)
+        inverse = weights / _distances(gram, coefficients,
+                                       max(tol * scale, np.finfo(float).tiny))
         new = inverse / inverse.sum()
         change = new - coefficients
         coefficients = new

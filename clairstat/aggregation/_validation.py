@@ -2,56 +2,127 @@
 
 from __future__ import annotations
 
+import collections
+
 import numpy as np
 import scipy.linalg
 
 __all__ = ["check_factors", "check_weights", "common_rank", "stacked_factors",
            "exact_update", "dense_updates", "orthonormal_basis", "rank_tolerance"]
 
+_REAL_KINDS = "biuf"  # bool, signed and unsigned integers, floating point
+
+
+def _check_matrix(index, name, matrix):
+    """One factor: a 2-D array of finite real numbers."""
+    if matrix.dtype.kind not in _REAL_KINDS:
+        raise ValueError(f"factors[{index}]: {name} must hold real numbers, got dtype "
+                         f"{matrix.dtype}.")
+    if matrix.ndim != 2:
+        raise ValueError(f"factors[{index}]: {name} must be 2-D, got shape {matrix.shape}.")
+    finite = np.isfinite(matrix)
+    if not finite.all():
+        first = tuple(int(i) for i in np.argwhere(~finite)[0])
+        raise ValueError(f"factors[{index}]: {name} has {int((~finite).sum())} non-finite "
+                         f"value(s) (first {name}{list(first)} = {matrix[first]}).")
+
+
+def _check_pair(index, pair):
+    """Client ``index``'s ``(B, A)``: finite, rank >= 1, inner dimensions that match."""
+    if len(pair) != 2:
+        raise ValueError(f"factors[{index}] must be a (B, A) pair.")
+    b_mat, a_mat = (np.asarray(m) for m in pair)
+    _check_matrix(index, "B", b_mat)
+    _check_matrix(index, "A", a_mat)
+    if b_mat.shape[1] != a_mat.shape[0]:
+        raise ValueError(f"factors[{index}]: need B (d, r) and A (r, k), got shapes "
+                         f"{b_mat.shape} and {a_mat.shape}.")
+    if b_mat.shape[1] == 0:
+        raise ValueError(f"factors[{index}] has rank 0 (B {b_mat.shape}, A {a_mat.shape}): "
+                         "there is no update to aggregate; drop the client, or send rank >= 1 "
+                         "factors (a fresh adapter's B = 0 is a valid zero update).")
+    if b_mat.shape[0] == 0 or a_mat.shape[1] == 0:
+        raise ValueError(f"factors[{index}]: the module is empty, B {b_mat.shape} and "
+                         f"A {a_mat.shape}.")
+    return b_mat, a_mat
+
+
+def _check_module_shapes(pairs):
+    """Every client's update is (d, k); the clients off the most common shape are named."""
+    shapes = [(b.shape[0], a.shape[1]) for b, a in pairs]
+    common = collections.Counter(shapes).most_common(1)[0][0]
+    odd = [i for i, shape in enumerate(shapes) if shape != common]
+    if odd:
+        raise ValueError(f"all clients must share the module shape (d, k): client(s) {odd} "
+                         f"have {[shapes[i] for i in odd]}, the others {common}.")
+
+
+def _check_overflow(index, b_mat, a_mat, dtype):
+    """Every entry of ``B A`` is at most ``r max|B| max|A|``: keep that below the dtype's max."""
+    bound = b_mat.shape[1] * float(np.max(np.abs(b_mat))) * float(np.max(np.abs(a_mat)))
+    if not bound <= np.finfo(dtype).max:
+        raise ValueError(f"factors[{index}]: the update B A may overflow {dtype} (entries up to "
+                         f"r max|B| max|A| = {bound:.3g}).")
+
 
 def check_factors(factors):
     """Validate a list of ``(B_i, A_i)`` pairs and cast them to one floating dtype.
 
+    Each ``B_i`` (d, r_i) and ``A_i`` (r_i, k) must be a 2-D array of finite real numbers
+    with ``r_i >= 1`` (zero entries are fine: a fresh adapter's ``B = 0`` is a zero
+    update), every client must have the same (d, k), and ``B_i A_i`` must not overflow.
+    A ValueError names the offending client, ``factors[i]``, and the factor, A or B.
+
     Returns
     -------
     factors : list of (ndarray of shape (d, r_i), ndarray of shape (r_i, k))
+
+    Examples
+    --------
+    >>> good, bad = (np.ones((2, 1)), np.ones((1, 3))), (np.ones((2, 1)), np.ones((1, 3)))
+    >>> bad[1][0, 0] = np.nan
+    >>> check_factors([good, bad])
+    Traceback (most recent call last):
+    ...
+    ValueError: factors[1]: A has 1 non-finite value(s) (first A[0, 0] = nan).
     """
     factors = list(factors)
     if not factors:
         raise ValueError("factors must hold at least one (B, A) pair.")
-    pairs = []
-    for index, pair in enumerate(factors):
-        if len(pair) != 2:
-            raise ValueError(f"factors[{index}] must be a (B, A) pair.")
-        b_mat, a_mat = (np.asarray(m) for m in pair)
-        if b_mat.ndim != 2 or a_mat.ndim != 2 or b_mat.shape[1] != a_mat.shape[0]:
-            raise ValueError(f"factors[{index}]: need B (d, r) and A (r, k), got shapes "
-                             f"{b_mat.shape} and {a_mat.shape}.")
-        pairs.append((b_mat, a_mat))
-    shapes = {(b.shape[0], a.shape[1]) for b, a in pairs}
-    if len(shapes) != 1:
-        raise ValueError(f"all clients must share the module shape (d, k), got {shapes}.")
+    pairs = [_check_pair(index, pair) for index, pair in enumerate(factors)]
+    _check_module_shapes(pairs)
     dtype = np.result_type(*[m for pair in pairs for m in pair], np.float32)
+    for index, (b_mat, a_mat) in enumerate(pairs):
+        _check_overflow(index, b_mat, a_mat, dtype)
     return [(b.astype(dtype, copy=False), a.astype(dtype, copy=False)) for b, a in pairs]
 
 
 def check_weights(weights, n_clients):
     """Client weights: uniform by default, non-negative and finite, normalised to sum 1.
 
+    A ValueError names the clients whose weight is negative or not finite. Weights are
+    scaled by their maximum before summing, so that huge finite claims (1e308) cannot
+    overflow the sum.
+
     Examples
     --------
     >>> check_weights([1, 3], 2).tolist()
     [0.25, 0.75]
+    >>> check_weights([1e308, 1e308], 2).tolist()
+    [0.5, 0.5]
     """
     if weights is None:
         return np.full(n_clients, 1.0 / n_clients)
     weights = np.asarray(weights, dtype=float)
     if weights.shape != (n_clients,):
         raise ValueError(f"weights must have shape ({n_clients},), got {weights.shape}.")
-    if not np.all(np.isfinite(weights)) or np.any(weights < 0):
-        raise ValueError(f"weights must be finite and non-negative, got {weights}.")
-    if weights.sum() <= 0:
+    bad = np.flatnonzero(~np.isfinite(weights) | (weights < 0))
+    if bad.size:
+        raise ValueError(f"weights must be finite and non-negative: client(s) "
+                         f"{bad.tolist()} have weight(s) {weights[bad].tolist()}.")
+    if weights.max() <= 0:
         raise ValueError("weights must not all be zero.")
+    weights = weights / weights.max()
     return weights / weights.sum()
 
 

@@ -8,6 +8,10 @@ With ``personalized=True`` every client receives, in the next round's messages (
 and evaluate), its own adapter: for CLAIR its refined one (a flagged client gets its own
 adapter back), for the other rules the global update read out at that client's rank.
 
+One malformed reply does not abort the round: it is dropped, logged and counted (see
+:class:`LoraStrategy`), and no client's example count can claim more than
+``max_weight_ratio`` times the median claim.
+
 Importing this module needs Flower (``pip install clairstat[flower,lora]``).
 
 Examples
@@ -23,6 +27,10 @@ Inside a Flower ``ServerApp``::
 
 from __future__ import annotations
 
+import collections
+import logging
+import math
+
 import numpy as np
 
 try:
@@ -32,9 +40,11 @@ except ImportError as error:  # pragma: no cover - depends on the environment
     raise ImportError("clairstat.integrations.flower needs Flower: "
                       "pip install clairstat[flower,lora]") from error
 
-from ..lora import aggregate_adapters, global_state_dict, refine_adapters
+from ..lora import adapter_factors, aggregate_adapters, global_state_dict, refine_adapters
 
-__all__ = ["LoraStrategy", "arrays_to_state_dict", "state_dict_to_arrays"]
+__all__ = ["LoraStrategy", "arrays_to_state_dict", "state_dict_to_arrays", "cap_weights"]
+
+_LOGGER = logging.getLogger(__name__)
 
 
 def arrays_to_state_dict(record):
@@ -53,6 +63,41 @@ def state_dict_to_arrays(state_dict):
     return ArrayRecord(arrays)
 
 
+def cap_weights(claims, max_ratio=10.0):
+    """Relative client weights: each claim over the median claim, capped at ``max_ratio``.
+
+    Parameters
+    ----------
+    claims : array-like of shape (n_clients,)
+        Finite positive example counts, as the clients report them.
+    max_ratio : float or None, default=10.0
+        Cap, in multiples of the median claim (``None``: no cap).
+
+    Returns
+    -------
+    ndarray of shape (n_clients,)
+        ``min(n_k / median(n), max_ratio)``: scale-free (only ratios matter to a weighted
+        mean) and never overflowing, however large the claims.
+
+    Examples
+    --------
+    >>> cap_weights([10, 20, 10, 1e308]).tolist()
+    [0.6666666666666666, 1.3333333333333333, 0.6666666666666666, 10.0]
+    """
+    claims = np.asarray(claims, dtype=float)
+    relative = claims / np.median(claims)
+    return relative if max_ratio is None else np.minimum(relative, max_ratio)
+
+
+# Rules that need every client at the same rank: for them a reply's ranks are part of
+# the shapes it must share with most replies.
+_EQUAL_RANK_RULES = {"fedit", "ffa", "fedex", "fedrot"}
+
+
+class _MalformedReply(ValueError):
+    """A reply this strategy cannot aggregate (the message says why)."""
+
+
 class LoraStrategy(FedAvg):
     """FedAvg's message flow with a clairstat aggregation rule on LoRA adapters.
 
@@ -69,6 +114,13 @@ class LoraStrategy(FedAvg):
     rule_options : dict, optional
         Options of the rule (for ``"clair"``: ``joint`` and the parameters of
         :class:`clairstat.CLAIREstimator`).
+    max_weight_ratio : float or None, default=10.0
+        Weight cap: a client's weight is its example count (the ``weighted_by_key``
+        metric) over the median count of the round's valid replies, capped at this
+        ratio (:func:`cap_weights`). A client claiming 1e308 examples among clients
+        claiming about 100 weighs as 10 median clients, not all of the round. ``None``
+        disables the cap (the counts are still divided by their median, so huge claims
+        cannot overflow). The capped weights also weight FedAvg's metric averages.
     **fedavg_options
         Passed to :class:`flwr.serverapp.strategy.FedAvg` (``fraction_train``,
         ``min_available_nodes``, ``weighted_by_key``, ...).
@@ -76,21 +128,49 @@ class LoraStrategy(FedAvg):
     Attributes
     ----------
     client_arrays_ : dict of int to ArrayRecord
-        The adapter each node receives next (personalized mode).
+        The adapter each node receives next (personalized mode); a node whose reply was
+        dropped receives the global adapter.
     flagged_ : dict of int to bool
         CLAIR's flags of the last round, by node id (empty for other rules).
+    dropped_ : dict of int to dict of int to str
+        Per server round, the dropped train replies: ``{round: {node_id: reason}}``.
+    dropped_evaluate_ : dict of int to dict of int to str
+        The same for the evaluation replies (:meth:`aggregate_evaluate`).
+    weights_ : dict of int to float
+        The last round's normalised client weights (after the cap), by node id.
     last_results_ : LoraRefinement or dict of str to AggregationResult
         The last round's clairstat output.
+
+    Notes
+    -----
+    **Malformed replies.** A reply is dropped, not aggregated, when it lacks exactly one
+    ArrayRecord and one MetricRecord, its count (``weighted_by_key``) is missing or not a
+    finite positive number, its adapter has no complete ``lora_A``/``lora_B`` pairs, a
+    factor that is not 2-D, inner dimensions that do not match, a module of rank 0, a
+    non-finite value or values so large that ``B A`` may overflow, or when its modules and
+    their (d_out, d_in) shapes (and ranks, for the rules that need equal ranks: fedit, ffa,
+    fedex, fedrot) differ from those most replies share. Each dropped reply is logged
+    (logger ``clairstat.integrations.flower``, level WARNING, with the node id and the
+    reason), recorded in ``dropped_`` and reported in the round's train metrics as
+    ``n-dropped`` (count) and ``dropped-nodes`` (node ids). The round goes on with the other
+    replies; it raises ValueError only when fewer than 2 valid replies remain. Replies that
+    carry a Flower error are left to FedAvg, which logs them as failures. A fresh adapter
+    (``lora_B = 0``) is a valid zero update, not malformed.
+    Evaluation replies are screened for their count alike (:meth:`aggregate_evaluate`).
     """
 
     def __init__(self, rule="clair", lora_config=None, personalized=True,
-                 rule_options=None, **fedavg_options):
+                 rule_options=None, max_weight_ratio=10.0, **fedavg_options):
         super().__init__(**fedavg_options)
+        if max_weight_ratio is not None and not max_weight_ratio >= 1.0:
+            raise ValueError(f"max_weight_ratio must be >= 1 or None, got {max_weight_ratio}.")
         self.rule = rule
         self.lora_config = lora_config
         self.personalized = personalized
         self.rule_options = dict(rule_options or {})
+        self.max_weight_ratio = max_weight_ratio
         self.client_arrays_, self.flagged_, self.last_results_ = {}, {}, None
+        self.dropped_, self.dropped_evaluate_, self.weights_ = {}, {}, {}
 
     def summary(self):
         """Log the rule, then FedAvg's settings."""
@@ -98,8 +178,8 @@ class LoraStrategy(FedAvg):
 
         from flwr.supercore import log
 
-        log(INFO, "\t├──> clairstat rule: %s (personalized=%s)", self.rule,
-            self.personalized)
+        log(INFO, "\t├──> clairstat rule: %s (personalized=%s, max_weight_ratio=%s)",
+            self.rule, self.personalized, self.max_weight_ratio)
         super().summary()
 
     def _personalize(self, messages):
@@ -126,16 +206,73 @@ class LoraStrategy(FedAvg):
         messages = super().configure_evaluate(server_round, arrays, config, grid)
         return self._personalize(messages)
 
-    def _collect(self, replies):
-        """Node ids, adapters (numpy state dicts) and weights of the valid replies."""
-        nodes, adapters, weights = [], [], []
+    def _count(self, content, arrays=True):
+        """The reply's example count: a finite positive number, else _MalformedReply."""
+        expected = (("ArrayRecord", content.array_records),) if arrays else ()
+        for kind, records in expected + (("MetricRecord", content.metric_records),):
+            if len(records) != 1:
+                raise _MalformedReply(f"expected exactly one {kind}, got {len(records)}")
+        metrics = next(iter(content.metric_records.values()))
+        if self.weighted_by_key not in metrics:
+            raise _MalformedReply(f"no {self.weighted_by_key!r} in its MetricRecord")
+        count = metrics[self.weighted_by_key]
+        try:
+            value = float(count)  # a list, or an int beyond float's range, fails here
+        except (TypeError, ValueError, OverflowError):
+            value = np.nan
+        if not (np.isfinite(value) and value > 0):
+            shown = f"{count!r}" if len(repr(count)) <= 40 else f"{repr(count)[:40]}..."
+            raise _MalformedReply(f"{self.weighted_by_key} = {shown} is not a finite "
+                                  "positive number")
+        return value
+
+    def _adapter(self, content):
+        """The reply's adapter and its shape signature ``((module, (d_out, d_in)), ...)``
+        (``(d_out, d_in, r)`` for the rules that need equal ranks)."""
+        try:
+            state = arrays_to_state_dict(next(iter(content.array_records.values())))
+            factors = adapter_factors(state)  # unscaled: rank 0 must not reach alpha / r
+        except (ValueError, TypeError, KeyError) as error:
+            raise _MalformedReply(f"unreadable adapter: {error}") from error
+        for module, (b_mat, a_mat) in factors.items():
+            if 0 in b_mat.shape + a_mat.shape:
+                raise _MalformedReply(f"{module} has rank 0 or is empty: lora_B "
+                                      f"{b_mat.shape}, lora_A {a_mat.shape}")
+            for name, matrix in (("lora_B", b_mat), ("lora_A", a_mat)):
+                if not np.all(np.isfinite(matrix)):
+                    raise _MalformedReply(f"{module}.{name} holds non-finite values")
+            # |(B A)_ij| <= r max|B| max|A|: a bound that overflows could make B A inf.
+            bound = a_mat.shape[0] * float(np.abs(b_mat).max()) * float(np.abs(a_mat).max())
+            if not math.isfinite(bound):  # Python floats: inf, without a RuntimeWarning
+                raise _MalformedReply(f"{module}: lora_B lora_A may overflow float64")
+        signature = tuple(sorted((module, self._shape(b_mat, a_mat))
+                                 for module, (b_mat, a_mat) in factors.items()))
+        return state, signature
+
+    def _shape(self, b_mat, a_mat):
+        """``(d_out, d_in)``, and the rank for the rules that need equal ranks."""
+        shape = (b_mat.shape[0], a_mat.shape[1])
+        return shape + (a_mat.shape[0],) if self.rule in _EQUAL_RANK_RULES else shape
+
+    def _screen(self, server_round, replies):
+        """Node ids, adapters and counts of the well-formed replies; the others dropped."""
+        read, dropped = [], {}
         for message in replies:
-            content = message.content
-            nodes.append(message.metadata.src_node_id)
-            adapters.append(arrays_to_state_dict(next(iter(content.array_records.values()))))
-            metrics = next(iter(content.metric_records.values()))
-            weights.append(float(metrics[self.weighted_by_key]))
-        return nodes, adapters, np.asarray(weights)
+            node = message.metadata.src_node_id
+            try:
+                count = self._count(message.content)
+                read.append((message, node, count, *self._adapter(message.content)))
+            except _MalformedReply as reason:
+                dropped[node] = str(reason)
+        if read:  # the shapes most replies share (first seen on a tie)
+            common = collections.Counter(item[-1] for item in read).most_common(1)[0][0]
+            for item in [item for item in read if item[-1] != common]:
+                dropped[item[1]] = (f"modules and shapes {dict(item[-1])} differ from "
+                                    f"those of most replies {dict(common)}")
+            read = [item for item in read if item[-1] == common]
+        _log_dropped(server_round, "", dropped)
+        self.dropped_[server_round] = dropped
+        return read, dropped
 
     def _aggregate(self, adapters, weights):
         """Per-client adapters and the global adapter (numpy state dicts)."""
@@ -154,29 +291,91 @@ class LoraStrategy(FedAvg):
                       for adapter in adapters]
         return per_client, global_state_dict(results, adapters[0], self.lora_config), None
 
+    def _metrics(self, messages, weights, aggregate_fn):
+        """FedAvg's metric aggregation, weighted by the capped weights."""
+        contents = []
+        for message, weight in zip(messages, weights):
+            content = message.content
+            key, record = next(iter(content.metric_records.items()))
+            capped = MetricRecord({**dict(record.items()), self.weighted_by_key: float(weight)})
+            contents.append(RecordDict({**dict(content.items()), key: capped}))
+        try:
+            return aggregate_fn(contents, self.weighted_by_key)
+        except (ValueError, TypeError) as error:  # e.g. metric lists of unequal lengths
+            _LOGGER.warning("the clients' metrics could not be aggregated: %s", error)
+            return MetricRecord()
+
     def aggregate_train(self, server_round, replies):
-        """Aggregate the replies' adapters with the clairstat rule.
+        """Aggregate the well-formed replies' adapters with the clairstat rule.
+
+        Malformed replies are dropped and reported (class Notes); the example counts
+        are capped at ``max_weight_ratio`` times their median.
 
         Returns
         -------
         arrays : ArrayRecord or None
             The global adapter (CLAIR: the collaborative mean, read out at the first
-            client's rank).
+            valid client's rank); ``None`` when no reply carries content.
         metrics : MetricRecord or None
-            FedAvg's weighted metrics plus ``n-flagged`` for CLAIR.
+            FedAvg's weighted metrics (capped weights), ``n-dropped`` and
+            ``dropped-nodes``, plus ``n-flagged`` for CLAIR.
+
+        Raises
+        ------
+        ValueError
+            When fewer than 2 valid replies remain after dropping the malformed ones.
         """
-        valid, _ = self._check_and_log_replies(replies, is_train=True)
+        valid, _ = self._check_and_log_replies(replies, is_train=True, validate=False)
         if not valid:
             return None, None
-        nodes, adapters, weights = self._collect(valid)
+        read, dropped = self._screen(server_round, valid)
+        if len(read) < 2:
+            raise ValueError(f"round {server_round}: {len(read)} valid replies after dropping "
+                             f"{len(dropped)} malformed ones ({dropped}); aggregation needs "
+                             "at least 2.")
+        messages, nodes, counts, adapters, _ = (list(column) for column in zip(*read))
+        weights = cap_weights(counts, self.max_weight_ratio)
+        self.weights_ = dict(zip(nodes, (weights / weights.sum()).tolist()))
         per_client, global_adapter, flagged = self._aggregate(adapters, weights)
         self.client_arrays_ = {node: state_dict_to_arrays(sd)
                                for node, sd in zip(nodes, per_client)}
         self.flagged_ = ({} if flagged is None else
                          {node: bool(flag) for node, flag in zip(nodes, flagged)})
-        metrics = self.train_metrics_aggr_fn([m.content for m in valid],
-                                             self.weighted_by_key)
+        extra = {"n-dropped": len(dropped), "dropped-nodes": [int(n) for n in dropped]}
         if flagged is not None:
-            metrics = MetricRecord({**dict(metrics.items()),
-                                    "n-flagged": int(np.sum(flagged))})
-        return state_dict_to_arrays(global_adapter), metrics
+            extra["n-flagged"] = int(np.sum(flagged))
+        metrics = self._metrics(messages, weights, self.train_metrics_aggr_fn)
+        return state_dict_to_arrays(global_adapter), MetricRecord({**dict(metrics.items()),
+                                                                   **extra})
+
+    def aggregate_evaluate(self, server_round, replies):
+        """FedAvg's weighted evaluation metrics, robust to malformed replies.
+
+        A reply without exactly one MetricRecord or with a missing, non-finite or
+        non-positive count is dropped, logged and recorded in ``dropped_evaluate_``;
+        the counts are capped as in training. The metrics gain ``n-dropped`` and
+        ``dropped-nodes``; ``None`` when no valid reply remains.
+        """
+        valid, _ = self._check_and_log_replies(replies, is_train=False, validate=False)
+        kept, counts, dropped = [], [], {}
+        for message in valid:
+            try:
+                counts.append(self._count(message.content, arrays=False))
+                kept.append(message)
+            except _MalformedReply as reason:
+                dropped[message.metadata.src_node_id] = str(reason)
+        _log_dropped(server_round, "evaluation ", dropped)
+        self.dropped_evaluate_[server_round] = dropped
+        if not kept:
+            return None
+        weights = cap_weights(counts, self.max_weight_ratio)
+        metrics = self._metrics(kept, weights, self.evaluate_metrics_aggr_fn)
+        return MetricRecord({**dict(metrics.items()), "n-dropped": len(dropped),
+                             "dropped-nodes": [int(n) for n in dropped]})
+
+
+def _log_dropped(server_round, kind, dropped):
+    """One WARNING per dropped reply, with the node id and the reason."""
+    for node, reason in dropped.items():
+        _LOGGER.warning("round %s: dropped the %sreply of node %s: %s", server_round, kind,
+                        node, reason)

@@ -37,6 +37,6 @@ def resolve_solver(solver="auto", *, max_iter=2000, tol=1e-6, device="cpu", dtyp
         if device != "cpu":
             raise ValueError("solver='cvxpy' runs on the CPU only; use solver='torch' for "
                              f"device={device!r}.")
-        return CVXPYSolver(tol=tol)
+        return CVXPYSolver(max_iter=max_iter, tol=tol)
     raise ValueError(f"solver must be 'auto', 'torch', 'cvxpy' or a clairstat Solver "
                      f"instance, got {solver!r}.")

@@ -1,0 +1,242 @@
+"""Degenerate and hostile inputs to the aggregation rules and to refine_adapters.
+
+Every rule of :func:`clairstat.aggregation.aggregate` must refuse non-finite factors,
+mismatched shapes, rank-0 factors and bad weights with a ValueError naming the client,
+and must give a finite, correct answer for zero updates (fresh LoRA adapters, B = 0).
+"""
+
+import warnings
+
+import numpy as np
+import pytest
+
+from clairstat.aggregation import RULE_NAMES, aggregate, factored_reduction, reduce_factors
+from clairstat.aggregation._validation import check_weights
+from clairstat.lora import adapter_factors, module_factors, refine_adapters
+
+from test_lora import MODULES, lora_state, shared_clients
+
+N_CLIENTS, D, K, RANK = 6, 7, 5, 2
+
+
+def shared_a_factors(rng, n_clients=N_CLIENTS):
+    """Clients with one shared A (so that every rule, FFA included, accepts them)."""
+    a_mat = rng.standard_normal((RANK, K))
+    return [(rng.standard_normal((D, RANK)), a_mat.copy()) for _ in range(n_clients)]
+
+
+def fresh_factors(rng, n_clients=N_CLIENTS):
+    """Fresh LoRA adapters: B = 0, A at its (shared) random initialisation."""
+    a_mat = rng.standard_normal((RANK, K))
+    return [(np.zeros((D, RANK)), a_mat.copy()) for _ in range(n_clients)]
+
+
+def quietly(rule, factors, weights=None):
+    """``aggregate`` with warnings silenced (geomedian may warn; tested elsewhere)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return aggregate(rule, factors, weights)
+
+
+# ------------------------------------------------------------ non-finite factors
+
+@pytest.mark.parametrize("rule", RULE_NAMES)
+@pytest.mark.parametrize("which", ["B", "A"])
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_non_finite_factor_is_refused_naming_client_and_factor(rule, which, value, rng):
+    factors = shared_a_factors(rng)
+    b_mat, a_mat = factors[3]
+    (b_mat if which == "B" else a_mat)[1, 0] = value
+    with pytest.raises(ValueError, match=rf"factors\[3\]: {which} has 1 non-finite"):
+        aggregate(rule, factors)
+
+
+def test_update_that_overflows_is_refused(rng):
+    factors = shared_a_factors(rng)
+    factors[2] = (np.full((D, RANK), 1e200), np.full((RANK, K), 1e200))
+    with pytest.raises(ValueError, match=r"factors\[2\]: the update B A may overflow"):
+        aggregate("fedit", factors)
+
+
+# ------------------------------------------------------------ shapes and ranks
+
+def _wrong_module_shape(factors):
+    factors[4] = (np.ones((D + 1, RANK)), factors[4][1])
+
+
+def _inner_mismatch(factors):
+    factors[1] = (factors[1][0], np.ones((RANK + 1, K)))
+
+
+def _one_dimensional(factors):
+    factors[2] = (factors[2][0], np.ones(K))
+
+
+def _complex(factors):
+    factors[5] = (factors[5][0].astype(complex), factors[5][1])
+
+
+def _rank_zero(factors):
+    factors[1] = (np.zeros((D, 0)), np.zeros((0, K)))
+
+
+def _not_a_pair(factors):
+    factors[3] = (factors[3][0],)
+
+
+@pytest.mark.parametrize("corrupt, message", [
+    (_wrong_module_shape, r"client\(s\) \[4\] have \[\(8, 5\)\], the others \(7, 5\)"),
+    (_inner_mismatch, r"factors\[1\]: need B \(d, r\) and A \(r, k\)"),
+    (_one_dimensional, r"factors\[2\]: A must be 2-D"),
+    (_complex, r"factors\[5\]: B must hold real numbers"),
+    (_rank_zero, r"factors\[1\] has rank 0"),
+    (_not_a_pair, r"factors\[3\] must be a \(B, A\) pair"),
+])
+@pytest.mark.parametrize("rule", RULE_NAMES)
+def test_malformed_client_is_named(rule, corrupt, message, rng):
+    factors = shared_a_factors(rng)
+    corrupt(factors)
+    with pytest.raises(ValueError, match=message):
+        aggregate(rule, factors)
+
+
+# ------------------------------------------------------------ weights
+
+@pytest.mark.parametrize("bad", [-1.0, np.nan, np.inf])
+@pytest.mark.parametrize("rule", RULE_NAMES)
+def test_bad_weight_is_refused_naming_the_client(rule, bad, rng):
+    weights = np.ones(N_CLIENTS)
+    weights[2] = bad
+    with pytest.raises(ValueError, match=r"client\(s\) \[2\] have weight"):
+        aggregate(rule, shared_a_factors(rng), weights)
+
+
+def test_huge_finite_weights_are_normalised_without_overflow():
+    # The plain sum of these is inf (and w / inf = 0); scaled by the max first it is 3.
+    normalised = check_weights([1e308, 1e308, 1e308], 3)
+    assert np.array_equal(normalised, np.full(3, 1 / 3))
+    mixed = check_weights([1e308, 0.0, 5e307], 3)
+    assert np.allclose(mixed, [2 / 3, 0.0, 1 / 3], rtol=4 * np.finfo(float).eps, atol=0)
+
+
+# ------------------------------------------------------------ zero updates (fresh adapters)
+
+@pytest.mark.parametrize("rule", RULE_NAMES)
+def test_fresh_adapters_give_a_zero_update_for_every_rule(rule, rng):
+    result = quietly(rule, fresh_factors(rng))
+    assert result.update.shape == (D, K)
+    assert np.array_equal(result.update, np.zeros((D, K)))  # exactly: 0 in, 0 out
+    if rule == "clair":
+        assert not result.flagged.any()  # nobody is flagged for being zero
+        assert np.array_equal(np.asarray(result.per_client), np.zeros((N_CLIENTS, D, K)))
+    if rule == "geomedian":
+        assert result.converged and result.iterations == 0
+
+
+@pytest.mark.parametrize("rule", RULE_NAMES)
+def test_some_fresh_clients_among_trained_ones_give_finite_results(rule, rng):
+    factors = shared_a_factors(rng)
+    a_shared = factors[0][1]
+    factors[1] = (np.zeros((D, RANK)), a_shared.copy())
+    factors[4] = (np.zeros((D, RANK)), a_shared.copy())
+    weights = rng.uniform(1.0, 2.0, N_CLIENTS)
+    result = quietly(rule, factors, weights)
+    assert np.all(np.isfinite(result.update))
+    if rule in ("flora", "fedex", "ffa", "glora"):  # exact rules: zeros simply add nothing
+        p = weights / weights.sum()
+        expected = sum(w * b @ a for (b, a), w in zip(factors, p))
+        # A short sum of float64 products: rounding within 1e3 eps of the scale.
+        assert np.allclose(result.update, expected, rtol=0,
+                           atol=1e3 * np.finfo(float).eps * np.abs(expected).max())
+
+
+def test_geomedian_of_tiny_updates_stays_finite(rng):
+    factors = [(1e-170 * b, a) for b, a in shared_a_factors(rng)]  # squared norms underflow
+    result = quietly("geomedian", factors)
+    assert np.all(np.isfinite(result.coefficients)) and np.all(np.isfinite(result.update))
+
+
+@pytest.mark.parametrize("reduce", [lambda f: reduce_factors(f),
+                                    lambda f: reduce_factors(f, backbone=False),
+                                    factored_reduction])
+def test_reduction_of_zero_updates_is_zero_not_empty(reduce, rng):
+    left, right, _ = reduced = reduce(fresh_factors(rng))
+    assert left.shape == (D, 1)  # the span of the B's is {0}: one unit vector
+    assert np.allclose(left.T @ left, 1.0)
+    if isinstance(right, tuple):
+        assert all(np.allclose(v.T @ v, np.eye(v.shape[1])) for v in right)
+        assert all(np.array_equal(block, np.zeros_like(block)) for block in reduced.updates)
+    elif hasattr(reduced.updates, "coef"):
+        assert np.array_equal(reduced.updates.coef, np.zeros_like(reduced.updates.coef))
+    else:
+        assert np.array_equal(reduced.expand(reduced.updates), np.zeros((N_CLIENTS, D, K)))
+
+
+# ------------------------------------------------------------ refine_adapters
+
+
+def fresh_states(rng, n_clients=8, d=20, k=16, rank=3):
+    """peft-shaped adapters as peft initialises them: lora_B = 0, lora_A random."""
+    return [lora_state([np.zeros((d, rank)) for _ in MODULES],
+                       [rng.standard_normal((rank, k)) / np.sqrt(k) for _ in MODULES])
+            for _ in range(n_clients)]
+
+
+@pytest.mark.parametrize("joint", [False, True])
+def test_refine_fresh_adapters_keeps_them_unchanged(joint, rng):
+    states = fresh_states(rng)
+    refinement = refine_adapters(states, {"lora_alpha": 8}, joint=joint)
+    assert not refinement.flagged.any()
+    assert all(not flags.any() for flags in refinement.module_flagged.values())
+    assert all(estimator is None for estimator in refinement.estimators.values())
+    for own, refined in zip(states, refinement.state_dicts):
+        assert set(own) == set(refined)
+        # The client's own arrays: B = 0 stays 0 and A keeps its initialisation
+        # (a readout would give A = 0, from which LoRA cannot train).
+        assert all(np.array_equal(refined[key], own[key]) for key in own)
+    for stack in refinement.per_client.values():
+        assert np.array_equal(np.asarray(stack), np.zeros((len(states), 20, 16)))
+    mean = refinement.mean_state_dict(states[0], {"lora_alpha": 8})
+    for key, value in mean.items():
+        expected = np.zeros_like(value) if ".lora_B." in key else states[0][key]
+        assert np.array_equal(value, expected)
+
+
+def test_a_zero_module_does_not_outvote_a_fitted_one(rng):
+    """One module trained (two clients off the shared subspace), one still fresh."""
+    states, bad = shared_clients(rng)
+    fresh_key = f"base_model.model.{MODULES[1]}.lora_B.weight"
+    for state in states:
+        state[fresh_key] = np.zeros_like(state[fresh_key])
+    refinement = refine_adapters(states, rank=2, random_state=0)
+    fitted = f"base_model.model.{MODULES[0]}"
+    assert np.array_equal(refinement.module_flagged[fitted], bad)
+    assert np.array_equal(refinement.flagged, bad)  # not diluted to 1/2 by the zero module
+    assert refinement.estimators[f"base_model.model.{MODULES[1]}"] is None
+    for own, refined, flagged in zip(states, refinement.state_dicts, bad):
+        assert np.array_equal(refined[fresh_key], own[fresh_key])
+
+
+def test_refine_real_peft_fresh_adapters():
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q_proj = torch.nn.Linear(8, 6, bias=False)
+            self.v_proj = torch.nn.Linear(8, 6, bias=False)
+
+    config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"])
+    states = []
+    for seed in range(5):
+        torch.manual_seed(seed)
+        states.append(peft.get_peft_model_state_dict(peft.get_peft_model(Tiny(), config)))
+    assert all(not np.any(b @ a) for f in module_factors(states, config).values()
+               for b, a in f)  # peft's own initialisation: every update is 0
+    refinement = refine_adapters(states, config)
+    assert not refinement.flagged.any()
+    for own, refined in zip(states, refinement.state_dicts):
+        assert all(torch.equal(refined[key], own[key]) for key in own)
+    mean = adapter_factors(refinement.mean_state_dict(states[0], config), config)
+    assert all(not np.any(b) and np.any(a) for b, a in mean.values())
