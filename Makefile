@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 CONSTRAINTS := requirements/ci-constraints.txt
 PIP_INSTALL := $(PY) -m pip install --disable-pip-version-check -q -c $(CONSTRAINTS)
 
-.PHONY: demo test venv bench validate-smoke validate-small clean
+.PHONY: demo test docs venv bench validate-smoke validate-small clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,12 @@ test: $(VENV)/.all-installed
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; fi; \
 	exit $$rc
 
+# The documentation site: Sphinx with warnings as errors; every example of the gallery
+# (examples/) is executed. Output: docs/_build/html/index.html.
+docs: $(VENV)/.all-installed
+	$(PY) -m sphinx -W --keep-going -b html -d docs/_build/doctrees docs docs/_build/html
+	@echo "make docs: open docs/_build/html/index.html"
+
 bench: $(VENV)/.all-installed
 	$(PY) benchmarks/solver_benchmark.py
 
@@ -43,4 +49,5 @@ validate-small: $(VENV)/.all-installed
 	$(PY) -m validation --scale small
 
 clean:
-	rm -rf $(VENV) demo_output .pytest_cache
+	rm -rf $(VENV) demo_output .pytest_cache docs/_build docs/generated docs/auto_examples \
+		docs/sg_execution_times.rst

@@ -21,6 +21,7 @@ import argparse
 import csv
 import os
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -84,8 +85,10 @@ def run_one(name, frame, features, outputs, n_clients, split, kind, n_victims):
     for path in ("default", "noise_cov"):
         extra = {"noise_cov": ols.noise_cov} if path == "noise_cov" else {}
         start = time.perf_counter()
-        est = CLAIREstimator(random_state=split).fit(estimates, sample_weight=ols.n_samples,
-                                                     **extra)
+        with warnings.catch_warnings():  # non-convergence is recorded in the row
+            warnings.simplefilter("ignore", UserWarning)
+            est = CLAIREstimator(random_state=split).fit(estimates,
+                                                         sample_weight=ols.n_samples, **extra)
         flagged = est.contaminated_
         truth = np.zeros(n_clients, dtype=bool)
         truth[list(victims)] = True
@@ -94,12 +97,14 @@ def run_one(name, frame, features, outputs, n_clients, split, kind, n_victims):
                          q=estimates.shape[2], any_flag=int(flagged.any()),
                          false_flags=int((flagged & ~truth).sum()),
                          victims_flagged=int((flagged & truth).sum()),
-                         rank=est.rank_, seconds=round(time.perf_counter() - start, 3)))
+                         rank=est.rank_, converged=int(est.detection_converged_),
+                         seconds=round(time.perf_counter() - start, 3)))
     return rows
 
 
 FIELDS = ["dataset", "split", "path", "corruption", "n_clients", "n_victims", "p", "q",
-          "any_flag", "false_flags", "victims_flagged", "rank", "seconds", "version"]
+          "any_flag", "false_flags", "victims_flagged", "rank", "converged", "seconds",
+          "version"]
 
 
 def _done(out):

@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
-from ._result import Problem
+from numpy.typing import ArrayLike
+
+from ._result import DecompositionResult, Problem
+from ._threads import thread_limits
 from ._tuning import default_penalties, estimate_noise_scale, floor_noise_scale
 from ._validation import check_local_estimates, check_noise_scale, check_penalty
-from .solvers import resolve_solver
+from .solvers import Solver, resolve_solver
 
 __all__ = ["clair_decompose"]
 
 
-def clair_decompose(local_estimates, *, alpha="auto", beta="auto", lam="auto",
-                    formulation="penalized", backbone=True, solver="auto", noise_scale=None,
-                    max_iter=2000, tol=1e-6, device="cpu", dtype="float64", init=None):
+def clair_decompose(local_estimates: ArrayLike, *, alpha: float | str = "auto",
+                    beta: float | str = "auto", lam: float | str = "auto",
+                    formulation: str = "penalized", backbone: bool = True,
+                    solver: str | Solver = "auto", noise_scale: float | ArrayLike | None = None,
+                    max_iter: int = 2000, tol: float = 1e-6, device: str = "cpu",
+                    dtype: str = "float64",
+                    init: DecompositionResult | dict | None = None,
+                    n_jobs: int | None = None) -> DecompositionResult:
     """Decompose stacked client estimates into backbone + low rank + block sparse.
 
     Parameters
@@ -36,6 +44,11 @@ def clair_decompose(local_estimates, *, alpha="auto", beta="auto", lam="auto",
         Passed to the solver (``tol`` is the relative duality gap).
     init : DecompositionResult or dict, optional
         Warm start.
+    n_jobs : int or None, default=None
+        Threads of torch and of the BLAS/OpenMP pools during the solve
+        (:func:`clairstat._threads.thread_limits`): ``None`` chooses from the problem size
+        (one thread for small problems, or the count of an enclosing ``thread_limits``),
+        ``-1`` uses every usable CPU, a positive int that many.
 
     Returns
     -------
@@ -77,7 +90,8 @@ def clair_decompose(local_estimates, *, alpha="auto", beta="auto", lam="auto",
     problem = Problem(blocks, formulation=formulation, alpha=alpha, beta=beta, lam=lam,
                       backbone=bool(backbone))
     engine = resolve_solver(solver, max_iter=max_iter, tol=tol, device=device, dtype=dtype)
-    result = engine.solve(problem, init=init)
+    with thread_limits(n_jobs, blocks.shape):
+        result = engine.solve(problem, init=init)
     result.alpha, result.beta, result.lam = alpha, beta, lam
     result.noise_scale = None if sigma is None else float(
         (sigma ** 2).mean() ** 0.5 if hasattr(sigma, "__len__") else sigma)

@@ -1,33 +1,26 @@
-"""Collaborative-set detection, subspace refit and refinement (method.md section 3)."""
+"""The geometry of the detection: collaborative means, subspaces, the rank rule, the
+off-subspace statistics, the robust start and the refinement (docs/method_notes.md,
+section 7). The tests and the loop built on them are in :mod:`clairstat._inference`."""
 
 from __future__ import annotations
 
-import dataclasses
 import warnings
-from dataclasses import dataclass
 from functools import singledispatch
 
 import numpy as np
-import scipy.linalg
 from scipy import optimize, stats
 from sklearn.utils import check_random_state
-from sklearn.utils.extmath import randomized_svd
-from statsmodels.stats.multitest import multipletests
 
-from ._factored import FactoredBlocks, FactoredRefined, off_subspace_statistics
-from ._null import (NoiseCovariance, NullDistribution, kronecker_df, kronecker_moments,
-                    median_scale_df, robust_log_spread_df, satterthwaite)
+from ._reduced import (FactoredBlocks, FactoredRefined, leave_one_out_coefficients,
+                       left_singular, off_subspace_statistics, top_eigh, uses_gram)
 from ._objective import stack_blocks
 
-__all__ = ["CollaborativeFit", "NoiseKnowledge", "weighted_mean", "refit_subspace",
-           "select_rank", "projection_statistics", "calibrate_null", "concentrate",
-           "out_of_sample_statistics", "detect_clients", "refine"]
-
-_MAX_ROUNDS = 25
+__all__ = ["weighted_mean", "refit_subspace", "select_rank", "projection_statistics",
+           "calibrate_null", "concentrate", "out_of_sample_statistics", "refine"]
 
 
 # The detection works on a dense (n_clients, p, q) array or on a FactoredBlocks stack
-# (LoRA updates, clairstat._factored): the four stack operations below dispatch on it.
+# (LoRA updates, clairstat._reduced): the four stack operations below dispatch on it.
 @singledispatch
 def weighted_mean(blocks, weights):
     """``sum_k w_k Theta_k / sum_k w_k`` over the given clients."""
@@ -43,32 +36,21 @@ def _centred_stack(blocks, weights):
     return stack_blocks(blocks - weighted_mean(blocks, weights)[None])
 
 
-def _left_singular(stacked):
-    """Left singular vectors and values of a p x n matrix, largest first.
-
-    For n >= 2p the p x p Gram matrix is eigen-decomposed instead of running a thin SVD
-    (O(p^2 n) either way, but without forming the n-long right factors); the top
-    directions and the singular values above the noise edge are accurate to
-    eps * s_max^2 / s, far below the statistical error.
-    """
-    p, n = stacked.shape
-    if n >= 2 * p:
-        eigval, eigvec = np.linalg.eigh(stacked @ stacked.T)
-        order = np.argsort(eigval)[::-1]
-        return eigvec[:, order], np.sqrt(np.clip(eigval[order], 0.0, None))
-    left, sing, _ = np.linalg.svd(stacked, full_matrices=False)
-    return left, sing
+def _left_singular(stacked, rank=None):
+    """Left singular vectors and values of a p x n matrix, largest first
+    (:func:`clairstat._reduced.left_singular`: the package's one Gram/Lanczos rule)."""
+    return left_singular(stacked, rank)
 
 
 @singledispatch
-def _centred_left_singular(blocks, weights):
+def _centred_left_singular(blocks, weights, rank=None):
     """Left singular vectors and values of the centred stack, largest first."""
-    return _left_singular(_centred_stack(blocks, weights))
+    return _left_singular(_centred_stack(blocks, weights), rank)
 
 
 @_centred_left_singular.register
-def _(blocks: FactoredBlocks, weights):
-    return blocks.centred_left_singular(weights)
+def _(blocks: FactoredBlocks, weights, rank=None):
+    return blocks.centred_left_singular(weights, rank)
 
 
 def select_rank(blocks, weights, noise_scale, whitening=None):
@@ -98,18 +80,17 @@ def select_rank(blocks, weights, noise_scale, whitening=None):
 def refit_subspace(blocks, weights, rank, random_state=None):
     """Top ``rank`` left singular vectors of the centred collaborative estimates.
 
+    Exact to round-off on dense and factored stacks alike (the Gram/Lanczos rule of
+    :mod:`clairstat._reduced`); ``random_state`` is accepted for compatibility and
+    unused (no solver is randomized).
+
     Returns
     -------
     basis : ndarray of shape (p, rank)
     """
-    if isinstance(blocks, FactoredBlocks):
-        return blocks.centred_left_singular(weights, rank)[0]
-    stacked = _centred_stack(blocks, weights)
     if rank == 0:
-        return np.zeros((stacked.shape[0], 0))
-    if min(stacked.shape) > 500 and rank < min(stacked.shape) // 4:
-        return randomized_svd(stacked, rank, random_state=random_state)[0]
-    return _left_singular(stacked)[0][:, :rank]
+        return np.zeros((blocks.shape[1], 0))
+    return _centred_left_singular(blocks, weights, rank)[0]
 
 
 def _project(basis, blocks):
@@ -133,26 +114,86 @@ def _sub_rank(rank, p, q, n_others):
     return min(rank, p, q * max(n_others - 1, 0))
 
 
-def _leave_one_out(blocks, weights, members, rank, random_state):
-    """``(k, mean, basis, others)`` for every member k, fitted on the other members.
+@singledispatch
+def _leave_one_out_grams(blocks, weights):
+    """``without(i)``: the centred p x p Gram of ``blocks`` without its i-th client and
+    that client minus the others' weighted mean; ``None`` where a refit is needed.
 
-    In-sample, a member's own noise pulls both the mean and the subspace towards it: its
-    statistic is smaller than a non-member's by the mean's share (a factor
-    ``((W - w_k) / W)^2``) and by what the subspace absorbs (measured: 4% of the
-    statistic for 50 rank-16 LoRA clients of a 4096 x 4096 module, three standard
-    deviations of a chi^2 with 12 672 degrees of freedom), so benign clients outside the
-    set would look deviant and, once rejected, stay rejected.
+    The exact downdate of :func:`clairstat._reduced.leave_one_out_coefficients`:
+    ``G + beta c_i c_i^T + alpha (e c_i^T + c_i e^T)`` with the centred blocks ``c_j``
+    and their sum ``e``, O(p^2 q) per client once G is formed.
+    """
+    centred = blocks - weighted_mean(blocks, weights)[None]
+    stacked = stack_blocks(centred)
+    gram, spread = stacked @ stacked.T, centred.sum(axis=0)
+    flat = centred.reshape(len(centred), -1)
+    centred_inner = flat @ flat.T
+
+    def without(i):
+        coefficients = leave_one_out_coefficients(weights, i, centred_inner)
+        if coefficients is None:
+            return None
+        alpha, beta = coefficients
+        half = (0.5 * beta * centred[i] + alpha * spread) @ centred[i].T
+        downdated = gram + half + half.T
+        others = np.arange(len(weights)) != i
+        residual = blocks[i] - weighted_mean(blocks[others], weights[others])
+        return 0.5 * (downdated + downdated.T), residual
+
+    return without
+
+
+@_leave_one_out_grams.register
+def _(blocks: FactoredBlocks, weights):
+    return blocks.leave_one_out_grams(weights)
+
+
+def _leave_one_out(blocks, weights, members, rank, random_state):
+    """``(k, statistic, basis, others)`` for every member k, fitted on the other members.
+
+    ``statistic`` is ``||(I - P_(-k))(X_k - mean_(-k))||_F^2`` against the other
+    members' weighted mean and refitted rank-``rank`` subspace ``basis``. In-sample, a
+    member's own noise pulls both the mean and the subspace towards it: its statistic is
+    smaller than a non-member's by the mean's share (a factor ``((W - w_k) / W)^2``) and
+    by what the subspace absorbs (measured: 4% of the statistic for 50 rank-16 LoRA
+    clients of a 4096 x 4096 module, three standard deviations of a chi^2 with 12 672
+    degrees of freedom), so benign clients outside the set would look deviant and, once
+    rejected, stay rejected.
+
+    The refit without k is :func:`refit_subspace` on the other members, but not run K
+    times: where the refit goes through the p x p Gram matrix (factored stacks, and
+    dense ones with at least 2p columns), that matrix without k is an exact low-rank
+    downdate of the members' Gram (:func:`_leave_one_out_grams`), handed to the same
+    eigensolver, so a member costs O(p^2 q) plus one top-``rank`` eigenproblem instead
+    of a whole refit. A member the downdate cannot remove to round-off (most of the
+    weight or of the spread, :func:`clairstat._reduced.leave_one_out_coefficients`)
+    is refitted, as is every member of a dense stack narrower than 2p (a thin SVD of
+    the p x (n - 1) q stack is then no dearer than one p x p eigenproblem).
     """
     n_clients, p, q = blocks.shape
-    for k in np.flatnonzero(members):
+    index = np.flatnonzero(members)
+    sub_rank = _sub_rank(rank, p, q, len(index) - 1)
+    gram_route = sub_rank > 0 and (isinstance(blocks, FactoredBlocks)
+                                   or uses_gram(p, (len(index) - 1) * q))
+    without = _leave_one_out_grams(blocks[members], weights[members]) if gram_route else None
+    for position, k in enumerate(index):
         others = members.copy()
         others[k] = False
-        sub_blocks, sub_weights = blocks[others], weights[others]
-        if sub_weights.sum() <= 0:  # nobody else carries weight: no refit to compare with
+        if weights[others].sum() <= 0:  # nobody else carries weight: no refit to compare with
             continue
-        sub_rank = _sub_rank(rank, p, q, int(others.sum()))
-        yield (k, weighted_mean(sub_blocks, sub_weights),
-               refit_subspace(sub_blocks, sub_weights, sub_rank, random_state), others)
+        downdate = None if without is None else without(position)
+        if downdate is None:
+            sub_blocks, sub_weights = blocks[others], weights[others]
+            basis = refit_subspace(sub_blocks, sub_weights, sub_rank, random_state)
+            one = np.arange(n_clients) == k
+            stat = projection_statistics(blocks[one], weighted_mean(sub_blocks, sub_weights),
+                                         basis)[0]
+        else:
+            gram, residual = downdate
+            basis = top_eigh(gram, sub_rank)[1]
+            residual = residual - _project(basis, residual)
+            stat = np.sum(residual * residual)
+        yield k, stat, basis, others
 
 
 def out_of_sample_statistics(blocks, weights, members, mean, basis, random_state=None):
@@ -170,11 +211,9 @@ def out_of_sample_statistics(blocks, weights, members, mean, basis, random_state
     """
     stat = projection_statistics(blocks, mean, basis)
     fits = [(basis, members)] * len(stat)
-    for k, sub_mean, sub_basis, others in _leave_one_out(blocks, weights, members,
-                                                          basis.shape[1], random_state):
-        one = np.zeros(len(stat), dtype=bool)
-        one[k] = True
-        stat[k] = projection_statistics(blocks[one], sub_mean, sub_basis)[0]
+    for k, member_stat, sub_basis, others in _leave_one_out(blocks, weights, members,
+                                                            basis.shape[1], random_state):
+        stat[k] = member_stat
         fits[k] = (sub_basis, others)
     return stat, fits
 
@@ -300,359 +339,6 @@ def _c_steps(blocks, weights, members, rank, noise, half, max_steps, random_stat
             break
         members = new
     return float(np.sort(relative)[:half].sum()), members
-
-
-@dataclass(frozen=True)
-class NoiseKnowledge:
-    """What the test knows of the noise.
-
-    ``sigma`` (n_clients,): per-entry standard deviations (the rank rule's noise edge and
-    the concentration steps' relative statistics); ``cov``: the covariance when it is
-    known (``noise_cov``, or ``noise_scale`` as ``sigma_k^2 I``), else ``None`` (the
-    test estimates its null from the statistics); ``floor``: the smallest noise variance
-    per entry that is not round-off (a machine-precision floor for noiseless data);
-    ``whitening``: the common transform of the rank rule (:func:`select_rank`).
-    """
-
-    sigma: np.ndarray
-    cov: NoiseCovariance | None = None
-    floor: float = 0.0
-    whitening: tuple | None = None
-
-    @property
-    def estimated(self):
-        return self.cov is None
-
-
-def _mean_weights(weights, others):
-    return weights[others] / weights[others].sum()
-
-
-def _given_null(noise, weights, fits):
-    """Per-client scaled chi^2 from the known covariance (exact first two moments)."""
-    scale, df = np.zeros(len(fits)), np.zeros(len(fits))
-    for k, (basis, others) in enumerate(fits):
-        index = np.r_[k, np.flatnonzero(others & (np.arange(len(fits)) != k))]
-        coefficients = np.r_[1.0, -_mean_weights(weights, index[1:])] if len(index) > 1 \
-            else np.ones(1)
-        scale[k], df[k] = satterthwaite(*kronecker_moments(noise.cov.subset(index), basis,
-                                                           coefficients))
-    return NullDistribution(scale, df)
-
-
-def understatement(stat, null, calibrate_on):
-    """How much a given covariance understates the noise, matched at the median.
-
-    The factor ``c >= 1`` that brings the calibration clients' median p-value to 1/2
-    (1 when it already is). A covariance can be right in shape but too small (OLS's
-    classical covariance under heteroscedastic errors: measured on the real-data splits
-    of ``benchmarks/real_data_calibration.py``); the data can raise the noise, never
-    lower it below what the user gave. A raised scale is an estimate, carried into an F
-    null (:func:`clairstat._null.median_scale_df`).
-
-    Returns
-    -------
-    factor : float
-    scale_df : float
-        ``inf`` when the factor is 1.
-    """
-    ok = calibrate_on & (null.df > 0) & (null.scale > 0)
-    if ok.sum() < 2:
-        return 1.0, np.inf
-    ratio, df = stat[ok] / null.scale[ok], null.df[ok]
-
-    def excess(log_c):  # median p-value - 1/2, rising in c
-        return float(np.median(stats.chi2.sf(ratio / np.exp(log_c), df))) - 0.5
-
-    if excess(0.0) >= 0.0:
-        return 1.0, np.inf
-    upper = 1.0
-    while excess(upper) < 0.0 and upper < 700.0:
-        upper *= 2.0
-    log_c = optimize.brentq(excess, 0.0, upper)
-    return float(np.exp(log_c)), median_scale_df(float(np.median(df)), int(ok.sum()))
-
-
-def _mean_variance_share(weights, fits):
-    """``1 + sum_j a_j^2``: the statistic's variance relative to the client's own noise."""
-    return np.array([1.0 + np.sum(_mean_weights(weights, others) ** 2)
-                     for _, others in fits])
-
-
-def _estimated_shape_df(blocks, mean, basis, calibrate_on):
-    """Effective degrees of freedom of a shared Kronecker noise shape (dense stacks)."""
-    p = blocks.shape[1]
-    complement = scipy.linalg.null_space(basis.T) if basis.shape[1] else np.eye(p)
-    residuals = complement.T @ (blocks[calibrate_on] - mean[None])
-    if residuals.shape[1] == 0:
-        return 0.0
-    return kronecker_df(residuals)
-
-
-def _estimated_null(blocks, weights, stat, fits, members, calibrate_on, noise, mean, basis):
-    """Scaled chi^2 (or F) with an estimated df and a robust scale (noise not known).
-
-    Dense stacks: the df of a shared Kronecker shape fitted to the calibration clients'
-    residuals (outputs and rows on different scales), capped by the model-free spread
-    of the log-statistics; the scale matched to their median, whose sampling error
-    turns the null into an F (:func:`clairstat._null.median_scale_df`). Factored stacks
-    (LoRA updates, rank-r noise): :func:`calibrate_null`'s quantile matching.
-
-    Returns
-    -------
-    null : NullDistribution
-    unit : float
-        The scale of a statistic with mean-variance share 1 (for new clients).
-    """
-    n_clients, p, q = blocks.shape
-    df_theory = (p - basis.shape[1]) * q
-    share = _mean_variance_share(weights, fits)
-    relative = noise.sigma ** 2 / np.mean(noise.sigma ** 2) * share
-    n_calibrate = int(np.sum(calibrate_on))
-    if isinstance(blocks, FactoredBlocks):
-        sigma2, nu = calibrate_null(stat / (relative * df_theory), calibrate_on, df_theory)
-        sigma2 *= df_theory
-    else:
-        nu = min(_estimated_shape_df(blocks, mean, basis, calibrate_on),
-                 robust_log_spread_df(stat[calibrate_on] / relative[calibrate_on]))
-        if nu <= 0:
-            return NullDistribution(np.zeros(n_clients), np.zeros(n_clients)), 0.0
-        sigma2 = float(np.median(stat[calibrate_on] / relative[calibrate_on])) * nu \
-            / stats.chi2.median(nu)
-    # Noiseless data: statistics at round-off level are zero, not evidence.
-    floored = noise.floor * df_theory
-    scale_df = np.inf if sigma2 < floored else median_scale_df(nu, n_calibrate)
-    sigma2 = max(sigma2, floored)
-    null = NullDistribution(sigma2 * relative / nu, np.full(n_clients, nu), scale_df)
-    return null, sigma2 / nu
-
-
-@dataclass(frozen=True)
-class _Round:
-    """One refit on a client set and every client's test against it."""
-
-    members: np.ndarray
-    mean: object
-    basis: np.ndarray
-    statistics: np.ndarray
-    null: NullDistribution
-    new_client_null: NullDistribution
-    log_p: np.ndarray
-    adjusted: np.ndarray
-    rejected: np.ndarray
-
-
-def _test_round(blocks, weights, members, rank, noise, level, correction, random_state,
-                calibrate_on):
-    """Refit on ``members``; test every client out of sample; correct the p-values."""
-    n_clients, p, q = blocks.shape
-    mean, basis = _fit_on(blocks, weights, members, rank, noise.sigma, random_state,
-                          noise.whitening)
-    stat, fits = out_of_sample_statistics(blocks, weights, members, mean, basis, random_state)
-    if noise.estimated:
-        null, sigma2 = _estimated_null(blocks, weights, stat, fits, members, calibrate_on,
-                                       noise, mean, basis)
-        share = 1.0 + np.sum(_mean_weights(weights, members) ** 2)
-        new = NullDistribution(np.array([sigma2 * share]), null.df[:1], null.scale_df)
-    else:
-        null = _given_null(noise, weights, fits)
-        new = _new_client_given_null(noise, weights, members, basis)
-        factor, scale_df = understatement(stat, null, calibrate_on)
-        null = NullDistribution(null.scale * factor, null.df, scale_df)
-        new = NullDistribution(new.scale * factor, new.df, scale_df)
-    log_p = null.log_sf(stat)
-    if not np.any(null.df > 0):  # the subspace is everything: nobody can be told apart
-        adjusted = np.ones(n_clients)
-    else:
-        adjusted = multipletests(np.exp(log_p), alpha=level, method=correction)[1]
-    return _Round(members, mean, basis, stat, null, new, log_p, adjusted, adjusted <= level)
-
-
-def _new_client_given_null(noise, weights, members, basis):
-    """A new client's null: the members' average covariance, plus the mean's share.
-
-    A new client's own covariance is not known; it is taken as the members' average
-    ``(1/m) sum_j C_j (x) R_j``, so ``Sigma = sum_j (1/m + a_j^2) C_j (x) Q R_j Q``.
-    """
-    index = np.flatnonzero(members)
-    a = _mean_weights(weights, members)
-    coefficients = np.sqrt(1.0 / len(index) + a ** 2)
-    g, h = satterthwaite(*kronecker_moments(noise.cov.subset(index), basis, coefficients))
-    return NullDistribution(np.array([g]), np.array([h]))
-
-
-@dataclass(frozen=True)
-class CollaborativeFit:
-    """The detection's result: one fit on one collaborative set, and every client's test.
-
-    Every attribute comes from the same fit: ``mean`` is the weighted mean of
-    ``members``, ``basis`` their refitted subspace, ``statistics`` and ``log_p`` every
-    client's out-of-sample test against them (a member against a refit without it),
-    ``adjusted`` the p-values corrected over the clients, ``contaminated`` the clients
-    outside ``members``. ``converged`` is ``False`` when the refit-and-test loop did not
-    reach a set that its own test reproduces (then some clients are left out of the
-    collaborative set although their test does not reject them: see
-    :func:`detect_clients`).
-
-    Attributes
-    ----------
-    members : ndarray of bool, shape (n_clients,)
-    mean : ndarray of shape (p, q) (or a FactoredMean)
-    basis : ndarray of shape (p, rank)
-    statistics, log_p, adjusted : ndarray of shape (n_clients,)
-    null : NullDistribution
-        Of the training clients' statistics.
-    new_client_null : NullDistribution
-        Of a new client's statistic against ``mean`` and ``basis``.
-    level : float
-    correction : str
-    converged : bool
-    n_rounds : int
-    """
-
-    members: np.ndarray
-    mean: object
-    basis: np.ndarray
-    statistics: np.ndarray
-    log_p: np.ndarray
-    adjusted: np.ndarray
-    null: NullDistribution
-    new_client_null: NullDistribution
-    level: float
-    correction: str
-    converged: bool
-    n_rounds: int
-
-    @property
-    def contaminated(self):
-        return ~self.members
-
-    @property
-    def rank(self):
-        return self.basis.shape[1]
-
-    @property
-    def p_values(self):
-        return np.exp(self.log_p)
-
-    def training_scores(self):
-        """Log adjusted p-values, each on the side of ``log(level)`` its flag is on.
-
-        They differ from ``log(adjusted)`` only for a client whose flag was not set by
-        the test (threshold detection, or a loop that did not converge).
-        """
-        cut = np.log(self.level)
-        scores = np.log(np.maximum(self.adjusted, np.finfo(float).tiny))
-        kept = np.maximum(scores, cut)
-        flagged = np.minimum(scores, cut - np.log(2.0))
-        return np.where(self.members, kept, flagged)
-
-    def new_client_log_p(self, blocks):
-        """Log p-values of new clients tested one by one against the collaborative fit."""
-        stat = projection_statistics(blocks, self.mean, self.basis)
-        null = NullDistribution(np.full(len(stat), self.new_client_null.scale[0]),
-                                np.full(len(stat), self.new_client_null.df[0]),
-                                self.new_client_null.scale_df)
-        return null.log_sf(stat), stat
-
-    def refine(self, blocks, contaminated):
-        """``P Theta_k + (I - P) mean`` for the others; ``contaminated`` ones unchanged."""
-        return refine(blocks, self.basis, self.mean, contaminated)
-
-
-def _final(state, level, correction, converged, n_rounds):
-    return CollaborativeFit(state.members, state.mean, state.basis, state.statistics,
-                            state.log_p, state.adjusted, state.null, state.new_client_null,
-                            level, correction, converged, n_rounds)
-
-
-def detect_clients(blocks, weights, start, *, rank, noise, level, correction, iterate=True,
-                   random_state=None):
-    """Refit-and-test until the collaborative set is the one its own test keeps.
-
-    Starting from a robust set (:func:`concentrate`, seeded by ``start``: the clients
-    with S_k = 0), refit the mean and subspace on the collaborative set, test every
-    client out of sample against its null (:mod:`clairstat._null`), correct the
-    p-values (statsmodels' ``multipletests``) and take the clients not rejected as the
-    next set, until the set repeats. If the sets cycle instead (or ``_MAX_ROUNDS``
-    pass), the set shrinks to the clients of the cycle that every round kept and then
-    drops, round by round, the members its own test rejects; it stops at a set all of
-    whose members pass (``converged=False`` if some outsider passes too).
-
-    Parameters
-    ----------
-    blocks : ndarray of shape (n_clients, p, q) or FactoredBlocks
-    weights : ndarray of shape (n_clients,)
-    start : ndarray of bool, shape (n_clients,)
-    rank : int or None
-        ``None``: the rank rule of :func:`select_rank` at every round.
-    noise : NoiseKnowledge
-    level : float
-    correction : str
-        A ``multipletests`` method ("fdr_bh", "holm", "bonferroni", ...).
-    iterate : bool, default=True
-        ``False``: a single fit on ``start`` (threshold detection); ``start`` is then the
-        collaborative set and nothing is tested away.
-
-    Returns
-    -------
-    CollaborativeFit
-    """
-    n_clients = len(blocks)
-    members = start.copy() if start.sum() >= 2 else np.ones(n_clients, dtype=bool)
-
-    def test(members, calibrate_on=None):
-        return _test_round(blocks, weights, members, rank, noise, level, correction,
-                           random_state, members if calibrate_on is None else calibrate_on)
-
-    if not iterate:
-        state = test(members)
-        if start.sum() < 2:  # threshold detection that kept fewer than two clients
-            warnings.warn(f"{int((~start).sum())} of {n_clients} clients have a non-zero "
-                          "sparse block: every client looks contaminated; estimates are "
-                          "returned unrefined (lower beta/lam or raise threshold).",
-                          UserWarning, stacklevel=4)
-            # No collaborative fit exists: the tests are against all clients, for the
-            # record, and nothing is refined.
-            state = dataclasses.replace(state, members=start.copy())
-        return _final(state, level, correction, True, 1)
-    members = concentrate(blocks, weights, members, rank, noise.sigma,
-                          random_state=random_state, whitening=noise.whitening)
-    # The concentrated half-set holds the smallest statistics by construction, so the
-    # first calibration uses every client (the median is robust while attackers are a
-    # minority); later rounds use the tested collaborative set.
-    state, history = test(members, np.ones(n_clients, dtype=bool)), []
-    for n_rounds in range(1, _MAX_ROUNDS + 1):
-        kept = ~state.rejected
-        if np.array_equal(kept, state.members):
-            return _final(state, level, correction, True, n_rounds)
-        if kept.sum() < 2 or any(np.array_equal(kept, seen) for seen in history):
-            break
-        history.append(state.members)
-        state = test(kept)
-    # No fixed point: keep the clients every set of the cycle agreed on, then drop the
-    # members the set's own test rejects until none is.
-    cycle = history[next((i for i, seen in enumerate(history)
-                          if np.array_equal(seen, ~state.rejected)), 0):] + [state.members]
-    members = np.logical_and.reduce(cycle)
-    while members.sum() >= 2:
-        state = test(members)
-        n_rounds += 1
-        if not np.any(state.rejected & members):
-            break
-        members = members & ~state.rejected
-    if members.sum() < 2:  # nothing left to fit on: keep everyone, say so
-        warnings.warn("the detection found no stable collaborative set; every client is "
-                      "kept.", UserWarning, stacklevel=4)
-        return _final(test(np.ones(n_clients, dtype=bool)), level, correction, False,
-                      n_rounds)
-    converged = np.array_equal(~state.rejected, state.members)
-    if not converged:
-        warnings.warn(f"the detection did not settle on a set its own test reproduces; "
-                      f"clients {np.flatnonzero(~state.rejected & ~state.members).tolist()} "
-                      "are left out of the collaborative set although their test does not "
-                      "reject them.", UserWarning, stacklevel=4)
-    return _final(state, level, correction, converged, n_rounds)
 
 
 @singledispatch

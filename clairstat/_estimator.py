@@ -12,8 +12,9 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from ._decompose import clair_decompose
-from ._detection import NoiseKnowledge, detect_clients, refine
+from ._detection import refine
 from ._factored import FactoredBlocks
+from ._inference import NoiseKnowledge, detect_clients
 from ._null import NoiseCovariance
 from ._tuning import estimate_noise_scale, factored_noise_scale, floor_noise_scale
 from ._validation import (as_real_array, check_local_estimates, check_noise_cov,
@@ -26,7 +27,8 @@ _CORRECTIONS = {"bonferroni", "sidak", "holm-sidak", "holm", "simes-hochberg", "
                 "fdr_bh", "fdr_by", "fdr_tsbh", "fdr_tsbky"}
 
 
-class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator):
+class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
+                     auto_wrap_output_keys=None):
     """Collaborative low-rank estimation with contaminated clients (CLAIR).
 
     Fits the decomposition of the clients' estimates into a backbone, a shared low-rank
@@ -37,34 +39,59 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator):
     Parameters
     ----------
     rank : int or None, default=None
-        Dimension of the shared subspace; ``None`` chooses it by the noise-edge rule
-        (:func:`clairstat._detection.select_rank`).
+        Dimension of the shared subspace. ``None`` chooses it at every detection round
+        by the noise-edge rule (:func:`clairstat._detection.select_rank`): singular
+        values of the collaborative clients' centred stack above 1.1 times the largest
+        singular value pure noise would give, after a common rescaling of rows and
+        outputs to equal noise (from ``noise_cov`` when given, else from the
+        decomposition's residual).
     alpha, beta, lam : float or "auto", default="auto"
-        Penalties (see :func:`clairstat.clair_decompose`).
+        Penalties of the nuclear norm (alpha), of the client blocks (beta) and, for the
+        exact program, of the blocks against the nuclear norm (lam); see
+        :func:`clairstat.clair_decompose`. ``"auto"`` sets them from the noise scale
+        (docs/method_notes.md, "Default tuning"). Given values are in the data's units.
     formulation : {"penalized", "exact"}, default="penalized"
+        ``"penalized"``: least squares plus both penalties (noisy estimates).
+        ``"exact"``: minimise ``||L||_* + lam sum_k ||S_k||_F`` subject to the estimates
+        being exactly ``Theta_0 + L_k + S_k`` (noiseless theory; recovery checks).
     backbone : bool, default=True
-        Estimate a free common backbone Theta_0 (``False``: Theta_0 = 0).
+        Estimate a free common backbone Theta_0 (``False``: Theta_0 = 0, e.g. LoRA
+        updates, which are already differences from the base weights).
     subspace : {"column", "row"}, default="column"
         ``"row"`` works on the transposed estimates (a shared row space); fitted
         shapes then refer to the transposes, and outputs come back untransposed.
     solver : {"auto", "torch", "cvxpy"} or Solver, default="auto"
         ``"auto"``: torch when installed, else CVXPY (recorded in ``solver_``).
     noise_scale : float, array-like of shape (n_clients,) or None, default=None
-        Per-entry standard deviation of the estimates' noise; estimated robustly when
-        ``None``.
+        Known per-entry standard deviation of the estimates' noise (isotropic; one per
+        client or one for all). The tests then use it as it is (exact chi^2 moments,
+        raised, never lowered, if the statistics show more noise). ``None``: estimated
+        (see ``noise_cov`` in :meth:`fit` for a full covariance).
     detection : {"test", "threshold"}, default="test"
-        ``"threshold"``: flag ``||S_k||_F > threshold``; ``"test"``: per-client tests with a
-        multiple-testing correction, refitted until the collaborative set is stable.
+        ``"test"``: per-client tests with a multiple-testing correction, the mean and
+        subspace refitted on the clients kept until the set is the one its own test
+        keeps (:func:`clairstat._detection.detect_clients`). ``"threshold"``: flag
+        ``||S_k||_F > threshold`` and fit once on the others (p-values for the record).
     test_level : float, default=0.05
+        Level of the corrected tests: the false discovery rate (``"fdr_*"``
+        corrections) or the family-wise error rate (the others) over the training
+        clients; for a new client (:meth:`predict`), its own test's level.
     correction : str, default="fdr_bh"
-        Any method of ``statsmodels.stats.multitest.multipletests``.
+        Any method of ``statsmodels.stats.multitest.multipletests`` ("fdr_bh", "holm",
+        "bonferroni", ...): how the training clients' p-values are adjusted.
     subspace_source : {"refit", "low_rank"}, default="refit"
         ``"refit"``: top singular vectors of the collaborative clients' centred
-        estimates; ``"low_rank"``: the column space of the decomposition's L.
+        estimates, the subspace the tests use. ``"low_rank"``: the column space of the
+        decomposition's L for ``subspace_`` and the refinement (the tests still use the
+        refit: L's column space is shrunk by the nuclear penalty and tilted by the
+        backbone).
     threshold : float or "auto", default="auto"
-        Block-norm threshold on ``||S_k||_F`` (``"auto"``: ``sqrt(tol)`` times the root mean
-        square client norm, i.e. zero up to the solver's accuracy).
+        Block-norm threshold on ``||S_k||_F`` that gives the detection's starting set
+        (and the flags with ``detection="threshold"``). ``"auto"``: ``sqrt(tol)`` times
+        the root mean square client norm, i.e. zero up to the solver's accuracy.
     max_iter : int, default=2000
+        Iteration cap of the solver (torch: proximal-gradient iterations; CVXPY: passed
+        to SCS/Clarabel). Reaching it raises a ``ConvergenceWarning``.
     tol : float, default=1e-6
         Relative duality gap at which the solver stops.
     device : str, default="cpu"
@@ -80,29 +107,71 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator):
     Attributes
     ----------
     backbone_ : ndarray of shape (p, q)
+        The decomposition's common part Theta_0 (zero with ``backbone=False``).
     low_rank_, sparse_ : ndarray of shape (n_clients, p, q)
-    subspace_ : ndarray of shape (p, rank_)
+        The decomposition's blocks L_k and S_k.
+    subspace_ : ndarray of shape (p, r), r = ``rank_``
+        Orthonormal basis of the shared subspace, fitted on ``collaborative_set_``.
     rank_ : int
+        Its dimension (given, or chosen by the rule on the final collaborative set).
     contamination_scores_ : ndarray of shape (n_clients,)
-        ``||S_k||_F``.
+        ``||S_k||_F``: the decomposition's evidence, which seeds the detection.
     test_statistics_ : ndarray of shape (n_clients,)
-        ``||(I - P)(Theta_hat_k - mean)||_F^2``; for a collaborative client, P and the
-        mean are refitted without it (so every client is tested out of sample).
+        Every client's off-subspace statistic, out of sample: a collaborative client
+        against P and the mean refitted without it, the others against ``subspace_``
+        and ``collaborative_mean_``. With a known covariance, the sum of squared
+        z-scores of ``(I - P)(Theta_hat_k - mean)`` (rows and outputs divided by their
+        noise scales; dimensionless); otherwise ``||(I - P)(Theta_hat_k - mean)||_F^2``
+        (in the data's units squared).
     p_values_ : ndarray of shape (n_clients,)
+        P-values of ``T_k`` under its null (``null_scale_ * chi^2`` with
+        ``degrees_of_freedom_``; an F when the scale was estimated): see
+        docs/method_notes.md, "The null of the per-client test".
+    adjusted_p_values_ : ndarray of shape (n_clients,)
+        ``p_values_`` adjusted by ``correction``; a client is flagged when its adjusted
+        p-value is at most ``test_level`` (when ``detection_converged_``).
+    null_scale_, degrees_of_freedom_ : ndarray of shape (n_clients,)
+        Each client's null ``T_k ~ null_scale_k * chi^2_{df_k}`` (Satterthwaite's
+        moment match to the statistic's exact mean and variance).
+    noise_model_ : {"noise_cov", "noise_scale", "estimated"}
+        Where the null came from.
     contaminated_ : ndarray of bool, shape (n_clients,)
+        The flags: the clients outside ``collaborative_set_``.
     collaborative_set_ : ndarray of int
+        Indices of the clients the final fit used.
     collaborative_mean_ : ndarray of shape (p, q)
-    refined_ : ndarray of shape (n_clients, p, q)
+        Their ``sample_weight``-weighted mean (a lazy factored object for LoRA stacks).
+    refined_ : ndarray of the input's shape
+        ``P Theta_hat_k + (I - P) collaborative_mean_`` for collaborative clients; a
+        flagged client's own estimate, unchanged.
+    detection_converged_ : bool
+        Whether the refit-and-test loop ended on a set its own test reproduces; if not
+        (a cycle), some clients are left out although their test does not reject them,
+        and a warning names them.
+    n_detection_rounds_ : int
+        Refits the detection made.
     objective_, dual_gap_ : float
+        The program's objective and absolute duality gap at the returned point.
     n_iter_ : int
+        Solver iterations.
     converged_ : bool
+        Whether the solver met its duality-gap certificate.
     solver_ : str
+        The backend used ("torch" or "cvxpy:<SOLVER>").
     alpha_, beta_, lam_ : float
+        The penalties used (in the data's units).
     noise_scale_ : float
-        Root mean square of the per-client noise scales used by the tests.
+        Root mean square of ``client_noise_scale_``.
+    client_noise_scale_ : ndarray of shape (n_clients,)
+        Per-entry noise standard deviations behind the penalties and the rank rule.
     offset_ : float
-        ``decision_function = score_samples - offset_``.
+        ``log(test_level)``: ``decision_function = score_samples - offset_``.
     decomposition_ : DecompositionResult
+        The solver's full result (history, status, time), in the data's units.
+    estimate_shape_ : tuple of int
+        ``(p, q)`` in the working orientation.
+    n_features_in_ : int
+        Set for 2-D input (``(n_clients, p)``, read as q = 1), as scikit-learn does.
 
     Notes
     -----
@@ -111,14 +180,31 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator):
         min 1/2 sum_k ||Theta_hat_k - Theta_0 - L_k - S_k||_F^2
             + alpha ||[L_1, ..., L_K]||_* + beta sum_k ||S_k||_F
 
-    and the refined estimate ``P Theta_hat_k + (I - P) mean_C`` of method.md section 3.
+    and the refined estimate ``P Theta_hat_k + (I - P) mean_C``
+    (docs/method_notes.md).
+
+    The fit works in units of the data's largest entry, so scaling the estimates by any
+    positive factor leaves the flags unchanged and scales every estimate (quadratic
+    attributes such as ``test_statistics_`` become ``inf`` beyond float64's range).
+
+    Training clients and new clients (:meth:`score_samples`): a row equal to a training
+    client gets its fitted, out-of-sample, multiplicity-adjusted test; any other row is
+    a new client, tested on its own at ``test_level`` against the fitted model.
+
+    Model selection: there is no ``score`` method. No held-out quantity of the clients
+    measures a fit without their truths (the off-subspace residual of held-out clients
+    falls with the rank whatever the truth), so ``GridSearchCV`` needs ``scoring=``, a
+    callable of your own criterion.
+
+    ``set_output`` is not offered: ``transform`` returns (n_clients, p, q) blocks,
+    which no data frame holds.
 
     Examples
     --------
     >>> from clairstat.datasets import make_federated_regression
     >>> data = make_federated_regression(30, 20, 5, 2, 200, 5, separation=3.0,
     ...                                  random_state=0)
-    >>> est = CLAIREstimator(solver="torch").fit(data.local_estimates)
+    >>> est = CLAIREstimator(solver="torch", random_state=0).fit(data.local_estimates)
     >>> bool(np.array_equal(est.contaminated_, data.contaminated))
     True
     >>> est.rank_
@@ -182,7 +268,7 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator):
             if self.backbone or self.subspace != "column":
                 raise ValueError("a FactoredBlocks stack (LoRA updates) is fitted with "
                                  "backbone=False and subspace='column'.")
-            self.estimate_shape_, self.input_2d_ = X.shape[1:], False
+            self.estimate_shape_, self._input_2d = X.shape[1:], False
             return X
         X = as_real_array(X, "local_estimates")
         if isinstance(X, (list, tuple)):
@@ -197,7 +283,7 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator):
             blocks = np.ascontiguousarray(blocks.transpose(0, 2, 1))
         if reset:
             self.estimate_shape_ = blocks.shape[1:]
-            self.input_2d_ = was_2d
+            self._input_2d = was_2d
         elif blocks.shape[1:] != self.estimate_shape_:
             raise ValueError(f"estimates have shape {blocks.shape[1:]} (working orientation), "
                              f"but the estimator was fitted on {self.estimate_shape_}.")
@@ -206,7 +292,7 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator):
     def _output(self, blocks):
         if self.subspace == "row":
             blocks = blocks.transpose(0, 2, 1)
-        return blocks[:, :, 0] if self.input_2d_ else blocks
+        return blocks[:, :, 0] if self._input_2d else blocks
 
     # -- fit ---------------------------------------------------------------------
     def fit(self, X, y=None, sample_weight=None, noise_cov=None):
@@ -342,13 +428,17 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator):
         self.contaminated_ = fit.contaminated.copy()
         self.collaborative_set_ = np.flatnonzero(fit.members)
         self.collaborative_mean_ = _rescale(fit.mean, scale)
-        self.test_statistics_ = _squared(fit.statistics, scale)
+        # plain statistics are in the data's units squared; z-scores have no unit
+        unit = scale if noise.estimated else 1.0
+        self.test_statistics_ = _squared(fit.statistics, unit)
         self.p_values_ = fit.p_values
         self.adjusted_p_values_ = fit.adjusted
-        self.null_scale_ = _squared(fit.null.scale, scale)
+        self.null_scale_ = _squared(fit.null.scale, unit)
         self.degrees_of_freedom_ = fit.null.df
         self.client_noise_scale_ = noise.sigma * scale
         self.noise_scale_ = float(np.sqrt(np.mean(noise.sigma ** 2)) * scale)
+        self.noise_model_ = ("estimated" if noise.estimated else
+                             "noise_cov" if self.noise_scale is None else "noise_scale")
         self.detection_converged_ = fit.converged
         self.n_detection_rounds_ = fit.n_rounds
         self.offset_ = float(np.log(self.test_level))

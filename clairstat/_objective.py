@@ -8,9 +8,15 @@ returns the same kind, so both solver backends are judged by the same code.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 __all__ = ["objective", "stack_blocks", "unstack_blocks", "penalized_gap", "exact_gap"]
+
+#: A numpy array or a torch tensor: every function here accepts either and returns the
+#: same kind (torch is imported only when a tensor is passed).
+Array = Any
 
 
 def _is_torch(x):
@@ -55,7 +61,7 @@ def _inner(a, b):
     return float((a * b).sum())
 
 
-def stack_blocks(blocks):
+def stack_blocks(blocks: Array) -> Array:
     """``(n_clients, p, q) -> (p, n_clients * q)``, client k in columns ``k*q:(k+1)*q``.
 
     Examples
@@ -68,7 +74,7 @@ def stack_blocks(blocks):
     return moved.reshape(p, n_clients * q)
 
 
-def unstack_blocks(matrix, n_clients):
+def unstack_blocks(matrix: Array, n_clients: int) -> Array:
     """Inverse of :func:`stack_blocks`."""
     p, width = matrix.shape
     blocks = matrix.reshape(p, n_clients, width // n_clients)
@@ -79,7 +85,8 @@ def _residual(local_estimates, backbone, low_rank, sparse):
     return local_estimates - backbone[None] - low_rank - sparse
 
 
-def objective(local_estimates, backbone, low_rank, sparse, *, alpha, beta):
+def objective(local_estimates: Array, backbone: Array, low_rank: Array, sparse: Array, *,
+              alpha: float, beta: float) -> float:
     """Penalized CLAIR objective.
 
     ``1/2 sum_k ||Theta_hat_k - Theta_0 - L_k - S_k||_F^2 + alpha ||L||_* +
@@ -109,8 +116,9 @@ def objective(local_estimates, backbone, low_rank, sparse, *, alpha, beta):
             + beta * float(_block_norms(sparse).sum()))
 
 
-def penalized_gap(local_estimates, backbone, low_rank, sparse, *, alpha, beta,
-                  fit_backbone=True, nuclear_norm=None):
+def penalized_gap(local_estimates: Array, backbone: Array, low_rank: Array, sparse: Array, *,
+                  alpha: float, beta: float, fit_backbone: bool = True,
+                  nuclear_norm: float | None = None) -> tuple[float, float]:
     """Duality gap of the penalized program at a primal point.
 
     The dual is ``max_R <R, M> - 1/2 ||R||^2`` subject to ``||R||_op <= alpha``,
@@ -142,7 +150,8 @@ def penalized_gap(local_estimates, backbone, low_rank, sparse, *, alpha, beta,
     return max(primal - dual, 0.0), primal
 
 
-def exact_gap(local_estimates, low_rank, sparse, multiplier, *, lam, fit_backbone=True):
+def exact_gap(local_estimates: Array, low_rank: Array, sparse: Array, multiplier: Array, *,
+              lam: float, fit_backbone: bool = True) -> tuple[float, float, Array, Array]:
     """Duality gap of the exact program at a (made feasible) primal point.
 
     The primal point is made feasible by setting ``Theta_0`` to the client mean of

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ._reduced import uses_gram
+
 __all__ = ["svt", "block_soft_threshold", "svt_torch", "block_soft_threshold_torch"]
 
 
@@ -93,7 +95,7 @@ def svt_torch(matrix, threshold, *, method="auto"):
 
     m, n = matrix.shape
     if method == "auto":
-        method = ("gram" if matrix.dtype == torch.float64 and max(m, n) >= 2 * min(m, n)
+        method = ("gram" if matrix.dtype == torch.float64 and uses_gram(min(m, n), max(m, n))
                   else "svd")
     if method == "svd":
         left, sing, right_t = torch.linalg.svd(matrix, full_matrices=False)

@@ -32,7 +32,7 @@ class Problem:
     lam: float | None = None
     backbone: bool = True
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         X = self.local_estimates
         if not isinstance(X, np.ndarray) or X.ndim != 3:
             raise ValueError("local_estimates must be an ndarray of shape (n_clients, p, q).")
@@ -48,12 +48,12 @@ class Problem:
                              f"{self.formulation!r}.")
 
     @staticmethod
-    def _check_penalty(name, value):
+    def _check_penalty(name: str, value: float | None) -> None:
         if value is None or not np.isfinite(value) or value < 0:
             raise ValueError(f"{name} must be a finite non-negative number, got {value!r}.")
 
     @property
-    def shape(self):
+    def shape(self) -> tuple[int, int, int]:
         """``(n_clients, p, q)``."""
         return self.local_estimates.shape
 
@@ -97,7 +97,7 @@ class DecompositionResult:
     status: str
     solver: str
     time: float = 0.0
-    history: list = field(default_factory=list)
+    history: list[dict] = field(default_factory=list)
     n_svd: int = 0
     alpha: float | None = None
     beta: float | None = None
@@ -105,6 +105,6 @@ class DecompositionResult:
     noise_scale: float | None = None
 
     @property
-    def relative_gap(self):
+    def relative_gap(self) -> float:
         """``dual_gap / max(objective, tiny)``."""
         return float(self.dual_gap / max(abs(self.objective), np.finfo(float).tiny))

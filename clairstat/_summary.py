@@ -18,16 +18,18 @@ class CLAIRSummary:
     def __init__(self, estimator):
         self.diagnostics = _diagnostics(estimator)
         self.clients = pd.DataFrame({
-            "score ||S_k||_F": estimator.contamination_scores_,
-            "statistic": estimator.test_statistics_,
-            "p-value": estimator.p_values_,
+            "score ||S_k||_F": [_number(v) for v in estimator.contamination_scores_],
+            "statistic": [_number(v) for v in estimator.test_statistics_],
+            "df": [f"{v:.3g}" for v in estimator.degrees_of_freedom_],
+            "p-value": [_p_value(v) for v in estimator.p_values_],
+            "adjusted": [_p_value(v) for v in estimator.adjusted_p_values_],
             "flagged": np.where(estimator.contaminated_, "yes", "no"),
         })
         self.clients.index.name = "client"
         self._summary = Summary()
         self._summary.add_title("CLAIR: collaborative low-rank estimation")
         self._summary.add_dict(self.diagnostics, ncols=2)
-        self._summary.add_df(self.clients, index=True, float_format="%.4g")
+        self._summary.add_df(self.clients, index=True)
 
     def as_text(self):
         """Plain-text report."""
@@ -58,6 +60,20 @@ def _fmt(value):
     return value if isinstance(value, str) else f"{value:.4g}"
 
 
+def _number(value):
+    return f"{value:.4g}"
+
+
+def _p_value(value):
+    """Four significant digits; below 1e-16 (float64 resolution next to 1) as a bound."""
+    return "<1e-16" if value < 1e-16 else f"{value:.4g}"
+
+
+def _df(values):
+    low, high = float(np.min(values)), float(np.max(values))
+    return f"{low:.3g}" if np.isclose(low, high) else f"{low:.3g} to {high:.3g}"
+
+
 def _diagnostics(est):
     n_clients = len(est.contaminated_)
     return {
@@ -68,6 +84,10 @@ def _diagnostics(est):
         "formulation": est.formulation,
         "backbone": str(est.backbone),
         "detection": f"{est.detection} ({est.correction}, level {est.test_level})",
+        "detection converged": f"{est.detection_converged_} ({est.n_detection_rounds_} "
+                               "rounds)",
+        "noise model": est.noise_model_,
+        "test df": _df(est.degrees_of_freedom_),
         "solver": est.solver_,
         "iterations": str(est.n_iter_),
         "converged": str(est.converged_),
@@ -76,5 +96,4 @@ def _diagnostics(est):
         "alpha": f"{est.alpha_:.4g}",
         "beta": f"{est.beta_:.4g}",
         "noise scale": f"{est.noise_scale_:.4g}",
-        "test df": str(est.degrees_of_freedom_),
     }

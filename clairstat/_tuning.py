@@ -1,4 +1,4 @@
-"""Noise-scale estimate and the default penalties of method.md section 2."""
+"""Noise-scale estimate and the default penalties (docs/method_notes.md, section 7)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import numpy as np
 from scipy import integrate, optimize
 
 from ._objective import stack_blocks
+from ._reduced import singular_values
 
 __all__ = ["estimate_noise_scale", "default_penalties", "marchenko_pastur_median"]
 
@@ -70,12 +71,7 @@ def estimate_noise_scale(local_estimates):
         return 0.0
     centred = local_estimates - np.median(local_estimates, axis=0)[None]
     stacked = stack_blocks(centred)
-    short, long_ = sorted(stacked.shape)
-    if long_ >= 2 * short:  # Gram eigenvalues: s^2 to eps * s_max^2, ample for a median
-        gram = stacked @ stacked.T if stacked.shape[0] == short else stacked.T @ stacked
-        sing = np.sqrt(np.clip(np.linalg.eigvalsh(gram), 0.0, None))
-    else:
-        sing = np.linalg.svd(stacked, compute_uv=False)
+    sing = singular_values(stacked)  # via a Gram: s^2 to eps * s_max^2, ample for a median
     n_long, n_short = max(centred.shape[1], n_clients * centred.shape[2]), len(sing)
     sigma = _marchenko_pastur_scale(sing, n_long, n_short)
     # Subtracting the median leaves noise of variance sigma^2 (1 + pi / (2K)) per entry.
@@ -88,7 +84,7 @@ def _marchenko_pastur_scale(sing, n_long, n_short):
 
 
 def factored_noise_scale(stack):
-    """Noise scale of a :class:`clairstat._factored.FactoredBlocks` stack (no backbone).
+    """Noise scale of a :class:`clairstat._reduced.FactoredBlocks` stack (no backbone).
 
     The median singular value of ``[Y_1, ..., Y_K]`` (p x sum r_k, the padding columns
     left out) against the Marchenko-Pastur median, as :func:`estimate_noise_scale`

@@ -10,13 +10,19 @@ Frobenius norm ``separation``:  Theta_k = Theta_0 + U* W_k + D_k with (I - P*) D
 
 from __future__ import annotations
 
+from typing import Union
+
 import numpy as np
+from numpy.typing import ArrayLike, NDArray
 from sklearn.utils import Bunch, check_random_state
 
 __all__ = ["make_low_rank_block_sparse", "make_federated_regression", "random_subspace"]
 
+#: What ``random_state`` accepts (scikit-learn's convention).
+RandomStateLike = Union[int, np.random.RandomState, None]
 
-def random_subspace(p, rank, random_state=None):
+
+def random_subspace(p: int, rank: int, random_state: RandomStateLike = None) -> NDArray:
     """Haar-random orthonormal basis of shape (p, rank).
 
     Examples
@@ -33,7 +39,8 @@ def random_subspace(p, rank, random_state=None):
     return q_factor * np.sign(np.diag(r_factor))
 
 
-def _check_sizes(n_clients, p, q, rank, n_contaminated, noise_level):
+def _check_sizes(n_clients: int, p: int, q: int, rank: int, n_contaminated: int,
+                 noise_level: float) -> None:
     if noise_level < 0:
         raise ValueError(f"noise_level must be non-negative, got {noise_level}.")
     if n_clients < 2:
@@ -71,9 +78,11 @@ def _true_parameters(rng, n_clients, p, q, rank, n_contaminated, *, backbone,
                  noise_level=noise_level, separation=float(separation))
 
 
-def make_low_rank_block_sparse(n_clients=40, p=30, q=8, rank=3, n_contaminated=8, *,
-                               noise_level=0.0, backbone=True, coefficient_scale=1.0,
-                               separation=None, random_state=None):
+def make_low_rank_block_sparse(n_clients: int = 40, p: int = 30, q: int = 8, rank: int = 3,
+                               n_contaminated: int = 8, *, noise_level: float = 0.0,
+                               backbone: bool = True, coefficient_scale: float = 1.0,
+                               separation: float | None = None,
+                               random_state: RandomStateLike = None) -> Bunch:
     """Stacked client estimates: low rank plus block-sparse, with optional noise.
 
     Parameters
@@ -115,9 +124,12 @@ def make_low_rank_block_sparse(n_clients=40, p=30, q=8, rank=3, n_contaminated=8
     return Bunch(**model, local_estimates=model.truth + noise)
 
 
-def make_federated_regression(n_clients=40, p=30, q=8, rank=3, n_samples=200,
-                              n_contaminated=8, *, noise_level=1.0, backbone=True,
-                              coefficient_scale=1.0, separation=None, random_state=None):
+def make_federated_regression(n_clients: int = 40, p: int = 30, q: int = 8, rank: int = 3,
+                              n_samples: int | ArrayLike = 200, n_contaminated: int = 8, *,
+                              noise_level: float = 1.0, backbone: bool = True,
+                              coefficient_scale: float = 1.0,
+                              separation: float | None = None,
+                              random_state: RandomStateLike = None) -> Bunch:
     """Federated multivariate regression with per-client OLS estimates.
 
     Client k draws an isotropic Gaussian design X_k (n_k x p), responses

@@ -29,6 +29,7 @@ import re
 import numpy as np
 
 from ._factored import truncated_svd
+from ._threads import svt_flops, thread_limits
 from .aggregation import ReducedStack, aggregate, reduce_factors
 
 __all__ = ["lora_scaling", "adapter_factors", "module_factors", "readout_factors",
@@ -134,7 +135,7 @@ def adapter_factors(state_dict, config=None):
     factors = {}
     for module, keys in _parse(state_dict).items():
         a_mat, b_mat = _to_numpy(state_dict[keys["A"]]), _to_numpy(state_dict[keys["B"]])
-        if b_mat.shape[1] != a_mat.shape[0]:
+        if b_mat.ndim != 2 or a_mat.ndim != 2 or b_mat.shape[1] != a_mat.shape[0]:
             raise ValueError(f"{module}: lora_B {b_mat.shape} and lora_A {a_mat.shape}.")
         factors[module] = (lora_scaling(config, module, a_mat.shape[0]) * b_mat, a_mat)
     return factors
@@ -274,7 +275,7 @@ class LoraRefinement:
         client gets its own adapter back unchanged.
     flagged : ndarray of shape (n_clients,), bool
         Client-level flags: the joint test, or (per module) flagged in more than half of
-        the modules.
+        the fitted modules (a module with every update zero is not fitted).
     module_flagged : dict of str to ndarray of shape (n_clients,)
         Flags of each module's fit (all equal to ``flagged`` when ``joint``).
     per_client : dict of str to ReducedStack
@@ -284,7 +285,9 @@ class LoraRefinement:
     collaborative_mean : dict of str to ReducedStack
         The collaborative set's mean update per module (one element).
     estimators : dict
-        The fitted :class:`clairstat.CLAIREstimator` per module, or ``{"joint": est}``.
+        The fitted :class:`clairstat.CLAIREstimator` per module, or ``{"joint": est}``;
+        ``None`` where nothing was fitted (every update zero, see
+        :func:`refine_adapters`).
     joint : bool
     """
 
@@ -308,18 +311,49 @@ class LoraRefinement:
         Returns
         -------
         dict
+            A module whose mean update is exactly zero (fresh adapters) gets ``B = 0``
+            and the template's own ``A``, not the readout's ``A = 0``, which would stop
+            LoRA training (both factors' gradients vanish).
         """
         factors = {}
         for module, keys in _parse(template).items():
-            mean = self.collaborative_mean[module]
+            mean, rank = self.collaborative_mean[module], template[keys["A"]].shape[0]
+            if not np.any(mean.reduced[0]):
+                factors[module] = (np.zeros((mean.left_basis.shape[0], rank)),
+                                   _to_numpy(template[keys["A"]]))
+                continue
             factors[module] = readout_factors(mean.left_basis, mean.reduced[0],
-                                              mean.right_basis, template[keys["A"]].shape[0])
+                                              mean.right_basis, rank)
         return factors_to_state_dict(factors, template, config)
 
 
-def _fit_per_module(factor_lists, weights, clair_params):
+def _all_zero(factors):
+    """Whether every client's update ``B_k A_k`` of a module is 0 (B_k = 0 or A_k = 0)."""
+    return all(not np.any(b_mat) or not np.any(a_mat) for b_mat, a_mat in factors)
+
+
+def _zero_fit(factors):
+    """The outcome for a module whose updates are all 0 (fresh adapters): nothing to fit,
+    zero refined updates and mean, nobody flagged, no estimator."""
+    red = reduce_factors(factors, backbone=True)
+    zeros = np.zeros_like(red.updates)
+    return (ReducedStack(red.left_basis, zeros, red.right_basis),
+            ReducedStack(red.left_basis, zeros[:1], red.right_basis),
+            np.zeros(len(factors), dtype=bool), None)
+
+
+def _modules(factor_lists, progress):
+    """``factor_lists.items()``, through ``progress(iterable, total=n_modules)`` if given."""
+    items = factor_lists.items()
+    return items if progress is None else progress(items, total=len(factor_lists))
+
+
+def _fit_per_module(factor_lists, weights, clair_params, progress=None):
     out = {}
-    for name, factors in factor_lists.items():
+    for name, factors in _modules(factor_lists, progress):
+        if _all_zero(factors):
+            out[name] = _zero_fit(factors)
+            continue
         result = aggregate("clair", factors, weights, **clair_params)
         red = result.reduction
         mean = ReducedStack(red.left_basis, np.asarray(result.estimator.collaborative_mean_)[None],
@@ -328,11 +362,14 @@ def _fit_per_module(factor_lists, weights, clair_params):
     return out
 
 
-def _fit_joint(factor_lists, weights, clair_params):
+def _fit_joint(factor_lists, weights, clair_params, progress=None):
     """One CLAIR fit on every client's concatenated reduced updates (vectors, q = 1)."""
     from . import CLAIREstimator
 
-    reductions = {name: reduce_factors(f, backbone=True) for name, f in factor_lists.items()}
+    if all(_all_zero(factors) for factors in factor_lists.values()):
+        return {name: _zero_fit(factors) for name, factors in factor_lists.items()}
+    reductions = {name: reduce_factors(f, backbone=True)
+                  for name, f in _modules(factor_lists, progress)}
     n_clients = len(next(iter(factor_lists.values())))
     vectors = np.hstack([r.updates.reshape(n_clients, -1) for r in reductions.values()])
     # The K vectors span at most K dimensions: one more exact reduction (an isometry).
@@ -355,21 +392,45 @@ def _fit_joint(factor_lists, weights, clair_params):
     return out
 
 
-def _readout_state_dicts(state_dicts, configs, per_client, flagged, ranks):
-    """Each client's refined updates as rank-``ranks[k]`` factors in its own layout."""
+def _readout_state_dicts(state_dicts, configs, per_client, flagged, ranks, keep=()):
+    """Each client's refined updates as rank-``ranks[k]`` factors in its own layout;
+    the modules in ``keep`` (all updates zero) keep the client's own lora_A and lora_B."""
     refined = []
     for k, (template, config) in enumerate(zip(state_dicts, configs)):
         if flagged[k]:  # the estimator returns a flagged client's own estimate
             refined.append(dict(template))
             continue
         factors = {name: _readout_client(stack, k, ranks[k])
-                   for name, stack in per_client.items()}
-        refined.append(factors_to_state_dict(factors, template, config))
+                   for name, stack in per_client.items() if name not in keep}
+        if keep:  # placeholders, then the client's own arrays, exactly
+            own = adapter_factors(template, config)
+            factors.update({name: own[name] for name in keep})
+        state = factors_to_state_dict(factors, template, config)
+        keys = _parse(template)
+        state.update({keys[name][w]: template[keys[name][w]] for name in keep for w in "AB"})
+        refined.append(state)
     return refined
 
 
+def _lora_work(factor_lists):
+    """Flops of the largest module: its reduction's two QRs and its fit's SVT.
+
+    A module with client factors ``B_k`` (d_out, r_k), ``A_k`` (r_k, d_in) reduces by QRs
+    of (d_out, s) and (d_in, s) matrices, ``s = sum_k r_k``, and is fitted on
+    (n_clients, s, max r_k) blocks (:func:`clairstat._threads.svt_flops`).
+    """
+    work = 0.0
+    for factors in factor_lists.values():
+        total = sum(a_mat.shape[0] for _, a_mat in factors)
+        widest = max(a_mat.shape[0] for _, a_mat in factors)
+        d_out, d_in = factors[0][0].shape[0], factors[0][1].shape[1]
+        work = max(work, (d_out + d_in) * total ** 2
+                   + svt_flops((len(factors), total, widest)))
+    return work
+
+
 def refine_adapters(state_dicts, configs=None, *, joint=False, sample_weight=None,
-                    **clair_params):
+                    n_jobs=None, progress=None, **clair_params):
     """CLAIR on the clients' LoRA adapters: detect, refine, and write refined adapters.
 
     Parameters
@@ -387,6 +448,14 @@ def refine_adapters(state_dicts, configs=None, *, joint=False, sample_weight=Non
         the joint update space (PCA-type shrinkage of whole adapters).
     sample_weight : array-like of shape (n_clients,), optional
         Client weights of the collaborative mean (e.g. sample sizes).
+    n_jobs : int or None, default=None
+        Threads of torch and of the BLAS/OpenMP pools for the whole refinement
+        (:func:`clairstat._threads.thread_limits`): ``None`` chooses from the work of
+        the largest module (one thread for small adapters), ``-1`` uses every usable
+        CPU, a positive int that many.
+    progress : callable, optional
+        Called as ``progress(iterable, total=n_modules)`` around the loop over modules
+        (the fits, or the reductions when ``joint``) and iterated; ``tqdm.tqdm`` fits.
     **clair_params
         Parameters of :class:`clairstat.CLAIREstimator` (``rank``, ``test_level``, ...).
 
@@ -407,6 +476,14 @@ def refine_adapters(state_dicts, configs=None, *, joint=False, sample_weight=Non
     ``P Delta W_k + (I - P) mean_C`` generally has rank above ``r_k``; the adapter keeps
     its best rank-``r_k`` approximation (``per_client`` keeps it all).
 
+    A module whose updates are all exactly zero (every client's ``lora_B`` or
+    ``lora_A`` is 0, as in adapters peft has just initialised) is not fitted: nobody is
+    flagged in it, its refined updates and mean are 0, and every client keeps its own
+    ``lora_A`` and ``lora_B`` there (a readout would set ``A = 0`` too, and LoRA cannot
+    train from ``A = B = 0``); such modules do not vote in the client-level flags. With
+    ``joint=True`` the fit is skipped only when every module is zero; a zero module in a
+    joint fit has zero refined updates as well and keeps the clients' own factors.
+
     On the copying experiment (``simulations/copying/RESULTS.md``) per-module CLAIR
     detects without false alarms but gains less than the joint fit, which pools whole
     adapters across modules; ``joint=True`` is the stronger refinement there.
@@ -414,13 +491,16 @@ def refine_adapters(state_dicts, configs=None, *, joint=False, sample_weight=Non
     configs = _per_client(configs, len(state_dicts), "configs")
     factor_lists = module_factors(state_dicts, configs)
     fit = _fit_joint if joint else _fit_per_module
-    fitted = fit(factor_lists, sample_weight, clair_params)
-    module_flagged = {name: item[2] for name, item in fitted.items()}
-    votes = np.mean(list(module_flagged.values()), axis=0)
-    flagged = votes > 0.5
-    per_client = {name: item[0] for name, item in fitted.items()}
-    refined = _readout_state_dicts(state_dicts, configs, per_client, flagged,
-                                   _ranks(factor_lists))
+    with thread_limits(n_jobs, _lora_work(factor_lists)):
+        fitted = fit(factor_lists, sample_weight, clair_params, progress)
+        module_flagged = {name: item[2] for name, item in fitted.items()}
+        # Modules with nothing fitted (all updates zero) do not vote.
+        votes = [module_flagged[name] for name, item in fitted.items() if item[3] is not None]
+        flagged = np.mean(votes, axis=0) > 0.5 if votes else np.zeros(len(state_dicts), bool)
+        per_client = {name: item[0] for name, item in fitted.items()}
+        zero_modules = {name for name, factors in factor_lists.items() if _all_zero(factors)}
+        refined = _readout_state_dicts(state_dicts, configs, per_client, flagged,
+                                       _ranks(factor_lists), keep=zero_modules)
     estimators = ({"joint": next(iter(fitted.values()))[3]} if joint
                   else {name: item[3] for name, item in fitted.items()})
     return LoraRefinement(refined, flagged, module_flagged, per_client,
@@ -475,13 +555,20 @@ def global_state_dict(results, template, config=None, rank=None):
     dict
         The best rank-``r`` factors of each module's ``update`` (a thin SVD of the dense
         (d_out, d_in) update; rules with their own factors of the right rank use them).
+        A zero update (fresh adapters) at the template's rank gives ``B = 0`` and the
+        template's own ``A``, which keeps the adapter trainable (a readout's ``A = 0``
+        would not).
     """
     factors = {}
     for module, keys in _parse(template).items():
         result = results[module]
-        module_rank = rank or template[keys["A"]].shape[0]
+        own_rank = template[keys["A"]].shape[0]
+        module_rank = rank or own_rank
         if result.factors is not None and result.factors[0].shape[1] == module_rank:
             factors[module] = result.factors
+        elif module_rank == own_rank and not np.any(result.update):
+            factors[module] = (np.zeros((result.update.shape[0], own_rank)),
+                               _to_numpy(template[keys["A"]]))
         else:
             factors[module] = _dense_readout(result.update, module_rank)
     return factors_to_state_dict(factors, template, config)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import numpy as np
+from numpy.typing import ArrayLike, NDArray
 
 __all__ = ["subspace_distance", "detection_scores", "estimation_errors"]
 
 
-def _projector(basis):
+def _projector(basis: ArrayLike) -> NDArray:
     basis = np.asarray(basis, dtype=float)
     if basis.ndim != 2:
         raise ValueError(f"a subspace basis must be 2-D (p, rank), got shape {basis.shape}.")
@@ -15,7 +16,7 @@ def _projector(basis):
     return q_factor @ q_factor.T
 
 
-def subspace_distance(estimated, true):
+def subspace_distance(estimated: ArrayLike, true: ArrayLike) -> float:
     """Frobenius distance ``||P_hat - P*||_F`` between the projectors onto two subspaces.
 
     Parameters
@@ -37,7 +38,7 @@ def subspace_distance(estimated, true):
     return float(np.linalg.norm(_projector(estimated) - _projector(true)))
 
 
-def detection_scores(flagged, contaminated):
+def detection_scores(flagged: ArrayLike, contaminated: ArrayLike) -> dict[str, float | bool]:
     """Precision, recall, false-positive rate and exact recovery of the contaminated set.
 
     Precision is 1 when nothing is flagged; recall is 1 when nothing is contaminated
@@ -63,7 +64,7 @@ def detection_scores(flagged, contaminated):
     }
 
 
-def estimation_errors(estimates, truth):
+def estimation_errors(estimates: ArrayLike, truth: ArrayLike) -> NDArray:
     """Per-client squared Frobenius errors ``||Theta_tilde_k - Theta_k||_F^2``.
 
     Parameters

@@ -19,6 +19,10 @@ from pathlib import Path
 
 from ._common import PAPER_DIR, output_dir
 
+# --help shows the docstring in plain words, without reStructuredText's literal marks.
+ROOT_NOTE = ("Run it from the repository root: simulations/, validation/ and paper/ are\n"
+             "folders of the checkout, not installed with clairstat.")
+
 
 def figure_modules():
     """The figure scripts of ``paper/figures`` (module objects), by name."""
@@ -62,7 +66,9 @@ def main(argv=None):
     """Draw every figure and write the verdict table; 1 if a figure script failed."""
     from simulations import SCALES, default_results_dir
 
-    parser = argparse.ArgumentParser(prog="python -m paper", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m paper",
+                                     description=__doc__.replace("``", ""), epilog=ROOT_NOTE,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scale", choices=SCALES, default="small")
     parser.add_argument("--results-dir", default=None, help="default simulations/results")
     parser.add_argument("--out-dir", default=None, help="default paper/figures_out/SCALE")

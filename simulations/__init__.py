@@ -7,8 +7,10 @@ Run one with ``python -m simulations STUDY --scale smoke|small|full``; see
 from ._framework import (SCALES, Study, cell_id, default_results_dir, derive_seed, grid,
                          load_results, load_table, pending_tasks, read_rows, results_path,
                          run_study)
+from ._controls import CONTROLS, Control, control_results_dir, get_control
 from .studies import available_studies, get_study
 
 __all__ = ["SCALES", "Study", "cell_id", "default_results_dir", "derive_seed", "grid",
            "load_results", "load_table", "pending_tasks", "read_rows", "results_path",
-           "run_study", "available_studies", "get_study"]
+           "run_study", "available_studies", "get_study", "CONTROLS", "Control",
+           "control_results_dir", "get_control"]

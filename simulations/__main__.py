@@ -9,24 +9,37 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ._controls import CONTROLS, control_results_dir
 from ._framework import SCALES, results_path, run_study
 from .studies import available_studies, get_study
+
+# --help shows the docstring in plain words, without reStructuredText's literal marks.
+ROOT_NOTE = ("Run it from the repository root: simulations/, validation/ and paper/ are\n"
+             "folders of the checkout, not installed with clairstat.")
 
 
 def build_parser():
     """The argument parser of ``python -m simulations``."""
-    parser = argparse.ArgumentParser(prog="python -m simulations", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m simulations",
+                                     description=__doc__.replace("``", ""), epilog=ROOT_NOTE,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("study", help="study name, 'list', or 'module:ATTRIBUTE'")
-    parser.add_argument("--scale", choices=SCALES, default="smoke")
+    parser.add_argument("--scale", choices=SCALES, default="smoke",
+                        help="grid size: smoke (seconds), small (minutes), full (a cluster); "
+                             "default smoke")
     parser.add_argument("--n-jobs", type=int, default=1,
                         help="parallel joblib workers (default 1; -1: all cores)")
     parser.add_argument("--backend", choices=("loky", "dask"), default="loky")
     parser.add_argument("--scheduler", default=None,
-                        help="Dask scheduler address, e.g. tcp://host:8786 (with --backend dask)")
+                        help="Dask scheduler address, e.g. tcp://host:8786 (with --backend "
+                             "dask; without it a LocalCluster of --n-jobs processes runs)")
     parser.add_argument("--results-dir", default=None,
                         help="results root (default simulations/results)")
     parser.add_argument("--threads-per-task", type=int, default=1,
                         help="BLAS/OpenMP/torch threads per replicate (default 1)")
+    parser.add_argument("--control", default=None, choices=sorted(CONTROLS),
+                        help="run a negative control (simulations._controls) instead; its "
+                             "rows go to RESULTS_DIR/controls/NAME/")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return parser
 
@@ -43,15 +56,15 @@ def main(argv=None):
         for name, study in sorted(available_studies().items()):
             print(f"{name:14s} {study.description}")
         return 0
-    if args.backend == "dask" and not args.scheduler:
-        build_parser().error("--backend dask needs --scheduler ADDRESS")
     study = get_study(args.study)
     n_new = run_study(study, args.scale, n_jobs=args.n_jobs, backend=args.backend,
                       scheduler=args.scheduler, results_dir=args.results_dir,
                       progress=not args.no_progress,
-                      threads_per_task=args.threads_per_task)
+                      threads_per_task=args.threads_per_task, control=args.control)
+    root = (control_results_dir(args.control, args.results_dir) if args.control
+            else args.results_dir)
     print(f"{study.name}[{args.scale}]: {n_new} new replicates -> "
-          f"{results_path(study.name, args.scale, args.results_dir)}")
+          f"{results_path(study.name, args.scale, root)}")
     return 0
 
 

@@ -48,7 +48,11 @@ class Study:
     simulate_one : callable
         ``simulate_one(params, seed) -> dict`` of measured quantities (JSON-serialisable
         scalars). Must be a module-level function (it is pickled by reference) and depend
-        only on its arguments.
+        only on its arguments. A study that declares ``controls`` is also called as
+        ``simulate_one(params, seed, control=NAME)``.
+    controls : tuple of str, default=()
+        Negative controls (``simulations._controls.CONTROLS``) this study implements: the
+        broken variant of the method it runs when given that name.
     """
 
     name: str
@@ -56,6 +60,7 @@ class Study:
     grids: dict
     replicates: dict
     simulate_one: Callable
+    controls: tuple = ()
 
     def cells(self, scale):
         """The parameter cells of ``scale`` (a list of dicts)."""
@@ -272,11 +277,12 @@ def _limit_threads(n_threads):
             torch.set_num_threads(previous)
 
 
-def _run_task(simulate_one, cell, replicate, params, seed, n_threads=1):
+def _run_task(simulate_one, cell, replicate, params, seed, n_threads=1, control=None):
     """Worker side: one replicate, timed. Module-level so joblib can pickle it."""
     start = time.perf_counter()
+    extra = {} if control is None else {"control": control}
     with _limit_threads(n_threads):
-        measured = simulate_one(dict(params), seed)
+        measured = simulate_one(dict(params), seed, **extra)
     if not isinstance(measured, dict):
         raise TypeError(f"simulate_one must return a dict, got {type(measured).__name__}.")
     return cell, replicate, measured, time.perf_counter() - start
@@ -301,24 +307,30 @@ def pending_tasks(study, scale, results_dir=None):
 
 
 @contextlib.contextmanager
-def _backend(backend, scheduler):
-    """joblib's default backend (loky) or a Dask cluster at ``scheduler``."""
+def _backend(backend, scheduler, n_jobs=1):
+    """joblib's default backend (loky), or Dask: the cluster at ``scheduler``, else a
+    :class:`distributed.LocalCluster` of ``n_jobs`` single-threaded worker processes."""
     if backend in (None, "loky"):
         yield
         return
     if backend != "dask":
         raise ValueError(f"backend must be 'loky' or 'dask', got {backend!r}.")
-    if not scheduler:
-        raise ValueError("backend='dask' needs a scheduler address (--scheduler).")
-    from distributed import Client
+    from distributed import Client, LocalCluster
     from joblib import parallel_config
 
-    with Client(scheduler), parallel_config(backend="dask"):
+    if scheduler:
+        with Client(scheduler), parallel_config(backend="dask"):
+            yield
+        return
+    workers = max(1, n_jobs if n_jobs and n_jobs > 0 else (os.cpu_count() or 1))
+    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                      dashboard_address=None) as cluster, Client(cluster), \
+            parallel_config(backend="dask"):
         yield
 
 
 def run_study(study, scale, *, n_jobs=1, backend=None, scheduler=None, results_dir=None,
-              progress=True, threads_per_task=1):
+              progress=True, threads_per_task=1, control=None):
     """Run every missing replicate of ``study`` at ``scale`` and append its rows.
 
     Parameters
@@ -326,9 +338,11 @@ def run_study(study, scale, *, n_jobs=1, backend=None, scheduler=None, results_d
     study : Study
     scale : {"smoke", "small", "full"}
     n_jobs : int, default=1
-        joblib workers (ignored by the Dask backend, which uses the cluster's workers).
+        joblib workers; with the Dask backend and no scheduler, the local cluster's worker
+        processes (with a scheduler, the cluster's own workers are used).
     backend : {None, "loky", "dask"}
-        ``"dask"`` sends replicates to the Dask scheduler at ``scheduler``.
+        ``"dask"`` sends replicates to the Dask scheduler at ``scheduler``, or to a local
+        cluster of ``n_jobs`` worker processes when no scheduler is given.
     scheduler : str, optional
         Address of a running Dask scheduler, e.g. ``"tcp://127.0.0.1:8786"``.
     results_dir : path-like, optional
@@ -336,12 +350,24 @@ def run_study(study, scale, *, n_jobs=1, backend=None, scheduler=None, results_d
         Show a tqdm progress bar.
     threads_per_task : int, default=1
         BLAS/OpenMP/torch threads each replicate may use (see :func:`_limit_threads`).
+    control : str, optional
+        A negative control the study declares (``study.controls``): its broken variant
+        runs, with the same seeds, and its rows go to
+        ``<results_dir>/controls/<control>/<scale>/`` (never into the normal table).
 
     Returns
     -------
     n_new : int
         Number of replicates run (0 when the table was already complete).
     """
+    if control is not None:
+        from ._controls import control_results_dir, get_control
+
+        get_control(control)  # an unknown name is an error, not a silent normal run
+        if control not in study.controls:
+            raise ValueError(f"study {study.name!r} does not implement control "
+                             f"{control!r} (it declares {list(study.controls)}).")
+        results_dir = control_results_dir(control, results_dir)
     path = results_path(study.name, scale, results_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
     with _exclusive_lock(path):
@@ -349,12 +375,13 @@ def run_study(study, scale, *, n_jobs=1, backend=None, scheduler=None, results_d
         todo = pending_tasks(study, scale, results_dir)
         if todo:
             jobs = -1 if backend == "dask" else n_jobs  # Dask: every worker of the cluster
-            with _backend(backend, scheduler), open(path, "a") as handle:
-                _execute(study, scale, todo, handle, jobs, threads_per_task, progress)
+            with _backend(backend, scheduler, n_jobs), open(path, "a") as handle:
+                _execute(study, scale, todo, handle, jobs, threads_per_task, progress,
+                         control)
         return len(todo)
 
 
-def _execute(study, scale, todo, handle, n_jobs, threads_per_task, progress):
+def _execute(study, scale, todo, handle, n_jobs, threads_per_task, progress, control=None):
     """Run ``todo`` through joblib and append each row as soon as its replicate is done."""
     from joblib import Parallel, delayed
     from tqdm.auto import tqdm
@@ -362,7 +389,7 @@ def _execute(study, scale, todo, handle, n_jobs, threads_per_task, progress):
     total = len(study.tasks(scale))
     by_key = {(task[0], task[1]): task for task in todo}
     runner = Parallel(n_jobs=n_jobs, return_as="generator_unordered")
-    results = runner(delayed(_run_task)(study.simulate_one, *task, threads_per_task)
+    results = runner(delayed(_run_task)(study.simulate_one, *task, threads_per_task, control)
                      for task in todo)
     with tqdm(total=total, initial=total - len(todo), desc=f"{study.name}[{scale}]",
               disable=not progress, unit="rep") as bar:

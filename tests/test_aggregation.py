@@ -9,8 +9,8 @@ import scipy.optimize
 import scipy.stats
 
 from clairstat.aggregation import (RULE_NAMES, aggregate, alignment_rotation,
-                                   reduce_factors, soft_rotation, weighted_median,
-                                   weighted_trimmed_mean)
+                                   factored_reduction, reduce_factors, soft_rotation,
+                                   weighted_median, weighted_trimmed_mean)
 from clairstat.aggregation import _robust
 
 EPS = np.finfo(np.float64).eps
@@ -379,10 +379,10 @@ def test_reduce_factors_is_exact_and_small():
     assert close(red.left_basis.T @ red.left_basis, np.eye(8))
     for (b, a), block in zip(factors, red.updates):
         assert close(red.expand(block), b @ a)
-    own = reduce_factors(factors, backbone=False)
-    assert [v.shape[1] for v in own.right_basis] == [2, 3, 2, 1, 2]
-    for (b, a), v, block in zip(factors, own.right_basis, own.updates):
-        assert close(own.left_basis @ block @ v.T, b @ a)
+    left, right, own = factored_reduction(factors)  # each client in its own row basis
+    assert own.shape == (5, 8, 3)
+    for k, (b, a) in enumerate(factors):
+        assert close(left @ own.expand(k) @ right.T, b @ a)
 
 
 @pytest.fixture(autouse=True)

@@ -274,3 +274,11 @@ def test_members_and_outsiders_are_tested_on_the_same_footing():
     # 3.5%; over 20 seeds the average has sd ~0.8%: 3 sd is 2.4%.
     assert abs(np.mean(out_ratio) - 1) < 0.024
     assert np.mean(in_ratio) < 1 - 0.05
+
+
+def test_summary_rounds_and_bounds_tiny_p_values(fitted):
+    table = fitted.summary().clients
+    flagged = fitted.contaminated_ & (fitted.p_values_ < 1e-16)
+    assert flagged.any()
+    assert set(table["p-value"][flagged]) == {"<1e-16"}
+    assert "0.0000" not in fitted.summary().as_text()

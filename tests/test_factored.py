@@ -1,12 +1,13 @@
-"""Tests of clairstat._factored: the factored stack equals the dense one, operation by operation."""
+"""Tests of clairstat._reduced: the factored stack equals the dense one, operation by operation."""
 
 import numpy as np
 import pytest
 
 from clairstat import CLAIREstimator
-from clairstat._detection import (_centred_left_singular, projection_statistics, refine,
-                                  refit_subspace, weighted_mean)
-from clairstat._factored import FactoredBlocks, _top_eigh, truncated_svd
+from clairstat._detection import (_centred_left_singular, out_of_sample_statistics,
+                                  projection_statistics, refine, refit_subspace,
+                                  weighted_mean)
+from clairstat._reduced import FactoredBlocks, top_eigh, truncated_svd
 from clairstat._tuning import factored_noise_scale
 from clairstat.aggregation import factored_reduction
 
@@ -149,7 +150,7 @@ def test_top_eigh_paths_agree():
     rng = np.random.default_rng(2)
     half = rng.standard_normal((200, 200))
     matrix = half @ half.T
-    values, vectors = _top_eigh(matrix, 5)  # Lanczos
+    values, vectors = top_eigh(matrix, 5)  # Lanczos
     full = np.linalg.eigvalsh(matrix)[::-1]
     assert np.allclose(values, full[:5], rtol=0, atol=1e3 * EPS * full[0])
     assert np.allclose(matrix @ vectors, vectors * values, atol=1e3 * EPS * full[0])
@@ -179,3 +180,77 @@ def test_structured_readout_is_the_dense_truncated_svd(flagged):
     assert np.allclose(left.T @ left, np.eye(rank), atol=1e-8)
     error = np.linalg.norm(dense - left * sing @ right_t)
     assert abs(error - np.linalg.norm(want[rank:])) <= 1e-8 * want[0]
+
+
+# ------------------------------------------------- leave-one-out without K refits
+
+def _dense_problem(rng, n_clients, p, q, rank):
+    shared = np.linalg.qr(rng.standard_normal((p, rank)))[0]
+    blocks = shared @ rng.standard_normal((n_clients, rank, q))
+    blocks += 0.1 * rng.standard_normal((n_clients, p, q))
+    blocks[:2] += rng.standard_normal((2, p, q))  # two clients off the subspace
+    return blocks
+
+
+def _factored_problem(rng, n_clients, d, rank):
+    shared = np.linalg.qr(rng.standard_normal((d, rank)))[0]
+    factors = []
+    for i in range(n_clients):
+        r_i = 3 + i % 3  # mixed ranks: zero-padded columns in the stack
+        b_mat = shared @ rng.standard_normal((rank, r_i)) + 0.05 * rng.standard_normal((d, r_i))
+        factors.append((b_mat, rng.standard_normal((r_i, d))))
+    return factored_reduction(factors).updates
+
+
+def _refits(blocks, weights, members, rank):
+    """The definition: a mean and a subspace refitted on the other members, per member."""
+    stat, bases, gaps = {}, {}, {}
+    for k in np.flatnonzero(members):
+        others = members.copy()
+        others[k] = False
+        mean = weighted_mean(blocks[others], weights[others])
+        basis = refit_subspace(blocks[others], weights[others], rank)
+        one = np.arange(len(members)) == k
+        stat[k] = projection_statistics(blocks[one], mean, basis)[0]
+        sing = _centred_left_singular(blocks[others], weights[others])[1]
+        gaps[k] = (sing[rank - 1] ** 2 - sing[rank] ** 2) / sing[0] ** 2
+        bases[k] = basis
+    return stat, bases, gaps
+
+
+@pytest.mark.parametrize("kind, shape, rank", [
+    ("dense", (40, 30, 8), 3),      # Gram route, dense eigensolver
+    ("dense", (30, 120, 10), 4),    # Gram route, Lanczos (p >= 100, rank <= p / 4)
+    ("dense", (12, 60, 3), 2),      # narrow stack: thin-SVD refits
+    ("factored", (24, 200, None), 3),  # s ~ 100: Lanczos on the downdated Gram
+    ("factored", (9, 40, None), 2)])
+@pytest.mark.parametrize("weighting", ["equal", "random", "one zero", "one dominant"])
+def test_leave_one_out_equals_the_refits(kind, shape, rank, weighting):
+    """The Gram downdates give the statistics and subspaces of K separate refits."""
+    rng = np.random.default_rng(11)
+    if kind == "dense":
+        blocks = _dense_problem(rng, *shape, rank)
+    else:
+        blocks = _factored_problem(rng, shape[0], shape[1], rank)
+    n_clients = len(blocks)
+    weights = {"equal": np.ones(n_clients), "random": rng.uniform(0.2, 3.0, n_clients),
+               "one zero": np.r_[0.0, rng.uniform(0.2, 3.0, n_clients - 1)],
+               # a member with most of the weight: refitted, a downdate would not be exact
+               "one dominant": np.r_[1e6, rng.uniform(0.2, 3.0, n_clients - 1)]}[weighting]
+    members = np.ones(n_clients, dtype=bool)
+    members[[1, 5]] = False
+    mean = weighted_mean(blocks[members], weights[members])
+    basis = refit_subspace(blocks[members], weights[members], rank)
+    stat, fits = out_of_sample_statistics(blocks, weights, members, mean, basis)
+    want, bases, gaps = _refits(blocks, weights, members, rank)
+    assert np.array_equal(stat[~members], projection_statistics(blocks, mean, basis)[~members])
+    for k in want:
+        # Both sides eigen-decompose the same Gram matrix up to rounding (~1e2 eps of its
+        # largest eigenvalue); Davis-Kahan turns that into a subspace error of
+        # 1e2 eps / (relative eigengap), and the statistic moves by at most twice that
+        # times the residual's squared norm (itself bounded here by ||X_k - mean||^2).
+        tol = 1e3 * EPS / gaps[k]
+        assert np.linalg.norm(fits[k][0] @ fits[k][0].T - bases[k] @ bases[k].T) <= tol
+        assert np.array_equal(fits[k][1], members & (np.arange(n_clients) != k))
+        scale = np.sum((blocks.expand(k) if kind == "factored" else blocks[k]) ** 2)
+        assert abs(stat[k] - want[k]) <= 4 * tol * (scale + np.sum(np.asarray(mean) ** 2))

@@ -107,8 +107,10 @@ def test_noise_cov_of_the_truth_gives_exact_chi2(regression):
     assert np.all(est.contaminated_[regression.contaminated])
     # BH at 5% over 25 benign clients: one false discovery is within its error rate
     assert np.sum(est.contaminated_ & ~regression.contaminated) <= 1
-    # Satterthwaite on isotropic blocks is exact: df = (p - r) q for every client
-    np.testing.assert_allclose(est.degrees_of_freedom_, (p - est.rank_) * q, rtol=1e-12)
+    # Isotropic noise: the standardised statistic is chi^2 with (p - r) q df, up to the
+    # rows of the projected covariance (I - P), whose diagonal is not quite constant,
+    # being scaled one by one: a fraction of a df at p = 20, r = 2.
+    np.testing.assert_allclose(est.degrees_of_freedom_, (p - est.rank_) * q, rtol=0.01)
 
 
 def test_row_subspace_swaps_the_covariance_factors(regression):

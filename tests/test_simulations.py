@@ -201,6 +201,59 @@ def test_dask_backend_runs_replicates_on_a_local_cluster_of_worker_processes(tmp
     assert np.array_equal(frame["value"], load_results("toy", "smoke", serial)["value"])
 
 
+@pytest.mark.timeout(180)
+def test_dask_backend_without_a_scheduler_starts_a_local_cluster(tmp_path):
+    # ``--backend dask`` alone: a LocalCluster of --n-jobs worker processes, same rows.
+    command = [sys.executable, "-m", "simulations", "simulation_toy:STUDY", "--scale",
+               "smoke", "--backend", "dask", "--n-jobs", "2", "--results-dir",
+               str(tmp_path), "--no-progress"]
+    result = subprocess.run(command, cwd=ROOT, env=_env(), capture_output=True, text=True,
+                            timeout=170)
+    assert result.returncode == 0, result.stderr[-3000:]
+    frame = load_results("toy", "smoke", tmp_path)
+    assert len(frame) == 12 and os.getpid() not in set(frame["pid"])
+    serial = tmp_path / "serial"
+    run_study(simulation_toy.STUDY, "smoke", results_dir=serial, progress=False)
+    assert np.array_equal(frame["value"], load_results("toy", "smoke", serial)["value"])
+
+
+# --- negative controls -------------------------------------------------------------------
+
+def _controlled(params, seed, control=None):
+    return {"value": float(seed % 7), "control": str(control)}
+
+
+CONTROLLED = Study(name="toy", description="control plumbing", grids={
+    scale: grid(mu=[0.0, 1.0]) for scale in simulations.SCALES},
+    replicates={scale: 2 for scale in simulations.SCALES}, simulate_one=_controlled,
+    controls=("no-detection",))
+
+
+def test_a_control_runs_with_the_same_seeds_into_its_own_tables(tmp_path):
+    run_study(CONTROLLED, "smoke", results_dir=tmp_path, progress=False)
+    run_study(CONTROLLED, "smoke", results_dir=tmp_path, progress=False,
+              control="no-detection")
+    normal = load_results("toy", "smoke", tmp_path)
+    broken = load_results("toy", "smoke", simulations.control_results_dir("no-detection",
+                                                                          tmp_path))
+    assert set(normal["control"]) == {"None"} and set(broken["control"]) == {"no-detection"}
+    assert list(normal["seed"]) == list(broken["seed"])  # paired with the normal run
+    with pytest.raises(ValueError, match="does not implement"):
+        run_study(CONTROLLED, "smoke", results_dir=tmp_path, control="no-alignment")
+    with pytest.raises(KeyError, match="unknown control"):
+        run_study(CONTROLLED, "smoke", results_dir=tmp_path, control="nonsense")
+
+
+@pytest.mark.parametrize("name", sorted({name for study in
+                                         simulations.available_studies().values()
+                                         for name in study.controls}))
+def test_every_study_refuses_a_control_it_does_not_implement(name):
+    for study in simulations.available_studies().values():
+        if study.controls and name not in study.controls:
+            with pytest.raises(ValueError, match="does not implement"):
+                study.simulate_one(study.cells("smoke")[0], 0, control=name)
+
+
 # --- command line and discovery ---------------------------------------------------------
 
 def test_cli_runs_a_study_by_import_path_and_lists_the_studies(tmp_path, capsys):
@@ -284,7 +337,8 @@ def test_incoherences_span_their_known_ranges():
     assert _common.block_row_incoherence(blocks, 2) == pytest.approx(9 / 2 * top)
 
 
-@pytest.mark.parametrize("name", ["recovery", "stability", "detection", "refinement"])
+@pytest.mark.parametrize("name", ["recovery", "stability", "detection", "refinement",
+                                  "consistency"])
 def test_each_study_replicate_is_a_pure_function_of_params_and_seed(name):
     study = simulations.get_study(name)
     params = study.cells("smoke")[0]

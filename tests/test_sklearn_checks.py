@@ -13,7 +13,7 @@ EXPECTED_FAILED_CHECKS = {
         "directions, leaving no degrees of freedom to test: nothing is flagged, by design"),
     "check_outliers_fit_predict": "same reason as check_outliers_train",
     "check_sample_weight_equivalence_on_dense_data": (
-        "sample_weight weights the collaborative mean only (method.md section 3); a repeated "
+        "sample_weight weights the collaborative mean only (docs/method_notes.md); a repeated "
         "client still enters the decomposition and the per-client tests as separate "
         "clients, so integer weights are not equivalent to repetition"),
 }

@@ -1,7 +1,8 @@
-"""Tests of the validation layer: interval helpers, check plumbing, and the smoke run.
+"""Tests of the validation layer: interval helpers, the verdict rule, check plumbing, the
+smoke run and the negative controls.
 
-The end-to-end test runs ``python -m validation --scale smoke`` into a temporary
-directory (results and report), exactly as CI would, and requires exit status 0.
+The end-to-end tests run ``python -m validation --scale smoke`` (and ``--control NAME``)
+into temporary directories (results and report), exactly as CI would.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from scipy import stats
 
 import simulations
 import validation
-from validation import Check, ols_slope, run_check, wilson
+from validation import INF, Check, decide, ols_slope, run_check, wilson
 from validation import __main__ as validation_cli
 from validation import _core, _report
 
@@ -74,41 +75,105 @@ def test_wilson_matches_the_closed_form(successes, n):
     assert (lo, hi) == pytest.approx((centre - half, centre + half), abs=1e-12)
 
 
+# --- the verdict rule --------------------------------------------------------------------
+
+@pytest.mark.parametrize("interval, margin, expected", [
+    ((0.95, 1.05), (0.9, 1.1), "pass"),            # TOST: the whole interval inside
+    ((0.85, 1.05), (0.9, 1.1), "inconclusive"),    # straddles an end of the band
+    ((0.5, 1.5), (0.9, 1.1), "inconclusive"),      # wide: covers the band, never a pass
+    ((1.2, 1.5), (0.9, 1.1), "fail"),              # wholly outside
+    ((0.92, 1.0), (0.9, INF), "pass"),             # one-sided: clears the bound
+    ((0.5, 1.0), (0.9, INF), "inconclusive"),
+    ((0.0, 0.65), (0.9, INF), "fail"),
+    ((0.0, 0.04), (-INF, 0.05), "pass"),
+    ((float("nan"), float("nan")), (0.9, INF), "inconclusive"),
+])
+def test_decide_is_tost_or_one_sided_with_three_verdicts(interval, margin, expected):
+    assert decide(interval, margin) == expected
+
+
+def test_an_identity_check_has_no_inconclusive_verdict():
+    assert decide((0.0, 1e-15), (-INF, 1e-12), kind="identity") == "pass"
+    assert decide((0.0, 1e-3), (-INF, 1e-12), kind="identity") == "fail"
+
+
+def test_a_check_must_declare_a_margin_that_can_fail():
+    with pytest.raises(ValueError, match="allows nothing or everything"):
+        Check("open", "toy", "c", lambda df: {}, margin=(-INF, INF))
+    with pytest.raises(ValueError, match="kind"):
+        Check("k", "toy", "c", lambda df: {}, kind="evidence", margin=(0, 1))
+
+
 # --- check plumbing -----------------------------------------------------------------------
 
 def _passing(df):
     return dict(statistic="mean", expected=0.0, observed=df["value"].mean(),
-                interval=(-1.0, 1.0), verdict="pass")
+                interval=(-0.5, 0.5))
 
 
-def test_run_check_reports_errors_instead_of_raising():
+def _check(name, function, **options):
+    return Check(name, "toy", "claim", function, margin=(-1.0, 1.0), **options)
+
+
+def test_run_check_gives_the_rule_s_verdict_and_reports_errors_instead_of_raising():
     frame = pd.DataFrame({"value": [0.1, -0.1]})
-    ok = run_check(Check("ok", "toy", "claim", _passing), frame)
+    ok = run_check(_check("ok", _passing), frame)
     assert ok["verdict"] == "pass" and ok["observed"] == pytest.approx(0.0)
-    assert run_check(Check("e", "toy", "c", _passing), pd.DataFrame())["verdict"] == "error"
-    broken = run_check(Check("b", "toy", "c", lambda df: 1 / 0), frame)
+    assert ok["kind"] == "theory" and ok["margin"] == [-1.0, 1.0]
+    # A verdict returned by the function is ignored: only the margin decides.
+    claims = run_check(_check("c", lambda df: {**_passing(df), "interval": (2, 3),
+                                               "verdict": "pass"}), frame)
+    assert claims["verdict"] == "fail"
+    assert run_check(_check("e", _passing), pd.DataFrame())["verdict"] == "error"
+    broken = run_check(_check("b", lambda df: 1 / 0), frame)
     assert broken["verdict"] == "error" and "ZeroDivisionError" in broken["detail"]
-    partial = run_check(Check("m", "toy", "c", lambda df: {"verdict": "pass"}), frame)
+    partial = run_check(_check("m", lambda df: {"observed": 1.0}), frame)
     assert partial["verdict"] == "error"
+
+
+def test_a_known_failure_tag_on_a_check_that_does_not_fail_is_flagged_stale():
+    frame = pd.DataFrame({"value": [0.1, -0.1]})
+    row = run_check(_check("k", _passing, known_failure="README#x"), frame)
+    assert row["verdict"] == "pass" and row["stale_known_failure"]
+    assert "stale tag" in _report.markdown_table([row])
 
 
 def test_markdown_table_has_one_line_per_check_and_escapes_pipes():
     rows = [{"name": "a", "study": "s", "claim": "c", "statistic": "|x|", "expected": 1,
-             "observed": 0.98765, "interval": [0.9, 1.1], "verdict": "pass"}]
+             "observed": 0.98765, "interval": [0.9, 1.1], "verdict": "pass",
+             "kind": "theory", "margin": [0.8, INF]}]
     table = _report.markdown_table(rows).splitlines()
     assert len(table) == 3 and "\\|x\\|" in table[2] and "0.988" in table[2]
+    assert ">= 0.8" in table[2]
 
 
-def test_checks_are_uniquely_named_and_read_discoverable_studies():
+def test_checks_are_uniquely_named_read_discoverable_studies_and_state_a_source():
     checks = validation.all_checks()
     assert len({check.name for check in checks}) == len(checks)
     studies = simulations.available_studies()
     assert {check.study for check in checks} <= set(studies)
+    theory = [check for check in checks if check.kind == "theory"]
+    assert len(theory) >= 12 and any("consistency" in check.name for check in theory)
+    theory_doc = (ROOT / "docs" / "theory.md").read_text()
+    for check in checks:
+        assert check.source.startswith("docs/theory.md#"), check.name
+        anchor = check.source.split("#")[1]
+        assert f'id="{anchor}"' in theory_doc, (check.name, anchor)
+
+
+def test_every_control_targets_theory_checks_of_studies_that_implement_it():
+    by_name = {check.name: check for check in validation.all_checks()}
+    studies = simulations.available_studies()
+    for control in simulations.CONTROLS.values():
+        assert control.targets, control.name
+        for target in control.targets:
+            check = by_name[target]
+            assert check.kind == "theory", (control.name, target)
+            assert control.name in studies[check.study].controls, (control.name, target)
 
 
 def test_cli_exits_non_zero_when_a_check_fails(tmp_path, monkeypatch):
-    failing = Check("toy_mean", "toy", "mean is 10",
-                    lambda df: {**_passing(df), "expected": 10.0, "verdict": "fail"})
+    failing = _check("toy_mean", lambda df: {**_passing(df), "interval": (5.0, 6.0)})
     monkeypatch.setattr(validation_cli, "all_checks", lambda: [failing])
     monkeypatch.setattr(validation_cli, "get_study", lambda name: simulation_toy.STUDY)
     status = validation_cli.main(["--scale", "smoke", "--results-dir", str(tmp_path),
@@ -119,32 +184,83 @@ def test_cli_exits_non_zero_when_a_check_fails(tmp_path, monkeypatch):
     assert "FAIL" in (tmp_path / "REPORT.md").read_text()
 
 
+def test_smoke_reports_go_to_scratch_and_never_over_a_report_of_another_scale(tmp_path,
+                                                                            monkeypatch):
+    here = Path(validation.__file__).resolve().parent
+    assert validation_cli.default_output_dir("smoke") == here / "scratch" / "smoke"
+    assert validation_cli.default_output_dir("small") == here
+    assert validation_cli.default_output_dir("full") == here / "full"
+    assert "scratch" in validation_cli.default_output_dir("smoke", "no-alignment").parts
+    (tmp_path / "report.json").write_text(json.dumps({"meta": {"scale": "small",
+                                                               "control": None}}))
+    monkeypatch.setattr(validation_cli, "all_checks", lambda: [_check("t", _passing)])
+    monkeypatch.setattr(validation_cli, "get_study", lambda name: simulation_toy.STUDY)
+    with pytest.raises(SystemExit, match="not overwriting"):
+        validation_cli.main(["--scale", "smoke", "--results-dir", str(tmp_path),
+                             "--output-dir", str(tmp_path), "--no-progress"])
+    assert json.loads((tmp_path / "report.json").read_text())["meta"]["scale"] == "small"
+
+
 # --- the whole pipeline at smoke scale ----------------------------------------------------
 
-@pytest.mark.timeout(320)
-def test_validation_smoke_run_passes_and_the_paper_rebuilds_from_its_tables(tmp_path):
-    command = [sys.executable, "-m", "validation", "--scale", "smoke", "--results-dir",
-               str(tmp_path / "results"), "--output-dir", str(tmp_path), "--no-progress",
-               "--n-jobs", "1"]
+def _run_validation(*arguments, timeout=150):
+    command = [sys.executable, "-m", "validation", "--scale", "smoke", "--no-progress",
+               "--n-jobs", "1", *arguments]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
-                            timeout=190)
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.mark.timeout(240)
+def test_validation_smoke_run_reports_every_check_and_the_paper_rebuilds(tmp_path):
+    result = _run_validation("--results-dir", str(tmp_path / "results"), "--output-dir",
+                             str(tmp_path))
     report = json.loads((tmp_path / "report.json").read_text())
-    assert report["meta"]["scale"] == "smoke" and report["checks"]
-    assert all(row["verdict"] == "pass" or row["known_failure"] for row in report["checks"])
-    assert (tmp_path / "REPORT.md").exists()
+    meta, rows = report["meta"], report["checks"]
+    # The exit status follows the blocking list (smoke intervals decide few claims).
+    assert result.returncode == (1 if meta["blocking"] else 0), result.stderr[-4000:]
+    assert meta["scale"] == "smoke" and rows
+    assert all(row["verdict"] != "error" for row in rows), [r for r in rows
+                                                            if r["verdict"] == "error"]
+    for row in rows:
+        assert row["kind"] in ("theory", "identity")
+        assert row["verdict"] in ("pass", "inconclusive", "fail")
+        assert len(row["margin"]) == 2 and row["margin"][0] < row["margin"][1]
+    # Identities hold in every replicate at any scale.
+    assert all(row["verdict"] == "pass" for row in rows if row["kind"] == "identity")
+    assert meta["theory"]["total"] + meta["identity"]["total"] == len(rows)
+    text = (tmp_path / "REPORT.md").read_text()
+    assert "## Theory checks" in text and "## Identity checks" in text
     # The paper is rebuilt from the same saved tables, without simulating.
     figures = tmp_path / "figures"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     result = subprocess.run([sys.executable, "-m", "paper", "--scale", "smoke",
                              "--results-dir", str(tmp_path / "results"), "--out-dir",
                              str(figures), "--report", str(tmp_path / "report.json")],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-4000:]
-    studies = {row["study"] for row in report["checks"]}
+    studies = {row["study"] for row in rows}
     assert {path.stem for path in figures.glob("*.png")} >= studies & {
         "recovery", "stability", "detection", "refinement"}
     assert (figures / "verdicts.md").exists()
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("control", sorted(simulations.CONTROLS))
+def test_each_negative_control_makes_its_target_checks_fail_at_smoke_scale(tmp_path,
+                                                                        control):
+    # In process (the CLI's main), to spare an interpreter start per control.
+    targets = list(simulations.CONTROLS[control].targets)
+    status = validation_cli.main(["--scale", "smoke", "--no-progress", "--control", control,
+                                  "--checks", *targets, "--results-dir",
+                                  str(tmp_path / "results"), "--output-dir", str(tmp_path)])
+    report = json.loads((tmp_path / "report.json").read_text())
+    verdicts = {row["name"]: row["verdict"] for row in report["checks"]}
+    assert verdicts == {name: "fail" for name in targets}, verdicts
+    assert status == 0 and report["meta"]["control"] == control
+    # The control's rows live in their own tables, never in the normal ones.
+    assert list((tmp_path / "results" / "controls" / control / "smoke").glob("*.jsonl"))
+    assert not (tmp_path / "results" / "smoke").exists()
 
 
 def test_ols_slope_with_group_intercepts_recovers_a_common_exponent():
@@ -160,9 +276,9 @@ def test_ols_slope_with_group_intercepts_recovers_a_common_exponent():
 
 def test_a_documented_known_failure_is_reported_but_does_not_fail_the_run(tmp_path,
                                                                          monkeypatch):
-    failing = lambda df: {**_passing(df), "verdict": "fail"}  # noqa: E731
-    checks = [Check("known", "toy", "false claim", failing, known_failure="README#x"),
-              Check("fine", "toy", "true claim", _passing)]
+    failing = lambda df: {**_passing(df), "interval": (5.0, 6.0)}  # noqa: E731
+    checks = [_check("known", failing, known_failure="README#x"),
+              _check("fine", _passing)]
     monkeypatch.setattr(validation_cli, "all_checks", lambda: checks)
     monkeypatch.setattr(validation_cli, "get_study", lambda name: simulation_toy.STUDY)
     status = validation_cli.main(["--scale", "smoke", "--results-dir", str(tmp_path),
@@ -189,18 +305,55 @@ def test_empirical_boundary_interpolates_the_half_crossing_and_censors_the_rest(
     assert boundary["mu_r"].iloc[0] == pytest.approx(6.0)
 
 
-def test_stability_exponent_check_recovers_planted_power_laws():
-    from validation.checks.stability import clients_exponent, noise_exponent
+def test_stability_first_order_checks_accept_a_law_and_reject_a_missing_factor():
+    from validation.checks.stability import first_order_constant, first_order_slope
 
-    rows = []
-    for p, q, scale in [(20, 5, 1.0), (40, 5, 2.0)]:
-        for sigma in [0.5, 1.0, 2.0]:
-            rows.append({"sweep": "sigma", "p": p, "q": q, "sigma": sigma, "n_clients": 40,
-                         "subspace_error": scale * 0.05 * sigma})
-        for k in [10, 20, 40, 80]:
-            rows.append({"sweep": "K", "p": p, "q": q, "sigma": 1.0, "n_clients": k,
-                         "subspace_error": scale * 0.3 * k**-0.5})
-    frame = pd.DataFrame(rows)
-    assert noise_exponent(frame)["observed"] == pytest.approx(1.0)
-    result = clients_exponent(frame)
-    assert result["observed"] == pytest.approx(-0.5) and result["verdict"] == "pass"
+    rng = np.random.default_rng(0)
+    predicted = np.exp(rng.uniform(np.log(0.005), np.log(0.2), 200))
+    noise = np.exp(0.05 * rng.standard_normal(200))
+    frame = pd.DataFrame({"predicted_error": predicted, "subspace_error": predicted * noise,
+                          "sweep": "K", "n_clients": 10, "cell": np.arange(200) % 20,
+                          "p": 20, "q": 5})
+    frame["error_ratio"] = frame["subspace_error"] / frame["predicted_error"]
+    by_name = {c.name: c for c in validation.all_checks()}
+    assert run_check(by_name["stability_first_order_constant"], frame)["verdict"] == "pass"
+    assert run_check(by_name["stability_first_order_slope"], frame)["verdict"] == "pass"
+    # A factor sqrt(2) missing from the prediction, or an error that ignores it: fail.
+    off = frame.assign(subspace_error=frame["subspace_error"] * np.sqrt(2.0))
+    off["error_ratio"] = off["subspace_error"] / off["predicted_error"]
+    assert run_check(by_name["stability_first_order_constant"], off)["verdict"] == "fail"
+    flat = frame.assign(subspace_error=0.05 * noise)
+    assert run_check(by_name["stability_first_order_slope"], flat)["verdict"] == "fail"
+    assert first_order_constant(frame)["n"] == first_order_slope(frame)["n"] == 200
+
+
+def test_consistency_checks_see_a_rising_rate_and_a_flat_one():
+    by_name = {c.name: c for c in validation.all_checks()}
+    rising = pd.DataFrame([{"size": i, "n_clients": k, "n": 5 * k, "gamma": 0.1,
+                            "exact": j < rate * 60}
+                           for i, (k, rate) in enumerate([(20, 0.2), (40, 0.6), (80, 0.97),
+                                                          (160, 1.0)]) for j in range(60)])
+    assert run_check(by_name["detection_consistency_trend"], rising)["verdict"] == "pass"
+    assert run_check(by_name["detection_consistency_limit"], rising)["verdict"] == "pass"
+    flat = rising.assign(exact=[j % 2 == 0 for j in range(len(rising))])
+    assert run_check(by_name["detection_consistency_limit"], flat)["verdict"] == "fail"
+    assert run_check(by_name["detection_consistency_trend"], flat)["verdict"] != "pass"
+
+
+def test_logistic_boundary_slope_recovers_a_planted_contour_without_censoring():
+    from validation.checks.recovery import logistic_boundary_slope
+
+    rng = np.random.default_rng(3)
+    gamma = rng.uniform(0.02, 0.9, 4000)
+    rank = rng.integers(1, 20, 4000)
+    mu = rng.uniform(1.0, 3.0, 4000)
+    # Success iff log(gamma/(1-gamma)) + log(mu r) < log c, blurred: a contour of slope -1.
+    margin = np.log(2.0) - np.log(gamma / (1 - gamma)) - np.log(mu * rank)
+    success = rng.random(4000) < 1 / (1 + np.exp(-3 * margin))
+    frame = pd.DataFrame({"gamma": gamma, "rank": rank, "mu_u": mu, "success": success})
+    slope, (lo, hi) = logistic_boundary_slope(frame)
+    assert lo < -1.0 < hi and hi - lo < 0.2
+    # A boundary that ignores the rank (slope 0) is told apart from -1.
+    flat = frame.assign(success=rng.random(4000) < 1 / (1 + np.exp(3 * np.log(gamma))))
+    slope, (lo, hi) = logistic_boundary_slope(flat)
+    assert lo < 0.0 < hi and lo > -0.5

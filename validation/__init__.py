@@ -2,11 +2,12 @@
 
 ``python -m validation --scale smoke|small|full`` runs the studies the checks need
 (reusing finished replicates), prints the verdicts, writes them as JSON and Markdown and
-exits non-zero if a check fails.
+exits non-zero if a check fails without a documented cause. ``--control NAME`` runs the
+same checks on a deliberately broken method (a negative control).
 """
 
-from ._core import (Check, all_checks, mean_interval, ols_slope, overlaps, run_check, verdict,
-                    wilson)
+from ._core import (INF, Check, all_checks, decide, logit_fit, mean_interval, ols_slope,
+                    run_check, wilson)
 
-__all__ = ["Check", "all_checks", "mean_interval", "ols_slope", "overlaps", "run_check",
-           "verdict", "wilson"]
+__all__ = ["INF", "Check", "all_checks", "decide", "logit_fit", "mean_interval",
+           "ols_slope", "run_check", "wilson"]

@@ -1,24 +1,42 @@
 """Checks of the method's claims: a check is a function of a results table.
 
-A :class:`Check` names the claim and the study whose table it reads; its function
-returns the statistic, the expected value, the observed value with its interval and a
-verdict. :func:`ols_slope` and :func:`wilson` give the intervals.
+A :class:`Check` names the claim, the study whose table it reads, its kind and its
+pre-registered margin; its function returns the statistic, the expected value and the
+observed value with its interval. The verdict is not the function's to give: it follows
+from the interval and the margin by one rule (:func:`decide`), fixed before the data.
+
+- ``kind="theory"``: statistical evidence for a stated claim (``docs/theory.md``). The
+  margin ``[low, high]`` is the region the claim allows (an equivalence band, or a
+  one-sided bound with an infinite end). ``pass`` when the whole 95% interval lies inside
+  it (TOST for a band, "clears the bound" for a one-sided claim), ``fail`` when the whole
+  interval lies outside it, ``inconclusive`` otherwise (too few replicates to decide):
+  a wide interval never passes.
+- ``kind="identity"``: an exact fact of the algorithms (an identity, an inequality that
+  holds for every input), unit-test grade: the interval is the observed ``(min, max)``
+  and the margin the rounding tolerance; ``pass`` when every replicate is inside, else
+  ``fail``. It can only fail through a coding error, so it is counted apart.
+
+:func:`ols_slope`, :func:`wilson`, :func:`mean_interval` and :func:`logit_fit` give the
+intervals.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib
+import math
 import pkgutil
 from typing import Callable
 
 import numpy as np
 
-__all__ = ["Check", "ols_slope", "wilson", "mean_interval", "overlaps", "verdict",
-           "all_checks", "run_check", "is_blocking"]
+__all__ = ["Check", "ols_slope", "wilson", "mean_interval", "logit_fit", "decide",
+           "all_checks", "run_check", "is_blocking", "KINDS", "VERDICTS", "INF"]
 
-VERDICTS = ("pass", "fail")
-_REQUIRED = ("statistic", "expected", "observed", "interval", "verdict")
+KINDS = ("theory", "identity")
+VERDICTS = ("pass", "inconclusive", "fail")
+INF = math.inf
+_REQUIRED = ("statistic", "expected", "observed", "interval")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,22 +50,78 @@ class Check:
     study : str
         Name of the study whose results table ``function`` reads.
     claim : str
-        The claim, in words (method.md section 4).
+        The claim, in words, as stated in ``docs/theory.md`` (section ``source``).
     function : callable
-        ``function(df) -> dict(statistic=, expected=, observed=, interval=(lo, hi),
-        verdict="pass"|"fail")``; extra keys (``detail``) are kept in the report.
+        ``function(df) -> dict(statistic=, expected=, observed=, interval=(lo, hi))``;
+        extra keys (``detail``, ``n``) are kept in the report. A returned ``verdict`` is
+        ignored: the verdict follows from ``interval`` and ``margin`` (:func:`decide`).
+    kind : {"theory", "identity"}
+        Statistical evidence for a claim, or an exact fact of the code (unit-test grade).
+    margin : tuple of float
+        ``(low, high)`` declared before the data; ``-inf``/``inf`` for a one-sided claim.
+    source : str
+        Where the claim is stated: a section of ``docs/theory.md``.
     known_failure : str, optional
         Where the evidence that the claim, as stated, is false is written up (e.g.
-        ``"validation/README.md#detection"``). Its failure is still reported as a
-        failure, but does not make ``python -m validation`` exit non-zero (pytest's
-        non-strict ``xfail``). Only for claims shown false, never to silence noise.
+        ``"validation/README.md#detection"``). A ``fail`` of such a check is still
+        reported but does not make ``python -m validation`` exit non-zero. A check with a
+        tag that does not fail is reported as a stale tag (the evidence has changed).
     """
 
     name: str
     study: str
     claim: str
     function: Callable
+    kind: str = "theory"
+    margin: tuple = (-INF, INF)
+    source: str = ""
     known_failure: str | None = None
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"{self.name}: kind must be one of {KINDS}, got {self.kind!r}.")
+        low, high = (float(v) for v in self.margin)
+        if not low < high or (math.isinf(low) and math.isinf(high)):
+            raise ValueError(f"{self.name}: margin {self.margin} allows nothing or "
+                             "everything; a check must be able to fail.")
+
+
+def decide(interval, margin, kind="theory"):
+    """The verdict of an interval against a pre-registered margin.
+
+    Parameters
+    ----------
+    interval : tuple of float
+        ``(lo, hi)``: a 95% confidence interval (theory) or the observed range (identity).
+    margin : tuple of float
+        ``(low, high)``; an infinite end makes a one-sided claim.
+    kind : {"theory", "identity"}
+
+    Returns
+    -------
+    {"pass", "inconclusive", "fail"}
+        ``pass`` iff ``low <= lo`` and ``hi <= high``; for a theory check ``fail`` iff the
+        interval misses the margin entirely, else ``inconclusive``; an identity check has
+        no inconclusive verdict (any replicate outside the margin is a counterexample).
+
+    Examples
+    --------
+    >>> decide((0.95, 1.05), (0.9, 1.1)), decide((0.5, 1.5), (0.9, 1.1))
+    ('pass', 'inconclusive')
+    >>> decide((1.2, 1.5), (0.9, 1.1)), decide((0.93, 0.99), (0.9, INF))
+    ('fail', 'pass')
+    >>> decide((0.0, 2e-12), (-INF, 1e-12), kind="identity")
+    'fail'
+    """
+    lo, hi = (float(v) for v in interval)
+    low, high = (float(v) for v in margin)
+    if math.isnan(lo) or math.isnan(hi):  # no interval could be formed
+        return "inconclusive" if kind == "theory" else "fail"
+    if low <= lo and hi <= high:
+        return "pass"
+    if kind == "identity" or hi < low or lo > high:
+        return "fail"
+    return "inconclusive"
 
 
 def ols_slope(df, x, y, log=True, by=None):
@@ -62,8 +136,7 @@ def ols_slope(df, x, y, log=True, by=None):
         Fit ``log y`` on ``log x`` (a power law's exponent); rows with a non-positive
         value are dropped first.
     by : str or list of str, optional
-        Columns defining groups that get their own intercept (one common slope), e.g.
-        the (p, q, n) regime of a power law whose constant depends on the regime.
+        Columns defining groups that get their own intercept (one common slope).
 
     Returns
     -------
@@ -103,6 +176,28 @@ def _design(xs, groups):
     return np.column_stack([xs, dummies])
 
 
+def logit_fit(df, outcome, columns):
+    """Logistic regression of a 0/1 ``outcome`` on ``columns`` plus an intercept.
+
+    Returns the statsmodels result (``params`` and ``cov_params()`` ordered
+    ``[const, *columns]``), or ``None`` when the outcome is perfectly separated (the
+    maximum-likelihood fit does not exist: a boundary without any spread in the data).
+    """
+    import statsmodels.api as sm
+
+    design = sm.add_constant(df[list(columns)].to_numpy(dtype=float), has_constant="add")
+    response = np.asarray(df[outcome], dtype=float)
+    try:
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # perfect separation is warned, not raised
+            fit = sm.Logit(response, design).fit(disp=0, maxiter=200)
+    except Exception:  # noqa: BLE001 - separation, singular Hessian: no estimate
+        return None
+    return fit
+
+
 def wilson(successes, n):
     """Success rate with its 95% Wilson interval (statsmodels ``proportion_confint``).
 
@@ -136,25 +231,10 @@ def mean_interval(values):
     values = values[np.isfinite(values)]
     if values.size < 2:
         raise ValueError("a mean's interval needs at least two finite values.")
+    if np.ptp(values) == 0:  # no spread: the t interval is the point itself
+        return float(values[0]), (float(values[0]), float(values[0]))
     lo, hi = DescrStatsW(values).tconfint_mean(alpha=0.05)
     return float(values.mean()), (float(lo), float(hi))
-
-
-def overlaps(interval, target_lo, target_hi):
-    """Whether ``interval`` meets ``[target_lo, target_hi]`` (an equivalence band).
-
-    Examples
-    --------
-    >>> overlaps((0.8, 0.95), 0.9, 1.1), overlaps((0.5, 0.8), 0.9, 1.1)
-    (True, False)
-    """
-    lo, hi = interval
-    return bool(lo <= target_hi and hi >= target_lo)
-
-
-def verdict(ok):
-    """``"pass"`` when ``ok`` is true, else ``"fail"``."""
-    return "pass" if bool(ok) else "fail"
 
 
 def all_checks():
@@ -183,11 +263,13 @@ def _as_float(value):
 def run_check(check, df):
     """Apply ``check`` to its table and return one report row (a dict).
 
-    An empty table or an exception inside the check gives the verdict ``"error"``, with
-    the message, rather than stopping the other checks.
+    The row carries ``kind``, ``margin`` and the ``verdict`` that :func:`decide` gives
+    the function's interval. An empty table or an exception inside the check gives the
+    verdict ``"error"``, with the message, rather than stopping the other checks.
     """
     row = {"name": check.name, "study": check.study, "claim": check.claim,
-           "known_failure": check.known_failure}
+           "kind": check.kind, "margin": [float(v) for v in check.margin],
+           "source": check.source, "known_failure": check.known_failure}
     if df is None or len(df) == 0:
         return {**row, "verdict": "error", "detail": "no results"}
     try:
@@ -195,9 +277,15 @@ def run_check(check, df):
     except Exception as error:  # reported, and turned into a non-zero exit status
         return {**row, "verdict": "error", "detail": f"{type(error).__name__}: {error}"}
     missing = [key for key in _REQUIRED if key not in result]
-    if missing or result["verdict"] not in VERDICTS:
+    if missing:
         return {**row, "verdict": "error", "detail": f"malformed result, missing {missing}"}
+    result.pop("verdict", None)
     lo, hi = result["interval"]
     result.update(observed=_as_float(result["observed"]), interval=[_as_float(lo),
                   _as_float(hi)])
-    return {**row, **result}
+    verdict = decide(result["interval"], check.margin, check.kind)
+    out = {**row, **result, "verdict": verdict}
+    if check.known_failure and verdict != "fail":
+        # The documented failure is not seen: contradicted (pass) or undecided here.
+        out["stale_known_failure"] = True
+    return out

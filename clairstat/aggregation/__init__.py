@@ -1,14 +1,14 @@
 """Federated LoRA aggregation rules (method, section 5) behind one entry point.
 
 :func:`aggregate` takes the clients' ``(B_i, A_i)`` factors and a rule name and returns
-an :class:`AggregationResult`; :func:`reduce_factors` and
-:func:`factored_reduction` give the exact low-dimensional coordinates in which CLAIR runs
-whatever the module's size.
+an :class:`AggregationResult`; :func:`reduce_factors` and :func:`factored_reduction`
+(from :mod:`clairstat._reduced`, the package's one home for reduced coordinates) give
+the exact low-dimensional coordinates in which CLAIR runs whatever the module's size.
 """
 
+from .._reduced import ReducedFactors, ReducedStack, factored_reduction, reduce_factors
 from ._api import RULES, aggregate
 from ._glora import consensus_basis, low_rank_readout
-from ._reduce import ReducedFactors, ReducedStack, factored_reduction, reduce_factors
 from ._result import AggregationResult
 from ._robust import (krum_scores, update_gram, weighted_median, weighted_trimmed_mean,
                       weiszfeld)
@@ -16,8 +16,7 @@ from ._rotation import alignment_rotation, soft_rotation
 
 RULE_NAMES = tuple(RULES)
 
-__all__ = ["aggregate", "reduce_factors", "factored_reduction", "AggregationResult", "ReducedFactors",
-           "ReducedStack", "RULE_NAMES", "alignment_rotation", "soft_rotation",
-           "consensus_basis", "low_rank_readout", "krum_scores", "update_gram",
-           "weighted_median",
-           "weighted_trimmed_mean", "weiszfeld"]
+__all__ = ["aggregate", "reduce_factors", "factored_reduction", "AggregationResult",
+           "ReducedFactors", "ReducedStack", "RULE_NAMES", "alignment_rotation",
+           "soft_rotation", "consensus_basis", "low_rank_readout", "krum_scores",
+           "update_gram", "weighted_median", "weighted_trimmed_mean", "weiszfeld"]

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._glora import low_rank_readout
-from ._reduce import ReducedStack, factored_reduction, reduce_factors
+from .._reduced import (ReducedStack, eckart_young_factors, factored_reduction,
+                        reduce_factors, truncated_svd)
 from ._result import AggregationResult
 
 __all__ = ["clair"]
@@ -32,7 +32,7 @@ def clair(factors, weights, **options):
         n_clients), ``per_client`` (a :class:`ReducedStack` of the refined updates,
         (n_clients, d, k) when expanded), ``subspace`` (d, rank_), ``estimator`` (fitted
         on the reduced updates), ``reduction`` (:class:`ReducedFactors`; without a
-        backbone its ``updates`` are the :class:`clairstat._factored.FactoredBlocks`
+        backbone its ``updates`` are the :class:`clairstat._reduced.FactoredBlocks`
         stack).
 
     Notes
@@ -44,7 +44,7 @@ def clair(factors, weights, **options):
 
     Without a backbone (the default here) each client is kept in its own row basis
     (:func:`factored_reduction`): the decomposition solves on (s, r_i) blocks and the
-    detection works on the factored stack (:mod:`clairstat._factored`), so 50 rank-16
+    detection works on the factored stack (:mod:`clairstat._reduced`), so 50 rank-16
     clients on a 4096 x 4096 module take seconds (``benchmarks/lora_benchmark.py``).
     The data-driven choices (noise scale, "auto" penalties, rank rule, the test's
     degrees of freedom) then count r_i columns per client, the dimension a rank-r_i
@@ -57,7 +57,7 @@ def clair(factors, weights, **options):
     options = {"backbone": False, **options}
     estimator = CLAIREstimator(**options)
     if options["backbone"] or options.get("subspace", "column") != "column":
-        reduction = reduce_factors(factors, backbone=True)
+        reduction = reduce_factors(factors)
     else:
         reduction = factored_reduction(factors)
     estimator.fit(reduction.updates, sample_weight=weights)
@@ -65,8 +65,8 @@ def clair(factors, weights, **options):
     mean_reduced = np.asarray(estimator.collaborative_mean_)  # (s, t), whichever path
     mean = reduction.expand(mean_reduced)
     rank = max(b.shape[1] for b, _ in factors)
-    readout = low_rank_readout(reduction.left_basis, mean_reduced @ reduction.right_basis.T,
-                               rank)
+    readout = eckart_young_factors(truncated_svd(mean_reduced, rank), rank,
+                                   reduction.left_basis, reduction.right_basis)
     per_client = ReducedStack(reduction.left_basis, refined, reduction.right_basis)
     return AggregationResult("clair", mean, readout, weights, {
         "flagged": np.asarray(estimator.contaminated_, dtype=bool),

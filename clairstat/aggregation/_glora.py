@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import scipy.linalg
 
+from .._reduced import eckart_young_factors, orthonormal_basis, rank_tolerance, truncated_svd
 from ._result import AggregationResult
-from ._validation import orthonormal_basis, rank_tolerance
 
 __all__ = ["consensus_basis", "low_rank_readout", "glora"]
 
@@ -40,7 +40,9 @@ def low_rank_readout(basis, coefficients, rank):
 
     With ``coefficients = U S V^T`` (small SVD), ``B = basis U_r S_r^{1/2}`` and
     ``A = S_r^{1/2} V_r^T``; since ``basis`` has orthonormal columns, ``B A`` is the best
-    rank-``rank`` approximation of ``basis @ coefficients`` in Frobenius norm.
+    rank-``rank`` approximation of ``basis @ coefficients`` in Frobenius norm
+    (:func:`clairstat._reduced.eckart_young_factors`: zero-padded to ``rank`` columns
+    when ``coefficients`` has fewer singular values).
 
     Examples
     --------
@@ -48,11 +50,7 @@ def low_rank_readout(basis, coefficients, rank):
     >>> np.round(b @ a, 12).tolist()
     [[3.0, 0.0, 0.0], [0.0, 2.0, 0.0], [0.0, 0.0, 0.0]]
     """
-    from .._factored import truncated_svd  # lazily: clairstat's modules import this package
-
-    left, singular, right_t = truncated_svd(coefficients, rank)
-    root = np.sqrt(singular)
-    return basis @ (left * root), root[:, None] * right_t
+    return eckart_young_factors(truncated_svd(coefficients, rank), rank, basis)
 
 
 def glora(factors, weights, reference_rank=None, readout_rank=None):

@@ -5,7 +5,8 @@ from __future__ import annotations
 import collections
 
 import numpy as np
-import scipy.linalg
+
+from .._reduced import orthonormal_basis, rank_tolerance  # noqa: F401 (re-exported)
 
 __all__ = ["check_factors", "check_weights", "common_rank", "stacked_factors",
            "exact_update", "dense_updates", "orthonormal_basis", "rank_tolerance"]
@@ -151,28 +152,3 @@ def exact_update(factors, weights):
 def dense_updates(factors, rows=slice(None)):
     """The client updates ``B_i A_i`` restricted to ``rows``: shape (n_clients, rows, k)."""
     return np.stack([b[rows] @ a for b, a in factors])
-
-
-def rank_tolerance(matrix_shape, largest, dtype):
-    """Numerical-rank threshold: ``max(shape) * eps * largest`` (numpy's matrix_rank rule)."""
-    return max(matrix_shape) * np.finfo(dtype).eps * largest
-
-
-def orthonormal_basis(matrix):
-    """Orthonormal basis of the column space of a tall ``matrix`` (d, m), any d.
-
-    A thin QR first (cost d m^2), then the SVD of the small m x m triangular factor
-    decides the numerical rank; never forms anything d x d.
-
-    Examples
-    --------
-    >>> basis = orthonormal_basis(np.array([[1.0, 2.0], [2.0, 4.0], [0.0, 0.0]]))
-    >>> basis.shape
-    (3, 1)
-    """
-    q_factor, r_factor = scipy.linalg.qr(matrix, mode="economic")
-    left, singular, _ = scipy.linalg.svd(r_factor)
-    if singular.size == 0 or singular[0] == 0:
-        return q_factor[:, :0]
-    keep = singular > rank_tolerance(matrix.shape, singular[0], matrix.dtype)
-    return q_factor @ left[:, keep]

@@ -64,7 +64,7 @@ def oracle_refine(updates, collaborative, rank):
 
 def _joint_oracle(factor_lists, collaborative, rank):
     """Oracle refinement of the clients' concatenated reduced updates (as ``joint``)."""
-    reductions = {name: reduce_factors(f, backbone=True) for name, f in factor_lists.items()}
+    reductions = {name: reduce_factors(f) for name, f in factor_lists.items()}
     n_clients = len(collaborative)
     vectors = np.hstack([r.updates.reshape(n_clients, -1) for r in reductions.values()])
     refined = oracle_refine(vectors[:, :, None], collaborative, rank)[:, :, 0]

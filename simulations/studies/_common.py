@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 __all__ = ["column_incoherence", "block_row_incoherence", "stack", "leading_subspace",
-           "oracle_refine", "benign_mean"]
+           "oracle_refine", "benign_mean", "predicted_power", "random_basis", "check_control"]
 
 
 def stack(blocks):
@@ -56,7 +56,7 @@ def benign_mean(values, contaminated):
 
 
 def oracle_refine(local_estimates, subspace, collaborative, weights=None):
-    """The refinement of method.md section 3 with the true P* and C plugged in.
+    """The refinement of docs/theory.md (R1) with the true P* and C plugged in.
 
     ``Theta_tilde_k = P* Theta_hat_k + (I - P*) Theta_bar_C`` for every client.
     """
@@ -65,3 +65,35 @@ def oracle_refine(local_estimates, subspace, collaborative, weights=None):
     mean = np.tensordot(weights[index], local_estimates[index], axes=1) / weights[index].sum()
     inside = np.einsum("pr,sr,ksq->kpq", subspace, subspace, local_estimates)
     return inside + (mean - subspace @ (subspace.T @ mean))[None]
+
+
+def check_control(control, study):
+    """Refuse a control the study does not implement (a silent normal run would pass)."""
+    if control is not None and control not in study.controls:
+        raise ValueError(f"study {study.name!r} does not implement control {control!r}.")
+
+
+def random_basis(rng, p, rank):
+    """Haar-random orthonormal basis (p, rank): the ``random-subspace`` control's P_hat.
+
+    The first ``rank`` columns of a Haar-random orthogonal matrix (scipy's ``ortho_group``).
+    """
+    from scipy.stats import ortho_group
+
+    if rank == 0:
+        return np.zeros((p, 0))
+    return ortho_group.rvs(p, random_state=rng)[:, :rank] if p > 1 else np.ones((1, 1))
+
+
+def predicted_power(separation, noise_scale, dof, level):
+    """P(chi2_dof(nc) > chi2_dof quantile 1 - level), nc = (separation / noise_scale)^2.
+
+    The per-client statistic ``||(I - P*)(Theta_hat_k - Theta_bar)||_F^2 / s^2`` of a client
+    whose truth sits ``separation`` off the subspace, with i.i.d. N(0, s^2) estimate noise,
+    is non-central chi^2 with ``dof = (p - r) q`` degrees of freedom (docs/theory.md, D2).
+    """
+    from scipy import stats
+
+    threshold = stats.chi2.isf(level, dof)
+    noncentrality = (np.asarray(separation, dtype=float) / noise_scale) ** 2
+    return stats.ncx2.sf(threshold, dof, noncentrality)

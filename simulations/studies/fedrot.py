@@ -1,12 +1,20 @@
-"""Study 5, FedRot-LoRA: factor-averaging error against hard and soft alignment.
+"""Study 5, FedRot-LoRA: factor-averaging error and its bound, before and after alignment.
 
-Clients hold one common update ``B0 A0`` perturbed by heterogeneity h and written in
-a random SO(r) gauge: ``B_i = (B0 + h N_i) G_i``, ``A_i = G_i^T (A0 + h M_i)``. At h = 0
-every client has the same update ("identical updates under random rotations"), where
-hard alignment must make the aggregation error vanish. Each replicate measures, for one
-(h, lam): FedIT's error and its identity / Cauchy-Schwarz bound, FedRot's error (align A
-and B), the product drift of the aligned factors and the soft-rotation bound
+Clients hold one common update ``B0 A0`` perturbed by heterogeneity h and, under
+*rotational mismatch* (``gauge="rotation"``), written in a random SO(r) gauge:
+``B_i = (B0 + h N_i) G_i``, ``A_i = G_i^T (A0 + h M_i)``; with ``gauge="none"`` the
+mismatch is the heterogeneity alone (non-rotational). At h = 0 under rotations every
+client has the same update, where hard alignment must make the aggregation error vanish.
+
+Each replicate measures, for one (gauge, h, lam): FedIT's error and its identity /
+Cauchy-Schwarz bound ``(sum p_i ||B_i - B_bar||^2 sum p_i ||A_i - A_bar||^2)^(1/2)``; the
+same bound after aligning A (the package's FedRot), B, and the concatenated factors
+``(B_i^T, A_i)`` (one rotation maximising ``tr(R^T (A_i A_ref^T + B_i^T B_ref))``, built
+from the public ``alignment_rotation``/``soft_rotation``); each aligned rule's error; the
+product drift of the aligned factors and the soft-rotation bound
 ``||R_lam - I||_F <= 2 lam ||R - I||_F``.
+
+Control ``no-alignment``: every rotation is the identity (FedRot without rotation).
 """
 
 from __future__ import annotations
@@ -14,36 +22,50 @@ from __future__ import annotations
 import numpy as np
 import scipy.stats
 
-from clairstat.aggregation import aggregate, alignment_rotation
+from clairstat.aggregation import aggregate, alignment_rotation, soft_rotation
 
 from .._framework import Study, grid
+from ._common import check_control
 
-__all__ = ["STUDY", "simulate_one", "client_factors"]
+__all__ = ["STUDY", "simulate_one", "client_factors", "factor_bound"]
 
 LAMBDAS = [0.0, 0.2, 0.4, 0.5, 0.6, 0.8, 1.0]
+TINY = np.finfo(float).tiny
 
 
-def client_factors(rng, n_clients, d, k, rank, heterogeneity):
-    """Gauged, perturbed copies of one rank-``rank`` update (see the module docstring)."""
+def client_factors(rng, n_clients, d, k, rank, heterogeneity, gauge="rotation"):
+    """Perturbed copies of one rank-``rank`` update, in random SO(r) gauges or none."""
     b0 = rng.standard_normal((d, rank)) / np.sqrt(d)
     a0 = rng.standard_normal((rank, k)) / np.sqrt(k)
-    gauges = scipy.stats.special_ortho_group.rvs(rank, size=n_clients, random_state=rng)
+    if gauge == "rotation":
+        gauges = scipy.stats.special_ortho_group.rvs(rank, size=n_clients, random_state=rng)
+    else:
+        gauges = np.broadcast_to(np.eye(rank), (n_clients, rank, rank))
     noise_b = heterogeneity * rng.standard_normal((n_clients, d, rank)) / np.sqrt(d)
     noise_a = heterogeneity * rng.standard_normal((n_clients, rank, k)) / np.sqrt(k)
     return [((b0 + nb) @ g, g.T @ (a0 + na)) for g, nb, na in zip(gauges, noise_b, noise_a)]
 
 
+def factor_bound(factors, weights):
+    """``(sum p_i ||B_i - B_bar||^2)^(1/2) (sum p_i ||A_i - A_bar||^2)^(1/2)``."""
+    b_bar = sum(w * b for (b, _), w in zip(factors, weights))
+    a_bar = sum(w * a for (_, a), w in zip(factors, weights))
+    spread_b = sum(w * np.sum((b - b_bar) ** 2) for (b, _), w in zip(factors, weights))
+    spread_a = sum(w * np.sum((a - a_bar) ** 2) for (_, a), w in zip(factors, weights))
+    return float(np.sqrt(spread_b * spread_a))
+
+
 def _fedit_identity(factors, weights, exact):
-    """Relative residual of E = sum p_i (B_i - B_bar)(A_i - A_bar) and ||E|| / CS bound."""
+    """Residual of E = sum p_i (B_i - B_bar)(A_i - A_bar) and the excess
+    ``||E|| - CS bound`` (<= 0 up to rounding), both relative to ``||Delta W*||`` (the
+    problem's scale; E itself is 0 without any mismatch)."""
     res = aggregate("fedit", factors, weights)
     b_bar, a_bar = res.factors
     error = exact - res.update
     identity = sum(w * (b - b_bar) @ (a - a_bar) for (b, a), w in zip(factors, weights))
-    spread_b = sum(w * np.sum((b - b_bar) ** 2) for (b, _), w in zip(factors, weights))
-    spread_a = sum(w * np.sum((a - a_bar) ** 2) for (_, a), w in zip(factors, weights))
-    norm = max(np.linalg.norm(error), np.finfo(float).tiny)
-    return (np.linalg.norm(error - identity) / norm,
-            np.linalg.norm(error) / max(np.sqrt(spread_b * spread_a), np.finfo(float).tiny))
+    scale = np.linalg.norm(exact)
+    return (np.linalg.norm(error - identity) / scale,
+            (np.linalg.norm(error) - factor_bound(factors, weights)) / scale)
 
 
 def _soft_bound_ratio(result, factors, lam):
@@ -61,40 +83,74 @@ def _soft_bound_ratio(result, factors, lam):
     return float(max(ratios, default=0.0))
 
 
-def _product_drift(result, factors):
+def _product_drift(aligned, factors):
     return float(max(np.linalg.norm(br @ ar - b @ a) / np.linalg.norm(b @ a)
-                     for (b, a), (br, ar) in zip(factors, result.aligned_factors)))
+                     for (b, a), (br, ar) in zip(factors, aligned)))
 
 
-def simulate_one(params, seed):
-    """One replicate: errors relative to ||Delta W*||_F, and the identity checks."""
+def align_concatenated(factors, weights, lam):
+    """Rotate each client by the R maximising ``tr(R^T (A_i A_ref^T + B_i^T B_ref))``.
+
+    The Procrustes problem of the concatenated factors ``[B_i^T, A_i]`` (r, d + k) against
+    the FedIT reference; returns the aligned factors ``(B_i R_i, R_i^T A_i)``.
+    """
+    b_ref, a_ref = aggregate("fedit", factors, weights).factors
+    rotations = [soft_rotation(alignment_rotation(a @ a_ref.T + b.T @ b_ref), lam)
+                 for b, a in factors]
+    return [(b @ rot, rot.T @ a) for (b, a), rot in zip(factors, rotations)]
+
+
+def _aligned_rules(factors, weights, lam):
+    """Aligned factors of FedRot on A, on B and on the concatenation."""
+    return {"a": aggregate("fedrot", factors, weights, align="A", lam=lam).aligned_factors,
+            "b": aggregate("fedrot", factors, weights, align="B", lam=lam).aligned_factors,
+            "ab": align_concatenated(factors, weights, lam)}
+
+
+def simulate_one(params, seed, control=None):
+    """One replicate: errors relative to ||Delta W*||_F, bounds, and the identity checks."""
+    check_control(control, STUDY)
     rng = np.random.default_rng(seed)
     factors = client_factors(rng, params["n_clients"], params["d"], params["k"],
-                             params["rank"], params["heterogeneity"])
+                             params["rank"], params["heterogeneity"], params["gauge"])
     weights = rng.dirichlet(np.full(params["n_clients"], 5.0))
     exact = aggregate("flora", factors, weights).update
     scale = np.linalg.norm(exact)
-    identity_residual, cs_ratio = _fedit_identity(factors, weights, exact)
-    rot_a = aggregate("fedrot", factors, weights, align="A", lam=params["lam"])
-    rot_b = aggregate("fedrot", factors, weights, align="B", lam=params["lam"])
-    return {"error_fedit": np.linalg.norm(exact - aggregate("fedit", factors, weights).update)
-            / scale,
-            "error_rot_a": np.linalg.norm(exact - rot_a.update) / scale,
-            "error_rot_b": np.linalg.norm(exact - rot_b.update) / scale,
-            "identity_residual": float(identity_residual), "cs_ratio": float(cs_ratio),
-            "product_drift": max(_product_drift(rot_a, factors), _product_drift(rot_b, factors)),
-            "soft_bound_ratio": _soft_bound_ratio(rot_a, factors, params["lam"])}
+    identity_residual, cs_excess = _fedit_identity(factors, weights, exact)
+    lam = 0.0 if control == "no-alignment" else params["lam"]  # the control rotates nothing
+    before = factor_bound(factors, weights)
+    out = {"error_fedit": np.linalg.norm(exact - aggregate("fedit", factors, weights).update)
+           / scale, "bound_before": before / scale,
+           "identity_residual": float(identity_residual), "cs_excess": float(cs_excess)}
+    drift, excess = 0.0, -np.inf
+    for mode, aligned in _aligned_rules(factors, weights, lam).items():
+        b_bar = sum(w * b for (b, _), w in zip(aligned, weights))
+        a_bar = sum(w * a for (_, a), w in zip(aligned, weights))
+        error = np.linalg.norm(exact - b_bar @ a_bar)
+        after = factor_bound(aligned, weights)
+        out[f"error_rot_{mode}"] = error / scale
+        out[f"bound_after_{mode}"] = after / scale
+        out[f"bound_ratio_{mode}"] = after / before if before > 0 else np.nan
+        drift = max(drift, _product_drift(aligned, factors))
+        excess = max(excess, (error - after) / scale)
+    rot_a = aggregate("fedrot", factors, weights, align="A", lam=lam)
+    out.update(product_drift=drift, bound_excess_after=float(excess),
+               soft_bound_ratio=_soft_bound_ratio(rot_a, factors, lam))
+    return out
 
 
 _BASE = dict(n_clients=10, d=64, k=48, rank=4)
 STUDY = Study(
     name="fedrot",
-    description="FedRot-LoRA: aggregation error of FedIT vs hard/soft alignment over "
-                "lambda and heterogeneity; error identity, CS bound, rotation bound",
-    grids={"smoke": grid(**{**_BASE, "d": 16, "k": 12}, heterogeneity=[0.0, 0.5],
-                         lam=[0.0, 0.5, 1.0]),
-           "small": grid(**_BASE, heterogeneity=[0.0, 0.1, 0.3, 1.0], lam=LAMBDAS),
-           "full": grid(**_BASE, heterogeneity=[0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0, 2.0],
+    description="FedRot-LoRA: aggregation error and its bound before/after alignment (A, B, "
+                "concatenated) under rotational and non-rotational mismatch",
+    grids={"smoke": grid(**{**_BASE, "d": 16, "k": 12}, gauge=["rotation", "none"],
+                         heterogeneity=[0.0, 0.5], lam=[0.0, 0.5, 1.0]),
+           "small": grid(**_BASE, gauge=["rotation", "none"],
+                         heterogeneity=[0.0, 0.1, 0.3, 1.0], lam=LAMBDAS),
+           "full": grid(**_BASE, gauge=["rotation", "none"],
+                        heterogeneity=[0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0, 2.0],
                         lam=LAMBDAS)},
     replicates={"smoke": 3, "small": 30, "full": 200},
-    simulate_one=simulate_one)
+    simulate_one=simulate_one,
+    controls=("no-alignment",))

@@ -1,4 +1,4 @@
-"""Study 4: refinement gain (method.md section 4, claim 4).
+"""Study 4: refinement gain (docs/theory.md, R1-R2).
 
 Federated OLS with isotropic Gaussian designs. Besides the shared structure, every
 collaborative client carries a *benign heterogeneity* H_k: an off-subspace shift of
@@ -12,6 +12,9 @@ and the local OLS risk ``sigma^2 q p / (n - p - 1)``; since the heterogeneity te
 about ``h^2 (1 - 1/|C|)``, refinement gains for ``h_ratio < 1`` and loses beyond.
 Measured per replicate (means over the collaborative clients): local OLS, plain
 averaging over all clients, the oracle refinement, and CLAIR (rank and set estimated).
+
+Controls: ``local-refinement`` (CLAIR's refined estimates replaced by the local ones),
+``random-subspace`` (the refinement formula applied with a Haar-random subspace).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from clairstat.datasets import make_low_rank_block_sparse
 from clairstat.metrics import estimation_errors
 
 from .._framework import Study, grid
-from ._common import benign_mean, oracle_refine
+from ._common import benign_mean, check_control, oracle_refine, random_basis
 
 # First-order torch backend, named explicitly so that every row says which solver ran.
 SOLVER = "torch"
@@ -80,17 +83,30 @@ def _predictions(params, data, truth):
     return local, oracle, cost
 
 
-def simulate_one(params, seed):
+def _refined(est, estimates, control, seed):
+    """CLAIR's refined estimates, or a control's broken version of them."""
+    if control == "local-refinement":
+        return estimates
+    if control == "random-subspace":  # the refinement formula with a random P_hat
+        basis = random_basis(np.random.default_rng(seed), estimates.shape[1],
+                             est.subspace_.shape[1])
+        return oracle_refine(estimates, basis, np.flatnonzero(~est.contaminated_))
+    return est.refined_
+
+
+def simulate_one(params, seed, control=None):
     """One replicate: per-client risks of local OLS, averaging, oracle and CLAIR."""
+    check_control(control, STUDY)
     data, truth, estimates = _data(params, seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # non-convergence is recorded below
         est = clairstat.CLAIREstimator(solver=SOLVER, random_state=seed)
         est.fit(estimates)
+    refined = _refined(est, estimates, control, seed)
     oracle = oracle_refine(estimates, data.subspace, data.collaborative_set)
     average = np.broadcast_to(estimates.mean(0), estimates.shape)
     risk = {name: benign_mean(estimation_errors(values, truth), data.contaminated)
-            for name, values in [("local", estimates), ("clair", est.refined_),
+            for name, values in [("local", estimates), ("clair", refined),
                                  ("oracle", oracle), ("average", average)]}
     local_formula, oracle_formula, cost = _predictions(params, data, truth)
     return {**{f"risk_{name}": value for name, value in risk.items()},
@@ -120,4 +136,5 @@ STUDY = Study(
                           [0.0, 0.25, 0.5, 0.8, 1.0, 1.25, 1.5, 2.0, 3.0])},
     replicates={"smoke": 2, "small": 6, "full": 50},
     simulate_one=simulate_one,
+    controls=("random-subspace", "local-refinement"),
 )

@@ -14,9 +14,15 @@ target is the mean of the benign updates. A fraction ``gamma`` of clients attack
   benign norm.
 
 Each replicate measures ``||aggregate - target||_F / ||target||_F`` for every rule,
-CLAIR's detection (rank given), the benign radius ``max_i ||Delta W_i - target|| /
+against two targets: the mean of the benign clients' updates (``error_*``), and the
+benign mean of the data-generating model, ``E[B_i A_i] = U* A0`` (``error_pop_*``; not an
+output of any rule). CLAIR runs with the rank given (``clair``) and estimated
+(``clair_rank_unknown``); its detection is scored for both. Also: the benign radius ``max_i ||Delta W_i - target|| /
 ||target||`` (for the geometric median's breakdown bound) and whether the coordinate-wise
 median and trimmed mean stay inside the benign clients' coordinate range.
+
+Control ``no-detection``: CLAIR flags nobody, so its global update is the mean of every
+client's update (the collaborative set is everyone).
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from clairstat.aggregation import aggregate
 from clairstat.metrics import detection_scores
 
 from .._framework import Study, grid
+from ._common import check_control
 
 __all__ = ["STUDY", "simulate_one", "ATTACKS", "RULES", "make_clients"]
 
@@ -37,7 +44,8 @@ ATTACKS = ("random", "scaled", "sign_flip", "stealthy", "colluding")
 RULES = {"mean": ("fedex", {}), "fedit": ("fedit", {}), "median": ("median", {}),
          "trimmed_mean": ("trimmed_mean", {"trim": 0.2}), "krum": ("krum", {}),
          "multikrum": ("krum", {"multi": "auto"}), "geomedian": ("geomedian", {}),
-         "clair": ("clair", {})}
+         "clair": ("clair", {}), "clair_rank_unknown": ("clair", {})}
+CLAIR_RULES = ("clair", "clair_rank_unknown")
 
 
 def _benign(rng, subspace, a0, noise, heterogeneity):
@@ -77,7 +85,8 @@ def _collusion(rng, kind, subspace, a0, params, norm):
 
 
 def make_clients(rng, params):
-    """Client factors, the attacker mask and the benign clients' updates (n_benign, d, k)."""
+    """Client factors, the attacker mask, the benign clients' updates (n_benign, d, k) and
+    the model's benign mean ``U* A0`` (d, k)."""
     n_clients, d, k, rank = params["n_clients"], params["d"], params["k"], params["rank"]
     subspace = np.linalg.qr(rng.standard_normal((d, rank)))[0]
     a0 = rng.standard_normal((rank, k))
@@ -90,7 +99,7 @@ def make_clients(rng, params):
     factors = [_attack(rng, params["attack"], subspace, a0, params, norm, collusion)
                for _ in range(n_bad)] + benign[n_bad:]
     contaminated = np.arange(n_clients) < n_bad
-    return factors, contaminated, target_updates[n_bad:]
+    return factors, contaminated, target_updates[n_bad:], subspace @ a0
 
 
 def _options(name, options, n_clients, rank, seed):
@@ -99,6 +108,8 @@ def _options(name, options, n_clients, rank, seed):
         options["multi"] = n_clients - (n_clients - 3) // 2
     if name == "clair":
         options.update(rank=rank, random_state=seed)
+    if name == "clair_rank_unknown":
+        options.update(random_state=seed)
     return options
 
 
@@ -133,17 +144,37 @@ def _run_rules(factors, rank, seed):
     return results
 
 
-def simulate_one(params, seed):
+def _clair_outputs(results, control):
+    """CLAIR's (update, flags) per CLAIR rule; ``no-detection`` flags nobody, so the
+    update is the mean of every client's update."""
+    outputs = {}
+    for name in CLAIR_RULES:
+        update, flagged = results[name].update, np.asarray(results[name].flagged, bool)
+        if control == "no-detection":
+            update, flagged = results["mean"].update, np.zeros_like(flagged)
+        outputs[name] = (update, flagged)
+    return outputs
+
+
+def simulate_one(params, seed, control=None):
     """One replicate: every rule's relative error, CLAIR's detection, range checks."""
+    check_control(control, STUDY)
     rng = np.random.default_rng(seed)
-    factors, contaminated, benign = make_clients(rng, params)
+    factors, contaminated, benign, population = make_clients(rng, params)
     target = benign.mean(axis=0)
-    scale = np.linalg.norm(target)
+    scale, pop_scale = np.linalg.norm(target), np.linalg.norm(population)
     results = _run_rules(factors, params["rank"], seed)
-    out = {f"error_{name}": float(np.linalg.norm(res.update - target) / scale)
-           for name, res in results.items()}
-    scores = detection_scores(results["clair"].flagged, contaminated)
-    out.update({f"clair_{key}": float(value) for key, value in scores.items()})
+    updates = {name: res.update for name, res in results.items()}
+    clair = _clair_outputs(results, control)
+    updates.update({name: update for name, (update, _) in clair.items()})
+    out = {f"error_{name}": float(np.linalg.norm(update - target) / scale)
+           for name, update in updates.items()}
+    out.update({f"error_pop_{name}": float(np.linalg.norm(update - population) / pop_scale)
+                for name, update in updates.items()})
+    for name, (_, flagged) in clair.items():
+        prefix = "clair" if name == "clair" else "clair_ru"
+        scores = detection_scores(flagged, contaminated)
+        out.update({f"{prefix}_{key}": float(value) for key, value in scores.items()})
     out.update(n_contaminated=int(contaminated.sum()),
                benign_radius=float(np.max(np.linalg.norm(benign - target, axis=(1, 2))) / scale),
                median_in_range=_in_range(results["median"].update, benign),
@@ -158,9 +189,11 @@ STUDY = Study(
     description="Error of each aggregation rule against the benign target as the "
                 "contamination fraction grows, for five attacks",
     grids={"smoke": grid(**{**_BASE, "n_clients": 10, "d": 12, "k": 8, "rank": 2},
-                         attack=["random", "scaled", "colluding"], gamma=[0.1, 0.2]),
+                         attack=["random", "scaled", "colluding", "sign_flip", "stealthy"],
+                         gamma=[0.1, 0.2]),
            "small": grid(**_BASE, attack=list(ATTACKS), gamma=[0.0, 0.1, 0.2, 0.3, 0.4]),
            "full": grid(**_BASE, attack=list(ATTACKS),
                         gamma=[0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45])},
     replicates={"smoke": 2, "small": 10, "full": 100},
-    simulate_one=simulate_one)
+    simulate_one=simulate_one,
+    controls=("no-detection",))

@@ -1,0 +1,445 @@
+"""The per-client tests and the detection loop: one frozen collaborative fit.
+
+:func:`detect_clients` refits the mean and the subspace on a collaborative set, tests
+every client out of sample, corrects the p-values and repeats until the set is the one
+its own test keeps; it returns a :class:`CollaborativeFit`, from which the estimator
+copies every fitted attribute (docs/method_notes.md, section 8).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import optimize, stats
+from statsmodels.stats.multitest import multipletests
+
+from ._detection import (_fit_on, calibrate_null, concentrate, out_of_sample_statistics,
+                         projection_statistics, refine, weighted_mean)
+from ._factored import FactoredBlocks
+from ._null import (NoiseCovariance, NullDistribution, Standardizer, complement_basis,
+                    known_standardizer, kronecker_df, median_scale_df,
+                    robust_log_spread_df)
+
+__all__ = ["CollaborativeFit", "NoiseKnowledge", "NewClientTest", "detect_clients"]
+
+_MAX_ROUNDS = 25
+
+
+@dataclass(frozen=True)
+class NoiseKnowledge:
+    """What the test knows of the noise.
+
+    ``sigma`` (n_clients,): per-entry standard deviations (the rank rule's noise edge and
+    the concentration steps' relative statistics); ``cov``: the covariance when it is
+    known (``noise_cov``, or ``noise_scale`` as ``sigma_k^2 I``), else ``None`` (the
+    test estimates its null from the clients); ``floor``: the smallest noise variance
+    per entry that is not round-off (a machine-precision floor for noiseless data);
+    ``whitening``: the common transform of the rank rule
+    (:func:`clairstat._detection.select_rank`).
+    """
+
+    sigma: np.ndarray
+    cov: NoiseCovariance | None = None
+    floor: float = 0.0
+    whitening: tuple | None = None
+
+    @property
+    def estimated(self):
+        return self.cov is None
+
+
+@dataclass(frozen=True)
+class NewClientTest:
+    """A new client's test against the collaborative fit.
+
+    ``standardizer`` (a known covariance) gives the standardised statistic; without it
+    the statistic is the plain off-subspace norm. ``null`` has one entry, shared by
+    every new client.
+    """
+
+    mean: object
+    basis: np.ndarray
+    null: NullDistribution
+    standardizer: Standardizer | None = None
+
+    def statistics(self, blocks):
+        if self.standardizer is None:
+            return projection_statistics(blocks, self.mean, self.basis)
+        return self.standardizer.statistics(blocks - self.mean[None])
+
+    def log_p(self, blocks):
+        stat = self.statistics(blocks)
+        null = NullDistribution(np.full(len(stat), self.null.scale[0]),
+                                np.full(len(stat), self.null.df[0]), self.null.scale_df)
+        return null.log_sf(stat), stat
+
+
+def _mean_weights(weights, others):
+    return weights[others] / weights[others].sum()
+
+
+def _client_index(k, others):
+    """Client k followed by the clients its comparison mean is taken over."""
+    mask = others.copy()
+    mask[k] = False
+    return np.r_[k, np.flatnonzero(mask)]
+
+
+def _scale_factor(stat, null, calibrate_on, *, at_least_one):
+    """Factor on the null's scale that brings the calibration clients' median p to 1/2.
+
+    With ``at_least_one`` (a covariance the user gave) the factor never goes below 1:
+    a covariance can be right in shape but too small (OLS's classical covariance under
+    heteroscedastic errors, measured on the real-data splits of
+    ``benchmarks/real_data_calibration.py``); the data may raise the noise, never lower
+    it below what the user gave. An estimated factor is carried into an F null
+    (:func:`clairstat._null.median_scale_df`).
+
+    Returns
+    -------
+    factor : float
+    scale_df : float
+        ``inf`` when the factor was not estimated.
+    """
+    ok = calibrate_on & (null.df > 0) & (null.scale > 0)
+    if ok.sum() < 2:
+        return 1.0, np.inf
+    ratio, df = stat[ok] / null.scale[ok], null.df[ok]
+    if not np.any(ratio > 0):  # every statistic zero (identical or all-zero clients)
+        return 1.0, np.inf
+
+    def excess(log_c):  # median p-value - 1/2: rises with c
+        return float(np.median(stats.chi2.sf(ratio / np.exp(log_c), df))) - 0.5
+
+    if at_least_one and excess(0.0) >= 0.0:
+        return 1.0, np.inf
+    low, high = (0.0, 1.0) if at_least_one else (-1.0, 1.0)
+    while excess(low) > 0.0 and low > -600.0:  # exp(-600): far below any statistic
+        low *= 2.0
+    while excess(high) < 0.0 and high < 600.0:
+        high *= 2.0
+    if excess(low) > 0.0 or excess(high) < 0.0:  # all statistics zero or infinite
+        return 1.0, np.inf
+    log_c = optimize.brentq(excess, low, high)
+    return float(np.exp(log_c)), median_scale_df(float(np.median(df)), int(ok.sum()))
+
+
+def _calibrate(stat, null, new, calibrate_on, estimated, floor):
+    """Widen the null to the statistics' observed spread, then match its scale.
+
+    Real estimates are not exactly Gaussian, and a given covariance can be wrong in
+    shape as well as in scale (heteroscedastic errors): when the log-statistics of the
+    calibration clients spread more than chi^2 with the model's df allows
+    (:func:`clairstat._null.robust_log_spread_df`), the df are lowered to that spread
+    (same mean, wider tails); then the scale is matched at the median
+    (:func:`_scale_factor`; a given covariance is only ever raised), not below
+    ``floor`` (a machine-precision floor that keeps round-off from counting as
+    evidence).
+    """
+    ok = calibrate_on & (null.df > 0)
+    if ok.any():
+        spread_df = robust_log_spread_df(stat[ok] / (null.scale[ok] * null.df[ok]))
+        nu = np.minimum(null.df, spread_df)
+        widen = np.where(nu > 0, null.df / np.where(nu > 0, nu, 1.0), 1.0)
+        null = NullDistribution(null.scale * widen, nu)
+        new_nu = min(float(new.df[0]), spread_df)
+        new = NullDistribution(new.scale * (new.df / new_nu if new_nu > 0 else 1.0),
+                               np.array([new_nu]))
+    factor, scale_df = _scale_factor(stat, null, calibrate_on, at_least_one=not estimated)
+    if factor < floor:  # round-off, not noise: no estimate to carry into an F
+        factor, scale_df = floor, np.inf
+    return (NullDistribution(null.scale * factor, null.df, scale_df),
+            NullDistribution(new.scale * factor, new.df, scale_df))
+
+
+def _known_tests(blocks, weights, members, mean, basis, fits, cov):
+    """Standardised statistics with the known covariance, each with its exact moments."""
+    n_clients = len(blocks)
+    stat, scale, df = np.zeros(n_clients), np.zeros(n_clients), np.zeros(n_clients)
+    for k, (basis_k, others) in enumerate(fits):
+        index = _client_index(k, others)
+        coefficients = np.r_[1.0, -_mean_weights(weights, index[1:])]
+        test = known_standardizer(cov.subset(index), basis_k, coefficients)
+        mean_k = weighted_mean(blocks[index[1:]], weights[index[1:]])
+        stat[k] = test.statistics(blocks[k:k + 1] - mean_k[None])[0]
+        scale[k], df[k] = test.scale, test.df
+    # A new client's covariance is not known: the members' average is taken, so
+    # Sigma = sum_j (1/m + a_j^2) C_j (x) R_j.
+    index = np.flatnonzero(members)
+    a = _mean_weights(weights, members)
+    new = known_standardizer(cov.subset(index), basis, np.sqrt(1.0 / len(index) + a ** 2))
+    return stat, NullDistribution(scale, df), new
+
+
+def _estimated_tests(blocks, weights, members, mean, basis, stat, fits):
+    """Plain off-subspace statistics under an estimated shared Kronecker noise shape.
+
+    The statistic stays ``||(I - P)(Theta_hat_k - mean)||_F^2``; its null is a scaled
+    chi^2 whose df are those of the shape ``C (x) R`` fitted to the members' residuals
+    (:func:`clairstat._null.kronecker_df`: rows and outputs on different scales give
+    fewer effective df than ``(p - r) q``); the scale is matched afterwards. The shape
+    comes from the members only (in the first round, the robust half-set of
+    :func:`clairstat._detection.concentrate`), so that colluders pushing one direction
+    do not enter it. The statistic is not standardised by the estimated shape:
+    standardising by noise scales estimated from the members inflates the outsiders'
+    statistics against the members' (measured on the real-data null splits of
+    ``benchmarks/real_data_calibration.py``: 62% of the splits flagged with a full
+    estimated covariance, 20% with estimated row and output variances, against 5-8%
+    for the plain statistic).
+    """
+    n_clients = len(blocks)
+    residuals = complement_basis(basis).T @ (blocks[members] - mean[None])
+    nu = kronecker_df(residuals) if residuals.shape[1] else 0.0
+    share = np.array([1.0 + np.sum(_mean_weights(weights, others) ** 2)
+                      for _, others in fits])
+    share_new = 1.0 + np.sum(_mean_weights(weights, members) ** 2)
+    null = NullDistribution(share / max(nu, 1.0), np.full(n_clients, nu))
+    new = NullDistribution(np.array([share_new / max(nu, 1.0)]), np.array([nu]))
+    return null, new
+
+
+def _factored_tests(blocks, weights, members, mean, basis, stat, fits, calibrate_on, noise):
+    """Plain off-subspace norms of LoRA stacks: :func:`calibrate_null`'s quantile match.
+
+    LoRA updates have rank-r noise that no Kronecker shape describes; the null is a
+    scaled chi^2 whose df and scale match the statistics' quartiles.
+    """
+    n_clients, p, q = blocks.shape
+    df_theory = (p - basis.shape[1]) * q
+    share = np.array([1.0 + np.sum(_mean_weights(weights, others) ** 2)
+                      for _, others in fits])
+    relative = noise.sigma ** 2 / np.mean(noise.sigma ** 2) * share
+    sigma2, nu = calibrate_null(stat / (relative * df_theory), calibrate_on, df_theory)
+    sigma2 = max(sigma2 * df_theory, noise.floor * df_theory)
+    scale_df = median_scale_df(nu, int(np.sum(calibrate_on)))
+    null = NullDistribution(sigma2 * relative / nu, np.full(n_clients, nu), scale_df)
+    share_new = 1.0 + np.sum(_mean_weights(weights, members) ** 2)
+    new = NullDistribution(np.array([sigma2 * share_new / nu]), np.array([nu]), scale_df)
+    return null, NewClientTest(mean, basis, new)
+
+
+@dataclass(frozen=True)
+class _Round:
+    """One refit on a client set and every client's test against it."""
+
+    members: np.ndarray
+    mean: object
+    basis: np.ndarray
+    statistics: np.ndarray
+    null: NullDistribution
+    new_client: NewClientTest
+    log_p: np.ndarray
+    adjusted: np.ndarray
+    rejected: np.ndarray
+
+
+def _test_round(blocks, weights, members, rank, noise, level, correction, random_state,
+                calibrate_on):
+    """Refit on ``members``; test every client out of sample; correct the p-values."""
+    n_clients = len(blocks)
+    mean, basis = _fit_on(blocks, weights, members, rank, noise.sigma, random_state,
+                          noise.whitening)
+    stat, fits = out_of_sample_statistics(blocks, weights, members, mean, basis, random_state)
+    if isinstance(blocks, FactoredBlocks):
+        null, new_client = _factored_tests(blocks, weights, members, mean, basis, stat, fits,
+                                           calibrate_on, noise)
+    else:
+        if noise.estimated:
+            null, new_null = _estimated_tests(blocks, weights, members, mean, basis, stat,
+                                              fits)
+            standardizer = None
+        else:
+            stat, null, standardizer = _known_tests(blocks, weights, members, mean, basis,
+                                                    fits, noise.cov)
+            new_null = NullDistribution(np.array([standardizer.scale]),
+                                        np.array([standardizer.df]))
+        # Noiseless data: the plain statistics' scale has a round-off floor.
+        floor = noise.floor * (blocks.shape[1] - basis.shape[1]) * blocks.shape[2] \
+            if noise.estimated else 0.0
+        null, new_null = _calibrate(stat, null, new_null, calibrate_on, noise.estimated,
+                                    floor)
+        new_client = NewClientTest(mean, basis, new_null, standardizer)
+    log_p = null.log_sf(stat)
+    if not np.any(null.df > 0):  # the subspace is everything: nobody can be told apart
+        adjusted = np.ones(n_clients)
+    else:
+        adjusted = multipletests(np.exp(log_p), alpha=level, method=correction)[1]
+    return _Round(members, mean, basis, stat, null, new_client, log_p, adjusted,
+                  adjusted <= level)
+
+
+@dataclass(frozen=True)
+class CollaborativeFit:
+    """The detection's result: one fit on one collaborative set, and every client's test.
+
+    Every attribute comes from the same fit: ``mean`` is the weighted mean of
+    ``members``, ``basis`` their refitted subspace, ``statistics`` and ``log_p`` every
+    client's out-of-sample test against them (a member against a refit without it),
+    ``adjusted`` the p-values corrected over the clients, ``contaminated`` the clients
+    outside ``members``. ``converged`` is ``False`` when the refit-and-test loop did not
+    reach a set that its own test reproduces (then some clients are left out of the
+    collaborative set although their test does not reject them: see
+    :func:`detect_clients`).
+
+    Attributes
+    ----------
+    members : ndarray of bool, shape (n_clients,)
+    mean : ndarray of shape (p, q) (or a FactoredMean)
+    basis : ndarray of shape (p, rank)
+    statistics, log_p, adjusted : ndarray of shape (n_clients,)
+    null : NullDistribution
+        Of the training clients' statistics.
+    new_client : NewClientTest
+        A new client's test against ``mean`` and ``basis``.
+    level : float
+    correction : str
+    converged : bool
+    n_rounds : int
+    """
+
+    members: np.ndarray
+    mean: object
+    basis: np.ndarray
+    statistics: np.ndarray
+    log_p: np.ndarray
+    adjusted: np.ndarray
+    null: NullDistribution
+    new_client: NewClientTest
+    level: float
+    correction: str
+    converged: bool
+    n_rounds: int
+
+    @property
+    def contaminated(self):
+        return ~self.members
+
+    @property
+    def rank(self):
+        return self.basis.shape[1]
+
+    @property
+    def p_values(self):
+        return np.exp(self.log_p)
+
+    def training_scores(self):
+        """Log adjusted p-values, each on the side of ``log(level)`` its flag is on.
+
+        They differ from ``log(adjusted)`` only for a client whose flag was not set by
+        the test (threshold detection, or a loop that did not converge).
+        """
+        cut = np.log(self.level)
+        scores = np.log(np.maximum(self.adjusted, np.finfo(float).tiny))
+        kept = np.maximum(scores, cut)
+        flagged = np.minimum(scores, cut - np.log(2.0))
+        return np.where(self.members, kept, flagged)
+
+    def new_client_log_p(self, blocks):
+        """Log p-values of new clients, each tested on its own against the fit."""
+        return self.new_client.log_p(blocks)
+
+    def refine(self, blocks, contaminated):
+        """``P Theta_k + (I - P) mean`` for the others; ``contaminated`` ones unchanged."""
+        return refine(blocks, self.basis, self.mean, contaminated)
+
+
+def _final(state, level, correction, converged, n_rounds):
+    return CollaborativeFit(state.members, state.mean, state.basis, state.statistics,
+                            state.log_p, state.adjusted, state.null, state.new_client,
+                            level, correction, converged, n_rounds)
+
+
+def detect_clients(blocks, weights, start, *, rank, noise, level, correction, iterate=True,
+                   random_state=None):
+    """Refit-and-test until the collaborative set is the one its own test keeps.
+
+    Starting from a robust set (:func:`concentrate`, seeded by ``start``: the clients
+    with S_k = 0), refit the mean and subspace on the collaborative set, test every
+    client out of sample against its null (:mod:`clairstat._null`), correct the
+    p-values (statsmodels' ``multipletests``) and take the clients not rejected as the
+    next set, until the set repeats. If the sets cycle instead (or ``_MAX_ROUNDS``
+    pass), the set shrinks to the clients of the cycle that every round kept and then
+    drops, round by round, the members its own test rejects; it stops at a set all of
+    whose members pass (``converged=False`` if some outsider passes too).
+
+    Parameters
+    ----------
+    blocks : ndarray of shape (n_clients, p, q) or FactoredBlocks
+    weights : ndarray of shape (n_clients,)
+    start : ndarray of bool, shape (n_clients,)
+    rank : int or None
+        ``None``: the rank rule of :func:`select_rank` at every round.
+    noise : NoiseKnowledge
+    level : float
+    correction : str
+        A ``multipletests`` method ("fdr_bh", "holm", "bonferroni", ...).
+    iterate : bool, default=True
+        ``False``: a single fit on ``start`` (threshold detection); ``start`` is then the
+        collaborative set and nothing is tested away.
+
+    Returns
+    -------
+    CollaborativeFit
+    """
+    n_clients = len(blocks)
+    members = start.copy() if start.sum() >= 2 else np.ones(n_clients, dtype=bool)
+
+    def test(members, calibrate_on=None):
+        return _test_round(blocks, weights, members, rank, noise, level, correction,
+                           random_state, members if calibrate_on is None else calibrate_on)
+
+    if not iterate:
+        state = test(members)
+        if start.sum() < 2:  # threshold detection that kept fewer than two clients
+            warnings.warn(f"{int((~start).sum())} of {n_clients} clients have a non-zero "
+                          "sparse block: every client looks contaminated; estimates are "
+                          "returned unrefined (lower beta/lam or raise threshold).",
+                          UserWarning, stacklevel=4)
+            # No collaborative fit exists: the tests are against all clients, for the
+            # record, and nothing is refined.
+            state = dataclasses.replace(state, members=start.copy())
+        return _final(state, level, correction, True, 1)
+    members = concentrate(blocks, weights, members, rank, noise.sigma,
+                          random_state=random_state, whitening=noise.whitening)
+    # The concentrated half-set holds the smallest statistics by construction, so the
+    # first calibration uses every client (the median is robust while attackers are a
+    # minority); later rounds use the tested collaborative set.
+    state, history = test(members, np.ones(n_clients, dtype=bool)), []
+    for n_rounds in range(1, _MAX_ROUNDS + 1):
+        kept = ~state.rejected
+        # a fixed point counts only under the set's own calibration (not the first
+        # round's, which calibrates on every client)
+        if np.array_equal(kept, state.members) and n_rounds > 1:
+            return _final(state, level, correction, True, n_rounds)
+        if kept.sum() < 2 or any(np.array_equal(kept, seen) for seen in history):
+            break
+        history.append(state.members)
+        state = test(kept)
+    # No fixed point: keep the clients every set of the cycle agreed on, then drop the
+    # members the set's own test rejects until none is.
+    cycle = history[next((i for i, seen in enumerate(history)
+                          if np.array_equal(seen, ~state.rejected)), 0):] + [state.members]
+    members = np.logical_and.reduce(cycle)
+    while members.sum() >= 2:
+        state = test(members)
+        n_rounds += 1
+        if not np.any(state.rejected & members):
+            break
+        members = members & ~state.rejected
+    if members.sum() < 2:  # nothing left to fit on: keep everyone, say so
+        warnings.warn("the detection found no stable collaborative set; every client is "
+                      "kept.", UserWarning, stacklevel=4)
+        return _final(test(np.ones(n_clients, dtype=bool)), level, correction, False,
+                      n_rounds)
+    converged = np.array_equal(~state.rejected, state.members)
+    if not converged:
+        warnings.warn(f"the detection did not settle on a set its own test reproduces; "
+                      f"clients {np.flatnonzero(~state.rejected & ~state.members).tolist()} "
+                      "are left out of the collaborative set although their test does not "
+                      "reject them.", UserWarning, stacklevel=4)
+    return _final(state, level, correction, converged, n_rounds)
+
+

@@ -1,0 +1,253 @@
+"""How many threads a fit uses, and one context manager that applies it to every pool.
+
+A CLAIR fit spends its time in torch (the solver's singular value thresholding) and in
+numpy/scipy (detection, readouts), i.e. in three thread pools: torch's intra-op pool
+(OpenMP + MKL), the OpenBLAS pools of numpy and scipy, and the OpenMP runtimes.
+Left alone, each pool starts one thread per core, and their worker threads spin while
+waiting. On a 2-core machine that made a fit at (n_clients, p, q) = (50, 100, 10) take
+0.15 s alone and 4.8 s beside a second fit of the same size (32x), and
+``clair_decompose`` 0.068 s on one thread but 21.7 s on two beside another numeric job.
+Small problems gain nothing from a second thread even alone (their operations are too
+short to split), so the policy is:
+
+* ``n_jobs=None``: a size rule (:func:`threads_for_size`), one thread for small problems;
+* ``n_jobs=-1``: every CPU this process may run on (``os.sched_getaffinity``); ``-2`` all
+  but one, and so on (joblib's convention);
+* ``n_jobs=k > 0``: exactly ``k`` threads.
+
+:func:`thread_limits` applies the choice to torch (``torch.set_num_threads``) and to the
+BLAS/OpenMP pools (threadpoolctl) together, and restores both afterwards. The
+environment variables ``OPENBLAS_CORETYPE`` / ``OPENBLAS_L2_SIZE`` select OpenBLAS's
+kernels and blocking, not its thread count, so they do not interact with this policy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import importlib.util
+import numbers
+import os
+import sys
+
+__all__ = ["usable_cpus", "svt_flops", "threads_for_size", "resolve_n_jobs",
+           "thread_limits", "GRAIN_FLOPS"]
+
+#: Work per thread, in flops of one singular value thresholding of the stacked
+#: p x (n_clients q) matrix (:func:`svt_flops`), below which a further thread costs more
+#: in synchronisation than it saves. Measured on a 2-core machine
+#: (``python benchmarks/concurrency_benchmark.py --crossover``, benchmarks/RESULTS.md):
+#: a second thread slowed ``clair_decompose`` down below about 1e8 flops and sped it up
+#: above, so two threads start at ``2 * GRAIN_FLOPS``.
+GRAIN_FLOPS = 5e7
+
+# The limit set by the innermost active ``thread_limits`` (None outside any).
+_ACTIVE = contextvars.ContextVar("clairstat_thread_limit", default=None)
+# threadpoolctl's controller costs milliseconds to build (it scans the loaded libraries);
+# it is cached and rebuilt only when modules were imported since (new libraries).
+_CONTROLLER = {"n_modules": -1, "controller": None}
+
+
+def usable_cpus():
+    """Number of CPUs this process may run on.
+
+    Returns
+    -------
+    int
+        ``len(os.sched_getaffinity(0))`` where available (it honours ``taskset`` and
+        container CPU sets), else ``os.cpu_count()``; at least 1.
+    """
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # macOS and Windows have no sched_getaffinity
+        return max(1, os.cpu_count() or 1)
+
+
+def _shape(size_hint):
+    """``(n_clients, p, q)`` of a shape tuple, an array or a list of (p, q) arrays."""
+    if hasattr(size_hint, "shape"):
+        shape = tuple(size_hint.shape)
+    elif (isinstance(size_hint, (tuple, list)) and size_hint
+          and all(isinstance(v, numbers.Integral) for v in size_hint)):
+        shape = tuple(int(v) for v in size_hint)
+    elif isinstance(size_hint, (tuple, list)) and size_hint:
+        first = size_hint[0]
+        shape = (len(size_hint), *(first.shape if hasattr(first, "shape") else (len(first),)))
+    else:
+        raise TypeError(f"size_hint must be a shape (n_clients, p[, q]) or an array, "
+                        f"got {type(size_hint).__name__}.")
+    if len(shape) == 2:
+        shape = (*shape, 1)
+    if len(shape) != 3 or min(shape) < 0:
+        raise ValueError(f"size_hint must describe (n_clients, p[, q]), got {shape}.")
+    return shape
+
+
+def svt_flops(size_hint):
+    """Flops of one singular value thresholding of the stacked p x (n_clients q) matrix.
+
+    The solver's iterations each cost about one such decomposition, ``m n min(m, n)``
+    for ``m = p`` and ``n = n_clients q`` (constant factors omitted).
+
+    Parameters
+    ----------
+    size_hint : tuple of int, array or list of arrays
+        Shape ``(n_clients, p, q)`` or ``(n_clients, p)`` of the stacked estimates, or
+        the estimates themselves.
+
+    Returns
+    -------
+    float
+
+    Examples
+    --------
+    >>> svt_flops((50, 100, 10))  # a 100 x 500 matrix
+    5000000.0
+    """
+    n_clients, p, q = _shape(size_hint)
+    wide = n_clients * q
+    return float(p) * wide * min(p, wide)
+
+
+def threads_for_size(size_hint, n_cpus=None):
+    """Threads the size rule gives: one per ``GRAIN_FLOPS`` of work, within the CPUs.
+
+    Parameters
+    ----------
+    size_hint : tuple of int, array, list of arrays, float or None
+        A shape or the estimates (see :func:`svt_flops`), or the work in flops itself
+        (a number); ``None`` (size unknown) gives one thread.
+    n_cpus : int, optional
+        Defaults to :func:`usable_cpus`.
+
+    Returns
+    -------
+    int
+        ``min(n_cpus, max(1, floor(work / GRAIN_FLOPS)))``.
+
+    Examples
+    --------
+    >>> threads_for_size((50, 100, 10), n_cpus=8)   # 5e6 flops: one thread
+    1
+    >>> threads_for_size((50, 400, 20), n_cpus=8)   # 1.6e8 flops: three threads
+    3
+    """
+    n_cpus = usable_cpus() if n_cpus is None else int(n_cpus)
+    if size_hint is None:
+        return 1
+    if isinstance(size_hint, numbers.Real) and not isinstance(size_hint, bool):
+        work = float(size_hint)
+    else:
+        work = svt_flops(size_hint)
+    return int(min(n_cpus, max(1, work // GRAIN_FLOPS)))
+
+
+def resolve_n_jobs(n_jobs, size_hint=None):
+    """The number of threads ``n_jobs`` asks for, the scikit-learn way.
+
+    Parameters
+    ----------
+    n_jobs : int or None
+        ``None``: the enclosing :func:`thread_limits`' count if inside one, else the size
+        rule (:func:`threads_for_size`). ``-1``: all usable CPUs; ``-k``: all but
+        ``k - 1`` (at least one must remain). ``k > 0``: ``k`` threads. ``0`` is invalid.
+    size_hint : tuple of int, array, float or None
+        Problem size for the rule (see :func:`threads_for_size`).
+
+    Returns
+    -------
+    int
+        At least 1.
+
+    Examples
+    --------
+    >>> resolve_n_jobs(3)
+    3
+    >>> resolve_n_jobs(None, (50, 100, 10))
+    1
+    >>> resolve_n_jobs(-1) == usable_cpus()
+    True
+    """
+    if n_jobs is None:
+        active = _ACTIVE.get()
+        return active if active is not None else threads_for_size(size_hint)
+    if isinstance(n_jobs, bool) or not isinstance(n_jobs, numbers.Integral):
+        raise TypeError(f"n_jobs must be an int or None, got {n_jobs!r}.")
+    n_jobs = int(n_jobs)
+    if n_jobs == 0:
+        raise ValueError("n_jobs=0 is invalid: use None, a positive int, or -1 for all CPUs.")
+    if n_jobs > 0:
+        return n_jobs
+    resolved = usable_cpus() + 1 + n_jobs
+    if resolved < 1:
+        raise ValueError(f"n_jobs={n_jobs} leaves no CPU of the {usable_cpus()} usable.")
+    return resolved
+
+
+def _torch():
+    """torch if installed (imported here, so that its pools exist before they are set)."""
+    if "torch" in sys.modules:
+        return sys.modules["torch"]
+    if importlib.util.find_spec("torch") is None:
+        return None
+    import torch
+    return torch
+
+
+def _controller():
+    """A cached ``threadpoolctl.ThreadpoolController`` over the loaded libraries."""
+    from threadpoolctl import ThreadpoolController
+
+    if _CONTROLLER["n_modules"] != len(sys.modules):
+        _CONTROLLER["controller"] = ThreadpoolController()
+        _CONTROLLER["n_modules"] = len(sys.modules)
+    return _CONTROLLER["controller"]
+
+
+@contextlib.contextmanager
+def thread_limits(n_jobs=None, size_hint=None):
+    """Run a block with torch's intra-op pool and the BLAS/OpenMP pools at one count.
+
+    Parameters
+    ----------
+    n_jobs : int or None, default=None
+        See :func:`resolve_n_jobs`. ``None`` inside an enclosing ``thread_limits`` keeps
+        the enclosing count (so a library call does not override its caller's choice).
+    size_hint : tuple of int, array, float or None
+        For ``n_jobs=None``: the shape ``(n_clients, p, q)`` of the stacked estimates,
+        the estimates themselves, or the work in flops (see :func:`threads_for_size`).
+
+    Yields
+    ------
+    int
+        The number of threads in force.
+
+    Notes
+    -----
+    ``torch.set_num_threads`` and ``threadpoolctl`` limits are process-wide (OpenMP's
+    setting is per calling thread); both are restored on exit, also after an
+    exception. Torch's inter-op pool is left alone: it can be sized only once, before
+    first use, and the fits run no inter-op parallel work.
+
+    Examples
+    --------
+    >>> with thread_limits(None, (50, 100, 10)) as n_threads:
+    ...     n_threads
+    1
+    """
+    n_threads = resolve_n_jobs(n_jobs, size_hint)
+    torch = _torch()
+    # Torch's count is read before threadpoolctl changes its OpenMP runtime (torch's
+    # MKL count follows torch.set_num_threads only), and threadpoolctl records the
+    # pools before torch changes them; on the way out torch is restored first.
+    previous = torch.get_num_threads() if torch is not None else None
+    with _controller().limit(limits=n_threads):
+        token = _ACTIVE.set(n_threads)
+        try:
+            if torch is not None:
+                torch.set_num_threads(n_threads)
+            yield n_threads
+        finally:
+            _ACTIVE.reset(token)
+            if torch is not None:
+                torch.set_num_threads(previous)

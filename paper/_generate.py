@@ -1,0 +1,393 @@
+"""The manuscript's numbers and tables, written as LaTeX from the committed results.
+
+``write_generated(out_dir)`` writes ``macros.tex`` (one ``\\setres{key}{value}`` per
+number the text quotes; the text reads them with ``\\res{key}``, which stops the build on
+an unknown key) and one ``.tex`` file per table. Nothing here is typed by hand: change a
+result file, rebuild, and the PDF changes. The readers are in ``paper/_sources.py``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+from . import _sources as src
+
+__all__ = ["write_generated", "fmt", "fmt_pct", "tex_escape", "collect"]
+
+# The five CLAIR variants and baselines of the copying experiment, as the text names them.
+COPYING_LABELS = {
+    "local": "local LoRA", "fedavg": "FedAvg (all clients)", "fedit": "FedIT",
+    "fedrot": "FedRot-LoRA", "glora": "GLoRA", "median": "coordinate median",
+    "clair": "CLAIR, per module", "clair_joint": "CLAIR, joint, rank by rule",
+    "clair_joint_r": "CLAIR, joint, rank given", "clair_lora": "CLAIR, joint, LoRA readout",
+    "clair_oracle": "CLAIR, oracle set", "fedavg_oracle": "FedAvg of benign clients",
+}
+
+
+def tex_escape(text):
+    """Plain text made safe for LaTeX (the characters a check name or claim may hold)."""
+    table = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#",
+             "_": r"\_", "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}",
+             "^": r"\textasciicircum{}"}
+    return "".join(table.get(ch, ch) for ch in str(text))
+
+
+def fmt(value, digits=3):
+    """A number as LaTeX text with ``digits`` significant digits; powers of ten in math.
+
+    Examples
+    --------
+    >>> fmt(0.041141), fmt(676.0), fmt(4.49e-16), fmt(float("inf"))
+    ('0.0411', '676', '\\\\ensuremath{4.49\\\\times10^{-16}}', '\\\\ensuremath{\\\\infty}')
+    """
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "--"
+    if isinstance(value, float) and math.isinf(value):
+        return r"\ensuremath{\infty}" if value > 0 else r"\ensuremath{-\infty}"
+    if isinstance(value, int) or float(value).is_integer() and abs(value) < 1e6:
+        return f"{int(value)}"
+    text = f"{value:.{digits}g}"
+    if "e" in text:
+        mantissa, exponent = text.split("e")
+        return rf"\ensuremath{{{mantissa}\times10^{{{int(exponent)}}}}}"
+    return text.replace("-", "\\ensuremath{-}") if text.startswith("-") else text
+
+
+def fmt_fixed(value, decimals=3):
+    """A number with a fixed count of decimals (shares, rates), '--' for a missing one."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "--"
+    text = f"{value:.{decimals}f}"
+    return text.replace("-", "\\ensuremath{-}") if text.startswith("-") else text
+
+
+def fmt_pct(value, decimals=1, sign=True):
+    """A share as a percentage (``+2.5\\,\\%``), the sign shown when ``sign``."""
+    text = f"{100 * value:+.{decimals}f}" if sign else f"{100 * value:.{decimals}f}"
+    return text.replace("-", "\\ensuremath{-}") + r"\,\%"
+
+
+def _margin(check):
+    margin = src.check_margin(check)
+    if margin is None:
+        return tex_escape(check.get("expected", ""))
+    low, high = margin
+    if math.isinf(high):
+        return rf"$\geq$ {fmt(low)}"
+    if math.isinf(low):
+        return rf"$\leq$ {fmt(high)}"
+    return f"[{fmt(low)}, {fmt(high)}]"
+
+
+def _claim_id(check):
+    """'D3' from a source 'docs/theory.md#d3'; '' without one."""
+    anchor = str(check.get("source") or "").rpartition("#")[2]
+    return anchor.upper() if re.fullmatch(r"[a-z]\d+", anchor) else ""
+
+
+VERDICT_TEX = {"pass": "pass", "inconclusive": r"\emph{inconclusive}",
+               "fail": r"\textbf{fail}", "error": r"\textbf{error}"}
+
+
+# ---------------------------------------------------------------- validation ----------
+
+def validation_macros(report, prefix="val"):
+    """Counts and, per check, observed value, interval, margin and verdict."""
+    macros = {}
+    checks = report["checks"]
+    meta = report.get("meta", {})
+    macros[f"{prefix}.scale"] = tex_escape(meta.get("scale", ""))
+    macros[f"{prefix}.version"] = tex_escape(meta.get("clairstat_version", ""))
+    macros[f"{prefix}.commit"] = tex_escape(str(meta.get("commit", "")).split()[0])
+    macros[f"{prefix}.replicates"] = fmt(sum(meta.get("replicates", {}).values()))
+    macros[f"{prefix}.checks"] = fmt(len(checks))
+    for kind in ("theory", "identity"):
+        rows = [c for c in checks if src.check_kind(c) == kind]
+        macros[f"{prefix}.{kind}.total"] = fmt(len(rows))
+        for verdict in ("pass", "inconclusive", "fail", "error"):
+            count = sum(src.check_verdict(c) == verdict for c in rows)
+            macros[f"{prefix}.{kind}.{verdict}"] = fmt(count)
+        known = sum(bool(c.get("known_failure")) for c in rows)
+        macros[f"{prefix}.{kind}.knownfail"] = fmt(known)
+    for check in checks:
+        key = f"{prefix}.{check['name']}"
+        macros[f"{key}.observed"] = fmt(check.get("observed"))
+        interval = check.get("interval") or [math.nan, math.nan]
+        macros[f"{key}.lo"], macros[f"{key}.hi"] = fmt(interval[0]), fmt(interval[1])
+        macros[f"{key}.margin"] = _margin(check)
+        macros[f"{key}.verdict"] = VERDICT_TEX.get(src.check_verdict(check), "?")
+        macros[f"{key}.n"] = fmt(check.get("n"))
+    return macros
+
+
+def verdict_table(report, kind):
+    """The checks of one ``kind`` as the body rows of a LaTeX table."""
+    lines = []
+    for check in report["checks"]:
+        if src.check_kind(check) != kind:
+            continue
+        interval = check.get("interval") or [math.nan, math.nan]
+        shown_false = r"$^\dagger$" if check.get("known_failure") else ""
+        name = tex_escape(check["name"]).replace(r"\_", r"\_\allowbreak{}")
+        lines.append(" & ".join([
+            _claim_id(check), rf"\texttt{{{name}}}", _margin(check),
+            fmt(check.get("observed")), f"[{fmt(interval[0])}, {fmt(interval[1])}]",
+            fmt(check.get("n")),
+            VERDICT_TEX.get(src.check_verdict(check), "?") + shown_false]) + r" \\")
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------- benchmarks ----------
+
+SOLVER_COLUMNS = ("p", "q", "K", "torch s", "CVXPY s", "CVXPY/torch")
+LORA_COLUMNS = ("d", "K", "r", "variant", "seconds", "recall", "false flags")
+
+
+def solver_rows(text):
+    """The solver benchmark's rows (floats; nan where CVXPY was not run)."""
+    rows = src.find_table(text, *SOLVER_COLUMNS) or []
+    keep = ("p", "q", "K", "torch s", "CVXPY s", "CVXPY/torch", "torch rel. gap",
+            "CVXPY rel. gap", "iters", "torch objective", "CVXPY objective")
+    return [{k: src.number(row.get(k, "")) for k in keep} for row in rows]
+
+
+def lora_rows(text):
+    """The LoRA benchmark's rows (size, variant, seconds, recall, false flags)."""
+    rows = src.find_table(text, *LORA_COLUMNS) or []
+    return [{"d": src.number(r["d"]), "K": src.number(r["K"]), "r": src.number(r["r"]),
+             "variant": r["variant"], "seconds": src.number(r["seconds"]),
+             "recall": src.number(r["recall"]), "false": src.number(r["false flags"])}
+            for r in rows]
+
+
+def _size_key(row, names):
+    return "-".join(str(int(row[n])) for n in names)
+
+
+def benchmark_macros(text):
+    """Solver and LoRA benchmark numbers; 'largest' keys follow the table's last rows."""
+    macros = {}
+    solver = solver_rows(text)
+    for row in solver:
+        key = f"bench.solver.{_size_key(row, ('p', 'q', 'K'))}"
+        macros[f"{key}.torch"] = fmt(row["torch s"])
+        macros[f"{key}.cvxpy"] = fmt(row["CVXPY s"])
+        macros[f"{key}.ratio"] = fmt(row["CVXPY/torch"])
+    both = [r for r in solver if not math.isnan(r["CVXPY s"])]
+    for name, row in (("maxcvxpy", both[-1] if both else None),
+                      ("largest", solver[-1] if solver else None)):
+        if row is None:
+            continue
+        for col, short in (("p", "p"), ("q", "q"), ("K", "K"), ("torch s", "torch"),
+                           ("CVXPY s", "cvxpy"), ("CVXPY/torch", "ratio"),
+                           ("torch rel. gap", "torchgap"), ("CVXPY rel. gap", "cvxpygap"),
+                           ("iters", "iters")):
+            macros[f"bench.solver.{name}.{short}"] = fmt(row[col], 3)
+        macros[f"bench.solver.{name}.qK"] = fmt(row["q"] * row["K"])
+    if both:
+        macros["bench.solver.ratio.min"] = fmt(min(r["CVXPY/torch"] for r in both))
+        macros["bench.solver.ratio.max"] = fmt(max(r["CVXPY/torch"] for r in both))
+        gaps = [r[c] for r in solver for c in ("torch rel. gap", "CVXPY rel. gap")
+                if not math.isnan(r[c])]
+        macros["bench.solver.gap.max"] = fmt(max(gaps), 2)
+    lora = lora_rows(text)
+    if lora:
+        top = max(r["d"] for r in lora)
+        for row in (r for r in lora if r["d"] == top):
+            variant = re.sub(r"[^a-z]", "", row["variant"].lower())
+            key = f"bench.lora.largest.{variant}"
+            macros[f"{key}.seconds"] = fmt(row["seconds"])
+            macros[f"{key}.recall"] = fmt_fixed(row["recall"], 2)
+            macros[f"{key}.false"] = fmt(row["false"])
+            macros["bench.lora.largest.d"], macros["bench.lora.largest.K"] = (
+                fmt(row["d"]), fmt(row["K"]))
+            macros["bench.lora.largest.r"] = fmt(row["r"])
+        times = {re.sub(r"[^a-z]", "", r["variant"].lower()): r["seconds"]
+                 for r in lora if r["d"] == top}
+        if {"permodule", "permodulebackbone"} <= set(times):
+            macros["bench.lora.largest.ratio"] = fmt(times["permodulebackbone"]
+                                                     / times["permodule"], 3)
+    return macros
+
+
+def solver_table(text):
+    lines = []
+    for r in solver_rows(text):
+        lines.append(" & ".join([fmt(r["p"]), fmt(r["q"]), fmt(r["K"]), fmt(r["torch s"]),
+                                 fmt(r["CVXPY s"]), fmt(r["CVXPY/torch"]),
+                                 fmt(r["torch rel. gap"], 2), fmt(r["CVXPY rel. gap"], 2),
+                                 fmt(r["iters"])]) + r" \\")
+    return "\n".join(lines) + "\n"
+
+
+def lora_table(text):
+    lines = []
+    for r in lora_rows(text):
+        lines.append(" & ".join([fmt(r["d"]), fmt(r["K"]), fmt(r["r"]),
+                                 tex_escape(r["variant"]), fmt(r["seconds"]),
+                                 fmt_fixed(r["recall"], 2), fmt(r["false"])]) + r" \\")
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------- calibration ---------
+
+def calibration_macros(rows):
+    macros = {}
+    for row in rows:
+        key = f"calib.{row['dataset']}.{row['path'].replace('_', '')}"
+        macros[f"{key}.null"] = fmt_fixed(row["null"])
+        macros[f"{key}.lo"], macros[f"{key}.hi"] = fmt_fixed(row["lo"]), fmt_fixed(row["hi"])
+        macros[f"{key}.splits"] = fmt(row["splits"])
+        for kind in ("scale", "flip", "replace"):
+            if f"power_{kind}" in row:
+                macros[f"{key}.power{kind}"] = fmt_fixed(row[f"power_{kind}"], 2)
+    per_dataset = [r for r in rows if r["dataset"] != "all"]
+    macros["calib.datasets"] = fmt(len({r["dataset"] for r in per_dataset}))
+    for path in {r["path"] for r in per_dataset}:
+        powers = [v for r in per_dataset if r["path"] == path
+                  for k, v in r.items() if k.startswith("power_")]
+        if powers:
+            tag = path.replace("_", "")
+            macros[f"calib.{tag}.power.min"] = fmt_fixed(min(powers), 2)
+            macros[f"calib.{tag}.power.max"] = fmt_fixed(max(powers), 2)
+    return macros
+
+
+def calibration_table(rows):
+    lines = []
+    for row in rows:
+        powers = " / ".join(fmt_fixed(row[k], 2) for k in ("power_scale", "power_flip",
+                                                            "power_replace") if k in row)
+        dataset = r"\emph{all}" if row["dataset"] == "all" else tex_escape(row["dataset"])
+        lines.append(" & ".join([
+            dataset, rf"\texttt{{{tex_escape(row['path'])}}}", fmt(row["splits"]),
+            f"{fmt_fixed(row['null'])} [{fmt_fixed(row['lo'])}, {fmt_fixed(row['hi'])}]",
+            powers if row["dataset"] != "all" else ""]) + r" \\")
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------- copying -------------
+
+def copying_macros(frame, scale):
+    from simulations.copying.figures import flagged_by_kind, summary_table
+
+    macros = {"copy.scale": scale,
+              "copy.replicates": fmt(int(frame.groupby("setting")["replicate"]
+                                         .nunique().min())),
+              "copy.clients": fmt(int(frame["n_clients"].iloc[0])),
+              "copy.contaminated": fmt(int(frame["n_contaminated"].iloc[0])),
+              "copy.rank": fmt(int(frame["rank"].iloc[0])),
+              "copy.version": tex_escape(frame["clairstat_version"].iloc[0])}
+    for column in ("d_model", "n_layers", "n_heads", "steps", "n_train", "n_test",
+                   "pretrain_steps", "n_moved", "n_content", "mlp"):
+        if column in frame:
+            macros[f"copy.{column.replace('_', '')}"] = fmt(int(frame[column].iloc[0]))
+    for row in summary_table(frame).to_dict("records"):
+        key = f"copy.{row['setting']}.{row['method'].replace('_', '')}"
+        macros[f"{key}.acc"] = fmt_fixed(row["accuracy"])
+        macros[f"{key}.rel"] = fmt_pct(row["relative"])
+        macros[f"{key}.relsd"] = fmt_pct(row["relative_sd"], sign=False)
+        macros[f"{key}.win"] = fmt_pct(row["win"], decimals=0, sign=False)
+    flags = flagged_by_kind(frame)
+    for (setting, method), values in flags.iterrows():
+        for kind, share in values.items():
+            macros[f"copy.flag.{setting}.{method.replace('_', '')}.{kind}"] = \
+                fmt_fixed(share, 2)
+    return macros
+
+
+def copying_table(frame):
+    from simulations.copying.figures import summary_table
+
+    table = summary_table(frame).set_index(["method", "setting"])
+    methods = [m for m in COPYING_LABELS if m in table.index.get_level_values(0)]
+    lines = []
+    for method in methods:
+        cells = [COPYING_LABELS[method]]
+        for setting in ("homogeneous", "heterogeneous"):
+            if (method, setting) not in table.index:
+                cells += ["--"] * 3
+                continue
+            row = table.loc[(method, setting)]
+            cells += [fmt_fixed(row["accuracy"]),
+                      "0" if method == "local" else
+                      f"{fmt_pct(row['relative'])} ({fmt_pct(row['relative_sd'], sign=False)})",
+                      "--" if method == "local" else fmt_pct(row["win"], 0, sign=False)]
+        lines.append(" & ".join(cells) + r" \\")
+    return "\n".join(lines) + "\n"
+
+
+def copying_flag_table(frame):
+    from simulations.copying.figures import flagged_by_kind
+
+    flags = flagged_by_kind(frame)
+    kinds = [k for k in ("random", "reverse", "backdoor", "adversarial", "benign")
+             if k in flags.columns]
+    lines = []
+    for method in ("clair", "clair_joint", "clair_joint_r"):
+        cells = [COPYING_LABELS[method]]
+        for kind in kinds:
+            pair = [fmt_fixed(flags.loc[(s, method), kind], 2)
+                    if (s, method) in flags.index else "--"
+                    for s in ("homogeneous", "heterogeneous")]
+            cells.append(" / ".join(pair))
+        lines.append(" & ".join(cells) + r" \\")
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------- writing -------------
+
+def collect():
+    """Every macro and table the manuscript uses: ``(macros, tables)`` dicts.
+
+    A missing source leaves its macros out; the text's ``\\res`` then stops the build
+    naming the key, instead of printing a stale or invented value.
+    """
+    macros, tables = {}, {}
+    report = src.read_report(src.SOURCES["report"])
+    if report:
+        macros.update(validation_macros(report))
+        tables["verdicts_theory"] = verdict_table(report, "theory")
+        tables["verdicts_identity"] = verdict_table(report, "identity")
+    full = src.read_report(src.SOURCES["report_full"])
+    macros["val.hasfull"] = "1" if full else "0"
+    if full:
+        macros.update(validation_macros(full, prefix="valfull"))
+        tables["verdicts_theory_full"] = verdict_table(full, "theory")
+    bench = src.SOURCES["benchmarks"]
+    if bench.exists():
+        text = bench.read_text()
+        macros.update(benchmark_macros(text))
+        tables["solver"], tables["lora"] = solver_table(text), lora_table(text)
+    if src.SOURCES["calibration"].exists():
+        rows = src.calibration_summary(src.read_calibration(src.SOURCES["calibration"]))
+        macros.update(calibration_macros(rows))
+        tables["calibration"] = calibration_table(rows)
+    scale = src.copying_scale()
+    if scale:
+        frame = src.read_copying(scale)
+        macros.update(copying_macros(frame, scale))
+        tables["copying"], tables["copying_flags"] = (copying_table(frame),
+                                                     copying_flag_table(frame))
+    return macros, tables
+
+
+def write_generated(out_dir):
+    """Write ``macros.tex`` and the tables into ``out_dir``; the paths written."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    macros, tables = collect()
+    header = ("% Written by `python -m paper --tex` from the committed result files\n"
+              "% (paper/_sources.py). Do not edit: rebuild.\n")
+    lines = [rf"\setres{{{key}}}{{{value}}}" for key, value in sorted(macros.items())]
+    # Whether a full-scale verdict table exists: the text shows it only then.
+    lines.append(r"\valfulltrue" if macros.get("val.hasfull") == "1" else r"\valfullfalse")
+    paths = [out_dir / "macros.tex"]
+    paths[0].write_text(header + "\n".join(lines) + "\n")
+    for name, body in tables.items():
+        path = out_dir / f"{name}.tex"
+        path.write_text(header + body)
+        paths.append(path)
+    return paths

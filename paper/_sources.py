@@ -1,0 +1,164 @@
+"""Readers of the committed result files that the manuscript quotes.
+
+Every number of the manuscript comes from one of these files, read here and nowhere
+else (`paper/_generate.py` formats them as LaTeX macros and tables):
+
+- ``validation/report.json`` (and ``validation/full/report.json`` when it exists): the
+  verdict of every theory and identity check;
+- ``benchmarks/RESULTS.md``: the solver and LoRA benchmarks. Those two scripts print
+  Markdown only (no CSV or JSON), so their committed Markdown tables are parsed here,
+  by the column names of their header rows;
+- ``benchmarks/results/real_data_calibration.csv``: the real-data calibration, one row
+  per dataset, split, corruption and path;
+- ``simulations/results/copying/<scale>/copying.jsonl``: the copying experiment, one row
+  per replicate.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+from ._common import PAPER_DIR
+
+__all__ = ["ROOT", "SOURCES", "read_report", "check_verdict", "check_kind", "check_margin",
+           "markdown_tables", "find_table", "read_calibration", "calibration_summary",
+           "copying_scale", "read_copying"]
+
+ROOT = PAPER_DIR.parent
+SOURCES = {
+    "report": ROOT / "validation" / "report.json",
+    "report_full": ROOT / "validation" / "full" / "report.json",
+    "benchmarks": ROOT / "benchmarks" / "RESULTS.md",
+    "calibration": ROOT / "benchmarks" / "results" / "real_data_calibration.csv",
+    "copying": ROOT / "simulations" / "results" / "copying",
+}
+
+
+def read_report(path):
+    """The validation report at ``path`` as a dict, or None when the file is absent.
+
+    Python's json reads the ``Infinity`` that one-sided margins are written with.
+    """
+    path = Path(path)
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def check_verdict(check):
+    """``pass``, ``inconclusive``, ``fail`` or ``error`` of one check, in either shape.
+
+    The current report names the verdict; an older one only said ``passed`` (a bool).
+    """
+    if "verdict" in check:
+        return str(check["verdict"])
+    return "pass" if check.get("passed") else "fail"
+
+
+def check_kind(check):
+    """``theory`` or ``identity``; reports written before the split are all theory."""
+    return str(check.get("kind", "theory"))
+
+
+def check_margin(check):
+    """The declared margin ``(low, high)`` as floats, or None in an older report."""
+    margin = check.get("margin")
+    if margin is None:
+        return None
+    return tuple(float(v) for v in margin)
+
+
+def _cells(line):
+    return [cell.strip().replace("**", "") for cell in line.strip().strip("|").split("|")]
+
+
+def markdown_tables(text):
+    """Every pipe table of a Markdown text: a list of ``(header, rows)``.
+
+    ``header`` is the list of column names and ``rows`` a list of dicts (column name to
+    cell text, bold marks removed). A table is a header line, a ``|---|`` rule, and the
+    pipe lines that follow.
+    """
+    lines = text.splitlines()
+    tables = []
+    for i in range(len(lines) - 1):
+        if lines[i].lstrip().startswith("|") and re.match(r"^\s*\|[\s:|-]+\|\s*$",
+                                                         lines[i + 1]):
+            header = _cells(lines[i])
+            rows = []
+            for line in lines[i + 2:]:
+                if not line.lstrip().startswith("|"):
+                    break
+                cells = _cells(line)
+                rows.append(dict(zip(header, cells + [""] * (len(header) - len(cells)))))
+            tables.append((header, rows))
+    return tables
+
+
+def find_table(text, *columns):
+    """The first Markdown table whose header holds every one of ``columns`` (or None)."""
+    for header, rows in markdown_tables(text):
+        if all(column in header for column in columns):
+            return rows
+    return None
+
+
+def number(cell):
+    """A table cell as a float: '27', '1.50', '5.4e-07', '24.2x' -> float; '—' -> nan."""
+    match = re.search(r"[-+]?\d+(\.\d+)?([eE][-+]?\d+)?", cell or "")
+    return float(match.group(0)) if match else math.nan
+
+
+def read_calibration(path):
+    """The real-data calibration table (one row per dataset, split, corruption, path)."""
+    import pandas as pd
+
+    return pd.read_csv(path)
+
+
+def calibration_summary(table):
+    """Per dataset and path (and 'all' per path): the null flag share, its Wilson
+    interval, and the power per corruption (share of corrupted clients flagged).
+
+    Returns
+    -------
+    list of dict
+        Keys ``dataset, path, splits, flagged, null, lo, hi`` and ``power_<kind>`` for
+        each corruption present.
+    """
+    from statsmodels.stats.proportion import proportion_confint
+
+    kinds = [k for k in ("scale", "flip", "replace") if k in set(table.corruption)]
+    groups = [((d, p), g) for (d, p), g in table.groupby(["dataset", "path"], sort=False)]
+    groups += [(("all", p), g) for p, g in table.groupby("path", sort=False)]
+    rows = []
+    for (dataset, path), group in groups:
+        null = group[group.corruption == "none"]
+        lo, hi = proportion_confint(null.any_flag.sum(), len(null), method="wilson")
+        row = {"dataset": dataset, "path": path, "splits": len(null),
+               "flagged": int(null.any_flag.sum()), "null": float(null.any_flag.mean()),
+               "lo": float(lo), "hi": float(hi)}
+        for kind in kinds:
+            part = group[group.corruption == kind]
+            row[f"power_{kind}"] = float(part.victims_flagged.sum()
+                                         / max(part.n_victims.sum(), 1))
+        rows.append(row)
+    return rows
+
+
+def copying_scale(results_dir=None):
+    """The copying table to quote: ``full`` (the 100-replicate run) when committed,
+    else ``small``; None when neither exists."""
+    results_dir = Path(results_dir or SOURCES["copying"])
+    for scale in ("full", "small"):
+        if (results_dir / scale / "copying.jsonl").exists():
+            return scale
+    return None
+
+
+def read_copying(scale, results_dir=None):
+    """The copying experiment's results table of ``scale`` (one row per replicate)."""
+    from simulations import load_table, results_path
+
+    return load_table(results_path("copying", scale, Path(results_dir or SOURCES["copying"])))

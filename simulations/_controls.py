@@ -1,0 +1,83 @@
+"""Negative controls: deliberately broken variants of the method, run by the same studies.
+
+A control is a name passed to a study's ``simulate_one(params, seed, control=NAME)``; the
+study applies the breakage where its method would act (see each entry's description) and
+measures everything else as usual. Seeds do not depend on the control, so a control's
+replicate sees the same data as the normal replicate. Control tables go to
+``<results_dir>/controls/<NAME>/<scale>/<study>.jsonl``, never into the normal tables.
+
+``python -m validation --control NAME`` runs every study that declares the control,
+reads the normal tables of the others (the control does not change them), and reports
+whether every check the control targets fails: a check that no control can make fail is
+an identity check, not evidence.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+__all__ = ["Control", "CONTROLS", "get_control", "control_results_dir"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Control:
+    """A broken method: what is broken, and which checks must then fail.
+
+    Parameters
+    ----------
+    name : str
+    description : str
+        What the studies do instead of the method.
+    targets : tuple of str
+        Names of the theory checks the breakage must make fail.
+    """
+
+    name: str
+    description: str
+    targets: tuple
+
+
+CONTROLS = {control.name: control for control in [
+    Control("random-subspace",
+            "the fitted shared subspace P_hat is replaced by a Haar-random subspace of the "
+            "same dimension (stability: the error is measured on it; refinement: the "
+            "refinement uses it)",
+            ("stability_first_order_constant", "stability_first_order_slope",
+             "refinement_gain_sign")),
+    Control("no-detection",
+            "nobody is flagged: the collaborative set is every client (detection, "
+            "consistency; robustness: no flags, and CLAIR's global update is then the mean "
+            "of every client's update)",
+            ("detection_consistency_limit", "robust_clair_detection",
+             "robust_clair_beats_mean")),
+    Control("local-refinement",
+            "the refined estimate of every client is its own local estimate (refinement)",
+            ("refinement_clair_vs_formula",)),
+    Control("no-alignment",
+            "FedRot rotates nothing: every client rotation is the identity (fedrot)",
+            ("fedrot_alignment_tightens_bound", "fedrot_concatenated_tightens_bound",
+             "fedrot_alignment_helps")),
+    Control("inflated-noise",
+            "the per-client test is given twice the true noise scale (detection, "
+            "consistency)",
+            ("detection_null_calibration", "detection_power_curve",
+             "detection_consistency_limit")),
+]}
+
+
+def get_control(name):
+    """The :class:`Control` called ``name`` (``None`` passes through)."""
+    if name is None:
+        return None
+    if name not in CONTROLS:
+        raise KeyError(f"unknown control {name!r}; available: {sorted(CONTROLS)}.")
+    return CONTROLS[name]
+
+
+def control_results_dir(name, results_dir=None):
+    """Root of a control's tables: ``<results_dir>/controls/<name>``."""
+    from ._framework import default_results_dir
+
+    base = Path(results_dir) if results_dir is not None else default_results_dir()
+    return base / "controls" / name

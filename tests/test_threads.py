@@ -1,0 +1,175 @@
+"""Tests of clairstat._threads: the thread-count rule and the context manager."""
+
+import os
+
+import numpy as np
+import pytest
+
+from clairstat import CLAIREstimator, clair_decompose
+from clairstat._threads import (GRAIN_FLOPS, resolve_n_jobs, svt_flops, thread_limits,
+                                threads_for_size, usable_cpus)
+from clairstat.datasets import make_low_rank_block_sparse
+
+torch = pytest.importorskip("torch")
+threadpoolctl = pytest.importorskip("threadpoolctl")
+from clairstat.solvers import TorchSolver  # noqa: E402  (needs torch)
+
+EPS = np.finfo(np.float64).eps
+
+
+def pool_counts():
+    """Torch's intra-op count and every BLAS/OpenMP pool's count threadpoolctl sees."""
+    return torch.get_num_threads(), [i["num_threads"] for i in threadpoolctl.threadpool_info()]
+
+
+@pytest.fixture
+def two_threads():
+    """Every pool at 2 threads (a state distinct from the 1 and 3 set in the tests)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with threadpoolctl.threadpool_limits(limits=2):
+            yield
+    finally:
+        torch.set_num_threads(before)
+
+
+# -- the rule ---------------------------------------------------------------------------
+def test_usable_cpus_follows_the_affinity_mask():
+    expected = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
+        os.cpu_count())
+    assert usable_cpus() == expected >= 1
+
+
+def test_tiny_problems_get_one_thread_whatever_the_cpus():
+    for shape in [(50, 100, 10), (5, 3, 2), (40, 30)]:
+        assert threads_for_size(shape, n_cpus=64) == 1
+    assert threads_for_size(None, n_cpus=64) == 1  # size unknown
+
+
+def test_rule_gives_one_thread_per_grain_within_the_cpus():
+    assert threads_for_size(2 * GRAIN_FLOPS, n_cpus=8) == 2
+    assert threads_for_size(2 * GRAIN_FLOPS - 1, n_cpus=8) == 1
+    assert threads_for_size(1e15, n_cpus=8) == 8
+    assert threads_for_size(1e15, n_cpus=1) == 1
+
+
+def test_size_hint_forms_agree():
+    estimates = np.zeros((50, 400, 20))
+    assert svt_flops((50, 400, 20)) == svt_flops(estimates) == svt_flops(list(estimates))
+    assert svt_flops((50, 400, 20)) == 400 * 1000 * 400
+    assert svt_flops((50, 400)) == svt_flops((50, 400, 1))
+    with pytest.raises(ValueError):
+        svt_flops((50, 400, 20, 3))
+    with pytest.raises(TypeError):
+        svt_flops("big")
+
+
+def test_n_jobs_minus_one_is_every_usable_cpu(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 5}, raising=False)
+    assert usable_cpus() == 5
+    assert resolve_n_jobs(-1) == 5
+    assert resolve_n_jobs(-2) == 4  # joblib's convention: all but one
+    assert resolve_n_jobs(-5) == 1
+    assert resolve_n_jobs(3) == 3
+    assert resolve_n_jobs(None, (50, 100, 10)) == 1
+    with pytest.raises(ValueError, match="leaves no CPU"):
+        resolve_n_jobs(-6)
+
+
+@pytest.mark.parametrize("n_jobs, error", [(0, ValueError), (1.5, TypeError),
+                                           (True, TypeError), ("2", TypeError)])
+def test_invalid_n_jobs_raise(n_jobs, error):
+    with pytest.raises(error):
+        resolve_n_jobs(n_jobs)
+    with pytest.raises(error):
+        with thread_limits(n_jobs):
+            pass
+
+
+# -- the context manager ----------------------------------------------------------------
+@pytest.mark.parametrize("n_jobs", [1, 3])
+def test_context_sets_and_restores_torch_and_threadpoolctl(two_threads, n_jobs):
+    torch_before, pools_before = pool_counts()
+    assert torch_before == 2 and set(pools_before) == {2}
+    with thread_limits(n_jobs) as n_threads:
+        assert n_threads == n_jobs
+        torch_inside, pools_inside = pool_counts()
+        assert torch_inside == n_jobs and set(pools_inside) == {n_jobs}
+    assert pool_counts() == (torch_before, pools_before)
+
+
+def test_context_restores_after_an_exception(two_threads):
+    before = pool_counts()
+    with pytest.raises(RuntimeError):
+        with thread_limits(1):
+            raise RuntimeError("inside")
+    assert pool_counts() == before
+
+
+def test_none_inside_a_context_keeps_the_enclosing_count(two_threads):
+    with thread_limits(3):
+        with thread_limits(None, (50, 100, 10)) as inner:  # the rule alone would give 1
+            assert inner == 3 and pool_counts()[0] == 3
+        with thread_limits(1) as explicit:  # an explicit count still applies
+            assert explicit == 1 and pool_counts()[0] == 1
+        assert pool_counts()[0] == 3
+    assert pool_counts()[0] == 2
+
+
+class RecordingSolver(TorchSolver):
+    """The torch solver, recording the pools' counts while it solves."""
+
+    def solve(self, problem, init=None):
+        self.counts = pool_counts()
+        return super().solve(problem, init=init)
+
+
+@pytest.mark.parametrize("n_jobs, expected", [(None, 1), (1, 1), (3, 3)])
+def test_clair_decompose_solves_under_n_jobs(two_threads, n_jobs, expected):
+    data = make_low_rank_block_sparse(20, 10, 3, 2, 3, noise_level=0.1, random_state=0)
+    solver = RecordingSolver()
+    clair_decompose(data.local_estimates, solver=solver, n_jobs=n_jobs)
+    assert solver.counts[0] == expected and set(solver.counts[1]) == {expected}
+    assert pool_counts()[0] == 2  # restored
+
+
+def test_refine_adapters_rejects_invalid_n_jobs():
+    from clairstat.lora import refine_adapters
+
+    rng = np.random.default_rng(0)
+    states = [{"m.lora_A.weight": rng.standard_normal((2, 6)),
+               "m.lora_B.weight": rng.standard_normal((5, 2))} for _ in range(4)]
+    with pytest.raises(ValueError, match="n_jobs=0"):
+        refine_adapters(states, n_jobs=0)
+
+
+@pytest.mark.parametrize("n_jobs", [1, 2])
+def test_fit_inside_equals_fit_outside(two_threads, n_jobs):
+    """A thread count changes only the summation order inside BLAS/LAPACK calls.
+
+    The solver's iterations compose backward-stable dense kernels (relative error at
+    most about ``m eps`` for the m = max(p, q n_clients) terms of a product, Higham's
+    gamma_m) with nonexpansive proximal steps, so two runs differ by at most about
+    ``n_iter * m * eps`` of the arrays' scale while no discrete decision (restart, rank,
+    flag) flips; the flags and iteration counts are checked equal. The objectives are
+    compared through the solver's certificate: each is within its duality gap of the
+    optimum, so they differ by at most the sum of the two gaps.
+    """
+    # (50, 100, 10): large enough that the BLAS/LAPACK kernels split work across threads
+    # (the two fits differ in the last bits), small enough for a unit test.
+    data = make_low_rank_block_sparse(50, 100, 10, 3, 10, noise_level=0.1, random_state=0)
+    outside = CLAIREstimator(solver="torch", random_state=0).fit(data.local_estimates)
+    with thread_limits(n_jobs):
+        inside = CLAIREstimator(solver="torch", random_state=0).fit(data.local_estimates)
+    assert inside.n_iter_ == outside.n_iter_
+    np.testing.assert_array_equal(inside.contaminated_, outside.contaminated_)
+    assert abs(inside.objective_ - outside.objective_) <= inside.dual_gap_ + outside.dual_gap_
+    width = max(data.local_estimates.shape[1],
+                data.local_estimates.shape[0] * data.local_estimates.shape[2])
+    bound = outside.n_iter_ * width * EPS
+    for name in ("low_rank_", "sparse_", "backbone_", "refined_", "p_values_"):
+        expected = getattr(outside, name)
+        scale = max(np.max(np.abs(expected)), 1.0)
+        np.testing.assert_allclose(getattr(inside, name), expected, rtol=0,
+                                   atol=bound * scale, err_msg=name)
