@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 CONSTRAINTS := requirements/ci-constraints.txt
 PIP_INSTALL := $(PY) -m pip install --disable-pip-version-check -q -c $(CONSTRAINTS)
 
-.PHONY: demo test docs venv bench validate-smoke validate-small clean
+.PHONY: demo test docs paper venv bench validate-smoke validate-small clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,13 @@ test: $(VENV)/.all-installed
 docs: $(VENV)/.all-installed
 	$(PY) -m sphinx -W --keep-going -b html -d docs/_build/doctrees docs docs/_build/html
 	@echo "make docs: open docs/_build/html/index.html"
+
+# The manuscript: every figure redrawn from the saved tables, its numbers and tables
+# written to paper/generated/ from the committed results, then latexmk (TeX Live from
+# Debian's packages, see README.md, "Paper"). Nothing is simulated.
+# Output: paper/build/clairstat.pdf.
+paper: $(VENV)/.all-installed
+	$(PY) -m paper --scale small --pdf
 
 bench: $(VENV)/.all-installed
 	$(PY) benchmarks/solver_benchmark.py

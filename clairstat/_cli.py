@@ -23,6 +23,7 @@ import shutil
 import sys
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -31,6 +32,15 @@ REPORT_NAME = "report.json"
 
 class InputError(Exception):
     """An input or option the command cannot use; its message is the one line shown."""
+
+
+class Client(NamedTuple):
+    """One adapter folder as read: tensors, config, safetensors metadata, module names."""
+
+    state: dict
+    config: dict
+    metadata: dict | None
+    modules: list
 
 
 def _parser():
@@ -92,7 +102,7 @@ def _read_weights(folder):
 
 
 def _read_adapter(folder):
-    """One client: ``(state_dict, config, metadata)``, its LoRA pairs checked."""
+    """One adapter folder as a :class:`Client`, its LoRA pairs checked."""
     from .lora import adapter_factors
 
     if not folder.is_dir():
@@ -103,7 +113,7 @@ def _read_adapter(folder):
         modules = sorted(adapter_factors(tensors, config))
     except ValueError as error:
         raise InputError(f"{folder}: {error}") from None
-    return tensors, config, metadata, modules
+    return Client(tensors, config, metadata, modules)
 
 
 def _read_all(folders):
@@ -114,9 +124,9 @@ def _read_all(folders):
                              "(outputs are written to OUT/<folder name>)")
     clients = [_read_adapter(folder) for folder in folders]
     for folder, client in zip(folders[1:], clients[1:]):
-        if client[3] != clients[0][3]:
-            raise InputError(f"{folder}: adapts modules {client[3]}, but {folders[0]} "
-                             f"adapts {clients[0][3]}")
+        if client.modules != clients[0].modules:
+            raise InputError(f"{folder}: adapts modules {client.modules}, but {folders[0]} "
+                             f"adapts {clients[0].modules}")
     return clients
 
 
@@ -159,7 +169,8 @@ def _refine(clients, args):
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            refinement = refine_adapters([c[0] for c in clients], [c[1] for c in clients],
+            refinement = refine_adapters([c.state for c in clients],
+                                         [c.config for c in clients],
                                          joint=args.joint, n_jobs=args.n_jobs,
                                          progress=_progress(), **options)
     except ValueError as error:  # parameter checks (rank too large, level, n_jobs...)
@@ -207,7 +218,7 @@ def _write(folders, clients, refinement, report, out):
         target = out / folder.name
         target.mkdir(parents=True, exist_ok=True)
         save_file({key: value.contiguous() for key, value in state.items()},
-                  str(target / WEIGHTS_NAME), metadata=client[2])
+                  str(target / WEIGHTS_NAME), metadata=client.metadata)
         shutil.copyfile(folder / CONFIG_NAME, target / CONFIG_NAME)
     (out / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
 

@@ -81,16 +81,16 @@ def clair_decompose(local_estimates: ArrayLike, *, alpha: float | str = "auto",
                         (("alpha", alpha), ("beta", beta), ("lam", lam)))
     sigma = check_noise_scale(noise_scale, blocks.shape[0])
     needs_sigma = formulation == "penalized" and "auto" in (alpha, beta)
-    if sigma is None and needs_sigma:
-        sigma = floor_noise_scale(estimate_noise_scale(blocks), blocks)
-    auto = default_penalties(blocks.shape, sigma if sigma is not None else 1.0)
-    alpha = auto["alpha"] if alpha == "auto" else alpha
-    beta = auto["beta"] if beta == "auto" else beta
-    lam = auto["lam"] if lam == "auto" else lam
-    problem = Problem(blocks, formulation=formulation, alpha=alpha, beta=beta, lam=lam,
-                      backbone=bool(backbone))
     engine = resolve_solver(solver, max_iter=max_iter, tol=tol, device=device, dtype=dtype)
-    with thread_limits(n_jobs, blocks.shape):
+    with thread_limits(n_jobs, blocks.shape):  # the noise estimate's SVDs and the solve
+        if sigma is None and needs_sigma:
+            sigma = floor_noise_scale(estimate_noise_scale(blocks), blocks)
+        auto = default_penalties(blocks.shape, sigma if sigma is not None else 1.0)
+        alpha = auto["alpha"] if alpha == "auto" else alpha
+        beta = auto["beta"] if beta == "auto" else beta
+        lam = auto["lam"] if lam == "auto" else lam
+        problem = Problem(blocks, formulation=formulation, alpha=alpha, beta=beta, lam=lam,
+                          backbone=bool(backbone))
         result = engine.solve(problem, init=init)
     result.alpha, result.beta, result.lam = alpha, beta, lam
     result.noise_scale = None if sigma is None else float(

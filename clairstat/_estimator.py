@@ -4,22 +4,29 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
+from dataclasses import dataclass
 import warnings
+from typing import TYPE_CHECKING
 
 import numpy as np
+from numpy.typing import ArrayLike
 from sklearn.base import BaseEstimator, OutlierMixin, TransformerMixin
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from ._decompose import clair_decompose
 from ._detection import refine
-from ._factored import FactoredBlocks
+from ._reduced import FactoredBlocks
 from ._inference import NoiseKnowledge, detect_clients
 from ._null import NoiseCovariance
+from ._threads import thread_limits
 from ._tuning import estimate_noise_scale, factored_noise_scale, floor_noise_scale
 from ._validation import (as_real_array, check_local_estimates, check_noise_cov,
                           check_noise_scale, check_sample_weight, data_scale)
 from .solvers import Solver, resolve_solver
+
+if TYPE_CHECKING:
+    from ._summary import CLAIRSummary
 
 __all__ = ["CLAIREstimator"]
 
@@ -98,9 +105,17 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
         Torch device of the first-order solver ("cuda" on a GPU machine).
     dtype : {"float64", "float32"}, default="float64"
         Precision of the first-order solver.
+    n_jobs : int or None, default=None
+        Threads of torch and of the BLAS/OpenMP pools for the duration of the fit
+        (:func:`clairstat._threads.thread_limits`, set together and restored after):
+        ``None`` chooses from the problem's size (one thread for small problems: a
+        second thread only pays off above about 1e8 flops per solver iteration),
+        ``-1`` every CPU the process may use, ``-k`` all but ``k - 1``, a positive int
+        that many. Pools left unpinned spin against each other: a fit beside a second
+        fit ran 38x slower unpinned than with this policy (benchmarks/RESULTS.md).
     random_state : int, RandomState instance or None, default=None
         Seeds the random starts of the concentration steps (the robust start of the
-        test) and the randomized SVD of the refit on large problems. With ``None``
+        test). With ``None``
         (numpy's global generator) a client on the edge of the decision can change
         flag between two fits; pass an int for reproducible fits.
 
@@ -132,7 +147,12 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
         p-value is at most ``test_level`` (when ``detection_converged_``).
     null_scale_, degrees_of_freedom_ : ndarray of shape (n_clients,)
         Each client's null ``T_k ~ null_scale_k * chi^2_{df_k}`` (Satterthwaite's
-        moment match to the statistic's exact mean and variance).
+        moment match to the statistic's mean and variance), or, when the scale was
+        estimated from the clients (``null_scale_df_`` finite),
+        ``T_k / (null_scale_k df_k) ~ F(df_k, null_scale_df_)``.
+    null_scale_df_ : float
+        Degrees of freedom of the estimated scale (``inf``: the scale was not
+        estimated, the null is the scaled chi^2).
     noise_model_ : {"noise_cov", "noise_scale", "estimated"}
         Where the null came from.
     contaminated_ : ndarray of bool, shape (n_clients,)
@@ -230,6 +250,7 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
         "tol": [Interval(numbers.Real, 0, None, closed="neither")],
         "device": [str],
         "dtype": [StrOptions({"float64", "float32"})],
+        "n_jobs": [numbers.Integral, None],
         "random_state": ["random_state"],
     }
 
@@ -237,7 +258,7 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
                  formulation="penalized", backbone=True, subspace="column", solver="auto",
                  noise_scale=None, detection="test", test_level=0.05, correction="fdr_bh",
                  subspace_source="refit", threshold="auto", max_iter=2000, tol=1e-6,
-                 device="cpu", dtype="float64", random_state=None):
+                 device="cpu", dtype="float64", n_jobs=None, random_state=None):
         self.rank = rank
         self.alpha = alpha
         self.beta = beta
@@ -256,6 +277,7 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
         self.tol = tol
         self.device = device
         self.dtype = dtype
+        self.n_jobs = n_jobs
         self.random_state = random_state
 
     # -- input -------------------------------------------------------------------
@@ -295,7 +317,9 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
         return blocks[:, :, 0] if self._input_2d else blocks
 
     # -- fit ---------------------------------------------------------------------
-    def fit(self, X, y=None, sample_weight=None, noise_cov=None):
+    def fit(self, X: ArrayLike | FactoredBlocks, y: None = None,
+            sample_weight: ArrayLike | None = None,
+            noise_cov: tuple[ArrayLike, ArrayLike] | None = None) -> CLAIREstimator:
         """Fit CLAIR to the clients' estimates.
 
         Parameters
@@ -303,7 +327,7 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
         X : array-like of shape (n_clients, p, q), list of (p, q) arrays, (n_clients, p), or FactoredBlocks
             Local estimates (2-D input is read as q = 1). Torch tensors (any float dtype,
             bf16 included, with or without ``requires_grad``) are read as float64. A
-            :class:`clairstat._factored.FactoredBlocks` stack holds LoRA updates in
+            :class:`clairstat._reduced.FactoredBlocks` stack holds LoRA updates in
             factored form (needs ``backbone=False``); its fitted ``collaborative_mean_``
             and ``refined_`` are then lazy factored objects.
         y : ignored
@@ -315,11 +339,13 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
             row_cov_k``, with ``row_cov`` of shape (p, p) or (n_clients, p, p) and
             ``col_cov`` of shape (q, q) or (n_clients, q, q) (OLS:
             ``(X_k^T X_k)^{-1}`` and the residual covariance; :func:`clairstat.local_ols`
-            returns them). The tests' null then uses it (exact first two moments of the
-            statistic, nothing estimated), and the penalties use its average per-entry
-            variance. ``None``: the null is estimated from the clients (a shared
-            Kronecker shape and a robust scale). Ignored by nothing: passing both
-            ``noise_cov`` and ``noise_scale`` is an error.
+            returns them). Each client is then tested with the sum of squared z-scores of
+            its off-subspace residual, whose null matches the exact first two moments
+            under the covariance; the clients may raise the noise's scale (never lower
+            it) when their statistics show it understated (docs/method_notes.md,
+            section 8). The penalties and the rank rule use its average. ``None``: the
+            null is estimated from the clients (a shared Kronecker shape and a robust
+            scale). Passing both ``noise_cov`` and ``noise_scale`` is an error.
 
         Returns
         -------
@@ -327,6 +353,10 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
         """
         self._validate_params()
         blocks = self._read(X, reset=True)
+        with thread_limits(self.n_jobs, getattr(blocks, "coef", blocks).shape):
+            return self._fit(blocks, sample_weight, noise_cov)
+
+    def _fit(self, blocks, sample_weight, noise_cov):
         n_clients, p, q = blocks.shape
         if self.rank is not None and self.rank > min(p, q * n_clients):
             raise ValueError(f"rank={self.rank} exceeds min(p, q * n_clients) = "
@@ -351,14 +381,32 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
             noise = dataclasses.replace(noise, whitening=_residual_whitening(blocks, result))
         scores = np.linalg.norm(result.sparse, axis=(1, 2))
         start = scores <= self._threshold_value(solve_blocks, scale)
-        fit = detect_clients(blocks, weights, start, rank=self.rank, noise=noise,
-                             level=self.test_level, correction=self.correction,
-                             iterate=self.detection == "test", random_state=self.random_state)
+        frame = noise.frame
+        fit = detect_clients(blocks if frame is None else frame.to(blocks), weights, start,
+                             rank=self.rank, noise=noise, level=self.test_level,
+                             correction=self.correction, iterate=self.detection == "test",
+                             random_state=self.random_state)
+        self._frame = frame
         self._store(blocks, result, engine, fit, scale, noise)
-        # Flagged clients get their own estimate back exactly (not via the rescaling).
-        refined = refine(original, self.subspace_, self.collaborative_mean_, self.contaminated_)
-        self.refined_ = self._output(refined)
+        if not factored:  # the mean of the set, in the data's units, exactly
+            members = fit.members
+            self.collaborative_mean_ = np.tensordot(
+                weights[members] / weights[members].sum(), original[members], axes=1)
+        self.refined_ = self._output(self._refine(original, self.contaminated_))
         return self
+
+    def _refine(self, blocks, flagged):
+        """``mean + Pi (Theta_k - mean)`` for the others, flagged clients unchanged.
+
+        ``Pi`` is the orthogonal projector on ``subspace_``, or, with ``noise_cov``, the
+        projector of the noise's metric (docs/method_notes.md, section 8).
+        """
+        if self._frame is None:
+            return refine(blocks, self.subspace_, self.collaborative_mean_, flagged)
+        mean = self.collaborative_mean_
+        refined = mean[None] + self._projector @ (blocks - mean[None])
+        refined[flagged] = blocks[flagged]
+        return refined
 
     @staticmethod
     def _scaled(value, scale):
@@ -378,13 +426,7 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
                                  "their noise.")
             row, col = check_noise_cov(noise_cov, n_clients, *self.estimate_shape_,
                                        transpose=self.subspace == "row")
-            # two divisions: scale ** 2 alone over- or underflows at the ends of float64's range
-            cov = NoiseCovariance(row / scale / scale, col, np.ones(n_clients))
-            sigma = np.sqrt(np.trace(row, axis1=1, axis2=2) * np.trace(col, axis1=1, axis2=2)
-                            / (p * q)) / scale
-            cov_row = np.mean(row, axis=0) / scale / scale
-            whitening = (_inv_sqrt(cov_row), _inv_sqrt(np.mean(col, axis=0)), 1.0)
-            return NoiseKnowledge(sigma, cov, floor, whitening)
+            return _whitened_noise(row, col, scale, floor)
         sigma = check_noise_scale(self.noise_scale, n_clients)
         if sigma is not None:
             sigma = sigma / scale
@@ -405,7 +447,7 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
 
     def _store(self, blocks, result, engine, fit, scale, noise):
         """Copy the decomposition and the detection out, in the data's own units."""
-        self._fit, self._scale = fit, scale
+        self._collaborative, self._scale = fit, scale
         self._training_keys = {_row_key(b): k for k, b in enumerate(blocks)} \
             if isinstance(blocks, np.ndarray) else {}
         self.decomposition_ = dataclasses.replace(
@@ -424,6 +466,8 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
         basis = fit.basis
         if self.subspace_source == "low_rank":
             basis = self._low_rank_basis(result, self.rank)
+        elif self._frame is not None:
+            basis, self._projector = self._frame.subspace(fit.basis)
         self.subspace_, self.rank_ = basis, basis.shape[1]
         self.contaminated_ = fit.contaminated.copy()
         self.collaborative_set_ = np.flatnonzero(fit.members)
@@ -435,6 +479,7 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
         self.adjusted_p_values_ = fit.adjusted
         self.null_scale_ = _squared(fit.null.scale, unit)
         self.degrees_of_freedom_ = fit.null.df
+        self.null_scale_df_ = float(fit.null.scale_df)
         self.client_noise_scale_ = noise.sigma * scale
         self.noise_scale_ = float(np.sqrt(np.mean(noise.sigma ** 2)) * scale)
         self.noise_model_ = ("estimated" if noise.estimated else
@@ -454,7 +499,7 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
         return left[:, :rank]
 
     # -- outlier-detector and transformer interface -------------------------------
-    def score_samples(self, X):
+    def score_samples(self, X: ArrayLike) -> np.ndarray:
         """Log p-value of each client's test, on the scale of ``test_level``.
 
         A client of the training set (a row of ``X`` equal to one the estimator was
@@ -463,10 +508,12 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
         whose flag the test did not set, with ``detection="threshold"`` or a detection
         that did not converge, the value is moved to the side of ``log(test_level)`` its
         flag is on). A new client is tested on its own against the fitted collaborative
-        mean and subspace (its p-value, not adjusted): a collaborative new client scores
-        below ``log(test_level)`` with probability ``test_level``. To control the error
-        rate over a batch of new clients, adjust ``np.exp(score_samples(X))`` with
-        ``statsmodels.stats.multitest.multipletests``.
+        mean and subspace (its p-value, not adjusted), its noise taken as the members'
+        (their average covariance with ``noise_cov``, the fitted scale otherwise): a
+        collaborative new client with noise like theirs scores below
+        ``log(test_level)`` with probability ``test_level``; one with noisier data (fewer
+        samples) more often. To control the error rate over a batch of new clients,
+        adjust ``np.exp(score_samples(X))`` with ``statsmodels.stats.multitest``.
 
         Parameters
         ----------
@@ -479,19 +526,21 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
         """
         check_is_fitted(self)
         blocks = self._read(X, reset=False) / self._scale
-        log_p = self._fit.new_client_log_p(blocks)[0]
-        training = self._fit.training_scores()
+        frame = self._frame
+        log_p = self._collaborative.new_client_log_p(
+            blocks if frame is None else frame.to(blocks))[0]
+        training = self._collaborative.training_scores()
         for i, block in enumerate(blocks):
             k = self._training_keys.get(_row_key(block))
             if k is not None:
                 log_p[i] = training[k]
         return log_p
 
-    def decision_function(self, X):
+    def decision_function(self, X: ArrayLike) -> np.ndarray:
         """``score_samples(X) - offset_``: negative for contaminated clients."""
         return self.score_samples(X) - self.offset_
 
-    def predict(self, X):
+    def predict(self, X: ArrayLike) -> np.ndarray:
         """+1 for collaborative clients, -1 for contaminated ones.
 
         On the training clients this returns the fitted flags; a new client is flagged
@@ -499,12 +548,13 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
         """
         return np.where(self.decision_function(X) >= 0, 1, -1)
 
-    def fit_predict(self, X, y=None, sample_weight=None, noise_cov=None):
+    def fit_predict(self, X: ArrayLike, y: None = None, sample_weight: ArrayLike | None = None,
+                    noise_cov: tuple[ArrayLike, ArrayLike] | None = None) -> np.ndarray:
         """Fit, then return the fitted flags as +1 / -1."""
         self.fit(X, sample_weight=sample_weight, noise_cov=noise_cov)
         return np.where(self.contaminated_, -1, 1)
 
-    def transform(self, X):
+    def transform(self, X: ArrayLike) -> np.ndarray:
         """Refine clients with the fitted subspace and collaborative mean.
 
         Clients that :meth:`predict` flags are returned unchanged.
@@ -516,9 +566,9 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
         check_is_fitted(self)
         blocks = self._read(X, reset=False)
         flagged = self.predict(X) == -1
-        return self._output(refine(blocks, self.subspace_, self.collaborative_mean_, flagged))
+        return self._output(self._refine(blocks, flagged))
 
-    def summary(self):
+    def summary(self) -> CLAIRSummary:
         """A statsmodels-style report of the fit (see :class:`clairstat.CLAIRSummary`)."""
         from ._summary import CLAIRSummary
         check_is_fitted(self)
@@ -538,6 +588,63 @@ _ROUND_OFF = 64 * np.finfo(float).eps
 def _inv_sqrt(matrix):
     vals, vecs = np.linalg.eigh(matrix)
     return (vecs / np.sqrt(np.maximum(vals, vals.max() * 1e-12))) @ vecs.T
+
+
+def _sqrt(matrix):
+    vals, vecs = np.linalg.eigh(matrix)
+    return (vecs * np.sqrt(np.maximum(vals, vals.max() * 1e-12))) @ vecs.T
+
+
+@dataclass(frozen=True)
+class _Frame:
+    """A map ``X -> left X right`` common to every client (``left`` invertible).
+
+    It maps the shared column space to a shared column space (``left``) and leaves
+    column spaces alone (``right``), so the model holds in it with the same rank;
+    with ``noise_cov`` the detection runs where the clients' average noise is
+    isotropic (``left = Rbar^{-1/2}``, ``right = Cbar^{-1/2}``).
+    """
+
+    left: np.ndarray
+    left_inv: np.ndarray
+    right: np.ndarray
+
+    def to(self, blocks):
+        return self.left @ blocks @ self.right
+
+    def subspace(self, basis):
+        """The subspace in the data's coordinates, and the projector of the metric.
+
+        Returns
+        -------
+        basis : ndarray of shape (p, r), orthonormal, spanning ``left^{-1} col(basis)``
+        projector : ndarray of shape (p, p), ``left^{-1} U U^T left`` (oblique onto it)
+        """
+        mapped = self.left_inv @ basis
+        orthonormal = np.linalg.qr(mapped)[0] if basis.shape[1] else mapped
+        return orthonormal, mapped @ (basis.T @ self.left)
+
+
+def _whitened_noise(row, col, scale, floor):
+    """The known noise as the detection sees it: in the frame where it is isotropic.
+
+    Each client's factors are normalised to unit mean variance and their product's
+    size kept as a per-client scalar (computed in logs: a factor can sit anywhere in
+    float64's range, e.g. responses in other units); the frame whitens the clients'
+    average shapes.
+    """
+    n_clients, p, _ = row.shape
+    q = col.shape[1]
+    row_unit = np.trace(row, axis1=1, axis2=2) / p
+    col_unit = np.trace(col, axis1=1, axis2=2) / q
+    row_n, col_n = row / row_unit[:, None, None], col / col_unit[:, None, None]
+    variance = np.exp(np.log(row_unit) + np.log(col_unit) - 2.0 * np.log(scale))
+    left, right = _inv_sqrt(np.mean(row_n, axis=0)), _inv_sqrt(np.mean(col_n, axis=0))
+    frame = _Frame(left, _sqrt(np.mean(row_n, axis=0)), right)
+    cov = NoiseCovariance(left @ row_n @ left, right @ col_n @ right, variance)
+    sigma = np.sqrt(variance * np.trace(cov.row, axis1=1, axis2=2)
+                    * np.trace(cov.col, axis1=1, axis2=2) / (p * q))
+    return NoiseKnowledge(sigma, cov, floor, None, frame)
 
 
 def _residual_whitening(blocks, result):

@@ -18,7 +18,7 @@ from statsmodels.stats.multitest import multipletests
 
 from ._detection import (_fit_on, calibrate_null, concentrate, out_of_sample_statistics,
                          projection_statistics, refine, weighted_mean)
-from ._factored import FactoredBlocks
+from ._reduced import FactoredBlocks
 from ._null import (NoiseCovariance, NullDistribution, Standardizer, complement_basis,
                     known_standardizer, kronecker_df, median_scale_df,
                     robust_log_spread_df)
@@ -38,13 +38,15 @@ class NoiseKnowledge:
     test estimates its null from the clients); ``floor``: the smallest noise variance
     per entry that is not round-off (a machine-precision floor for noiseless data);
     ``whitening``: the common transform of the rank rule
-    (:func:`clairstat._detection.select_rank`).
+    (:func:`clairstat._detection.select_rank`); ``frame``: the common map under which
+    the detection ran (the estimator maps its results back).
     """
 
     sigma: np.ndarray
     cov: NoiseCovariance | None = None
     floor: float = 0.0
     whitening: tuple | None = None
+    frame: object = None
 
     @property
     def estimated(self):
@@ -108,7 +110,8 @@ def _scale_factor(stat, null, calibrate_on, *, at_least_one):
     if ok.sum() < 2:
         return 1.0, np.inf
     ratio, df = stat[ok] / null.scale[ok], null.df[ok]
-    if not np.any(ratio > 0):  # every statistic zero (identical or all-zero clients)
+    if np.median(ratio) <= 0 or not np.all(np.isfinite(ratio)):
+        # half the statistics zero (identical clients) or unusable: nothing to match
         return 1.0, np.inf
 
     def excess(log_c):  # median p-value - 1/2: rises with c
@@ -155,22 +158,40 @@ def _calibrate(stat, null, new, calibrate_on, estimated, floor):
             NullDistribution(new.scale * factor, new.df, scale_df))
 
 
+def _members_average(cov, weights):
+    """``sum_j w_j C_j`` and ``sum_j w_j R_j`` (weights summing to 1) as one client."""
+    w = weights / weights.sum()
+    return (np.tensordot(w * cov.scale, np.asarray(cov.row), axes=1),
+            np.tensordot(w, np.asarray(cov.col), axes=1))
+
+
 def _known_tests(blocks, weights, members, mean, basis, fits, cov):
-    """Standardised statistics with the known covariance, each with its exact moments."""
+    """Standardised statistics with the known covariance, each with its own moments.
+
+    Client k's residual has covariance ``C_k (x) R_k`` plus the mean's
+    ``sum_j a_j^2 C_j (x) R_j``; the latter, O(1/m) of the total, enters with the
+    members' average factors (``(sum_j a_j^2) Cbar (x) Rbar``), so that each client
+    costs two Kronecker terms, not one per member (K clients, not K^2, per round).
+    """
     n_clients = len(blocks)
     stat, scale, df = np.zeros(n_clients), np.zeros(n_clients), np.zeros(n_clients)
+    index = np.flatnonzero(members)
+    row_bar, col_bar = _members_average(cov.subset(index), np.ones(len(index)))
     for k, (basis_k, others) in enumerate(fits):
-        index = _client_index(k, others)
-        coefficients = np.r_[1.0, -_mean_weights(weights, index[1:])]
-        test = known_standardizer(cov.subset(index), basis_k, coefficients)
-        mean_k = weighted_mean(blocks[index[1:]], weights[index[1:]])
+        mask = others.copy()
+        mask[k] = False
+        a = _mean_weights(weights, mask)
+        pair = NoiseCovariance(np.stack([cov.row[k], row_bar]), np.stack([cov.col[k], col_bar]),
+                               np.array([cov.scale[k], 1.0]))
+        test = known_standardizer(pair, basis_k, np.array([1.0, np.sqrt(np.sum(a ** 2))]))
+        mean_k = weighted_mean(blocks[mask], weights[mask])
         stat[k] = test.statistics(blocks[k:k + 1] - mean_k[None])[0]
         scale[k], df[k] = test.scale, test.df
-    # A new client's covariance is not known: the members' average is taken, so
-    # Sigma = sum_j (1/m + a_j^2) C_j (x) R_j.
-    index = np.flatnonzero(members)
+    # A new client's covariance is not known: the members' average is taken, plus the
+    # mean's share: (1 + sum_j a_j^2) Cbar (x) Rbar.
     a = _mean_weights(weights, members)
-    new = known_standardizer(cov.subset(index), basis, np.sqrt(1.0 / len(index) + a ** 2))
+    one = NoiseCovariance(row_bar[None], col_bar[None], np.ones(1))
+    new = known_standardizer(one, basis, np.array([np.sqrt(1.0 + np.sum(a ** 2))]))
     return stat, NullDistribution(scale, df), new
 
 
@@ -280,9 +301,8 @@ class CollaborativeFit:
     client's out-of-sample test against them (a member against a refit without it),
     ``adjusted`` the p-values corrected over the clients, ``contaminated`` the clients
     outside ``members``. ``converged`` is ``False`` when the refit-and-test loop did not
-    reach a set that its own test reproduces (then some clients are left out of the
-    collaborative set although their test does not reject them: see
-    :func:`detect_clients`).
+    reach a set that its own test reproduces (then some members are kept although the
+    final test rejects them: see :func:`detect_clients`).
 
     Attributes
     ----------
@@ -361,9 +381,9 @@ def detect_clients(blocks, weights, start, *, rank, noise, level, correction, it
     client out of sample against its null (:mod:`clairstat._null`), correct the
     p-values (statsmodels' ``multipletests``) and take the clients not rejected as the
     next set, until the set repeats. If the sets cycle instead (or ``_MAX_ROUNDS``
-    pass), the set shrinks to the clients of the cycle that every round kept and then
-    drops, round by round, the members its own test rejects; it stops at a set all of
-    whose members pass (``converged=False`` if some outsider passes too).
+    pass), the collaborative set is every client some set of the cycle kept, fitted
+    once (``converged=False``, and a warning names the members its final test
+    rejects).
 
     Parameters
     ----------
@@ -418,28 +438,24 @@ def detect_clients(blocks, weights, start, *, rank, noise, level, correction, it
             break
         history.append(state.members)
         state = test(kept)
-    # No fixed point: keep the clients every set of the cycle agreed on, then drop the
-    # members the set's own test rejects until none is.
-    cycle = history[next((i for i, seen in enumerate(history)
-                          if np.array_equal(seen, ~state.rejected)), 0):] + [state.members]
-    members = np.logical_and.reduce(cycle)
-    while members.sum() >= 2:
-        state = test(members)
-        n_rounds += 1
-        if not np.any(state.rejected & members):
-            break
-        members = members & ~state.rejected
-    if members.sum() < 2:  # nothing left to fit on: keep everyone, say so
-        warnings.warn("the detection found no stable collaborative set; every client is "
-                      "kept.", UserWarning, stacklevel=4)
-        return _final(test(np.ones(n_clients, dtype=bool)), level, correction, False,
-                      n_rounds)
+    # No fixed point (a cycle, or too many rounds): keep every client that some set of
+    # the cycle kept, fit once on that set, and say so. Resolving towards keeping means
+    # a cycle never flags a client its own test would keep in some round (under the
+    # null, cycles are of benign clients whose p-values move with the calibration).
+    first = next((i for i, seen in enumerate(history)
+                  if np.array_equal(seen, ~state.rejected)), 0)
+    members = np.logical_or.reduce(history[first:] + [state.members, ~state.rejected])
+    if members.sum() < 2:
+        members = np.ones(n_clients, dtype=bool)
+    state = test(members)
+    n_rounds += 1
     converged = np.array_equal(~state.rejected, state.members)
     if not converged:
-        warnings.warn(f"the detection did not settle on a set its own test reproduces; "
-                      f"clients {np.flatnonzero(~state.rejected & ~state.members).tolist()} "
-                      "are left out of the collaborative set although their test does not "
-                      "reject them.", UserWarning, stacklevel=4)
+        warnings.warn("the detection did not settle on a set its own test reproduces (a "
+                      "cycle); the collaborative set keeps every client some round kept. "
+                      f"Clients {np.flatnonzero(state.rejected & state.members).tolist()} "
+                      "are kept although the final test rejects them.", UserWarning,
+                      stacklevel=4)
     return _final(state, level, correction, converged, n_rounds)
 
 

@@ -180,7 +180,8 @@ class Standardizer:
     along its smallest, least reliable directions: on the real-data splits of
     ``benchmarks/real_data_calibration.py`` it flagged benign clients in 10-40% of the
     splits even with the true rank and mean, against 3-23% for the z-scores.
-    ``null`` is the statistic's Satterthwaite scaled chi^2 under the covariance.
+    ``scale`` and ``df`` are the statistic's Satterthwaite null, ``scale * chi^2_df``,
+    under the covariance.
     """
 
     basis: np.ndarray
@@ -220,11 +221,14 @@ def known_standardizer(cov, basis, coefficients):
     tr_rows = np.trace(rows, axis1=1, axis2=2)
     tr_cols = np.trace(cols, axis1=1, axis2=2)
     row_var = np.einsum("j,jii->i", b * tr_cols / q, rows)
+    # A row the subspace takes (nearly) whole has only round-off left: it is out of the
+    # test, judged against its variance before the projection.
+    row_var_before = np.einsum("j,jii->i", b * tr_cols / q, np.asarray(cov.row, dtype=float))
     col_var = np.einsum("j,jll->l", b * tr_rows / max(p, 1), cols)
     col_var /= max(np.mean(col_var), np.finfo(float).tiny)
-    tiny = np.finfo(float).tiny
-    row = np.sqrt(np.where(row_var > 1e-12 * row_var.max(initial=0.0), row_var, np.inf))
-    col = np.sqrt(np.maximum(col_var, tiny))
+    row = np.sqrt(np.where(row_var > 1e-10 * row_var_before, row_var, np.inf))
+    # positive unless no row is left to test (rank p): then the test has no df anyway
+    col = np.sqrt(np.where(col_var > 0, col_var, 1.0))
     rows_s = rows / row[None, :, None] / row[None, None, :]
     cols_s = cols / col[None, :, None] / col[None, None, :]
     t_r = np.trace(rows_s, axis1=1, axis2=2)
@@ -232,9 +236,9 @@ def known_standardizer(cov, basis, coefficients):
     mean = float(np.sum(b * t_r * t_c))
     gram = np.einsum("ipq,jpq->ij", rows_s, rows_s) * np.einsum("ipq,jpq->ij", cols_s, cols_s)
     second = float(b @ gram @ b)
-    if mean <= 0 or second <= 0:
+    if not (mean > 1e-12 and second > 0):  # nothing left to test (the subspace is all)
         return Standardizer(basis, row, col, 0.0, 0.0)
-    return Standardizer(basis, row, col, second / mean, mean ** 2 / second)
+    return Standardizer(basis, row, col, second / mean, mean / second * mean)
 
 
 def complement_basis(basis):

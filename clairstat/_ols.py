@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 __all__ = ["LocalOLS", "local_ols"]
+
+# Below this many residual degrees of freedom the residual covariance is too rough to be
+# taken as the noise's (a review measured 20% of null fits flagging at 6 df, 10% at 14).
+_MIN_RESIDUAL_DF = 20
 
 
 @dataclass(frozen=True)
@@ -84,7 +91,7 @@ def _client_fit(design, response, k):
     return estimate, 0.5 * (row_cov + row_cov.T), col_cov
 
 
-def local_ols(designs, responses):
+def local_ols(designs: Sequence[ArrayLike], responses: Sequence[ArrayLike]) -> LocalOLS:
     """Fit ordinary least squares on every client's own data.
 
     Parameters
@@ -135,6 +142,13 @@ def local_ols(designs, responses):
         fits.append((*_client_fit(x_mat, y_mat, k), len(x_mat)))
     estimates, row_cov, col_cov, n_samples = (np.stack(part) for part in zip(*fits))
     p, q = estimates.shape[1:]
+    few = np.flatnonzero(n_samples - p < _MIN_RESIDUAL_DF)
+    if few.size:
+        warnings.warn(f"clients {few.tolist()} have fewer than {_MIN_RESIDUAL_DF} residual "
+                      "degrees of freedom: their residual covariance is a rough estimate, "
+                      "and tests that take it as exact flag benign clients more often "
+                      "than the level says (measured: 20% of null fits at 6 residual df).",
+                      UserWarning, stacklevel=2)
     return LocalOLS(estimates, (row_cov, col_cov), n_samples.astype(int),
                     n_samples.astype(int) - p, _names(designs[0], "x", p),
                     _names(responses[0], "y", q))

@@ -18,7 +18,7 @@ class CLAIRSummary:
     def __init__(self, estimator):
         self.diagnostics = _diagnostics(estimator)
         self.clients = pd.DataFrame({
-            "score ||S_k||_F": [_number(v) for v in estimator.contamination_scores_],
+            "score ‖S_k‖_F": [_number(v) for v in estimator.contamination_scores_],
             "statistic": [_number(v) for v in estimator.test_statistics_],
             "df": [f"{v:.3g}" for v in estimator.degrees_of_freedom_],
             "p-value": [_p_value(v) for v in estimator.p_values_],

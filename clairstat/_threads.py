@@ -4,16 +4,18 @@ A CLAIR fit spends its time in torch (the solver's singular value thresholding) 
 numpy/scipy (detection, readouts), i.e. in three thread pools: torch's intra-op pool
 (OpenMP + MKL), the OpenBLAS pools of numpy and scipy, and the OpenMP runtimes.
 Left alone, each pool starts one thread per core, and their worker threads spin while
-waiting. On a 2-core machine that made a fit at (n_clients, p, q) = (50, 100, 10) take
-0.15 s alone and 4.8 s beside a second fit of the same size (32x), and
-``clair_decompose`` 0.068 s on one thread but 21.7 s on two beside another numeric job.
-Small problems gain nothing from a second thread even alone (their operations are too
-short to split), so the policy is:
+waiting: on a shared 2-core machine a small fit beside another numeric job became tens
+of times slower on two threads than on one (``benchmarks/concurrency_benchmark.py``,
+results in ``benchmarks/RESULTS.md``). Small problems gain nothing from a second thread
+even alone (their operations are too short to split), so the policy is:
 
 * ``n_jobs=None``: a size rule (:func:`threads_for_size`), one thread for small problems;
 * ``n_jobs=-1``: every CPU this process may run on (``os.sched_getaffinity``); ``-2`` all
   but one, and so on (joblib's convention);
 * ``n_jobs=k > 0``: exactly ``k`` threads.
+
+On a machine busy with other jobs, one thread was faster at every size measured (up to
+svt_flops = 1.3e9): pass ``n_jobs=1`` there.
 
 :func:`thread_limits` applies the choice to torch (``torch.set_num_threads``) and to the
 BLAS/OpenMP pools (threadpoolctl) together, and restores both afterwards. The
@@ -35,10 +37,10 @@ __all__ = ["usable_cpus", "svt_flops", "threads_for_size", "resolve_n_jobs",
 
 #: Work per thread, in flops of one singular value thresholding of the stacked
 #: p x (n_clients q) matrix (:func:`svt_flops`), below which a further thread costs more
-#: in synchronisation than it saves. Measured on a 2-core machine
-#: (``python benchmarks/concurrency_benchmark.py --crossover``, benchmarks/RESULTS.md):
-#: a second thread slowed ``clair_decompose`` down below about 1e8 flops and sped it up
-#: above, so two threads start at ``2 * GRAIN_FLOPS``.
+#: in synchronisation than it saves. Measured on a 2-core machine at a load near 2
+#: (``python benchmarks/concurrency_benchmark.py --crossover-only``, benchmarks/RESULTS.md):
+#: a second thread slowed ``clair_decompose`` down at 4e7 flops and below, and sped it
+#: up at 9e7 to 3.6e8, so two threads start at ``2 * GRAIN_FLOPS`` = 1e8.
 GRAIN_FLOPS = 5e7
 
 # The limit set by the innermost active ``thread_limits`` (None outside any).

@@ -165,8 +165,11 @@ def _cov_factor(matrix, n_clients, size, name):
     if bad.size:
         raise ValueError(f"{name} is not positive semi-definite for clients "
                          f"{bad.tolist()} (smallest eigenvalue {low[bad[0]]:.3g}).")
-    if np.any(np.trace(matrix, axis1=1, axis2=2) <= 0):
-        raise ValueError(f"{name} is zero for some client: a covariance must be positive.")
+    diagonal = np.diagonal(matrix, axis1=1, axis2=2)
+    bad = np.flatnonzero(np.any(diagonal <= 0, axis=1))
+    if bad.size:
+        raise ValueError(f"{name} gives a zero variance for clients {bad.tolist()}: every "
+                         "coefficient and output needs a positive noise variance.")
     return matrix
 
 

@@ -1,10 +1,12 @@
-"""``python -m paper [--scale small]``: every figure and table from the saved results.
+"""``python -m paper [--scale small] [--tex] [--pdf]``: figures, tables and the manuscript.
 
 Runs ``main(results_dir, out_dir)`` of every script in ``paper/figures/`` on the tables
 in ``simulations/results/<scale>/`` and copies the verdict table of
-``validation/report.json`` (when it is of the same scale) beside the figures. Nothing is
-simulated here: run ``python -m validation --scale SCALE`` (or ``python -m simulations``)
-first.
+``validation/report.json`` (when it is of the same scale) beside the figures. With
+``--tex`` it also writes the manuscript's macros and tables (``paper/generated/``) from
+the committed result files; with ``--pdf`` it then builds ``paper/build/clairstat.pdf``
+with latexmk (``make paper``). Nothing is simulated here: run
+``python -m validation --scale SCALE`` (or ``python -m simulations``) first.
 """
 
 from __future__ import annotations
@@ -74,6 +76,12 @@ def main(argv=None):
     parser.add_argument("--out-dir", default=None, help="default paper/figures_out/SCALE")
     parser.add_argument("--report", default=None, help="default validation/report.json")
     parser.add_argument("--only", nargs="*", default=None, help="only these figure scripts")
+    parser.add_argument("--tex", action="store_true",
+                        help="also write the manuscript's macros and tables")
+    parser.add_argument("--pdf", action="store_true",
+                        help="also build the PDF with latexmk (implies --tex)")
+    parser.add_argument("--generated-dir", default=None, help="default paper/generated")
+    parser.add_argument("--build-dir", default=None, help="default paper/build")
     args = parser.parse_args(argv)
     results = Path(args.results_dir or default_results_dir()) / args.scale
     out_dir = Path(args.out_dir or output_dir(args.scale))
@@ -85,7 +93,34 @@ def main(argv=None):
         print(path)
     if failed:
         print(f"figure scripts failed: {failed}", file=sys.stderr)
-    return 1 if failed else 0
+        return 1
+    if args.tex or args.pdf:
+        return _manuscript(args, out_dir)
+    return 0
+
+
+def _manuscript(args, figures_dir):
+    """Write the generated macros and tables; build the PDF when asked. Exit status."""
+    import subprocess
+
+    from ._build import build_pdf
+    from ._generate import write_generated
+
+    generated = Path(args.generated_dir or PAPER_DIR / "generated")
+    for path in write_generated(generated):
+        print(path)
+    if not args.pdf:
+        return 0
+    build_dir = Path(args.build_dir or PAPER_DIR / "build")
+    try:
+        print(build_pdf(build_dir, generated, figures_dir))
+    except FileNotFoundError as error:
+        print(error, file=sys.stderr)
+        return 2
+    except subprocess.CalledProcessError:
+        print(f"LaTeX failed: see {build_dir / 'clairstat.log'}", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

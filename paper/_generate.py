@@ -71,8 +71,12 @@ def fmt_pct(value, decimals=1, sign=True):
 
 def _margin(check):
     margin = src.check_margin(check)
-    if margin is None:
-        return tex_escape(check.get("expected", ""))
+    if margin is None:  # an older report: only the expected value, as text
+        text = tex_escape(check.get("expected", ""))
+        for plain, math_op in ((">=", r"$\geq$"), ("<=", r"$\leq$"), (">", "$>$"),
+                               ("<", "$<$")):
+            text = text.replace(plain, math_op) if "$" not in text else text
+        return text
     low, high = margin
     if math.isinf(high):
         return rf"$\geq$ {fmt(low)}"
@@ -100,7 +104,7 @@ def validation_macros(report, prefix="val"):
     meta = report.get("meta", {})
     macros[f"{prefix}.scale"] = tex_escape(meta.get("scale", ""))
     macros[f"{prefix}.version"] = tex_escape(meta.get("clairstat_version", ""))
-    macros[f"{prefix}.commit"] = tex_escape(str(meta.get("commit", "")).split()[0])
+    macros[f"{prefix}.commit"] = tex_escape((str(meta.get("commit", "")).split() or [""])[0])
     macros[f"{prefix}.replicates"] = fmt(sum(meta.get("replicates", {}).values()))
     macros[f"{prefix}.checks"] = fmt(len(checks))
     for kind in ("theory", "identity"):
@@ -122,10 +126,23 @@ def validation_macros(report, prefix="val"):
     return macros
 
 
+# Claims in the order of docs/theory.md: exact and stable recovery, detection, refinement,
+# FedRot-LoRA, GLoRA, robust aggregation; checks without a claim id last.
+CLAIM_ORDER = "ESDRFGB"
+
+
+def _claim_order(check):
+    claim = _claim_id(check)
+    if not claim or claim[0] not in CLAIM_ORDER:
+        return (len(CLAIM_ORDER), 0)
+    return (CLAIM_ORDER.index(claim[0]), int(claim[1:]))
+
+
 def verdict_table(report, kind):
-    """The checks of one ``kind`` as the body rows of a LaTeX table."""
+    """The checks of one ``kind`` as the body rows of a LaTeX table, in claim order."""
     lines = []
-    for check in report["checks"]:
+    checks = sorted(report["checks"], key=_claim_order)  # stable: report order within
+    for check in checks:
         if src.check_kind(check) != kind:
             continue
         interval = check.get("interval") or [math.nan, math.nan]
@@ -212,6 +229,29 @@ def benchmark_macros(text):
     return macros
 
 
+CONCURRENCY_COLUMNS = ("setting", "threads", "second fit running", "median s")
+
+
+def concurrency_macros(text):
+    """A fit's median time alone and beside a second fit, per thread policy (the first
+    concurrency table of the benchmarks); nothing when that table is absent."""
+    rows = src.find_table(text, *CONCURRENCY_COLUMNS) or []
+    times = {(r["setting"], r["second fit running"]): src.number(r["median s"])
+             for r in rows}
+    macros = {}
+    for setting in ("policy", "unpinned"):
+        alone, beside = times.get((setting, "no")), times.get((setting, "yes"))
+        if alone is None or beside is None:
+            continue
+        macros[f"bench.conc.{setting}.alone"] = fmt(alone)
+        macros[f"bench.conc.{setting}.beside"] = fmt(beside)
+        macros[f"bench.conc.{setting}.slowdown"] = fmt(beside / alone, 2)
+    if {"bench.conc.policy.beside", "bench.conc.unpinned.beside"} <= set(macros):
+        macros["bench.conc.ratio"] = fmt(times[("unpinned", "yes")]
+                                         / times[("policy", "yes")], 3)
+    return macros
+
+
 def solver_table(text):
     lines = []
     for r in solver_rows(text):
@@ -291,6 +331,8 @@ def copying_macros(frame, scale):
         macros[f"{key}.relsd"] = fmt_pct(row["relative_sd"], sign=False)
         macros[f"{key}.win"] = fmt_pct(row["win"], decimals=0, sign=False)
     flags = flagged_by_kind(frame)
+    if "benign" in flags.columns:  # the worst false-alarm share of any CLAIR variant
+        macros["copy.flag.benign.max"] = fmt_fixed(float(flags["benign"].max()), 2)
     for (setting, method), values in flags.iterrows():
         for kind, share in values.items():
             macros[f"copy.flag.{setting}.{method.replace('_', '')}.{kind}"] = \
@@ -360,6 +402,9 @@ def collect():
     if bench.exists():
         text = bench.read_text()
         macros.update(benchmark_macros(text))
+        macros.update(concurrency_macros(text))
+        # The text quotes the concurrency benchmark only when its table is committed.
+        macros["bench.hasconc"] = "1" if "bench.conc.ratio" in macros else "0"
         tables["solver"], tables["lora"] = solver_table(text), lora_table(text)
     if src.SOURCES["calibration"].exists():
         rows = src.calibration_summary(src.read_calibration(src.SOURCES["calibration"]))
@@ -384,6 +429,8 @@ def write_generated(out_dir):
     lines = [rf"\setres{{{key}}}{{{value}}}" for key, value in sorted(macros.items())]
     # Whether a full-scale verdict table exists: the text shows it only then.
     lines.append(r"\valfulltrue" if macros.get("val.hasfull") == "1" else r"\valfullfalse")
+    lines.append(r"\concurrencytrue" if macros.get("bench.hasconc") == "1"
+                 else r"\concurrencyfalse")
     paths = [out_dir / "macros.tex"]
     paths[0].write_text(header + "\n".join(lines) + "\n")
     for name, body in tables.items():

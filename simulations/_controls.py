@@ -56,8 +56,8 @@ CONTROLS = {control.name: control for control in [
             ("refinement_clair_vs_formula",)),
     Control("no-alignment",
             "FedRot rotates nothing: every client rotation is the identity (fedrot)",
-            ("fedrot_alignment_tightens_bound", "fedrot_concatenated_tightens_bound",
-             "fedrot_alignment_helps")),
+            ("fedrot_alignment_tightens_bound", "fedrot_b_alignment_tightens_bound",
+             "fedrot_concatenated_tightens_bound", "fedrot_alignment_helps")),
     Control("inflated-noise",
             "the per-client test is given twice the true noise scale (detection, "
             "consistency)",

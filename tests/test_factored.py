@@ -7,7 +7,8 @@ from clairstat import CLAIREstimator
 from clairstat._detection import (_centred_left_singular, out_of_sample_statistics,
                                   projection_statistics, refine, refit_subspace,
                                   weighted_mean)
-from clairstat._reduced import FactoredBlocks, top_eigh, truncated_svd
+from clairstat._reduced import (FactoredBlocks, eckart_young_factors, singular_values,
+                                top_eigh, truncated_svd)
 from clairstat._tuning import factored_noise_scale
 from clairstat.aggregation import factored_reduction
 
@@ -254,3 +255,41 @@ def test_leave_one_out_equals_the_refits(kind, shape, rank, weighting):
         assert np.array_equal(fits[k][1], members & (np.arange(n_clients) != k))
         scale = np.sum((blocks.expand(k) if kind == "factored" else blocks[k]) ** 2)
         assert abs(stat[k] - want[k]) <= 4 * tol * (scale + np.sum(np.asarray(mean) ** 2))
+
+
+@pytest.mark.parametrize("shape", [(30, 200), (200, 30), (60, 80)])
+def test_singular_values_follow_the_gram_rule_to_round_off(shape):
+    """Wide, tall (Gram of the short side) and square (SVD): the same values."""
+    rng = np.random.default_rng(4)
+    matrix = rng.standard_normal(shape)
+    want = np.linalg.svd(matrix, compute_uv=False)
+    got = singular_values(matrix)
+    # Via a Gram matrix, squared values carry an absolute error ~ eps s_max^2.
+    assert np.allclose(got ** 2, want ** 2, rtol=0, atol=1e3 * EPS * want[0] ** 2)
+
+
+def test_structured_readout_of_a_narrow_module_uses_the_dense_solver():
+    """t < 100: the operator of FactoredRefined.truncated_svd is formed and eigh-solved."""
+    rng = np.random.default_rng(6)
+    n_clients, s, rank, t = 8, 20, 2, 30
+    rights = np.stack([np.linalg.qr(rng.standard_normal((t, rank)))[0].T
+                       for _ in range(n_clients)])
+    stack = FactoredBlocks(rng.standard_normal((n_clients, s, rank)), rights)
+    weights = np.ones(n_clients)
+    basis = refit_subspace(stack, weights, 2)
+    refined = refine(stack, basis, weighted_mean(stack, weights), np.zeros(n_clients, bool))
+    sing = refined.truncated_svd(3, rank)[1]
+    want = np.linalg.svd(refined[3], compute_uv=False)
+    assert np.allclose(sing ** 2, want[:rank] ** 2, rtol=0, atol=1e3 * EPS * want[0] ** 2)
+
+
+def test_eckart_young_factors_pad_to_the_rank():
+    rng = np.random.default_rng(8)
+    left_basis = np.linalg.qr(rng.standard_normal((12, 3)))[0]
+    right_basis = np.linalg.qr(rng.standard_normal((10, 2)))[0]
+    reduced = rng.standard_normal((3, 2))
+    b_mat, a_mat = eckart_young_factors(truncated_svd(reduced, 4), 4, left_basis,
+                                        right_basis)
+    assert b_mat.shape == (12, 4) and a_mat.shape == (4, 10)
+    assert close(b_mat @ a_mat, left_basis @ reduced @ right_basis.T)  # rank 2 <= 4: exact
+    assert not np.any(b_mat[:, 2:]) and not np.any(a_mat[2:])

@@ -166,6 +166,9 @@ def _summary(rows, tables, args, started, start, argv):
             "started": started.strftime("%Y-%m-%d %H:%M UTC"),
             "replicates": {name: len(table) for name, table in tables.items()},
             "replicate_seconds": _compute(tables),
+            "table_versions": sorted({str(v) for table in tables.values()
+                                      if "clairstat_version" in table
+                                      for v in table["clairstat_version"].unique()}),
             "wall_time_s": time.perf_counter() - start,
             "theory": _tally(rows, "theory"), "identity": _tally(rows, "identity"),
             "n_pass": sum(row["verdict"] == "pass" for row in rows),

@@ -36,7 +36,8 @@ def main(results_dir, out_dir):
 
     rows = calibration_summary(read_calibration(SOURCES["calibration"]))
     datasets = list(dict.fromkeys(r["dataset"] for r in rows))
-    fig, (left, right) = plt.subplots(1, 2, figsize=(7.0, 3.0), sharey=True)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(7.0, 3.0), sharey=True,
+                                   layout="constrained")
     for shift, (path, label, marker) in zip((-0.15, 0.15), PATHS):
         part = {r["dataset"]: r for r in rows if r["path"] == path}
         ys = [i + shift for i, d in enumerate(datasets) if d in part]
@@ -60,7 +61,6 @@ def main(results_dir, out_dir):
                  title_fontsize="x-small")
     for ax in (left, right):
         ax.grid(axis="x", alpha=0.3)
-    fig.tight_layout()
     return save(fig, out_dir, NAME)
 
 

@@ -44,7 +44,7 @@ def main(results_dir, out_dir):
     methods = [(m, label) for m, label in METHODS if m in set(clients["method"])]
     settings = sorted(clients["setting"].unique())
     fig, axes = plt.subplots(len(settings), 1, figsize=(7.0, 2.4 * len(settings)),
-                             sharex=True, sharey=True, squeeze=False)
+                             sharex=True, sharey=True, squeeze=False, layout="constrained")
     for ax, setting in zip(axes[:, 0], settings):
         sub = clients[clients["setting"] == setting]
         data = [100 * sub.loc[sub["method"] == m, "relative"].to_numpy() for m, _ in methods]
@@ -58,7 +58,6 @@ def main(results_dir, out_dir):
         ax.grid(axis="y", alpha=0.3)
     axes[-1, 0].set_xticks(range(1, len(methods) + 1), [label for _, label in methods],
                            fontsize=7)
-    fig.tight_layout()
     return save(fig, out_dir, NAME)
 
 

@@ -99,6 +99,10 @@ def alignment_tightens_bound(df):
     return _tightening(df, "a", "rotation")
 
 
+def b_alignment_tightens_bound(df):
+    return _tightening(df, "b", "rotation")
+
+
 def concatenated_tightens_bound(df):
     return _tightening(df, "ab", "rotation")
 
@@ -144,6 +148,10 @@ CHECKS = [
           "Under rotational mismatch, hard alignment (of A) gives a strictly tighter upper "
           "bound on the aggregation error than no alignment", alignment_tightens_bound,
           margin=(-INF, 1.0 - STRICT), source="docs/theory.md#f2"),
+    Check("fedrot_b_alignment_tightens_bound", "fedrot",
+          "The same for the alignment of B (rotation from B_i^T B_ref)",
+          b_alignment_tightens_bound, margin=(-INF, 1.0 - STRICT),
+          source="docs/theory.md#f3"),
     Check("fedrot_concatenated_tightens_bound", "fedrot",
           "The same for the alignment of the concatenated factors (B_i^T, A_i)",
           concatenated_tightens_bound, margin=(-INF, 1.0 - STRICT),

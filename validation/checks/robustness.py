@@ -3,7 +3,7 @@
 The 0.1.0 findings that once tagged two checks as known failures (false discoveries of
 CLAIR's test on LoRA clients, and colluders at gamma >= 0.3) were re-examined on the
 current estimator: the tags are gone, and the checks decide on the current tables
-(validation/README.md, "Robustness", has the history).
+(``validation/README.md#robustness`` has the history).
 
 CLAIR is compared with the plain mean against the benign mean of the data-generating
 model, ``U* A0`` (``error_pop_*``), which no rule outputs: the benign clients' own mean is
