@@ -581,7 +581,7 @@ def _spans(factors):
             _span_basis(np.vstack([a for _, a in factors]).T))
 
 
-def reduce_factors(factors, backbone=True):  # TRANSITIONAL keyword, removed with lora.py
+def reduce_factors(factors):
     """Orthonormal bases of the factors' spans and the updates in those coordinates.
 
     Parameters
@@ -595,7 +595,7 @@ def reduce_factors(factors, backbone=True):  # TRANSITIONAL keyword, removed wit
         ``1 <= s, t <= sum r_i`` (a span that is {0}, all updates zero, is kept as one
         unit vector: the updates reduce to zeros). One right basis V for all clients,
         as a common backbone (or any cross-client average, as in CLAIR's refinement)
-        needs (method, section 2); :func:`factored_reduction` keeps each client in its
+        needs (docs/method_notes.md, section 6); :func:`factored_reduction` keeps each client in its
         own row basis instead.
 
     Examples
@@ -608,8 +608,6 @@ def reduce_factors(factors, backbone=True):  # TRANSITIONAL keyword, removed wit
     >>> bool(np.allclose(red.expand(red.updates[1]), f[1][0] @ f[1][1]))
     True
     """
-    if not backbone:
-        raise ValueError("reduce_factors(backbone=False) is gone: use factored_reduction.")
     factors, left, right = _spans(factors)
     blocks = np.stack([(left.T @ b) @ (a @ right) for b, a in factors])
     return ReducedFactors(left, right, blocks)

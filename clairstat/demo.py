@@ -115,8 +115,9 @@ def _figure(est, data, path):
 def draw_figure(est, data):
     """The demo figure: each client's test, and the spectrum of the low-rank part.
 
-    Left: every client's -log10 p-value (symlog axis), colour by CLAIR's flag, marker by
-    the truth, with the decision boundary and the uncorrected level. Right: singular
+    Left: every client's -log10 adjusted p-value (symlog axis; the p-values corrected
+    over the clients, as the flags are decided), colour by CLAIR's flag, marker by the
+    truth, with the level the adjusted p-values are cut at. Right: singular
     values of the stacked low-rank part ``L_hat``. The legend sits below the axes.
 
     Parameters
@@ -139,7 +140,7 @@ def draw_figure(est, data):
                                       gridspec_kw={"width_ratios": [1.6, 1]})
     clients = np.arange(len(est.p_values_))
     # p-values below 1e-300 underflow; clip them so -log10 stays finite.
-    score = -np.log10(np.maximum(est.p_values_, 1e-300))
+    score = -np.log10(np.maximum(est.adjusted_p_values_, 1e-300))
     colours = {True: "tab:red", False: "tab:blue"}
     markers = {True: "X", False: "o"}
     for truth in (False, True):
@@ -147,21 +148,20 @@ def draw_figure(est, data):
             keep = (data.contaminated == truth) & (est.contaminated_ == flag)
             left.scatter(clients[keep], score[keep], c=colours[flag], marker=markers[truth],
                          s=46, edgecolors="k", linewidths=0.4, zorder=3)
-    left.axhline(-est.offset_ / np.log(10), color="k", ls="--", zorder=2)
-    left.axhline(-np.log10(est.test_level), color="grey", ls=":", zorder=2)
+    left.axhline(-np.log10(est.test_level), color="k", ls="--", zorder=2)
     left.set_yscale("symlog", linthresh=1.0)
     left.set_ylim(bottom=0, top=max(score.max(), 1.0) * 2)  # headroom above the top point
     left.set_xlim(-1, len(clients))
-    left.set(xlabel="client", ylabel="-log10 p-value (symlog, capped at 300)",
-             title="Per-client contamination test: -log10 p-value")
+    left.set(xlabel="client", ylabel="-log10 adjusted p-value (symlog, capped at 300)",
+             title=f"Per-client contamination test: adjusted p-value ({est.correction})")
     handles = [
         Line2D([], [], ls="", marker="s", color=colours[True], label="flagged by CLAIR"),
         Line2D([], [], ls="", marker="s", color=colours[False], label="kept"),
         Line2D([], [], ls="", marker=markers[True], color="k", label="truly contaminated"),
         Line2D([], [], ls="", marker=markers[False], color="k", mfc="none",
                label="truly collaborative"),
-        Line2D([], [], color="k", ls="--", label="decision boundary"),
-        Line2D([], [], color="grey", ls=":", label=f"level {est.test_level:g} (uncorrected)"),
+        Line2D([], [], color="k", ls="--",
+               label=f"level {est.test_level:g}: flagged above"),
     ]
     left.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=3,
                 fontsize=8, frameon=False)

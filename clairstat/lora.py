@@ -6,11 +6,13 @@ Client k's adapter holds, for every adapted module, ``lora_A`` (r_k, d_in) and `
 
 1. reads the factors of every client (:func:`adapter_factors`, :func:`module_factors`),
    absorbing ``s_k`` into ``B``;
-2. runs CLAIR per module, or over all modules jointly (:func:`refine_adapters`), or any
-   other rule of :mod:`clairstat.aggregation` (:func:`aggregate_adapters`), always on the
-   exact reduction of :func:`clairstat.aggregation.reduce_factors`: the stacked updates of
-   a module have rank at most ``sum_k r_k``, so a 4096 x 4096 module costs what a
-   ``sum r_k`` x ``sum r_k`` one does;
+2. hands them to :mod:`clairstat.aggregation`: CLAIR per module, or over all modules
+   jointly (:func:`refine_adapters`, fitted by
+   :func:`clairstat.aggregation.clair_modules`), or any other rule
+   (:func:`aggregate_adapters`), always on the exact reductions of
+   :mod:`clairstat._reduced`: the stacked updates of a module have rank at most
+   ``sum_k r_k``, so a 4096 x 4096 module costs what a ``sum r_k`` x ``sum r_k`` one
+   does;
 3. writes refined updates back as rank-``r_k`` LoRA factors (Eckart-Young readout by a
    small SVD) into state dicts with the client's own keys, dtypes and scaling, ready for
    ``peft.set_peft_model_state_dict``.
@@ -24,13 +26,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
+from numpy.typing import ArrayLike
 
-from ._factored import truncated_svd
-from ._threads import svt_flops, thread_limits
-from .aggregation import ReducedStack, aggregate, reduce_factors
+from ._reduced import eckart_young_factors, truncated_svd
+from ._threads import thread_limits
+from .aggregation import ModuleRefinement, aggregate, clair_modules, modules_work
 
 __all__ = ["lora_scaling", "adapter_factors", "module_factors", "readout_factors",
            "factors_to_state_dict", "refine_adapters", "aggregate_adapters",
@@ -109,7 +115,7 @@ def _parse(state_dict):
     return modules
 
 
-def adapter_factors(state_dict, config=None):
+def adapter_factors(state_dict: Mapping[str, Any], config: Any = None) -> dict:
     """Per-module factors of one adapter, the scaling absorbed into ``B``.
 
     Parameters
@@ -148,7 +154,7 @@ def _per_client(value, n_clients, name):
     return values
 
 
-def module_factors(state_dicts, configs=None):
+def module_factors(state_dicts: Sequence[Mapping[str, Any]], configs: Any = None) -> dict:
     """Factors of every client, grouped by module.
 
     Parameters
@@ -193,31 +199,8 @@ def readout_factors(left_basis, reduced, right_basis, rank):
         ``b_mat @ a_mat`` is the Eckart-Young truncation of ``Q X V^T`` (exact when
         ``rank(X) <= rank``), with the singular values split evenly between the factors.
     """
-    return _split(left_basis, truncated_svd(np.asarray(reduced), rank), right_basis, rank)
-
-
-def _split(left_basis, triplets, right_basis, rank):
-    """Factors ``(Q U S^1/2, S^1/2 V^T V_basis^T)`` of reduced singular triplets, padded."""
-    left, singular, right_t = triplets
-    root = np.sqrt(singular)
-    return _pad(left_basis @ (left * root), (root[:, None] * right_t) @ right_basis.T, rank)
-
-
-def _readout_client(stack, k, rank):
-    """``readout_factors`` of client k of a ReducedStack (structured when factored)."""
-    if hasattr(stack.reduced, "truncated_svd"):  # FactoredRefined: never formed densely
-        return _split(stack.left_basis, stack.reduced.truncated_svd(k, rank),
-                      stack.right_basis, rank)
-    return readout_factors(stack.left_basis, stack.reduced[k], stack.right_basis, rank)
-
-
-def _pad(b_mat, a_mat, rank):
-    """Zero columns of B and rows of A up to ``rank`` (fewer singular values than asked)."""
-    missing = rank - b_mat.shape[1]
-    if missing > 0:
-        b_mat = np.hstack([b_mat, np.zeros((b_mat.shape[0], missing))])
-        a_mat = np.vstack([a_mat, np.zeros((missing, a_mat.shape[1]))])
-    return b_mat, a_mat
+    return eckart_young_factors(truncated_svd(np.asarray(reduced), rank), rank, left_basis,
+                                right_basis)
 
 
 def _like(array, template):
@@ -265,39 +248,18 @@ def _ranks(factor_lists):
 
 
 @dataclasses.dataclass
-class LoraRefinement:
-    """Output of :func:`refine_adapters`.
+class LoraRefinement(ModuleRefinement):
+    """Output of :func:`refine_adapters`: the fit (:class:`ModuleRefinement`, updates
+    with the scale included) and the refined adapters.
 
     Attributes
     ----------
     state_dicts : list of dict, length n_clients
         Refined adapters, rank ``r_k`` each, in the clients' own key layout; a flagged
-        client gets its own adapter back unchanged.
-    flagged : ndarray of shape (n_clients,), bool
-        Client-level flags: the joint test, or (per module) flagged in more than half of
-        the fitted modules (a module with every update zero is not fitted).
-    module_flagged : dict of str to ndarray of shape (n_clients,)
-        Flags of each module's fit (all equal to ``flagged`` when ``joint``).
-    per_client : dict of str to ReducedStack
-        Refined dense updates ``Delta W~_k`` (scale included), (n_clients, d_out, d_in)
-        when expanded; kept in reduced form. Per module, these follow that module's own
-        flags; ``state_dicts`` follow the client-level ``flagged``.
-    collaborative_mean : dict of str to ReducedStack
-        The collaborative set's mean update per module (one element).
-    estimators : dict
-        The fitted :class:`clairstat.CLAIREstimator` per module, or ``{"joint": est}``;
-        ``None`` where nothing was fitted (every update zero, see
-        :func:`refine_adapters`).
-    joint : bool
+        client (client-level ``flagged``) gets its own adapter back unchanged.
     """
 
     state_dicts: list
-    flagged: np.ndarray
-    module_flagged: dict
-    per_client: dict
-    collaborative_mean: dict
-    estimators: dict
-    joint: bool
 
     def mean_state_dict(self, template, config=None):
         """The collaborative mean update of every module as an adapter like ``template``.
@@ -327,71 +289,6 @@ class LoraRefinement:
         return factors_to_state_dict(factors, template, config)
 
 
-def _all_zero(factors):
-    """Whether every client's update ``B_k A_k`` of a module is 0 (B_k = 0 or A_k = 0)."""
-    return all(not np.any(b_mat) or not np.any(a_mat) for b_mat, a_mat in factors)
-
-
-def _zero_fit(factors):
-    """The outcome for a module whose updates are all 0 (fresh adapters): nothing to fit,
-    zero refined updates and mean, nobody flagged, no estimator."""
-    red = reduce_factors(factors, backbone=True)
-    zeros = np.zeros_like(red.updates)
-    return (ReducedStack(red.left_basis, zeros, red.right_basis),
-            ReducedStack(red.left_basis, zeros[:1], red.right_basis),
-            np.zeros(len(factors), dtype=bool), None)
-
-
-def _modules(factor_lists, progress):
-    """``factor_lists.items()``, through ``progress(iterable, total=n_modules)`` if given."""
-    items = factor_lists.items()
-    return items if progress is None else progress(items, total=len(factor_lists))
-
-
-def _fit_per_module(factor_lists, weights, clair_params, progress=None):
-    out = {}
-    for name, factors in _modules(factor_lists, progress):
-        if _all_zero(factors):
-            out[name] = _zero_fit(factors)
-            continue
-        result = aggregate("clair", factors, weights, **clair_params)
-        red = result.reduction
-        mean = ReducedStack(red.left_basis, np.asarray(result.estimator.collaborative_mean_)[None],
-                            red.right_basis)
-        out[name] = (result.per_client, mean, result.flagged, result.estimator)
-    return out
-
-
-def _fit_joint(factor_lists, weights, clair_params, progress=None):
-    """One CLAIR fit on every client's concatenated reduced updates (vectors, q = 1)."""
-    from . import CLAIREstimator
-
-    if all(_all_zero(factors) for factors in factor_lists.values()):
-        return {name: _zero_fit(factors) for name, factors in factor_lists.items()}
-    reductions = {name: reduce_factors(f, backbone=True)
-                  for name, f in _modules(factor_lists, progress)}
-    n_clients = len(next(iter(factor_lists.values())))
-    vectors = np.hstack([r.updates.reshape(n_clients, -1) for r in reductions.values()])
-    # The K vectors span at most K dimensions: one more exact reduction (an isometry).
-    basis = np.linalg.qr(vectors.T)[0]
-    estimator = CLAIREstimator(**clair_params).fit((vectors @ basis)[:, :, None],
-                                                   sample_weight=weights)
-    flagged = np.asarray(estimator.contaminated_, dtype=bool)
-    refined = estimator.refined_[:, :, 0] @ basis.T
-    mean = basis @ estimator.collaborative_mean_[:, 0]
-    out, start = {}, 0
-    for name, red in reductions.items():
-        size = red.updates[0].size
-        shape = red.updates.shape[1:]
-        block = refined[:, start:start + size].reshape(n_clients, *shape)
-        mean_block = mean[start:start + size].reshape(1, *shape)
-        out[name] = (ReducedStack(red.left_basis, block, red.right_basis),
-                     ReducedStack(red.left_basis, mean_block, red.right_basis),
-                     flagged, estimator)
-        start += size
-    return out
-
-
 def _readout_state_dicts(state_dicts, configs, per_client, flagged, ranks, keep=()):
     """Each client's refined updates as rank-``ranks[k]`` factors in its own layout;
     the modules in ``keep`` (all updates zero) keep the client's own lora_A and lora_B."""
@@ -400,7 +297,7 @@ def _readout_state_dicts(state_dicts, configs, per_client, flagged, ranks, keep=
         if flagged[k]:  # the estimator returns a flagged client's own estimate
             refined.append(dict(template))
             continue
-        factors = {name: _readout_client(stack, k, ranks[k])
+        factors = {name: stack.readout(k, ranks[k])
                    for name, stack in per_client.items() if name not in keep}
         if keep:  # placeholders, then the client's own arrays, exactly
             own = adapter_factors(template, config)
@@ -412,25 +309,10 @@ def _readout_state_dicts(state_dicts, configs, per_client, flagged, ranks, keep=
     return refined
 
 
-def _lora_work(factor_lists):
-    """Flops of the largest module: its reduction's two QRs and its fit's SVT.
-
-    A module with client factors ``B_k`` (d_out, r_k), ``A_k`` (r_k, d_in) reduces by QRs
-    of (d_out, s) and (d_in, s) matrices, ``s = sum_k r_k``, and is fitted on
-    (n_clients, s, max r_k) blocks (:func:`clairstat._threads.svt_flops`).
-    """
-    work = 0.0
-    for factors in factor_lists.values():
-        total = sum(a_mat.shape[0] for _, a_mat in factors)
-        widest = max(a_mat.shape[0] for _, a_mat in factors)
-        d_out, d_in = factors[0][0].shape[0], factors[0][1].shape[1]
-        work = max(work, (d_out + d_in) * total ** 2
-                   + svt_flops((len(factors), total, widest)))
-    return work
-
-
-def refine_adapters(state_dicts, configs=None, *, joint=False, sample_weight=None,
-                    n_jobs=None, progress=None, **clair_params):
+def refine_adapters(state_dicts: Sequence[Mapping[str, Any]], configs: Any = None, *,
+                    joint: bool = False, sample_weight: ArrayLike | None = None,
+                    n_jobs: int | None = None, progress: Any = None,
+                    **clair_params: Any) -> LoraRefinement:
     """CLAIR on the clients' LoRA adapters: detect, refine, and write refined adapters.
 
     Parameters
@@ -465,13 +347,13 @@ def refine_adapters(state_dicts, configs=None, *, joint=False, sample_weight=Non
 
     Notes
     -----
-    Per module (the default) each module is reduced exactly (method, section 2) to the
+    Per module (the default) each module is reduced exactly (docs/method_notes.md, section 6) to the
     orthonormal basis Q of all ``B_k`` on the left and, on the right, to each client's
     own row basis: ``Delta W_k = Q Y_k W_k^T`` with ``Y_k`` of size at most
     ``sum r_k x r_k``, and the fit has no backbone (LoRA updates are differences from
     the base weights; pass ``backbone=True`` for the (sum r_k x sum r_k) blocks of the
     shared row basis instead). The detection and the refinement run on the factored
-    stack (:mod:`clairstat._factored`), so a 4096 x 4096 module with 50 rank-16 clients
+    stack (:mod:`clairstat._reduced`), so a 4096 x 4096 module with 50 rank-16 clients
     takes seconds (``benchmarks/RESULTS.md``). The refined update
     ``P Delta W_k + (I - P) mean_C`` generally has rank above ``r_k``; the adapter keeps
     its best rank-``r_k`` approximation (``per_client`` keeps it all).
@@ -490,24 +372,16 @@ def refine_adapters(state_dicts, configs=None, *, joint=False, sample_weight=Non
     """
     configs = _per_client(configs, len(state_dicts), "configs")
     factor_lists = module_factors(state_dicts, configs)
-    fit = _fit_joint if joint else _fit_per_module
-    with thread_limits(n_jobs, _lora_work(factor_lists)):
-        fitted = fit(factor_lists, sample_weight, clair_params, progress)
-        module_flagged = {name: item[2] for name, item in fitted.items()}
-        # Modules with nothing fitted (all updates zero) do not vote.
-        votes = [module_flagged[name] for name, item in fitted.items() if item[3] is not None]
-        flagged = np.mean(votes, axis=0) > 0.5 if votes else np.zeros(len(state_dicts), bool)
-        per_client = {name: item[0] for name, item in fitted.items()}
-        zero_modules = {name for name, factors in factor_lists.items() if _all_zero(factors)}
-        refined = _readout_state_dicts(state_dicts, configs, per_client, flagged,
-                                       _ranks(factor_lists), keep=zero_modules)
-    estimators = ({"joint": next(iter(fitted.values()))[3]} if joint
-                  else {name: item[3] for name, item in fitted.items()})
-    return LoraRefinement(refined, flagged, module_flagged, per_client,
-                          {name: item[1] for name, item in fitted.items()}, estimators, joint)
+    with thread_limits(n_jobs, modules_work(factor_lists)):
+        fit = clair_modules(factor_lists, sample_weight, joint=joint, progress=progress,
+                            **clair_params)
+        refined = _readout_state_dicts(state_dicts, configs, fit.per_client, fit.flagged,
+                                       _ranks(factor_lists), keep=fit.zero_modules)
+    return LoraRefinement(**vars(fit), state_dicts=refined)
 
 
-def aggregate_adapters(rule, state_dicts, configs=None, weights=None, **options):
+def aggregate_adapters(rule: str, state_dicts: Sequence[Mapping[str, Any]], configs: Any = None,
+                       weights: ArrayLike | None = None, **options: Any) -> dict:
     """Any rule of :func:`clairstat.aggregation.aggregate`, module by module.
 
     Parameters
@@ -537,7 +411,8 @@ def aggregate_adapters(rule, state_dicts, configs=None, weights=None, **options)
     return results
 
 
-def global_state_dict(results, template, config=None, rank=None):
+def global_state_dict(results: Mapping[str, Any], template: Mapping[str, Any],
+                      config: Any = None, rank: int | None = None) -> dict:
     """The global update of every module as an adapter of the template's rank.
 
     Parameters
@@ -570,18 +445,13 @@ def global_state_dict(results, template, config=None, rank=None):
             factors[module] = (np.zeros((result.update.shape[0], own_rank)),
                                _to_numpy(template[keys["A"]]))
         else:
-            factors[module] = _dense_readout(result.update, module_rank)
+            update = np.asarray(result.update, dtype=np.float64)
+            factors[module] = eckart_young_factors(truncated_svd(update, module_rank),
+                                                   module_rank)
     return factors_to_state_dict(factors, template, config)
 
 
-def _dense_readout(update, rank):
-    """Best rank-``rank`` factors of a dense (d_out, d_in) update, zero-padded."""
-    left, singular, right_t = truncated_svd(np.asarray(update, dtype=np.float64), rank)
-    root = np.sqrt(singular)
-    return _pad(left * root, root[:, None] * right_t, rank)
-
-
-def save_adapter(state_dict, path):
+def save_adapter(state_dict: Mapping[str, Any], path: str | os.PathLike) -> None:
     """Save an adapter state dict of torch tensors with safetensors (no pickle)."""
     safetensors_torch = _require("safetensors.torch", "lora")
     safetensors_torch.save_file({k: v.contiguous() for k, v in state_dict.items()}, str(path))

@@ -44,6 +44,8 @@ def fmt(value, digits=3):
     """
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "--"
+    if isinstance(value, str):  # a report may hold a statistic as text
+        return tex_escape(value)
     if isinstance(value, float) and math.isinf(value):
         return r"\ensuremath{\infty}" if value > 0 else r"\ensuremath{-\infty}"
     if isinstance(value, int) or float(value).is_integer() and abs(value) < 1e6:

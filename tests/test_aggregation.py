@@ -9,8 +9,8 @@ import scipy.optimize
 import scipy.stats
 
 from clairstat.aggregation import (RULE_NAMES, aggregate, alignment_rotation,
-                                   factored_reduction, reduce_factors, soft_rotation,
-                                   weighted_median, weighted_trimmed_mean)
+                                   clair_modules, factored_reduction, reduce_factors,
+                                   soft_rotation, weighted_median, weighted_trimmed_mean)
 from clairstat.aggregation import _robust
 
 EPS = np.finfo(np.float64).eps
@@ -421,7 +421,7 @@ def clair_case(rng, n_clients=10, d=30, k=28, rank=2, n_bad=2):
 
 @pytest.mark.parametrize("backbone", [True, False])
 def test_clair_decomposition_on_reduced_updates_equals_the_dense_one(backbone):
-    # The reduction is exact for the convex program at fixed penalties (method, sec. 2):
+    # The reduction is exact for the convex program at fixed penalties (docs/method_notes.md, section 6):
     # mapped back with Q and V (and, without backbone, each client's own row basis),
     # the reduced fit is the dense fit.
     estimator_class = _estimator_or_skip()
@@ -496,3 +496,30 @@ def test_clair_on_4096_modules_runs_on_a_small_reduced_problem():
     assert res.estimator.decomposition_.low_rank.shape == (20, 12, 4)
     assert res.update.shape == (d, d) and res.factors[0].shape == (d, rank)
     assert res.per_client[3].shape == (d, d) and res.flagged[:2].all()
+
+
+@pytest.mark.parametrize("joint", [False, True])
+def test_clair_modules_fits_every_module_and_votes(joint):
+    """Per module: the "clair" rule's flags, refined updates and mean; client flags by a
+    majority of the fitted modules; an all-zero module is neither fitted nor voting."""
+    _estimator_or_skip()
+    rng = np.random.default_rng(26)
+    fresh = [(np.zeros_like(b), a) for b, a in clair_case(rng)]
+    modules = {"q": clair_case(rng), "v": clair_case(rng), "zero": fresh}
+    weights = random_weights(rng, 10)
+    fit = clair_modules(modules, weights, joint=joint, rank=2, random_state=0)
+    assert fit.zero_modules == {"zero"} and fit.joint == joint
+    assert not np.any(np.asarray(fit.per_client["zero"]))
+    if joint:  # one fit, one set of flags for every module
+        assert set(fit.estimators) == {"joint"} and fit.flagged[:2].all()
+        assert all(np.array_equal(flags, fit.flagged) for flags in fit.module_flagged.values())
+        return
+    assert fit.estimators["zero"] is None and not fit.module_flagged["zero"].any()
+    for name in ("q", "v"):
+        direct = aggregate("clair", modules[name], weights, rank=2, random_state=0)
+        assert np.array_equal(fit.module_flagged[name], direct.flagged)
+        assert close(np.asarray(fit.per_client[name]), np.asarray(direct.per_client))
+        assert close(np.asarray(fit.collaborative_mean[name])[0], direct.update)
+    votes = np.mean([fit.module_flagged["q"], fit.module_flagged["v"]], axis=0)
+    assert np.array_equal(fit.flagged, votes > 0.5)
+    assert fit.flagged[:2].all()

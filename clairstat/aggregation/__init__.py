@@ -1,4 +1,4 @@
-"""Federated LoRA aggregation rules (method, section 5) behind one entry point.
+"""Federated LoRA aggregation rules behind one entry point.
 
 :func:`aggregate` takes the clients' ``(B_i, A_i)`` factors and a rule name and returns
 an :class:`AggregationResult`; :func:`reduce_factors` and :func:`factored_reduction`

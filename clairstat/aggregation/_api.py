@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
+from numpy.typing import ArrayLike
+
 from ._clair import clair
 from ._glora import glora
+from ._result import AggregationResult
 from ._robust import geomedian, krum, median, trimmed_mean
 from ._rotation import fedrot
 from ._rules import fedex, fedit, ffa, flora
@@ -16,7 +22,8 @@ RULES = {"fedit": fedit, "ffa": ffa, "fedex": fedex, "flora": flora, "fedrot": f
          "geomedian": geomedian, "clair": clair}
 
 
-def aggregate(rule, factors, weights=None, **options):
+def aggregate(rule: str, factors: Sequence[tuple[ArrayLike, ArrayLike]],
+              weights: ArrayLike | None = None, **options: Any) -> AggregationResult:
     """Aggregate clients' LoRA factors with one of the rules of the method (section 5).
 
     Parameters

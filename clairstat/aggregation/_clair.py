@@ -22,7 +22,7 @@ def clair(factors, weights, **options):
     **options
         Keyword arguments of :class:`clairstat.CLAIREstimator`. ``backbone`` defaults to
         ``False`` here: LoRA updates are already differences from the base weights
-        (method, section 1, where the common backbone may be 0).
+        (docs/method_notes.md, section 1: the common backbone may be 0).
 
     Returns
     -------

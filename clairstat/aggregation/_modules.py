@@ -10,8 +10,11 @@ client-level flags. Reading the results back into adapters is :mod:`clairstat.lo
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from .._reduced import ReducedStack, reduce_factors
 from .._threads import svt_flops
@@ -117,8 +120,9 @@ def _fit_joint(factor_lists, weights, clair_params, progress=None):
     return out
 
 
-def clair_modules(factor_lists, weights=None, *, joint=False, progress=None,
-                  **clair_params):
+def clair_modules(factor_lists: Mapping[str, Sequence[tuple[np.ndarray, np.ndarray]]],
+                  weights: ArrayLike | None = None, *, joint: bool = False,
+                  progress: Any = None, **clair_params: Any) -> ModuleRefinement:
     """CLAIR on the clients' updates of every module: detect and refine.
 
     Parameters

@@ -1,4 +1,4 @@
-"""Factor-level rules: FedIT, FFA-LoRA, FedEx-LoRA and FLoRA (method, section 5)."""
+"""Factor-level rules: FedIT, FFA-LoRA, FedEx-LoRA and FLoRA."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Input checks and small linear-algebra helpers shared by the rules."""
+"""Input checks and small helpers shared by the rules (the linear algebra of reduced
+coordinates, ``orthonormal_basis`` and ``rank_tolerance``, is in :mod:`clairstat._reduced`)."""
 
 from __future__ import annotations
 
@@ -6,10 +7,8 @@ import collections
 
 import numpy as np
 
-from .._reduced import orthonormal_basis, rank_tolerance  # noqa: F401 (re-exported)
-
 __all__ = ["check_factors", "check_weights", "common_rank", "stacked_factors",
-           "exact_update", "dense_updates", "orthonormal_basis", "rank_tolerance"]
+           "exact_update", "dense_updates"]
 
 _REAL_KINDS = "biuf"  # bool, signed and unsigned integers, floating point
 

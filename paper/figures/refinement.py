@@ -2,7 +2,7 @@
 
 Per-client risk relative to local OLS (mean over replicates, bars: 95% t intervals)
 against the benign heterogeneity h / h_star, for CLAIR, the oracle refinement (true P*
-and C), plain averaging, and the oracle formula of method.md section 4.4; one panel per
+and C), plain averaging, and the oracle formula of docs/theory.md; one panel per
 (n, gamma). Below 1 the method beats local fitting; the formula crosses 1 at
 h_ratio = 1.
 """

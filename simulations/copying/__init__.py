@@ -1,4 +1,4 @@
-"""Federated LoRA on the Transformer copying task (method, section 6).
+"""Federated LoRA on the Transformer copying task.
 
 ``python -m simulations copying --config quick|paper``; see ``run.py`` for the pipeline
 and ``RESULTS.md`` for the measured numbers. Importing this package does not import

@@ -40,7 +40,7 @@ def _broadcast(results, n_clients):
 
 
 def oracle_refine(updates, collaborative, rank):
-    """CLAIR's refinement with a known collaborative set (method, section 3).
+    """CLAIR's refinement with a known collaborative set (docs/method_notes.md, section 8).
 
     Parameters
     ----------
