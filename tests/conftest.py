@@ -21,3 +21,19 @@ def regression():
 def noiseless():
     """A noiseless low-rank + block-sparse instance inside the recovery region."""
     return make_low_rank_block_sparse(40, 30, 4, 2, 4, noise_level=0.0, random_state=3)
+
+
+@pytest.fixture
+def tiny_peft():
+    """torch, peft, a two-projection module (q_proj, v_proj: 8 -> 6) and a rank-2 config."""
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q_proj = torch.nn.Linear(8, 6, bias=False)
+            self.v_proj = torch.nn.Linear(8, 6, bias=False)
+
+    config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"])
+    return torch, peft, Tiny, config

@@ -213,17 +213,8 @@ def test_a_zero_module_does_not_outvote_a_fitted_one(rng):
         assert np.array_equal(refined[fresh_key], own[fresh_key])
 
 
-def test_refine_real_peft_fresh_adapters():
-    torch = pytest.importorskip("torch")
-    peft = pytest.importorskip("peft")
-
-    class Tiny(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.q_proj = torch.nn.Linear(8, 6, bias=False)
-            self.v_proj = torch.nn.Linear(8, 6, bias=False)
-
-    config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"])
+def test_refine_real_peft_fresh_adapters(tiny_peft):
+    torch, peft, Tiny, config = tiny_peft
     states = []
     for seed in range(5):
         torch.manual_seed(seed)

@@ -211,19 +211,11 @@ def test_import_needs_no_torch():
     assert out.stdout.strip() == "False"
 
 
-def test_peft_round_trip_loads_into_the_model(rng, tmp_path):
+def test_peft_round_trip_loads_into_the_model(rng, tmp_path, tiny_peft):
     """Refined adapters load into a peft model; the merged weight moves by the update."""
-    torch = pytest.importorskip("torch")
-    peft = pytest.importorskip("peft")
     from clairstat.lora import load_adapter, save_adapter
 
-    class Tiny(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.q_proj = torch.nn.Linear(8, 6, bias=False)
-            self.v_proj = torch.nn.Linear(8, 6, bias=False)
-
-    config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"])
+    torch, peft, Tiny, config = tiny_peft
     states = []
     for seed in range(6):
         torch.manual_seed(seed)
