@@ -110,9 +110,12 @@ def _scale_factor(stat, null, calibrate_on, *, at_least_one):
     if ok.sum() < 2:
         return 1.0, np.inf
     ratio, df = stat[ok] / null.scale[ok], null.df[ok]
-    if np.median(ratio) <= 0 or not np.all(np.isfinite(ratio)):
-        # half the statistics zero (identical clients) or unusable: nothing to match
+    if not np.all(np.isfinite(ratio)):
         return 1.0, np.inf
+    if np.median(ratio) <= 0:
+        # half the statistics zero (identical clients): no noise to match; an estimated
+        # scale then falls to the caller's round-off floor, a given one stays
+        return (1.0 if at_least_one else 0.0), np.inf
 
     def excess(log_c):  # median p-value - 1/2: rises with c
         return float(np.median(stats.chi2.sf(ratio / np.exp(log_c), df))) - 0.5

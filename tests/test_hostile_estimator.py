@@ -22,6 +22,15 @@ def test_identical_clients_are_not_flagged(regression):
     np.testing.assert_allclose(est.refined_, X, rtol=0, atol=1e-12 * np.abs(X).max())
 
 
+def test_one_client_off_identical_ones_is_flagged():
+    """The others have no noise at all: any deviation is beyond round-off."""
+    rng = np.random.default_rng(0)
+    X = np.repeat(rng.standard_normal((1, 6, 2)), 12, axis=0)
+    X[3] += 0.5 * rng.standard_normal((6, 2))
+    est = quiet_fit(X)
+    assert np.flatnonzero(est.contaminated_).tolist() == [3]
+
+
 def test_all_zero_input():
     est = quiet_fit(np.zeros((10, 4, 3)))
     assert not est.contaminated_.any()
