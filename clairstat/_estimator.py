@@ -464,10 +464,11 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
         self.alpha_, self.beta_, self.lam_ = res.alpha, res.beta, res.lam
         self.contamination_scores_ = np.linalg.norm(result.sparse, axis=(1, 2)) * scale
         basis = fit.basis
-        if self.subspace_source == "low_rank":
-            basis = self._low_rank_basis(result, self.rank)
-        elif self._frame is not None:
+        if self._frame is not None:
             basis, self._projector = self._frame.subspace(fit.basis)
+        if self.subspace_source == "low_rank":  # L's column space, orthogonal projection
+            basis = self._low_rank_basis(result, self.rank)
+            self._projector = basis @ basis.T
         self.subspace_, self.rank_ = basis, basis.shape[1]
         self.contaminated_ = fit.contaminated.copy()
         self.collaborative_set_ = np.flatnonzero(fit.members)

@@ -181,3 +181,15 @@ def test_new_client_false_alarm_rate():
     est = quiet_fit(data.local_estimates[:40], test_level=0.1, rank=2)
     rate = np.mean(est.predict(data.local_estimates[40:]) == -1)
     assert rate <= 0.1 + 3 * np.sqrt(0.1 * 0.9 / 200)
+
+
+@pytest.mark.parametrize("source", ["refit", "low_rank"])
+@pytest.mark.parametrize("subspace", ["column", "row"])
+def test_known_covariance_with_every_subspace_option(regression, source, subspace):
+    X = regression.local_estimates
+    n_clients, p, q = X.shape
+    est = CLAIREstimator(random_state=0, subspace_source=source, subspace=subspace).fit(
+        X, noise_cov=(0.01 * np.eye(p), np.eye(q)))
+    np.testing.assert_allclose(est.transform(X), est.refined_, rtol=0,
+                               atol=1e-12 * np.abs(X).max())
+    assert np.array_equal(est.predict(X), np.where(est.contaminated_, -1, 1))
