@@ -306,6 +306,8 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
         if reset:
             self.estimate_shape_ = blocks.shape[1:]
             self._input_2d = was_2d
+            if not two_d and hasattr(self, "n_features_in_"):  # from an earlier 2-D fit
+                del self.n_features_in_
         elif blocks.shape[1:] != self.estimate_shape_:
             raise ValueError(f"estimates have shape {blocks.shape[1:]} (working orientation), "
                              f"but the estimator was fitted on {self.estimate_shape_}.")

@@ -63,7 +63,8 @@ def check_local_estimates(local_estimates, *, dtype=np.float64, min_clients=2):
     if min(blocks.shape[1:], default=0) < 1:
         raise ValueError(f"client estimates are empty: shape (p, q) = {blocks.shape[1:]}.")
     if blocks.shape[0] < min_clients:
-        raise ValueError(f"CLAIR needs at least {min_clients} clients, got "
+        raise ValueError(f"CLAIR needs at least {min_clients} client"
+                         f"{'s' if min_clients != 1 else ''}, got "
                          f"{blocks.shape[0]} sample (client)"
                          f"{'s' if blocks.shape[0] != 1 else ''}.")
     bad = ~np.isfinite(blocks).reshape(len(blocks), -1).all(axis=1)
