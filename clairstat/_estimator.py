@@ -502,7 +502,8 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
         return left[:, :rank]
 
     # -- outlier-detector and transformer interface -------------------------------
-    def score_samples(self, X: ArrayLike) -> np.ndarray:
+    def score_samples(self, X: ArrayLike,
+                      noise_cov: tuple[ArrayLike, ArrayLike] | None = None) -> np.ndarray:
         """Log p-value of each client's test, on the scale of ``test_level``.
 
         A client of the training set (a row of ``X`` equal to one the estimator was
@@ -512,15 +513,21 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
         that did not converge, the value is moved to the side of ``log(test_level)`` its
         flag is on). A new client is tested on its own against the fitted collaborative
         mean and subspace (its p-value, not adjusted), its noise taken as the members'
-        (their average covariance with ``noise_cov``, the fitted scale otherwise): a
-        collaborative new client with noise like theirs scores below
-        ``log(test_level)`` with probability ``test_level``; one with noisier data (fewer
-        samples) more often. To control the error rate over a batch of new clients,
+        (their average covariance with ``noise_cov``, the fitted scale otherwise), unless
+        its own ``noise_cov`` is given: a collaborative new client with noise like
+        theirs (or with its own covariance given) scores below ``log(test_level)`` with
+        probability about ``test_level``; without its covariance, one with noisier data
+        (fewer samples) more often. To control the error rate over a batch of new clients,
         adjust ``np.exp(score_samples(X))`` with ``statsmodels.stats.multitest``.
 
         Parameters
         ----------
         X : array-like of shape (n_clients, p, q) or (n_clients, p)
+        noise_cov : tuple (row_cov, col_cov), optional
+            The new clients' own noise covariance (as in :meth:`fit`; ``local_ols``
+            gives it), for an estimator fitted with ``noise_cov``: each new client is
+            then tested with its own covariance, so a client with fewer samples than
+            the members is not flagged for its noise alone.
 
         Returns
         -------
@@ -530,8 +537,17 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
         check_is_fitted(self)
         blocks = self._read(X, reset=False) / self._scale
         frame = self._frame
-        log_p = self._collaborative.new_client_log_p(
-            blocks if frame is None else frame.to(blocks))[0]
+        if noise_cov is None:
+            log_p = self._collaborative.new_client_log_p(
+                blocks if frame is None else frame.to(blocks))[0]
+        else:
+            if frame is None:
+                raise ValueError("noise_cov for new clients needs an estimator fitted with "
+                                 "noise_cov.")
+            row, col = check_noise_cov(noise_cov, len(blocks), *self.estimate_shape_,
+                                       transpose=self.subspace == "row")
+            log_p = self._collaborative.new_client.log_p_known(
+                frame.to(blocks), _frame_cov(frame, row, col, self._scale))
         training = self._collaborative.training_scores()
         for i, block in enumerate(blocks):
             k = self._training_keys.get(_row_key(block))
@@ -539,17 +555,20 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
                 log_p[i] = training[k]
         return log_p
 
-    def decision_function(self, X: ArrayLike) -> np.ndarray:
-        """``score_samples(X) - offset_``: negative for contaminated clients."""
-        return self.score_samples(X) - self.offset_
+    def decision_function(self, X: ArrayLike,
+                          noise_cov: tuple[ArrayLike, ArrayLike] | None = None) -> np.ndarray:
+        """``score_samples(X, noise_cov) - offset_``: negative for contaminated clients."""
+        return self.score_samples(X, noise_cov) - self.offset_
 
-    def predict(self, X: ArrayLike) -> np.ndarray:
+    def predict(self, X: ArrayLike,
+                noise_cov: tuple[ArrayLike, ArrayLike] | None = None) -> np.ndarray:
         """+1 for collaborative clients, -1 for contaminated ones.
 
         On the training clients this returns the fitted flags; a new client is flagged
-        when its own test rejects at ``test_level`` (see :meth:`score_samples`).
+        when its own test rejects at ``test_level`` (see :meth:`score_samples`, which
+        also says what ``noise_cov`` does).
         """
-        return np.where(self.decision_function(X) >= 0, 1, -1)
+        return np.where(self.decision_function(X, noise_cov) >= 0, 1, -1)
 
     def fit_predict(self, X: ArrayLike, y: None = None, sample_weight: ArrayLike | None = None,
                     noise_cov: tuple[ArrayLike, ArrayLike] | None = None) -> np.ndarray:
@@ -557,10 +576,18 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
         self.fit(X, sample_weight=sample_weight, noise_cov=noise_cov)
         return np.where(self.contaminated_, -1, 1)
 
-    def transform(self, X: ArrayLike) -> np.ndarray:
+    def transform(self, X: ArrayLike,
+                  noise_cov: tuple[ArrayLike, ArrayLike] | None = None) -> np.ndarray:
         """Refine clients with the fitted subspace and collaborative mean.
 
-        Clients that :meth:`predict` flags are returned unchanged.
+        Clients that :meth:`predict` flags (with ``noise_cov`` if given) are returned
+        unchanged.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_clients, p, q) or (n_clients, p)
+        noise_cov : tuple (row_cov, col_cov), optional
+            The clients' own noise covariance (see :meth:`score_samples`).
 
         Returns
         -------
@@ -568,7 +595,7 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
         """
         check_is_fitted(self)
         blocks = self._read(X, reset=False)
-        flagged = self.predict(X) == -1
+        flagged = self.predict(X, noise_cov) == -1
         return self._output(self._refine(blocks, flagged))
 
     def summary(self) -> CLAIRSummary:
@@ -628,6 +655,23 @@ class _Frame:
         return orthonormal, mapped @ (basis.T @ self.left)
 
 
+def _normalised_factors(row, col, scale):
+    """Unit-trace factors and each client's variance scale, in the fit's units (logs:
+    a factor may sit anywhere in float64's range)."""
+    p, q = row.shape[1], col.shape[1]
+    row_unit = np.trace(row, axis1=1, axis2=2) / p
+    col_unit = np.trace(col, axis1=1, axis2=2) / q
+    variance = np.exp(np.log(row_unit) + np.log(col_unit) - 2.0 * np.log(scale))
+    return row / row_unit[:, None, None], col / col_unit[:, None, None], variance
+
+
+def _frame_cov(frame, row, col, scale):
+    """Clients' noise covariance as seen in ``frame`` (the fit's rescaled units)."""
+    row_n, col_n, variance = _normalised_factors(row, col, scale)
+    return NoiseCovariance(frame.left @ row_n @ frame.left,
+                           frame.right @ col_n @ frame.right, variance)
+
+
 def _whitened_noise(row, col, scale, floor):
     """The known noise as the detection sees it: in the frame where it is isotropic.
 
@@ -638,13 +682,10 @@ def _whitened_noise(row, col, scale, floor):
     """
     n_clients, p, _ = row.shape
     q = col.shape[1]
-    row_unit = np.trace(row, axis1=1, axis2=2) / p
-    col_unit = np.trace(col, axis1=1, axis2=2) / q
-    row_n, col_n = row / row_unit[:, None, None], col / col_unit[:, None, None]
-    variance = np.exp(np.log(row_unit) + np.log(col_unit) - 2.0 * np.log(scale))
+    row_n, col_n, variance = _normalised_factors(row, col, scale)
     left, right = _inv_sqrt(np.mean(row_n, axis=0)), _inv_sqrt(np.mean(col_n, axis=0))
     frame = _Frame(left, _sqrt(np.mean(row_n, axis=0)), right)
-    cov = NoiseCovariance(left @ row_n @ left, right @ col_n @ right, variance)
+    cov = _frame_cov(frame, row, col, scale)
     sigma = np.sqrt(variance * np.trace(cov.row, axis1=1, axis2=2)
                     * np.trace(cov.col, axis1=1, axis2=2) / (p * q))
     return NoiseKnowledge(sigma, cov, floor, None, frame)

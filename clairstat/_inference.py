@@ -66,6 +66,34 @@ class NewClientTest:
     basis: np.ndarray
     null: NullDistribution
     standardizer: Standardizer | None = None
+    members_cov: tuple | None = None
+    mean_share: float = 0.0
+    calibration: tuple = (np.inf, 1.0, np.inf)
+
+    def log_p_known(self, blocks, cov):
+        """Log p-values of new clients whose own covariance ``cov`` is known.
+
+        Each is tested like a training client: its covariance plus the mean's share
+        (``mean_share`` times the members' average), its null's exact moments, widened
+        and scaled as the fit's null was (``calibration``: spread df, scale factor,
+        scale df).
+        """
+        row_bar, col_bar = self.members_cov
+        spread_df, factor, scale_df = self.calibration
+        log_p = np.zeros(len(blocks))
+        for i in range(len(blocks)):
+            pair = NoiseCovariance(np.stack([cov.row[i], row_bar]),
+                                   np.stack([cov.col[i], col_bar]),
+                                   np.array([cov.scale[i], 1.0]))
+            test = known_standardizer(pair, self.basis,
+                                      np.array([1.0, np.sqrt(self.mean_share)]))
+            stat = test.statistics(blocks[i:i + 1] - self.mean[None])
+            nu = min(test.df, spread_df)
+            widen = test.df / nu if nu > 0 else 1.0
+            null = NullDistribution(np.array([test.scale * widen * factor]), np.array([nu]),
+                                    scale_df)
+            log_p[i] = null.log_sf(stat)[0]
+        return log_p
 
     def statistics(self, blocks):
         if self.standardizer is None:
@@ -146,6 +174,7 @@ def _calibrate(stat, null, new, calibrate_on, estimated, floor):
     evidence).
     """
     ok = calibrate_on & (null.df > 0)
+    spread_df = np.inf
     if ok.any():
         spread_df = robust_log_spread_df(stat[ok] / (null.scale[ok] * null.df[ok]))
         nu = np.minimum(null.df, spread_df)
@@ -158,7 +187,8 @@ def _calibrate(stat, null, new, calibrate_on, estimated, floor):
     if factor < floor:  # round-off, not noise: no estimate to carry into an F
         factor, scale_df = floor, np.inf
     return (NullDistribution(null.scale * factor, null.df, scale_df),
-            NullDistribution(new.scale * factor, new.df, scale_df))
+            NullDistribution(new.scale * factor, new.df, scale_df),
+            (spread_df, factor, scale_df))
 
 
 def _members_average(cov, weights):
@@ -195,7 +225,7 @@ def _known_tests(blocks, weights, members, mean, basis, fits, cov):
     a = _mean_weights(weights, members)
     one = NoiseCovariance(row_bar[None], col_bar[None], np.ones(1))
     new = known_standardizer(one, basis, np.array([np.sqrt(1.0 + np.sum(a ** 2))]))
-    return stat, NullDistribution(scale, df), new
+    return stat, NullDistribution(scale, df), new, ((row_bar, col_bar), float(np.sum(a ** 2)))
 
 
 def _estimated_tests(blocks, weights, members, mean, basis, stat, fits):
@@ -271,21 +301,23 @@ def _test_round(blocks, weights, members, rank, noise, level, correction, random
         null, new_client = _factored_tests(blocks, weights, members, mean, basis, stat, fits,
                                            calibrate_on, noise)
     else:
+        members_cov, mean_share = None, 0.0
         if noise.estimated:
             null, new_null = _estimated_tests(blocks, weights, members, mean, basis, stat,
                                               fits)
             standardizer = None
         else:
-            stat, null, standardizer = _known_tests(blocks, weights, members, mean, basis,
-                                                    fits, noise.cov)
+            stat, null, standardizer, (members_cov, mean_share) = _known_tests(
+                blocks, weights, members, mean, basis, fits, noise.cov)
             new_null = NullDistribution(np.array([standardizer.scale]),
                                         np.array([standardizer.df]))
         # Noiseless data: the plain statistics' scale has a round-off floor.
         floor = noise.floor * (blocks.shape[1] - basis.shape[1]) * blocks.shape[2] \
             if noise.estimated else 0.0
-        null, new_null = _calibrate(stat, null, new_null, calibrate_on, noise.estimated,
-                                    floor)
-        new_client = NewClientTest(mean, basis, new_null, standardizer)
+        null, new_null, calibration = _calibrate(stat, null, new_null, calibrate_on,
+                                                 noise.estimated, floor)
+        new_client = NewClientTest(mean, basis, new_null, standardizer, members_cov,
+                                   mean_share, calibration)
     log_p = null.log_sf(stat)
     if not np.any(null.df > 0):  # the subspace is everything: nobody can be told apart
         adjusted = np.ones(n_clients)

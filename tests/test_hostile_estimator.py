@@ -193,3 +193,30 @@ def test_known_covariance_with_every_subspace_option(regression, source, subspac
     np.testing.assert_allclose(est.transform(X), est.refined_, rtol=0,
                                atol=1e-12 * np.abs(X).max())
     assert np.array_equal(est.predict(X), np.where(est.contaminated_, -1, 1))
+
+
+def _ols_clients(rng, n_clients, n_samples, coef):
+    designs = [np.c_[np.ones(n_samples), rng.standard_normal((n_samples, 3))]
+               for _ in range(n_clients)]
+    return local_ols(designs, [x @ coef + rng.standard_normal((n_samples, 2))
+                               for x in designs])
+
+
+def test_new_clients_with_their_own_covariance():
+    """A benign new client with a fifth of the members' samples passes at the level when
+    its own noise_cov is given; without it the members' average noise is assumed and it
+    fails more often. (Its residual covariance, from 76 df, is taken as exact; with few
+    residual df the rate rises: local_ols warns below 20.) Binomial bound: 3 standard
+    deviations of 200 draws at level 0.05."""
+    rng = np.random.default_rng(3)
+    coef = rng.standard_normal((4, 2))
+    train = _ols_clients(rng, 20, 400, coef)
+    est = quiet_fit(train.estimates, rank=0)
+    est.fit(train.estimates, noise_cov=train.noise_cov)
+    new = _ols_clients(rng, 200, 80, coef)
+    with_cov = np.mean(est.predict(new.estimates, noise_cov=new.noise_cov) == -1)
+    without = np.mean(est.predict(new.estimates) == -1)
+    assert with_cov <= 0.05 + 3 * np.sqrt(0.05 * 0.95 / 200)
+    assert without > with_cov
+    with pytest.raises(ValueError, match="fitted with noise_cov"):
+        quiet_fit(train.estimates).predict(new.estimates, noise_cov=new.noise_cov)
