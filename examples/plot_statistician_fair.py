@@ -112,20 +112,21 @@ fig.tight_layout()
 # %%
 # A new client
 # ------------
-# The newcomers fit their own OLS; the fitted model tests them against the shared
-# subspace (``predict``: +1 collaborative, -1 contaminated) and refines them
-# (``transform``) without refitting anything.
+# The newcomers fit their own OLS; the fitted model tests each against the shared
+# subspace with its own noise covariance (``predict``: +1 collaborative, -1
+# contaminated) and refines them (``transform``) without refitting anything.
 new = clairstat.local_ols([sm.add_constant(strata[key][features]) for key in newcomers],
                           [strata[key][outcomes] for key in newcomers])
-labels = est.predict(new.estimates)
-for key, label, p_value in zip(newcomers, labels, np.exp(est.score_samples(new.estimates))):
+labels = est.predict(new.estimates, noise_cov=new.noise_cov)
+scores = est.score_samples(new.estimates, noise_cov=new.noise_cov)
+for key, label, p_value in zip(newcomers, labels, np.exp(scores)):
     print(f"newcomer {key}: n = {len(strata[key])}, p = {p_value:.3g}, "
           f"{'collaborative' if label == 1 else 'contaminated'}")
 
 # %%
 # A newcomer predicted contaminated keeps its own estimate; a collaborative one gets
 # its component in the shared subspace and the collaborative mean's outside it.
-refined_new = est.transform(new.estimates)
+refined_new = est.transform(new.estimates, noise_cov=new.noise_cov)
 k = int(np.flatnonzero(labels == 1)[0])
 columns = pd.MultiIndex.from_product([ols.output_names, ["own OLS", "refined"]])
 table = pd.DataFrame(np.stack([new.estimates[k], refined_new[k]], axis=2).reshape(6, 4),
