@@ -2,25 +2,56 @@
 
 ::
 
-    clairstat refine [--rank R] [--joint] [--test-level A] [--random-state S]
-                     [--device D] [--n-jobs N] --out OUT ADAPTER_DIR...
+    clairstat refine [--rank R] [--joint | --per-module] [--test-level A]
+                     [--random-state S] [--device D] [--dtype T] [--n-jobs N]
+                     [--scheduler ADDR|local [--workers W]] --out OUT ADAPTER_DIR...
 
 Each ``ADAPTER_DIR`` is a folder as peft's ``save_pretrained`` writes it
-(``adapter_config.json`` and ``adapter_model.safetensors``). The command runs
-:func:`clairstat.lora.refine_adapters` on all of them and writes, for each,
+(``adapter_config.json`` and ``adapter_model.safetensors``). The command computes what
+:func:`clairstat.lora.refine_adapters` computes on the same adapters (CLAIR's tests on
+every module; by default the joint refinement of the collaborative clients' whole
+adapters, ``--per-module`` each module by its own fit) and writes, for each client,
 ``OUT/<folder name>/`` with the refined adapter (same keys, shapes, dtypes, safetensors
-metadata, and the config copied unchanged), and ``OUT/report.json`` with every client's
-flag and per-module p-values. Inputs are read with safetensors only (no pickle).
-Exit status: 0 on success, 2 on a usage error or an unreadable input (one line on
-stderr naming the folder, no traceback).
+metadata, and the config copied unchanged; a flagged client's file is a byte copy of its
+input) and ``OUT/report.json`` with every client's flag and per-module p-values. Inputs
+are read with safetensors only (no pickle). Exit status: 0 on success, 2 on a usage
+error or an unreadable input (one line on stderr naming the folder, no traceback).
+
+Memory: the command never holds a whole adapter. It first reads only the safetensors
+headers; every output file starts as a copy of its input in a staging folder under
+``OUT`` (same header, so same keys, dtypes and byte offsets). Then, module by module, it
+reads that module's ``lora_A`` and ``lora_B`` from every client
+(``safetensors.safe_open``, memory-mapped, closed after the read) and fits it, keeping
+only its flags, p-values and the (n_clients, n_clients) Gram matrix of its updates. The
+client-level flags and the joint refinement's combinations follow from those
+(:func:`clairstat.aggregation.joint_refinement`); a second pass reads every fitted
+module again and overwrites the collaborative clients' refined factors in place at their
+offsets (``os.pwrite``). With ``--per-module`` there is one pass, which writes every
+client's refined factors as each module is fitted; a client flagged at the end has its
+staged file copied from its input again. The peak is one module's inputs, its fit and
+its outputs (with ``--scheduler``: at most ``2 x`` the cluster's worker threads modules
+in flight), not the adapters' size; the price of the joint refinement is reading the
+inputs twice. The staged files move into ``OUT/<folder name>/`` when every module is
+done (nothing is left in ``OUT`` when a run fails).
+
+With ``--scheduler ADDR`` the per-module work (fits, and the second pass's readouts)
+runs on the Dask cluster whose scheduler is at ``ADDR`` (``dask.distributed``; its
+workers need clairstat installed): the command reads each module, submits it and
+collects the results in module order, so the outputs are the in-process ones.
+``--scheduler local`` starts a :class:`distributed.LocalCluster` of ``--workers``
+single-threaded workers in this process.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import json
+import os
 import shutil
+import struct
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 from typing import NamedTuple
@@ -35,12 +66,27 @@ class InputError(Exception):
 
 
 class Client(NamedTuple):
-    """One adapter folder as read: tensors, config, safetensors metadata, module names."""
+    """One adapter folder as read from its header: no tensor is loaded.
 
-    state: dict
+    ``keys`` maps each module to its ``{"A": key, "B": key}``; ``shapes`` maps every
+    tensor key to its shape; ``offsets`` maps every tensor key to its ``(begin, end)``
+    byte range in the file.
+    """
+
+    folder: Path
     config: dict
     metadata: dict | None
-    modules: list
+    keys: dict
+    shapes: dict
+    offsets: dict
+
+    @property
+    def weights(self):
+        return self.folder / WEIGHTS_NAME
+
+    @property
+    def modules(self):
+        return sorted(self.keys)
 
 
 def _parser():
@@ -48,25 +94,39 @@ def _parser():
     commands = parser.add_subparsers(dest="command", required=True)
     refine = commands.add_parser(
         "refine", help="CLAIR on peft LoRA adapter folders: flag and refine",
-        description="Fit CLAIR on the clients' LoRA adapters (clairstat.lora."
-                    "refine_adapters), write each refined adapter to OUT/<folder name>/ "
-                    "and a report to OUT/report.json.")
+        description="Fit CLAIR on the clients' LoRA adapters (as clairstat.lora."
+                    "refine_adapters), reading one module at a time, write each refined "
+                    "adapter to OUT/<folder name>/ and a report to OUT/report.json.")
     refine.add_argument("adapters", nargs="+", metavar="ADAPTER_DIR",
                         help="peft adapter folders (adapter_config.json + "
                              "adapter_model.safetensors), one per client")
     refine.add_argument("--out", required=True, metavar="OUT", help="output folder")
     refine.add_argument("--rank", type=int, default=None, metavar="R",
-                        help="shared subspace dimension (default: chosen from the data)")
-    refine.add_argument("--joint", action="store_true",
-                        help="one fit over all modules instead of one per module")
+                        help="shared subspace dimension: of the joint refinement, or of "
+                             "each module's fit with --per-module (default: chosen from "
+                             "the data)")
+    refine.add_argument("--joint", dest="joint", action="store_true", default=True,
+                        help="refine the collaborative clients' whole adapters together "
+                             "(the default, as clairstat.lora.refine_adapters)")
+    refine.add_argument("--per-module", dest="joint", action="store_false",
+                        help="refine each module by its own fit instead")
     refine.add_argument("--test-level", type=float, default=0.05, metavar="A",
                         help="level of the per-client tests (default 0.05)")
     refine.add_argument("--random-state", type=int, default=None, metavar="S",
                         help="seed of the robust start (reproducible flags)")
     refine.add_argument("--device", default="cpu", metavar="D",
                         help="torch device of the solver (default cpu)")
+    refine.add_argument("--dtype", default=None, choices=("float64", "float32"),
+                        help="precision of the decomposition (default float64)")
     refine.add_argument("--n-jobs", type=int, default=None, metavar="N",
-                        help="threads (default: from the problem size; -1: all CPUs)")
+                        help="threads per fit (default: from the problem size; -1: all "
+                             "CPUs)")
+    refine.add_argument("--scheduler", default=None, metavar="ADDR",
+                        help="run the per-module fits on the Dask cluster at ADDR "
+                             "(e.g. tcp://host:8786), or 'local' for a LocalCluster in "
+                             "this process (needs the dask extra)")
+    refine.add_argument("--workers", type=int, default=2, metavar="W",
+                        help="workers of --scheduler local (default 2, one thread each)")
     return parser
 
 
@@ -84,9 +144,38 @@ def _read_config(folder):
     return config
 
 
-def _read_weights(folder):
-    """Tensors and safetensors metadata (read through ``safe_open``: no pickle)."""
-    from safetensors import SafetensorError, safe_open
+def _unreadable(folder, error):
+    first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return InputError(f"{folder}: {WEIGHTS_NAME} is unreadable ({first_line})")
+
+
+_READ_ERRORS = (OSError, ValueError, RuntimeError)  # SafetensorError is an Exception
+
+
+def _safetensors_errors():
+    from safetensors import SafetensorError
+
+    return (SafetensorError,) + _READ_ERRORS
+
+
+def _byte_offsets(path):
+    """Absolute ``(begin, end)`` of every tensor's bytes, from the safetensors header.
+
+    The format (safetensors' documentation): an 8-byte little-endian header length N,
+    N bytes of JSON (``data_offsets`` relative to the end of the header), the data.
+    ``safe_open`` has already validated the file; this only locates the bytes.
+    """
+    with open(path, "rb") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        header = json.loads(handle.read(length))
+    start = 8 + length
+    return {key: (start + info["data_offsets"][0], start + info["data_offsets"][1])
+            for key, info in header.items() if key != "__metadata__"}
+
+
+def _read_header(folder):
+    """Metadata, shapes and byte offsets of the weights file, without loading tensors."""
+    from safetensors import safe_open
 
     path = folder / WEIGHTS_NAME
     if not path.is_file():
@@ -94,26 +183,41 @@ def _read_weights(folder):
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata()
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
-        first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise InputError(f"{folder}: {WEIGHTS_NAME} is unreadable ({first_line})") from None
-    return tensors, metadata
+            shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+        offsets = _byte_offsets(path)
+    except _safetensors_errors() as error:
+        raise _unreadable(folder, error) from None
+    return metadata, shapes, offsets
+
+
+def _check_pairs(keys, shapes):
+    """The checks of :func:`clairstat.lora.adapter_factors`, on the header's shapes."""
+    for module, pair in keys.items():
+        a_shape, b_shape = shapes[pair["A"]], shapes[pair["B"]]
+        if len(a_shape) != 2 or len(b_shape) != 2 or b_shape[1] != a_shape[0]:
+            raise ValueError(f"{module}: lora_B {b_shape} and lora_A {a_shape}.")
 
 
 def _read_adapter(folder):
     """One adapter folder as a :class:`Client`, its LoRA pairs checked."""
-    from .lora import adapter_factors
+    from .lora import lora_pairs
 
     if not folder.is_dir():
         raise InputError(f"{folder}: not a folder")
     config = _read_config(folder)
-    tensors, metadata = _read_weights(folder)
+    metadata, shapes, offsets = _read_header(folder)
     try:
-        modules = sorted(adapter_factors(tensors, config))
+        keys = lora_pairs(shapes)
+        _check_pairs(keys, shapes)
     except ValueError as error:
         raise InputError(f"{folder}: {error}") from None
-    return Client(tensors, config, metadata, modules)
+    return Client(folder, config, metadata, keys, shapes, offsets)
+
+
+def _module_shape(client, module):
+    """``(d_out, d_in)`` of one module of one client."""
+    pair = client.keys[module]
+    return client.shapes[pair["B"]][0], client.shapes[pair["A"]][1]
 
 
 def _read_all(folders):
@@ -123,11 +227,294 @@ def _read_all(folders):
             raise InputError(f"{folder}: another input folder has the same name {name!r} "
                              "(outputs are written to OUT/<folder name>)")
     clients = [_read_adapter(folder) for folder in folders]
-    for folder, client in zip(folders[1:], clients[1:]):
-        if client.modules != clients[0].modules:
-            raise InputError(f"{folder}: adapts modules {client.modules}, but {folders[0]} "
-                             f"adapts {clients[0].modules}")
+    first = clients[0]
+    for client in clients[1:]:
+        if client.modules != first.modules:
+            raise InputError(f"{client.folder}: adapts modules {client.modules}, but "
+                             f"{first.folder} adapts {first.modules}")
+        for module in first.modules:
+            if _module_shape(client, module) != _module_shape(first, module):
+                raise InputError(f"{client.folder}: {module} is (d_out, d_in) = "
+                                 f"{_module_shape(client, module)}, but "
+                                 f"{_module_shape(first, module)} in {first.folder}")
     return clients
+
+
+def _read_module(client, module):
+    """``{key: tensor}`` of one module's ``lora_A`` and ``lora_B`` (the file is mapped
+    only during the read, so its pages do not stay in this process)."""
+    from safetensors import safe_open
+
+    import torch
+
+    pair = client.keys[module]
+    try:
+        with safe_open(str(client.weights), framework="pt") as handle:
+            tensors = {pair[w]: handle.get_tensor(pair[w]) for w in "AB"}
+    except _safetensors_errors() as error:
+        raise _unreadable(client.folder, error) from None
+    for key, tensor in tensors.items():  # here the error can still name the folder
+        if not torch.isfinite(tensor).all():
+            raise InputError(f"{client.folder}: {key} holds non-finite values")
+    return tensors
+
+
+# -- fitting ------------------------------------------------------------------------------
+class ModuleFit(NamedTuple):
+    """What the command keeps of one module's fit (the first pass).
+
+    ``flagged`` (n_clients,) bool; ``p_values`` one float per client, or None where the
+    module was not fitted (every update zero); ``gram`` (n_clients, n_clients) the
+    Gram matrix of its updates (joint refinement; else None); ``states`` per client
+    ``{key: tensor}`` in the input's dtype (per-module refinement; else None);
+    ``warnings`` the distinct warning messages of the fit.
+    """
+
+    flagged: list
+    p_values: list | None
+    gram: object
+    states: list | None
+    warnings: list
+
+
+def _factors(module, tensors, configs):
+    from .lora import adapter_factors
+
+    return [adapter_factors(state, config)[module] for state, config in zip(tensors, configs)]
+
+
+def _states(module, readouts, tensors, configs, clients):
+    """Readouts ``(B, A)`` of ``clients`` as ``{key: tensor}`` in each input's dtype."""
+    from .lora import factors_to_state_dict
+
+    return {k: factors_to_state_dict({module: factors}, tensors[k], configs[k])
+            for k, factors in zip(clients, readouts)}
+
+
+def fit_module(module, tensors, configs, n_jobs, work, options, joint):
+    """First pass: CLAIR on one module of every client (its tests, p-values, flags).
+
+    Runs in this process or on a Dask worker: everything it needs is in its arguments,
+    and it returns tensors of the inputs' dtypes, so the same bytes are written either way.
+
+    Parameters
+    ----------
+    module : str
+    tensors : list of dict, length n_clients
+        Client k's ``{lora_A key: tensor (r_k, d_in), lora_B key: tensor (d_out, r_k)}``.
+    configs : list of dict
+        The clients' adapter configs (the scalings).
+    n_jobs : int or None
+        Threads of the fit (:func:`clairstat._threads.thread_limits`).
+    work : float
+        Flops of the largest module of the adapters (chooses the threads for ``None``).
+    options : dict
+        Keywords of :func:`clairstat.aggregation.clair_modules` for one module's fit.
+    joint : bool
+        ``True``: keep the module's Gram matrix for the joint refinement
+        (:func:`refine_module` writes later). ``False``: read out every client's
+        refined factors now (the module's own refinement).
+
+    Returns
+    -------
+    ModuleFit
+    """
+    from ._threads import thread_limits
+    from .aggregation import clair_modules, module_gram
+
+    factors = _factors(module, tensors, configs)
+    # Recorded here so that a Dask worker's warnings reach the command's stderr too
+    # (catch_warnings is process-wide: on a threaded cluster, concurrent fits may also
+    # record each other's warnings).
+    with warnings.catch_warnings(record=True) as caught, thread_limits(n_jobs, work):
+        warnings.simplefilter("always")
+        fit = clair_modules({module: factors}, joint=False, **options)
+        flagged = fit.module_flagged[module].tolist()
+        estimator = fit.estimators[module]
+        p_values, gram, states = None, None, None
+        if estimator is not None:  # None: every update is zero, nothing was fitted
+            p_values = [float(p) for p in estimator.p_values_]
+            if joint:
+                gram = module_gram(factors)
+            else:
+                everyone = range(len(factors))
+                readouts = fit.per_client[module].readouts(
+                    everyone, [a.shape[0] for _, a in factors])
+                states = list(_states(module, readouts, tensors, configs,
+                                      everyone).values())
+    messages = list(dict.fromkeys(str(w.message) for w in caught))
+    return ModuleFit(flagged, p_values, gram, states, messages)
+
+
+def refine_module(module, tensors, configs, n_jobs, work, coef, kept):
+    """Second pass of the joint refinement: the collaborative clients' refined factors.
+
+    Client k's refined update is ``sum_j coef[k, j] B_j A_j`` in this module
+    (:func:`clairstat.aggregation.joint_refinement`), read out at its rank in the
+    module's reduced coordinates as :func:`clairstat.lora.refine_adapters` does.
+
+    Parameters
+    ----------
+    module, tensors, configs, n_jobs, work
+        As in :func:`fit_module`.
+    coef : ndarray of shape (n_clients, n_clients)
+    kept : list of int
+        The clients to read out (the collaborative ones).
+
+    Returns
+    -------
+    dict of int to dict
+        Client k's ``{key: tensor}`` in its input's dtype.
+    """
+    from ._reduced import CombinedUpdates
+    from ._threads import thread_limits
+    from .aggregation import ReducedStack, factored_reduction
+
+    factors = _factors(module, tensors, configs)
+    with thread_limits(n_jobs, work):
+        # The bases of the first pass's fit (the same exact reduction, recomputed).
+        reduction = factored_reduction(factors)
+        left, right = reduction.left_basis, reduction.right_basis
+        stack = ReducedStack(left, CombinedUpdates(factors, coef, left, right), right)
+        readouts = stack.readouts(kept, [factors[k][1].shape[0] for k in kept])
+        return _states(module, readouts, tensors, configs, kept)
+
+
+def _work(clients):
+    """:func:`clairstat.aggregation.modules_work` from the headers' shapes alone."""
+    import numpy as np
+
+    from .aggregation import modules_work
+
+    def placeholder(shape):  # an array of that shape that allocates nothing
+        return np.broadcast_to(np.float64(0.0), shape)
+
+    return modules_work({module: [(placeholder(c.shapes[c.keys[module]["B"]]),
+                                   placeholder(c.shapes[c.keys[module]["A"]]))
+                                  for c in clients]
+                         for module in clients[0].modules})
+
+
+def _run(function, jobs, cluster):
+    """``(module, function(module, *args))`` for ``(module, args)`` in ``jobs``, in
+    order: in this process, or on the Dask ``cluster`` with at most ``2 x`` its threads
+    in flight (the reading runs ahead of the cluster only that far)."""
+    if cluster is None:
+        for module, args in jobs:
+            yield module, function(module, *args)
+        return
+    window = max(2, 2 * sum(cluster.nthreads().values()))
+    pending = collections.deque()
+    for module, args in jobs:
+        pending.append((module, cluster.submit(function, module, *args, pure=False)))
+        if len(pending) >= window:
+            name, future = pending.popleft()
+            yield name, future.result()
+    while pending:
+        name, future = pending.popleft()
+        yield name, future.result()
+
+
+class _Cluster:
+    """A ``distributed.Client`` on ``--scheduler``'s cluster (None: no cluster)."""
+
+    def __init__(self, scheduler, workers):
+        self.scheduler, self.workers = scheduler, workers
+        self.stack = None
+
+    def __enter__(self):
+        if self.scheduler is None:
+            return None
+        import contextlib
+
+        try:
+            from distributed import Client, LocalCluster
+        except ImportError:
+            raise InputError("--scheduler needs dask.distributed: pip install "
+                             "clairstat[dask]") from None
+        self.stack = contextlib.ExitStack()
+        try:
+            if self.scheduler == "local":
+                if self.workers < 1:
+                    raise InputError(f"--workers {self.workers}: must be at least 1")
+                cluster = self.stack.enter_context(LocalCluster(
+                    n_workers=self.workers, threads_per_worker=1, processes=False,
+                    dashboard_address=None))
+                return self.stack.enter_context(Client(cluster))
+            return self.stack.enter_context(Client(self.scheduler, timeout="30s"))
+        except (OSError, ValueError, TimeoutError) as error:
+            self.stack.close()
+            raise InputError(f"--scheduler {self.scheduler}: {error}") from None
+
+    def __exit__(self, *exc):
+        if self.stack is not None:
+            self.stack.close()
+
+
+def _fit_options(args):
+    """Keywords of one module's fit; with the joint refinement ``--rank`` is the joint
+    subspace's rank, not the modules' (as in :func:`clairstat.lora.refine_adapters`)."""
+    options = {"test_level": args.test_level, "random_state": args.random_state,
+               "device": args.device, "dtype": args.dtype}
+    return options if args.joint else {**options, "rank": args.rank}
+
+
+class Summary(NamedTuple):
+    """For the report: ``flagged`` per client, ``module_flagged`` and ``p_values`` per
+    module, ``joint_rank`` (None without the joint refinement)."""
+
+    flagged: list
+    module_flagged: dict
+    p_values: dict
+    joint_rank: int | None
+
+
+def _modules_of(clients, modules, cluster, function, extra, progress, desc):
+    """``function`` on every module in ``modules``, each read just before it is sent."""
+    configs = [client.config for client in clients]
+    jobs = ((module, ([_read_module(c, module) for c in clients], configs, *extra))
+            for module in modules)
+    return progress(_run(function, jobs, cluster), total=len(modules), desc=desc)
+
+
+def _stream(clients, writer, args, progress, cluster):
+    """First pass: every module read, fitted and (per-module refinement) written before
+    the next is read. Joint refinement: the flags and combinations from the modules'
+    Gram matrices, then a second pass that reads and writes every fitted module again."""
+    import numpy as np
+
+    from .aggregation import client_flags, joint_refinement
+
+    work = _work(clients)
+    fits, messages = {}, []
+    for module, fit in _modules_of(clients, clients[0].modules, cluster, fit_module,
+                                   (args.n_jobs, work, _fit_options(args), args.joint),
+                                   progress, "fits"):
+        for k, state in enumerate(fit.states or ()):
+            writer.write(k, state)
+        fits[module] = fit._replace(states=None)  # keep flags, p-values, Gram matrices
+        messages.extend(fit.warnings)
+    live = [module for module, fit in fits.items() if fit.p_values is not None]
+    module_flags = np.reshape([fits[m].flagged for m in live], (len(live), len(clients)))
+    joint_rank = None
+    if not args.joint:
+        flagged = client_flags(module_flags, args.test_level)
+    elif not live:  # every module zero: nothing to refine, everyone keeps its own
+        flagged = np.zeros(len(clients), dtype=bool)
+    else:
+        refinement = joint_refinement([fits[m].gram for m in live], module_flags,
+                                      rank=args.rank, level=args.test_level)
+        flagged, joint_rank = refinement.flagged, refinement.rank
+        kept = np.flatnonzero(~flagged).tolist()
+        if kept:
+            for module, states in _modules_of(clients, live, cluster, refine_module,
+                                              (args.n_jobs, work, refinement.coef, kept),
+                                              progress, "refinement"):
+                for k, state in states.items():
+                    writer.write(k, state)
+    return Summary(np.asarray(flagged, dtype=bool).tolist(),
+                   {m: fit.flagged for m, fit in fits.items()},
+                   {m: fit.p_values for m, fit in fits.items()}, joint_rank), messages
 
 
 # -- running ------------------------------------------------------------------------------
@@ -138,14 +525,14 @@ def _progress():
     except ImportError:
         return _plain_progress
 
-    def bar(iterable, total):
-        return tqdm(iterable, total=total, desc="modules", unit="module", file=sys.stderr)
+    def bar(iterable, total, desc):
+        return tqdm(iterable, total=total, desc=desc, unit="module", file=sys.stderr)
     return bar
 
 
-def _plain_progress(iterable, total):
+def _plain_progress(iterable, total, desc):
     for index, item in enumerate(iterable, start=1):
-        print(f"module {index}/{total}: {item[0]}", file=sys.stderr, flush=True)
+        print(f"{desc}: module {index}/{total}: {item[0]}", file=sys.stderr, flush=True)
         yield item
 
 
@@ -160,47 +547,37 @@ def _check_device(device):
         raise InputError(f"--device {device}: this torch build sees no CUDA device")
 
 
-def _refine(clients, args):
-    from .lora import refine_adapters
-
+def _check_options(args):
     _check_device(args.device)
-    options = {"rank": args.rank, "test_level": args.test_level,
-               "random_state": args.random_state, "device": args.device}
+
+
+def _refine(clients, writer, args, cluster):
     try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            refinement = refine_adapters([c.state for c in clients],
-                                         [c.config for c in clients],
-                                         joint=args.joint, n_jobs=args.n_jobs,
-                                         progress=_progress(), **options)
+        summary, messages = _stream(clients, writer, args, _progress(), cluster)
     except ValueError as error:  # parameter checks (rank too large, level, n_jobs...)
         raise InputError(str(error).splitlines()[0]) from None
     # One line per distinct warning, after the progress bar, instead of Python's format.
-    for message in dict.fromkeys(str(w.message) for w in caught):
+    for message in dict.fromkeys(messages):
         print(f"clairstat refine: warning: {message}", file=sys.stderr)
-    return refinement
+    return summary
 
 
-def _p_values(refinement, k):
-    """Client k's p-value per module (``{"joint": p}`` for a joint fit; None: not fitted)."""
-    return {name: None if est is None else float(est.p_values_[k])
-            for name, est in refinement.estimators.items()}
-
-
-def _report(folders, refinement, args):
-    clients = []
-    for k, folder in enumerate(folders):
-        clients.append({
-            "name": folder.name, "input": str(folder),
-            "flagged": bool(refinement.flagged[k]),
-            "p_values": _p_values(refinement, k),
+def _report(clients, summary, args):
+    entries = []
+    for k, client in enumerate(clients):
+        entries.append({
+            "name": client.folder.name, "input": str(client.folder),
+            "flagged": bool(summary.flagged[k]),
+            "p_values": {name: None if p is None else p[k]
+                         for name, p in summary.p_values.items()},
             "module_flagged": {name: bool(flags[k])
-                               for name, flags in refinement.module_flagged.items()}})
+                               for name, flags in summary.module_flagged.items()}})
     from . import __version__
     return {"clairstat_version": __version__, "joint": bool(args.joint),
-            "rank": args.rank, "test_level": args.test_level,
+            "rank": args.rank, "joint_rank": summary.joint_rank,
+            "test_level": args.test_level,
             "random_state": args.random_state,
-            "modules": sorted(refinement.module_flagged), "clients": clients}
+            "modules": sorted(summary.module_flagged), "clients": entries}
 
 
 # -- writing ------------------------------------------------------------------------------
@@ -211,16 +588,82 @@ def _check_outputs(folders, out):
                              "choose another --out")
 
 
-def _write(folders, clients, refinement, report, out):
-    from safetensors.torch import save_file
+class _Writer:
+    """Staged output files: copies of the inputs, refined tensors written in place.
 
-    for folder, client, state in zip(folders, clients, refinement.state_dicts):
-        target = out / folder.name
-        target.mkdir(parents=True, exist_ok=True)
-        save_file({key: value.contiguous() for key, value in state.items()},
-                  str(target / WEIGHTS_NAME), metadata=client.metadata)
-        shutil.copyfile(folder / CONFIG_NAME, target / CONFIG_NAME)
+    Every output starts as a byte copy of its input (same header: keys, dtypes, shapes,
+    metadata and offsets); :meth:`write` overwrites a tensor's bytes at its offset, so
+    nothing but the tensors being written is held in memory.
+    """
+
+    def __init__(self, clients, staging):
+        self.clients, self.staging = clients, staging
+        self.paths = []
+        for client in clients:
+            target = staging / client.folder.name
+            target.mkdir()
+            shutil.copyfile(client.weights, target / WEIGHTS_NAME)
+            self.paths.append(target / WEIGHTS_NAME)
+        self.fds = [os.open(path, os.O_WRONLY) for path in self.paths]
+
+    def write(self, k, state):
+        """Write client k's tensors ``{key: tensor}`` (its own keys and dtypes)."""
+        import torch
+
+        client = self.clients[k]
+        for key, tensor in state.items():
+            begin, end = client.offsets[key]
+            # The tensor's bytes as safetensors stores them (little-endian, row-major).
+            data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+            if tuple(tensor.shape) != client.shapes[key] or data.numel() != end - begin:
+                raise RuntimeError(f"{key}: refined tensor {tuple(tensor.shape)} does not "
+                                   f"fit {client.shapes[key]}")  # a bug, not an input error
+            os.pwrite(self.fds[k], data.numpy().tobytes(), begin)
+
+    def restore(self, k):
+        """Client k's output becomes a copy of its input again (a flagged client)."""
+        os.close(self.fds[k])
+        shutil.copyfile(self.clients[k].weights, self.paths[k])
+        self.fds[k] = os.open(self.paths[k], os.O_WRONLY)
+
+    def close(self):
+        for fd in self.fds:
+            os.close(fd)
+        self.fds = []
+
+
+def _publish(clients, staging, report, out):
+    """Move the staged files to ``OUT/<folder name>/``, copy the configs, write the report."""
+    for client in clients:
+        target = out / client.folder.name
+        target.mkdir(exist_ok=True)
+        os.replace(staging / client.folder.name / WEIGHTS_NAME, target / WEIGHTS_NAME)
+        shutil.copyfile(client.folder / CONFIG_NAME, target / CONFIG_NAME)
     (out / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+
+
+def _stage_and_refine(clients, out, args, cluster):
+    """Fit and write through a staging folder under ``out``; on failure nothing stays."""
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".clairstat-staging-", dir=out))
+    done = False
+    try:
+        writer = _Writer(clients, staging)
+        try:
+            summary = _refine(clients, writer, args, cluster)
+            for k, flagged in enumerate(summary.flagged):
+                if flagged:
+                    writer.restore(k)
+        finally:
+            writer.close()
+        _publish(clients, staging, _report(clients, summary, args), out)
+        done = True
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        if not done and created:
+            shutil.rmtree(out, ignore_errors=True)
+    return summary
 
 
 def refine_command(args):
@@ -228,11 +671,11 @@ def refine_command(args):
     folders = [Path(path) for path in args.adapters]
     out = Path(args.out)
     _check_outputs(folders, out)
+    _check_options(args)
     clients = _read_all(folders)
-    refinement = _refine(clients, args)
-    report = _report(folders, refinement, args)
-    _write(folders, clients, refinement, report, out)
-    flagged = [folder.name for folder, f in zip(folders, refinement.flagged) if f]
+    with _Cluster(args.scheduler, args.workers) as cluster:  # before copying anything
+        summary = _stage_and_refine(clients, out, args, cluster)
+    flagged = [c.folder.name for c, f in zip(clients, summary.flagged) if f]
     print(f"refined {len(folders)} adapters into {out}; flagged: "
           f"{', '.join(flagged) if flagged else 'none'}")
     return 0

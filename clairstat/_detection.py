@@ -72,8 +72,10 @@ def select_rank(blocks, weights, noise_scale, whitening=None):
         left, right, sigma = whitening
         blocks = left @ blocks @ right
         noise_scale = estimate_noise_scale(blocks) if sigma is None else sigma
-    sing = _centred_left_singular(blocks, weights)[1]
     edge = 1.1 * noise_scale * (np.sqrt(p) + np.sqrt(q * n_clients))
+    if isinstance(blocks, FactoredBlocks):  # a count, not the spectrum (Sylvester's law)
+        return blocks.count_above(weights, edge)
+    sing = _centred_left_singular(blocks, weights)[1]
     return int(np.sum(sing > edge))
 
 
@@ -148,7 +150,7 @@ def _(blocks: FactoredBlocks, weights):
     return blocks.leave_one_out_grams(weights)
 
 
-def _leave_one_out(blocks, weights, members, rank, random_state):
+def _leave_one_out(blocks, weights, members, rank, random_state, basis=None):
     """``(k, statistic, basis, others)`` for every member k, fitted on the other members.
 
     ``statistic`` is ``||(I - P_(-k))(X_k - mean_(-k))||_F^2`` against the other
@@ -169,18 +171,33 @@ def _leave_one_out(blocks, weights, members, rank, random_state):
     weight or of the spread, :func:`clairstat._reduced.leave_one_out_coefficients`)
     is refitted, as is every member of a dense stack narrower than 2p (a thin SVD of
     the p x (n - 1) q stack is then no dearer than one p x p eigenproblem).
+
+    On a factored stack, given the members' ``basis``, no p x p matrix is formed per
+    member either (:meth:`clairstat._reduced.FactoredBlocks.leave_one_out_fits`: a
+    certified subspace iteration started at ``basis``, same result to round-off).
     """
     n_clients, p, q = blocks.shape
     index = np.flatnonzero(members)
     sub_rank = _sub_rank(rank, p, q, len(index) - 1)
     gram_route = sub_rank > 0 and (isinstance(blocks, FactoredBlocks)
                                    or uses_gram(p, (len(index) - 1) * q))
-    without = _leave_one_out_grams(blocks[members], weights[members]) if gram_route else None
+    factored_fit = None
+    if gram_route and isinstance(blocks, FactoredBlocks) and basis is not None:
+        factored_fit = blocks[members].leave_one_out_fits(weights[members], sub_rank, basis)
+        without = None
+    else:
+        without = _leave_one_out_grams(blocks[members], weights[members]) if gram_route \
+            else None
     for position, k in enumerate(index):
         others = members.copy()
         others[k] = False
         if weights[others].sum() <= 0:  # nobody else carries weight: no refit to compare with
             continue
+        if factored_fit is not None:
+            found = factored_fit(position)
+            if found is not None:
+                yield k, found[0], found[1], others
+                continue
         downdate = None if without is None else without(position)
         if downdate is None:
             sub_blocks, sub_weights = blocks[others], weights[others]
@@ -212,7 +229,8 @@ def out_of_sample_statistics(blocks, weights, members, mean, basis, random_state
     stat = projection_statistics(blocks, mean, basis)
     fits = [(basis, members)] * len(stat)
     for k, member_stat, sub_basis, others in _leave_one_out(blocks, weights, members,
-                                                            basis.shape[1], random_state):
+                                                            basis.shape[1], random_state,
+                                                            basis):
         stat[k] = member_stat
         fits[k] = (sub_basis, others)
     return stat, fits

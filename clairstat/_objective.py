@@ -8,6 +8,8 @@ returns the same kind, so both solver backends are judged by the same code.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from typing import Any
 
 import numpy as np
@@ -118,7 +120,8 @@ def objective(local_estimates: Array, backbone: Array, low_rank: Array, sparse: 
 
 def penalized_gap(local_estimates: Array, backbone: Array, low_rank: Array, sparse: Array, *,
                   alpha: float, beta: float, fit_backbone: bool = True,
-                  nuclear_norm: float | None = None) -> tuple[float, float]:
+                  nuclear_norm: float | None = None,
+                  op_norm: Callable | None = None) -> tuple[float, float]:
     """Duality gap of the penalized program at a primal point.
 
     The dual is ``max_R <R, M> - 1/2 ||R||^2`` subject to ``||R||_op <= alpha``,
@@ -126,6 +129,9 @@ def penalized_gap(local_estimates: Array, backbone: Array, low_rank: Array, spar
     residual, centred over clients when the backbone is free and rescaled into the
     constraint set, is a dual-feasible point; the gap ``P - D >= 0`` bounds the
     suboptimality of the primal point.
+
+    ``op_norm``, if given, computes the operator norm of the stacked residual (a solver
+    with its own spectral routine, e.g. Lanczos); default :func:`_op_norm`.
 
     Returns
     -------
@@ -141,7 +147,7 @@ def penalized_gap(local_estimates: Array, backbone: Array, low_rank: Array, spar
               + beta * float(_block_norms(sparse).sum()))
     if fit_backbone:
         resid = resid - resid.mean(0)[None]
-    op_norm = _op_norm(stack_blocks(resid))
+    op_norm = (op_norm or _op_norm)(stack_blocks(resid))
     block_max = float(_block_norms(resid).max())
     scale = min(1.0, alpha / op_norm if op_norm > 0 else 1.0,
                 beta / block_max if block_max > 0 else 1.0)

@@ -11,7 +11,10 @@ One home, below the detection (:mod:`clairstat._detection`) and the aggregation 
    Lanczos run to machine precision (ARPACK, ``tol=0``) when ``dim >= 100`` and
    ``0 < count <= dim // 4`` (:func:`lanczos_pays`), else from a dense solver.
    :func:`top_eigh` and :func:`truncated_svd` are the only places that choose.
-   (CLAIR's torch singular-value thresholding follows the same Gram rule.)
+   (CLAIR's torch singular-value thresholding follows the same Gram rule.) Where a
+   nearby subspace is known (the refit without one client, the next concentration
+   step), :func:`warm_top_eigh` iterates from it and accepts its answer only under a
+   residual certificate at the round-off floor; otherwise the rule above applies.
 2. **One Eckart-Young readout** (:func:`eckart_young_factors`): rank-r LoRA factors
    ``(Q U S^1/2, S^1/2 V^T W^T)`` of a matrix's top singular triplets, zero-padded.
 3. **The exact reductions of LoRA updates.** Every update ``B_i A_i`` lies in
@@ -43,11 +46,15 @@ import numpy as np
 import scipy.linalg
 from scipy.sparse.linalg import LinearOperator, eigsh, svds
 
-__all__ = ["lanczos_pays", "top_eigh", "truncated_svd", "left_singular", "uses_gram",
+from ._threads import thread_limits
+
+__all__ = ["lanczos_pays", "top_eigh", "warm_top_eigh", "truncated_svd", "left_singular",
+           "uses_gram",
            "singular_values", "leave_one_out_coefficients", "eckart_young_factors",
            "orthonormal_basis", "rank_tolerance",
            "FactoredBlocks", "FactoredMean", "FactoredRefined", "off_subspace_statistics",
-           "ReducedFactors", "ReducedStack", "reduce_factors", "factored_reduction"]
+           "ReducedFactors", "ReducedStack", "reduce_factors", "factored_reduction",
+           "CombinedUpdates"]
 
 
 # --------------------------------------------------------------------------------------
@@ -85,15 +92,97 @@ def top_eigh(matrix, count=None):
     if count == 0:
         return np.zeros(0), np.zeros((dim, 0))
     if lanczos_pays(dim, count):
-        # A fixed start vector keeps the result reproducible.
-        eigval, eigvec = eigsh(matrix, k=count, which="LA", tol=0,
-                               v0=np.ones(dim) / np.sqrt(dim))
+        # A fixed start vector keeps the result reproducible. Matrix-vector products and
+        # ARPACK's small dense steps: a second BLAS thread only synchronises (tens of
+        # times slower on a busy machine, clairstat._threads).
+        with thread_limits(1):
+            eigval, eigvec = eigsh(matrix, k=count, which="LA", tol=0,
+                                   v0=np.ones(dim) / np.sqrt(dim))
     else:
         if isinstance(matrix, LinearOperator):
             matrix = matrix @ np.eye(dim)
         eigval, eigvec = np.linalg.eigh(matrix)
     order = np.argsort(eigval)[::-1][:count]
     return eigval[order], eigvec[:, order]
+
+
+def warm_top_eigh(apply, start, count, *, max_iter=40):
+    """Top ``count`` eigenpairs of a symmetric operator from a nearby subspace, certified.
+
+    Block subspace iteration with a Rayleigh-Ritz step per product (all matrix-matrix
+    products, no Lanczos vectors), started from ``start``: where the wanted subspace is
+    already close (a refit on a set that differs by one client, the previous step of a
+    loop), a few products of ``apply`` with the ``b``-column block replace a Lanczos run
+    or a dense eigensolver. The answer is accepted only under the certificate every
+    wanted Ritz pair's residual ``||A z - theta z|| <= 4 sqrt(dim) eps theta_1``: the
+    round-off floor of forming ``A z`` (a sum of ``dim`` products), so each
+    eigenvector is within that residual over its eigengap of the exact one (Davis-Kahan),
+    as the dense solvers' are; ``None`` otherwise (the caller then solves as before).
+
+    Parameters
+    ----------
+    apply : callable
+        ``apply(Z)`` is ``A @ Z`` for a (dim, b) block.
+    start : ndarray of shape (dim, b)
+        ``b > count`` columns spanning a subspace near the wanted one.
+    count : int
+    max_iter : int, default=40
+
+    Returns
+    -------
+    (eigval (count,), eigvec (dim, count)) largest first, or None
+    """
+    dim, width = start.shape
+    if not 0 < count < width <= dim:
+        return None
+    # Many short products on (dim, b) blocks: a second BLAS thread only synchronises
+    # (tens of times slower on a busy machine, clairstat._threads).
+    with thread_limits(1):
+        return _subspace_iteration(apply, start, count, max_iter)
+
+
+def _subspace_iteration(apply, start, count, max_iter):
+    """The loop of :func:`warm_top_eigh`."""
+    dim = start.shape[0]
+    block = _orthonormal_columns(start)
+    eps = np.finfo(block.dtype).eps
+    for _ in range(max_iter):
+        image = apply(block)
+        small = block.T @ image
+        theta, rotation = np.linalg.eigh(0.5 * (small + small.T))
+        rotation, theta = rotation[:, ::-1], theta[::-1]
+        block, image = block @ rotation, image @ rotation
+        resid = image[:, :count] - block[:, :count] * theta[:count]
+        bound = 4.0 * np.sqrt(dim) * eps * max(abs(theta[0]), np.finfo(float).tiny)
+        if np.all(np.sqrt(np.einsum("ij,ij->j", resid, resid)) <= bound):
+            return theta[:count], block[:, :count]
+        block = _orthonormal_columns(image)
+    return None
+
+
+def _orthonormal_columns(block):
+    """Orthonormal columns spanning ``block`` (dim, b), b small: CholeskyQR2.
+
+    Two Cholesky passes on the b x b Gram matrix after scaling the columns to unit norm
+    (Yamamoto et al., 2015: orthonormal to eps once the scaled condition number is below
+    ``eps^-1/2``; Ritz images are close to orthogonal), a few times cheaper than a
+    Householder QR at these shapes; Householder where Cholesky fails.
+    """
+    norms = np.sqrt(np.einsum("ij,ij->j", block, block))
+    block = block / np.where(norms > 0, norms, 1.0)
+    try:
+        for _ in range(2):
+            tri = scipy.linalg.cholesky(block.T @ block, lower=False)
+            block = scipy.linalg.solve_triangular(tri, block.T, trans="T", lower=False).T
+    except (np.linalg.LinAlgError, ValueError):
+        return np.linalg.qr(block)[0]
+    return block
+
+
+def _oversampled(basis, dim, extra, seed=0):
+    """``basis`` (dim, m) and ``extra`` fixed pseudo-random columns: a start block."""
+    rng = np.random.default_rng(seed)
+    return np.hstack([basis, rng.standard_normal((dim, extra))])
 
 
 def truncated_svd(matrix, rank):
@@ -386,14 +475,68 @@ class FactoredBlocks:
         gram = (flat @ kernel.reshape(n_clients * r, n_clients * r)) @ flat.T
         return 0.5 * (gram + gram.T)
 
+    def _centred_operator(self, weights):
+        """``G z`` for the centred Gram matrix G of :meth:`centred_gram`, without G.
+
+        ``G = F K F^T`` with ``F = [Y_1, ..., Y_n]`` (p, n r) and the (n r, n r) kernel
+        ``K = (C^T C) (x) (R_j R_l^T)``: a product with a (p, b) block costs
+        ``2 p n r b + (n r)^2 b`` flops against ``p (n r)^2 + p^2 n r`` to form G once,
+        so the few products of a warm-started or Lanczos eigensolver are several times
+        cheaper than forming G (the robust start refits on a new half-set at every
+        step). Returns the product and a LinearOperator of it.
+        """
+        n_clients, p, r = self.coef.shape
+        omega = weights / weights.sum()
+        centring = np.eye(n_clients) - omega[None, :]
+        flat = self._flat()[0]
+        kernel = ((centring.T @ centring)[:, None, :, None] * self.cross_gram).reshape(
+            n_clients * r, n_clients * r)
+        kernel = 0.5 * (kernel + kernel.T)
+
+        def apply(block):
+            return flat @ (kernel @ (flat.T @ block))
+
+        return apply, LinearOperator((p, p), dtype=float, matvec=apply, matmat=apply)
+
     def centred_left_singular(self, weights, rank=None):
         """Left singular vectors and values of ``[X_k - mean]_k``, largest first.
 
-        The eigenpairs of :meth:`centred_gram` (:func:`top_eigh`: the top ``rank`` by
-        Lanczos where it pays).
+        The eigenpairs of :meth:`centred_gram`: the top ``rank`` by
+        :func:`warm_top_eigh` from the last subspace this stack fitted (successive
+        refits differ by a few clients), certified, else by :func:`top_eigh` (Lanczos
+        where it pays); both through products with G (:meth:`_centred_operator`), not G
+        itself. Every eigenpair with ``rank=None`` (G formed).
         """
-        eigval, left = top_eigh(self.centred_gram(weights), rank)
+        dim = self.coef.shape[1]
+        if rank is None or not lanczos_pays(dim, rank):
+            eigval, left = top_eigh(self.centred_gram(weights), rank)
+        else:
+            apply, operator = self._centred_operator(weights)
+            found, warm = None, self.root.__dict__.get("_warm")
+            if warm is not None:
+                extra = max(rank - warm.shape[1], 0) + max(8, rank // 2)
+                found = warm_top_eigh(apply, _oversampled(warm[:, :rank], dim, extra), rank)
+            eigval, left = found if found is not None else top_eigh(operator, rank)
+        if rank is not None and rank > 0:
+            self.root._warm = left
         return left, np.sqrt(np.clip(eigval, 0.0, None))
+
+    def count_above(self, weights, edge):
+        """How many singular values of ``[X_k - mean]_k`` exceed ``edge``.
+
+        The top eigenvalues of the centred Gram matrix by :func:`top_eigh` (Lanczos on
+        :meth:`_centred_operator` where it pays), their number doubled until the last is
+        at or below ``edge^2``: the count the full spectrum gives, from a few of its
+        largest values (the rank rule keeps a handful of directions out of p).
+        """
+        dim, count = self.coef.shape[1], 8
+        operator = self._centred_operator(weights)[1]
+        while lanczos_pays(dim, count):
+            eigval = top_eigh(operator, count)[0]
+            if eigval[-1] <= edge ** 2:
+                return int(np.sum(np.sqrt(np.clip(eigval, 0.0, None)) > edge))
+            count *= 2
+        return int(np.sum(self.centred_left_singular(weights)[1] > edge))
 
     def leave_one_out_grams(self, weights):
         """``without(k)``: the centred Gram of the stack without client k (position) and
@@ -433,6 +576,74 @@ class FactoredBlocks:
             return 0.5 * (downdated + downdated.T), (1.0 + alpha) * (self.expand(k) - mean)
 
         return without
+
+    def leave_one_out_fits(self, weights, rank, basis):
+        """``fit(k)``: client k's out-of-sample statistic and refitted basis, or ``None``.
+
+        The same quantities as :meth:`leave_one_out_grams` followed by the top-``rank``
+        eigenvectors of the downdated Gram and the off-subspace norm of the residual,
+        without forming a p x p matrix per client: the downdate is
+        ``H + h_k Y_k^T + Y_k h_k^T`` with ``H = G + beta m m^T - alpha (e m^T + m e^T)``
+        common to every client of the same weight (formed once per distinct weight)
+        and ``h_k`` (p, r). Its top eigenvectors come from :func:`warm_top_eigh` started
+        at the members' ``basis`` and the perturbation's directions ``[Y_k, h_k]``
+        (one client moves the subspace little): a few products with a p x (rank + 2r)
+        block. Where the certificate is not reached, :func:`top_eigh` on the formed
+        matrix, as before. ``None``: a refit is needed (:func:`leave_one_out_coefficients`).
+
+        Parameters
+        ----------
+        weights : ndarray of shape (n_clients,)
+        rank : int
+        basis : ndarray of shape (p, m), m >= rank
+            The members' fitted basis: a start near every client's refit.
+        """
+        n_clients, p, r = self.coef.shape
+        omega = weights / weights.sum()
+        spread = 1.0 - n_clients * omega
+        gram = self.centred_gram(weights)
+        mean_outer, mean_rows = self._outer(omega, omega)
+        spread_outer, spread_rows = self._outer(spread, omega)
+        common = spread_outer + spread_outer.T
+        centring = np.eye(n_clients) - omega[None, :]
+        centred_inner = centring @ self.inner_products() @ centring.T
+        mean = FactoredMean(self, omega).to_dense()
+        bases = {}
+
+        def base(alpha, beta):
+            if (alpha, beta) not in bases:
+                matrix = gram + beta * mean_outer - alpha * common
+                bases[(alpha, beta)] = 0.5 * (matrix + matrix.T)
+            return bases[(alpha, beta)]
+
+        def fit(k):
+            with thread_limits(1):  # short products per client: one thread (see above)
+                return one(k)
+
+        def one(k):
+            coefficients = leave_one_out_coefficients(weights, k, centred_inner)
+            if coefficients is None:
+                return None
+            alpha, beta = coefficients
+            block = slice(k * r, (k + 1) * r)
+            own = self.coef[k]
+            half = (0.5 * beta * (own @ self.cross_gram[k, :, k, :])
+                    - beta * mean_rows[:, block] + alpha * spread_rows[:, block])
+            matrix = base(alpha, beta)
+            found = None
+            if lanczos_pays(p, rank):
+                found = warm_top_eigh(
+                    lambda z: matrix @ z + half @ (own.T @ z) + own @ (half.T @ z),
+                    np.hstack([basis[:, :rank], own, half]), rank)
+            if found is None:
+                downdated = matrix + half @ own.T + own @ half.T
+                found = top_eigh(0.5 * (downdated + downdated.T), rank)
+            sub_basis = found[1]
+            residual = (1.0 + alpha) * (self.expand(k) - mean)
+            residual = residual - sub_basis @ (sub_basis.T @ residual)
+            return float(np.sum(residual * residual)), sub_basis
+
+        return fit
 
 
 class FactoredMean:
@@ -521,18 +732,73 @@ class FactoredRefined:
         eigval, eigvec = self._gram_eig
         eigval = np.clip(eigval, 0.0, None)
         small = (self.basis.T @ coef) @ (right @ eigvec)  # F, (rank(U), t)
-        dim = eigval.size
-        operator = LinearOperator(
-            (dim, dim), dtype=float,
-            matvec=lambda x: eigval * x.ravel() + small.T @ (small @ x.ravel()),
-            matmat=lambda x: eigval[:, None] * x + small.T @ (small @ x))
-        values, vectors = top_eigh(operator, min(rank, dim))
+        values, vectors = self._top_pairs(eigval, small, min(rank, eigval.size))
         right_t = (eigvec @ vectors).T
         sing = np.sqrt(np.clip(values, 0.0, None))
         image = self.common @ right_t.T + self.basis @ ((self.basis.T @ coef)
                                                         @ (right @ right_t.T))
         left = image / np.where(sing > 0, sing, 1.0)
         return left, sing, right_t
+
+    def truncated_svds(self, clients, ranks):
+        """:meth:`truncated_svd` of several clients, the large products batched.
+
+        The same triplets as one call per client (the same eigendecomposition, Lanczos
+        runs and formulas); the products with the t x t eigenvectors, the common part
+        ``C`` and the row bases run as one matrix product over all the clients instead
+        of one thin product each.
+
+        Parameters
+        ----------
+        clients : sequence of int
+        ranks : sequence of int
+            One rank per client.
+
+        Returns
+        -------
+        list of (left (p, m), singular (m,), right_t (m, t))
+        """
+        out = {}
+        refined = [(k, rank) for k, rank in zip(clients, ranks) if not self.contaminated[k]]
+        for k, rank in zip(clients, ranks):
+            if self.contaminated[k]:
+                out[k] = self.truncated_svd(k, rank)
+        if refined:
+            if self._gram_eig is None:
+                self._gram_eig = scipy.linalg.eigh(self.common.T @ self.common)
+            eigval, eigvec = self._gram_eig
+            eigval = np.clip(eigval, 0.0, None)
+            index = [k for k, _ in refined]
+            coef, rights = self.stack.coef[index], self.stack.rights[index]
+            projected = np.matmul(self.basis.T[None], coef)  # U^T Y_k, (n, m, r)
+            turned = (rights.reshape(-1, rights.shape[2]) @ eigvec).reshape(rights.shape)
+            dim, vectors = eigval.size, []  # (values, vectors) per client
+            for i, (_, rank) in enumerate(refined):
+                small = projected[i] @ turned[i]
+                vectors.append(self._top_pairs(eigval, small, min(rank, dim)))
+            right_all = (eigvec @ np.hstack([v for _, v in vectors])).T  # (sum m, t)
+            common_all = self.common @ right_all.T                       # (p, sum m)
+            start = 0
+            for i, (k, _) in enumerate(refined):
+                values = vectors[i][0]
+                cols = slice(start, start + len(values))
+                start += len(values)
+                right_t = right_all[cols]
+                sing = np.sqrt(np.clip(values, 0.0, None))
+                image = common_all[:, cols] + self.basis @ (
+                    projected[i] @ (rights[i] @ right_t.T))
+                out[k] = (image / np.where(sing > 0, sing, 1.0), sing, right_t)
+        return [out[k] for k in clients]
+
+    @staticmethod
+    def _top_pairs(eigval, small, count):
+        """Top ``count`` eigenpairs of ``diag(eigval) + small^T small`` (Lanczos)."""
+        dim = eigval.size
+        operator = LinearOperator(
+            (dim, dim), dtype=float,
+            matvec=lambda x: eigval * x.ravel() + small.T @ (small @ x.ravel()),
+            matmat=lambda x: eigval[:, None] * x + small.T @ (small @ x))
+        return top_eigh(operator, count)
 
 
 # --------------------------------------------------------------------------------------
@@ -562,11 +828,38 @@ class ReducedFactors(NamedTuple):
         return self.left_basis @ np.asarray(reduced) @ self.right_basis.T
 
 
+def _span_columns(matrix):
+    """:func:`orthonormal_basis` up to a rotation of its columns, cheaper when full rank.
+
+    Full rank is certified without an SVD: ``1 / ||R^-1||_F <= sigma_min(R)`` and
+    ``||R||_F >= sigma_max(R)``, so ``1 / ||R^-1||_F > 16 tol(||R||_F)`` (the rank
+    tolerance of :func:`orthonormal_basis` taken at an upper bound of the largest
+    singular value, with a factor 16 for the rounding of the inverse, whose relative
+    error is below ``cond(R) m eps < 1/16`` there) means that every singular value is
+    above the tolerance :func:`orthonormal_basis` applies. The triangular inverse costs
+    m^3 / 3 flops, against 4 m^3 for the singular values. The QR's own Q then spans the
+    same space as ``Q U`` (U orthogonal) without the d x m x m product; everything the
+    reductions feed is invariant under such a rotation of the reduced coordinates
+    (Frobenius inner products, orthogonally invariant norms). Otherwise (a rank that may
+    be deficient): :func:`orthonormal_basis`.
+    """
+    q_factor, r_factor = scipy.linalg.qr(matrix, mode="economic")
+    upper = np.linalg.norm(r_factor)
+    square = r_factor.shape[0] == r_factor.shape[1]  # else more columns than rows
+    if square and upper > 0 and np.all(np.diag(r_factor) != 0):
+        inverse, info = scipy.linalg.lapack.dtrtri(np.asarray(r_factor, dtype=float))
+        lower = 1.0 / np.linalg.norm(inverse) if info == 0 else 0.0
+        if np.isfinite(lower) and lower > 16.0 * rank_tolerance(matrix.shape, upper,
+                                                                matrix.dtype):
+            return q_factor
+    return orthonormal_basis(matrix)
+
+
 def _span_basis(matrix):
     """:func:`orthonormal_basis` of ``matrix`` (m, n), or the unit vector e_1 (m, 1) when
     its span is {0} (every B_i, or every A_i, is zero, as in fresh adapters): the reduced
     updates are then exactly 0 of size at least 1 instead of an empty array."""
-    basis = orthonormal_basis(matrix)
+    basis = _span_columns(matrix)
     if basis.shape[1] == 0:
         basis = np.eye(matrix.shape[0], 1, dtype=basis.dtype)
     return basis
@@ -643,9 +936,15 @@ def factored_reduction(factors):
     width = max(b.shape[1] for b, _ in factors)
     coef = np.zeros((len(factors), left.shape[1], width))
     rights = np.zeros((len(factors), width, right.shape[1]))
-    for i, (b_mat, a_mat) in enumerate(factors):
-        row_basis, tri = np.linalg.qr((a_mat @ right).T)  # (t, m), (m, r_i), m <= r_i
-        coef[i, :, :tri.shape[0]] = (left.T @ b_mat) @ tri.T
+    # Two products of the stacked factors (one BLAS-3 call each) instead of 2 n thin ones.
+    left_all = left.T @ np.hstack([b for b, _ in factors])      # (s, sum r_i)
+    right_all = np.vstack([a for _, a in factors]) @ right      # (sum r_i, t)
+    start = 0
+    for i, (b_mat, _) in enumerate(factors):
+        cols = slice(start, start + b_mat.shape[1])
+        start += b_mat.shape[1]
+        row_basis, tri = np.linalg.qr(right_all[cols].T)  # (t, m), (m, r_i), m <= r_i
+        coef[i, :, :tri.shape[0]] = left_all[:, cols] @ tri.T
         rights[i, :tri.shape[0]] = row_basis.T
     return ReducedFactors(left, right, FactoredBlocks(coef, rights))
 
@@ -691,3 +990,105 @@ class ReducedStack:
         else:
             triplets = truncated_svd(np.asarray(self.reduced[k]), rank)
         return eckart_young_factors(triplets, rank, self.left_basis, self.right_basis)
+
+    def readouts(self, clients, ranks):
+        """``[readout(k, rank) for k, rank in zip(clients, ranks)]``, batched.
+
+        The same factors; the products with the d x s and k x t bases run once over
+        every client's columns (one BLAS-3 product each) instead of two thin products
+        per client, and a :class:`FactoredRefined` stack batches its own products
+        (:meth:`FactoredRefined.truncated_svds`).
+        """
+        clients, ranks = list(clients), list(ranks)
+        if not clients:
+            return []
+        if hasattr(self.reduced, "truncated_svds"):
+            triplets = self.reduced.truncated_svds(clients, ranks)
+        else:
+            triplets = [truncated_svd(np.asarray(self.reduced[k]), rank)
+                        for k, rank in zip(clients, ranks)]
+        small = [eckart_young_factors(t, rank) for t, rank in zip(triplets, ranks)]
+        lefts = self.left_basis @ np.hstack([b_mat for b_mat, _ in small])
+        rights = np.vstack([a_mat for _, a_mat in small]) @ self.right_basis.T
+        out, start = [], 0
+        for b_mat, _ in small:
+            cols = slice(start, start + b_mat.shape[1])
+            start += b_mat.shape[1]
+            out.append((lefts[:, cols], rights[cols]))
+        return out
+
+
+class CombinedUpdates:
+    """Each client's update as a combination of every client's: ``sum_j C_kj B_j A_j``.
+
+    The joint refinement of LoRA adapters (:func:`clairstat.aggregation.clair_modules`)
+    gives every client a linear combination of the clients' updates; here it is kept in
+    the reduced coordinates of the module, ``Y = Q^T [B_1 ... B_n]`` (s, R) and
+    ``Z = [A_1; ...; A_n] V`` (R, t), ``R = sum r_j``: client k's update is
+    ``Y diag(w_k) Z`` with ``w_k`` the row ``C_k`` repeated over each client's rank.
+    Nothing of size n x s x t is formed unless asked (``np.asarray``).
+
+    Parameters
+    ----------
+    factors : list of (ndarray (d, r_j), ndarray (r_j, k))
+    coef : ndarray of shape (n_out, n_clients)
+        Row k: the coefficients of client k's combination.
+    left_basis : ndarray of shape (d, s)
+    right_basis : ndarray of shape (k, t)
+        Orthonormal bases of the spans of all ``B_j`` and all ``A_j^T``.
+    """
+
+    def __init__(self, factors, coef, left_basis, right_basis):
+        self.coef = np.asarray(coef, dtype=float)
+        self.left = np.hstack([left_basis.T @ b_mat for b_mat, _ in factors])      # Y
+        self.right = np.vstack([a_mat @ right_basis for _, a_mat in factors])     # Z
+        self.ranks = np.array([a_mat.shape[0] for _, a_mat in factors])
+        self._qr = None
+
+    def _weights(self, k):
+        return np.repeat(self.coef[k], self.ranks)
+
+    @property
+    def shape(self):
+        return (len(self.coef), self.left.shape[0], self.right.shape[1])
+
+    def __len__(self):
+        return len(self.coef)
+
+    def __getitem__(self, k):
+        return (self.left * self._weights(k)) @ self.right
+
+    def __array__(self, dtype=None, copy=None):
+        dense = np.stack([self[k] for k in range(len(self))])
+        return dense if dtype is None else dense.astype(dtype)
+
+    def truncated_svd(self, k, rank):
+        """Top-``rank`` singular triplets of client k's (s, t) update.
+
+        With the thin QRs ``Y = Q_y T_y`` and ``Z^T = Q_z T_z`` (once per module), the
+        update is ``Q_y (T_y diag(w_k) T_z^T) Q_z^T``: the SVD of an R x R matrix at
+        most, whatever s and t.
+        """
+        if self._qr is None:
+            self._qr = (scipy.linalg.qr(self.left, mode="economic"),
+                        scipy.linalg.qr(self.right.T, mode="economic"))
+        (q_left, t_left), (q_right, t_right) = self._qr
+        weights = self._weights(k)
+        shape = (t_left.shape[0], t_right.shape[0])
+        if lanczos_pays(min(shape), rank):
+            # Lanczos on the operator T_y diag(w) T_z^T: O(R^2) per product, never the
+            # R x R matrix's O(R^3) SVD (1600 x 1600 for 100 rank-16 clients).
+            operator = LinearOperator(
+                shape, dtype=float,
+                matvec=lambda x: t_left @ (weights * (t_right.T @ x.ravel())),
+                rmatvec=lambda y: t_right @ (weights * (t_left.T @ y.ravel())))
+            left, sing, right_t = svds(operator, k=rank, tol=0, random_state=0)
+            order = np.argsort(sing)[::-1]
+            left, sing, right_t = left[:, order], sing[order], right_t[order]
+        else:
+            left, sing, right_t = truncated_svd((t_left * weights) @ t_right.T, rank)
+        return q_left @ left, sing, right_t @ q_right.T
+
+    def truncated_svds(self, clients, ranks):
+        """:meth:`truncated_svd` for several clients (one QR pair for all)."""
+        return [self.truncated_svd(k, rank) for k, rank in zip(clients, ranks)]

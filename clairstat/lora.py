@@ -36,11 +36,13 @@ from numpy.typing import ArrayLike
 
 from ._reduced import eckart_young_factors, truncated_svd
 from ._threads import thread_limits
-from .aggregation import ModuleRefinement, aggregate, clair_modules, modules_work
+from .aggregation import (ModuleRefinement, aggregate_modules, clair_modules, client_flags,
+                          modules_work)
 
-__all__ = ["lora_scaling", "adapter_factors", "module_factors", "readout_factors",
-           "factors_to_state_dict", "refine_adapters", "aggregate_adapters",
-           "global_state_dict", "LoraRefinement", "save_adapter", "load_adapter"]
+__all__ = ["lora_scaling", "lora_pairs", "adapter_factors", "module_factors",
+           "readout_factors", "factors_to_state_dict", "refine_adapters",
+           "aggregate_adapters", "global_state_dict", "personalized_state_dicts",
+           "LoraRefinement", "save_adapter", "load_adapter"]
 
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])(?:\.(?P<adapter>[^.]+))?"
                        r"\.weight$")
@@ -100,10 +102,33 @@ def _to_numpy(value):
     return np.asarray(value, dtype=np.float64)
 
 
-def _parse(state_dict):
-    """``{module: {"A": key, "B": key}}`` for the LoRA weights of a state dict."""
+def lora_pairs(keys: Any) -> dict:
+    """The LoRA factor keys of an adapter, grouped by module, without reading tensors.
+
+    Parameters
+    ----------
+    keys : iterable of str
+        The tensor names of a state dict or of a safetensors file (a dict iterates
+        over its keys).
+
+    Returns
+    -------
+    dict of str to dict
+        ``{module: {"A": lora_A key, "B": lora_B key}}``.
+
+    Raises
+    ------
+    ValueError
+        No complete ``lora_A``/``lora_B`` pair, an incomplete pair, or embedding LoRA
+        or DoRA keys (not supported).
+
+    Examples
+    --------
+    >>> lora_pairs(["m.lora_A.weight", "m.lora_B.weight"])
+    {'m': {'A': 'm.lora_A.weight', 'B': 'm.lora_B.weight'}}
+    """
     modules = {}
-    for key in state_dict:
+    for key in keys:
         match = _LORA_KEY.match(key)
         if match:
             modules.setdefault(match["module"], {})[match["which"]] = key
@@ -113,6 +138,9 @@ def _parse(state_dict):
     if incomplete or not modules:
         raise ValueError(f"no complete lora_A/lora_B pairs (incomplete: {incomplete}).")
     return modules
+
+
+_parse = lora_pairs  # the module's own name for it
 
 
 def adapter_factors(state_dict: Mapping[str, Any], config: Any = None) -> dict:
@@ -293,12 +321,14 @@ def _readout_state_dicts(state_dicts, configs, per_client, flagged, ranks, keep=
     """Each client's refined updates as rank-``ranks[k]`` factors in its own layout;
     the modules in ``keep`` (all updates zero) keep the client's own lora_A and lora_B."""
     refined = []
+    kept = np.flatnonzero(~np.asarray(flagged, dtype=bool))
+    readouts = {name: dict(zip(kept, stack.readouts(kept, [ranks[k] for k in kept])))
+                for name, stack in per_client.items() if name not in keep}  # batched
     for k, (template, config) in enumerate(zip(state_dicts, configs)):
         if flagged[k]:  # the estimator returns a flagged client's own estimate
             refined.append(dict(template))
             continue
-        factors = {name: stack.readout(k, ranks[k])
-                   for name, stack in per_client.items() if name not in keep}
+        factors = {name: readouts[name][k] for name in readouts}
         if keep:  # placeholders, then the client's own arrays, exactly
             own = adapter_factors(template, config)
             factors.update({name: own[name] for name in keep})
@@ -310,9 +340,9 @@ def _readout_state_dicts(state_dicts, configs, per_client, flagged, ranks, keep=
 
 
 def refine_adapters(state_dicts: Sequence[Mapping[str, Any]], configs: Any = None, *,
-                    joint: bool = False, sample_weight: ArrayLike | None = None,
-                    n_jobs: int | None = None, progress: Any = None,
-                    **clair_params: Any) -> LoraRefinement:
+                    joint: bool = True, sample_weight: ArrayLike | None = None,
+                    n_jobs: int | None = None, progress: Any = None, device: Any = None,
+                    dtype: Any = None, **clair_params: Any) -> LoraRefinement:
     """CLAIR on the clients' LoRA adapters: detect, refine, and write refined adapters.
 
     Parameters
@@ -321,13 +351,15 @@ def refine_adapters(state_dicts: Sequence[Mapping[str, Any]], configs: Any = Non
         The clients' adapters (``peft.get_peft_model_state_dict``); ranks may differ.
     configs : LoraConfig, dict, or list of them, optional
         One per client, or one for all (gives the scalings).
-    joint : bool, default=False
-        ``False``: one CLAIR fit per module (each module has its own collaborative set,
-        subspace and rank). ``True``: one fit on each client's concatenated reduced
-        updates, a vector of length ``sum_m s_m t_m`` (``q = 1``), itself reduced
-        exactly to the n_clients-dimensional span of the vectors: one test per client
-        using every module's evidence, one collaborative set, and a shared subspace of
-        the joint update space (PCA-type shrinkage of whole adapters).
+    joint : bool, default=True
+        Every module is fitted and tested by CLAIR, and a client flagged in more
+        modules than a client without contamination would be is flagged
+        (:func:`clairstat.aggregation.client_flags`). ``True``: the collaborative clients'
+        whole adapters (every module concatenated) are refined together towards their
+        mean plus a shared subspace whose rank is chosen by bi-cross-validation across
+        modules (``rank=`` fixes it). ``False``: each module is refined by its own fit.
+        See :func:`clairstat.aggregation.clair_modules` and docs/method_notes.md,
+        section 9 (why the joint refinement is the default).
     sample_weight : array-like of shape (n_clients,), optional
         Client weights of the collaborative mean (e.g. sample sizes).
     n_jobs : int or None, default=None
@@ -337,7 +369,10 @@ def refine_adapters(state_dicts: Sequence[Mapping[str, Any]], configs: Any = Non
         CPU, a positive int that many.
     progress : callable, optional
         Called as ``progress(iterable, total=n_modules)`` around the loop over modules
-        (the fits, or the reductions when ``joint``) and iterated; ``tqdm.tqdm`` fits.
+        (the per-module fits) and iterated; ``tqdm.tqdm`` fits.
+    device, dtype : optional
+        Where and in which precision the decompositions run
+        (:func:`clairstat.aggregation.clair_modules`).
     **clair_params
         Parameters of :class:`clairstat.CLAIREstimator` (``rank``, ``test_level``, ...).
 
@@ -363,18 +398,17 @@ def refine_adapters(state_dicts: Sequence[Mapping[str, Any]], configs: Any = Non
     flagged in it, its refined updates and mean are 0, and every client keeps its own
     ``lora_A`` and ``lora_B`` there (a readout would set ``A = 0`` too, and LoRA cannot
     train from ``A = B = 0``); such modules do not vote in the client-level flags. With
-    ``joint=True`` the fit is skipped only when every module is zero; a zero module in a
-    joint fit has zero refined updates as well and keeps the clients' own factors.
+    ``joint=True`` a zero module keeps the clients' own factors as well.
 
-    On the copying experiment (``simulations/copying/RESULTS.md``) per-module CLAIR
-    detects without false alarms but gains less than the joint fit, which pools whole
-    adapters across modules; ``joint=True`` is the stronger refinement there.
+    On the copying experiment (``simulations/copying/PROTOCOL.md`` and its results)
+    per-module refinement keeps most of each client's noise, which lives in the same
+    column spaces as the shared signal; the joint refinement removes it.
     """
     configs = _per_client(configs, len(state_dicts), "configs")
     factor_lists = module_factors(state_dicts, configs)
     with thread_limits(n_jobs, modules_work(factor_lists)):
         fit = clair_modules(factor_lists, sample_weight, joint=joint, progress=progress,
-                            **clair_params)
+                            device=device, dtype=dtype, **clair_params)
         refined = _readout_state_dicts(state_dicts, configs, fit.per_client, fit.flagged,
                                        _ranks(factor_lists), keep=fit.zero_modules)
     return LoraRefinement(**vars(fit), state_dicts=refined)
@@ -382,7 +416,9 @@ def refine_adapters(state_dicts: Sequence[Mapping[str, Any]], configs: Any = Non
 
 def aggregate_adapters(rule: str, state_dicts: Sequence[Mapping[str, Any]], configs: Any = None,
                        weights: ArrayLike | None = None, **options: Any) -> dict:
-    """Any rule of :func:`clairstat.aggregation.aggregate`, module by module.
+    """Any rule of :func:`clairstat.aggregation.aggregate` on every module of the adapters
+    (:func:`clairstat.aggregation.aggregate_modules`: ``"clair"`` is the library default,
+    per-module tests and the joint refinement; ``joint=False`` for one fit per module).
 
     Parameters
     ----------
@@ -404,11 +440,9 @@ def aggregate_adapters(rule: str, state_dicts: Sequence[Mapping[str, Any]], conf
     reference = options.pop("reference", None)
     if isinstance(reference, dict):
         reference = adapter_factors(reference, configs[0])
-    results = {}
-    for name, factors in factor_lists.items():
-        extra = {"reference": reference[name]} if reference is not None else {}
-        results[name] = aggregate(rule, factors, weights, **options, **extra)
-    return results
+    if reference is not None:
+        options["reference"] = reference
+    return aggregate_modules(rule, factor_lists, weights, **options)
 
 
 def global_state_dict(results: Mapping[str, Any], template: Mapping[str, Any],
@@ -432,23 +466,69 @@ def global_state_dict(results: Mapping[str, Any], template: Mapping[str, Any],
         (d_out, d_in) update; rules with their own factors of the right rank use them).
         A zero update (fresh adapters) at the template's rank gives ``B = 0`` and the
         template's own ``A``, which keeps the adapter trainable (a readout's ``A = 0``
-        would not).
+        would not), unless the rule has its own non-zero ``A`` (fedit's mean ``A``).
     """
     factors = {}
     for module, keys in _parse(template).items():
         result = results[module]
         own_rank = template[keys["A"]].shape[0]
         module_rank = rank or own_rank
-        if result.factors is not None and result.factors[0].shape[1] == module_rank:
-            factors[module] = result.factors
-        elif module_rank == own_rank and not np.any(result.update):
+        own_factors = (result.factors is not None
+                       and result.factors[0].shape[1] == module_rank)
+        if (module_rank == own_rank and not np.any(result.update)
+                and not (own_factors and np.any(result.factors[1]))):
             factors[module] = (np.zeros((result.update.shape[0], own_rank)),
                                _to_numpy(template[keys["A"]]))
+        elif own_factors:
+            factors[module] = result.factors
         else:
             update = np.asarray(result.update, dtype=np.float64)
             factors[module] = eckart_young_factors(truncated_svd(update, module_rank),
                                                    module_rank)
     return factors_to_state_dict(factors, template, config)
+
+
+def personalized_state_dicts(results: Mapping[str, Any],
+                             state_dicts: Sequence[Mapping[str, Any]],
+                             configs: Any = None) -> tuple[list, np.ndarray | None]:
+    """Each client's own adapter from any rule's per-module results.
+
+    Parameters
+    ----------
+    results : dict of str to AggregationResult
+        From :func:`aggregate_adapters` on ``state_dicts``.
+    state_dicts : list of dict, length n_clients
+        The clients' adapters (keys, dtypes and ranks of the outputs).
+    configs : LoraConfig, dict, or list of them, optional
+
+    Returns
+    -------
+    state_dicts : list of dict
+        Where every module's result carries per-client refined updates (the
+        ``per_client`` extra, as ``"clair"`` does), client k's refined updates at its
+        rank, as :func:`refine_adapters` reads them out: a client
+        flagged (:func:`clairstat.aggregation.client_flags` on the ``flagged`` extras of
+        the modules whose updates are not all zero) gets its own adapter back, and
+        modules whose updates are all zero keep every client's own factors. Otherwise
+        each client gets the global update at its rank (:func:`global_state_dict`).
+    flagged : ndarray of shape (n_clients,), bool, or None
+        The client-level flags; ``None`` when the rule flags nobody by design.
+    """
+    configs = _per_client(configs, len(state_dicts), "configs")
+    if not all("per_client" in result.extras for result in results.values()):
+        return [global_state_dict(results, state, config)
+                for state, config in zip(state_dicts, configs)], None
+    factor_lists = module_factors(state_dicts, configs)
+    zero = frozenset(name for name, factors in factor_lists.items()
+                     if all(not np.any(b) or not np.any(a) for b, a in factors))
+    voting = [result for name, result in results.items()
+              if name not in zero and "flagged" in result.extras]
+    level = voting[0].estimator.test_level if voting else 0.05  # no vote: any level
+    flagged = client_flags(np.reshape([result.flagged for result in voting],
+                                      (len(voting), len(state_dicts))), level)
+    per_client = {name: result.per_client for name, result in results.items()}
+    return _readout_state_dicts(state_dicts, configs, per_client, flagged,
+                                _ranks(factor_lists), keep=zero), flagged
 
 
 def save_adapter(state_dict: Mapping[str, Any], path: str | os.PathLike) -> None:

@@ -16,16 +16,6 @@ from . import _sources as src
 
 __all__ = ["write_generated", "fmt", "fmt_pct", "tex_escape", "collect"]
 
-# The five CLAIR variants and baselines of the copying experiment, as the text names them.
-COPYING_LABELS = {
-    "local": "local LoRA", "fedavg": "FedAvg (all clients)", "fedit": "FedIT",
-    "fedrot": "FedRot-LoRA", "glora": "GLoRA", "median": "coordinate median",
-    "clair": "CLAIR, per module", "clair_joint": "CLAIR, joint, rank by rule",
-    "clair_joint_r": "CLAIR, joint, rank given", "clair_lora": "CLAIR, joint, LoRA readout",
-    "clair_oracle": "CLAIR, oracle set", "fedavg_oracle": "FedAvg of benign clients",
-}
-
-
 def tex_escape(text):
     """Plain text made safe for LaTeX (the characters a check name or claim may hold)."""
     table = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#",
@@ -312,66 +302,91 @@ def calibration_table(rows):
 
 # ---------------------------------------------------------------- copying -------------
 
-def copying_macros(frame, scale):
-    from simulations.copying.figures import flagged_by_kind, summary_table
+def _gain_text(value, low, high):
+    """``+2.5\\,\\% [+1.9, +3.1]`` from gains already in %."""
+    return (f"{fmt_pct(value / 100)} [{fmt_fixed(low, 1)}, {fmt_fixed(high, 1)}]"
+            if not math.isnan(low) else fmt_pct(value / 100))
 
+
+def copying_macros(frame, scale):
+    from simulations.copying.analysis import (BASELINES, METHODS, detection_table,
+                                              flagged_by_kind, gain_table)
+    from simulations.studies.copying import STUDY
+
+    per_setting = frame.groupby("setting")["replicate"].nunique()
     macros = {"copy.scale": scale,
-              "copy.replicates": fmt(int(frame.groupby("setting")["replicate"]
-                                         .nunique().min())),
+              "copy.block": {"full": "confirmatory", "small": "development"}.get(scale,
+                                                                               scale),
+              "copy.confirmatory": "1" if scale == "full" else "0",
+              "copy.replicates": fmt(int(per_setting.min())),
+              "copy.planned": fmt(int(STUDY.replicates[scale])),
+              "copy.complete": "1" if int(per_setting.min()) >= STUDY.replicates[scale]
+              and len(per_setting) == 2 else "0",
               "copy.clients": fmt(int(frame["n_clients"].iloc[0])),
               "copy.contaminated": fmt(int(frame["n_contaminated"].iloc[0])),
               "copy.rank": fmt(int(frame["rank"].iloc[0])),
-              "copy.version": tex_escape(frame["clairstat_version"].iloc[0])}
+              "copy.version": tex_escape(", ".join(sorted(frame["clairstat_version"]
+                                                          .unique())))}
     for column in ("d_model", "n_layers", "n_heads", "steps", "n_train", "n_test",
-                   "pretrain_steps", "n_moved", "n_content", "mlp"):
+                   "pretrain_steps", "n_moved", "n_content"):
         if column in frame:
             macros[f"copy.{column.replace('_', '')}"] = fmt(int(frame[column].iloc[0]))
-    for row in summary_table(frame).to_dict("records"):
+    for row in gain_table(frame).to_dict("records"):
         key = f"copy.{row['setting']}.{row['method'].replace('_', '')}"
-        macros[f"{key}.acc"] = fmt_fixed(row["accuracy"])
-        macros[f"{key}.rel"] = fmt_pct(row["relative"])
-        macros[f"{key}.relsd"] = fmt_pct(row["relative_sd"], sign=False)
-        macros[f"{key}.win"] = fmt_pct(row["win"], decimals=0, sign=False)
-    flags = flagged_by_kind(frame)
-    if "benign" in flags.columns:  # the worst false-alarm share of any CLAIR variant
-        macros["copy.flag.benign.max"] = fmt_fixed(float(flags["benign"].max()), 2)
-    for (setting, method), values in flags.iterrows():
+        macros[f"{key}.acc"] = fmt_fixed(row["accuracy"] / 100)
+        macros[f"{key}.gain"] = _gain_text(row["gain"], row["gain_low"], row["gain_high"])
+        if row["method"] != "clair":
+            macros[f"{key}.margin"] = _gain_text(row["clair_margin"],
+                                                 row["margin_low"], row["margin_high"])
+    gains = gain_table(frame)
+    for setting, sub in gains[gains["method"].isin(BASELINES)].groupby("setting"):
+        closest = sub.loc[sub["clair_margin"].idxmin()]
+        macros[f"copy.{setting}.closest"] = tex_escape(METHODS[closest["method"]])
+        macros[f"copy.{setting}.closest.margin"] = _gain_text(
+            closest["clair_margin"], closest["margin_low"], closest["margin_high"])
+    flags = flagged_by_kind(frame, methods=("clair",))
+    for (setting, _), values in flags.iterrows():
         for kind, share in values.items():
-            macros[f"copy.flag.{setting}.{method.replace('_', '')}.{kind}"] = \
-                fmt_fixed(share, 2)
+            macros[f"copy.flag.{setting}.{kind}"] = fmt_fixed(share, 2)
+    for row in detection_table(frame).to_dict("records"):
+        key = f"copy.{row['setting']}.{row['method'].replace('_', '')}"
+        macros[f"{key}.rank"] = fmt(row["rank_median"])
+        macros[f"{key}.rankshare"] = fmt_pct(row["rank_modal_share"], 0, sign=False)
     return macros
 
 
 def copying_table(frame):
-    from simulations.copying.figures import summary_table
+    from simulations.copying.analysis import METHODS, gain_table
 
-    table = summary_table(frame).set_index(["method", "setting"])
-    methods = [m for m in COPYING_LABELS if m in table.index.get_level_values(0)]
+    table = gain_table(frame).set_index(["method", "setting"])
     lines = []
-    for method in methods:
-        cells = [COPYING_LABELS[method]]
+    for method in [m for m in METHODS if m in table.index.get_level_values(0)]:
+        cells = [tex_escape(METHODS[method])]
         for setting in ("homogeneous", "heterogeneous"):
             if (method, setting) not in table.index:
                 cells += ["--"] * 3
                 continue
             row = table.loc[(method, setting)]
-            cells += [fmt_fixed(row["accuracy"]),
-                      "0" if method == "local" else
-                      f"{fmt_pct(row['relative'])} ({fmt_pct(row['relative_sd'], sign=False)})",
-                      "--" if method == "local" else fmt_pct(row["win"], 0, sign=False)]
+            cells.append(fmt_fixed(row["accuracy"] / 100))
+            if method == "local":
+                cells += ["0", "--"]
+                continue
+            cells.append(_gain_text(row["gain"], row["gain_low"], row["gain_high"]))
+            cells.append("--" if method == "clair" else _gain_text(
+                row["clair_margin"], row["margin_low"], row["margin_high"]))
         lines.append(" & ".join(cells) + r" \\")
     return "\n".join(lines) + "\n"
 
 
 def copying_flag_table(frame):
-    from simulations.copying.figures import flagged_by_kind
+    from simulations.copying.analysis import METHODS, flagged_by_kind
 
     flags = flagged_by_kind(frame)
     kinds = [k for k in ("random", "reverse", "backdoor", "adversarial", "benign")
              if k in flags.columns]
     lines = []
-    for method in ("clair", "clair_joint", "clair_joint_r"):
-        cells = [COPYING_LABELS[method]]
+    for method in ("clair", "clair_per_module", "clair_rank_given"):
+        cells = [tex_escape(METHODS[method])]
         for kind in kinds:
             pair = [fmt_fixed(flags.loc[(s, method), kind], 2)
                     if (s, method) in flags.index else "--"
@@ -379,6 +394,31 @@ def copying_flag_table(frame):
             cells.append(" / ".join(pair))
         lines.append(" & ".join(cells) + r" \\")
     return "\n".join(lines) + "\n"
+
+
+def sweep_macros():
+    """The sweep's summary (``copying_sweep``), or ``{"sweep.has": "0"}`` without a table."""
+    from paper.figures.copying_sweep import _table, point_summary
+
+    frame, scale = _table()
+    if frame is None:
+        return {"sweep.has": "0"}
+    points = point_summary(frame)
+    macros = {"sweep.has": "1", "sweep.scale": scale,
+              "sweep.points": fmt(len(points)),
+              "sweep.replicates": fmt(int(points["replicates"].min()))}
+    for setting, sub in points.groupby("setting"):
+        worst = sub.loc[sub["gain"].idxmin()]
+        key = f"sweep.{setting}"
+        macros[f"{key}.above"] = fmt(int((sub["low"] > 0).sum()))
+        macros[f"{key}.npoints"] = fmt(len(sub))
+        macros[f"{key}.beats"] = fmt(int((sub["gain"] > sub["best_rule"]).sum()))
+        macros[f"{key}.worst.gain"] = _gain_text(worst["gain"], worst["low"], worst["high"])
+        macros[f"{key}.worst.clients"] = fmt(int(worst["n_clients"]))
+        macros[f"{key}.worst.share"] = fmt_pct(worst["share"], 0, sign=False)
+        macros[f"{key}.backdoor.min"] = fmt_fixed(float(sub["flag_backdoor"].min()), 2)
+        macros[f"{key}.benign.max"] = fmt_fixed(float(sub["flag_benign"].max()), 2)
+    return macros
 
 
 # ---------------------------------------------------------------- writing -------------
@@ -412,6 +452,7 @@ def collect():
         rows = src.calibration_summary(src.read_calibration(src.SOURCES["calibration"]))
         macros.update(calibration_macros(rows))
         tables["calibration"] = calibration_table(rows)
+    macros.update(sweep_macros())
     scale = src.copying_scale()
     if scale:
         frame = src.read_copying(scale)
@@ -433,6 +474,11 @@ def write_generated(out_dir):
     lines.append(r"\valfulltrue" if macros.get("val.hasfull") == "1" else r"\valfullfalse")
     lines.append(r"\concurrencytrue" if macros.get("bench.hasconc") == "1"
                  else r"\concurrencyfalse")
+    # The copying section says which seed block it quotes: confirmatory and complete,
+    # or development (the method was chosen on it) / incomplete.
+    lines.append(r"\copysweeptrue" if macros.get("sweep.has") == "1" else r"\copysweepfalse")
+    lines.append(r"\copyconfirmtrue" if macros.get("copy.confirmatory") == "1"
+                 and macros.get("copy.complete") == "1" else r"\copyconfirmfalse")
     paths = [out_dir / "macros.tex"]
     paths[0].write_text(header + "\n".join(lines) + "\n")
     for name, body in tables.items():

@@ -10,8 +10,8 @@ else (`paper/_generate.py` formats them as LaTeX macros and tables):
   by the column names of their header rows;
 - ``benchmarks/results/real_data_calibration.csv``: the real-data calibration, one row
   per dataset, split, corruption and path;
-- ``simulations/results/copying/<scale>/copying.jsonl``: the copying experiment, one row
-  per replicate.
+- ``simulations/results/<scale>/copying.jsonl``: the copying experiment, one row per
+  replicate (``full``: the pre-registered confirmatory block; ``small``: development).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ SOURCES = {
     "report_full": ROOT / "validation" / "full" / "report.json",
     "benchmarks": ROOT / "benchmarks" / "RESULTS.md",
     "calibration": ROOT / "benchmarks" / "results" / "real_data_calibration.csv",
-    "copying": ROOT / "simulations" / "results" / "copying",
+    "copying": ROOT / "simulations" / "results",
 }
 
 
@@ -148,8 +148,8 @@ def calibration_summary(table):
 
 
 def copying_scale(results_dir=None):
-    """The copying table to quote: ``full`` (the 100-replicate run) when committed,
-    else ``small``; None when neither exists."""
+    """The copying table to quote: ``full`` (the pre-registered confirmatory block) when
+    committed, else ``small`` (the development block); None when neither exists."""
     results_dir = Path(results_dir or SOURCES["copying"])
     for scale in ("full", "small"):
         if (results_dir / scale / "copying.jsonl").exists():

@@ -1,7 +1,7 @@
 """Command line: ``python -m simulations STUDY --scale smoke|small|full [options]``.
 
-``python -m simulations list`` lists the studies; ``python -m simulations copying ...``
-hands the remaining arguments to ``simulations.copying.main``.
+``python -m simulations list`` lists the studies (the copying experiment is the study
+``copying``, its sweep ``copying_sweep``).
 """
 
 from __future__ import annotations
@@ -45,12 +45,8 @@ def build_parser():
 
 
 def main(argv=None):
-    """Run one study (or dispatch ``copying``); returns the exit status."""
+    """Run one study; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "copying":
-        from . import copying  # lazily: it needs torch and is written separately
-
-        return copying.main(argv[1:]) or 0
     args = build_parser().parse_args(argv)
     if args.study == "list":
         for name, study in sorted(available_studies().items()):

@@ -48,12 +48,15 @@ CONTROLS = {control.name: control for control in [
     Control("no-detection",
             "nobody is flagged: the collaborative set is every client (detection, "
             "consistency; robustness: no flags, and CLAIR's global update is then the mean "
-            "of every client's update)",
+            "of every client's update; copying: the default's joint refinement pools every "
+            "client)",
             ("detection_consistency_limit", "robust_clair_detection",
-             "robust_clair_beats_mean")),
+             "robust_clair_beats_mean", "copying_attack_recall")),
     Control("local-refinement",
-            "the refined estimate of every client is its own local estimate (refinement)",
-            ("refinement_clair_vs_formula",)),
+            "the refined estimate of every client is its own local estimate (refinement; "
+            "copying: CLAIR's refined adapters are the local ones)",
+            ("refinement_clair_vs_formula", "copying_gain_homogeneous",
+             "copying_gain_heterogeneous")),
     Control("no-alignment",
             "FedRot rotates nothing: every client rotation is the identity (fedrot)",
             ("fedrot_alignment_tightens_bound", "fedrot_b_alignment_tightens_bound",

@@ -9,7 +9,8 @@ import scipy.optimize
 import scipy.stats
 
 from clairstat.aggregation import (RULE_NAMES, aggregate, alignment_rotation,
-                                   clair_modules, factored_reduction, reduce_factors,
+                                   clair_modules, client_flags, factored_reduction,
+                                   reduce_factors,
                                    soft_rotation, weighted_median, weighted_trimmed_mean)
 from clairstat.aggregation import _robust
 
@@ -510,16 +511,43 @@ def test_clair_modules_fits_every_module_and_votes(joint):
     fit = clair_modules(modules, weights, joint=joint, rank=2, random_state=0)
     assert fit.zero_modules == {"zero"} and fit.joint == joint
     assert not np.any(np.asarray(fit.per_client["zero"]))
-    if joint:  # one fit, one set of flags for every module
-        assert set(fit.estimators) == {"joint"} and fit.flagged[:2].all()
-        assert all(np.array_equal(flags, fit.flagged) for flags in fit.module_flagged.values())
-        return
     assert fit.estimators["zero"] is None and not fit.module_flagged["zero"].any()
-    for name in ("q", "v"):
-        direct = aggregate("clair", modules[name], weights, rank=2, random_state=0)
+    for name in ("q", "v"):  # the per-module fits (given rank 2 only when per module)
+        direct = aggregate("clair", modules[name], weights, random_state=0,
+                           **({} if joint else {"rank": 2}))
         assert np.array_equal(fit.module_flagged[name], direct.flagged)
-        assert close(np.asarray(fit.per_client[name]), np.asarray(direct.per_client))
-        assert close(np.asarray(fit.collaborative_mean[name])[0], direct.update)
-    votes = np.mean([fit.module_flagged["q"], fit.module_flagged["v"]], axis=0)
-    assert np.array_equal(fit.flagged, votes > 0.5)
+        if not joint:
+            assert close(np.asarray(fit.per_client[name]), np.asarray(direct.per_client))
+            assert close(np.asarray(fit.collaborative_mean[name])[0], direct.update)
+    if joint:  # whole adapters refined at once (dense reference, rank 2 given)
+        dense = {name: np.stack([b @ a for b, a in modules[name]]) for name in ("q", "v")}
+        vectors = np.hstack([d.reshape(10, -1) for d in dense.values()])
+        keep = ~fit.flagged
+        mean = np.average(vectors[keep], axis=0, weights=weights[keep])
+        basis = np.linalg.svd((vectors[keep] - mean).T, full_matrices=False)[0][:, :2]
+        refined = np.where(keep[:, None], mean + (vectors - mean) @ basis @ basis.T, vectors)
+        start = 0
+        for name, stack in dense.items():
+            size = stack[0].size
+            assert close(np.asarray(fit.per_client[name]),
+                         refined[:, start:start + size].reshape(stack.shape))
+            assert close(np.asarray(fit.collaborative_mean[name])[0],
+                         mean[start:start + size].reshape(stack.shape[1:]))
+            start += size
+    votes = np.array([fit.module_flagged["q"], fit.module_flagged["v"]])
+    assert np.array_equal(fit.flagged, client_flags(votes, 0.05))
     assert fit.flagged[:2].all()
+
+
+def test_client_flags_is_a_vote_count_test():
+    """Flagged when the count of module flags has a Binomial(M, level) tail <= level:
+    one module passes its flag through; 3 of 8 modules flag, 2 of 8 do not (a client
+    without contamination flags each module with probability <= level)."""
+    one = np.array([[True, False, True]])
+    assert client_flags(one, 0.05).tolist() == [True, False, True]
+    eight = np.zeros((8, 4), dtype=bool)
+    eight[:2, 0] = eight[:3, 1] = eight[:8, 2] = True
+    assert client_flags(eight, 0.05).tolist() == [False, True, True, False]
+    # at level 0.2 a clean client flags more modules by chance: 4 of 8 are needed
+    assert client_flags(eight, 0.2).tolist() == [False, False, True, False]
+    assert client_flags(np.zeros((0, 3), dtype=bool), 0.05).tolist() == [False] * 3

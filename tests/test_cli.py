@@ -14,7 +14,7 @@ peft = pytest.importorskip("peft")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
 from clairstat._cli import main  # noqa: E402
-from clairstat.lora import adapter_factors  # noqa: E402
+from clairstat.lora import adapter_factors, refine_adapters  # noqa: E402
 
 N_CLIENTS, BAD, BF16 = 6, 5, 2  # client 5 leaves the shared structure; client 2 is bf16
 D_IN, D_OUT = 10, 12
@@ -136,12 +136,113 @@ def test_benign_clients_move_the_contaminated_one_does_not(adapters, refined):
         assert same == (k == BAD)  # a flagged client gets its own adapter back
 
 
-def test_joint_mode_reports_one_p_value(adapters, tmp_path):
-    code = main(["refine", "--joint", "--random-state", "0", "--out", str(tmp_path),
-                 *map(str, adapters)])
-    assert code == 0
+def _configs(folders):
+    return [json.loads((f / "adapter_config.json").read_text()) for f in folders]
+
+
+@pytest.mark.filterwarnings("ignore:only 6 clients")  # the command reports it, not this
+def test_streamed_outputs_equal_refine_adapters_on_whole_adapters(adapters, refined):
+    """Two streamed passes over the files give exactly what the in-memory API gives with
+    its default (per-module tests, joint refinement)."""
+    whole = refine_adapters([_weights(f) for f in adapters], _configs(adapters),
+                            random_state=0)
+    report = json.loads((refined / "report.json").read_text())
+    assert [c["flagged"] for c in report["clients"]] == whole.flagged.tolist()
+    assert report["joint"] and report["joint_rank"] == whole.rank_selection.rank
+    for k, folder in enumerate(adapters):
+        after = _weights(refined / folder.name)
+        assert all(torch.equal(after[key], whole.state_dicts[k][key]) for key in after)
+        assert report["clients"][k]["p_values"] == {
+            name: float(est.p_values_[k]) for name, est in whole.estimators.items()}
+
+
+@pytest.mark.filterwarnings("ignore:only 6 clients")
+def test_per_module_outputs_equal_refine_adapters_per_module(adapters, tmp_path):
+    """--per-module: one pass. Its readouts batch every client (the client-level flags
+    come after the last module), refine_adapters only the unflagged ones, so a float64
+    product may round differently: the stored values agree to one unit in the last
+    place of their dtype."""
+    assert main(["refine", "--per-module", "--random-state", "0", "--out", str(tmp_path),
+                 *map(str, adapters)]) == 0
+    whole = refine_adapters([_weights(f) for f in adapters], _configs(adapters),
+                            joint=False, random_state=0)
     report = json.loads((tmp_path / "report.json").read_text())
-    assert all(set(c["p_values"]) == {"joint"} for c in report["clients"])
+    assert not report["joint"] and report["joint_rank"] is None
+    assert [c["flagged"] for c in report["clients"]] == whole.flagged.tolist()
+    for k, folder in enumerate(adapters):
+        after = _weights(tmp_path / folder.name)
+        for key, tensor in after.items():
+            expected = whole.state_dicts[k][key]
+            assert tensor.dtype == expected.dtype
+            eps = torch.finfo(tensor.dtype).eps  # one ulp of the stored dtype
+            torch.testing.assert_close(tensor, expected, rtol=eps, atol=0)
+
+
+def test_a_whole_adapter_is_never_read(adapters, tmp_path, monkeypatch):
+    """Every opening of an input file reads one module's lora_A and lora_B, no more."""
+    import safetensors
+
+    opened, real_open = [], safetensors.safe_open
+
+    class Recording:
+        def __init__(self, *args, **kwargs):
+            self.handle, self.read = real_open(*args, **kwargs), set()
+            opened.append(self.read)
+
+        def __enter__(self):
+            self.handle.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.handle.__exit__(*exc)
+
+        def get_tensor(self, key):
+            self.read.add(key)
+            return self.handle.get_tensor(key)
+
+        def __getattr__(self, name):  # metadata, keys, get_slice: the header only
+            return getattr(self.handle, name)
+
+    monkeypatch.setattr(safetensors, "safe_open", Recording)
+    assert main(["refine", "--random-state", "0", "--out", str(tmp_path),
+                 *map(str, adapters)]) == 0
+    reads = [read for read in opened if read]
+    # Each module of each client once per pass: the fits, then the joint refinement.
+    assert len(reads) == 2 * N_CLIENTS * len(MODULES)
+    assert all({key.rsplit(".lora_", 1)[0] for key in read} in ({m} for m in MODULES)
+               and len(read) == 2 for read in reads)
+
+
+@pytest.mark.parametrize("where", ["address", "local"])
+def test_dask_scheduler_gives_the_in_process_outputs(adapters, refined, tmp_path, where):
+    """Per-module fits on a Dask cluster (two single-threaded workers) write the same
+    bytes and the same report as the in-process run."""
+    distributed = pytest.importorskip("distributed")
+    out = tmp_path / "dask"
+    if where == "local":
+        code = main(["refine", "--random-state", "0", "--scheduler", "local", "--workers",
+                     "2", "--out", str(out), *map(str, adapters)])
+    else:
+        with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=False,
+                                      dashboard_address=None) as cluster:
+            code = main(["refine", "--random-state", "0", "--scheduler",
+                         cluster.scheduler_address, "--out", str(out),
+                         *map(str, adapters)])
+    assert code == 0
+    for folder in adapters:
+        for name in ("adapter_model.safetensors", "adapter_config.json"):
+            assert (out / folder.name / name).read_bytes() == (
+                refined / folder.name / name).read_bytes()
+    assert json.loads((out / "report.json").read_text()) == json.loads(
+        (refined / "report.json").read_text())
+
+
+def test_joint_is_the_default(adapters, refined, tmp_path):
+    assert main(["refine", "--joint", "--random-state", "0", "--out", str(tmp_path),
+                 *map(str, adapters)]) == 0
+    for folder in adapters:
+        assert (tmp_path / folder.name / "adapter_model.safetensors").read_bytes() == (
+            refined / folder.name / "adapter_model.safetensors").read_bytes()
 
 
 def test_plain_progress_without_tqdm(adapters, tmp_path, capsys, monkeypatch):
@@ -218,6 +319,34 @@ def test_other_modules(adapters, tmp_path, capsys):
     weights = {k: v for k, v in _weights(bad).items() if "q_proj" in k}
     safetensors_torch.save_file(weights, str(bad / "adapter_model.safetensors"))
     assert "adapts modules" in _run_bad(adapters, bad, tmp_path, capsys)
+
+
+def test_other_module_shape(adapters, tmp_path, capsys):
+    bad = _copy(adapters[3], tmp_path / "wider")
+    weights = _weights(bad)
+    key = f"{MODULES[0]}.lora_B.weight"
+    weights[key] = torch.zeros(D_OUT + 1, 2)
+    safetensors_torch.save_file(weights, str(bad / "adapter_model.safetensors"))
+    line = _run_bad(adapters, bad, tmp_path, capsys)
+    assert f"{MODULES[0]} is (d_out, d_in) = ({D_OUT + 1}, {D_IN})" in line
+
+
+def test_non_finite_values_stop_the_run_and_leave_nothing(adapters, tmp_path, capsys):
+    """Found while streaming, after the outputs were staged: one line, no OUT left."""
+    bad = _copy(adapters[3], tmp_path / "nan")
+    weights = _weights(bad)
+    key = f"{MODULES[1]}.lora_B.weight"
+    weights[key] = weights[key].clone()
+    weights[key][0, 0] = float("nan")
+    safetensors_torch.save_file(weights, str(bad / "adapter_model.safetensors"))
+    capsys.readouterr()
+    code = main(["refine", "--out", str(tmp_path / "out"), *map(str, adapters[:3]), str(bad)])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    errors = [line for line in err.splitlines() if "error:" in line]  # after the bar
+    assert errors == [err.strip().splitlines()[-1]]
+    assert str(bad) in errors[0] and f"{key} holds non-finite values" in errors[0]
+    assert not (tmp_path / "out").exists()  # the staged outputs were removed
 
 
 def test_output_may_not_overwrite_an_input(adapters, capsys):

@@ -109,20 +109,36 @@ def test_mlp_option_adapts_and_refines_the_mlp(tmp_path):
 
 
 @pytest.mark.slow
-def test_pipeline_runs_resumes_and_draws(tmp_path):
-    from simulations.copying import main
+def test_study_runs_resumes_and_its_controls_break_it(tmp_path, monkeypatch):
+    """``python -m simulations copying --scale smoke``: two replicates per setting, every
+    method and client in the row, nothing rerun on resume; the two negative controls
+    write their own tables and break the default CLAIR as declared."""
+    from simulations.__main__ import main
 
-    args = ["--config", "tiny", "--results-dir", str(tmp_path / "results"),
-            "--cache-dir", str(tmp_path / "cache"), "--no-progress"]
+    monkeypatch.setenv("CLAIRSTAT_CACHE_DIR", str(tmp_path / "cache"))
+    args = ["copying", "--scale", "smoke", "--results-dir", str(tmp_path / "results"),
+            "--no-progress"]
     assert main(args) == 0
     table = tmp_path / "results" / "smoke" / "copying.jsonl"
     rows = [json.loads(line) for line in table.read_text().splitlines()]
-    assert sorted(r["setting"] for r in rows) == ["heterogeneous", "homogeneous"]
+    assert sorted(r["setting"] for r in rows) == ["heterogeneous"] * 2 + ["homogeneous"] * 2
     for row in rows:
-        assert 0.0 <= row["acc_clair_joint"] <= 1.0 and row["rel_local"] == 0.0
-        assert 0.0 <= row["recall_clair_joint"] <= 1.0 and row["pretrain_cached"]
-    assert main(args + ["--no-figures"]) == 0  # resume: nothing left to run
-    assert len(table.read_text().splitlines()) == 2
-    figures = tmp_path / "results" / "figures"
-    assert (figures / "copying_smoke_homogeneous.png").exists()
-    assert "clair_joint" in (figures / "summary_smoke.md").read_text()
+        assert row["seed_block"] == "smoke" and row["rel_local"] == 0.0
+        for method in ("clair", "clair_lora", "clair_per_module", "fedavg", "krum"):
+            assert 0.0 <= row[f"acc_{method}"] <= 1.0
+        assert 0.0 <= row["recall_clair"] <= 1.0 and row["kind_c5"] == "adversarial"
+    assert main(args) == 0  # resume: nothing left to run
+    assert len(table.read_text().splitlines()) == 4
+    for control in ("local-refinement", "no-detection"):
+        assert main(args + ["--control", control]) == 0
+        broken = [json.loads(line) for line in (tmp_path / "results" / "controls" / control
+                                                / "smoke" / "copying.jsonl").read_text()
+                  .splitlines()]
+        for row, normal in zip(sorted(broken, key=lambda r: r["seed"]),
+                               sorted(rows, key=lambda r: r["seed"])):
+            assert row["seed"] == normal["seed"]  # same data as the normal replicate
+            assert row["acc_local"] == normal["acc_local"]
+            if control == "local-refinement":
+                assert row["rel_clair"] == 0.0
+            else:
+                assert row["recall_clair"] == 0.0 and row["false_positive_rate_clair"] == 0.0

@@ -293,3 +293,121 @@ def test_eckart_young_factors_pad_to_the_rank():
     assert b_mat.shape == (12, 4) and a_mat.shape == (4, 10)
     assert close(b_mat @ a_mat, left_basis @ reduced @ right_basis.T)  # rank 2 <= 4: exact
     assert not np.any(b_mat[:, 2:]) and not np.any(a_mat[2:])
+
+
+# ------------------------------------- fast paths against the solvers they replace
+
+def _spectrum_case(rng, dim=160, signal=(50.0, 40.0, 30.0, 20.0, 10.0)):
+    """A symmetric matrix with a few separated top eigenvalues over a noise bulk."""
+    noise = rng.standard_normal((dim, 2 * dim)) / np.sqrt(2 * dim)
+    shared = np.linalg.qr(rng.standard_normal((dim, len(signal))))[0]
+    return noise @ noise.T + shared @ np.diag(signal) @ shared.T, shared
+
+
+def test_warm_top_eigh_equals_the_dense_eigenpairs():
+    """Certified subspace iteration: the top eigenpairs of eigh, within Davis-Kahan."""
+    from clairstat._reduced import warm_top_eigh
+
+    rng = np.random.default_rng(21)
+    matrix, shared = _spectrum_case(rng)
+    want_val, want_vec = np.linalg.eigh(matrix)
+    want_val, want_vec = want_val[::-1], want_vec[:, ::-1]
+    start = np.hstack([shared + 0.1 * rng.standard_normal(shared.shape),
+                       rng.standard_normal((len(matrix), 4))])
+    values, vectors = warm_top_eigh(lambda z: matrix @ z, start, 5)
+    # The certificate bounds each residual by 4 sqrt(dim) eps lambda_1; Davis-Kahan turns
+    # it into a subspace error of that over the eigengap (1e2 eps margin for eigh's own).
+    gap = want_val[4] - want_val[5]
+    bound = (4 * np.sqrt(len(matrix)) + 1e2) * EPS * want_val[0] / gap
+    assert np.linalg.norm(vectors @ vectors.T - want_vec[:, :5] @ want_vec[:, :5].T) <= bound
+    assert np.allclose(values, want_val[:5], rtol=0, atol=1e2 * EPS * want_val[0])
+    # no certificate within the allowed products: None, the caller solves as before
+    assert warm_top_eigh(lambda z: matrix @ z, rng.standard_normal((len(matrix), 6)), 5,
+                         max_iter=1) is None
+
+
+@pytest.mark.parametrize("weighting", ["equal", "random"])
+def test_leave_one_out_fits_equal_the_formed_downdates(weighting):
+    """Per member: the statistic and basis of the formed p x p downdate, to round-off."""
+    rng = np.random.default_rng(12)
+    stack = _factored_problem(rng, 30, 220, 3)
+    weights = np.ones(30) if weighting == "equal" else rng.uniform(0.2, 3.0, 30)
+    rank = 3
+    basis = top_eigh(stack.centred_gram(weights), rank)[1]
+    fit = stack.leave_one_out_fits(weights, rank, basis)
+    without = stack.leave_one_out_grams(weights)
+    for k in range(len(stack)):
+        gram, residual = without(k)
+        eigval, want_basis = top_eigh(gram, rank + 1)
+        want = residual - want_basis[:, :rank] @ (want_basis[:, :rank].T @ residual)
+        stat, got_basis = fit(k)
+        # Davis-Kahan over the relative gap, as test_leave_one_out_equals_the_refits.
+        tol = 1e3 * EPS * eigval[0] / (eigval[rank - 1] - eigval[rank])
+        assert np.linalg.norm(got_basis @ got_basis.T
+                              - want_basis[:, :rank] @ want_basis[:, :rank].T) <= tol
+        assert abs(stat - np.sum(want ** 2)) <= 4 * tol * np.sum(residual ** 2)
+
+
+def test_count_above_equals_the_count_of_the_spectrum():
+    """The rank rule's count from a few Lanczos pairs equals counting every value."""
+    rng = np.random.default_rng(13)
+    stack = _factored_problem(rng, 30, 220, 3)
+    weights = rng.uniform(0.2, 3.0, 30)
+    sing = np.sqrt(np.clip(np.linalg.eigvalsh(stack.centred_gram(weights)), 0, None))
+    # edges between well-separated values (none within round-off of an edge)
+    for edge in [0.5 * (sing[-1] + sing[-2]), 0.5 * (sing[-3] + sing[-4]),
+                 np.median(sing), 0.5 * sing[0]]:
+        assert stack.count_above(weights, edge) == int(np.sum(sing > edge))
+
+
+def test_batched_readouts_equal_one_by_one():
+    """ReducedStack.readouts: the factors of readout(k, rank), client by client."""
+    from clairstat._reduced import FactoredRefined, ReducedStack
+
+    rng = np.random.default_rng(14)
+    d = 220
+    shared = np.linalg.qr(rng.standard_normal((d, 3)))[0]
+    factors = [(shared @ rng.standard_normal((3, 4)) + 0.05 * rng.standard_normal((d, 4)),
+                rng.standard_normal((4, d))) for _ in range(30)]
+    left, right, stack = factored_reduction(factors)
+    weights = np.ones(30)
+    basis = refit_subspace(stack, weights, 3)
+    flagged = np.arange(30) < 3
+    refined = ReducedStack(left, FactoredRefined(stack, basis, stack.mean(weights), flagged),
+                           right)
+    clients = [0, 4, 7, 12, 29]
+    batched = refined.readouts(clients, [4, 4, 2, 4, 3])
+    for k, rank, (b_mat, a_mat) in zip(clients, [4, 4, 2, 4, 3], batched):
+        b_one, a_one = refined.readout(k, rank)
+        assert b_mat.shape == b_one.shape and a_mat.shape == a_one.shape
+        # the same Lanczos runs and formulas; only the grouping of products differs
+        assert close(b_mat @ a_mat, b_one @ a_one)
+
+
+def test_partial_spectrum_solver_equals_the_torch_solver():
+    """The LoRA modules' solver (Lanczos SVT and norms) runs the parent's iterations."""
+    pytest.importorskip("torch")
+    from clairstat import clair_decompose
+    from clairstat.aggregation._lanczos_solver import partial_spectrum_solver
+    from clairstat.solvers import TorchSolver
+
+    rng = np.random.default_rng(15)
+    stack = _factored_problem(rng, 30, 220, 3)
+    blocks = stack.coef.copy()
+    blocks[:3] += 3.0 * rng.standard_normal(blocks[:3].shape)  # three contaminated
+    sigma = factored_noise_scale(stack)
+    want = clair_decompose(blocks, backbone=False, solver=TorchSolver(), noise_scale=sigma)
+    got = clair_decompose(blocks, backbone=False, solver=partial_spectrum_solver({}),
+                          noise_scale=sigma)
+    assert got.n_iter == want.n_iter
+    # The Gram route gives each kept singular value s to eps s_max^2 / s, i.e. a relative
+    # perturbation of the SVT of at most eps (s_max / alpha)^2 per iteration; FISTA's
+    # steps are non-expansive, so n_iter of them add up at most linearly.
+    s_max = np.linalg.norm(np.hstack(list(blocks)), 2)
+    tol = want.n_iter * EPS * (s_max / want.alpha) ** 2
+    assert np.linalg.norm(got.low_rank - want.low_rank) <= tol * np.linalg.norm(want.low_rank)
+    assert np.linalg.norm(got.sparse - want.sparse) <= tol * np.linalg.norm(blocks)
+    assert abs(got.objective - want.objective) <= tol * want.objective
+    flags = np.linalg.norm(want.sparse, axis=(1, 2)) > 0
+    assert np.array_equal(np.linalg.norm(got.sparse, axis=(1, 2)) > 0, flags)
+    assert flags[:3].all() and 0 < flags.sum() < len(flags)

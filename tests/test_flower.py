@@ -15,7 +15,7 @@ from flwr.app import Context, Message, MetricRecord, RecordDict  # noqa: E402
 
 from clairstat.integrations.flower import (LoraStrategy, arrays_to_state_dict,  # noqa: E402
                                            state_dict_to_arrays)
-from clairstat.lora import adapter_factors  # noqa: E402
+from clairstat.lora import adapter_factors, refine_adapters  # noqa: E402
 
 N_NODES, ADVERSARY, D_IN, D_OUT, RANK = 6, 5, 8, 6, 2
 LORA = {"r": RANK, "lora_alpha": 4, "target_modules": ["q_proj", "v_proj"]}
@@ -50,6 +50,53 @@ def test_aggregate_with_other_rules_reads_out_each_client_rank():
     per_client, global_adapter, flagged = strategy._aggregate(adapters, np.ones(N_NODES))
     assert flagged is None and len(per_client) == N_NODES
     assert global_adapter["base_model.model.q_proj.lora_A.weight"].shape == (RANK, D_IN)
+
+
+def test_clair_and_fedavg_go_through_the_same_functions(monkeypatch):
+    """No rule has a branch of its own: "clair" and "fedit" (FedAvg of the factors) are
+    both aggregated by aggregate_adapters and personalized by personalized_state_dicts."""
+    import clairstat.integrations.flower as flower
+
+    calls = []
+
+    def spy(name):
+        real = getattr(flower, name)
+
+        def wrapped(*args, **kwargs):
+            calls.append((name, args[0] if name == "aggregate_adapters" else None))
+            return real(*args, **kwargs)
+        return wrapped
+
+    for name in ("aggregate_adapters", "personalized_state_dicts"):
+        monkeypatch.setattr(flower, name, spy(name))
+    states = [client_adapter(k) for k in range(N_NODES)]
+    for rule, options in (("clair", {"rank": 1}), ("fedit", {})):
+        calls.clear()
+        strategy = LoraStrategy(rule=rule, lora_config=LORA, rule_options=options)
+        _, metrics = strategy.aggregate_train(1, [_reply(n, s) for n, s in zip(NODES, states)])
+        assert calls == [("aggregate_adapters", rule), ("personalized_state_dicts", None)]
+        assert ("n-flagged" in metrics) == (rule == "clair")
+    assert strategy.flagged_ == {}  # fedit flags nobody
+
+
+def test_clair_personalized_adapters_are_refine_adapters_outputs():
+    """The shared path gives each client what refine_adapters gives it, by default (the
+    joint refinement) and per module (a flagged client its own adapter), and the global
+    adapter is the collaborative mean's readout."""
+    adapters = [client_adapter(k) for k in range(N_NODES)]
+    weights = np.arange(1.0, N_NODES + 1.0)
+    for joint in (True, False):
+        strategy = LoraStrategy(rule="clair", lora_config=LORA,
+                                rule_options={"rank": 1, "joint": joint})
+        per_client, global_adapter, flagged = strategy._aggregate(adapters, weights)
+        reference = refine_adapters(adapters, LORA, joint=joint, sample_weight=weights,
+                                    rank=1)
+        assert flagged.tolist() == reference.flagged.tolist() == [
+            k == ADVERSARY for k in range(N_NODES)]
+        for ours, theirs in zip(per_client, reference.state_dicts):
+            assert all(np.array_equal(ours[key], theirs[key]) for key in theirs)
+        mean = reference.mean_state_dict(adapters[0], LORA)
+        assert all(np.array_equal(global_adapter[key], mean[key]) for key in mean)
 
 
 # --- a Flower simulation ------------------------------------------------------------

@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import time
-import types
 from pathlib import Path
 
 import numpy as np
@@ -261,16 +260,6 @@ def test_cli_runs_a_study_by_import_path_and_lists_the_studies(tmp_path, capsys)
                              str(tmp_path), "--no-progress"]) == 0
     assert len(read_rows(tmp_path / "smoke" / "toy.jsonl")) == 12
     assert simulations_main(["list"]) == 0
-
-
-def test_cli_dispatches_copying_to_its_package_lazily(monkeypatch):
-    calls = []
-    fake = types.ModuleType("simulations.copying")
-    fake.main = lambda argv: calls.append(argv) or 0
-    monkeypatch.setitem(sys.modules, "simulations.copying", fake)
-    monkeypatch.setattr(simulations, "copying", fake, raising=False)
-    assert simulations_main(["copying", "--scale", "smoke"]) == 0
-    assert calls == [["--scale", "smoke"]]
 
 
 def test_every_discovered_study_declares_all_scales():

@@ -10,7 +10,9 @@ the exact low-dimensional coordinates in which CLAIR runs whatever the module's 
 from .._reduced import ReducedFactors, ReducedStack, factored_reduction, reduce_factors
 from ._api import RULES, aggregate
 from ._glora import consensus_basis, low_rank_readout
-from ._modules import ModuleRefinement, clair_modules, modules_work
+from ._modules import (JointRefinement, ModuleRefinement, aggregate_modules, clair_modules,
+                       client_flags, joint_refinement, module_gram, modules_work)
+from ._rank import RankSelection, cross_validated_rank
 from ._result import AggregationResult
 from ._robust import (krum_scores, update_gram, weighted_median, weighted_trimmed_mean,
                       weiszfeld)
@@ -22,4 +24,6 @@ __all__ = ["aggregate", "reduce_factors", "factored_reduction", "AggregationResu
            "ReducedFactors", "ReducedStack", "RULE_NAMES", "alignment_rotation",
            "soft_rotation", "consensus_basis", "low_rank_readout", "krum_scores",
            "update_gram", "weighted_median", "weighted_trimmed_mean", "weiszfeld",
-           "clair_modules", "ModuleRefinement", "modules_work"]
+           "clair_modules", "ModuleRefinement", "modules_work", "client_flags",
+           "cross_validated_rank", "RankSelection", "joint_refinement",
+           "JointRefinement", "module_gram", "aggregate_modules"]

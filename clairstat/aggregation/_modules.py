@@ -11,16 +11,19 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from numpy.typing import ArrayLike
 
-from .._reduced import ReducedStack, reduce_factors
+from .._reduced import CombinedUpdates, ReducedStack, reduce_factors
 from .._threads import svt_flops
 from ._api import aggregate
+from ._lanczos_solver import partial_spectrum_solver
 
-__all__ = ["ModuleRefinement", "clair_modules", "modules_work"]
+__all__ = ["ModuleRefinement", "clair_modules", "modules_work", "client_flags",
+           "joint_refinement", "JointRefinement", "module_gram", "joint_coefficients",
+           "aggregate_modules"]
 
 
 @dataclasses.dataclass
@@ -30,21 +33,28 @@ class ModuleRefinement:
     Attributes
     ----------
     flagged : ndarray of shape (n_clients,), bool
-        Client-level flags: the joint test, or (per module) flagged in more than half of
-        the fitted modules (a module with every update zero is not fitted).
+        Client-level flags: flagged in more of the fitted modules than a client without
+        contamination would be (:func:`client_flags`; a module with every update zero is
+        not fitted and does not count).
     module_flagged : dict of str to ndarray of shape (n_clients,)
         Flags of each module's fit (all equal to ``flagged`` when ``joint``).
     per_client : dict of str to ReducedStack
         Refined updates ``Delta W~_k`` per module, (n_clients, d_out, d_in) when
-        expanded; a module's own flagged clients keep their update.
+        expanded; a flagged client keeps its update (``joint=True``: the
+        client-level flags; otherwise the module's own).
     collaborative_mean : dict of str to ReducedStack
         The collaborative set's mean update per module (one element).
     estimators : dict
-        The fitted :class:`clairstat.CLAIREstimator` per module, or ``{"joint": est}``;
-        ``None`` where nothing was fitted.
+        The fitted :class:`clairstat.CLAIREstimator` per module; ``None`` where nothing
+        was fitted.
     joint : bool
     zero_modules : frozenset of str
         The modules whose updates are all exactly zero (not fitted).
+    rank_selection : RankSelection or None
+        With ``joint=True`` and no ``rank`` given: the bi-cross-validation that chose
+        the joint rank (:class:`clairstat.aggregation._rank.RankSelection`; ``.rank``).
+        ``None`` otherwise, or where it could not run (one fitted module, fewer than
+        three collaborative clients: the joint rank is then 0, the collaborative mean).
     """
 
     flagged: np.ndarray
@@ -54,6 +64,7 @@ class ModuleRefinement:
     estimators: dict
     joint: bool
     zero_modules: frozenset
+    rank_selection: Any
 
 
 def _all_zero(factors):
@@ -77,13 +88,57 @@ def _modules(factor_lists, progress):
     return items if progress is None else progress(items, total=len(factor_lists))
 
 
+def client_flags(module_flags, level):
+    """Client-level flags from the fitted modules' flags: a vote-count test.
+
+    A client without contamination is flagged in a module with probability at most
+    ``level`` (each module's test, multiplicity-adjusted across clients). Over ``M``
+    fitted modules its number of flags then has at most a Binomial(M, level) tail if
+    the modules' tests were independent, and a client is flagged when its count's tail
+    probability ``P(Bin(M, level) >= votes)`` is at most ``level``: with 8 modules and
+    level 0.05, 3 flags or more; with 1 module, that module's flag; with 224 modules,
+    18. A strict majority (the earlier rule) let an attack that shows in a few
+    modules only, such as a backdoor, through (docs/method_notes.md, section 9).
+    Modules of one client share its data, so their tests are positively dependent;
+    the confirmatory copying run measures what that does to false alarms.
+
+    Parameters
+    ----------
+    module_flags : ndarray of bool, shape (n_modules, n_clients)
+    level : float
+
+    Returns
+    -------
+    ndarray of bool, shape (n_clients,)
+    """
+    from scipy import stats
+
+    module_flags = np.asarray(module_flags, dtype=bool)
+    if module_flags.size == 0:
+        return np.zeros(module_flags.shape[-1] if module_flags.ndim == 2 else 0, dtype=bool)
+    votes = module_flags.sum(axis=0)
+    tail = stats.binom.sf(votes - 1, module_flags.shape[0], level)
+    return (votes > 0) & (tail <= level)
+
+
+def _level(clair_params):
+    """The per-module tests' level (the estimator's default unless given)."""
+    from .. import CLAIREstimator  # lazily: clairstat's modules import this package
+
+    return float(clair_params.get("test_level", CLAIREstimator().test_level))
+
+
 def _fit_per_module(factor_lists, weights, clair_params, progress=None):
     out = {}
     for name, factors in _modules(factor_lists, progress):
         if _all_zero(factors):
             out[name] = _zero_fit(factors)
             continue
-        result = aggregate("clair", factors, weights, **clair_params)
+        params = dict(clair_params)
+        solver = partial_spectrum_solver(params)
+        if solver is not None and not params.get("backbone", False):
+            params["solver"] = solver
+        result = aggregate("clair", factors, weights, **params)
         red = result.reduction
         mean = np.asarray(result.estimator.collaborative_mean_)[None]
         out[name] = (result.per_client, ReducedStack(red.left_basis, mean, red.right_basis),
@@ -91,38 +146,173 @@ def _fit_per_module(factor_lists, weights, clair_params, progress=None):
     return out
 
 
-def _fit_joint(factor_lists, weights, clair_params, progress=None):
-    """One CLAIR fit on every client's concatenated reduced updates (vectors, q = 1)."""
-    from .. import CLAIREstimator  # lazily: clairstat's modules import this package
+def module_gram(factors):
+    """Gram matrix ``<B_j A_j, B_k A_k>`` (Frobenius) of one module's client updates.
 
-    if all(_all_zero(factors) for factors in factor_lists.values()):
-        return {name: _zero_fit(factors) for name, factors in factor_lists.items()}
-    reductions = {name: reduce_factors(f) for name, f in _modules(factor_lists, progress)}
-    n_clients = len(next(iter(factor_lists.values())))
-    vectors = np.hstack([r.updates.reshape(n_clients, -1) for r in reductions.values()])
-    # The K vectors span at most K dimensions: one more exact reduction (an isometry).
-    basis = np.linalg.qr(vectors.T)[0]
-    estimator = CLAIREstimator(**clair_params).fit((vectors @ basis)[:, :, None],
-                                                   sample_weight=weights)
-    flagged = np.asarray(estimator.contaminated_, dtype=bool)
-    refined = estimator.refined_[:, :, 0] @ basis.T
-    mean = basis @ estimator.collaborative_mean_[:, 0]
-    out, start = {}, 0
-    for name, red in reductions.items():
-        size = red.updates[0].size
-        shape = red.updates.shape[1:]
-        block = refined[:, start:start + size].reshape(n_clients, *shape)
-        mean_block = mean[start:start + size].reshape(1, *shape)
-        out[name] = (ReducedStack(red.left_basis, block, red.right_basis),
-                     ReducedStack(red.left_basis, mean_block, red.right_basis),
-                     flagged, estimator)
-        start += size
-    return out
+    ``tr(A_j^T B_j^T B_k A_k)`` is the sum of ``(B_j^T B_k) * (A_j A_k^T)`` (entrywise):
+    two products of the stacked factors, never a d_out x d_in update.
+
+    Parameters
+    ----------
+    factors : list of (ndarray (d_out, r_k), ndarray (r_k, d_in))
+
+    Returns
+    -------
+    ndarray of shape (n_clients, n_clients)
+    """
+    lefts = np.hstack([np.asarray(b_mat, dtype=float) for b_mat, _ in factors])
+    rights = np.vstack([np.asarray(a_mat, dtype=float) for _, a_mat in factors])
+    entrywise = (lefts.T @ lefts) * (rights @ rights.T)
+    starts = np.cumsum([0] + [a_mat.shape[0] for _, a_mat in factors[:-1]])
+    gram = np.add.reduceat(np.add.reduceat(entrywise, starts, axis=0), starts, axis=1)
+    return 0.5 * (gram + gram.T)
+
+
+def joint_coefficients(gram, members, weights, rank):
+    """Refined updates as combinations of the clients' updates (the joint refinement).
+
+    With the collaborative weighted mean ``m`` and the top-``rank`` principal directions
+    ``P`` of the members' centred updates (all modules concatenated), a member's refined
+    update is ``m + P (x_k - m)`` and a flagged client keeps ``x_k``. Both are linear in
+    the clients' updates; the coefficients need only their Gram matrix.
+
+    Parameters
+    ----------
+    gram : ndarray of shape (n_clients, n_clients)
+        Sum over modules of :func:`module_gram`.
+    members : ndarray of bool, shape (n_clients,)
+    weights : ndarray of shape (n_clients,)
+    rank : int
+
+    Returns
+    -------
+    coef : ndarray of shape (n_clients, n_clients)
+        ``refined_k = sum_j coef[k, j] x_j``.
+    mean_coef : ndarray of shape (n_clients,)
+        ``m = sum_j mean_coef[j] x_j``.
+    """
+    n_clients = len(gram)
+    index = np.flatnonzero(members)
+    omega = weights[index] / weights[index].sum()
+    centring = np.eye(len(index)) - omega[None, :]  # rows: x_k - m over the members
+    centred = centring @ gram[np.ix_(index, index)] @ centring.T
+    eigval, eigvec = np.linalg.eigh(0.5 * (centred + centred.T))
+    order = np.argsort(eigval)[::-1][:rank]
+    # Directions at round-off relative to the largest carry no signal to project on.
+    positive = eigval[order] > max(eigval.max(), 0.0) * len(index) * np.finfo(float).eps
+    basis, eigval = eigvec[:, order[positive]], eigval[order[positive]]
+    kernel = centring.T @ (basis / eigval) @ basis.T @ centring  # J^T U L^-1 U^T J
+    mean_coef = np.zeros(n_clients)
+    mean_coef[index] = omega
+    coef = np.eye(n_clients)
+    cross = gram[index] - (gram[np.ix_(index, index)] @ omega)[:, None]  # C_M (x_k - m)
+    coef[index] = 0.0
+    coef[np.ix_(index, index)] = (omega[None, :] + (kernel @ cross[:, index]).T)
+    return coef, mean_coef
+
+
+class JointRefinement(NamedTuple):
+    """Output of :func:`joint_refinement`: flags, the rank, and the combinations.
+
+    Attributes
+    ----------
+    flagged : ndarray of bool, shape (n_clients,)
+    rank : int
+    selection : RankSelection or None
+        The bi-cross-validation that chose ``rank`` (None when given or not possible).
+    coef : ndarray of shape (n_clients, n_clients)
+        Client k's refined update is ``sum_j coef[k, j] B_j A_j`` in every module.
+    mean_coef : ndarray of shape (n_clients,)
+        The collaborative mean's combination.
+    """
+
+    flagged: np.ndarray
+    rank: int
+    selection: Any
+    coef: np.ndarray
+    mean_coef: np.ndarray
+
+
+def joint_refinement(grams, module_flags, weights=None, rank=None, level=0.05):
+    """Client flags, the joint rank and the refined combinations, from per-module results.
+
+    Parameters
+    ----------
+    grams : ndarray of shape (n_modules, n_clients, n_clients)
+        :func:`module_gram` of every fitted module.
+    module_flags : ndarray of bool, shape (n_modules, n_clients)
+        Each fitted module's flags.
+    weights : ndarray of shape (n_clients,), optional
+    rank : int, optional
+        The joint rank; default: :func:`clairstat.aggregation.cross_validated_rank` on
+        the collaborative clients (0 with one module or fewer than three of them, where
+        there is nothing to cross-validate against).
+    level : float
+        The level of the modules' tests (:func:`client_flags`).
+
+    Returns
+    -------
+    JointRefinement
+        With no collaborative client every client keeps its own update.
+    """
+    from ._rank import cross_validated_rank
+
+    grams = np.asarray(grams, dtype=float)
+    n_clients = grams.shape[1]
+    flagged = client_flags(np.reshape(module_flags, (len(grams), n_clients)), level)
+    members = ~flagged
+    weights = np.ones(n_clients) if weights is None else np.asarray(weights, dtype=float)
+    selection = None
+    if rank is None:
+        if len(grams) >= 2 and members.sum() >= 3:
+            selection = cross_validated_rank(grams, members)
+            rank = selection.rank
+        else:
+            rank = 0
+    if not members.any():
+        return JointRefinement(flagged, int(rank), selection, np.eye(n_clients),
+                               np.zeros(n_clients))
+    coef, mean_coef = joint_coefficients(grams.sum(axis=0), members, weights, int(rank))
+    return JointRefinement(flagged, int(rank), selection, coef, mean_coef)
+
+
+def _fit_joint(factor_lists, weights, clair_params, progress=None):
+    """Per-module detection, then one refinement of every module at once.
+
+    Each module is fitted as in the per-module path (its tests, p-values and flags); the
+    client-level flags, the joint rank and the refined combinations are
+    :func:`joint_refinement`'s. docs/method_notes.md, section 9, says why.
+    """
+    params = dict(clair_params)
+    rank = params.pop("rank", None)
+    fitted = _fit_per_module(factor_lists, weights, params, progress)
+    live = [name for name in factor_lists if fitted[name][3] is not None]
+    if not live:
+        return fitted, None
+    joint = joint_refinement(np.stack([module_gram(factor_lists[name]) for name in live]),
+                             [fitted[name][2] for name in live], weights, rank,
+                             _level(params))
+    out = {}
+    for name, (per_client, mean, module_flags, estimator) in fitted.items():
+        if estimator is None:
+            out[name] = (per_client, mean, module_flags, estimator)
+            continue
+        # The module's bases (those of its fit's reduction); the refined updates stay
+        # combinations of the clients' factors, never n_clients dense (s, t) blocks.
+        left, right = per_client.left_basis, per_client.right_basis
+        factors = factor_lists[name]
+        out[name] = (ReducedStack(left, CombinedUpdates(factors, joint.coef, left, right),
+                                  right),
+                     ReducedStack(left, CombinedUpdates(factors, joint.mean_coef[None],
+                                                        left, right), right),
+                     module_flags, estimator)
+    return out, joint.selection
 
 
 def clair_modules(factor_lists: Mapping[str, Sequence[tuple[np.ndarray, np.ndarray]]],
-                  weights: ArrayLike | None = None, *, joint: bool = False,
-                  progress: Any = None, **clair_params: Any) -> ModuleRefinement:
+                  weights: ArrayLike | None = None, *, joint: bool = True,
+                  progress: Any = None, device: Any = None, dtype: Any = None,
+                  **clair_params: Any) -> ModuleRefinement:
     """CLAIR on the clients' updates of every module: detect and refine.
 
     Parameters
@@ -132,38 +322,122 @@ def clair_modules(factor_lists: Mapping[str, Sequence[tuple[np.ndarray, np.ndarr
         every module lists the same clients in the same order.
     weights : array-like of shape (n_clients,), optional
         Client weights of the collaborative mean (e.g. sample sizes).
-    joint : bool, default=False
-        ``False``: one CLAIR fit per module (:func:`clairstat.aggregation.aggregate`
-        with ``"clair"``: each module has its own collaborative set, subspace and
-        rank). ``True``: one fit on each client's concatenated reduced updates, a vector
-        of length ``sum_m s_m t_m`` (``q = 1``), itself reduced exactly to the
-        n_clients-dimensional span of the vectors.
+    joint : bool, default=True
+        Both ways fit CLAIR on every module (:func:`clairstat.aggregation.aggregate`
+        with ``"clair"``: each module's tests, p-values and flags) and flag a client
+        flagged in more modules than a client without contamination would be
+        (:func:`client_flags`). ``True``: the collaborative
+        clients' adapters, every module concatenated, are then refined together towards
+        their mean plus a shared subspace of the rank ``rank`` (default: chosen by
+        bi-cross-validation across modules,
+        :func:`clairstat.aggregation._rank.cross_validated_rank`); a flagged client keeps
+        its adapter. ``False``: each module is refined by its own fit (its own
+        collaborative set, column subspace and rank). docs/method_notes.md, section 9,
+        compares the two on the copying task.
     progress : callable, optional
         Called as ``progress(iterable, total=n_modules)`` around the loop over modules.
+    device : str or torch.device, optional
+        Where the decomposition runs (``CLAIREstimator(device=...)``, e.g. ``"cuda"``);
+        default: the estimator's (``"cpu"``). The reduction, the detection and the
+        readouts run in numpy float64 whatever the device.
+    dtype : {"float64", "float32"} or torch dtype, optional
+        The decomposition's precision (``CLAIREstimator(dtype=...)``). In float32 the
+        default duality-gap tolerance is raised to ``100 eps_float32`` (1.2e-5): the gap
+        is a difference of two sums rounded at ~ eps of their size, so a relative
+        certificate of 1e-6 (8 float32 ulps) may never be reached.
     **clair_params
-        Parameters of :class:`clairstat.CLAIREstimator`.
+        Parameters of :class:`clairstat.CLAIREstimator` for the per-module fits;
+        with ``joint=True``, ``rank`` is the joint subspace's rank instead.
 
     Returns
     -------
     ModuleRefinement
         A module whose updates are all exactly zero is not fitted (nobody flagged in
         it, zero refined updates and mean, estimator ``None``) and does not vote in the
-        client-level flags; with ``joint=True`` the fit is skipped only when every
-        module is zero.
+        client-level flags.
     """
-    fit = _fit_joint if joint else _fit_per_module
-    fitted = fit(factor_lists, weights, clair_params, progress)
+    clair_params = _with_device(clair_params, device, dtype)
+    selection = None
+    if joint:
+        fitted, selection = _fit_joint(factor_lists, weights, clair_params, progress)
+    else:
+        fitted = _fit_per_module(factor_lists, weights, clair_params, progress)
     module_flagged = {name: item[2] for name, item in fitted.items()}
-    votes = [module_flagged[name] for name, item in fitted.items() if item[3] is not None]
     n_clients = len(next(iter(factor_lists.values())))
-    flagged = np.mean(votes, axis=0) > 0.5 if votes else np.zeros(n_clients, dtype=bool)
-    estimators = ({"joint": next(iter(fitted.values()))[3]} if joint
-                  else {name: item[3] for name, item in fitted.items()})
+    votes = [module_flagged[name] for name, item in fitted.items() if item[3] is not None]
+    flagged = client_flags(np.reshape(votes, (len(votes), n_clients)), _level(clair_params))
     zero = frozenset(name for name, factors in factor_lists.items() if _all_zero(factors))
     return ModuleRefinement(flagged, module_flagged,
                             {name: item[0] for name, item in fitted.items()},
                             {name: item[1] for name, item in fitted.items()},
-                            estimators, joint, zero)
+                            {name: item[3] for name, item in fitted.items()}, joint, zero,
+                            selection)
+
+
+def _with_device(clair_params, device, dtype):
+    """``clair_params`` with the estimator's ``device`` and ``dtype`` (a string) set."""
+    params = dict(clair_params)
+    if device is not None:
+        params["device"] = str(device)
+    if dtype is not None:
+        name = str(dtype).removeprefix("torch.")
+        if name not in ("float64", "float32"):
+            raise ValueError(f"dtype must be float64 or float32, got {dtype!r}.")
+        params["dtype"] = name
+        if name == "float32" and "tol" not in params:
+            params["tol"] = 1e2 * float(np.finfo(np.float32).eps)  # see clair_modules
+    return params
+
+
+def aggregate_modules(rule, factor_lists, weights=None, **options):
+    """Any rule on every module: ``{module: AggregationResult}``.
+
+    ``"clair"`` is the library's default CLAIR on whole adapters (:func:`clair_modules`,
+    ``joint=True`` unless ``joint=False`` is passed): each module's result carries that
+    fit's module flags, the jointly refined ``per_client`` updates, the collaborative
+    mean as ``update`` and its rank-``max r_k`` readout as ``factors``. Every other rule
+    runs module by module (:func:`clairstat.aggregation.aggregate`; ``reference``, if
+    given, is a dict of per-module factors).
+
+    Parameters
+    ----------
+    rule : str
+    factor_lists : dict of str to list of (ndarray (d_out, r_k), ndarray (r_k, d_in))
+    weights : array-like of shape (n_clients,), optional
+    **options
+        The rule's options.
+
+    Returns
+    -------
+    dict of str to AggregationResult
+    """
+    from .._reduced import eckart_young_factors, truncated_svd
+    from ._result import AggregationResult
+    from ._validation import check_weights
+
+    if rule != "clair":
+        reference = options.pop("reference", None)
+        return {name: aggregate(rule, factors, weights, **options,
+                                **({"reference": reference[name]}
+                                   if reference is not None else {}))
+                for name, factors in factor_lists.items()}
+    fit = clair_modules(factor_lists, weights, **options)
+    n_clients = len(next(iter(factor_lists.values())))
+    normalised = check_weights(weights, n_clients)
+    results = {}
+    for name, factors in factor_lists.items():
+        mean = fit.collaborative_mean[name]
+        rank = max(a_mat.shape[0] for _, a_mat in factors)
+        readout = eckart_young_factors(truncated_svd(np.asarray(mean.reduced[0]), rank),
+                                       rank, mean.left_basis, mean.right_basis)
+        results[name] = AggregationResult("clair", np.asarray(mean)[0], readout,
+                                          normalised, {
+                                              "flagged": fit.module_flagged[name],
+                                              "per_client": fit.per_client[name],
+                                              "estimator": fit.estimators[name],
+                                              "client_flagged": fit.flagged,
+                                              "rank_selection": fit.rank_selection})
+    return results
 
 
 def modules_work(factor_lists):
@@ -181,3 +455,4 @@ def modules_work(factor_lists):
         work = max(work, (d_out + d_in) * total ** 2
                    + svt_flops((len(factors), total, widest)))
     return work
+

@@ -2,11 +2,15 @@
 
 Clients send their peft adapter (``get_peft_model_state_dict``) as an ``ArrayRecord``
 with a ``MetricRecord`` holding their example count. The server maps the adapters to
-per-module updates, runs the rule (:func:`clairstat.lora.aggregate_adapters`, or
-:func:`clairstat.lora.refine_adapters` for ``"clair"``) and returns the global adapter.
-With ``personalized=True`` every client receives, in the next round's messages (train
-and evaluate), its own adapter: for CLAIR its refined one (a flagged client gets its own
-adapter back), for the other rules the global update read out at that client's rank.
+per-module updates and runs the rule on every module
+(:func:`clairstat.lora.aggregate_adapters`, the same path for ``"clair"`` and every
+other rule) and returns the global adapter. With ``personalized=True`` every client
+receives, in the next round's messages (train and evaluate), its own adapter
+(:func:`clairstat.lora.personalized_state_dicts`): for CLAIR its refined one, as
+:func:`clairstat.lora.refine_adapters` gives it (by default every module tested and the
+whole adapter refined jointly; ``rule_options={"joint": False}`` refines each module by
+its own fit; a flagged client gets its own adapter back), for the other rules the
+global update read out at that client's rank.
 
 One malformed reply does not abort the round: it is dropped, logged and counted (see
 :class:`LoraStrategy`), and no client's example count can claim more than
@@ -40,7 +44,8 @@ except ImportError as error:  # pragma: no cover - depends on the environment
     raise ImportError("clairstat.integrations.flower needs Flower: "
                       "pip install clairstat[flower,lora]") from error
 
-from ..lora import adapter_factors, aggregate_adapters, global_state_dict, refine_adapters
+from ..lora import (adapter_factors, aggregate_adapters, global_state_dict,
+                    personalized_state_dicts)
 
 __all__ = ["LoraStrategy", "arrays_to_state_dict", "state_dict_to_arrays", "cap_weights"]
 
@@ -113,7 +118,8 @@ class LoraStrategy(FedAvg):
         rank) instead of one global adapter for all. Needed when ranks differ.
     rule_options : dict, optional
         Options of the rule (for ``"clair"``: ``joint`` and the parameters of
-        :class:`clairstat.CLAIREstimator`).
+        :class:`clairstat.CLAIREstimator`, as :func:`clairstat.lora.refine_adapters`
+        takes them).
     max_weight_ratio : float or None, default=10.0
         Weight cap: a client's weight is its example count (the ``weighted_by_key``
         metric) over the median count of the round's valid replies, capped at this
@@ -138,8 +144,9 @@ class LoraStrategy(FedAvg):
         The same for the evaluation replies (:meth:`aggregate_evaluate`).
     weights_ : dict of int to float
         The last round's normalised client weights (after the cap), by node id.
-    last_results_ : LoraRefinement or dict of str to AggregationResult
-        The last round's clairstat output.
+    last_results_ : dict of str to AggregationResult
+        The last round's clairstat output, per module (for CLAIR each result holds the
+        fitted estimator, the flags and the refined updates).
 
     Notes
     -----
@@ -275,21 +282,17 @@ class LoraStrategy(FedAvg):
         return read, dropped
 
     def _aggregate(self, adapters, weights):
-        """Per-client adapters and the global adapter (numpy state dicts)."""
-        if self.rule == "clair":
-            options = dict(self.rule_options)
-            joint = options.pop("joint", False)
-            refinement = refine_adapters(adapters, self.lora_config, joint=joint,
-                                         sample_weight=weights, **options)
-            self.last_results_ = refinement
-            mean = refinement.mean_state_dict(adapters[0], self.lora_config)
-            return refinement.state_dicts, mean, refinement.flagged
+        """Per-client adapters, the global adapter (numpy state dicts) and the flags.
+
+        One path for every rule: the rule per module (:func:`aggregate_adapters`), each
+        client's adapter from the results (:func:`personalized_state_dicts`: CLAIR's
+        refined updates, or the global update at the client's rank) and the global
+        adapter (:func:`global_state_dict`)."""
         results = aggregate_adapters(self.rule, adapters, self.lora_config, weights,
                                      **self.rule_options)
         self.last_results_ = results
-        per_client = [global_state_dict(results, adapter, self.lora_config)
-                      for adapter in adapters]
-        return per_client, global_state_dict(results, adapters[0], self.lora_config), None
+        per_client, flagged = personalized_state_dicts(results, adapters, self.lora_config)
+        return per_client, global_state_dict(results, adapters[0], self.lora_config), flagged
 
     def _metrics(self, messages, weights, aggregate_fn):
         """FedAvg's metric aggregation, weighted by the capped weights."""

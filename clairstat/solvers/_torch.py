@@ -104,6 +104,10 @@ class TorchSolver(Solver):
         low_rank, sing = svt_torch(stack_blocks(blocks), threshold, method=self.svd_method)
         return unstack_blocks(low_rank, blocks.shape[0]), float(sing.sum())
 
+    def _op_norm(self, matrix):
+        """Operator norm of a stacked matrix (a subclass may use another routine)."""
+        return _op_norm(matrix)
+
     def _init(self, X, init, backbone):
         torch = _import_torch()
         if init is None:
@@ -137,7 +141,7 @@ class TorchSolver(Solver):
         ||M||_op / alpha well below 100) untouched.
         """
         state = self._init(X, init, problem.backbone)
-        ratio = _op_norm(stack_blocks(X)) / max(problem.alpha, np.finfo(float).tiny)
+        ratio = self._op_norm(stack_blocks(X)) / max(problem.alpha, np.finfo(float).tiny)
         # ratio 0: all-zero data, nothing to continue from
         n_stages = int(np.clip(np.floor(np.log10(ratio)) - 1, 0, 6)) \
             if init is None and ratio > 0 else 0
@@ -185,7 +189,8 @@ class TorchSolver(Solver):
                 continue
             theta0, S = self._partial_min(X - L, theta0, beta, backbone)
             gap, primal = penalized_gap(X, theta0, L, S, alpha=alpha, beta=beta,
-                                        fit_backbone=backbone, nuclear_norm=nuclear)
+                                        fit_backbone=backbone, nuclear_norm=nuclear,
+                                        op_norm=self._op_norm)
             n_svd += 1
             history.append({"iteration": it, "objective": primal, "gap": gap})
             if gap <= tol * max(primal, np.finfo(float).tiny):

@@ -1,10 +1,10 @@
-"""Figure: the copying experiment, client level (``simulations/results/copying``).
+"""Figures: the copying experiment, client level, one per setting.
 
-Relative change of each benign client's masked accuracy against its own local LoRA,
-per method, one panel per setting with a shared axis; boxes over (replicate, client)
-pairs, dots the replicate means. Read from the committed table of the largest run
-(``full`` when present, else ``small``) whatever ``results_dir`` is; without it the
-script draws nothing. Preliminary: the experiment is not yet pre-registered.
+For every benign client (x axis, grouped by task variant), each method's masked
+accuracy averaged over the replicates (top) and its relative change against the
+client's own local LoRA (bottom), with 95% t intervals over replicates. Read from the
+committed table of the confirmatory block (``full``) when it exists, else of the
+development block (``small``, titled as such), whatever ``results_dir`` is.
 """
 
 from __future__ import annotations
@@ -17,19 +17,68 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 import numpy as np
 
-from paper._common import save, script_main
+from paper._common import COLUMN_STYLE, save, script_main
 from paper._sources import copying_scale, read_copying
 
 NAME = "copying"
-METHODS = [("fedavg", "FedAvg"), ("fedit", "FedIT"), ("fedrot", "FedRot"),
-           ("glora", "GLoRA"), ("median", "median"), ("clair", "CLAIR\nmodule"),
-           ("clair_joint", "CLAIR\njoint"), ("clair_joint_r", "CLAIR\njoint r"),
-           ("clair_lora", "CLAIR\nLoRA r"), ("clair_oracle", "CLAIR\noracle"),
-           ("fedavg_oracle", "FedAvg\nbenign")]
+#: (method, label, colour, marker): the rules in greys, CLAIR's variants in colour.
+SHOWN = [("local", "local LoRA", "k", "o"), ("fedavg", "FedAvg", "0.55", "v"),
+         ("fedrot", "FedRot-LoRA", "0.7", "<"), ("glora", "GLoRA", "0.45", ">"),
+         ("median", "median", "0.6", "s"), ("krum", "Krum", "0.35", "D"),
+         ("geomedian", "geometric median", "0.5", "P"),
+         ("clair_per_module", "CLAIR per module", "C2", "x"),
+         ("clair_lora", "CLAIR rank-r adapters", "C1", "^"),
+         ("clair", "CLAIR (default)", "C3", "o"),
+         ("clair_oracle", "CLAIR oracle", "C0", "*")]
+_BLOCK = {"full": "confirmatory block", "small": "development block", "smoke": "smoke"}
+
+
+def client_means(clients, method, column):
+    """Per client: mean of ``column`` over replicates and its 95% t interval."""
+    from scipy import stats
+
+    sub = clients[clients["method"] == method].groupby("client")[column]
+    mean, sem, count = sub.mean(), sub.sem(), sub.count()
+    half = stats.t.ppf(0.975, np.maximum(count - 1, 1)) * sem.fillna(0.0)
+    return mean.index.to_numpy(), mean.to_numpy(), half.to_numpy()
+
+
+def _setting_figure(plt, clients, setting, scale):
+    sub = clients[clients["setting"] == setting]
+    order = (sub[["client", "variant"]].drop_duplicates()
+             .sort_values(["variant", "client"])["client"].to_numpy())
+    position = {client: i for i, client in enumerate(order)}
+    methods = [m for m in SHOWN if m[0] in set(sub["method"])]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7.0, 5.6), sharex=True,
+                                      layout="constrained")
+    offsets = np.linspace(-0.3, 0.3, len(methods))
+    for offset, (method, label, colour, marker) in zip(offsets, methods):
+        for axis, column, scale_by in ((top, "accuracy", 1.0), (bottom, "relative", 100.0)):
+            if column == "relative" and method == "local":
+                continue
+            client, mean, half = client_means(sub, method, column)
+            x = np.array([position[c] for c in client]) + offset
+            axis.errorbar(x, scale_by * mean, yerr=scale_by * half, fmt=marker, ms=3.5,
+                          color=colour, elinewidth=0.8, capsize=0,
+                          label=label if axis is top else None)
+    bottom.axhline(0.0, color="k", lw=0.8)
+    top.set_ylabel("masked accuracy")
+    bottom.set_ylabel("change vs local LoRA (%)")
+    n_rep = sub["replicate"].nunique()
+    variants = sub.drop_duplicates("client").set_index("client")["variant"]
+    bottom.set_xticks(range(len(order)), [f"{c}\n(v{int(variants[c])})" for c in order],
+                      fontsize=7)
+    bottom.set_xlabel("benign client (task variant)")
+    top.set_title(f"{setting}: {n_rep} replicates ({_BLOCK.get(scale, scale)}); "
+                  "means over replicates, 95% intervals")
+    for axis in (top, bottom):
+        axis.grid(axis="y", alpha=0.3)
+    fig.legend(loc="outside lower center", ncol=4, fontsize=7, frameon=False)
+    return fig
 
 
 def main(results_dir, out_dir):
-    """Draw the figure from the committed copying table; return the written paths."""
+    """Draw one figure per setting from the committed copying table; the written paths."""
     scale = copying_scale()
     if scale is None:
         print(f"{NAME}: no copying results; nothing drawn")
@@ -38,27 +87,15 @@ def main(results_dir, out_dir):
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from simulations.copying.figures import client_table
+    from simulations.copying.analysis import client_table
 
+    plt.rcParams.update(COLUMN_STYLE)
     clients = client_table(read_copying(scale))
-    methods = [(m, label) for m, label in METHODS if m in set(clients["method"])]
-    settings = sorted(clients["setting"].unique())
-    fig, axes = plt.subplots(len(settings), 1, figsize=(7.0, 2.4 * len(settings)),
-                             sharex=True, sharey=True, squeeze=False, layout="constrained")
-    for ax, setting in zip(axes[:, 0], settings):
-        sub = clients[clients["setting"] == setting]
-        data = [100 * sub.loc[sub["method"] == m, "relative"].to_numpy() for m, _ in methods]
-        ax.boxplot(data, showfliers=False, widths=0.6)
-        for pos, (m, _) in enumerate(methods, start=1):
-            means = 100 * sub[sub["method"] == m].groupby("replicate")["relative"].mean()
-            ax.plot(np.full(len(means), pos), means, ".", ms=2, color="C3", alpha=0.5)
-        ax.axhline(0.0, color="k", lw=0.8)
-        ax.set_ylabel("change vs local (%)")
-        ax.set_title(f"{setting} ({sub['replicate'].nunique()} replicates)", fontsize=9)
-        ax.grid(axis="y", alpha=0.3)
-    axes[-1, 0].set_xticks(range(1, len(methods) + 1), [label for _, label in methods],
-                           fontsize=7)
-    return save(fig, out_dir, NAME)
+    paths = []
+    for setting in sorted(clients["setting"].unique()):
+        fig = _setting_figure(plt, clients, setting, scale)
+        paths += save(fig, out_dir, f"{NAME}_{setting}")
+    return paths
 
 
 if __name__ == "__main__":

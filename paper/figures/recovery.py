@@ -2,8 +2,10 @@
 
 Top: success rate of the exact program (noiseless) over the contamination fraction gamma
 and the relative rank r/p, one panel per p; circles: the empirical boundary (where the
-success rate crosses 1/2); dashed: the outlier-pursuit-type curve
-gamma/(1-gamma) = c/(mu r) with c fitted to the boundary's median. Bottom: the share of
+success rate crosses 1/2) of the odd-numbered replicates; dashed: the 50% contour of a
+logistic model of success on log(gamma/(1-gamma)) and log(mu r) (the model of the check
+``recovery_boundary_exponent``) fitted to the even-numbered replicates only, so the line
+is not fitted to the points drawn with it. Bottom: the share of
 replicates that flag a benign client (95% Wilson intervals) against max_k ||V_k||_F / lam,
 every lam of the study: the dual-certificate condition predicts a step at 1.
 
@@ -23,6 +25,7 @@ import pandas as pd
 
 from paper._common import COLUMN_STYLE, prepare, save, script_main
 from validation import wilson
+from validation._core import logit_fit
 from validation.checks.recovery import empirical_boundary
 
 STUDY = "recovery"
@@ -36,7 +39,7 @@ def _rates(df):
     return df.pivot_table(index="rank", columns="gamma", values="success", aggfunc="mean")
 
 
-def _panel(ax, df, boundary, c_fit):
+def _panel(ax, df, boundary, contour):
     rates = _rates(df)
     p = int(df["p"].iloc[0])
     image = ax.imshow(rates.to_numpy(), origin="lower", aspect="auto", cmap="viridis",
@@ -48,13 +51,26 @@ def _panel(ax, df, boundary, c_fit):
     rank_pos = {rank: i for i, rank in enumerate(rates.index)}
     points = boundary.dropna(subset=["gamma_star"])
     ax.plot(gamma_pos(points["gamma_star"]), [rank_pos[r] for r in points["rank"]],
-            label="empirical boundary (rate 1/2)", **BOUNDARY_STYLE)
-    odds = c_fit / boundary["mu_r"]
-    ax.plot(gamma_pos(odds / (1 + odds)), [rank_pos[r] for r in boundary["rank"]],
-            color="tab:red", linestyle="--", linewidth=1.5,
-            label=rf"$\gamma/(1-\gamma) = {c_fit:.2f}/(\mu r)$")
+            label="empirical boundary, odd replicates (rate 1/2)", **BOUNDARY_STYLE)
+    if contour is not None:
+        odds = contour(boundary["mu_r"].to_numpy())
+        ax.plot(gamma_pos(odds / (1 + odds)), [rank_pos[r] for r in boundary["rank"]],
+                color="tab:red", linestyle="--", linewidth=1.5,
+                label="logistic 50% contour, even replicates")
     ax.set(title=f"p = {p}", xlabel=r"contamination fraction $\gamma$")
     return image, [f"{r / p:.2f}" for r in rates.index]
+
+
+def held_out_contour(df):
+    """The 50% contour ``odds(mu r)`` of ``logit P = a + b1 log odds + b2 log(mu r)``
+    fitted to ``df``, or None when no finite fit exists (perfect separation)."""
+    frame = df.assign(log_odds=np.log(df["gamma"] / (1 - df["gamma"])),
+                      log_mu_r=np.log(df["mu_u"] * df["rank"]))
+    fit = logit_fit(frame, "success", ["log_odds", "log_mu_r"])
+    if fit is None:
+        return None
+    const, b_odds, b_mu = (float(v) for v in fit.params)
+    return lambda mu_r: np.exp(-(const + b_mu * np.log(mu_r)) / b_odds)
 
 
 def _binned_share(ratio, flagged):
@@ -103,13 +119,13 @@ def _certificate_panel(ax, df):
     ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
 
 
-def _phase_diagrams(subfig, df, boundary, c_fit):
+def _phase_diagrams(subfig, df, boundary, contour):
     """One heatmap per p in ``subfig``, a shared colour bar and the boundary legend."""
     p_values = sorted(df["p"].unique())
     axes = subfig.subplots(1, len(p_values), squeeze=False)[0]
     labels = []
     for ax, p in zip(axes, p_values):
-        image, rows = _panel(ax, df[df["p"] == p], boundary[boundary["p"] == p], c_fit)
+        image, rows = _panel(ax, df[df["p"] == p], boundary[boundary["p"] == p], contour)
         labels.append(rows)
     axes[0].set_ylabel("relative rank r / p")
     if all(rows == labels[0] for rows in labels):  # same r/p grid: one axis label
@@ -124,12 +140,13 @@ def main(results_dir, out_dir):
     """Draw the figure from ``<results_dir>/recovery.jsonl``; return the written paths."""
     plt, everything = prepare(results_dir, STUDY)
     df = everything[everything["lam_setting"] == "auto"]
-    boundary = empirical_boundary(df)
-    c_fit = float(np.nanmedian(boundary["odds_star"] * boundary["mu_r"]))
+    odd = df["replicate"] % 2 == 1
+    boundary = empirical_boundary(df[odd])
+    contour = held_out_contour(df[~odd])
     with plt.rc_context(COLUMN_STYLE):
         fig = plt.figure(figsize=(7.0, 6.2), layout="constrained")
         top, bottom = fig.subfigures(2, 1, height_ratios=[1.45, 1])
-        _phase_diagrams(top, df, boundary, c_fit)
+        _phase_diagrams(top, df, boundary, contour)
         _certificate_panel(bottom.subplots(), everything)
         return save(fig, out_dir, STUDY)
 

@@ -6,15 +6,20 @@ give every client the same update.
 
 - ``local``: the client's own LoRA update.
 - ``fedavg``: the exact mean of all updates (FLoRA's stacking gives it exactly).
-- ``fedit``, ``fedrot``, ``glora``, ``median``: the rules of method section 5
-  (FedRot-LoRA aligns A to the shared initialisation; GLoRA's consensus rank is the LoRA
-  rank; ``median`` is the coordinate-wise median, the Byzantine-robust choice).
-- ``clair``: CLAIR per module with the estimator's defaults (library default).
-- ``clair_joint``: CLAIR over all modules jointly, defaults (rank chosen by its rule).
-- ``clair_joint_r``: the same with the rank given (``clair_rank``).
-- ``clair_lora``: ``clair_joint_r``'s refined updates as rank-r peft adapters (deployable).
-- ``clair_oracle``: the joint refinement with the true collaborative set, rank
-  ``clair_rank`` (isolates the cost of detection).
+- ``fedit``, ``fedex``, ``fedrot``, ``glora``: the LoRA aggregation rules of
+  :func:`clairstat.aggregation.aggregate` (FedRot-LoRA aligns A to the shared
+  initialisation; GLoRA's consensus rank is the LoRA rank). FFA-LoRA needs a frozen,
+  shared A, which these clients do not have (they train both factors).
+- ``median``, ``trimmed_mean``, ``krum``, ``geomedian``: the Byzantine-robust rules
+  (coordinate-wise median, trimmed mean, Krum, geometric median).
+- ``clair``: :func:`clairstat.lora.refine_adapters` with its defaults (the library
+  default: per-module tests, joint refinement at a cross-validated rank), the refined
+  updates merged into the base weights.
+- ``clair_lora``: the same fit's rank-r peft adapters (what a client would load).
+- ``clair_per_module``: ``joint=False`` (each module refined by its own fit).
+- ``clair_rank_given``: the default with the joint rank given (``clair_rank``).
+- ``clair_oracle``: the joint refinement with the true collaborative set and the true
+  rank (number of task variants - 1): what detection and rank choice could reach.
 - ``fedavg_oracle``: the mean over the true benign clients.
 """
 
@@ -27,7 +32,7 @@ import numpy as np
 from clairstat.aggregation import reduce_factors
 from clairstat.lora import aggregate_adapters, module_factors, refine_adapters
 
-__all__ = ["run_methods", "oracle_refine"]
+__all__ = ["run_methods", "oracle_refine", "CLAIR_VARIANTS"]
 
 
 def _local(factor_lists):
@@ -77,8 +82,8 @@ def _joint_oracle(factor_lists, collaborative, rank):
     return out
 
 
-def _clair(state_dicts, config, joint, **clair_params):
-    refinement = refine_adapters(state_dicts, config, joint=joint, **clair_params)
+def _clair(state_dicts, config, **clair_params):
+    refinement = refine_adapters(state_dicts, config, **clair_params)
     dense = {name: np.asarray(stack) for name, stack in refinement.per_client.items()}
     return refinement, dense
 
@@ -102,14 +107,53 @@ def _baselines(state_dicts, config, init_state, params):
     return {
         "fedavg": lambda: broadcast("flora"),
         "fedit": lambda: broadcast("fedit"),
+        "fedex": lambda: broadcast("fedex"),
         "fedrot": lambda: broadcast("fedrot", reference=init_state, align="A",
                                     lam=params["fedrot_lam"]),
         "glora": lambda: broadcast("glora", reference_rank=params["rank"]),
         "median": lambda: broadcast("median"),
+        "trimmed_mean": lambda: broadcast("trimmed_mean"),
+        "krum": lambda: broadcast("krum"),
+        "geomedian": lambda: broadcast("geomedian"),
     }
 
 
-def run_methods(state_dicts, config, init_state, contaminated, params, seed=0):
+#: The CLAIR variants whose flags are recorded, with their options.
+CLAIR_VARIANTS = ("clair", "clair_per_module", "clair_rank_given")
+
+
+def _no_detection(factor_lists):
+    """The default's joint refinement with nobody flagged (the ``no-detection`` control):
+    every client in the collaborative set, the rank cross-validated on all of them."""
+    from clairstat.aggregation import joint_refinement, module_gram
+
+    n_clients = len(next(iter(factor_lists.values())))
+    nobody = np.zeros((len(factor_lists), n_clients), dtype=bool)
+    joint = joint_refinement(np.stack([module_gram(f) for f in factor_lists.values()]),
+                             nobody)
+    local = _local(factor_lists)
+    return ({name: np.tensordot(joint.coef, stack, axes=1) for name, stack in local.items()},
+            joint.rank)
+
+
+def _apply_control(control, updates, info, factor_lists):
+    """Break the default CLAIR (``clair`` and its adapters) as the control says."""
+    if control is None:
+        return
+    n_clients = len(next(iter(factor_lists.values())))
+    if control == "local-refinement":  # refined = each client's own update
+        updates["clair"] = updates["clair_lora"] = _local(factor_lists)
+    elif control == "no-detection":
+        updates["clair"], rank = _no_detection(factor_lists)
+        updates["clair_lora"] = updates["clair"]  # dense: no readout to break further
+        info["flagged_clair"] = np.zeros(n_clients, dtype=bool)
+        info["rank_clair"] = float(rank)
+    else:
+        raise ValueError(f"the copying study has no control {control!r}.")
+
+
+def run_methods(state_dicts, config, init_state, contaminated, params, seed=0,
+                control=None):
     """Per-client updates of every method, with timings and CLAIR's flags.
 
     Parameters
@@ -122,7 +166,11 @@ def run_methods(state_dicts, config, init_state, contaminated, params, seed=0):
     contaminated : ndarray of bool, shape (n_clients,)
         Used only by the oracles.
     params : dict
-        Cell parameters (``fedrot_lam``, ``rank``, ``clair_rank``, ``test_level``).
+        Cell parameters (``fedrot_lam``, ``rank``, ``clair_rank``, ``test_level``,
+        ``n_variants``).
+    control : {None, "local-refinement", "no-detection"}
+        A negative control: the default CLAIR's refined updates become the local ones,
+        or nobody is flagged (its joint refinement then pools every client).
     seed : int, default=0
         The replicate's seed: CLAIR's robust start draws its random sets from it (left
         unseeded, they would come from numpy's global generator, and a client on the edge
@@ -133,30 +181,41 @@ def run_methods(state_dicts, config, init_state, contaminated, params, seed=0):
     updates : dict of str to dict of str to ndarray of shape (n_clients, d_out, d_in)
         Method -> module -> updates.
     info : dict
-        ``seconds_<method>``, ``flagged_<method>`` (bool arrays) for the CLAIR variants,
-        ``rank_<method>`` (the rank CLAIR used; per module: the median over modules).
+        ``seconds_<method>``; for each CLAIR variant ``flagged_<method>`` (bool array)
+        and ``rank_<method>`` (the joint rank; per module: the median of the modules'
+        ranks).
     """
     benign = ~np.asarray(contaminated, dtype=bool)
     factor_lists = module_factors(state_dicts, config)
-    level = {"test_level": params["test_level"], "random_state": seed}
+    common = {"test_level": params["test_level"], "random_state": seed}
     steps = {"local": lambda: _local(factor_lists),
              **_baselines(state_dicts, config, init_state, params)}
     updates, info = _timed(steps)
+    variants = {"clair": {}, "clair_per_module": {"joint": False},
+                "clair_rank_given": {"rank": params["clair_rank"]}}
     refinements = {}
-    variants = {"clair": dict(joint=False, **level), "clair_joint": dict(joint=True, **level),
-                "clair_joint_r": dict(joint=True, rank=params["clair_rank"], **level)}
     for method, options in variants.items():
         start = time.perf_counter()
-        refinements[method], updates[method] = _clair(state_dicts, config, **options)
+        refinements[method], updates[method] = _clair(state_dicts, config, **common,
+                                                      **options)
         info[f"seconds_{method}"] = time.perf_counter() - start
         info[f"flagged_{method}"] = refinements[method].flagged
-        ranks = [est.rank_ for est in refinements[method].estimators.values()]
-        info[f"rank_{method}"] = float(np.median(ranks))
-    # The deployable adapters: the refined updates read out at rank r (peft layout).
-    updates["clair_lora"] = _local(module_factors(refinements["clair_joint_r"].state_dicts,
+        selection = refinements[method].rank_selection
+        if selection is not None:
+            info[f"rank_{method}"] = float(selection.rank)
+        elif method == "clair_rank_given":
+            info[f"rank_{method}"] = float(params["clair_rank"])
+        else:
+            info[f"rank_{method}"] = float(np.median(
+                [est.rank_ for est in refinements[method].estimators.values()
+                 if est is not None]))
+    # The deployable adapters of the default: the refined updates read out at rank r.
+    updates["clair_lora"] = _local(module_factors(refinements["clair"].state_dicts,
                                                   config))
+    _apply_control(control, updates, info, factor_lists)
+    true_rank = int(params["n_variants"]) - 1
     oracle_steps = {
-        "clair_oracle": lambda: _joint_oracle(factor_lists, benign, params["clair_rank"]),
+        "clair_oracle": lambda: _joint_oracle(factor_lists, benign, true_rank),
         "fedavg_oracle": lambda: _joint_oracle(factor_lists, benign, 0)}
     oracle_updates, oracle_seconds = _timed(oracle_steps)
     updates.update(oracle_updates)
