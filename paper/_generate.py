@@ -175,6 +175,36 @@ def _size_key(row, names):
     return "-".join(str(int(row[n])) for n in names)
 
 
+def lora_scale_macros(text):
+    """The LLM-scale LoRA benchmark (target ratio, K scaling) and the whole-model command
+    line benchmark, from their tables in ``benchmarks/RESULTS.md`` (empty if absent)."""
+    macros = {}
+    target = src.find_table(text, "two QRs (s, median of 3)", "end to end (s, median of 2)")
+    for row in target or []:
+        key = "one" if src.number(row["n_jobs"]) == 1 else "default"
+        for col, short in (("two QRs (s, median of 3)", "qr"),
+                           ("end to end (s, median of 2)", "e2e"), ("ratio", "ratio"),
+                           ("recall", "recall"), ("false flags", "false")):
+            macros[f"bench.lorascale.{key}.{short}"] = fmt(src.number(row[col]))
+        for col in ("d", "K", "r"):
+            macros[f"bench.lorascale.{col}"] = fmt(src.number(row[col]))
+    slopes = src.find_table(text, "log-log slope over K", "value")
+    for row in slopes or []:
+        name = {"end to end": "e2e", "two QRs": "qr"}.get(row["log-log slope over K"])
+        if name:
+            macros[f"bench.lorascale.slope.{name}"] = fmt(src.number(row["value"]))
+    whole = [row for header, rows in src.markdown_tables(text)
+             if {"path", "modules", "peak RSS (MiB)"} <= set(header)
+             for row in rows if "streamed" in row["path"]]
+    if whole:  # the streamed run with the most clients
+        row = max(whole, key=lambda r: src.number(r["clients"]))
+        for col, short in (("modules", "modules"), ("clients", "clients"),
+                           ("wall time (s)", "wall"), ("per module (s)", "permodule"),
+                           ("peak RSS (MiB)", "rss")):
+            macros[f"bench.whole.{short}"] = fmt(src.number(row[col]))
+    return macros
+
+
 def benchmark_macros(text):
     """Solver and LoRA benchmark numbers; 'largest' keys follow the table's last rows."""
     macros = {}
@@ -444,6 +474,7 @@ def collect():
     if bench.exists():
         text = bench.read_text()
         macros.update(benchmark_macros(text))
+        macros.update(lora_scale_macros(text))
         macros.update(concurrency_macros(text))
         # The text quotes the concurrency benchmark only when its table is committed.
         macros["bench.hasconc"] = "1" if "bench.conc.ratio" in macros else "0"
