@@ -538,6 +538,25 @@ class FactoredBlocks:
             count *= 2
         return int(np.sum(self.centred_left_singular(weights)[1] > edge))
 
+    def _downdate_terms(self, weights):
+        """The terms every client's leave-one-out downdate shares (formed once).
+
+        With ``omega`` the normalised weights and ``e = sum_j c_j = sum_l spread_l X_l``
+        (``spread = 1 - n omega``): the centred Gram ``G``, ``m m^T`` and ``m R_k^T``
+        for every k, ``e m^T`` (as ``e m^T + m e^T``) and ``e R_k^T``, the centred inner
+        products of the clients, and the dense mean ``m``.
+        """
+        n_clients = self.coef.shape[0]
+        omega = weights / weights.sum()
+        spread = 1.0 - n_clients * omega
+        gram = self.centred_gram(weights)
+        mean_outer, mean_rows = self._outer(omega, omega)
+        spread_outer, spread_rows = self._outer(spread, omega)
+        centring = np.eye(n_clients) - omega[None, :]
+        return (gram, mean_outer, mean_rows, spread_rows, spread_outer + spread_outer.T,
+                centring @ self.inner_products() @ centring.T,
+                FactoredMean(self, omega).to_dense())
+
     def leave_one_out_grams(self, weights):
         """``without(k)``: the centred Gram of the stack without client k (position) and
         ``X_k`` minus the others' mean, (p, t); ``None`` where a refit is needed.
@@ -551,15 +570,8 @@ class FactoredBlocks:
         O(p (n r)^2 + p^2 n r) of its own Gram matrix. ``X_k - m_(-k) = (1 + alpha) c_k``.
         """
         n_clients, p, r = self.coef.shape
-        omega = weights / weights.sum()
-        spread = 1.0 - n_clients * omega  # e = sum_j c_j = sum_l spread_l X_l
-        gram = self.centred_gram(weights)
-        mean_outer, mean_rows = self._outer(omega, omega)
-        spread_outer, spread_rows = self._outer(spread, omega)
-        common = spread_outer + spread_outer.T
-        centring = np.eye(n_clients) - omega[None, :]
-        centred_inner = centring @ self.inner_products() @ centring.T
-        mean = FactoredMean(self, omega).to_dense()
+        (gram, mean_outer, mean_rows, spread_rows, common, centred_inner,
+         mean) = self._downdate_terms(weights)
 
         def without(k):
             coefficients = leave_one_out_coefficients(weights, k, centred_inner)
@@ -599,15 +611,8 @@ class FactoredBlocks:
             The members' fitted basis: a start near every client's refit.
         """
         n_clients, p, r = self.coef.shape
-        omega = weights / weights.sum()
-        spread = 1.0 - n_clients * omega
-        gram = self.centred_gram(weights)
-        mean_outer, mean_rows = self._outer(omega, omega)
-        spread_outer, spread_rows = self._outer(spread, omega)
-        common = spread_outer + spread_outer.T
-        centring = np.eye(n_clients) - omega[None, :]
-        centred_inner = centring @ self.inner_products() @ centring.T
-        mean = FactoredMean(self, omega).to_dense()
+        (gram, mean_outer, mean_rows, spread_rows, common, centred_inner,
+         mean) = self._downdate_terms(weights)
         bases = {}
 
         def base(alpha, beta):

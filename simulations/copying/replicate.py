@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["simulate_one", "pretrain_config", "cache_dir", "DEFAULT_PARAMS"]
+__all__ = ["simulate_one", "pretrain_config", "cache_dir", "DEFAULT_PARAMS", "client_columns"]
 
 REPO = Path(__file__).resolve().parents[2]
 _CACHE_ENV = "CLAIRSTAT_CACHE_DIR"
@@ -91,12 +91,13 @@ def _evaluate(model, updates, specs, contaminated, params, seed):
     return accuracy
 
 
-def _row(accuracy, contaminated, variant, kinds, info):
-    """Flat row: per-client and mean accuracies, relative changes, detection, timings."""
-    from clairstat.metrics import detection_scores
+def client_columns(accuracy, contaminated, variant, kinds):
+    """The per-client columns of a copying row (the analysis reads these).
 
-    from .methods import CLAIR_VARIANTS
-
+    Per client k: ``contaminated_ck``, ``variant_ck``, ``kind_ck`` and every method's
+    ``acc_<method>_ck``; per method the benign clients' mean ``acc_<method>`` and mean
+    relative change against local LoRA ``rel_<method>`` (when any client is benign).
+    """
     benign = ~contaminated
     row = {f"contaminated_c{k}": bool(c) for k, c in enumerate(contaminated)}
     row.update({f"variant_c{k}": int(v) for k, v in enumerate(variant)})
@@ -108,6 +109,16 @@ def _row(accuracy, contaminated, variant, kinds, info):
             row[f"acc_{method}"] = float(np.mean(acc[benign]))
             row[f"rel_{method}"] = float(np.mean((acc[benign] - local[benign])
                                                  / local[benign]))
+    return row
+
+
+def _row(accuracy, contaminated, variant, kinds, info):
+    """Flat row: per-client and mean accuracies, relative changes, detection, timings."""
+    from clairstat.metrics import detection_scores
+
+    from .methods import CLAIR_VARIANTS
+
+    row = client_columns(accuracy, contaminated, variant, kinds)
     for method in CLAIR_VARIANTS:
         flagged = info.pop(f"flagged_{method}")
         scores = detection_scores(flagged, contaminated)

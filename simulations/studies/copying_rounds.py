@@ -343,16 +343,9 @@ def _dense(states, lora):
 def _row(accuracy, contaminated, variant, kinds, flagged, info):
     """Flat row with the copying study's columns, plus CLAIR's last-round flags."""
     from clairstat.metrics import detection_scores
+    from simulations.copying.replicate import client_columns
 
-    benign = ~contaminated
-    row = {f"contaminated_c{k}": bool(c) for k, c in enumerate(contaminated)}
-    row.update({f"variant_c{k}": int(v) for k, v in enumerate(variant)})
-    row.update({f"kind_c{k}": kind for k, kind in enumerate(kinds)})
-    local = accuracy["local"]
-    for method, acc in accuracy.items():
-        row.update({f"acc_{method}_c{k}": float(a) for k, a in enumerate(acc)})
-        row[f"acc_{method}"] = float(np.mean(acc[benign]))
-        row[f"rel_{method}"] = float(np.mean((acc[benign] - local[benign]) / local[benign]))
+    row = client_columns(accuracy, contaminated, variant, kinds)
     row.update({f"{name}_clair": value
                 for name, value in detection_scores(flagged, contaminated).items()})
     row.update({f"flagged_clair_c{k}": bool(f) for k, f in enumerate(flagged)})
