@@ -65,8 +65,12 @@ def test_every_figure_drawn_is_included(build):
     # Every figure script draws (its source table is committed): a PDF named after it,
     # or several named <script>_<part> (the copying figures, one per setting).
     scripts = {p.stem for p in (ROOT / "paper" / "figures").glob("[!_]*.py")}
-    owners = {next(s for s in scripts if Path(name).stem == s
-                   or Path(name).stem.startswith(s + "_")) for name in drawn}
+    def owner(stem):  # the script of that name, else the longest <script>_ prefix
+        if stem in scripts:
+            return stem
+        return max((s for s in scripts if stem.startswith(s + "_")), key=len)
+
+    owners = {owner(Path(name).stem) for name in drawn}
     assert owners == scripts
     log = (build["build"] / "clairstat.log").read_text(errors="replace")
     used = {Path(re.sub(r"/+", "/", m)).name

@@ -94,13 +94,15 @@ def main(results_dir, out_dir):
             bottom.plot(x, sub["flag_backdoor"], ":", color=colour)
             bottom.plot(x, sub["flag_benign"], "--", color=colour, lw=1)
         top.axhline(0.0, color="k", lw=0.8)
-        top.set_title(f"{setting} ({scale}: "
-                      f"{int(points['replicates'].min())}+ replicates per point)")
+        top.set_title(setting)
         bottom.set_xlabel("contaminated clients (%)")
         for axis in (top, bottom):
             axis.grid(alpha=0.3)
-    axes[0, 0].set_ylabel("gain over local LoRA (%)\nCLAIR solid, best rule dashed")
-    axes[1, 0].set_ylabel("share flagged: attackers,\nbackdoor (dotted), clean (dashed)")
+    axes[0, 0].set_ylabel("gain vs local LoRA (%)")
+    axes[1, 0].set_ylabel("share flagged")
+    fig.suptitle(f"{scale} scale, at least {int(points['replicates'].min())} replicates per "
+                 "point; top: CLAIR solid, best other rule dashed; bottom: attackers solid, "
+                 "backdoor dotted, clean dashed", fontsize=8)
     axes[1, 0].set_ylim(-0.03, 1.03)
     handles, labels = axes[0, 0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", ncol=3, frameon=False)
