@@ -52,6 +52,8 @@ def fmt_fixed(value, decimals=3):
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "--"
     text = f"{value:.{decimals}f}"
+    if float(text) == 0:  # no "-0.0": a value that rounds to zero has no sign
+        text = text.lstrip("-")
     return text.replace("-", "\\ensuremath{-}") if text.startswith("-") else text
 
 
@@ -59,6 +61,14 @@ def fmt_pct(value, decimals=1, sign=True):
     """A share as a percentage (``+2.5\\,\\%``), the sign shown when ``sign``."""
     text = f"{100 * value:+.{decimals}f}" if sign else f"{100 * value:.{decimals}f}"
     return text.replace("-", "\\ensuremath{-}") + r"\,\%"
+
+
+def fmt_list(values, unit=""):
+    """Values as an English list: ``8, 16 and 32``; ``unit`` after the last one."""
+    values = list(values)
+    text = values[0] if len(values) == 1 else (", ".join(values[:-1]) + " and "
+                                                + values[-1])
+    return text + unit
 
 
 def _margin(check):
@@ -107,6 +117,15 @@ def validation_macros(report, prefix="val"):
             macros[f"{prefix}.{kind}.{verdict}"] = fmt(count)
         known = sum(bool(c.get("known_failure")) for c in rows)
         macros[f"{prefix}.{kind}.knownfail"] = fmt(known)
+        for verdict in ("inconclusive", "fail"):  # which checks, by name
+            names = [rf"\code{{{tex_escape(c['name'])}}}" for c in rows
+                     if src.check_verdict(c) == verdict]
+            macros[f"{prefix}.{kind}.{verdict}.names"] = fmt_list(names) if names else "none"
+    from validation.checks.recovery import SMALL_GAMMA, SMALL_RANK_FRACTION
+
+    # The small corner of the recovery check (its definition, not a result).
+    macros[f"{prefix}.corner.gamma"] = fmt(SMALL_GAMMA)
+    macros[f"{prefix}.corner.rank"] = fmt(SMALL_RANK_FRACTION)
     for check in checks:
         key = f"{prefix}.{check['name']}"
         macros[f"{key}.observed"] = fmt(check.get("observed"))
@@ -203,6 +222,17 @@ def lora_scale_macros(text):
                            ("peak RSS (MiB)", "rss")):
             macros[f"bench.whole.{short}"] = fmt(src.number(row[col]))
     return macros
+
+
+def lora_target_macros(text):
+    """The LLM-scale benchmark's target ratio, read from its table's ``<= N`` column."""
+    for header, _ in src.markdown_tables(text):
+        if "two QRs (s, median of 3)" in header:
+            for name in header:
+                match = re.fullmatch(r"<=\s*([\d.]+)", name)
+                if match:
+                    return {"bench.lorascale.target": fmt(float(match.group(1)))}
+    return {}
 
 
 def benchmark_macros(text):
@@ -317,6 +347,17 @@ def calibration_macros(rows):
     return macros
 
 
+def calibration_design_macros(table):
+    """Clients per split and corrupted clients per power run (the benchmark's design)."""
+    corrupted = table[table["corruption"] != "none"]
+    macros = {"calib.clients": fmt_list(sorted({fmt(int(v)) for v in table["n_clients"]},
+                                               key=int))}
+    if len(corrupted):
+        macros["calib.victims"] = fmt_list(sorted({fmt(int(v)) for v in
+                                                   corrupted["n_victims"]}, key=int))
+    return macros
+
+
 def calibration_table(rows):
     lines = []
     for row in rows:
@@ -332,10 +373,14 @@ def calibration_table(rows):
 
 # ---------------------------------------------------------------- copying -------------
 
-def _gain_text(value, low, high):
-    """``+2.5\\,\\% [+1.9, +3.1]`` from gains already in %."""
-    return (f"{fmt_pct(value / 100)} [{fmt_fixed(low, 1)}, {fmt_fixed(high, 1)}]"
-            if not math.isnan(low) else fmt_pct(value / 100))
+def _gain_text(value, low, high, unit=True):
+    """``+2.5\\,\\% [1.9, 3.1]`` from gains already in %; without the ``%`` when not
+    ``unit`` (table cells, whose header names the unit)."""
+    text = fmt_pct(value / 100)
+    if not unit:
+        text = text.removesuffix(r"\,\%")
+    return (f"{text} [{fmt_fixed(low, 1)}, {fmt_fixed(high, 1)}]"
+            if not math.isnan(low) else text)
 
 
 def copying_macros(frame, scale):
@@ -350,6 +395,9 @@ def copying_macros(frame, scale):
               "copy.confirmatory": "1" if scale == "full" else "0",
               "copy.replicates": fmt(int(per_setting.min())),
               "copy.planned": fmt(int(STUDY.replicates[scale])),
+              "copy.plannedfull": fmt(int(STUDY.replicates["full"])),
+              "copy.variants": fmt(int(frame["n_variants"].max())),
+              "copy.variantdirs": fmt(int(frame["n_variants"].max()) - 1),
               "copy.complete": "1" if int(per_setting.min()) >= STUDY.replicates[scale]
               and len(per_setting) == 2 else "0",
               "copy.clients": fmt(int(frame["n_clients"].iloc[0])),
@@ -401,9 +449,10 @@ def copying_table(frame):
             if method == "local":
                 cells += ["0", "--"]
                 continue
-            cells.append(_gain_text(row["gain"], row["gain_low"], row["gain_high"]))
+            cells.append(_gain_text(row["gain"], row["gain_low"], row["gain_high"],
+                                    unit=False))
             cells.append("--" if method == "clair" else _gain_text(
-                row["clair_margin"], row["margin_low"], row["margin_high"]))
+                row["clair_margin"], row["margin_low"], row["margin_high"], unit=False))
         lines.append(" & ".join(cells) + r" \\")
     return "\n".join(lines) + "\n"
 
@@ -436,7 +485,11 @@ def sweep_macros():
     points = point_summary(frame)
     macros = {"sweep.has": "1", "sweep.scale": scale,
               "sweep.points": fmt(len(points)),
-              "sweep.replicates": fmt(int(points["replicates"].min()))}
+              "sweep.replicates": fmt(int(points["replicates"].min())),
+              "sweep.clientlist": fmt_list([fmt(int(v)) for v in
+                                            sorted(points["n_clients"].unique())]),
+              "sweep.sharelist": fmt_list([fmt(round(100 * v)) for v in
+                                           sorted(points["share"].unique())], r"\,\%")}
     for setting, sub in points.groupby("setting"):
         worst = sub.loc[sub["gain"].idxmin()]
         key = f"sweep.{setting}"
@@ -449,6 +502,161 @@ def sweep_macros():
         macros[f"{key}.backdoor.min"] = fmt_fixed(float(sub["flag_backdoor"].min()), 2)
         macros[f"{key}.benign.max"] = fmt_fixed(float(sub["flag_benign"].max()), 2)
     return macros
+
+
+# ---------------------------------------------------------------- rounds --------------
+
+#: The multi-round study's designs and settings, in the table's column order.
+ROUNDS_CELLS = tuple((d, s) for d in ("contaminated", "clean")
+                     for s in ("homogeneous", "heterogeneous"))
+#: Row labels: Flower's strategies by their class names (its FedAvg averages the LoRA
+#: factors, i.e. FedIT), clairstat's LoraStrategy rules by the rule's name.
+ROUNDS_LABELS = {"local": "local LoRA", "fedavg": "FedAvg (factors)",
+                 "median": "FedMedian", "trimmed_mean": "FedTrimmedAvg", "krum": "Krum",
+                 "bulyan": "Bulyan", "fedrot": "FedRot-LoRA", "glora": "GLoRA",
+                 "clair": "CLAIR (default)"}
+
+
+def _rounds_gains(frame, design, setting):
+    """Per method: (gain, low, high) over local LoRA and CLAIR's margin over it, in %
+    (``replicate_gains`` and ``paired_bootstrap`` of the copying analysis)."""
+    from simulations.copying.analysis import paired_bootstrap, replicate_gains
+
+    gains = replicate_gains(frame[frame["design"] == design], setting)
+    out = {}
+    for method in ROUNDS_LABELS:
+        if method in gains:
+            margin = paired_bootstrap(gains["clair"] - gains[method])
+            out[method] = (paired_bootstrap(gains[method]), margin)
+    return out
+
+
+def _per_replicate_flags(frame):
+    """CLAIR's flag share per replicate (rows) and kind of client (columns).
+
+    ``flagged_by_kind`` tabulates by ``setting``: given one label per replicate it
+    returns each replicate's shares."""
+    from simulations.copying.analysis import flagged_by_kind
+
+    keys = frame["cell"].astype(str) + "/" + frame["replicate"].astype(str)
+    return flagged_by_kind(frame.assign(setting=keys), methods=("clair",))
+
+
+def _flag_share(frame, kind):
+    """CLAIR's last-round flag share among the clients of ``kind`` pooled over the rows
+    of ``frame``, and a bootstrap interval over its replicates' shares:
+    ``(mean, low, high)``."""
+    from simulations.copying.analysis import flagged_by_kind, paired_bootstrap
+
+    if len(frame) == 0:
+        return math.nan, math.nan, math.nan
+    per_replicate = _per_replicate_flags(frame)
+    if kind not in per_replicate:
+        return math.nan, math.nan, math.nan
+    pooled = flagged_by_kind(frame.assign(setting="all"), methods=("clair",))
+    _, low, high = paired_bootstrap(per_replicate[kind].to_numpy())
+    return float(pooled[kind].iloc[0]), low, high
+
+
+def _pooled_attacks(frame):
+    """``frame`` with every attack kind (``kind_c<k>``) renamed ``attacker``: the attack
+    recall is the flag share of that one kind."""
+    n_clients = int(frame["n_clients"].max())
+    return frame.assign(**{f"kind_c{k}": frame[f"kind_c{k}"].where(
+        frame[f"kind_c{k}"] == "benign", "attacker") for k in range(n_clients)})
+
+
+def _share_text(share):
+    mean, low, high = share
+    if math.isnan(low):
+        return fmt_fixed(mean, 2)
+    return f"{fmt_fixed(mean, 2)} [{fmt_fixed(low, 2)}, {fmt_fixed(high, 2)}]"
+
+
+def _compare(low, high):
+    """Where an interval of CLAIR's margin lies: 'above', 'below' or 'level with'."""
+    return "above" if low > 0 else "below" if high < 0 else "level with"
+
+
+def rounds_macros(frame, scale):
+    """The multi-round study (``copying_rounds``): design, each rule's gain per cell,
+    CLAIR's margin over the best other rule, its flags among clean clients and
+    attackers. ``{"rounds.has": "0"}`` without a table."""
+    if frame is None or frame.empty:
+        return {"rounds.has": "0"}
+    first = frame.iloc[0]
+    attacked = frame[frame["design"] == "contaminated"]
+    per_cell = frame.groupby(["design", "setting"])["replicate"].nunique()
+    macros = {"rounds.has": "1", "rounds.scale": scale,
+              "rounds.replicates": fmt(int(per_cell.min())),
+              "rounds.cells": fmt(len(per_cell)),
+              "rounds.clients": fmt(int(first["n_clients"])),
+              "rounds.rounds": fmt(int(first["rounds"])),
+              "rounds.steps": fmt(int(first["steps_per_round"])),
+              "rounds.variants": fmt(int(frame["n_variants"].max()))}
+    if len(attacked):
+        row = attacked.iloc[0]
+        for column in ("n_contaminated", "krum_f", "bulyan_f"):
+            macros[f"rounds.{column.replace('_', '')}"] = fmt(int(row[column]))
+    for design, setting in ROUNDS_CELLS:
+        if not ((frame["design"] == design) & (frame["setting"] == setting)).any():
+            continue
+        key = f"rounds.{design}.{setting}"
+        gains = _rounds_gains(frame, design, setting)
+        for method, ((gain, low, high), _) in gains.items():
+            macros[f"{key}.{method.replace('_', '')}.gain"] = _gain_text(gain, low, high)
+        others = {m: g for m, g in gains.items() if m not in ("clair", "local")}
+        best = max(others, key=lambda m: others[m][0][0])
+        margin = others[best][1]
+        macros[f"{key}.best"] = tex_escape(ROUNDS_LABELS[best])
+        macros[f"{key}.best.margin"] = _gain_text(*margin)
+        macros[f"{key}.best.cmp"] = _compare(margin[1], margin[2])
+        cell = frame[(frame["design"] == design) & (frame["setting"] == setting)]
+        macros[f"{key}.benign"] = _share_text(_flag_share(cell, "benign"))
+    for design in ("contaminated", "clean"):
+        rows = frame[frame["design"] == design]
+        macros[f"rounds.{design}.benign"] = _share_text(_flag_share(rows, "benign"))
+        # Replicates in which at least one clean client is flagged.
+        per_replicate = _per_replicate_flags(rows) if len(rows) else None
+        if per_replicate is not None and "benign" in per_replicate:
+            macros[f"rounds.{design}.anyflag"] = fmt(int((per_replicate["benign"] > 0).sum()))
+            macros[f"rounds.{design}.nrep"] = fmt(len(per_replicate))
+    macros["rounds.level"] = fmt(float(first["test_level"]))
+    if len(attacked):
+        macros["rounds.recall"] = _share_text(_flag_share(_pooled_attacks(attacked),
+                                                          "attacker"))
+    # FedRot-LoRA against Flower's FedAvg: the largest per-replicate gap, per setting.
+    for setting, sub in frame.groupby("setting"):
+        gap = 100 * (sub["rel_fedrot"] - sub["rel_fedavg"]).abs().max()
+        macros[f"rounds.{setting}.fedrotgap"] = fmt_fixed(gap, 2)
+    return macros
+
+
+def rounds_table(frame):
+    """Gain over local LoRA per method (rows) and cell (columns), with CLAIR's flag
+    shares among clean clients and attackers as the last two rows."""
+    cells = {c: frame[(frame["design"] == c[0]) & (frame["setting"] == c[1])]
+             for c in ROUNDS_CELLS}  # every column of the table, '--' where absent
+    gains = {c: _rounds_gains(frame, *c) if len(sub) else {} for c, sub in cells.items()}
+    lines = []
+    for method, label in ROUNDS_LABELS.items():
+        row = [tex_escape(label)]
+        for cell in cells:
+            if method in gains[cell]:
+                row.append("0" if method == "local"
+                           else _gain_text(*gains[cell][method][0], unit=False))
+            else:
+                row.append("--")
+        lines.append(" & ".join(row) + r" \\")
+    lines.append(r"\midrule")
+    for kind, label in (("benign", "CLAIR: share of clean clients flagged"),
+                        ("attacker", "CLAIR: share of attackers flagged")):
+        row = [label]
+        for sub in cells.values():
+            share = _flag_share(_pooled_attacks(sub), kind) if len(sub) else (math.nan,)
+            row.append("--" if math.isnan(share[0]) else _share_text(share))
+        lines.append(" & ".join(row) + r" \\")
+    return "\n".join(lines) + "\n"
 
 
 # ---------------------------------------------------------------- writing -------------
@@ -475,15 +683,22 @@ def collect():
         text = bench.read_text()
         macros.update(benchmark_macros(text))
         macros.update(lora_scale_macros(text))
+        macros.update(lora_target_macros(text))
         macros.update(concurrency_macros(text))
         # The text quotes the concurrency benchmark only when its table is committed.
         macros["bench.hasconc"] = "1" if "bench.conc.ratio" in macros else "0"
         tables["solver"], tables["lora"] = solver_table(text), lora_table(text)
     if src.SOURCES["calibration"].exists():
-        rows = src.calibration_summary(src.read_calibration(src.SOURCES["calibration"]))
+        raw = src.read_calibration(src.SOURCES["calibration"])
+        rows = src.calibration_summary(raw)
         macros.update(calibration_macros(rows))
+        macros.update(calibration_design_macros(raw))
         tables["calibration"] = calibration_table(rows)
     macros.update(sweep_macros())
+    rounds, rounds_scale = src.read_rounds()
+    macros.update(rounds_macros(rounds, rounds_scale))
+    if rounds is not None:
+        tables["copying_rounds"] = rounds_table(rounds)
     scale = src.copying_scale()
     if scale:
         frame = src.read_copying(scale)
@@ -508,6 +723,8 @@ def write_generated(out_dir):
     # The copying section says which seed block it quotes: confirmatory and complete,
     # or development (the method was chosen on it) / incomplete.
     lines.append(r"\copysweeptrue" if macros.get("sweep.has") == "1" else r"\copysweepfalse")
+    lines.append(r"\copyroundstrue" if macros.get("rounds.has") == "1"
+                 else r"\copyroundsfalse")
     lines.append(r"\copyconfirmtrue" if macros.get("copy.confirmatory") == "1"
                  and macros.get("copy.complete") == "1" else r"\copyconfirmfalse")
     paths = [out_dir / "macros.tex"]

@@ -11,7 +11,9 @@ else (`paper/_generate.py` formats them as LaTeX macros and tables):
 - ``benchmarks/results/real_data_calibration.csv``: the real-data calibration, one row
   per dataset, split, corruption and path;
 - ``simulations/results/<scale>/copying.jsonl``: the copying experiment, one row per
-  replicate (``full``: the pre-registered confirmatory block; ``small``: development).
+  replicate (``full``: the pre-registered confirmatory block; ``small``: development);
+- ``simulations/results/<scale>/copying_rounds.jsonl``: the multi-round runs in
+  Flower's simulation engine (the largest scale committed).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from ._common import PAPER_DIR
 
 __all__ = ["ROOT", "SOURCES", "read_report", "check_verdict", "check_kind", "check_margin",
            "markdown_tables", "find_table", "read_calibration", "calibration_summary",
-           "copying_scale", "read_copying"]
+           "copying_scale", "read_copying", "read_rounds"]
 
 ROOT = PAPER_DIR.parent
 SOURCES = {
@@ -162,3 +164,19 @@ def read_copying(scale, results_dir=None):
     from simulations import load_table, results_path
 
     return load_table(results_path("copying", scale, Path(results_dir or SOURCES["copying"])))
+
+
+def read_rounds(results_dir=None):
+    """The multi-round study's table of the largest scale committed (``full``, else
+    ``small``), only the rows of the study's current grid at that scale, and its scale;
+    ``(None, None)`` when neither is committed or no row is of the current grid."""
+    from simulations import get_study, load_results, results_path
+
+    results_dir = Path(results_dir or SOURCES["copying"])
+    study = get_study("copying_rounds")
+    for scale in ("full", "small"):
+        if results_path(study.name, scale, results_dir).exists():
+            frame = load_results(study, scale, results_dir, current_only=True)
+            if len(frame):
+                return frame, scale
+    return None, None

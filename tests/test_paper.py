@@ -196,6 +196,69 @@ def test_changing_a_result_changes_the_macro(tmp_path, monkeypatch):
     assert _macros()[f"val.{check['name']}.observed"] == "0.123"
 
 
+def _rounds_rows():
+    path = ROOT / "simulations" / "results" / "small" / "copying_rounds.jsonl"
+    if not path.exists():
+        pytest.skip("no multi-round results committed")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _pct_prefix(value):
+    """How ``fmt_pct`` starts: ``+3.2`` or ``\\ensuremath{-}7.5``, then the unit."""
+    return f"{value:+.1f}".replace("-", r"\ensuremath{-}") + r"\,\%"
+
+
+def test_rounds_macros_are_the_results_table():
+    """Two rounds numbers recomputed from the raw rows by plain loops: CLAIR's mean gain
+    in one cell, and its flag share among the clean clients of the clean design."""
+    rows = _rounds_rows()
+    macros = _macros()
+    if macros.get("rounds.scale") != "small":
+        pytest.skip("the paper quotes another scale of the multi-round study")
+    cell = [r for r in rows if (r["design"], r["setting"]) == ("contaminated", "homogeneous")]
+    gain = 100 * sum(r["rel_clair"] for r in cell) / len(cell)
+    assert macros["rounds.contaminated.homogeneous.clair.gain"].startswith(_pct_prefix(gain))
+    flags = [r[f"flagged_clair_c{k}"] for r in rows if r["design"] == "clean"
+             for k in range(r["n_clients"]) if r[f"kind_c{k}"] == "benign"]
+    share = sum(flags) / len(flags)
+    assert macros["rounds.clean.benign"].startswith(f"{share:.2f} [")
+    replicates = {}
+    for r in rows:
+        replicates.setdefault((r["design"], r["setting"]), set()).add(r["replicate"])
+    assert macros["rounds.replicates"] == str(min(len(v) for v in replicates.values()))
+
+
+def test_changing_the_rounds_table_changes_its_macros(tmp_path, monkeypatch):
+    """Edit a copy of the multi-round table: the macros follow; remove it: the section
+    is switched off and its table not written (the text skips it)."""
+    from paper import _sources
+    from paper._generate import write_generated
+
+    rows = _rounds_rows()
+    for row in rows:
+        if (row["design"], row["setting"]) == ("contaminated", "homogeneous"):
+            row["rel_clair"] += 0.5  # +50 points of gain in every replicate
+        if row["design"] == "clean":  # every clean client flagged
+            row.update({f"flagged_clair_c{k}": True for k in range(row["n_clients"])})
+    (tmp_path / "small").mkdir()
+    (tmp_path / "small" / "copying_rounds.jsonl").write_text(
+        "".join(json.dumps(row) + "\n" for row in rows))
+    monkeypatch.setitem(_sources.SOURCES, "copying", tmp_path)
+    macros = _macros()
+    cell = [r for r in rows if (r["design"], r["setting"]) == ("contaminated", "homogeneous")]
+    gain = 100 * sum(r["rel_clair"] for r in cell) / len(cell)
+    assert macros["rounds.contaminated.homogeneous.clair.gain"].startswith(_pct_prefix(gain))
+    assert macros["rounds.clean.benign"] == "1.00 [1.00, 1.00]"
+
+    (tmp_path / "small" / "copying_rounds.jsonl").unlink()
+    macros = _macros()
+    assert macros["rounds.has"] == "0"
+    assert not any(key.startswith("rounds.") and key != "rounds.has" for key in macros)
+    written = write_generated(tmp_path / "generated")
+    assert "copying_rounds.tex" not in {path.name for path in written}
+    assert r"\copyroundsfalse" in (tmp_path / "generated" / "macros.tex").read_text()
+
+
 def test_old_report_shape_is_read():
     """A report without kind/verdict/margin (the shape before the split) still reads."""
     from paper._generate import validation_macros, verdict_table
@@ -220,3 +283,40 @@ def test_text_types_no_decimal_number():
     body = re.sub(r"\\begin\{equation\}.*?\\end\{equation\}|\\\[.*?\\\]|\$[^$]*\$", "",
                   body, flags=re.S)
     assert not re.findall(r"(?<![\w.{])\d+\.\d+", body)
+
+
+# Numbers the text may type outside mathematics, each with its reason. Any other digit
+# in the prose is a result or a design parameter typed by hand: it belongs in a macro.
+TYPED = {
+    r"95\%": "the confidence level of every interval",
+    r"5\%": "the test level, a default of the method",
+    r"50\%": "the contour that defines the recovery boundary",
+    "1/2": "the same contour, as a rate",
+    "1-Lipschitz": "a property of the gradient",
+    "at 1.": "the step that the block-incoherence condition predicts",
+    "below 1": "where a ratio means an improvement",
+    "(0 is": "the end of the rotation-strength axis",
+    "by 3": "the calibration benchmark's scale corruption (a constant of its script, "
+            "not in its CSV)",
+    "7B-shaped": "the whole-model benchmark's shapes (its own table)",
+    "rank-16": "the whole-model benchmark's adapters (its own table)",
+    "bf16": "the whole-model benchmark's dtype",
+    "0.2.0": "the version of the superseded LoRA benchmark",
+}
+
+
+def test_text_types_no_number_but_the_listed():
+    """Outside mathematics, \res{...} and layout commands, every digit of the body is
+    one of TYPED: no result and no design size is typed into the prose."""
+    body = TEX.read_text().split(r"\begin{document}", 1)[1]
+    body = re.sub(r"(?<!\\)%.*", "", body)  # comments
+    body = re.sub(r"\\begin\{equation\}.*?\\end\{equation\}|\\\[.*?\\\]|\$[^$]*\$", "",
+                  body, flags=re.S)  # mathematics: formulas and the method's constants
+    body = re.sub(r"\\(res|obs|verdict|ref|label|eqref|citep|citet|includegraphics"
+                  r"|restable|multicolumn|cmidrule|setlength)\{[^}]*\}"
+                  r"|\\(begin|end)\{[^}]*\}(\{[^}]*\})?|\\\\\[[^\]]*\]", "", body)
+    body = re.sub(r"\\\w+\[[^\]]*\]|\{\d+pt\}|\(lr\)\{[\d-]+\}|\{\d\}\{c\}", "", body)
+    for allowed in TYPED:
+        body = body.replace(allowed, "")
+    typed = re.findall(r".{0,30}(?<![\w\\])\d.{0,20}", body)
+    assert not typed, typed

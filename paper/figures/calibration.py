@@ -53,12 +53,14 @@ def main(results_dir, out_dir):
     left.set(yticks=range(len(datasets)), yticklabels=datasets, xlim=(0, None),
              xlabel="null splits with a flag (share)")
     left.invert_yaxis()
-    left.legend(fontsize="x-small", loc="lower right")
+    # Below the panel: inside it the legend would hide the pooled row ("all").
+    left.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.2))
     for j, (_, label) in enumerate(KINDS):
         right.plot([], [], "s", color=f"C{j + 2}", label=label)
     right.set(xlim=(0, 1.05), xlabel="corrupted clients flagged (share)")
-    right.legend(fontsize="x-small", loc="lower left", title="filled: noise_cov",
-                 title_fontsize="x-small")
+    # Beside the panel: inside it the legend would hide the lowest data set's markers.
+    right.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.02, 0.5),
+                 title="filled: noise_cov", title_fontsize="small")
     for ax in (left, right):
         ax.grid(axis="x", alpha=0.3)
     return save(fig, out_dir, NAME)

@@ -58,7 +58,7 @@ def _setting_figure(plt, clients, setting, scale):
                 continue
             client, mean, half = client_means(sub, method, column)
             x = np.array([position[c] for c in client]) + offset
-            axis.errorbar(x, scale_by * mean, yerr=scale_by * half, fmt=marker, ms=3.5,
+            axis.errorbar(x, scale_by * mean, yerr=scale_by * half, fmt=marker, ms=4.5,
                           color=colour, elinewidth=0.8, capsize=0,
                           label=label if axis is top else None)
     bottom.axhline(0.0, color="k", lw=0.8)
@@ -67,13 +67,13 @@ def _setting_figure(plt, clients, setting, scale):
     n_rep = sub["replicate"].nunique()
     variants = sub.drop_duplicates("client").set_index("client")["variant"]
     bottom.set_xticks(range(len(order)), [f"{c}\n(v{int(variants[c])})" for c in order],
-                      fontsize=7)
+                      fontsize=8)
     bottom.set_xlabel("benign client (task variant)")
     top.set_title(f"{setting}: {n_rep} replicates ({_BLOCK.get(scale, scale)}); "
                   "means over replicates, 95% intervals")
     for axis in (top, bottom):
         axis.grid(axis="y", alpha=0.3)
-    fig.legend(loc="outside lower center", ncol=4, fontsize=7, frameon=False)
+    fig.legend(loc="outside lower center", ncol=4, fontsize=8, frameon=False)
     return fig
 
 

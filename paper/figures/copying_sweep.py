@@ -76,7 +76,8 @@ def main(results_dir, out_dir):
 
     plt.rcParams.update(COLUMN_STYLE)
     points = point_summary(frame)
-    settings = sorted(points["setting"].unique())
+    # Homogeneous first, as in the text and the copying tables.
+    settings = sorted(points["setting"].unique(), key=lambda s: (s != "homogeneous", s))
     fig, axes = plt.subplots(2, len(settings), figsize=(7.0, 5.2), sharex=True,
                              sharey="row", squeeze=False, layout="constrained")
     for col, setting in enumerate(settings):
@@ -102,7 +103,7 @@ def main(results_dir, out_dir):
     axes[1, 0].set_ylabel("share flagged")
     fig.suptitle(f"{scale} scale, at least {int(points['replicates'].min())} replicates per "
                  "point; top: CLAIR solid, best other rule dashed; bottom: attackers solid, "
-                 "backdoor dotted, clean dashed", fontsize=8)
+                 "backdoor dotted, clean dashed", fontsize=9)
     axes[1, 0].set_ylim(-0.03, 1.03)
     handles, labels = axes[0, 0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", ncol=3, frameon=False)

@@ -14,11 +14,13 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from paper._common import prepare, save, script_main
+from paper._common import COLUMN_STYLE, prepare, save, script_main
 from validation import wilson
 
 STUDY = "detection"
-TITLES = {"fdr_bh": "BH (FDR 0.05, default)", "holm": "Holm (FWER 0.05)"}
+# Panel titles; the level is the table's own (``test_level``).
+TITLES = {"fdr_bh": "Benjamini-Hochberg (FDR {level:g}, default)",
+          "holm": "Holm (FWER {level:g})"}
 
 
 def bh_plateau(n_clients, n_contaminated, level):
@@ -43,9 +45,10 @@ def _panel(ax, rows, title, correction):
             plateau = bh_plateau(group["n_clients"].iloc[0], group["n_contaminated"].iloc[0],
                                  level)
             ax.axhline(plateau, color=line.get_color(), linestyle="--", linewidth=1)
-    ax.axhline(1 - level, color="k", linestyle=":", label="1 - level")
+    ax.axhline(1 - level, color="k", linestyle=":", label="1 $-$ level")
     ticks = sorted(rows["separation_ratio"].unique())
-    ax.set(xscale="log", ylim=(-0.02, 1.02), title=title, ylabel=r"P($\hat C = C$)",
+    ax.set(xscale="log", ylim=(-0.02, 1.02), title=title.format(level=level),
+           ylabel=r"P($\hat C = C$)",
            xlabel=r"separation $\delta / (\sigma\sqrt{pq/n})$")
     ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
     ax.set_xticks([], minor=True)
@@ -55,9 +58,10 @@ def _panel(ax, rows, title, correction):
 def main(results_dir, out_dir):
     """Draw the figure from ``<results_dir>/detection.jsonl``; return the written paths."""
     plt, df = prepare(results_dir, STUDY)
+    plt.rcParams.update(COLUMN_STYLE)  # drawn at the column's width: type of about 9 pt
     corrections = [c for c in TITLES if c in set(df["correction"])]
-    fig, axes = plt.subplots(1, len(corrections), figsize=(5.5 * len(corrections), 4),
-                             squeeze=False)
+    fig, axes = plt.subplots(1, len(corrections), figsize=(3.5 * len(corrections), 3.2),
+                             squeeze=False, sharey=True)
     for ax, correction in zip(axes[0], corrections):
         _panel(ax, df[df["correction"] == correction], TITLES[correction], correction)
     fig.suptitle("Collaborative-set recovery against separation")

@@ -24,16 +24,19 @@ RULES = ["mean", "fedit", "median", "trimmed_mean", "krum", "multikrum", "geomed
          "clair"]
 _FLOOR = 1e-3  # exact aggregates (the mean at gamma = 0) drawn at the axis bottom
 ATTACKS = ["random", "scaled", "sign_flip", "stealthy", "colluding"]
+# The names the text uses (Section 7), not the code's.
+LABELS = {"mean": "mean", "fedit": "FedIT", "median": "median",
+          "trimmed_mean": "trimmed mean", "krum": "Krum", "multikrum": "multi-Krum",
+          "geomedian": "geometric median", "clair": "CLAIR"}
 
 
 def _error_panel(ax, rows):
     for rule in RULES:
         med = rows.groupby("gamma")[f"error_{rule}"].median()
         ax.plot(med.index, np.maximum(med.values, _FLOOR), marker="o", markersize=3,
-                label=rule, linewidth=2.5 if rule == "clair" else 1.2)
+                label=LABELS[rule], linewidth=2.5 if rule == "clair" else 1.2)
     ax.set_yscale("log")
     ax.set_ylim(0.8 * _FLOOR, None)
-    ax.set_xlabel(r"contamination fraction $\gamma$")
 
 
 def _detection_panel(ax, rows):
@@ -54,11 +57,11 @@ def main(results_dir, out_dir):
         rows = df[df["attack"] == attack]
         _error_panel(axes[0, column], rows)
         _detection_panel(axes[1, column], rows)
-        axes[0, column].set_title(attack)
+        axes[0, column].set_title(attack.replace("_", " "))
     axes[0, 0].set_ylabel(r"$\|\mathrm{aggregate} - \mathrm{target}\|_F / \|\mathrm{target}\|_F$")
     axes[1, 0].set_ylabel("CLAIR detection")
     axes[0, -1].legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0))
-    axes[1, -1].legend(fontsize="small")
+    axes[1, -1].legend(fontsize="small", loc="center right")
     fig.suptitle("Robustness of the aggregation rules to contaminated clients")
     return save(fig, out_dir, STUDY)
 
