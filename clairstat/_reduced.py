@@ -836,6 +836,9 @@ class ReducedFactors(NamedTuple):
 def _span_columns(matrix):
     """:func:`orthonormal_basis` up to a rotation of its columns, cheaper when full rank.
 
+    Returns ``(basis, coordinates)``: ``coordinates`` is ``basis.T @ matrix`` when it
+    comes for free (the QR's R factor), else ``None``.
+
     Full rank is certified without an SVD: ``1 / ||R^-1||_F <= sigma_min(R)`` and
     ``||R||_F >= sigma_max(R)``, so ``1 / ||R^-1||_F > 16 tol(||R||_F)`` (the rank
     tolerance of :func:`orthonormal_basis` taken at an upper bound of the largest
@@ -856,27 +859,38 @@ def _span_columns(matrix):
         lower = 1.0 / np.linalg.norm(inverse) if info == 0 else 0.0
         if np.isfinite(lower) and lower > 16.0 * rank_tolerance(matrix.shape, upper,
                                                                 matrix.dtype):
-            return q_factor
-    return orthonormal_basis(matrix)
+            return q_factor, r_factor
+    return orthonormal_basis(matrix), None
 
 
 def _span_basis(matrix):
     """:func:`orthonormal_basis` of ``matrix`` (m, n), or the unit vector e_1 (m, 1) when
     its span is {0} (every B_i, or every A_i, is zero, as in fresh adapters): the reduced
-    updates are then exactly 0 of size at least 1 instead of an empty array."""
-    basis = _span_columns(matrix)
+    updates are then exactly 0 of size at least 1 instead of an empty array.
+
+    Returns ``(basis, basis.T @ matrix)``; the product is the QR's R factor where
+    :func:`_span_columns` certified full rank (Q^T Q R = R to round-off), which saves
+    a product as costly as the QR itself (d x sum r_i by sum r_i).
+    """
+    basis, coordinates = _span_columns(matrix)
     if basis.shape[1] == 0:
         basis = np.eye(matrix.shape[0], 1, dtype=basis.dtype)
-    return basis
+        coordinates = None
+    if coordinates is None:
+        coordinates = basis.T @ matrix
+    return basis, coordinates
 
 
 def _spans(factors):
-    """Checked factors and the bases Q (d, s) and V (k, t) of all B_i and all A_i^T."""
+    """Checked factors, the bases Q (d, s) and V (k, t) of all B_i and all A_i^T, and
+    the stacked factors in them: ``Q^T [B_1 ... B_n]`` (s, sum r_i) and
+    ``[A_1; ...; A_n] V`` (sum r_i, t)."""
     from .aggregation._validation import check_factors  # lazily: aggregation imports this
 
     factors = check_factors(factors)
-    return (factors, _span_basis(np.hstack([b for b, _ in factors])),
-            _span_basis(np.vstack([a for _, a in factors]).T))
+    left, left_coords = _span_basis(np.hstack([b for b, _ in factors]))
+    right, right_coords = _span_basis(np.vstack([a for _, a in factors]).T)
+    return factors, left, right, left_coords, right_coords.T
 
 
 def reduce_factors(factors):
@@ -906,8 +920,10 @@ def reduce_factors(factors):
     >>> bool(np.allclose(red.expand(red.updates[1]), f[1][0] @ f[1][1]))
     True
     """
-    factors, left, right = _spans(factors)
-    blocks = np.stack([(left.T @ b) @ (a @ right) for b, a in factors])
+    factors, left, right, left_all, right_all = _spans(factors)
+    bounds = np.cumsum([0] + [b.shape[1] for b, _ in factors])
+    blocks = np.stack([left_all[:, i:j] @ right_all[i:j]
+                       for i, j in zip(bounds, bounds[1:])])
     return ReducedFactors(left, right, blocks)
 
 
@@ -937,13 +953,12 @@ def factored_reduction(factors):
     >>> bool(np.allclose(left @ stack.expand(0) @ right.T, f[0][0] @ f[0][1]))
     True
     """
-    factors, left, right = _spans(factors)
+    # The stacked factors in the bases, (s, sum r_i) and (sum r_i, t): the QRs' R
+    # factors when the spans are of full rank (the LoRA case), else two products.
+    factors, left, right, left_all, right_all = _spans(factors)
     width = max(b.shape[1] for b, _ in factors)
     coef = np.zeros((len(factors), left.shape[1], width))
     rights = np.zeros((len(factors), width, right.shape[1]))
-    # Two products of the stacked factors (one BLAS-3 call each) instead of 2 n thin ones.
-    left_all = left.T @ np.hstack([b for b, _ in factors])      # (s, sum r_i)
-    right_all = np.vstack([a for _, a in factors]) @ right      # (sum r_i, t)
     start = 0
     for i, (b_mat, _) in enumerate(factors):
         cols = slice(start, start + b_mat.shape[1])

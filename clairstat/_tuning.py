@@ -64,8 +64,8 @@ def estimate_noise_scale(local_estimates):
     """
     # Exact duplicates carry no information on the noise and, if numerous, would make
     # the median singular value structurally zero.
-    flat = local_estimates.reshape(len(local_estimates), -1)
-    local_estimates = local_estimates[np.sort(np.unique(flat, axis=0, return_index=True)[1])]
+    local_estimates = local_estimates[_first_occurrences(
+        local_estimates.reshape(len(local_estimates), -1))]
     n_clients = local_estimates.shape[0]
     if n_clients < 2:
         return 0.0
@@ -76,6 +76,21 @@ def estimate_noise_scale(local_estimates):
     sigma = _marchenko_pastur_scale(sing, n_long, n_short)
     # Subtracting the median leaves noise of variance sigma^2 (1 + pi / (2K)) per entry.
     return float(sigma / np.sqrt(1.0 + np.pi / (2.0 * n_clients)))
+
+
+def _first_occurrences(rows):
+    """Indices of the first occurrence of every distinct row of ``rows`` (n, m), in order.
+
+    By the rows' bytes (with -0.0 made +0.0, so that equal rows have equal bytes): O(n m)
+    where ``np.unique(axis=0)`` sorts the rows lexicographically (0.8 s against 0.05 s for
+    100 rows of 51 200 entries, the factored stack of 100 rank-16 clients of a 4096 x 4096
+    module, one thread).
+    """
+    rows = np.ascontiguousarray(rows, dtype=float) + 0.0
+    first = {}
+    for i, row in enumerate(rows):
+        first.setdefault(row.tobytes(), i)
+    return np.fromiter(first.values(), dtype=int, count=len(first))
 
 
 def _marchenko_pastur_scale(sing, n_long, n_short):
@@ -91,8 +106,8 @@ def factored_noise_scale(stack):
     but uncentred: without a backbone the shared structure is low rank and moves only a
     few singular values. Exactly duplicated clients are counted once.
     """
-    flat = np.hstack([stack.coef.reshape(len(stack), -1), stack.rights.reshape(len(stack), -1)])
-    keep = np.sort(np.unique(flat, axis=0, return_index=True)[1])
+    keep = _first_occurrences(np.hstack([stack.coef.reshape(len(stack), -1),
+                                         stack.rights.reshape(len(stack), -1)]))
     if len(keep) < 2:
         return 0.0
     columns = stack.coef[keep].transpose(1, 0, 2).reshape(stack.shape[1], -1)

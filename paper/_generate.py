@@ -215,8 +215,8 @@ def lora_scale_macros(text):
     whole = [row for header, rows in src.markdown_tables(text)
              if {"path", "modules", "peak RSS (MiB)"} <= set(header)
              for row in rows if "streamed" in row["path"]]
-    if whole:  # the streamed run with the most clients
-        row = max(whole, key=lambda r: src.number(r["clients"]))
+    if whole:  # the streamed run with the most clients, then the most modules
+        row = max(whole, key=lambda r: (src.number(r["clients"]), src.number(r["modules"])))
         for col, short in (("modules", "modules"), ("clients", "clients"),
                            ("wall time (s)", "wall"), ("per module (s)", "permodule"),
                            ("peak RSS (MiB)", "rss")):

@@ -411,3 +411,18 @@ def test_partial_spectrum_solver_equals_the_torch_solver():
     flags = np.linalg.norm(want.sparse, axis=(1, 2)) > 0
     assert np.array_equal(np.linalg.norm(got.sparse, axis=(1, 2)) > 0, flags)
     assert flags[:3].all() and 0 < flags.sum() < len(flags)
+
+
+def test_first_occurrences_match_numpy_unique_and_treat_signed_zeros_alike():
+    # The noise scales count each distinct client once; the hash of the rows' bytes must
+    # find what np.unique(axis=0) finds, -0.0 and +0.0 being equal as numbers.
+    from clairstat._tuning import _first_occurrences
+
+    rng = np.random.default_rng(3)
+    rows = rng.standard_normal((9, 5))
+    rows[[4, 7]] = rows[1]
+    rows[0, 0] = 0.0
+    rows[6] = rows[0]
+    rows[6, 0] = -0.0
+    want = np.sort(np.unique(rows, axis=0, return_index=True)[1])
+    assert _first_occurrences(rows).tolist() == want.tolist() == [0, 1, 2, 3, 5, 8]

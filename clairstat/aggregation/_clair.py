@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from .._reduced import (ReducedStack, eckart_young_factors, factored_reduction,
@@ -63,7 +65,7 @@ def clair(factors, weights, **options):
     estimator.fit(reduction.updates, sample_weight=weights)
     refined = estimator.refined_
     mean_reduced = np.asarray(estimator.collaborative_mean_)  # (s, t), whichever path
-    mean = reduction.expand(mean_reduced)
+    mean = functools.partial(reduction.expand, mean_reduced)  # dense only when read
     rank = max(b.shape[1] for b, _ in factors)
     readout = eckart_young_factors(truncated_svd(mean_reduced, rank), rank,
                                    reduction.left_basis, reduction.right_basis)

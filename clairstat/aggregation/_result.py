@@ -18,7 +18,10 @@ class AggregationResult:
     rule : str
         Name of the rule that produced it.
     update : ndarray of shape (d, k)
-        The aggregated update the server applies to the frozen weights.
+        The aggregated update the server applies to the frozen weights. A rule may
+        pass a function of no argument instead: it is called on the first access and
+        its array kept (CLAIR's dense mean, d x k, costs as much as the reduction's
+        QRs on a 4096 x 4096 module and the per-module LoRA path never reads it).
     factors : tuple of (ndarray of shape (d, r), ndarray of shape (r, k)) or None
         New global LoRA factors ``(B, A)`` where the rule has them, else ``None``.
     weights : ndarray of shape (n_clients,)
@@ -41,6 +44,13 @@ class AggregationResult:
     factors: tuple | None
     weights: np.ndarray
     extras: dict = dataclasses.field(default_factory=dict)
+
+    def __getattribute__(self, name):
+        value = object.__getattribute__(self, name)
+        if name == "update" and callable(value):  # computed once, on first access
+            value = value()
+            object.__setattr__(self, "update", value)
+        return value
 
     def __getattr__(self, name):
         # Only called when normal lookup fails: fall back to the rule's extras.
