@@ -476,12 +476,12 @@ class Summary(NamedTuple):
 def _release_memory():
     """Hand the memory of the module just finished back before the next one.
 
-    A module's fit leaves its large arrays in reference cycles (closures of the
-    estimator's solvers) that Python's cyclic collector frees only when its allocation
-    counters say so, and glibc keeps freed heap pages: over a 224-module run the peak
-    grew to 4.3 GB where one module needs under 1 GB. Measured on 4 layers (28 modules)
-    of 50 clients, first pass: resident anonymous memory 599 -> 682 MiB without this,
-    flat at 247 MiB with it (``benchmarks/RESULTS.md``). A full collection and
+    Arrays caught in reference cycles wait for Python's cyclic collector, whose
+    counters count objects, not bytes, and glibc keeps freed heap pages: over a
+    224-module run the peak grew to 4.3 GB where one module needs under 1 GB (which of
+    the two dominates was not separated). Measured on 4 layers (28 modules) of 50
+    clients, first pass: resident anonymous memory 599 -> 682 MiB without this, 247-280
+    MiB with it (``benchmarks/RESULTS.md``). A full collection and
     ``malloc_trim`` take about 0.1 s, against 5-20 s per module at 50 clients.
     """
     gc.collect()
