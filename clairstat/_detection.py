@@ -14,6 +14,7 @@ from sklearn.utils import check_random_state
 from ._reduced import (FactoredBlocks, FactoredRefined, leave_one_out_coefficients,
                        left_singular, off_subspace_statistics, top_eigh, uses_gram)
 from ._objective import stack_blocks
+from ._threads import map_in_threads
 
 __all__ = ["weighted_mean", "refit_subspace", "select_rank", "projection_statistics",
            "calibrate_null", "concentrate", "out_of_sample_statistics", "refine"]
@@ -183,7 +184,9 @@ def _leave_one_out(blocks, weights, members, rank, random_state, basis=None):
                                    or uses_gram(p, (len(index) - 1) * q))
     factored_fit = None
     if gram_route and isinstance(blocks, FactoredBlocks) and basis is not None:
-        factored_fit = blocks[members].leave_one_out_fits(weights[members], sub_rank, basis)
+        fit = blocks[members].leave_one_out_fits(weights[members], sub_rank, basis)
+        # independent eigenproblems: on the threads the enclosing block allows
+        factored_fit = dict(enumerate(map_in_threads(fit, range(len(index))))).get
         without = None
     else:
         without = _leave_one_out_grams(blocks[members], weights[members]) if gram_route \
@@ -334,8 +337,10 @@ def concentrate(blocks, weights, start, rank, noise, *, n_half_starts=3, n_rando
         random_set = np.zeros(n_clients, dtype=bool)
         random_set[rng.choice(pool, size=size, replace=False)] = True
         starts.append(random_set)
-    finals = [_c_steps(blocks, weights, members, rank, noise, half, max_steps, random_state)
-              for members in starts]
+    # Independent chains: on the threads the enclosing block allows (each chain keeps its
+    # own warm start, clairstat._reduced._WARM).
+    finals = map_in_threads(lambda members: _c_steps(blocks, weights, members, rank, noise,
+                                                     half, max_steps, random_state), starts)
     # A client the decomposition flagged (S_k != 0) that a set's own fit absorbs adds ~0
     # to the trimmed sum and displaces one member's share (~cost / h): masking, since
     # structured noise can make a high-leverage attacker's tilt no larger than the noise.

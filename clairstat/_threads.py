@@ -33,7 +33,7 @@ import os
 import sys
 
 __all__ = ["usable_cpus", "svt_flops", "threads_for_size", "resolve_n_jobs",
-           "thread_limits", "GRAIN_FLOPS"]
+           "thread_limits", "map_in_threads", "GRAIN_FLOPS"]
 
 #: Work per thread, in flops of one singular value thresholding of the stacked
 #: p x (n_clients q) matrix (:func:`svt_flops`), below which a further thread costs more
@@ -238,6 +238,12 @@ def thread_limits(n_jobs=None, size_hint=None):
     1
     """
     n_threads = resolve_n_jobs(n_jobs, size_hint)
+    if _ACTIVE.get() == n_threads:
+        # Already in force (an enclosing block, or the block a worker of
+        # :func:`map_in_threads` runs in): the pools are not touched, so that workers
+        # never change process-wide settings while another thread computes.
+        yield n_threads
+        return
     torch = _torch()
     # Torch's count is read before threadpoolctl changes its OpenMP runtime (torch's
     # MKL count follows torch.set_num_threads only), and threadpoolctl records the
@@ -253,3 +259,46 @@ def thread_limits(n_jobs=None, size_hint=None):
             _ACTIVE.reset(token)
             if torch is not None:
                 torch.set_num_threads(previous)
+
+
+def map_in_threads(function, items):
+    """``[function(item) for item in items]`` on the threads the enclosing block allows.
+
+    Inside :func:`thread_limits` with ``n`` threads, the calls run on ``n`` Python
+    threads with one BLAS/torch thread each (set once, here, for the whole map: numpy
+    and scipy release the GIL in their kernels); outside one, or with one thread,
+    they run in order in the caller's thread. Results come back in the order of
+    ``items``; the calls must be independent (no shared state they write). Used
+    where a fit has many independent eigenproblems of the same size (each client's
+    refit without it), which one BLAS thread each runs faster than two threads one
+    after the other.
+
+    Parameters
+    ----------
+    function : callable
+    items : iterable
+
+    Returns
+    -------
+    list
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    items = list(items)
+    n_threads = min(_ACTIVE.get() or 1, len(items))
+    if n_threads <= 1:
+        return [function(item) for item in items]
+    with thread_limits(1):
+        # OpenMP's thread count is a per-thread setting: each worker sets its own (the
+        # BLAS libraries' counts are process-wide and were set just above).
+        openmp = _controller().select(user_api="openmp")
+
+        def run(item):
+            with openmp.limit(limits=1):
+                return function(item)
+
+        contexts = [contextvars.copy_context() for _ in items]  # each carries the limit 1
+        with ThreadPoolExecutor(max_workers=n_threads) as pool:
+            futures = [pool.submit(context.run, run, item)
+                       for context, item in zip(contexts, items)]
+            return [future.result() for future in futures]

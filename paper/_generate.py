@@ -207,6 +207,10 @@ def lora_scale_macros(text):
             macros[f"bench.lorascale.{key}.{short}"] = fmt(src.number(row[col]))
         for col in ("d", "K", "r"):
             macros[f"bench.lorascale.{col}"] = fmt(src.number(row[col]))
+        verdict = [value for name, value in row.items() if re.fullmatch(r"<=\s*[\d.]+", name)]
+        if verdict:  # the table's own verdict on the target, in words
+            macros[f"bench.lorascale.{key}.verdict"] = (
+                "met" if verdict[0].strip().lower() == "met" else "not met")
     slopes = src.find_table(text, "log-log slope over K", "value")
     for row in slopes or []:
         name = {"end to end": "e2e", "two QRs": "qr"}.get(row["log-log slope over K"])

@@ -355,9 +355,76 @@ def test_count_above_equals_the_count_of_the_spectrum():
     weights = rng.uniform(0.2, 3.0, 30)
     sing = np.sqrt(np.clip(np.linalg.eigvalsh(stack.centred_gram(weights)), 0, None))
     # edges between well-separated values (none within round-off of an edge)
+    # 8 and 12 above: the first Lanczos run (8 pairs) is all above the edge and the
+    # deflated check decides (8: stop; 12: a second run of 16 pairs).
     for edge in [0.5 * (sing[-1] + sing[-2]), 0.5 * (sing[-3] + sing[-4]),
+                 0.5 * (sing[-8] + sing[-9]), 0.5 * (sing[-12] + sing[-13]),
                  np.median(sing), 0.5 * sing[0]]:
         assert stack.count_above(weights, edge) == int(np.sum(sing > edge))
+
+
+def _nearly_noiseless_stack(rng, n_clients=12, dim=150, rank=3, noise=1e-7):
+    """Clients ``(U W_k + noise N_k) A_k``: nearly all of each in a rank-``rank`` column
+    space U; returns the stack, the dense stack and U in the stack's coordinates."""
+    shared = np.linalg.qr(rng.standard_normal((dim, rank)))[0]
+    factors = [(shared @ rng.standard_normal((rank, 4)) + noise * rng.standard_normal((dim, 4)),
+                rng.standard_normal((4, 90))) for _ in range(n_clients)]
+    reduction = factored_reduction(factors)
+    left, right = reduction.left_basis, reduction.right_basis
+    dense = np.stack([left.T @ b @ a @ right for b, a in factors])
+    return reduction.updates, dense, left.T @ shared
+
+
+@pytest.mark.parametrize("floor", ["package", "none"])
+def test_off_subspace_statistics_keep_their_digits_when_the_subspace_holds_nearly_all(
+        floor, monkeypatch):
+    """The statistics by difference (raw inner products minus the in-subspace ones) lose
+    digits where the off-subspace part is tiny against the whole; there the direct
+    route (off-subspace factors) is taken.
+
+    Off-subspace parts 1e-14 of the clients' squared norms: by difference the
+    statistics would carry an error ~ eps |X|^2, about 1% of themselves; directly, they
+    equal the dense computation to ~1e-8 relative (the dense side's own round-off,
+    eps sqrt(|X|^2 / statistic)). Negative control (``floor="none"``): always by
+    difference, the 1e-6 tolerance fails.
+    """
+    import clairstat._reduced as reduced
+
+    if floor == "none":
+        monkeypatch.setattr(reduced, "_DIFFERENCE_FLOOR", 0.0)
+    rng = np.random.default_rng(31)
+    stack, dense, basis = _nearly_noiseless_stack(rng)
+    weights = np.ones(len(stack))
+    got = projection_statistics(stack, weighted_mean(stack, weights), basis)
+    want = projection_statistics(dense, weighted_mean(dense, weights), basis)
+    error = np.max(np.abs(got - want) / want)
+    assert (error <= 1e-6) == (floor == "package")
+
+
+def test_warm_svt_spectrum_equals_the_cold_one_and_refuses_a_missing_direction():
+    """The warm SVT's pairs are the cold run's kept ones; a start that lacks a direction
+    above the threshold is refused by the deflated check (not silently thresholded away)."""
+    from clairstat.aggregation._lanczos_solver import _top_gram_eigen, _warm_gram_eigen
+
+    rng = np.random.default_rng(32)
+    dim = 160
+    signal = np.linalg.qr(rng.standard_normal((dim, 5)))[0] * np.array([9.0, 8, 7, 6, 5])
+    matrix = signal @ rng.standard_normal((5, 2 * dim)) / np.sqrt(dim) \
+        + rng.standard_normal((dim, 2 * dim)) / np.sqrt(2 * dim)
+    threshold = 0.5 * (np.linalg.svd(matrix, compute_uv=False)[4]
+                       + np.linalg.svd(matrix, compute_uv=False)[5])
+    cold_val, cold_vec, wide = _top_gram_eigen(matrix, threshold, 5)
+    keep = cold_val > threshold ** 2
+    assert keep.sum() == 5
+    nearby = cold_vec[:, keep] + 1e-3 * rng.standard_normal((dim, 5))
+    warm_val, warm_vec, warm_wide = _warm_gram_eigen(matrix, threshold,
+                                                     np.linalg.qr(nearby)[0])
+    assert warm_wide == wide
+    assert np.allclose(warm_val, cold_val[keep], rtol=0, atol=1e2 * EPS * cold_val[0])
+    assert np.linalg.norm(warm_vec @ warm_vec.T - cold_vec[:, keep] @ cold_vec[:, keep].T) \
+        <= 1e-10
+    # Four of the five kept directions: the fifth stays above the threshold after deflation.
+    assert _warm_gram_eigen(matrix, threshold, cold_vec[:, :4]) is None
 
 
 def test_batched_readouts_equal_one_by_one():

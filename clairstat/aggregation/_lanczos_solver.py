@@ -14,7 +14,8 @@ from scipy.sparse.linalg import LinearOperator
 
 from .._objective import stack_blocks, unstack_blocks
 from .._prox import svt_torch
-from .._reduced import lanczos_pays, top_eigh
+from .._reduced import (CHECK_TOL, _oversampled, deflated_top, lanczos_pays, top_eigh,
+                        warm_top_eigh)
 from ..solvers._torch import TorchSolver
 
 __all__ = ["partial_spectrum_solver"]
@@ -73,16 +74,47 @@ def _top_gram_eigen(matrix, threshold, guess):
     return None
 
 
+def _warm_gram_eigen(matrix, threshold, basis):
+    """:func:`_top_gram_eigen` from the previous SVT's kept eigenvectors, or ``None``.
+
+    Successive FISTA steps move the thresholded matrix little, so the previous step's
+    kept eigenvectors (``basis``, m columns) span nearly the new ones: a block subspace
+    iteration from them and a few fixed extra columns (:func:`warm_top_eigh`) returns
+    the top m pairs, each under its residual certificate at the round-off floor. That
+    they are the top m and that no other eigenvalue exceeds ``threshold^2`` is checked
+    by the largest eigenvalue of the Gram operator deflated by them
+    (:func:`clairstat._reduced.deflated_top`, to the relative residual ``CHECK_TOL``):
+    below ``threshold^2`` and the m-th value by more than that margin, the answer holds
+    the pairs :func:`_top_gram_eigen` would keep; otherwise ``None`` (the caller then
+    runs :func:`_top_gram_eigen`, which converges ``m + 4`` pairs to machine precision,
+    most of its cost going to the 4 pairs of the noise edge).
+    """
+    operator, wide = _gram_operator(matrix)
+    dim, count = operator.shape[0], basis.shape[1]
+    if basis.shape[0] != dim or not lanczos_pays(dim, count):
+        return None
+    found = warm_top_eigh(operator.matmat, _oversampled(basis, dim, max(8, count // 2)), count)
+    if found is None:
+        return None
+    eigval, eigvec = found
+    rest = deflated_top(operator, eigvec)
+    if not rest * (1.0 + 2.0 * CHECK_TOL) <= min(threshold ** 2, eigval[-1]):
+        return None
+    return eigval, eigvec, wide
+
+
 class _PartialSpectrumSolver(TorchSolver):
     """:class:`clairstat.solvers.TorchSolver` with Lanczos SVT and operator norms.
 
     Same FISTA iterations, restarts, continuation and duality-gap certificate as the
     parent (:meth:`_penalized` and :meth:`_fista` are the parent's, with the operator
-    norm and the SVT taken from a few Lanczos pairs); the exact program is the
+    norm and the SVT taken from a few Lanczos pairs, warm-started from the previous
+    step's where they certify, :func:`_warm_gram_eigen`); the exact program is the
     parent's.
     """
 
     _guess = 0
+    _kept = None  # the previous SVT's kept eigenvectors (Gram side), a warm start
 
     def _lanczos(self, tensor):
         # ARPACK runs on the CPU; float32 keeps the dense routines: the Gram route's error
@@ -100,8 +132,13 @@ class _PartialSpectrumSolver(TorchSolver):
     def _svt(self, blocks, threshold):
         import torch
         matrix = stack_blocks(blocks)
-        found = _top_gram_eigen(matrix.detach().numpy(), threshold, self._guess) \
-            if self._lanczos(matrix) else None
+        found = None
+        if self._lanczos(matrix):
+            dense = matrix.detach().numpy()
+            if self._kept is not None:
+                found = _warm_gram_eigen(dense, threshold, self._kept)
+            if found is None:
+                found = _top_gram_eigen(dense, threshold, self._guess)
         if found is None:
             low_rank, sing = svt_torch(matrix, threshold, method=self.svd_method)
             return unstack_blocks(low_rank, blocks.shape[0]), float(sing.sum())
@@ -109,7 +146,7 @@ class _PartialSpectrumSolver(TorchSolver):
         sing = np.sqrt(np.clip(eigval, 0.0, None))
         keep = sing > threshold
         basis, sing = eigvec[:, keep], sing[keep]
-        self._guess = int(keep.sum())
+        self._guess, self._kept = int(keep.sum()), basis
         factor = (sing - threshold) / sing
         dense = matrix.detach().numpy()
         low_rank = ((basis * factor) @ (basis.T @ dense) if wide
