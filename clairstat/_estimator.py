@@ -113,6 +113,10 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
         ``-1`` every CPU the process may use, ``-k`` all but ``k - 1``, a positive int
         that many. Pools left unpinned spin against each other: a fit beside a second
         fit ran 38x slower unpinned than with this policy (benchmarks/RESULTS.md).
+        With two or more threads, the robust start's independent concentration chains
+        (and, on factored LoRA stacks, the members' leave-one-out refits) run on that
+        many Python threads with one BLAS thread each
+        (:func:`clairstat._threads.map_in_threads`).
     random_state : int, RandomState instance or None, default=None
         Seeds the random starts of the concentration steps (the robust start of the
         test). With ``None``

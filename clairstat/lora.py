@@ -366,7 +366,9 @@ def refine_adapters(state_dicts: Sequence[Mapping[str, Any]], configs: Any = Non
         Threads of torch and of the BLAS/OpenMP pools for the whole refinement
         (:func:`clairstat._threads.thread_limits`): ``None`` chooses from the work of
         the largest module (one thread for small adapters), ``-1`` uses every usable
-        CPU, a positive int that many.
+        CPU, a positive int that many. With two or more, each module's independent
+        eigenproblems (the members' leave-one-out refits, the robust start's chains) run
+        on that many Python threads with one BLAS thread each.
     progress : callable, optional
         Called as ``progress(iterable, total=n_modules)`` around the loop over modules
         (the per-module fits) and iterated; ``tqdm.tqdm`` fits.
