@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import numbers
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 
 from ._decompose import clair_decompose
 from ._detection import refine
-from ._reduced import FactoredBlocks
+from ._reduced import FactoredBlocks, stack_caches
 from ._inference import NoiseKnowledge, detect_clients
 from ._null import NoiseCovariance
 from ._threads import thread_limits
@@ -359,7 +360,9 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
         """
         self._validate_params()
         blocks = self._read(X, reset=True)
-        with thread_limits(self.n_jobs, getattr(blocks, "coef", blocks).shape):
+        caches = stack_caches(blocks) if isinstance(blocks, FactoredBlocks) \
+            else contextlib.nullcontext()
+        with thread_limits(self.n_jobs, getattr(blocks, "coef", blocks).shape), caches:
             return self._fit(blocks, sample_weight, noise_cov)
 
     def _fit(self, blocks, sample_weight, noise_cov):

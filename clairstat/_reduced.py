@@ -44,6 +44,7 @@ test's degrees of freedom count r (the widest client rank) columns per client, n
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import threading
 import weakref
@@ -51,7 +52,7 @@ from typing import NamedTuple
 
 import numpy as np
 import scipy.linalg
-from scipy.sparse.linalg import LinearOperator, eigsh, svds
+from scipy.sparse.linalg import ArpackNoConvergence, LinearOperator, eigsh, svds
 
 from ._threads import map_in_threads, thread_limits
 
@@ -60,6 +61,7 @@ __all__ = ["lanczos_pays", "top_eigh", "warm_top_eigh", "deflated_top", "CHECK_T
            "singular_values", "leave_one_out_coefficients", "eckart_young_factors",
            "orthonormal_basis", "rank_tolerance",
            "FactoredBlocks", "FactoredMean", "FactoredRefined", "off_subspace_statistics",
+           "stack_caches",
            "ReducedFactors", "ReducedStack", "reduce_factors", "factored_reduction",
            "CombinedUpdates"]
 
@@ -80,18 +82,23 @@ def lanczos_pays(dim, count):
     return count is not None and dim >= 100 and 0 < count <= dim // 4
 
 
-def top_eigh(matrix, count=None, tol=0.0):
+def top_eigh(matrix, count=None, tol=0.0, start=None):
     """Eigenpairs of a symmetric matrix, largest first (only ``count`` of them if given).
 
     Parameters
     ----------
     matrix : ndarray of shape (dim, dim) or scipy LinearOperator
-        A LinearOperator is solved by Lanczos when :func:`lanczos_pays`, else formed.
+        A LinearOperator is solved by Lanczos when :func:`lanczos_pays`, else formed
+        (also where ARPACK does not converge, which a tight cluster of eigenvalues at
+        the edge of the wanted ones can cause).
     count : int, optional
     tol : float, default=0.0
         Lanczos' stopping rule, a relative residual ``||A z - theta z|| <= tol |theta|``
         (each returned value is then within ``tol |theta|`` of an eigenvalue); 0 is
         machine precision. The dense solver ignores it.
+    start : ndarray of shape (dim,), optional
+        Lanczos' start vector (default: the normalised vector of ones, fixed so that the
+        result is reproducible). The dense solver ignores it.
 
     Returns
     -------
@@ -102,13 +109,19 @@ def top_eigh(matrix, count=None, tol=0.0):
     dim = matrix.shape[0]
     if count == 0:
         return np.zeros(0), np.zeros((dim, 0))
+    found = None
     if lanczos_pays(dim, count):
         # A fixed start vector keeps the result reproducible. Matrix-vector products and
         # ARPACK's small dense steps: a second BLAS thread only synchronises (tens of
         # times slower on a busy machine, clairstat._threads).
         with thread_limits(1):
-            eigval, eigvec = eigsh(matrix, k=count, which="LA", tol=tol,
-                                   v0=np.ones(dim) / np.sqrt(dim))
+            try:
+                found = eigsh(matrix, k=count, which="LA", tol=tol,
+                              v0=np.ones(dim) / np.sqrt(dim) if start is None else start)
+            except ArpackNoConvergence:  # a tight cluster at the edge: the dense solver
+                found = None
+    if found is not None:
+        eigval, eigvec = found
     else:
         if isinstance(matrix, LinearOperator):
             matrix = matrix @ np.eye(dim)
@@ -172,10 +185,11 @@ def _subspace_iteration(apply, start, count, max_iter):
 
 
 # Where only the side of a threshold an eigenvalue falls on is asked (the SVT's kept
-# count, the rank rule's count), a relative residual of 1e-3 places it within 0.1% of
+# count, the rank rule's count), a relative residual of 1e-6 places it within 1e-6 of
 # its value, and the answer is taken only outside that margin; machine precision on a
-# clustered noise edge takes several times the products.
-CHECK_TOL = 1e-3
+# clustered noise edge takes about twice the products (and a looser 1e-3 let a start
+# vector nearly orthogonal to the top eigenvector stop on the bulk below it, 1% low).
+CHECK_TOL = 1e-6
 
 
 def deflated_top(operator, vectors, tol=CHECK_TOL):
@@ -184,7 +198,9 @@ def deflated_top(operator, vectors, tol=CHECK_TOL):
     The largest eigenvalue of ``(I - V V^T) A (I - V V^T)`` (``V`` orthonormal, (dim, m))
     by :func:`top_eigh` (one Lanczos pair to the relative residual ``tol``): with ``V``
     certified eigenvectors of A, the next eigenvalue of A after theirs. Lanczos' Ritz
-    value is a lower bound that converges to it from below.
+    value is a lower bound that converges to it from below. The start vector is fixed
+    and pseudo-random (not the vector of ones, to which structured stacks, such as
+    clients of opposite signs, can make the top eigenvector orthogonal).
 
     Parameters
     ----------
@@ -203,8 +219,10 @@ def deflated_top(operator, vectors, tol=CHECK_TOL):
         image = operator.matmat(x) if x.ndim > 1 else operator.matvec(x)
         return image - vectors @ (vectors.T @ image)
 
+    start = np.random.default_rng(0).standard_normal(dim)
     return float(top_eigh(LinearOperator((dim, dim), dtype=float, matvec=deflated,
-                                         matmat=deflated), 1, tol=tol)[0][0])
+                                         matmat=deflated), 1, tol=tol,
+                          start=start / np.linalg.norm(start))[0][0])
 
 
 def _orthonormal_columns(block):
@@ -413,6 +431,32 @@ def leave_one_out_coefficients(weights, k, centred_inner):
 # one lock: the leave-one-out refits and the concentration steps may run on several
 # threads (clairstat._threads.map_in_threads).
 _CACHE_LOCK = threading.RLock()
+@contextlib.contextmanager
+def stack_caches(stack):
+    """Keep ``stack``'s root caches (inner products, dense means) for the block.
+
+    One fit reads the same inner products and means many times; outside a block (and
+    after it) they are not kept, so that a fitted estimator, which holds its stack,
+    does not hold 40 MB of caches per LoRA module (s = t = 1600) for its lifetime.
+    Blocks nest; the caches are dropped when the outermost one exits.
+    """
+    root = stack.root
+    with _CACHE_LOCK:
+        root._cache_depth = root.__dict__.get("_cache_depth", 0) + 1
+    try:
+        yield stack
+    finally:
+        with _CACHE_LOCK:
+            root._cache_depth -= 1
+            if root._cache_depth == 0:
+                root.__dict__.pop("_raw_inner", None)
+                root.__dict__.pop("_dense_means", None)
+
+
+def _caching(root):
+    return root.__dict__.get("_cache_depth", 0) > 0
+
+
 # The last subspace a stack fitted, a warm start for the next refit (a weak reference to
 # the root stack and the basis). A context variable: each concentration chain run by
 # map_in_threads sees its own sequence of refits, as it would one after the other.
@@ -474,12 +518,14 @@ class FactoredBlocks:
     def raw_inner(self):
         """``<X_j, X_l>`` (Frobenius) for every pair of the root's clients, (N, N).
 
-        Formed once per root (cost ``p (N r)^2``) and cached: the statistics of every
-        later subspace need only their in-subspace part on top of it
-        (:func:`off_subspace_statistics`).
+        Formed once per root (cost ``p (N r)^2``) and cached inside a
+        :func:`stack_caches` block (one fit): the statistics of every later subspace
+        need only their in-subspace part on top of it (:func:`off_subspace_statistics`).
         """
         root = self.root
         with _CACHE_LOCK:
+            if not _caching(root):
+                return root.inner_products()
             if "_raw_inner" not in root.__dict__:
                 root._raw_inner = root.inner_products()
         return root._raw_inner
@@ -707,7 +753,7 @@ class FactoredBlocks:
         (gram, mean_outer, mean_rows, spread_rows, common, centred_inner,
          mean) = self._downdate_terms(weights)
         raw, omega = self.raw_inner()[np.ix_(self.index, self.index)], weights / weights.sum()
-        scale = np.diag(raw) + omega @ raw @ omega  # the round-off scale of centred_inner
+        scale = _round_off_scale(raw, omega)  # of centred_inner's diagonal
         bases, lock = {}, threading.Lock()
 
         def base(alpha, beta):
@@ -762,10 +808,10 @@ class FactoredMean:
     def to_dense(self):
         """The mean, shape (p, t), read-only.
 
-        Formed from the clients with non-zero weight and kept on the root stack for the
-        last two weight vectors: a test round, its leave-one-out downdates, the
-        refinement and the estimator read the same mean (20 MB and 0.1 s at
-        p = t = 1600).
+        Formed from the clients with non-zero weight; inside a :func:`stack_caches`
+        block kept on the root stack for the last two weight vectors: a test round, its
+        leave-one-out downdates, the refinement and the estimator read the same mean
+        (20 MB and 0.1 s at p = t = 1600).
         """
         root = self.stack.root
         omega = np.zeros(len(root))
@@ -776,7 +822,7 @@ class FactoredMean:
 
     @staticmethod
     def _cached_dense(root, omega, key):
-        cache = root.__dict__.setdefault("_dense_means", {})
+        cache = root.__dict__.setdefault("_dense_means", {}) if _caching(root) else {}
         if key not in cache:
             used = np.flatnonzero(omega)
             _, p, r = root.coef.shape
@@ -794,8 +840,9 @@ class FactoredMean:
 
 
 # A statistic taken as a difference keeps its round-off (a few eps times the terms'
-# scale, times the square root of the inner products' length) below 1e-6 of itself when
-# it is at least this share of that scale; smaller ones are computed directly.
+# scale, _round_off_scale, times the square root of the inner products' length) below
+# about 1e-6 of itself when it is at least this share of that scale; smaller ones are
+# computed directly.
 _DIFFERENCE_FLOOR = 2.0 ** -20
 
 
@@ -810,8 +857,9 @@ def off_subspace_statistics(stack, mean, basis):
     ``m (N r)^2`` for an m-column basis instead of ``p (N r)^2`` (the robust start and
     the test rounds ask for dozens of subspaces). Where a statistic is below
     ``_DIFFERENCE_FLOOR`` of its terms' scale (noiseless data, a subspace that holds
-    nearly everything) the difference would lose digits, and the statistics are
-    computed from the off-subspace factors ``(I - P) Y_k`` directly.
+    nearly everything, large clients that cancel in the mean) the difference would
+    lose digits, and the statistics are computed from the off-subspace factors
+    ``(I - P) Y_k`` directly (which share the mean's cancellation, as before).
     """
     root = stack.root
     if mean.stack is not root:
@@ -823,13 +871,23 @@ def off_subspace_statistics(stack, mean, basis):
     raw = root.raw_inner()[pairs]
     inside = root.inner_products(np.matmul(basis.T, root.coef))[pairs]
     stat = _centred_diagonal(raw - inside, omega)[position]
-    scale = (np.diag(raw) + omega @ raw @ omega)[position]
-    if np.all(stat >= _DIFFERENCE_FLOOR * scale):
+    if np.all(stat >= _DIFFERENCE_FLOOR * _round_off_scale(raw, omega)[position]):
         return stat
     coef = root.coef[involved]
     resid = coef - basis @ (basis.T @ coef)
     phi = root[involved].inner_products(resid)
     return np.clip(_centred_diagonal(phi, omega), 0.0, None)[position]
+
+
+def _round_off_scale(raw, omega):
+    """A bound on the terms of ``||x_k - sum_j omega_j x_j||^2`` formed from ``raw``.
+
+    ``(|x_k| + sum_j |omega_j| |x_j|)^2`` (Cauchy-Schwarz on every product): the
+    centred value's round-off is a few eps times this, also where large clients cancel
+    in the mean (then ``|x_k|^2 + |m|^2`` would be far too small).
+    """
+    norms = np.sqrt(np.clip(np.diag(raw), 0.0, None))
+    return (norms + np.abs(omega) @ norms) ** 2
 
 
 def _centred_diagonal(phi, omega):

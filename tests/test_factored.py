@@ -493,3 +493,67 @@ def test_first_occurrences_match_numpy_unique_and_treat_signed_zeros_alike():
     rows[6, 0] = -0.0
     want = np.sort(np.unique(rows, axis=0, return_index=True)[1])
     assert _first_occurrences(rows).tolist() == want.tolist() == [0, 1, 2, 3, 5, 8]
+
+
+def test_leave_one_out_statistic_keeps_its_digits_when_large_members_cancel():
+    """Three members of norm ~1e7 that sum to about zero: the mean is small, so the
+    statistics by difference would carry a round-off ~eps (1e7)^2 (1.7e-3 relative,
+    found by review); the guard's scale bounds every term and takes the direct route."""
+    rng = np.random.default_rng(0)
+    p, t, n_clients, big = 120, 12, 8, 1e7
+    coef, rights = np.zeros((n_clients, p, 4)), np.zeros((n_clients, 4, t))
+
+    def put(k, y_mat, r_mat):
+        coef[k, :, :y_mat.shape[1]], rights[k, :r_mat.shape[0]] = y_mat, r_mat
+
+    total = 0.0
+    for k in range(2):
+        y_mat = big * rng.standard_normal((p, 2))
+        r_mat = np.linalg.qr(rng.standard_normal((t, 2)))[0].T
+        put(k, y_mat, r_mat)
+        total = total + y_mat @ r_mat
+    left, sing, right_t = np.linalg.svd(-total, full_matrices=False)
+    put(2, left[:, :4] * sing[:4], right_t[:4])
+    for k in range(3, n_clients):
+        put(k, rng.standard_normal((p, 2)), np.linalg.qr(rng.standard_normal((t, 2)))[0].T)
+    stack, weights = FactoredBlocks(coef, rights), np.ones(n_clients)
+    basis = stack.centred_left_singular(weights, 3)[0]
+    fit, without = stack.leave_one_out_fits(weights, 3, basis), stack.leave_one_out_grams(weights)
+    for k in range(3, n_clients):
+        stat, sub_basis = fit(k)
+        residual = without(k)[1]
+        residual = residual - sub_basis @ (sub_basis.T @ residual)
+        # the direct route's own round-off: ~eps |X|^2 over a statistic ~1e2 -> 1e-9 is wide
+        assert stat == pytest.approx(np.sum(residual ** 2), rel=1e-9)
+
+
+def test_warm_svt_refuses_when_a_kept_direction_is_orthogonal_to_ones():
+    """A sixth value above the threshold whose eigenvector is orthogonal to the vector of
+    ones (Lanczos' default start): the deflated check starts elsewhere and sees it."""
+    from clairstat.aggregation._lanczos_solver import _warm_gram_eigen
+
+    rng = np.random.default_rng(0)
+    dim, width = 200, 600
+    ones = np.ones(dim) / np.sqrt(dim)
+    basis = np.linalg.qr(rng.standard_normal((dim, dim)))[0]
+    hidden = basis[:, 5] - (basis[:, 5] @ ones) * ones
+    basis = np.linalg.qr(np.hstack([hidden[:, None], np.delete(basis, 5, axis=1)]))[0]
+    basis = np.hstack([basis[:, 1:6], basis[:, :1], basis[:, 6:]])  # 5 kept, hidden, bulk
+    squares = np.concatenate([[9, 7, 5, 4, 3], [1.005], 0.99 - 0.5 * rng.random(dim - 6) ** 3])
+    matrix = (basis * np.sqrt(squares)) @ np.linalg.qr(rng.standard_normal((width, dim)))[0].T
+    found = _warm_gram_eigen(matrix, 1.0, basis[:, :5])  # warm start from the five
+    assert found is None or np.sum(found[0] > 1.0) == 6
+
+
+def test_a_fitted_lora_module_keeps_no_stack_caches():
+    """The inner products and dense means cached during a fit are dropped after it (a
+    fitted estimator holds its stack: 40 MB per module at s = t = 1600 otherwise)."""
+    from clairstat.aggregation import clair_modules
+
+    rng = np.random.default_rng(0)
+    shared = rng.standard_normal((160, 4))
+    factors = [(shared + 0.1 * rng.standard_normal((160, 4)),
+                rng.standard_normal((4, 160)) / np.sqrt(160)) for _ in range(12)]
+    estimator = clair_modules({"m": factors}, joint=False, n_jobs=1).estimators["m"]
+    root = estimator.collaborative_mean_.stack.root
+    assert "_raw_inner" not in root.__dict__ and "_dense_means" not in root.__dict__
