@@ -229,7 +229,9 @@ def lora_scale_macros(text):
             for col, short in (("modules", "modules"), ("clients", "clients"),
                                ("wall time (s)", "wall"), ("per module (s)", "permodule"),
                                ("peak RSS (MiB)", "rss")):
-                macros[f"{prefix}.{short}"] = fmt(src.number(row[col]))
+                # whole seconds for the wall time (4273.1 s, not 4.27e3)
+                value = src.number(row[col])
+                macros[f"{prefix}.{short}"] = fmt(round(value) if short == "wall" else value)
     return macros
 
 

@@ -74,4 +74,4 @@ def clair(factors, weights, **options):
         "flagged": np.asarray(estimator.contaminated_, dtype=bool),
         "per_client": per_client,
         "subspace": reduction.left_basis @ estimator.subspace_,
-        "estimator": estimator, "reduction": reduction})
+        "estimator": estimator, "reduction": reduction, "reduced_mean": mean_reduced})

@@ -140,7 +140,7 @@ def _fit_per_module(factor_lists, weights, clair_params, progress=None):
             params["solver"] = solver
         result = aggregate("clair", factors, weights, **params)
         red = result.reduction
-        mean = np.asarray(result.estimator.collaborative_mean_)[None]
+        mean = result.reduced_mean[None]  # formed once, by the rule
         out[name] = (result.per_client, ReducedStack(red.left_basis, mean, red.right_basis),
                      result.flagged, result.estimator)
     return out

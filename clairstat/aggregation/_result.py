@@ -30,7 +30,9 @@ class AggregationResult:
         Rule-specific outputs, also readable as attributes: ``residual`` (fedex),
         ``rotations`` and ``aligned_factors`` (fedrot), ``reference_basis`` (glora),
         ``selected`` and ``scores`` (krum), ``iterations`` and ``converged``
-        (geomedian), ``flagged``, ``per_client``, ``subspace`` and ``estimator`` (clair).
+        (geomedian), ``flagged``, ``per_client``, ``subspace``, ``estimator``,
+        ``reduction`` and ``reduced_mean`` (the mean in the reduction's coordinates)
+        (clair).
 
     Examples
     --------
