@@ -18,7 +18,11 @@ On a machine busy with other jobs, one thread was faster at every size measured 
 svt_flops = 1.3e9): pass ``n_jobs=1`` there.
 
 :func:`thread_limits` applies the choice to torch (``torch.set_num_threads``) and to the
-BLAS/OpenMP pools (threadpoolctl) together, and restores both afterwards. The
+BLAS/OpenMP pools (threadpoolctl) together, and restores both afterwards. Inside it,
+:func:`map_in_threads` runs a fit's independent eigenproblems (leave-one-out refits,
+concentration chains) on that many Python threads with one BLAS thread each, which
+neither spins nor synchronises: with two threads, 10.9 -> 8.4 s on one LoRA module
+(benchmarks/RESULTS.md). The
 environment variables ``OPENBLAS_CORETYPE`` / ``OPENBLAS_L2_SIZE`` select OpenBLAS's
 kernels and blocking, not its thread count, so they do not interact with this policy.
 """
