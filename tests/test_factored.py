@@ -557,3 +557,53 @@ def test_a_fitted_lora_module_keeps_no_stack_caches():
     estimator = clair_modules({"m": factors}, joint=False, n_jobs=1).estimators["m"]
     root = estimator.collaborative_mean_.stack.root
     assert "_raw_inner" not in root.__dict__ and "_dense_means" not in root.__dict__
+
+
+def _conditioned(rng, rows, cols, cond):
+    """A (rows, cols) matrix with singular values log-spaced from 1 down to 1 / cond."""
+    left = np.linalg.qr(rng.standard_normal((rows, cols)))[0]
+    right = np.linalg.qr(rng.standard_normal((cols, cols)))[0]
+    return (left * np.logspace(0, -np.log10(cond), cols)) @ right.T
+
+
+@pytest.mark.parametrize("cond", [1.0, 1e3, 1e4, 1e5, 1e7, 1e12])
+def test_span_basis_is_orthonormal_whatever_the_conditioning(cond):
+    """The reduction's bases (CholeskyQR where its checks pass, Householder otherwise)
+    are orthonormal and reproduce the matrix. The bound 2^-30 on ||Q^T Q - I||_F is the
+    CholeskyQR acceptance tolerance (a one-pass Q is taken only within it; Householder
+    and the second pass sit near 1e-14); one pass alone is 4e-10 off (max entry) at
+    cond 1e4 and 4e-8 at 1e5, which the next test makes fail."""
+    from clairstat._reduced import _span_columns
+
+    matrix = _conditioned(np.random.default_rng(3), 500, 100, cond)
+    basis, coordinates = _span_columns(matrix)
+    assert np.linalg.norm(basis.T @ basis - np.eye(basis.shape[1])) <= 2.0 ** -30
+    if coordinates is not None:  # a certified full-rank QR: Q R == matrix
+        assert basis.shape[1] == 100
+        assert close(basis @ coordinates, matrix)
+    else:  # the numerical rank decided by an SVD: the span still holds the matrix
+        assert close(basis @ (basis.T @ matrix), matrix)
+
+
+def test_span_basis_without_its_orthogonality_check_fails(monkeypatch):
+    """Negative control of the test above: accept CholeskyQR's first pass unchecked."""
+    from clairstat import _reduced
+
+    monkeypatch.setattr(_reduced, "_ORTHO_TOL", np.inf)
+    matrix = _conditioned(np.random.default_rng(3), 500, 100, 1e5)
+    basis, _ = _reduced._span_columns(matrix)
+    assert np.linalg.norm(basis.T @ basis - np.eye(basis.shape[1])) > 2.0 ** -30
+
+
+def test_span_basis_of_a_rank_deficient_stack_has_its_rank():
+    """Duplicated columns (clients sending the same B): not positive definite, so the
+    rank-revealing route, with the numerical rank and an orthonormal basis."""
+    from clairstat._reduced import _span_columns
+
+    rng = np.random.default_rng(4)
+    matrix = rng.standard_normal((200, 30))
+    matrix = np.hstack([matrix, matrix[:, :10]])
+    basis, _ = _span_columns(matrix)
+    assert basis.shape[1] == 30
+    assert np.linalg.norm(basis.T @ basis - np.eye(30)) <= 1e3 * EPS
+    assert close(basis @ (basis.T @ matrix), matrix)
