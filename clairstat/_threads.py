@@ -35,6 +35,7 @@ import importlib.util
 import numbers
 import os
 import sys
+import threading
 
 __all__ = ["usable_cpus", "svt_flops", "threads_for_size", "resolve_n_jobs",
            "thread_limits", "map_in_threads", "GRAIN_FLOPS"]
@@ -210,6 +211,76 @@ def _controller():
     return _CONTROLLER["controller"]
 
 
+# Some pools' counts belong to the calling thread: OpenMP's, torch's intra-op count
+# (which follows OpenMP) and a BLAS built on OpenMP. Others are process-wide: OpenBLAS
+# on its own pthreads (the wheels' build), MKL, BLIS. A Dask worker thread or a
+# notebook's second thread may run a fit while another runs one. So each thread_limits
+# block sets its own thread's counts (restored on exit, in the thread's own nesting
+# order), and registers its count for the process-wide pools: these are at the
+# smallest count among the threads' innermost blocks (two concurrent fits share the
+# CPUs), and back at the counts found before the first block when the last one exits,
+# whatever the order in which blocks of different threads end.
+_SHARED_LOCK = threading.Lock()
+_BLOCKS = {}  # token -> (thread ident, count), in the order of entry
+_SHARED = {"original": None, "in_force": None}  # the first limiter, the count set
+
+
+def _per_thread_pools():
+    """The pools whose count is the calling thread's (OpenMP, BLAS on OpenMP)."""
+    return _controller().select(user_api="openmp", threading_layer="openmp")
+
+
+def _shared_pools():
+    """The process-wide pools: every BLAS not threaded by OpenMP."""
+    paths = [lib.filepath for lib in _controller().select(user_api="blas").lib_controllers
+             if getattr(lib, "threading_layer", None) != "openmp"]
+    return _controller().select(filepath=paths)
+
+
+def _release_openblas():
+    """Let any thread set OpenBLAS's process-wide count.
+
+    threadpoolctl (3.6 and later) lets only one "controlling" thread change a
+    process-wide OpenBLAS pool and silently ignores the others; the registry below
+    already serialises every change (under ``_SHARED_LOCK``), so it releases that
+    control around each of its own changes.
+    """
+    import threadpoolctl
+
+    release = getattr(getattr(threadpoolctl, "OpenBLASController", None),
+                      "clear_controlling_thread", None)
+    if release is not None:
+        release(force=True)
+
+
+def _wanted_count():
+    """The smallest count among the threads' innermost blocks, or None without blocks."""
+    innermost = {}
+    for ident, count in _BLOCKS.values():  # entry order: a thread's last is its innermost
+        innermost[ident] = count
+    return min(innermost.values()) if innermost else None
+
+
+def _set_shared_pools():
+    """Apply :func:`_wanted_count` to the process-wide pools (under ``_SHARED_LOCK``);
+    restore their original counts when no block is left."""
+    wanted = _wanted_count()
+    if wanted == _SHARED["in_force"]:
+        return
+    _release_openblas()
+    try:
+        if wanted is None:
+            _SHARED["original"].restore_original_limits()
+            _SHARED["original"] = None
+        else:
+            limiter = _shared_pools().limit(limits=wanted)
+            if _SHARED["original"] is None:  # it recorded the counts before any block
+                _SHARED["original"] = limiter
+        _SHARED["in_force"] = wanted
+    finally:
+        _release_openblas()
+
+
 @contextlib.contextmanager
 def thread_limits(n_jobs=None, size_hint=None):
     """Run a block with torch's intra-op pool and the BLAS/OpenMP pools at one count.
@@ -226,14 +297,23 @@ def thread_limits(n_jobs=None, size_hint=None):
     Yields
     ------
     int
-        The number of threads in force.
+        The number of threads asked for (the block's own count).
 
     Notes
     -----
-    ``torch.set_num_threads`` and ``threadpoolctl`` limits are process-wide (OpenMP's
-    setting is per calling thread); both are restored on exit, also after an
-    exception. Torch's inter-op pool is left alone: it can be sized only once, before
-    first use, and the fits run no inter-op parallel work.
+    OpenMP's count, torch's intra-op count (which follows it) and a BLAS built on
+    OpenMP belong to the calling thread: set for the block and restored on exit.
+    OpenBLAS on pthreads (the wheels' build), MKL and BLIS are process-wide: blocks
+    entered from several Python threads at once (a Dask cluster of threads,
+    ``clairstat refine --scheduler local``) are counted together, those pools set to
+    the smallest count among the threads' innermost blocks, and the counts found before
+    the first block restored when the last one exits, in whatever order the blocks
+    end, also after an exception. (An earlier version, each block restoring the counts
+    it found on entry, left the pools at another block's count when two overlapping
+    blocks ended out of order; and threadpoolctl ignores a process-wide OpenBLAS
+    change from any thread but the one that set it first.) Torch's inter-op pool
+    is left alone: it can be sized only once, before first use, and the fits run no
+    inter-op parallel work.
 
     Examples
     --------
@@ -253,7 +333,15 @@ def thread_limits(n_jobs=None, size_hint=None):
     # MKL count follows torch.set_num_threads only), and threadpoolctl records the
     # pools before torch changes them; on the way out torch is restored first.
     previous = torch.get_num_threads() if torch is not None else None
-    with _controller().limit(limits=n_threads):
+    block = object()
+    with _per_thread_pools().limit(limits=n_threads):
+        with _SHARED_LOCK:
+            _BLOCKS[block] = (threading.get_ident(), n_threads)
+            try:
+                _set_shared_pools()
+            except BaseException:
+                del _BLOCKS[block]
+                raise
         token = _ACTIVE.set(n_threads)
         try:
             if torch is not None:
@@ -263,6 +351,9 @@ def thread_limits(n_jobs=None, size_hint=None):
             _ACTIVE.reset(token)
             if torch is not None:
                 torch.set_num_threads(previous)
+            with _SHARED_LOCK:
+                del _BLOCKS[block]
+                _set_shared_pools()
 
 
 def map_in_threads(function, items):

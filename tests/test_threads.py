@@ -223,3 +223,39 @@ def test_lora_fit_on_two_threads_equals_one_thread():
     assert np.asarray(one.flagged)[:3].all()
     p_one, p_two = (fit.estimators["m"].p_values_ for fit in (one, two))
     np.testing.assert_allclose(p_two, p_one, rtol=1e-8, atol=1e-300)
+
+
+def test_overlapping_blocks_of_two_threads_share_and_restore_the_pools(two_threads):
+    """Two threads' blocks that overlap and end out of order (a Dask cluster of threads
+    running two fits): while both run, every pool is at the smaller count; after the
+    last ends, at the counts found before the first. (The earlier implementation, each
+    block setting and restoring the pools on its own, fails it: threadpoolctl ignored
+    the second thread's OpenBLAS change, and the restores crossed.)"""
+    import threading
+
+    before = pool_counts()
+    entered_a, entered_b, a_done = threading.Event(), threading.Event(), threading.Event()
+    seen = {}
+
+    def first():  # enters first (1 thread), leaves first
+        with thread_limits(1):
+            entered_a.set()
+            entered_b.wait(10)
+            seen["both"] = pool_counts()
+        a_done.set()
+
+    def second():  # enters while the first runs (3 threads), leaves last
+        entered_a.wait(10)
+        with thread_limits(3):
+            entered_b.set()
+            a_done.wait(10)
+            seen["alone"] = pool_counts()
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(20)
+    assert seen["both"][0] == 1 and set(seen["both"][1]) == {1}
+    assert seen["alone"][0] == 3 and set(seen["alone"][1]) == {3}
+    assert pool_counts() == before
