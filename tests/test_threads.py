@@ -259,3 +259,35 @@ def test_overlapping_blocks_of_two_threads_share_and_restore_the_pools(two_threa
     assert seen["both"][0] == 1 and set(seen["both"][1]) == {1}
     assert seen["alone"][0] == 3 and set(seen["alone"][1]) == {3}
     assert pool_counts() == before
+
+
+@pytest.mark.parametrize("joint", [False, True])
+def test_readouts_on_two_threads_equal_one_thread(joint):
+    """The clients' rank-r readouts (Lanczos per client, one BLAS thread each on two
+    Python threads with n_jobs=2) give the one-thread adapters. Modules of 160 = 40 x 4
+    reduced columns, so the readouts take the Lanczos route (dim >= 100); both runs
+    converge to machine precision, so the refined updates B A agree to round-off (the
+    top-4 values are separated from the 5th, so the rank-4 product is well defined;
+    1e-9 relative leaves a wide margin over the ~1e-14 seen)."""
+    from clairstat.lora import refine_adapters
+
+    rng = np.random.default_rng(11)
+    shared = np.linalg.qr(rng.standard_normal((150, 2)))[0]
+    states = []
+    for client in range(40):
+        state = {}
+        for module in ("a", "b"):
+            b_mat = shared @ rng.standard_normal((2, 4)) + 0.05 * rng.standard_normal((150, 4))
+            if client < 4:
+                b_mat = rng.standard_normal((150, 4))
+            state[f"{module}.lora_A.weight"] = rng.standard_normal((4, 140)) / 10
+            state[f"{module}.lora_B.weight"] = b_mat
+        states.append(state)
+    one = refine_adapters(states, joint=joint, n_jobs=1, random_state=0)
+    two = refine_adapters(states, joint=joint, n_jobs=2, random_state=0)
+    np.testing.assert_array_equal(np.asarray(one.flagged), np.asarray(two.flagged))
+    for first, second in zip(one.state_dicts, two.state_dicts):
+        for module in ("a", "b"):
+            update = [np.asarray(s[f"{module}.lora_B.weight"]) @ np.asarray(
+                s[f"{module}.lora_A.weight"]) for s in (first, second)]
+            assert np.linalg.norm(update[1] - update[0]) <= 1e-9 * np.linalg.norm(update[0])
