@@ -28,6 +28,10 @@ of every client's adapter. Three tables, one run:
    K = 200; 1.15 is the issue's threshold). The two QRs cost ``2 d (K r)^2`` flops, so
    their slope is near 2 in this regime: any exact method pays it, and the table says
    whether the end to end stays within a constant factor of it.
+   A second table gives each stage's share of one more run under cProfile (the
+   reduction, the decomposition, the robust start, the out-of-sample statistics with
+   their leave-one-out refits, the readouts; the rest is calibration, refinement and
+   bookkeeping), to show which stage sets the slope.
 3. **numpy vs torch** (d = 1024, K = 30, r = 8; one thread, the faster of two runs):
    the default run against ``device="cpu"`` with ``dtype="float64"`` and ``"float32"``.
    The decomposition runs in torch in every case (the default is ``device="cpu"``,
@@ -145,14 +149,40 @@ def _best_of_two(states, bad, **options):
     return min(_end_to_end(states, bad, **options) for _ in range(2))
 
 
+# The pipeline's stages, by the function that runs each (cumulative time under cProfile).
+STAGES = [("reduction (bases and blocks)", "_reduced.py", "factored_reduction"),
+          ("decomposition", "_decompose.py", "clair_decompose"),
+          ("robust start", "_detection.py", "concentrate"),
+          ("out-of-sample statistics", "_detection.py", "out_of_sample_statistics"),
+          ("readouts", "_reduced.py", "readouts")]
+
+
+def stage_seconds(states, **options):
+    """Seconds per stage of one run under cProfile (which slows the Python-heavy parts:
+    read the shares, not the totals) and the run's total under it."""
+    import cProfile
+    import pstats
+
+    profile = cProfile.Profile()
+    profile.enable()
+    refine_adapters(states, CONFIG, joint=False, random_state=0, **options)
+    profile.disable()
+    found = {(path.rsplit("/", 1)[-1], name): value[3]
+             for (path, _, name), value in pstats.Stats(profile).stats.items()}
+    total = max(value for (_, name), value in found.items() if name == "refine_adapters")
+    return {label: found.get((path, name), 0.0) for label, path, name in STAGES}, total
+
+
 def scaling(dim, rank, counts):
     rows = []
     for n_clients in counts:
         states, bad = _adapters(dim, n_clients, rank)
         qr = min(_two_qrs(states, 1) for _ in range(2))
         seconds, recall, false = _best_of_two(states, bad, n_jobs=1)
+        stages, profiled = stage_seconds(states, n_jobs=1)
         rows.append({"d": dim, "K": n_clients, "r": rank, "seconds": seconds, "qr": qr,
-                     "recall": recall, "false": false})
+                     "recall": recall, "false": false, "stages": stages,
+                     "profiled": profiled})
         print(f"  scaling d={dim} K={n_clients} r={rank}: {seconds:.1f} s, two QRs "
               f"{qr:.2f} s", flush=True)
     slopes = {"end to end": _slope(counts, [r["seconds"] for r in rows]),
@@ -198,6 +228,13 @@ def _tables(target_rows, scaling_rows, slopes, torch_rows, torch_size):
     for r in scaling_rows:
         lines.append(f"| {r['d']} | {r['K']} | {r['r']} | {r['seconds']:.2f} | {r['qr']:.2f} | "
                      f"{r['seconds'] / r['qr']:.2f} | {r['recall']:.2f} | {r['false']} |")
+    lines += ["", "| d | K | r | " + " | ".join(label for label, _, _ in STAGES)
+              + " | total under the profiler (s) |",
+              "|---|---|---|" + "---|" * (len(STAGES) + 1)]
+    for r in scaling_rows:  # shares of the profiled run's total, in %
+        lines.append(f"| {r['d']} | {r['K']} | {r['r']} | " + " | ".join(
+            f"{100 * r['stages'][label] / r['profiled']:.0f}%" for label, _, _ in STAGES)
+            + f" | {r['profiled']:.2f} |")
     lines += ["", "| log-log slope over K | value | K log K criterion (<= "
               f"{MAX_SLOPE:g}) |", "|---|---|---|"]
     for name, value in slopes.items():

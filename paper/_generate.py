@@ -205,6 +205,9 @@ def lora_scale_macros(text):
                            ("end to end (s, median of 2)", "e2e"), ("ratio", "ratio"),
                            ("recall", "recall"), ("false flags", "false")):
             macros[f"bench.lorascale.{key}.{short}"] = fmt(src.number(row[col]))
+        bases = "the package's two bases (s, median of 3)"
+        if bases in row:  # runs since the package computes its bases by CholeskyQR
+            macros[f"bench.lorascale.{key}.bases"] = fmt(src.number(row[bases]))
         for col in ("d", "K", "r"):
             macros[f"bench.lorascale.{col}"] = fmt(src.number(row[col]))
         verdict = [value for name, value in row.items() if re.fullmatch(r"<=\s*[\d.]+", name)]
@@ -221,11 +224,17 @@ def lora_scale_macros(text):
              for row in rows if "streamed" in row["path"]]
     if whole:
         # The streamed runs with the most clients, then the most modules: the first in
-        # the file (the latest) and, where there is one, the one before it.
+        # the file (the latest), the last (the oldest: before the memory release) and,
+        # with three or more, the second (the run before the latest).
         size = max((src.number(r["clients"]), src.number(r["modules"])) for r in whole)
         largest = [r for r in whole
                    if (src.number(r["clients"]), src.number(r["modules"])) == size]
-        for prefix, row in zip(("bench.whole", "bench.whole.before"), largest):
+        chosen = [("bench.whole", largest[0])]
+        if len(largest) >= 2:
+            chosen.append(("bench.whole.before", largest[-1]))
+        if len(largest) >= 3:
+            chosen.append(("bench.whole.previous", largest[1]))
+        for prefix, row in chosen:
             for col, short in (("modules", "modules"), ("clients", "clients"),
                                ("wall time (s)", "wall"), ("per module (s)", "permodule"),
                                ("peak RSS (MiB)", "rss")):
