@@ -1402,9 +1402,9 @@ class CombinedUpdates:
         The clients' Lanczos runs (matrix-vector products with R x R factors) run on
         one BLAS thread each, on the threads the enclosing
         :func:`clairstat._threads.thread_limits` allows (:func:`map_in_threads`): a
-        second BLAS thread on such short products only synchronises (measured on the
-        7B-shaped benchmark's modules, 50 rank-16 clients: the refinement pass took
-        8.1 s per module at two BLAS threads, 3.7 s at one).
+        second BLAS thread on such short products only synchronises (the whole-model
+        benchmark's second pass, 50 rank-16 clients per module: 9.2 s per module before,
+        2.6 s after, at the default two threads; benchmarks/RESULTS.md).
         """
         self._factors()  # before the threads share it
 
