@@ -1057,42 +1057,46 @@ class ReducedFactors(NamedTuple):
 _ORTHO_TOL, _MAX_COND = 2.0 ** -30, 2.0 ** 20
 
 
-def _cholesky_pass(matrix, gram=None):
-    """One CholeskyQR pass on a tall float64 ``matrix`` (m, n), m >= n.
-
-    Returns ``(Q, R)`` with ``R`` the upper Cholesky factor of ``matrix^T matrix``
-    (``gram``, its upper triangle, when already formed) and ``Q = matrix R^-1`` (one
-    triangular solve), or ``None`` where the Gram matrix is not numerically positive
-    definite.
-    """
-    blas = scipy.linalg.blas
+def _cholesky_factor(matrix, gram=None):
+    """Upper Cholesky factor R of ``matrix^T matrix`` (``gram``, its upper triangle,
+    when already formed) for a tall float64 ``matrix``, or ``None`` where the Gram matrix
+    is not numerically positive definite (or overflows)."""
     if gram is None:
-        gram = blas.dsyrk(1.0, matrix.T, trans=0)  # upper triangle of matrix^T matrix
-    upper, info = scipy.linalg.lapack.dpotrf(gram, lower=0, clean=1)
-    if info != 0:
+        gram = scipy.linalg.blas.dsyrk(1.0, matrix.T, trans=0)  # upper of matrix^T matrix
+    if not np.all(np.isfinite(gram)):
         return None
-    return blas.dtrsm(1.0, upper, matrix, side=1, lower=0), upper
+    upper, info = scipy.linalg.lapack.dpotrf(gram, lower=0, clean=1)
+    return upper if info == 0 else None
+
+
+def _solve_right(matrix, upper):
+    """``matrix R^-1`` by one triangular solve (Fortran-ordered)."""
+    return scipy.linalg.blas.dtrsm(1.0, upper, matrix, side=1, lower=0)
 
 
 def _cholesky_qr(matrix):
     """A thin QR of a tall float64 ``matrix`` from its Gram matrix, or ``None``.
 
-    CholeskyQR costs about 2 d m^2 flops with its check (the Gram matrix, half of it by
-    ``syrk``, one triangular solve for Q, the Gram matrix of Q), against about 4 d m^2
-    for Householder's QR with its Q formed (4096 x 1600, one thread: 0.6 s against
-    1.2 s). Its Q is orthonormal only to ~ cond(R)^2 eps, so ``Q^T Q`` is formed and
+    CholeskyQR costs about 3 d m^2 flops with its check (the Gram matrix, half of it by
+    ``syrk``, d m^2; one triangular solve for Q, d m^2; the Gram matrix of Q, d m^2),
+    4 d m^2 with a second pass, against about 4 d m^2 for Householder's QR with its Q
+    formed (4096 x 1600, one thread: about 0.65 s for one pass and 0.93 s for two,
+    against 0.94 s; benchmarks/lora_benchmark.py times the package's bases beside the
+    QRs). Its Q is orthonormal only to ~ cond(R)^2 eps, so ``Q^T Q`` is formed and
     checked: taken when within ``_ORTHO_TOL`` of the identity, refined by a second
-    pass when within 1/4, else ``None`` (Householder), as also when R's certified
-    condition bound exceeds ``_MAX_COND``.
+    pass when within 1/4, else ``None`` (Householder). R's certified condition bound is
+    checked first (``None`` above ``_MAX_COND``), before any d-sized solve, so that a
+    rejected matrix costs one Gram matrix more than Householder alone.
     """
-    first = _cholesky_pass(matrix)
-    if first is None:
+    upper = _cholesky_factor(matrix)
+    if upper is None:
         return None
-    q_factor, upper = first
     inverse, info = scipy.linalg.lapack.dtrtri(upper)
-    cond = np.linalg.norm(upper) * np.linalg.norm(inverse) if info == 0 else np.inf
+    with np.errstate(all="ignore"):
+        cond = np.linalg.norm(upper) * np.linalg.norm(inverse) if info == 0 else np.inf
     if not cond <= _MAX_COND:
         return None
+    q_factor = _solve_right(matrix, upper)
     # Q is Fortran-ordered (dtrsm's output): trans=1 reads it without a copy.
     gram = scipy.linalg.blas.dsyrk(1.0, q_factor, trans=1)  # upper triangle of Q^T Q
     off = np.triu(gram, 1)
@@ -1101,10 +1105,10 @@ def _cholesky_qr(matrix):
         return q_factor, upper
     if not error <= 0.25:
         return None
-    second = _cholesky_pass(q_factor, gram)
+    second = _cholesky_factor(q_factor, gram)
     if second is None:
         return None
-    return second[0], scipy.linalg.blas.dtrmm(1.0, second[1], upper)
+    return _solve_right(q_factor, second), scipy.linalg.blas.dtrmm(1.0, second, upper)
 
 
 def _span_columns(matrix):
@@ -1152,8 +1156,9 @@ def _span_basis(matrix):
     updates are then exactly 0 of size at least 1 instead of an empty array.
 
     Returns ``(basis, basis.T @ matrix)``; the product is the QR's R factor where
-    :func:`_span_columns` certified full rank (Q^T Q R = R to round-off), which saves
-    a product as costly as the QR itself (d x sum r_i by sum r_i).
+    :func:`_span_columns` certified full rank (Q^T Q R = R to round-off after
+    Householder or two CholeskyQR passes, to ``_ORTHO_TOL`` = 2^-30 relative after one),
+    which saves a product as costly as the QR itself (d x sum r_i by sum r_i).
     """
     basis, coordinates = _span_columns(matrix)
     if basis.shape[1] == 0:

@@ -192,10 +192,13 @@ def resolve_n_jobs(n_jobs, size_hint=None):
 
 
 def _torch():
-    """torch if installed (imported here, so that its pools exist before they are set)."""
-    if "torch" in sys.modules:
-        return sys.modules["torch"]
-    if importlib.util.find_spec("torch") is None:
+    """torch if installed (imported here, so that its pools exist before they are set).
+
+    Always through ``import``, never ``sys.modules`` directly: a thread that finds torch
+    there while another thread is still importing it would get a half-initialised
+    module; the import statement waits for the import to finish.
+    """
+    if "torch" not in sys.modules and importlib.util.find_spec("torch") is None:
         return None
     import torch
     return torch
@@ -211,46 +214,52 @@ def _controller():
     return _CONTROLLER["controller"]
 
 
-# Some pools' counts belong to the calling thread: OpenMP's, torch's intra-op count
-# (which follows OpenMP) and a BLAS built on OpenMP. Others are process-wide: OpenBLAS
-# on its own pthreads (the wheels' build), MKL, BLIS. A Dask worker thread or a
-# notebook's second thread may run a fit while another runs one. So each thread_limits
-# block sets its own thread's counts (restored on exit, in the thread's own nesting
-# order), and registers its count for the process-wide pools: these are at the
-# smallest count among the threads' innermost blocks (two concurrent fits share the
-# CPUs), and back at the counts found before the first block when the last one exits,
-# whatever the order in which blocks of different threads end.
+# Some pools' counts belong to the calling thread: OpenMP's, a BLAS built on OpenMP, MKL
+# (threadpoolctl sets it through its thread-local API) and torch's intra-op count (which
+# also sets the default of threads started later). Others are process-wide: OpenBLAS on
+# its own pthreads (the wheels' build) and BLIS. A Dask worker thread or a notebook's
+# second thread may run a fit while another runs one. So each thread_limits block sets
+# its own thread's pools (restored on exit, in the thread's own nesting order), and
+# registers its count for the process-wide pools: these are at the smallest count among
+# the threads' innermost blocks (two concurrent fits share the CPUs), and back at the
+# counts they had before the first block when the last one exits, whatever the order in
+# which blocks of different threads end. Torch's count goes back, when a thread leaves
+# its outermost block, to the count found before the first block of any thread.
 _SHARED_LOCK = threading.Lock()
 _BLOCKS = {}  # token -> (thread ident, count), in the order of entry
-_SHARED = {"original": None, "in_force": None}  # the first limiter, the count set
+# Before the first block: each process-wide pool's count (by file) and torch's count.
+_ORIGINAL = {"pools": {}, "torch": None}
+
+
+def _process_wide(lib):
+    """Whether a threadpoolctl library controller's count is process-wide."""
+    if lib.internal_api == "openblas":
+        return getattr(lib, "threading_layer", None) != "openmp"
+    return lib.internal_api == "blis"
 
 
 def _per_thread_pools():
-    """The pools whose count is the calling thread's (OpenMP, BLAS on OpenMP)."""
-    return _controller().select(user_api="openmp", threading_layer="openmp")
-
-
-def _shared_pools():
-    """The process-wide pools: every BLAS not threaded by OpenMP."""
-    paths = [lib.filepath for lib in _controller().select(user_api="blas").lib_controllers
-             if getattr(lib, "threading_layer", None) != "openmp"]
-    return _controller().select(filepath=paths)
+    """The pools whose count is the calling thread's (every pool not process-wide)."""
+    controller = _controller()
+    return controller.select(filepath=[lib.filepath for lib in controller.lib_controllers
+                                       if not _process_wide(lib)])
 
 
 def _release_openblas():
-    """Let any thread set OpenBLAS's process-wide count.
+    """Give up this thread's control of OpenBLAS's process-wide count, if it holds it.
 
-    threadpoolctl (3.6 and later) lets only one "controlling" thread change a
-    process-wide OpenBLAS pool and silently ignores the others; the registry below
-    already serialises every change (under ``_SHARED_LOCK``), so it releases that
-    control around each of its own changes.
+    threadpoolctl (3.8 here) lets only one "controlling" thread change a process-wide
+    OpenBLAS pool and silently ignores the others; a block's changes are made under
+    ``_SHARED_LOCK`` and release the control after each change, so that the next change
+    may come from another thread. Control held by another thread (a user's own
+    ``threadpool_limits`` there) is left alone: that limit then stands.
     """
     import threadpoolctl
 
     release = getattr(getattr(threadpoolctl, "OpenBLASController", None),
                       "clear_controlling_thread", None)
     if release is not None:
-        release(force=True)
+        release()
 
 
 def _wanted_count():
@@ -261,24 +270,30 @@ def _wanted_count():
     return min(innermost.values()) if innermost else None
 
 
+def _enclosing_count(ident):
+    """The count of this thread's innermost registered block, or None."""
+    counts = [count for owner, count in _BLOCKS.values() if owner == ident]
+    return counts[-1] if counts else None
+
+
 def _set_shared_pools():
     """Apply :func:`_wanted_count` to the process-wide pools (under ``_SHARED_LOCK``);
-    restore their original counts when no block is left."""
-    wanted = _wanted_count()
-    if wanted == _SHARED["in_force"]:
-        return
-    _release_openblas()
+    their counts before the first block when no block is left. A library loaded while
+    blocks run has its count recorded when first seen, and is restored too."""
+    wanted, originals = _wanted_count(), _ORIGINAL["pools"]
     try:
-        if wanted is None:
-            _SHARED["original"].restore_original_limits()
-            _SHARED["original"] = None
-        else:
-            limiter = _shared_pools().limit(limits=wanted)
-            if _SHARED["original"] is None:  # it recorded the counts before any block
-                _SHARED["original"] = limiter
-        _SHARED["in_force"] = wanted
+        for lib in _controller().lib_controllers:
+            if not _process_wide(lib):
+                continue
+            if lib.filepath not in originals:
+                originals[lib.filepath] = lib.num_threads
+            target = originals[lib.filepath] if wanted is None else wanted
+            if target is not None and lib.num_threads != target:
+                lib.set_num_threads(target)
     finally:
         _release_openblas()
+    if wanted is None:
+        originals.clear()
 
 
 @contextlib.contextmanager
@@ -301,19 +316,22 @@ def thread_limits(n_jobs=None, size_hint=None):
 
     Notes
     -----
-    OpenMP's count, torch's intra-op count (which follows it) and a BLAS built on
-    OpenMP belong to the calling thread: set for the block and restored on exit.
-    OpenBLAS on pthreads (the wheels' build), MKL and BLIS are process-wide: blocks
-    entered from several Python threads at once (a Dask cluster of threads,
-    ``clairstat refine --scheduler local``) are counted together, those pools set to
-    the smallest count among the threads' innermost blocks, and the counts found before
-    the first block restored when the last one exits, in whatever order the blocks
-    end, also after an exception. (An earlier version, each block restoring the counts
-    it found on entry, left the pools at another block's count when two overlapping
-    blocks ended out of order; and threadpoolctl ignores a process-wide OpenBLAS
-    change from any thread but the one that set it first.) Torch's inter-op pool
-    is left alone: it can be sized only once, before first use, and the fits run no
-    inter-op parallel work.
+    OpenMP's count, a BLAS built on OpenMP and MKL (threadpoolctl's thread-local API)
+    belong to the calling thread: set for the block and restored on exit. OpenBLAS on
+    pthreads (the wheels' build) and BLIS are process-wide: blocks entered from several
+    Python threads at once (a Dask cluster of threads, ``clairstat refine --scheduler
+    local``) are counted together, those pools set to the smallest count among the
+    threads' innermost blocks, and their counts before the first block restored when
+    the last one exits, in whatever order the blocks end, also after an exception or a
+    generator closed from another thread. A limit a user's own
+    ``threadpoolctl.threadpool_limits`` holds in another thread stands (threadpoolctl
+    lets only the thread that set OpenBLAS's count change it). Torch's intra-op count
+    is set in the calling thread and is also the default of threads started later: a
+    thread leaving its outermost block sets it back to the count found before the
+    first block of any thread. (An earlier version, each block restoring the counts it
+    found on entry, left the pools at another block's count when two overlapping
+    blocks ended out of order.) Torch's inter-op pool is left alone: it can be sized
+    only once, before first use, and the fits run no inter-op parallel work.
 
     Examples
     --------
@@ -329,30 +347,43 @@ def thread_limits(n_jobs=None, size_hint=None):
         yield n_threads
         return
     torch = _torch()
+    ident = threading.get_ident()
     # Torch's count is read before threadpoolctl changes its OpenMP runtime (torch's
     # MKL count follows torch.set_num_threads only), and threadpoolctl records the
     # pools before torch changes them; on the way out torch is restored first.
-    previous = torch.get_num_threads() if torch is not None else None
-    block = object()
     with _per_thread_pools().limit(limits=n_threads):
+        block = object()
         with _SHARED_LOCK:
-            _BLOCKS[block] = (threading.get_ident(), n_threads)
+            if torch is not None:
+                # Read in every thread: torch initialises a thread's count from its
+                # process-wide default at the thread's first query, which would undo a
+                # count set before it.
+                current = torch.get_num_threads()
+                if not _BLOCKS:
+                    _ORIGINAL["torch"] = current
+            _BLOCKS[block] = (ident, n_threads)
             try:
                 _set_shared_pools()
             except BaseException:
                 del _BLOCKS[block]
                 raise
-        token = _ACTIVE.set(n_threads)
         try:
-            if torch is not None:
-                torch.set_num_threads(n_threads)
-            yield n_threads
+            token = _ACTIVE.set(n_threads)
+            try:
+                if torch is not None:
+                    torch.set_num_threads(n_threads)
+                yield n_threads
+            finally:
+                # A generator closed from another thread cannot reset the token (it
+                # belongs to another context): the pools are restored all the same.
+                with contextlib.suppress(ValueError):
+                    _ACTIVE.reset(token)
         finally:
-            _ACTIVE.reset(token)
-            if torch is not None:
-                torch.set_num_threads(previous)
             with _SHARED_LOCK:
-                del _BLOCKS[block]
+                _BLOCKS.pop(block, None)
+                back = _enclosing_count(ident)
+                if torch is not None:
+                    torch.set_num_threads(back if back is not None else _ORIGINAL["torch"])
                 _set_shared_pools()
 
 

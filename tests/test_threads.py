@@ -225,28 +225,25 @@ def test_lora_fit_on_two_threads_equals_one_thread():
     np.testing.assert_allclose(p_two, p_one, rtol=1e-8, atol=1e-300)
 
 
-def test_overlapping_blocks_of_two_threads_share_and_restore_the_pools(two_threads):
-    """Two threads' blocks that overlap and end out of order (a Dask cluster of threads
-    running two fits): while both run, every pool is at the smaller count; after the
-    last ends, at the counts found before the first. (The earlier implementation, each
-    block setting and restoring the pools on its own, fails it: threadpoolctl ignored
-    the second thread's OpenBLAS change, and the restores crossed.)"""
+def _overlapping(first_count, second_count):
+    """Two threads' blocks that overlap and end out of order: the first enters first and
+    leaves first. Returns each thread's pool_counts() while both run (first) and while
+    the second runs alone."""
     import threading
 
-    before = pool_counts()
     entered_a, entered_b, a_done = threading.Event(), threading.Event(), threading.Event()
     seen = {}
 
-    def first():  # enters first (1 thread), leaves first
-        with thread_limits(1):
+    def first():
+        with thread_limits(first_count):
             entered_a.set()
             entered_b.wait(10)
             seen["both"] = pool_counts()
         a_done.set()
 
-    def second():  # enters while the first runs (3 threads), leaves last
+    def second():
         entered_a.wait(10)
-        with thread_limits(3):
+        with thread_limits(second_count):
             entered_b.set()
             a_done.wait(10)
             seen["alone"] = pool_counts()
@@ -256,9 +253,75 @@ def test_overlapping_blocks_of_two_threads_share_and_restore_the_pools(two_threa
         thread.start()
     for thread in threads:
         thread.join(20)
+    return seen
+
+
+def test_overlapping_blocks_of_two_threads_share_and_restore_the_pools():
+    """Two threads' blocks that overlap and end out of order (a Dask cluster of threads
+    running two fits): while both run, every pool the first thread sees is at the
+    smaller count; the second, alone, sees its own; after the last ends, the counts
+    found before. (The earlier implementation, each block setting and restoring the
+    pools on its own, fails it: threadpoolctl ignored the second thread's OpenBLAS
+    change, and the restores crossed.) No fixture: a threadpool_limits context held by
+    this thread would keep OpenBLAS's count (the next test)."""
+    import threading
+
+    before = pool_counts()
+    seen = _overlapping(1, 3)
     assert seen["both"][0] == 1 and set(seen["both"][1]) == {1}
     assert seen["alone"][0] == 3 and set(seen["alone"][1]) == {3}
     assert pool_counts() == before
+    # A thread started afterwards gets the torch count of before, not a block's.
+    fresh = []
+    thread = threading.Thread(target=lambda: fresh.append(torch.get_num_threads()))
+    thread.start()
+    thread.join()
+    assert fresh == [before[0]]
+
+
+def test_a_users_limit_held_in_another_thread_stands():
+    """A user's threadpool_limits(1) in this thread while a fit's block asks for 3 in
+    another: OpenBLAS stays at the user's 1 (threadpoolctl's controlling thread), and
+    everything is as before afterwards."""
+    import threading
+
+    before = pool_counts()
+    seen = []
+    with threadpoolctl.threadpool_limits(limits=1, user_api="blas"):
+        def fit():
+            with thread_limits(3):
+                seen.append(threadpoolctl.threadpool_info())
+        thread = threading.Thread(target=fit)
+        thread.start()
+        thread.join(20)
+        blas = [i["num_threads"] for i in seen[0] if i["internal_api"] == "openblas"
+                and i.get("threading_layer") == "pthreads"]
+        assert blas and set(blas) == {1}
+    assert pool_counts() == before
+
+
+def test_a_block_closed_from_another_thread_leaves_nothing_behind():
+    """A generator suspended inside thread_limits and closed from another thread: the
+    registry and the pools are restored although its context variable cannot be."""
+    import threading
+
+    from clairstat import _threads
+
+    before = pool_counts()
+
+    def suspended():
+        with thread_limits(1):
+            yield
+
+    generator = suspended()
+    holder = threading.Thread(target=lambda: next(generator))
+    holder.start()
+    holder.join()
+    closer = threading.Thread(target=generator.close)
+    closer.start()
+    closer.join()
+    assert not _threads._BLOCKS
+    assert pool_counts()[1] == before[1]
 
 
 @pytest.mark.parametrize("joint", [False, True])
