@@ -5,7 +5,7 @@ first 10% of clients have a random ``B``, the others ``B_k = U W_k + noise`` wit
 rank r/2) and times :func:`clairstat.lora.refine_adapters` per module
 (``joint=False``) end to end: the exact reduction, the decomposition, the detection
 (robust start, out-of-sample statistics, calibration, refinement) and the rank-r readout
-of every client's adapter. Three tables, one run:
+of every client's adapter. Three parts, one run:
 
 1. **Target** (d = 4096, K = 100, r = 16): the end-to-end time over the time of the
    issue's yardstick for the reduction, the two thin Householder QRs of the stacked
@@ -19,7 +19,9 @@ of every client's adapter. Three tables, one run:
    same QRs vary several-fold within one run, and the two ratios bracket that). Both
    the package's default thread policy (``n_jobs=None``) and one thread (``n_jobs=1``,
    the package's advice for a busy machine) are run. Target: ratio <= 6 (both ratios),
-   every attacker flagged, no benign client flagged.
+   every attacker flagged, no benign client flagged. A second table gives each
+   stage's seconds (the stages of the scaling part below) in one more run under
+   cProfile at each thread setting (the profiler slows the Python-heavy parts).
 2. **Scaling in K** (d = 2048, r = 8, K = 25, 50, 100, 200: ``K r <= d``, the regime of
    the target; one thread, the faster of two runs and of two QR timings): the
    least-squares slope of log(time) on log(K), end to end and for
@@ -127,7 +129,9 @@ def target(dim, n_clients, rank, n_jobs=None):
         qrs.append(_two_qrs(states, n_jobs))
         bases.append(_package_bases(states, n_jobs))
     seconds = float(np.median([r[0] for r in runs]))
+    stages, profiled = stage_seconds(states, n_jobs=n_jobs)
     row = {"d": dim, "K": n_clients, "r": rank, "n_jobs": n_jobs,
+           "stages": stages, "profiled": profiled,
            "qr": float(np.median(qrs)), "qr_all": qrs, "runs": [r[0] for r in runs],
            "bases": float(np.median(bases)),
            "seconds": seconds, "recall": min(r[1] for r in runs),
@@ -223,6 +227,13 @@ def _tables(target_rows, scaling_rows, slopes, torch_rows, torch_size):
         lines.append(f"(n_jobs={t['n_jobs']}: two QRs "
                      f"{', '.join(f'{q:.2f}' for q in t['qr_all'])} s; end to end "
                      f"{', '.join(f'{s:.2f}' for s in t['runs'])} s)")
+    lines += ["", "| d | K | r | n_jobs | " + " | ".join(f"{label} (s)" for label, _, _ in STAGES)
+              + " | total under the profiler (s) |",
+              "|---|---|---|---|" + "---|" * (len(STAGES) + 1)]
+    for t in target_rows:
+        lines.append(f"| {t['d']} | {t['K']} | {t['r']} | {t['n_jobs']} | " + " | ".join(
+            f"{t['stages'][label]:.2f}" for label, _, _ in STAGES)
+            + f" | {t['profiled']:.2f} |")
     lines += ["", "| d | K | r | end to end (s) | two QRs (s) | ratio | recall | false flags |",
               "|---|---|---|---|---|---|---|---|"]
     for r in scaling_rows:

@@ -116,6 +116,21 @@ class _PartialSpectrumSolver(TorchSolver):
     _guess = 0
     _kept = None  # the previous SVT's kept eigenvectors (Gram side), a warm start
 
+    def _solve(self, problem, init):
+        import torch
+
+        if torch.device(self.device).type != "cpu" or self.dtype != "float64":
+            return super()._solve(problem, init)
+        # On the CPU in float64 every step is short: Lanczos and warm subspace
+        # iterations (one BLAS thread each already) and elementwise torch steps on the
+        # (K, s, r) blocks, which a second thread only synchronises (the 4096 x 4096
+        # module of the LoRA benchmark, 100 rank-16 clients: 1.6 s on two threads
+        # against 1.4 s on one; benchmarks/RESULTS.md, the stages at both settings).
+        from .._threads import thread_limits
+
+        with thread_limits(1):
+            return super()._solve(problem, init)
+
     def _lanczos(self, tensor):
         # ARPACK runs on the CPU; float32 keeps the dense routines: the Gram route's error
         # eps s_max^2 / s is too coarse at float32's eps (as svt_torch's own rule says).
