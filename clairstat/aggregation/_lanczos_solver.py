@@ -124,8 +124,8 @@ class _PartialSpectrumSolver(TorchSolver):
         # On the CPU in float64 every step is short: Lanczos and warm subspace
         # iterations (one BLAS thread each already) and elementwise torch steps on the
         # (K, s, r) blocks, which a second thread only synchronises (the 4096 x 4096
-        # module of the LoRA benchmark, 100 rank-16 clients: 1.6 s on two threads
-        # against 1.4 s on one; benchmarks/RESULTS.md, the stages at both settings).
+        # module of the LoRA benchmark, 100 rank-16 clients: about 1.6 s on two threads
+        # against 1.4 s on one; benchmarks/RESULTS.md, stages at both settings).
         from .._threads import thread_limits
 
         with thread_limits(1):
