@@ -348,19 +348,18 @@ def thread_limits(n_jobs=None, size_hint=None):
         return
     torch = _torch()
     ident = threading.get_ident()
-    # Torch's count is read before threadpoolctl changes its OpenMP runtime (torch's
-    # MKL count follows torch.set_num_threads only), and threadpoolctl records the
-    # pools before torch changes them; on the way out torch is restored first.
+    # Torch's count is read before threadpoolctl changes its OpenMP runtime (torch reads
+    # its count from OpenMP; its MKL count follows torch.set_num_threads only), and in
+    # every thread: torch initialises a thread's count from its process-wide default at
+    # the thread's first query, which would undo a count set before it. threadpoolctl
+    # records the pools before torch changes them; on the way out torch is restored
+    # first.
+    current = torch.get_num_threads() if torch is not None else None
     with _per_thread_pools().limit(limits=n_threads):
         block = object()
         with _SHARED_LOCK:
-            if torch is not None:
-                # Read in every thread: torch initialises a thread's count from its
-                # process-wide default at the thread's first query, which would undo a
-                # count set before it.
-                current = torch.get_num_threads()
-                if not _BLOCKS:
-                    _ORIGINAL["torch"] = current
+            if not _BLOCKS:
+                _ORIGINAL["torch"] = current
             _BLOCKS[block] = (ident, n_threads)
             try:
                 _set_shared_pools()

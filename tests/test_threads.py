@@ -354,3 +354,29 @@ def test_readouts_on_two_threads_equal_one_thread(joint):
             update = [np.asarray(s[f"{module}.lora_B.weight"]) @ np.asarray(
                 s[f"{module}.lora_A.weight"]) for s in (first, second)]
             assert np.linalg.norm(update[1] - update[0]) <= 1e-9 * np.linalg.norm(update[0])
+
+
+def test_a_block_leaves_torchs_default_for_new_threads_as_it_was():
+    """torch.set_num_threads also sets the count threads started later begin with: a
+    block in this thread must leave that default as it found it. (A version that read
+    torch's count after threadpoolctl had set OpenMP's recorded the block's own count
+    as the one to restore, and new threads then started with 1.)"""
+    import threading
+
+    def new_thread_count():
+        out = []
+        thread = threading.Thread(target=lambda: out.append(torch.get_num_threads()))
+        thread.start()
+        thread.join()
+        return out[0]
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        default = new_thread_count()
+        with thread_limits(1):
+            pass
+        assert new_thread_count() == default == 2
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
