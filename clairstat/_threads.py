@@ -225,7 +225,9 @@ def _controller():
 # counts they had before the first block when the last one exits, whatever the order in
 # which blocks of different threads end. Torch's count goes back, when a thread leaves
 # its outermost block, to the count found before the first block of any thread.
-_SHARED_LOCK = threading.Lock()
+# Re-entrant: a generator left suspended inside a block may be finalised by the garbage
+# collector in a thread that already holds the lock (threadpoolctl allocates under it).
+_SHARED_LOCK = threading.RLock()
 _BLOCKS = {}  # token -> (thread ident, count), in the order of entry
 # Before the first block: each process-wide pool's count (by file) and torch's count.
 _ORIGINAL = {"pools": {}, "torch": None}
@@ -265,31 +267,43 @@ def _release_openblas():
 def _wanted_count():
     """The smallest count among the threads' innermost blocks, or None without blocks."""
     innermost = {}
-    for ident, count in _BLOCKS.values():  # entry order: a thread's last is its innermost
-        innermost[ident] = count
+    for ident, count in list(_BLOCKS.values()):  # entry order: a thread's last is its
+        innermost[ident] = count                 # innermost
     return min(innermost.values()) if innermost else None
 
 
 def _enclosing_count(ident):
     """The count of this thread's innermost registered block, or None."""
-    counts = [count for owner, count in _BLOCKS.values() if owner == ident]
+    counts = [count for owner, count in list(_BLOCKS.values()) if owner == ident]
     return counts[-1] if counts else None
 
 
 def _set_shared_pools():
     """Apply :func:`_wanted_count` to the process-wide pools (under ``_SHARED_LOCK``);
-    their counts before the first block when no block is left. A library loaded while
-    blocks run has its count recorded when first seen, and is restored too."""
+    their counts before the first change when no block is left.
+
+    A pool's count is recorded only when a change of ours takes effect (re-read after
+    setting): a change threadpoolctl ignores, because a user's ``threadpool_limits`` in
+    another thread controls OpenBLAS, records nothing, so that the user's temporary
+    count is never "restored" after the user's own block has ended. A library loaded
+    while blocks run is recorded when first changed, and restored too.
+    """
     wanted, originals = _wanted_count(), _ORIGINAL["pools"]
     try:
         for lib in _controller().lib_controllers:
             if not _process_wide(lib):
                 continue
-            if lib.filepath not in originals:
-                originals[lib.filepath] = lib.num_threads
-            target = originals[lib.filepath] if wanted is None else wanted
-            if target is not None and lib.num_threads != target:
-                lib.set_num_threads(target)
+            if wanted is None:
+                target = originals.get(lib.filepath)
+            else:
+                target = wanted
+            current = lib.num_threads
+            if target is None or current is None or current == target:
+                continue
+            lib.set_num_threads(target)
+            if wanted is not None and lib.filepath not in originals \
+                    and lib.num_threads == target:
+                originals[lib.filepath] = current
     finally:
         _release_openblas()
     if wanted is None:
@@ -323,12 +337,17 @@ def thread_limits(n_jobs=None, size_hint=None):
     local``) are counted together, those pools set to the smallest count among the
     threads' innermost blocks, and their counts before the first block restored when
     the last one exits, in whatever order the blocks end, also after an exception or a
-    generator closed from another thread. A limit a user's own
+    generator closed from another thread (which unregisters the block and leaves the
+    per-thread settings to the thread that entered it). A limit a user's own
     ``threadpoolctl.threadpool_limits`` holds in another thread stands (threadpoolctl
-    lets only the thread that set OpenBLAS's count change it). Torch's intra-op count
-    is set in the calling thread and is also the default of threads started later: a
-    thread leaving its outermost block sets it back to the count found before the
-    first block of any thread. (An earlier version, each block restoring the counts it
+    lets only the thread that set OpenBLAS's count change it): the block's change is
+    ignored, not retried when the user's block ends, and the user's temporary count is
+    never restored as the original. Torch's intra-op count is set in the calling thread
+    and is also the default of threads started later: a thread leaving its outermost
+    block sets it back to the count found before the first block of any thread (so a
+    thread that had its own count before its block ends at that one instead; and where
+    OpenMP alone was limited, by threadpoolctl, torch's default for later threads becomes
+    the count torch read then, as torch cannot unset it). (An earlier version, each block restoring the counts it
     found on entry, left the pools at another block's count when two overlapping
     blocks ended out of order.) Torch's inter-op pool is left alone: it can be sized
     only once, before first use, and the fits run no inter-op parallel work.
@@ -347,43 +366,59 @@ def thread_limits(n_jobs=None, size_hint=None):
         yield n_threads
         return
     torch = _torch()
-    ident = threading.get_ident()
+    ident, entered_in = threading.get_ident(), threading.current_thread()
     # Torch's count is read before threadpoolctl changes its OpenMP runtime (torch reads
     # its count from OpenMP; its MKL count follows torch.set_num_threads only), and in
     # every thread: torch initialises a thread's count from its process-wide default at
     # the thread's first query, which would undo a count set before it. threadpoolctl
-    # records the pools before torch changes them; on the way out torch is restored
-    # first.
+    # records the pools before torch changes them; on the way out it restores them
+    # first, and torch is set after it.
     current = torch.get_num_threads() if torch is not None else None
-    with _per_thread_pools().limit(limits=n_threads):
-        block = object()
+    own = contextlib.ExitStack()
+    own.enter_context(_per_thread_pools().limit(limits=n_threads))
+    block = object()
+    try:
         with _SHARED_LOCK:
             if not _BLOCKS:
                 _ORIGINAL["torch"] = current
             _BLOCKS[block] = (ident, n_threads)
-            try:
-                _set_shared_pools()
-            except BaseException:
-                del _BLOCKS[block]
-                raise
-        try:
-            token = _ACTIVE.set(n_threads)
-            try:
-                if torch is not None:
-                    torch.set_num_threads(n_threads)
-                yield n_threads
-            finally:
-                # A generator closed from another thread cannot reset the token (it
-                # belongs to another context): the pools are restored all the same.
-                with contextlib.suppress(ValueError):
-                    _ACTIVE.reset(token)
-        finally:
-            with _SHARED_LOCK:
-                _BLOCKS.pop(block, None)
-                back = _enclosing_count(ident)
-                if torch is not None:
-                    torch.set_num_threads(back if back is not None else _ORIGINAL["torch"])
-                _set_shared_pools()
+            _set_shared_pools()
+    except BaseException:
+        with _SHARED_LOCK:
+            _BLOCKS.pop(block, None)
+        own.close()
+        raise
+    token = _ACTIVE.set(n_threads)
+    try:
+        if torch is not None:
+            torch.set_num_threads(n_threads)
+        yield n_threads
+    finally:
+        # The Thread object, not its ident: a thread's ident is reused once it has ended.
+        here = threading.current_thread() is entered_in
+        if here:
+            with contextlib.suppress(ValueError):  # a token of another context
+                _ACTIVE.reset(token)
+        with _SHARED_LOCK:
+            _BLOCKS.pop(block, None)
+            back = _enclosing_count(ident)
+            _set_shared_pools()
+        if here:
+            # This thread's own pools: threadpoolctl's first (OpenMP, MKL), then torch,
+            # whose count reads OpenMP's and whose default threads started later take:
+            # the enclosing block's count, else the one a map_in_threads worker
+            # inherits, else the count before the first block of any thread.
+            own.close()
+            if torch is not None:
+                for target in (back, _ACTIVE.get(), _ORIGINAL["torch"]):
+                    if target is not None:
+                        torch.set_num_threads(target)
+                        break
+        else:
+            # Closed from another thread (a generator suspended in the block): only the
+            # registry and the process-wide pools are that thread's business; the
+            # per-thread settings belong to the thread that entered.
+            own.pop_all()
 
 
 def map_in_threads(function, items):

@@ -380,3 +380,54 @@ def test_a_block_leaves_torchs_default_for_new_threads_as_it_was():
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_users_temporary_limit_is_not_restored_as_the_original():
+    """A user's threadpool_limits(3) held in another thread when a block starts (the
+    block's own change is then ignored) and ended before the block ends: afterwards
+    OpenBLAS is at the count of before, not the user's temporary 3."""
+    import threading
+
+    before = pool_counts()
+    holding, block_started, user_done = (threading.Event(), threading.Event(),
+                                         threading.Event())
+
+    def user():
+        with threadpoolctl.threadpool_limits(limits=3, user_api="blas"):
+            holding.set()
+            block_started.wait(10)
+        user_done.set()
+
+    thread = threading.Thread(target=user)
+    thread.start()
+    holding.wait(10)
+    with thread_limits(1):
+        block_started.set()
+        user_done.wait(10)
+    thread.join(10)
+    assert pool_counts() == before
+
+
+def test_a_block_finalised_while_the_registry_is_locked_does_not_deadlock():
+    """A generator suspended inside a block and finalised (here: closed) by a thread
+    that already holds the registry's lock, as the garbage collector may do while
+    threadpoolctl allocates under it: the lock is re-entrant, the block unregisters."""
+    import threading
+
+    from clairstat import _threads
+
+    def suspended():
+        with thread_limits(1):
+            yield
+
+    def run():
+        generator = suspended()
+        next(generator)
+        with _threads._SHARED_LOCK:
+            generator.close()
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(20)
+    assert not worker.is_alive()
+    assert not _threads._BLOCKS
