@@ -449,12 +449,13 @@ def map_in_threads(function, items):
     if n_threads <= 1:
         return [function(item) for item in items]
     with thread_limits(1):
-        # OpenMP's thread count is a per-thread setting: each worker sets its own (the
-        # BLAS libraries' counts are process-wide and were set just above).
-        openmp = _controller().select(user_api="openmp")
+        # The per-thread pools (OpenMP, MKL, a BLAS on OpenMP): each worker sets its own
+        # (the process-wide ones were set just above; torch's process-wide default is 1
+        # now, which a worker's first query takes).
+        per_thread = _per_thread_pools()
 
         def run(item):
-            with openmp.limit(limits=1):
+            with per_thread.limit(limits=1):
                 return function(item)
 
         contexts = [contextvars.copy_context() for _ in items]  # each carries the limit 1
