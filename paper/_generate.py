@@ -203,6 +203,7 @@ def lora_scale_macros(text):
         key = "one" if src.number(row["n_jobs"]) == 1 else "default"
         for col, short in (("two QRs (s, median of 3)", "qr"),
                            ("end to end (s, median of 2)", "e2e"), ("ratio", "ratio"),
+                           ("ratio of minima", "ratiomin"),
                            ("recall", "recall"), ("false flags", "false")):
             macros[f"bench.lorascale.{key}.{short}"] = fmt(src.number(row[col]))
         bases = "the package's two bases (s, median of 3)"
