@@ -8,8 +8,11 @@ Four cells, measured in one run at (n_clients, p, q) = (50, 100, 10):
 * ``unpinned``: the fit inside ``thread_limits(-1)`` (every usable CPU in torch, OpenBLAS
   and OpenMP: what the libraries do when nobody sets them), the second process likewise;
 
-each alone and while the second process runs the fit in a loop. The slowdown is the
-median fit time beside the second process over the median alone; on 2 cores a fair
+each alone, while a second process runs the fit in a loop, and while a second thread of
+this process does (as the threads of a Dask ``LocalCluster(processes=False)`` do, e.g.
+``clairstat refine --scheduler local``: the two fits then share the process-wide BLAS
+pools, which ``thread_limits`` counts together, and Python's GIL). The slowdown is the
+median fit time beside the second fit over the median alone; on 2 cores a fair
 share of the CPU implies about 1x (each fit has a core of its own) and at most 2x.
 The machine's load average is printed before and after each cell: other jobs on the
 machine slow every cell down, and only ratios from one run are compared.
@@ -74,15 +77,22 @@ def _time_fits(estimates, n_jobs, repeats, budget_s):
 
 
 def _cell(mode, beside, repeats, budget_s):
+    """``beside``: None (alone), "process" or "thread" (where the second fit runs)."""
+    import threading
+
     n_jobs = MODES[mode]
     estimates = _data(SHAPE)
     n_threads = _fit(estimates, n_jobs)  # warm-up: imports, first torch call
     load_before = os.getloadavg()
     worker = None
-    if beside:
+    if beside == "process":
         context = multiprocessing.get_context("spawn")  # no fork after OpenMP started
         started, stop = context.Event(), context.Event()
         worker = context.Process(target=_background, args=(n_jobs, started, stop))
+    elif beside == "thread":
+        started, stop = threading.Event(), threading.Event()
+        worker = threading.Thread(target=_background, args=(n_jobs, started, stop))
+    if worker is not None:
         worker.start()
         started.wait(timeout=300)
     try:
@@ -98,22 +108,24 @@ def _cell(mode, beside, repeats, budget_s):
 
 def _concurrency(repeats, budget_s):
     rows = [_cell(mode, beside, repeats, budget_s)
-            for mode in MODES for beside in (False, True)]
+            for mode in MODES for beside in (None, "process", "thread")]
     lines = [f"fit at (n_clients, p, q) = {SHAPE}, CLAIREstimator(solver='torch'), "
              f"{repeats} fits per cell (fewer past {budget_s:.0f} s)", "",
              "| setting | threads | second fit running | median s | min s | fits | "
              "load avg before | load avg after |", "|---|---|---|---|---|---|---|---|"]
     for row in rows:
-        lines.append(f"| {row['mode']} | {row['threads']} | {'yes' if row['beside'] else 'no'} "
+        lines.append(f"| {row['mode']} | {row['threads']} | "
+                     f"{'no' if row['beside'] is None else 'in another ' + row['beside']} "
                      f"| {row['median']:.3f} | {row['min']:.3f} | {row['n']} "
                      f"| {_load(row['load_before'])} | {_load(row['load_after'])} |")
     median = {(row["mode"], row["beside"]): row["median"] for row in rows}
     lines.append("")
     for mode in MODES:
-        lines.append(f"- slowdown beside a second fit, {mode}: "
-                     f"{median[mode, True] / median[mode, False]:.1f}x")
-    lines.append(f"- beside a second fit, unpinned / policy: "
-                 f"{median['unpinned', True] / median['policy', True]:.1f}x")
+        for where in ("process", "thread"):
+            lines.append(f"- slowdown beside a second fit in another {where}, {mode}: "
+                         f"{median[mode, where] / median[mode, None]:.1f}x")
+    lines.append(f"- beside a second fit in another process, unpinned / policy: "
+                 f"{median['unpinned', 'process'] / median['policy', 'process']:.1f}x")
     return lines
 
 
