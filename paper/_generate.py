@@ -309,8 +309,10 @@ def concurrency_macros(text):
     """A fit's median time alone and beside a second fit, per thread policy (the first
     concurrency table of the benchmarks); nothing when that table is absent."""
     rows = src.find_table(text, *CONCURRENCY_COLUMNS) or []
-    times = {(r["setting"], r["second fit running"]): src.number(r["median s"])
-             for r in rows}
+    # "yes" in the earlier tables, "in another process" since the thread cell was added
+    times = {(r["setting"], {"in another process": "yes"}.get(r["second fit running"],
+                                                              r["second fit running"])):
+             src.number(r["median s"]) for r in rows}
     macros = {}
     for setting in ("policy", "unpinned"):
         alone, beside = times.get((setting, "no")), times.get((setting, "yes"))
