@@ -27,7 +27,14 @@ samples one population):
 It prints, per dataset, the share of null splits with any flag and the share of the
 corrupted clients flagged per corruption, with Wilson 95% intervals.
 
+``--plug-in all|half`` measures the naive alternative instead: the same flip-flop
+covariance, fitted to every client's deviation from the entrywise median (``all``) or to
+the robust half-set's deviations from its mean (``half``), passed to the package's
+``noise_cov`` path as if it were known (its calibration, scale and widening as for a
+given covariance).
+
     python benchmarks/default_null_alternatives.py --splits 40 [--rounds 10] [--rank package]
+    python benchmarks/default_null_alternatives.py --splits 40 --plug-in all|half
 """
 
 from __future__ import annotations
@@ -122,7 +129,24 @@ def _complement_coordinates(estimates, n_samples, seed):
     return np.einsum("pi,kpq->kiq", basis, estimates), fit.rank_
 
 
-def run(n_splits, rounds, rank="true"):
+def plug_in_flags(estimates, n_samples, seed, where):
+    """The package's flags with ``noise_cov`` the flip-flop fit of the clients' own
+    deviations (``where``: "all" from the entrywise median, "half" from the robust
+    half-set's mean), taken as known."""
+    from clairstat import CLAIREstimator
+
+    if where == "all":
+        deviations = estimates - np.median(estimates, axis=0)
+    else:
+        half = _robust_start(estimates)
+        deviations = estimates[half] - estimates[half].mean(axis=0)
+    row, col = flip_flop(deviations)
+    fit = CLAIREstimator(random_state=seed).fit(estimates, sample_weight=n_samples,
+                                                noise_cov=(row, col))
+    return fit.contaminated_
+
+
+def run(n_splits, rounds, rank="true", plug_in=None):
     from statsmodels.stats.proportion import proportion_confint
 
     from clairstat import local_ols
@@ -147,7 +171,8 @@ def run(n_splits, rounds, rank="true"):
                         estimates, fitted = _complement_coordinates(estimates,
                                                                     ols.n_samples, split)
                         ranks.append(fitted)
-                flagged = detect(estimates, rounds)
+                flagged = (detect(estimates, rounds) if plug_in is None else
+                           plug_in_flags(estimates, ols.n_samples, split, plug_in))
                 if kind == "none":
                     counts[kind][0] += int(flagged.any())
                     counts[kind][1] += 1
@@ -159,7 +184,8 @@ def run(n_splits, rounds, rank="true"):
             hits, total = counts[kind]
             lo, hi = proportion_confint(hits, total, method="wilson")
             cells.append(f"{hits / total:.2f} [{lo:.2f}, {hi:.2f}]")
-        shown = f"{np.mean(ranks):.2f} (mean)" if ranks else "0 (true)"
+        shown = (f"{np.mean(ranks):.2f} (mean)" if ranks else
+                 "0 (true)" if plug_in is None else f"package (plug-in {plug_in})")
         print(f"| {name} | {shown} | " + " | ".join(cells) + " |", flush=True)
 
 
@@ -171,8 +197,11 @@ def main(argv=None):
     parser.add_argument("--rank", choices=["true", "package"], default="true",
                         help="test the whole estimates (true rank 0) or their complement "
                              "of the default fit's subspace")
+    parser.add_argument("--plug-in", choices=["all", "half"], default=None,
+                        help="the package's noise_cov path with the flip-flop covariance "
+                             "of the clients' own deviations taken as known")
     args = parser.parse_args(argv)
-    run(args.splits, args.rounds, args.rank)
+    run(args.splits, args.rounds, args.rank, args.plug_in)
 
 
 if __name__ == "__main__":
