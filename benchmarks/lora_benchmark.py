@@ -14,9 +14,10 @@ of every client's adapter. Three parts, one run:
    (``clairstat._threads.thread_limits`` with the run's ``n_jobs``). The package itself
    now computes these two bases by CholeskyQR where its checks pass
    (docs/method_notes.md, section 6): the column "the package's two bases" times what it
-   runs (``clairstat._reduced._span_basis``), next to each QR timing. The QRs are timed three times (before, between and after two end-to-end
-   runs); the ratio is taken of the medians and of the minima (on a shared machine the
-   same QRs vary several-fold within one run, and the two ratios bracket that). Both
+   runs (``clairstat._reduced._span_basis``), next to each QR timing. The QRs are
+   timed three times (before, between and after two end-to-end runs); the ratio is
+   taken of the medians and of the minima (on a shared machine the same QRs vary
+   several-fold within one run, and the two ratios bracket that). Both
    the package's default thread policy (``n_jobs=None``) and one thread (``n_jobs=1``,
    the package's advice for a busy machine) are run. Target: ratio <= 6 (both ratios),
    every attacker flagged, no benign client flagged. A second table gives each

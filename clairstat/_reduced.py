@@ -1080,9 +1080,9 @@ def _cholesky_qr(matrix):
     CholeskyQR costs about 3 d m^2 flops with its check (the Gram matrix, half of it by
     ``syrk``, d m^2; one triangular solve for Q, d m^2; the Gram matrix of Q, d m^2),
     4 d m^2 with a second pass, against about 4 d m^2 for Householder's QR with its Q
-    formed (4096 x 1600, one thread: about 0.65 s for one pass and 0.93 s for two,
-    against 0.94 s; benchmarks/lora_benchmark.py times the package's bases beside the
-    QRs). Its Q is orthonormal only to ~ cond(R)^2 eps, so ``Q^T Q`` is formed and
+    formed (the two bases of a 4096 x 4096 module with 100 rank-16 clients, one pass
+    each, one thread: 1.29-1.35 s against 1.75-1.89 s for the two Householder QRs;
+    benchmarks/lora_benchmark.py, benchmarks/RESULTS.md). Its Q is orthonormal only to ~ cond(R)^2 eps, so ``Q^T Q`` is formed and
     checked: taken when within ``_ORTHO_TOL`` of the identity, refined by a second
     pass when within 1/4, else ``None`` (Householder). R's certified condition bound is
     checked first (``None`` above ``_MAX_COND``), before any d-sized solve, so that a

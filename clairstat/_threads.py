@@ -344,13 +344,13 @@ def thread_limits(n_jobs=None, size_hint=None):
     ignored, not retried when the user's block ends, and the user's temporary count is
     never restored as the original. Torch's intra-op count is set in the calling thread
     and is also the default of threads started later: a thread leaving its outermost
-    block sets it back to the count found before the first block of any thread (so a
-    thread that had its own count before its block ends at that one instead; and where
-    OpenMP alone was limited, by threadpoolctl, torch's default for later threads becomes
-    the count torch read then, as torch cannot unset it). (An earlier version, each block restoring the counts it
-    found on entry, left the pools at another block's count when two overlapping
-    blocks ended out of order.) Torch's inter-op pool is left alone: it can be sized
-    only once, before first use, and the fits run no inter-op parallel work.
+    block sets it back to the count found before the first block of any thread, also a
+    thread that had a count of its own before its block. Where OpenMP alone was limited
+    (by threadpoolctl), torch's default for later threads becomes the count torch read
+    then, as torch cannot unset it. (An earlier version, each block restoring the
+    counts it found on entry, left the pools at another block's count when two
+    overlapping blocks ended out of order.) Torch's inter-op pool is left alone: it can
+    be sized only once, before first use, and the fits run no inter-op parallel work.
 
     Examples
     --------
