@@ -1,6 +1,7 @@
 """Tests of clairstat._threads: the thread-count rule and the context manager."""
 
 import os
+import threading
 
 import numpy as np
 import pytest
@@ -229,8 +230,6 @@ def _overlapping(first_count, second_count):
     """Two threads' blocks that overlap and end out of order: the first enters first and
     leaves first. Returns each thread's pool_counts() while both run (first) and while
     the second runs alone."""
-    import threading
-
     entered_a, entered_b, a_done = threading.Event(), threading.Event(), threading.Event()
     seen = {}
 
@@ -264,8 +263,6 @@ def test_overlapping_blocks_of_two_threads_share_and_restore_the_pools():
     pools on its own, fails it: threadpoolctl ignored the second thread's OpenBLAS
     change, and the restores crossed.) No fixture: a threadpool_limits context held by
     this thread would keep OpenBLAS's count (the next test)."""
-    import threading
-
     before = pool_counts()
     seen = _overlapping(1, 3)
     assert seen["both"][0] == 1 and set(seen["both"][1]) == {1}
@@ -283,8 +280,6 @@ def test_a_users_limit_held_in_another_thread_stands():
     """A user's threadpool_limits(1) in this thread while a fit's block asks for 3 in
     another: OpenBLAS stays at the user's 1 (threadpoolctl's controlling thread), and
     everything is as before afterwards."""
-    import threading
-
     before = pool_counts()
     seen = []
     with threadpoolctl.threadpool_limits(limits=1, user_api="blas"):
@@ -303,8 +298,6 @@ def test_a_users_limit_held_in_another_thread_stands():
 def test_a_block_closed_from_another_thread_leaves_nothing_behind():
     """A generator suspended inside thread_limits and closed from another thread: the
     registry and the pools are restored although its context variable cannot be."""
-    import threading
-
     from clairstat import _threads
 
     before = pool_counts()
@@ -361,8 +354,6 @@ def test_a_block_leaves_torchs_default_for_new_threads_as_it_was():
     block in this thread must leave that default as it found it. (A version that read
     torch's count after threadpoolctl had set OpenMP's recorded the block's own count
     as the one to restore, and new threads then started with 1.)"""
-    import threading
-
     def new_thread_count():
         out = []
         thread = threading.Thread(target=lambda: out.append(torch.get_num_threads()))
@@ -386,8 +377,6 @@ def test_a_users_temporary_limit_is_not_restored_as_the_original():
     """A user's threadpool_limits(3) held in another thread when a block starts (the
     block's own change is then ignored) and ended before the block ends: afterwards
     OpenBLAS is at the count of before, not the user's temporary 3."""
-    import threading
-
     before = pool_counts()
     holding, block_started, user_done = (threading.Event(), threading.Event(),
                                          threading.Event())
@@ -412,8 +401,6 @@ def test_a_block_finalised_while_the_registry_is_locked_does_not_deadlock():
     """A generator suspended inside a block and finalised (here: closed) by a thread
     that already holds the registry's lock, as the garbage collector may do while
     threadpoolctl allocates under it: the lock is re-entrant, the block unregisters."""
-    import threading
-
     from clairstat import _threads
 
     def suspended():
