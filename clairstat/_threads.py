@@ -428,7 +428,9 @@ def map_in_threads(function, items):
     threads with one BLAS/torch thread each (set once, here, for the whole map: numpy
     and scipy release the GIL in their kernels); outside one, or with one thread,
     they run in order in the caller's thread. Results come back in the order of
-    ``items``; the calls must be independent (no shared state they write). Used
+    ``items``; the calls must be independent (no shared state they write). An error
+    is raised when its call's turn in ``items`` comes, and the calls not started by
+    then are cancelled. Used
     where a fit has many independent eigenproblems of the same size (each client's
     refit without it), which one BLAS thread each runs faster than two threads one
     after the other.
@@ -462,4 +464,11 @@ def map_in_threads(function, items):
         with ThreadPoolExecutor(max_workers=n_threads) as pool:
             futures = [pool.submit(context.run, run, item)
                        for context, item in zip(contexts, items)]
-            return [future.result() for future in futures]
+            try:
+                return [future.result() for future in futures]
+            except BaseException:
+                # The first error (in items' order) is raised as soon as it is reached;
+                # the calls not yet started are cancelled rather than run for nothing.
+                for future in futures:
+                    future.cancel()
+                raise

@@ -418,3 +418,25 @@ def test_a_block_finalised_while_the_registry_is_locked_does_not_deadlock():
     worker.join(20)
     assert not worker.is_alive()
     assert not _threads._BLOCKS
+
+
+def test_map_in_threads_stops_starting_calls_after_an_error():
+    """An error in one call is raised, and the calls not started yet are cancelled (the
+    former map ran all of them first: 40 here)."""
+    import time
+
+    from clairstat._threads import map_in_threads
+
+    started = []
+
+    def work(item):
+        started.append(item)
+        if item == 0:
+            raise RuntimeError("first")
+        time.sleep(0.05)
+        return item
+
+    with thread_limits(2):
+        with pytest.raises(RuntimeError, match="first"):
+            map_in_threads(work, range(40))
+    assert len(started) < 10
