@@ -492,7 +492,8 @@ def global_state_dict(results: Mapping[str, Any], template: Mapping[str, Any],
 
 def personalized_state_dicts(results: Mapping[str, Any],
                              state_dicts: Sequence[Mapping[str, Any]],
-                             configs: Any = None) -> tuple[list, np.ndarray | None]:
+                             configs: Any = None, *,
+                             flagged_receive: str = "own") -> tuple[list, np.ndarray | None]:
     """Each client's own adapter from any rule's per-module results.
 
     Parameters
@@ -502,6 +503,13 @@ def personalized_state_dicts(results: Mapping[str, Any],
     state_dicts : list of dict, length n_clients
         The clients' adapters (keys, dtypes and ranks of the outputs).
     configs : LoraConfig, dict, or list of them, optional
+    flagged_receive : {"own", "global"}, default="own"
+        What a flagged client gets: its own adapter (as the estimator refines it), or
+        the global update at its rank (:func:`global_state_dict`), as every client of
+        a non-personalized rule does. Over several rounds a flagged client that trains
+        on from its own adapter drifts from the refined ones and tends to be flagged
+        again; ``"global"`` lets a false alarm end with the round (measured in
+        ``simulations/studies/rounds_detection.py``).
 
     Returns
     -------
@@ -516,6 +524,8 @@ def personalized_state_dicts(results: Mapping[str, Any],
     flagged : ndarray of shape (n_clients,), bool, or None
         The client-level flags; ``None`` when the rule flags nobody by design.
     """
+    if flagged_receive not in ("own", "global"):
+        raise ValueError(f"flagged_receive must be 'own' or 'global', got {flagged_receive!r}.")
     configs = _per_client(configs, len(state_dicts), "configs")
     if not all("per_client" in result.extras for result in results.values()):
         return [global_state_dict(results, state, config)
@@ -529,8 +539,13 @@ def personalized_state_dicts(results: Mapping[str, Any],
     flagged = client_flags(np.reshape([result.flagged for result in voting],
                                       (len(voting), len(state_dicts))), level)
     per_client = {name: result.per_client for name, result in results.items()}
-    return _readout_state_dicts(state_dicts, configs, per_client, flagged,
-                                _ranks(factor_lists), keep=zero), flagged
+    personal = _readout_state_dicts(state_dicts, configs, per_client, flagged,
+                                    _ranks(factor_lists), keep=zero)
+    if flagged_receive == "global":
+        personal = [global_state_dict(results, state, config) if flag else own
+                    for own, state, config, flag in zip(personal, state_dicts, configs,
+                                                        flagged)]
+    return personal, flagged
 
 
 def save_adapter(state_dict: Mapping[str, Any], path: str | os.PathLike) -> None:

@@ -327,6 +327,23 @@ def concurrency_macros(text):
     return macros
 
 
+def lora_null_macros(text):
+    """The LoRA null benchmark (``benchmarks/lora_null_calibration.py``): the share of
+    replicates with any rejection at 16 clients, for exactly chi^2_128 statistics
+    (``bench.loranull.a16``) and for a module with independent factors
+    (``bench.loranull.b16``); nothing when its tables are absent."""
+    macros = {}
+    exact = src.find_table(text, "clients", "nu", "package null") or []
+    for row in exact:
+        if row["clients"] == "16" and src.number(row["nu"]) == 128:
+            macros["bench.loranull.a16"] = tex_escape(row["package null"])
+    synthetic = src.find_table(text, "noise", "clients", "any flag") or []
+    for row in synthetic:
+        if row["noise"] == "independent" and row["clients"] == "16":
+            macros["bench.loranull.b16"] = tex_escape(row["any flag"])
+    return macros
+
+
 def solver_table(text):
     lines = []
     for r in solver_rows(text):
@@ -655,6 +672,109 @@ def rounds_macros(frame, scale):
     return macros
 
 
+def _replicate_share(frame, numerator, denominator):
+    """Pooled ``sum numerator / sum denominator`` with a bootstrap interval over the
+    replicates (resampled whole: the modules and clients of one replicate are not
+    independent), as text."""
+    from simulations.copying.analysis import paired_bootstrap
+
+    num, den = frame[numerator].to_numpy(float), frame[denominator].to_numpy(float)
+    if den.sum() == 0:
+        return "--"
+    _, low, high = paired_bootstrap(num / den)  # equal denominators per cell
+    return _share_text((num.sum() / den.sum(), low, high))
+
+
+# The interventions of the per-round study and their macro names.
+RDET_ARMS = {"none": "none", "flagged-get-global": "global",
+             "no-robust-start": "norobust"}
+
+
+def _rounds_intervention_macros(frame, arm):
+    """Per arm of the per-round study (``rdet.<arm>.*``): the clean replicates that
+    flag a client in the last round, the clean flags after the first round that repeat
+    the round before, whole-variant module flags in the last round (clean
+    heterogeneous), the last round's recall, and CLAIR's gain over local LoRA per
+    design (mean relative change in %, bootstrap interval over replicates)."""
+    from simulations.copying.analysis import paired_bootstrap
+
+    macros = {}
+    for name, short in RDET_ARMS.items():
+        rows = frame[arm == name]
+        if rows.empty:
+            continue
+        last = int(rows["rounds"].min())
+        key = f"rdet.{short}"
+        clean = rows[rows["design"] == "clean"]
+        attacked = rows[rows["design"] == "contaminated"]
+        macros[f"{key}.clean.nrep"] = fmt(len(clean))
+        macros[f"{key}.clean.anyrep.last"] = fmt(int((clean[f"client_benign_r{last}"] > 0).sum()))
+        later = range(2, last + 1)
+        macros[f"{key}.clean.flags"] = fmt(int(sum(clean[f"client_benign_r{t}"].sum()
+                                                   for t in later)))
+        macros[f"{key}.clean.kept"] = fmt(int(sum(clean[f"client_kept_flag_r{t}"].sum()
+                                                  for t in later)))
+        hetero = clean[clean["setting"] == "heterogeneous"]
+        macros[f"{key}.clean.heterogeneous.group.last"] = fmt(
+            int(hetero[f"module_group_r{last}"].sum()))
+        if len(attacked):
+            macros[f"{key}.recall.last"] = fmt_fixed(
+                attacked[f"client_attackers_r{last}"].sum()
+                / attacked["n_attackers"].sum(), 2)
+        for design, sub in (("clean", clean), ("contaminated", attacked)):
+            if "rel_clair" in sub and sub["rel_clair"].notna().any():
+                gains = 100 * sub["rel_clair"].dropna().to_numpy()  # in %
+                macros[f"{key}.{design}.gain"] = _gain_text(*paired_bootstrap(gains))
+    return macros
+
+
+def rounds_detection_macros(frame, scale):
+    """CLAIR's flags round by round (``rounds_detection``): how often a module's test
+    flags a benign client, whole task variants flagged, client-level false alarms in the
+    first and the last round, flags kept from one round to the next, the joint rank.
+    ``{"rdet.has": "0"}`` without a table."""
+    if frame is None or frame.empty:
+        return {"rdet.has": "0"}
+    import pandas as pd
+
+    arm = (frame["intervention"].fillna("none") if "intervention" in frame
+           else pd.Series("none", index=frame.index))
+    macros = _rounds_intervention_macros(frame, arm)
+    frame = frame[arm == "none"]
+    last = int(frame["rounds"].min())
+    clean = frame[frame["design"] == "clean"]
+    macros.update({"rdet.has": "1", "rdet.scale": scale, "rdet.last": fmt(last),
+              "rdet.replicates": fmt(int(frame.groupby(["design", "setting"])[
+                  "replicate"].nunique().min())),
+              "rdet.modules": fmt(int(frame["modules_r1"].max())),
+              "rdet.module.first": _replicate_share(frame, "module_benign_any_r1",
+                                                    "modules_r1")})
+    for setting in ("homogeneous", "heterogeneous"):
+        cell = clean[clean["setting"] == setting]
+        if cell.empty:
+            continue
+        key = f"rdet.clean.{setting}"
+        macros[f"{key}.module.last"] = _replicate_share(cell, f"module_benign_any_r{last}",
+                                                        f"modules_r{last}")
+        macros[f"{key}.group.last"] = fmt(int(cell[f"module_group_r{last}"].sum()))
+        macros[f"{key}.modules.last"] = fmt(int(cell[f"modules_r{last}"].sum()))
+    for t, name in ((1, "first"), (last, "last")):
+        macros[f"rdet.clean.anyrep.{name}"] = fmt(int((clean[f"client_benign_r{t}"] > 0).sum()))
+        macros[f"rdet.jointrank.{name}"] = fmt_fixed(float(frame[f"joint_rank_r{t}"].mean()), 1)
+    macros["rdet.clean.nrep"] = fmt(len(clean))
+    # Of the clean clients flagged in rounds 2.., those flagged in the round before too.
+    flags = sum(int(clean[f"client_benign_r{t}"].sum()) for t in range(2, last + 1))
+    kept = sum(int(clean[f"client_kept_flag_r{t}"].sum()) for t in range(2, last + 1))
+    macros["rdet.clean.kept"] = fmt(kept)
+    macros["rdet.clean.flags"] = fmt(flags)
+    attacked = frame[frame["design"] == "contaminated"]
+    if len(attacked):
+        for t, name in ((1, "first"), (last, "last")):
+            macros[f"rdet.recall.{name}"] = fmt_fixed(
+                attacked[f"client_attackers_r{t}"].sum() / attacked["n_attackers"].sum(), 2)
+    return macros
+
+
 def rounds_table(frame):
     """Gain over local LoRA per method (rows) and cell (columns), with CLAIR's flag
     shares among clean clients and attackers as the last two rows."""
@@ -708,6 +828,7 @@ def collect():
         macros.update(lora_scale_macros(text))
         macros.update(lora_target_macros(text))
         macros.update(concurrency_macros(text))
+        macros.update(lora_null_macros(text))
         # The text quotes the concurrency benchmark only when its table is committed.
         macros["bench.hasconc"] = "1" if "bench.conc.ratio" in macros else "0"
         tables["solver"], tables["lora"] = solver_table(text), lora_table(text)
@@ -722,6 +843,7 @@ def collect():
     macros.update(rounds_macros(rounds, rounds_scale))
     if rounds is not None:
         tables["copying_rounds"] = rounds_table(rounds)
+    macros.update(rounds_detection_macros(*src.read_rounds(study="rounds_detection")))
     scale = src.copying_scale()
     if scale:
         frame = src.read_copying(scale)
@@ -748,6 +870,9 @@ def write_generated(out_dir):
     lines.append(r"\copysweeptrue" if macros.get("sweep.has") == "1" else r"\copysweepfalse")
     lines.append(r"\copyroundstrue" if macros.get("rounds.has") == "1"
                  else r"\copyroundsfalse")
+    # The per-round paragraph needs both the replay's table and the null benchmark.
+    lines.append(r"\rdettrue" if macros.get("rdet.has") == "1"
+                 and "bench.loranull.a16" in macros else r"\rdetfalse")
     lines.append(r"\copyconfirmtrue" if macros.get("copy.confirmatory") == "1"
                  and macros.get("copy.complete") == "1" else r"\copyconfirmfalse")
     paths = [out_dir / "macros.tex"]

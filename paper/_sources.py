@@ -166,14 +166,15 @@ def read_copying(scale, results_dir=None):
     return load_table(results_path("copying", scale, Path(results_dir or SOURCES["copying"])))
 
 
-def read_rounds(results_dir=None):
-    """The multi-round study's table of the largest scale committed (``full``, else
-    ``small``), only the rows of the study's current grid at that scale, and its scale;
+def read_rounds(results_dir=None, study="copying_rounds"):
+    """A multi-round study's table (``copying_rounds``, or ``rounds_detection``: CLAIR's
+    flags round by round) of the largest scale committed (``full``, else ``small``),
+    only the rows of the study's current grid at that scale, and its scale;
     ``(None, None)`` when neither is committed or no row is of the current grid."""
     from simulations import get_study, load_results, results_path
 
     results_dir = Path(results_dir or SOURCES["copying"])
-    study = get_study("copying_rounds")
+    study = get_study(study)
     for scale in ("full", "small"):
         if results_path(study.name, scale, results_dir).exists():
             frame = load_results(study, scale, results_dir, current_only=True)

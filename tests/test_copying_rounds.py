@@ -123,7 +123,7 @@ def test_smoke_scale_runs_in_flower_and_gives_every_method_for_every_benign_clie
         from simulations.studies import rounds_detection
 
         params = {key: row[key] for key in copying_rounds.STUDY.cells("smoke")[0]}
-        trace, _, _ = rounds_detection.replay(params, row["seed"])
+        trace, _, _, _ = rounds_detection.replay(params, row["seed"])
         assert len(trace) == row["rounds"]
         assert trace[-1]["client_flags"].tolist() == [row[f"flagged_clair_c{k}"]
                                                       for k in range(n_clients)]

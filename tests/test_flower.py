@@ -99,6 +99,32 @@ def test_clair_personalized_adapters_are_refine_adapters_outputs():
         assert all(np.array_equal(global_adapter[key], mean[key]) for key in mean)
 
 
+def test_a_flagged_client_can_receive_the_global_adapter_instead_of_its_own():
+    """flagged_receive="global": the flagged client gets the global adapter at its rank
+    (what a non-personalized rule sends), every other client what "own" gives it."""
+    from clairstat.lora import aggregate_adapters, global_state_dict, personalized_state_dicts
+
+    adapters = [client_adapter(k) for k in range(N_NODES)]
+    results = aggregate_adapters("clair", adapters, LORA, np.ones(N_NODES), rank=1)
+    own, flagged = personalized_state_dicts(results, adapters, LORA)
+    shared, again = personalized_state_dicts(results, adapters, LORA,
+                                             flagged_receive="global")
+    assert flagged.tolist() == again.tolist() == [k == ADVERSARY for k in range(N_NODES)]
+    expected = global_state_dict(results, adapters[ADVERSARY], LORA)
+    assert all(np.array_equal(shared[ADVERSARY][key], expected[key]) for key in expected)
+    assert not all(np.array_equal(own[ADVERSARY][key], expected[key]) for key in expected)
+    for k in range(N_NODES - 1):
+        assert all(np.array_equal(shared[k][key], own[k][key]) for key in own[k])
+    strategy = LoraStrategy(rule="clair", lora_config=LORA, rule_options={"rank": 1},
+                            flagged_receive="global")
+    per_client, _, _ = strategy._aggregate(adapters, np.ones(N_NODES))
+    assert all(np.array_equal(per_client[ADVERSARY][key], expected[key]) for key in expected)
+    with pytest.raises(ValueError, match="flagged_receive"):
+        personalized_state_dicts(results, adapters, LORA, flagged_receive="mean")
+    with pytest.raises(ValueError, match="flagged_receive"):
+        LoraStrategy(flagged_receive="mean")
+
+
 # --- a Flower simulation ------------------------------------------------------------
 class Tiny(torch.nn.Module):
     def __init__(self):

@@ -39,9 +39,11 @@ def test_smoke_replicate_counts_every_round(monkeypatch):
              {"client_flags": np.array([True, False, False, False]),
               "module_flags": np.zeros((2, 4), dtype=bool),
               "module_ranks": np.array([0, 0]), "joint_rank": None, "solver": "torch"}]
+    accuracy = {"local": np.array([0.5, 0.8, 1.0, np.nan]),
+                "clair": np.array([0.6, 0.8, 0.5, np.nan])}
     monkeypatch.setattr(rounds_detection, "replay",
-                        lambda *_: (trace, np.array([False, False, False, True]),
-                                    np.array([0, 0, 0, 0])))
+                        lambda *_, **__: (trace, np.array([False, False, False, True]),
+                                          np.array([0, 0, 0, 0]), accuracy))
     row = rounds_detection.simulate_one(params, 0)
     assert (row["modules_r1"], row["module_benign_any_r1"], row["module_benign_flags_r1"]) \
         == (2, 2, 4)
@@ -51,3 +53,40 @@ def test_smoke_replicate_counts_every_round(monkeypatch):
     assert row["module_group_r1"] == 1
     assert (row["client_benign_r2"], row["client_kept_flag_r2"]) == (1, 1)
     assert np.isnan(row["joint_rank_r2"]) and row["module_rank_r1"] == 1.5
+    assert row["acc_clair"] == pytest.approx(1.9 / 3)
+    assert row["rel_clair"] == pytest.approx((0.2 + 0.0 - 0.5) / 3)  # attackers left out
+
+
+def test_interventions_run_on_every_cell_and_leave_the_plain_cells_unchanged():
+    small = rounds_detection.STUDY.cells("small")
+    plain = [c for c in small if "intervention" not in c]
+    # the plain cells carry no intervention key: their ids and seeds are those of the
+    # committed rows
+    assert len(plain) == 4
+    changed = [c for c in small if "intervention" in c]
+    assert len(changed) == 4 * len(rounds_detection.INTERVENTIONS)
+    assert {c["intervention"] for c in changed} == set(rounds_detection.INTERVENTIONS)
+    with pytest.raises(ValueError, match="unknown intervention"):
+        rounds_detection.replay({**plain[0], "intervention": "none-such"}, 0)
+
+
+def test_without_the_robust_start_the_detection_starts_from_the_unflagged_clients():
+    start = np.array([True, False, True, True])
+    assert rounds_detection._starting_set(None, None, start, 2, None) is start
+    assert rounds_detection._starting_set(None, None, np.eye(4, dtype=bool)[0], 2,
+                                          None).all()
+
+
+def test_the_no_robust_start_intervention_replaces_the_concentration_steps(monkeypatch):
+    original, starts = rounds_detection._starting_set, []
+
+    def recording(blocks, weights, start, *args, **kwargs):
+        starts.append(start.copy())
+        return original(blocks, weights, start, *args, **kwargs)
+
+    monkeypatch.setattr(rounds_detection, "_starting_set", recording)
+    cell = next(c for c in rounds_detection.STUDY.cells("smoke")
+                if c.get("intervention") == "no-robust-start")
+    trace, _, _, _ = rounds_detection.replay(cell, 3)
+    # one detection per fitted module and round went through it
+    assert len(starts) == sum(len(fit["module_ranks"]) for fit in trace) > 0

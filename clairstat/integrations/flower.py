@@ -120,6 +120,12 @@ class LoraStrategy(FedAvg):
         Options of the rule (for ``"clair"``: ``joint`` and the parameters of
         :class:`clairstat.CLAIREstimator`, as :func:`clairstat.lora.refine_adapters`
         takes them).
+    flagged_receive : {"own", "global"}, default="own"
+        In personalized mode, what a client flagged by CLAIR receives: its own adapter,
+        or the global adapter at its rank
+        (:func:`clairstat.lora.personalized_state_dicts`). With ``"own"`` a false alarm
+        tends to repeat in the next rounds (the client trains on alone and drifts from
+        the refined clients); ``"global"`` ends it with the round.
     max_weight_ratio : float or None, default=10.0
         Weight cap: a client's weight is its example count (the ``weighted_by_key``
         metric) over the median count of the round's valid replies, capped at this
@@ -167,10 +173,15 @@ class LoraStrategy(FedAvg):
     """
 
     def __init__(self, rule="clair", lora_config=None, personalized=True,
-                 rule_options=None, max_weight_ratio=10.0, **fedavg_options):
+                 rule_options=None, max_weight_ratio=10.0, flagged_receive="own",
+                 **fedavg_options):
         super().__init__(**fedavg_options)
         if max_weight_ratio is not None and not max_weight_ratio >= 1.0:
             raise ValueError(f"max_weight_ratio must be >= 1 or None, got {max_weight_ratio}.")
+        if flagged_receive not in ("own", "global"):
+            raise ValueError(f"flagged_receive must be 'own' or 'global', "
+                             f"got {flagged_receive!r}.")
+        self.flagged_receive = flagged_receive
         self.rule = rule
         self.lora_config = lora_config
         self.personalized = personalized
@@ -185,8 +196,9 @@ class LoraStrategy(FedAvg):
 
         from flwr.supercore import log
 
-        log(INFO, "\t├──> clairstat rule: %s (personalized=%s, max_weight_ratio=%s)",
-            self.rule, self.personalized, self.max_weight_ratio)
+        log(INFO, "\t├──> clairstat rule: %s (personalized=%s, flagged_receive=%s, "
+            "max_weight_ratio=%s)", self.rule, self.personalized, self.flagged_receive,
+            self.max_weight_ratio)
         super().summary()
 
     def _personalize(self, messages):
@@ -291,7 +303,8 @@ class LoraStrategy(FedAvg):
         results = aggregate_adapters(self.rule, adapters, self.lora_config, weights,
                                      **self.rule_options)
         self.last_results_ = results
-        per_client, flagged = personalized_state_dicts(results, adapters, self.lora_config)
+        per_client, flagged = personalized_state_dicts(results, adapters, self.lora_config,
+                                                       flagged_receive=self.flagged_receive)
         return per_client, global_state_dict(results, adapters[0], self.lora_config), flagged
 
     def _metrics(self, messages, weights, aggregate_fn):

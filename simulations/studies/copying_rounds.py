@@ -63,7 +63,7 @@ from simulations.copying.replicate import DEFAULT_PARAMS, REPO
 from .._framework import Study
 from .copying import SETTINGS
 
-__all__ = ["STUDY", "simulate_one", "cells", "METHODS", "ROUND_PARAMS", "TINY"]
+__all__ = ["STUDY", "simulate_one", "setup", "cells", "METHODS", "ROUND_PARAMS", "TINY"]
 
 #: The federated strategies compared (``local`` is the reference).
 METHODS = ("fedavg", "median", "trimmed_mean", "krum", "bulyan", "clair", "fedrot", "glora")
@@ -353,6 +353,42 @@ def _row(accuracy, contaminated, variant, kinds, flagged, info):
     return row
 
 
+def setup(params, seed):
+    """A replicate's pretrained model, tasks, clients and initial adapter.
+
+    Parameters
+    ----------
+    params : dict
+        Every parameter of a cell (defaults filled in).
+    seed : int
+
+    Returns
+    -------
+    tuple
+        ``(model, pretraining info, specs, contaminated, variant, clients, init, lora)``:
+        the client tasks, each client's data and seeds (:class:`_Clients`), the shared
+        initial adapter (numpy state dict) and the peft config.
+    """
+    from simulations.copying.finetune import FinetuneConfig, initial_adapter, lora_config
+    from simulations.copying.pretrain import pretrain
+    from simulations.copying.replicate import cache_dir, pretrain_config
+    from simulations.copying.tasks import client_tasks
+
+    model, pre = pretrain(pretrain_config(params), cache_dir(), log=lambda *_: None)
+    specs, contaminated, variant = client_tasks(
+        params["n_clients"], params["n_contaminated"], params["n_content"],
+        params["n_moved"], params["n_variants"], params["contamination"].split(","),
+        np.random.default_rng(seed))
+    config = FinetuneConfig(rank=params["rank"], lora_alpha=params["lora_alpha"],
+                            mlp=params["mlp"], n_train=params["n_train"],
+                            batch_size=params["batch_size"], lr=params["lr"])
+    seeds = np.random.SeedSequence(seed).generate_state(len(specs) + 1)
+    init = {k: v.numpy() for k, v in initial_adapter(model, config, int(seeds[0])).items()}
+    clients = _Clients(model, specs, config, seeds[1:], params["adversarial_scale"],
+                       int(params["steps_per_round"]))
+    return model, pre, specs, contaminated, variant, clients, init, lora_config(config)
+
+
 def simulate_one(params, seed):
     """One replicate: tasks, ``rounds`` federated rounds per strategy, evaluation.
 
@@ -371,25 +407,10 @@ def simulate_one(params, seed):
         ``rel_<method>``; CLAIR's detection scores, the robust rules' assumed attackers,
         seconds per stage and the pretraining's key and accuracy.
     """
-    from simulations.copying.finetune import FinetuneConfig, initial_adapter, lora_config
-    from simulations.copying.pretrain import pretrain
-    from simulations.copying.replicate import _evaluate, cache_dir, pretrain_config
-    from simulations.copying.tasks import client_tasks
+    from simulations.copying.replicate import _evaluate
 
     params = {**DEFAULT_PARAMS, **ROUND_PARAMS, **params}
-    model, pre = pretrain(pretrain_config(params), cache_dir(), log=lambda *_: None)
-    specs, contaminated, variant = client_tasks(
-        params["n_clients"], params["n_contaminated"], params["n_content"],
-        params["n_moved"], params["n_variants"], params["contamination"].split(","),
-        np.random.default_rng(seed))
-    config = FinetuneConfig(rank=params["rank"], lora_alpha=params["lora_alpha"],
-                            mlp=params["mlp"], n_train=params["n_train"],
-                            batch_size=params["batch_size"], lr=params["lr"])
-    seeds = np.random.SeedSequence(seed).generate_state(len(specs) + 1)
-    init = {k: v.numpy() for k, v in initial_adapter(model, config, int(seeds[0])).items()}
-    clients = _Clients(model, specs, config, seeds[1:], params["adversarial_scale"],
-                       int(params["steps_per_round"]))
-    lora = lora_config(config)
+    model, pre, specs, contaminated, variant, clients, init, lora = setup(params, seed)
     start = time.perf_counter()
     local = [clients.local(k, init, int(params["rounds"])) if not contaminated[k] else init
              for k in range(len(specs))]  # attackers are never evaluated

@@ -27,65 +27,93 @@ Per round ``t`` a row holds:
 - ``joint_rank_r<t>``: the joint refinement's rank; ``module_rank_r<t>``: the mean of
   the modules' ranks.
 
+After the last round, ``acc_clair`` and ``acc_local`` (benign clients' mean accuracy
+with the adapter they end with, and trained alone) and ``rel_clair`` (mean relative
+change over local LoRA), as in the multi-round study.
+
 The cells are those of the multi-round study (both designs, both settings); seeds are
 derived from this study's name, so no replicate of the multi-round study is reused.
+
+Two interventions, each on every cell (cell parameter ``intervention``; cells without
+it run the strategy as it is), test the two mechanisms the counts suggest:
+
+- ``flagged-get-global``: a flagged client receives the global adapter (the
+  collaborative mean read out at its rank: ``flagged_receive="global"`` of
+  :func:`clairstat.lora.personalized_state_dicts` and of ``LoraStrategy``) instead of
+  its own: do flags persist because a flagged client trains on alone?
+- ``no-robust-start``: the detection starts from the decomposition's unflagged clients
+  instead of the concentration steps' half-set (:func:`clairstat._detection.concentrate`
+  replaced for the replicate; a diagnostic that reaches into the package's internals):
+  are whole task variants flagged because the robust start leaves them out?
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
+from unittest import mock
 
 import numpy as np
 
 from .._framework import Study
-from .copying_rounds import ROUND_PARAMS, TINY, _Clients, cells
+from .copying_rounds import ROUND_PARAMS, TINY, _dense, cells, setup
 
 __all__ = ["STUDY", "simulate_one", "replay"]
 
 #: A variant needs this many clients for its whole group being flagged to count.
 MIN_GROUP = 3
+#: The interventions of the module docstring.
+INTERVENTIONS = ("flagged-get-global", "no-robust-start")
 
 
-def replay(params, seed):
+def _starting_set(blocks, weights, start, *args, **kwargs):
+    """``no-robust-start``: the decomposition's unflagged clients (all, if fewer than 2)."""
+    return start if start.sum() >= 2 else np.ones(len(start), dtype=bool)
+
+
+def replay(params, seed, evaluate=False):
     """CLAIR's personalized rounds for one replicate: the per-round fits.
+
+    Parameters
+    ----------
+    params : dict
+    seed : int
+    evaluate : bool, default=False
+        Also measure every benign client's accuracy with the adapter it ends with, and
+        with the same client trained alone (``local``), as the multi-round study does.
 
     Returns
     -------
-    list of dict
+    trace : list of dict
         Per round: ``client_flags`` (bool, n_clients), ``module_flags`` (bool,
         n_modules x n_clients), ``module_ranks`` (int, n_modules), ``joint_rank`` (int
         or None), ``solver`` (the fits' ``solver_``).
     contaminated, variant : ndarray of shape (n_clients,)
+    accuracy : dict of str to ndarray of shape (n_clients,), or None
+        ``{"local": ..., "clair": ...}`` (NaN for attackers) when ``evaluate``.
     """
     from clairstat.lora import aggregate_adapters, personalized_state_dicts
-    from simulations.copying.finetune import FinetuneConfig, initial_adapter, lora_config
-    from simulations.copying.pretrain import pretrain
-    from simulations.copying.replicate import DEFAULT_PARAMS, cache_dir, pretrain_config
-    from simulations.copying.tasks import client_tasks
+    from simulations.copying.replicate import DEFAULT_PARAMS, _evaluate
 
     params = {**DEFAULT_PARAMS, **ROUND_PARAMS, **params}
-    model, _ = pretrain(pretrain_config(params), cache_dir(), log=lambda *_: None)
+    intervention = params.get("intervention", "none")
+    if intervention not in ("none", *INTERVENTIONS):
+        raise ValueError(f"unknown intervention {intervention!r}.")
     # As copying_rounds.simulate_one: the same tasks, initial adapter and client seeds.
-    specs, contaminated, variant = client_tasks(
-        params["n_clients"], params["n_contaminated"], params["n_content"],
-        params["n_moved"], params["n_variants"], params["contamination"].split(","),
-        np.random.default_rng(seed))
-    config = FinetuneConfig(rank=params["rank"], lora_alpha=params["lora_alpha"],
-                            mlp=params["mlp"], n_train=params["n_train"],
-                            batch_size=params["batch_size"], lr=params["lr"])
-    seeds = np.random.SeedSequence(seed).generate_state(len(specs) + 1)
-    init = {k: v.numpy() for k, v in initial_adapter(model, config, int(seeds[0])).items()}
-    clients = _Clients(model, specs, config, seeds[1:], params["adversarial_scale"],
-                       int(params["steps_per_round"]))
-    lora = lora_config(config)
+    model, _, specs, contaminated, variant, clients, init, lora = setup(params, seed)
     # LoraStrategy's weights: the example counts (all n_train here) capped and normalised.
     weights = np.full(len(specs), 1.0 / len(specs))
     states, trace = [init] * len(specs), []
     for server_round in range(1, int(params["rounds"]) + 1):
         replies = [clients.reply(k, states[k], server_round) for k in range(len(specs))]
-        results = aggregate_adapters("clair", replies, lora, weights,
-                                     test_level=params["test_level"], random_state=seed)
-        states, flagged = personalized_state_dicts(results, replies, lora)
+        patch = (mock.patch("clairstat._inference.concentrate", _starting_set)
+                 if intervention == "no-robust-start" else contextlib.nullcontext())
+        with patch:
+            results = aggregate_adapters("clair", replies, lora, weights,
+                                         test_level=params["test_level"], random_state=seed)
+        states, flagged = personalized_state_dicts(
+            results, replies, lora,
+            flagged_receive="global" if intervention == "flagged-get-global" else "own")
         fitted = [result for result in results.values()
                   if result.extras.get("estimator") is not None]
         selection = fitted[0].extras.get("rank_selection") if fitted else None
@@ -96,7 +124,15 @@ def replay(params, seed):
             "module_ranks": np.array([result.extras["estimator"].rank_ for result in fitted]),
             "joint_rank": None if selection is None else int(selection.rank),
             "solver": fitted[0].extras["estimator"].solver_ if fitted else "none"})
-    return trace, np.asarray(contaminated, dtype=bool), np.asarray(variant)
+    contaminated = np.asarray(contaminated, dtype=bool)
+    accuracy = None
+    if evaluate:  # as copying_rounds.simulate_one (attackers are never evaluated)
+        local = [clients.local(k, init, int(params["rounds"])) if not contaminated[k]
+                 else init for k in range(len(specs))]
+        accuracy = _evaluate(model, {"local": _dense(local, lora),
+                                     "clair": _dense(states, lora)},
+                             specs, contaminated, params, seed)
+    return trace, contaminated, np.asarray(variant), accuracy
 
 
 def _whole_groups(flags, variant, benign):
@@ -111,9 +147,13 @@ def _whole_groups(flags, variant, benign):
 def simulate_one(params, seed):
     """One replicate: the per-round counts of the module docstring."""
     start = time.perf_counter()
-    trace, contaminated, variant = replay(params, seed)
+    trace, contaminated, variant, accuracy = replay(params, seed, evaluate=True)
     benign = ~contaminated
     row, before = {}, np.zeros(len(benign), dtype=bool)
+    for method, values in accuracy.items():  # benign clients' mean, and against local
+        row[f"acc_{method}"] = float(np.mean(values[benign]))
+        row[f"rel_{method}"] = float(np.mean((values[benign] - accuracy["local"][benign])
+                                             / accuracy["local"][benign]))
     for t, fit in enumerate(trace, start=1):
         module_flags, flags = fit["module_flags"], fit["client_flags"]
         row.update({
@@ -136,7 +176,10 @@ def simulate_one(params, seed):
 
 
 def _cells(**overrides):
-    return cells(seed_block="rounds_detection", **overrides)
+    """The multi-round study's cells, then the same cells under each intervention."""
+    plain = cells(seed_block="rounds_detection", **overrides)
+    return plain + [dict(cell, intervention=name) for name in INTERVENTIONS
+                    for cell in plain]
 
 
 STUDY = Study(
@@ -144,9 +187,11 @@ STUDY = Study(
     description="CLAIR's per-module and client-level flags round by round in personalized "
                 "federated LoRA rounds (the copying_rounds design, replayed without Flower)",
     grids={"smoke": [cell for cell in _cells(**TINY)
-                     if (cell["design"], cell["setting"]) in (("clean", "homogeneous"),
-                                                              ("contaminated",
-                                                               "heterogeneous"))],
+                     if (cell["design"], cell["setting"], cell.get("intervention")) in (
+                         ("clean", "homogeneous", None),
+                         ("contaminated", "heterogeneous", None),
+                         ("clean", "heterogeneous", "no-robust-start"),
+                         ("clean", "homogeneous", "flagged-get-global"))],
            "small": _cells(), "full": _cells()},
     replicates={"smoke": 1, "small": 20, "full": 100},
     simulate_one=simulate_one)
