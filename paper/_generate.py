@@ -332,15 +332,18 @@ def lora_null_macros(text):
     replicates with any rejection at 16 clients, for exactly chi^2_128 statistics
     (``bench.loranull.a16``) and for a module with independent factors
     (``bench.loranull.b16``); nothing when its tables are absent."""
+    clients, nu = 16, 128  # the copying task's clients per round; nu below the cap
     macros = {}
     exact = src.find_table(text, "clients", "nu", "package null") or []
     for row in exact:
-        if row["clients"] == "16" and src.number(row["nu"]) == 128:
+        if src.number(row["clients"]) == clients and src.number(row["nu"]) == nu:
             macros["bench.loranull.a16"] = tex_escape(row["package null"])
     synthetic = src.find_table(text, "noise", "clients", "any flag") or []
     for row in synthetic:
-        if row["noise"] == "independent" and row["clients"] == "16":
+        if row["noise"] == "independent" and src.number(row["clients"]) == clients:
             macros["bench.loranull.b16"] = tex_escape(row["any flag"])
+    if macros:
+        macros.update({"bench.loranull.clients": fmt(clients), "bench.loranull.nu": fmt(nu)})
     return macros
 
 
