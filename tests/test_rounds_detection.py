@@ -12,11 +12,12 @@ pytest.importorskip("torch")
 from simulations.studies import copying_rounds, rounds_detection  # noqa: E402
 
 
-def test_cells_are_the_multi_round_designs_with_their_own_seed_block():
+def test_cells_are_the_multi_round_designs_with_their_own_seed_blocks():
     small = rounds_detection.STUDY.cells("small")
     assert {(c["design"], c["setting"]) for c in small} == {
         (c["design"], c["setting"]) for c in copying_rounds.STUDY.cells("small")}
-    assert all(c["seed_block"] == "rounds_detection" for c in small)
+    assert {c["seed_block"] for c in small} == {"rounds_detection",
+                                                rounds_detection.CONFIRM_BLOCK}
 
 
 def test_a_whole_group_counts_only_when_every_benign_client_of_a_variant_is_flagged():
@@ -58,7 +59,8 @@ def test_smoke_replicate_counts_every_round(monkeypatch):
 
 
 def test_interventions_run_on_every_cell_and_leave_the_plain_cells_unchanged():
-    small = rounds_detection.STUDY.cells("small")
+    small = [c for c in rounds_detection.STUDY.cells("small")
+             if c["seed_block"] == "rounds_detection"]
     plain = [c for c in small if "intervention" not in c]
     # the plain cells carry no intervention key: their ids and seeds are those of the
     # committed rows
@@ -66,6 +68,11 @@ def test_interventions_run_on_every_cell_and_leave_the_plain_cells_unchanged():
     changed = [c for c in small if "intervention" in c]
     assert len(changed) == 4 * len(rounds_detection.INTERVENTIONS)
     assert {c["intervention"] for c in changed} == set(rounds_detection.INTERVENTIONS)
+    # the confirmation block: the same four cells, plain and under the option, own seeds
+    confirm = [c for c in rounds_detection.STUDY.cells("small")
+               if c["seed_block"] == rounds_detection.CONFIRM_BLOCK]
+    assert sorted(c.get("intervention", "none") for c in confirm) == \
+        ["flagged-get-global"] * 4 + ["none"] * 4
     with pytest.raises(ValueError, match="unknown intervention"):
         rounds_detection.replay({**plain[0], "intervention": "none-such"}, 0)
 

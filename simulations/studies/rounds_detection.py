@@ -175,11 +175,24 @@ def simulate_one(params, seed):
     return row
 
 
+#: The confirmation block (seed block ``rounds_detection_confirm``), added after
+#: ``flagged-get-global`` was found on the cells above: the strategy as it is against
+#: that option, on seeds the option was not chosen on. Criteria, fixed before its run:
+#: C1, under the option at most 2 of the block's 40 clean replicates flag a client in
+#: the last round; C2, the option's mean gain over local LoRA is at most 0.5 percentage
+#: points below the strategy's, on the clean designs and on the contaminated ones.
+#: The last round's recall is reported without a criterion.
+CONFIRM_BLOCK = "rounds_detection_confirm"
+
+
 def _cells(**overrides):
-    """The multi-round study's cells, then the same cells under each intervention."""
+    """The multi-round study's cells, the same cells under each intervention, then the
+    confirmation block (the strategy and ``flagged-get-global``)."""
     plain = cells(seed_block="rounds_detection", **overrides)
-    return plain + [dict(cell, intervention=name) for name in INTERVENTIONS
-                    for cell in plain]
+    confirm = cells(seed_block=CONFIRM_BLOCK, **overrides)
+    return (plain + [dict(cell, intervention=name) for name in INTERVENTIONS
+                     for cell in plain]
+            + confirm + [dict(cell, intervention="flagged-get-global") for cell in confirm])
 
 
 STUDY = Study(
