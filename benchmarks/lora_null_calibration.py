@@ -74,8 +74,11 @@ def vectorised_estimate(samples, df_theory):
     """:func:`calibrate_null` on each row of ``samples`` (bootstrap draws, all > 0).
 
     The same two estimates of nu, the quartile match inverted on a fine grid instead of
-    by root finding (checked against the package's in :func:`main`).
+    by root finding (checked against the package's in :func:`main`). Positive samples
+    only: the package drops zeros from the log-MAD, this does not.
     """
+    if not np.all(samples > 0):
+        raise ValueError("vectorised_estimate takes positive samples only.")
     m = samples.shape[1]
     med = np.median(samples, axis=1)
     target = 1.0 - np.percentile(samples, 25, axis=1) / med

@@ -712,6 +712,10 @@ def _rounds_intervention_macros(frame, arm):
         attacked = rows[rows["design"] == "contaminated"]
         macros[f"{key}.clean.nrep"] = fmt(len(clean))
         macros[f"{key}.clean.anyrep.last"] = fmt(int((clean[f"client_benign_r{last}"] > 0).sum()))
+        for t in range(1, last + 1):  # clean replicates with a flagged client, per round
+            macros[f"{key}.clean.anyrep.r{t}"] = fmt(int((clean[f"client_benign_r{t}"] > 0).sum()))
+        macros[f"{key}.clean.anyrep.max"] = fmt(max(
+            int((clean[f"client_benign_r{t}"] > 0).sum()) for t in range(1, last + 1)))
         later = range(2, last + 1)
         macros[f"{key}.clean.flags"] = fmt(int(sum(clean[f"client_benign_r{t}"].sum()
                                                    for t in later)))
@@ -731,6 +735,54 @@ def _rounds_intervention_macros(frame, arm):
     return macros
 
 
+def _rounds_confirmation_macros(frame, arm):
+    """The confirmation block of ``flagged_receive="global"`` (criteria fixed before its
+    run, ``simulations/studies/rounds_detection.py``): per arm the clean replicates
+    flagging a client in the last round, the gains and the recall, and the verdicts of
+    C1 (at most 2 such replicates under the option) and C2 (its mean gain at most 0.5
+    percentage points below the strategy's, clean and contaminated designs)."""
+    # Verdicts only on the whole block (its criteria count 40 clean replicates per arm):
+    # the study's replicates per cell, in every cell of both arms.
+    from simulations.studies.rounds_detection import CONFIRM_BLOCK, STUDY
+
+    expected = {(c["design"], c["setting"], c.get("intervention", "none"))
+                for c in STUDY.cells("small") if c["seed_block"] == CONFIRM_BLOCK}
+    counts = frame.assign(arm=arm).groupby(["design", "setting", "arm"])["replicate"].nunique()
+    if frame.empty or set(counts.index) != expected or \
+            counts.min() < STUDY.replicates["small"]:
+        return {"rdet.confirm.has": "0"}
+    last = int(frame["rounds"].min())
+    macros, gains = {"rdet.confirm.has": "1"}, {}
+    for name, short in (("none", "none"), ("flagged-get-global", "global")):
+        rows = frame[arm == name]
+        clean = rows[rows["design"] == "clean"]
+        attacked = rows[rows["design"] == "contaminated"]
+        key = f"rdet.confirm.{short}"
+        macros[f"{key}.clean.nrep"] = fmt(len(clean))
+        macros[f"{key}.clean.anyrep.last"] = fmt(int((clean[f"client_benign_r{last}"] > 0).sum()))
+        macros[f"{key}.recall.last"] = fmt_fixed(attacked[f"client_attackers_r{last}"].sum()
+                                                 / attacked["n_attackers"].sum(), 2)
+        for design, sub in (("clean", clean), ("contaminated", attacked)):
+            gains[(short, design)] = 100 * sub["rel_clair"].dropna().to_numpy(float)
+            macros[f"{key}.{design}.gain"] = _gain_text(*_bootstrap_mean(gains[(short, design)]))
+    option = frame[(arm == "flagged-get-global") & (frame["design"] == "clean")]
+    c1 = int((option[f"client_benign_r{last}"] > 0).sum()) <= 2
+    c2 = all(gains[("global", d)].mean() - gains[("none", d)].mean() >= -0.5
+             for d in ("clean", "contaminated"))
+    for design in ("clean", "contaminated"):
+        diff = gains[("global", design)].mean() - gains[("none", design)].mean()
+        macros[f"rdet.confirm.{design}.diff"] = fmt_fixed(diff, 2)
+    macros["rdet.confirm.c1"] = "met" if c1 else "not met"
+    macros["rdet.confirm.c2"] = "met" if c2 else "not met"
+    return macros
+
+
+def _bootstrap_mean(values):
+    from simulations.copying.analysis import paired_bootstrap
+
+    return paired_bootstrap(values)
+
+
 def rounds_detection_macros(frame, scale):
     """CLAIR's flags round by round (``rounds_detection``): how often a module's test
     flags a benign client, whole task variants flagged, client-level false alarms in the
@@ -742,7 +794,10 @@ def rounds_detection_macros(frame, scale):
 
     arm = (frame["intervention"].fillna("none") if "intervention" in frame
            else pd.Series("none", index=frame.index))
-    macros = _rounds_intervention_macros(frame, arm)
+    confirm = frame["seed_block"] == "rounds_detection_confirm"
+    macros = _rounds_confirmation_macros(frame[confirm], arm[confirm])
+    frame, arm = frame[~confirm], arm[~confirm]
+    macros.update(_rounds_intervention_macros(frame, arm))
     frame = frame[arm == "none"]
     last = int(frame["rounds"].min())
     clean = frame[frame["design"] == "clean"]
@@ -750,8 +805,11 @@ def rounds_detection_macros(frame, scale):
               "rdet.replicates": fmt(int(frame.groupby(["design", "setting"])[
                   "replicate"].nunique().min())),
               "rdet.modules": fmt(int(frame["modules_r1"].max())),
-              "rdet.module.first": _replicate_share(frame, "module_benign_any_r1",
-                                                    "modules_r1")})
+              # BH bounds the chance of any false flag only where every client is
+              # benign: the clean cells
+              "rdet.module.first": _replicate_share(
+                  frame[frame["design"] == "clean"], "module_benign_any_r1",
+                  "modules_r1")})
     for setting in ("homogeneous", "heterogeneous"):
         cell = clean[clean["setting"] == setting]
         if cell.empty:
@@ -873,9 +931,13 @@ def write_generated(out_dir):
     lines.append(r"\copysweeptrue" if macros.get("sweep.has") == "1" else r"\copysweepfalse")
     lines.append(r"\copyroundstrue" if macros.get("rounds.has") == "1"
                  else r"\copyroundsfalse")
-    # The per-round paragraph needs both the replay's table and the null benchmark.
+    # The per-round paragraphs need the replay's table with both interventions and the
+    # null benchmark; the confirmation's, its complete block.
     lines.append(r"\rdettrue" if macros.get("rdet.has") == "1"
-                 and "bench.loranull.a16" in macros else r"\rdetfalse")
+                 and {"bench.loranull.a16", "rdet.global.clean.nrep",
+                      "rdet.norobust.clean.nrep"} <= set(macros) else r"\rdetfalse")
+    lines.append(r"\rdetconfirmtrue" if macros.get("rdet.confirm.has") == "1"
+                 else r"\rdetconfirmfalse")
     lines.append(r"\copyconfirmtrue" if macros.get("copy.confirmatory") == "1"
                  and macros.get("copy.complete") == "1" else r"\copyconfirmfalse")
     paths = [out_dir / "macros.tex"]

@@ -259,6 +259,81 @@ def test_changing_the_rounds_table_changes_its_macros(tmp_path, monkeypatch):
     assert r"\copyroundsfalse" in (tmp_path / "generated" / "macros.tex").read_text()
 
 
+def _rdet_rows():
+    path = ROOT / "simulations" / "results" / "small" / "rounds_detection.jsonl"
+    if not path.exists():
+        pytest.skip("no per-round results committed")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_rounds_detection_macros_are_the_results_table():
+    """The per-round counts recomputed from the raw rows by plain loops, per block and
+    arm (the confirmation block and the interventions kept apart)."""
+    from paper import _generate, _sources
+
+    rows = _rdet_rows()
+    macros = _generate.rounds_detection_macros(*_sources.read_rounds(study="rounds_detection"))
+    main = [r for r in rows if r["seed_block"] == "rounds_detection"]
+    plain = [r for r in main if "intervention" not in r]
+    clean = [r for r in plain if r["design"] == "clean"]
+    last = min(r["rounds"] for r in rows)
+    share = (sum(r["module_benign_any_r1"] for r in clean)
+             / sum(r["modules_r1"] for r in clean))
+    assert macros["rdet.module.first"].startswith(f"{share:.2f} [")
+    assert macros["rdet.clean.nrep"] == str(len(clean))
+    assert macros["rdet.clean.anyrep.last"] == str(
+        sum(r[f"client_benign_r{last}"] > 0 for r in clean))
+    assert macros["rdet.clean.kept"] == str(sum(r[f"client_kept_flag_r{t}"] for r in clean
+                                                for t in range(2, last + 1)))
+    option = [r for r in main if r.get("intervention") == "flagged-get-global"
+              and r["design"] == "clean"]
+    assert macros["rdet.global.clean.anyrep.last"] == str(
+        sum(r[f"client_benign_r{last}"] > 0 for r in option))
+    assert macros["rdet.global.clean.anyrep.max"] == str(max(
+        sum(r[f"client_benign_r{t}"] > 0 for r in option) for t in range(1, last + 1)))
+    confirm = [r for r in rows if r["seed_block"] == "rounds_detection_confirm"]
+    if macros["rdet.confirm.has"] == "1":
+        arm = [r for r in confirm if r.get("intervention") == "flagged-get-global"
+               and r["design"] == "clean"]
+        flagged = sum(r[f"client_benign_r{last}"] > 0 for r in arm)
+        assert macros["rdet.confirm.c1"] == ("met" if flagged <= 2 else "not met")
+
+
+def test_the_confirmation_waits_for_its_whole_block():
+    """Verdicts from a part of the confirmation block would be read as the criteria's."""
+    import pandas as pd
+
+    from paper import _generate
+
+    rows = [r for r in _rdet_rows() if r["seed_block"] == "rounds_detection_confirm"]
+    if not rows:
+        pytest.skip("no confirmation rows committed")
+    frame = pd.DataFrame(rows)
+    arm = frame["intervention"].fillna("none") if "intervention" in frame else \
+        pd.Series("none", index=frame.index)
+    partial = frame.index[frame["replicate"] < frame["replicate"].max()]
+    assert _generate._rounds_confirmation_macros(frame.loc[partial], arm.loc[partial]) == {
+        "rdet.confirm.has": "0"}
+    one_arm = frame.index[arm == "none"]
+    assert _generate._rounds_confirmation_macros(frame.loc[one_arm], arm.loc[one_arm]) == {
+        "rdet.confirm.has": "0"}
+
+
+def test_lora_null_macros_are_the_committed_tables():
+    """Read by plain splitting: the row of 16 clients and nu = 128 of the first table,
+    and the independent-factor row of 16 clients of the second."""
+    from paper._generate import lora_null_macros
+
+    text = (ROOT / "benchmarks" / "RESULTS.md").read_text()
+    if "lora_null_calibration.py" not in text:
+        pytest.skip("no LoRA null benchmark committed")
+    cells = [[c.strip() for c in line.split("|")[1:-1]] for line in text.splitlines()
+             if line.startswith("| 16 | 128 |") or line.startswith("| independent | 16 |")]
+    macros = lora_null_macros(text)
+    assert macros["bench.loranull.a16"] == cells[0][3]
+    assert macros["bench.loranull.b16"] == cells[1][3]
+
+
 def test_old_report_shape_is_read():
     """A report without kind/verdict/margin (the shape before the split) still reads."""
     from paper._generate import validation_macros, verdict_table

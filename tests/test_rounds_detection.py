@@ -26,9 +26,14 @@ def test_a_whole_group_counts_only_when_every_benign_client_of_a_variant_is_flag
     flags = np.isin(np.arange(9), [1, 4, 7])
     assert rounds_detection._whole_groups(flags, variant, benign)
     assert not rounds_detection._whole_groups(np.isin(np.arange(9), [1, 4]), variant, benign)
-    # a flagged attacker does not complete a group; a group below MIN_GROUP never counts
+    # an attacker does not count towards its variant's group: with client 7 an
+    # attacker, variant 1's benign clients are 1 and 4, below MIN_GROUP, never a group
     benign[7] = False
-    assert not rounds_detection._whole_groups(np.isin(np.arange(9), [1, 4]), variant, benign)
+    assert not rounds_detection._whole_groups(np.isin(np.arange(9), [1, 4, 7]), variant,
+                                              benign)
+    # and a group of MIN_GROUP benign clients counts without the attacker's flag
+    variant[8] = 1
+    assert rounds_detection._whole_groups(np.isin(np.arange(9), [1, 4, 8]), variant, benign)
 
 
 def test_smoke_replicate_counts_every_round(monkeypatch):
@@ -97,3 +102,31 @@ def test_the_no_robust_start_intervention_replaces_the_concentration_steps(monke
     trace, _, _, _ = rounds_detection.replay(cell, 3)
     # one detection per fitted module and round went through it
     assert len(starts) == sum(len(fit["module_ranks"]) for fit in trace) > 0
+
+
+@pytest.mark.parametrize("intervention, receive", [("none", "own"),
+                                                   ("flagged-get-global", "global")])
+def test_the_server_step_is_the_flower_strategys(intervention, receive):
+    """The replay's aggregation equals LoraStrategy._aggregate on the same replies (in
+    the same order): flags and every adapter sent back, the flagged client's included."""
+    pytest.importorskip("flwr")
+    from clairstat.integrations.flower import LoraStrategy, cap_weights
+    from simulations.copying.replicate import DEFAULT_PARAMS
+
+    cell = next(c for c in rounds_detection.STUDY.cells("smoke")
+                if c["design"] == "contaminated")
+    params = {**DEFAULT_PARAMS, **copying_rounds.ROUND_PARAMS, **cell}
+    _, _, specs, _, _, clients, init, lora = copying_rounds.setup(params, 5)
+    replies = [clients.reply(k, init, 1) for k in range(len(specs))]
+    # the replay's weights (equal, summing to one) against the strategy's capped counts
+    _, states, flagged = rounds_detection.server_step(
+        replies, lora, np.full(len(specs), 1.0 / len(specs)), params, 5, intervention)
+    weights = cap_weights(np.full(len(specs), float(params["n_train"])))
+    strategy = LoraStrategy(rule="clair", lora_config=lora, personalized=True,
+                            rule_options={"test_level": params["test_level"],
+                                          "random_state": 5}, flagged_receive=receive)
+    theirs, _, their_flags = strategy._aggregate(replies, weights)
+    assert flagged.any() and flagged.tolist() == their_flags.tolist()
+    for ours, reference in zip(states, theirs):
+        assert set(ours) == set(reference)
+        assert all(np.array_equal(ours[key], reference[key]) for key in reference)

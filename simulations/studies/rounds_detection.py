@@ -5,12 +5,16 @@ after the last round only, and its clean designs flag benign clients far more of
 a test at 5% should. This study replays CLAIR's side of those rounds in one process to
 see when and how: each client trains ``steps_per_round`` steps from what the server
 sent it (:class:`simulations.studies.copying_rounds._Clients`, the same data, seeds and
-minibatches), the server runs exactly what
-:class:`clairstat.integrations.flower.LoraStrategy` with ``rule="clair"`` and
-``personalized=True`` runs on the replies (:func:`clairstat.lora.aggregate_adapters`,
-then :func:`clairstat.lora.personalized_state_dicts`), and each client receives its
-refined adapter (a flagged client its own). Without Flower's message passing the rounds
-take seconds, so every module's test can be recorded in every round.
+minibatches), the server runs what :class:`clairstat.integrations.flower.LoraStrategy`
+with ``rule="clair"`` and ``personalized=True`` runs on the replies
+(:func:`server_step`: :func:`clairstat.lora.aggregate_adapters`, then
+:func:`clairstat.lora.personalized_state_dicts`; tested equal to the strategy's own
+step), and each client receives its refined adapter (a flagged client its own). One
+difference: Flower hands the strategy the replies in the random order in which it
+sampled the nodes, the replay in the clients' order; the robust start's random sets are
+drawn by position, so the two match in distribution, not fit for fit. Without Flower's
+message passing the rounds take seconds, so every module's test can be recorded in
+every round.
 
 Per round ``t`` a row holds:
 
@@ -43,7 +47,8 @@ it run the strategy as it is), test the two mechanisms the counts suggest:
   its own: do flags persist because a flagged client trains on alone?
 - ``no-robust-start``: the detection starts from the decomposition's unflagged clients
   instead of the concentration steps' half-set (:func:`clairstat._detection.concentrate`
-  replaced for the replicate; a diagnostic that reaches into the package's internals):
+  replaced where the detection calls it, ``clairstat._inference.concentrate``, for the
+  replicate; a diagnostic that reaches into the package's internals):
   are whole task variants flagged because the robust start leaves them out?
 """
 
@@ -71,6 +76,25 @@ def _starting_set(blocks, weights, start, *args, **kwargs):
     return start if start.sum() >= 2 else np.ones(len(start), dtype=bool)
 
 
+def server_step(replies, lora, weights, params, seed, intervention="none"):
+    """One round's aggregation: LoraStrategy's ``_aggregate`` for ``rule="clair"``.
+
+    Returns the per-module results, the adapter each client receives next and the
+    client-level flags.
+    """
+    from clairstat.lora import aggregate_adapters, personalized_state_dicts
+
+    patch = (mock.patch("clairstat._inference.concentrate", _starting_set)
+             if intervention == "no-robust-start" else contextlib.nullcontext())
+    with patch:
+        results = aggregate_adapters("clair", replies, lora, weights,
+                                     test_level=params["test_level"], random_state=seed)
+    states, flagged = personalized_state_dicts(
+        results, replies, lora,
+        flagged_receive="global" if intervention == "flagged-get-global" else "own")
+    return results, states, flagged
+
+
 def replay(params, seed, evaluate=False):
     """CLAIR's personalized rounds for one replicate: the per-round fits.
 
@@ -92,7 +116,6 @@ def replay(params, seed, evaluate=False):
     accuracy : dict of str to ndarray of shape (n_clients,), or None
         ``{"local": ..., "clair": ...}`` (NaN for attackers) when ``evaluate``.
     """
-    from clairstat.lora import aggregate_adapters, personalized_state_dicts
     from simulations.copying.replicate import DEFAULT_PARAMS, _evaluate
 
     params = {**DEFAULT_PARAMS, **ROUND_PARAMS, **params}
@@ -106,14 +129,8 @@ def replay(params, seed, evaluate=False):
     states, trace = [init] * len(specs), []
     for server_round in range(1, int(params["rounds"]) + 1):
         replies = [clients.reply(k, states[k], server_round) for k in range(len(specs))]
-        patch = (mock.patch("clairstat._inference.concentrate", _starting_set)
-                 if intervention == "no-robust-start" else contextlib.nullcontext())
-        with patch:
-            results = aggregate_adapters("clair", replies, lora, weights,
-                                         test_level=params["test_level"], random_state=seed)
-        states, flagged = personalized_state_dicts(
-            results, replies, lora,
-            flagged_receive="global" if intervention == "flagged-get-global" else "own")
+        results, states, flagged = server_step(replies, lora, weights, params, seed,
+                                               intervention)
         fitted = [result for result in results.values()
                   if result.extras.get("estimator") is not None]
         selection = fitted[0].extras.get("rank_selection") if fitted else None
@@ -200,7 +217,8 @@ STUDY = Study(
     description="CLAIR's per-module and client-level flags round by round in personalized "
                 "federated LoRA rounds (the copying_rounds design, replayed without Flower)",
     grids={"smoke": [cell for cell in _cells(**TINY)
-                     if (cell["design"], cell["setting"], cell.get("intervention")) in (
+                     if cell["seed_block"] == "rounds_detection"
+                     and (cell["design"], cell["setting"], cell.get("intervention")) in (
                          ("clean", "homogeneous", None),
                          ("contaminated", "heterogeneous", None),
                          ("clean", "heterogeneous", "no-robust-start"),
