@@ -1,7 +1,8 @@
-"""Tests of the per-round detection study (simulations/studies/rounds_detection.py).
-
-That its replay of CLAIR's rounds matches the Flower run is tested with the multi-round
-study's smoke run (tests/test_copying_rounds.py)."""
+"""Tests of the per-round detection study (simulations/studies/rounds_detection.py):
+its cells and counts, its interventions, and its server step against the Flower
+strategy's (test_the_server_step_is_the_flower_strategys). Flower hands the replies to
+the strategy in a random order, so whole replays agree with Flower runs in distribution,
+not fit for fit, and are not compared here."""
 
 import numpy as np
 import pytest
