@@ -75,6 +75,26 @@ def test_a_round_is_reproducible_and_the_adversary_flips_and_scales_its_b():
                for key, value in clients.train(benign, init, 1).items())
 
 
+def test_the_grid_hands_the_replies_over_in_the_clients_order():
+    """Flower samples nodes in an unseeded random order; the study's grid sorts the
+    replies by client index, so the aggregation's input follows from the seed."""
+    from types import SimpleNamespace
+
+    def reply(node):
+        return SimpleNamespace(metadata=SimpleNamespace(src_node_id=node),
+                               has_error=lambda: False, error=None)
+
+    class Grid:
+        def send_and_receive(self, messages, *args, **kwargs):
+            return [reply(node) for node in (30, 10, 20)]
+
+    grid = copying_rounds._CheckedGrid(Grid())
+    unsorted = [r.metadata.src_node_id for r in grid.send_and_receive([1, 2, 3])]
+    assert unsorted == [30, 10, 20]  # before the partition is known: as received
+    grid.order = {10: 2, 20: 0, 30: 1}
+    assert [r.metadata.src_node_id for r in grid.send_and_receive([1, 2, 3])] == [20, 30, 10]
+
+
 def test_a_round_of_zero_steps_returns_what_the_client_received():
     """train_adapter loads the received adapter (not the LoRA init) before training."""
     from simulations.copying.finetune import train_adapter

@@ -12,7 +12,7 @@ their corrupted task; the ``adversarial`` one trains on the benign task and repl
 :mod:`simulations.copying.replicate`).
 
 Strategies (each run with the same seeds: same data, same initial adapter, same
-minibatches per client and round):
+minibatches per client and round, the replies handed over in the clients' order):
 
 - Flower's own ``FedAvg``, ``FedMedian``, ``FedTrimmedAvg``, ``Krum`` and ``Bulyan``
   (``fedavg``, ``median``, ``trimmed_mean``, ``krum``, ``bulyan``) on the raw LoRA
@@ -190,11 +190,19 @@ def _resilience(n_clients, n_contaminated):
 
 
 class _CheckedGrid:
-    """A Grid whose ``send_and_receive`` fails on a missing or failed reply: a client
-    error must stop the replicate, not shrink a round silently."""
+    """A Grid whose ``send_and_receive`` fails on a missing or failed reply (a client
+    error must stop the replicate, not shrink a round silently) and, once ``order``
+    (node id -> client index) is set, returns the replies in the clients' order.
+
+    Flower's strategies sample their nodes with Python's unseeded ``random.sample``, so
+    the replies would reach the aggregation in a different order in every run; CLAIR's
+    robust start draws its random starting sets by position, so its fits, and the
+    rows, would not follow from the replicate's seed.
+    """
 
     def __init__(self, grid):
         self._grid = grid
+        self.order = None
 
     def __getattr__(self, name):
         return getattr(self._grid, name)
@@ -206,6 +214,8 @@ class _CheckedGrid:
         if failed or len(replies) != len(messages):
             raise RuntimeError(f"{len(replies)} replies to {len(messages)} messages; "
                                f"client errors: {failed}")
+        if self.order is not None:
+            replies.sort(key=lambda reply: self.order[reply.metadata.src_node_id])
         return replies
 
 
@@ -312,6 +322,7 @@ def _federate(clients, init, lora, params, seed):
     def main(grid, context):
         grid = _CheckedGrid(grid)
         partition = _partitions(grid, n_clients)
+        grid.order = partition  # every strategy sees the replies in the clients' order
         for method, strategy in _strategies(params, lora, init, seed).items():
             start = time.perf_counter()
             result = strategy.start(grid=grid, initial_arrays=state_dict_to_arrays(init),
