@@ -508,8 +508,9 @@ def personalized_state_dicts(results: Mapping[str, Any],
         the global update at its rank (:func:`global_state_dict`), as every client of
         a non-personalized rule does. Over several rounds a flagged client that trains
         on from its own adapter drifts from the refined ones and tends to be flagged
-        again; ``"global"`` lets a false alarm end with the round (measured in
-        ``simulations/studies/rounds_detection.py``).
+        again; ``"global"`` lets a false alarm end with the round, and lets an
+        attacker restart from the global adapter, where it was caught less often
+        (measured in ``simulations/studies/rounds_detection.py``).
 
     Returns
     -------

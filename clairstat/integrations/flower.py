@@ -125,7 +125,9 @@ class LoraStrategy(FedAvg):
         or the global adapter at its rank
         (:func:`clairstat.lora.personalized_state_dicts`). With ``"own"`` a false alarm
         tends to repeat in the next rounds (the client trains on alone and drifts from
-        the refined clients); ``"global"`` ends it with the round.
+        the refined clients); ``"global"`` ends it with the round, at a cost in
+        detection: attackers that restart from the global adapter were caught less often
+        (``simulations/studies/rounds_detection.py``; docs/method_notes.md, section 8).
     max_weight_ratio : float or None, default=10.0
         Weight cap: a client's weight is its example count (the ``weighted_by_key``
         metric) over the median count of the round's valid replies, capped at this
