@@ -1,8 +1,8 @@
 """Tests of the per-round detection study (simulations/studies/rounds_detection.py):
 its cells and counts, its interventions, and its server step against the Flower
-strategy's (test_the_server_step_is_the_flower_strategys). Flower hands the replies to
-the strategy in a random order, so whole replays agree with Flower runs in distribution,
-not fit for fit, and are not compared here."""
+strategy's (test_the_server_step_is_the_flower_strategys). Whole replays are not
+compared with Flower runs here: the Flower clients train on one torch thread, so the
+adapters may differ by round-off."""
 
 import numpy as np
 import pytest

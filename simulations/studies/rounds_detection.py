@@ -9,11 +9,11 @@ minibatches), the server runs what :class:`clairstat.integrations.flower.LoraStr
 with ``rule="clair"`` and ``personalized=True`` runs on the replies
 (:func:`server_step`: :func:`clairstat.lora.aggregate_adapters`, then
 :func:`clairstat.lora.personalized_state_dicts`; tested equal to the strategy's own
-step), and each client receives its refined adapter (a flagged client its own). One
-difference with the committed Flower rows: Flower handed the strategy the replies in
-the random order in which it sampled the nodes (the multi-round study now sorts them),
-the replay hands them over in the clients' order; the robust start's random sets are
-drawn by position, so the two match in distribution, not fit for fit. Without Flower's
+step), and each client receives its refined adapter (a flagged client its own). Both
+hand the replies to the strategy in the clients' order (the multi-round study sorts
+Flower's, which come in the random order Flower sampled the nodes in); the Flower
+clients train on one torch thread, the replay's on the threads the run allows, so the
+two may differ by round-off in the adapters. Without Flower's
 message passing the rounds take seconds, so every module's test can be recorded in
 every round.
 
