@@ -630,8 +630,15 @@ def rounds_macros(frame, scale):
     first = frame.iloc[0]
     attacked = frame[frame["design"] == "contaminated"]
     per_cell = frame.groupby(["design", "setting"])["replicate"].nunique()
+    from simulations import get_study
+
+    planned = get_study("copying_rounds").replicates[scale]
     macros = {"rounds.has": "1", "rounds.scale": scale,
               "rounds.replicates": fmt(int(per_cell.min())),
+              # the full scale, every cell complete: the text then drops "small run"
+              "rounds.full": "1" if scale == "full" and per_cell.min() >= planned
+              and len(per_cell) == len(ROUNDS_CELLS) else "0",
+              "rounds.smallreplicates": fmt(get_study("copying_rounds").replicates["small"]),
               "rounds.cells": fmt(len(per_cell)),
               "rounds.clients": fmt(int(first["n_clients"])),
               "rounds.rounds": fmt(int(first["rounds"])),
@@ -931,6 +938,8 @@ def write_generated(out_dir):
     lines.append(r"\copysweeptrue" if macros.get("sweep.has") == "1" else r"\copysweepfalse")
     lines.append(r"\copyroundstrue" if macros.get("rounds.has") == "1"
                  else r"\copyroundsfalse")
+    lines.append(r"\roundsfulltrue" if macros.get("rounds.full") == "1"
+                 else r"\roundsfullfalse")
     # The per-round paragraphs need the replay's table with both interventions and the
     # null benchmark; the confirmation's, its complete block.
     lines.append(r"\rdettrue" if macros.get("rdet.has") == "1"

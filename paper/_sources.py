@@ -168,16 +168,22 @@ def read_copying(scale, results_dir=None):
 
 def read_rounds(results_dir=None, study="copying_rounds"):
     """A multi-round study's table (``copying_rounds``, or ``rounds_detection``: CLAIR's
-    flags round by round) of the largest scale committed (``full``, else ``small``),
-    only the rows of the study's current grid at that scale, and its scale;
-    ``(None, None)`` when neither is committed or no row is of the current grid."""
+    flags round by round), only the rows of the study's current grid, and its scale:
+    of the committed scales (``full``, ``small``), the one whose least-run cell has the
+    most replicates (``full`` on a tie; a ``full`` run still in progress is quoted only
+    once it has overtaken ``small``); ``(None, None)`` when neither is committed or no
+    row is of the current grid."""
     from simulations import get_study, load_results, results_path
 
     results_dir = Path(results_dir or SOURCES["copying"])
     study = get_study(study)
+    best, best_depth = (None, None), 0
     for scale in ("full", "small"):
         if results_path(study.name, scale, results_dir).exists():
             frame = load_results(study, scale, results_dir, current_only=True)
-            if len(frame):
-                return frame, scale
-    return None, None
+            cells = {cell_id for cell_id, *_ in study.tasks(scale)}
+            counts = frame.groupby("cell")["replicate"].nunique() if len(frame) else {}
+            depth = min(int(counts.get(cell, 0)) for cell in cells)
+            if len(frame) and (best[0] is None or depth > best_depth):
+                best, best_depth = (frame, scale), depth
+    return best
