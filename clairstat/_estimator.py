@@ -359,11 +359,19 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
         self
         """
         self._validate_params()
-        blocks = self._read(X, reset=True)
-        caches = stack_caches(blocks) if isinstance(blocks, FactoredBlocks) \
-            else contextlib.nullcontext()
-        with thread_limits(self.n_jobs, getattr(blocks, "coef", blocks).shape), caches:
-            return self._fit(blocks, sample_weight, noise_cov)
+        # A fit that fails (invalid input found late, an interrupt) leaves the estimator
+        # as it was: a fitted one keeps its fit, whole, not a new shape with old results.
+        before = dict(self.__dict__)
+        try:
+            blocks = self._read(X, reset=True)
+            caches = stack_caches(blocks) if isinstance(blocks, FactoredBlocks) \
+                else contextlib.nullcontext()
+            with thread_limits(self.n_jobs, getattr(blocks, "coef", blocks).shape), caches:
+                return self._fit(blocks, sample_weight, noise_cov)
+        except BaseException:
+            self.__dict__.clear()
+            self.__dict__.update(before)
+            raise
 
     def _fit(self, blocks, sample_weight, noise_cov):
         n_clients, p, q = blocks.shape
@@ -457,8 +465,10 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
     def _store(self, blocks, result, engine, fit, scale, noise):
         """Copy the decomposition and the detection out, in the data's own units."""
         self._collaborative, self._scale = fit, scale
-        self._training_keys = {_row_key(b): k for k, b in enumerate(blocks)} \
-            if isinstance(blocks, np.ndarray) else {}
+        self._training_keys = {}  # estimate -> the training clients that sent it
+        if isinstance(blocks, np.ndarray):
+            for k, block in enumerate(blocks):
+                self._training_keys.setdefault(_row_key(block), []).append(k)
         self.decomposition_ = dataclasses.replace(
             result, backbone=result.backbone * scale, low_rank=result.low_rank * scale,
             sparse=result.sparse * scale, objective=_squared(result.objective, scale),
@@ -514,7 +524,9 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
         """Log p-value of each client's test, on the scale of ``test_level``.
 
         A client of the training set (a row of ``X`` equal to one the estimator was
-        fitted on) gets its fitted, out-of-sample test: the log of its p-value adjusted
+        fitted on; where several training clients sent that same estimate, the one at
+        the row's position, or any of them if their tests agree, else the row is tested
+        as a new client) gets its fitted, out-of-sample test: the log of its p-value adjusted
         by ``correction`` over the training clients (``adjusted_p_values_``; for a client
         whose flag the test did not set, with ``detection="threshold"`` or a detection
         that did not converge, the value is moved to the side of ``log(test_level)`` its
@@ -557,9 +569,13 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
                 frame.to(blocks), _frame_cov(frame, row, col, self._scale))
         training = self._collaborative.training_scores()
         for i, block in enumerate(blocks):
-            k = self._training_keys.get(_row_key(block))
-            if k is not None:
-                log_p[i] = training[k]
+            sent = self._training_keys.get(_row_key(block), [])
+            if i in sent:  # at its own position (predict(X_train)): that client's test
+                log_p[i] = training[i]
+            elif sent and np.all(training[sent] == training[sent[0]]):
+                log_p[i] = training[sent[0]]
+            # else: an estimate several training clients sent, with different fitted
+            # results (other noise), away from their positions: tested as a new client
         return log_p
 
     def decision_function(self, X: ArrayLike,
@@ -622,14 +638,21 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
 _ROUND_OFF = 64 * np.finfo(float).eps
 
 
-def _inv_sqrt(matrix):
-    vals, vecs = np.linalg.eigh(matrix)
-    return (vecs / np.sqrt(np.maximum(vals, vals.max() * 1e-12))) @ vecs.T
+def _unit_free_roots(matrix):
+    """``(S, S^-1)`` with ``S S^T = matrix``: ``S = Delta Corr^{1/2}``, ``Delta`` the
+    square roots of the diagonal and ``Corr`` the correlation matrix.
 
-
-def _sqrt(matrix):
-    vals, vecs = np.linalg.eigh(matrix)
-    return (vecs * np.sqrt(np.maximum(vals, vals.max() * 1e-12))) @ vecs.T
+    The square root that follows the units: for ``D matrix D`` (coordinates in other
+    units, ``D`` diagonal) it is ``D S`` up to the signs of ``D`` on the right, so the
+    frame ``S^-1 X`` of estimates ``D X`` is that of ``X`` up to the signs of its rows,
+    to which the subspace, the z-scores and the statistics are blind: covariates or
+    outputs measured in other units give the same tests. (The symmetric root
+    ``matrix^{1/2}`` turns with the units, and the z-scores with it.)
+    """
+    scale = np.sqrt(np.diag(matrix))
+    vals, vecs = np.linalg.eigh(matrix / np.outer(scale, scale))
+    vals = np.sqrt(np.maximum(vals, vals.max() * 1e-12))
+    return scale[:, None] * ((vecs * vals) @ vecs.T), ((vecs / vals) @ vecs.T) / scale[None, :]
 
 
 @dataclass(frozen=True)
@@ -639,7 +662,8 @@ class _Frame:
     It maps the shared column space to a shared column space (``left``) and leaves
     column spaces alone (``right``), so the model holds in it with the same rank;
     with ``noise_cov`` the detection runs where the clients' average noise is
-    isotropic (``left = Rbar^{-1/2}``, ``right = Cbar^{-1/2}``).
+    isotropic (``left = S_R^{-1}``, ``right = S_C^{-T}`` with ``S S^T`` the average
+    factor, :func:`_unit_free_roots`).
     """
 
     left: np.ndarray
@@ -662,36 +686,55 @@ class _Frame:
         return orthonormal, mapped @ (basis.T @ self.left)
 
 
+def _log_unit(factors):
+    """Per client, the log of a factor's geometric-mean eigenvalue (``det^{1/dim}``).
+
+    Under a change of coordinates ``A`` (units) every client's is shifted by the same
+    ``log |det A|^{2/dim}``, so the normalised factors' shapes and the clients' relative
+    scales do not depend on the units (the trace's would). Computed on the factor
+    divided by its largest diagonal entry (a factor may sit anywhere in float64's
+    range); eigenvalues below 1e-12 of the largest (a singular factor) count at that.
+    """
+    top = np.max(np.diagonal(factors, axis1=1, axis2=2), axis=1)
+    vals = np.linalg.eigvalsh(factors / top[:, None, None])
+    vals = np.maximum(vals, vals.max(axis=1, keepdims=True) * 1e-12)
+    return np.log(top) + np.mean(np.log(vals), axis=1)
+
+
 def _normalised_factors(row, col, scale):
-    """Unit-trace factors and each client's variance scale, in the fit's units (logs:
-    a factor may sit anywhere in float64's range)."""
-    p, q = row.shape[1], col.shape[1]
-    row_unit = np.trace(row, axis1=1, axis2=2) / p
-    col_unit = np.trace(col, axis1=1, axis2=2) / q
-    variance = np.exp(np.log(row_unit) + np.log(col_unit) - 2.0 * np.log(scale))
-    return row / row_unit[:, None, None], col / col_unit[:, None, None], variance
+    """Factors of unit geometric-mean eigenvalue (:func:`_log_unit`) and each client's
+    variance scale, in the fit's units (logs: a factor may sit anywhere in float64's
+    range)."""
+    row_log, col_log = _log_unit(row), _log_unit(col)
+    variance = np.exp(row_log + col_log - 2.0 * np.log(scale))
+    return (row / np.exp(row_log)[:, None, None], col / np.exp(col_log)[:, None, None],
+            variance)
 
 
 def _frame_cov(frame, row, col, scale):
-    """Clients' noise covariance as seen in ``frame`` (the fit's rescaled units)."""
+    """Clients' noise covariance as seen in ``frame`` (the fit's rescaled units):
+    ``left R left^T`` and ``right^T C right`` (``X -> left X right``)."""
     row_n, col_n, variance = _normalised_factors(row, col, scale)
-    return NoiseCovariance(frame.left @ row_n @ frame.left,
-                           frame.right @ col_n @ frame.right, variance)
+    return NoiseCovariance(frame.left @ row_n @ frame.left.T,
+                           frame.right.T @ col_n @ frame.right, variance)
 
 
 def _whitened_noise(row, col, scale, floor):
     """The known noise as the detection sees it: in the frame where it is isotropic.
 
-    Each client's factors are normalised to unit mean variance and their product's
-    size kept as a per-client scalar (computed in logs: a factor can sit anywhere in
-    float64's range, e.g. responses in other units); the frame whitens the clients'
-    average shapes.
+    Each client's factors are normalised to unit geometric-mean eigenvalue and their
+    product's size kept as a per-client scalar (computed in logs: a factor can sit
+    anywhere in float64's range, e.g. responses in other units); the frame whitens the
+    clients' average shapes with the square roots that follow the units
+    (:func:`_unit_free_roots`), so that rescaling a covariate or an output leaves the
+    tests unchanged.
     """
     n_clients, p, _ = row.shape
     q = col.shape[1]
     row_n, col_n, variance = _normalised_factors(row, col, scale)
-    left, right = _inv_sqrt(np.mean(row_n, axis=0)), _inv_sqrt(np.mean(col_n, axis=0))
-    frame = _Frame(left, _sqrt(np.mean(row_n, axis=0)), right)
+    row_root, row_inv = _unit_free_roots(np.mean(row_n, axis=0))
+    col_inv = _unit_free_roots(np.mean(col_n, axis=0))[1]
+    frame = _Frame(row_inv, row_root, col_inv.T)
     cov = _frame_cov(frame, row, col, scale)
     sigma = np.sqrt(variance * np.trace(cov.row, axis1=1, axis2=2)
                     * np.trace(cov.col, axis1=1, axis2=2) / (p * q))

@@ -54,6 +54,41 @@ def _names(table, prefix, width):
     return [f"{prefix}{j}" for j in range(width)]
 
 
+def _columns(table):
+    """A table's column labels (DataFrame columns, a named Series' name), or None."""
+    columns = getattr(table, "columns", None)
+    if columns is not None:
+        return list(columns)
+    name = getattr(table, "name", None) if hasattr(table, "index") else None
+    return None if name is None else [name]
+
+
+def _aligned(design, response, k, reference):
+    """Client k's design and response as the first client's columns, rows paired.
+
+    pandas inputs are matched by label, never silently by position: rows by index (a
+    response whose index differs from its design's is an error, as in statsmodels), and
+    columns by name against the first client's (``reference``: its design's and
+    response's labels): the same names in another order are put in the first client's
+    order; other names are an error naming the client.
+    """
+    rows = [getattr(table, "index", None) for table in (design, response)]
+    if rows[0] is not None and rows[1] is not None and not rows[0].equals(rows[1]):
+        raise ValueError(f"client {k}'s design and response have different row indexes: "
+                         "align them (e.g. response.loc[design.index]) or pass arrays.")
+    out = []
+    for table, what, first in zip((design, response), ("design", "response"), reference):
+        names = _columns(table)
+        if names is not None and first is not None and names != first:
+            if sorted(map(str, names)) != sorted(map(str, first)) or len(set(names)) != len(names):
+                raise ValueError(f"client {k}'s {what} has columns {names}, client 0's "
+                                 f"{first}: every client needs the same columns.")
+            if hasattr(table, "columns"):
+                table = table[first]  # the same names, in client 0's order
+        out.append(table)
+    return out
+
+
 def _as_matrix(table, what, k):
     try:
         array = np.asarray(table, dtype=float)
@@ -115,6 +150,9 @@ def local_ols(designs: Sequence[ArrayLike], responses: Sequence[ArrayLike]) -> L
     ValueError
         Clients of different widths, a client with no more samples than coefficients,
         a rank-deficient design, or non-finite data (the message names the client).
+        With pandas inputs: a design and response whose row indexes differ, or a
+        client whose column names are not the first client's (the same names in
+        another order are reordered to the first client's).
 
     Examples
     --------
@@ -132,7 +170,9 @@ def local_ols(designs: Sequence[ArrayLike], responses: Sequence[ArrayLike]) -> L
     if len(designs) == 0:
         raise ValueError("no clients given.")
     fits, first = [], None
+    reference = (_columns(designs[0]), _columns(responses[0]))
     for k, (design, response) in enumerate(zip(designs, responses)):
+        design, response = _aligned(design, response, k, reference)
         x_mat, y_mat = _as_matrix(design, "design", k), _as_matrix(response, "response", k)
         width = (x_mat.shape[1], y_mat.shape[1])
         first = width if first is None else first

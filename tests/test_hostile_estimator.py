@@ -220,3 +220,102 @@ def test_new_clients_with_their_own_covariance():
     assert without > with_cov
     with pytest.raises(ValueError, match="fitted with noise_cov"):
         quiet_fit(train.estimates).predict(new.estimates, noise_cov=new.noise_cov)
+
+
+def test_a_refused_refit_leaves_the_fit_whole():
+    """A refit that fails validation late (a noise_cov of another shape) leaves the
+    fitted estimator as it was: same shape, same flags, same predictions."""
+    rng = np.random.default_rng(4)
+    train = _ols_clients(rng, 16, 120, rng.standard_normal((4, 2)))
+    est = quiet_fit(train.estimates, rank=0)
+    est.fit(train.estimates, noise_cov=train.noise_cov)
+    before = (est.estimate_shape_, est.predict(train.estimates), est.p_values_.copy())
+    with pytest.raises(ValueError, match="row_cov"):
+        est.fit(train.estimates[:, :3], noise_cov=train.noise_cov)
+    assert est.estimate_shape_ == before[0]
+    assert np.array_equal(est.predict(train.estimates), before[1])
+    assert np.array_equal(est.p_values_, before[2])
+
+
+@pytest.mark.parametrize("formulation", ["penalized", "exact"])
+def test_a_zero_optimum_is_certified(regression, formulation):
+    """alpha = 0 (L takes everything) or identical clients: the optimum is 0, objective
+    and gap are round-off, and the certificate's floor (eps ||X||^p) stops the solver
+    at once, with no ConvergenceWarning and no overflow."""
+    X = regression.local_estimates
+    cases = [np.repeat(X[:1], 12, axis=0)]
+    if formulation == "penalized":
+        cases.append(X)
+    for case, alpha in zip(cases, ["auto", 0.0]):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)
+            warnings.filterwarnings("error", category=UserWarning, message=".*gap.*")
+            warnings.filterwarnings("ignore", message=".*noise scale is ~0.*")
+            from sklearn.exceptions import ConvergenceWarning
+            warnings.simplefilter("error", ConvergenceWarning)
+            est = CLAIREstimator(alpha=alpha, formulation=formulation,
+                                 random_state=0).fit(case)
+        assert est.converged_ and est.n_iter_ < 50
+
+
+def test_local_ols_matches_pandas_by_label():
+    """Rows are paired by index and columns by name, never silently by position."""
+    pd = pytest.importorskip("pandas")
+    rng = np.random.default_rng(5)
+    frames = []
+    for _ in range(3):
+        x = pd.DataFrame(rng.standard_normal((60, 3)), columns=["a", "b", "c"],
+                         index=rng.permutation(1000)[:60])
+        y = pd.DataFrame({"y0": x.a - x.b + rng.standard_normal(60),
+                          "y1": x.c + rng.standard_normal(60)}, index=x.index)
+        frames.append((x, y))
+    designs, responses = zip(*frames)
+    ref = local_ols(designs, responses).estimates
+    with pytest.raises(ValueError, match="client 1's design and response have different"):
+        local_ols(designs, [responses[0], responses[1].sample(frac=1, random_state=0),
+                            responses[2]])
+    swapped = [designs[0], designs[1][["c", "a", "b"]], designs[2]]
+    np.testing.assert_array_equal(local_ols(swapped, responses).estimates, ref)
+    outputs = [responses[0], responses[1][["y1", "y0"]], responses[2]]
+    np.testing.assert_array_equal(local_ols(designs, outputs).estimates, ref)
+    with pytest.raises(ValueError, match="client 2's design has columns"):
+        local_ols([designs[0], designs[1], designs[2].rename(columns={"c": "d"})], responses)
+
+
+def test_duplicate_training_estimates_keep_their_own_tests():
+    """Two clients sending the same estimate with different noise: predict(X_train)
+    and transform(X_train) still follow each client's fitted flag."""
+    rng = np.random.default_rng(6)
+    train = _ols_clients(rng, 14, 150, rng.standard_normal((4, 2)))
+    X, (row, col) = train.estimates.copy(), (train.noise_cov[0].copy(), train.noise_cov[1])
+    X[0, 1:] += 1.0
+    X[1] = X[0]
+    row[1] *= 100.0  # the copy claims to be very noisy: not flagged
+    est = quiet_fit(X, rank=0)
+    est.fit(X, noise_cov=(row, col))
+    assert est.contaminated_[0] and not est.contaminated_[1]
+    assert np.array_equal(est.predict(X), np.where(est.contaminated_, -1, 1))
+    np.testing.assert_array_equal(est.transform(X), est.refined_)
+
+
+def test_tests_do_not_depend_on_units():
+    """Covariates and outputs in other units (OLS is equivariant: a row of the estimates
+    scales by 1/a, (X^T X)^-1 by 1/a^2) give the same statistics and p-values, with
+    heterogeneous clients whose covariances differ in shape."""
+    rng = np.random.default_rng(8)
+    coef = rng.standard_normal((4, 2))
+    designs = [np.c_[np.ones(n), rng.standard_normal((n, 3)) * rng.uniform(0.3, 3, 3)
+                     + rng.standard_normal(3)] for n in rng.integers(60, 300, 15)]
+    responses = [x @ coef + rng.standard_normal((len(x), 2)) * [1.0, 4.0] for x in designs]
+    responses[2] = responses[2] + designs[2][:, [1]] * 0.8  # one client off
+    units, out_units = np.array([1.0, 12.0, 0.01, -3.0]), np.array([1e3, -0.5])
+    fits = []
+    for a, b in [(np.ones(4), np.ones(2)), (units, out_units)]:
+        ols = local_ols([x * a for x in designs], [y * b for y in responses])
+        est = quiet_fit(ols.estimates, rank=1)
+        fits.append(est.fit(ols.estimates, sample_weight=ols.n_samples,
+                            noise_cov=ols.noise_cov))
+    # float64 round-off through OLS, eigendecompositions and the null's moments
+    np.testing.assert_allclose(fits[1].test_statistics_, fits[0].test_statistics_, rtol=1e-8)
+    np.testing.assert_allclose(fits[1].p_values_, fits[0].p_values_, rtol=1e-6, atol=1e-12)
+    assert np.array_equal(fits[1].contaminated_, fits[0].contaminated_)

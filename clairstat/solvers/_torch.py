@@ -75,6 +75,17 @@ class TorchSolver(Solver):
         return torch.as_tensor(np.asarray(array), dtype=getattr(torch, self.dtype),
                                device=device)
 
+    def _objective_floor(self, X, power):
+        """The certificate's absolute floor: the dtype's round-off of the objective's
+        natural size, ``eps ||X||_F^power`` (power 2: the penalized objective, half a
+        squared residual; 1: the exact one, a sum of norms). Where the optimum is 0
+        (``alpha = 0``, or identical clients), objective and gap are both round-off, and
+        their ratio never falls below ``tol``: a gap under ``tol`` times this floor is
+        as small as the data's own rounding can certify."""
+        torch = _import_torch()
+        eps = float(torch.finfo(X.dtype).eps)
+        return eps * float(torch.linalg.vector_norm(X)) ** power
+
     def _inner_tol(self):
         # IRLS stops when Theta_0 moves less than this (relative); a few ulps above the
         # dtype's resolution so the outer certificate is not limited by it.
@@ -141,17 +152,20 @@ class TorchSolver(Solver):
         ||M||_op / alpha well below 100) untouched.
         """
         state = self._init(X, init, problem.backbone)
-        ratio = self._op_norm(stack_blocks(X)) / max(problem.alpha, np.finfo(float).tiny)
-        # ratio 0: all-zero data, nothing to continue from
+        op_norm = self._op_norm(stack_blocks(X))
+        # ratio 0: all-zero data, nothing to continue from; alpha = 0: no penalty to
+        # scale down from (and no division by it)
+        ratio = op_norm / problem.alpha if problem.alpha > 0 else 0.0
         n_stages = int(np.clip(np.floor(np.log10(ratio)) - 1, 0, 6)) \
             if init is None and ratio > 0 else 0
+        floor = self._objective_floor(X, 2)
         history, n_svd, total = [], 1, 0  # the operator norm above is one factorization
         for stage in range(n_stages, -1, -1):
             factor, last = 10.0 ** stage, stage == 0
             state, info = self._fista(X, problem.alpha * factor, problem.beta * factor,
                                       problem.backbone, state,
                                       tol=self.tol if last else max(self.tol, 1e-3),
-                                      max_iter=self.max_iter - total)
+                                      max_iter=self.max_iter - total, floor=floor)
             total += info["n_iter"]
             n_svd += info["n_svd"]
             history += [{**h, "iteration": h["iteration"] + total - info["n_iter"],
@@ -166,7 +180,7 @@ class TorchSolver(Solver):
             status="converged" if converged else "max_iter reached", solver=self.name,
             history=history, n_svd=n_svd)
 
-    def _fista(self, X, alpha, beta, backbone, state, *, tol, max_iter):
+    def _fista(self, X, alpha, beta, backbone, state, *, tol, max_iter, floor=0.0):
         theta0, L, S = state
         momentum_point, t_k = L.clone(), 1.0
         history, n_svd, converged = [], 0, False
@@ -193,7 +207,7 @@ class TorchSolver(Solver):
                                         op_norm=self._op_norm)
             n_svd += 1
             history.append({"iteration": it, "objective": primal, "gap": gap})
-            if gap <= tol * max(primal, np.finfo(float).tiny):
+            if gap <= tol * max(primal, floor, np.finfo(float).tiny):
                 converged = True
                 break
         return (theta0, L, S), {"n_iter": it, "n_svd": n_svd, "history": history,
@@ -212,6 +226,7 @@ class TorchSolver(Solver):
         multiplier = X / max(op_norm, block_max / lam, np.finfo(float).tiny)
         mu = 1.25 / max(op_norm, 1e-300)
         history, n_svd, converged, gap = [], 1, False, math.inf  # counting ||M||_op
+        floor = self._objective_floor(X, 1)
         for it in range(1, self.max_iter + 1):
             L, _ = self._svt(X - theta0 - S + multiplier / mu, 1.0 / mu)
             n_svd += 1
@@ -231,7 +246,7 @@ class TorchSolver(Solver):
                                                          fit_backbone=backbone)
             n_svd += 2
             history.append({"iteration": it, "objective": primal, "gap": gap})
-            if gap <= self.tol * max(primal, np.finfo(float).tiny):
+            if gap <= self.tol * max(primal, floor, np.finfo(float).tiny):
                 converged = True
                 break
         theta0, L, S = self._numpy(feas_theta0, L, feas_S)
