@@ -354,8 +354,9 @@ def refine_module(module, tensors, configs, n_jobs, work, coef, kept):
     """Second pass of the joint refinement: the collaborative clients' refined factors.
 
     Client k's refined update is ``sum_j coef[k, j] B_j A_j`` in this module
-    (:func:`clairstat.aggregation.joint_refinement`), read out at its rank in the
-    module's reduced coordinates as :func:`clairstat.lora.refine_adapters` does.
+    (:func:`clairstat.aggregation.joint_refinement`'s combination for it), read out at
+    its rank in the module's reduced coordinates as
+    :func:`clairstat.lora.refine_adapters` does.
 
     Parameters
     ----------
@@ -500,9 +501,12 @@ def _malloc_trim():
 
 
 def _modules_of(clients, modules, cluster, function, extra, progress, desc):
-    """``function`` on every module in ``modules``, each read just before it is sent."""
+    """``function`` on every module in ``modules``, each read just before it is sent;
+    ``extra``: its further arguments, a tuple, or a callable of the module's name that
+    returns them (only that module's share is sent)."""
     configs = [client.config for client in clients]
-    jobs = ((module, ([_read_module(c, module) for c in clients], configs, *extra))
+    jobs = ((module, ([_read_module(c, module) for c in clients], configs,
+                      *(extra(module) if callable(extra) else extra)))
             for module in modules)
     return progress(_run(function, jobs, cluster), total=len(modules), desc=desc)
 
@@ -514,8 +518,11 @@ def _stream(clients, writer, args, progress, cluster):
     import numpy as np
 
     from .aggregation import client_flags, joint_refinement
+    from .aggregation._modules import check_joint_rank
 
     work = _work(clients)
+    if args.joint and args.rank is not None:  # before the first pass, not after it
+        check_joint_rank(args.rank, len(clients))
     fits, messages = {}, []
     for module, fit in _modules_of(clients, clients[0].modules, cluster, fit_module,
                                    (args.n_jobs, work, _fit_options(args), args.joint),
@@ -538,9 +545,10 @@ def _stream(clients, writer, args, progress, cluster):
                                       rank=args.rank, level=args.test_level)
         flagged, joint_rank = refinement.flagged, refinement.rank
         kept = np.flatnonzero(~flagged).tolist()
+        coef = dict(zip(live, refinement.coef))  # per module (flagged updates kept)
         if kept:
             for module, states in _modules_of(clients, live, cluster, refine_module,
-                                              (args.n_jobs, work, refinement.coef, kept),
+                                              lambda m: (args.n_jobs, work, coef[m], kept),
                                               progress, "refinement"):
                 for k, state in states.items():
                     writer.write(k, state)

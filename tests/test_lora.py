@@ -233,3 +233,25 @@ def test_peft_round_trip_loads_into_the_model(rng, tmp_path, tiny_peft):
     delta = model.base_model.model.q_proj.get_delta_weight("default").detach().double()
     expected = adapter_factors(refinement.state_dicts[0], config)["base_model.model.q_proj"]
     assert np.allclose(delta.numpy(), expected[0] @ expected[1], atol=1e-5)  # float32
+
+
+def test_one_poisoned_module_reaches_nobody_else(rng):
+    """One client scales one module's lora_B by 1e6 and leaves the others alone: too few
+    modules for a client-level flag, but that module's test flags it. The default (joint)
+    refinement returns its update there unchanged and lets it into no other client's:
+    the benign clients' refined updates of that module stay the size of their inputs."""
+    states, _ = shared_clients(rng, n_bad=0)
+    name = MODULES[0]
+    key = f"base_model.model.{name}.lora_B.weight"
+    states[-1] = {**states[-1], key: 1e6 * states[-1][key]}
+    refinement = refine_adapters(states, random_state=0)
+    name = next(module for module in refinement.module_flagged if module.endswith(name))
+    assert not refinement.flagged.any() and refinement.module_flagged[name][-1]
+    inputs = {k: adapter_factors(s)[name] for k, s in enumerate(states)}
+    size = max(np.linalg.norm(b @ a) for k, (b, a) in inputs.items() if k < len(states) - 1)
+    for k, state in enumerate(refinement.state_dicts):
+        b_mat, a_mat = adapter_factors(state)[name]
+        if k == len(states) - 1:
+            assert close(b_mat @ a_mat, inputs[k][0] @ inputs[k][1])
+        else:  # refined towards the others: at most their size, nowhere near 1e6
+            assert np.linalg.norm(b_mat @ a_mat) <= 2 * size

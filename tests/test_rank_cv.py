@@ -195,8 +195,48 @@ def test_joint_refinement_keeps_everyone_when_nobody_is_collaborative():
     updates = grouped(rng, n_clients=5, n_modules=2, dim=20)
     everyone = np.ones((2, 5), dtype=bool)  # every client flagged in both modules
     joint = joint_refinement(grams_of(updates), everyone)
-    assert joint.flagged.all() and np.array_equal(joint.coef, np.eye(5))
+    assert joint.flagged.all() and np.array_equal(joint.coef, np.repeat(np.eye(5)[None], 2, 0))
     assert not joint.mean_coef.any() and joint.selection is None
     nobody = joint_refinement(grams_of(updates), ~everyone, rank=1)
     assert nobody.rank == 1 and nobody.selection is None and not nobody.flagged.any()
-    assert np.allclose(nobody.coef.sum(axis=1), 1.0)
+    assert np.allclose(nobody.coef.sum(axis=2), 1.0)
+    assert np.array_equal(nobody.coef[0], nobody.coef[1])  # no module flag: one combination
+
+
+def test_an_update_flagged_in_one_module_enters_nobody_else_s_refinement():
+    """Client 3 is flagged in module 0 only (too few modules for a client flag): in
+    module 0 it keeps its update, which has weight 0 in every other client's refined
+    update and in the mean; its module-1 update is refined and used as before. Poisoning
+    that update (x 1e6) then changes no other client's refined module-0 update."""
+    from clairstat.aggregation import joint_refinement
+
+    rng = np.random.default_rng(14)
+    updates = grouped(rng, n_clients=8, n_modules=2, dim=20)
+    flags = np.zeros((2, 8), dtype=bool)
+    flags[0, 3] = True
+    joint = joint_refinement(grams_of(updates), flags, rank=2)
+    assert not joint.flagged.any()
+    others = np.arange(8) != 3
+    assert np.array_equal(joint.coef[0][3], np.eye(8)[3])
+    assert not joint.coef[0][others, 3].any() and joint.mean_coef[0][3] == 0.0
+    assert joint.coef[1][others, 3].any() and joint.mean_coef[1][3] > 0.0
+    np.testing.assert_allclose(joint.coef.sum(axis=2), 1.0, rtol=0, atol=1e-12)
+    refined = joint.coef[0] @ updates[:, 0]
+    poisoned = updates.copy()
+    poisoned[3, 0] *= 1e6
+    again = joint_refinement(grams_of(poisoned), flags, rank=2)
+    refined_again = again.coef[0] @ poisoned[:, 0]
+    # the poisoned Gram entries are 1e12 times larger: their round-off is what remains
+    np.testing.assert_allclose(refined_again[others], refined[others], rtol=1e-6)
+
+
+def test_an_impossible_joint_rank_is_refused():
+    from clairstat.aggregation import joint_refinement
+
+    rng = np.random.default_rng(15)
+    updates = grouped(rng, n_clients=5, n_modules=2, dim=20)
+    nobody = np.zeros((2, 5), dtype=bool)
+    for rank in (-1, 5, 1000, 1.5, True):
+        with pytest.raises(ValueError, match="joint rank"):
+            joint_refinement(grams_of(updates), nobody, rank=rank)
+    assert joint_refinement(grams_of(updates), nobody, rank=4).rank == 4

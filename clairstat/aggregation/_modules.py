@@ -10,6 +10,7 @@ client-level flags. Reading the results back into adapters is :mod:`clairstat.lo
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -40,8 +41,10 @@ class ModuleRefinement:
         Flags of each module's fit (all equal to ``flagged`` when ``joint``).
     per_client : dict of str to ReducedStack
         Refined updates ``Delta W~_k`` per module, (n_clients, d_out, d_in) when
-        expanded; a flagged client keeps its update (``joint=True``: the
-        client-level flags; otherwise the module's own).
+        expanded; a flagged client keeps its update (``joint=True``: a client flagged
+        at the client level keeps every update, and one flagged in a module keeps its
+        update there, which enters nobody else's refinement; otherwise the module's
+        own flags).
     collaborative_mean : dict of str to ReducedStack
         The collaborative set's mean update per module (one element).
     estimators : dict
@@ -220,10 +223,11 @@ class JointRefinement(NamedTuple):
     rank : int
     selection : RankSelection or None
         The bi-cross-validation that chose ``rank`` (None when given or not possible).
-    coef : ndarray of shape (n_clients, n_clients)
-        Client k's refined update is ``sum_j coef[k, j] B_j A_j`` in every module.
-    mean_coef : ndarray of shape (n_clients,)
-        The collaborative mean's combination.
+    coef : ndarray of shape (n_modules, n_clients, n_clients)
+        In module m (the order of ``grams``), client k's refined update is
+        ``sum_j coef[m, k, j] B_j A_j``.
+    mean_coef : ndarray of shape (n_modules, n_clients)
+        The collaborative mean's combination in each module.
     """
 
     flagged: np.ndarray
@@ -233,8 +237,50 @@ class JointRefinement(NamedTuple):
     mean_coef: np.ndarray
 
 
+def _quarantine(module_flags, members, weights):
+    """Per module, the map that stands in for every member's update flagged there.
+
+    ``maps[m]`` (n_clients, n_clients) replaces a collaborative client's update in a
+    module whose test flagged it by the weighted mean of the collaborative clients not
+    flagged in that module (rows of the identity elsewhere). The joint fit sees the
+    substitutes: an update that one module's test rejects cannot move the others'
+    refinement (one client poisoning one module, too few modules to be flagged at the
+    client level, would otherwise pull every client's refined update of that module).
+    """
+    n_modules, n_clients = module_flags.shape
+    maps = np.repeat(np.eye(n_clients)[None], n_modules, axis=0)
+    for m in range(n_modules):
+        bad = np.flatnonzero(module_flags[m] & members)
+        good = np.flatnonzero(members & ~module_flags[m])
+        if len(bad) and len(good):
+            maps[m][bad] = 0.0
+            maps[m][np.ix_(bad, good)] = weights[good] / weights[good].sum()
+    return maps
+
+
+def check_joint_rank(rank, n_clients):
+    """The joint rank as an int in ``[0, n_clients - 1]``, or a ValueError.
+
+    ``n_clients`` centred updates span at most ``n_clients - 1`` directions: a larger
+    rank would project on everything, that is, refine nothing.
+    """
+    if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or rank < 0:
+        raise ValueError(f"the joint rank must be a non-negative integer, got {rank!r}.")
+    if rank > max(n_clients - 1, 0):
+        raise ValueError(f"the joint rank {rank} exceeds what {n_clients} clients support "
+                         f"(at most {max(n_clients - 1, 0)}: their centred updates span "
+                         "that many directions).")
+    return int(rank)
+
+
 def joint_refinement(grams, module_flags, weights=None, rank=None, level=0.05):
     """Client flags, the joint rank and the refined combinations, from per-module results.
+
+    A client flagged at the client level (:func:`client_flags`) keeps every update. A
+    collaborative client flagged in a module keeps its update there, and that update is
+    replaced, for the joint fit (its rank, mean and subspace), by the module's mean over
+    the collaborative clients not flagged in it (:func:`_quarantine`): what one
+    module's test rejects enters nobody's refinement.
 
     Parameters
     ----------
@@ -244,8 +290,10 @@ def joint_refinement(grams, module_flags, weights=None, rank=None, level=0.05):
         Each fitted module's flags.
     weights : ndarray of shape (n_clients,), optional
     rank : int, optional
-        The joint rank; default: :func:`clairstat.aggregation.cross_validated_rank` on
-        the collaborative clients (0 with one module or fewer than three of them, where
+        The joint rank, at most ``n_clients - 1`` (a ValueError otherwise; above the
+        collaborative clients' number minus one it is lowered to that, with a
+        warning); default: :func:`clairstat.aggregation.cross_validated_rank` on the
+        collaborative clients (0 with one module or fewer than three of them, where
         there is nothing to cross-validate against).
     level : float
         The level of the modules' tests (:func:`client_flags`).
@@ -258,22 +306,37 @@ def joint_refinement(grams, module_flags, weights=None, rank=None, level=0.05):
     from ._rank import cross_validated_rank
 
     grams = np.asarray(grams, dtype=float)
-    n_clients = grams.shape[1]
-    flagged = client_flags(np.reshape(module_flags, (len(grams), n_clients)), level)
+    n_modules, n_clients = grams.shape[:2]
+    module_flags = np.reshape(np.asarray(module_flags, dtype=bool), (n_modules, n_clients))
+    flagged = client_flags(module_flags, level)
     members = ~flagged
     weights = np.ones(n_clients) if weights is None else np.asarray(weights, dtype=float)
+    if rank is not None:
+        rank = check_joint_rank(rank, n_clients)
+        if rank > max(int(members.sum()) - 1, 0):
+            warnings.warn(f"joint rank {rank} exceeds what the {int(members.sum())} "
+                          f"collaborative clients support; using "
+                          f"{max(int(members.sum()) - 1, 0)}.", UserWarning, stacklevel=2)
+            rank = max(int(members.sum()) - 1, 0)
+    if not members.any():
+        return JointRefinement(flagged, 0 if rank is None else rank, None,
+                               np.repeat(np.eye(n_clients)[None], n_modules, axis=0),
+                               np.zeros((n_modules, n_clients)))
+    maps = _quarantine(module_flags, members, weights)
+    clean = maps @ grams @ maps.transpose(0, 2, 1)  # the Gram matrices of the substitutes
     selection = None
     if rank is None:
-        if len(grams) >= 2 and members.sum() >= 3:
-            selection = cross_validated_rank(grams, members)
+        if n_modules >= 2 and members.sum() >= 3:
+            selection = cross_validated_rank(clean, members)
             rank = selection.rank
         else:
             rank = 0
-    if not members.any():
-        return JointRefinement(flagged, int(rank), selection, np.eye(n_clients),
-                               np.zeros(n_clients))
-    coef, mean_coef = joint_coefficients(grams.sum(axis=0), members, weights, int(rank))
-    return JointRefinement(flagged, int(rank), selection, coef, mean_coef)
+    coef, mean_coef = joint_coefficients(clean.sum(axis=0), members, weights, int(rank))
+    module_coef, module_mean = coef[None] @ maps, mean_coef[None, None] @ maps
+    for m in range(n_modules):  # a member flagged in a module keeps its update there
+        own = np.flatnonzero(module_flags[m] & members)
+        module_coef[m][own] = np.eye(n_clients)[own]
+    return JointRefinement(flagged, int(rank), selection, module_coef, module_mean[:, 0])
 
 
 def _fit_joint(factor_lists, weights, clair_params, progress=None):
@@ -285,6 +348,8 @@ def _fit_joint(factor_lists, weights, clair_params, progress=None):
     """
     params = dict(clair_params)
     rank = params.pop("rank", None)
+    if rank is not None:  # before the modules' fits, not after them
+        check_joint_rank(rank, len(next(iter(factor_lists.values()))))
     fitted = _fit_per_module(factor_lists, weights, params, progress)
     live = [name for name in factor_lists if fitted[name][3] is not None]
     if not live:
@@ -292,7 +357,7 @@ def _fit_joint(factor_lists, weights, clair_params, progress=None):
     joint = joint_refinement(np.stack([module_gram(factor_lists[name]) for name in live]),
                              [fitted[name][2] for name in live], weights, rank,
                              _level(params))
-    out = {}
+    out, position = {}, {name: m for m, name in enumerate(live)}
     for name, (per_client, mean, module_flags, estimator) in fitted.items():
         if estimator is None:
             out[name] = (per_client, mean, module_flags, estimator)
@@ -300,10 +365,10 @@ def _fit_joint(factor_lists, weights, clair_params, progress=None):
         # The module's bases (those of its fit's reduction); the refined updates stay
         # combinations of the clients' factors, never n_clients dense (s, t) blocks.
         left, right = per_client.left_basis, per_client.right_basis
-        factors = factor_lists[name]
-        out[name] = (ReducedStack(left, CombinedUpdates(factors, joint.coef, left, right),
-                                  right),
-                     ReducedStack(left, CombinedUpdates(factors, joint.mean_coef[None],
+        factors, m = factor_lists[name], position[name]
+        out[name] = (ReducedStack(left, CombinedUpdates(factors, joint.coef[m], left,
+                                                        right), right),
+                     ReducedStack(left, CombinedUpdates(factors, joint.mean_coef[m][None],
                                                         left, right), right),
                      module_flags, estimator)
     return out, joint.selection

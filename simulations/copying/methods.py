@@ -132,8 +132,8 @@ def _no_detection(factor_lists):
     joint = joint_refinement(np.stack([module_gram(f) for f in factor_lists.values()]),
                              nobody)
     local = _local(factor_lists)
-    return ({name: np.tensordot(joint.coef, stack, axes=1) for name, stack in local.items()},
-            joint.rank)
+    return ({name: np.tensordot(joint.coef[m], stack, axes=1)
+             for m, (name, stack) in enumerate(local.items())}, joint.rank)
 
 
 def _apply_control(control, updates, info, factor_lists):
