@@ -188,10 +188,16 @@ def _read_header(folder):
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata()
             shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+            dtypes = {key: handle.get_slice(key).get_dtype() for key in handle.keys()}
         offsets = _byte_offsets(path)
     except _safetensors_errors() as error:
         raise _unreadable(folder, error) from None
-    return metadata, shapes, offsets
+    return metadata, shapes, offsets, dtypes
+
+
+# The factor dtypes read and written back (safetensors' names): a refined factor in
+# int8 or fp8 would be rounded beyond use, and fp8 tensors have no finiteness check.
+_FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
 
 
 def _check_pairs(keys, shapes):
@@ -203,18 +209,25 @@ def _check_pairs(keys, shapes):
 
 
 def _read_adapter(folder):
-    """One adapter folder as a :class:`Client`, its LoRA pairs checked."""
-    from .lora import lora_pairs
+    """One adapter folder as a :class:`Client`, its LoRA pairs, scalings and dtypes
+    checked."""
+    from .lora import lora_pairs, lora_scaling
 
     if not folder.is_dir():
         raise InputError(f"{folder}: not a folder")
     config = _read_config(folder)
-    metadata, shapes, offsets = _read_header(folder)
+    metadata, shapes, offsets, dtypes = _read_header(folder)
     try:
         keys = lora_pairs(shapes)
         _check_pairs(keys, shapes)
+        for module, pair in keys.items():
+            lora_scaling(config, module, shapes[pair["A"]][0])  # alpha a number
+            for key in pair.values():
+                if dtypes[key] not in _FLOAT_DTYPES:
+                    raise ValueError(f"{key} is {dtypes[key]}; LoRA factors are read "
+                                     "and written in F16, BF16, F32 or F64.")
     except ValueError as error:
-        raise InputError(f"{folder}: {error}") from None
+        raise InputError(f"{folder}: {str(error).splitlines()[0]}") from None
     return Client(folder, config, metadata, keys, shapes, offsets)
 
 
@@ -225,6 +238,13 @@ def _module_shape(client, module):
 
 
 def _read_all(folders):
+    if len(folders) < 2:
+        raise InputError("at least two adapter folders are needed (the clients are "
+                         "compared with each other)")
+    places = [folder.resolve() for folder in folders]
+    for folder, place in zip(folders, places):
+        if places.count(place) > 1:
+            raise InputError(f"{folder}: given more than once (as {place})")
     names = [folder.name for folder in folders]
     for folder, name in zip(folders, names):
         if names.count(name) > 1:
@@ -585,6 +605,8 @@ def _check_device(device):
         parsed = torch.device(device)
     except (RuntimeError, ValueError) as error:
         raise InputError(f"--device {device}: {error}") from None
+    if parsed.type not in ("cpu", "cuda"):
+        raise InputError(f"--device {device}: the fits run on cpu or cuda")
     if parsed.type == "cuda" and not torch.cuda.is_available():
         raise InputError(f"--device {device}: this torch build sees no CUDA device")
 
@@ -624,6 +646,8 @@ def _report(clients, summary, args):
 
 # -- writing ------------------------------------------------------------------------------
 def _check_outputs(folders, out):
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out}: exists and is not a folder")
     for folder in folders:
         if (out / folder.name).resolve() == folder.resolve():
             raise InputError(f"{folder}: OUT/{folder.name} is the input folder itself; "
@@ -710,7 +734,9 @@ def _stage_and_refine(clients, out, args, cluster):
 
 def refine_command(args):
     """Run ``clairstat refine``; raises :class:`InputError` for a bad input."""
-    folders = [Path(path) for path in args.adapters]
+    # "." or "x/.." name no folder: the resolved path does (outputs go to OUT/<name>)
+    folders = [Path(path).resolve() if Path(path).name in ("", ".", "..") else Path(path)
+               for path in args.adapters]
     out = Path(args.out)
     _check_outputs(folders, out)
     _check_options(args)

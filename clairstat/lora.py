@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -46,6 +47,7 @@ __all__ = ["lora_scaling", "lora_pairs", "adapter_factors", "module_factors",
 
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])(?:\.(?P<adapter>[^.]+))?"
                        r"\.weight$")
+_LORA_BIAS = re.compile(r"^.+\.lora_[AB](?:\.[^.]+)?\.bias$")
 
 
 def _require(module, extra):
@@ -93,6 +95,10 @@ def lora_scaling(config, module_name, rank):
             alpha = value
             break
     root = math.sqrt(rank) if _config_get(config, "use_rslora", False) else rank
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) \
+            or not math.isfinite(alpha):
+        raise ValueError(f"lora_alpha of {module_name} must be a finite number, got "
+                         f"{alpha!r}.")
     return float(alpha) / root
 
 
@@ -119,8 +125,8 @@ def lora_pairs(keys: Any) -> dict:
     Raises
     ------
     ValueError
-        No complete ``lora_A``/``lora_B`` pair, an incomplete pair, or embedding LoRA
-        or DoRA keys (not supported).
+        No complete ``lora_A``/``lora_B`` pair, an incomplete pair, or embedding LoRA,
+        DoRA or LoRA bias (``lora_B.bias``) keys (not supported).
 
     Examples
     --------
@@ -134,6 +140,9 @@ def lora_pairs(keys: Any) -> dict:
             modules.setdefault(match["module"], {})[match["which"]] = key
         elif "lora_embedding" in key or "lora_magnitude" in key:
             raise ValueError(f"{key}: embedding LoRA and DoRA adapters are not supported.")
+        elif _LORA_BIAS.match(key):  # part of the update that B A does not hold
+            raise ValueError(f"{key}: LoRA with a trained bias (peft's lora_bias=True) "
+                             "is not supported.")
     incomplete = [name for name, keys in modules.items() if set(keys) != {"A", "B"}]
     if incomplete or not modules:
         raise ValueError(f"no complete lora_A/lora_B pairs (incomplete: {incomplete}).")
@@ -271,8 +280,10 @@ def factors_to_state_dict(factors, template, config=None):
 
 
 def _ranks(factor_lists):
-    first = next(iter(factor_lists.values()))
-    return [a.shape[0] for _, a in first]
+    """Per module, every client's rank there (peft's ``rank_pattern`` gives modules of
+    one adapter different ranks)."""
+    return {name: [a_mat.shape[0] for _, a_mat in factors]
+            for name, factors in factor_lists.items()}
 
 
 @dataclasses.dataclass
@@ -318,11 +329,12 @@ class LoraRefinement(ModuleRefinement):
 
 
 def _readout_state_dicts(state_dicts, configs, per_client, flagged, ranks, keep=()):
-    """Each client's refined updates as rank-``ranks[k]`` factors in its own layout;
-    the modules in ``keep`` (all updates zero) keep the client's own lora_A and lora_B."""
+    """Each client's refined updates as factors of its own rank in each module
+    (``ranks[module][k]``), in its own layout; the modules in ``keep`` (all updates
+    zero) keep the client's own lora_A and lora_B."""
     refined = []
     kept = np.flatnonzero(~np.asarray(flagged, dtype=bool))
-    readouts = {name: dict(zip(kept, stack.readouts(kept, [ranks[k] for k in kept])))
+    readouts = {name: dict(zip(kept, stack.readouts(kept, [ranks[name][k] for k in kept])))
                 for name, stack in per_client.items() if name not in keep}  # batched
     for k, (template, config) in enumerate(zip(state_dicts, configs)):
         if flagged[k]:  # the estimator returns a flagged client's own estimate

@@ -353,3 +353,53 @@ def test_output_may_not_overwrite_an_input(adapters, capsys):
     code = main(["refine", "--out", str(adapters[0].parent), *map(str, adapters)])
     assert code == 2
     assert "is the input folder itself" in capsys.readouterr().err
+
+
+def test_alpha_that_is_not_a_number(adapters, tmp_path, capsys):
+    for value in ("null", '"x"'):
+        bad = _copy(adapters[3], tmp_path / f"alpha{len(value)}")
+        config = json.loads((bad / "adapter_config.json").read_text())
+        (bad / "adapter_config.json").write_text(
+            json.dumps(config).replace(f'"lora_alpha": {json.dumps(config["lora_alpha"])}',
+                                       f'"lora_alpha": {value}'))
+        assert "must be a finite number" in _run_bad(adapters, bad, tmp_path, capsys)
+
+
+@pytest.mark.parametrize("dtype", ["float8_e4m3fn", "int8"])
+def test_factors_that_are_not_floats(adapters, tmp_path, capsys, dtype):
+    bad = _copy(adapters[3], tmp_path / dtype)
+    weights = {k: v.to(getattr(torch, dtype)) for k, v in _weights(bad).items()}
+    safetensors_torch.save_file(weights, str(bad / "adapter_model.safetensors"))
+    assert "F16, BF16, F32 or F64" in _run_bad(adapters, bad, tmp_path, capsys)
+
+
+def test_lora_bias_is_refused(adapters, tmp_path, capsys):
+    bad = _copy(adapters[3], tmp_path / "bias")
+    weights = _weights(bad)
+    weights[f"{MODULES[0]}.lora_B.bias"] = torch.full((D_OUT,), 1000.0)
+    safetensors_torch.save_file(weights, str(bad / "adapter_model.safetensors"))
+    assert "lora_bias" in _run_bad(adapters, bad, tmp_path, capsys)
+
+
+def test_usage_errors_are_one_line(adapters, tmp_path, capsys, monkeypatch):
+    """OUT a file, one client, an unusable device, a folder given twice (through a link),
+    '.' as a folder (named by its resolved path)."""
+    (tmp_path / "afile").write_text("x")
+    link = tmp_path / "again"
+    link.symlink_to(adapters[0])
+    cases = [(["--out", str(tmp_path / "afile"), *map(str, adapters[:3])], "not a folder"),
+             (["--out", str(tmp_path / "o"), str(adapters[0])], "at least two"),
+             (["--device", "meta", "--out", str(tmp_path / "o"), *map(str, adapters[:3])],
+              "cpu or cuda"),
+             (["--out", str(tmp_path / "o"), *map(str, adapters[:3]), str(link)],
+              "given more than once")]
+    for args, message in cases:
+        capsys.readouterr()
+        assert main(["refine", *args]) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and message in err, err
+    assert not (tmp_path / "o").exists()
+    monkeypatch.chdir(adapters[0])
+    others = [os.path.relpath(folder, adapters[0]) for folder in adapters[1:3]]
+    assert main(["refine", "--out", str(tmp_path / "dot"), ".", *others]) == 0
+    assert (tmp_path / "dot" / adapters[0].name).is_dir()

@@ -42,9 +42,10 @@ class ModuleRefinement:
     per_client : dict of str to ReducedStack
         Refined updates ``Delta W~_k`` per module, (n_clients, d_out, d_in) when
         expanded; a flagged client keeps its update (``joint=True``: a client flagged
-        at the client level keeps every update, and one flagged in a module keeps its
-        update there, which enters nobody else's refinement; otherwise the module's
-        own flags).
+        at the client level keeps every update; an update flagged in one module only
+        enters nobody's refinement, its own client's included, which gets there what
+        its other modules imply (:func:`joint_refinement`); otherwise the module's own
+        flags).
     collaborative_mean : dict of str to ReducedStack
         The collaborative set's mean update per module (one element).
     estimators : dict
@@ -276,11 +277,13 @@ def check_joint_rank(rank, n_clients):
 def joint_refinement(grams, module_flags, weights=None, rank=None, level=0.05):
     """Client flags, the joint rank and the refined combinations, from per-module results.
 
-    A client flagged at the client level (:func:`client_flags`) keeps every update. A
-    collaborative client flagged in a module keeps its update there, and that update is
-    replaced, for the joint fit (its rank, mean and subspace), by the module's mean over
-    the collaborative clients not flagged in it (:func:`_quarantine`): what one
-    module's test rejects enters nobody's refinement.
+    A client flagged at the client level (:func:`client_flags`) keeps every update. The
+    update of a collaborative client flagged in a module is replaced by the module's
+    mean over the collaborative clients not flagged in it (:func:`_quarantine`), for the
+    joint fit (its rank, mean and subspace) and in the refinement: what one module's
+    test rejects enters nobody's refined update, its own client's included, which
+    gets there the mean plus what the joint subspace and its other modules imply (a
+    poisoned module is repaired, a false alarm costs that module its own deviation).
 
     Parameters
     ----------
@@ -332,10 +335,9 @@ def joint_refinement(grams, module_flags, weights=None, rank=None, level=0.05):
         else:
             rank = 0
     coef, mean_coef = joint_coefficients(clean.sum(axis=0), members, weights, int(rank))
+    # In module m every client's combination is of the substitutes: a flagged update
+    # has weight 0 everywhere, and its own client gets what its other modules imply.
     module_coef, module_mean = coef[None] @ maps, mean_coef[None, None] @ maps
-    for m in range(n_modules):  # a member flagged in a module keeps its update there
-        own = np.flatnonzero(module_flags[m] & members)
-        module_coef[m][own] = np.eye(n_clients)[own]
     return JointRefinement(flagged, int(rank), selection, module_coef, module_mean[:, 0])
 
 
