@@ -168,7 +168,11 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
         Their ``sample_weight``-weighted mean (a lazy factored object for LoRA stacks).
     refined_ : ndarray of the input's shape
         ``P Theta_hat_k + (I - P) collaborative_mean_`` for collaborative clients; a
-        flagged client's own estimate, unchanged.
+        flagged client's own estimate, unchanged. ``P`` projects onto ``subspace_``
+        (``U``): ``U U^T`` without ``noise_cov``; with it, along the noise's metric,
+        ``U (U^T Rbar^-1 U)^-1 U^T Rbar^-1`` with ``Rbar`` the clients' average row
+        covariance, each normalised to determinant 1 (docs/method_notes.md, section 8).
+        With ``subspace="row"`` the roles of rows and columns swap.
     detection_converged_ : bool
         Whether the refit-and-test loop ended on a set its own test reproduces; if not
         (a cycle), some clients are left out although their test does not reject them,
@@ -340,7 +344,10 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
         y : ignored
         sample_weight : array-like of shape (n_clients,), default=None
             Client weights of the collaborative mean (sample sizes); non-negative, at
-            least two positive. ``None``: equal weights.
+            least two positive. ``None``: equal weights. They weight the mean only:
+            without ``noise_cov`` or ``noise_scale`` the tests take every client's
+            estimate as equally noisy, so clients with fewer samples are flagged more
+            often (a warning says so when the weights differ more than two-fold).
         noise_cov : tuple (row_cov, col_cov), default=None
             The estimates' noise covariance, ``cov(vec Theta_hat_k) = col_cov_k (x)
             row_cov_k``, with ``row_cov`` of shape (p, p) or (n_clients, p, p) and
@@ -386,6 +393,8 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
         original, blocks = blocks, (blocks if factored else blocks / scale)
         noise = self._noise_knowledge(blocks, noise_cov, scale, factored)
         _warn_few_clients(n_clients, noise.estimated)
+        if noise.estimated and not factored:
+            _warn_unequal_weights(weights)
         engine = resolve_solver(self.solver, max_iter=self.max_iter, tol=self.tol,
                                 device=self.device, dtype=self.dtype)
         solve_blocks = blocks.coef if factored else blocks
@@ -776,6 +785,19 @@ def _row_key(block):
 def _rescale(value, scale):
     """Back to the data's units (factored fits are not rescaled: scale is 1)."""
     return value * scale if isinstance(value, np.ndarray) else value
+
+
+def _warn_unequal_weights(weights):
+    """The estimated null gives every client the same noise; sample sizes that differ
+    (weights as sample sizes) make the clients with less data look deviant."""
+    positive = weights[weights > 0]
+    if positive.max() > 2.0 * positive.min():
+        warnings.warn(f"sample_weight varies {positive.max() / positive.min():.3g}-fold, "
+                      "but without noise_cov or noise_scale the tests take every "
+                      "client's estimate as equally noisy: if the weights are sample "
+                      "sizes, clients with less data are flagged more often. Pass "
+                      "noise_cov (clairstat.local_ols computes it) or noise_scale.",
+                      UserWarning, stacklevel=3)
 
 
 def _warn_few_clients(n_clients, estimated):

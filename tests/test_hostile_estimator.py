@@ -319,3 +319,40 @@ def test_tests_do_not_depend_on_units():
     np.testing.assert_allclose(fits[1].test_statistics_, fits[0].test_statistics_, rtol=1e-8)
     np.testing.assert_allclose(fits[1].p_values_, fits[0].p_values_, rtol=1e-6, atol=1e-12)
     assert np.array_equal(fits[1].contaminated_, fits[0].contaminated_)
+
+
+def test_refined_is_the_documented_projection_with_noise_cov():
+    """refined_ = mean + P (Theta_k - mean), P = U (U^T W U)^-1 U^T W, W the inverse of
+    the clients' average row covariance, each normalised to determinant 1 (the
+    attribute's docstring), for the collaborative clients."""
+    rng = np.random.default_rng(9)
+    coef = rng.standard_normal((4, 2))
+    designs = [np.c_[np.ones(n), rng.standard_normal((n, 3)) * rng.uniform(0.3, 3, 3)]
+               for n in rng.integers(60, 300, 15)]
+    ols = local_ols(designs, [x @ coef + rng.standard_normal((len(x), 2)) for x in designs])
+    est = quiet_fit(ols.estimates, rank=1)
+    est.fit(ols.estimates, sample_weight=ols.n_samples, noise_cov=ols.noise_cov)
+    row = ols.noise_cov[0]
+    unit = np.exp(np.array([np.linalg.slogdet(r)[1] for r in row]) / row.shape[1])
+    metric = np.linalg.inv(np.mean(row / unit[:, None, None], axis=0))
+    basis, mean = est.subspace_, est.collaborative_mean_
+    projector = basis @ np.linalg.solve(basis.T @ metric @ basis, basis.T @ metric)
+    keep = ~est.contaminated_
+    expected = mean + projector @ (ols.estimates[keep] - mean)
+    # float64 round-off through inverses of 4 x 4 covariances of moderate condition
+    np.testing.assert_allclose(est.refined_[keep], expected, rtol=0,
+                               atol=1e-10 * np.abs(ols.estimates).max())
+
+
+def test_unequal_weights_without_noise_warn(regression):
+    """The estimated null takes every client as equally noisy: weights that differ (as
+    sample sizes do) draw a warning; equal ones, or a given noise, do not."""
+    X = regression.local_estimates
+    sizes = np.r_[np.full(5, 40), np.full(len(X) - 5, 400)]
+    with pytest.warns(UserWarning, match="sample_weight varies 10-fold"):
+        CLAIREstimator(random_state=0).fit(X, sample_weight=sizes)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="sample_weight varies")
+        CLAIREstimator(random_state=0).fit(X, sample_weight=np.full(len(X), 7.0))
+        CLAIREstimator(random_state=0, noise_scale=0.1 / np.sqrt(sizes)).fit(
+            X, sample_weight=sizes)
