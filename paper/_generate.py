@@ -912,6 +912,7 @@ def collect():
     if rounds is not None:
         tables["copying_rounds"] = rounds_table(rounds)
     macros.update(rounds_detection_macros(*src.read_rounds(study="rounds_detection")))
+    macros.update(quarantine_macros(*src.read_quarantine()))
     scale = src.copying_scale()
     if scale:
         frame = src.read_copying(scale)
@@ -919,6 +920,41 @@ def collect():
         tables["copying"], tables["copying_flags"] = (copying_table(frame),
                                                      copying_flag_table(frame))
     return macros, tables
+
+
+#: The commit after which an update flagged in one module enters no refined update
+#: (simulations/results/archive/README.md).
+QUARANTINE_COMMIT = "54cbe35"
+
+
+def quarantine_macros(before, after):
+    """CLAIR's gain on the development block before and after the joint refinement
+    quarantined module-flagged updates (commit 54cbe35), replicate by replicate on the
+    same seeds: ``copy.quarantine.<setting>.diff`` (after minus before, percentage
+    points, paired bootstrap interval), ``copy.quarantine.flags`` (whether every
+    client-level flag is the same, as words), ``copy.quarantine.replicates``. ``{"copy.quarantine.has":
+    "0"}`` when either table is missing or their seeds differ."""
+    from simulations.copying.analysis import paired_bootstrap, replicate_gains
+
+    if before is None or after is None or before.empty or after.empty:
+        return {"copy.quarantine.has": "0"}
+    before = before.sort_values(["cell", "replicate"]).reset_index(drop=True)
+    after = after.sort_values(["cell", "replicate"]).reset_index(drop=True)
+    if len(before) != len(after) or not (before["seed"].values == after["seed"].values).all():
+        return {"copy.quarantine.has": "0"}
+    macros = {"copy.quarantine.has": "1", "copy.quarantine.commit": QUARANTINE_COMMIT,
+              "copy.quarantine.replicates": fmt(int(before.groupby("cell").size().min()))}
+    for setting in ("homogeneous", "heterogeneous"):
+        diff = (replicate_gains(after, setting)["clair"]
+                - replicate_gains(before, setting)["clair"]).to_numpy()
+        mean, low, high = paired_bootstrap(diff)
+        macros[f"copy.quarantine.{setting}.diff"] = (
+            f"{fmt_fixed(mean, 2)} [{fmt_fixed(low, 2)}, {fmt_fixed(high, 2)}]")
+    flags = [c for c in before.columns if c.startswith("flagged_clair_c")]
+    same = bool((before[flags].values == after[flags].values).all())
+    macros["copy.quarantine.flags"] = ("with the same client flags in every replicate"
+                                       if same else "and some client flags changed")
+    return macros
 
 
 def write_generated(out_dir):
@@ -936,6 +972,8 @@ def write_generated(out_dir):
     # The copying section says which seed block it quotes: confirmatory and complete,
     # or development (the method was chosen on it) / incomplete.
     lines.append(r"\copysweeptrue" if macros.get("sweep.has") == "1" else r"\copysweepfalse")
+    lines.append(r"\quarantinetrue" if macros.get("copy.quarantine.has") == "1"
+                 else r"\quarantinefalse")
     lines.append(r"\copyroundstrue" if macros.get("rounds.has") == "1"
                  else r"\copyroundsfalse")
     lines.append(r"\roundsfulltrue" if macros.get("rounds.full") == "1"

@@ -13,7 +13,9 @@ else (`paper/_generate.py` formats them as LaTeX macros and tables):
 - ``simulations/results/<scale>/copying.jsonl``: the copying experiment, one row per
   replicate (``full``: the pre-registered confirmatory block; ``small``: development);
 - ``simulations/results/<scale>/copying_rounds.jsonl``: the multi-round runs in
-  Flower's simulation engine (the largest scale committed).
+  Flower's simulation engine (the largest scale committed);
+- ``simulations/results/archive/copying_small_before_quarantine.jsonl``: the development
+  block of the copying experiment before the quarantine of module-flagged updates.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from ._common import PAPER_DIR
 
 __all__ = ["ROOT", "SOURCES", "read_report", "check_verdict", "check_kind", "check_margin",
            "markdown_tables", "find_table", "read_calibration", "calibration_summary",
-           "copying_scale", "read_copying", "read_rounds"]
+           "copying_scale", "read_copying", "read_quarantine", "read_rounds"]
 
 ROOT = PAPER_DIR.parent
 SOURCES = {
@@ -36,6 +38,10 @@ SOURCES = {
     "benchmarks": ROOT / "benchmarks" / "RESULTS.md",
     "calibration": ROOT / "benchmarks" / "results" / "real_data_calibration.csv",
     "copying": ROOT / "simulations" / "results",
+    # The development block before the joint refinement quarantined module-flagged
+    # updates (commit 54cbe35): the same command, seeds and grid as small/copying.jsonl.
+    "quarantine_before": ROOT / "simulations" / "results" / "archive"
+    / "copying_small_before_quarantine.jsonl",
 }
 
 
@@ -164,6 +170,15 @@ def read_copying(scale, results_dir=None):
     from simulations import load_table, results_path
 
     return load_table(results_path("copying", scale, Path(results_dir or SOURCES["copying"])))
+
+
+def read_quarantine():
+    """The development block of the copying experiment before and after the quarantine
+    of module-flagged updates: ``(before, after)`` frames, None where absent."""
+    from simulations import load_table
+
+    before, after = SOURCES["quarantine_before"], SOURCES["copying"] / "small" / "copying.jsonl"
+    return tuple(load_table(path) if path.exists() else None for path in (before, after))
 
 
 def read_rounds(results_dir=None, study="copying_rounds"):

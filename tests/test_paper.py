@@ -411,3 +411,30 @@ def test_text_types_no_number_but_the_listed():
         body = body.replace(allowed, "")
     typed = re.findall(r".{0,30}(?<![\w\\])\d.{0,20}", body)
     assert not typed, typed
+
+
+def test_quarantine_macros_are_the_two_tables():
+    """The development block before and after the quarantine, replicate by replicate:
+    CLAIR's mean gain difference per setting recomputed by plain loops."""
+    before = ROOT / "simulations" / "results" / "archive" / "copying_small_before_quarantine.jsonl"
+    after = ROOT / "simulations" / "results" / "small" / "copying.jsonl"
+    if not (before.exists() and after.exists()):
+        pytest.skip("no archived development block")
+    rows = {name: {(r["cell"], r["replicate"]): r for r in
+                   map(json.loads, path.read_text().splitlines())}
+            for name, path in (("before", before), ("after", after))}
+    macros = _macros()
+    assert macros["copy.quarantine.has"] == "1"
+    for setting in ("homogeneous", "heterogeneous"):
+        diffs = []
+        for key, old in rows["before"].items():
+            if old["setting"] != setting:
+                continue
+            new = rows["after"][key]
+            assert new["seed"] == old["seed"]
+            benign = [k for k in range(old["n_clients"]) if old[f"kind_c{k}"] == "benign"]
+            gain = [100 * sum(r[f"acc_clair_c{k}"] / r[f"acc_local_c{k}"] - 1 for k in benign)
+                    / len(benign) for r in (old, new)]
+            diffs.append(gain[1] - gain[0])
+        shown = macros[f"copy.quarantine.{setting}.diff"].replace(r"\ensuremath{-}", "-")
+        assert float(shown.split()[0]) == pytest.approx(sum(diffs) / len(diffs), abs=0.006)
