@@ -646,8 +646,18 @@ def _report(clients, summary, args):
 
 # -- writing ------------------------------------------------------------------------------
 def _check_outputs(folders, out):
+    """Before any work: every output path can take what will be moved there (so that
+    publishing, the last step, does not fail half-way over an existing OUT)."""
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out}: exists and is not a folder")
+    for folder in folders:
+        target = out / folder.name
+        blocked = [path for path in (target, target / WEIGHTS_NAME, target / CONFIG_NAME,
+                                     out / REPORT_NAME)
+                   if path.exists() and path.is_dir() != (path == target)]
+        if blocked:
+            kind = "a folder" if blocked[0].is_dir() else "a file"
+            raise InputError(f"{folder}: its output {blocked[0]} exists and is {kind}")
     for folder in folders:
         if (out / folder.name).resolve() == folder.resolve():
             raise InputError(f"{folder}: OUT/{folder.name} is the input folder itself; "

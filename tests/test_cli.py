@@ -403,3 +403,16 @@ def test_usage_errors_are_one_line(adapters, tmp_path, capsys, monkeypatch):
     others = [os.path.relpath(folder, adapters[0]) for folder in adapters[1:3]]
     assert main(["refine", "--out", str(tmp_path / "dot"), ".", *others]) == 0
     assert (tmp_path / "dot" / adapters[0].name).is_dir()
+
+
+def test_an_output_that_cannot_be_written_is_refused_first(adapters, tmp_path, capsys):
+    """An existing OUT whose OUT/<name>/adapter_model.safetensors is a folder: refused
+    before the fits, OUT left as it was (publishing would fail half-way otherwise)."""
+    out = tmp_path / "out"
+    (out / adapters[1].name / "adapter_model.safetensors").mkdir(parents=True)
+    (out / "keep.txt").write_text("mine")
+    capsys.readouterr()
+    assert main(["refine", "--out", str(out), *map(str, adapters[:3])]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "exists and is a folder" in err
+    assert sorted(p.name for p in out.iterdir()) == sorted([adapters[1].name, "keep.txt"])
