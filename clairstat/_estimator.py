@@ -169,10 +169,11 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
     refined_ : ndarray of the input's shape
         ``P Theta_hat_k + (I - P) collaborative_mean_`` for collaborative clients; a
         flagged client's own estimate, unchanged. ``P`` projects onto ``subspace_``
-        (``U``): ``U U^T`` without ``noise_cov``; with it, along the noise's metric,
-        ``U (U^T Rbar^-1 U)^-1 U^T Rbar^-1`` with ``Rbar`` the clients' average row
-        covariance, each normalised to determinant 1 (docs/method_notes.md, section 8).
-        With ``subspace="row"`` the roles of rows and columns swap.
+        (``U``): ``U U^T`` without ``noise_cov`` (and with ``subspace_source="low_rank"``);
+        with it, along the noise's metric, ``U (U^T Rbar^-1 U)^-1 U^T Rbar^-1`` with
+        ``Rbar`` the clients' average row covariance, each normalised to determinant 1
+        (docs/method_notes.md, section 8). With ``subspace="row"`` the roles of rows and
+        columns swap.
     detection_converged_ : bool
         Whether the refit-and-test loop ended on a set its own test reproduces; if not
         (a cycle), some clients are left out although their test does not reject them,

@@ -80,7 +80,8 @@ def _aligned(design, response, k, reference):
     for table, what, first in zip((design, response), ("design", "response"), reference):
         names = _columns(table)
         if names is not None and first is not None and names != first:
-            if sorted(map(str, names)) != sorted(map(str, first)) or len(set(names)) != len(names):
+            if set(names) != set(first) or len(set(names)) != len(names) \
+                    or len(names) != len(first):
                 raise ValueError(f"client {k}'s {what} has columns {names}, client 0's "
                                  f"{first}: every client needs the same columns.")
             if hasattr(table, "columns"):

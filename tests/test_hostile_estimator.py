@@ -356,3 +356,25 @@ def test_unequal_weights_without_noise_warn(regression):
         CLAIREstimator(random_state=0).fit(X, sample_weight=np.full(len(X), 7.0))
         CLAIREstimator(random_state=0, noise_scale=0.1 / np.sqrt(sizes)).fit(
             X, sample_weight=sizes)
+
+
+def test_a_zero_optimum_is_certified_in_float32(regression):
+    """float32: objective and gap at float32 round-off (~eps32 ||X||^2 in the fit's
+    units) are certified by the floor itself, not by tol times it."""
+    from sklearn.exceptions import ConvergenceWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        est = CLAIREstimator(alpha=0.0, backbone=False, dtype="float32",
+                             random_state=0).fit(regression.local_estimates)
+    assert est.converged_ and est.n_iter_ < 50
+
+
+def test_local_ols_labels_that_match_only_as_strings():
+    pd = pytest.importorskip("pandas")
+    rng = np.random.default_rng(10)
+    designs = [pd.DataFrame(rng.standard_normal((40, 3)), columns=cols)
+               for cols in ([0, 1, 2], ["0", "1", "2"])]
+    responses = [rng.standard_normal((40, 1)) for _ in designs]
+    with pytest.raises(ValueError, match="client 1's design has columns"):
+        local_ols(designs, responses)

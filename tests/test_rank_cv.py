@@ -238,3 +238,23 @@ def test_an_impossible_joint_rank_is_refused():
         with pytest.raises(ValueError, match="joint rank"):
             joint_refinement(grams_of(updates), nobody, rank=rank)
     assert joint_refinement(grams_of(updates), nobody, rank=4).rank == 4
+
+
+def test_a_module_that_flags_every_member_shares_nothing():
+    """Module 0's test flags every client (none flagged overall): nothing stands in for
+    a flagged update, so each keeps its own there (a poisoned one reaches nobody); the
+    other module is refined. Unflagged members of weight 0 do not stand in either."""
+    from clairstat.aggregation import joint_refinement
+
+    rng = np.random.default_rng(16)
+    updates = grouped(rng, n_clients=8, n_modules=3, dim=20)
+    flags = np.zeros((3, 8), dtype=bool)
+    flags[0] = True
+    joint = joint_refinement(grams_of(updates), flags, rank=1)
+    assert not joint.flagged.any() and np.array_equal(joint.coef[0], np.eye(8))
+    assert not np.allclose(joint.coef[1], np.eye(8))
+    flags[0, 5] = False
+    weights = np.ones(8)
+    weights[5] = 0.0
+    joint = joint_refinement(grams_of(updates), flags, weights, rank=1)
+    assert np.array_equal(joint.coef[0], np.eye(8)) and np.isfinite(joint.coef).all()

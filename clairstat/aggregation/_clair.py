@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import warnings
 
 import numpy as np
 
@@ -62,9 +63,15 @@ def clair(factors, weights, **options):
         reduction = reduce_factors(factors)
     else:
         reduction = factored_reduction(factors)
-    estimator.fit(reduction.updates, sample_weight=weights)
+    with warnings.catch_warnings():
+        # The estimator's advice for unequal weights (noise_cov from local_ols) is for
+        # regression estimates, not LoRA updates reduced densely (backbone=True).
+        warnings.filterwarnings("ignore", message="sample_weight varies")
+        estimator.fit(reduction.updates, sample_weight=weights)
     refined = estimator.refined_
-    mean_reduced = np.asarray(estimator.collaborative_mean_)  # (s, t), whichever path
+    mean_reduced = np.asarray(estimator.collaborative_mean_)  # working orientation
+    if estimator.subspace == "row":  # fitted on the transposes: back to (s, t)
+        mean_reduced = mean_reduced.T
     mean = functools.partial(reduction.expand, mean_reduced)  # dense only when read
     rank = max(b.shape[1] for b, _ in factors)
     readout = eckart_young_factors(truncated_svd(mean_reduced, rank), rank,

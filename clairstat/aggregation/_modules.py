@@ -38,7 +38,8 @@ class ModuleRefinement:
         contamination would be (:func:`client_flags`; a module with every update zero is
         not fitted and does not count).
     module_flagged : dict of str to ndarray of shape (n_clients,)
-        Flags of each module's fit (all equal to ``flagged`` when ``joint``).
+        Flags of each module's own test (a client may be flagged in a module without
+        being flagged at the client level, ``flagged``).
     per_client : dict of str to ReducedStack
         Refined updates ``Delta W~_k`` per module, (n_clients, d_out, d_in) when
         expanded; a flagged client keeps its update (``joint=True``: a client flagged
@@ -252,11 +253,19 @@ def _quarantine(module_flags, members, weights):
     maps = np.repeat(np.eye(n_clients)[None], n_modules, axis=0)
     for m in range(n_modules):
         bad = np.flatnonzero(module_flags[m] & members)
-        good = np.flatnonzero(members & ~module_flags[m])
+        good = np.flatnonzero(members & ~module_flags[m] & (weights > 0))
         if len(bad) and len(good):
             maps[m][bad] = 0.0
             maps[m][np.ix_(bad, good)] = weights[good] / weights[good].sum()
     return maps
+
+
+def _unrefined_modules(module_flags, members, weights):
+    """The modules whose test flags every collaborative client of positive weight:
+    nothing there to stand in for a flagged update, so nobody's update is shared."""
+    return [m for m in range(len(module_flags))
+            if (module_flags[m] & members).any()
+            and not (members & ~module_flags[m] & (weights > 0)).any()]
 
 
 def check_joint_rank(rank, n_clients):
@@ -284,6 +293,9 @@ def joint_refinement(grams, module_flags, weights=None, rank=None, level=0.05):
     test rejects enters nobody's refined update, its own client's included, which
     gets there the mean plus what the joint subspace and its other modules imply (a
     poisoned module is repaired, a false alarm costs that module its own deviation).
+    A module whose test flags every collaborative client has no update to stand in:
+    there every client keeps its own update (``coef[m]`` the identity), and the mean
+    combination ``mean_coef[m]`` is the plain weighted mean of the members.
 
     Parameters
     ----------
@@ -338,6 +350,8 @@ def joint_refinement(grams, module_flags, weights=None, rank=None, level=0.05):
     # In module m every client's combination is of the substitutes: a flagged update
     # has weight 0 everywhere, and its own client gets what its other modules imply.
     module_coef, module_mean = coef[None] @ maps, mean_coef[None, None] @ maps
+    for m in _unrefined_modules(module_flags, members, weights):  # everyone keeps its own
+        module_coef[m] = np.eye(n_clients)
     return JointRefinement(flagged, int(rank), selection, module_coef, module_mean[:, 0])
 
 

@@ -80,8 +80,10 @@ class TorchSolver(Solver):
         natural size, ``eps ||X||_F^power`` (power 2: the penalized objective, half a
         squared residual; 1: the exact one, a sum of norms). Where the optimum is 0
         (``alpha = 0``, or identical clients), objective and gap are both round-off, and
-        their ratio never falls below ``tol``: a gap under ``tol`` times this floor is
-        as small as the data's own rounding can certify."""
+        their ratio never falls below ``tol``: a gap under this floor is as small as the
+        data's own rounding can certify, so the solver stops at
+        ``gap <= max(tol * primal, floor)`` (in float64 the floor matters only for an
+        objective below ``eps / tol`` of ``||X||^power``, 2e-10 at the default tol)."""
         torch = _import_torch()
         eps = float(torch.finfo(X.dtype).eps)
         return eps * float(torch.linalg.vector_norm(X)) ** power
@@ -207,7 +209,7 @@ class TorchSolver(Solver):
                                         op_norm=self._op_norm)
             n_svd += 1
             history.append({"iteration": it, "objective": primal, "gap": gap})
-            if gap <= tol * max(primal, floor, np.finfo(float).tiny):
+            if gap <= max(tol * primal, floor, np.finfo(float).tiny):
                 converged = True
                 break
         return (theta0, L, S), {"n_iter": it, "n_svd": n_svd, "history": history,
@@ -246,7 +248,7 @@ class TorchSolver(Solver):
                                                          fit_backbone=backbone)
             n_svd += 2
             history.append({"iteration": it, "objective": primal, "gap": gap})
-            if gap <= self.tol * max(primal, floor, np.finfo(float).tiny):
+            if gap <= max(self.tol * primal, floor, np.finfo(float).tiny):
                 converged = True
                 break
         theta0, L, S = self._numpy(feas_theta0, L, feas_S)
