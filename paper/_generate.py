@@ -913,6 +913,7 @@ def collect():
         tables["copying_rounds"] = rounds_table(rounds)
     macros.update(rounds_detection_macros(*src.read_rounds(study="rounds_detection")))
     macros.update(quarantine_macros(*src.read_quarantine()))
+    macros.update(sweep_quarantine_macros(*src.read_quarantine("copying_sweep")))
     scale = src.copying_scale()
     if scale:
         frame = src.read_copying(scale)
@@ -957,6 +958,40 @@ def quarantine_macros(before, after):
     return macros
 
 
+def sweep_quarantine_macros(before, after):
+    """The design sweep before and after the quarantine (commit ``QUARANTINE_COMMIT``),
+    replicate by replicate on the same seeds: per design point CLAIR's mean gain change
+    (percentage points, paired bootstrap interval); ``copy.quarantine.sweep.below``
+    points whose interval lies below zero, ``.above`` above it, ``.npoints``, and the
+    point of the largest fall (``.worst.diff``, ``.worst.setting``, ``.worst.clients``,
+    ``.worst.share``). ``{"copy.quarantine.sweep.has": "0"}`` without both tables on the
+    same seeds."""
+    from simulations.copying.analysis import paired_bootstrap
+
+    if before is None or after is None or before.empty or after.empty:
+        return {"copy.quarantine.sweep.has": "0"}
+    before = before.sort_values(["cell", "replicate"]).reset_index(drop=True)
+    after = after.sort_values(["cell", "replicate"]).reset_index(drop=True)
+    if len(before) != len(after) or not (before["seed"].values == after["seed"].values).all():
+        return {"copy.quarantine.sweep.has": "0"}
+    diff = after.assign(diff=100 * (after["rel_clair"] - before["rel_clair"]))
+    rows = []
+    for (setting, n_clients, n_bad), sub in diff.groupby(["setting", "n_clients",
+                                                          "n_contaminated"]):
+        mean, low, high = paired_bootstrap(sub["diff"].to_numpy())
+        rows.append((mean, low, high, setting, int(n_clients), n_bad / n_clients))
+    worst = min(rows)
+    return {"copy.quarantine.sweep.has": "1", "copy.quarantine.sweep.npoints": fmt(len(rows)),
+            "copy.quarantine.sweep.below": fmt(sum(row[2] < 0 for row in rows)),
+            "copy.quarantine.sweep.above": fmt(sum(row[1] > 0 for row in rows)),
+            "copy.quarantine.sweep.worst.diff": (f"{fmt_fixed(worst[0], 1)} "
+                                                 f"[{fmt_fixed(worst[1], 1)}, "
+                                                 f"{fmt_fixed(worst[2], 1)}]"),
+            "copy.quarantine.sweep.worst.setting": worst[3],
+            "copy.quarantine.sweep.worst.clients": fmt(worst[4]),
+            "copy.quarantine.sweep.worst.share": fmt_pct(worst[5], 0, sign=False)}
+
+
 def write_generated(out_dir):
     """Write ``macros.tex`` and the tables into ``out_dir``; the paths written."""
     out_dir = Path(out_dir)
@@ -974,6 +1009,8 @@ def write_generated(out_dir):
     lines.append(r"\copysweeptrue" if macros.get("sweep.has") == "1" else r"\copysweepfalse")
     lines.append(r"\quarantinetrue" if macros.get("copy.quarantine.has") == "1"
                  else r"\quarantinefalse")
+    lines.append(r"\sweepquarantinetrue" if macros.get("copy.quarantine.sweep.has") == "1"
+                 else r"\sweepquarantinefalse")
     lines.append(r"\copyroundstrue" if macros.get("rounds.has") == "1"
                  else r"\copyroundsfalse")
     lines.append(r"\roundsfulltrue" if macros.get("rounds.full") == "1"

@@ -14,8 +14,9 @@ else (`paper/_generate.py` formats them as LaTeX macros and tables):
   replicate (``full``: the pre-registered confirmatory block; ``small``: development);
 - ``simulations/results/<scale>/copying_rounds.jsonl``: the multi-round runs in
   Flower's simulation engine (the largest scale committed);
-- ``simulations/results/archive/copying_small_before_quarantine.jsonl``: the development
-  block of the copying experiment before the quarantine of module-flagged updates.
+- ``simulations/results/archive/<study>_small_before_quarantine.jsonl``: the copying
+  development block and the design sweep before the quarantine of module-flagged
+  updates.
 """
 
 from __future__ import annotations
@@ -38,10 +39,6 @@ SOURCES = {
     "benchmarks": ROOT / "benchmarks" / "RESULTS.md",
     "calibration": ROOT / "benchmarks" / "results" / "real_data_calibration.csv",
     "copying": ROOT / "simulations" / "results",
-    # The development block before the joint refinement quarantined module-flagged
-    # updates (commit 54cbe35): the same command, seeds and grid as small/copying.jsonl.
-    "quarantine_before": ROOT / "simulations" / "results" / "archive"
-    / "copying_small_before_quarantine.jsonl",
 }
 
 
@@ -172,12 +169,16 @@ def read_copying(scale, results_dir=None):
     return load_table(results_path("copying", scale, Path(results_dir or SOURCES["copying"])))
 
 
-def read_quarantine():
-    """The development block of the copying experiment before and after the quarantine
-    of module-flagged updates: ``(before, after)`` frames, None where absent."""
+def read_quarantine(study="copying"):
+    """A small-scale copying table (the development block, or ``copying_sweep``) before
+    and after the quarantine of module-flagged updates: ``(before, after)`` frames from
+    ``simulations/results/archive/<study>_small_before_quarantine.jsonl`` and
+    ``small/<study>.jsonl``, None where absent."""
     from simulations import load_table
 
-    before, after = SOURCES["quarantine_before"], SOURCES["copying"] / "small" / "copying.jsonl"
+    root = SOURCES["copying"]
+    before = root / "archive" / f"{study}_small_before_quarantine.jsonl"
+    after = root / "small" / f"{study}.jsonl"
     return tuple(load_table(path) if path.exists() else None for path in (before, after))
 
 

@@ -438,3 +438,26 @@ def test_quarantine_macros_are_the_two_tables():
             diffs.append(gain[1] - gain[0])
         shown = macros[f"copy.quarantine.{setting}.diff"].replace(r"\ensuremath{-}", "-")
         assert float(shown.split()[0]) == pytest.approx(sum(diffs) / len(diffs), abs=0.006)
+
+
+def test_sweep_quarantine_macros_are_the_two_tables():
+    """The sweep before and after the quarantine: the number of design points and the
+    largest mean fall of CLAIR's gain, by plain loops."""
+    before = ROOT / "simulations" / "results" / "archive" / \
+        "copying_sweep_small_before_quarantine.jsonl"
+    after = ROOT / "simulations" / "results" / "small" / "copying_sweep.jsonl"
+    if not (before.exists() and after.exists()):
+        pytest.skip("no archived sweep")
+    old = {(r["cell"], r["replicate"]): r for r in map(json.loads, before.read_text().splitlines())}
+    diffs = {}
+    for r in map(json.loads, after.read_text().splitlines()):
+        key = (r["setting"], r["n_clients"], r["n_contaminated"])
+        diffs.setdefault(key, []).append(100 * (r["rel_clair"]
+                                                - old[(r["cell"], r["replicate"])]["rel_clair"]))
+    means = {key: sum(v) / len(v) for key, v in diffs.items()}
+    worst = min(means, key=means.get)
+    macros = _macros()
+    assert macros["copy.quarantine.sweep.npoints"] == str(len(means))
+    shown = macros["copy.quarantine.sweep.worst.diff"].replace(r"\ensuremath{-}", "-")
+    assert float(shown.split()[0]) == pytest.approx(means[worst], abs=0.06)
+    assert macros["copy.quarantine.sweep.worst.clients"] == str(worst[1])
