@@ -928,6 +928,18 @@ def collect():
 QUARANTINE_COMMIT = "54cbe35"
 
 
+def _paired_tables(before, after):
+    """Two tables of one study sorted alike, or None unless both exist with the same
+    seeds row for row (then their replicates can be compared pairwise)."""
+    if before is None or after is None or before.empty or after.empty:
+        return None
+    before = before.sort_values(["cell", "replicate"]).reset_index(drop=True)
+    after = after.sort_values(["cell", "replicate"]).reset_index(drop=True)
+    if len(before) != len(after) or not (before["seed"].values == after["seed"].values).all():
+        return None
+    return before, after
+
+
 def quarantine_macros(before, after):
     """CLAIR's gain on the development block before and after the joint refinement
     quarantined module-flagged updates (commit 54cbe35), replicate by replicate on the
@@ -937,12 +949,10 @@ def quarantine_macros(before, after):
     "0"}`` when either table is missing or their seeds differ."""
     from simulations.copying.analysis import paired_bootstrap, replicate_gains
 
-    if before is None or after is None or before.empty or after.empty:
+    paired = _paired_tables(before, after)
+    if paired is None:
         return {"copy.quarantine.has": "0"}
-    before = before.sort_values(["cell", "replicate"]).reset_index(drop=True)
-    after = after.sort_values(["cell", "replicate"]).reset_index(drop=True)
-    if len(before) != len(after) or not (before["seed"].values == after["seed"].values).all():
-        return {"copy.quarantine.has": "0"}
+    before, after = paired
     macros = {"copy.quarantine.has": "1", "copy.quarantine.commit": QUARANTINE_COMMIT,
               "copy.quarantine.replicates": fmt(int(before.groupby("cell").size().min()))}
     for setting in ("homogeneous", "heterogeneous"):
@@ -968,12 +978,10 @@ def sweep_quarantine_macros(before, after):
     same seeds."""
     from simulations.copying.analysis import paired_bootstrap
 
-    if before is None or after is None or before.empty or after.empty:
+    paired = _paired_tables(before, after)
+    if paired is None:
         return {"copy.quarantine.sweep.has": "0"}
-    before = before.sort_values(["cell", "replicate"]).reset_index(drop=True)
-    after = after.sort_values(["cell", "replicate"]).reset_index(drop=True)
-    if len(before) != len(after) or not (before["seed"].values == after["seed"].values).all():
-        return {"copy.quarantine.sweep.has": "0"}
+    before, after = paired
     diff = after.assign(diff=100 * (after["rel_clair"] - before["rel_clair"]))
     rows = []
     for (setting, n_clients, n_bad), sub in diff.groupby(["setting", "n_clients",
