@@ -59,7 +59,8 @@ def _columns(table):
     columns = getattr(table, "columns", None)
     if columns is not None:
         return list(columns)
-    name = getattr(table, "name", None) if hasattr(table, "index") else None
+    name = getattr(table, "name", None) if hasattr(getattr(table, "index", None),
+                                                   "equals") else None
     return None if name is None else [name]
 
 
@@ -72,7 +73,9 @@ def _aligned(design, response, k, reference):
     response's labels): the same names in another order are put in the first client's
     order; other names are an error naming the client.
     """
+    # pandas indexes only (a list's .index is a method)
     rows = [getattr(table, "index", None) for table in (design, response)]
+    rows = [index if hasattr(index, "equals") else None for index in rows]
     if rows[0] is not None and rows[1] is not None and not rows[0].equals(rows[1]):
         raise ValueError(f"client {k}'s design and response have different row indexes: "
                          "align them (e.g. response.loc[design.index]) or pass arrays.")

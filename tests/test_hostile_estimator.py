@@ -280,6 +280,9 @@ def test_local_ols_matches_pandas_by_label():
     np.testing.assert_array_equal(local_ols(designs, outputs).estimates, ref)
     with pytest.raises(ValueError, match="client 2's design has columns"):
         local_ols([designs[0], designs[1], designs[2].rename(columns={"c": "d"})], responses)
+    # a DataFrame design with plain lists or arrays as responses: paired by position
+    lists = [y.to_numpy().tolist() for y in responses]
+    np.testing.assert_array_equal(local_ols(designs, lists).estimates, ref)
 
 
 def test_duplicate_training_estimates_keep_their_own_tests():
