@@ -565,7 +565,7 @@ def _stream(clients, writer, args, progress, cluster):
                                       rank=args.rank, level=args.test_level)
         flagged, joint_rank = refinement.flagged, refinement.rank
         kept = np.flatnonzero(~flagged).tolist()
-        coef = dict(zip(live, refinement.coef))  # per module (flagged updates kept)
+        coef = dict(zip(live, refinement.coef))  # per module (quarantined updates)
         if kept:
             for module, states in _modules_of(clients, live, cluster, refine_module,
                                               lambda m: (args.n_jobs, work, coef[m], kept),
