@@ -84,6 +84,30 @@ def test_pretraining_is_deterministic_and_cached(tmp_path):
     assert load_file(str(next((tmp_path / "a" / "copying").glob("*.safetensors"))))
 
 
+def test_pretraining_does_not_depend_on_the_thread_count(tmp_path):
+    # At the experiment's model size torch's kernels split their sums by thread count:
+    # without the one-thread training, one and two threads differ from the fifth step.
+    import dataclasses
+
+    from simulations.copying.pretrain import weights_digest
+    from simulations.copying.replicate import DEFAULT_PARAMS, pretrain_config
+
+    config = dataclasses.replace(pretrain_config(DEFAULT_PARAMS), steps=5)
+    before = torch.get_num_threads()
+    digests, infos = [], []
+    try:
+        for n_threads in (1, 2):
+            torch.set_num_threads(n_threads)
+            model, info = pretrain(config, tmp_path / str(n_threads), log=lambda *_: None)
+            digests.append(weights_digest(model))
+            infos.append(info)
+            assert torch.get_num_threads() == n_threads  # the caller's setting restored
+    finally:
+        torch.set_num_threads(before)
+    assert digests[0] == digests[1]
+    assert [info["weights"] for info in infos] == digests  # what the rows record
+
+
 def test_oracle_refine_extremes(rng):
     updates = rng.standard_normal((6, 5, 4))
     benign = np.array([True] * 4 + [False] * 2)

@@ -3,6 +3,14 @@
 The cache key hashes the pretraining configuration together with the source of this
 module, of ``model.py`` and of ``tasks.py``: editing any of them retrains. Weights are
 stored with safetensors (no pickle is ever loaded).
+
+Training runs on one thread whatever the caller's setting: torch's CPU kernels split
+their reductions by thread count, and the same seed gave different weights on one and on
+two threads (from the fifth step on). The cache is not part of the repository, so a
+fresh checkout retrains; one thread makes that retraining give the same weights as any
+other run of the same code and torch build. Every result row records the weights'
+SHA-256 (``pretrain_weights``), so rows from different base models cannot be mixed
+unnoticed.
 """
 
 from __future__ import annotations
@@ -22,7 +30,7 @@ from .model import ModelConfig, TinyTransformer
 from .tasks import TaskSpec, make_batch
 
 __all__ = ["PretrainConfig", "pretrain", "load_pretrained", "masked_loss", "accuracy",
-           "cache_key"]
+           "cache_key", "weights_digest"]
 
 
 @dataclass(frozen=True)
@@ -62,7 +70,23 @@ def cache_key(config: PretrainConfig) -> str:
     return digest.hexdigest()[:16]
 
 
+def weights_digest(model) -> str:
+    """SHA-256 (first 16 hex digits) of the model's tensors in ``state_dict`` order."""
+    digest = hashlib.sha256()
+    for name, value in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def _train(config: PretrainConfig):
+    from clairstat._threads import thread_limits
+
+    with thread_limits(1):  # the weights depend on the thread count (module docstring)
+        return _train_one_thread(config)
+
+
+def _train_one_thread(config: PretrainConfig):
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     model = TinyTransformer(config.model)
@@ -89,7 +113,8 @@ def pretrain(config: PretrainConfig, cache_dir, log=print):
     model : TinyTransformer (eval mode)
     info : dict
         ``key``, ``cached`` (bool), ``seconds`` (training time, 0 when cached),
-        ``base_accuracy`` (masked accuracy on 1024 fresh base-task sequences).
+        ``weights`` (:func:`weights_digest`), ``base_accuracy`` (masked accuracy on
+        1024 fresh base-task sequences).
     """
     from safetensors.torch import save_file
 
@@ -109,7 +134,7 @@ def pretrain(config: PretrainConfig, cache_dir, log=print):
     test = make_batch(base, 1024, np.random.default_rng(10_000 + config.seed),
                       config.min_len, config.max_len)
     info = {"key": path.stem, "cached": cached, "seconds": seconds,
-            "base_accuracy": accuracy(model, *test)}
+            "weights": weights_digest(model), "base_accuracy": accuracy(model, *test)}
     log(f"pretrained model {path.name}: cached={cached}, {seconds:.1f} s, "
         f"base accuracy {info['base_accuracy']:.3f}")
     return model, info

@@ -170,6 +170,7 @@ def simulate_one(params, seed, control=None):
     accuracy = _evaluate(model, updates, specs, contaminated, params, seed)
     info["seconds_evaluate"] = time.perf_counter() - start
     info.update({"pretrain_seconds": pre["seconds"], "pretrain_cached": pre["cached"],
-                 "pretrain_key": pre["key"], "base_accuracy": pre["base_accuracy"]})
+                 "pretrain_key": pre["key"], "pretrain_weights": pre["weights"],
+                 "base_accuracy": pre["base_accuracy"]})
     kinds = [spec.corruption or "benign" for spec in specs]
     return _row(accuracy, contaminated, variant, kinds, info)

@@ -434,7 +434,8 @@ def simulate_one(params, seed):
     accuracy = _evaluate(model, updates, specs, contaminated, params, seed)
     info["seconds_evaluate"] = time.perf_counter() - start
     info.update(_resilience(int(params["n_clients"]), int(params["n_contaminated"])))
-    info.update({"pretrain_key": pre["key"], "base_accuracy": pre["base_accuracy"]})
+    info.update({"pretrain_key": pre["key"], "pretrain_weights": pre["weights"],
+                 "base_accuracy": pre["base_accuracy"]})
     kinds = [spec.corruption or "benign" for spec in specs]
     return _row(accuracy, contaminated, variant, kinds, flagged, info)
 
