@@ -357,3 +357,25 @@ def test_logistic_boundary_slope_recovers_a_planted_contour_without_censoring():
     flat = frame.assign(success=rng.random(4000) < 1 / (1 + np.exp(3 * np.log(gamma))))
     slope, (lo, hi) = logistic_boundary_slope(flat)
     assert lo < 0.0 < hi and lo > -0.5
+
+
+def test_copying_fresh_seeds_counts_seeds_of_development_and_earlier_blocks():
+    from simulations.studies.copying import STUDY, cells
+    from validation.checks.copying import _block_seeds, fresh_seeds
+
+    def table(block, seeds):
+        return pd.DataFrame({"seed_block": block, "seed": sorted(seeds)})
+
+    first, second = _block_seeds("confirmatory"), _block_seeds("confirmatory-2")
+    assert len(first) == len(second) == 2 * STUDY.replicates["full"]
+    assert fresh_seeds(table("confirmatory-2", second))["observed"] == 0
+    # the second block may not reuse the first block's or the development block's seeds
+    reused = set(list(second)[:-3]) | set(list(first)[:3])
+    assert fresh_seeds(table("confirmatory-2", reused))["observed"] == 3
+    development = {task[3] for task in STUDY.tasks("small")}
+    assert fresh_seeds(table("confirmatory-2",
+                             set(list(second)[:-2]) | set(list(development)[:2])))[
+        "observed"] == 2
+    # the first block is not checked against the second (which came after it)
+    assert fresh_seeds(table("confirmatory", first))["observed"] == 0
+    assert {p["seed_block"] for p in cells("confirmatory-2")} == {"confirmatory-2"}

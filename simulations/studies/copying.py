@@ -12,8 +12,10 @@ Scales are seed blocks (the ``seed_block`` cell parameter enters the seed deriva
 each block's seeds are its own): ``smoke`` a tiny configuration for the tests (2
 replicates per setting, the fewest an interval needs),
 ``small`` the development block (10 replicates per setting; the default was chosen on
-it), ``full`` the confirmatory block fixed in ``simulations/copying/PROTOCOL.md``
-(100 replicates per setting, never used in development).
+it), ``full`` the second confirmatory block fixed in ``simulations/copying/PROTOCOL.md``
+(amendments 1 and 2: 100 replicates per setting on seeds used nowhere before; the first
+confirmatory block, run before the quarantine of module-flagged updates, is archived in
+``simulations/results/archive/copying_full_before_quarantine.jsonl``).
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ STUDY = Study(
     description="federated LoRA on the copying task: CLAIR's default vs local LoRA, "
                 "averaging, factor averaging and robust rules (pre-registered)",
     grids={"smoke": cells("smoke", **TINY), "small": cells("development"),
-           "full": cells("confirmatory")},
+           "full": cells("confirmatory-2")},
     replicates={"smoke": 2, "small": 10, "full": 100},
     simulate_one=simulate_one,
     controls=("local-refinement", "no-detection"))

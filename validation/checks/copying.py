@@ -97,15 +97,33 @@ def attack_recall(df):
                                 sorted(rates.items()))}
 
 
+#: The confirmatory blocks in the order they were run (simulations/copying/PROTOCOL.md):
+#: a later block's seeds must be new to every earlier one.
+CONFIRMATORY_BLOCKS = ("confirmatory", "confirmatory-2")
+
+
+def _block_seeds(block):
+    """The seeds of one confirmatory block, as the study's ``full`` scale derives them."""
+    from simulations._framework import derive_seed
+    from simulations.studies.copying import STUDY, cells
+
+    return {derive_seed(STUDY.name, params, rep)
+            for params in cells(block) for rep in range(int(STUDY.replicates["full"]))}
+
+
 def fresh_seeds(df):
-    """Seeds of the table also used in development (0 for the confirmatory block)."""
+    """Seeds of the table also used before it: in development, or in an earlier
+    confirmatory block (0 for a confirmatory block)."""
     from simulations.studies.copying import STUDY
 
     development = json.loads(_DEVELOPMENT_SEEDS.read_text())
     used = set(development["framework_seeds"]) | set(development["direct_seeds"])
     blocks = set(df["seed_block"])
-    if blocks == {"confirmatory"}:  # the development block's own seeds are used too
-        used |= {task[3] for task in STUDY.tasks("small")}
+    if len(blocks) == 1 and next(iter(blocks)) in CONFIRMATORY_BLOCKS:
+        used |= {task[3] for task in STUDY.tasks("small")}  # the development block's
+        block = next(iter(blocks))
+        for earlier in CONFIRMATORY_BLOCKS[:CONFIRMATORY_BLOCKS.index(block)]:
+            used |= _block_seeds(earlier)
     overlap = len(set(df["seed"]) & used)
     return {"statistic": "replicates whose seed was used in development",
             "expected": 0, "observed": overlap, "interval": (overlap, overlap),
