@@ -739,7 +739,37 @@ def _rounds_intervention_macros(frame, arm):
             if "rel_clair" in sub and sub["rel_clair"].notna().any():
                 gains = 100 * sub["rel_clair"].dropna().to_numpy()  # in %
                 macros[f"{key}.{design}.gain"] = _gain_text(*paired_bootstrap(gains))
+    # Whole task variants flagged in the last round (clean heterogeneous), per replicate:
+    # the strategy (robust start) minus the arm without it; the arms are not paired.
+    groups = {}
+    for name in ("none", "no-robust-start"):
+        rows = frame[(arm == name) & (frame["design"] == "clean")
+                     & (frame["setting"] == "heterogeneous")]
+        if not rows.empty:
+            groups[name] = rows[f"module_group_r{int(rows['rounds'].min())}"].to_numpy(float)
+    if len(groups) == 2:
+        mean, low, high = _unpaired_difference(groups["none"], groups["no-robust-start"])
+        macros["rdet.norobust.group.diff"] = (f"{fmt_fixed(mean, 1)} [{fmt_fixed(low, 1)}, "
+                                              f"{fmt_fixed(high, 1)}]")
+        macros["rdet.norobust.group.excludes0"] = "1" if low > 0 or high < 0 else "0"
     return macros
+
+
+def _unpaired_difference(first, second):
+    """Difference of two means and its 95% percentile bootstrap interval, each sample
+    resampled on its own (scipy.stats.bootstrap, the copying analysis's seed)."""
+    import numpy as np
+    from scipy import stats
+
+    from simulations.copying.analysis import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED
+
+    first, second = np.asarray(first, float), np.asarray(second, float)
+    result = stats.bootstrap((first, second), lambda a, b, axis: a.mean(axis) - b.mean(axis),
+                             n_resamples=BOOTSTRAP_RESAMPLES, confidence_level=0.95,
+                             method="percentile", vectorized=True,
+                             random_state=np.random.default_rng(BOOTSTRAP_SEED))
+    interval = result.confidence_interval
+    return float(first.mean() - second.mean()), float(interval.low), float(interval.high)
 
 
 def _rounds_confirmation_macros(frame, arm):
@@ -912,6 +942,7 @@ def collect():
     if rounds is not None:
         tables["copying_rounds"] = rounds_table(rounds)
     macros.update(rounds_detection_macros(*src.read_rounds(study="rounds_detection")))
+    macros.update(rounds_quarantine_macros(*src.read_quarantine("rounds_detection")))
     macros.update(quarantine_macros(*src.read_quarantine()))
     macros.update(sweep_quarantine_macros(*src.read_quarantine("copying_sweep")))
     scale = src.copying_scale()
@@ -965,6 +996,40 @@ def quarantine_macros(before, after):
     same = bool((before[flags].values == after[flags].values).all())
     macros["copy.quarantine.flags"] = ("with the same client flags in every replicate"
                                        if same else "and some client flags changed")
+    return macros
+
+
+def rounds_quarantine_macros(before, after):
+    """``rounds_detection`` before and after the quarantine (commit ``QUARANTINE_COMMIT``)
+    on the same seeds: the earlier table's macros under ``rdet.before.`` (those the text
+    compares), and CLAIR's gain change on the clean designs, default strategy, replicate
+    by replicate (``rdet.quarantine.clean.diff``, percentage points, paired bootstrap
+    interval). ``{"rdet.quarantine.has": "0"}`` without both tables on the same seeds."""
+    from simulations.copying.analysis import paired_bootstrap
+
+    paired = _paired_tables(before, after)
+    if paired is None:
+        return {"rdet.quarantine.has": "0"}
+    before, after = paired
+    earlier = rounds_detection_macros(before, "small")
+    keep = ("rdet.none.clean.gain", "rdet.none.clean.anyrep.last",
+            "rdet.global.clean.anyrep.last", "rdet.confirm.global.clean.anyrep.last",
+            "rdet.confirm.none.clean.anyrep.last", "rdet.confirm.global.recall.last",
+            "rdet.confirm.none.recall.last", "rdet.confirm.clean.diff",
+            "rdet.confirm.contaminated.diff", "rdet.confirm.c1", "rdet.confirm.c2",
+            "rdet.none.clean.heterogeneous.group.last",
+            "rdet.norobust.clean.heterogeneous.group.last")
+    if not set(keep) <= set(earlier):
+        return {"rdet.quarantine.has": "0"}
+    macros = {"rdet.quarantine.has": "1", "rdet.quarantine.commit": QUARANTINE_COMMIT}
+    macros.update({"rdet.before." + key[len("rdet."):]: earlier[key] for key in keep})
+    arm = after["intervention"].fillna("none") if "intervention" in after else None
+    rows = ((after["design"] == "clean") & (after["seed_block"] != "rounds_detection_confirm")
+            & ((arm == "none") if arm is not None else True))
+    diff = 100 * (after.loc[rows, "rel_clair"] - before.loc[rows, "rel_clair"]).to_numpy(float)
+    mean, low, high = paired_bootstrap(diff)
+    macros["rdet.quarantine.clean.diff"] = (f"{fmt_fixed(mean, 2)} [{fmt_fixed(low, 2)}, "
+                                            f"{fmt_fixed(high, 2)}]")
     return macros
 
 
@@ -1030,6 +1095,10 @@ def write_generated(out_dir):
                       "rdet.norobust.clean.nrep"} <= set(macros) else r"\rdetfalse")
     lines.append(r"\rdetconfirmtrue" if macros.get("rdet.confirm.has") == "1"
                  else r"\rdetconfirmfalse")
+    lines.append(r"\rdetquarantinetrue" if macros.get("rdet.quarantine.has") == "1"
+                 else r"\rdetquarantinefalse")
+    lines.append(r"\rdetgroupdifftrue" if macros.get("rdet.norobust.group.excludes0") == "1"
+                 else r"\rdetgroupdifffalse")
     lines.append(r"\copyconfirmtrue" if macros.get("copy.confirmatory") == "1"
                  and macros.get("copy.complete") == "1" else r"\copyconfirmfalse")
     paths = [out_dir / "macros.tex"]

@@ -461,3 +461,44 @@ def test_sweep_quarantine_macros_are_the_two_tables():
     shown = macros["copy.quarantine.sweep.worst.diff"].replace(r"\ensuremath{-}", "-")
     assert float(shown.split()[0]) == pytest.approx(means[worst], abs=0.06)
     assert macros["copy.quarantine.sweep.worst.clients"] == str(worst[1])
+
+
+def test_rounds_quarantine_macros_are_the_two_tables():
+    """rounds_detection before and after the quarantine on the same seeds: the clean
+    designs' mean gain change (default strategy) and the earlier table's last-round
+    false alarms, by plain loops; the robust start's whole-variant difference."""
+    before = ROOT / "simulations" / "results" / "archive" / \
+        "rounds_detection_small_before_quarantine.jsonl"
+    after = ROOT / "simulations" / "results" / "small" / "rounds_detection.jsonl"
+    if not (before.exists() and after.exists()):
+        pytest.skip("no archived rounds_detection table")
+    old = {(r["cell"], r["replicate"]): r for r in map(json.loads, before.read_text().splitlines())}
+    new = [json.loads(line) for line in after.read_text().splitlines()]
+
+    def default_clean(r):
+        return (r["design"] == "clean" and r["seed_block"] == "rounds_detection"
+                and (r.get("intervention") or "none") == "none")
+
+    diffs = [100 * (r["rel_clair"] - old[(r["cell"], r["replicate"])]["rel_clair"])
+             for r in new if default_clean(r)]
+    assert len(diffs) == 40
+    macros = _macros()
+    assert macros["rdet.quarantine.has"] == "1"
+    shown = macros["rdet.quarantine.clean.diff"].replace(r"\ensuremath{-}", "-")
+    assert float(shown.split()[0]) == pytest.approx(sum(diffs) / len(diffs), abs=0.006)
+    last = [r for r in old.values() if default_clean(r)]
+    assert macros["rdet.before.none.clean.anyrep.last"] == str(
+        sum(r[f"client_benign_r{r['rounds']}"] > 0 for r in last))
+
+    def groups(arm):
+        return [r[f"module_group_r{r['rounds']}"] for r in new
+                if r["design"] == "clean" and r["setting"] == "heterogeneous"
+                and r["seed_block"] == "rounds_detection"
+                and (r.get("intervention") or "none") == arm]
+
+    with_start, without = groups("none"), groups("no-robust-start")
+    diff = sum(with_start) / len(with_start) - sum(without) / len(without)
+    shown = macros["rdet.norobust.group.diff"].replace(r"\ensuremath{-}", "-")
+    assert float(shown.split()[0]) == pytest.approx(diff, abs=0.06)
+    low, high = (float(x) for x in shown.split("[")[1].rstrip("]").split(","))
+    assert low <= diff <= high
