@@ -426,15 +426,33 @@ def _gain_text(value, low, high, unit=True):
             if not math.isnan(low) else text)
 
 
+def first_block_macros(first, current_second):
+    """The first confirmatory block's CLAIR gains and closest margins
+    (``copy.first.<setting>.clair.gain``, ``.closest``, ``.closest.margin``), quoted
+    beside the second block; ``{"copy.first.has": "0"}`` unless the current table is the
+    second block and the first is archived complete."""
+    if first is None or first.empty or not current_second:
+        return {"copy.first.has": "0"}
+    earlier = copying_macros(first, "full")
+    if earlier.get("copy.complete") != "1":
+        return {"copy.first.has": "0"}
+    macros = {"copy.first.has": "1", "copy.first.replicates": earlier["copy.replicates"]}
+    for setting in ("homogeneous", "heterogeneous"):
+        for key in (f"{setting}.clair.gain", f"{setting}.closest", f"{setting}.closest.margin"):
+            macros[f"copy.first.{key}"] = earlier[f"copy.{key}"]
+    return macros
+
+
 def copying_macros(frame, scale):
     from simulations.copying.analysis import (BASELINES, METHODS, detection_table,
                                               flagged_by_kind, gain_table)
     from simulations.studies.copying import STUDY
 
     per_setting = frame.groupby("setting")["replicate"].nunique()
+    blocks = set(frame["seed_block"]) if "seed_block" in frame else set()
     macros = {"copy.scale": scale,
-              "copy.block": {"full": "confirmatory", "small": "development"}.get(scale,
-                                                                               scale),
+              "copy.block": src.copying_block_name(frame, scale),
+              "copy.second": "1" if blocks == {"confirmatory-2"} else "0",
               "copy.confirmatory": "1" if scale == "full" else "0",
               "copy.replicates": fmt(int(per_setting.min())),
               "copy.planned": fmt(int(STUDY.replicates[scale])),
@@ -473,6 +491,28 @@ def copying_macros(frame, scale):
         key = f"copy.{row['setting']}.{row['method'].replace('_', '')}"
         macros[f"{key}.rank"] = fmt(row["rank_median"])
         macros[f"{key}.rankshare"] = fmt_pct(row["rank_modal_share"], 0, sign=False)
+    macros.update(_low_rank_macros(frame))
+    return macros
+
+
+def _low_rank_macros(frame):
+    """Heterogeneous replicates whose joint rank is below the directions the task
+    variants span off their mean (``copy.lowrank.n`` of ``copy.lowrank.of``), CLAIR's
+    mean gain in them and in the others (``copy.lowrank.gain``, ``copy.lowrank.rest``, in
+    %), and the lowest replicate gain (``copy.lowrank.worst``)."""
+    import numpy as np
+
+    sub = frame[frame["setting"] == "heterogeneous"].dropna(subset=["rank_clair"])
+    if sub.empty:
+        return {"copy.lowrank.n": "0"}
+    low = sub["rank_clair"] < sub["n_variants"] - 1
+    gains = 100 * sub["rel_clair"].to_numpy(float)
+    macros = {"copy.lowrank.n": fmt(int(low.sum())), "copy.lowrank.of": fmt(len(sub))}
+    if low.any():
+        macros["copy.lowrank.gain"] = fmt_pct(float(np.mean(gains[low.to_numpy()])) / 100)
+        macros["copy.lowrank.worst"] = fmt_pct(float(np.min(gains[low.to_numpy()])) / 100)
+    if (~low).any():
+        macros["copy.lowrank.rest"] = fmt_pct(float(np.mean(gains[~low.to_numpy()])) / 100)
     return macros
 
 
@@ -944,11 +984,14 @@ def collect():
     macros.update(rounds_detection_macros(*src.read_rounds(study="rounds_detection")))
     macros.update(rounds_quarantine_macros(*src.read_quarantine("rounds_detection")))
     macros.update(quarantine_macros(*src.read_quarantine()))
+    macros["copy.quarantine.commit"] = QUARANTINE_COMMIT  # named wherever the text needs it
     macros.update(sweep_quarantine_macros(*src.read_quarantine("copying_sweep")))
     scale = src.copying_scale()
     if scale:
         frame = src.read_copying(scale)
         macros.update(copying_macros(frame, scale))
+        macros.update(first_block_macros(src.read_first_confirmatory(),
+                                         macros.get("copy.second") == "1"))
         tables["copying"], tables["copying_flags"] = (copying_table(frame),
                                                      copying_flag_table(frame))
     return macros, tables
@@ -1099,6 +1142,10 @@ def write_generated(out_dir):
                  else r"\rdetquarantinefalse")
     lines.append(r"\rdetgroupdifftrue" if macros.get("rdet.norobust.group.excludes0") == "1"
                  else r"\rdetgroupdifffalse")
+    lines.append(r"\copylowranktrue" if macros.get("copy.lowrank.n", "0") != "0"
+                 else r"\copylowrankfalse")
+    lines.append(r"\copysecondtrue" if macros.get("copy.second") == "1"
+                 and macros.get("copy.first.has") == "1" else r"\copysecondfalse")
     lines.append(r"\copyconfirmtrue" if macros.get("copy.confirmatory") == "1"
                  and macros.get("copy.complete") == "1" else r"\copyconfirmfalse")
     paths = [out_dir / "macros.tex"]

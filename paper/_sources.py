@@ -152,6 +152,21 @@ def calibration_summary(table):
     return rows
 
 
+#: How the paper names each seed block of the copying study (text and figures).
+COPY_BLOCK_NAMES = {"development": "development", "confirmatory": "confirmatory",
+                    "confirmatory-2": "second confirmatory"}
+
+
+def copying_block_name(frame, scale):
+    """The copying table's seed block as the paper names it (by the scale when the rows
+    hold no single block)."""
+    blocks = set(frame["seed_block"]) if "seed_block" in frame else set()
+    if len(blocks) == 1:
+        block = next(iter(blocks))
+        return COPY_BLOCK_NAMES.get(block, block)
+    return {"full": "confirmatory", "small": "development"}.get(scale, scale)
+
+
 def copying_scale(results_dir=None):
     """The copying table to quote: ``full`` (the pre-registered confirmatory block) when
     committed, else ``small`` (the development block); None when neither exists."""
@@ -180,6 +195,15 @@ def read_quarantine(study="copying"):
     before = root / "archive" / f"{study}_small_before_quarantine.jsonl"
     after = root / "small" / f"{study}.jsonl"
     return tuple(load_table(path) if path.exists() else None for path in (before, after))
+
+
+def read_first_confirmatory():
+    """The first confirmatory block of the copying study (run before the quarantine,
+    archived when the second block replaced it), or None."""
+    from simulations import load_table
+
+    path = SOURCES["copying"] / "archive" / "copying_full_before_quarantine.jsonl"
+    return load_table(path) if path.exists() else None
 
 
 def read_rounds(results_dir=None, study="copying_rounds"):

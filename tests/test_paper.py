@@ -502,3 +502,30 @@ def test_rounds_quarantine_macros_are_the_two_tables():
     assert float(shown.split()[0]) == pytest.approx(diff, abs=0.06)
     low, high = (float(x) for x in shown.split("[")[1].rstrip("]").split(","))
     assert low <= diff <= high
+
+
+def test_the_second_confirmatory_block_quotes_the_first_beside_it():
+    """With the second confirmatory block committed and the first archived, the copying
+    section names the block and quotes the first block's CLAIR gains, recomputed here
+    by plain loops from the archived rows."""
+    full = ROOT / "simulations" / "results" / "full" / "copying.jsonl"
+    first = ROOT / "simulations" / "results" / "archive" / "copying_full_before_quarantine.jsonl"
+    if not (full.exists() and first.exists()):
+        pytest.skip("no second confirmatory block committed")
+    blocks = {json.loads(line)["seed_block"] for line in full.read_text().splitlines()}
+    assert blocks == {"confirmatory-2"}
+    macros = _macros()
+    assert macros["copy.block"] == "second confirmatory"
+    assert macros["copy.second"] == "1"
+    assert macros["copy.first.has"] == "1"
+    rows = [json.loads(line) for line in first.read_text().splitlines()]
+    for setting in ("homogeneous", "heterogeneous"):
+        gains = []
+        for r in rows:
+            if r["setting"] != setting:
+                continue
+            benign = [k for k in range(r["n_clients"]) if r[f"kind_c{k}"] == "benign"]
+            gains.append(100 * sum(r[f"acc_clair_c{k}"] / r[f"acc_local_c{k}"] - 1
+                                   for k in benign) / len(benign))
+        shown = macros[f"copy.first.{setting}.clair.gain"]
+        assert float(shown.split("\\")[0]) == pytest.approx(sum(gains) / len(gains), abs=0.06)

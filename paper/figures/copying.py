@@ -18,7 +18,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 import numpy as np
 
 from paper._common import COLUMN_STYLE, save, script_main
-from paper._sources import copying_scale, read_copying
+from paper._sources import copying_block_name, copying_scale, read_copying
 
 NAME = "copying"
 #: (method, label, colour, marker): the rules in greys, CLAIR's variants in colour.
@@ -30,7 +30,6 @@ SHOWN = [("local", "local LoRA", "k", "o"), ("fedavg", "FedAvg", "0.55", "v"),
          ("clair_lora", "CLAIR rank-r adapters", "C1", "^"),
          ("clair", "CLAIR (default)", "C3", "o"),
          ("clair_oracle", "CLAIR oracle", "C0", "*")]
-_BLOCK = {"full": "confirmatory block", "small": "development block", "smoke": "smoke"}
 
 
 def client_means(clients, method, column):
@@ -43,7 +42,7 @@ def client_means(clients, method, column):
     return mean.index.to_numpy(), mean.to_numpy(), half.to_numpy()
 
 
-def _setting_figure(plt, clients, setting, scale):
+def _setting_figure(plt, clients, setting, block):
     sub = clients[clients["setting"] == setting]
     order = (sub[["client", "variant"]].drop_duplicates()
              .sort_values(["variant", "client"])["client"].to_numpy())
@@ -69,7 +68,7 @@ def _setting_figure(plt, clients, setting, scale):
     bottom.set_xticks(range(len(order)), [f"{c}\n(v{int(variants[c])})" for c in order],
                       fontsize=8)
     bottom.set_xlabel("benign client (task variant)")
-    top.set_title(f"{setting}: {n_rep} replicates ({_BLOCK.get(scale, scale)}); "
+    top.set_title(f"{setting}: {n_rep} replicates ({block} block); "
                   "means over replicates, 95% intervals")
     for axis in (top, bottom):
         axis.grid(axis="y", alpha=0.3)
@@ -90,10 +89,11 @@ def main(results_dir, out_dir):
     from simulations.copying.analysis import client_table
 
     plt.rcParams.update(COLUMN_STYLE)
-    clients = client_table(read_copying(scale))
+    frame = read_copying(scale)
+    clients, block = client_table(frame), copying_block_name(frame, scale)
     paths = []
     for setting in sorted(clients["setting"].unique()):
-        fig = _setting_figure(plt, clients, setting, scale)
+        fig = _setting_figure(plt, clients, setting, block)
         paths += save(fig, out_dir, f"{NAME}_{setting}")
     return paths
 
