@@ -352,7 +352,8 @@ def _readout_state_dicts(state_dicts, configs, per_client, flagged, ranks, keep=
 
 
 def refine_adapters(state_dicts: Sequence[Mapping[str, Any]], configs: Any = None, *,
-                    joint: bool = True, sample_weight: ArrayLike | None = None,
+                    joint: bool = True, flagged_updates: str = "quarantine",
+                    sample_weight: ArrayLike | None = None,
                     n_jobs: int | None = None, progress: Any = None, device: Any = None,
                     dtype: Any = None, **clair_params: Any) -> LoraRefinement:
     """CLAIR on the clients' LoRA adapters: detect, refine, and write refined adapters.
@@ -372,6 +373,11 @@ def refine_adapters(state_dicts: Sequence[Mapping[str, Any]], configs: Any = Non
         modules (``rank=`` fixes it). ``False``: each module is refined by its own fit.
         See :func:`clairstat.aggregation.clair_modules` and docs/method_notes.md,
         section 9 (why the joint refinement is the default).
+    flagged_updates : {"quarantine", "clip"}, default="quarantine"
+        With ``joint=True``, what stands in for a collaborative client's update that its
+        module's test flags: the module's mean of the unflagged clients (the default),
+        or the update scaled down to their largest norm where it is larger
+        (:func:`clairstat.aggregation.joint_refinement`).
     sample_weight : array-like of shape (n_clients,), optional
         Client weights of the collaborative mean (e.g. sample sizes).
     n_jobs : int or None, default=None
@@ -421,7 +427,8 @@ def refine_adapters(state_dicts: Sequence[Mapping[str, Any]], configs: Any = Non
     configs = _per_client(configs, len(state_dicts), "configs")
     factor_lists = module_factors(state_dicts, configs)
     with thread_limits(n_jobs, modules_work(factor_lists)):
-        fit = clair_modules(factor_lists, sample_weight, joint=joint, progress=progress,
+        fit = clair_modules(factor_lists, sample_weight, joint=joint,
+                            flagged_updates=flagged_updates, progress=progress,
                             device=device, dtype=dtype, **clair_params)
         refined = _readout_state_dicts(state_dicts, configs, fit.per_client, fit.flagged,
                                        _ranks(factor_lists), keep=fit.zero_modules)

@@ -166,3 +166,19 @@ def test_study_runs_resumes_and_its_controls_break_it(tmp_path, monkeypatch):
                 assert row["rel_clair"] == 0.0
             else:
                 assert row["recall_clair"] == 0.0 and row["false_positive_rate_clair"] == 0.0
+
+
+def test_flagged_update_study_compares_both_policies_on_the_same_clients(tmp_path,
+                                                                         monkeypatch):
+    """``copying_flagged``: one smoke replicate per setting; both policies evaluated on
+    the same fine-tuned clients (one local accuracy), with their ranks and flags."""
+    from simulations.studies.copying_flagged import POLICIES, STUDY
+
+    monkeypatch.setenv("CLAIRSTAT_CACHE_DIR", str(tmp_path / "cache"))
+    cell = STUDY.cells("smoke")[1]
+    row = STUDY.simulate_one(dict(cell), 5)
+    assert row["rel_local"] == 0.0 and len(row["pretrain_weights"]) == 16
+    for policy in POLICIES:
+        assert -1.0 <= row[f"rel_{policy}"] and 0.0 <= row[f"acc_{policy}"] <= 1.0
+        assert row[f"rank_{policy}"] >= 0 and 0.0 <= row[f"recall_{policy}"] <= 1.0
+        assert {f"flagged_{policy}_c{k}" for k in range(cell["n_clients"])} <= set(row)

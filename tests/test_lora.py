@@ -254,6 +254,24 @@ def test_one_poisoned_module_reaches_nobody_else(rng):
         assert np.linalg.norm(b_mat @ a_mat) <= 2 * size
 
 
+def test_a_poisoned_module_is_cut_to_size_when_clipping(rng):
+    """The same poisoned module with flagged_updates="clip": the update enters the joint
+    fit scaled down to the largest benign norm, so no refined update of that module
+    grows beyond the benign size either."""
+    states, _ = shared_clients(rng, n_bad=0)
+    name = MODULES[0]
+    key = f"base_model.model.{name}.lora_B.weight"
+    states[-1] = {**states[-1], key: 1e6 * states[-1][key]}
+    refinement = refine_adapters(states, random_state=0, flagged_updates="clip")
+    name = next(module for module in refinement.module_flagged if module.endswith(name))
+    assert not refinement.flagged.any() and refinement.module_flagged[name][-1]
+    inputs = [adapter_factors(s)[name] for s in states[:-1]]
+    size = max(np.linalg.norm(b @ a) for b, a in inputs)
+    for state in refinement.state_dicts:
+        b_mat, a_mat = adapter_factors(state)[name]
+        assert np.linalg.norm(b_mat @ a_mat) <= 2 * size
+
+
 def test_modules_of_different_ranks_read_out_at_their_own(rng):
     """peft's rank_pattern: q_proj of rank 3, v_proj of rank 2 in every client. Every
     path reads each module out at its own rank (the API used the first module's)."""

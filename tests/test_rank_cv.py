@@ -258,3 +258,48 @@ def test_a_module_that_flags_every_member_shares_nothing():
     weights[5] = 0.0
     joint = joint_refinement(grams_of(updates), flags, weights, rank=1)
     assert np.array_equal(joint.coef[0], np.eye(8)) and np.isfinite(joint.coef).all()
+
+
+def test_clipping_keeps_an_ordinary_flagged_update_and_bounds_a_poisoned_one():
+    """flagged_updates="clip": client 3, flagged in module 0 only, with an update no
+    larger than the unflagged clients' is used as it is (the refinement equals the one
+    without that module flag); scaled by 1e6 it is cut to the largest unflagged norm,
+    so every refined update there stays the size of the inputs (the quarantine's
+    guarantee for poisoned updates, kept), while its direction still counts."""
+    from clairstat.aggregation import joint_refinement
+
+    rng = np.random.default_rng(17)
+    updates = grouped(rng, n_clients=8, n_modules=2, dim=20)
+    norms = np.linalg.norm(updates[:, 0].reshape(8, -1), axis=1)
+    updates[3, 0] *= 0.9 * norms[np.arange(8) != 3].max() / norms[3]  # ordinary size
+    flags = np.zeros((2, 8), dtype=bool)
+    flags[0, 3] = True
+    clipped = joint_refinement(grams_of(updates), flags, rank=2, flagged_updates="clip")
+    unflagged = joint_refinement(grams_of(updates), np.zeros_like(flags), rank=2)
+    np.testing.assert_allclose(clipped.coef, unflagged.coef, rtol=0, atol=1e-12)
+    quarantined = joint_refinement(grams_of(updates), flags, rank=2)
+    assert not quarantined.coef[0][:, 3].any() and clipped.coef[0][:, 3].any()
+
+    poisoned = updates.copy()
+    poisoned[3, 0] *= 1e6
+    again = joint_refinement(grams_of(poisoned), flags, rank=2, flagged_updates="clip")
+    refined = np.einsum("kj,j...->k...", again.coef[0], poisoned[:, 0])
+    size = np.linalg.norm(poisoned[np.arange(8) != 3, 0].reshape(7, -1), axis=1).max()
+    assert np.linalg.norm(refined.reshape(8, -1), axis=1).max() <= 2 * size
+    assert again.coef[0][:, 3].any()  # cut to size, not dropped
+    scale = again.coef[0][3, 3] / clipped.coef[0][3, 3]
+    assert 0 < scale < 1e-5  # the map scaled the poisoned update down by about 1e6
+
+
+def test_flagged_updates_is_checked():
+    from clairstat.aggregation import clair_modules, joint_refinement
+
+    rng = np.random.default_rng(18)
+    updates = grouped(rng, n_clients=5, n_modules=2, dim=20)
+    nobody = np.zeros((2, 5), dtype=bool)
+    for value in ("keep", None, 1, "Clip"):
+        with pytest.raises(ValueError, match="flagged_updates"):
+            joint_refinement(grams_of(updates), nobody, rank=1, flagged_updates=value)
+        with pytest.raises(ValueError, match="flagged_updates"):
+            clair_modules({"m": [(np.ones((4, 1)), np.ones((1, 3)))] * 3},
+                          flagged_updates=value)

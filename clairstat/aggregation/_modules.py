@@ -239,24 +239,48 @@ class JointRefinement(NamedTuple):
     mean_coef: np.ndarray
 
 
-def _quarantine(module_flags, members, weights):
+#: What the joint refinement does with a collaborative client's update that its
+#: module's test flags (:func:`joint_refinement`).
+FLAGGED_UPDATES = ("quarantine", "clip")
+
+
+def check_flagged_updates(value):
+    """``value`` if it is one of :data:`FLAGGED_UPDATES`, else a ValueError."""
+    if not isinstance(value, str) or value not in FLAGGED_UPDATES:
+        raise ValueError(f"flagged_updates must be one of {FLAGGED_UPDATES}, got {value!r}.")
+    return value
+
+
+def _quarantine(module_flags, members, weights, grams=None, policy="quarantine"):
     """Per module, the map that stands in for every member's update flagged there.
 
-    ``maps[m]`` (n_clients, n_clients) replaces a collaborative client's update in a
-    module whose test flagged it by the weighted mean of the collaborative clients not
-    flagged in that module (rows of the identity elsewhere). The joint fit sees the
-    substitutes: an update that one module's test rejects cannot move the others'
-    refinement (one client poisoning one module, too few modules to be flagged at the
-    client level, would otherwise pull every client's refined update of that module).
+    ``maps[m]`` (n_clients, n_clients) acts on the clients' updates of module ``m``
+    (rows of the identity for every update not flagged there). ``"quarantine"``
+    replaces a collaborative client's flagged update by the weighted mean of the
+    collaborative clients not flagged in that module: an update that one module's test
+    rejects cannot move anyone's refinement (one client poisoning one module, too few
+    modules to be flagged at the client level, would otherwise pull every client's
+    refined update of that module). ``"clip"`` scales it down to the largest Frobenius
+    norm among those unflagged clients (``grams[m]``'s diagonal) and leaves it as it is
+    when it is no larger: a poisoned update's size is bounded, and a flagged update of
+    ordinary size (a task variant held by few clients, a false alarm) keeps its
+    direction in the joint fit.
     """
     n_modules, n_clients = module_flags.shape
     maps = np.repeat(np.eye(n_clients)[None], n_modules, axis=0)
     for m in range(n_modules):
         bad = np.flatnonzero(module_flags[m] & members)
         good = np.flatnonzero(members & ~module_flags[m] & (weights > 0))
-        if len(bad) and len(good):
+        if not (len(bad) and len(good)):
+            continue
+        if policy == "quarantine":
             maps[m][bad] = 0.0
             maps[m][np.ix_(bad, good)] = weights[good] / weights[good].sum()
+        else:
+            norms = np.sqrt(np.maximum(np.diagonal(grams[m]), 0.0))
+            bound = norms[good].max()
+            scale = np.minimum(1.0, bound / np.maximum(norms[bad], np.finfo(float).tiny))
+            maps[m][bad, bad] = scale
     return maps
 
 
@@ -283,19 +307,25 @@ def check_joint_rank(rank, n_clients):
     return int(rank)
 
 
-def joint_refinement(grams, module_flags, weights=None, rank=None, level=0.05):
+def joint_refinement(grams, module_flags, weights=None, rank=None, level=0.05,
+                     flagged_updates="quarantine"):
     """Client flags, the joint rank and the refined combinations, from per-module results.
 
     A client flagged at the client level (:func:`client_flags`) keeps every update. The
-    update of a collaborative client flagged in a module is replaced by the module's
-    mean over the collaborative clients not flagged in it (:func:`_quarantine`), for the
-    joint fit (its rank, mean and subspace) and in the refinement: what one module's
-    test rejects enters nobody's refined update, its own client's included, which
-    gets there the mean plus what the joint subspace and its other modules imply (a
+    update of a collaborative client flagged in a module is, by default
+    (``flagged_updates="quarantine"``), replaced by the module's mean over the
+    collaborative clients not flagged in it (:func:`_quarantine`), for the joint fit
+    (its rank, mean and subspace) and in the refinement: what one module's test
+    rejects enters nobody's refined update, its own client's included, which gets
+    there the mean plus what the joint subspace and its other modules imply (a
     poisoned module is repaired, a false alarm costs that module its own deviation).
-    A module whose test flags every collaborative client has no update to stand in:
-    there every client keeps its own update (``coef[m]`` the identity), and the mean
-    combination ``mean_coef[m]`` is the plain weighted mean of the members.
+    ``"clip"`` instead scales such an update down to the largest norm among the
+    module's unflagged collaborative clients, wherever it is larger, and uses it
+    everywhere the update would be used: a poisoned update's size is bounded, and one
+    of ordinary size keeps its direction (docs/method_notes.md, section 9, compares
+    the two). A module whose test flags every collaborative client has no update to
+    stand in: there every client keeps its own update (``coef[m]`` the identity), and
+    the mean combination ``mean_coef[m]`` is the plain weighted mean of the members.
 
     Parameters
     ----------
@@ -312,6 +342,9 @@ def joint_refinement(grams, module_flags, weights=None, rank=None, level=0.05):
         there is nothing to cross-validate against).
     level : float
         The level of the modules' tests (:func:`client_flags`).
+    flagged_updates : {"quarantine", "clip"}, default="quarantine"
+        What stands in for a collaborative client's update flagged by its module's
+        test (above).
 
     Returns
     -------
@@ -320,6 +353,7 @@ def joint_refinement(grams, module_flags, weights=None, rank=None, level=0.05):
     """
     from ._rank import cross_validated_rank
 
+    policy = check_flagged_updates(flagged_updates)
     grams = np.asarray(grams, dtype=float)
     n_modules, n_clients = grams.shape[:2]
     module_flags = np.reshape(np.asarray(module_flags, dtype=bool), (n_modules, n_clients))
@@ -337,7 +371,7 @@ def joint_refinement(grams, module_flags, weights=None, rank=None, level=0.05):
         return JointRefinement(flagged, 0 if rank is None else rank, None,
                                np.repeat(np.eye(n_clients)[None], n_modules, axis=0),
                                np.zeros((n_modules, n_clients)))
-    maps = _quarantine(module_flags, members, weights)
+    maps = _quarantine(module_flags, members, weights, grams, policy)
     clean = maps @ grams @ maps.transpose(0, 2, 1)  # the Gram matrices of the substitutes
     selection = None
     if rank is None:
@@ -364,6 +398,7 @@ def _fit_joint(factor_lists, weights, clair_params, progress=None):
     """
     params = dict(clair_params)
     rank = params.pop("rank", None)
+    policy = check_flagged_updates(params.pop("flagged_updates", "quarantine"))
     if rank is not None:  # before the modules' fits, not after them
         check_joint_rank(rank, len(next(iter(factor_lists.values()))))
     fitted = _fit_per_module(factor_lists, weights, params, progress)
@@ -372,7 +407,7 @@ def _fit_joint(factor_lists, weights, clair_params, progress=None):
         return fitted, None
     joint = joint_refinement(np.stack([module_gram(factor_lists[name]) for name in live]),
                              [fitted[name][2] for name in live], weights, rank,
-                             _level(params))
+                             _level(params), policy)
     out, position = {}, {name: m for m, name in enumerate(live)}
     for name, (per_client, mean, module_flags, estimator) in fitted.items():
         if estimator is None:
@@ -392,6 +427,7 @@ def _fit_joint(factor_lists, weights, clair_params, progress=None):
 
 def clair_modules(factor_lists: Mapping[str, Sequence[tuple[np.ndarray, np.ndarray]]],
                   weights: ArrayLike | None = None, *, joint: bool = True,
+                  flagged_updates: str = "quarantine",
                   progress: Any = None, device: Any = None, dtype: Any = None,
                   **clair_params: Any) -> ModuleRefinement:
     """CLAIR on the clients' updates of every module: detect and refine.
@@ -415,6 +451,12 @@ def clair_modules(factor_lists: Mapping[str, Sequence[tuple[np.ndarray, np.ndarr
         its adapter. ``False``: each module is refined by its own fit (its own
         collaborative set, column subspace and rank). docs/method_notes.md, section 9,
         compares the two on the copying task.
+    flagged_updates : {"quarantine", "clip"}, default="quarantine"
+        With ``joint=True``, what stands in for a collaborative client's update that its
+        module's test flags (:func:`clairstat.aggregation.joint_refinement`): the
+        module's mean of the unflagged clients, or the update scaled down to their
+        largest norm where it is larger. Checked with ``joint=False`` too, where
+        nothing stands in (each module's own fit decides).
     progress : callable, optional
         Called as ``progress(iterable, total=n_modules)`` around the loop over modules.
     device : str or torch.device, optional
@@ -437,10 +479,13 @@ def clair_modules(factor_lists: Mapping[str, Sequence[tuple[np.ndarray, np.ndarr
         it, zero refined updates and mean, estimator ``None``) and does not vote in the
         client-level flags.
     """
+    check_flagged_updates(flagged_updates)
     clair_params = _with_device(clair_params, device, dtype)
     selection = None
     if joint:
-        fitted, selection = _fit_joint(factor_lists, weights, clair_params, progress)
+        fitted, selection = _fit_joint(factor_lists, weights,
+                                       dict(clair_params, flagged_updates=flagged_updates),
+                                       progress)
     else:
         fitted = _fit_per_module(factor_lists, weights, clair_params, progress)
     module_flagged = {name: item[2] for name, item in fitted.items()}
