@@ -3,6 +3,7 @@
 ::
 
     clairstat refine [--rank R] [--joint | --per-module] [--test-level A]
+                     [--flagged-updates quarantine|clip]
                      [--random-state S] [--device D] [--dtype T] [--n-jobs N]
                      [--scheduler ADDR|local [--workers W]] --out OUT ADAPTER_DIR...
 
@@ -116,6 +117,13 @@ def _parser():
                         help="refine each module by its own fit instead")
     refine.add_argument("--test-level", type=float, default=0.05, metavar="A",
                         help="level of the per-client tests (default 0.05)")
+    refine.add_argument("--flagged-updates", default="quarantine",
+                        choices=("quarantine", "clip"),
+                        help="joint refinement: what stands in for an update its "
+                             "module's test flags in a client not flagged overall: the "
+                             "module's mean over the unflagged clients (quarantine, the "
+                             "default) or the update scaled down to their largest norm "
+                             "(clip); as refine_adapters' flagged_updates")
     refine.add_argument("--random-state", type=int, default=None, metavar="S",
                         help="seed of the robust start (reproducible flags)")
     refine.add_argument("--device", default="cpu", metavar="D",
@@ -562,7 +570,8 @@ def _stream(clients, writer, args, progress, cluster):
         flagged = np.zeros(len(clients), dtype=bool)
     else:
         refinement = joint_refinement([fits[m].gram for m in live], module_flags,
-                                      rank=args.rank, level=args.test_level)
+                                      rank=args.rank, level=args.test_level,
+                                      flagged_updates=args.flagged_updates)
         flagged, joint_rank = refinement.flagged, refinement.rank
         kept = np.flatnonzero(~flagged).tolist()
         coef = dict(zip(live, refinement.coef))  # per module (quarantined updates)
@@ -640,6 +649,7 @@ def _report(clients, summary, args):
     return {"clairstat_version": __version__, "joint": bool(args.joint),
             "rank": args.rank, "joint_rank": summary.joint_rank,
             "test_level": args.test_level,
+            "flagged_updates": args.flagged_updates if args.joint else None,
             "random_state": args.random_state,
             "modules": sorted(summary.module_flagged), "clients": entries}
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -176,6 +177,53 @@ def test_per_module_outputs_equal_refine_adapters_per_module(adapters, tmp_path)
             assert tensor.dtype == expected.dtype
             eps = torch.finfo(tensor.dtype).eps  # one ulp of the stored dtype
             torch.testing.assert_close(tensor, expected, rtol=eps, atol=0)
+
+
+@pytest.fixture(scope="module")
+def one_module_poisoned(adapters, tmp_path_factory):
+    """The adapters with client 0's q_proj lora_B scaled by 1e3: flagged in that module
+    only, too few modules for a client-level flag, so the joint refinement's
+    ``flagged_updates`` decides what stands in for it."""
+    root = tmp_path_factory.mktemp("poisoned")
+    folders = []
+    for k, folder in enumerate(adapters):
+        target = root / folder.name
+        shutil.copytree(folder, target)
+        if k == 0:
+            weights = _weights(folder)
+            key = f"{MODULES[0]}.lora_B.weight"
+            weights[key] = 1e3 * weights[key]
+            safetensors_torch.save_file(weights, str(target / "adapter_model.safetensors"),
+                                        metadata=_metadata(folder))
+        folders.append(target)
+    return folders
+
+
+@pytest.mark.filterwarnings("ignore:only 6 clients")
+@pytest.mark.parametrize("policy", ["quarantine", "clip"])
+def test_flagged_updates_option_is_refine_adapters_option(one_module_poisoned, tmp_path,
+                                                          policy):
+    """--flagged-updates gives what refine_adapters(flagged_updates=...) gives, and the
+    two policies give client 0 different q_proj updates (so the option reaches the
+    refinement)."""
+    folders = one_module_poisoned
+    args = [] if policy == "quarantine" else ["--flagged-updates", policy]
+    assert main(["refine", *args, "--random-state", "0", "--out", str(tmp_path),
+                 *map(str, folders)]) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["flagged_updates"] == policy
+    assert report["clients"][0]["module_flagged"] == {MODULES[0]: True, MODULES[1]: False}
+    assert not report["clients"][0]["flagged"]
+    whole = {name: refine_adapters([_weights(f) for f in folders], _configs(folders),
+                                   random_state=0, flagged_updates=name)
+             for name in ("quarantine", "clip")}
+    for k, folder in enumerate(folders):
+        after = _weights(tmp_path / folder.name)
+        assert all(torch.equal(after[key], whole[policy].state_dicts[k][key])
+                   for key in after)
+    key = f"{MODULES[0]}.lora_B.weight"
+    assert not torch.equal(whole["clip"].state_dicts[0][key],
+                           whole["quarantine"].state_dicts[0][key])
 
 
 def test_a_whole_adapter_is_never_read(adapters, tmp_path, monkeypatch):

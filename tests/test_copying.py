@@ -182,3 +182,60 @@ def test_flagged_update_study_compares_both_policies_on_the_same_clients(tmp_pat
         assert -1.0 <= row[f"rel_{policy}"] and 0.0 <= row[f"acc_{policy}"] <= 1.0
         assert row[f"rank_{policy}"] >= 0 and 0.0 <= row[f"recall_{policy}"] <= 1.0
         assert {f"flagged_{policy}_c{k}" for k in range(cell["n_clients"])} <= set(row)
+
+
+def test_flagged_update_summary_pairs_the_policies_per_cell():
+    """The summary's difference is clip minus quarantine replicate by replicate (a
+    constant shift gives a point interval) and counts the replicates either way."""
+    import pandas as pd
+
+    from simulations.studies.copying_flagged import summary
+
+    rng = np.random.default_rng(0)
+    quarantine = rng.normal(0.02, 0.05, size=12)
+    shift = np.where(np.arange(12) < 3, 0.02, 0.0)  # clip 2 points better in 3 replicates
+    frame = pd.DataFrame({
+        "setting": "heterogeneous", "n_clients": 8, "n_contaminated": 3,
+        "rel_quarantine": quarantine, "rel_clip": quarantine + shift,
+        "rank_quarantine": 1.0, "rank_clip": 2.0, "recall_quarantine": 1.0,
+        "recall_clip": 0.5, "false_positive_rate_quarantine": 0.0,
+        "false_positive_rate_clip": 0.1})
+    row = summary(frame).iloc[0]
+    assert row["replicates"] == 12 and row["clip_better"] == 3 and row["clip_worse"] == 0
+    assert row["diff"] == pytest.approx(100 * shift.mean())
+    assert row["diff_low"] <= row["diff"] <= row["diff_high"]
+    assert row["gain_quarantine"] == pytest.approx(100 * quarantine.mean())
+    assert (row["rank_clip"], row["recall_clip"]) == (2.0, 0.5)
+    assert row["fpr_clip"] == pytest.approx(0.1)  # a mean of twelve 0.1s
+
+
+def test_flagged_update_verdicts_follow_the_preregistered_margins():
+    """Amendment 3's decision: clip 2 points better where the quarantine costs small
+    groups and even in the homogeneous cell passes; a loss fails; one replicate whose
+    client flags differ between the policies fails the identity."""
+    import pandas as pd
+
+    from simulations.studies.copying_flagged import MARGINS, verdicts
+
+    rng = np.random.default_rng(1)
+    rows = []
+    for setting, n_clients in MARGINS:
+        for r in range(30):
+            base = rng.normal(0.02, 0.03)
+            shift = 0.0 if setting == "homogeneous" else 0.02 + 0.002 * rng.normal()
+            row = {"setting": setting, "n_clients": n_clients, "n_contaminated": 4,
+                   "rel_quarantine": base, "rel_clip": base + shift}
+            for policy in ("quarantine", "clip"):
+                row.update({f"rank_{policy}": 1.0, f"recall_{policy}": 1.0,
+                            f"false_positive_rate_{policy}": 0.0})
+                row.update({f"flagged_{policy}_c{k}": k == 0 for k in range(n_clients)})
+            rows.append(row)
+    frame = pd.DataFrame(rows)
+    assert verdicts(frame)["verdict"].tolist() == ["pass"] * 4
+    worse = frame.copy()
+    cell = (worse["setting"] == "heterogeneous") & (worse["n_clients"] == 16)
+    worse.loc[cell, "rel_clip"] = worse.loc[cell, "rel_quarantine"] - 0.02
+    assert verdicts(worse)["verdict"].tolist() == ["fail", "pass", "pass", "pass"]
+    flipped = frame.copy()
+    flipped.loc[0, "flagged_clip_c3"] = True
+    assert verdicts(flipped)["verdict"].tolist()[-1] == "fail"
