@@ -108,6 +108,29 @@ def test_pretraining_does_not_depend_on_the_thread_count(tmp_path):
     assert [info["weights"] for info in infos] == digests  # what the rows record
 
 
+#: The digest of the base model committed under simulations/copying/base_models/ (the
+#: default configuration's; simulations/README.md). Retraining is not portable across
+#: CPUs, so the studies read this file instead of training.
+SHIPPED_WEIGHTS = "01dfeebc7498a196"
+
+
+def test_the_default_base_model_is_shipped_and_used_untrained(tmp_path, monkeypatch):
+    """With an empty cache the default configuration loads the committed file: no
+    training, the recorded digest. Fails when the model, task or training code changes
+    without a new file being committed (a fresh checkout would then train a model that
+    depends on its CPU)."""
+    from simulations.copying import pretrain as module
+    from simulations.copying.replicate import DEFAULT_PARAMS, pretrain_config
+
+    config = pretrain_config(DEFAULT_PARAMS)
+    monkeypatch.setattr(module, "_train", lambda _: pytest.fail("trained, not loaded"))
+    model, info = pretrain(config, tmp_path, log=lambda *_: None)
+    assert info["shipped"] and info["cached"] and info["seconds"] == 0.0
+    assert info["weights"] == SHIPPED_WEIGHTS
+    assert not (tmp_path / "copying").exists()  # nothing written to the cache
+    assert info["base_accuracy"] > 0.99  # it copies
+
+
 def test_oracle_refine_extremes(rng):
     updates = rng.standard_normal((6, 5, 4))
     benign = np.array([True] * 4 + [False] * 2)

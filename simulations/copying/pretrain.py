@@ -1,16 +1,20 @@
-"""Pretraining on the base copying task, deterministic and cached by content hash.
+"""Pretraining on the base copying task, shipped with the repository, else cached.
 
-The cache key hashes the pretraining configuration together with the source of this
-module, of ``model.py`` and of ``tasks.py``: editing any of them retrains. Weights are
+The key hashes the pretraining configuration together with the source of this module,
+of ``model.py`` and of ``tasks.py``: editing any of them makes a new key. Weights are
 stored with safetensors (no pickle is ever loaded).
 
-Training runs on one thread whatever the caller's setting: torch's CPU kernels split
-their reductions by thread count, and the same seed gave different weights on one and on
-two threads (from the fifth step on). The cache is not part of the repository, so a
-fresh checkout retrains; one thread makes that retraining give the same weights as any
-other run of the same code and torch build. Every result row records the weights'
-SHA-256 (``pretrain_weights``), so rows from different base models cannot be mixed
-unnoticed.
+Where the weights come from, in order: ``base_models/pretrain-<key>.safetensors`` next
+to this module (committed: the default configuration's model, so that every checkout
+fine-tunes the same base model), the cache (``cache_dir``), else training, whose result
+goes to the cache. Training is not portable across machines: it runs on one thread
+whatever the caller's setting (torch's CPU kernels split their reductions by thread
+count, and the same seed gave different weights on one and on two threads), which makes
+it repeat on one machine, but the kernels also depend on the CPU's instruction set: on
+one machine the same seed gave four different models under four settings of torch's and
+MKL's CPU dispatch (``simulations/README.md``), and none was the model another machine
+had trained. Every result row records the weights' SHA-256 (``pretrain_weights``), so
+rows from different base models cannot be mixed unnoticed.
 """
 
 from __future__ import annotations
@@ -30,7 +34,10 @@ from .model import ModelConfig, TinyTransformer
 from .tasks import TaskSpec, make_batch
 
 __all__ = ["PretrainConfig", "pretrain", "load_pretrained", "masked_loss", "accuracy",
-           "cache_key", "weights_digest"]
+           "cache_key", "weights_digest", "SHIPPED_DIR"]
+
+#: Base models committed with the repository (looked up before the cache).
+SHIPPED_DIR = Path(__file__).parent / "base_models"
 
 
 @dataclass(frozen=True)
@@ -106,23 +113,27 @@ def _train_one_thread(config: PretrainConfig):
 
 
 def pretrain(config: PretrainConfig, cache_dir, log=print):
-    """Pretrained model for ``config``, from the cache or trained (and then cached).
+    """Pretrained model for ``config``: shipped with the repository, from the cache, or
+    trained (and then cached).
 
     Returns
     -------
     model : TinyTransformer (eval mode)
     info : dict
-        ``key``, ``cached`` (bool), ``seconds`` (training time, 0 when cached),
+        ``key``, ``cached`` (bool: not trained by this call), ``shipped`` (bool: the
+        repository's file), ``seconds`` (training time, 0 when cached),
         ``weights`` (:func:`weights_digest`), ``base_accuracy`` (masked accuracy on
         1024 fresh base-task sequences).
     """
     from safetensors.torch import save_file
 
-    path = Path(cache_dir) / "copying" / f"pretrain-{cache_key(config)}.safetensors"
-    cached = path.exists()
+    name = f"pretrain-{cache_key(config)}.safetensors"
+    path = Path(cache_dir) / "copying" / name
+    shipped = SHIPPED_DIR / name
+    cached = shipped.exists() or path.exists()
     start = time.perf_counter()
     if cached:
-        model = load_pretrained(config, path)
+        model = load_pretrained(config, shipped if shipped.exists() else path)
     else:
         model = _train(config).eval()
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -133,9 +144,11 @@ def pretrain(config: PretrainConfig, cache_dir, log=print):
     base = TaskSpec(tuple(range(config.n_content)))
     test = make_batch(base, 1024, np.random.default_rng(10_000 + config.seed),
                       config.min_len, config.max_len)
-    info = {"key": path.stem, "cached": cached, "seconds": seconds,
+    info = {"key": path.stem, "cached": cached, "shipped": shipped.exists(),
+            "seconds": seconds,
             "weights": weights_digest(model), "base_accuracy": accuracy(model, *test)}
-    log(f"pretrained model {path.name}: cached={cached}, {seconds:.1f} s, "
+    log(f"pretrained model {path.name}: cached={cached}, shipped={info['shipped']}, "
+        f"{seconds:.1f} s, "
         f"base accuracy {info['base_accuracy']:.3f}")
     return model, info
 
