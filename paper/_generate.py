@@ -986,6 +986,7 @@ def collect():
     macros.update(quarantine_macros(*src.read_quarantine()))
     macros["copy.quarantine.commit"] = QUARANTINE_COMMIT  # named wherever the text needs it
     macros.update(sweep_quarantine_macros(*src.read_quarantine("copying_sweep")))
+    macros.update(flagged_macros(*src.read_flagged()))
     scale = src.copying_scale()
     if scale:
         frame = src.read_copying(scale)
@@ -1108,6 +1109,46 @@ def sweep_quarantine_macros(before, after):
             "copy.quarantine.sweep.worst.share": fmt_pct(worst[5], 0, sign=False)}
 
 
+def flagged_macros(frame, scale):
+    """The comparison of the stand-ins for a module-flagged update (``copying_flagged``):
+    per cell (``flagged.het16``, ``flagged.het8``, ``flagged.hom16``) each policy's gain,
+    the paired difference clip - quarantine in points with its interval, the replicates
+    either way and the pre-registered verdict; ``flagged.has``, ``flagged.full`` (the
+    pre-registered block, else development), ``flagged.allpass``."""
+    from simulations.studies.copying_flagged import summary, verdicts
+
+    if frame is None:
+        return {"flagged.has": "0"}
+    table, decided = summary(frame), verdicts(frame)
+    names = {"heterogeneous": "het", "homogeneous": "hom"}
+    macros = {"flagged.has": "1", "flagged.full": "1" if scale == "full" else "0",
+              "flagged.replicates": fmt(int(table["replicates"].min())),
+              "flagged.allpass": "1" if (decided["verdict"] == "pass").all() else "0",
+              "flagged.identity": decided["verdict"].iloc[-1],
+              "flagged.flagdiffs": fmt(int(decided["observed"].iloc[-1]))}
+    for row, verdict in zip(table.to_dict("records"), decided["verdict"]):
+        key = f"flagged.{names[row['setting']]}{int(row['n_clients'])}"
+        sign = "+" if row["diff"] > 0 else ""
+        macros.update({
+            f"{key}.diff": (f"{sign}{fmt_fixed(row['diff'], 2)} "
+                            f"[{fmt_fixed(row['diff_low'], 2)}, "
+                            f"{fmt_fixed(row['diff_high'], 2)}]"),
+            f"{key}.quarantine": _gain_text(row["gain_quarantine"],
+                                            row["low_quarantine"],
+                                            row["high_quarantine"]),
+            f"{key}.clip": _gain_text(row["gain_clip"], row["low_clip"], row["high_clip"]),
+            f"{key}.better": fmt(int(row["clip_better"])),
+            f"{key}.worse": fmt(int(row["clip_worse"])),
+            f"{key}.contaminated": fmt(int(row["n_contaminated"])),
+            f"{key}.clients": fmt(int(row["n_clients"]))})
+    for row in decided.iloc[:-1].to_dict("records"):
+        setting, clients = row["rule"].split(", ")[1:]
+        key = f"flagged.{names[setting]}{clients.split()[0]}"
+        macros[f"{key}.verdict"] = row["verdict"]
+        macros[f"{key}.margin"] = fmt_fixed(row["margin"][0], 2)
+    return macros
+
+
 def write_generated(out_dir):
     """Write ``macros.tex`` and the tables into ``out_dir``; the paths written."""
     out_dir = Path(out_dir)
@@ -1142,6 +1183,11 @@ def write_generated(out_dir):
                  else r"\rdetquarantinefalse")
     lines.append(r"\rdetgroupdifftrue" if macros.get("rdet.norobust.group.excludes0") == "1"
                  else r"\rdetgroupdifffalse")
+    lines.append(r"\flaggedtrue" if macros.get("flagged.has") == "1" else r"\flaggedfalse")
+    lines.append(r"\flaggedfulltrue" if macros.get("flagged.full") == "1"
+                 else r"\flaggedfullfalse")
+    lines.append(r"\flaggedallpasstrue" if macros.get("flagged.allpass") == "1"
+                 else r"\flaggedallpassfalse")
     lines.append(r"\copylowranktrue" if macros.get("copy.lowrank.n", "0") != "0"
                  else r"\copylowrankfalse")
     lines.append(r"\copysecondtrue" if macros.get("copy.second") == "1"

@@ -16,7 +16,10 @@ else (`paper/_generate.py` formats them as LaTeX macros and tables):
   Flower's simulation engine (the largest scale committed);
 - ``simulations/results/archive/<study>_small_before_quarantine.jsonl``: the copying
   development block and the design sweep before the quarantine of module-flagged
-  updates.
+  updates;
+- ``simulations/results/<scale>/copying_flagged.jsonl``: the two stand-ins for a
+  module-flagged update compared on the same clients (``full``: the comparison
+  pre-registered in PROTOCOL.md's amendment 3; ``small``: development).
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ from ._common import PAPER_DIR
 
 __all__ = ["ROOT", "SOURCES", "read_report", "check_verdict", "check_kind", "check_margin",
            "markdown_tables", "find_table", "read_calibration", "calibration_summary",
-           "copying_scale", "read_copying", "read_quarantine", "read_rounds"]
+           "copying_scale", "read_copying", "read_quarantine", "read_rounds",
+           "read_flagged"]
 
 ROOT = PAPER_DIR.parent
 SOURCES = {
@@ -227,3 +231,20 @@ def read_rounds(results_dir=None, study="copying_rounds"):
             if len(frame) and (best[0] is None or depth > best_depth):
                 best, best_depth = (frame, scale), depth
     return best
+
+
+def read_flagged(results_dir=None):
+    """The ``copying_flagged`` table to quote and its scale: ``full`` (the pre-registered
+    comparison) once every one of its replicates is in, else a complete ``small``
+    (development); ``(None, None)`` otherwise. A partial table is never quoted: its
+    verdicts would be read before the data the protocol fixed."""
+    from simulations import get_study, load_results, results_path
+
+    results_dir = Path(results_dir or SOURCES["copying"])
+    study = get_study("copying_flagged")
+    for scale in ("full", "small"):
+        if results_path(study.name, scale, results_dir).exists():
+            frame = load_results(study, scale, results_dir, current_only=True)
+            if len(frame) == len(study.tasks(scale)):
+                return frame, scale
+    return None, None

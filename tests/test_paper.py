@@ -440,6 +440,57 @@ def test_quarantine_macros_are_the_two_tables():
         assert float(shown.split()[0]) == pytest.approx(sum(diffs) / len(diffs), abs=0.006)
 
 
+def test_flagged_macros_are_the_table():
+    """The clip-vs-quarantine comparison: the quoted table (full once complete, else the
+    development one) and its per-cell mean difference by plain loops over the benign
+    clients' accuracies."""
+    root = ROOT / "simulations" / "results"
+    macros = _macros()
+    paths = [root / scale / "copying_flagged.jsonl" for scale in ("full", "small")]
+    if not any(path.exists() for path in paths):
+        pytest.skip("no copying_flagged table")
+    assert macros["flagged.has"] == "1"
+    path = paths[0] if macros["flagged.full"] == "1" else paths[1]
+    diffs = {}
+    for r in map(json.loads, path.read_text().splitlines()):
+        benign = [k for k in range(r["n_clients"]) if r[f"kind_c{k}"] == "benign"]
+        gain = {p: 100 * sum(r[f"acc_{p}_c{k}"] / r[f"acc_local_c{k}"] - 1 for k in benign)
+                / len(benign) for p in ("clip", "quarantine")}
+        short = "het" if r["setting"] == "heterogeneous" else "hom"
+        diffs.setdefault(f"flagged.{short}{r['n_clients']}", []).append(
+            gain["clip"] - gain["quarantine"])
+    for key, values in diffs.items():
+        shown = macros[f"{key}.diff"].replace(r"\ensuremath{-}", "-")
+        assert float(shown.split()[0]) == pytest.approx(sum(values) / len(values), abs=0.006)
+        assert macros["flagged.replicates"] == str(min(len(v) for v in diffs.values()))
+
+
+def test_a_partial_flagged_comparison_is_not_quoted(tmp_path):
+    """The pre-registered comparison is quoted only once every replicate is in: with a
+    part of it, the complete development table is quoted instead."""
+    from paper._sources import read_flagged
+
+    small = ROOT / "simulations" / "results" / "small" / "copying_flagged.jsonl"
+    if not small.exists():
+        pytest.skip("no development table")
+    from simulations.studies.copying_flagged import STUDY
+
+    lines = small.read_text().splitlines()
+    full = [json.loads(line) for line in lines[:5]]  # as rows of the full grid's cells
+    for row, (cell, replicate, params, seed) in zip(full, STUDY.tasks("full")):
+        row.update(params, cell=cell, replicate=replicate, seed=seed)
+    for scale, rows in (("small", lines), ("full", [json.dumps(r) for r in full])):
+        (tmp_path / scale).mkdir()
+        (tmp_path / scale / "copying_flagged.jsonl").write_text("\n".join(rows) + "\n")
+    from simulations import load_results
+
+    assert len(load_results(STUDY, "full", tmp_path, current_only=True)) == 5  # of the grid
+    frame, scale = read_flagged(tmp_path)
+    assert scale == "small" and len(frame) == len(lines)
+    (tmp_path / "small" / "copying_flagged.jsonl").unlink()
+    assert read_flagged(tmp_path) == (None, None)
+
+
 def test_sweep_quarantine_macros_are_the_two_tables():
     """The sweep before and after the quarantine: the number of design points and the
     largest mean fall of CLAIR's gain, by plain loops."""
