@@ -117,13 +117,14 @@ def _parser():
                         help="refine each module by its own fit instead")
     refine.add_argument("--test-level", type=float, default=0.05, metavar="A",
                         help="level of the per-client tests (default 0.05)")
-    refine.add_argument("--flagged-updates", default="quarantine",
+    refine.add_argument("--flagged-updates", default=None,
                         choices=("quarantine", "clip"),
                         help="joint refinement: what stands in for an update its "
                              "module's test flags in a client not flagged overall: the "
                              "module's mean over the unflagged clients (quarantine, the "
                              "default) or the update scaled down to their largest norm "
-                             "(clip); as refine_adapters' flagged_updates")
+                             "(clip); as refine_adapters' flagged_updates; joint "
+                             "refinement only")
     refine.add_argument("--random-state", type=int, default=None, metavar="S",
                         help="seed of the robust start (reproducible flags)")
     refine.add_argument("--device", default="cpu", metavar="D",
@@ -622,6 +623,11 @@ def _check_device(device):
 
 def _check_options(args):
     _check_device(args.device)
+    if not args.joint and args.flagged_updates is not None:
+        raise InputError("--flagged-updates: applies to the joint refinement, not to "
+                         "--per-module")
+    if args.joint and args.flagged_updates is None:
+        args.flagged_updates = "quarantine"
 
 
 def _refine(clients, writer, args, cluster):

@@ -377,7 +377,8 @@ def refine_adapters(state_dicts: Sequence[Mapping[str, Any]], configs: Any = Non
         With ``joint=True``, what stands in for a collaborative client's update that its
         module's test flags: the module's mean of the unflagged clients (the default),
         or the update scaled down to their largest norm where it is larger
-        (:func:`clairstat.aggregation.joint_refinement`).
+        (:func:`clairstat.aggregation.joint_refinement`); ``"clip"`` with
+        ``joint=False`` is a ValueError.
     sample_weight : array-like of shape (n_clients,), optional
         Client weights of the collaborative mean (e.g. sample sizes).
     n_jobs : int or None, default=None

@@ -1126,7 +1126,7 @@ def flagged_macros(frame, scale):
               "flagged.allpass": "1" if (decided["verdict"] == "pass").all() else "0",
               "flagged.identity": decided["verdict"].iloc[-1],
               "flagged.flagdiffs": fmt(int(decided["observed"].iloc[-1]))}
-    for row, verdict in zip(table.to_dict("records"), decided["verdict"]):
+    for row in table.to_dict("records"):
         key = f"flagged.{names[row['setting']]}{int(row['n_clients'])}"
         sign = "+" if row["diff"] > 0 else ""
         macros.update({

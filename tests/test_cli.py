@@ -431,7 +431,8 @@ def test_lora_bias_is_refused(adapters, tmp_path, capsys):
 
 def test_usage_errors_are_one_line(adapters, tmp_path, capsys, monkeypatch):
     """OUT a file, one client, an unusable device, a folder given twice (through a link),
-    '.' as a folder (named by its resolved path)."""
+    --flagged-updates with --per-module (it would be ignored), '.' as a folder (named by
+    its resolved path)."""
     (tmp_path / "afile").write_text("x")
     link = tmp_path / "again"
     link.symlink_to(adapters[0])
@@ -440,7 +441,9 @@ def test_usage_errors_are_one_line(adapters, tmp_path, capsys, monkeypatch):
              (["--device", "meta", "--out", str(tmp_path / "o"), *map(str, adapters[:3])],
               "cpu or cuda"),
              (["--out", str(tmp_path / "o"), *map(str, adapters[:3]), str(link)],
-              "given more than once")]
+              "given more than once"),
+             (["--per-module", "--flagged-updates", "clip", "--out", str(tmp_path / "o"),
+               *map(str, adapters[:3])], "applies to the joint refinement")]
     for args, message in cases:
         capsys.readouterr()
         assert main(["refine", *args]) == 2

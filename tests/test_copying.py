@@ -131,6 +131,19 @@ def test_the_default_base_model_is_shipped_and_used_untrained(tmp_path, monkeypa
     assert info["base_accuracy"] > 0.99  # it copies
 
 
+def test_a_crlf_checkout_has_the_same_key(monkeypatch):
+    """The key hashes the code with its line endings normalised, so a checkout with
+    CRLF line endings still finds the committed base model."""
+    from pathlib import Path
+
+    config = _tiny_pretrain_config()
+    plain = cache_key(config)
+    real = Path.read_bytes
+    monkeypatch.setattr(Path, "read_bytes",
+                        lambda self: real(self).replace(b"\n", b"\r\n"))
+    assert cache_key(config) == plain
+
+
 def test_oracle_refine_extremes(rng):
     updates = rng.standard_normal((6, 5, 4))
     benign = np.array([True] * 4 + [False] * 2)
@@ -240,6 +253,10 @@ def test_flagged_update_verdicts_follow_the_preregistered_margins():
 
     from simulations.studies.copying_flagged import MARGINS, verdicts
 
+    # The margins as PROTOCOL.md's amendment 3 states them (fixed before the run).
+    assert MARGINS == {("heterogeneous", 16): (0.1, np.inf),
+                       ("heterogeneous", 8): (0.1, np.inf),
+                       ("homogeneous", 16): (-0.25, np.inf)}
     rng = np.random.default_rng(1)
     rows = []
     for setting, n_clients in MARGINS:

@@ -272,6 +272,15 @@ def test_a_poisoned_module_is_cut_to_size_when_clipping(rng):
         assert np.linalg.norm(b_mat @ a_mat) <= 2 * size
 
 
+def test_clipping_without_the_joint_refinement_is_refused(rng):
+    """joint=False has no stand-in for a flagged update: "clip" there would be ignored."""
+    states, _ = shared_clients(rng, n_bad=0)
+    with pytest.raises(ValueError, match="applies to the joint refinement"):
+        refine_adapters(states, joint=False, flagged_updates="clip")
+    with pytest.raises(ValueError, match="flagged_updates must be one of"):
+        refine_adapters(states, flagged_updates="drop")
+
+
 def test_modules_of_different_ranks_read_out_at_their_own(rng):
     """peft's rank_pattern: q_proj of rank 3, v_proj of rank 2 in every client. Every
     path reads each module out at its own rank (the API used the first module's)."""

@@ -462,7 +462,16 @@ def test_flagged_macros_are_the_table():
     for key, values in diffs.items():
         shown = macros[f"{key}.diff"].replace(r"\ensuremath{-}", "-")
         assert float(shown.split()[0]) == pytest.approx(sum(values) / len(values), abs=0.006)
-        assert macros["flagged.replicates"] == str(min(len(v) for v in diffs.values()))
+    assert macros["flagged.replicates"] == str(min(len(v) for v in diffs.values()))
+    from paper._sources import read_flagged
+    from simulations.studies.copying_flagged import verdicts
+
+    decided = verdicts(read_flagged()[0])
+    assert [macros[f"{key}.verdict"] for key in ("flagged.het16", "flagged.het8",
+                                                  "flagged.hom16")] == \
+        decided["verdict"].tolist()[:3]
+    assert macros["flagged.allpass"] == ("1" if (decided["verdict"] == "pass").all()
+                                         else "0")
 
 
 def test_a_partial_flagged_comparison_is_not_quoted(tmp_path):
@@ -487,7 +496,16 @@ def test_a_partial_flagged_comparison_is_not_quoted(tmp_path):
     assert len(load_results(STUDY, "full", tmp_path, current_only=True)) == 5  # of the grid
     frame, scale = read_flagged(tmp_path)
     assert scale == "small" and len(frame) == len(lines)
-    (tmp_path / "small" / "copying_flagged.jsonl").unlink()
+    complete = []  # every replicate of the full grid (rows reused): quoted as full
+    for k, (cell, replicate, params, seed) in enumerate(STUDY.tasks("full")):
+        row = json.loads(lines[k % len(lines)])
+        row.update(params, cell=cell, replicate=replicate, seed=seed)
+        complete.append(json.dumps(row))
+    (tmp_path / "full" / "copying_flagged.jsonl").write_text("\n".join(complete) + "\n")
+    frame, scale = read_flagged(tmp_path)
+    assert scale == "full" and len(frame) == len(STUDY.tasks("full"))
+    for scale in ("small", "full"):
+        (tmp_path / scale / "copying_flagged.jsonl").unlink()
     assert read_flagged(tmp_path) == (None, None)
 
 

@@ -455,8 +455,8 @@ def clair_modules(factor_lists: Mapping[str, Sequence[tuple[np.ndarray, np.ndarr
         With ``joint=True``, what stands in for a collaborative client's update that its
         module's test flags (:func:`clairstat.aggregation.joint_refinement`): the
         module's mean of the unflagged clients, or the update scaled down to their
-        largest norm where it is larger. Checked with ``joint=False`` too, where
-        nothing stands in (each module's own fit decides).
+        largest norm where it is larger. With ``joint=False`` nothing stands in (each
+        module's own fit decides), and ``"clip"`` is a ValueError rather than ignored.
     progress : callable, optional
         Called as ``progress(iterable, total=n_modules)`` around the loop over modules.
     device : str or torch.device, optional
@@ -479,7 +479,10 @@ def clair_modules(factor_lists: Mapping[str, Sequence[tuple[np.ndarray, np.ndarr
         it, zero refined updates and mean, estimator ``None``) and does not vote in the
         client-level flags.
     """
-    check_flagged_updates(flagged_updates)
+    if check_flagged_updates(flagged_updates) != "quarantine" and not joint:
+        raise ValueError(f"flagged_updates={flagged_updates!r} applies to the joint "
+                         "refinement (joint=True); with joint=False each module's own "
+                         "fit decides.")
     clair_params = _with_device(clair_params, device, dtype)
     selection = None
     if joint:

@@ -69,11 +69,12 @@ def accuracy(model, inputs, targets, mask):
 
 
 def cache_key(config: PretrainConfig) -> str:
-    """SHA-256 of the configuration and of the code that defines model, task and training."""
+    """SHA-256 of the configuration and of the code that defines model, task and training
+    (line endings normalised: a CRLF checkout has the same key)."""
     digest = hashlib.sha256(json.dumps(asdict(config), sort_keys=True).encode())
     here = Path(__file__).parent
     for name in ("model.py", "tasks.py", "pretrain.py"):
-        digest.update((here / name).read_bytes())
+        digest.update((here / name).read_bytes().replace(b"\r\n", b"\n"))
     return digest.hexdigest()[:16]
 
 

@@ -95,8 +95,9 @@ def simulate_one(params, seed):
 
 STUDY = Study(
     name="copying_flagged",
-    description="copying task, development: the default refinement with module-flagged "
-                "updates quarantined vs clipped to the unflagged clients' largest norm",
+    description="copying task: the default refinement with module-flagged updates "
+                "quarantined vs clipped to the unflagged clients' largest norm "
+                "(small: development; full: pre-registered, PROTOCOL.md amendment 3)",
     grids={"smoke": cells(**TINY)[:2], "small": cells(),
            "full": cells(CONFIRMATORY_BLOCK)},
     replicates={"smoke": 2, "small": 20, "full": 100},
@@ -185,14 +186,18 @@ def verdicts(frame):
     return pd.DataFrame(rows)
 
 
-if __name__ == "__main__":  # python -m simulations.studies.copying_flagged [TABLE]
+if __name__ == "__main__":  # python -m simulations.studies.copying_flagged [SCALE]
     import sys
 
-    import pandas as pd
+    from simulations import load_results
 
-    path = sys.argv[1] if len(sys.argv) > 1 else \
-        "simulations/results/small/copying_flagged.jsonl"
-    frame = pd.read_json(path, lines=True)
+    scale = sys.argv[1] if len(sys.argv) > 1 else "small"
+    frame = load_results(STUDY, scale, current_only=True)  # this grid's rows, deduplicated
+    if frame.empty:
+        sys.exit(f"copying_flagged, {scale}: no rows (python -m simulations "
+                 f"copying_flagged --scale {scale})")
+    print(f"copying_flagged, {scale}: {len(frame)} rows of {len(STUDY.tasks(scale))}; "
+          f"base model {sorted(set(frame['pretrain_weights']))}")
     print(summary(frame).round(3).to_string(index=False))
     print()
     print(verdicts(frame).round(3).to_string(index=False))
