@@ -128,6 +128,30 @@ def _row(accuracy, contaminated, variant, kinds, info):
     return row
 
 
+def base_and_tasks(params, seed):
+    """The base model and one replicate's client tasks.
+
+    Returns
+    -------
+    params : dict
+        ``params`` over :data:`DEFAULT_PARAMS`.
+    model, pre
+        :func:`simulations.copying.pretrain.pretrain`'s model and information.
+    specs, contaminated, variant
+        :func:`simulations.copying.tasks.client_tasks` of the cell, drawn from ``seed``.
+    """
+    from .pretrain import pretrain
+    from .tasks import client_tasks
+
+    params = {**DEFAULT_PARAMS, **params}
+    model, pre = pretrain(pretrain_config(params), cache_dir(), log=lambda *_: None)
+    specs, contaminated, variant = client_tasks(
+        params["n_clients"], params["n_contaminated"], params["n_content"],
+        params["n_moved"], params["n_variants"], params["contamination"].split(","),
+        np.random.default_rng(seed))
+    return params, model, pre, specs, contaminated, variant
+
+
 def simulate_one(params, seed, control=None):
     """One replicate: tasks, client fine-tuning, every method, evaluation (a flat dict).
 
@@ -151,15 +175,8 @@ def simulate_one(params, seed, control=None):
     import torch
 
     from .methods import run_methods
-    from .pretrain import pretrain
-    from .tasks import client_tasks
 
-    params = {**DEFAULT_PARAMS, **params}
-    model, pre = pretrain(pretrain_config(params), cache_dir(), log=lambda *_: None)
-    rng = np.random.default_rng(seed)
-    specs, contaminated, variant = client_tasks(
-        params["n_clients"], params["n_contaminated"], params["n_content"],
-        params["n_moved"], params["n_variants"], params["contamination"].split(","), rng)
+    params, model, pre, specs, contaminated, variant = base_and_tasks(params, seed)
     start = time.perf_counter()
     adapters, init, config = _finetune_all(model, specs, params, seed)
     info = {"seconds_finetune": time.perf_counter() - start}

@@ -60,17 +60,10 @@ def simulate_one(params, seed):
     from clairstat.lora import module_factors, refine_adapters
     from clairstat.metrics import detection_scores
     from simulations.copying.methods import _local
-    from simulations.copying.pretrain import pretrain
-    from simulations.copying.replicate import (_evaluate, _finetune_all, cache_dir,
-                                               client_columns, pretrain_config)
-    from simulations.copying.tasks import client_tasks
+    from simulations.copying.replicate import (_evaluate, _finetune_all, base_and_tasks,
+                                               client_columns)
 
-    params = {**DEFAULT_PARAMS, **params}
-    model, pre = pretrain(pretrain_config(params), cache_dir(), log=lambda *_: None)
-    rng = np.random.default_rng(seed)
-    specs, contaminated, variant = client_tasks(
-        params["n_clients"], params["n_contaminated"], params["n_content"],
-        params["n_moved"], params["n_variants"], params["contamination"].split(","), rng)
+    params, model, pre, specs, contaminated, variant = base_and_tasks(params, seed)
     adapters, _, config = _finetune_all(model, specs, params, seed)
     updates = {"local": _local(module_factors(adapters, config))}
     info = {}

@@ -381,15 +381,9 @@ def setup(params, seed):
         initial adapter (numpy state dict) and the peft config.
     """
     from simulations.copying.finetune import FinetuneConfig, initial_adapter, lora_config
-    from simulations.copying.pretrain import pretrain
-    from simulations.copying.replicate import cache_dir, pretrain_config
-    from simulations.copying.tasks import client_tasks
+    from simulations.copying.replicate import base_and_tasks
 
-    model, pre = pretrain(pretrain_config(params), cache_dir(), log=lambda *_: None)
-    specs, contaminated, variant = client_tasks(
-        params["n_clients"], params["n_contaminated"], params["n_content"],
-        params["n_moved"], params["n_variants"], params["contamination"].split(","),
-        np.random.default_rng(seed))
+    params, model, pre, specs, contaminated, variant = base_and_tasks(params, seed)
     config = FinetuneConfig(rank=params["rank"], lora_alpha=params["lora_alpha"],
                             mlp=params["mlp"], n_train=params["n_train"],
                             batch_size=params["batch_size"], lr=params["lr"])
