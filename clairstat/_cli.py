@@ -3,7 +3,7 @@
 ::
 
     clairstat refine [--rank R] [--joint | --per-module] [--test-level A]
-                     [--flagged-updates quarantine|clip]
+                     [--flagged-updates clip|quarantine]
                      [--random-state S] [--device D] [--dtype T] [--n-jobs N]
                      [--scheduler ADDR|local [--workers W]] --out OUT ADAPTER_DIR...
 
@@ -118,12 +118,12 @@ def _parser():
     refine.add_argument("--test-level", type=float, default=0.05, metavar="A",
                         help="level of the per-client tests (default 0.05)")
     refine.add_argument("--flagged-updates", default=None,
-                        choices=("quarantine", "clip"),
+                        choices=("clip", "quarantine"),
                         help="joint refinement: what stands in for an update its "
                              "module's test flags in a client not flagged overall: the "
-                             "module's mean over the unflagged clients (quarantine, the "
-                             "default) or the update scaled down to their largest norm "
-                             "(clip); as refine_adapters' flagged_updates; joint "
+                             "update scaled down to the largest norm of the module's "
+                             "unflagged clients (clip, the default) or their mean "
+                             "(quarantine); as refine_adapters' flagged_updates; joint "
                              "refinement only")
     refine.add_argument("--random-state", type=int, default=None, metavar="S",
                         help="seed of the robust start (reproducible flags)")
@@ -575,7 +575,7 @@ def _stream(clients, writer, args, progress, cluster):
                                       flagged_updates=args.flagged_updates)
         flagged, joint_rank = refinement.flagged, refinement.rank
         kept = np.flatnonzero(~flagged).tolist()
-        coef = dict(zip(live, refinement.coef))  # per module (quarantined updates)
+        coef = dict(zip(live, refinement.coef))  # per module (flagged updates stood in for)
         if kept:
             for module, states in _modules_of(clients, live, cluster, refine_module,
                                               lambda m: (args.n_jobs, work, coef[m], kept),
@@ -627,7 +627,9 @@ def _check_options(args):
         raise InputError("--flagged-updates: applies to the joint refinement, not to "
                          "--per-module")
     if args.joint and args.flagged_updates is None:
-        args.flagged_updates = "quarantine"
+        from .aggregation._modules import DEFAULT_FLAGGED_UPDATES
+
+        args.flagged_updates = DEFAULT_FLAGGED_UPDATES
 
 
 def _refine(clients, writer, args, cluster):

@@ -352,7 +352,7 @@ def _readout_state_dicts(state_dicts, configs, per_client, flagged, ranks, keep=
 
 
 def refine_adapters(state_dicts: Sequence[Mapping[str, Any]], configs: Any = None, *,
-                    joint: bool = True, flagged_updates: str = "quarantine",
+                    joint: bool = True, flagged_updates: str | None = None,
                     sample_weight: ArrayLike | None = None,
                     n_jobs: int | None = None, progress: Any = None, device: Any = None,
                     dtype: Any = None, **clair_params: Any) -> LoraRefinement:
@@ -373,12 +373,13 @@ def refine_adapters(state_dicts: Sequence[Mapping[str, Any]], configs: Any = Non
         modules (``rank=`` fixes it). ``False``: each module is refined by its own fit.
         See :func:`clairstat.aggregation.clair_modules` and docs/method_notes.md,
         section 9 (why the joint refinement is the default).
-    flagged_updates : {"quarantine", "clip"}, default="quarantine"
+    flagged_updates : {"clip", "quarantine"}, optional
         With ``joint=True``, what stands in for a collaborative client's update that its
-        module's test flags: the module's mean of the unflagged clients (the default),
-        or the update scaled down to their largest norm where it is larger
-        (:func:`clairstat.aggregation.joint_refinement`); ``"clip"`` with
-        ``joint=False`` is a ValueError.
+        module's test flags: the update scaled down to the largest norm of the module's
+        unflagged clients where it is larger (``"clip"``, the default), or their mean
+        (``"quarantine"``, the default before the copying task's comparison,
+        docs/method_notes.md, section 9; :func:`clairstat.aggregation.joint_refinement`).
+        Giving it with ``joint=False`` is a ValueError.
     sample_weight : array-like of shape (n_clients,), optional
         Client weights of the collaborative mean (e.g. sample sizes).
     n_jobs : int or None, default=None

@@ -203,11 +203,11 @@ def one_module_poisoned(adapters, tmp_path_factory):
 @pytest.mark.parametrize("policy", ["quarantine", "clip"])
 def test_flagged_updates_option_is_refine_adapters_option(one_module_poisoned, tmp_path,
                                                           policy):
-    """--flagged-updates gives what refine_adapters(flagged_updates=...) gives, and the
-    two policies give client 0 different q_proj updates (so the option reaches the
-    refinement)."""
+    """--flagged-updates gives what refine_adapters(flagged_updates=...) gives (without
+    it, the default clip), and the two policies give client 0 different q_proj updates
+    (so the option reaches the refinement)."""
     folders = one_module_poisoned
-    args = [] if policy == "quarantine" else ["--flagged-updates", policy]
+    args = [] if policy == "clip" else ["--flagged-updates", policy]  # clip: the default
     assert main(["refine", *args, "--random-state", "0", "--out", str(tmp_path),
                  *map(str, folders)]) == 0
     report = json.loads((tmp_path / "report.json").read_text())

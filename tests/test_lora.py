@@ -237,14 +237,15 @@ def test_peft_round_trip_loads_into_the_model(rng, tmp_path, tiny_peft):
 
 def test_one_poisoned_module_reaches_nobody_else(rng):
     """One client scales one module's lora_B by 1e6 and leaves the others alone: too few
-    modules for a client-level flag, but that module's test flags it. The default (joint)
-    refinement lets that update into nobody's refined update, its own client's
-    included: every refined update of that module stays the size of the benign inputs."""
+    modules for a client-level flag, but that module's test flags it. The joint
+    refinement with flagged_updates="quarantine" lets that update into nobody's refined
+    update, its own client's included: every refined update of that module stays the
+    size of the benign inputs."""
     states, _ = shared_clients(rng, n_bad=0)
     name = MODULES[0]
     key = f"base_model.model.{name}.lora_B.weight"
     states[-1] = {**states[-1], key: 1e6 * states[-1][key]}
-    refinement = refine_adapters(states, random_state=0)
+    refinement = refine_adapters(states, random_state=0, flagged_updates="quarantine")
     name = next(module for module in refinement.module_flagged if module.endswith(name))
     assert not refinement.flagged.any() and refinement.module_flagged[name][-1]
     inputs = {k: adapter_factors(s)[name] for k, s in enumerate(states)}
@@ -255,14 +256,14 @@ def test_one_poisoned_module_reaches_nobody_else(rng):
 
 
 def test_a_poisoned_module_is_cut_to_size_when_clipping(rng):
-    """The same poisoned module with flagged_updates="clip": the update enters the joint
-    fit scaled down to the largest benign norm, so no refined update of that module
-    grows beyond the benign size either."""
+    """The same poisoned module with the default, flagged_updates="clip": the update
+    enters the joint fit scaled down to the largest benign norm, so no refined update of
+    that module grows beyond the benign size either."""
     states, _ = shared_clients(rng, n_bad=0)
     name = MODULES[0]
     key = f"base_model.model.{name}.lora_B.weight"
     states[-1] = {**states[-1], key: 1e6 * states[-1][key]}
-    refinement = refine_adapters(states, random_state=0, flagged_updates="clip")
+    refinement = refine_adapters(states, random_state=0)  # the default: clip
     name = next(module for module in refinement.module_flagged if module.endswith(name))
     assert not refinement.flagged.any() and refinement.module_flagged[name][-1]
     inputs = [adapter_factors(s)[name] for s in states[:-1]]
@@ -273,10 +274,11 @@ def test_a_poisoned_module_is_cut_to_size_when_clipping(rng):
 
 
 def test_clipping_without_the_joint_refinement_is_refused(rng):
-    """joint=False has no stand-in for a flagged update: "clip" there would be ignored."""
+    """joint=False has no stand-in for a flagged update: giving one would be ignored."""
     states, _ = shared_clients(rng, n_bad=0)
-    with pytest.raises(ValueError, match="applies to the joint refinement"):
-        refine_adapters(states, joint=False, flagged_updates="clip")
+    for value in ("clip", "quarantine"):
+        with pytest.raises(ValueError, match="applies to the joint refinement"):
+            refine_adapters(states, joint=False, flagged_updates=value)
     with pytest.raises(ValueError, match="flagged_updates must be one of"):
         refine_adapters(states, flagged_updates="drop")
 

@@ -204,17 +204,18 @@ def test_joint_refinement_keeps_everyone_when_nobody_is_collaborative():
 
 
 def test_an_update_flagged_in_one_module_enters_nobody_else_s_refinement():
-    """Client 3 is flagged in module 0 only (too few modules for a client flag): its
-    module-0 update has weight 0 in every client's refined update there (its own
-    included) and in the mean; its module-1 update is refined and used as before.
-    Poisoning that update (x 1e6) then changes no client's refined module-0 update."""
+    """flagged_updates="quarantine": client 3 is flagged in module 0 only (too few
+    modules for a client flag): its module-0 update has weight 0 in every client's
+    refined update there (its own included) and in the mean; its module-1 update is
+    refined and used as before. Poisoning that update (x 1e6) then changes no client's
+    refined module-0 update."""
     from clairstat.aggregation import joint_refinement
 
     rng = np.random.default_rng(14)
     updates = grouped(rng, n_clients=8, n_modules=2, dim=20)
     flags = np.zeros((2, 8), dtype=bool)
     flags[0, 3] = True
-    joint = joint_refinement(grams_of(updates), flags, rank=2)
+    joint = joint_refinement(grams_of(updates), flags, rank=2, flagged_updates="quarantine")
     assert not joint.flagged.any()
     assert not joint.coef[0][:, 3].any() and joint.mean_coef[0][3] == 0.0
     assert joint.coef[1][:, 3].all() and joint.mean_coef[1][3] > 0.0
@@ -222,7 +223,8 @@ def test_an_update_flagged_in_one_module_enters_nobody_else_s_refinement():
     refined = joint.coef[0] @ updates[:, 0]
     poisoned = updates.copy()
     poisoned[3, 0] *= 1e6
-    again = joint_refinement(grams_of(poisoned), flags, rank=2)
+    again = joint_refinement(grams_of(poisoned), flags, rank=2,
+                             flagged_updates="quarantine")
     refined_again = again.coef[0] @ poisoned[:, 0]
     # the poisoned Gram entries are 1e12 times larger: their round-off is what remains
     np.testing.assert_allclose(refined_again, refined, rtol=1e-6)
@@ -274,10 +276,13 @@ def test_clipping_keeps_an_ordinary_flagged_update_and_bounds_a_poisoned_one():
     updates[3, 0] *= 0.9 * norms[np.arange(8) != 3].max() / norms[3]  # ordinary size
     flags = np.zeros((2, 8), dtype=bool)
     flags[0, 3] = True
-    clipped = joint_refinement(grams_of(updates), flags, rank=2, flagged_updates="clip")
+    clipped = joint_refinement(grams_of(updates), flags, rank=2)  # the default
+    assert np.array_equal(clipped.coef, joint_refinement(
+        grams_of(updates), flags, rank=2, flagged_updates="clip").coef)
     unflagged = joint_refinement(grams_of(updates), np.zeros_like(flags), rank=2)
     np.testing.assert_allclose(clipped.coef, unflagged.coef, rtol=0, atol=1e-12)
-    quarantined = joint_refinement(grams_of(updates), flags, rank=2)
+    quarantined = joint_refinement(grams_of(updates), flags, rank=2,
+                                   flagged_updates="quarantine")
     assert not quarantined.coef[0][:, 3].any() and clipped.coef[0][:, 3].any()
 
     poisoned = updates.copy()
@@ -300,6 +305,8 @@ def test_flagged_updates_is_checked():
     for value in ("keep", None, 1, "Clip"):
         with pytest.raises(ValueError, match="flagged_updates"):
             joint_refinement(grams_of(updates), nobody, rank=1, flagged_updates=value)
+        if value is None:  # clair_modules: None means the default
+            continue
         with pytest.raises(ValueError, match="flagged_updates"):
             clair_modules({"m": [(np.ones((4, 1)), np.ones((1, 3)))] * 3},
                           flagged_updates=value)

@@ -242,6 +242,9 @@ class JointRefinement(NamedTuple):
 #: What the joint refinement does with a collaborative client's update that its
 #: module's test flags (:func:`joint_refinement`).
 FLAGGED_UPDATES = ("quarantine", "clip")
+#: The default: ``"clip"`` since the pre-registered comparison on the copying task
+#: (simulations/copying/PROTOCOL.md, amendments 3 and 4); ``"quarantine"`` before.
+DEFAULT_FLAGGED_UPDATES = "clip"
 
 
 def check_flagged_updates(value):
@@ -251,7 +254,7 @@ def check_flagged_updates(value):
     return value
 
 
-def _quarantine(module_flags, members, weights, grams=None, policy="quarantine"):
+def _stand_in_maps(module_flags, members, weights, grams, policy):
     """Per module, the map that stands in for every member's update flagged there.
 
     ``maps[m]`` (n_clients, n_clients) acts on the clients' updates of module ``m``
@@ -308,22 +311,22 @@ def check_joint_rank(rank, n_clients):
 
 
 def joint_refinement(grams, module_flags, weights=None, rank=None, level=0.05,
-                     flagged_updates="quarantine"):
+                     flagged_updates=DEFAULT_FLAGGED_UPDATES):
     """Client flags, the joint rank and the refined combinations, from per-module results.
 
     A client flagged at the client level (:func:`client_flags`) keeps every update. The
     update of a collaborative client flagged in a module is, by default
-    (``flagged_updates="quarantine"``), replaced by the module's mean over the
-    collaborative clients not flagged in it (:func:`_quarantine`), for the joint fit
-    (its rank, mean and subspace) and in the refinement: what one module's test
-    rejects enters nobody's refined update, its own client's included, which gets
-    there the mean plus what the joint subspace and its other modules imply (a
-    poisoned module is repaired, a false alarm costs that module its own deviation).
-    ``"clip"`` instead scales such an update down to the largest norm among the
-    module's unflagged collaborative clients, wherever it is larger, and uses it
-    everywhere the update would be used: a poisoned update's size is bounded, and one
-    of ordinary size keeps its direction (docs/method_notes.md, section 9, compares
-    the two). A module whose test flags every collaborative client has no update to
+    (``flagged_updates="clip"``), scaled down to the largest norm among the module's
+    unflagged collaborative clients wherever it is larger, and used so everywhere the
+    update would be used (the joint fit's rank, mean and subspace, and the
+    refinement): a poisoned update's size is bounded, and one of ordinary size (a small
+    group's direction, a false alarm) keeps its direction. ``"quarantine"`` (the
+    default before) replaces it by the module's mean over the collaborative clients not
+    flagged in it (:func:`_stand_in_maps`): what one module's test rejects enters nobody's
+    refined update, its own client's included, which gets there the mean plus what
+    the joint subspace and its other modules imply (a poisoned module is repaired, a
+    false alarm costs that module its own deviation, and a task variant held by few
+    clients can lose its direction). docs/method_notes.md, section 9, compares the two. A module whose test flags every collaborative client has no update to
     stand in: there every client keeps its own update (``coef[m]`` the identity), and
     the mean combination ``mean_coef[m]`` is the plain weighted mean of the members.
 
@@ -342,7 +345,7 @@ def joint_refinement(grams, module_flags, weights=None, rank=None, level=0.05,
         there is nothing to cross-validate against).
     level : float
         The level of the modules' tests (:func:`client_flags`).
-    flagged_updates : {"quarantine", "clip"}, default="quarantine"
+    flagged_updates : {"clip", "quarantine"}, default="clip"
         What stands in for a collaborative client's update flagged by its module's
         test (above).
 
@@ -371,7 +374,7 @@ def joint_refinement(grams, module_flags, weights=None, rank=None, level=0.05,
         return JointRefinement(flagged, 0 if rank is None else rank, None,
                                np.repeat(np.eye(n_clients)[None], n_modules, axis=0),
                                np.zeros((n_modules, n_clients)))
-    maps = _quarantine(module_flags, members, weights, grams, policy)
+    maps = _stand_in_maps(module_flags, members, weights, grams, policy)
     clean = maps @ grams @ maps.transpose(0, 2, 1)  # the Gram matrices of the substitutes
     selection = None
     if rank is None:
@@ -398,7 +401,7 @@ def _fit_joint(factor_lists, weights, clair_params, progress=None):
     """
     params = dict(clair_params)
     rank = params.pop("rank", None)
-    policy = check_flagged_updates(params.pop("flagged_updates", "quarantine"))
+    policy = check_flagged_updates(params.pop("flagged_updates", DEFAULT_FLAGGED_UPDATES))
     if rank is not None:  # before the modules' fits, not after them
         check_joint_rank(rank, len(next(iter(factor_lists.values()))))
     fitted = _fit_per_module(factor_lists, weights, params, progress)
@@ -427,7 +430,7 @@ def _fit_joint(factor_lists, weights, clair_params, progress=None):
 
 def clair_modules(factor_lists: Mapping[str, Sequence[tuple[np.ndarray, np.ndarray]]],
                   weights: ArrayLike | None = None, *, joint: bool = True,
-                  flagged_updates: str = "quarantine",
+                  flagged_updates: str | None = None,
                   progress: Any = None, device: Any = None, dtype: Any = None,
                   **clair_params: Any) -> ModuleRefinement:
     """CLAIR on the clients' updates of every module: detect and refine.
@@ -451,12 +454,13 @@ def clair_modules(factor_lists: Mapping[str, Sequence[tuple[np.ndarray, np.ndarr
         its adapter. ``False``: each module is refined by its own fit (its own
         collaborative set, column subspace and rank). docs/method_notes.md, section 9,
         compares the two on the copying task.
-    flagged_updates : {"quarantine", "clip"}, default="quarantine"
+    flagged_updates : {"clip", "quarantine"}, optional
         With ``joint=True``, what stands in for a collaborative client's update that its
         module's test flags (:func:`clairstat.aggregation.joint_refinement`): the
-        module's mean of the unflagged clients, or the update scaled down to their
-        largest norm where it is larger. With ``joint=False`` nothing stands in (each
-        module's own fit decides), and ``"clip"`` is a ValueError rather than ignored.
+        update scaled down to the largest norm of the module's unflagged clients where
+        it is larger (``"clip"``, the default), or their mean (``"quarantine"``). With
+        ``joint=False`` nothing stands in (each module's own fit decides), and giving
+        it is a ValueError rather than ignored.
     progress : callable, optional
         Called as ``progress(iterable, total=n_modules)`` around the loop over modules.
     device : str or torch.device, optional
@@ -479,10 +483,14 @@ def clair_modules(factor_lists: Mapping[str, Sequence[tuple[np.ndarray, np.ndarr
         it, zero refined updates and mean, estimator ``None``) and does not vote in the
         client-level flags.
     """
-    if check_flagged_updates(flagged_updates) != "quarantine" and not joint:
-        raise ValueError(f"flagged_updates={flagged_updates!r} applies to the joint "
-                         "refinement (joint=True); with joint=False each module's own "
-                         "fit decides.")
+    if flagged_updates is not None:
+        check_flagged_updates(flagged_updates)
+        if not joint:
+            raise ValueError(f"flagged_updates={flagged_updates!r} applies to the joint "
+                             "refinement (joint=True); with joint=False each module's "
+                             "own fit decides.")
+    else:
+        flagged_updates = DEFAULT_FLAGGED_UPDATES
     clair_params = _with_device(clair_params, device, dtype)
     selection = None
     if joint:

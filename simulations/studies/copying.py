@@ -53,7 +53,7 @@ STUDY = Study(
     description="federated LoRA on the copying task: CLAIR's default vs local LoRA, "
                 "averaging, factor averaging and robust rules (pre-registered)",
     grids={"smoke": cells("smoke", **TINY), "small": cells("development"),
-           "full": cells("confirmatory-2")},
+           "full": cells("confirmatory-3")},
     replicates={"smoke": 2, "small": 10, "full": 100},
     simulate_one=simulate_one,
     controls=("local-refinement", "no-detection"))
