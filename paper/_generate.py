@@ -426,20 +426,20 @@ def _gain_text(value, low, high, unit=True):
             if not math.isnan(low) else text)
 
 
-def first_block_macros(first, current_second):
-    """The first confirmatory block's CLAIR gains and closest margins
-    (``copy.first.<setting>.clair.gain``, ``.closest``, ``.closest.margin``), quoted
-    beside the second block; ``{"copy.first.has": "0"}`` unless the current table is the
-    second block and the first is archived complete."""
-    if first is None or first.empty or not current_second:
-        return {"copy.first.has": "0"}
-    earlier = copying_macros(first, "full")
+def earlier_block_macros(earlier_frame, quoted, prefix="copy.first"):
+    """An archived confirmatory block's CLAIR gains and closest margins
+    (``<prefix>.<setting>.clair.gain``, ``.closest``, ``.closest.margin``), quoted
+    beside a later block; ``{"<prefix>.has": "0"}`` unless ``quoted`` (the current
+    table is a later block) and the archived block is complete."""
+    if earlier_frame is None or earlier_frame.empty or not quoted:
+        return {f"{prefix}.has": "0"}
+    earlier = copying_macros(earlier_frame, "full")
     if earlier.get("copy.complete") != "1":
-        return {"copy.first.has": "0"}
-    macros = {"copy.first.has": "1", "copy.first.replicates": earlier["copy.replicates"]}
+        return {f"{prefix}.has": "0"}
+    macros = {f"{prefix}.has": "1", f"{prefix}.replicates": earlier["copy.replicates"]}
     for setting in ("homogeneous", "heterogeneous"):
         for key in (f"{setting}.clair.gain", f"{setting}.closest", f"{setting}.closest.margin"):
-            macros[f"copy.first.{key}"] = earlier[f"copy.{key}"]
+            macros[f"{prefix}.{key}"] = earlier[f"copy.{key}"]
     return macros
 
 
@@ -453,6 +453,7 @@ def copying_macros(frame, scale):
     macros = {"copy.scale": scale,
               "copy.block": src.copying_block_name(frame, scale),
               "copy.second": "1" if blocks == {"confirmatory-2"} else "0",
+              "copy.third": "1" if blocks == {"confirmatory-3"} else "0",
               "copy.confirmatory": "1" if scale == "full" else "0",
               "copy.replicates": fmt(int(per_setting.min())),
               "copy.planned": fmt(int(STUDY.replicates[scale])),
@@ -991,8 +992,11 @@ def collect():
     if scale:
         frame = src.read_copying(scale)
         macros.update(copying_macros(frame, scale))
-        macros.update(first_block_macros(src.read_first_confirmatory(),
-                                         macros.get("copy.second") == "1"))
+        later = "1" in (macros.get("copy.second"), macros.get("copy.third"))
+        macros.update(earlier_block_macros(src.read_archived_block("first"), later))
+        macros.update(earlier_block_macros(src.read_archived_block("second"),
+                                           macros.get("copy.third") == "1",
+                                           prefix="copy.secondblock"))
         tables["copying"], tables["copying_flags"] = (copying_table(frame),
                                                      copying_flag_table(frame))
     return macros, tables
@@ -1192,6 +1196,9 @@ def write_generated(out_dir):
                  else r"\copylowrankfalse")
     lines.append(r"\copysecondtrue" if macros.get("copy.second") == "1"
                  and macros.get("copy.first.has") == "1" else r"\copysecondfalse")
+    lines.append(r"\copythirdtrue" if macros.get("copy.third") == "1"
+                 and macros.get("copy.first.has") == "1"
+                 and macros.get("copy.secondblock.has") == "1" else r"\copythirdfalse")
     lines.append(r"\copyconfirmtrue" if macros.get("copy.confirmatory") == "1"
                  and macros.get("copy.complete") == "1" else r"\copyconfirmfalse")
     paths = [out_dir / "macros.tex"]

@@ -34,7 +34,7 @@ from ._common import PAPER_DIR
 __all__ = ["ROOT", "SOURCES", "read_report", "check_verdict", "check_kind", "check_margin",
            "markdown_tables", "find_table", "read_calibration", "calibration_summary",
            "copying_scale", "read_copying", "read_quarantine", "read_rounds",
-           "read_flagged"]
+           "read_flagged", "read_archived_block"]
 
 ROOT = PAPER_DIR.parent
 SOURCES = {
@@ -158,7 +158,8 @@ def calibration_summary(table):
 
 #: How the paper names each seed block of the copying study (text and figures).
 COPY_BLOCK_NAMES = {"development": "development", "confirmatory": "confirmatory",
-                    "confirmatory-2": "second confirmatory"}
+                    "confirmatory-2": "second confirmatory",
+                    "confirmatory-3": "third confirmatory"}
 
 
 def copying_block_name(frame, scale):
@@ -201,12 +202,18 @@ def read_quarantine(study="copying"):
     return tuple(load_table(path) if path.exists() else None for path in (before, after))
 
 
-def read_first_confirmatory():
-    """The first confirmatory block of the copying study (run before the quarantine,
-    archived when the second block replaced it), or None."""
+#: The archived confirmatory blocks of the copying study (PROTOCOL.md): the first, run
+#: before the quarantine; the second, on the quarantine default.
+ARCHIVED_BLOCKS = {"first": "copying_full_before_quarantine.jsonl",
+                   "second": "copying_full_confirmatory2_quarantine.jsonl"}
+
+
+def read_archived_block(which):
+    """An archived confirmatory block of the copying study (:data:`ARCHIVED_BLOCKS`:
+    ``"first"`` or ``"second"``), or None."""
     from simulations import load_table
 
-    path = SOURCES["copying"] / "archive" / "copying_full_before_quarantine.jsonl"
+    path = SOURCES["copying"] / "archive" / ARCHIVED_BLOCKS[which]
     return load_table(path) if path.exists() else None
 
 

@@ -573,28 +573,36 @@ def test_rounds_quarantine_macros_are_the_two_tables():
     assert low <= diff <= high
 
 
-def test_the_second_confirmatory_block_quotes_the_first_beside_it():
-    """With the second confirmatory block committed and the first archived, the copying
-    section names the block and quotes the first block's CLAIR gains, recomputed here
-    by plain loops from the archived rows."""
+def test_a_later_confirmatory_block_quotes_the_earlier_ones_beside_it():
+    """With a later confirmatory block committed and the earlier ones archived, the
+    copying section names the block and quotes the earlier blocks' CLAIR gains,
+    recomputed here by plain loops from the archived rows."""
     full = ROOT / "simulations" / "results" / "full" / "copying.jsonl"
-    first = ROOT / "simulations" / "results" / "archive" / "copying_full_before_quarantine.jsonl"
+    archive = ROOT / "simulations" / "results" / "archive"
+    first = archive / "copying_full_before_quarantine.jsonl"
+    second = archive / "copying_full_confirmatory2_quarantine.jsonl"
     if not (full.exists() and first.exists()):
-        pytest.skip("no second confirmatory block committed")
+        pytest.skip("no later confirmatory block committed")
     blocks = {json.loads(line)["seed_block"] for line in full.read_text().splitlines()}
-    assert blocks == {"confirmatory-2"}
     macros = _macros()
-    assert macros["copy.block"] == "second confirmatory"
-    assert macros["copy.second"] == "1"
-    assert macros["copy.first.has"] == "1"
-    rows = [json.loads(line) for line in first.read_text().splitlines()]
-    for setting in ("homogeneous", "heterogeneous"):
-        gains = []
-        for r in rows:
-            if r["setting"] != setting:
-                continue
-            benign = [k for k in range(r["n_clients"]) if r[f"kind_c{k}"] == "benign"]
-            gains.append(100 * sum(r[f"acc_clair_c{k}"] / r[f"acc_local_c{k}"] - 1
-                                   for k in benign) / len(benign))
-        shown = macros[f"copy.first.{setting}.clair.gain"]
-        assert float(shown.split("\\")[0]) == pytest.approx(sum(gains) / len(gains), abs=0.06)
+    if blocks == {"confirmatory-2"}:
+        assert macros["copy.block"] == "second confirmatory" and macros["copy.second"] == "1"
+        earlier = {"copy.first": first}
+    else:
+        assert blocks == {"confirmatory-3"} and second.exists()
+        assert macros["copy.block"] == "third confirmatory" and macros["copy.third"] == "1"
+        earlier = {"copy.first": first, "copy.secondblock": second}
+    for prefix, path in earlier.items():
+        assert macros[f"{prefix}.has"] == "1"
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        for setting in ("homogeneous", "heterogeneous"):
+            gains = []
+            for r in rows:
+                if r["setting"] != setting:
+                    continue
+                benign = [k for k in range(r["n_clients"]) if r[f"kind_c{k}"] == "benign"]
+                gains.append(100 * sum(r[f"acc_clair_c{k}"] / r[f"acc_local_c{k}"] - 1
+                                       for k in benign) / len(benign))
+            shown = macros[f"{prefix}.{setting}.clair.gain"]
+            value = float(shown.replace(r"\ensuremath{-}", "-").split("\\")[0])
+            assert value == pytest.approx(sum(gains) / len(gains), abs=0.06)

@@ -379,3 +379,8 @@ def test_copying_fresh_seeds_counts_seeds_of_development_and_earlier_blocks():
     # the first block is not checked against the second (which came after it)
     assert fresh_seeds(table("confirmatory", first))["observed"] == 0
     assert {p["seed_block"] for p in cells("confirmatory-2")} == {"confirmatory-2"}
+    # the third block: fresh, and checked against both earlier blocks
+    third = _block_seeds("confirmatory-3")
+    assert fresh_seeds(table("confirmatory-3", third))["observed"] == 0
+    reused = set(list(third)[:-4]) | set(list(first)[:1]) | set(list(second)[:3])
+    assert fresh_seeds(table("confirmatory-3", reused))["observed"] == 4
