@@ -11,11 +11,12 @@ measures every benign client's masked next-token accuracy under every method
 Scales are seed blocks (the ``seed_block`` cell parameter enters the seed derivation, so
 each block's seeds are its own): ``smoke`` a tiny configuration for the tests (2
 replicates per setting, the fewest an interval needs),
-``small`` the development block (10 replicates per setting; the default was chosen on
-it), ``full`` the second confirmatory block fixed in ``simulations/copying/PROTOCOL.md``
-(amendments 1 and 2: 100 replicates per setting on seeds used nowhere before; the first
-confirmatory block, run before the quarantine of module-flagged updates, is archived in
-``simulations/results/archive/copying_full_before_quarantine.jsonl``).
+``small`` the development block (10 replicates per setting, made with the quarantine
+of module-flagged updates; the clipping default was chosen on ``copying_flagged``),
+``full`` the third confirmatory block fixed in ``simulations/copying/PROTOCOL.md``
+(amendment 4: 100 replicates per setting on seeds used nowhere before, the clipping
+default; the first two confirmatory blocks, before the quarantine and on it, are
+archived in ``simulations/results/archive/``).
 """
 
 from __future__ import annotations
