@@ -1161,46 +1161,34 @@ def write_generated(out_dir):
     header = ("% Written by `python -m paper --tex` from the committed result files\n"
               "% (paper/_sources.py). Do not edit: rebuild.\n")
     lines = [rf"\setres{{{key}}}{{{value}}}" for key, value in sorted(macros.items())]
-    # Whether a full-scale verdict table exists: the text shows it only then.
-    lines.append(r"\valfulltrue" if macros.get("val.hasfull") == "1" else r"\valfullfalse")
-    lines.append(r"\concurrencytrue" if macros.get("bench.hasconc") == "1"
-                 else r"\concurrencyfalse")
-    # The copying section says which seed block it quotes: confirmatory and complete,
-    # or development (the method was chosen on it) / incomplete.
-    lines.append(r"\copysweeptrue" if macros.get("sweep.has") == "1" else r"\copysweepfalse")
-    lines.append(r"\quarantinetrue" if macros.get("copy.quarantine.has") == "1"
-                 else r"\quarantinefalse")
-    lines.append(r"\sweepquarantinetrue" if macros.get("copy.quarantine.sweep.has") == "1"
-                 else r"\sweepquarantinefalse")
-    lines.append(r"\copyroundstrue" if macros.get("rounds.has") == "1"
-                 else r"\copyroundsfalse")
-    lines.append(r"\roundsfulltrue" if macros.get("rounds.full") == "1"
-                 else r"\roundsfullfalse")
-    # The per-round paragraphs need the replay's table with both interventions and the
-    # null benchmark; the confirmation's, its complete block.
-    lines.append(r"\rdettrue" if macros.get("rdet.has") == "1"
-                 and {"bench.loranull.a16", "rdet.global.clean.nrep",
-                      "rdet.norobust.clean.nrep"} <= set(macros) else r"\rdetfalse")
-    lines.append(r"\rdetconfirmtrue" if macros.get("rdet.confirm.has") == "1"
-                 else r"\rdetconfirmfalse")
-    lines.append(r"\rdetquarantinetrue" if macros.get("rdet.quarantine.has") == "1"
-                 else r"\rdetquarantinefalse")
-    lines.append(r"\rdetgroupdifftrue" if macros.get("rdet.norobust.group.excludes0") == "1"
-                 else r"\rdetgroupdifffalse")
-    lines.append(r"\flaggedtrue" if macros.get("flagged.has") == "1" else r"\flaggedfalse")
-    lines.append(r"\flaggedfulltrue" if macros.get("flagged.full") == "1"
-                 else r"\flaggedfullfalse")
-    lines.append(r"\flaggedallpasstrue" if macros.get("flagged.allpass") == "1"
-                 else r"\flaggedallpassfalse")
-    lines.append(r"\copylowranktrue" if macros.get("copy.lowrank.n", "0") != "0"
-                 else r"\copylowrankfalse")
-    lines.append(r"\copysecondtrue" if macros.get("copy.second") == "1"
-                 and macros.get("copy.first.has") == "1" else r"\copysecondfalse")
-    lines.append(r"\copythirdtrue" if macros.get("copy.third") == "1"
-                 and macros.get("copy.first.has") == "1"
-                 and macros.get("copy.secondblock.has") == "1" else r"\copythirdfalse")
-    lines.append(r"\copyconfirmtrue" if macros.get("copy.confirmatory") == "1"
-                 and macros.get("copy.complete") == "1" else r"\copyconfirmfalse")
+    def switch(name, *keys, test=lambda value: value == "1"):
+        """``\\<name>true`` when every macro of ``keys`` passes ``test``, else false."""
+        on = all(test(macros.get(key)) for key in keys)
+        return rf"\{name}{'true' if on else 'false'}"
+
+    # Each \if of the text and the macros it needs. The copying section says which seed
+    # block it quotes (confirmatory and complete, or development / incomplete); the text
+    # quotes the concurrency benchmark and the full-scale verdicts only when committed;
+    # the per-round paragraphs need the replay's table with both interventions and the
+    # null benchmark, the confirmation's its complete block.
+    lines += [
+        switch("valfull", "val.hasfull"), switch("concurrency", "bench.hasconc"),
+        switch("copysweep", "sweep.has"), switch("quarantine", "copy.quarantine.has"),
+        switch("sweepquarantine", "copy.quarantine.sweep.has"),
+        switch("copyrounds", "rounds.has"), switch("roundsfull", "rounds.full"),
+        switch("rdet", "rdet.has") if {"bench.loranull.a16", "rdet.global.clean.nrep",
+                                       "rdet.norobust.clean.nrep"} <= set(macros)
+        else r"\rdetfalse",
+        switch("rdetconfirm", "rdet.confirm.has"),
+        switch("rdetquarantine", "rdet.quarantine.has"),
+        switch("rdetgroupdiff", "rdet.norobust.group.excludes0"),
+        switch("flagged", "flagged.has"), switch("flaggedfull", "flagged.full"),
+        switch("flaggedallpass", "flagged.allpass"),
+        switch("copylowrank", "copy.lowrank.n", test=lambda value: value not in (None, "0")),
+        switch("copysecond", "copy.second", "copy.first.has"),
+        switch("copythird", "copy.third", "copy.first.has", "copy.secondblock.has"),
+        switch("clipdefault", "copy.third"),  # the wording about the default
+        switch("copyconfirm", "copy.confirmatory", "copy.complete")]
     paths = [out_dir / "macros.tex"]
     paths[0].write_text(header + "\n".join(lines) + "\n")
     for name, body in tables.items():

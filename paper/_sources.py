@@ -193,13 +193,19 @@ def read_quarantine(study="copying"):
     """A small-scale copying table (the development block, or ``copying_sweep``) before
     and after the quarantine of module-flagged updates: ``(before, after)`` frames from
     ``simulations/results/archive/<study>_small_before_quarantine.jsonl`` and
-    ``small/<study>.jsonl``, None where absent."""
+    ``small/<study>.jsonl``, None where absent, and the latter None too where its rows
+    say they were made with another stand-in for module-flagged updates (column
+    ``clair_stand_in``, written since the clipping became the default)."""
     from simulations import load_table
 
     root = SOURCES["copying"]
     before = root / "archive" / f"{study}_small_before_quarantine.jsonl"
     after = root / "small" / f"{study}.jsonl"
-    return tuple(load_table(path) if path.exists() else None for path in (before, after))
+    frames = [load_table(path) if path.exists() else None for path in (before, after)]
+    if frames[1] is not None and "clair_stand_in" in frames[1] and \
+            set(frames[1]["clair_stand_in"].dropna()) != {"quarantine"}:
+        frames[1] = None  # a rerun with another stand-in: not the quarantine's table
+    return tuple(frames)
 
 
 #: The archived confirmatory blocks of the copying study (PROTOCOL.md): the first, run

@@ -187,6 +187,7 @@ def test_study_runs_resumes_and_its_controls_break_it(tmp_path, monkeypatch):
         for method in ("clair", "clair_lora", "clair_per_module", "fedavg", "krum"):
             assert 0.0 <= row[f"acc_{method}"] <= 1.0
         assert 0.0 <= row["recall_clair"] <= 1.0 and row["kind_c5"] == "adversarial"
+        assert row["clair_stand_in"] == "clip"  # the default's stand-in, recorded
     assert main(args) == 0  # resume: nothing left to run
     assert len(table.read_text().splitlines()) == 4
     for control in ("local-refinement", "no-detection"):

@@ -271,6 +271,11 @@ def test_a_poisoned_module_is_cut_to_size_when_clipping(rng):
     for state in refinement.state_dicts:
         b_mat, a_mat = adapter_factors(state)[name]
         assert np.linalg.norm(b_mat @ a_mat) <= 2 * size
+    # the default is the clipping, not the quarantine (which meets the bound too)
+    policies = {p: np.asarray(refine_adapters(states, random_state=0, flagged_updates=p)
+                              .per_client[name]) for p in ("clip", "quarantine")}
+    assert np.array_equal(np.asarray(refinement.per_client[name]), policies["clip"])
+    assert not np.allclose(policies["clip"][-1], policies["quarantine"][-1])
 
 
 def test_clipping_without_the_joint_refinement_is_refused(rng):

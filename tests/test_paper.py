@@ -509,6 +509,27 @@ def test_a_partial_flagged_comparison_is_not_quoted(tmp_path):
     assert read_flagged(tmp_path) == (None, None)
 
 
+def test_a_rerun_with_the_clipping_is_not_read_as_the_quarantine(tmp_path, monkeypatch):
+    """The development block rerun on the clipping default (its rows say so) is not the
+    table after the quarantine: the before/after comparison is then not quoted."""
+    from paper import _sources
+
+    before = ROOT / "simulations" / "results" / "archive" / "copying_small_before_quarantine.jsonl"
+    after = ROOT / "simulations" / "results" / "small" / "copying.jsonl"
+    if not (before.exists() and after.exists()):
+        pytest.skip("no archived development block")
+    (tmp_path / "archive").mkdir()
+    (tmp_path / "small").mkdir()
+    (tmp_path / "archive" / before.name).write_bytes(before.read_bytes())
+    monkeypatch.setitem(_sources.SOURCES, "copying", tmp_path)
+    rows = [json.loads(line) for line in after.read_text().splitlines()]
+    for stand_in, quoted in (("quarantine", True), ("clip", False)):
+        (tmp_path / "small" / after.name).write_text("".join(
+            json.dumps(dict(r, clair_stand_in=stand_in)) + "\n" for r in rows))
+        old, new = _sources.read_quarantine()
+        assert old is not None and (new is not None) == quoted
+
+
 def test_sweep_quarantine_macros_are_the_two_tables():
     """The sweep before and after the quarantine: the number of design points and the
     largest mean fall of CLAIR's gain, by plain loops."""

@@ -183,14 +183,19 @@ def run_methods(state_dicts, config, init_state, contaminated, params, seed=0,
     info : dict
         ``seconds_<method>``; for each CLAIR variant ``flagged_<method>`` (bool array)
         and ``rank_<method>`` (the joint rank; per module: the median of the modules'
-        ranks).
+        ranks); ``clair_stand_in``, what the default's joint refinement did with a
+        module-flagged update (``flagged_updates``: ``"clip"`` since commit cdaa0d4,
+        ``"quarantine"`` before; rows made before the column existed do not say).
     """
+    from clairstat.aggregation._modules import DEFAULT_FLAGGED_UPDATES
+
     benign = ~np.asarray(contaminated, dtype=bool)
     factor_lists = module_factors(state_dicts, config)
     common = {"test_level": params["test_level"], "random_state": seed}
     steps = {"local": lambda: _local(factor_lists),
              **_baselines(state_dicts, config, init_state, params)}
     updates, info = _timed(steps)
+    info["clair_stand_in"] = DEFAULT_FLAGGED_UPDATES
     variants = {"clair": {}, "clair_per_module": {"joint": False},
                 "clair_rank_given": {"rank": params["clair_rank"]}}
     refinements = {}

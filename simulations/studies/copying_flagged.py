@@ -1,8 +1,9 @@
-"""Copying experiment, development study: what stands in for a module-flagged update.
+"""Copying experiment: what stands in for a module-flagged update.
 
-The default joint refinement quarantines an update that its module's test flags in a
-client not flagged overall (``flagged_updates="quarantine"``: the module's mean of the
-unflagged clients stands in for it). On the second confirmatory block that cost CLAIR
+Until commit cdaa0d4 the default joint refinement quarantined an update that its
+module's test flags in a client not flagged overall (``flagged_updates="quarantine"``:
+the module's mean of the unflagged clients stands in for it); this study's comparison
+made ``"clip"`` the default. On the second confirmatory block the quarantine cost CLAIR
 its gain in the heterogeneous replicates where the joint rank fell below the task
 variants' directions (the paper's copying section). ``flagged_updates="clip"`` scales
 such an update down to the largest unflagged norm instead, keeping its direction: this
