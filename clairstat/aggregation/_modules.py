@@ -327,8 +327,9 @@ def joint_refinement(grams, module_flags, weights=None, rank=None, level=0.05,
     the joint subspace and its other modules imply (a poisoned module is repaired, a
     false alarm costs that module its own deviation, and a task variant held by few
     clients can lose its direction). docs/method_notes.md, section 9, compares the two.
-    A module whose test flags every collaborative client has no update to stand in: there every client keeps its own update (``coef[m]`` the identity), and
-    the mean combination ``mean_coef[m]`` is the plain weighted mean of the members.
+    A module whose test flags every collaborative client has no update to stand in:
+    there every client keeps its own update (``coef[m]`` the identity), and the mean
+    combination ``mean_coef[m]`` is the plain weighted mean of the members.
 
     Parameters
     ----------
