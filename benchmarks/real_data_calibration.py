@@ -100,7 +100,7 @@ def corrupt(estimates, kind, victims):
     return estimates
 
 
-def run_one(name, frame, features, outputs, n_clients, split, kind, n_victims):
+def run_one(name, frame, features, outputs, n_clients, split, kind, n_victims, rank=None):
     from clairstat import CLAIREstimator, local_ols
 
     rng = np.random.default_rng([split, len(name), n_victims, ["none", "scale", "flip",
@@ -115,7 +115,7 @@ def run_one(name, frame, features, outputs, n_clients, split, kind, n_victims):
         start = time.perf_counter()
         with warnings.catch_warnings():  # non-convergence is recorded in the row
             warnings.simplefilter("ignore", UserWarning)
-            est = CLAIREstimator(random_state=split).fit(estimates,
+            est = CLAIREstimator(rank=rank, random_state=split).fit(estimates,
                                                          sample_weight=ols.n_samples, **extra)
         flagged = est.contaminated_
         truth = np.zeros(n_clients, dtype=bool)
@@ -126,13 +126,14 @@ def run_one(name, frame, features, outputs, n_clients, split, kind, n_victims):
                          false_flags=int((flagged & ~truth).sum()),
                          victims_flagged=int((flagged & truth).sum()),
                          rank=est.rank_, converged=int(est.detection_converged_),
-                         seconds=round(time.perf_counter() - start, 3)))
+                         seconds=round(time.perf_counter() - start, 3),
+                         rank_given="" if rank is None else rank))
     return rows
 
 
 FIELDS = ["dataset", "split", "path", "corruption", "n_clients", "n_victims", "p", "q",
           "any_flag", "false_flags", "victims_flagged", "rank", "converged", "seconds",
-          "version"]
+          "version", "rank_given"]
 
 
 def _done(out):
@@ -142,10 +143,16 @@ def _done(out):
         return {(r["dataset"], int(r["split"]), r["corruption"]) for r in csv.DictReader(handle)}
 
 
-def run(n_splits, out, n_victims=2, datasets="development"):
+def run(n_splits, out, n_victims=2, datasets="development", rank=None):
     import clairstat
 
     out.parent.mkdir(parents=True, exist_ok=True)
+    if out.exists():
+        with out.open() as handle:
+            header = next(csv.reader(handle), [])
+        if header != FIELDS:
+            raise SystemExit(f"{out} has the columns {header}, this script writes {FIELDS}: "
+                             "write to a new file.")
     done = _done(out)
     new_file = not out.exists()
     with out.open("a", newline="") as handle:
@@ -159,7 +166,7 @@ def run(n_splits, out, n_victims=2, datasets="development"):
                         continue
                     victims = 0 if kind == "none" else n_victims
                     for row in run_one(name, frame, features, outputs, n_clients, split,
-                                       kind, victims):
+                                       kind, victims, rank):
                         writer.writerow({**row, "version": clairstat.__version__})
                     handle.flush()
 
@@ -195,10 +202,13 @@ def main(argv=None):
                         default=Path("benchmarks/results/real_data_calibration.csv"))
     parser.add_argument("--datasets", choices=sorted(DATASETS), default="development",
                         help="the development datasets (default) or the held-out ones")
+    parser.add_argument("--rank", type=int, default=None,
+                        help="give the estimator this rank (default: its rank rule); "
+                             "use a separate --out file")
     parser.add_argument("--summary-only", action="store_true")
     args = parser.parse_args(argv)
     if not args.summary_only:
-        run(args.splits, args.out, datasets=args.datasets)
+        run(args.splits, args.out, datasets=args.datasets, rank=args.rank)
     print(summarize(args.out))
 
 
