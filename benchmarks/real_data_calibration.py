@@ -74,6 +74,12 @@ def _heldout_datasets():
 
 DATASETS = {"development": _datasets, "heldout": _heldout_datasets}
 
+# The pass criteria, per dataset and path (those of the calibration's issue, fixed for the
+# held-out datasets before their first run, benchmarks/RESULTS.md): the share of null
+# splits with any flag at most MAX_NULL_SHARE, the share of corrupted clients flagged at
+# least MIN_POWER for every corruption.
+MAX_NULL_SHARE, MIN_POWER = 0.10, 0.8
+
 
 def split_clients(frame, features, outputs, n_clients, rng):
     """Random equal-size client splits: lists of designs (with intercept) and responses."""

@@ -368,10 +368,13 @@ def lora_table(text):
 
 # ---------------------------------------------------------------- calibration ---------
 
-def calibration_macros(rows):
+def calibration_macros(rows, prefix="calib"):
+    """Per dataset and path (``<prefix>.<dataset>.<path>.null`` ...), the number of
+    datasets, and per path the range of the power and the largest null share with its
+    dataset (``<prefix>.<path>.null.max``, ``.null.maxdataset``)."""
     macros = {}
     for row in rows:
-        key = f"calib.{row['dataset']}.{row['path'].replace('_', '')}"
+        key = f"{prefix}.{row['dataset']}.{row['path'].replace('_', '')}"
         macros[f"{key}.null"] = fmt_fixed(row["null"])
         macros[f"{key}.lo"], macros[f"{key}.hi"] = fmt_fixed(row["lo"]), fmt_fixed(row["hi"])
         macros[f"{key}.splits"] = fmt(row["splits"])
@@ -379,38 +382,92 @@ def calibration_macros(rows):
             if f"power_{kind}" in row:
                 macros[f"{key}.power{kind}"] = fmt_fixed(row[f"power_{kind}"], 2)
     per_dataset = [r for r in rows if r["dataset"] != "all"]
-    macros["calib.datasets"] = fmt(len({r["dataset"] for r in per_dataset}))
+    macros[f"{prefix}.datasets"] = fmt(len({r["dataset"] for r in per_dataset}))
     for path in {r["path"] for r in per_dataset}:
+        tag = path.replace("_", "")
+        worst = max((r for r in per_dataset if r["path"] == path), key=lambda r: r["null"])
+        macros[f"{prefix}.{tag}.null.max"] = fmt_fixed(worst["null"])
+        macros[f"{prefix}.{tag}.null.maxdataset"] = tex_escape(worst["dataset"])
         powers = [v for r in per_dataset if r["path"] == path
                   for k, v in r.items() if k.startswith("power_")]
         if powers:
-            tag = path.replace("_", "")
-            macros[f"calib.{tag}.power.min"] = fmt_fixed(min(powers), 2)
-            macros[f"calib.{tag}.power.max"] = fmt_fixed(max(powers), 2)
+            macros[f"{prefix}.{tag}.power.min"] = fmt_fixed(min(powers), 2)
+            macros[f"{prefix}.{tag}.power.max"] = fmt_fixed(max(powers), 2)
     return macros
 
 
-def calibration_design_macros(table):
+def calibration_design_macros(table, prefix="calib"):
     """Clients per split and corrupted clients per power run (the benchmark's design)."""
     corrupted = table[table["corruption"] != "none"]
-    macros = {"calib.clients": fmt_list(sorted({fmt(int(v)) for v in table["n_clients"]},
-                                               key=int))}
+    macros = {f"{prefix}.clients": fmt_list(sorted({fmt(int(v)) for v in table["n_clients"]},
+                                                   key=int))}
     if len(corrupted):
-        macros["calib.victims"] = fmt_list(sorted({fmt(int(v)) for v in
-                                                   corrupted["n_victims"]}, key=int))
+        macros[f"{prefix}.victims"] = fmt_list(sorted({fmt(int(v)) for v in
+                                                       corrupted["n_victims"]}, key=int))
     return macros
 
 
-def calibration_table(rows):
+def heldout_macros(heldout, heldout_rank0, rank0):
+    """The held-out datasets (``calibho.*``), the same splits with ``rank=0``
+    (``calibhorank.*``), the development splits with ``rank=0`` (``calibrank.*``), and
+    ``calibho.has`` (the paragraph's switch). On each held-out dataset the lowest power
+    of the ``noise_cov`` path with the rank rule (``calibho.<dataset>.noisecov.power.min``,
+    ``.power.minkind``) and, on the same dataset and corruption, with ``rank=0``
+    (``calibhorank.<dataset>.noisecov.power.atmin``)."""
+    if heldout is None:
+        return {"calibho.has": "0"}
+    macros = {"calibho.has": "1"}
+    rows = src.calibration_summary(heldout)
+    macros.update(calibration_macros(rows, "calibho"))
+    macros.update(calibration_design_macros(heldout, "calibho"))
+    macros["calibho.names"] = fmt_list([tex_escape(d) for d in dict.fromkeys(heldout.dataset)])
+    for name, group in heldout.groupby("dataset"):
+        macros[f"calibho.{name}.clients"] = fmt(int(group["n_clients"].iloc[0]))
+    max_null, min_power = src.calibration_criteria()
+    macros["calibho.maxnull"], macros["calibho.minpower"] = (fmt_fixed(max_null, 2),
+                                                             fmt_fixed(min_power, 1))
+    given = src.calibration_summary(heldout_rank0) if heldout_rank0 is not None else []
+    macros.update(calibration_macros(given, "calibhorank") if given else {})
+    for row in rows:
+        if row["path"] != "noise_cov" or row["dataset"] == "all":
+            continue
+        kinds = [k for k in row if k.startswith("power_")]
+        low = min(kinds, key=lambda k: row[k])
+        key = f"calibho.{row['dataset']}.noisecov"
+        macros[f"{key}.power.min"] = fmt_fixed(row[low], 2)
+        macros[f"{key}.power.minkind"] = {"power_scale": "scaling", "power_flip":
+                                          "sign flips", "power_replace":
+                                          "reversed outputs"}[low]
+        match = [r for r in given if r["dataset"] == row["dataset"]
+                 and r["path"] == "noise_cov"]
+        if match:
+            macros[f"calibhorank.{row['dataset']}.noisecov.power.atmin"] = (
+                fmt_fixed(match[0][low], 2))
+    if rank0 is not None:
+        macros.update(calibration_macros(src.calibration_summary(rank0), "calibrank"))
+    return macros
+
+
+def calibration_table(rows, criteria=None):
+    """The table's rows; with ``criteria = (max_null, min_power)`` a last column says
+    whether each dataset and path meets them."""
     lines = []
     for row in rows:
         powers = " / ".join(fmt_fixed(row[k], 2) for k in ("power_scale", "power_flip",
                                                             "power_replace") if k in row)
         dataset = r"\emph{all}" if row["dataset"] == "all" else tex_escape(row["dataset"])
-        lines.append(" & ".join([
-            dataset, rf"\texttt{{{tex_escape(row['path'])}}}", fmt(row["splits"]),
-            f"{fmt_fixed(row['null'])} [{fmt_fixed(row['lo'])}, {fmt_fixed(row['hi'])}]",
-            powers if row["dataset"] != "all" else ""]) + r" \\")
+        cells = [dataset, rf"\texttt{{{tex_escape(row['path'])}}}", fmt(row["splits"]),
+                 f"{fmt_fixed(row['null'])} [{fmt_fixed(row['lo'])}, {fmt_fixed(row['hi'])}]",
+                 powers if row["dataset"] != "all" else ""]
+        if criteria is not None:
+            max_null, min_power = criteria
+            null_ok = row["null"] <= max_null
+            power_ok = all(row[k] >= min_power for k in row if k.startswith("power_"))
+            cells.append("" if row["dataset"] == "all" else
+                         "both" if null_ok and power_ok else
+                         "null only" if null_ok else "power only" if power_ok else
+                         "neither")
+        lines.append(" & ".join(cells) + r" \\")
     return "\n".join(lines) + "\n"
 
 
@@ -977,6 +1034,15 @@ def collect():
         macros.update(calibration_macros(rows))
         macros.update(calibration_design_macros(raw))
         tables["calibration"] = calibration_table(rows)
+    optional = {name: (src.read_calibration(src.SOURCES[name])
+                       if src.SOURCES[name].exists() else None)
+                for name in ("calibration_heldout", "calibration_heldout_rank0",
+                             "calibration_rank0")}
+    macros.update(heldout_macros(*optional.values()))
+    if optional["calibration_heldout"] is not None:
+        tables["calibration_heldout"] = calibration_table(
+            src.calibration_summary(optional["calibration_heldout"]),
+            src.calibration_criteria())
     macros.update(sweep_macros())
     rounds, rounds_scale = src.read_rounds()
     macros.update(rounds_macros(rounds, rounds_scale))
@@ -1182,6 +1248,7 @@ def write_generated(out_dir):
         switch("rdetconfirm", "rdet.confirm.has"),
         switch("rdetquarantine", "rdet.quarantine.has"),
         switch("rdetgroupdiff", "rdet.norobust.group.excludes0"),
+        switch("calibheldout", "calibho.has"),
         switch("flagged", "flagged.has"), switch("flaggedfull", "flagged.full"),
         switch("flaggedallpass", "flagged.allpass"),
         switch("copylowrank", "copy.lowrank.n", test=lambda value: value not in (None, "0")),

@@ -9,7 +9,8 @@ else (`paper/_generate.py` formats them as LaTeX macros and tables):
   Markdown only (no CSV or JSON), so their committed Markdown tables are parsed here,
   by the column names of their header rows;
 - ``benchmarks/results/real_data_calibration.csv``: the real-data calibration, one row
-  per dataset, split, corruption and path;
+  per dataset, split, corruption and path; ``..._heldout.csv`` the same for the two
+  held-out datasets, ``..._rank0.csv`` and ``..._heldout_rank0.csv`` with ``rank=0``;
 - ``simulations/results/<scale>/copying.jsonl``: the copying experiment, one row per
   replicate (``full``: the pre-registered confirmatory block; ``small``: development);
 - ``simulations/results/<scale>/copying_rounds.jsonl``: the multi-round runs in
@@ -33,6 +34,7 @@ from ._common import PAPER_DIR
 
 __all__ = ["ROOT", "SOURCES", "read_report", "check_verdict", "check_kind", "check_margin",
            "markdown_tables", "find_table", "read_calibration", "calibration_summary",
+           "calibration_criteria",
            "copying_scale", "read_copying", "read_quarantine", "read_rounds",
            "read_flagged", "read_archived_block"]
 
@@ -42,6 +44,13 @@ SOURCES = {
     "report_full": ROOT / "validation" / "full" / "report.json",
     "benchmarks": ROOT / "benchmarks" / "RESULTS.md",
     "calibration": ROOT / "benchmarks" / "results" / "real_data_calibration.csv",
+    # Two datasets held out while the tests were developed, and both sets of splits
+    # with the rank given (rank 0: clients that sample one population).
+    "calibration_heldout": ROOT / "benchmarks" / "results"
+    / "real_data_calibration_heldout.csv",
+    "calibration_heldout_rank0": ROOT / "benchmarks" / "results"
+    / "real_data_calibration_heldout_rank0.csv",
+    "calibration_rank0": ROOT / "benchmarks" / "results" / "real_data_calibration_rank0.csv",
     "copying": ROOT / "simulations" / "results",
 }
 
@@ -124,6 +133,18 @@ def read_calibration(path):
     import pandas as pd
 
     return pd.read_csv(path)
+
+
+def calibration_criteria():
+    """``(MAX_NULL_SHARE, MIN_POWER)`` of ``benchmarks/real_data_calibration.py`` (the
+    benchmarks folder is scripts, not a package: the file is loaded by its path)."""
+    import importlib.util
+
+    path = ROOT / "benchmarks" / "real_data_calibration.py"
+    spec = importlib.util.spec_from_file_location("_real_data_calibration", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.MAX_NULL_SHARE, module.MIN_POWER
 
 
 def calibration_summary(table):

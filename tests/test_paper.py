@@ -627,3 +627,32 @@ def test_a_later_confirmatory_block_quotes_the_earlier_ones_beside_it():
             shown = macros[f"{prefix}.{setting}.clair.gain"]
             value = float(shown.replace(r"\ensuremath{-}", "-").split("\\")[0])
             assert value == pytest.approx(sum(gains) / len(gains), abs=0.06)
+
+
+def test_heldout_calibration_macros_are_the_csvs():
+    """The held-out paragraph's numbers, recomputed from the two held-out CSVs by plain
+    pandas (not the paper's summary helpers)."""
+    import pandas as pd
+
+    results = ROOT / "benchmarks" / "results"
+    heldout = pd.read_csv(results / "real_data_calibration_heldout.csv")
+    given = pd.read_csv(results / "real_data_calibration_heldout_rank0.csv")
+    macros = _macros()
+    assert macros["calibho.has"] == "1"
+    assert (given["rank_given"] == 0).all() and heldout["rank_given"].isna().all()
+    for name in ("breast_cancer", "star98"):
+        for path, tag in (("default", "default"), ("noise_cov", "noisecov")):
+            null = heldout[(heldout.dataset == name) & (heldout.path == path)
+                           & (heldout.corruption == "none")]
+            assert macros[f"calibho.{name}.{tag}.null"] == f"{null.any_flag.mean():.3f}"
+        powers = {}
+        for kind in ("scale", "flip", "replace"):
+            part = heldout[(heldout.dataset == name) & (heldout.path == "noise_cov")
+                           & (heldout.corruption == kind)]
+            powers[kind] = part.victims_flagged.sum() / part.n_victims.sum()
+        low = min(powers, key=powers.get)
+        assert macros[f"calibho.{name}.noisecov.power.min"] == f"{powers[low]:.2f}"
+        part = given[(given.dataset == name) & (given.path == "noise_cov")
+                     & (given.corruption == low)]
+        assert macros[f"calibhorank.{name}.noisecov.power.atmin"] == (
+            f"{part.victims_flagged.sum() / part.n_victims.sum():.2f}")

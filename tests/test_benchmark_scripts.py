@@ -1,0 +1,59 @@
+"""The real-data calibration scripts of benchmarks/ on a split or two (their full runs
+are in benchmarks/RESULTS.md)."""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+calibration = pytest.importorskip("real_data_calibration")
+pytest.importorskip("statsmodels")
+pytest.importorskip("sklearn")
+
+
+def test_heldout_datasets_are_not_the_development_ones():
+    development = {d[0] for d in calibration._datasets()}
+    heldout = calibration._heldout_datasets()
+    assert {d[0] for d in heldout} == {"breast_cancer", "star98"}
+    assert not development & {d[0] for d in heldout}
+    for name, features, outputs, frame, n_clients in heldout:
+        # every client keeps at least 40 residual degrees of freedom (as fixed before
+        # the first run)
+        assert len(frame) // n_clients - len(features) - 1 >= 40
+        assert not frame[features + outputs].isna().any().any()
+
+
+def test_a_row_records_the_rank_given():
+    name, features, outputs, frame, n_clients = calibration._heldout_datasets()[1]
+    rows = calibration.run_one(name, frame, features, outputs, n_clients, 0, "flip", 2,
+                               rank=0)
+    assert [r["path"] for r in rows] == ["default", "noise_cov"]
+    for row in rows:
+        assert row["rank_given"] == 0 and row["rank"] == 0
+        assert set(row) | {"version"} == set(calibration.FIELDS)
+    free = calibration.run_one(name, frame, features, outputs, n_clients, 0, "none", 0)
+    assert all(r["rank_given"] == "" for r in free)
+
+
+def test_a_file_of_other_columns_is_not_appended_to(tmp_path):
+    out = tmp_path / "old.csv"
+    out.write_text("dataset,split,path\n")
+    with pytest.raises(SystemExit, match="write to a new file"):
+        calibration.run(1, out, datasets="heldout")
+    assert out.read_text() == "dataset,split,path\n"
+
+
+def test_flagged_clients_script_names_the_noisiest(capsys):
+    import real_data_flagged_clients as flagged
+
+    rows, n_splits = flagged.flagged_clients("star98", 0, 3, "default")
+    assert n_splits == 3
+    for split, clients, ratio, rank, top in rows:
+        assert len(clients) == len(ratio) == len(rank) >= 1
+        assert np.all(rank >= 1) and top >= np.max(ratio)
+    with pytest.raises(SystemExit, match="unknown dataset"):
+        flagged.flagged_clients("nope", 0, 1, "default")
