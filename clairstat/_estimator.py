@@ -20,6 +20,7 @@ from ._detection import refine
 from ._reduced import FactoredBlocks, stack_caches
 from ._inference import NoiseKnowledge, detect_clients
 from ._null import NoiseCovariance
+from ._ols import LocalOLS
 from ._threads import thread_limits
 from ._tuning import estimate_noise_scale, factored_noise_scale, floor_noise_scale
 from ._validation import (as_real_array, check_local_estimates, check_noise_cov,
@@ -336,9 +337,13 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
 
         Parameters
         ----------
-        X : array-like of shape (n_clients, p, q), list of (p, q) arrays, (n_clients, p), or FactoredBlocks
+        X : array-like of shape (n_clients, p, q), list of (p, q) arrays, (n_clients, p), LocalOLS, or FactoredBlocks
             Local estimates (2-D input is read as q = 1). Torch tensors (any float dtype,
             bf16 included, with or without ``requires_grad``) are read as float64. A
+            :class:`clairstat.LocalOLS` (from :func:`clairstat.local_ols`) gives its
+            ``estimates``, with its ``n_samples`` as ``sample_weight`` and its
+            ``noise_cov``: the path whose tests are calibrated on real regressions
+            (passing either argument too is an error). A
             :class:`clairstat._reduced.FactoredBlocks` stack holds LoRA updates in
             factored form (needs ``backbone=False``); its fitted ``collaborative_mean_``
             and ``refined_`` are then lazy factored objects.
@@ -367,6 +372,7 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
         self
         """
         self._validate_params()
+        X, sample_weight, noise_cov = _unpack_ols(X, noise_cov, sample_weight, "fit")
         # A fit that fails (invalid input found late, an interrupt) leaves the estimator
         # as it was: a fitted one keeps its fit, whole, not a new shape with old results.
         before = dict(self.__dict__)
@@ -551,7 +557,9 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
 
         Parameters
         ----------
-        X : array-like of shape (n_clients, p, q) or (n_clients, p)
+        X : array-like of shape (n_clients, p, q) or (n_clients, p), or LocalOLS
+            The clients' estimates; a :class:`clairstat.LocalOLS` gives its
+            ``estimates`` and its ``noise_cov``.
         noise_cov : tuple (row_cov, col_cov), optional
             The new clients' own noise covariance (as in :meth:`fit`; ``local_ols``
             gives it), for an estimator fitted with ``noise_cov``: each new client is
@@ -564,6 +572,7 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
             Higher: more collaborative. ``predict`` cuts at ``offset_ = log(test_level)``.
         """
         check_is_fitted(self)
+        X, _, noise_cov = _unpack_ols(X, noise_cov, None, "score_samples")
         blocks = self._read(X, reset=False) / self._scale
         frame = self._frame
         if noise_cov is None:
@@ -618,7 +627,7 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
 
         Parameters
         ----------
-        X : array-like of shape (n_clients, p, q) or (n_clients, p)
+        X : array-like of shape (n_clients, p, q) or (n_clients, p), or LocalOLS
         noise_cov : tuple (row_cov, col_cov), optional
             The clients' own noise covariance (see :meth:`score_samples`).
 
@@ -627,6 +636,7 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
         refined : ndarray of the input's shape
         """
         check_is_fitted(self)
+        X, _, noise_cov = _unpack_ols(X, noise_cov, None, "transform")
         blocks = self._read(X, reset=False)
         flagged = self.predict(X, noise_cov) == -1
         return self._output(self._refine(blocks, flagged))
@@ -777,6 +787,21 @@ def _squared(value, scale):
     with np.errstate(over="ignore"):
         return np.float64(value) * scale * scale if np.ndim(value) == 0 \
             else np.asarray(value) * scale * scale
+
+
+def _unpack_ols(X, noise_cov, sample_weight, method):
+    """``(estimates, sample_weight, noise_cov)`` of a :class:`LocalOLS` (its sample sizes
+    as the weights), or the arguments unchanged; giving either alongside one is an
+    error, not a silent choice between two."""
+    if not isinstance(X, LocalOLS):
+        return X, sample_weight, noise_cov
+    given = [name for name, value in (("noise_cov", noise_cov),
+                                      ("sample_weight", sample_weight)) if value is not None]
+    if given:
+        raise ValueError(f"{method}: X is a LocalOLS, which carries its own noise_cov and "
+                         f"sample sizes; do not pass {' or '.join(given)} as well (pass "
+                         "X.estimates to use other ones).")
+    return X.estimates, X.n_samples, X.noise_cov
 
 
 def _row_key(block):

@@ -146,8 +146,9 @@ def local_ols(designs: Sequence[ArrayLike], responses: Sequence[ArrayLike]) -> L
     LocalOLS
         ``estimates`` (n_clients, p, q), ``noise_cov`` = ((n_clients, p, p),
         (n_clients, q, q)) and ``n_samples`` (n_clients,), ready for
-        ``CLAIREstimator().fit(ols.estimates, sample_weight=ols.n_samples,
-        noise_cov=ols.noise_cov)``.
+        ``CLAIREstimator().fit(ols)``, which is ``fit(ols.estimates,
+        sample_weight=ols.n_samples, noise_cov=ols.noise_cov)`` (and ``predict(ols)``,
+        ``score_samples(ols)``, ``transform(ols)`` for new clients).
 
     Raises
     ------

@@ -58,8 +58,10 @@ print(ols.estimates.shape, ols.feature_names, ols.output_names)
 # %%
 # Fit CLAIR
 # ---------
-est = CLAIREstimator(random_state=0).fit(ols.estimates, sample_weight=ols.n_samples,
-                                         noise_cov=ols.noise_cov)
+# Given the ``LocalOLS`` itself, the fit takes its estimates with their sample sizes as
+# weights and their noise covariance (``fit(ols.estimates, sample_weight=ols.n_samples,
+# noise_cov=ols.noise_cov)``).
+est = CLAIREstimator(random_state=0).fit(ols)
 print(est.summary())
 
 # %%
@@ -117,8 +119,8 @@ fig.tight_layout()
 # contaminated) and refines them (``transform``) without refitting anything.
 new = clairstat.local_ols([sm.add_constant(strata[key][features]) for key in newcomers],
                           [strata[key][outcomes] for key in newcomers])
-labels = est.predict(new.estimates, noise_cov=new.noise_cov)
-scores = est.score_samples(new.estimates, noise_cov=new.noise_cov)
+labels = est.predict(new)  # a LocalOLS: its estimates with its own noise_cov
+scores = est.score_samples(new)
 for key, label, p_value in zip(newcomers, labels, np.exp(scores)):
     print(f"newcomer {key}: n = {len(strata[key])}, p = {p_value:.3g}, "
           f"{'collaborative' if label == 1 else 'contaminated'}")
@@ -126,7 +128,7 @@ for key, label, p_value in zip(newcomers, labels, np.exp(scores)):
 # %%
 # A newcomer predicted contaminated keeps its own estimate; a collaborative one gets
 # its component in the shared subspace and the collaborative mean's outside it.
-refined_new = est.transform(new.estimates, noise_cov=new.noise_cov)
+refined_new = est.transform(new)
 k = int(np.flatnonzero(labels == 1)[0])
 columns = pd.MultiIndex.from_product([ols.output_names, ["own OLS", "refined"]])
 table = pd.DataFrame(np.stack([new.estimates[k], refined_new[k]], axis=2).reshape(6, 4),

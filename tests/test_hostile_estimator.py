@@ -381,3 +381,35 @@ def test_local_ols_labels_that_match_only_as_strings():
     responses = [rng.standard_normal((40, 1)) for _ in designs]
     with pytest.raises(ValueError, match="client 1's design has columns"):
         local_ols(designs, responses)
+
+
+def test_a_local_ols_result_is_fitted_with_its_covariance_and_sizes():
+    """fit(ols) is fit(ols.estimates, sample_weight=ols.n_samples, noise_cov=ols.noise_cov),
+    attribute for attribute; predict, score_samples and transform on a LocalOLS use its
+    covariance; giving either argument as well is an error naming it."""
+    rng = np.random.default_rng(5)
+    coef = rng.standard_normal((4, 2))
+    train = _ols_clients(rng, 12, 90, coef)
+    est = CLAIREstimator(rank=0, random_state=0)
+    explicit = CLAIREstimator(rank=0, random_state=0).fit(
+        train.estimates, sample_weight=train.n_samples, noise_cov=train.noise_cov)
+    est.fit(train)
+    assert est.noise_model_ == "noise_cov"
+    for name in ("p_values_", "contaminated_", "collaborative_mean_", "refined_"):
+        np.testing.assert_array_equal(getattr(est, name), getattr(explicit, name))
+    new = _ols_clients(rng, 3, 30, coef)
+    np.testing.assert_array_equal(est.score_samples(new),
+                                  est.score_samples(new.estimates, noise_cov=new.noise_cov))
+    np.testing.assert_array_equal(est.predict(new),
+                                  est.predict(new.estimates, noise_cov=new.noise_cov))
+    np.testing.assert_array_equal(est.transform(new),
+                                  est.transform(new.estimates, noise_cov=new.noise_cov))
+    # ... and not the members' average noise (which a client of 30 samples among members
+    # of 90 is not): the scores differ.
+    assert not np.array_equal(est.score_samples(new), est.score_samples(new.estimates))
+    with pytest.raises(ValueError, match="sample_weight"):
+        CLAIREstimator().fit(train, sample_weight=train.n_samples)
+    with pytest.raises(ValueError, match="noise_cov"):
+        CLAIREstimator().fit(train, noise_cov=train.noise_cov)
+    with pytest.raises(ValueError, match="noise_cov"):
+        est.predict(new, noise_cov=new.noise_cov)
