@@ -225,7 +225,10 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
     Model selection: there is no ``score`` method. No held-out quantity of the clients
     measures a fit without their truths (the off-subspace residual of held-out clients
     falls with the rank whatever the truth), so ``GridSearchCV`` needs ``scoring=``, a
-    callable of your own criterion.
+    callable of your own criterion. A :class:`clairstat.LocalOLS` is split into folds of
+    clients like an array, each fold with its own covariance and sample sizes
+    (``GridSearchCV(...).fit(ols)``); a ``noise_cov`` passed beside plain estimates is
+    not split (pass the LocalOLS instead).
 
     ``set_output`` is not offered: ``transform`` returns (n_clients, p, q) blocks,
     which no data frame holds.
@@ -372,7 +375,9 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
         self
         """
         self._validate_params()
-        X, sample_weight, noise_cov = _unpack_ols(X, noise_cov, sample_weight, "fit")
+        names = _ols_names(X)
+        X, sample_weight, noise_cov = _unpack_ols(X, noise_cov, sample_weight, "fit",
+                                                  self.noise_scale)
         # A fit that fails (invalid input found late, an interrupt) leaves the estimator
         # as it was: a fitted one keeps its fit, whole, not a new shape with old results.
         before = dict(self.__dict__)
@@ -381,7 +386,9 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
             caches = stack_caches(blocks) if isinstance(blocks, FactoredBlocks) \
                 else contextlib.nullcontext()
             with thread_limits(self.n_jobs, getattr(blocks, "coef", blocks).shape), caches:
-                return self._fit(blocks, sample_weight, noise_cov)
+                self._fit(blocks, sample_weight, noise_cov)
+            self._local_ols_names = names
+            return self
         except BaseException:
             self.__dict__.clear()
             self.__dict__.update(before)
@@ -572,7 +579,8 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
             Higher: more collaborative. ``predict`` cuts at ``offset_ = log(test_level)``.
         """
         check_is_fitted(self)
-        X, _, noise_cov = _unpack_ols(X, noise_cov, None, "score_samples")
+        X, _, noise_cov = _unpack_ols(self._aligned_ols(X), noise_cov, None,
+                                      "score_samples", self.noise_scale)
         blocks = self._read(X, reset=False) / self._scale
         frame = self._frame
         if noise_cov is None:
@@ -580,8 +588,10 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
                 blocks if frame is None else frame.to(blocks))[0]
         else:
             if frame is None:
-                raise ValueError("noise_cov for new clients needs an estimator fitted with "
-                                 "noise_cov.")
+                raise ValueError("the new clients' noise_cov (given, or carried by a "
+                                 "LocalOLS) needs an estimator fitted with noise_cov; this "
+                                 "one was not: pass the estimates alone (X.estimates for a "
+                                 "LocalOLS) to test them with the members' fitted noise.")
             row, col = check_noise_cov(noise_cov, len(blocks), *self.estimate_shape_,
                                        transpose=self.subspace == "row")
             log_p = self._collaborative.new_client.log_p_known(
@@ -596,6 +606,29 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
             # else: an estimate several training clients sent, with different fitted
             # results (other noise), away from their positions: tested as a new client
         return log_p
+
+    def _aligned_ols(self, X):
+        """A new clients' :class:`LocalOLS` in the fitted one's feature and output order
+        (matched by name; different names are an error). Names that ``local_ols``
+        generated for arrays (``x0, ...``, ``y0, ...``), on either side, are not
+        checked: the order is then the caller's."""
+        fitted = getattr(self, "_local_ols_names", None)
+        given = _ols_names(X)
+        if fitted is None or given is None or given == fitted:
+            return X
+        orders = []
+        for what, have, want in zip(("features", "outputs"), given, fitted):
+            if sorted(have) != sorted(want) or len(set(have)) != len(have):
+                raise ValueError(f"the new clients' {what} are {list(have)}, the fitted "
+                                 f"clients' {list(want)}: fit local_ols on the same "
+                                 "columns.")
+            orders.append([list(have).index(name) for name in want])
+        rows, cols = orders
+        row_cov, col_cov = X.noise_cov
+        return dataclasses.replace(
+            X, estimates=X.estimates[:, rows][:, :, cols],
+            noise_cov=(row_cov[:, rows][:, :, rows], col_cov[:, cols][:, :, cols]),
+            feature_names=list(fitted[0]), output_names=list(fitted[1]))
 
     def decision_function(self, X: ArrayLike,
                           noise_cov: tuple[ArrayLike, ArrayLike] | None = None) -> np.ndarray:
@@ -636,7 +669,8 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
         refined : ndarray of the input's shape
         """
         check_is_fitted(self)
-        X, _, noise_cov = _unpack_ols(X, noise_cov, None, "transform")
+        X, _, noise_cov = _unpack_ols(self._aligned_ols(X), noise_cov, None, "transform",
+                                      self.noise_scale)
         blocks = self._read(X, reset=False)
         flagged = self.predict(X, noise_cov) == -1
         return self._output(self._refine(blocks, flagged))
@@ -789,10 +823,10 @@ def _squared(value, scale):
             else np.asarray(value) * scale * scale
 
 
-def _unpack_ols(X, noise_cov, sample_weight, method):
+def _unpack_ols(X, noise_cov, sample_weight, method, noise_scale=None):
     """``(estimates, sample_weight, noise_cov)`` of a :class:`LocalOLS` (its sample sizes
-    as the weights), or the arguments unchanged; giving either alongside one is an
-    error, not a silent choice between two."""
+    as the weights), or the arguments unchanged; giving either alongside one (or an
+    estimator with ``noise_scale``) is an error, not a silent choice between two."""
     if not isinstance(X, LocalOLS):
         return X, sample_weight, noise_cov
     given = [name for name, value in (("noise_cov", noise_cov),
@@ -801,7 +835,24 @@ def _unpack_ols(X, noise_cov, sample_weight, method):
         raise ValueError(f"{method}: X is a LocalOLS, which carries its own noise_cov and "
                          f"sample sizes; do not pass {' or '.join(given)} as well (pass "
                          "X.estimates to use other ones).")
+    if noise_scale is not None:
+        raise ValueError(f"{method}: X is a LocalOLS, which carries its own noise_cov, "
+                         "and the estimator has noise_scale: use one of the two (pass "
+                         "X.estimates to use noise_scale).")
     return X.estimates, X.n_samples, X.noise_cov
+
+
+def _ols_names(X):
+    """``(feature_names, output_names)`` of a :class:`LocalOLS` with names of its own,
+    else ``None`` (arrays, or the ``x0, ...``/``y0, ...`` that ``local_ols`` generates)."""
+    if not isinstance(X, LocalOLS):
+        return None
+    p, q = X.estimates.shape[1:]
+    generated = ([f"x{j}" for j in range(p)], [f"y{j}" for j in range(q)])
+    names = (list(X.feature_names), list(X.output_names))
+    if names[0] == generated[0] and names[1] == generated[1]:
+        return None
+    return names
 
 
 def _row_key(block):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -16,9 +16,14 @@ __all__ = ["LocalOLS", "local_ols"]
 _MIN_RESIDUAL_DF = 20
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class LocalOLS:
     """Per-client OLS estimates with their noise covariance.
+
+    Indexing selects clients (``ols[3]``, ``ols[[0, 2]]``, ``ols[mask]``, with every
+    field cut alike), and ``len(ols)`` and ``ols.shape`` are those of ``estimates``:
+    scikit-learn's model selection (``GridSearchCV``, ``cross_val_score``) splits a
+    LocalOLS into folds of clients as it splits an array.
 
     Attributes
     ----------
@@ -42,6 +47,47 @@ class LocalOLS:
     residual_df: np.ndarray
     feature_names: list = field(default_factory=list)
     output_names: list = field(default_factory=list)
+
+    @property
+    def shape(self):
+        """``estimates.shape``: (n_clients, p, q)."""
+        return self.estimates.shape
+
+    def __len__(self):
+        return len(self.estimates)
+
+    def __getitem__(self, key):
+        """The clients ``key`` selects (an int keeps one client, as a LocalOLS of one);
+        ``ols[key, ...]`` is the same (scikit-learn indexes arrays so)."""
+        if isinstance(key, tuple):
+            if len(key) != 2 or key[1] is not Ellipsis:
+                raise IndexError("a LocalOLS is indexed by clients only: ols[clients] or "
+                                 "ols[clients, ...].")
+            key = key[0]
+        if isinstance(key, (int, np.integer)):
+            key = [int(key)]
+        row_cov, col_cov = self.noise_cov
+        return LocalOLS(self.estimates[key], (row_cov[key], col_cov[key]),
+                        self.n_samples[key], self.residual_df[key],
+                        list(self.feature_names), list(self.output_names))
+
+    def __eq__(self, other):
+        if not isinstance(other, LocalOLS):
+            return NotImplemented
+        arrays = ((self.estimates, other.estimates), (self.n_samples, other.n_samples),
+                  (self.residual_df, other.residual_df),
+                  *zip(self.noise_cov, other.noise_cov))
+        return (all(np.array_equal(a, b) for a, b in arrays)
+                and list(self.feature_names) == list(other.feature_names)
+                and list(self.output_names) == list(other.output_names))
+
+    __hash__ = None  # mutable arrays inside: not hashable, as an ndarray is not
+
+    def __repr__(self):
+        n_clients, p, q = self.estimates.shape
+        return (f"LocalOLS({n_clients} clients, p={p} {list(self.feature_names)}, "
+                f"q={q} {list(self.output_names)}, n_samples "
+                f"{int(self.n_samples.min())}-{int(self.n_samples.max())})")
 
 
 def _names(table, prefix, width):
@@ -82,6 +128,11 @@ def _aligned(design, response, k, reference):
     out = []
     for table, what, first in zip((design, response), ("design", "response"), reference):
         names = _columns(table)
+        if (names is None) != (first is None):
+            raise ValueError(f"client {k}'s {what} {'has no' if names is None else 'has'} "
+                             f"column names and client 0's {'has' if names is None else 'has no'}"
+                             ": pass every client as a DataFrame (matched by name) or "
+                             "every client as an array (matched by position).")
         if names is not None and first is not None and names != first:
             if set(names) != set(first) or len(set(names)) != len(names) \
                     or len(names) != len(first):
@@ -94,6 +145,10 @@ def _aligned(design, response, k, reference):
 
 
 def _as_matrix(table, what, k):
+    missing = getattr(table, "isna", None)
+    if callable(missing) and np.asarray(missing()).any():  # pandas NA, NaN or None
+        raise ValueError(f"client {k}'s {what} contains missing values: drop or impute "
+                         "them first.")
     try:
         array = np.asarray(table, dtype=float)
     except (TypeError, ValueError) as exc:
@@ -108,7 +163,7 @@ def _as_matrix(table, what, k):
     return array
 
 
-def _client_fit(design, response, k):
+def _client_fit(design, response, k, names):
     n_samples, p = design.shape
     if response.shape[0] != n_samples:
         raise ValueError(f"client {k}: the design has {n_samples} rows but the response "
@@ -117,17 +172,41 @@ def _client_fit(design, response, k):
         raise ValueError(f"client {k} has {n_samples} samples for {p} coefficients per "
                          "output: OLS needs more samples than coefficients to estimate "
                          "its noise.")
+    # Columns scaled to unit norm first (OLS is equivariant to it): the rank test then
+    # sees collinearity, not units (columns in units of 1e-7 and 1e7 are not singular).
+    norms = np.linalg.norm(design, axis=0)
+    if np.any(norms == 0):
+        raise ValueError(f"client {k}'s design column(s) "
+                         f"{[names[j] for j in np.flatnonzero(norms == 0)]} are all zero.")
     # The SVD gives the pseudo-inverse and the numerical rank in one pass.
-    left, sing, right_t = np.linalg.svd(design, full_matrices=False)
+    left, sing, right_t = np.linalg.svd(design / norms, full_matrices=False)
     if sing[-1] <= sing[0] * max(design.shape) * np.finfo(float).eps:
-        raise ValueError(f"client {k}'s design is rank deficient (singular values "
-                         f"{sing[0]:.3g} ... {sing[-1]:.3g}): drop collinear columns.")
-    inv_sing = right_t.T / sing
+        weights = np.abs(right_t[-1])
+        involved = [names[j] for j in np.flatnonzero(weights > 0.1 * weights.max())]
+        raise ValueError(f"client {k}'s design is rank deficient (columns {involved} are "
+                         f"collinear; singular values of the unit-norm columns "
+                         f"{sing[0]:.3g} ... {sing[-1]:.3g}): drop one of them.")
+    inv_sing = right_t.T / sing / norms[:, None]  # (X D^-1)^+ with D undone: X^+
     estimate = inv_sing @ (left.T @ response)
     row_cov = inv_sing @ inv_sing.T  # (X^T X)^{-1}
     resid = response - design @ estimate
     col_cov = resid.T @ resid / (n_samples - p)
     return estimate, 0.5 * (row_cov + row_cov.T), col_cov
+
+
+def _warn_no_residual(col_cov, y_max, output_names):
+    """Warn about clients with an output that has no residual variance (constant, or
+    fitted exactly): their tests would take that output's noise as zero. ``y_max``
+    (n_clients, q): each client's largest absolute response per output."""
+    variances = np.diagonal(col_cov, axis1=1, axis2=2)  # (n_clients, q)
+    # Round-off: residuals of size ~ eps * |y|, squared.
+    dead = variances <= (64 * np.finfo(float).eps * np.maximum(y_max, 1e-300)) ** 2
+    for k, j in zip(*np.nonzero(dead)):
+        warnings.warn(f"client {k}'s output {output_names[j]!r} has no residual variance "
+                      "(constant, or fitted exactly): its covariance takes that output's "
+                      "noise as zero, and any deviation of the client is then "
+                      "significant. Drop the output or the client.", UserWarning,
+                      stacklevel=3)
 
 
 def local_ols(designs: Sequence[ArrayLike], responses: Sequence[ArrayLike]) -> LocalOLS:
@@ -168,6 +247,10 @@ def local_ols(designs: Sequence[ArrayLike], responses: Sequence[ArrayLike]) -> L
     >>> ols.estimates.shape, ols.noise_cov[0].shape, ols.noise_cov[1].shape
     ((4, 3, 2), (4, 3, 3), (4, 2, 2))
     """
+    for given, what in ((designs, "designs"), (responses, "responses")):
+        if isinstance(given, Mapping):
+            raise TypeError(f"{what} is a mapping: pass a sequence of per-client tables "
+                            "(list(d.values()) keeps the order of the keys).")
     designs, responses = list(designs), list(responses)
     if len(designs) != len(responses):
         raise ValueError(f"{len(designs)} designs but {len(responses)} responses: give one "
@@ -184,9 +267,11 @@ def local_ols(designs: Sequence[ArrayLike], responses: Sequence[ArrayLike]) -> L
         if width != first:
             raise ValueError(f"client {k} has (p, q) = {width} but client 0 has {first}: "
                              "every client needs the same columns.")
-        fits.append((*_client_fit(x_mat, y_mat, k), len(x_mat)))
-    estimates, row_cov, col_cov, n_samples = (np.stack(part) for part in zip(*fits))
+        fits.append((*_client_fit(x_mat, y_mat, k, _names(design, "x", x_mat.shape[1])),
+                     len(x_mat), np.max(np.abs(y_mat), axis=0)))
+    estimates, row_cov, col_cov, n_samples, y_max = (np.stack(part) for part in zip(*fits))
     p, q = estimates.shape[1:]
+    _warn_no_residual(col_cov, y_max, _names(responses[0], "y", q))
     few = np.flatnonzero(n_samples - p < _MIN_RESIDUAL_DF)
     if few.size:
         warnings.warn(f"clients {few.tolist()} have fewer than {_MIN_RESIDUAL_DF} residual "
