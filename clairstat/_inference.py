@@ -69,25 +69,29 @@ class NewClientTest:
     members_cov: tuple | None = None
     mean_share: float = 0.0
     calibration: tuple = (np.inf, 1.0, np.inf)
+    member_coords: np.ndarray | None = None
 
     def log_p_known(self, blocks, cov):
         """Log p-values of new clients whose own covariance ``cov`` is known.
 
         Each is tested like a training client: its covariance plus the mean's share
-        (``mean_share`` times the members' average), its null's exact moments, widened
-        and scaled as the fit's null was (``calibration``: spread df, scale factor,
-        scale df).
+        (``mean_share`` times the members' average) and the subspace's tilt
+        (:func:`_tilt_cov`, from the members' coordinates ``member_coords``), its null's
+        exact moments, widened and scaled as the fit's null was (``calibration``:
+        spread df, scale factor, scale df).
         """
         row_bar, col_bar = self.members_cov
         spread_df, factor, scale_df = self.calibration
         log_p = np.zeros(len(blocks))
         for i in range(len(blocks)):
-            pair = NoiseCovariance(np.stack([cov.row[i], row_bar]),
-                                   np.stack([cov.col[i], col_bar]),
-                                   np.array([cov.scale[i], 1.0]))
+            deviation = blocks[i] - self.mean
+            tilt = _tilt_cov(self.basis, self.member_coords, deviation, col_bar)
+            pair = NoiseCovariance(np.stack([cov.row[i], row_bar, row_bar]),
+                                   np.stack([cov.col[i], col_bar, tilt]),
+                                   np.array([cov.scale[i], 1.0, 1.0]))
             test = known_standardizer(pair, self.basis,
-                                      np.array([1.0, np.sqrt(self.mean_share)]))
-            stat = test.statistics(blocks[i:i + 1] - self.mean[None])
+                                      np.array([1.0, np.sqrt(self.mean_share), 1.0]))
+            stat = test.statistics(deviation[None])
             nu = min(test.df, spread_df)
             widen = test.df / nu if nu > 0 else 1.0
             null = NullDistribution(np.array([test.scale * widen * factor]), np.array([nu]),
@@ -105,6 +109,39 @@ class NewClientTest:
         null = NullDistribution(np.full(len(stat), self.null.scale[0]),
                                 np.full(len(stat), self.null.df[0]), self.null.scale_df)
         return null.log_sf(stat), stat
+
+
+def _tilt_cov(basis, coords, deviation, col_bar):
+    """Output factor of the subspace's tilt in a client's residual, to first order.
+
+    The subspace ``U`` is the top left singular space of the members' centred estimates
+    ``M = [D_1 ... D_m]``, whose coordinates in it are ``Y_j = U^T D_j`` (``coords``,
+    shape (m, r, q)) with ``Lambda = sum_j Y_j Y_j^T``. A member's noise ``E_j`` tilts it
+    by ``(I - P) sum_j E_j Y_j^T Lambda^-1 U^T`` (first-order perturbation of a singular
+    subspace), which moves a client's off-subspace residual by
+    ``-(I - P) sum_j E_j G_j`` with ``G_j = Y_j^T Lambda^-1 w`` and ``w = U^T deviation``
+    the client's own coordinates. With every member's noise ``Cbar (x) Rbar`` (the
+    members' average, as for the mean's share) that term has covariance
+    ``(sum_j G_j^T Cbar G_j) (x) Rbar``: this returns its output factor (q, q). It is
+    O(1/m) of the noise for a client like the members, and dominates the residual of a
+    client far more precise than them (a large site among small ones), whose own noise
+    is small while its coordinates are not (docs/method_notes.md, section 8).
+    """
+    q = col_bar.shape[0]
+    if coords is None or basis.shape[1] == 0 or len(coords) == 0:
+        return np.zeros((q, q))
+    lam = np.einsum("mrq,msq->rs", coords, coords)
+    solved = np.linalg.lstsq(lam, basis.T @ deviation, rcond=None)[0]   # Lambda^-1 w
+    gains = np.einsum("mrq,rs->mqs", coords, solved)                  # G_j, (m, q, q)
+    tilt = np.einsum("mqa,qb,mbc->ac", gains, col_bar, gains)
+    return 0.5 * (tilt + tilt.T)
+
+
+def _member_coords(blocks, weights, members, basis):
+    """``U^T (Theta_hat_j - mean)`` of the members, (m, r, q): the coordinates the
+    subspace was fitted to (:func:`_tilt_cov`)."""
+    mean = weighted_mean(blocks[members], weights[members])
+    return np.einsum("pr,mpq->mrq", basis, blocks[members] - mean[None])
 
 
 def _mean_weights(weights, others):
@@ -214,18 +251,25 @@ def _known_tests(blocks, weights, members, mean, basis, fits, cov):
         mask = others.copy()
         mask[k] = False
         a = _mean_weights(weights, mask)
-        pair = NoiseCovariance(np.stack([cov.row[k], row_bar]), np.stack([cov.col[k], col_bar]),
-                               np.array([cov.scale[k], 1.0]))
-        test = known_standardizer(pair, basis_k, np.array([1.0, np.sqrt(np.sum(a ** 2))]))
         mean_k = weighted_mean(blocks[mask], weights[mask])
-        stat[k] = test.statistics(blocks[k:k + 1] - mean_k[None])[0]
+        deviation = blocks[k] - mean_k
+        # The refit's subspace was fitted to the others: its tilt by their noise.
+        tilt = _tilt_cov(basis_k, _member_coords(blocks, weights, mask, basis_k),
+                         deviation, col_bar)
+        pair = NoiseCovariance(np.stack([cov.row[k], row_bar, row_bar]),
+                               np.stack([cov.col[k], col_bar, tilt]),
+                               np.array([cov.scale[k], 1.0, 1.0]))
+        test = known_standardizer(pair, basis_k,
+                                  np.array([1.0, np.sqrt(np.sum(a ** 2)), 1.0]))
+        stat[k] = test.statistics(deviation[None])[0]
         scale[k], df[k] = test.scale, test.df
     # A new client's covariance is not known: the members' average is taken, plus the
     # mean's share: (1 + sum_j a_j^2) Cbar (x) Rbar.
     a = _mean_weights(weights, members)
     one = NoiseCovariance(row_bar[None], col_bar[None], np.ones(1))
     new = known_standardizer(one, basis, np.array([np.sqrt(1.0 + np.sum(a ** 2))]))
-    return stat, NullDistribution(scale, df), new, ((row_bar, col_bar), float(np.sum(a ** 2)))
+    return (stat, NullDistribution(scale, df), new, ((row_bar, col_bar), float(np.sum(a ** 2))),
+            _member_coords(blocks, weights, members, basis))
 
 
 def _estimated_tests(blocks, weights, members, mean, basis, stat, fits):
@@ -301,13 +345,13 @@ def _test_round(blocks, weights, members, rank, noise, level, correction, random
         null, new_client = _factored_tests(blocks, weights, members, mean, basis, stat, fits,
                                            calibrate_on, noise)
     else:
-        members_cov, mean_share = None, 0.0
+        members_cov, mean_share, coords = None, 0.0, None
         if noise.estimated:
             null, new_null = _estimated_tests(blocks, weights, members, mean, basis, stat,
                                               fits)
             standardizer = None
         else:
-            stat, null, standardizer, (members_cov, mean_share) = _known_tests(
+            stat, null, standardizer, (members_cov, mean_share), coords = _known_tests(
                 blocks, weights, members, mean, basis, fits, noise.cov)
             new_null = NullDistribution(np.array([standardizer.scale]),
                                         np.array([standardizer.df]))
@@ -317,7 +361,7 @@ def _test_round(blocks, weights, members, rank, noise, level, correction, random
         null, new_null, calibration = _calibrate(stat, null, new_null, calibrate_on,
                                                  noise.estimated, floor)
         new_client = NewClientTest(mean, basis, new_null, standardizer, members_cov,
-                                   mean_share, calibration)
+                                   mean_share, calibration, coords)
     log_p = null.log_sf(stat)
     if not np.any(null.df > 0):  # the subspace is everything: nobody can be told apart
         adjusted = np.ones(n_clients)
