@@ -280,3 +280,25 @@ def test_flagged_update_verdicts_follow_the_preregistered_margins():
     flipped = frame.copy()
     flipped.loc[0, "flagged_clip_c3"] = True
     assert verdicts(flipped)["verdict"].tolist()[-1] == "fail"
+
+
+def test_joint_rank_study_refits_every_rank_on_the_same_clients(tmp_path, monkeypatch):
+    """``copying_joint_rank``: one smoke replicate; the default's rank is one of the
+    fixed ranks evaluated and gives the same gain; the best-error rank's gain is that
+    rank's; the table pairs them per cell."""
+    import pandas as pd
+
+    from simulations.studies.copying_joint_rank import STUDY, rank_table
+
+    monkeypatch.setenv("CLAIRSTAT_CACHE_DIR", str(tmp_path / "cache"))
+    cell = STUDY.cells("smoke")[1]
+    row = STUDY.simulate_one(dict(cell), 5)
+    ranks = [k for k in range(row["max_rank"] + 1)]
+    assert all(f"rel_r{k}" in row for k in ranks)
+    assert row["rank_cv"] <= row["max_rank"]
+    assert row["rel_default"] == pytest.approx(row[f"rel_r{row['rank_cv']}"], abs=1e-12)
+    assert row["rel_best"] == row[f"rel_r{min(row['best_rank'], row['max_rank'])}"]
+    table = rank_table(pd.DataFrame([dict(cell, **row), dict(cell, **row)]))
+    assert table.loc[0, "replicates"] == 2
+    assert table.loc[0, "best_minus_default"] == pytest.approx(
+        100 * (row["rel_best"] - row["rel_default"]))
