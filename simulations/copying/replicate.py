@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["simulate_one", "pretrain_config", "cache_dir", "DEFAULT_PARAMS", "client_columns"]
+__all__ = ["simulate_one", "pretrain_config", "cache_dir", "DEFAULT_PARAMS", "client_columns",
+           "base_model_columns"]
 
 REPO = Path(__file__).resolve().parents[2]
 _CACHE_ENV = "CLAIRSTAT_CACHE_DIR"
@@ -89,6 +90,13 @@ def _evaluate(model, updates, specs, contaminated, params, seed):
                    for name, value in per_module.items()}
             accuracy[method][k] = evaluate_updates(model, own, tests[spec.relabel])
     return accuracy
+
+
+def base_model_columns(pre):
+    """The base model a row was fine-tuned from (:func:`base_and_tasks`'s ``pre``): its
+    cache key, its weights' digest and its accuracy on the base task."""
+    return {"pretrain_key": pre["key"], "pretrain_weights": pre["weights"],
+            "base_accuracy": pre["base_accuracy"]}
 
 
 def client_columns(accuracy, contaminated, variant, kinds):
@@ -187,7 +195,6 @@ def simulate_one(params, seed, control=None):
     accuracy = _evaluate(model, updates, specs, contaminated, params, seed)
     info["seconds_evaluate"] = time.perf_counter() - start
     info.update({"pretrain_seconds": pre["seconds"], "pretrain_cached": pre["cached"],
-                 "pretrain_key": pre["key"], "pretrain_weights": pre["weights"],
-                 "base_accuracy": pre["base_accuracy"]})
+                 **base_model_columns(pre)})
     kinds = [spec.corruption or "benign" for spec in specs]
     return _row(accuracy, contaminated, variant, kinds, info)

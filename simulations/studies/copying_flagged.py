@@ -62,7 +62,7 @@ def simulate_one(params, seed):
     from clairstat.metrics import detection_scores
     from simulations.copying.methods import _local
     from simulations.copying.replicate import (_evaluate, _finetune_all, base_and_tasks,
-                                               client_columns)
+                                               base_model_columns, client_columns)
 
     params, model, pre, specs, contaminated, variant = base_and_tasks(params, seed)
     adapters, _, config = _finetune_all(model, specs, params, seed)
@@ -82,8 +82,7 @@ def simulate_one(params, seed):
     kinds = [spec.corruption or "benign" for spec in specs]
     row = client_columns(accuracy, contaminated, variant, kinds)
     row.update(info)
-    row.update({"pretrain_key": pre["key"], "pretrain_weights": pre["weights"],
-                "base_accuracy": pre["base_accuracy"]})
+    row.update(base_model_columns(pre))
     return row
 
 

@@ -49,7 +49,7 @@ def simulate_one(params, seed):
     from clairstat.metrics import detection_scores
     from simulations.copying.methods import _local
     from simulations.copying.replicate import (_evaluate, _finetune_all, base_and_tasks,
-                                               client_columns)
+                                               base_model_columns, client_columns)
 
     params, model, pre, specs, contaminated, variant = base_and_tasks(params, seed)
     adapters, _, config = _finetune_all(model, specs, params, seed)
@@ -81,8 +81,7 @@ def simulate_one(params, seed):
     scores = detection_scores(fit.flagged, contaminated)
     row.update({f"{name}_clair": value for name, value in scores.items()})
     row.update({f"flagged_clair_c{k}": bool(f) for k, f in enumerate(fit.flagged)})
-    row.update({"pretrain_key": pre["key"], "pretrain_weights": pre["weights"],
-                "base_accuracy": pre["base_accuracy"]})
+    row.update(base_model_columns(pre))
     return row
 
 

@@ -412,7 +412,7 @@ def simulate_one(params, seed):
         ``rel_<method>``; CLAIR's detection scores, the robust rules' assumed attackers,
         seconds per stage and the pretraining's key and accuracy.
     """
-    from simulations.copying.replicate import _evaluate
+    from simulations.copying.replicate import _evaluate, base_model_columns
 
     params = {**DEFAULT_PARAMS, **ROUND_PARAMS, **params}
     model, pre, specs, contaminated, variant, clients, init, lora = setup(params, seed)
@@ -428,8 +428,7 @@ def simulate_one(params, seed):
     accuracy = _evaluate(model, updates, specs, contaminated, params, seed)
     info["seconds_evaluate"] = time.perf_counter() - start
     info.update(_resilience(int(params["n_clients"]), int(params["n_contaminated"])))
-    info.update({"pretrain_key": pre["key"], "pretrain_weights": pre["weights"],
-                 "base_accuracy": pre["base_accuracy"]})
+    info.update(base_model_columns(pre))
     kinds = [spec.corruption or "benign" for spec in specs]
     return _row(accuracy, contaminated, variant, kinds, flagged, info)
 
