@@ -12,8 +12,10 @@ loss the rank's, and which rule would pick better?
 
 Cells: those of ``copying_flagged`` (16 clients, homogeneous and heterogeneous, and the
 8-client heterogeneous point), on this study's own seeds (``seed_block``
-``"joint-rank-development"``). Development only: a rule chosen from these rows needs a
-comparison on fresh seeds, fixed before its run, before it may become the default.
+``"joint-rank-development"``, the ``small`` scale). Development only: a rule chosen from
+these rows needs a comparison on fresh seeds, fixed before its run, before it may become
+the default; the ``full`` scale (``"joint-rank-confirmatory"``, 100 replicates per cell)
+is kept for it and has not been run.
 
 Per row: ``rel_default`` (the default, ``rank_cv``), ``rel_r<k>`` for every joint rank
 ``k`` from 0 to ``max_rank`` (``n_members - 1``, at most :data:`MAX_RANK`; the client
@@ -33,6 +35,9 @@ from .copying_flagged import cells as _flagged_cells
 __all__ = ["STUDY", "simulate_one", "cells", "MAX_RANK", "rank_table"]
 
 SEED_BLOCK = "joint-rank-development"
+#: Fresh seeds for a comparison of rank rules fixed before its run (the ``full`` scale;
+#: not run: no rule has been chosen from the development rows yet).
+CONFIRMATORY_BLOCK = "joint-rank-confirmatory"
 #: The largest joint rank evaluated (the cross-validation's own cap, 10).
 MAX_RANK = 10
 
@@ -89,8 +94,9 @@ STUDY = Study(
     name="copying_joint_rank",
     description="copying task: CLAIR's gain at every joint rank beside the rank the "
                 "bi-cross-validation chose (development)",
-    grids={"smoke": cells(**TINY)[:2], "small": cells()},
-    replicates={"smoke": 2, "small": 20},
+    grids={"smoke": cells(**TINY)[:2], "small": cells(),
+           "full": cells(CONFIRMATORY_BLOCK)},
+    replicates={"smoke": 2, "small": 20, "full": 100},
     simulate_one=simulate_one)
 
 
