@@ -85,9 +85,10 @@ class LocalOLS:
 
     def __repr__(self):
         n_clients, p, q = self.estimates.shape
+        sizes = (f", n_samples {int(self.n_samples.min())}-{int(self.n_samples.max())}"
+                 if n_clients else "")
         return (f"LocalOLS({n_clients} clients, p={p} {list(self.feature_names)}, "
-                f"q={q} {list(self.output_names)}, n_samples "
-                f"{int(self.n_samples.min())}-{int(self.n_samples.max())})")
+                f"q={q} {list(self.output_names)}{sizes})")
 
 
 def _names(table, prefix, width):
@@ -175,9 +176,13 @@ def _client_fit(design, response, k, names):
     # Columns scaled to unit norm first (OLS is equivariant to it): the rank test then
     # sees collinearity, not units (columns in units of 1e-7 and 1e7 are not singular).
     norms = np.linalg.norm(design, axis=0)
-    if np.any(norms == 0):
+    # A column below eps of the largest is round-off, not a unit (columns in units 1e-7
+    # and 1e7, a ratio of 1e-14, are a design; 1e-17 against 1 is not).
+    tiny = norms <= norms.max() * np.finfo(float).eps
+    if np.any(tiny):
         raise ValueError(f"client {k}'s design column(s) "
-                         f"{[names[j] for j in np.flatnonzero(norms == 0)]} are all zero.")
+                         f"{[names[j] for j in np.flatnonzero(tiny)]} are zero (to "
+                         "round-off against the largest column): drop them.")
     # The SVD gives the pseudo-inverse and the numerical rank in one pass.
     left, sing, right_t = np.linalg.svd(design / norms, full_matrices=False)
     if sing[-1] <= sing[0] * max(design.shape) * np.finfo(float).eps:
