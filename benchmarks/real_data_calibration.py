@@ -15,11 +15,14 @@ developed and tuned (fair, randhie, anes96, diabetes). ``--datasets heldout`` ru
 more that no version of the tests was looked at on (scikit-learn's breast cancer data
 and statsmodels' star98), with their columns, client counts and pass criteria fixed in
 ``benchmarks/RESULTS.md`` before their first run: a check of the calibration on data
-that played no part in choosing the method. Rows are appended to a CSV as they are produced (resumable: finished
-(dataset, split, path, corruption) rows are skipped), with the package version beside
-every row; the summary table gives each share with its Wilson 95% interval.
+that played no part in choosing the method. ``--rank R`` gives the estimator the rank
+(the rows record it in ``rank_given``).
 
-    python benchmarks/real_data_calibration.py --splits 50 --out benchmarks/results/real_data_calibration.csv
+Rows are appended to a CSV as they are produced (resumable: finished (dataset, split,
+path, corruption) rows are skipped), with the package version beside every row; the
+summary table gives each share with its Wilson 95% interval.
+
+    python benchmarks/real_data_calibration.py --splits 250 --out benchmarks/results/real_data_calibration.csv
 """
 
 from __future__ import annotations

@@ -559,11 +559,12 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
         its own ``noise_cov`` is given: a collaborative new client with noise like
         theirs (or with its own covariance given) scores below ``log(test_level)`` with
         probability about ``test_level``; without its covariance, one with noisier data
-        (fewer samples) more often. Given its covariance, a client far more precise
-        than the members is tested with the error of their subspace in its null
-        (measured: 0.02 below ``log(0.05)`` for 2 000 samples against members of 30-50,
-        ``benchmarks/precise_client_null.py``). To control the error rate over a batch of new clients,
-        adjust ``np.exp(score_samples(X))`` with ``statsmodels.stats.multitest``.
+        (fewer samples) more often. The error of the members' subspace enters every new
+        client's null, so a client far more precise than the members is not flagged
+        for its precision (measured: 0.02 below ``log(0.05)`` for 2 000 samples against
+        members of 30-50, ``benchmarks/precise_client_null.py``). To control the error
+        rate over a batch of new clients, adjust ``np.exp(score_samples(X))`` with
+        ``statsmodels.stats.multitest``.
 
         Parameters
         ----------

@@ -57,9 +57,12 @@ class NoiseKnowledge:
 class NewClientTest:
     """A new client's test against the collaborative fit.
 
-    ``standardizer`` (a known covariance) gives the standardised statistic; without it
-    the statistic is the plain off-subspace norm. ``null`` has one entry, shared by
-    every new client.
+    With a known covariance (``members_cov`` set) every new client is tested on its own
+    null (:meth:`log_p_known`: its covariance, or the members' average, the mean's share
+    and the subspace's tilt, with the fit's ``calibration``); ``standardizer`` and
+    ``null`` are then the tilt-free shared versions, kept for reference. Without one the
+    statistic is the plain off-subspace norm and ``null`` (one entry) is shared by every
+    new client.
     """
 
     mean: object
@@ -294,8 +297,10 @@ def _known_tests(blocks, weights, members, mean, basis, fits, cov):
                                   np.array([1.0, np.sqrt(np.sum(a ** 2)), 1.0]))
         stat[k] = test.statistics(deviation[None])[0]
         scale[k], df[k] = test.scale, test.df
-    # A new client's covariance is not known: the members' average is taken, plus the
-    # mean's share: (1 + sum_j a_j^2) Cbar (x) Rbar.
+    # One null shared by new clients of the members' average noise, plus the mean's share,
+    # (1 + sum_j a_j^2) Cbar (x) Rbar, without the tilt: _calibrate widens and scales it
+    # alongside the training clients'. NewClientTest.log_p does not use it (each new
+    # client's tilt depends on its own coordinates: it goes through log_p_known).
     a = _mean_weights(weights, members)
     one = NoiseCovariance(row_bar[None], col_bar[None], np.ones(1))
     new = known_standardizer(one, basis, np.array([np.sqrt(1.0 + np.sum(a ** 2))]))
