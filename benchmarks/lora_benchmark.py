@@ -35,17 +35,20 @@ of every client's adapter. Three parts, one run:
    reduction, the decomposition, the robust start, the out-of-sample statistics with
    their leave-one-out refits, the readouts; the rest is calibration, refinement and
    bookkeeping), to show which stage sets the slope.
-3. **numpy vs torch** (d = 1024, K = 30, r = 8; one thread, the faster of two runs):
-   the default run against ``device="cpu"`` with ``dtype="float64"`` and ``"float32"``.
-   The decomposition runs in torch in every case (the default is ``device="cpu"``,
-   ``dtype="float64"``: the first two rows run the same code); float32 changes its
-   precision and its SVTs (dense torch SVDs instead of Lanczos). The reduction, the
-   detection and the readouts are numpy float64 in every case.
+3. **numpy vs torch** (d = 4096, K = 100, r = 16, the target's module; one thread,
+   the faster of two runs): the default (no device: the reduction, the readouts and the
+   Gram matrices in numpy float64) against ``device="cpu"`` with ``dtype="float64"``
+   and ``"float32"``, which run that d-sized work in torch (the same code a GPU runs)
+   and the decomposition in that dtype. Columns: end to end, the two bases as each
+   variant computes them (numpy: CholeskyQR where it certifies itself; torch:
+   Householder), and each variant's end-to-end time over the default's. The detection
+   and the rest of the reduced coordinates are numpy float64 in every row.
 
     OMP_NUM_THREADS=2 nice -n 10 python benchmarks/lora_benchmark.py [--quick]
-                                                      [--markdown FILE]
+                                                      [--markdown FILE] [--torch-only]
 
-``--quick`` shrinks every size (seconds; a smoke test of the script).
+``--quick`` shrinks every size (seconds; a smoke test of the script); ``--torch-only``
+runs part 3 alone.
 """
 
 from __future__ import annotations
@@ -67,7 +70,7 @@ KEY = "base_model.model.layers.0.q_proj.lora_{}.weight"
 CONFIG = {"lora_alpha": 1, "r": 1}
 TARGET, QUICK_TARGET = (4096, 100, 16), (512, 30, 8)
 SCALING, QUICK_SCALING = (2048, 8, (25, 50, 100, 200)), (256, 4, (10, 20, 40))
-TORCH, QUICK_TORCH = (1024, 30, 8), (256, 20, 4)
+TORCH, QUICK_TORCH = (4096, 100, 16), (256, 20, 4)
 MAX_RATIO, MAX_SLOPE = 6.0, 1.15
 
 
@@ -196,6 +199,19 @@ def scaling(dim, rank, counts):
     return rows, slopes
 
 
+def _device_bases(device, dtype):
+    """The two bases as the torch path computes them (``_device_span_basis``)."""
+    from clairstat._reduced import _device_span_basis
+
+    def basis(matrix):
+        found = _device_span_basis(matrix, device, dtype)
+        if device.startswith("cuda"):
+            import torch
+            torch.cuda.synchronize()
+        return found
+    return basis
+
+
 def torch_paths(dim, n_clients, rank):
     states, bad = _adapters(dim, n_clients, rank)
     rows = []
@@ -203,8 +219,12 @@ def torch_paths(dim, n_clients, rank):
                           ("torch cpu float64", {"device": "cpu", "dtype": "float64"}),
                           ("torch cpu float32", {"device": "cpu", "dtype": "float32"})]:
         seconds, recall, false = _best_of_two(states, bad, n_jobs=1, **options)
-        rows.append({"variant": name, "seconds": seconds, "recall": recall, "false": false})
-        print(f"  {name}: {seconds:.1f} s", flush=True)
+        basis = (_device_bases(options["device"], options["dtype"]) if options else None)
+        bases = min(_time_bases(states, 1, basis) if basis else _package_bases(states, 1)
+                    for _ in range(2))
+        rows.append({"variant": name, "seconds": seconds, "bases": bases, "recall": recall,
+                     "false": false})
+        print(f"  {name}: {seconds:.1f} s (bases {bases:.2f} s)", flush=True)
     return rows
 
 
@@ -253,18 +273,27 @@ def _tables(target_rows, scaling_rows, slopes, torch_rows, torch_size):
         verdict = _verdict(value <= MAX_SLOPE) if name == "end to end" else ""
         lines.append(f"| {name} | {value:.2f} | {verdict} |")
     dim, n_clients, rank = torch_size
-    lines += ["", f"| d = {dim}, K = {n_clients}, r = {rank} | seconds | recall | "
-              "false flags |", "|---|---|---|---|"]
+    return "\n".join(lines + [""] + _torch_table(torch_rows, torch_size))
+
+
+def _torch_table(torch_rows, torch_size):
+    dim, n_clients, rank = torch_size
+    lines = [f"| d = {dim}, K = {n_clients}, r = {rank}, one thread | end to end (s) | "
+             "two bases (s) | end to end / default's | recall | false flags |",
+             "|---|---|---|---|---|---|"]
+    reference = torch_rows[0]["seconds"]
     for r in torch_rows:
-        lines.append(f"| {r['variant']} | {r['seconds']:.2f} | {r['recall']:.2f} | "
-                     f"{r['false']} |")
-    return "\n".join(lines)
+        lines.append(f"| {r['variant']} | {r['seconds']:.2f} | {r['bases']:.2f} | "
+                     f"{r['seconds'] / reference:.2f} | {r['recall']:.2f} | {r['false']} |")
+    return lines
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes (seconds)")
     parser.add_argument("--markdown", help="also write the tables to this file")
+    parser.add_argument("--torch-only", action="store_true",
+                        help="only part 3, numpy against the torch path")
     args = parser.parse_args(argv)
     import torch  # imported before timing: its first import takes seconds
     load_before = os.getloadavg()
@@ -272,6 +301,17 @@ def main(argv=None):
           f"{platform.machine()}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}, "
           f"load average {load_before[0]:.2f} at the start")
     started = time.time()
+    if args.torch_only:
+        torch_size = QUICK_TORCH if args.quick else TORCH
+        table = "\n".join(_torch_table(torch_paths(*torch_size), torch_size))
+        load_after = os.getloadavg()
+        table += (f"\n\nWall time {time.time() - started:.0f} s; load average "
+                  f"{load_before[0]:.2f} at the start, {load_after[0]:.2f} at the end.")
+        print(table)
+        if args.markdown:
+            with open(args.markdown, "w") as handle:
+                handle.write(table + "\n")
+        return
     size = QUICK_TARGET if args.quick else TARGET
     target_rows = [target(*size, n_jobs=n_jobs) for n_jobs in (None, 1)]
     scaling_rows, slopes = scaling(*(QUICK_SCALING if args.quick else SCALING))

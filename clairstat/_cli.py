@@ -127,10 +127,13 @@ def _parser():
                              "refinement only")
     refine.add_argument("--random-state", type=int, default=None, metavar="S",
                         help="seed of the robust start (reproducible flags)")
-    refine.add_argument("--device", default="cpu", metavar="D",
-                        help="torch device of the solver (default cpu)")
+    refine.add_argument("--device", default=None, metavar="D",
+                        help="torch device (cpu, cuda, cuda:1) of the solver and of the "
+                             "module-sized work: the reduction's QRs, the Gram matrices, "
+                             "the readouts (default: the solver on the CPU, the rest in "
+                             "numpy)")
     refine.add_argument("--dtype", default=None, choices=("float64", "float32"),
-                        help="precision of the decomposition (default float64)")
+                        help="precision of that torch work (default float64)")
     refine.add_argument("--n-jobs", type=int, default=None, metavar="N",
                         help="threads per fit (default: from the problem size; -1: all "
                              "CPUs)")
@@ -368,7 +371,7 @@ def fit_module(module, tensors, configs, n_jobs, work, options, joint):
         if estimator is not None:  # None: every update is zero, nothing was fitted
             p_values = [float(p) for p in estimator.p_values_]
             if joint:
-                gram = module_gram(factors)
+                gram = module_gram(factors, **_on_device(options))
             else:
                 everyone = range(len(factors))
                 readouts = fit.per_client[module].readouts(
@@ -379,7 +382,14 @@ def fit_module(module, tensors, configs, n_jobs, work, options, joint):
     return ModuleFit(flagged, p_values, gram, states, messages)
 
 
-def refine_module(module, tensors, configs, n_jobs, work, coef, kept):
+def _on_device(options):
+    """``device`` and ``dtype`` of the fit options where a device was given, else {}."""
+    if options.get("device") is None:
+        return {}
+    return {"device": options["device"], "dtype": options.get("dtype")}
+
+
+def refine_module(module, tensors, configs, n_jobs, work, coef, kept, on_device=None):
     """Second pass of the joint refinement: the collaborative clients' refined factors.
 
     Client k's refined update is ``sum_j coef[k, j] B_j A_j`` in this module
@@ -394,6 +404,8 @@ def refine_module(module, tensors, configs, n_jobs, work, coef, kept):
     coef : ndarray of shape (n_clients, n_clients)
     kept : list of int
         The clients to read out (the collaborative ones).
+    on_device : dict, optional
+        ``device`` and ``dtype`` of the reduction and the readouts (as the first pass).
 
     Returns
     -------
@@ -407,7 +419,7 @@ def refine_module(module, tensors, configs, n_jobs, work, coef, kept):
     factors = _factors(module, tensors, configs)
     with thread_limits(n_jobs, work):
         # The bases of the first pass's fit (the same exact reduction, recomputed).
-        reduction = factored_reduction(factors)
+        reduction = factored_reduction(factors, **(on_device or {}))
         left, right = reduction.left_basis, reduction.right_basis
         stack = ReducedStack(left, CombinedUpdates(factors, coef, left, right), right)
         readouts = stack.readouts(kept, [factors[k][1].shape[0] for k in kept])
@@ -578,7 +590,8 @@ def _stream(clients, writer, args, progress, cluster):
         coef = dict(zip(live, refinement.coef))  # per module (flagged updates stood in for)
         if kept:
             for module, states in _modules_of(clients, live, cluster, refine_module,
-                                              lambda m: (args.n_jobs, work, coef[m], kept),
+                                              lambda m: (args.n_jobs, work, coef[m], kept,
+                                                         _on_device(_fit_options(args))),
                                               progress, "refinement"):
                 for k, state in states.items():
                     writer.write(k, state)
@@ -609,6 +622,8 @@ def _plain_progress(iterable, total, desc):
 
 
 def _check_device(device):
+    if device is None:
+        return
     import torch
 
     try:

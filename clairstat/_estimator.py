@@ -455,9 +455,12 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
     def _noise_knowledge(self, blocks, noise_cov, scale, factored):
         """The noise as the test knows it, in the rescaled units of the fit."""
         n_clients, p, q = blocks.shape
-        # Dense data are in units of their largest entry (LoRA stacks: about 1 per entry
-        # too); round-off in the statistics is relative to entries of that size.
-        floor = _ROUND_OFF ** 2
+        # Dense data are in units of their largest entry: round-off in the statistics is
+        # relative to entries of that size. A LoRA stack states its own (its factors'
+        # scale and the reduction's precision: clairstat._reduced._round_off).
+        round_off = _ROUND_OFF if getattr(blocks, "round_off", None) is None \
+            else blocks.round_off
+        floor = round_off ** 2
         if noise_cov is not None and self.noise_scale is not None:
             raise ValueError("pass noise_cov or noise_scale, not both.")
         if noise_cov is not None:
@@ -475,7 +478,7 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
         solve_blocks = blocks.coef if factored else blocks
         # The data are in units of their largest entry: below round-off there is no noise
         # to tell apart (all-zero or noiseless data).
-        sigma = max(floor_noise_scale(estimate, solve_blocks), _ROUND_OFF)
+        sigma = max(floor_noise_scale(estimate, solve_blocks), round_off)
         return NoiseKnowledge(np.full(n_clients, sigma), None, floor)
 
     def _threshold_value(self, blocks, scale):

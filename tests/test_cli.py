@@ -293,6 +293,42 @@ def test_joint_is_the_default(adapters, refined, tmp_path):
             refined / folder.name / "adapter_model.safetensors").read_bytes()
 
 
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_device_option_runs_the_torch_path_with_the_same_outcome(adapters, refined, tmp_path,
+                                                                dtype, monkeypatch):
+    """``--device cpu`` runs the torch reduction and readouts (as on a GPU): the same
+    flags and the adapters to 1e3 float32 eps of their scale; the reduction really
+    receives the device and the dtype (recorded)."""
+    from clairstat import _reduced
+
+    seen = []
+    original = _reduced.factored_reduction
+
+    def recording(factors, **kwargs):
+        seen.append(kwargs)
+        return original(factors, **kwargs)
+
+    monkeypatch.setattr(_reduced, "factored_reduction", recording)
+    monkeypatch.setattr("clairstat.aggregation.factored_reduction", recording)
+    monkeypatch.setattr("clairstat.aggregation._clair.factored_reduction", recording)
+    assert main(["refine", "--random-state", "0", "--device", "cpu", "--dtype", dtype,
+                 "--out", str(tmp_path), *map(str, adapters)]) == 0
+    assert seen and all(kw == {"device": "cpu", "dtype": dtype} for kw in seen)
+    report = json.loads((tmp_path / "report.json").read_text())
+    want = json.loads((refined / "report.json").read_text())
+    assert [c["flagged"] for c in report["clients"]] == [c["flagged"] for c in want["clients"]]
+    tol = 1e3 * np.finfo(np.float32).eps
+    for folder in adapters:
+        got, ref = _weights(tmp_path / folder.name), _weights(refined / folder.name)
+        for module in MODULES:
+            b_key, a_key = f"{module}.lora_B.weight", f"{module}.lora_A.weight"
+            update = (got[b_key].double() @ got[a_key].double()).numpy()
+            expected = (ref[b_key].double() @ ref[a_key].double()).numpy()
+            # bf16 outputs round at 2^-8: the comparison is at that client's precision
+            scale = 2.0 ** -8 if got[b_key].dtype == torch.bfloat16 else tol
+            assert np.linalg.norm(update - expected) <= 4 * scale * np.linalg.norm(expected)
+
+
 def test_plain_progress_without_tqdm(adapters, tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "tqdm", None)  # "import tqdm" now fails
     assert main(["refine", "--random-state", "0", "--out", str(tmp_path),

@@ -1,10 +1,11 @@
-"""LoRA refinement with the decomposition on a torch ``device`` and ``dtype``.
+"""LoRA refinement with the torch work on a ``device`` and in a ``dtype``.
 
 ``clair_modules(..., device=, dtype=)`` and ``refine_adapters(..., device=, dtype=)``
-run each module's decomposition in torch there; the reduction, the detection and the
-readouts stay numpy float64 (the reference). The decomposition enters the result only
-through its start set (the clients with a zero sparse block), so a float32 run that
-finds the same start set gives the float64 adapters to float64 round-off.
+run each module's decomposition and its d-sized work (the reduction's QRs, the joint
+refinement's Gram matrices, the readouts' products with the bases) in torch there; the
+detection and the rest of the reduced coordinates stay numpy float64 (the reference,
+which is also what runs when no device is given). ``device="cpu"`` runs the same torch
+code as a GPU would, which is how these tests cover it without one.
 """
 
 import numpy as np
@@ -46,9 +47,10 @@ def _check_against_reference(device, dtype):
     assert np.array_equal(got.flagged, want.flagged)
     name = next(iter(want.estimators))
     assert got.estimators[name].dtype == str(dtype).removeprefix("torch.")
-    # Same start set -> the float64 detection and readouts see the same input: the
-    # adapters agree to float64 round-off of the readout (1e3 eps of their scale);
-    # 1e3 float32 eps bounds it whatever the dtype of the decomposition.
+    # The same flags; the reduced coordinates differ by the reduction's rounding (a
+    # Householder QR on the device against CholeskyQR in numpy, about m eps of their
+    # scale, m = 56 columns here), and in float32 by float32's: 1e3 float32 eps bounds
+    # the adapters' difference in either dtype.
     tol = 1e3 * np.finfo(np.float32).eps
     for w, g in zip(_products(want), _products(got)):
         assert np.linalg.norm(g - w) <= tol * max(np.linalg.norm(w), 1.0)
@@ -81,3 +83,121 @@ def test_clair_modules_rejects_other_dtypes():
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 def test_cuda_device_matches_the_numpy_reference(dtype):
     _check_against_reference("cuda", dtype)
+
+
+# -- the reduction on the device --------------------------------------------------------
+
+def _factors(rng, dim_out=300, dim_in=200, n_clients=10, rank=4, shared_a=False):
+    a_shared = rng.standard_normal((rank, dim_in))
+    return [(rng.standard_normal((dim_out, rank)),
+             a_shared if shared_a else rng.standard_normal((rank, dim_in)))
+            for _ in range(n_clients)]
+
+
+def _reduction_error(reduction, factors):
+    """Largest ``||Q X_i V^T - B_i A_i||_F / (||B_i|| ||A_i||)`` over the clients."""
+    stack = reduction.updates
+    return max(np.linalg.norm(reduction.left_basis @ stack.expand(i) @ reduction.right_basis.T
+                              - b @ a) / (np.linalg.norm(b) * np.linalg.norm(a))
+               for i, (b, a) in enumerate(factors))
+
+
+@pytest.mark.parametrize("shared_a", [False, True])
+def test_device_reduction_is_exact_to_its_precision(shared_a):
+    """``factored_reduction(device=, dtype=)`` reproduces every update to its working
+    precision: a Householder QR's backward error is about ``m eps`` (m = 40 columns), so
+    ``64 sqrt(d) eps`` (d = 300) bounds it with room. The float32 reduction does not meet
+    the float64 bound (it really ran in float32). With one A shared by every client (as
+    when A is frozen) the right span has rank 4, not 40: the rank-revealing branch."""
+    from clairstat._reduced import DeviceBasis, factored_reduction
+
+    factors = _factors(np.random.default_rng(0), shared_a=shared_a)
+    reference = factored_reduction(factors)
+    bound = {name: 64 * np.sqrt(300) * np.finfo(name).eps for name in ("float64", "float32")}
+    errors = {}
+    for dtype in ("float64", "float32"):
+        got = factored_reduction(factors, device="cpu", dtype=dtype)
+        assert isinstance(got.left_basis, DeviceBasis)
+        assert got.left_basis.tensor.dtype == getattr(torch, dtype)
+        assert got.updates.shape == reference.updates.shape
+        assert got.right_basis.shape == reference.right_basis.shape == (200, 4 if shared_a else 40)
+        errors[dtype] = _reduction_error(got, factors)
+        assert errors[dtype] <= bound[dtype]
+    assert errors["float32"] > bound["float64"]
+
+
+def test_device_reduction_of_fresh_adapters_is_zero():
+    """Every B zero (fresh adapters): the left span is {0}, kept as one unit vector."""
+    from clairstat._reduced import factored_reduction
+
+    factors = [(np.zeros((30, 2)), a) for _, a in _factors(np.random.default_rng(1), 30, 20, 4, 2)]
+    got = factored_reduction(factors, device="cpu", dtype="float32")
+    assert got.left_basis.shape == (30, 1)
+    assert np.all(got.updates.coef == 0)
+
+
+def test_device_basis_products_are_numpy_products():
+    from clairstat._reduced import DeviceBasis
+
+    rng = np.random.default_rng(2)
+    matrix, other, stack = (rng.standard_normal((7, 3)), rng.standard_normal((3, 2)),
+                            rng.standard_normal((4, 3, 5)))
+    basis = DeviceBasis(torch.as_tensor(matrix))
+    assert np.allclose(basis @ other, matrix @ other, rtol=0, atol=1e-14)
+    assert np.allclose(other.T @ basis.T, other.T @ matrix.T, rtol=0, atol=1e-14)
+    assert np.allclose(basis @ stack, matrix @ stack, rtol=0, atol=1e-14)
+    assert np.array_equal(np.asarray(basis.T), matrix.T)
+    assert (basis @ other).dtype == np.float64
+
+
+def _refactored(seed, scale=1.0, n_clients=12, rank=4):
+    """One update ``B A`` sent by every client as ``(B M_k, M_k^-1 A)``: noiseless."""
+    rng = np.random.default_rng(seed)
+    b_mat, a_mat = rng.standard_normal((400, rank)), rng.standard_normal((rank, 300))
+    factors = []
+    for _ in range(n_clients):
+        mixing = rng.standard_normal((rank, rank))
+        factors.append((scale * b_mat @ mixing, np.linalg.solve(mixing, a_mat)))
+    return factors
+
+
+@pytest.mark.filterwarnings("ignore:the detection did not settle")
+@pytest.mark.parametrize("where", [{}, {"device": "cpu"},
+                                   {"device": "cpu", "dtype": "float32"}])
+@pytest.mark.parametrize("scale", [1e-4, 1.0, 1e4])
+def test_one_update_in_other_factorizations_flags_nobody(where, scale):
+    """Noiseless clients: the same update in twelve factorizations. Their statistics
+    are round-off, which the stack's floor (clairstat._reduced._round_off) must cover
+    at every scale and precision; the next test is its negative control."""
+    from clairstat.aggregation import aggregate
+
+    for seed in (0, 3):
+        fit = aggregate("clair", _refactored(seed, scale), np.ones(12), random_state=0,
+                        **where)
+        assert not fit.flagged.any()
+
+
+def test_one_update_in_other_factorizations_without_the_stack_floor_is_flagged(monkeypatch):
+    """Negative control: the dense data's floor (64 eps per entry of size 1) instead of the
+    stack's flags clients of the test above on round-off (p-values near 1e-270)."""
+    from clairstat import _reduced
+    from clairstat.aggregation import aggregate
+
+    monkeypatch.setattr(_reduced, "_round_off", lambda factors, coef, dtype: None)
+    fit = aggregate("clair", _refactored(0), np.ones(12), random_state=0)
+    assert fit.flagged.any()
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_joint_refinement_on_the_device_matches_the_reference(dtype):
+    """The default joint refinement (Gram matrices and readouts on the device): the same
+    flags, the adapters to 1e3 float32 eps of their scale (as the per-module test)."""
+    states, bad = _adapters()
+    want = refine_adapters(states, CONFIG, random_state=0)
+    got = refine_adapters(states, CONFIG, random_state=0, device="cpu", dtype=dtype)
+    assert want.flagged[bad].all() and not want.flagged[~bad].any()
+    assert np.array_equal(got.flagged, want.flagged)
+    assert got.rank_selection == want.rank_selection
+    tol = 1e3 * np.finfo(np.float32).eps
+    for w, g in zip(_products(want), _products(got)):
+        assert np.linalg.norm(g - w) <= tol * max(np.linalg.norm(w), 1.0)

@@ -25,7 +25,11 @@ def clair(factors, weights, **options):
     **options
         Keyword arguments of :class:`clairstat.CLAIREstimator`. ``backbone`` defaults to
         ``False`` here: LoRA updates are already differences from the base weights
-        (docs/method_notes.md, section 1: the common backbone may be 0).
+        (docs/method_notes.md, section 1: the common backbone may be 0). ``device``
+        given (``"cuda"``, or ``"cpu"`` for the same torch code on the CPU): the
+        decomposition and the d-sized work (the reduction's QRs, the readouts'
+        products with the bases) run in torch there, in ``dtype``
+        (:class:`clairstat._reduced.DeviceBasis`); not given: the reduction is numpy's.
 
     Returns
     -------
@@ -59,10 +63,12 @@ def clair(factors, weights, **options):
 
     options = {"backbone": False, **options}
     estimator = CLAIREstimator(**options)
+    on_device = {"device": options["device"], "dtype": options.get("dtype")} \
+        if options.get("device") is not None else {}
     if options["backbone"] or options.get("subspace", "column") != "column":
-        reduction = reduce_factors(factors)
+        reduction = reduce_factors(factors, **on_device)
     else:
-        reduction = factored_reduction(factors)
+        reduction = factored_reduction(factors, **on_device)
     with warnings.catch_warnings():
         # The estimator's advice for unequal weights (noise_cov from local_ols) is for
         # regression estimates, not LoRA updates reduced densely (backbone=True).

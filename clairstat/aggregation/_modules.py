@@ -151,7 +151,7 @@ def _fit_per_module(factor_lists, weights, clair_params, progress=None):
     return out
 
 
-def module_gram(factors):
+def module_gram(factors, *, device=None, dtype=None):
     """Gram matrix ``<B_j A_j, B_k A_k>`` (Frobenius) of one module's client updates.
 
     ``tr(A_j^T B_j^T B_k A_k)`` is the sum of ``(B_j^T B_k) * (A_j A_k^T)`` (entrywise):
@@ -160,6 +160,9 @@ def module_gram(factors):
     Parameters
     ----------
     factors : list of (ndarray (d_out, r_k), ndarray (r_k, d_in))
+    device, dtype : optional
+        Form the two products (the d-sized work) in torch on ``device`` in ``dtype``
+        (float64 unless ``"float32"``), as :func:`clair_modules`' reduction; default numpy.
 
     Returns
     -------
@@ -167,7 +170,19 @@ def module_gram(factors):
     """
     lefts = np.hstack([np.asarray(b_mat, dtype=float) for b_mat, _ in factors])
     rights = np.vstack([np.asarray(a_mat, dtype=float) for _, a_mat in factors])
-    entrywise = (lefts.T @ lefts) * (rights @ rights.T)
+    if device is None:
+        entrywise = (lefts.T @ lefts) * (rights @ rights.T)
+    else:
+        import torch
+
+        from .._reduced import _torch_dtype
+
+        def on(array):
+            return torch.as_tensor(array).to(device=device, dtype=_torch_dtype(dtype))
+
+        lefts, rights = on(lefts), on(rights)
+        entrywise = ((lefts.T @ lefts) * (rights @ rights.T)).to(
+            device="cpu", dtype=torch.float64).numpy()
     starts = np.cumsum([0] + [a_mat.shape[0] for _, a_mat in factors[:-1]])
     gram = np.add.reduceat(np.add.reduceat(entrywise, starts, axis=0), starts, axis=1)
     return 0.5 * (gram + gram.T)
@@ -409,7 +424,10 @@ def _fit_joint(factor_lists, weights, clair_params, progress=None):
     live = [name for name in factor_lists if fitted[name][3] is not None]
     if not live:
         return fitted, None
-    joint = joint_refinement(np.stack([module_gram(factor_lists[name]) for name in live]),
+    on_device = {"device": params["device"], "dtype": params.get("dtype")} \
+        if params.get("device") is not None else {}
+    joint = joint_refinement(np.stack([module_gram(factor_lists[name], **on_device)
+                                       for name in live]),
                              [fitted[name][2] for name in live], weights, rank,
                              _level(params), policy)
     out, position = {}, {name: m for m, name in enumerate(live)}
@@ -465,14 +483,21 @@ def clair_modules(factor_lists: Mapping[str, Sequence[tuple[np.ndarray, np.ndarr
     progress : callable, optional
         Called as ``progress(iterable, total=n_modules)`` around the loop over modules.
     device : str or torch.device, optional
-        Where the decomposition runs (``CLAIREstimator(device=...)``, e.g. ``"cuda"``);
-        default: the estimator's (``"cpu"``). The reduction, the detection and the
-        readouts run in numpy float64 whatever the device.
+        Where the torch work runs, e.g. ``"cuda"``: the decomposition
+        (``CLAIREstimator(device=...)``) and the d-sized work of the LoRA path (the
+        reduction's QRs, the joint refinement's Gram matrices, the readouts' products
+        with the bases; :class:`clairstat._reduced.DeviceBasis`). ``"cpu"`` runs the
+        same torch code on the CPU. Not given: the decomposition on the estimator's
+        default (the CPU) and the rest in numpy float64, the reference. The detection and
+        everything else in reduced coordinates (size at most the sum of the clients'
+        ranks, whatever the module's width) run in numpy float64 either way.
     dtype : {"float64", "float32"} or torch dtype, optional
-        The decomposition's precision (``CLAIREstimator(dtype=...)``). In float32 the
-        default duality-gap tolerance is raised to ``100 eps_float32`` (1.2e-5): the gap
-        is a difference of two sums rounded at ~ eps of their size, so a relative
-        certificate of 1e-6 (8 float32 ulps) may never be reached.
+        The precision of that torch work. In float32 the default duality-gap tolerance
+        is raised to ``100 eps_float32`` (1.2e-5): the gap is a difference of two sums
+        rounded at ~ eps of their size, so a relative certificate of 1e-6 (8 float32
+        ulps) may never be reached; the reduction is exact to float32's precision, and
+        the tests' round-off floor is raised to it (noiseless clients are not flagged
+        on the reduction's rounding).
     **clair_params
         Parameters of :class:`clairstat.CLAIREstimator` for the per-module fits;
         with ``joint=True``, ``rank`` is the joint subspace's rank instead.
