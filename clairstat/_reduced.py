@@ -475,8 +475,9 @@ class FactoredBlocks:
     round_off : float, optional
         The size of round-off in an entry of ``coef``, below which the tests' statistics
         are numerical zero (the estimator's floor for noiseless data); ``None``: the
-        estimator's float64 default. :func:`factored_reduction` sets it for a float32
-        reduction. Sub-stacks share their root's.
+        estimator's default for dense data (64 eps per entry of size one).
+        :func:`factored_reduction` sets it from the factors' scale and the reduction's
+        precision (:func:`_round_off`). Sub-stacks share their root's.
 
     Notes
     -----

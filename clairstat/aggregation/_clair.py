@@ -29,7 +29,8 @@ def clair(factors, weights, **options):
         given (``"cuda"``, or ``"cpu"`` for the same torch code on the CPU): the
         decomposition and the d-sized work (the reduction's QRs, the readouts'
         products with the bases) run in torch there, in ``dtype``
-        (:class:`clairstat._reduced.DeviceBasis`); not given: the reduction is numpy's.
+        (:class:`clairstat._reduced.DeviceBasis`; the dense reduction of
+        ``backbone=True`` in float64); not given: the reduction is numpy's.
 
     Returns
     -------
@@ -66,7 +67,10 @@ def clair(factors, weights, **options):
     on_device = {"device": options["device"], "dtype": options.get("dtype")} \
         if options.get("device") is not None else {}
     if options["backbone"] or options.get("subspace", "column") != "column":
-        reduction = reduce_factors(factors, **on_device)
+        # Dense (s, t) blocks: the estimator's round-off floor is float64's (64 eps of
+        # the largest entry), so their reduction is float64 whatever ``dtype``.
+        reduction = reduce_factors(factors, **{**on_device, "dtype": "float64"}
+                                   if on_device else {})
     else:
         reduction = factored_reduction(factors, **on_device)
     with warnings.catch_warnings():
