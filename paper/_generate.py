@@ -245,6 +245,16 @@ def lora_scale_macros(text):
     return macros
 
 
+def device_macros(text):
+    """The LoRA path on a torch device, on the CPU: each variant's end-to-end time over
+    the numpy reference's (``benchmarks/lora_benchmark.py --torch-only``; empty if absent)."""
+    rows = src.find_table(text, "end to end / default's", "two bases (s)") or []
+    names = {"torch cpu float64": "f64", "torch cpu float32": "f32"}
+    return {f"bench.device.{names[row[next(iter(row))]]}.ratio":
+            fmt(src.number(row["end to end / default's"]))
+            for row in rows if row[next(iter(row))] in names}
+
+
 def lora_target_macros(text):
     """The LLM-scale benchmark's target ratio, read from its table's ``<= N`` column."""
     for header, _ in src.markdown_tables(text):
@@ -1022,6 +1032,7 @@ def collect():
         text = bench.read_text()
         macros.update(benchmark_macros(text))
         macros.update(lora_scale_macros(text))
+        macros.update(device_macros(text))
         macros.update(lora_target_macros(text))
         macros.update(concurrency_macros(text))
         macros.update(lora_null_macros(text))

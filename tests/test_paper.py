@@ -143,6 +143,21 @@ def test_benchmark_macros_are_the_committed_tables():
     assert _agrees(_as_float(macros[f"bench.solver.{p}-{q}-{k}.cvxpy"]), float(cvxpy_s))
 
 
+def test_device_macros_are_the_committed_table():
+    """The torch-device ratios, read by plain splitting of the table's lines."""
+    macros = _macros()
+    lines = (ROOT / "benchmarks" / "RESULTS.md").read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if "| end to end / default's |" in line)
+    rows = {}
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        cells = [cell.strip() for cell in line.split("|")[1:-1]]
+        rows[cells[0]] = float(cells[3])
+    assert _agrees(_as_float(macros["bench.device.f64.ratio"]), rows["torch cpu float64"])
+    assert _agrees(_as_float(macros["bench.device.f32.ratio"]), rows["torch cpu float32"])
+
+
 def test_calibration_macros_are_the_csv():
     import pandas as pd
 
