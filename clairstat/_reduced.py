@@ -1036,9 +1036,11 @@ class ReducedFactors(NamedTuple):
 
     Attributes
     ----------
-    left_basis : ndarray of shape (d, s)
-        Orthonormal basis Q of the span of all B_i.
-    right_basis : ndarray of shape (k, t)
+    left_basis : ndarray or DeviceBasis of shape (d, s)
+        Orthonormal basis Q of the span of all B_i (a :class:`DeviceBasis` when the
+        reduction ran on a torch device: products with it are float64 ndarrays;
+        ``np.asarray`` copies it to the host).
+    right_basis : ndarray or DeviceBasis of shape (k, t)
         Orthonormal basis V of the span of all A_i^T.
     updates : ndarray of shape (n_clients, s, t), or FactoredBlocks
         Reduced updates ``Q^T B_i A_i V`` (or, from :func:`factored_reduction`,
@@ -1188,11 +1190,37 @@ def _spans(factors, device=None, dtype=None):
         left, left_coords = _span_basis(np.hstack([b for b, _ in factors]))
         right, right_coords = _span_basis(np.vstack([a for _, a in factors]).T)
     else:
+        factors = [_balanced(b_mat, a_mat) for b_mat, a_mat in factors]
         left, left_coords = _device_span_basis(np.hstack([b for b, _ in factors]),
                                                device, dtype)
         right, right_coords = _device_span_basis(np.vstack([a for _, a in factors]).T,
                                                  device, dtype)
     return factors, left, right, left_coords, right_coords.T
+
+
+def _balanced(b_mat, a_mat):
+    """The same update ``B A`` as ``(U, S V^T A)``, ``B = U S V^T`` (thin SVD, the
+    directions of ``B`` above its rank tolerance; zero columns of ``B`` and rows of
+    ``A`` pad to the client's rank).
+
+    The reduction's coordinates of an update are rounded on the scale of its factors,
+    ``eps ||B|| ||A||``, not of the product: a client sending ``(B M, M^-1 A)`` with M
+    badly conditioned has coordinates off by about ``cond(M)`` times the product's
+    rounding, which in float32 is far above the round-off floor of the tests
+    (:func:`_round_off`, set from the products, so that no client can raise it). Here,
+    in float64 on the host before the device's reduction, the left factor gets
+    orthonormal columns: ``||U|| ||S V^T A|| <= sqrt(r) ||B A||`` up to the float64
+    rounding of the product ``S V^T A``. Same spans as ``B`` and ``A`` (a rank-deficient
+    or zero ``B`` adds no direction); d r^2 flops per client.
+    """
+    left, sing, right_t = np.linalg.svd(b_mat, full_matrices=False)
+    count = 0
+    if sing.size and sing[0] > 0:
+        count = int(np.sum(sing > rank_tolerance(b_mat.shape, sing[0], np.float64)))
+    b_new, a_new = np.zeros_like(b_mat), np.zeros_like(a_mat)
+    b_new[:, :count] = left[:, :count]
+    a_new[:count] = (sing[:count, None] * right_t[:count]) @ a_mat
+    return b_new, a_new
 
 
 # --------------------------------------------------------------------------------------
@@ -1250,6 +1278,18 @@ class DeviceBasis:
     def device(self):
         return self.tensor.device
 
+    @property
+    def ndim(self):
+        return 2
+
+    @property
+    def dtype(self):
+        """float64: what its products return (the tensor's own is ``.tensor.dtype``)."""
+        return np.dtype(np.float64)
+
+    def __len__(self):
+        return self.shape[0]
+
     def _operand(self, array):
         import torch
 
@@ -1280,23 +1320,34 @@ class DeviceBasis:
 def _device_span_basis(matrix, device, dtype):
     """:func:`_span_basis` in torch on ``device``: ``(DeviceBasis, coordinates)``.
 
-    A Householder QR (``torch.linalg.qr``, stable in any precision, as on a GPU), full
-    rank certified as in :func:`_span_columns` with the rank tolerance of the working
-    precision (``max(shape) eps`` times ``||R||_F``); otherwise the SVD of the small
-    triangular factor decides the rank at that tolerance (:func:`orthonormal_basis`).
-    CholeskyQR, the CPU reference's faster route, is not used: its Q is orthonormal
-    only to ``cond(R)^2 eps``, which float32 cannot certify. The coordinates
-    ``Q^T matrix`` (s, m) come back as float64 numpy: in float32 they are the data's
-    to the working precision (the reduction is exact to about ``m eps_float32``
-    relative instead of ``eps_float64``), which the tests' round-off floor follows
-    (:class:`FactoredBlocks`'s ``round_off``).
+    A Householder QR (``torch.linalg.qr``, stable in any precision, as on a GPU) of the
+    matrix with its columns scaled to unit norm (the same span; in float32 a client whose
+    factors are 1e-4 of the others' would otherwise fall below the rank tolerance of the
+    whole stack, ``max(shape) eps_float32`` of its largest singular value, and be
+    dropped: a review measured its update lost entirely at d = 1024). The rank
+    tolerance is ``sqrt(max(d, m)) eps`` of the largest singular value, not numpy's
+    ``max(d, m) eps``: measured on exactly rank-deficient stacks of unit columns
+    (d = 256 to 4096, m = 112 to 1600), the spurious singular values of a float32
+    Householder R are 1.6e-7 to 1.8e-7 of the largest (1.5 eps_float32), 20 to 40 times
+    below this tolerance, while numpy's rule (3e-5 to 5e-4 in float32) dropped the
+    small deviations of clients that share a large common part (a later federated
+    round: the global adapter plus changes of 1e-5 relative). Full rank is certified
+    as in :func:`_span_columns` with 16 times that tolerance; otherwise the SVD of the
+    small triangular factor decides the rank (:func:`orthonormal_basis`). CholeskyQR, the CPU reference's faster
+    route, is not used: its Q is orthonormal only to ``cond(R)^2 eps``, which float32
+    cannot certify. The coordinates ``Q^T matrix`` (s, m) come back as float64 numpy; in
+    float32 they are the data's to about ``m eps_float32`` relative per column, which the
+    tests' round-off floor follows (:func:`_round_off`). The scaling also keeps factors
+    beyond float32's range (3.4e38) finite.
     """
     import torch
 
     torch_dtype = _torch_dtype(dtype)
-    work = torch.as_tensor(np.asarray(matrix, dtype=float)).to(device=device,
-                                                                dtype=torch_dtype)
-    eps = float(torch.finfo(torch_dtype).eps)
+    matrix = np.asarray(matrix, dtype=float)
+    norms = np.linalg.norm(matrix, axis=0)
+    norms = np.where(norms > 0, norms, 1.0)
+    work = torch.as_tensor(matrix / norms).to(device=device, dtype=torch_dtype)
+    tolerance = np.sqrt(max(matrix.shape)) * float(torch.finfo(torch_dtype).eps)
     q_factor, r_factor = torch.linalg.qr(work, mode="reduced")
     r_host = r_factor.to(device="cpu", dtype=torch.float64).numpy()
     upper = np.linalg.norm(r_host)
@@ -1305,21 +1356,19 @@ def _device_span_basis(matrix, device, dtype):
         inverse, info = scipy.linalg.lapack.dtrtri(r_host)
         with np.errstate(all="ignore"):
             lower = 1.0 / np.linalg.norm(inverse) if info == 0 else 0.0
-        certified = bool(np.isfinite(lower)
-                         and lower > 16.0 * max(matrix.shape) * eps * upper)
-    if certified:
-        return DeviceBasis(q_factor), r_host
+        certified = bool(np.isfinite(lower) and lower > 16.0 * tolerance * upper)
+    if certified:  # Q^T (matrix / norms) = R, so Q^T matrix = R diag(norms)
+        return DeviceBasis(q_factor), r_host * norms
     left, singular, _ = scipy.linalg.svd(r_host)
-    keep = (singular > max(matrix.shape) * eps * singular[0] if singular.size and
-            singular[0] > 0 else np.zeros(singular.shape, dtype=bool))
+    keep = (singular > tolerance * singular[0] if singular.size and singular[0] > 0
+            else np.zeros(singular.shape, dtype=bool))
     if not keep.any():  # the span is {0}: the unit vector e_1, as _span_basis
         basis = torch.zeros((matrix.shape[0], 1), dtype=torch_dtype, device=work.device)
         basis[0, 0] = 1.0
-    else:
-        basis = q_factor @ torch.as_tensor(left[:, keep]).to(device=work.device,
-                                                             dtype=torch_dtype)
-    basis = DeviceBasis(basis)
-    return basis, basis.T @ matrix
+        return DeviceBasis(basis), np.zeros((1, matrix.shape[1]))
+    basis = DeviceBasis(q_factor @ torch.as_tensor(left[:, keep]).to(device=work.device,
+                                                                      dtype=torch_dtype))
+    return basis, (basis.T @ (matrix / norms)) * norms
 
 
 def reduce_factors(factors, *, device=None, dtype=None):
@@ -1405,31 +1454,35 @@ def factored_reduction(factors, *, device=None, dtype=None):
         coef[i, :, :tri.shape[0]] = left_all[:, cols] @ tri.T
         rights[i, :tri.shape[0]] = row_basis.T
     return ReducedFactors(left, right, FactoredBlocks(coef, rights,
-                                                      round_off=_round_off(factors, coef, dtype)))
+                                                      round_off=_round_off(coef, dtype)))
 
 
-def _round_off(factors, coef, dtype):
+def _round_off(coef, dtype):
     """A stack's round-off per entry of ``coef`` (:class:`FactoredBlocks`'s
-    ``round_off``), ``sqrt(64 eps / (s r)) max_k ||B_k||_F ||A_k||_F``, eps the
-    reduction's precision: its square times the ``s r`` entries a client's statistic
-    sums is ``64 eps max_k (||B_k|| ||A_k||)^2``.
+    ``round_off``): ``sqrt(c m / (s r))`` with ``m`` the median over clients of
+    ``||X_k||_F^2`` and ``c = 64 eps_float64 + (64 eps)^2``, eps the reduction's
+    precision; its square times the ``s r`` entries a client's statistic sums is
+    ``c m``.
 
-    What round-off alone puts into a client's statistic: the statistics of a factored
-    stack are differences of inner products (``||X_k - m||^2`` from ``<X_j, X_l>``),
-    which round at ``eps ||X_k||^2``, not ``(eps ||X_k||)^2``; and the reduced
-    coordinates of ``B_k A_k`` are rounded on the scale of its factors,
-    ``eps ||B_k|| ||A_k||`` (a client sending ``(B M, M^-1 A)`` is off by about
-    ``cond(M)`` times the product's rounding), which enters a statistic times
-    ``||X_k|| <= ||B_k|| ||A_k||``. Measured: the same update sent by 12 clients in
-    different factorizations gave statistics up to 1.8e-10 with ``||X_k||^2`` near 5e5
-    (float64), and p-values of 1e-270 with the float64 floor of dense data, whatever
-    the scale of the updates; with this floor none is flagged. A real update's noise
-    is far above it (its relative size is ``64 eps`` times the factors' conditioning).
+    The statistics of a factored stack are differences of inner products
+    (``||X_k - m||^2`` from ``<X_j, X_l>``, in float64), which round at
+    ``eps ||X_k||^2``, not ``(eps ||X_k||)^2``: noiseless clients (the same update
+    sent in different factorizations) gave statistics up to 1.8e-10 with ``||X_k||^2``
+    near 5e5, flagged at p ~ 1e-270 under the dense data's floor (64 eps per entry of
+    size one), differently at each scale of the updates. A float32 reduction adds its
+    coordinates' error, a few ``eps_float32 ||X_k||`` per client, which enters a
+    statistic squared. The median, not the largest client, sets it: one client cannot
+    raise everyone's floor (by a large update, or by factors ``(B M, M^-1 A)`` of a
+    badly conditioned M, whose product is unchanged); a review measured a floor taken
+    from the largest ``||B_k|| ||A_k||`` hiding every attacker once one client sent
+    factors of condition 1e8.
     """
     eps = float(np.finfo(np.float32 if dtype is not None and str(dtype).removeprefix(
         "torch.") == "float32" else np.float64).eps)
-    size = max(float(np.linalg.norm(b_mat) * np.linalg.norm(a_mat)) for b_mat, a_mat in factors)
-    return float(np.sqrt(64.0 * eps / max(coef.shape[1] * coef.shape[2], 1)) * size)
+    squares = np.einsum("kij,kij->k", coef, coef)  # ||Y_k||^2 = ||X_k||^2 (R_k orthonormal)
+    factor = 64.0 * float(np.finfo(np.float64).eps) + (64.0 * eps) ** 2
+    return float(np.sqrt(factor * float(np.median(squares))
+                         / max(coef.shape[1] * coef.shape[2], 1)))
 
 
 class ReducedStack:
