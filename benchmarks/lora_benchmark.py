@@ -301,24 +301,16 @@ def main(argv=None):
           f"{platform.machine()}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}, "
           f"load average {load_before[0]:.2f} at the start")
     started = time.time()
-    if args.torch_only:
-        torch_size = QUICK_TORCH if args.quick else TORCH
-        table = "\n".join(_torch_table(torch_paths(*torch_size), torch_size))
-        load_after = os.getloadavg()
-        table += (f"\n\nWall time {time.time() - started:.0f} s; load average "
-                  f"{load_before[0]:.2f} at the start, {load_after[0]:.2f} at the end.")
-        print(table)
-        if args.markdown:
-            with open(args.markdown, "w") as handle:
-                handle.write(table + "\n")
-        return
-    size = QUICK_TARGET if args.quick else TARGET
-    target_rows = [target(*size, n_jobs=n_jobs) for n_jobs in (None, 1)]
-    scaling_rows, slopes = scaling(*(QUICK_SCALING if args.quick else SCALING))
     torch_size = QUICK_TORCH if args.quick else TORCH
-    torch_rows = torch_paths(*torch_size)
+    if args.torch_only:
+        table = "\n".join(_torch_table(torch_paths(*torch_size), torch_size))
+    else:
+        size = QUICK_TARGET if args.quick else TARGET
+        target_rows = [target(*size, n_jobs=n_jobs) for n_jobs in (None, 1)]
+        scaling_rows, slopes = scaling(*(QUICK_SCALING if args.quick else SCALING))
+        table = _tables(target_rows, scaling_rows, slopes, torch_paths(*torch_size),
+                        torch_size)
     load_after = os.getloadavg()
-    table = _tables(target_rows, scaling_rows, slopes, torch_rows, torch_size)
     table += (f"\n\nWall time {time.time() - started:.0f} s; load average "
               f"{load_before[0]:.2f} at the start, {load_after[0]:.2f} at the end.")
     print(table)

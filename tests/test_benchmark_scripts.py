@@ -57,3 +57,19 @@ def test_flagged_clients_script_names_the_noisiest(capsys):
         assert np.all(rank >= 1) and top >= np.max(ratio)
     with pytest.raises(SystemExit, match="unknown dataset"):
         flagged.flagged_clients("nope", 0, 1, "default")
+
+
+def test_lora_benchmark_torch_part_runs_and_reports_every_path(tmp_path, capsys):
+    """``lora_benchmark.py --quick --torch-only``: the numpy reference and both torch
+    dtypes, each with recall 1 and no false flag on the small module."""
+    pytest.importorskip("torch")
+    import lora_benchmark
+
+    out = tmp_path / "table.md"
+    lora_benchmark.main(["--quick", "--torch-only", "--markdown", str(out)])
+    rows = [line.split("|")[1:-1] for line in out.read_text().splitlines()
+            if line.startswith("| numpy") or line.startswith("| torch")]
+    assert [r[0].strip() for r in rows] == ["numpy (default)", "torch cpu float64",
+                                            "torch cpu float32"]
+    assert float(rows[0][3]) == 1.0  # the reference's own ratio
+    assert all(float(r[4]) == 1.0 and int(r[5]) == 0 for r in rows)
