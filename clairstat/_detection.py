@@ -300,7 +300,7 @@ def _fit_on(blocks, weights, members, rank, noise, random_state, whitening=None)
 
 
 def concentrate(blocks, weights, start, rank, noise, *, n_half_starts=3, n_random_starts=10,
-                max_steps=10, random_state=None, whitening=None):
+                max_steps=10, random_state=None, whitening=None, distinct=None):
     """Robust starting set by concentration steps (the C-steps of FastMCD).
 
     From each start (``start``: the clients with S_k = 0; all clients;
@@ -316,22 +316,29 @@ def concentrate(blocks, weights, start, rank, noise, *, n_half_starts=3, n_rando
     decomposition folds into L, and that would then capture the refitted subspace, is
     left out. The rank, if not given, is fixed on ``start``.
 
+    ``distinct`` (a mask, default every client): the sets are drawn from these clients
+    only and ``K`` counts them, so that exact duplicates (a point mass, such as clients
+    sending zero updates) do not fill the half-set at no cost
+    (:func:`clairstat._inference._distinct`); the duplicates are left to the tests.
+
     Returns
     -------
     members : ndarray of bool, shape (n_clients,)
     """
     n_clients = len(blocks)
-    half = n_clients // 2 + 1
-    if n_clients < 4:
+    distinct = np.ones(n_clients, dtype=bool) if distinct is None else distinct
+    eligible = np.flatnonzero(distinct)
+    half = len(eligible) // 2 + 1
+    if len(eligible) < 4:
         return start
     rng = check_random_state(random_state)
     if rank is None:
         rank = _fit_on(blocks, weights, start, None, noise, random_state,
                        whitening)[1].shape[1]
-    unflagged = np.flatnonzero(start)
-    small_pool = unflagged if len(unflagged) >= rank + 2 else np.arange(n_clients)
-    starts = [start, np.ones(n_clients, dtype=bool)]
-    draws = ([(np.arange(n_clients), half)] * n_half_starts
+    unflagged = np.flatnonzero(start & distinct)
+    small_pool = unflagged if len(unflagged) >= rank + 2 else eligible
+    starts = [start & distinct if np.sum(start & distinct) >= 2 else start, distinct.copy()]
+    draws = ([(eligible, half)] * n_half_starts
              + [(small_pool, min(rank + 2, half))] * n_random_starts)
     for pool, size in draws:
         random_set = np.zeros(n_clients, dtype=bool)
@@ -340,7 +347,8 @@ def concentrate(blocks, weights, start, rank, noise, *, n_half_starts=3, n_rando
     # Independent chains: on the threads the enclosing block allows (each chain keeps its
     # own warm start, clairstat._reduced._WARM).
     finals = map_in_threads(lambda members: _c_steps(blocks, weights, members, rank, noise,
-                                                     half, max_steps, random_state), starts)
+                                                     half, max_steps, random_state, distinct),
+                            starts)
     # A client the decomposition flagged (S_k != 0) that a set's own fit absorbs adds ~0
     # to the trimmed sum and displaces one member's share (~cost / h): masking, since
     # structured noise can make a high-leverage attacker's tilt no larger than the noise.
@@ -351,13 +359,15 @@ def concentrate(blocks, weights, start, rank, noise, *, n_half_starts=3, n_rando
     return min(finals, key=lambda item: penalized(*item))[1]
 
 
-def _c_steps(blocks, weights, members, rank, noise, half, max_steps, random_state):
-    """Concentration steps from ``members``; returns (trimmed cost, final set)."""
+def _c_steps(blocks, weights, members, rank, noise, half, max_steps, random_state, distinct):
+    """Concentration steps from ``members`` (among the ``distinct`` clients); returns
+    (trimmed cost, final set)."""
+    eligible = np.flatnonzero(distinct)
     for _ in range(max_steps):
         mean, basis = _fit_on(blocks, weights, members, rank, noise, random_state)
-        relative = projection_statistics(blocks, mean, basis) / noise ** 2
+        relative = (projection_statistics(blocks, mean, basis) / noise ** 2)[eligible]
         new = np.zeros(len(blocks), dtype=bool)
-        new[np.argsort(relative)[:half]] = True
+        new[eligible[np.argsort(relative)[:half]]] = True
         if np.array_equal(new, members):
             break
         members = new

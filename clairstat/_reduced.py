@@ -1325,11 +1325,13 @@ def _device_span_basis(matrix, device, dtype):
     factors are 1e-4 of the others' would otherwise fall below the rank tolerance of the
     whole stack, ``max(shape) eps_float32`` of its largest singular value, and be
     dropped: a review measured its update lost entirely at d = 1024). The rank
-    tolerance is ``sqrt(max(d, m)) eps`` of the largest singular value, not numpy's
-    ``max(d, m) eps``: measured on exactly rank-deficient stacks of unit columns
-    (d = 256 to 4096, m = 112 to 1600), the spurious singular values of a float32
-    Householder R are 1.6e-7 to 1.8e-7 of the largest (1.5 eps_float32), 20 to 40 times
-    below this tolerance, while numpy's rule (3e-5 to 5e-4 in float32) dropped the
+    tolerance is ``max(sqrt(max(d, m)), 16) eps`` of the largest singular value, not
+    numpy's ``max(d, m) eps``: measured on exactly rank-deficient stacks of unit
+    columns (d = 256 to 4096, m = 112 to 1600), the spurious singular values of a
+    float32 Householder R are 1.6e-7 to 1.8e-7 of the largest (1.5 eps_float32), 11 to
+    41 times below sqrt(max(d, m)) eps; a second review saw up to 3.1e-7 (bf16-rounded
+    inputs) and a margin of only 5.5 at d = 64, m = 32, hence the floor of 16 eps (at
+    least 6 there). Numpy's rule (3e-5 to 5e-4 in float32) dropped the
     small deviations of clients that share a large common part (a later federated
     round: the global adapter plus changes of 1e-5 relative). Full rank is certified
     as in :func:`_span_columns` with 16 times that tolerance; otherwise the SVD of the
@@ -1347,7 +1349,7 @@ def _device_span_basis(matrix, device, dtype):
     norms = np.linalg.norm(matrix, axis=0)
     norms = np.where(norms > 0, norms, 1.0)
     work = torch.as_tensor(matrix / norms).to(device=device, dtype=torch_dtype)
-    tolerance = np.sqrt(max(matrix.shape)) * float(torch.finfo(torch_dtype).eps)
+    tolerance = max(np.sqrt(max(matrix.shape)), 16.0) * float(torch.finfo(torch_dtype).eps)
     q_factor, r_factor = torch.linalg.qr(work, mode="reduced")
     r_host = r_factor.to(device="cpu", dtype=torch.float64).numpy()
     upper = np.linalg.norm(r_host)

@@ -227,3 +227,49 @@ def test_refine_real_peft_fresh_adapters(tiny_peft):
         assert all(torch.equal(refined[key], own[key]) for key in own)
     mean = adapter_factors(refinement.mean_state_dict(states[0], config), config)
     assert all(not np.any(b) and np.any(a) for b, a in mean.values())
+
+
+def _federation_with_zero_clients(n_zero, seed=0, dim=256, rank=8):
+    """12 clients in a rank-3 column space, clients 0 and 1 off it (as large as the
+    signal), and ``n_zero`` clients sending zero updates (untrained adapters)."""
+    rng = np.random.default_rng(seed)
+    shared = np.linalg.qr(rng.standard_normal((dim, 3)))[0]
+    factors = []
+    for client in range(12):
+        b_mat = shared @ rng.standard_normal((3, rank)) + 0.1 * rng.standard_normal((dim, rank)) / 16
+        if client < 2:
+            b_mat = b_mat + rng.standard_normal((dim, rank)) / 16 * np.sqrt(3)
+        factors.append((b_mat, rng.standard_normal((rank, dim)) / 16))
+    return factors + [(np.zeros((dim, rank)), np.zeros((rank, dim)))] * n_zero
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("n_zero", [3, 5, 11])
+def test_zero_clients_hide_no_attacker(n_zero):
+    """Untrained clients (zero updates) are a point mass: counted once in the robust
+    start and the calibration (clairstat._inference._distinct), they no longer fill the
+    half-set (five zeros among 17 hid both attackers before; a review, 2026-12-02)."""
+    fit = aggregate("clair", _federation_with_zero_clients(n_zero), np.ones(12 + n_zero),
+                    random_state=0)
+    assert np.flatnonzero(fit.flagged).tolist() == [0, 1]
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_copies_of_a_client_hide_no_attacker_and_copies_of_an_attacker_are_flagged():
+    """Eight copies of a benign client (8 of 20: a cheap Sybil attack) hid both attackers;
+    three more copies of attacker 0 (4 of 15 alike) hid it."""
+    factors = _federation_with_zero_clients(0)
+    fit = aggregate("clair", factors + [factors[5]] * 8, np.ones(20), random_state=0)
+    assert np.flatnonzero(fit.flagged).tolist() == [0, 1]
+    fit = aggregate("clair", factors + [factors[0]] * 3, np.ones(15), random_state=0)
+    assert np.flatnonzero(fit.flagged).tolist() == [0, 1, 12, 13, 14]
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_zero_clients_counted_as_many_hide_the_attackers(monkeypatch):
+    """Negative control: every copy counted (the distinct mask all True) hides both."""
+    from clairstat import _inference
+
+    monkeypatch.setattr(_inference, "_distinct", lambda blocks: np.ones(len(blocks), bool))
+    fit = aggregate("clair", _federation_with_zero_clients(5), np.ones(17), random_state=0)
+    assert not fit.flagged.any()
