@@ -456,8 +456,8 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
         """The noise as the test knows it, in the rescaled units of the fit."""
         n_clients, p, q = blocks.shape
         # Dense data are in units of their largest entry: round-off in the statistics is
-        # relative to entries of that size. A LoRA stack states its own (its factors'
-        # scale and the reduction's precision: clairstat._reduced._round_off).
+        # relative to entries of that size. A LoRA stack states its own (the clients'
+        # median squared norm and the reduction's precision: clairstat._reduced._round_off).
         round_off = _ROUND_OFF if getattr(blocks, "round_off", None) is None \
             else blocks.round_off
         floor = round_off ** 2

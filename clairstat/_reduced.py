@@ -476,8 +476,8 @@ class FactoredBlocks:
         The size of round-off in an entry of ``coef``, below which the tests' statistics
         are numerical zero (the estimator's floor for noiseless data); ``None``: the
         estimator's default for dense data (64 eps per entry of size one).
-        :func:`factored_reduction` sets it from the factors' scale and the reduction's
-        precision (:func:`_round_off`). Sub-stacks share their root's.
+        :func:`factored_reduction` sets it from the clients' median squared norm and the
+        reduction's precision (:func:`_round_off`). Sub-stacks share their root's.
 
     Notes
     -----
