@@ -273,3 +273,17 @@ def test_zero_clients_counted_as_many_hide_the_attackers(monkeypatch):
     monkeypatch.setattr(_inference, "_distinct", lambda blocks: np.ones(len(blocks), bool))
     fit = aggregate("clair", _federation_with_zero_clients(5), np.ones(17), random_state=0)
     assert not fit.flagged.any()
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.xfail(strict=True, reason="known limit, not fixed: only exact copies are counted "
+                   "once; five nearly-zero updates (entries ~6e-4, clients that barely "
+                   "trained) among 17 clients still fill the robust start and hide both "
+                   "attackers (measured 2026-12-02, as with 8 near-copies of a benign client)")
+def test_nearly_zero_clients_hide_no_attacker():
+    rng = np.random.default_rng(1)
+    factors = _federation_with_zero_clients(0)
+    tiny = [(1e-2 / 16 * rng.standard_normal((256, 8)), 1e-2 / 16 * rng.standard_normal((8, 256)))
+            for _ in range(5)]
+    fit = aggregate("clair", factors + tiny, np.ones(17), random_state=0)
+    assert np.flatnonzero(fit.flagged).tolist() == [0, 1]
