@@ -277,8 +277,8 @@ def test_zero_clients_counted_as_many_hide_the_attackers(monkeypatch):
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
 @pytest.mark.xfail(strict=True, reason="known limit, not fixed: only exact copies are counted "
-                   "once; five nearly-zero updates (entries ~6e-4, clients that barely "
-                   "trained) among 17 clients still fill the robust start and hide both "
+                   "once; five nearly-zero updates (1e-4 of the others' size, clients "
+                   "that barely trained) among 17 clients still fill the robust start and hide both "
                    "attackers (measured 2026-12-02, as with 8 near-copies of a benign client)")
 def test_nearly_zero_clients_hide_no_attacker():
     rng = np.random.default_rng(1)
