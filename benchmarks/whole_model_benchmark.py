@@ -197,12 +197,17 @@ def run(args, root):
         argv += ["--n-jobs", str(args.n_jobs)]
     if args.scheduler is not None:
         argv += ["--scheduler", args.scheduler]
+    on_device = [f"--{name} {getattr(args, name)}" for name in ("device", "dtype")
+                 if getattr(args, name) is not None]
+    for option in on_device:
+        argv += option.split()
     wall, peak = _child("cli", argv + [str(f) for f in folders])
     report = json.loads((out / "report.json").read_text())
     flagged = np.array([client["flagged"] for client in report["clients"]])
     attackers = np.arange(args.clients) < args.attackers
     n_modules = len(report["modules"])
-    rows = [{"path": "clairstat refine (streamed)", "modules": n_modules,
+    path = "clairstat refine (streamed" + "".join(", " + o for o in on_device) + ")"
+    rows = [{"path": path, "modules": n_modules,
              "clients": args.clients, "rank": args.rank, "dtype": "bf16", "wall_s": wall,
              "per_module_s": wall / n_modules, "peak_rss_mib": peak,
              "baseline_rss_mib": baseline, "bytes_in": _bytes(folders),
@@ -244,6 +249,8 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--n-jobs", type=int, default=None, help="passed to clairstat refine")
     parser.add_argument("--scheduler", default=None, help="passed to clairstat refine")
+    parser.add_argument("--device", default=None, help="passed to clairstat refine")
+    parser.add_argument("--dtype", default=None, help="passed to clairstat refine")
     parser.add_argument("--compare-whole", action="store_true",
                         help="also run clairstat.lora.refine_adapters on the whole "
                              "adapters in memory (the command's former path): its peak "
