@@ -319,7 +319,7 @@ def concentrate(blocks, weights, start, rank, noise, *, n_half_starts=3, n_rando
     ``distinct`` (a mask, default every client): the sets are drawn from these clients
     only and ``K`` counts them, so that exact duplicates (a point mass, such as clients
     sending zero updates) do not fill the half-set at no cost
-    (:func:`clairstat._inference._distinct`); the duplicates are left to the tests.
+    (:func:`clairstat._tuning.distinct_clients`); the duplicates are left to the tests.
 
     Returns
     -------

@@ -19,7 +19,7 @@ from statsmodels.stats.multitest import multipletests
 from ._detection import (_fit_on, calibrate_null, concentrate, out_of_sample_statistics,
                          projection_statistics, refine, weighted_mean)
 from ._reduced import FactoredBlocks
-from ._tuning import _first_occurrences
+from ._tuning import distinct_clients
 from ._null import (NoiseCovariance, NullDistribution, Standardizer, complement_basis,
                     known_standardizer, kronecker_df, median_scale_df,
                     robust_log_spread_df)
@@ -488,29 +488,6 @@ def _final(state, level, correction, converged, n_rounds):
                             level, correction, converged, n_rounds)
 
 
-def _distinct(blocks):
-    """The first occurrence of every distinct estimate (exact duplicates, e.g. clients
-    that send zero updates, counted once), a mask of shape (n_clients,).
-
-    Identical clients are a point mass: in the robust start's half-set they cost nothing
-    and fill it (five zero updates among 17 clients took five of its nine places, and
-    the tests against that set kept both attackers), and in the calibration's median
-    they count once per copy (their common statistic moved the median: the attackers'
-    p-values were 0.05). Both count each distinct estimate once
-    (:func:`clairstat._detection.concentrate`; the calibration while the distinct
-    estimates are most of its clients); the duplicates are still tested, like every
-    client.
-    """
-    if isinstance(blocks, FactoredBlocks):
-        rows = np.hstack([blocks.coef.reshape(len(blocks), -1),
-                          blocks.rights.reshape(len(blocks), -1)])
-    else:
-        rows = np.asarray(blocks).reshape(len(blocks), -1)
-    mask = np.zeros(len(blocks), dtype=bool)
-    mask[_first_occurrences(rows)] = True
-    return mask
-
-
 def detect_clients(blocks, weights, start, *, rank, noise, level, correction, iterate=True,
                    random_state=None):
     """Refit-and-test until the collaborative set is the one its own test keeps.
@@ -545,7 +522,7 @@ def detect_clients(blocks, weights, start, *, rank, noise, level, correction, it
     """
     n_clients = len(blocks)
     members = start.copy() if start.sum() >= 2 else np.ones(n_clients, dtype=bool)
-    distinct = _distinct(blocks)
+    distinct = distinct_clients(blocks)
 
     def test(members, calibrate_on=None):
         calibrate_on = members if calibrate_on is None else calibrate_on

@@ -46,7 +46,8 @@ def estimate_noise_scale(local_estimates):
     contaminated clients cannot drag), and sigma is read off the median singular value
     of the stacked ``p x (K q)`` matrix against the Marchenko-Pastur median (Gavish and
     Donoho, 2014): low-rank signal and a minority of contaminated blocks move only a few
-    singular values, not the median. Exactly duplicated clients are counted once.
+    singular values, not the median. Copies of one estimate are counted once
+    (:func:`distinct_clients`).
 
     Parameters
     ----------
@@ -62,10 +63,9 @@ def estimate_noise_scale(local_estimates):
     >>> round(estimate_noise_scale(0.5 * rng.standard_normal((40, 30, 8))), 1)
     0.5
     """
-    # Exact duplicates carry no information on the noise and, if numerous, would make
-    # the median singular value structurally zero.
-    local_estimates = local_estimates[_first_occurrences(
-        local_estimates.reshape(len(local_estimates), -1))]
+    # Copies carry no information on the noise and, if numerous, would make the median
+    # singular value structurally zero (exact copies) or pull it down (near-copies).
+    local_estimates = local_estimates[distinct_clients(local_estimates)]
     n_clients = local_estimates.shape[0]
     if n_clients < 2:
         return 0.0
@@ -93,6 +93,77 @@ def _first_occurrences(rows):
     return np.fromiter(first.values(), dtype=int, count=len(first))
 
 
+# Two clients whose squared distance is below this share of the typical squared distance
+# between clients are copies of one estimate (distinct_clients). Under i.i.d. Gaussian
+# noise with d degrees of freedom a pair is that close with probability about
+# (1e-4 d / 2)^(d / 2) / Gamma(d / 2 + 1): 7e-5 for d = 2, 1e-30 for d = 16 (0.005 for a
+# scalar estimate, d = 1, where a merged pair only counts once in the robust start).
+_NEAR_COPY = 1e-4
+
+
+def distinct_clients(blocks):
+    """One client of every group of copies of one estimate, a mask of shape (n_clients,).
+
+    Copies are clients whose estimates are equal (byte for byte, or as updates: a LoRA
+    client with ``B = 0`` sends a zero update whatever its ``A``), or closer to each other
+    than ``1e-4`` of the clients' typical squared distance (the median over clients of
+    each one's median squared distance to the others): clients that barely trained
+    (updates 1e-4 the others' size) or a Sybil's copies perturbed by round-off. Groups
+    are the connected components of the "closer than that" graph (single linkage:
+    scipy's ``connected_components``); each is represented by its first client.
+
+    Copies are a point mass, about which the noise tells nothing: the noise scale, the
+    robust start's half-set and the calibration's median count each group once
+    (docs/method_notes.md, section 8). Every client is still tested.
+
+    Parameters
+    ----------
+    blocks : ndarray of shape (n_clients, p, q) or FactoredBlocks
+
+    Returns
+    -------
+    mask : ndarray of bool, shape (n_clients,)
+    """
+    from scipy.sparse import csr_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    n_clients = len(blocks)
+    factored = hasattr(blocks, "raw_inner")
+    if factored:
+        rows = np.hstack([blocks.coef.reshape(n_clients, -1),
+                          blocks.rights.reshape(n_clients, -1)])
+    else:
+        rows = np.asarray(blocks, dtype=float).reshape(n_clients, -1)
+    first = _first_occurrences(rows)
+    mask = np.zeros(n_clients, dtype=bool)
+    mask[first] = True
+    if len(first) < 3:  # no median distance to compare with
+        return mask
+    if factored:  # <X_j, X_l> from the reduction's coordinates (cached within a fit)
+        position = blocks.index[first]
+        inner = blocks.raw_inner()[np.ix_(position, position)]
+    else:
+        inner = rows[first] @ rows[first].T
+    norms = np.clip(np.diag(inner), 0.0, None)
+    distance = norms[:, None] + norms[None, :] - 2.0 * inner
+    # Differences of inner products round at a few eps (||X_j||^2 + ||X_l||^2); a
+    # float32 reduction's coordinates add their own (FactoredBlocks.round_off).
+    floor = 64.0 * float(np.finfo(float).eps) * (norms[:, None] + norms[None, :])
+    if factored and blocks.round_off is not None:
+        floor = np.maximum(floor, 2.0 * blocks.round_off ** 2 * np.prod(blocks.coef.shape[1:]))
+    # The typical squared distance: the median over clients of each one's median distance
+    # to the others. Attackers fewer than half the clients set neither median; the median
+    # over all pairs they could (benign pairs are under half of them once attackers are
+    # 30%: five far-off attackers among 17 made every benign client a copy of another).
+    others = ~np.eye(len(first), dtype=bool)
+    typical = float(np.median(np.median(distance[others].reshape(len(first), -1), axis=1)))
+    near = distance <= np.maximum(_NEAR_COPY * typical, floor)
+    labels = connected_components(csr_matrix(near), directed=False)[1]
+    mask[:] = False
+    mask[first[np.unique(labels, return_index=True)[1]]] = True
+    return mask
+
+
 def _marchenko_pastur_scale(sing, n_long, n_short):
     """sigma from the median of the ``n_short`` singular values of a noise matrix."""
     return np.median(sing) / np.sqrt(n_long * marchenko_pastur_median(n_short / n_long))
@@ -104,10 +175,9 @@ def factored_noise_scale(stack):
     The median singular value of ``[Y_1, ..., Y_K]`` (p x sum r_k, the padding columns
     left out) against the Marchenko-Pastur median, as :func:`estimate_noise_scale`
     but uncentred: without a backbone the shared structure is low rank and moves only a
-    few singular values. Exactly duplicated clients are counted once.
+    few singular values. Copies of one estimate are counted once (:func:`distinct_clients`).
     """
-    keep = _first_occurrences(np.hstack([stack.coef.reshape(len(stack), -1),
-                                         stack.rights.reshape(len(stack), -1)]))
+    keep = np.flatnonzero(distinct_clients(stack))
     if len(keep) < 2:
         return 0.0
     columns = stack.coef[keep].transpose(1, 0, 2).reshape(stack.shape[1], -1)

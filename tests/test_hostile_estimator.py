@@ -31,6 +31,67 @@ def test_one_client_off_identical_ones_is_flagged():
     assert np.flatnonzero(est.contaminated_).tolist() == [3]
 
 
+def _with_near_copies(seed, kind):
+    """Two contaminated clients among 20, plus eight clients that are copies of one
+    estimate up to far less than the noise: a benign client's perturbed by 1e-12 (a
+    Sybil's copies that escape a byte-for-byte comparison), or the clients' median
+    perturbed by 1e-4 (noise 0.3)."""
+    data = make_low_rank_block_sparse(n_clients=20, p=12, q=4, rank=2, n_contaminated=2,
+                                      noise_level=0.3, random_state=seed)
+    X, rng = data.local_estimates, np.random.default_rng(seed)
+    centre = X[np.flatnonzero(~data.contaminated)[0]] if kind == "copies" \
+        else np.median(X, axis=0)
+    scale = 1e-12 if kind == "copies" else 1e-4
+    extra = centre + scale * rng.standard_normal((8,) + X.shape[1:])
+    return np.concatenate([X, extra]), np.flatnonzero(data.contaminated).tolist()
+
+
+@pytest.mark.parametrize("seed, kind", [(0, "copies"), (3, "copies"), (4, "copies"),
+                                        (3, "median")])
+def test_near_copies_hide_no_contaminated_client(seed, kind):
+    """Copies up to far less than the noise count once in the noise scale, the robust
+    start and the calibration (clairstat._tuning.distinct_clients); while only
+    byte-identical ones did, these cases flagged nobody."""
+    X, bad = _with_near_copies(seed, kind)
+    assert np.flatnonzero(quiet_fit(X).contaminated_).tolist() == bad
+
+
+@pytest.mark.parametrize("seed, kind", [(3, "copies"), (3, "median")])
+def test_near_copies_counted_as_many_hide_the_contaminated(monkeypatch, seed, kind):
+    """Negative control: every copy counted (the mask all True) flags neither."""
+    from clairstat import _inference, _tuning
+
+    def every_client(blocks):
+        return np.ones(len(blocks), bool)
+
+    monkeypatch.setattr(_inference, "distinct_clients", every_client)
+    monkeypatch.setattr(_tuning, "distinct_clients", every_client)
+    X, bad = _with_near_copies(seed, kind)
+    assert not quiet_fit(X).contaminated_[bad].any()
+
+
+def test_distinct_clients_groups_copies_only():
+    """Exact copies, copies within 1e-4 of the typical squared distance, zero updates in
+    different factors; independent noisy clients are never grouped (the chance of a pair
+    that close is about 1e-30 here, 16 degrees of freedom)."""
+    from clairstat._reduced import FactoredBlocks
+    from clairstat._tuning import distinct_clients
+
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((30, 8, 2))
+    assert distinct_clients(X).all()
+    X[[4, 9]] = X[2]
+    X[11] = X[7] + 1e-3 * rng.standard_normal((8, 2))  # squared distance ~1e-6 of typical
+    assert np.flatnonzero(~distinct_clients(X)).tolist() == [4, 9, 11]
+    far = rng.standard_normal((17, 8, 2))
+    far[:5] *= 1e4  # with the median over all pairs as the typical distance, five far-off
+    assert distinct_clients(far).all()  # clients among 17 made every benign one a copy
+    rights = np.stack([np.linalg.qr(rng.standard_normal((6, 2)))[0].T for _ in range(5)])
+    coef = rng.standard_normal((5, 5, 2))
+    coef[[1, 3]] = 0.0  # zero updates, each with its own (orthonormal) right factor
+    assert np.flatnonzero(~distinct_clients(FactoredBlocks(coef, rights))).tolist() == [3]
+
+
 def test_all_zero_input():
     est = quiet_fit(np.zeros((10, 4, 3)))
     assert not est.contaminated_.any()
