@@ -531,7 +531,7 @@ def detect_clients(blocks, weights, start, *, rank, noise, level, correction, it
         # that agree exactly, whose round-off the floor covers), and counting them once
         # would leave a median of the few others (one client off eleven identical ones
         # was then not flagged).
-        if 2 * np.sum(calibrate_on & distinct) > np.sum(calibrate_on):
+        if 2 * np.sum(calibrate_on & distinct) >= np.sum(calibrate_on):
             calibrate_on = calibrate_on & distinct
         return _test_round(blocks, weights, members, rank, noise, level, correction,
                            random_state, calibrate_on)

@@ -46,8 +46,8 @@ def estimate_noise_scale(local_estimates):
     contaminated clients cannot drag), and sigma is read off the median singular value
     of the stacked ``p x (K q)`` matrix against the Marchenko-Pastur median (Gavish and
     Donoho, 2014): low-rank signal and a minority of contaminated blocks move only a few
-    singular values, not the median. Copies of one estimate are counted once
-    (:func:`distinct_clients`).
+    singular values, not the median. Copies of one estimate are counted once unless
+    they are most of the clients (:func:`distinct_clients`).
 
     Parameters
     ----------
@@ -63,9 +63,9 @@ def estimate_noise_scale(local_estimates):
     >>> round(estimate_noise_scale(0.5 * rng.standard_normal((40, 30, 8))), 1)
     0.5
     """
-    # Copies carry no information on the noise and, if numerous, would make the median
-    # singular value structurally zero (exact copies) or pull it down (near-copies).
-    local_estimates = local_estimates[distinct_clients(local_estimates)]
+    # Copies carry no information on the noise and would pull the median singular value
+    # down (to zero, were they most of the clients: then they are the consensus).
+    local_estimates = local_estimates[_noise_clients(local_estimates)]
     n_clients = local_estimates.shape[0]
     if n_clients < 2:
         return 0.0
@@ -93,11 +93,8 @@ def _first_occurrences(rows):
     return np.fromiter(first.values(), dtype=int, count=len(first))
 
 
-# Two clients whose squared distance is below this share of the typical squared distance
-# between clients are copies of one estimate (distinct_clients). Under i.i.d. Gaussian
-# noise with d degrees of freedom a pair is that close with probability about
-# (1e-4 d / 2)^(d / 2) / Gamma(d / 2 + 1): 7e-5 for d = 2, 1e-30 for d = 16 (0.005 for a
-# scalar estimate, d = 1, where a merged pair only counts once in the robust start).
+# Two clients whose squared distance is below this share of the typical nearest-neighbour
+# squared distance are copies of one estimate (distinct_clients).
 _NEAR_COPY = 1e-4
 
 
@@ -105,16 +102,24 @@ def distinct_clients(blocks):
     """One client of every group of copies of one estimate, a mask of shape (n_clients,).
 
     Copies are clients whose estimates are equal (byte for byte, or as updates: a LoRA
-    client with ``B = 0`` sends a zero update whatever its ``A``), or closer to each other
-    than ``1e-4`` of the clients' typical squared distance (the median over clients of
-    each one's median squared distance to the others): clients that barely trained
-    (updates 1e-4 the others' size) or a Sybil's copies perturbed by round-off. Groups
-    are the connected components of the "closer than that" graph (single linkage:
-    scipy's ``connected_components``); each is represented by its first client.
+    client with ``B = 0`` sends a zero update whatever its ``A``), or whose squared
+    distance is below ``1e-4`` of the typical squared distance from a client to its
+    nearest neighbour (the median over clients): clients that barely trained (updates
+    1e-4 the others' size) or a Sybil's copies perturbed by round-off. Groups are the
+    connected components of the "closer than that" graph (single linkage: scipy's
+    ``connected_components``); each is represented by its first client.
+
+    The nearest neighbour, not the spread between clients, sets the scale: clients in
+    tight benign clusters (a low-rank signal with little noise) are far apart between
+    clusters and must not merge within them. While copies are fewer than half the
+    clients, the median nearest-neighbour distance is a non-copy's; when they are more,
+    it is theirs and only exact copies (and, for a factored stack, copies within the
+    round-off of its inner products) group.
 
     Copies are a point mass, about which the noise tells nothing: the noise scale, the
-    robust start's half-set and the calibration's median count each group once
-    (docs/method_notes.md, section 8). Every client is still tested.
+    robust start's half-set and the calibration's median count each group once unless
+    copies are most of the clients (docs/method_notes.md, section 8). Every client
+    is still tested.
 
     Parameters
     ----------
@@ -126,6 +131,7 @@ def distinct_clients(blocks):
     """
     from scipy.sparse import csr_matrix
     from scipy.sparse.csgraph import connected_components
+    from scipy.spatial.distance import pdist, squareform
 
     n_clients = len(blocks)
     factored = hasattr(blocks, "raw_inner")
@@ -137,31 +143,43 @@ def distinct_clients(blocks):
     first = _first_occurrences(rows)
     mask = np.zeros(n_clients, dtype=bool)
     mask[first] = True
-    if len(first) < 3:  # no median distance to compare with
+    if len(first) < 3:  # no typical distance to compare with
         return mask
-    if factored:  # <X_j, X_l> from the reduction's coordinates (cached within a fit)
+    if factored:
+        # ||X_j - X_l||^2 from <X_j, X_l> in the reduction's coordinates (cached within
+        # a fit). Differences of inner products round at a few eps (||X_j||^2 +
+        # ||X_l||^2), a float32 reduction's coordinates add their own
+        # (FactoredBlocks.round_off): below that two updates are equal to the precision
+        # the tests' statistics have, which are formed the same way.
         position = blocks.index[first]
         inner = blocks.raw_inner()[np.ix_(position, position)]
+        norms = np.clip(np.diag(inner), 0.0, None)
+        distance = norms[:, None] + norms[None, :] - 2.0 * inner
+        floor = 64.0 * float(np.finfo(float).eps) * (norms[:, None] + norms[None, :])
+        if blocks.round_off is not None:
+            floor = np.maximum(floor, 2.0 * blocks.round_off ** 2
+                               * np.prod(blocks.coef.shape[1:]))
     else:
-        inner = rows[first] @ rows[first].T
-    norms = np.clip(np.diag(inner), 0.0, None)
-    distance = norms[:, None] + norms[None, :] - 2.0 * inner
-    # Differences of inner products round at a few eps (||X_j||^2 + ||X_l||^2); a
-    # float32 reduction's coordinates add their own (FactoredBlocks.round_off).
-    floor = 64.0 * float(np.finfo(float).eps) * (norms[:, None] + norms[None, :])
-    if factored and blocks.round_off is not None:
-        floor = np.maximum(floor, 2.0 * blocks.round_off ** 2 * np.prod(blocks.coef.shape[1:]))
-    # The typical squared distance: the median over clients of each one's median distance
-    # to the others. Attackers fewer than half the clients set neither median; the median
-    # over all pairs they could (benign pairs are under half of them once attackers are
-    # 30%: five far-off attackers among 17 made every benign client a copy of another).
-    others = ~np.eye(len(first), dtype=bool)
-    typical = float(np.median(np.median(distance[others].reshape(len(first), -1), axis=1)))
+        # Differences formed entry by entry: exact to the entries' precision whatever
+        # their common offset (from inner products, clients sharing a large offset
+        # merged once the noise was 1e-7 of it).
+        distance, floor = squareform(pdist(rows[first], "sqeuclidean")), 0.0
+    np.fill_diagonal(distance, np.inf)
+    typical = float(np.median(distance.min(axis=1)))
     near = distance <= np.maximum(_NEAR_COPY * typical, floor)
     labels = connected_components(csr_matrix(near), directed=False)[1]
     mask[:] = False
     mask[first[np.unique(labels, return_index=True)[1]]] = True
     return mask
+
+
+def _noise_clients(blocks):
+    """The clients a noise-scale estimate reads: one per group of copies
+    (:func:`distinct_clients`) while the groups are at least half the clients; all of
+    them otherwise (copies in the majority are the consensus, and their lack of noise is
+    the answer: one client off eleven copies read its own deviation as the noise)."""
+    keep = distinct_clients(blocks)
+    return keep if 2 * keep.sum() >= len(keep) else np.ones(len(keep), dtype=bool)
 
 
 def _marchenko_pastur_scale(sing, n_long, n_short):
@@ -175,9 +193,10 @@ def factored_noise_scale(stack):
     The median singular value of ``[Y_1, ..., Y_K]`` (p x sum r_k, the padding columns
     left out) against the Marchenko-Pastur median, as :func:`estimate_noise_scale`
     but uncentred: without a backbone the shared structure is low rank and moves only a
-    few singular values. Copies of one estimate are counted once (:func:`distinct_clients`).
+    few singular values. Copies of one estimate are counted once unless they are
+    most of the clients (:func:`distinct_clients`).
     """
-    keep = np.flatnonzero(distinct_clients(stack))
+    keep = np.flatnonzero(_noise_clients(stack))
     if len(keep) < 2:
         return 0.0
     columns = stack.coef[keep].transpose(1, 0, 2).reshape(stack.shape[1], -1)

@@ -73,3 +73,11 @@ def test_lora_benchmark_torch_part_runs_and_reports_every_path(tmp_path, capsys)
                                             "torch cpu float32"]
     assert float(rows[0][3]) == 1.0  # the reference's own ratio
     assert all(float(r[4]) == 1.0 and int(r[5]) == 0 for r in rows)
+
+
+def test_copy_grouping_script_runs(capsys):
+    import copy_grouping
+
+    copy_grouping.main(["--seeds", "2"])
+    table = capsys.readouterr().out
+    assert table.count("\n| ") == 13  # header and 12 cells

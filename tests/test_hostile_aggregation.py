@@ -314,9 +314,9 @@ def test_copies_counted_as_many_hide_the_attackers(monkeypatch, kind):
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
 @pytest.mark.xfail(strict=True, reason="known limit, not fixed: a tight cluster that is not "
-                   "a copy still defeats the tests (it widens the null); five updates 1e-2 of the others' "
-                   "size (closer than the noise, but not within 1e-4 of the clients' typical "
-                   "squared distance) among 17 hide both attackers (measured 2026-12-02)")
+                   "a copy still defeats the tests (it widens the null); five updates 1e-2 "
+                   "of the others' size (closer than the noise, but not copies) among 17 "
+                   "hide both attackers (measured 2026-12-02)")
 def test_small_updates_hide_no_attacker():
     rng = np.random.default_rng(1)
     factors = _federation_with_zero_clients(0)

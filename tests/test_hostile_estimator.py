@@ -71,9 +71,9 @@ def test_near_copies_counted_as_many_hide_the_contaminated(monkeypatch, seed, ki
 
 
 def test_distinct_clients_groups_copies_only():
-    """Exact copies, copies within 1e-4 of the typical squared distance, zero updates in
-    different factors; independent noisy clients are never grouped (the chance of a pair
-    that close is about 1e-30 here, 16 degrees of freedom)."""
+    """Exact copies, copies within 1e-4 of the typical nearest-neighbour squared
+    distance, zero updates in different factors; independent clients of 16 entries are
+    not grouped (never in 200 seeds of 20 to 500 clients: benchmarks/copy_grouping.py)."""
     from clairstat._reduced import FactoredBlocks
     from clairstat._tuning import distinct_clients
 
@@ -84,12 +84,43 @@ def test_distinct_clients_groups_copies_only():
     X[11] = X[7] + 1e-3 * rng.standard_normal((8, 2))  # squared distance ~1e-6 of typical
     assert np.flatnonzero(~distinct_clients(X)).tolist() == [4, 9, 11]
     far = rng.standard_normal((17, 8, 2))
-    far[:5] *= 1e4  # with the median over all pairs as the typical distance, five far-off
-    assert distinct_clients(far).all()  # clients among 17 made every benign one a copy
+    far[:5] *= 1e4  # five far-off clients among 17 (with the median over all pairs as
+    assert distinct_clients(far).all()  # the typical distance, every benign one a copy)
     rights = np.stack([np.linalg.qr(rng.standard_normal((6, 2)))[0].T for _ in range(5)])
     coef = rng.standard_normal((5, 5, 2))
     coef[[1, 3]] = 0.0  # zero updates, each with its own (orthonormal) right factor
     assert np.flatnonzero(~distinct_clients(FactoredBlocks(coef, rights))).tolist() == [3]
+
+
+def test_copy_grouping_leaves_clean_fits_alone():
+    """Three cases a first version of the grouping (a hostile review, 2026-12-02) got
+    wrong and the parent commit got right, each a non-copy the grouping must not merge:
+    clients sharing an offset 5e6 times their noise (distances from inner products lost
+    every digit: all merged, noise scale 0, nothing flagged); benign clients in two tight
+    clusters (noise 1e-3; the spread between clients as the scale merged each cluster
+    and both contaminated clients were missed); eleven clients equal up to 1e-15 and one
+    off them (counted once, the eleven left the off client's own deviation as the noise)."""
+    data = make_low_rank_block_sparse(n_clients=20, p=12, q=4, rank=2, n_contaminated=2,
+                                      noise_level=0.3, random_state=0)
+    bad = np.flatnonzero(data.contaminated).tolist()
+    assert np.flatnonzero(quiet_fit(data.local_estimates + 5e6).contaminated_).tolist() == bad
+
+    rng = np.random.default_rng(0)
+    basis = np.linalg.qr(rng.standard_normal((12, 2)))[0]
+    centre = rng.standard_normal((12, 4))
+    centres = centre + np.einsum("pr,crq->cpq", basis, rng.standard_normal((2, 2, 4)))
+    X = centres[np.arange(18) % 2] + 1e-3 * rng.standard_normal((18, 12, 4))
+    off = rng.standard_normal((2, 12, 4))
+    off -= np.einsum("pr,sr,ksq->kpq", basis, basis, off)
+    off *= 0.01 / np.linalg.norm(off, axis=(1, 2))[:, None, None]
+    X = np.concatenate([X, centre + off + 1e-3 * rng.standard_normal((2, 12, 4))])
+    assert np.flatnonzero(quiet_fit(X).contaminated_).tolist() == [18, 19]
+
+    rng = np.random.default_rng(0)
+    X = np.repeat(rng.standard_normal((1, 6, 2)), 12, axis=0)
+    X[3] += 0.5 * rng.standard_normal((6, 2))
+    X[np.arange(12) != 3] += 1e-15 * rng.standard_normal((11, 6, 2))
+    assert np.flatnonzero(quiet_fit(X).contaminated_).tolist() == [3]
 
 
 def test_all_zero_input():
