@@ -1,6 +1,6 @@
 """How often the grouping of copies merges independent clients (false merges).
 
-``clairstat._tuning.distinct_clients`` treats two clients as copies of one estimate when
+``clairstat._tuning.copy_groups`` treats two clients as copies of one estimate when
 their squared distance is below 1e-4 of the median over clients of the squared distance
 to the nearest neighbour. Independent clients are never copies; this script counts how
 often it merges some anyway: K clients with i.i.d. standard Gaussian estimates of d
@@ -17,7 +17,7 @@ import argparse
 import numpy as np
 
 from clairstat import __version__
-from clairstat._tuning import distinct_clients
+from clairstat._tuning import copy_groups
 
 
 def main(argv=None):
@@ -30,8 +30,8 @@ def main(argv=None):
     for dim in (1, 2, 4, 16):
         for n_clients in (20, 100, 500):
             merged = np.array([
-                n_clients - distinct_clients(
-                    np.random.default_rng(seed).standard_normal((n_clients, dim, 1))).sum()
+                n_clients - len(np.unique(copy_groups(
+                    np.random.default_rng(seed).standard_normal((n_clients, dim, 1)))))
                 for seed in range(args.seeds)])
             print(f"| {dim} | {n_clients} | {np.mean(merged > 0):.3f} | {merged.mean():.3f} |")
 

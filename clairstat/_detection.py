@@ -317,9 +317,9 @@ def concentrate(blocks, weights, start, rank, noise, *, n_half_starts=3, n_rando
     left out. The rank, if not given, is fixed on ``start``.
 
     ``distinct`` (a mask, default every client): the sets are drawn from these clients
-    only and ``K`` counts them, so that exact duplicates (a point mass, such as clients
-    sending zero updates) do not fill the half-set at no cost
-    (:func:`clairstat._tuning.distinct_clients`); the duplicates are left to the tests.
+    only and ``K`` counts them, so that copies of one estimate (a point mass, such as
+    clients sending zero updates) do not fill the half-set at no cost
+    (:func:`clairstat._tuning.counted_once`); the copies are left to the tests.
 
     Returns
     -------

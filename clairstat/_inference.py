@@ -19,7 +19,7 @@ from statsmodels.stats.multitest import multipletests
 from ._detection import (_fit_on, calibrate_null, concentrate, out_of_sample_statistics,
                          projection_statistics, refine, weighted_mean)
 from ._reduced import FactoredBlocks
-from ._tuning import distinct_clients
+from ._tuning import copy_groups, counted_once
 from ._null import (NoiseCovariance, NullDistribution, Standardizer, complement_basis,
                     known_standardizer, kronecker_df, median_scale_df,
                     robust_log_spread_df)
@@ -522,17 +522,16 @@ def detect_clients(blocks, weights, start, *, rank, noise, level, correction, it
     """
     n_clients = len(blocks)
     members = start.copy() if start.sum() >= 2 else np.ones(n_clients, dtype=bool)
-    distinct = distinct_clients(blocks)
+    groups = copy_groups(blocks)
 
     def test(members, calibrate_on=None):
         calibrate_on = members if calibrate_on is None else calibrate_on
-        # Each distinct estimate counts once in the calibration's median, unless the
-        # copies are most of it: then they are the consensus itself (noiseless clients
-        # that agree exactly, whose round-off the floor covers), and counting them once
+        # Each group of copies counts once in the calibration's median and spread, unless
+        # one group is most of the clients: then it is the consensus itself (noiseless
+        # clients that agree, whose round-off the floor covers), and counting it once
         # would leave a median of the few others (one client off eleven identical ones
-        # was then not flagged).
-        if 2 * np.sum(calibrate_on & distinct) >= np.sum(calibrate_on):
-            calibrate_on = calibrate_on & distinct
+        # was then not flagged). clairstat._tuning.counted_once.
+        calibrate_on = counted_once(groups, calibrate_on)
         return _test_round(blocks, weights, members, rank, noise, level, correction,
                            random_state, calibrate_on)
 
@@ -549,7 +548,7 @@ def detect_clients(blocks, weights, start, *, rank, noise, level, correction, it
         return _final(state, level, correction, True, 1)
     members = concentrate(blocks, weights, members, rank, noise.sigma,
                           random_state=random_state, whitening=noise.whitening,
-                          distinct=distinct)
+                          distinct=counted_once(groups))
     # The concentrated half-set holds the smallest statistics by construction, so the
     # first calibration uses every client (the median is robust while attackers are a
     # minority); later rounds use the tested collaborative set.

@@ -47,7 +47,8 @@ def estimate_noise_scale(local_estimates):
     of the stacked ``p x (K q)`` matrix against the Marchenko-Pastur median (Gavish and
     Donoho, 2014): low-rank signal and a minority of contaminated blocks move only a few
     singular values, not the median. Copies of one estimate are counted once unless
-    they are most of the clients (:func:`distinct_clients`).
+    one group of them is most of the clients (:func:`copy_groups`,
+    :func:`counted_once`).
 
     Parameters
     ----------
@@ -65,7 +66,7 @@ def estimate_noise_scale(local_estimates):
     """
     # Copies carry no information on the noise and would pull the median singular value
     # down (to zero, were they most of the clients: then they are the consensus).
-    local_estimates = local_estimates[_noise_clients(local_estimates)]
+    local_estimates = local_estimates[counted_once(copy_groups(local_estimates))]
     n_clients = local_estimates.shape[0]
     if n_clients < 2:
         return 0.0
@@ -78,8 +79,9 @@ def estimate_noise_scale(local_estimates):
     return float(sigma / np.sqrt(1.0 + np.pi / (2.0 * n_clients)))
 
 
-def _first_occurrences(rows):
-    """Indices of the first occurrence of every distinct row of ``rows`` (n, m), in order.
+def _first_occurrences(rows, inverse=False):
+    """Indices of the first occurrence of every distinct row of ``rows`` (n, m), in order
+    (with ``inverse``, also each row's position among them, shape (n,)).
 
     By the rows' bytes (with -0.0 made +0.0, so that equal rows have equal bytes): O(n m)
     where ``np.unique(axis=0)`` sorts the rows lexicographically (0.8 s against 0.05 s for
@@ -87,39 +89,42 @@ def _first_occurrences(rows):
     module, one thread).
     """
     rows = np.ascontiguousarray(rows, dtype=float) + 0.0
-    first = {}
+    group, found, position = {}, [], np.empty(len(rows), dtype=int)
     for i, row in enumerate(rows):
-        first.setdefault(row.tobytes(), i)
-    return np.fromiter(first.values(), dtype=int, count=len(first))
+        key = row.tobytes()
+        if key not in group:
+            group[key] = len(found)
+            found.append(i)
+        position[i] = group[key]
+    found = np.asarray(found, dtype=int)
+    return (found, position) if inverse else found
 
 
 # Two clients whose squared distance is below this share of the typical nearest-neighbour
-# squared distance are copies of one estimate (distinct_clients).
+# squared distance are copies of one estimate (copy_groups).
 _NEAR_COPY = 1e-4
 
 
-def distinct_clients(blocks):
-    """One client of every group of copies of one estimate, a mask of shape (n_clients,).
+def copy_groups(blocks):
+    """Groups of copies of one estimate: each client's group, as the index of its first
+    client, shape (n_clients,).
 
     Copies are clients whose estimates are equal (byte for byte, or as updates: a LoRA
     client with ``B = 0`` sends a zero update whatever its ``A``), or whose squared
     distance is below ``1e-4`` of the typical squared distance from a client to its
     nearest neighbour (the median over clients): clients that barely trained (updates
     1e-4 the others' size) or a Sybil's copies perturbed by round-off. Groups are the
-    connected components of the "closer than that" graph (single linkage: scipy's
-    ``connected_components``); each is represented by its first client.
+    connected components of the "closer than that" relation (single linkage).
 
     The nearest neighbour, not the spread between clients, sets the scale: clients in
     tight benign clusters (a low-rank signal with little noise) are far apart between
     clusters and must not merge within them. While copies are fewer than half the
     clients, the median nearest-neighbour distance is a non-copy's; when they are more,
     it is theirs and only exact copies (and, for a factored stack, copies within the
-    round-off of its inner products) group.
-
-    Copies are a point mass, about which the noise tells nothing: the noise scale, the
-    robust start's half-set and the calibration's median count each group once unless
-    copies are most of the clients (docs/method_notes.md, section 8). Every client
-    is still tested.
+    round-off of its inner products) group. Dense estimates are compared entry by entry
+    (a k-d tree: memory linear in the number of clients), so that a common offset costs
+    no digits; a factored stack through its inner products, which is also how its tests'
+    statistics are formed.
 
     Parameters
     ----------
@@ -127,11 +132,10 @@ def distinct_clients(blocks):
 
     Returns
     -------
-    mask : ndarray of bool, shape (n_clients,)
+    labels : ndarray of int, shape (n_clients,)
     """
-    from scipy.sparse import csr_matrix
+    from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
-    from scipy.spatial.distance import pdist, squareform
 
     n_clients = len(blocks)
     factored = hasattr(blocks, "raw_inner")
@@ -140,17 +144,15 @@ def distinct_clients(blocks):
                           blocks.rights.reshape(n_clients, -1)])
     else:
         rows = np.asarray(blocks, dtype=float).reshape(n_clients, -1)
-    first = _first_occurrences(rows)
-    mask = np.zeros(n_clients, dtype=bool)
-    mask[first] = True
+    first, exact = _first_occurrences(rows, inverse=True)
     if len(first) < 3:  # no typical distance to compare with
-        return mask
+        return first[exact]
     if factored:
         # ||X_j - X_l||^2 from <X_j, X_l> in the reduction's coordinates (cached within
         # a fit). Differences of inner products round at a few eps (||X_j||^2 +
         # ||X_l||^2), a float32 reduction's coordinates add their own
         # (FactoredBlocks.round_off): below that two updates are equal to the precision
-        # the tests' statistics have, which are formed the same way.
+        # the tests' statistics have.
         position = blocks.index[first]
         inner = blocks.raw_inner()[np.ix_(position, position)]
         norms = np.clip(np.diag(inner), 0.0, None)
@@ -159,27 +161,53 @@ def distinct_clients(blocks):
         if blocks.round_off is not None:
             floor = np.maximum(floor, 2.0 * blocks.round_off ** 2
                                * np.prod(blocks.coef.shape[1:]))
+        np.fill_diagonal(distance, np.inf)
+        typical = float(np.median(distance.min(axis=1)))
+        left, right = np.nonzero(distance <= np.maximum(_NEAR_COPY * typical, floor))
     else:
-        # Differences formed entry by entry: exact to the entries' precision whatever
-        # their common offset (from inner products, clients sharing a large offset
-        # merged once the noise was 1e-7 of it).
-        distance, floor = squareform(pdist(rows[first], "sqeuclidean")), 0.0
-    np.fill_diagonal(distance, np.inf)
-    typical = float(np.median(distance.min(axis=1)))
-    near = distance <= np.maximum(_NEAR_COPY * typical, floor)
-    labels = connected_components(csr_matrix(near), directed=False)[1]
-    mask[:] = False
-    mask[first[np.unique(labels, return_index=True)[1]]] = True
+        from scipy.spatial import cKDTree
+
+        tree = cKDTree(rows[first])
+        nearest = tree.query(rows[first], k=2)[0][:, 1]
+        typical = float(np.median(nearest ** 2))
+        pairs = tree.query_pairs(np.sqrt(_NEAR_COPY * typical), output_type="ndarray")
+        left, right = pairs[:, 0], pairs[:, 1]
+    graph = coo_matrix((np.ones(len(left)), (left, right)), shape=(len(first),) * 2)
+    component = connected_components(graph, directed=False)[1]
+    leader = first[np.unique(component, return_index=True)[1]]  # each group's first
+    return leader[component][exact]
+
+
+def counted_once(labels, among=None):
+    """The clients that count when each group of copies counts once, a mask.
+
+    ``among`` (a mask, default every client): the clients in question (the calibration
+    set, say); each group is represented by its first client among them. A group that
+    holds more than half of all the clients is the consensus itself (noiseless clients
+    that agree, whose round-off the tests' floor covers), and then every client counts:
+    one client off eleven copies must stay flagged, which counting the eleven once
+    prevented (the off client's own deviation became the noise). Whether a group is the
+    consensus is decided on the whole federation, once, not within ``among``: eleven
+    untrained clients among 23 are most of the 21 that remain once two attackers are
+    set aside, and taking them for the consensus there flagged every trained client.
+
+    Parameters
+    ----------
+    labels : ndarray of int, shape (n_clients,)
+        :func:`copy_groups`.
+    among : ndarray of bool, shape (n_clients,), optional
+
+    Returns
+    -------
+    mask : ndarray of bool, shape (n_clients,)
+    """
+    among = np.ones(len(labels), dtype=bool) if among is None else np.asarray(among, bool)
+    index = np.flatnonzero(among)
+    if len(index) == 0 or 2 * np.bincount(labels).max() > len(labels):
+        return among.copy()
+    mask = np.zeros(len(labels), dtype=bool)
+    mask[index[np.unique(labels[index], return_index=True)[1]]] = True
     return mask
-
-
-def _noise_clients(blocks):
-    """The clients a noise-scale estimate reads: one per group of copies
-    (:func:`distinct_clients`) while the groups are at least half the clients; all of
-    them otherwise (copies in the majority are the consensus, and their lack of noise is
-    the answer: one client off eleven copies read its own deviation as the noise)."""
-    keep = distinct_clients(blocks)
-    return keep if 2 * keep.sum() >= len(keep) else np.ones(len(keep), dtype=bool)
 
 
 def _marchenko_pastur_scale(sing, n_long, n_short):
@@ -194,9 +222,10 @@ def factored_noise_scale(stack):
     left out) against the Marchenko-Pastur median, as :func:`estimate_noise_scale`
     but uncentred: without a backbone the shared structure is low rank and moves only a
     few singular values. Copies of one estimate are counted once unless they are
-    most of the clients (:func:`distinct_clients`).
+    one group of them is most of the clients (:func:`copy_groups`,
+    :func:`counted_once`).
     """
-    keep = np.flatnonzero(_noise_clients(stack))
+    keep = np.flatnonzero(counted_once(copy_groups(stack)))
     if len(keep) < 2:
         return 0.0
     columns = stack.coef[keep].transpose(1, 0, 2).reshape(stack.shape[1], -1)

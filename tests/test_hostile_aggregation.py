@@ -247,7 +247,7 @@ def _federation_with_zero_clients(n_zero, seed=0, dim=256, rank=8):
 @pytest.mark.parametrize("n_zero", [3, 5, 11])
 def test_zero_clients_hide_no_attacker(n_zero):
     """Untrained clients (zero updates) are a point mass: counted once in the robust
-    start and the calibration (clairstat._tuning.distinct_clients), they no longer fill the
+    start and the calibration (clairstat._tuning.copy_groups), they no longer fill the
     half-set (five zeros among 17 hid both attackers before; a review, 2026-12-02)."""
     fit = aggregate("clair", _federation_with_zero_clients(n_zero), np.ones(12 + n_zero),
                     random_state=0)
@@ -288,7 +288,7 @@ def _near_copies(kind, seed=1):
 @pytest.mark.parametrize("kind", ["nearly-zero", "fresh", "perturbed-copies"])
 def test_near_copies_hide_no_attacker(kind):
     """Copies up to far less than the noise count once, as exact copies do
-    (clairstat._tuning.distinct_clients): each of these hid both attackers while only
+    (clairstat._tuning.copy_groups): each of these hid both attackers while only
     byte-identical clients were counted once (a review, 2026-12-02)."""
     factors = _near_copies(kind)
     fit = aggregate("clair", factors, np.ones(len(factors)), random_state=0)
@@ -302,11 +302,11 @@ def test_copies_counted_as_many_hide_the_attackers(monkeypatch, kind):
     the detection alike) hides both attackers in each case above."""
     from clairstat import _inference, _tuning
 
-    def every_client(blocks):
-        return np.ones(len(blocks), bool)
+    def every_client(labels, among=None):
+        return np.ones(len(labels), bool) if among is None else np.asarray(among, bool)
 
-    monkeypatch.setattr(_inference, "distinct_clients", every_client)
-    monkeypatch.setattr(_tuning, "distinct_clients", every_client)
+    monkeypatch.setattr(_inference, "counted_once", every_client)
+    monkeypatch.setattr(_tuning, "counted_once", every_client)
     factors = _federation_with_zero_clients(5) if kind == "zeros" else _near_copies(kind)
     fit = aggregate("clair", factors, np.ones(len(factors)), random_state=0)
     assert not fit.flagged[:2].any()

@@ -50,7 +50,7 @@ def _with_near_copies(seed, kind):
                                         (3, "median")])
 def test_near_copies_hide_no_contaminated_client(seed, kind):
     """Copies up to far less than the noise count once in the noise scale, the robust
-    start and the calibration (clairstat._tuning.distinct_clients); while only
+    start and the calibration (clairstat._tuning.copy_groups); while only
     byte-identical ones did, these cases flagged nobody."""
     X, bad = _with_near_copies(seed, kind)
     assert np.flatnonzero(quiet_fit(X).contaminated_).tolist() == bad
@@ -61,35 +61,58 @@ def test_near_copies_counted_as_many_hide_the_contaminated(monkeypatch, seed, ki
     """Negative control: every copy counted (the mask all True) flags neither."""
     from clairstat import _inference, _tuning
 
-    def every_client(blocks):
-        return np.ones(len(blocks), bool)
+    def every_client(labels, among=None):
+        return np.ones(len(labels), bool) if among is None else np.asarray(among, bool)
 
-    monkeypatch.setattr(_inference, "distinct_clients", every_client)
-    monkeypatch.setattr(_tuning, "distinct_clients", every_client)
+    monkeypatch.setattr(_inference, "counted_once", every_client)
+    monkeypatch.setattr(_tuning, "counted_once", every_client)
     X, bad = _with_near_copies(seed, kind)
     assert not quiet_fit(X).contaminated_[bad].any()
 
 
-def test_distinct_clients_groups_copies_only():
+def test_copy_groups_and_counted_once():
     """Exact copies, copies within 1e-4 of the typical nearest-neighbour squared
     distance, zero updates in different factors; independent clients of 16 entries are
-    not grouped (never in 200 seeds of 20 to 500 clients: benchmarks/copy_grouping.py)."""
+    not grouped (never in 200 seeds of 20 to 500 clients: benchmarks/copy_grouping.py).
+    A group that is most of the clients is the consensus: then every client counts."""
     from clairstat._reduced import FactoredBlocks
-    from clairstat._tuning import distinct_clients
+    from clairstat._tuning import copy_groups, counted_once
 
     rng = np.random.default_rng(0)
     X = rng.standard_normal((30, 8, 2))
-    assert distinct_clients(X).all()
+    assert np.array_equal(copy_groups(X), np.arange(30))
     X[[4, 9]] = X[2]
     X[11] = X[7] + 1e-3 * rng.standard_normal((8, 2))  # squared distance ~1e-6 of typical
-    assert np.flatnonzero(~distinct_clients(X)).tolist() == [4, 9, 11]
+    groups = copy_groups(X)
+    assert groups[[2, 4, 9]].tolist() == [2, 2, 2] and groups[[7, 11]].tolist() == [7, 7]
+    assert np.flatnonzero(~counted_once(groups)).tolist() == [4, 9, 11]
+    among = np.arange(30) >= 4  # a subset: its first member of each group represents it
+    assert np.flatnonzero(among & ~counted_once(groups, among)).tolist() == [9, 11]
+    assert counted_once(np.zeros(30, int), among).tolist() == among.tolist()  # consensus
+    split = np.r_[np.zeros(14, int), np.arange(14, 30)]  # 14 copies: most of the first
+    first = np.arange(30) < 20  # 20 but not of the 30, so they count once there
+    assert np.flatnonzero(counted_once(split, first)).tolist() == [0, *range(14, 20)]
     far = rng.standard_normal((17, 8, 2))
     far[:5] *= 1e4  # five far-off clients among 17 (with the median over all pairs as
-    assert distinct_clients(far).all()  # the typical distance, every benign one a copy)
+    assert np.array_equal(copy_groups(far), np.arange(17))  # the scale: all benign copies)
     rights = np.stack([np.linalg.qr(rng.standard_normal((6, 2)))[0].T for _ in range(5)])
     coef = rng.standard_normal((5, 5, 2))
     coef[[1, 3]] = 0.0  # zero updates, each with its own (orthonormal) right factor
-    assert np.flatnonzero(~distinct_clients(FactoredBlocks(coef, rights))).tolist() == [3]
+    assert copy_groups(FactoredBlocks(coef, rights)).tolist() == [0, 1, 2, 1, 4]
+
+
+@pytest.mark.parametrize("eps", [0.0, 1e-13])
+def test_a_majority_of_copies_is_the_consensus(eps):
+    """Seven copies of one estimate among 12 (exact, or perturbed at 1e-13) and five
+    clients off them: the copies are the consensus and the five are flagged, the same
+    for exact and near copies (with the representatives counted against "at least half"
+    the clients, the exact copies counted once and nothing was flagged; a review)."""
+    rng = np.random.default_rng(0)
+    X = np.repeat(rng.standard_normal((1, 6, 2)), 12, axis=0)
+    off = np.arange(12) >= 7
+    X[off] += 0.5 * rng.standard_normal((5, 6, 2))
+    X[~off] += eps * rng.standard_normal((7, 6, 2))
+    assert np.flatnonzero(quiet_fit(X).contaminated_).tolist() == [7, 8, 9, 10, 11]
 
 
 def test_copy_grouping_leaves_clean_fits_alone():
