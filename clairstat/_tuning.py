@@ -100,9 +100,17 @@ def _first_occurrences(rows, inverse=False):
     return (found, position) if inverse else found
 
 
-# Two clients whose squared distance is below this share of the typical nearest-neighbour
-# squared distance are copies of one estimate (copy_groups).
-_NEAR_COPY = 1e-4
+def _near_copy_share(n_entries):
+    """Below this share of the typical nearest-neighbour squared distance, two clients
+    are copies of one estimate (:func:`copy_groups`).
+
+    For independent Gaussian clients with ``d`` entries, a nearest neighbour that close
+    has probability about ``share^(d / 2)`` per client: the share makes it 1e-8
+    (1e-16 for scalar estimates, 1e-8 for two entries, 1e-4 for four), capped at 1e-2
+    (a tenth of the typical distance) from eight entries on, where structure in the
+    signal, not the noise's dimension, decides how close benign clients come.
+    """
+    return min(1e-2, 1e-8 ** (2.0 / max(n_entries, 1)))
 
 
 def copy_groups(blocks):
@@ -111,10 +119,12 @@ def copy_groups(blocks):
 
     Copies are clients whose estimates are equal (byte for byte, or as updates: a LoRA
     client with ``B = 0`` sends a zero update whatever its ``A``), or whose squared
-    distance is below ``1e-4`` of the typical squared distance from a client to its
-    nearest neighbour (the median over clients): clients that barely trained (updates
-    1e-4 the others' size) or a Sybil's copies perturbed by round-off. Groups are the
-    connected components of the "closer than that" relation (single linkage).
+    distance is below a share of the typical squared distance from a client to its
+    nearest neighbour (the median over clients): 1e-2 for estimates of eight entries or
+    more, down to 1e-16 for scalars (:func:`_near_copy_share`). Clients that barely
+    trained (updates a hundredth of the others' size) or a Sybil's copies perturbed by
+    round-off are copies. Groups are the connected components of the "closer than that"
+    relation (single linkage).
 
     The nearest neighbour, not the spread between clients, sets the scale: clients in
     tight benign clusters (a low-rank signal with little noise) are far apart between
@@ -163,14 +173,16 @@ def copy_groups(blocks):
                                * np.prod(blocks.coef.shape[1:]))
         np.fill_diagonal(distance, np.inf)
         typical = float(np.median(distance.min(axis=1)))
-        left, right = np.nonzero(distance <= np.maximum(_NEAR_COPY * typical, floor))
+        share = _near_copy_share(blocks.coef.shape[1] * blocks.rights.shape[2])
+        left, right = np.nonzero(distance <= np.maximum(share * typical, floor))
     else:
         from scipy.spatial import cKDTree
 
         tree = cKDTree(rows[first])
         nearest = tree.query(rows[first], k=2)[0][:, 1]
         typical = float(np.median(nearest ** 2))
-        pairs = tree.query_pairs(np.sqrt(_NEAR_COPY * typical), output_type="ndarray")
+        share = _near_copy_share(rows.shape[1])
+        pairs = tree.query_pairs(np.sqrt(share * typical), output_type="ndarray")
         left, right = pairs[:, 0], pairs[:, 1]
     graph = coo_matrix((np.ones(len(left)), (left, right)), shape=(len(first),) * 2)
     component = connected_components(graph, directed=False)[1]

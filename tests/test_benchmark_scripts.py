@@ -80,4 +80,4 @@ def test_copy_grouping_script_runs(capsys):
 
     copy_grouping.main(["--seeds", "2"])
     table = capsys.readouterr().out
-    assert table.count("\n| ") == 13  # header and 12 cells
+    assert table.count("\n| ") == 16  # header and 15 cells
