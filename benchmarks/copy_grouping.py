@@ -3,9 +3,9 @@
 ``clairstat._tuning.copy_groups`` treats two clients as copies of one estimate when
 their squared distance is below a share of the median over clients of the squared
 distance to the nearest neighbour: ``min(1e-2, 1e-8^(2/d))`` for estimates of d entries
-(``clairstat._tuning._near_copy_share``). Independent clients are never copies; this script counts how
-often it merges some anyway: K clients with i.i.d. standard Gaussian estimates of d
-entries, 200 seeds per cell, no copies at all. A merged client counts once in the noise
+(``clairstat._tuning._near_copy_share``). Independent clients are never copies; this
+script counts how often it merges some anyway: K clients with i.i.d. standard Gaussian
+estimates of d entries, 200 seeds per cell, no copies at all. A merged client counts once in the noise
 scale, the robust start and the calibration (docs/method_notes.md, section 8).
 
     python benchmarks/copy_grouping.py [--seeds 200]
