@@ -233,9 +233,8 @@ def factored_noise_scale(stack):
     The median singular value of ``[Y_1, ..., Y_K]`` (p x sum r_k, the padding columns
     left out) against the Marchenko-Pastur median, as :func:`estimate_noise_scale`
     but uncentred: without a backbone the shared structure is low rank and moves only a
-    few singular values. Copies of one estimate are counted once unless they are
-    one group of them is most of the clients (:func:`copy_groups`,
-    :func:`counted_once`).
+    few singular values. Copies of one estimate are counted once unless one group of
+    them is most of the clients (:func:`copy_groups`, :func:`counted_once`).
     """
     keep = np.flatnonzero(counted_once(copy_groups(stack)))
     if len(keep) < 2:
