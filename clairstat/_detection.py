@@ -73,6 +73,12 @@ def select_rank(blocks, weights, noise_scale, whitening=None):
         left, right, sigma = whitening
         blocks = left @ blocks @ right
         noise_scale = estimate_noise_scale(blocks) if sigma is None else sigma
+        # Below round-off of the transformed entries there is no noise to tell apart (the
+        # estimator floors its own scale the same way): identical members have a centred
+        # stack of rounding only, whose singular values a zero edge counted as signal,
+        # differently at each scale of the data (a property-based test, 2026-12-02).
+        noise_scale = max(noise_scale, 64.0 * np.finfo(float).eps * np.abs(blocks).max(
+            initial=0.0))
     edge = 1.1 * noise_scale * (np.sqrt(p) + np.sqrt(q * n_clients))
     if isinstance(blocks, FactoredBlocks):  # a count, not the spectrum (Sylvester's law)
         return blocks.count_above(weights, edge)

@@ -30,6 +30,15 @@ problems = st.fixed_dictionaries({
     "weighted": st.booleans(),
     "correction": st.sampled_from(["fdr_bh", "holm", "bonferroni"]),
     "rank_given": st.booleans(),
+    # copies of one client appended (exact, or perturbed far below the noise): they count
+    # once in the noise scale, the robust start and the calibration
+    # (clairstat._tuning.copy_groups), and the fit must still be one fit. (Perturbed by
+    # 1e-6 of the largest entry, not less: the copies' statistics are then set by their
+    # perturbation, not by the 1e-16 rounding that a rescaling adds, which at 1e-12 moves
+    # them by 1e-4 and the others' p-values by 1e-5, past test_scale_equivariance's
+    # tolerance for the rescalings' round-off.)
+    "copies": st.sampled_from([0, 0, 2, 5]),
+    "jitter": st.sampled_from([0.0, 1e-6]),
 })
 
 
@@ -40,14 +49,19 @@ def _fit(params):
                                       n_bad, noise_level=params["noise"],
                                       random_state=params["seed"])
     rng = np.random.default_rng(params["seed"])
-    weights = rng.integers(1, 100, params["n_clients"]) if params["weighted"] else None
+    X = data.local_estimates
+    if params.get("copies", 0):
+        source = X[rng.integers(len(X))]
+        jitter = params["jitter"] * (np.abs(X).max() or 1.0)
+        X = np.concatenate([X, source + jitter * rng.standard_normal(
+            (params["copies"],) + source.shape)])
+    weights = rng.integers(1, 100, len(X)) if params["weighted"] else None
     est = CLAIREstimator(rank=rank if params["rank_given"] else None,
                          correction=params["correction"], random_state=params["seed"])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        est.fit(data.local_estimates, sample_weight=weights)
-    return est, data.local_estimates, np.ones(params["n_clients"]) if weights is None \
-        else weights.astype(float)
+        est.fit(X, sample_weight=weights)
+    return est, X, np.ones(len(X)) if weights is None else weights.astype(float)
 
 
 def _check_one_fit(est, X, weights):
@@ -105,6 +119,31 @@ def test_scale_equivariance(params, exponent):
                                atol=RTOL * (np.abs(X).max() or 1.0))
     if params["noise"] > 0:  # noiseless statistics are round-off, and so are their p-values
         np.testing.assert_allclose(scaled.p_values_, est.p_values_, rtol=1e-6, atol=1e-300)
+
+
+@pytest.mark.parametrize("params", [
+    # six exact copies of one client among ten (the consensus), noiseless: the identical
+    # members' centred stack is rounding, which a zero edge in the rank rule counted as a
+    # direction at one scale of the data and not at another (rank 1 against 0)
+    dict(n_clients=5, p=2, q=1, rank=1, share=0.0, noise=0.0, seed=0, weighted=False,
+         correction="fdr_bh", rank_given=False, copies=5, jitter=0.0),
+    # the same with noise 0.1 among the others and weights: the copies' statistics were
+    # 0 at one scale and 1e-32 at another, the quartile match read the first as the widest
+    # null and the second as a narrow one, and four clients' flags changed with the units
+    dict(n_clients=5, p=2, q=1, rank=1, share=0.0, noise=0.1, seed=1, weighted=True,
+         correction="fdr_bh", rank_given=False, copies=5, jitter=0.0),
+])
+@pytest.mark.parametrize("exponent", [1.0, 2.0, -3.0])
+def test_scale_equivariance_with_a_consensus_of_copies(params, exponent):
+    """Two cases the property-based test found once copies joined its problems."""
+    est, X, weights = _fit(params)
+    scaled = CLAIREstimator(**est.get_params())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        scaled.fit(X * 10.0 ** exponent, sample_weight=weights if params["weighted"] else None)
+    assert np.array_equal(scaled.contaminated_, est.contaminated_)
+    assert scaled.rank_ == est.rank_
+    np.testing.assert_allclose(scaled.p_values_, est.p_values_, rtol=1e-6, atol=1e-300)
 
 
 @pytest.mark.parametrize("exponent", [-300, -200, 153, 154, 300])
