@@ -73,8 +73,8 @@ def test_near_copies_counted_as_many_hide_the_contaminated(monkeypatch, seed, ki
 def test_copy_groups_and_counted_once():
     """Exact copies, copies within the share (1e-2 for 16 entries) of the typical
     nearest-neighbour squared distance, zero updates in different factors; independent
-    clients of 16 entries are
-    not grouped (never in 200 seeds of 20 to 500 clients: benchmarks/copy_grouping.py).
+    clients of 16 entries are not grouped (never in 200 seeds of 20 to 500 clients:
+    benchmarks/copy_grouping.py).
     A group that is most of the clients is the consensus: then every client counts."""
     from clairstat._reduced import FactoredBlocks
     from clairstat._tuning import copy_groups, counted_once
