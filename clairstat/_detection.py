@@ -191,8 +191,8 @@ def _leave_one_out(blocks, weights, members, rank, random_state, basis=None):
     factored_fit = None
     if gram_route and isinstance(blocks, FactoredBlocks) and basis is not None:
         fit = blocks[members].leave_one_out_fits(weights[members], sub_rank, basis)
-        # independent eigenproblems: on the threads the enclosing block allows
-        factored_fit = dict(enumerate(map_in_threads(fit, range(len(index))))).get
+        # the members' eigenproblems as one batch (products on the block's threads)
+        factored_fit = dict(enumerate(fit.all())).get
         without = None
     else:
         without = _leave_one_out_grams(blocks[members], weights[members]) if gram_route \

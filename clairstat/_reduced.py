@@ -56,7 +56,8 @@ from scipy.sparse.linalg import ArpackNoConvergence, LinearOperator, eigsh, svds
 
 from ._threads import map_in_threads, thread_limits
 
-__all__ = ["lanczos_pays", "top_eigh", "warm_top_eigh", "deflated_top", "CHECK_TOL", "truncated_svd", "left_singular",
+__all__ = ["lanczos_pays", "top_eigh", "warm_top_eigh", "batched_warm_top_eigh",
+           "deflated_top", "CHECK_TOL", "truncated_svd", "left_singular",
            "uses_gram",
            "singular_values", "leave_one_out_coefficients", "eckart_young_factors",
            "orthonormal_basis", "rank_tolerance",
@@ -182,6 +183,71 @@ def _subspace_iteration(apply, start, count, max_iter):
             return theta[:count], block[:, :count]
         block = _orthonormal_columns(image)
     return None
+
+
+def batched_warm_top_eigh(apply, starts, count, *, max_iter=40):
+    """:func:`warm_top_eigh` of several operators of one size at once.
+
+    The same block subspace iteration, Rayleigh-Ritz step and certificate per problem
+    (each problem's residuals within ``4 sqrt(dim) eps`` of its own largest Ritz
+    value), run on a stack of blocks so that each step is one product per operator
+    batch (``apply``) and stacked small eigenproblems, instead of a Python loop of thin
+    products. A problem leaves the batch once certified; the answer is the one
+    :func:`warm_top_eigh` would give from the same start, to round-off (the products'
+    summation order differs).
+
+    Parameters
+    ----------
+    apply : callable
+        ``apply(active, blocks)``: the images of ``blocks`` (n_active, dim, b) under
+        the operators numbered ``active`` (int array into the problems).
+    starts : ndarray of shape (n, dim, b)
+        ``b > count`` columns per problem spanning a subspace near the wanted one.
+    count : int
+    max_iter : int, default=40
+
+    Returns
+    -------
+    list of ``(eigval (count,), eigvec (dim, count))`` or ``None`` (no certificate
+    within ``max_iter`` products: the caller solves that problem as before), per problem.
+    """
+    n_problems, dim, width = starts.shape
+    found = [None] * n_problems
+    if n_problems == 0 or not 0 < count < width <= dim:
+        return found
+    active, block = np.arange(n_problems), _orthonormal_stack(starts)
+    eps = np.finfo(block.dtype).eps
+    for _ in range(max_iter):
+        image = apply(active, block)
+        small = np.matmul(block.transpose(0, 2, 1), image)
+        theta, rotation = np.linalg.eigh(0.5 * (small + small.transpose(0, 2, 1)))
+        theta, rotation = theta[:, ::-1], rotation[:, :, ::-1]
+        block, image = np.matmul(block, rotation), np.matmul(image, rotation)
+        resid = image[:, :, :count] - block[:, :, :count] * theta[:, None, :count]
+        bound = 4.0 * np.sqrt(dim) * eps * np.maximum(np.abs(theta[:, 0]),
+                                                       np.finfo(float).tiny)
+        done = np.all(np.sqrt(np.einsum("nij,nij->nj", resid, resid)) <= bound[:, None],
+                      axis=1)
+        for i in np.flatnonzero(done):
+            found[active[i]] = (theta[i, :count].copy(), block[i, :, :count].copy())
+        if done.all():
+            break
+        active, block = active[~done], _orthonormal_stack(image[~done])
+    return found
+
+
+def _orthonormal_stack(blocks):
+    """:func:`_orthonormal_columns` of every (dim, b) block of a stack (n, dim, b)."""
+    norms = np.sqrt(np.einsum("nij,nij->nj", blocks, blocks))
+    blocks = blocks / np.where(norms > 0, norms, 1.0)[:, None, :]
+    try:
+        for _ in range(2):
+            lower = np.linalg.cholesky(np.matmul(blocks.transpose(0, 2, 1), blocks))
+            # B L^-T, with L L^T = B^T B: the stacked solve of L X = B^T
+            blocks = np.linalg.solve(lower, blocks.transpose(0, 2, 1)).transpose(0, 2, 1)
+    except np.linalg.LinAlgError:
+        return np.linalg.qr(blocks)[0]
+    return blocks
 
 
 # Where only the side of a threshold an eigenvalue falls on is asked (the SVT's kept
@@ -733,22 +799,29 @@ class FactoredBlocks:
         return without
 
     def leave_one_out_fits(self, weights, rank, basis):
-        """``fit(k)``: client k's out-of-sample statistic and refitted basis, or ``None``.
+        """``fit(k)``: client k's out-of-sample statistic and refitted basis, or ``None``;
+        ``fit.all()``: the same for every client, as one batch.
 
         The same quantities as :meth:`leave_one_out_grams` followed by the top-``rank``
         eigenvectors of the downdated Gram and the off-subspace norm of the residual,
         without forming a p x p matrix per client: the downdate is
         ``H + h_k Y_k^T + Y_k h_k^T`` with ``H = G + beta m m^T - alpha (e m^T + m e^T)``
         common to every client of the same weight (formed once per distinct weight)
-        and ``h_k`` (p, r). Its top eigenvectors come from :func:`warm_top_eigh` started
-        at the members' ``basis`` and ``max(4, rank // 2)`` fixed pseudo-random columns
-        (one client moves the subspace little, and the first product already adds the
-        perturbation's directions ``E U``): a few products with a p x (rank + 4..)
-        block. (Starting from ``[U, Y_k, h_k]``, p x (rank + 2r), took 29% fewer
-        products but wider ones: 3.6 s against 2.4 s for all the subspace iterations
-        of one 4096 x 4096 module with 100 rank-16 clients.) Where the certificate is
-        not reached, :func:`top_eigh` on the formed matrix, as before. ``None``: a
-        refit is needed (:func:`leave_one_out_coefficients`).
+        and ``h_k`` (p, r). Its top eigenvectors come from a certified subspace
+        iteration (:func:`batched_warm_top_eigh`, :func:`warm_top_eigh`'s loop and
+        certificate) started at the members' ``basis`` and ``max(4, rank // 2)`` fixed
+        pseudo-random columns (one client moves the subspace little, and the first
+        product already adds the perturbation's directions ``E U``): a few products
+        with a p x (rank + 4..) block. The clients of one weight iterate together, up
+        to ``_LOO_BATCH`` at a time: each step is one product of ``H`` with all their
+        blocks side by side (a BLAS-3 product on the threads the caller allows) instead
+        of one thin product per client, which left the time to memory traffic
+        (``benchmarks/RESULTS.md``, section "Leave-one-out fits in one batch").
+        (Starting from ``[U, Y_k, h_k]``, p x (rank + 2r), took 29% fewer products but
+        wider ones: 3.6 s against 2.4 s for all the subspace iterations of one
+        4096 x 4096 module with 100 rank-16 clients.) Where the certificate is not
+        reached, :func:`top_eigh` on the formed matrix, as before. ``None``: a refit is
+        needed (:func:`leave_one_out_coefficients`).
 
         Parameters
         ----------
@@ -762,41 +835,45 @@ class FactoredBlocks:
          mean) = self._downdate_terms(weights)
         raw, omega = self.raw_inner()[np.ix_(self.index, self.index)], weights / weights.sum()
         scale = _round_off_scale(raw, omega)  # of centred_inner's diagonal
-        bases, lock = {}, threading.Lock()
+        width = rank + max(4, rank // 2)
+        start = (_oversampled(basis[:, :rank], p, width - rank)
+                 if lanczos_pays(p, rank) else None)
 
-        def base(alpha, beta):
-            with lock:  # fit(k) may run on several threads (map_in_threads)
-                if (alpha, beta) not in bases:
-                    matrix = gram + beta * mean_outer - alpha * common
-                    bases[(alpha, beta)] = 0.5 * (matrix + matrix.T)
-                return bases[(alpha, beta)]
-
-        def fit(k):
-            with thread_limits(1):  # short products per client: one thread (see above)
-                return one(k)
-
-        def one(k):
+        def prepared(k):  # (alpha, beta, h_k) of the downdate, or None: refit
             coefficients = leave_one_out_coefficients(weights, k, centred_inner)
             if coefficients is None:
                 return None
             alpha, beta = coefficients
             block = slice(k * r, (k + 1) * r)
-            own = self.coef[k]
-            half = (0.5 * beta * (own @ self.cross_gram[k, :, k, :])
+            half = (0.5 * beta * (self.coef[k] @ self.cross_gram[k, :, k, :])
                     - beta * mean_rows[:, block] + alpha * spread_rows[:, block])
-            matrix = base(alpha, beta)
-            found = None
-            if lanczos_pays(p, rank):
-                found = warm_top_eigh(
-                    lambda z: matrix @ z + half @ (own.T @ z) + own @ (half.T @ z),
-                    _oversampled(basis[:, :rank], p, max(4, rank // 2)), rank)
-            if found is None:
-                downdated = matrix + half @ own.T + own @ half.T
-                found = top_eigh(0.5 * (downdated + downdated.T), rank)
-            sub_basis = found[1]
+            return alpha, beta, half
+
+        def solve(group, matrix, halves):
+            """Top-``rank`` eigenpairs of ``matrix + h_k Y_k^T + Y_k h_k^T``, k in group."""
+            own = self.coef[group]
+            found = [None] * len(group)
+            if start is not None:
+                def apply(active, blocks):
+                    n_active, _, b = blocks.shape
+                    flat = blocks.transpose(1, 0, 2).reshape(p, n_active * b)
+                    image = (matrix @ flat).reshape(p, n_active, b).transpose(1, 0, 2)
+                    y_k, h_k = own[active], halves[active]
+                    return (image + np.matmul(h_k, np.matmul(y_k.transpose(0, 2, 1), blocks))
+                            + np.matmul(y_k, np.matmul(h_k.transpose(0, 2, 1), blocks)))
+
+                found = batched_warm_top_eigh(
+                    apply, np.broadcast_to(start, (len(group),) + start.shape), rank)
+            for i, answer in enumerate(found):
+                if answer is None:  # no certificate: the formed matrix, as before
+                    downdated = matrix + halves[i] @ own[i].T + own[i] @ halves[i].T
+                    found[i] = top_eigh(0.5 * (downdated + downdated.T), rank)
+            return found
+
+        def statistic(k, alpha, sub_basis, basis_mean):
             # ||(I - P) c_k||^2 = ||c_k||^2 - ||U^T c_k||^2 (U orthonormal), with
             # U^T c_k = (U^T Y_k) R_k - U^T m: no p x t residual per client.
-            inside = (sub_basis.T @ own) @ self.rights[k] - sub_basis.T @ mean
+            inside = (sub_basis.T @ self.coef[k]) @ self.rights[k] - basis_mean
             stat = centred_inner[k, k] - float(np.sum(inside * inside))
             if stat < _DIFFERENCE_FLOOR * scale[k]:  # digits lost: directly
                 residual = self.expand(k) - mean
@@ -804,6 +881,34 @@ class FactoredBlocks:
                 stat = float(np.sum(residual * residual))
             return (1.0 + alpha) ** 2 * stat, sub_basis
 
+        def fits(positions):
+            positions = list(positions)
+            out = dict.fromkeys(positions)
+            groups = {}
+            for k in positions:
+                terms = prepared(k)
+                if terms is not None:
+                    groups.setdefault(terms[:2], []).append((k, terms[2]))
+            for (alpha, beta), members in groups.items():
+                # H = G + beta m m^T - alpha (e m^T + m e^T), one per distinct weight
+                matrix = gram + beta * mean_outer - alpha * common
+                matrix = 0.5 * (matrix + matrix.T)
+                for chunk in range(0, len(members), _LOO_BATCH):
+                    part = members[chunk:chunk + _LOO_BATCH]
+                    group = np.array([k for k, _ in part])
+                    halves = np.stack([half for _, half in part])
+                    sub_bases = [found[1] for found in solve(group, matrix, halves)]
+                    # every U_k^T m of the batch in one product
+                    basis_means = (np.hstack(sub_bases).T @ mean).reshape(
+                        len(group), -1, mean.shape[1])
+                    for k, sub_basis, basis_mean in zip(group, sub_bases, basis_means):
+                        out[k] = statistic(k, alpha, sub_basis, basis_mean)
+            return [out[k] for k in positions]
+
+        def fit(k):
+            return fits([k])[0]
+
+        fit.all = lambda: fits(range(n_clients))
         return fit
 
 
@@ -852,6 +957,9 @@ class FactoredMean:
 # about 1e-6 of itself when it is at least this share of that scale; smaller ones are
 # computed directly.
 _DIFFERENCE_FLOOR = 2.0 ** -20
+# Members whose leave-one-out subspace iterations run as one batch: the stacked blocks
+# (batch, p, rank + 4..) and downdate factors (batch, p, r) stay a few tens of MB.
+_LOO_BATCH = 64
 
 
 def off_subspace_statistics(stack, mean, basis):

@@ -81,3 +81,12 @@ def test_copy_grouping_script_runs(capsys):
     copy_grouping.main(["--seeds", "2"])
     table = capsys.readouterr().out
     assert table.count("\n| ") == 16  # header and 15 cells
+
+
+def test_leave_one_out_batch_script_runs(capsys):
+    import leave_one_out_batch
+
+    rows = leave_one_out_batch.main(["--quick", "--repeats", "1"])
+    assert capsys.readouterr().out.count("\n| ") == 3  # header and two rows
+    # the batch gives the statistics one client at a time gives, to round-off
+    assert all(row["diff"] <= 1e-10 for row in rows)
