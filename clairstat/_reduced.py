@@ -838,6 +838,15 @@ class FactoredBlocks:
         width = rank + max(4, rank // 2)
         start = (_oversampled(basis[:, :rank], p, width - rank)
                  if lanczos_pays(p, rank) else None)
+        bases, lock = {}, threading.Lock()
+
+        def base(alpha, beta):
+            """``H = G + beta m m^T - alpha (e m^T + m e^T)``, once per distinct weight."""
+            with lock:  # fit(k) may run on several threads (map_in_threads)
+                if (alpha, beta) not in bases:
+                    matrix = gram + beta * mean_outer - alpha * common
+                    bases[(alpha, beta)] = 0.5 * (matrix + matrix.T)
+                return bases[(alpha, beta)]
 
         def prepared(k):  # (alpha, beta, h_k) of the downdate, or None: refit
             coefficients = leave_one_out_coefficients(weights, k, centred_inner)
@@ -890,9 +899,7 @@ class FactoredBlocks:
                 if terms is not None:
                     groups.setdefault(terms[:2], []).append((k, terms[2]))
             for (alpha, beta), members in groups.items():
-                # H = G + beta m m^T - alpha (e m^T + m e^T), one per distinct weight
-                matrix = gram + beta * mean_outer - alpha * common
-                matrix = 0.5 * (matrix + matrix.T)
+                matrix = base(alpha, beta)
                 for chunk in range(0, len(members), _LOO_BATCH):
                     part = members[chunk:chunk + _LOO_BATCH]
                     group = np.array([k for k, _ in part])
