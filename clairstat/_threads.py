@@ -19,10 +19,11 @@ svt_flops = 1.3e9): pass ``n_jobs=1`` there.
 
 :func:`thread_limits` applies the choice to torch (``torch.set_num_threads``) and to the
 BLAS/OpenMP pools (threadpoolctl) together, and restores both afterwards. Inside it,
-:func:`map_in_threads` runs a fit's independent eigenproblems (leave-one-out refits,
-concentration chains) on that many Python threads with one BLAS thread each, which
+:func:`map_in_threads` runs a fit's independent eigenproblems (concentration chains,
+the clients' readouts) on that many Python threads with one BLAS thread each, which
 neither spins nor synchronises: with two threads, 10.9 -> 8.4 s on one LoRA module
-(benchmarks/RESULTS.md). The
+(benchmarks/RESULTS.md; the leave-one-out refits, also among them then, now run as one
+batch of matrix products instead, :meth:`clairstat._reduced.FactoredBlocks.leave_one_out_fits`). The
 environment variables ``OPENBLAS_CORETYPE`` / ``OPENBLAS_L2_SIZE`` select OpenBLAS's
 kernels and blocking, not its thread count, so they do not interact with this policy.
 """
@@ -431,9 +432,9 @@ def map_in_threads(function, items):
     ``items``; the calls must be independent (no shared state they write). An error
     is raised when its call's turn in ``items`` comes, and the calls not started by
     then are cancelled. Used
-    where a fit has many independent eigenproblems of the same size (each client's
-    refit without it), which one BLAS thread each runs faster than two threads one
-    after the other.
+    where a fit has many independent eigenproblems of the same size (the robust
+    start's chains, each client's readout), which one BLAS thread each runs faster than
+    two threads one after the other.
 
     Parameters
     ----------
