@@ -6,6 +6,7 @@ tables, latexmk), so the working tree is left as it is. The checks of the genera
 macros against the result files need no TeX and always run.
 """
 
+import functools
 import json
 import math
 import re
@@ -79,10 +80,35 @@ def test_every_figure_drawn_is_included(build):
 
 
 def _macros():
-    """The generated macros, key -> LaTeX text, computed in process."""
+    """The generated macros, key -> LaTeX text, computed in process.
+
+    ``collect`` reads only the files named in ``paper._sources.SOURCES`` (that module's
+    rule). With every source the committed file (no test writes those) the dozen tests
+    that read them share one run (about 15 s each on 2 cores); a test that points a
+    source at a scratch copy (monkeypatch) and edits it gets a fresh run every call.
+    """
+    from paper import _sources
     from paper._generate import collect
 
+    if _sources.SOURCES == _COMMITTED_SOURCES:
+        return dict(_committed_macros())
     return collect()[0]
+
+
+@functools.lru_cache(maxsize=1)
+def _committed_macros():
+    from paper._generate import collect
+
+    return tuple(collect()[0].items())
+
+
+def _committed_sources():
+    from paper import _sources
+
+    return dict(_sources.SOURCES)
+
+
+_COMMITTED_SOURCES = _committed_sources()  # at import, before any test patches it
 
 
 def _as_float(tex):
