@@ -20,10 +20,12 @@ svt_flops = 1.3e9): pass ``n_jobs=1`` there.
 :func:`thread_limits` applies the choice to torch (``torch.set_num_threads``) and to the
 BLAS/OpenMP pools (threadpoolctl) together, and restores both afterwards. Inside it,
 :func:`map_in_threads` runs a fit's independent eigenproblems (concentration chains,
-the clients' readouts) on that many Python threads with one BLAS thread each, which
-neither spins nor synchronises: with two threads, 10.9 -> 8.4 s on one LoRA module
-(benchmarks/RESULTS.md; the leave-one-out refits, also among them then, now run as one
-batch of matrix products instead, :meth:`clairstat._reduced.FactoredBlocks.leave_one_out_fits`). The
+the readouts of a joint refinement) on that many Python threads with one BLAS thread
+each, which neither spins nor synchronises: with two threads, 10.9 -> 8.4 s on one LoRA
+module (benchmarks/RESULTS.md; the leave-one-out refits, also among them then, now run as one
+batch of matrix products instead, :meth:`clairstat._reduced.FactoredBlocks.leave_one_out_fits`,
+and the per-module readouts one after the other, their products too short to release
+the GIL for long: :meth:`clairstat._reduced.FactoredRefined.truncated_svds`). The
 environment variables ``OPENBLAS_CORETYPE`` / ``OPENBLAS_L2_SIZE`` select OpenBLAS's
 kernels and blocking, not its thread count, so they do not interact with this policy.
 """
@@ -431,10 +433,11 @@ def map_in_threads(function, items):
     they run in order in the caller's thread. Results come back in the order of
     ``items``; the calls must be independent (no shared state they write). An error
     is raised when its call's turn in ``items`` comes, and the calls not started by
-    then are cancelled. Used
-    where a fit has many independent eigenproblems of the same size (the robust
-    start's chains, each client's readout), which one BLAS thread each runs faster than
-    two threads one after the other.
+    then are cancelled. Used where a fit has many independent eigenproblems of the
+    same size (the robust start's chains, each client's readout of a joint
+    refinement), which one BLAS thread each runs faster than two threads one after
+    the other, as long as each call spends most of its time in kernels that release
+    the GIL.
 
     Parameters
     ----------

@@ -9,7 +9,7 @@ import numpy as np
 from scipy import integrate, optimize
 
 from ._objective import stack_blocks
-from ._reduced import singular_values
+from ._reduced import median_singular_value, singular_values
 
 __all__ = ["estimate_noise_scale", "default_penalties", "marchenko_pastur_median"]
 
@@ -243,8 +243,9 @@ def factored_noise_scale(stack):
     columns = columns[:, np.any(columns != 0.0, axis=0)]
     if columns.size == 0:  # every update is zero (fresh LoRA adapters): no noise
         return 0.0
-    sing = np.linalg.svd(columns, compute_uv=False)
-    return float(_marchenko_pastur_scale(sing, max(columns.shape), len(sing)))
+    n_short, n_long = sorted(columns.shape)
+    return float(median_singular_value(columns)
+                 / np.sqrt(n_long * marchenko_pastur_median(n_short / n_long)))
 
 
 def default_penalties(shape, noise_scale, *, c_alpha=1.0, c_beta=None):

@@ -268,6 +268,46 @@ def test_singular_values_follow_the_gram_rule_to_round_off(shape):
     assert np.allclose(got ** 2, want ** 2, rtol=0, atol=1e3 * EPS * want[0] ** 2)
 
 
+@pytest.mark.parametrize("shape", [(61, 61), (60, 60), (40, 90), (90, 41)])
+def test_median_singular_value_is_the_svds_median(shape, monkeypatch):
+    """Odd and even counts, square, wide and tall: the median of all singular values.
+    A low-rank part about 100 times the bulk's singular values (as a LoRA stack's shared
+    subspace) keeps the Gram route (its error n eps s_max^2 is below 1e-8 of the
+    median's square: no SVD is called); the median then agrees to that bound."""
+    import scipy.linalg
+
+    from clairstat import _reduced
+
+    rng = np.random.default_rng(11)
+    matrix = rng.standard_normal(shape)
+    matrix += 10 * np.outer(rng.standard_normal(shape[0]), rng.standard_normal(shape[1]))
+    want = float(np.median(np.linalg.svd(matrix, compute_uv=False)))
+
+    def no_svd(*args, **kwargs):
+        raise AssertionError("the Gram route was expected here")
+
+    monkeypatch.setattr(_reduced.scipy.linalg, "svd", no_svd)
+    median_singular_value = _reduced.median_singular_value
+    # the route's own bound: s^2 to 1e-8 relative, so s to 5e-9, with round-off beside
+    assert abs(median_singular_value(matrix) - want) <= 1e-8 * want
+
+
+def test_median_singular_value_near_round_off_takes_the_svd():
+    """A median 1e-12 of the largest singular value: the Gram route's eigenvalues are
+    round-off there (shown below), so the SVD answers."""
+    from clairstat._reduced import median_singular_value
+
+    rng = np.random.default_rng(12)
+    big = np.outer(rng.standard_normal(50), rng.standard_normal(50))
+    matrix = big + 1e-12 * rng.standard_normal((50, 50))
+    want = float(np.median(np.linalg.svd(matrix, compute_uv=False)))
+    gram_route = np.sqrt(np.abs(np.median(np.linalg.eigvalsh(matrix.T @ matrix))))
+    assert abs(gram_route - want) > 0.5 * want  # what the check guards against
+    assert abs(median_singular_value(matrix) - want) <= 1e-8 * want
+    with pytest.raises(ValueError, match="empty"):
+        median_singular_value(np.zeros((0, 3)))
+
+
 def test_structured_readout_of_a_narrow_module_uses_the_dense_solver():
     """t < 100: the operator of FactoredRefined.truncated_svd is formed and eigh-solved."""
     rng = np.random.default_rng(6)
