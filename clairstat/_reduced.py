@@ -398,6 +398,19 @@ def median_singular_value(matrix):
     short = min(matrix.shape)
     if short == 0:
         raise ValueError("the median singular value of an empty matrix is undefined")
+    largest = float(np.max(np.abs(matrix)))
+    if largest == 0.0:
+        return 0.0
+    # Scaled by a power of two (exact) so the Gram matrix neither overflows nor
+    # underflows whatever the units; the answer is scaled back.
+    exponent = int(np.frexp(largest)[1])
+    return float(np.ldexp(_median_singular_value_unit(np.ldexp(matrix, -exponent)),
+                          exponent))
+
+
+def _median_singular_value_unit(matrix):
+    """:func:`median_singular_value` of a matrix whose largest entry is in [1/2, 1)."""
+    short = min(matrix.shape)
     gram = matrix.T @ matrix if matrix.shape[0] >= matrix.shape[1] else matrix @ matrix.T
     low, high = (short - 1) // 2, short // 2  # the median's one or two values, ascending
     upper = scipy.linalg.eigvalsh(gram, subset_by_index=[low, short - 1], driver="evr")

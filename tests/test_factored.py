@@ -292,6 +292,20 @@ def test_median_singular_value_is_the_svds_median(shape, monkeypatch):
     assert abs(median_singular_value(matrix) - want) <= 1e-8 * want
 
 
+@pytest.mark.parametrize("scale", [1e-300, 1e-200, 1e200, 1e300])
+def test_median_singular_value_follows_the_units(scale):
+    """Far outside float64's squared range (the Gram matrix of the raw entries would
+    underflow to 0 or overflow to inf): the median scales with the data."""
+    from clairstat._reduced import median_singular_value
+
+    rng = np.random.default_rng(13)
+    matrix = rng.standard_normal((30, 30)) + 5 * np.outer(rng.standard_normal(30),
+                                                           rng.standard_normal(30))
+    # the route's bound (1e-8) plus the round-off of scaling (exact: a power of two)
+    assert np.isclose(median_singular_value(scale * matrix),
+                      scale * median_singular_value(matrix), rtol=1e-8, atol=0)
+
+
 def test_median_singular_value_near_round_off_takes_the_svd():
     """A median 1e-12 of the largest singular value: the Gram route's eigenvalues are
     round-off there (shown below), so the SVD answers."""
