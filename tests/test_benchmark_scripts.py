@@ -92,3 +92,14 @@ def test_leave_one_out_batch_script_runs(capsys):
     # 4 sqrt(p) eps of the top eigenvalue, so they differ by that over the relative
     # eigengap (Davis-Kahan); 1e-10 allows a gap down to ~1e-4 of the top value
     assert all(row["diff"] <= 1e-10 for row in rows)
+
+
+def test_median_singular_value_script_runs(capsys):
+    """Small size, one repeat: every step timed, the two medians agree to round-off."""
+    import median_singular_value_benchmark
+
+    median_singular_value_benchmark.main(["--size", "120", "--repeats", "1"])
+    out = capsys.readouterr().out
+    assert out.count("\n| ") == 6  # header and five steps
+    difference = float(out.rsplit("medians: ", 1)[1])
+    assert difference <= 5e-7  # the Gram route's certificate
