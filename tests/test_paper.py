@@ -82,10 +82,14 @@ def test_every_figure_drawn_is_included(build):
 def _macros():
     """The generated macros, key -> LaTeX text, computed in process.
 
-    ``collect`` reads only the files named in ``paper._sources.SOURCES`` (that module's
-    rule). With every source the committed file (no test writes those) the dozen tests
-    that read them share one run (about 15 s each on 2 cores); a test that points a
-    source at a scratch copy (monkeypatch) and edits it gets a fresh run every call.
+    ``collect`` reads committed files: those named in ``paper._sources.SOURCES`` and,
+    found by their own modules, the design sweep's table (``simulations/results``) and
+    the studies' definitions (code). No test writes any of them, and the tests that
+    change an input do it by pointing a ``SOURCES`` entry at a scratch copy
+    (monkeypatch). So while ``SOURCES`` is the committed mapping the dozen tests that
+    read the macros share one run (about 15 s each on 2 cores); otherwise every call
+    runs ``collect`` afresh. A test that changed anything else (the sweep's table, a
+    study) would have to call ``collect`` itself: the cache does not see it.
     """
     from paper import _sources
     from paper._generate import collect
