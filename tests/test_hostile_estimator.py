@@ -4,6 +4,8 @@ import warnings
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from clairstat import CLAIREstimator, local_ols
 from clairstat.datasets import make_federated_regression, make_low_rank_block_sparse
@@ -695,3 +697,35 @@ def test_a_precise_client_is_tested_at_the_level(monkeypatch):
     monkeypatch.setattr(inference, "_tilt_cov", lambda *args: np.zeros((q, q)))
     without = _precise_client_rates(seeds)
     assert without[0] > 0.12, without
+
+
+@settings(max_examples=200, deadline=None, derandomize=True)
+@given(st.lists(st.sampled_from([0.0, 1e-300, 1e-8, 0.001, 0.01, 0.02, 0.3, 0.5, 1.0])
+                | st.floats(0, 1), min_size=1, max_size=40),
+       st.sampled_from(["holm", "h", "HOLM"]))
+def test_holm_adjustment_is_statsmodels_holm_without_its_gc_collect(p_values, method):
+    """clairstat adjusts Holm's p-values itself (statsmodels' Holm branch runs a full
+    ``gc.collect()`` per call); they must be statsmodels' values, ties, zeros and ones
+    included, and no collection may run."""
+    import gc
+
+    from statsmodels.stats.multitest import multipletests
+
+    from clairstat._inference import adjust_p_values
+
+    collect = gc.collect
+    try:
+        gc.collect = _count_collections  # statsmodels' collection skipped: 0.1 s each
+        _count_collections.calls = 0
+        want = multipletests(np.array(p_values), alpha=0.05, method="holm")[1]
+        assert _count_collections.calls == 1  # what the package avoids
+        got = adjust_p_values(p_values, 0.05, method)
+        assert _count_collections.calls == 1
+    finally:
+        gc.collect = collect
+    np.testing.assert_array_equal(got, want)  # the same products and maxima: exact
+
+
+def _count_collections(*args):
+    _count_collections.calls += 1
+    return 0
