@@ -103,3 +103,26 @@ def test_median_singular_value_script_runs(capsys):
     assert out.count("\n| ") == 6  # header and five steps
     difference = float(out.rsplit("medians: ", 1)[1])
     assert difference <= 5e-7  # the Gram route's certificate
+
+
+def test_refine_gc_script_runs(capsys):
+    """One layer of 6 clients, once each way: both rows, each run a success (the
+    timings themselves are the script's output, benchmarks/RESULTS.md)."""
+    pytest.importorskip("torch")
+    pytest.importorskip("safetensors")
+    import refine_gc_benchmark
+
+    rows = refine_gc_benchmark.main(["--layers", "1", "--clients", "6", "--repeats", "1"])
+    assert [mode for mode, _ in rows] == ["without", "with"]
+    assert all(row["collections"] > 0 for _, row in rows)
+
+
+def test_holm_script_runs(capsys):
+    """Two calls, one repeat: the table's two rows and the same flags both ways."""
+    pytest.importorskip("torch")
+    import holm_benchmark
+
+    holm_benchmark.main(["--calls", "2", "--repeats", "1"])
+    out = capsys.readouterr().out
+    assert out.count("\n| ") == 3  # header and two rows
+    assert "same flags both ways: True" in out

@@ -293,6 +293,33 @@ def test_joint_is_the_default(adapters, refined, tmp_path):
             refined / folder.name / "adapter_model.safetensors").read_bytes()
 
 
+def test_collections_skip_the_imports_during_the_run_only(adapters, tmp_path, monkeypatch):
+    """Every per-module collection runs with the objects of the imports frozen (so it
+    does not traverse them), and the command unfreezes them at its end, also on an
+    error (it may run inside a longer-lived process, as here)."""
+    import gc
+
+    from clairstat import _cli
+
+    frozen = []
+    release = _cli._release_memory
+
+    def spy():
+        frozen.append(gc.get_freeze_count())
+        release()
+
+    monkeypatch.setattr(_cli, "_release_memory", spy)
+    before = gc.get_freeze_count()
+    assert main(["refine", "--random-state", "0", "--out", str(tmp_path / "a"),
+                 *map(str, adapters)]) == 0
+    assert len(frozen) >= 2 and min(frozen) > 10_000  # numpy, scipy, torch, clairstat
+    assert gc.get_freeze_count() == before
+    # an input error after the freeze (a rank no client supports): unfrozen as well
+    assert main(["refine", "--rank", "1000", "--out", str(tmp_path / "b"),
+                 *map(str, adapters)]) == 2
+    assert gc.get_freeze_count() == before
+
+
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 def test_device_option_runs_the_torch_path_with_the_same_outcome(adapters, refined, tmp_path,
                                                                 dtype, monkeypatch):
