@@ -654,12 +654,18 @@ def _imports_frozen():
     250 000 with torch loaded) left out of the cyclic collector's passes until the end.
 
     :func:`_release_memory` runs a full collection twice per module; it traverses every
-    tracked object, so it took 0.16 s with torch loaded (about 70 s of a 224-module run)
+    tracked object, so it took 0.16 s with torch loaded (about 60 s of a 224-module run)
     and under 1 ms with them frozen (``gc.freeze``). What the fits allocate stays
     collectable. The modules the fits import are imported first, so that they are
-    frozen too, and everything is unfrozen at the end (the command may run inside a
-    longer-lived process, as in the tests).
+    frozen too; at the end everything is unfrozen and collected once (the command may
+    run inside a longer-lived process, as in the tests: a cycle of the caller's that
+    became garbage during the run is freed then, not before). Where the process has
+    frozen objects already (a caller's own ``gc.freeze``, or a concurrent run in
+    another thread), nothing is frozen or unfrozen here: that freeze is the caller's.
     """
+    if gc.get_freeze_count() > 0:
+        yield
+        return
     import importlib.util
 
     import scipy.sparse.linalg  # noqa: F401  (the fits' imports, frozen with the rest)
@@ -675,6 +681,7 @@ def _imports_frozen():
         yield
     finally:
         gc.unfreeze()
+        gc.collect()
 
 
 def _refine(clients, writer, args, cluster):

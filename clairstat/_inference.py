@@ -420,18 +420,19 @@ def adjust_p_values(p_values, level, correction):
     """``p_values`` adjusted by ``correction``: statsmodels' ``multipletests``, except
     Holm's step-down, computed here with the same formula.
 
-    statsmodels' Holm branch calls ``gc.collect()`` on every call (statsmodels 0.14 and
-    0.15; a pull request removing it, statsmodels#8671, was not merged): a full
-    collection of the caller's process, 0.17 s per call in a process with torch loaded,
-    which was most of a small fit's time (two or three test rounds per fit). Holm's
-    adjusted p-values are ``max_{j <= i} min(1, (n - j + 1) p_(j))`` over the sorted
-    values, which is what statsmodels returns (``tests/test_hostile_estimator.py`` checks the two
-    agree, ties and ones included).
+    statsmodels' Holm branch calls ``gc.collect()`` on every call (statsmodels 0.15,
+    the version pinned for CI; a pull request removing it, statsmodels#8671, was not
+    merged): a full collection of the caller's process, 0.16 s per call in a process
+    with torch loaded, which was most of a small fit's time (two or three test rounds
+    per fit). Holm's adjusted p-values are ``min(1, max_{j <= i} (n - j + 1) p_(j))``
+    over the sorted values, which is what statsmodels returns
+    (``tests/test_hostile_estimator.py`` checks the two agree, ties, ones, NaN and an
+    empty list included).
     """
     p_values = np.asarray(p_values, dtype=float)
     if correction.lower() not in ("h", "holm"):
         return multipletests(p_values, alpha=level, method=correction)[1]
-    order = np.argsort(p_values, kind="stable")
+    order = np.argsort(p_values)  # statsmodels' sort, so ties take the same order
     steps = np.arange(len(p_values), 0, -1)
     adjusted = np.empty_like(p_values)
     adjusted[order] = np.minimum(np.maximum.accumulate(p_values[order] * steps), 1.0)

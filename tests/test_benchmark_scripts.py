@@ -125,4 +125,4 @@ def test_holm_script_runs(capsys):
     holm_benchmark.main(["--calls", "2", "--repeats", "1"])
     out = capsys.readouterr().out
     assert out.count("\n| ") == 3  # header and two rows
-    assert "same flags both ways: True" in out
+    assert "same flags both ways, every repeat: True" in out

@@ -296,28 +296,44 @@ def test_joint_is_the_default(adapters, refined, tmp_path):
 def test_collections_skip_the_imports_during_the_run_only(adapters, tmp_path, monkeypatch):
     """Every per-module collection runs with the objects of the imports frozen (so it
     does not traverse them), and the command unfreezes them at its end, also on an
-    error (it may run inside a longer-lived process, as here)."""
+    error (it may run inside a longer-lived process, as here); a caller's own freeze is
+    left as it was."""
     import gc
 
     from clairstat import _cli
 
-    frozen = []
-    release = _cli._release_memory
+    frozen, freezes = [], []
+    release, freeze = _cli._release_memory, gc.freeze
 
-    def spy():
+    def spy_release():
         frozen.append(gc.get_freeze_count())
         release()
 
-    monkeypatch.setattr(_cli, "_release_memory", spy)
-    before = gc.get_freeze_count()
+    def spy_freeze():
+        freezes.append(True)
+        freeze()
+
+    monkeypatch.setattr(_cli, "_release_memory", spy_release)
+    monkeypatch.setattr(gc, "freeze", spy_freeze)
+    assert gc.get_freeze_count() == 0
     assert main(["refine", "--random-state", "0", "--out", str(tmp_path / "a"),
                  *map(str, adapters)]) == 0
     assert len(frozen) >= 2 and min(frozen) > 10_000  # numpy, scipy, torch, clairstat
-    assert gc.get_freeze_count() == before
+    assert gc.get_freeze_count() == 0 and len(freezes) == 1
     # an input error after the freeze (a rank no client supports): unfrozen as well
     assert main(["refine", "--rank", "1000", "--out", str(tmp_path / "b"),
                  *map(str, adapters)]) == 2
-    assert gc.get_freeze_count() == before
+    assert gc.get_freeze_count() == 0 and len(freezes) == 2
+    # the caller froze its objects: the command neither freezes more nor unfreezes them
+    freeze()
+    try:
+        mine = gc.get_freeze_count()
+        assert main(["refine", "--random-state", "0", "--out", str(tmp_path / "c"),
+                     *map(str, adapters)]) == 0
+        # (frozen objects still die by reference count: the count may only fall a little)
+        assert 0.99 * mine <= gc.get_freeze_count() <= mine and len(freezes) == 2
+    finally:
+        gc.unfreeze()
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])

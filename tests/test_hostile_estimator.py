@@ -700,13 +700,15 @@ def test_a_precise_client_is_tested_at_the_level(monkeypatch):
 
 
 @settings(max_examples=200, deadline=None, derandomize=True)
-@given(st.lists(st.sampled_from([0.0, 1e-300, 1e-8, 0.001, 0.01, 0.02, 0.3, 0.5, 1.0])
-                | st.floats(0, 1), min_size=1, max_size=40),
+@given(st.lists(st.sampled_from([0.0, 1e-300, 1e-8, 0.001, 0.01, 0.02, 0.3, 0.5, 1.0,
+                                 np.nan, -0.1, 1.5])
+                | st.floats(0, 1), min_size=0, max_size=40),
        st.sampled_from(["holm", "h", "HOLM"]))
 def test_holm_adjustment_is_statsmodels_holm_without_its_gc_collect(p_values, method):
     """clairstat adjusts Holm's p-values itself (statsmodels' Holm branch runs a full
-    ``gc.collect()`` per call); they must be statsmodels' values, ties, zeros and ones
-    included, and no collection may run."""
+    ``gc.collect()`` per call); they must be statsmodels' values, ties, zeros, ones, an
+    empty list and values no p-value takes (NaN, below 0, above 1) included, and no
+    collection may run."""
     import gc
 
     from statsmodels.stats.multitest import multipletests
@@ -718,9 +720,9 @@ def test_holm_adjustment_is_statsmodels_holm_without_its_gc_collect(p_values, me
         gc.collect = _count_collections  # statsmodels' collection skipped: 0.1 s each
         _count_collections.calls = 0
         want = multipletests(np.array(p_values), alpha=0.05, method="holm")[1]
-        assert _count_collections.calls == 1  # what the package avoids
+        statsmodels_calls = _count_collections.calls  # 1 in statsmodels 0.14-0.15
         got = adjust_p_values(p_values, 0.05, method)
-        assert _count_collections.calls == 1
+        assert _count_collections.calls == statsmodels_calls  # none of the package's
     finally:
         gc.collect = collect
     np.testing.assert_array_equal(got, want)  # the same products and maxima: exact
