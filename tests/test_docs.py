@@ -105,3 +105,34 @@ def test_docs_build_without_warnings_and_run_every_example(tmp_path):
         page = (tmp_path / "html" / "auto_examples" / f"{name}.html").read_text()
         assert "sphx-glr-script-out" in page, name  # its printed output: it ran
     assert (tmp_path / "html" / "api.html").exists()
+
+
+def _readme_python_blocks():
+    return re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+
+
+def test_readme_code_runs_and_says_what_it_prints():
+    """Every Python block of the README runs as written, in the order given; the
+    statistician's block says which site the real-data fit flags ("site N is flagged")
+    and that the new site is predicted +1: both are read from the README's text and
+    held against the fit, so an edit of the code or of the package that changes them
+    fails here."""
+    pytest.importorskip("statsmodels")
+    pytest.importorskip("pandas")
+    import numpy as np
+
+    blocks = _readme_python_blocks()
+    assert len(blocks) >= 2
+    statistician = [b for b in blocks if "local_ols(" in b]
+    assert len(statistician) == 1
+    namespaces = []
+    for block in blocks:
+        namespace = {"__name__": "readme"}
+        exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102 (our own text)
+        namespaces.append(namespace)
+    fitted = namespaces[blocks.index(statistician[0])]
+    claimed = [int(n) for n in re.findall(r"site (\d+) is flagged", statistician[0])]
+    assert claimed, "the README no longer says which site is flagged"
+    assert np.flatnonzero(fitted["est"].contaminated_).tolist() == claimed
+    assert re.search(r"est\.predict\(new\)\s+# \+1", statistician[0])
+    assert fitted["est"].predict(fitted["new"]).tolist() == [1]
