@@ -159,6 +159,19 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
     null_scale_df_ : float
         Degrees of freedom of the estimated scale (``inf``: the scale was not
         estimated, the null is the scaled chi^2).
+    null_scale_factor_ : float
+        With ``noise_cov`` or ``noise_scale``: the factor by which the calibration
+        raised the given noise's null scale so that the calibration clients' median
+        p-value is 1/2 (never below 1; 1: the given noise accounts for how far the
+        clients lie from the fit; 5: their typical off-subspace deviation is five times
+        the variance it predicts, and every test is relative to that). ``nan`` when the
+        noise was estimated (the scale is then the estimate itself).
+    null_spread_df_ : float
+        Degrees of freedom implied by the spread of the calibration clients'
+        log-statistics (their MAD); a client's null whose model df exceed it was
+        widened to it (same mean, heavier tail). ``inf`` when not estimated (fewer
+        than 8 clients) or on factored LoRA stacks, whose df are matched to the
+        statistics' quartiles directly (``degrees_of_freedom_``).
     noise_model_ : {"noise_cov", "noise_scale", "estimated"}
         Where the null came from.
     contaminated_ : ndarray of bool, shape (n_clients,)
@@ -177,8 +190,10 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
         columns swap.
     detection_converged_ : bool
         Whether the refit-and-test loop ended on a set its own test reproduces; if not
-        (a cycle), some clients are left out although their test does not reject them,
-        and a warning names them.
+        (a cycle), the collaborative set keeps every client some round of the cycle
+        kept, so some members may be kept although the final test rejects them (their
+        adjusted p-value is below ``test_level`` while ``contaminated_`` is False), and
+        a warning names them.
     n_detection_rounds_ : int
         Refits the detection made.
     objective_, dual_gap_ : float
@@ -311,6 +326,15 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
             two_d = len(X) > 0 and np.asarray(X[0]).ndim == 1
         else:
             two_d = np.asarray(X).ndim <= 2  # 1-D input gets scikit-learn's "reshape" error
+        shape = tuple(int(v) for v in getattr(self, "estimate_shape_", (0, 0)))
+        shape = shape[::-1] if self.subspace == "row" else shape
+        if (two_d and not reset and not self._input_2d and np.asarray(X).ndim == 2
+                and shape[1] != 1):  # q = 1 fits take (n_clients, p) as they always did
+            raise ValueError(
+                f"this estimator was fitted on (n_clients, p, q) = (., {shape[0]}, "
+                f"{shape[1]}) blocks; a 2-D array of shape {np.asarray(X).shape} would be "
+                "read as (n_clients, p) with q = 1. One client's (p, q) estimate: pass "
+                "it as X[None], of shape (1, p, q).")
         if two_d:
             X = validate_data(self, X, reset=reset, dtype=[np.float64, np.float32],
                               ensure_all_finite=False, ensure_min_samples=1)
@@ -526,6 +550,9 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
         self.null_scale_ = _squared(fit.null.scale, unit)
         self.degrees_of_freedom_ = fit.null.df
         self.null_scale_df_ = float(fit.null.scale_df)
+        spread_df, factor, _ = fit.new_client.calibration
+        self.null_spread_df_ = float(spread_df)
+        self.null_scale_factor_ = float("nan") if noise.estimated else float(factor)
         self.client_noise_scale_ = noise.sigma * scale
         self.noise_scale_ = float(np.sqrt(np.mean(noise.sigma ** 2)) * scale)
         self.noise_model_ = ("estimated" if noise.estimated else
@@ -536,6 +563,23 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
         if self.contaminated_.all():
             warnings.warn("every client was flagged as contaminated; refined_ holds the "
                           "unchanged local estimates.", UserWarning, stacklevel=3)
+        if self.null_scale_factor_ > LARGE_SCALE_FACTOR:
+            warnings.warn(
+                f"the clients lie {self.null_scale_factor_:.3g} times farther off the fitted "
+                "subspace (in variance) than the given noise implies: the tests' null scale "
+                "was raised that much (null_scale_factor_), so each client is tested "
+                "against the median client, not against its noise. Either the clients "
+                "differ beyond the shared subspace (check rank=) or a large share of them "
+                "is contaminated and hides itself (masking); read each client's row of "
+                "summary() and its own regression.", UserWarning, stacklevel=3)
+        if not self.contaminated_.all() and not np.any(self.degrees_of_freedom_ > 0):
+            # rank_ = p: the subspace is the whole space, nothing is off it
+            warnings.warn(f"the shared subspace has dimension {self.rank_}, the estimates' "
+                          f"{self.estimate_shape_[0]} rows: every client's test has 0 "
+                          "degrees of freedom and no client can be flagged. Contaminated "
+                          "clients (a large share of few clients) can make the directions "
+                          "the rank rule keeps: give rank= (rank=0 for sites sampling one "
+                          "population).", UserWarning, stacklevel=3)
 
     def _low_rank_basis(self, result, rank):
         from ._objective import stack_blocks
@@ -616,15 +660,18 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
 
     def _aligned_ols(self, X):
         """A new clients' :class:`LocalOLS` in the fitted one's feature and output order
-        (matched by name; different names are an error). Names that ``local_ols``
-        generated for arrays (``x0, ...``, ``y0, ...``), on either side, are not
-        checked: the order is then the caller's."""
+        (matched by name; different names are an error). Features or outputs whose
+        names ``local_ols`` generated (arrays without labels: ``x0, ...``, ``y0, ...``),
+        on either side, are not matched: their order is the caller's."""
         fitted = getattr(self, "_local_ols_names", None)
         given = _ols_names(X)
-        if fitted is None or given is None or given == fitted:
+        if fitted is None or given is None:
             return X
         orders = []
         for what, have, want in zip(("features", "outputs"), given, fitted):
+            if have is None or want is None:
+                orders.append(slice(None))
+                continue
             if sorted(have) != sorted(want) or len(set(have)) != len(have):
                 raise ValueError(f"the new clients' {what} are {list(have)}, the fitted "
                                  f"clients' {list(want)}: fit local_ols on the same "
@@ -632,10 +679,12 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
             orders.append([list(have).index(name) for name in want])
         rows, cols = orders
         row_cov, col_cov = X.noise_cov
+        names = [list(want) if want is not None else list(current) for want, current in
+                 zip(fitted, (X.feature_names, X.output_names))]
         return dataclasses.replace(
             X, estimates=X.estimates[:, rows][:, :, cols],
             noise_cov=(row_cov[:, rows][:, :, rows], col_cov[:, cols][:, :, cols]),
-            feature_names=list(fitted[0]), output_names=list(fitted[1]))
+            feature_names=names[0], output_names=names[1])
 
     def decision_function(self, X: ArrayLike,
                           noise_cov: tuple[ArrayLike, ArrayLike] | None = None) -> np.ndarray:
@@ -697,6 +746,13 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
 # Relative size of round-off in an entry: a statistic below (this x the entries' size)^2
 # per degree of freedom is numerical zero, not a deviation (noiseless data).
 _ROUND_OFF = 64 * np.finfo(float).eps
+# Above this factor on a given covariance's null scale the fit warns (null_scale_factor_).
+# On random splits of six real datasets into clients, nothing corrupted, the factor
+# stayed at or below 2.6; firms that differ beyond a shared subspace (statsmodels'
+# grunfeld) gave 6.7; with a third of 12 simulated clients contaminated the factor was
+# 43 in the one seed of 20 where they masked themselves, at most 1.6 in the others
+# (benchmarks/null_scale_factor.py, benchmarks/RESULTS.md).
+LARGE_SCALE_FACTOR = 4.0
 
 
 def _unit_free_roots(matrix):
@@ -850,16 +906,14 @@ def _unpack_ols(X, noise_cov, sample_weight, method, noise_scale=None):
 
 
 def _ols_names(X):
-    """``(feature_names, output_names)`` of a :class:`LocalOLS` with names of its own,
-    else ``None`` (arrays, or the ``x0, ...``/``y0, ...`` that ``local_ols`` generates)."""
+    """``(feature_names, output_names)`` of a :class:`LocalOLS`, each ``None`` where
+    ``local_ols`` generated it (arrays without labels) or it is empty; ``None`` for
+    anything but a LocalOLS."""
     if not isinstance(X, LocalOLS):
         return None
-    p, q = X.estimates.shape[1:]
-    generated = ([f"x{j}" for j in range(p)], [f"y{j}" for j in range(q)])
-    names = (list(X.feature_names), list(X.output_names))
-    if names[0] == generated[0] and names[1] == generated[1]:
-        return None
-    return names
+    generated = tuple(X.generated_names)
+    return tuple(None if made or not len(names) else list(names)
+                 for names, made in zip((X.feature_names, X.output_names), generated))
 
 
 def _row_key(block):

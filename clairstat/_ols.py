@@ -39,6 +39,11 @@ class LocalOLS:
     feature_names, output_names : list of str
         Column names of the first client's design and response (from DataFrames), or
         ``x0, x1, ...`` and ``y0, y1, ...``.
+    generated_names : tuple of (bool, bool)
+        Whether ``feature_names`` and ``output_names`` were made up by :func:`local_ols`
+        (arrays without column labels): a fitted estimator matches new clients' columns
+        by name only where both sides have names of their own (a data frame's columns
+        named ``x0, x1, ...`` are names like any other).
     """
 
     estimates: np.ndarray
@@ -47,6 +52,7 @@ class LocalOLS:
     residual_df: np.ndarray
     feature_names: list = field(default_factory=list)
     output_names: list = field(default_factory=list)
+    generated_names: tuple = (False, False)
 
     @property
     def shape(self):
@@ -69,7 +75,8 @@ class LocalOLS:
         row_cov, col_cov = self.noise_cov
         return LocalOLS(self.estimates[key], (row_cov[key], col_cov[key]),
                         self.n_samples[key], self.residual_df[key],
-                        list(self.feature_names), list(self.output_names))
+                        list(self.feature_names), list(self.output_names),
+                        tuple(self.generated_names))
 
     def __eq__(self, other):
         if not isinstance(other, LocalOLS):
@@ -79,7 +86,8 @@ class LocalOLS:
                   *zip(self.noise_cov, other.noise_cov))
         return (all(np.array_equal(a, b) for a, b in arrays)
                 and list(self.feature_names) == list(other.feature_names)
-                and list(self.output_names) == list(other.output_names))
+                and list(self.output_names) == list(other.output_names)
+                and tuple(self.generated_names) == tuple(other.generated_names))
 
     __hash__ = None  # mutable arrays inside: not hashable, as an ndarray is not
 
@@ -89,6 +97,12 @@ class LocalOLS:
                  if n_clients else "")
         return (f"LocalOLS({n_clients} clients, p={p} {list(self.feature_names)}, "
                 f"q={q} {list(self.output_names)}{sizes})")
+
+
+def _has_names(table, width):
+    """Whether ``table`` labels its columns (a data frame, a named Series of one)."""
+    return (getattr(table, "columns", None) is not None
+            or (getattr(table, "name", None) is not None and width == 1))
 
 
 def _names(table, prefix, width):
@@ -286,4 +300,5 @@ def local_ols(designs: Sequence[ArrayLike], responses: Sequence[ArrayLike]) -> L
                       UserWarning, stacklevel=2)
     return LocalOLS(estimates, (row_cov, col_cov), n_samples.astype(int),
                     n_samples.astype(int) - p, _names(designs[0], "x", p),
-                    _names(responses[0], "y", q))
+                    _names(responses[0], "y", q),
+                    (not _has_names(designs[0], p), not _has_names(responses[0], q)))

@@ -74,6 +74,18 @@ def _df(values):
     return f"{low:.3g}" if np.isclose(low, high) else f"{low:.3g} to {high:.3g}"
 
 
+def _calibration(est):
+    """How far the data moved the null: the given noise's scale raised, df widened."""
+    parts = []
+    factor = getattr(est, "null_scale_factor_", float("nan"))
+    if np.isfinite(factor):
+        parts.append(f"scale x{factor:.3g}")
+    spread = getattr(est, "null_spread_df_", float("inf"))
+    if np.isfinite(spread) and np.any(est.degrees_of_freedom_ >= spread * (1 - 1e-12)):
+        parts.append(f"df widened to {spread:.3g}")
+    return ", ".join(parts) or "none"
+
+
 def _diagnostics(est):
     n_clients = len(est.contaminated_)
     return {
@@ -88,6 +100,7 @@ def _diagnostics(est):
                                "rounds)",
         "noise model": est.noise_model_,
         "test df": _df(est.degrees_of_freedom_),
+        "null calibration": _calibration(est),
         "solver": est.solver_,
         "iterations": str(est.n_iter_),
         "converged": str(est.converged_),

@@ -15,7 +15,7 @@ __all__ = ["as_real_array", "check_local_estimates", "check_noise_cov", "check_n
 def _as_blocks(local_estimates, dtype):
     if isinstance(local_estimates, (list, tuple)):
         if len(local_estimates) == 0:
-            raise ValueError("local_estimates is empty: CLAIR needs at least 2 clients.")
+            raise ValueError("local_estimates is empty: no clients were given.")
         shapes = [np.shape(block) for block in local_estimates]
         if any(len(s) != 2 for s in shapes):
             bad = next(k for k, s in enumerate(shapes) if len(s) != 2)

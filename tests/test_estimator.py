@@ -148,6 +148,23 @@ def test_list_input_and_2d_input(regression):
     assert est2.transform(vectors).shape == vectors.shape
 
 
+def test_one_new_client_given_as_a_matrix_is_told_how_to_pass_it(fitted, regression):
+    """A (p, q) estimate for a fit on (K, p, q) blocks would be read as p clients of
+    q = 1: the message says so and how to pass one client (a review found the shapes
+    it named were ones the caller never passed); a q = 1 fit on 3-D blocks still takes
+    2-D (n_clients, p) input; an empty batch says it is empty."""
+    X = regression.local_estimates
+    one = X[3]
+    with pytest.raises(ValueError, match=r"X\[None\]"):
+        fitted.predict(one)
+    assert fitted.predict(one[None]).shape == (1,)
+    column = X[:, :, :1]
+    narrow = CLAIREstimator(random_state=0).fit(column)
+    np.testing.assert_array_equal(narrow.predict(column[:, :, 0]), narrow.predict(column))
+    with pytest.raises(ValueError, match="empty"):
+        fitted.predict([])
+
+
 def test_clone_pickle_and_params(fitted, regression):
     restored = pickle.loads(pickle.dumps(fitted))
     np.testing.assert_array_equal(restored.predict(regression.local_estimates),

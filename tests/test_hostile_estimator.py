@@ -572,6 +572,45 @@ def test_a_new_local_ols_is_matched_to_the_fit_by_column_names():
     np.testing.assert_array_equal(est.predict(plain), est.predict(straight))
 
 
+def test_names_are_matched_per_axis_whatever_they_look_like():
+    """Data-frame columns that happen to be called ``x0, x1, ...`` (scikit-learn's
+    ``get_feature_names_out`` writes such names) are matched like any others, and an
+    axis whose names local_ols generated (array responses) is left in the caller's
+    order while the other axis is matched (both found by a review: the x0-named
+    columns were taken as generated and new clients were read in the wrong order)."""
+    import pandas as pd
+
+    rng = np.random.default_rng(16)
+    coef = rng.standard_normal((4, 2))
+    names = ["x0", "x1", "x2", "x3"]
+
+    def clients(n_clients, n_samples):
+        xs = [np.c_[np.ones(n_samples), rng.standard_normal((n_samples, 3))]
+              for _ in range(n_clients)]
+        return xs, [x @ coef + rng.standard_normal((n_samples, 2)) for x in xs]
+
+    xs, ys = clients(10, 60)
+    est = CLAIREstimator(rank=0, random_state=0).fit(
+        local_ols([pd.DataFrame(x, columns=names) for x in xs], ys))
+    new_x, new_y = clients(3, 40)
+    new_y[1] = new_y[1] + 3.0  # one new client far off
+    straight = local_ols([pd.DataFrame(x, columns=names) for x in new_x], new_y)
+    turned = local_ols([pd.DataFrame(x, columns=names)[["x0", "x2", "x1", "x3"]]
+                        for x in new_x], new_y)
+    assert straight.generated_names == (False, True)
+    assert not np.allclose(turned.estimates, straight.estimates)
+    for method in ("score_samples", "predict", "transform"):
+        np.testing.assert_allclose(getattr(est, method)(turned),
+                                   getattr(est, method)(straight), rtol=1e-12, atol=0)
+    assert est.predict(straight).tolist() == [1, -1, 1]
+    # the fit's outputs were arrays: new clients' named outputs are in the caller's order
+    named_out = local_ols([pd.DataFrame(x, columns=names) for x in new_x],
+                          [pd.DataFrame(y, columns=["sbp", "dbp"]) for y in new_y])
+    np.testing.assert_array_equal(est.predict(named_out), est.predict(straight))
+    # a LocalOLS keeps which names were generated through indexing
+    assert straight[0].generated_names == (False, True)
+
+
 def test_messages_about_a_covariance_the_caller_did_not_pass():
     rng = np.random.default_rng(7)
     train = _ols_clients(rng, 10, 60, rng.standard_normal((4, 2)))
@@ -731,3 +770,68 @@ def test_holm_adjustment_is_statsmodels_holm_without_its_gc_collect(p_values, me
 def _count_collections(*args):
     _count_collections.calls += 1
     return 0
+
+
+def _a_third_contaminated(seed):
+    """12 OLS clients (p = 5, q = 2) on a rank-1 shared part; the first 4 moved by ~2,
+    their OLS noise ~0.1 (a review's set-up: a third of few clients contaminated)."""
+    rng = np.random.default_rng(seed)
+    n_clients, p, q, n = 12, 5, 2, 80
+    shared = rng.standard_normal((p, 1))
+    designs = [np.c_[np.ones(n), rng.standard_normal((n, p - 1))] for _ in range(n_clients)]
+    theta = [shared @ rng.standard_normal((1, q)) + 0.5 for _ in range(n_clients)]
+    for k in range(4):
+        theta[k] = theta[k] + 2 * rng.standard_normal((p, q))
+    return local_ols(designs, [x @ t + rng.standard_normal((n, q))
+                               for x, t in zip(designs, theta)])
+
+
+def _messages(caught):
+    return " ".join(str(w.message) for w in caught)
+
+
+def test_tests_without_degrees_of_freedom_say_so():
+    """The rank rule kept every row (rank_ = p): no test has a degree of freedom and
+    nobody can be flagged. The fit says so instead of reporting a clean set; a fit
+    with the same clients and room for the tests does not."""
+    ols = _a_third_contaminated(0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        est = CLAIREstimator(random_state=0).fit(ols)
+    assert est.rank_ == ols.estimates.shape[1]
+    assert np.all(est.degrees_of_freedom_ == 0) and not est.contaminated_.any()
+    assert "0 degrees of freedom" in _messages(caught)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        CLAIREstimator(rank=1, random_state=0).fit(ols)
+    assert "0 degrees of freedom" not in _messages(caught)
+
+
+def test_a_covariance_raised_far_by_the_calibration_is_reported():
+    """With ``noise_cov`` the calibration raises the covariance's null scale until the
+    median p-value is 1/2. Where a third of the clients is contaminated and masks
+    itself, the factor is 43 (``null_scale_factor_``): the fit warns and the summary
+    shows it. On a random split of a real dataset (the README's) the factor is about 1
+    and nothing is said; without a covariance the factor is not defined (nan)."""
+    ols = _a_third_contaminated(0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        est = CLAIREstimator(rank=1, random_state=0).fit(ols)
+    assert est.null_scale_factor_ > 10 and np.isfinite(est.null_spread_df_)
+    assert "null scale was raised" in _messages(caught)
+    assert f"scale x{est.null_scale_factor_:.3g}" in str(est.summary())
+    sm = pytest.importorskip("statsmodels.api")
+    fair = sm.datasets.fair.load_pandas().data
+    sites = np.array_split(np.random.default_rng(0).permutation(len(fair)), 15)
+    features = ["age", "yrs_married", "children", "religious", "educ", "occupation",
+                "occupation_husb"]
+    real = local_ols([sm.add_constant(fair.iloc[s][features]) for s in sites[:14]],
+                     [fair.iloc[s][["affairs", "rate_marriage"]] for s in sites[:14]])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        est = CLAIREstimator(random_state=0).fit(real)
+    assert 1.0 <= est.null_scale_factor_ < 2.0
+    assert "null scale was raised" not in _messages(caught)
+    plain = quiet_fit(real.estimates)
+    assert np.isnan(plain.null_scale_factor_)
+    assert "null calibration" in str(plain.summary())
