@@ -14,7 +14,10 @@ every module; by default the joint refinement of the collaborative clients' whol
 adapters, ``--per-module`` each module by its own fit) and writes, for each client,
 ``OUT/<folder name>/`` with the refined adapter (same keys, shapes, dtypes, safetensors
 metadata, and the config copied unchanged; a flagged client's file is a byte copy of its
-input) and ``OUT/report.json`` with every client's flag and per-module p-values. Inputs
+input) and ``OUT/report.json`` with every client's flag and per-module p-values, and
+its ``untested`` tensors: those that are not LoRA factors (``modules_to_save`` modules,
+biases, trainable tokens), copied unchanged, neither tested nor refined (a warning on
+stderr names them; so does one for adapters that name different base models). Inputs
 are read with safetensors only (no pickle). Exit status: 0 on success, 2 on a usage
 error or an unreadable input (one line on stderr naming the folder, no traceback).
 
@@ -151,13 +154,20 @@ def _parser():
 def _read_config(folder):
     path = folder / CONFIG_NAME
     if not path.is_file():
-        raise InputError(f"{folder}: {CONFIG_NAME} is missing")
+        named = sorted(sub.name for sub in folder.iterdir()
+                       if (sub / CONFIG_NAME).is_file()) if folder.is_dir() else []
+        hint = (f" (peft saves an adapter named otherwise than 'default' in a subfolder: "
+                f"pass {folder / named[0]})" if named else "")
+        raise InputError(f"{folder}: {CONFIG_NAME} is missing{hint}")
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, OSError) as error:  # JSONDecodeError and UnicodeDecodeError
         raise InputError(f"{folder}: {CONFIG_NAME} is not valid JSON ({error})") from None
     if not isinstance(config, dict):
         raise InputError(f"{folder}: {CONFIG_NAME} does not hold a JSON object")
+    kind = config.get("peft_type")
+    if kind is not None and str(kind).upper() != "LORA":
+        raise InputError(f"{folder}: peft_type {kind}: only LoRA adapters are refined")
     return config
 
 
@@ -196,7 +206,10 @@ def _read_header(folder):
 
     path = folder / WEIGHTS_NAME
     if not path.is_file():
-        raise InputError(f"{folder}: {WEIGHTS_NAME} is missing")
+        pickled = (folder / "adapter_model.bin").is_file()
+        raise InputError(f"{folder}: {WEIGHTS_NAME} is missing" + (
+            " (adapter_model.bin is there, a pickle file, which is not read: save with "
+            "save_pretrained(..., safe_serialization=True))" if pickled else ""))
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata()
@@ -217,6 +230,9 @@ def _check_pairs(keys, shapes):
     """The checks of :func:`clairstat.lora.adapter_factors`, on the header's shapes."""
     for module, pair in keys.items():
         a_shape, b_shape = shapes[pair["A"]], shapes[pair["B"]]
+        if len(a_shape) > 2 or len(b_shape) > 2:
+            raise ValueError(f"{module}: lora_B {b_shape} and lora_A {a_shape}: LoRA on a "
+                             "convolution is not supported (linear layers only).")
         if len(a_shape) != 2 or len(b_shape) != 2 or b_shape[1] != a_shape[0]:
             raise ValueError(f"{module}: lora_B {b_shape} and lora_A {a_shape}.")
 
@@ -696,12 +712,38 @@ def _refine(clients, writer, args, cluster):
     return summary
 
 
+def _input_warnings(clients):
+    """What the inputs hold that the refinement does not check: tensors that are not
+    LoRA factors (copied untested), adapters of different base models."""
+    from .lora import untested_keys, untested_warning
+
+    names = [client.folder.name for client in clients]
+    message = untested_warning([untested_keys(client.shapes) for client in clients], names)
+    if message:
+        yield message + " (report.json lists them per client)"
+    bases = {}
+    for client in clients:
+        base = client.config.get("base_model_name_or_path")
+        if base is not None:
+            bases.setdefault(str(base), []).append(client.folder.name)
+    if len(bases) > 1:
+        listed = "; ".join(f"{base}: {', '.join(folders[:3])}"
+                           + (", ..." if len(folders) > 3 else "")
+                           for base, folders in bases.items())
+        yield (f"the adapters name {len(bases)} base models ({listed}): updates of "
+               "different base weights are not comparable unless these name the same "
+               "model")
+
+
 def _report(clients, summary, args):
+    from .lora import untested_keys
+
     entries = []
     for k, client in enumerate(clients):
         entries.append({
             "name": client.folder.name, "input": str(client.folder),
             "flagged": bool(summary.flagged[k]),
+            "untested": untested_keys(client.shapes),
             "p_values": {name: None if p is None else p[k]
                          for name, p in summary.p_values.items()},
             "module_flagged": {name: bool(flags[k])
@@ -822,6 +864,8 @@ def refine_command(args):
     _check_outputs(folders, out)
     _check_options(args)
     clients = _read_all(folders)
+    for message in _input_warnings(clients):
+        print(f"clairstat refine: warning: {message}", file=sys.stderr)
     with _Cluster(args.scheduler, args.workers) as cluster:  # before copying anything
         summary = _stage_and_refine(clients, out, args, cluster)
     flagged = [c.folder.name for c, f in zip(clients, summary.flagged) if f]

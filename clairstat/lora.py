@@ -29,6 +29,7 @@ import math
 import numbers
 import os
 import re
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -43,7 +44,7 @@ from .aggregation import (ModuleRefinement, aggregate_modules, clair_modules, cl
 __all__ = ["lora_scaling", "lora_pairs", "adapter_factors", "module_factors",
            "readout_factors", "factors_to_state_dict", "refine_adapters",
            "aggregate_adapters", "global_state_dict", "personalized_state_dicts",
-           "LoraRefinement", "save_adapter", "load_adapter"]
+           "LoraRefinement", "save_adapter", "load_adapter", "untested_keys"]
 
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])(?:\.(?P<adapter>[^.]+))?"
                        r"\.weight$")
@@ -68,6 +69,9 @@ def _config_get(config, name, default=None):
     return getattr(config, name, default)
 
 
+_PEFT_PREFIX = "base_model.model."  # peft's prefix of module names in saved adapters
+
+
 def lora_scaling(config, module_name, rank):
     """The peft scaling ``s`` of one module: ``alpha / r``, or ``alpha / sqrt(r)`` (rsLoRA).
 
@@ -76,7 +80,10 @@ def lora_scaling(config, module_name, rank):
     config : peft.LoraConfig, dict or None
         ``None`` means the factors already carry the scale (``s = 1``).
     module_name : str
-        Module path; ``alpha_pattern`` keys match its suffix as in peft.
+        Module path, as in the state dict (``base_model.model.<name in the base
+        model>``) or without that prefix; ``alpha_pattern`` keys are matched as peft
+        matches them, against the name in the base model (``(.*\.)?(key)$``), so keys
+        anchored with ``^`` work too.
     rank : int
         The module's LoRA rank (read from the factors, so ``rank_pattern`` is honoured).
 
@@ -86,12 +93,20 @@ def lora_scaling(config, module_name, rank):
     2.0
     >>> lora_scaling({"lora_alpha": 16, "alpha_pattern": {"q_proj": 4}}, "x.q_proj", 4)
     1.0
+    >>> lora_scaling({"lora_alpha": 16, "alpha_pattern": {"^model.layers.0.q_proj": 4}},
+    ...              "base_model.model.model.layers.0.q_proj", 4)
+    1.0
     """
     if config is None:
         return 1.0
     alpha = _config_get(config, "lora_alpha", 8)
+    # peft matches the patterns against the module's name in the base model; its saved
+    # state dicts prefix that name with "base_model.model." (a "^"-anchored key never
+    # matched the prefixed name, and the plain lora_alpha was used: a review, 2026-12-03)
+    name = module_name[len(_PEFT_PREFIX):] if module_name.startswith(_PEFT_PREFIX) \
+        else module_name
     for pattern, value in (_config_get(config, "alpha_pattern") or {}).items():
-        if re.match(rf"(.*\.)?({pattern})$", module_name):
+        if re.match(rf"(.*\.)?({pattern})$", name):
             alpha = value
             break
     root = math.sqrt(rank) if _config_get(config, "use_rslora", False) else rank
@@ -133,16 +148,22 @@ def lora_pairs(keys: Any) -> dict:
     >>> lora_pairs(["m.lora_A.weight", "m.lora_B.weight"])
     {'m': {'A': 'm.lora_A.weight', 'B': 'm.lora_B.weight'}}
     """
-    modules = {}
+    modules, adapters = {}, set()
     for key in keys:
         match = _LORA_KEY.match(key)
         if match:
             modules.setdefault(match["module"], {})[match["which"]] = key
+            adapters.add(match["adapter"])
         elif "lora_embedding" in key or "lora_magnitude" in key:
             raise ValueError(f"{key}: embedding LoRA and DoRA adapters are not supported.")
         elif _LORA_BIAS.match(key):  # part of the update that B A does not hold
             raise ValueError(f"{key}: LoRA with a trained bias (peft's lora_bias=True) "
                              "is not supported.")
+    if len(adapters) > 1:  # a model's full state dict with several adapters loaded
+        names = sorted("(none)" if name is None else name for name in adapters)
+        raise ValueError(f"keys of {len(adapters)} adapters ({', '.join(names)}): pass "
+                         "one adapter's keys (peft.get_peft_model_state_dict(model, "
+                         "adapter_name=...)).")
     incomplete = [name for name, keys in modules.items() if set(keys) != {"A", "B"}]
     if incomplete or not modules:
         raise ValueError(f"no complete lora_A/lora_B pairs (incomplete: {incomplete}).")
@@ -150,6 +171,38 @@ def lora_pairs(keys: Any) -> dict:
 
 
 _parse = lora_pairs  # the module's own name for it
+
+
+def untested_keys(keys: Any) -> list:
+    """The tensors of an adapter that are not LoRA factors, sorted.
+
+    peft saves beside the ``lora_A``/``lora_B`` pairs whatever else was trained: whole
+    modules (``modules_to_save``, e.g. a classification or language-model head), biases
+    (``bias="all"`` or ``"lora_only"``), trainable token rows. CLAIR tests and refines
+    the pairs only; these tensors are copied unchanged into the refined adapter, so a
+    client can change them at will without being flagged. :func:`refine_adapters`
+    warns about them and ``clairstat refine`` lists them in its report.
+
+    Examples
+    --------
+    >>> untested_keys(["m.lora_A.weight", "m.lora_B.weight", "head.modules_to_save.w"])
+    ['head.modules_to_save.w']
+    """
+    return sorted(key for key in keys if not _LORA_KEY.match(key))
+
+
+def untested_warning(untested, names=None):
+    """One warning line for the clients whose adapters hold untested tensors, or None."""
+    holders = [k for k, keys in enumerate(untested) if keys]
+    if not holders:
+        return None
+    names = list(range(len(untested))) if names is None else names
+    example = untested[holders[0]]
+    shown = ", ".join(example[:3]) + (", ..." if len(example) > 3 else "")
+    return (f"{len(holders)} of {len(untested)} clients' adapters hold tensors that are "
+            f"not LoRA factors (client {names[holders[0]]}: {len(example)}, {shown}): "
+            "they are neither tested nor refined and are copied unchanged, so a "
+            "contaminated one goes unseen.")
 
 
 def adapter_factors(state_dict: Mapping[str, Any], config: Any = None) -> dict:
@@ -296,9 +349,14 @@ class LoraRefinement(ModuleRefinement):
     state_dicts : list of dict, length n_clients
         Refined adapters, rank ``r_k`` each, in the clients' own key layout; a flagged
         client (client-level ``flagged``) gets its own adapter back unchanged.
+    untested : list of list of str, length n_clients
+        Each client's tensors that are not LoRA factors (:func:`untested_keys`: whole
+        ``modules_to_save`` modules, biases, trainable tokens), neither tested nor
+        refined, and copied unchanged into ``state_dicts`` (a warning says so).
     """
 
     state_dicts: list
+    untested: list = dataclasses.field(default_factory=list)
 
     def mean_state_dict(self, template, config=None):
         """The collaborative mean update of every module as an adapter like ``template``.
@@ -428,13 +486,18 @@ def refine_adapters(state_dicts: Sequence[Mapping[str, Any]], configs: Any = Non
     """
     configs = _per_client(configs, len(state_dicts), "configs")
     factor_lists = module_factors(state_dicts, configs)
+    untested = [untested_keys(state_dict) for state_dict in state_dicts]
+    message = untested_warning(untested)
+    if message:
+        warnings.warn(message + " (LoraRefinement.untested lists them)", UserWarning,
+                      stacklevel=2)
     with thread_limits(n_jobs, modules_work(factor_lists)):
         fit = clair_modules(factor_lists, sample_weight, joint=joint,
                             flagged_updates=flagged_updates, progress=progress,
                             device=device, dtype=dtype, **clair_params)
         refined = _readout_state_dicts(state_dicts, configs, fit.per_client, fit.flagged,
                                        _ranks(factor_lists), keep=fit.zero_modules)
-    return LoraRefinement(**vars(fit), state_dicts=refined)
+    return LoraRefinement(**vars(fit), state_dicts=refined, untested=untested)
 
 
 def aggregate_adapters(rule: str, state_dicts: Sequence[Mapping[str, Any]], configs: Any = None,

@@ -508,6 +508,56 @@ def test_lora_bias_is_refused(adapters, tmp_path, capsys):
     assert "lora_bias" in _run_bad(adapters, bad, tmp_path, capsys)
 
 
+def test_what_peft_writes_beside_lora_factors_is_named(adapters, tmp_path, capsys):
+    """Other adapter kinds, a pickle-only folder, a named adapter's parent folder and
+    LoRA on a convolution are refused with what is wrong (a review found messages that
+    did not say it)."""
+    ia3 = _copy(adapters[3], tmp_path / "ia3")
+    config = json.loads((ia3 / "adapter_config.json").read_text())
+    (ia3 / "adapter_config.json").write_text(json.dumps({**config, "peft_type": "IA3"}))
+    assert "peft_type IA3" in _run_bad(adapters, ia3, tmp_path, capsys)
+    pickled = _copy(adapters[3], tmp_path / "pickled")
+    (pickled / "adapter_model.safetensors").rename(pickled / "adapter_model.bin")
+    assert "pickle" in _run_bad(adapters, pickled, tmp_path, capsys)
+    parent = tmp_path / "parent"
+    parent.mkdir()
+    _copy(adapters[3], parent / "other")
+    assert str(parent / "other") in _run_bad(adapters, parent, tmp_path, capsys)
+    conv = _copy(adapters[3], tmp_path / "conv")
+    weights = _weights(conv)
+    weights[f"{MODULES[0]}.lora_A.weight"] = torch.zeros((2, D_IN, 1, 1))
+    safetensors_torch.save_file(weights, str(conv / "adapter_model.safetensors"))
+    assert "convolution" in _run_bad(adapters, conv, tmp_path, capsys)
+
+
+def test_untested_tensors_and_other_base_models_are_reported(adapters, tmp_path, capsys):
+    """A whole module saved beside the LoRA pairs (peft's modules_to_save: here a head
+    poisoned 50-fold) is copied unchanged, as before, but no longer silently: a warning
+    names it and report.json lists it under the client's "untested"; adapters whose
+    configs name different base models draw a warning."""
+    inputs = [_copy(folder, tmp_path / folder.name) for folder in adapters]
+    for k, folder in enumerate(inputs):
+        weights = _weights(folder)
+        weights["base_model.model.head.weight"] = torch.ones((3, D_OUT)) * (50.0 if k == 1
+                                                                           else 1.0)
+        safetensors_torch.save_file(weights, str(folder / "adapter_model.safetensors"))
+    config = json.loads((inputs[2] / "adapter_config.json").read_text())
+    for k, base in ((2, "org/base-a"), (3, "org/base-b")):
+        (inputs[k] / "adapter_config.json").write_text(
+            json.dumps({**config, "base_model_name_or_path": base}))
+    capsys.readouterr()
+    out = tmp_path / "out"
+    assert main(["refine", "--random-state", "0", "--out", str(out), *map(str, inputs)]) == 0
+    err = capsys.readouterr().err
+    assert "not LoRA factors" in err and "base_model.model.head.weight" in err
+    assert "2 base models" in err and "org/base-a" in err
+    report = json.loads((out / "report.json").read_text())
+    assert all(entry["untested"] == ["base_model.model.head.weight"]
+               for entry in report["clients"])
+    head = _weights(out / inputs[1].name)["base_model.model.head.weight"]
+    assert torch.equal(head, torch.full((3, D_OUT), 50.0))  # copied, as the report says
+
+
 def test_usage_errors_are_one_line(adapters, tmp_path, capsys, monkeypatch):
     """OUT a file, one client, an unusable device, a folder given twice (through a link),
     --flagged-updates with --per-module (it would be ignored), '.' as a folder (named by

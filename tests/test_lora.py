@@ -235,6 +235,54 @@ def test_peft_round_trip_loads_into_the_model(rng, tmp_path, tiny_peft):
     assert np.allclose(delta.numpy(), expected[0] @ expected[1], atol=1e-5)  # float32
 
 
+def test_scaling_matches_peft_for_every_alpha_pattern_form(tiny_peft):
+    """peft matches ``alpha_pattern`` keys against the module's name in the base model
+    (``q_proj`` here), its saved state dicts prefix it with ``base_model.model.``: a key
+    anchored with ``^`` (the form peft's own docstring shows) must give peft's scaling
+    too (a review found it ignored, the plain lora_alpha used, the updates read and
+    written at a quarter of their size). Compared with peft's own delta weight."""
+    torch, peft, Tiny, _ = tiny_peft
+    for pattern in ({"^q_proj": 32}, {"q_proj": 32}, {"^v_proj": 2, "q_.*": 32}):
+        config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"],
+                                 alpha_pattern=pattern)
+        torch.manual_seed(0)
+        model = peft.get_peft_model(Tiny(), config)
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(param)
+        factors = adapter_factors(peft.get_peft_model_state_dict(model), config)
+        for module in ("q_proj", "v_proj"):
+            layer = getattr(model.base_model.model, module)
+            delta = layer.get_delta_weight("default").detach().double().numpy()
+            left, right = factors[f"base_model.model.{module}"]
+            np.testing.assert_allclose(left @ right, delta, rtol=1e-6,  # float32 factors
+                                       atol=1e-6 * np.abs(delta).max(), err_msg=str(pattern))
+
+
+def test_tensors_beside_the_pairs_are_named_and_two_adapters_refused(tiny_peft):
+    """A whole module saved beside the pairs (modules_to_save) is copied untested: the
+    API warns and lists it (``untested``). A model's full state dict with two adapters
+    loaded is refused (the second adapter's keys overwrote the first's)."""
+    torch, peft, Tiny, config = tiny_peft
+    states = []
+    for seed in range(6):
+        torch.manual_seed(seed)
+        model = peft.get_peft_model(Tiny(), config)
+        state = dict(peft.get_peft_model_state_dict(model))
+        state["base_model.model.head.weight"] = torch.ones(3, 6)
+        states.append(state)
+    with pytest.warns(UserWarning, match="not LoRA factors"):
+        refinement = refine_adapters(states, config, rank=1)
+    assert refinement.untested == [["base_model.model.head.weight"]] * 6
+    assert torch.equal(refinement.state_dicts[0]["base_model.model.head.weight"],
+                       torch.ones(3, 6))
+    torch.manual_seed(0)
+    model = peft.get_peft_model(Tiny(), config)
+    model.add_adapter("other", config)
+    with pytest.raises(ValueError, match="2 adapters"):
+        adapter_factors(model.state_dict(), config)
+
+
 def test_one_poisoned_module_reaches_nobody_else(rng):
     """One client scales one module's lora_B by 1e6 and leaves the others alone: too few
     modules for a client-level flag, but that module's test flags it. The joint
