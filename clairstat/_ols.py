@@ -167,7 +167,13 @@ def _as_matrix(table, what, k):
     try:
         array = np.asarray(table, dtype=float)
     except (TypeError, ValueError) as exc:
-        raise TypeError(f"client {k}'s {what} is not numeric: {exc}") from exc
+        columns = getattr(table, "columns", None)
+        dtypes = getattr(table, "dtypes", None)
+        text = [str(c) for c, t in zip(columns, dtypes) if t.kind not in "biufc"] \
+            if columns is not None and dtypes is not None and not np.isscalar(dtypes) else []
+        hint = (f" (columns {text}: encode categories as indicator columns first, e.g. "
+                "pandas.get_dummies(..., drop_first=True, dtype=float))" if text else "")
+        raise TypeError(f"client {k}'s {what} is not numeric: {exc}{hint}") from exc
     if array.ndim == 1:
         array = array[:, None]
     if array.ndim != 2:

@@ -835,3 +835,13 @@ def test_a_covariance_raised_far_by_the_calibration_is_reported():
     plain = quiet_fit(real.estimates)
     assert np.isnan(plain.null_scale_factor_)
     assert "null calibration" in str(plain.summary())
+
+
+def test_a_categorical_design_column_is_named_with_what_to_do():
+    pd = pytest.importorskip("pandas")
+    rng = np.random.default_rng(17)
+    designs = [pd.DataFrame({"const": 1.0, "a": rng.standard_normal(30),
+                             "group": pd.Categorical(rng.choice(["u", "v"], 30))})
+               for _ in range(3)]
+    with pytest.raises(TypeError, match=r"columns \['group'\].*get_dummies"):
+        local_ols(designs, [rng.standard_normal(30) for _ in range(3)])
