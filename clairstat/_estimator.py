@@ -162,10 +162,14 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
     null_scale_factor_ : float
         With ``noise_cov`` or ``noise_scale``: the factor by which the calibration
         raised the given noise's null scale so that the calibration clients' median
-        p-value is 1/2 (never below 1; 1: the given noise accounts for how far the
-        clients lie from the fit; 5: their typical off-subspace deviation is five times
-        the variance it predicts, and every test is relative to that). ``nan`` when the
-        noise was estimated (the scale is then the estimate itself).
+        p-value is 1/2, after any widening (which keeps the null's mean): the
+        calibrated null's mean over the mean the given noise implies. Never below 1;
+        near 1, the given noise accounts for the clients' statistics; large, each
+        client is tested against the median client rather than its own noise (the
+        statistics sit higher than the noise implies, or spread so much more that the
+        widened null's median fell far below its mean). ``nan`` when the noise was
+        estimated (the scale is then the estimate itself) and on factored LoRA stacks
+        (their null is matched to the statistics' quartiles whatever noise is given).
     null_spread_df_ : float
         Degrees of freedom implied by the spread of the calibration clients'
         log-statistics (their MAD); a client's null whose model df exceed it was
@@ -329,7 +333,8 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
         shape = tuple(int(v) for v in getattr(self, "estimate_shape_", (0, 0)))
         shape = shape[::-1] if self.subspace == "row" else shape
         if (two_d and not reset and not self._input_2d and np.asarray(X).ndim == 2
-                and shape[1] != 1):  # q = 1 fits take (n_clients, p) as they always did
+                and (shape[1] != 1 or np.asarray(X).shape == shape)):
+            # q = 1 fits take (n_clients, p) as they always did, unless it is (p, 1)
             raise ValueError(
                 f"this estimator was fitted on (n_clients, p, q) = (., {shape[0]}, "
                 f"{shape[1]}) blocks; a 2-D array of shape {np.asarray(X).shape} would be "
@@ -552,7 +557,10 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
         self.null_scale_df_ = float(fit.null.scale_df)
         spread_df, factor, _ = fit.new_client.calibration
         self.null_spread_df_ = float(spread_df)
-        self.null_scale_factor_ = float("nan") if noise.estimated else float(factor)
+        # factored LoRA stacks match their null to the statistics' quartiles whatever
+        # noise is given (calibrate_null): no factor on a given noise to report
+        self.null_scale_factor_ = (float("nan") if noise.estimated
+                                   or isinstance(blocks, FactoredBlocks) else float(factor))
         self.client_noise_scale_ = noise.sigma * scale
         self.noise_scale_ = float(np.sqrt(np.mean(noise.sigma ** 2)) * scale)
         self.noise_model_ = ("estimated" if noise.estimated else
@@ -562,24 +570,31 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
         self.offset_ = float(np.log(self.test_level))
         if self.contaminated_.all():
             warnings.warn("every client was flagged as contaminated; refined_ holds the "
-                          "unchanged local estimates.", UserWarning, stacklevel=3)
+                          "unchanged local estimates.", UserWarning, stacklevel=4)
         if self.null_scale_factor_ > LARGE_SCALE_FACTOR:
+            widened = (f", and they spread as a chi^2 with {self.null_spread_df_:.2g} df"
+                       if np.isfinite(self.null_spread_df_)
+                       and np.any(self.degrees_of_freedom_ >= self.null_spread_df_
+                                  * (1 - 1e-12)) else "")
             warnings.warn(
-                f"the clients lie {self.null_scale_factor_:.3g} times farther off the fitted "
-                "subspace (in variance) than the given noise implies: the tests' null scale "
-                "was raised that much (null_scale_factor_), so each client is tested "
-                "against the median client, not against its noise. Either the clients "
-                "differ beyond the shared subspace (check rank=) or a large share of them "
-                "is contaminated and hides itself (masking); read each client's row of "
-                "summary() and its own regression.", UserWarning, stacklevel=3)
+                f"the clients' statistics do not follow the given noise: the tests' null "
+                f"scale was raised {self.null_scale_factor_:.3g}-fold (its mean that many "
+                f"times what the noise implies; null_scale_factor_){widened}, so each "
+                "client is tested against the median client, not against its own noise. "
+                "Either the clients differ beyond the shared subspace (check rank=), or "
+                "their noise is not what was given, or a large share of them is "
+                "contaminated and hides itself (masking); read each client's row of "
+                "summary() and its own regression.", UserWarning, stacklevel=4)
         if not self.contaminated_.all() and not np.any(self.degrees_of_freedom_ > 0):
             # rank_ = p: the subspace is the whole space, nothing is off it
-            warnings.warn(f"the shared subspace has dimension {self.rank_}, the estimates' "
-                          f"{self.estimate_shape_[0]} rows: every client's test has 0 "
-                          "degrees of freedom and no client can be flagged. Contaminated "
-                          "clients (a large share of few clients) can make the directions "
-                          "the rank rule keeps: give rank= (rank=0 for sites sampling one "
-                          "population).", UserWarning, stacklevel=3)
+            side = "columns" if self.subspace == "row" else "rows"
+            warnings.warn(f"the shared subspace has dimension {self.rank_}, all of the "
+                          f"estimates' {self.estimate_shape_[0]} {side}: every client's "
+                          "test has 0 degrees of freedom and no client can be flagged. "
+                          "Contaminated clients (a large share of few clients), or a "
+                          "noise_scale below the true noise, make the rank rule keep "
+                          "every direction: give rank= (rank=0 for sites sampling one "
+                          "population), or check the noise.", UserWarning, stacklevel=4)
 
     def _low_rank_basis(self, result, rank):
         from ._objective import stack_blocks
@@ -911,9 +926,14 @@ def _ols_names(X):
     anything but a LocalOLS."""
     if not isinstance(X, LocalOLS):
         return None
-    generated = tuple(X.generated_names)
-    return tuple(None if made or not len(names) else list(names)
-                 for names, made in zip((X.feature_names, X.output_names), generated))
+    axes = (list(X.feature_names), list(X.output_names))
+    generated = X.generated_names
+    if generated is None:  # unknown (a LocalOLS pickled before the field, or built by
+        # hand without it): names of local_ols's own pattern count as generated
+        generated = tuple(names == [f"{prefix}{j}" for j in range(len(names))]
+                          for names, prefix in zip(axes, "xy"))
+    return tuple(None if made or not names else names
+                 for names, made in zip(axes, generated))
 
 
 def _row_key(block):

@@ -39,11 +39,13 @@ class LocalOLS:
     feature_names, output_names : list of str
         Column names of the first client's design and response (from DataFrames), or
         ``x0, x1, ...`` and ``y0, y1, ...``.
-    generated_names : tuple of (bool, bool)
+    generated_names : tuple of (bool, bool) or None
         Whether ``feature_names`` and ``output_names`` were made up by :func:`local_ols`
         (arrays without column labels): a fitted estimator matches new clients' columns
         by name only where both sides have names of their own (a data frame's columns
-        named ``x0, x1, ...`` are names like any other).
+        named ``x0, x1, ...`` are names like any other). ``None`` (a LocalOLS built by
+        hand, or pickled by a version without this field): names ``x0, x1, ...`` and
+        ``y0, y1, ...`` count as generated.
     """
 
     estimates: np.ndarray
@@ -52,7 +54,7 @@ class LocalOLS:
     residual_df: np.ndarray
     feature_names: list = field(default_factory=list)
     output_names: list = field(default_factory=list)
-    generated_names: tuple = (False, False)
+    generated_names: tuple | None = None
 
     @property
     def shape(self):
@@ -76,7 +78,7 @@ class LocalOLS:
         return LocalOLS(self.estimates[key], (row_cov[key], col_cov[key]),
                         self.n_samples[key], self.residual_df[key],
                         list(self.feature_names), list(self.output_names),
-                        tuple(self.generated_names))
+                        self.generated_names)
 
     def __eq__(self, other):
         if not isinstance(other, LocalOLS):
@@ -87,7 +89,7 @@ class LocalOLS:
         return (all(np.array_equal(a, b) for a, b in arrays)
                 and list(self.feature_names) == list(other.feature_names)
                 and list(self.output_names) == list(other.output_names)
-                and tuple(self.generated_names) == tuple(other.generated_names))
+                and self.generated_names == other.generated_names)
 
     __hash__ = None  # mutable arrays inside: not hashable, as an ndarray is not
 

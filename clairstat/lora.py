@@ -73,7 +73,7 @@ _PEFT_PREFIX = "base_model.model."  # peft's prefix of module names in saved ada
 
 
 def lora_scaling(config, module_name, rank):
-    """The peft scaling ``s`` of one module: ``alpha / r``, or ``alpha / sqrt(r)`` (rsLoRA).
+    r"""The peft scaling ``s`` of one module: ``alpha / r``, or ``alpha / sqrt(r)`` (rsLoRA).
 
     Parameters
     ----------

@@ -161,6 +161,8 @@ def test_one_new_client_given_as_a_matrix_is_told_how_to_pass_it(fitted, regress
     column = X[:, :, :1]
     narrow = CLAIREstimator(random_state=0).fit(column)
     np.testing.assert_array_equal(narrow.predict(column[:, :, 0]), narrow.predict(column))
+    with pytest.raises(ValueError, match=r"X\[None\]"):  # one (p, 1) client
+        narrow.predict(column[0])
     with pytest.raises(ValueError, match="empty"):
         fitted.predict([])
 

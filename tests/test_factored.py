@@ -760,3 +760,26 @@ def test_span_basis_of_a_rank_deficient_stack_has_its_rank():
     assert basis.shape[1] == 30
     assert np.linalg.norm(basis.T @ basis - np.eye(30)) <= 1e3 * EPS
     assert close(basis @ (basis.T @ matrix), matrix)
+
+
+def test_a_factored_fit_reports_no_calibration_factor_on_a_given_noise():
+    """Factored stacks match their null to the statistics' quartiles whatever noise is
+    given, so there is no factor on it to report: ``null_scale_factor_`` is nan, not a
+    1 that would say the given noise fits (a review found "scale x1" for noise scales
+    100 times apart with identical nulls)."""
+    import warnings
+
+    rng = np.random.default_rng(0)
+    coef = rng.standard_normal((12, 8, 2)) * 0.1
+    coef[:, :, 0] += rng.standard_normal(8)[None]
+    rights = np.stack([np.linalg.qr(rng.standard_normal((7, 2)))[0].T for _ in range(12)])
+    nulls = []
+    for scale in (1.0, 100.0):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            est = CLAIREstimator(backbone=False, random_state=0, noise_scale=scale).fit(
+                FactoredBlocks(coef, rights))
+        assert np.isnan(est.null_scale_factor_)
+        assert "scale x" not in str(est.summary())
+        nulls.append(est.null_scale_)
+    np.testing.assert_array_equal(nulls[0], nulls[1])

@@ -307,6 +307,24 @@ def test_a_fresh_adapter_is_a_valid_zero_update():
     assert set(strategy.client_arrays_) == set(NODES)
 
 
+@pytest.mark.parametrize("rule", ["clair", "median"])
+def test_a_head_beside_the_lora_pairs_is_not_sent_from_one_reply(rule, caplog):
+    """Tensors no rule tests (a modules_to_save head) enter the global adapter as their
+    coordinate-wise median over the replies, with a log line; before, the first reply's
+    own head went to every client (a review: one poisoned head, 50 times the others,
+    in the global adapter under every rule)."""
+    states = [dict(client_adapter(k)) for k in range(N_NODES)]
+    for k, state in enumerate(states):
+        state["base_model.model.head.weight"] = np.full((3, 4), 50.0 if k == 0 else 1.0,
+                                                        dtype=np.float32)
+    strategy = LoraStrategy(rule=rule, lora_config=LORA)
+    with caplog.at_level("WARNING"):
+        arrays, _ = strategy.aggregate_train(1, [_reply(n, s) for n, s in zip(NODES, states)])
+    head = arrays_to_state_dict(arrays)["base_model.model.head.weight"]
+    assert np.array_equal(head, np.ones((3, 4), dtype=np.float32))
+    assert "not tested by any rule" in caplog.text
+
+
 def test_fewer_than_two_valid_replies_fail_clearly():
     states = [client_adapter(k) for k in range(3)]
     replies = [_reply(NODES[0], states[0]), _reply(NODES[1], states[1], count=-1),

@@ -845,3 +845,22 @@ def test_a_categorical_design_column_is_named_with_what_to_do():
                for _ in range(3)]
     with pytest.raises(TypeError, match=r"columns \['group'\].*get_dummies"):
         local_ols(designs, [rng.standard_normal(30) for _ in range(3)])
+
+
+def test_names_of_a_local_ols_without_the_generated_flag_follow_the_old_rule():
+    """A LocalOLS built by hand or pickled before ``generated_names`` existed (None):
+    names of local_ols's own pattern (x0, ..., y0, ...) count as generated, so pairing
+    it with data-frame clients works as it did (a review found it refused)."""
+    import dataclasses
+
+    pd = pytest.importorskip("pandas")
+    rng = np.random.default_rng(18)
+    coef = rng.standard_normal((4, 2))
+    train = _ols_clients(rng, 10, 60, coef)
+    old = dataclasses.replace(train, generated_names=None)
+    assert old.feature_names == ["x0", "x1", "x2", "x3"]
+    est = CLAIREstimator(rank=0, random_state=0).fit(old)
+    designs = [np.c_[np.ones(40), rng.standard_normal((40, 3))] for _ in range(3)]
+    named = local_ols([pd.DataFrame(x, columns=["const", "a", "b", "c"]) for x in designs],
+                      [x @ coef + rng.standard_normal((40, 2)) for x in designs])
+    assert est.predict(named).tolist() == [1, 1, 1]

@@ -45,7 +45,7 @@ except ImportError as error:  # pragma: no cover - depends on the environment
                       "pip install clairstat[flower,lora]") from error
 
 from ..lora import (adapter_factors, aggregate_adapters, global_state_dict,
-                    personalized_state_dicts)
+                    personalized_state_dicts, untested_keys)
 
 __all__ = ["LoraStrategy", "arrays_to_state_dict", "state_dict_to_arrays", "cap_weights"]
 
@@ -101,6 +101,27 @@ _EQUAL_RANK_RULES = {"fedit", "ffa", "fedex", "fedrot"}
 
 class _MalformedReply(ValueError):
     """A reply this strategy cannot aggregate (the message says why)."""
+
+
+def _untested_median(global_state, adapters):
+    """The global adapter's tensors that are not LoRA factors (``modules_to_save``
+    modules, biases, trainable tokens: no rule tests them) as their coordinate-wise
+    median over the replies that hold them at the first reply's shape, instead of the
+    first reply's own (which every client then received: a review found one client's
+    poisoned head sent to all). Logged once per call."""
+    keys = untested_keys(global_state)
+    for key in keys:
+        reference = np.asarray(global_state[key])
+        stack = [np.asarray(adapter[key]) for adapter in adapters
+                 if key in adapter and np.shape(adapter[key]) == reference.shape]
+        global_state[key] = np.median(np.stack(stack).astype(np.float64), axis=0).astype(
+            reference.dtype)
+    if keys:
+        _LOGGER.warning("%d tensors beside the LoRA pairs (%s%s) are not tested by any "
+                        "rule: the global adapter takes their coordinate-wise median over "
+                        "the replies", len(keys), ", ".join(keys[:3]),
+                        ", ..." if len(keys) > 3 else "")
+    return global_state
 
 
 class LoraStrategy(FedAvg):
@@ -172,6 +193,11 @@ class LoraStrategy(FedAvg):
     carry a Flower error are left to FedAvg, which logs them as failures. A fresh adapter
     (``lora_B = 0``) is a valid zero update, not malformed.
     Evaluation replies are screened for their count alike (:meth:`aggregate_evaluate`).
+
+    **Tensors beside the LoRA pairs** (``modules_to_save`` modules, biases, trainable
+    tokens) are not tested by any rule: the global adapter takes their coordinate-wise
+    median over the valid replies (logged at WARNING), and each client's personalized
+    adapter keeps its own.
     """
 
     def __init__(self, rule="clair", lora_config=None, personalized=True,
@@ -307,7 +333,9 @@ class LoraStrategy(FedAvg):
         self.last_results_ = results
         per_client, flagged = personalized_state_dicts(results, adapters, self.lora_config,
                                                        flagged_receive=self.flagged_receive)
-        return per_client, global_state_dict(results, adapters[0], self.lora_config), flagged
+        return (per_client, _untested_median(global_state_dict(results, adapters[0],
+                                                               self.lora_config), adapters),
+                flagged)
 
     def _metrics(self, messages, weights, aggregate_fn):
         """FedAvg's metric aggregation, weighted by the capped weights."""
