@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import numbers
+from collections.abc import Sequence
 from dataclasses import dataclass
 import warnings
 from typing import TYPE_CHECKING
@@ -746,11 +747,18 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
         flagged = self.predict(X, noise_cov) == -1
         return self._output(self._refine(blocks, flagged))
 
-    def summary(self) -> CLAIRSummary:
-        """A statsmodels-style report of the fit (see :class:`clairstat.CLAIRSummary`)."""
+    def summary(self, client_names: Sequence[str] | None = None) -> CLAIRSummary:
+        """A statsmodels-style report of the fit (see :class:`clairstat.CLAIRSummary`).
+
+        Parameters
+        ----------
+        client_names : sequence of str, optional
+            One name per training client, in their order, for the per-client table
+            (default: 0, 1, ...).
+        """
         from ._summary import CLAIRSummary
         check_is_fitted(self)
-        return CLAIRSummary(self)
+        return CLAIRSummary(self, client_names)
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()

@@ -15,8 +15,14 @@ class CLAIRSummary:
     Built on ``statsmodels.iolib.summary2.Summary``; ``str(summary)`` is the text form.
     """
 
-    def __init__(self, estimator):
+    def __init__(self, estimator, client_names=None):
         self.diagnostics = _diagnostics(estimator)
+        n_clients = len(estimator.contaminated_)
+        if client_names is not None:
+            client_names = [str(name) for name in client_names]
+            if len(client_names) != n_clients:
+                raise ValueError(f"client_names has {len(client_names)} names for "
+                                 f"{n_clients} clients.")
         self.clients = pd.DataFrame({
             "score ‖S_k‖_F": [_number(v) for v in estimator.contamination_scores_],
             "statistic": [_number(v) for v in estimator.test_statistics_],
@@ -25,6 +31,8 @@ class CLAIRSummary:
             "adjusted": [_p_value(v) for v in estimator.adjusted_p_values_],
             "flagged": np.where(estimator.contaminated_, "yes", "no"),
         })
+        if client_names is not None:
+            self.clients.index = pd.Index(client_names)
         self.clients.index.name = "client"
         self._summary = Summary()
         self._summary.add_title("CLAIR: collaborative low-rank estimation")

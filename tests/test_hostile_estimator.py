@@ -864,3 +864,15 @@ def test_names_of_a_local_ols_without_the_generated_flag_follow_the_old_rule():
     named = local_ols([pd.DataFrame(x, columns=["const", "a", "b", "c"]) for x in designs],
                       [x @ coef + rng.standard_normal((40, 2)) for x in designs])
     assert est.predict(named).tolist() == [1, 1, 1]
+
+
+def test_summary_takes_client_names():
+    rng = np.random.default_rng(19)
+    train = _ols_clients(rng, 6, 60, rng.standard_normal((4, 2)))
+    est = quiet_fit(train, rank=0)
+    names = ["ATT", "Chrysler", "General Electric", "GM", "IBM", "US Steel"]
+    text = str(est.summary(client_names=names))
+    assert all(name in text for name in names)
+    assert "| General Electric |" in est.summary(client_names=names).as_markdown()
+    with pytest.raises(ValueError, match="5 names for 6 clients"):
+        est.summary(client_names=names[:5])
