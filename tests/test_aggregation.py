@@ -344,6 +344,23 @@ def test_geomedian_minimises_the_weighted_sum_of_distances():
     assert close(res.factors[0] @ res.factors[1], res.update)
 
 
+@pytest.mark.parametrize("weights", [(0.2, 0.55, 0.25), (0.1, 0.55, 0.35)])
+def test_geomedian_does_not_stop_on_a_client_that_is_not_the_median(weights):
+    """Three rank-1 updates on one line, (0, -1, 2.2) u v^T: a client holding more than
+    half the weight is the median. With weights (0.2, 0.55, 0.25) the weighted mean is
+    client 0's zero update, where Weiszfeld used to land and stop (``converged`` True,
+    the objective 10% above the minimum: a review); the vertex test of Vardi and Zhang
+    finds client 1."""
+    rng = np.random.default_rng(21)
+    u, v = rng.standard_normal((6, 1)), rng.standard_normal((1, 5))
+    factors = [(c * u, v) for c in (0.0, -1.0, 2.2)]
+    weights = np.array(weights)
+    res = aggregate("geomedian", factors, weights)
+    assert res.converged
+    np.testing.assert_array_equal(res.extras["coefficients"], [0.0, 1.0, 0.0])
+    assert close(res.update, -u @ v)
+
+
 def with_outliers(rng, n_clients=10, n_bad=3, size=1e6):
     factors = random_factors(rng, n_clients)
     for i in range(n_bad):
