@@ -245,6 +245,8 @@ def weiszfeld(gram, weights, tol=1e-10, max_iter=1000):
         distances = np.sqrt(np.maximum(squared, 0.0))
         on = distances <= floor  # data points the iterate sits on (no 1 / 0)
         pull = np.where(on, 0.0, weights / np.where(on, 1.0, distances))
+        if not pull.sum() > 0.0:  # every point within the floor of the iterate
+            return coefficients, n_iter, True
         new = pull / pull.sum()
         if on.any():  # Vardi-Zhang: move off a point that is not the median
             resultant = pull - pull.sum() * coefficients
