@@ -236,8 +236,34 @@ def _warn_no_residual(col_cov, y_max, output_names):
                       stacklevel=3)
 
 
-def local_ols(designs: Sequence[ArrayLike], responses: Sequence[ArrayLike]) -> LocalOLS:
-    """Fit ordinary least squares on every client's own data.
+def _weighted(design, response, weights, k, rows=None):
+    """Client k's rows scaled by the square roots of its WLS ``weights`` (OLS on the
+    scaled rows is WLS on the raw ones, as statsmodels' ``WLS`` whitens); ``rows``, the
+    design's pandas index where it has one, must match a weight Series' index."""
+    index = getattr(weights, "index", None)
+    if hasattr(index, "equals") and hasattr(rows, "equals") and not index.equals(rows):
+        raise ValueError(f"client {k}'s weights and design have different row indexes: "
+                         "align them (e.g. weights.loc[design.index]) or pass arrays.")
+    try:
+        weights = np.asarray(weights, dtype=float)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"client {k}'s weights are not numeric: {exc}") from exc
+    if weights.ndim != 1 or weights.shape[0] != design.shape[0]:
+        raise ValueError(f"client {k}'s weights have shape {weights.shape}; expected "
+                         f"({design.shape[0]},), one per row of its design.")
+    if not np.all(np.isfinite(weights)) or np.any(weights <= 0):
+        raise ValueError(f"client {k}'s weights must be finite and positive (drop the "
+                         "rows a zero weight would remove: they would still count as "
+                         "residual degrees of freedom).")
+    if response.shape[0] != design.shape[0]:  # _client_fit's message, before broadcasting
+        return design, response
+    root = np.sqrt(weights)[:, None]
+    return design * root, response * root
+
+
+def local_ols(designs: Sequence[ArrayLike], responses: Sequence[ArrayLike],
+              weights: Sequence[ArrayLike] | None = None) -> LocalOLS:
+    """Fit ordinary (or weighted) least squares on every client's own data.
 
     Parameters
     ----------
@@ -246,6 +272,12 @@ def local_ols(designs: Sequence[ArrayLike], responses: Sequence[ArrayLike]) -> L
         ``statsmodels.api.add_constant`` does).
     responses : sequence of array-like, Series or DataFrame, each of shape (n_k, q) or (n_k,)
         Client ``k``'s responses (``q`` outputs).
+    weights : sequence of array-like, each of shape (n_k,), optional
+        Weighted least squares, as statsmodels' ``WLS(response, design, weights)``:
+        weights proportional to the inverse of each row's noise variance (finite and
+        positive). Then ``estimates`` is ``(X_k^T W_k X_k)^{-1} X_k^T W_k Y_k``,
+        ``row_cov`` is ``(X_k^T W_k X_k)^{-1}`` and ``col_cov`` the weighted residual
+        covariance ``R_k^T W_k R_k / (n_k - p)`` (statsmodels' ``scale``). Default: OLS.
 
     Returns
     -------
@@ -284,11 +316,22 @@ def local_ols(designs: Sequence[ArrayLike], responses: Sequence[ArrayLike]) -> L
                          "of each per client.")
     if len(designs) == 0:
         raise ValueError("no clients given.")
+    if weights is not None:
+        if isinstance(weights, Mapping):
+            raise TypeError("weights is a mapping: pass a sequence of per-client weight "
+                            "vectors, in the order of the designs.")
+        weights = list(weights)
+        if len(weights) != len(designs):
+            raise ValueError(f"{len(weights)} weight vectors for {len(designs)} clients: "
+                             "give one per client.")
     fits, first = [], None
     reference = (_columns(designs[0]), _columns(responses[0]))
     for k, (design, response) in enumerate(zip(designs, responses)):
         design, response = _aligned(design, response, k, reference)
         x_mat, y_mat = _as_matrix(design, "design", k), _as_matrix(response, "response", k)
+        if weights is not None:
+            x_mat, y_mat = _weighted(x_mat, y_mat, weights[k], k,
+                                     getattr(design, "index", None))
         width = (x_mat.shape[1], y_mat.shape[1])
         first = width if first is None else first
         if width != first:

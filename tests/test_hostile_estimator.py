@@ -282,6 +282,43 @@ def test_local_ols_matches_statsmodels():
         np.testing.assert_allclose(cov, fit.cov_params(), rtol=1e-10)
 
 
+def test_local_ols_weights_match_statsmodels_wls():
+    """``weights`` is statsmodels' WLS: the same parameters and covariance, per output,
+    and an error naming the client for weights of the wrong length, sign or index."""
+    sm = pytest.importorskip("statsmodels.api")
+    pd = pytest.importorskip("pandas")
+    rng = np.random.default_rng(2)
+    designs = [sm.add_constant(rng.standard_normal((50, 2))) for _ in range(3)]
+    weights = [rng.uniform(0.2, 5.0, 50) for _ in range(3)]
+    coef = np.array([[1.0, 0.5], [2.0, -1.0], [0.0, 3.0]])
+    responses = [x @ coef + rng.standard_normal((50, 2)) / np.sqrt(w)[:, None]
+                 for x, w in zip(designs, weights)]
+    ols = local_ols(designs, responses, weights=weights)
+    plain = local_ols(designs, responses)
+    for k in range(3):
+        for j in range(2):
+            fit = sm.WLS(responses[k][:, j], designs[k], weights=weights[k]).fit()
+            np.testing.assert_allclose(ols.estimates[k, :, j], fit.params, rtol=1e-10)
+            cov = ols.noise_cov[0][k] * ols.noise_cov[1][k, j, j]
+            np.testing.assert_allclose(cov, fit.cov_params(), rtol=1e-10)
+    # weights change the answer (a WLS that ignored them would pass nothing above)
+    assert not np.allclose(ols.estimates, plain.estimates)
+    np.testing.assert_array_equal(ols.n_samples, plain.n_samples)
+    # unit weights are OLS
+    ones = local_ols(designs, responses, weights=[np.ones(50)] * 3)
+    np.testing.assert_allclose(ones.estimates, plain.estimates, rtol=1e-12)
+    with pytest.raises(ValueError, match="client 1's weights have shape"):
+        local_ols(designs, responses, weights=[weights[0], weights[1][:-1], weights[2]])
+    with pytest.raises(ValueError, match="client 2's weights must be finite and positive"):
+        local_ols(designs, responses, weights=[weights[0], weights[1], -weights[2]])
+    with pytest.raises(ValueError, match="2 weight vectors for 3 clients"):
+        local_ols(designs, responses, weights=weights[:2])
+    frames = [pd.DataFrame(x, index=np.arange(50) + 100 * k) for k, x in enumerate(designs)]
+    with pytest.raises(ValueError, match="client 1's weights and design have different"):
+        local_ols(frames, [pd.DataFrame(y, index=f.index) for y, f in zip(responses, frames)],
+                  weights=[pd.Series(w) for w in weights])
+
+
 def test_new_benign_clients_pass_at_the_level():
     """A collaborative new client is flagged with probability about test_level."""
     data = make_federated_regression(40, 10, 3, 2, 200, 0, random_state=1)
