@@ -10,7 +10,7 @@ import argparse
 import sys
 
 from ._controls import CONTROLS, control_results_dir
-from ._framework import SCALES, results_path, run_study
+from ._framework import SCALES, results_path, run_study, verify_table
 from .studies import available_studies, get_study
 
 # --help shows the docstring in plain words, without reStructuredText's literal marks.
@@ -41,6 +41,10 @@ def build_parser():
                         help="run a negative control (simulations._controls) instead; its "
                              "rows go to RESULTS_DIR/controls/NAME/")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.add_argument("--verify", type=int, default=None, metavar="N",
+                        help="run nothing: rerun replicate 0 of up to N cells of the stored "
+                             "table from their seeds and list the values the current code "
+                             "no longer reproduces (exit 1 if any)")
     return parser
 
 
@@ -53,6 +57,16 @@ def main(argv=None):
             print(f"{name:14s} {study.description}")
         return 0
     study = get_study(args.study)
+    if args.verify is not None:
+        checked, mismatches = verify_table(study, args.scale, max_rows=args.verify,
+                                           results_dir=args.results_dir)
+        for item in mismatches:
+            print(f"  cell {item['cell']} replicate {item['replicate']} {item['column']}: "
+                  f"stored {item['stored']!r}, rerun {item['rerun']!r}")
+        rows = len({(m["cell"], m["replicate"]) for m in mismatches})
+        print(f"{study.name}[{args.scale}]: {checked} replicates rerun, {rows} differ "
+              f"from the stored table")
+        return 1 if mismatches else 0
     n_new = run_study(study, args.scale, n_jobs=args.n_jobs, backend=args.backend,
                       scheduler=args.scheduler, results_dir=args.results_dir,
                       progress=not args.no_progress,

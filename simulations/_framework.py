@@ -24,7 +24,8 @@ from typing import Callable
 import numpy as np
 
 __all__ = ["Study", "SCALES", "grid", "cell_id", "derive_seed", "default_results_dir",
-           "results_path", "read_rows", "load_results", "load_table", "pending_tasks", "run_study"]
+           "results_path", "read_rows", "load_results", "load_table", "pending_tasks", "run_study",
+           "verify_table"]
 
 SCALES = ("smoke", "small", "full")
 _RESERVED = ("study", "cell", "replicate", "seed", "clairstat_version", "elapsed_s")
@@ -297,6 +298,68 @@ def _make_row(study, cell, replicate, params, seed, measured, elapsed):
     return {"study": study.name, "cell": cell, "replicate": replicate, **params,
             "seed": seed, "clairstat_version": __version__, **measured,
             "elapsed_s": round(elapsed, 4)}
+
+
+# A replicate is a pure function of its seed, run on one thread (_run_task): rerun on the
+# same code it gives the same row to the last bits. A relative 1e-6 (absolute 1e-12 for
+# quantities that are round-off themselves, ~1e-16) leaves room for another BLAS build's
+# summation order, not for a change in the method.
+_VERIFY_RTOL, _VERIFY_ATOL = 1e-6, 1e-12
+
+
+def _same(old, new):
+    if isinstance(old, bool) or isinstance(new, bool) or not (
+            isinstance(old, (int, float)) and isinstance(new, (int, float))):
+        return old == new
+    if old is None or new is None:
+        return old is new
+    if np.isnan(old) or np.isnan(new):
+        return bool(np.isnan(old) and np.isnan(new))
+    return bool(np.isclose(old, new, rtol=_VERIFY_RTOL, atol=_VERIFY_ATOL))
+
+
+def _is_timing(column):
+    """Wall-clock columns (``seconds``, ``seconds_<stage>``, ``<stage>_seconds``): they
+    vary from run to run and are not what a table asserts."""
+    return column == "seconds" or column.startswith("seconds_") or column.endswith("_seconds")
+
+
+def verify_table(study, scale, *, max_rows=None, results_dir=None, replicates=(0,)):
+    """Rerun committed replicates of ``study`` and say where the table no longer matches.
+
+    A table is data only while the code still produces it: a change to the method that
+    is not followed by a rerun leaves rows (and the verdicts and figures made from them)
+    describing code that no longer exists, with the same version string. This reruns
+    the stored replicates numbered ``replicates`` of every cell of the current grid (at
+    most ``max_rows`` of them, evenly spread over the cells) from their seeds and
+    compares every measured column (wall-clock ones apart: ``elapsed_s``, ``seconds*``).
+
+    Returns
+    -------
+    checked : int
+        Replicates rerun.
+    mismatches : list of dict
+        ``{"cell", "replicate", "column", "stored", "rerun"}`` per differing value.
+    """
+    stored = {(row["cell"], row["replicate"]): row
+              for row in read_rows(results_path(study.name, scale, results_dir))}
+    tasks = [task for task in study.tasks(scale)
+             if task[1] in replicates and (task[0], task[1]) in stored]
+    if max_rows is not None and len(tasks) > max_rows:
+        tasks = [tasks[i] for i in np.linspace(0, len(tasks) - 1, max_rows).astype(int)]
+    mismatches = []
+    for cell, replicate, params, seed in tasks:
+        measured = _run_task(study.simulate_one, cell, replicate, params, seed)[2]
+        # as the table stores it (numpy scalars to Python, NaN kept)
+        measured = json.loads(json.dumps(measured, default=_to_builtin, allow_nan=True))
+        row = stored[(cell, replicate)]
+        for column, value in measured.items():
+            if _is_timing(column):
+                continue
+            if column not in row or not _same(row[column], value):
+                mismatches.append({"cell": cell, "replicate": replicate, "column": column,
+                                   "stored": row.get(column, "<missing>"), "rerun": value})
+    return len(tasks), mismatches
 
 
 def pending_tasks(study, scale, results_dir=None):

@@ -1,0 +1,63 @@
+"""The committed Monte Carlo tables are what the current code produces.
+
+``validation/REPORT.md`` and the paper's figures are built from the committed ``small``
+tables. Rows carry the package version, but a development version does not change with
+every commit: fedrot and glora rows of version 0.2.0 and robustness rows made before
+later changes to the detection were still committed on 2026-12-03 (fedrot's bound
+ratios, glora's readout ranks and CLAIR's flags in 20 of 250 robustness replicates no
+longer reproduced). Each test reruns stored replicates from their seeds
+(:func:`simulations.verify_table`); a change to the method must be followed by a rerun of
+the tables it touches. The copying studies take seconds to minutes per replicate and
+are not rerun here (``python -m simulations STUDY --scale small --verify N`` checks them).
+"""
+
+import json
+
+import pytest
+
+from simulations import default_results_dir, get_study, verify_table
+
+# (study, replicates rerun, at most this many rows): about 40 s on one core in all.
+CHEAP = [("robustness", range(4), 100), ("refinement", range(2), 56),
+         ("stability", range(2), 84), ("glora", range(5), 100), ("fedrot", range(3), 168),
+         ("consistency", range(10), 40), ("detection", range(3), 168),
+         ("recovery", range(2), 200)]
+
+RERUN = ("delete simulations/results/small/{0}.jsonl, rerun `python -m simulations {0} "
+         "--scale small`, then `python -m validation --scale small` and `python -m paper`")
+
+
+@pytest.mark.parametrize("name, replicates, max_rows", CHEAP, ids=[c[0] for c in CHEAP])
+def test_committed_small_table_reproduces(name, replicates, max_rows):
+    checked, mismatches = verify_table(get_study(name), "small", max_rows=max_rows,
+                                       replicates=tuple(replicates))
+    assert checked >= min(max_rows, 20), f"only {checked} stored replicates found"
+    shown = "\n".join(f"  cell {m['cell']} rep {m['replicate']} {m['column']}: stored "
+                      f"{m['stored']!r}, rerun {m['rerun']!r}" for m in mismatches[:10])
+    assert not mismatches, (f"{len(mismatches)} stored values of {name} no longer "
+                            f"reproduce:\n{shown}\nTo refresh: {RERUN.format(name)}.")
+
+
+def test_a_stale_row_is_found(tmp_path):
+    """Negative control: one stored value changed in a copy of a table is reported, and
+    nothing else is."""
+    study = get_study("glora")
+    source = default_results_dir() / "small" / f"{study.name}.jsonl"
+    rows = [json.loads(line) for line in source.read_text().splitlines() if line]
+    target = next(r for r in rows if r["replicate"] == 0)
+    column = "error_glora"  # a measured value (not a parameter), of order 0.1
+    assert abs(target[column]) > 1e-3
+    target[column] *= 1.001  # above the 1e-6 tolerance
+    (tmp_path / "small").mkdir()
+    (tmp_path / "small" / f"{study.name}.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in rows))
+    checked, mismatches = verify_table(study, "small", results_dir=tmp_path)
+    assert checked == len(study.cells("small"))
+    assert [(m["cell"], m["column"]) for m in mismatches] == [(target["cell"], column)]
+
+
+def test_verify_from_the_command_line(capsys):
+    from simulations.__main__ import main
+
+    assert main(["glora", "--scale", "small", "--verify", "3"]) == 0
+    assert "glora[small]: 3 replicates rerun, 0 differ" in capsys.readouterr().out
