@@ -311,8 +311,6 @@ def _same(old, new):
     if isinstance(old, bool) or isinstance(new, bool) or not (
             isinstance(old, (int, float)) and isinstance(new, (int, float))):
         return old == new
-    if old is None or new is None:
-        return old is new
     if np.isnan(old) or np.isnan(new):
         return bool(np.isnan(old) and np.isnan(new))
     return bool(np.isclose(old, new, rtol=_VERIFY_RTOL, atol=_VERIFY_ATOL))
