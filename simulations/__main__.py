@@ -59,7 +59,8 @@ def main(argv=None):
     study = get_study(args.study)
     if args.verify is not None:
         checked, mismatches = verify_table(study, args.scale, max_rows=args.verify,
-                                           results_dir=args.results_dir)
+                                           results_dir=args.results_dir,
+                                           control=args.control)
         for item in mismatches:
             print(f"  cell {item['cell']} replicate {item['replicate']} {item['column']}: "
                   f"stored {item['stored']!r}, rerun {item['rerun']!r}")

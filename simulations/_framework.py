@@ -322,7 +322,8 @@ def _is_timing(column):
     return column == "seconds" or column.startswith("seconds_") or column.endswith("_seconds")
 
 
-def verify_table(study, scale, *, max_rows=None, results_dir=None, replicates=(0,)):
+def verify_table(study, scale, *, max_rows=None, results_dir=None, replicates=(0,),
+                 control=None):
     """Rerun committed replicates of ``study`` and say where the table no longer matches.
 
     A table is data only while the code still produces it: a change to the method that
@@ -331,6 +332,8 @@ def verify_table(study, scale, *, max_rows=None, results_dir=None, replicates=(0
     the stored replicates numbered ``replicates`` of every cell of the current grid (at
     most ``max_rows`` of them, evenly spread over the cells) from their seeds and
     compares every measured column (wall-clock ones apart: ``elapsed_s``, ``seconds*``).
+    With ``control``, the negative control's table (``controls/<control>/``) is rerun
+    with its broken variant.
 
     Returns
     -------
@@ -339,6 +342,13 @@ def verify_table(study, scale, *, max_rows=None, results_dir=None, replicates=(0
     mismatches : list of dict
         ``{"cell", "replicate", "column", "stored", "rerun"}`` per differing value.
     """
+    if control is not None:
+        from ._controls import control_results_dir
+
+        if control not in study.controls:
+            raise ValueError(f"study {study.name!r} does not implement control "
+                             f"{control!r} (it declares {list(study.controls)}).")
+        results_dir = control_results_dir(control, results_dir)
     stored = {(row["cell"], row["replicate"]): row
               for row in read_rows(results_path(study.name, scale, results_dir))}
     tasks = [task for task in study.tasks(scale)
@@ -347,7 +357,8 @@ def verify_table(study, scale, *, max_rows=None, results_dir=None, replicates=(0
         tasks = [tasks[i] for i in np.linspace(0, len(tasks) - 1, max_rows).astype(int)]
     mismatches = []
     for cell, replicate, params, seed in tasks:
-        measured = _run_task(study.simulate_one, cell, replicate, params, seed)[2]
+        measured = _run_task(study.simulate_one, cell, replicate, params, seed,
+                             control=control)[2]
         # as the table stores it (numpy scalars to Python, NaN kept)
         measured = json.loads(json.dumps(measured, default=_to_builtin, allow_nan=True))
         row = stored[(cell, replicate)]

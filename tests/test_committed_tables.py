@@ -38,6 +38,27 @@ def test_committed_small_table_reproduces(name, replicates, max_rows):
                             f"reproduce:\n{shown}\nTo refresh: {RERUN.format(name)}.")
 
 
+# The negative controls' committed tables (validation/README.md), rerun with their
+# broken variants: a few seconds each.
+CONTROLS = [("no-detection", "robustness"), ("no-alignment", "fedrot"),
+            ("random-subspace", "refinement"), ("random-subspace", "stability"),
+            ("local-refinement", "refinement"), ("inflated-noise", "detection"),
+            ("inflated-noise", "consistency"), ("no-detection", "detection"),
+            ("no-detection", "consistency")]
+
+
+@pytest.mark.parametrize("control, name", CONTROLS, ids=["-".join(c) for c in CONTROLS])
+def test_committed_control_table_reproduces(control, name):
+    checked, mismatches = verify_table(get_study(name), "small", max_rows=30,
+                                       control=control)
+    assert checked >= 4, f"only {checked} stored replicates found"
+    assert not mismatches, (f"{len(mismatches)} stored values of the {control} control's "
+                            f"{name} table no longer reproduce, e.g. {mismatches[0]}; "
+                            f"delete simulations/results/controls/{control}/small/"
+                            f"{name}.jsonl and rerun `python -m simulations {name} "
+                            f"--scale small --control {control}`.")
+
+
 def test_a_stale_row_is_found(tmp_path):
     """Negative control: one stored value changed in a copy of a table is reported, and
     nothing else is."""
