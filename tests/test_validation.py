@@ -22,6 +22,7 @@ from scipy import stats
 import simulations
 import validation
 from validation import INF, Check, decide, ols_slope, run_check, wilson
+from validation._core import is_blocking
 from validation import __main__ as validation_cli
 from validation import _core, _report
 
@@ -133,7 +134,8 @@ def test_run_check_gives_the_rule_s_verdict_and_reports_errors_instead_of_raisin
 
 def test_a_known_failure_tag_on_a_check_that_does_not_fail_is_flagged_stale():
     frame = pd.DataFrame({"value": [0.1, -0.1]})
-    row = run_check(_check("k", _passing, known_failure="README#x"), frame)
+    row = run_check(_check("k", _passing, known_failure="README#x", known_range=(2.0, 9.0)),
+                    frame)
     assert row["verdict"] == "pass" and row["stale_known_failure"]
     assert "stale tag" in _report.markdown_table([row])
 
@@ -276,8 +278,8 @@ def test_ols_slope_with_group_intercepts_recovers_a_common_exponent():
 
 def test_a_documented_known_failure_is_reported_but_does_not_fail_the_run(tmp_path,
                                                                          monkeypatch):
-    failing = lambda df: {**_passing(df), "interval": (5.0, 6.0)}  # noqa: E731
-    checks = [_check("known", failing, known_failure="README#x"),
+    failing = lambda df: {**_passing(df), "observed": 5.5, "interval": (5.0, 6.0)}  # noqa: E731
+    checks = [_check("known", failing, known_failure="README#x", known_range=(2.0, 9.0)),
               _check("fine", _passing)]
     monkeypatch.setattr(validation_cli, "all_checks", lambda: checks)
     monkeypatch.setattr(validation_cli, "get_study", lambda name: simulation_toy.STUDY)
@@ -287,6 +289,26 @@ def test_a_documented_known_failure_is_reported_but_does_not_fail_the_run(tmp_pa
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["meta"]["n_known_failures"] == 1 and report["meta"]["blocking"] == []
     assert "FAIL (known: README#x)" in (tmp_path / "REPORT.md").read_text()
+
+
+def test_a_known_failure_tag_excuses_only_the_documented_failure():
+    """A review set every success of a tagged check's table to False (and moved another
+    tagged check to the far side of its margin): both failed, neither blocked. Now a
+    failure outside the documented range blocks, and a tag needs its range."""
+    frame = pd.DataFrame({"value": [0.1, -0.1]})
+    for observed, interval in ((5.5, (5.0, 6.0)), (-3.0, (-3.5, -2.5)), (20.0, (19.0, 21.0))):
+        result = lambda df, o=observed, i=interval: {**_passing(df), "observed": o,  # noqa: E731
+                                                    "interval": i}
+        row = run_check(_check("k", result, known_failure="README#x",
+                               known_range=(2.0, 9.0)), frame)
+        assert row["verdict"] == "fail"
+        assert is_blocking(row) == (not 2.0 <= observed <= 9.0)
+        if is_blocking(row):
+            assert "outside the documented failure's range" in _report.markdown_table([row])
+    with pytest.raises(ValueError, match="go together"):
+        _check("k", _passing, known_failure="README#x")
+    with pytest.raises(ValueError, match="go together"):
+        _check("k", _passing, known_range=(0.0, 1.0))
 
 
 def test_empirical_boundary_interpolates_the_half_crossing_and_censors_the_rest():

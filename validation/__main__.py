@@ -173,6 +173,7 @@ def _summary(rows, tables, args, started, start, argv):
             "theory": _tally(rows, "theory"), "identity": _tally(rows, "identity"),
             "n_pass": sum(row["verdict"] == "pass" for row in rows),
             "n_known_failures": sum(row["verdict"] == "fail" and bool(row["known_failure"])
+                                    and not row.get("known_failure_mismatch")
                                     for row in rows),
             "stale_known_failures": [row["name"] for row in rows
                                      if row.get("stale_known_failure")],

@@ -66,6 +66,11 @@ class Check:
         ``"validation/README.md#detection"``). A ``fail`` of such a check is still
         reported but does not make ``python -m validation`` exit non-zero. A check with a
         tag that does not fail is reported as a stale tag (the evidence has changed).
+    known_range : tuple of float, optional
+        Required with ``known_failure``: ``(low, high)``, where the documented failure's
+        observed value lies (written up with the evidence). A tag excuses only that
+        failure: a ``fail`` whose observed value is outside this range (a failure of
+        another size, or on the other side of the margin) blocks like any other.
     """
 
     name: str
@@ -76,10 +81,16 @@ class Check:
     margin: tuple = (-INF, INF)
     source: str = ""
     known_failure: str | None = None
+    known_range: tuple | None = None
 
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"{self.name}: kind must be one of {KINDS}, got {self.kind!r}.")
+        if (self.known_failure is None) != (self.known_range is None):
+            raise ValueError(f"{self.name}: known_failure and known_range go together (a "
+                             "tag excuses the documented failure only, within its range).")
+        if self.known_range is not None and not self.known_range[0] < self.known_range[1]:
+            raise ValueError(f"{self.name}: known_range {self.known_range} is empty.")
         low, high = (float(v) for v in self.margin)
         if not low < high or (math.isinf(low) and math.isinf(high)):
             raise ValueError(f"{self.name}: margin {self.margin} allows nothing or "
@@ -252,8 +263,8 @@ def all_checks():
 
 def is_blocking(row):
     """Whether a report row makes the run fail: an error, or an unexplained failure."""
-    return row["verdict"] == "error" or (row["verdict"] == "fail"
-                                          and not row.get("known_failure"))
+    return row["verdict"] == "error" or (row["verdict"] == "fail" and (
+        not row.get("known_failure") or row.get("known_failure_mismatch", False)))
 
 
 def _as_float(value):
@@ -269,7 +280,9 @@ def run_check(check, df):
     """
     row = {"name": check.name, "study": check.study, "claim": check.claim,
            "kind": check.kind, "margin": [float(v) for v in check.margin],
-           "source": check.source, "known_failure": check.known_failure}
+           "source": check.source, "known_failure": check.known_failure,
+           "known_range": (None if check.known_range is None
+                           else [float(v) for v in check.known_range])}
     if df is None or len(df) == 0:
         return {**row, "verdict": "error", "detail": "no results"}
     try:
@@ -288,4 +301,9 @@ def run_check(check, df):
     if check.known_failure and verdict != "fail":
         # The documented failure is not seen: contradicted (pass) or undecided here.
         out["stale_known_failure"] = True
+    elif check.known_failure:
+        low, high = check.known_range
+        observed = result["observed"]
+        # A failure of another size or direction is not the documented one.
+        out["known_failure_mismatch"] = not (observed is not None and low <= observed <= high)
     return out

@@ -59,7 +59,11 @@ def _cells(row):
     shown = (f"[{format_value(interval[0])}, {format_value(interval[1])}]"
              if interval else "")
     shown_verdict = "pass" if row["verdict"] == "pass" else row["verdict"].upper()
-    if row["verdict"] == "fail" and row.get("known_failure"):
+    if row["verdict"] == "fail" and row.get("known_failure_mismatch"):
+        low, high = row["known_range"]
+        shown_verdict += (f" (outside the documented failure's range [{format_value(low)}, "
+                          f"{format_value(high)}]: {row['known_failure']})")
+    elif row["verdict"] == "fail" and row.get("known_failure"):
         shown_verdict += f" (known: {row['known_failure']})"
     if row.get("stale_known_failure"):
         shown_verdict += (f" (documented as failing: {row['known_failure']}; "

@@ -112,7 +112,9 @@ CHECKS = [
           "A contaminated client's uncorrected rejection probability is the non-central "
           "chi^2((p - r) q, delta^2 / s_E^2) power.", power_curve,
           margin=(-POWER_MARGIN, POWER_MARGIN), source="docs/theory.md#d2",
-          known_failure="validation/README.md#power"),
+          # Documented: less power than the sigma-known chi^2 curve (-0.077 small,
+          # -0.141 full); more power than it, or a collapse, is another failure.
+          known_failure="validation/README.md#power", known_range=(-0.25, -POWER_MARGIN)),
     Check("detection_null_calibration", "detection",
           "Benign clients are rejected at the nominal level (uncorrected, level 0.05).",
           null_calibration, margin=(LEVEL / 2, 1.5 * LEVEL), source="docs/theory.md#d3"),
@@ -126,5 +128,7 @@ CHECKS = [
           "As stated: P(C_hat = C) -> 1 as the separation grows, with the default "
           "fixed-level FDR (BH) test (shown false: BH allows false discoveries).",
           bh_high_separation, margin=(0.95, INF), source="docs/theory.md#d5",
-          known_failure="validation/README.md#detection"),
+          # Documented: BH's plateau (1 - alpha (m + 1)/K)^(K - m), 0.63-0.87 over the
+          # grid's gamma (0.81 small, 0.79 full pooled); far below it is another failure.
+          known_failure="validation/README.md#detection", known_range=(0.6, 0.95)),
 ]
