@@ -204,10 +204,13 @@ def copying_scale(results_dir=None):
 
 
 def read_copying(scale, results_dir=None):
-    """The copying experiment's results table of ``scale`` (one row per replicate)."""
-    from simulations import load_table, results_path
+    """The copying experiment's results table of ``scale`` (one row per replicate): the
+    rows of the study's current grid only, as the validation reads it (rows of a cell
+    since removed, a changed configuration, never enter the headline)."""
+    from simulations import get_study, load_results
 
-    return load_table(results_path("copying", scale, Path(results_dir or SOURCES["copying"])))
+    return load_results(get_study("copying"), scale,
+                        Path(results_dir or SOURCES["copying"]), current_only=True)
 
 
 def read_quarantine(study="copying"):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import importlib.util
 import itertools
@@ -28,7 +29,8 @@ __all__ = ["Study", "SCALES", "grid", "cell_id", "derive_seed", "default_results
            "verify_table"]
 
 SCALES = ("smoke", "small", "full")
-_RESERVED = ("study", "cell", "replicate", "seed", "clairstat_version", "elapsed_s")
+_RESERVED = ("study", "cell", "replicate", "seed", "clairstat_version", "code_commit",
+             "elapsed_s")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -289,6 +291,32 @@ def _run_task(simulate_one, cell, replicate, params, seed, n_threads=1, control=
     return cell, replicate, measured, time.perf_counter() - start
 
 
+@functools.lru_cache(maxsize=1)
+def code_provenance():
+    """The checkout's commit (short hash) and whether the code a row depends on
+    (``clairstat/``, ``simulations/``) differs from it, read-only through git; ``None``
+    outside a git checkout. A development version string stays the same across commits
+    (every row of this project's tables says ``0.3.0.dev0``); this says which code ran.
+    """
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root,
+                                capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no",
+                                "clairstat", "simulations"], cwd=root, capture_output=True,
+                               text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    import clairstat
+
+    if Path(clairstat.__file__).resolve().parents[1] != root:
+        return commit + " (clairstat imported from outside this checkout)"
+    changed = sorted({line[3:].split("/", 1)[0] for line in dirty.splitlines()})
+    return commit + (f" with uncommitted changes in {', '.join(changed)}" if changed else "")
+
+
 def _make_row(study, cell, replicate, params, seed, measured, elapsed):
     from clairstat import __version__
 
@@ -296,7 +324,8 @@ def _make_row(study, cell, replicate, params, seed, measured, elapsed):
     if clash:
         raise ValueError(f"{study.name}: measured names {sorted(clash)} clash with columns.")
     return {"study": study.name, "cell": cell, "replicate": replicate, **params,
-            "seed": seed, "clairstat_version": __version__, **measured,
+            "seed": seed, "clairstat_version": __version__,
+            "code_commit": code_provenance(), **measured,
             "elapsed_s": round(elapsed, 4)}
 
 

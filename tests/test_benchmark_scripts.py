@@ -126,3 +126,23 @@ def test_holm_script_runs(capsys):
     out = capsys.readouterr().out
     assert out.count("\n| ") == 3  # header and two rows
     assert "same flags both ways, every repeat: True" in out
+
+
+def test_copying_multikrum_refits_a_stored_replicate():
+    """One development replicate refitted from its seed: the registered Krum and trimmed
+    mean reproduce the stored gains (the script's own guard that it scores the table's
+    adapters), and every rule of the table has a gain."""
+    pytest.importorskip("torch")
+    import json
+
+    import copying_multikrum
+
+    rows = [json.loads(line) for line in
+            (ROOT / "simulations/results/small/copying.jsonl").read_text().splitlines()]
+    row = next(r for r in rows if r["setting"] == "homogeneous" and r["replicate"] == 0)
+    result = copying_multikrum.run_one(row)
+    for name in ("krum (as registered)", "trimmed_mean (as registered)"):
+        assert result["gains"][name] == pytest.approx(result["stored"][name], abs=1e-6)
+    assert set(copying_multikrum.RULES) | {"clair"} <= set(result["gains"])
+    text = copying_multikrum.table([{"block": "small", **result}])
+    assert text.count("\n| small | homogeneous | 1 |") == len(copying_multikrum.RULES)

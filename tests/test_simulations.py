@@ -97,6 +97,9 @@ def test_run_writes_one_tidy_row_per_replicate_and_resumes(tmp_path):
     assert {"study", "cell", "replicate", "mu", "delay", "seed", "clairstat_version",
             "value", "solver", "elapsed_s"} <= set(frame.columns)
     assert (frame["clairstat_version"] == clairstat.__version__).all()
+    # the code that ran, not only the (development) version: one commit for the run
+    commits = set(frame["code_commit"])
+    assert len(commits) == 1 and (None in commits or len(next(iter(commits))) >= 7)
     # Each row is exactly what the pure replicate function gives for its seed.
     for row in frame.itertuples():
         expected = simulation_toy.simulate_one({"mu": row.mu, "delay": 0.0}, row.seed)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -121,25 +120,12 @@ def _run_studies(study_names, args):
 
 
 def _provenance():
-    """The checkout's commit, and whether ``clairstat/`` differs from it (read-only git).
+    """The checkout's commit, and whether ``clairstat/`` or ``simulations/`` differ from it
+    (:func:`simulations.code_provenance`): results depend on the estimator's code, not
+    only on its version string."""
+    from simulations._framework import code_provenance
 
-    Results depend on the estimator's code, not only on its version string: a report
-    made from an uncommitted ``clairstat/`` says so.
-    """
-    root = HERE.parent
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root,
-                                capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no",
-                                "clairstat"], cwd=root, capture_output=True, text=True,
-                               check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    import clairstat
-
-    if Path(clairstat.__file__).resolve().parents[1] != root:  # not this checkout's copy
-        return commit + " (clairstat imported from outside this checkout)"
-    return commit + (" with uncommitted changes in clairstat/" if dirty else "")
+    return code_provenance() or "unknown"
 
 
 def _tally(rows, kind):

@@ -99,8 +99,17 @@ def _figures(rows, scale, output_dir):
     studies = sorted({row["study"] for row in rows})
     lines = ["## Figures", "", f"Drawn from the same tables by `python -m paper --scale "
              f"{scale}` (one script per figure, `paper/figures/<study>.py`).", ""]
-    links = [f"- `{study}`: ![{study}]({(relative / (study + '.png')).as_posix()})"
-             for study in studies]
+    from simulations import available_studies
+
+    others = set(available_studies())  # copying_sweep.png is its own study's figure
+    links = []
+    for study in studies:  # study.png, or one figure per setting (study_<setting>.png)
+        found = sorted(figures.glob(f"{study}.png")) + sorted(figures.glob(f"{study}_*.png"))
+        found = [f for f in found if f.stem == study or f.stem not in others]
+        links.append(f"- `{study}`: " + (", ".join(
+            f"![{f.stem}]({(relative / f.name).as_posix()})" for f in found) if found else
+            f"no figure in `paper/figures_out/{scale}/` (`python -m paper --scale {scale}` "
+            "draws it; the `full` figures are not committed)"))
     return "\n".join(lines + links)
 
 
