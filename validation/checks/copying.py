@@ -127,7 +127,10 @@ def fresh_seeds(df):
     overlap = len(set(df["seed"]) & used)
     return {"statistic": "replicates whose seed was used in development",
             "expected": 0, "observed": overlap, "interval": (overlap, overlap),
-            "n": len(df), "detail": f"seed blocks {sorted(blocks)}"}
+            "n": len(df), "detail": f"seed blocks {sorted(blocks)}" + (
+                "" if len(blocks) == 1 and next(iter(blocks)) in CONFIRMATORY_BLOCKS else
+                " (the development block: checked only against the seeds used before it, "
+                "so this pass says nothing about a confirmatory block)")}
 
 
 CHECKS = [
