@@ -217,14 +217,18 @@ def read_quarantine(study="copying"):
     """A small-scale copying table (the development block, or ``copying_sweep``) before
     and after the quarantine of module-flagged updates: ``(before, after)`` frames from
     ``simulations/results/archive/<study>_small_before_quarantine.jsonl`` and
-    ``small/<study>.jsonl``, None where absent, and the latter None too where its rows
+    ``archive/<study>_small_quarantine.jsonl`` (where the study was since rerun on the
+    clipping default) or else ``small/<study>.jsonl``, None where absent, and the latter None too where its rows
     say they were made with another stand-in for module-flagged updates (column
     ``clair_stand_in``, written since the clipping became the default)."""
     from simulations import load_table
 
     root = SOURCES["copying"]
     before = root / "archive" / f"{study}_small_before_quarantine.jsonl"
-    after = root / "small" / f"{study}.jsonl"
+    # the quarantine's own table, archived when the study was rerun on the clipping default
+    after = root / "archive" / f"{study}_small_quarantine.jsonl"
+    if not after.exists():
+        after = root / "small" / f"{study}.jsonl"
     frames = [load_table(path) if path.exists() else None for path in (before, after)]
     if frames[1] is not None and "clair_stand_in" in frames[1] and \
             set(frames[1]["clair_stand_in"].dropna()) != {"quarantine"}:
