@@ -6,8 +6,9 @@ default trim of 0.1, below the share of contaminated clients (4 of 16). A review
 whether "CLAIR beats every rule" survives rules configured for that share. This script
 refits the clients of stored copying replicates from their seeds (the same fine-tuned
 adapters the table's rows were computed from: the registered Krum's and trimmed mean's
-gains are recomputed and must equal the stored ones) and scores, on the same test batch, multi-Krum (averaging the m most
-central updates) and a trimmed mean at 0.25, against CLAIR's default.
+gains are recomputed and must equal the stored ones) and scores, on the same test
+batch, multi-Krum (averaging the m most central updates) and a trimmed mean at 0.25,
+against CLAIR's default.
 
 It is not part of the protocol: the rules were chosen after the confirmatory block was
 seen, so a difference here is exploratory. ``--block small`` uses the development

@@ -293,9 +293,9 @@ def _run_task(simulate_one, cell, replicate, params, seed, n_threads=1, control=
 
 @functools.lru_cache(maxsize=1)
 def code_provenance():
-    """The checkout's commit (short hash) and whether the code a row depends on
-    (``clairstat/``, ``simulations/``) differs from it, read-only through git; ``None``
-    outside a git checkout. A development version string stays the same across commits
+    """The checkout's commit (short hash) and whether the code a row depends on (the
+    Python files of ``clairstat/`` and ``simulations/``) differs from it, read-only
+    through git; ``None`` outside a git checkout. A development version string stays the same across commits
     (every row of this project's tables says ``0.3.0.dev0``); this says which code ran.
     """
     import subprocess
@@ -304,17 +304,34 @@ def code_provenance():
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root,
                                 capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no",
-                                "clairstat", "simulations"], cwd=root, capture_output=True,
-                               text=True, check=True).stdout.strip()
+        # -z: NUL-separated "XY path" entries, paths verbatim (no quoting, no stripping)
+        status = subprocess.run(["git", "status", "--porcelain", "-z",
+                                 "--untracked-files=no", "--", "clairstat", "simulations"],
+                                cwd=root, capture_output=True, text=True, check=True).stdout
     except (OSError, subprocess.CalledProcessError):
         return None
     import clairstat
 
     if Path(clairstat.__file__).resolve().parents[1] != root:
         return commit + " (clairstat imported from outside this checkout)"
-    changed = sorted({line[3:].split("/", 1)[0] for line in dirty.splitlines()})
+    changed = _changed_code(status)
     return commit + (f" with uncommitted changes in {', '.join(changed)}" if changed else "")
+
+
+def _changed_code(status):
+    """Top-level folders with changed Python files in ``git status --porcelain -z``
+    output (``XY path`` entries; a rename or copy is followed by its old path). Result
+    tables and documents under ``simulations/`` are not the code that ran."""
+    entries, changed = iter(status.split("\0")), set()
+    for entry in entries:
+        if len(entry) < 4:
+            continue
+        code, path = entry[:2], entry[3:]
+        if "R" in code or "C" in code:
+            next(entries, None)  # the old path
+        if path.endswith(".py") and not path.startswith("simulations/results/"):
+            changed.add(path.split("/", 1)[0])
+    return sorted(changed)
 
 
 def _make_row(study, cell, replicate, params, seed, measured, elapsed):

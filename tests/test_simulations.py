@@ -338,3 +338,18 @@ def test_each_study_replicate_is_a_pure_function_of_params_and_seed(name):
     first, second = study.simulate_one(params, seed), study.simulate_one(params, seed)
     assert first == second and first["solver"] == "torch"
     assert all(np.isscalar(value) for value in first.values())
+
+
+def test_code_provenance_names_changed_code_only():
+    """Seen in the first rows written with it: the first entry's leading space was
+    stripped ("imulations") and a deleted result table counted as changed code."""
+    from simulations._framework import _changed_code, code_provenance
+
+    status = "\0".join([" M simulations/_framework.py", " D simulations/results/small/x.jsonl",
+                        " M simulations/README.md", "M  clairstat/_ols.py",
+                        "R  clairstat/new.py", "clairstat/old.py", ""])
+    assert _changed_code(status) == ["clairstat", "simulations"]
+    assert _changed_code(" D simulations/results/small/x.jsonl\0 M README.md\0") == []
+    value = code_provenance()
+    assert value is None or len(value.split()[0]) >= 7
+
