@@ -242,7 +242,7 @@ def _weighted(design, response, weights, k, rows=None):
     design's pandas index where it has one, must match a weight Series' index."""
     index = getattr(weights, "index", None)
     if hasattr(index, "equals") and hasattr(rows, "equals") and not index.equals(rows):
-        raise ValueError(f"client {k}'s weights and design have different row indexes: "
+        raise ValueError(f"client {k}'s weights and data have different row indexes: "
                          "align them (e.g. weights.loc[design.index]) or pass arrays.")
     try:
         weights = np.asarray(weights, dtype=float)
@@ -330,8 +330,10 @@ def local_ols(designs: Sequence[ArrayLike], responses: Sequence[ArrayLike],
         design, response = _aligned(design, response, k, reference)
         x_mat, y_mat = _as_matrix(design, "design", k), _as_matrix(response, "response", k)
         if weights is not None:
-            x_mat, y_mat = _weighted(x_mat, y_mat, weights[k], k,
-                                     getattr(design, "index", None))
+            # a weight Series is matched against whichever table labels the rows
+            rows = [getattr(table, "index", None) for table in (design, response)]
+            rows = [index for index in rows if hasattr(index, "equals")]
+            x_mat, y_mat = _weighted(x_mat, y_mat, weights[k], k, rows[0] if rows else None)
         width = (x_mat.shape[1], y_mat.shape[1])
         first = width if first is None else first
         if width != first:

@@ -652,6 +652,11 @@ def sweep_macros():
         macros[f"{key}.worst.share"] = fmt_pct(worst["share"], 0, sign=False)
         macros[f"{key}.backdoor.min"] = fmt_fixed(float(sub["flag_backdoor"].min()), 2)
         macros[f"{key}.benign.max"] = fmt_fixed(float(sub["flag_benign"].max()), 2)
+    # Whether the table was made on the clipping default (its rows say so since the
+    # column exists; older rows, the quarantine's, do not).
+    stand_in = (set(frame["clair_stand_in"].dropna()) if "clair_stand_in" in frame
+                else set())
+    macros["sweep.clip"] = "1" if stand_in == {"clip"} else "0"
     return macros
 
 
@@ -1250,7 +1255,8 @@ def write_generated(out_dir):
     # null benchmark, the confirmation's its complete block.
     lines += [
         switch("valfull", "val.hasfull"), switch("concurrency", "bench.hasconc"),
-        switch("copysweep", "sweep.has"), switch("quarantine", "copy.quarantine.has"),
+        switch("copysweep", "sweep.has"), switch("sweepclip", "sweep.clip"),
+        switch("quarantine", "copy.quarantine.has"),
         switch("sweepquarantine", "copy.quarantine.sweep.has"),
         switch("copyrounds", "rounds.has"), switch("roundsfull", "rounds.full"),
         switch("rdet", "rdet.has") if {"bench.loranull.a16", "rdet.global.clean.nrep",

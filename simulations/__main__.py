@@ -67,6 +67,10 @@ def main(argv=None):
         rows = len({(m["cell"], m["replicate"]) for m in mismatches})
         print(f"{study.name}[{args.scale}]: {checked} replicates rerun, {rows} differ "
               f"from the stored table")
+        if checked == 0:
+            print("nothing to verify: no stored replicate of the current grid was found",
+                  file=sys.stderr)
+            return 1
         return 1 if mismatches else 0
     n_new = run_study(study, args.scale, n_jobs=args.n_jobs, backend=args.backend,
                       scheduler=args.scheduler, results_dir=args.results_dir,

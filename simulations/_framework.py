@@ -302,6 +302,10 @@ def code_provenance():
 
     root = Path(__file__).resolve().parents[1]
     try:
+        top = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=root,
+                             capture_output=True, text=True, check=True).stdout.strip()
+        if Path(top).resolve() != root:  # a copy inside some other repository
+            return None
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root,
                                 capture_output=True, text=True, check=True).stdout.strip()
         # -z: NUL-separated "XY path" entries, paths verbatim (no quoting, no stripping)
@@ -354,8 +358,11 @@ _VERIFY_RTOL, _VERIFY_ATOL = 1e-6, 1e-12
 
 
 def _same(old, new):
-    if isinstance(old, bool) or isinstance(new, bool) or not (
-            isinstance(old, (int, float)) and isinstance(new, (int, float))):
+    if isinstance(old, bool) or isinstance(new, bool):
+        return type(old) is type(new) and old == new  # True is not 1 here
+    if isinstance(old, int) and isinstance(new, int):
+        return old == new  # counts are exact
+    if not (isinstance(old, (int, float)) and isinstance(new, (int, float))):
         return old == new
     if np.isnan(old) or np.isnan(new):
         return bool(np.isnan(old) and np.isnan(new))
@@ -395,8 +402,10 @@ def verify_table(study, scale, *, max_rows=None, results_dir=None, replicates=(0
             raise ValueError(f"study {study.name!r} does not implement control "
                              f"{control!r} (it declares {list(study.controls)}).")
         results_dir = control_results_dir(control, results_dir)
-    stored = {(row["cell"], row["replicate"]): row
-              for row in read_rows(results_path(study.name, scale, results_dir))}
+    stored = {}
+    for row in read_rows(results_path(study.name, scale, results_dir)):
+        # the first of duplicates, as load_table (what every reader uses) keeps it
+        stored.setdefault((row["cell"], row["replicate"]), row)
     tasks = [task for task in study.tasks(scale)
              if task[1] in replicates and (task[0], task[1]) in stored]
     if max_rows is not None and len(tasks) > max_rows:
@@ -408,6 +417,11 @@ def verify_table(study, scale, *, max_rows=None, results_dir=None, replicates=(0
         # as the table stores it (numpy scalars to Python, NaN kept)
         measured = json.loads(json.dumps(measured, default=_to_builtin, allow_nan=True))
         row = stored[(cell, replicate)]
+        # a stored measurement the code no longer makes is a difference too
+        for column in sorted(set(row) - set(measured) - set(params) - set(_RESERVED)):
+            if not _is_timing(column):
+                mismatches.append({"cell": cell, "replicate": replicate, "column": column,
+                                   "stored": row[column], "rerun": "<not produced>"})
         for column, value in measured.items():
             if _is_timing(column):
                 continue

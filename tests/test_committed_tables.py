@@ -82,3 +82,36 @@ def test_verify_from_the_command_line(capsys):
 
     assert main(["glora", "--scale", "small", "--verify", "3"]) == 0
     assert "glora[small]: 3 replicates rerun, 0 differ" in capsys.readouterr().out
+
+
+def test_verify_sees_duplicates_dropped_columns_and_exact_counts(tmp_path):
+    """A review found three silent passes: a stale first duplicate (readers keep the
+    first, the check compared the last), a stored column the code no longer makes, and
+    counts or flags compared with a relative tolerance (True == 1, 10**7 ~ 10**7 + 1)."""
+    from simulations._framework import _same
+
+    study = get_study("glora")
+    rows = [json.loads(line) for line in
+            (default_results_dir() / "small" / "glora.jsonl").read_text().splitlines()
+            if line]
+    first = next(r for r in rows if r["replicate"] == 0)
+    stale = dict(first, error_glora=2 * first["error_glora"])
+    extra = dict(first, obsolete_metric=1.0)
+    for table, column in (([stale] + rows, "error_glora"),
+                          ([extra] + [r for r in rows if r is not first], "obsolete_metric")):
+        (tmp_path / "small").mkdir(exist_ok=True)
+        (tmp_path / "small" / "glora.jsonl").write_text(
+            "".join(json.dumps(r) + "\n" for r in table))
+        _, mismatches = verify_table(study, "small", results_dir=tmp_path, max_rows=3)
+        assert [(m["cell"], m["column"]) for m in mismatches] == [(first["cell"], column)]
+    assert not _same(True, 1) and not _same(10**7, 10**7 + 1) and _same(3, 3.0)
+    assert _same(float("nan"), float("nan")) and not _same(1.0, None)
+
+
+def test_verify_with_nothing_to_check_fails(tmp_path, capsys):
+    from simulations.__main__ import main
+
+    assert main(["glora", "--scale", "small", "--verify", "3",
+                 "--results-dir", str(tmp_path)]) == 1
+    assert "nothing to verify" in capsys.readouterr().err
+

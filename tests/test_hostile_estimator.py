@@ -314,8 +314,12 @@ def test_local_ols_weights_match_statsmodels_wls():
     with pytest.raises(ValueError, match="2 weight vectors for 3 clients"):
         local_ols(designs, responses, weights=weights[:2])
     frames = [pd.DataFrame(x, index=np.arange(50) + 100 * k) for k, x in enumerate(designs)]
-    with pytest.raises(ValueError, match="client 1's weights and design have different"):
+    with pytest.raises(ValueError, match="client 1's weights and data have different"):
         local_ols(frames, [pd.DataFrame(y, index=f.index) for y, f in zip(responses, frames)],
+                  weights=[pd.Series(w) for w in weights])
+    # an array design with an indexed response: the weights are matched to the response
+    with pytest.raises(ValueError, match="client 1's weights and data have different"):
+        local_ols(designs, [pd.DataFrame(y, index=f.index) for y, f in zip(responses, frames)],
                   weights=[pd.Series(w) for w in weights])
 
 

@@ -108,8 +108,9 @@ def _figures(rows, scale, output_dir):
         found = [f for f in found if f.stem == study or f.stem not in others]
         links.append(f"- `{study}`: " + (", ".join(
             f"![{f.stem}]({(relative / f.name).as_posix()})" for f in found) if found else
-            f"no figure in `paper/figures_out/{scale}/` (`python -m paper --scale {scale}` "
-            "draws it; the `full` figures are not committed)"))
+            f"no figure in `paper/figures_out/{scale}/`" + (
+                " (the `full` figures are drawn by `python -m paper --scale full` and not "
+                "committed)" if scale == "full" else "")))
     return "\n".join(lines + links)
 
 
