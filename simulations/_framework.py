@@ -295,8 +295,9 @@ def _run_task(simulate_one, cell, replicate, params, seed, n_threads=1, control=
 def code_provenance():
     """The checkout's commit (short hash) and whether the code a row depends on (the
     Python files of ``clairstat/`` and ``simulations/``) differs from it, read-only
-    through git; ``None`` outside a git checkout. A development version string stays the same across commits
-    (every row of this project's tables says ``0.3.0.dev0``); this says which code ran.
+    through git; ``None`` outside a git checkout of this project. A development version
+    string stays the same across commits (every row of this project's tables says
+    ``0.3.0.dev0``); this says which code ran.
     """
     import subprocess
 
