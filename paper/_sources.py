@@ -218,9 +218,9 @@ def read_quarantine(study="copying"):
     and after the quarantine of module-flagged updates: ``(before, after)`` frames from
     ``simulations/results/archive/<study>_small_before_quarantine.jsonl`` and
     ``archive/<study>_small_quarantine.jsonl`` (where the study was since rerun on the
-    clipping default) or else ``small/<study>.jsonl``, None where absent, and the latter None too where its rows
-    say they were made with another stand-in for module-flagged updates (column
-    ``clair_stand_in``, written since the clipping became the default)."""
+    clipping default) or else ``small/<study>.jsonl``, None where absent, and the latter
+    None too where its rows say they were made with another stand-in for module-flagged
+    updates (column ``clair_stand_in``, written since the clipping became the default)."""
     from simulations import load_table
 
     root = SOURCES["copying"]
