@@ -8,7 +8,6 @@ import warnings
 from functools import singledispatch
 
 import numpy as np
-from scipy import optimize, stats
 from sklearn.utils import check_random_state
 
 from ._reduced import (FactoredBlocks, FactoredRefined, leave_one_out_coefficients,
@@ -17,7 +16,7 @@ from ._objective import stack_blocks
 from ._threads import map_in_threads
 
 __all__ = ["weighted_mean", "refit_subspace", "select_rank", "projection_statistics",
-           "calibrate_null", "concentrate", "out_of_sample_statistics", "refine"]
+           "concentrate", "out_of_sample_statistics", "refine"]
 
 
 # The detection works on a dense (n_clients, p, q) array or on a FactoredBlocks stack
@@ -243,50 +242,6 @@ def out_of_sample_statistics(blocks, weights, members, mean, basis, random_state
         stat[k] = member_stat
         fits[k] = (sub_basis, others)
     return stat, fits
-
-
-def calibrate_null(ratios, members, df_theory):
-    """Scale and degrees of freedom of the null ``T_k / sigma_k^2 ~ scale * chi^2_nu``.
-
-    ``ratios`` are ``T_k / (rel_k^2 df_theory)`` (mean ``sigma^2`` under the i.i.d. model).
-    The median and lower quartile of the given clients' ratios are matched to those of
-    ``sigma^2 chi^2_nu / nu`` (quantile matching; attackers sit in the upper tail, so
-    this stays right while they are fewer than half): nu from the ratio Q1 / median,
-    which rises monotonically in nu, then sigma^2 from the median (the statistics are
-    out of sample, :func:`out_of_sample_statistics`, so no in-sample correction is needed).
-    nu never exceeds the i.i.d. value ``(p - r) q``: noise with structure (LoRA updates:
-    rank-r noise) spreads the statistics more than chi^2 with full df, and testing it
-    against the full df would flag benign clients (measured: 14-25% of them).
-
-    Returns
-    -------
-    sigma2 : float
-    nu : float
-    """
-    sample = ratios[members]
-    med = float(np.median(sample))
-    q1 = float(np.percentile(sample, 25))
-
-    def spread(nu):  # 1 - Q1 / median of chi^2_nu: falls monotonically in nu
-        lo, mid = stats.chi2.ppf([0.25, 0.5], nu)
-        return 1.0 - lo / mid
-
-    target = 1.0 - q1 / med if med > 0 else 0.0
-    nu = float(df_theory)
-    if len(sample) >= 8 and target > spread(df_theory):
-        # Q1 = 0 (several identical clients) is spread beyond any chi^2: the floor.
-        nu = 0.05 if target >= spread(0.05) else float(
-            optimize.brentq(lambda v: spread(v) - target, 0.05, df_theory))
-    # Second, symmetric look at the spread: log(chi^2_nu / nu) has sd ~ sqrt(2 / nu), and
-    # the MAD of the log-statistics resists just under half the sample being attackers.
-    # The smaller nu (the more conservative null) is kept.
-    positive = sample[sample > 0]
-    if len(positive) >= 8:
-        log_sd = 1.4826 * np.median(np.abs(np.log(positive) - np.median(np.log(positive))))
-        if log_sd > 0:
-            nu = min(nu, max(2.0 / log_sd ** 2, 0.05))
-    sigma2 = med / (stats.chi2.median(nu) / nu)
-    return sigma2, nu
 
 
 def _fit_on(blocks, weights, members, rank, noise, random_state, whitening=None):

@@ -20,12 +20,13 @@ from ._decompose import clair_decompose
 from ._detection import refine
 from ._reduced import FactoredBlocks, stack_caches
 from ._inference import NoiseKnowledge, detect_clients
-from ._null import NoiseCovariance
+from ._null import NoiseCovariance, PredictiveNull
 from ._ols import LocalOLS
 from ._threads import thread_limits
 from ._tuning import estimate_noise_scale, factored_noise_scale, floor_noise_scale
 from ._validation import (as_real_array, check_local_estimates, check_noise_cov,
-                          check_noise_scale, check_sample_weight, data_scale)
+                          check_noise_scale, check_sample_weight, data_scale,
+                          VANISHING_WEIGHT)
 from .solvers import Solver, resolve_solver
 
 if TYPE_CHECKING:
@@ -135,7 +136,12 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
     subspace_ : ndarray of shape (p, r), r = ``rank_``
         Orthonormal basis of the shared subspace, fitted on ``collaborative_set_``.
     rank_ : int
-        Its dimension (given, or chosen by the rule on the final collaborative set).
+        Its dimension (given, or chosen by the rule on the final collaborative set;
+        with ``subspace_source="low_rank"``, the numerical rank of L, which can differ
+        from ``test_rank_``).
+    test_rank_ : int
+        The dimension of the refitted subspace the tests used (``rank_`` unless
+        ``subspace_source="low_rank"``).
     contamination_scores_ : ndarray of shape (n_clients,)
         ``||S_k||_F``: the decomposition's evidence, which seeds the detection.
     test_statistics_ : ndarray of shape (n_clients,)
@@ -156,10 +162,13 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
         Each client's null ``T_k ~ null_scale_k * chi^2_{df_k}`` (Satterthwaite's
         moment match to the statistic's mean and variance), or, when the scale was
         estimated from the clients (``null_scale_df_`` finite),
-        ``T_k / (null_scale_k df_k) ~ F(df_k, null_scale_df_)``.
+        ``T_k / (null_scale_k df_k) ~ F(df_k, null_scale_df_)``. For a LoRA stack
+        (:class:`~clairstat._reduced.FactoredBlocks`) each statistic's cube root is
+        predicted from the other clients' (a Student t, docs/method_notes.md, section
+        8): ``null_scale_`` is NaN and ``degrees_of_freedom_`` are the t's.
     null_scale_df_ : float
         Degrees of freedom of the estimated scale (``inf``: the scale was not
-        estimated, the null is the scaled chi^2).
+        estimated, the null is the scaled chi^2; NaN for a LoRA stack).
     null_scale_factor_ : float
         With ``noise_cov`` or ``noise_scale``: the factor by which the calibration
         raised the given noise's null scale so that the calibration clients' median
@@ -170,13 +179,13 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
         statistics sit higher than the noise implies, or spread so much more that the
         widened null's median fell far below its mean). ``nan`` when the noise was
         estimated (the scale is then the estimate itself) and on factored LoRA stacks
-        (their null is matched to the statistics' quartiles whatever noise is given).
+        (each statistic is predicted from the others' whatever noise is given).
     null_spread_df_ : float
         Degrees of freedom implied by the spread of the calibration clients'
         log-statistics (their MAD); a client's null whose model df exceed it was
         widened to it (same mean, heavier tail). ``inf`` when not estimated (fewer
-        than 8 clients) or on factored LoRA stacks, whose df are matched to the
-        statistics' quartiles directly (``degrees_of_freedom_``).
+        than 8 clients) or on factored LoRA stacks, whose null is read off the other
+        clients' statistics directly (``degrees_of_freedom_`` are its Student t's).
     noise_model_ : {"noise_cov", "noise_scale", "estimated"}
         Where the null came from.
     contaminated_ : ndarray of bool, shape (n_clients,)
@@ -198,7 +207,8 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
         (a cycle), the collaborative set keeps every client some round of the cycle
         kept, so some members may be kept although the final test rejects them (their
         adjusted p-value is below ``test_level`` while ``contaminated_`` is False), and
-        a warning names them.
+        a client no round kept stays flagged although the final test, on the larger
+        set, may keep it (adjusted p-value above ``test_level``); a warning names both.
     n_detection_rounds_ : int
         Refits the detection made.
     objective_, dual_gap_ : float
@@ -383,7 +393,10 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
         y : ignored
         sample_weight : array-like of shape (n_clients,), default=None
             Client weights of the collaborative mean (sample sizes); non-negative, at
-            least two positive. ``None``: equal weights. They weight the mean only:
+            least two positive. ``None``: equal weights. A zero weight is the limit of
+            a vanishing one: the client is tested but adds nothing to a mean with
+            weighted members, and a set with none (its weighted clients flagged) is
+            averaged equally. They weight the mean only:
             without ``noise_cov`` or ``noise_scale`` the tests take every client's
             estimate as equally noisy, so clients with fewer samples are flagged more
             often (a warning says so when the weights differ more than two-fold).
@@ -545,6 +558,7 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
             basis = self._low_rank_basis(result, self.rank)
             self._projector = basis @ basis.T
         self.subspace_, self.rank_ = basis, basis.shape[1]
+        self.test_rank_ = fit.rank
         self.contaminated_ = fit.contaminated.copy()
         self.collaborative_set_ = np.flatnonzero(fit.members)
         self.collaborative_mean_ = _rescale(fit.mean, scale)
@@ -553,13 +567,17 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
         self.test_statistics_ = _squared(fit.statistics, unit)
         self.p_values_ = fit.p_values
         self.adjusted_p_values_ = fit.adjusted
-        self.null_scale_ = _squared(fit.null.scale, unit)
+        if isinstance(fit.null, PredictiveNull):  # a LoRA stack: no chi^2 scale
+            self.null_scale_ = np.full(len(fit.null.df), np.nan)
+            self.null_scale_df_ = float("nan")
+        else:
+            self.null_scale_ = _squared(fit.null.scale, unit)
+            self.null_scale_df_ = float(fit.null.scale_df)
         self.degrees_of_freedom_ = fit.null.df
-        self.null_scale_df_ = float(fit.null.scale_df)
         spread_df, factor, _ = fit.new_client.calibration
         self.null_spread_df_ = float(spread_df)
-        # factored LoRA stacks match their null to the statistics' quartiles whatever
-        # noise is given (calibrate_null): no factor on a given noise to report
+        # factored LoRA stacks predict each statistic from the others' whatever noise is
+        # given (clairstat._null.predictive_null): no factor on a given noise to report
         self.null_scale_factor_ = (float("nan") if noise.estimated
                                    or isinstance(blocks, FactoredBlocks) else float(factor))
         self.client_noise_scale_ = noise.sigma * scale
@@ -956,7 +974,7 @@ def _rescale(value, scale):
 def _warn_unequal_weights(weights):
     """The estimated null gives every client the same noise; sample sizes that differ
     (weights as sample sizes) make the clients with less data look deviant."""
-    positive = weights[weights > 0]
+    positive = weights[weights > VANISHING_WEIGHT]  # zero weights (check_sample_weight)
     if positive.max() > 2.0 * positive.min():
         warnings.warn(f"sample_weight varies {positive.max() / positive.min():.3g}-fold, "
                       "but without noise_cov or noise_scale the tests take every "

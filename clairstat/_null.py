@@ -29,8 +29,9 @@ import numpy as np
 import scipy.linalg
 from scipy import stats
 
-__all__ = ["NoiseCovariance", "NullDistribution", "Standardizer", "complement_basis",
-           "known_standardizer", "kronecker_df", "median_scale_df", "robust_log_spread_df"]
+__all__ = ["NoiseCovariance", "NullDistribution", "PredictiveNull", "Standardizer",
+           "complement_basis", "known_standardizer", "kronecker_df", "median_scale_df",
+           "predictive_null", "robust_log_spread_df"]
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,102 @@ class NullDistribution:
         else:
             out[ok] = stats.chi2.logsf(ratio, df)
         return out
+
+    def broadcast(self, n):
+        """The same null for ``n`` clients (a new clients' null has one entry)."""
+        return NullDistribution(np.full(n, self.scale[0]), np.full(n, self.df[0]),
+                                self.scale_df)
+
+
+#: Asymptotic efficiency of the MAD as a normal scale estimate: its squared error is that
+#: of a chi-square scale with ``MAD_EFFICIENCY * m`` degrees of freedom from m values.
+MAD_EFFICIENCY = 0.37
+
+
+@dataclass(frozen=True)
+class PredictiveNull:
+    """Each statistic predicted from the others': a Student t of the cube roots.
+
+    ``y_k = (T_k / relative_k)^(1/3)`` is close to normal for a scaled chi^2 of any
+    degrees of freedom (Wilson and Hilferty, 1931) and for other positive quadratic
+    forms of Gaussian noise; under the null it is one more draw of the calibration
+    clients' ``y``. With their median ``center_k`` and MAD ``s_k`` (client k left out,
+    m values), ``(y_k - center_k) / (s_k sqrt(1 + pi / (2 m)))`` is referred to Student's
+    t with ``df_k = MAD_EFFICIENCY * m`` degrees of freedom: the median's and the MAD's
+    own sampling errors widen the null, where a scaled chi^2 fitted to the same values
+    treats its degrees of freedom as known (docs/method_notes.md, section 8).
+
+    ``spread`` is ``s_k sqrt(1 + pi / (2 m))``, floored at the round-off's; a client with
+    ``df == 0`` (fewer than three others to predict from) gets p = 1.
+    """
+
+    relative: np.ndarray
+    center: np.ndarray
+    spread: np.ndarray
+    df: np.ndarray
+
+    def log_sf(self, statistics):
+        """Log p-values (upper tail: a statistic above the prediction)."""
+        statistics = np.asarray(statistics, dtype=float)
+        out = np.zeros(len(statistics))
+        ok = (self.df > 0) & (self.spread > 0)
+        z = (np.cbrt(statistics[ok] / self.relative[ok]) - self.center[ok]) / self.spread[ok]
+        out[ok] = stats.t.logsf(z, self.df[ok])
+        return out
+
+    def broadcast(self, n):
+        """The same null for ``n`` clients (a new clients' null has one entry)."""
+        return PredictiveNull(*(np.full(n, field[0]) for field in
+                                (self.relative, self.center, self.spread, self.df)))
+
+
+def _predict_from(values, floor):
+    """``(center, spread, df)`` of one more draw from the distribution of ``values``."""
+    m = len(values)
+    if m < 3:
+        return 0.0, 0.0, 0.0
+    center = float(np.median(values))
+    mad = 1.4826 * float(np.median(np.abs(values - center)))
+    return center, max(mad * np.sqrt(1.0 + np.pi / (2.0 * m)), floor), MAD_EFFICIENCY * m
+
+
+def predictive_null(statistics, relative, calibrate_on, floor, relative_new=1.0):
+    """:class:`PredictiveNull` of every client, and one for new clients.
+
+    Parameters
+    ----------
+    statistics, relative : ndarray of shape (n_clients,)
+        The statistics and their relative null scales (a client's noise variance and the
+        mean's share, over the clients' average).
+    calibrate_on : ndarray of bool
+        The clients whose statistics the null is read from; each client is predicted
+        from the others of them, a new client from all of them.
+    floor : float
+        The statistics' round-off (their scale when the noise is below it): the
+        spread of the cube roots is never below its cube root, so that round-off does
+        not count as evidence.
+    relative_new : float
+        A new client's relative null scale.
+
+    Returns
+    -------
+    null : PredictiveNull
+    new : PredictiveNull
+        One entry.
+    """
+    statistics = np.asarray(statistics, dtype=float)
+    relative = np.asarray(relative, dtype=float)
+    y = np.cbrt(statistics / relative)
+    floor_y = float(np.cbrt(floor))
+    n = len(y)
+    center, spread, df = np.zeros(n), np.zeros(n), np.zeros(n)
+    for k in range(n):
+        others = calibrate_on.copy()
+        others[k] = False
+        center[k], spread[k], df[k] = _predict_from(y[others], floor_y)
+    new = _predict_from(y[calibrate_on], floor_y)
+    return (PredictiveNull(relative, center, spread, df),
+            PredictiveNull(*(np.array([v], dtype=float) for v in (relative_new, *new))))
 
 
 def _trace_moments(samples):

@@ -44,8 +44,12 @@ class CLAIRSummary:
         return self._summary.as_text()
 
     def as_latex(self):
-        """LaTeX tables."""
-        return self._summary.as_latex()
+        """LaTeX tables (for a document with the default font encoding: no raw ``<``
+        or Unicode bars; no empty label)."""
+        latex = self._summary.as_latex()
+        latex = latex.replace("\\label{}\n", "")
+        latex = latex.replace("score ‖S\\_k‖\\_F", "score $\\|S_k\\|_F$")
+        return latex.replace(_TINY, "$<10^{-16}$")
 
     def as_markdown(self):
         """Markdown: a diagnostics table and the per-client table."""
@@ -72,9 +76,12 @@ def _number(value):
     return f"{value:.4g}"
 
 
+_TINY = "<1e-16"
+
+
 def _p_value(value):
     """Four significant digits; below 1e-16 (float64 resolution next to 1) as a bound."""
-    return "<1e-16" if value < 1e-16 else f"{value:.4g}"
+    return _TINY if value < 1e-16 else f"{value:.4g}"
 
 
 def _df(values):
@@ -100,7 +107,8 @@ def _diagnostics(est):
         "clients": str(n_clients),
         "flagged": str(int(est.contaminated_.sum())),
         "estimate shape (p, q)": str(tuple(int(v) for v in est.estimate_shape_)),
-        "rank": str(est.rank_),
+        "rank": (str(est.rank_) if est.rank_ == est.test_rank_
+                 else f"{est.rank_} (L); tests at {est.test_rank_}"),
         "formulation": est.formulation,
         "backbone": str(est.backbone),
         "detection": f"{est.detection} ({est.correction}, level {est.test_level})",

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numbers
 
+import warnings
+
 import numpy as np
 import scipy.sparse
 from sklearn.utils import check_array
@@ -88,7 +90,16 @@ def check_sample_weight(sample_weight, n_clients):
         raise ValueError("sample_weight must give non-zero weight to at least two clients: "
                          "the collaborative mean and every client's comparison need them.")
     # Only ratios matter: dividing by the largest keeps a claim of 1e308 from overflowing.
-    return weights / weights.max()
+    weights = weights / weights.max()
+    # A zero weight is the limit of a vanishing one: the client adds nothing to a mean
+    # that has weighted members (1e-200 of an entry of at most 1 after the fit's
+    # rescaling), and a set with no weighted member (the weighted clients flagged, or a
+    # weighted client's leave-one-out comparison) is averaged equally instead of
+    # dividing by zero.
+    return np.maximum(weights, VANISHING_WEIGHT)
+
+
+VANISHING_WEIGHT = 1e-200
 
 
 def check_noise_scale(noise_scale, n_clients):
@@ -155,14 +166,19 @@ def _cov_factor(matrix, n_clients, size, name):
                          f"{size}); got {matrix.shape}.")
     if not np.all(np.isfinite(matrix)):
         raise ValueError(f"{name} contains NaN or infinite entries.")
-    asym = np.abs(matrix - matrix.transpose(0, 2, 1)).max()
-    size_ = np.abs(matrix).max(initial=0.0)
+    # Each client's matrix against its own largest entry: clients' noise can differ by
+    # many orders of magnitude (a large site among small ones), and a check against the
+    # largest entry over all clients let a precise client's indefinite matrix through.
+    size_ = np.maximum(np.abs(matrix).max(axis=(1, 2), initial=0.0), np.finfo(float).tiny)
+    asym = np.abs(matrix - matrix.transpose(0, 2, 1)).max(axis=(1, 2), initial=0.0) / size_
     # symmetric up to round-off of the products that made it
-    if asym > 1e-8 * max(size_, np.finfo(float).tiny):
-        raise ValueError(f"{name} is not symmetric (largest asymmetry {asym:.3g}).")
+    bad = np.flatnonzero(asym > 1e-8)
+    if bad.size:
+        raise ValueError(f"{name} is not symmetric for clients {bad.tolist()} (largest "
+                         f"asymmetry {asym[bad].max():.3g} of the largest entry).")
     matrix = 0.5 * (matrix + matrix.transpose(0, 2, 1))
     low = np.linalg.eigvalsh(matrix).min(axis=1)
-    bad = np.flatnonzero(low < -1e-8 * np.maximum(size_, np.finfo(float).tiny))
+    bad = np.flatnonzero(low < -1e-8 * size_)
     if bad.size:
         raise ValueError(f"{name} is not positive semi-definite for clients "
                          f"{bad.tolist()} (smallest eigenvalue {low[bad[0]]:.3g}).")
@@ -171,6 +187,19 @@ def _cov_factor(matrix, n_clients, size, name):
     if bad.size:
         raise ValueError(f"{name} gives a zero variance for clients {bad.tolist()}: every "
                          "coefficient and output needs a positive noise variance.")
+    # Singular: no noise along some combination of coefficients or outputs; an estimate
+    # that varies along it is evidence against the client, so say which clients'
+    # covariance claims that. Judged on the correlation matrix, so that coefficients in
+    # very different units (variances 1e12 apart) are not taken for a singular matrix.
+    root = np.sqrt(diagonal)
+    corr = matrix / root[:, :, None] / root[:, None, :]
+    bad = np.flatnonzero(np.linalg.eigvalsh(corr).min(axis=1) <= 1e-10)
+    if bad.size:
+        warnings.warn(f"{name} is singular for clients {bad.tolist()}: it gives no noise "
+                      "along some combination of coefficients or outputs, so any deviation "
+                      "of such a client along it counts as contamination. Check the "
+                      "covariance (a rank-deficient design or collinear outputs).",
+                      UserWarning, stacklevel=4)
     return matrix
 
 

@@ -340,18 +340,22 @@ def concurrency_macros(text):
 def lora_null_macros(text):
     """The LoRA null benchmark (``benchmarks/lora_null_calibration.py``): the share of
     replicates with any rejection at 16 clients, for exactly chi^2_128 statistics
-    (``bench.loranull.a16``) and for a module with independent factors
-    (``bench.loranull.b16``); nothing when its tables are absent."""
+    (``bench.loranull.a16``, and ``.a16prev`` under the null before the predictive one)
+    and for a module with independent factors (``bench.loranull.b16``, ``.b16prev``);
+    nothing when its tables are absent."""
     clients, nu = 16, 128  # the copying task's clients per round; nu below the cap
     macros = {}
-    exact = src.find_table(text, "clients", "nu", "package null") or []
+    columns = {"": "package", "prev": "previous"}
+    exact = src.find_table(text, "clients", "nu", "any rejection, package") or []
     for row in exact:
         if src.number(row["clients"]) == clients and src.number(row["nu"]) == nu:
-            macros["bench.loranull.a16"] = tex_escape(row["package null"])
-    synthetic = src.find_table(text, "noise", "clients", "any flag") or []
+            for tag, which in columns.items():
+                macros[f"bench.loranull.a16{tag}"] = tex_escape(row[f"any rejection, {which}"])
+    synthetic = src.find_table(text, "noise", "clients", "any flag, package") or []
     for row in synthetic:
         if row["noise"] == "independent" and src.number(row["clients"]) == clients:
-            macros["bench.loranull.b16"] = tex_escape(row["any flag"])
+            for tag, which in columns.items():
+                macros[f"bench.loranull.b16{tag}"] = tex_escape(row[f"any flag, {which}"])
     if macros:
         macros.update({"bench.loranull.clients": fmt(clients), "bench.loranull.nu": fmt(nu)})
     return macros

@@ -382,7 +382,8 @@ def test_the_confirmation_waits_for_its_whole_block():
 
 def test_lora_null_macros_are_the_committed_tables():
     """Read by plain splitting: the row of 16 clients and nu = 128 of the first table,
-    and the independent-factor row of 16 clients of the second."""
+    and the independent-factor row of 16 clients of the second (previous null, then
+    the package's)."""
     from paper._generate import lora_null_macros
 
     text = (ROOT / "benchmarks" / "RESULTS.md").read_text()
@@ -391,8 +392,10 @@ def test_lora_null_macros_are_the_committed_tables():
     cells = [[c.strip() for c in line.split("|")[1:-1]] for line in text.splitlines()
              if line.startswith("| 16 | 128 |") or line.startswith("| independent | 16 |")]
     macros = lora_null_macros(text)
-    assert macros["bench.loranull.a16"] == cells[0][3]
-    assert macros["bench.loranull.b16"] == cells[1][3]
+    assert macros["bench.loranull.a16prev"] == cells[0][3]
+    assert macros["bench.loranull.a16"] == cells[0][4]
+    assert macros["bench.loranull.b16prev"] == cells[1][3]
+    assert macros["bench.loranull.b16"] == cells[1][4]
 
 
 def test_old_report_shape_is_read():
