@@ -19,7 +19,25 @@ its ``untested`` tensors: those that are not LoRA factors (``modules_to_save`` m
 biases, trainable tokens), copied unchanged, neither tested nor refined (a warning on
 stderr names them; so does one for adapters that name different base models). Inputs
 are read with safetensors only (no pickle). Exit status: 0 on success, 2 on a usage
-error or an unreadable input (one line on stderr naming the folder, no traceback).
+error or an unusable input (one line on stderr naming the folder, no traceback).
+Unusable: besides unreadable files, a ``lora_alpha`` or ``alpha_pattern`` value that is
+not a finite non-zero number, a path that is not valid UTF-8 (safetensors opens files by
+a UTF-8 path), and factors holding non-finite values or too large for float64
+arithmetic (``scaling x lora_B``, ``lora_A`` or their product of a norm above 1e150:
+the fits square the updates, and one such client made them overflow for every client);
+such a client is refused, not flagged, and the run stops (the last two are found while
+streaming, before anything is published). Warnings, the fits' included, are lines
+``clairstat refine: warning: ...`` after the progress bars, naming clients by folder
+and the modules they came from.
+
+``OUT`` is created with its missing parents (removed again if the run fails). It may
+not be, or lie inside, an input folder; an existing ``OUT/<folder name>`` must be a
+folder inside ``OUT`` that is no input folder (a symbolic link elsewhere is refused, as
+is a dangling one), and its files no input's own (hard links of the inputs, as ``cp
+-al`` makes them, are refused). Existing outputs are replaced by renames, never
+written through; other files in ``OUT`` are left as they are, and a warning names the
+adapter folders there that are not among this run's clients (an earlier run's: the new
+report does not list them).
 
 Memory: the command never holds a whole adapter. It first reads only the safetensors
 headers; every output file starts as a copy of its input in a staging folder under
@@ -36,7 +54,7 @@ staged file copied from its input again. The peak is one module's inputs, its fi
 its outputs (with ``--scheduler``: at most ``2 x`` the cluster's worker threads modules
 in flight), not the adapters' size; the price of the joint refinement is reading the
 inputs twice. The staged files move into ``OUT/<folder name>/`` when every module is
-done (nothing is left in ``OUT`` when a run fails).
+done, by renames (nothing is left in ``OUT`` when a run fails).
 
 With ``--scheduler ADDR`` the per-module work (fits, and the second pass's readouts)
 runs on the Dask cluster whose scheduler is at ``ADDR`` (``dask.distributed``; its
@@ -57,10 +75,12 @@ import functools
 import gc
 import json
 import os
+import re
 import shutil
 import struct
 import sys
 import tempfile
+import threading
 import warnings
 from pathlib import Path
 from typing import NamedTuple
@@ -105,11 +125,17 @@ def _parser():
         "refine", help="CLAIR on peft LoRA adapter folders: flag and refine",
         description="Fit CLAIR on the clients' LoRA adapters (as clairstat.lora."
                     "refine_adapters), reading one module at a time, write each refined "
-                    "adapter to OUT/<folder name>/ and a report to OUT/report.json.")
+                    "adapter to OUT/<folder name>/ and a report to OUT/report.json. "
+                    "A client whose factors are not finite, or too large for float64 "
+                    "arithmetic (scaling x lora_B, lora_A or their product of a norm "
+                    "above 1e150), stops the run with one line naming its folder "
+                    "(exit 2), as an unreadable one does.")
     refine.add_argument("adapters", nargs="+", metavar="ADAPTER_DIR",
                         help="peft adapter folders (adapter_config.json + "
                              "adapter_model.safetensors), one per client")
-    refine.add_argument("--out", required=True, metavar="OUT", help="output folder")
+    refine.add_argument("--out", required=True, metavar="OUT",
+                        help="output folder (created if missing; not inside an input "
+                             "folder)")
     refine.add_argument("--rank", type=int, default=None, metavar="R",
                         help="shared subspace dimension: of the joint refinement, or of "
                              "each module's fit with --per-module (default: chosen from "
@@ -240,17 +266,28 @@ def _check_pairs(keys, shapes):
 def _read_adapter(folder):
     """One adapter folder as a :class:`Client`, its LoRA pairs, scalings and dtypes
     checked."""
-    from .lora import lora_pairs, lora_scaling
+    from .lora import check_alpha, lora_pairs, lora_scaling
 
     if not folder.is_dir():
         raise InputError(f"{folder}: not a folder")
+    try:
+        str(folder.absolute()).encode("utf-8")
+    except UnicodeEncodeError:  # safe_open takes a str path and needs it UTF-8
+        raise InputError(f"{folder}: its path is not valid UTF-8, and safetensors opens "
+                         "files by a UTF-8 path only: rename the folder") from None
     config = _read_config(folder)
     metadata, shapes, offsets, dtypes = _read_header(folder)
     try:
+        check_alpha(config.get("lora_alpha", 8), "lora_alpha")  # peft's default is 8
+        patterns = config.get("alpha_pattern") or {}
+        if not isinstance(patterns, dict):
+            raise ValueError(f"alpha_pattern must be an object, got {patterns!r}.")
+        for pattern, value in patterns.items():
+            check_alpha(value, f"alpha_pattern {pattern!r}")
         keys = lora_pairs(shapes)
         _check_pairs(keys, shapes)
         for module, pair in keys.items():
-            lora_scaling(config, module, shapes[pair["A"]][0])  # alpha a number
+            lora_scaling(config, module, shapes[pair["A"]][0])  # the alpha it uses
             for key in pair.values():
                 if dtypes[key] not in _FLOAT_DTYPES:
                     raise ValueError(f"{key} is {dtypes[key]}; LoRA factors are read "
@@ -279,12 +316,14 @@ def _read_all(folders):
         if names.count(name) > 1:
             raise InputError(f"{folder}: another input folder has the same name {name!r} "
                              "(outputs are written to OUT/<folder name>)")
+    from .lora import module_difference
+
     clients = [_read_adapter(folder) for folder in folders]
     first = clients[0]
     for client in clients[1:]:
         if client.modules != first.modules:
-            raise InputError(f"{client.folder}: adapts modules {client.modules}, but "
-                             f"{first.folder} adapts {first.modules}")
+            raise InputError(f"{client.folder}: adapts modules other than {first.folder}: "
+                             f"{module_difference(client.modules, first.modules)}")
         for module in first.modules:
             if _module_shape(client, module) != _module_shape(first, module):
                 raise InputError(f"{client.folder}: {module} is (d_out, d_in) = "
@@ -309,7 +348,148 @@ def _read_module(client, module):
     for key, tensor in tensors.items():  # here the error can still name the folder
         if not torch.isfinite(tensor).all():
             raise InputError(f"{client.folder}: {key} holds non-finite values")
+    from .lora import check_update_size, lora_scaling
+
+    try:  # an update the fits' float64 would overflow on (their squares)
+        b_mat, a_mat = (tensors[pair[w]].detach().double().numpy() for w in "BA")
+        check_update_size(module, b_mat, a_mat,
+                          lora_scaling(client.config, module, a_mat.shape[0]))
+    except ValueError as error:
+        raise InputError(f"{client.folder}: {error}") from None
     return tensors
+
+
+# -- warnings -----------------------------------------------------------------------------
+# Every warning raised during a run is recorded and shown as one line of the command's
+# own, after the progress bars: the per-module fits' (with the module and the clients'
+# folder names), the joint refinement's, numpy's floating-point ones. One process-wide
+# hook does it, installed by the first recorder and removed by the last: each thread
+# records into its own list (a Dask worker thread's fit returns its list), and a thread
+# without one (a fit's pool) into the run's. ``warnings.catch_warnings`` per fit swapped
+# the process-wide hook from several threads at once (``--scheduler local``): a fit
+# could restore Python's printer while another still ran, whose warnings then came out
+# raw as well (a review).
+class _ThreadRecords(threading.local):
+    records = None  # this thread's list of (category name, message), or None
+
+
+_THREAD = _ThreadRecords()
+_HOOK_LOCK = threading.Lock()
+_HOOK = {"depth": 0, "runs": [], "showwarning": None, "filters": None}
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    """``warnings.showwarning`` while recording: into the thread's list, else the run's,
+    else Python's own display."""
+    records = _THREAD.records
+    if records is None and _HOOK["runs"]:
+        records = _HOOK["runs"][-1]
+    if records is not None:
+        records.append((category.__name__, str(message)))
+        return
+    show = _HOOK["showwarning"]
+    if show is None or show is _show_warning:
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+    else:
+        show(message, category, filename, lineno, file, line)
+
+
+@contextlib.contextmanager
+def recorded_warnings(run=False):
+    """Record the warnings raised in this thread (``run``: and in threads that record
+    none of their own) into the list it yields, as ``(category name, message)``.
+
+    Every warning is recorded, each time it is raised (the ``default``, ``module`` and
+    ``once`` filters act as ``always``; ``ignore`` and ``error`` filters stay). Safe to
+    enter from several threads at once, and nested.
+    """
+    records = []
+    with _HOOK_LOCK:
+        if _HOOK["depth"] == 0:
+            _HOOK["showwarning"], _HOOK["filters"] = warnings.showwarning, warnings.filters
+            warnings.filters = [("always",) + tuple(entry[1:])
+                                if entry[0] in ("default", "module", "once") else entry
+                                for entry in warnings.filters]
+            warnings.filters.append(("always", None, Warning, None, 0))
+            _filters_mutated()  # forget what was shown once already
+            warnings.showwarning = _show_warning
+        _HOOK["depth"] += 1
+        if run:
+            _HOOK["runs"].append(records)
+    previous, _THREAD.records = _THREAD.records, records
+    try:
+        yield records
+    finally:
+        _THREAD.records = previous
+        with _HOOK_LOCK:
+            if run:
+                _HOOK["runs"] = [r for r in _HOOK["runs"] if r is not records]
+            _HOOK["depth"] -= 1
+            if _HOOK["depth"] == 0:
+                if warnings.showwarning is _show_warning:
+                    warnings.showwarning = _HOOK["showwarning"]
+                warnings.filters = _HOOK["filters"]
+                _filters_mutated()
+
+
+def _filters_mutated():
+    """Tell the warnings machinery its filters changed (so that a warning shown once
+    before is shown again). A private hook of CPython's ``warnings`` module: where a
+    version lacks it, warnings already shown once in the process may stay hidden."""
+    getattr(warnings, "_filters_mutated", lambda: None)()
+
+
+_CLIENT_LIST = re.compile(r"\b([Cc]lients) \[([0-9, ]*)\]")
+_ONE_CLIENT = re.compile(r"\b([Cc]lient) ([0-9]+)\b")
+
+
+def _named(message, names):
+    """The clients a message names by position (``Clients [2, 5]``, ``client 3``) named
+    by their folders (``Clients ['b', 'e']``, ``client 'c'``)."""
+    def name(index):
+        k = int(index)
+        return repr(names[k]) if 0 <= k < len(names) else index.strip()
+
+    message = _CLIENT_LIST.sub(lambda m: f"{m[1]} [" + ", ".join(
+        name(i) for i in m[2].split(",") if i.strip()) + "]", message)
+    return _ONE_CLIENT.sub(lambda m: f"{m[1]} {name(m[2])}", message)
+
+
+def _warning_lines(records, names, n_modules):
+    """One line per distinct warning of ``(module or None, category, message)``
+    records: clients by folder name, and the modules it was raised in."""
+    modules_of = {}
+    for module, category, message in records:
+        text = " ".join(part.strip() for part in _named(message, names).splitlines())
+        if category != "UserWarning":
+            text = f"{category}: {text}"
+        modules = modules_of.setdefault(text, [])
+        if module is not None and module not in modules:
+            modules.append(module)
+    for text, modules in modules_of.items():
+        if not modules:
+            yield text
+        elif len(modules) == 1:
+            yield f"{modules[0]}: {text}"
+        elif len(modules) == n_modules:
+            yield f"all {n_modules} modules: {text}"
+        else:
+            shown = ", ".join(modules[:3]) + (", ..." if len(modules) > 3 else "")
+            yield f"{len(modules)} modules ({shown}): {text}"
+
+
+def _say(line, file=None):
+    """Print a line; the bytes of a path that is not valid UTF-8 (held as surrogates)
+    are written as they are where the stream writes them so, else as ``\\xff``
+    escapes."""
+    file = sys.stderr if file is None else file
+    if getattr(file, "errors", None) != "surrogateescape":
+        try:
+            line = line.encode("utf-8", "surrogateescape").decode("utf-8",
+                                                                  "backslashreplace")
+        except UnicodeEncodeError:  # a surrogate that stands for no byte
+            line = line.encode("utf-8", "backslashreplace").decode("utf-8")
+    print(line, file=file)
 
 
 # -- fitting ------------------------------------------------------------------------------
@@ -320,7 +500,7 @@ class ModuleFit(NamedTuple):
     module was not fitted (every update zero); ``gram`` (n_clients, n_clients) the
     Gram matrix of its updates (joint refinement; else None); ``states`` per client
     ``{key: tensor}`` in the input's dtype (per-module refinement; else None);
-    ``warnings`` the distinct warning messages of the fit.
+    ``warnings`` the fit's warnings, ``(category name, message)`` (clients by position).
     """
 
     flagged: list
@@ -375,12 +555,9 @@ def fit_module(module, tensors, configs, n_jobs, work, options, joint):
     from ._threads import thread_limits
     from .aggregation import clair_modules, module_gram
 
-    factors = _factors(module, tensors, configs)
-    # Recorded here so that a Dask worker's warnings reach the command's stderr too
-    # (catch_warnings is process-wide: on a threaded cluster, concurrent fits may also
-    # record each other's warnings).
-    with warnings.catch_warnings(record=True) as caught, thread_limits(n_jobs, work):
-        warnings.simplefilter("always")
+    # Recorded here so that a Dask worker's warnings reach the command's stderr too.
+    with recorded_warnings() as caught, thread_limits(n_jobs, work):
+        factors = _factors(module, tensors, configs)
         fit = clair_modules({module: factors}, joint=False, **options)
         flagged = fit.module_flagged[module].tolist()
         estimator = fit.estimators[module]
@@ -395,8 +572,7 @@ def fit_module(module, tensors, configs, n_jobs, work, options, joint):
                     everyone, [a.shape[0] for _, a in factors])
                 states = list(_states(module, readouts, tensors, configs,
                                       everyone).values())
-    messages = list(dict.fromkeys(str(w.message) for w in caught))
-    return ModuleFit(flagged, p_values, gram, states, messages)
+    return ModuleFit(flagged, p_values, gram, states, list(dict.fromkeys(caught)))
 
 
 def _on_device(options):
@@ -426,21 +602,24 @@ def refine_module(module, tensors, configs, n_jobs, work, coef, kept, on_device=
 
     Returns
     -------
-    dict of int to dict
+    states : dict of int to dict
         Client k's ``{key: tensor}`` in its input's dtype.
+    warnings : list of tuple
+        The readouts' warnings, as :class:`ModuleFit`'s.
     """
     from ._reduced import CombinedUpdates
     from ._threads import thread_limits
     from .aggregation import ReducedStack, factored_reduction
 
-    factors = _factors(module, tensors, configs)
-    with thread_limits(n_jobs, work):
+    with recorded_warnings() as caught, thread_limits(n_jobs, work):
+        factors = _factors(module, tensors, configs)
         # The bases of the first pass's fit (the same exact reduction, recomputed).
         reduction = factored_reduction(factors, **(on_device or {}))
         left, right = reduction.left_basis, reduction.right_basis
         stack = ReducedStack(left, CombinedUpdates(factors, coef, left, right), right)
         readouts = stack.readouts(kept, [factors[k][1].shape[0] for k in kept])
-        return _states(module, readouts, tensors, configs, kept)
+        states = _states(module, readouts, tensors, configs, kept)
+    return states, list(dict.fromkeys(caught))
 
 
 def _work(clients):
@@ -588,7 +767,7 @@ def _stream(clients, writer, args, progress, cluster):
         for k, state in enumerate(fit.states or ()):
             writer.write(k, state)
         fits[module] = fit._replace(states=None)  # keep flags, p-values, Gram matrices
-        messages.extend(fit.warnings)
+        messages.extend((module, *caught) for caught in fit.warnings)
         del fit
         _release_memory()
     live = [module for module, fit in fits.items() if fit.p_values is not None]
@@ -606,12 +785,14 @@ def _stream(clients, writer, args, progress, cluster):
         kept = np.flatnonzero(~flagged).tolist()
         coef = dict(zip(live, refinement.coef))  # per module (flagged updates stood in for)
         if kept:
-            for module, states in _modules_of(clients, live, cluster, refine_module,
-                                              lambda m: (args.n_jobs, work, coef[m], kept,
-                                                         _on_device(_fit_options(args))),
-                                              progress, "refinement"):
+            for module, (states, caught) in _modules_of(
+                    clients, live, cluster, refine_module,
+                    lambda m: (args.n_jobs, work, coef[m], kept,
+                               _on_device(_fit_options(args))),
+                    progress, "refinement"):
                 for k, state in states.items():
                     writer.write(k, state)
+                messages.extend((module, *record) for record in caught)
                 del states
                 _release_memory()
     return Summary(np.asarray(flagged, dtype=bool).tolist(),
@@ -701,15 +882,13 @@ def _imports_frozen():
 
 
 def _refine(clients, writer, args, cluster):
+    """The two passes; returns the :class:`Summary` and the fits' warnings, as
+    ``(module, category name, message)``."""
     try:
         with _imports_frozen():
-            summary, messages = _stream(clients, writer, args, _progress(), cluster)
+            return _stream(clients, writer, args, _progress(), cluster)
     except ValueError as error:  # parameter checks (rank too large, level, n_jobs...)
         raise InputError(str(error).splitlines()[0]) from None
-    # One line per distinct warning, after the progress bar, instead of Python's format.
-    for message in dict.fromkeys(messages):
-        print(f"clairstat refine: warning: {message}", file=sys.stderr)
-    return summary
 
 
 def _input_warnings(clients):
@@ -758,11 +937,53 @@ def _report(clients, summary, args):
 
 
 # -- writing ------------------------------------------------------------------------------
-def _check_outputs(folders, out):
+def _check_out(out, raw):
+    """``--out`` itself: a folder, or a path where one can be created."""
+    if raw == "":
+        raise InputError("--out: the path is empty (give . for the current folder)")
+    if out.is_symlink() and not out.exists():
+        raise InputError(f"--out {out}: a symbolic link to {os.readlink(out)}, which "
+                         "does not exist")
+    if out.exists():
+        if not out.is_dir():
+            raise InputError(f"--out {out}: exists and is not a folder")
+        return
+    ancestor = out.absolute().parent  # the nearest existing folder above it
+    while not os.path.lexists(ancestor):
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise InputError(f"--out {out}: cannot be created, {ancestor} is "
+                         + ("a dangling symbolic link" if ancestor.is_symlink()
+                            and not ancestor.exists() else "not a folder"))
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise InputError(f"--out {out}: cannot be created, {ancestor} is not writable")
+
+
+def _check_outputs(folders, out, raw=None):
     """Before any work: every output path can take what will be moved there (so that
-    publishing, the last step, does not fail half-way over an existing OUT)."""
-    if out.exists() and not out.is_dir():
-        raise InputError(f"--out {out}: exists and is not a folder")
+    publishing, the last step, does not fail half-way over an existing OUT), and none
+    of them is, or leads into, an input.
+
+    OUT may not be an input folder or lie inside one; an existing ``OUT/<name>`` must be
+    a folder inside OUT, none an input folder and no two the same (a symbolic link may
+    lead elsewhere: one to another client's input made the run overwrite it), its
+    ``adapter_model.safetensors`` and ``adapter_config.json`` files, not folders, nor
+    the inputs' own files (hard links, as ``cp -al`` makes them).
+    """
+    _check_out(out, str(out) if raw is None else raw)
+    places = {folder.resolve(): folder for folder in folders}
+    out_place = out.resolve()
+    for place, folder in places.items():
+        if place == out_place or place in out_place.parents:
+            raise InputError(f"--out {out}: is {'' if place == out_place else 'inside '}"
+                             f"the input folder {folder}; choose another --out")
+    inputs = {}  # (device, inode) of every input file
+    for folder in folders:
+        for name in (WEIGHTS_NAME, CONFIG_NAME):
+            with contextlib.suppress(OSError):
+                info = os.stat(folder / name)
+                inputs[(info.st_dev, info.st_ino)] = folder / name
+    targets = {}
     for folder in folders:
         target = out / folder.name
         blocked = [path for path in (target, target / WEIGHTS_NAME, target / CONFIG_NAME,
@@ -771,10 +992,47 @@ def _check_outputs(folders, out):
         if blocked:
             kind = "a folder" if blocked[0].is_dir() else "a file"
             raise InputError(f"{folder}: its output {blocked[0]} exists and is {kind}")
-    for folder in folders:
-        if (out / folder.name).resolve() == folder.resolve():
+        if not os.path.lexists(target):
+            continue
+        if not target.exists():
+            raise InputError(f"{folder}: its output {target} is a symbolic link to "
+                             f"{os.readlink(target)}, which does not exist")
+        place = target.resolve()
+        if place == folder.resolve():
             raise InputError(f"{folder}: OUT/{folder.name} is the input folder itself; "
                              "choose another --out")
+        inside = [other for other_place, other in places.items()
+                  if place == other_place or other_place in place.parents]
+        if inside:
+            raise InputError(f"{folder}: its output {target} leads into the input folder "
+                             f"{inside[0]}; choose another --out")
+        if out_place not in place.parents:
+            raise InputError(f"{folder}: its output {target} leads to {place}, outside "
+                             "--out; remove the link or choose another --out")
+        if place in targets:
+            raise InputError(f"{folder}: its output {target} is the same folder as "
+                             f"{targets[place]}")
+        targets[place] = target
+    outputs = [target / name for target in targets.values()
+               for name in (WEIGHTS_NAME, CONFIG_NAME)]
+    for path in outputs + [out / REPORT_NAME]:
+        with contextlib.suppress(OSError):
+            info = os.stat(path)
+            if (info.st_dev, info.st_ino) in inputs:
+                raise InputError(f"{path}: is the input {inputs[info.st_dev, info.st_ino]} "
+                                 "itself (a hard or symbolic link to it); remove it or "
+                                 "choose another --out")
+
+
+def _stale_outputs(out, names):
+    """Folders of OUT that hold an adapter but are not among this run's clients (an
+    earlier run's): report.json will not list them."""
+    if not out.is_dir():
+        return []
+    return sorted(entry.name for entry in out.iterdir()
+                  if entry.name not in names and entry.is_dir()
+                  and not entry.name.startswith(_STAGING_PREFIX)
+                  and any((entry / name).exists() for name in (WEIGHTS_NAME, CONFIG_NAME)))
 
 
 class _Writer:
@@ -822,37 +1080,92 @@ class _Writer:
 
 
 def _publish(clients, staging, report, out):
-    """Move the staged files to ``OUT/<folder name>/``, copy the configs, write the report."""
+    """Move the staged files to ``OUT/<folder name>/`` with the configs and the report.
+
+    Everything is written into the staging folder first; publishing only renames
+    (``os.replace``): a new ``OUT/<name>`` is the staged folder moved, an existing one
+    has its two files replaced. A file already at an output path is unlinked by the
+    rename, never written through (a hard link to an input stays the input's).
+    """
     for client in clients:
-        target = out / client.folder.name
-        target.mkdir(exist_ok=True)
-        os.replace(staging / client.folder.name / WEIGHTS_NAME, target / WEIGHTS_NAME)
-        shutil.copyfile(client.folder / CONFIG_NAME, target / CONFIG_NAME)
-    (out / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        shutil.copyfile(client.folder / CONFIG_NAME,
+                        staging / client.folder.name / CONFIG_NAME)
+    (staging / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n",
+                                       encoding="utf-8")
+    for client in clients:
+        name = client.folder.name
+        target = out / name
+        if not os.path.lexists(target):
+            os.replace(staging / name, target)
+        else:
+            for file in (WEIGHTS_NAME, CONFIG_NAME):
+                os.replace(staging / name / file, target / file)
+    os.replace(staging / REPORT_NAME, out / REPORT_NAME)
+
+
+_STAGING_PREFIX = ".clairstat-staging-"
+
+
+def _make_out(out):
+    """Create OUT and its missing parents; returns the folders created, deepest first."""
+    created, path = [], out.absolute()
+    while not os.path.lexists(path):
+        created.append(path)
+        path = path.parent
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        _remove_created(created)
+        raise InputError(f"--out {out}: cannot be created "
+                         f"({error.strerror or error})") from None
+    return created
+
+
+def _remove_created(created):
+    """Remove what :func:`_make_out` created (OUT with what is in it, then its parents
+    where empty)."""
+    for k, path in enumerate(created):
+        if path.name in (".", ".."):
+            continue
+        if k == 0:
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                path.rmdir()
 
 
 def _stage_and_refine(clients, out, args, cluster):
-    """Fit and write through a staging folder under ``out``; on failure nothing stays."""
-    created = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".clairstat-staging-", dir=out))
+    """Fit and write through a staging folder under ``out``; on failure nothing stays
+    (neither the staging folder nor the OUT and parent folders the run created)."""
+    created = _make_out(out)
     done = False
+    staging = None
     try:
-        writer = _Writer(clients, staging)
         try:
-            summary = _refine(clients, writer, args, cluster)
+            staging = Path(tempfile.mkdtemp(prefix=_STAGING_PREFIX, dir=out))
+            writer = _Writer(clients, staging)
+        except OSError as error:
+            raise InputError(f"--out {out}: cannot be written "
+                             f"({error.strerror or error})") from None
+        try:
+            summary, messages = _refine(clients, writer, args, cluster)
             for k, flagged in enumerate(summary.flagged):
                 if flagged:
                     writer.restore(k)
         finally:
             writer.close()
-        _publish(clients, staging, _report(clients, summary, args), out)
+        try:
+            _publish(clients, staging, _report(clients, summary, args), out)
+        except OSError as error:
+            raise InputError(f"--out {out}: the outputs could not be moved into place "
+                             f"({error}); OUT may be incomplete") from None
         done = True
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
-        if not done and created:
-            shutil.rmtree(out, ignore_errors=True)
-    return summary
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+        if not done:
+            _remove_created(created)
+    return summary, messages
 
 
 def refine_command(args):
@@ -861,16 +1174,29 @@ def refine_command(args):
     folders = [Path(path).resolve() if Path(path).name in ("", ".", "..") else Path(path)
                for path in args.adapters]
     out = Path(args.out)
-    _check_outputs(folders, out)
-    _check_options(args)
-    clients = _read_all(folders)
-    for message in _input_warnings(clients):
-        print(f"clairstat refine: warning: {message}", file=sys.stderr)
-    with _Cluster(args.scheduler, args.workers) as cluster:  # before copying anything
-        summary = _stage_and_refine(clients, out, args, cluster)
-    flagged = [c.folder.name for c, f in zip(clients, summary.flagged) if f]
-    print(f"refined {len(folders)} adapters into {out}; flagged: "
-          f"{', '.join(flagged) if flagged else 'none'}")
+    # Every warning of the run is shown in the command's format, after the progress
+    # bars (a failed run shows only its error).
+    with recorded_warnings(run=True) as caught:
+        _check_outputs(folders, out, args.out)
+        _check_options(args)
+        clients = _read_all(folders)
+        names = [client.folder.name for client in clients]
+        for message in _input_warnings(clients):
+            _say(f"clairstat refine: warning: {message}")
+        stale = _stale_outputs(out, set(names))
+        if stale:
+            shown = ", ".join(stale[:3]) + (", ..." if len(stale) > 3 else "")
+            _say(f"clairstat refine: warning: --out {out} holds {len(stale)} adapter "
+                 f"folder(s) of no client of this run ({shown}), left as they are and not "
+                 "in report.json (an earlier run's?)")
+        with _Cluster(args.scheduler, args.workers) as cluster:  # before copying anything
+            summary, messages = _stage_and_refine(clients, out, args, cluster)
+    records = messages + [(None, *record) for record in caught]
+    for line in _warning_lines(records, names, len(clients[0].modules)):
+        _say(f"clairstat refine: warning: {line}")
+    flagged = [name for name, f in zip(names, summary.flagged) if f]
+    _say(f"refined {len(folders)} adapters into {out}; flagged: "
+         f"{', '.join(flagged) if flagged else 'none'}", sys.stdout)
     return 0
 
 
@@ -892,5 +1218,5 @@ def main(argv=None):
     try:
         return refine_command(args)
     except InputError as error:
-        print(f"clairstat {args.command}: error: {error}", file=sys.stderr)
+        _say(f"clairstat {args.command}: error: {error}")
         return 2

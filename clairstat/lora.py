@@ -109,12 +109,55 @@ def lora_scaling(config, module_name, rank):
         if re.match(rf"(.*\.)?({pattern})$", name):
             alpha = value
             break
+    if rank < 1:
+        raise ValueError(f"{module_name}: LoRA rank {rank} (lora_A has no rows).")
     root = math.sqrt(rank) if _config_get(config, "use_rslora", False) else rank
-    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) \
-            or not math.isfinite(alpha):
-        raise ValueError(f"lora_alpha of {module_name} must be a finite number, got "
-                         f"{alpha!r}.")
+    check_alpha(alpha, f"lora_alpha of {module_name}")
     return float(alpha) / root
+
+
+def check_alpha(alpha, what="lora_alpha"):
+    """ValueError unless ``alpha`` is a finite non-zero number (``what`` names it).
+
+    A zero alpha makes the scaling 0 (peft's update is then zero whatever ``lora_B``
+    holds), and dividing it out of a refined ``lora_B`` writes infinities. A negative
+    alpha is peft's too (its scaling is negative) and is kept.
+    """
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) \
+            or not math.isfinite(alpha) or alpha == 0:
+        raise ValueError(f"{what} must be a finite non-zero number, got {alpha!r}.")
+
+
+# The fits square the updates (the reduction's norms and QRs, the Gram matrices, the
+# tests' statistics) and sum the squares over clients and coordinates in float64,
+# whose largest number is 1.8e308: factors or an update of a larger norm than this
+# overflow there (a review: lora_B times 1e200 gave an infinite noise scale).
+MAX_UPDATE_NORM = 1e150
+
+
+def _safe_norm(matrix):
+    """Frobenius norm of a float64 array, without overflow where its square would."""
+    largest = float(np.max(np.abs(matrix))) if matrix.size else 0.0
+    if largest == 0.0 or not math.isfinite(largest):
+        return largest
+    return largest * float(np.linalg.norm(matrix / largest))
+
+
+def check_update_size(module, b_mat, a_mat, scale=1.0):
+    """ValueError where ``scale * b_mat`` (d_out, r), ``a_mat`` (r, d_in) or their
+    product have a norm above ``MAX_UPDATE_NORM`` (the product's bounded by the
+    factors' norms; all computed without overflow). Factors holding non-finite values
+    pass: the callers' own checks name them."""
+    b_norm, a_norm = _safe_norm(b_mat), _safe_norm(a_mat)
+    if not (math.isfinite(b_norm) and math.isfinite(a_norm)):
+        return
+    b_norm *= scale  # a float product: inf, not an exception, when it overflows
+    bound = b_norm * a_norm
+    if max(b_norm, a_norm, bound) > MAX_UPDATE_NORM:
+        raise ValueError(
+            f"{module}: its update is too large for float64 arithmetic: scaling x lora_B "
+            f"has norm {b_norm:.3g}, lora_A {a_norm:.3g} (each, and their product, must "
+            f"stay below {MAX_UPDATE_NORM:.0e}; the fits square them).")
 
 
 def _to_numpy(value):
@@ -260,13 +303,35 @@ def module_factors(state_dicts: Sequence[Mapping[str, Any]], configs: Any = None
         modules.
     """
     configs = _per_client(configs, len(state_dicts), "configs")
-    per_client = [adapter_factors(sd, cfg) for sd, cfg in zip(state_dicts, configs)]
+    per_client = []
+    for k, (state_dict, config) in enumerate(zip(state_dicts, configs)):
+        try:
+            per_client.append(adapter_factors(state_dict, config))
+        except ValueError as error:  # say whose adapter it is
+            raise ValueError(f"client {k}: {error}") from None
     names = list(per_client[0])
     for k, factors in enumerate(per_client):
         if set(factors) != set(names):
-            raise ValueError(f"client {k} adapts modules {sorted(factors)}, client 0 "
-                             f"adapts {sorted(names)}.")
+            raise ValueError(f"client {k} adapts modules other than client 0: "
+                             f"{module_difference(factors, names)}.")
     return {name: [factors[name] for factors in per_client] for name in names}
+
+
+def module_difference(modules, reference, shown=3):
+    """What ``modules`` lacks of ``reference`` and holds beyond it, the first ``shown``
+    of each named (a model has hundreds of modules: listing them all buries the few
+    that differ)."""
+    modules, reference = set(modules), set(reference)
+
+    def listed(names):
+        names = sorted(names)
+        return ", ".join(names[:shown]) + (f", ... ({len(names)} in all)"
+                                           if len(names) > shown else "")
+
+    missing, extra = reference - modules, modules - reference
+    return "; ".join(part for part in (
+        f"lacks {len(missing)} ({listed(missing)})" if missing else "",
+        f"adds {len(extra)} ({listed(extra)})" if extra else "") if part)
 
 
 def readout_factors(left_basis, reduced, right_basis, rank):
@@ -409,6 +474,20 @@ def _readout_state_dicts(state_dicts, configs, per_client, flagged, ranks, keep=
     return refined
 
 
+def _check_sizes(state_dicts, configs):
+    """:func:`check_update_size` on every module of every client (CLAIR's fits square
+    the updates), naming the client; on the unscaled factors, so that nothing
+    overflows on the way."""
+    for k, (state_dict, config) in enumerate(zip(state_dicts, configs)):
+        for module, keys in _parse(state_dict).items():
+            a_mat = _to_numpy(state_dict[keys["A"]])
+            try:
+                check_update_size(module, _to_numpy(state_dict[keys["B"]]), a_mat,
+                                  lora_scaling(config, module, a_mat.shape[0]))
+            except ValueError as error:
+                raise ValueError(f"client {k}: {error}") from None
+
+
 def refine_adapters(state_dicts: Sequence[Mapping[str, Any]], configs: Any = None, *,
                     joint: bool = True, flagged_updates: str | None = None,
                     sample_weight: ArrayLike | None = None,
@@ -460,6 +539,14 @@ def refine_adapters(state_dicts: Sequence[Mapping[str, Any]], configs: Any = Non
     -------
     LoraRefinement
 
+    Raises
+    ------
+    ValueError
+        Naming the client (``client k: ...``): among others, a ``lora_alpha`` (or
+        ``alpha_pattern`` value) that is not a finite non-zero number, or factors whose
+        update is too large for the fits' float64 arithmetic (a norm above
+        ``MAX_UPDATE_NORM``, 1e150: the fits square it).
+
     Notes
     -----
     Per module (the default) each module is reduced exactly (docs/method_notes.md, section 6) to the
@@ -486,6 +573,7 @@ def refine_adapters(state_dicts: Sequence[Mapping[str, Any]], configs: Any = Non
     """
     configs = _per_client(configs, len(state_dicts), "configs")
     factor_lists = module_factors(state_dicts, configs)
+    _check_sizes(state_dicts, configs)
     untested = [untested_keys(state_dict) for state_dict in state_dicts]
     message = untested_warning(untested)
     if message:

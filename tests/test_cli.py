@@ -267,9 +267,11 @@ def test_dask_scheduler_gives_the_in_process_outputs(adapters, refined, tmp_path
     bytes and the same report as the in-process run."""
     distributed = pytest.importorskip("distributed")
     out = tmp_path / "dask"
-    if where == "local":
-        code = main(["refine", "--random-state", "0", "--scheduler", "local", "--workers",
-                     "2", "--out", str(out), *map(str, adapters)])
+    if where == "local":  # the workers are threads here: no warning escapes raw
+        code, raw = _main_catching_raw_warnings(
+            ["refine", "--random-state", "0", "--scheduler", "local", "--workers", "2",
+             "--out", str(out), *map(str, adapters)])
+        assert raw == []
     else:
         with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=False,
                                       dashboard_address=None) as cluster:
@@ -489,7 +491,7 @@ def test_alpha_that_is_not_a_number(adapters, tmp_path, capsys):
         (bad / "adapter_config.json").write_text(
             json.dumps(config).replace(f'"lora_alpha": {json.dumps(config["lora_alpha"])}',
                                        f'"lora_alpha": {value}'))
-        assert "must be a finite number" in _run_bad(adapters, bad, tmp_path, capsys)
+        assert "must be a finite non-zero number" in _run_bad(adapters, bad, tmp_path, capsys)
 
 
 @pytest.mark.parametrize("dtype", ["float8_e4m3fn", "int8"])
@@ -596,3 +598,313 @@ def test_an_output_that_cannot_be_written_is_refused_first(adapters, tmp_path, c
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "exists and is a folder" in err
     assert sorted(p.name for p in out.iterdir()) == sorted([adapters[1].name, "keep.txt"])
+
+
+# -- outputs that lead elsewhere, unusable OUT, leftovers (a review) ----------------------
+def _one_line_error(args, capsys):
+    """main(args): exit 2 and one line on stderr, which it returns."""
+    capsys.readouterr()
+    code = main(["refine", *args])
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith("clairstat refine: error: ")
+    return lines[0]
+
+
+def _tree(path):
+    """Every path under ``path`` (links not followed) with its bytes, for 'unchanged'."""
+    return {str(p.relative_to(path)): (os.readlink(p) if p.is_symlink() else
+                                       p.read_bytes() if p.is_file() else None)
+            for p in sorted(path.rglob("*"))}
+
+
+def test_out_links_to_an_input_outside_or_nowhere_are_refused(adapters, tmp_path, capsys):
+    """OUT/<name> a link to another client's input (which the run overwrote), to a
+    folder outside OUT, or dangling: refused before anything is written."""
+    (tmp_path / "in").mkdir()
+    inputs = [_copy(folder, tmp_path / "in" / folder.name) for folder in adapters[:3]]
+    before = _tree(tmp_path / "in")
+    (tmp_path / "elsewhere").mkdir()
+    cases = {"to_input": (inputs[1], "leads into the input folder"),
+             "outside": (tmp_path / "elsewhere", "outside --out"),
+             "dangling": (tmp_path / "absent", "does not exist")}
+    for case, (target, message) in cases.items():
+        out = tmp_path / case
+        out.mkdir()
+        (out / inputs[0].name).symlink_to(target)
+        line = _one_line_error(["--out", str(out), *map(str, inputs)], capsys)
+        assert message in line and str(inputs[0]) in line
+        assert [p.name for p in out.iterdir()] == [inputs[0].name]
+    assert _tree(tmp_path / "in") == before
+    assert not any((tmp_path / "elsewhere").iterdir())
+
+
+def test_hard_links_of_the_inputs_are_refused_and_publishing_replaces(adapters, tmp_path,
+                                                                      capsys):
+    """OUT made with ``cp -al`` of the inputs: refused up front (it crashed on the
+    config copy, OUT half-written). An output path that holds a hard link to some other
+    file is replaced, not written through: that file keeps its bytes."""
+    (tmp_path / "in").mkdir()
+    inputs = [_copy(folder, tmp_path / "in" / folder.name) for folder in adapters[:4]]
+    out = tmp_path / "out"
+    for folder in inputs:
+        (out / folder.name).mkdir(parents=True)
+        for name in ("adapter_model.safetensors", "adapter_config.json"):
+            os.link(folder / name, out / folder.name / name)
+    before = _tree(tmp_path / "in")
+    line = _one_line_error(["--out", str(out), *map(str, inputs)], capsys)
+    assert "hard or symbolic link" in line
+    assert _tree(tmp_path / "in") == before
+    keep = tmp_path / "keep.bin"
+    keep.write_bytes(b"not an adapter")
+    for folder in inputs:
+        for name in ("adapter_model.safetensors", "adapter_config.json"):
+            (out / folder.name / name).unlink()
+        os.link(keep, out / folder.name / "adapter_model.safetensors")
+    assert main(["refine", "--random-state", "0", "--out", str(out),
+                 *map(str, inputs)]) == 0
+    assert keep.read_bytes() == b"not an adapter" and os.stat(keep).st_nlink == 1
+    assert _tree(tmp_path / "in") == before
+    assert set(_weights(out / inputs[0].name)) == set(_weights(inputs[0]))
+
+
+def test_unusable_out_is_one_line_and_leaves_nothing(adapters, tmp_path, capsys):
+    """OUT under a file, a dangling link, uncreatable (/proc), or empty: one line, exit
+    2 (a traceback and exit 1 before; '' wrote into the current folder)."""
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "dangling").symlink_to(tmp_path / "absent")
+    cases = [(tmp_path / "afile" / "x", "not a folder"),
+             (tmp_path / "dangling", "does not exist"), ("", "the path is empty")]
+    if Path("/proc/self").exists():
+        cases.append((Path("/proc/clairstat-test-out"), "cannot be created"))
+    for out, message in cases:
+        line = _one_line_error(["--out", str(out), *map(str, adapters[:3])], capsys)
+        assert message in line, line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "dangling"]
+
+
+def test_a_failed_run_removes_the_parents_it_created(adapters, tmp_path, capsys):
+    """--out deep/a/b/c and an input found bad while streaming: deep/ is gone too."""
+    bad = _copy(adapters[3], tmp_path / "nan")
+    weights = _weights(bad)
+    key = f"{MODULES[1]}.lora_A.weight"
+    weights[key] = weights[key].clone()
+    weights[key][0, 0] = float("inf")
+    safetensors_torch.save_file(weights, str(bad / "adapter_model.safetensors"))
+    capsys.readouterr()
+    assert main(["refine", "--out", str(tmp_path / "deep" / "a" / "b" / "c"),
+                 *map(str, adapters[:3]), str(bad)]) == 2
+    assert "non-finite" in capsys.readouterr().err
+    assert not (tmp_path / "deep").exists()
+
+
+def test_out_inside_an_input_folder_is_refused(adapters, tmp_path, capsys):
+    inputs = [_copy(folder, tmp_path / folder.name) for folder in adapters[:3]]
+    before = _tree(inputs[1])
+    for out, message in ((inputs[1], "is the input folder"),
+                         (inputs[1] / "refined", "is inside the input folder")):
+        line = _one_line_error(["--out", str(out), *map(str, inputs)], capsys)
+        assert message in line and str(inputs[1]) in line
+    assert _tree(inputs[1]) == before
+
+
+def test_stale_client_folders_in_out_are_named(adapters, tmp_path, capsys):
+    """An earlier run's client folders in OUT, not among this run's: a warning names
+    them (report.json does not list them); other folders are not adapters."""
+    out = tmp_path / "out"
+    assert main(["refine", "--random-state", "0", "--out", str(out),
+                 *map(str, adapters[:4])]) == 0
+    (out / "notes").mkdir()
+    capsys.readouterr()
+    assert main(["refine", "--random-state", "0", "--out", str(out),
+                 *map(str, adapters[:3])]) == 0
+    warned = [line for line in capsys.readouterr().err.splitlines()
+              if "of no client of this run" in line]
+    assert len(warned) == 1 and f"({adapters[3].name})" in warned[0]
+    report = json.loads((out / "report.json").read_text())
+    assert [c["name"] for c in report["clients"]] == [f.name for f in adapters[:3]]
+
+
+# -- alphas and values the float64 fits cannot take (a review) ----------------------------
+def _with_config(folder, target, **fields):
+    bad = _copy(folder, target)
+    config = json.loads((bad / "adapter_config.json").read_text())
+    (bad / "adapter_config.json").write_text(json.dumps({**config, **fields}))
+    return bad
+
+
+def test_alpha_zero_or_infinite_is_refused(adapters, tmp_path, capsys):
+    """lora_alpha 0 wrote inf into the refined lora_B with exit 0; an infinite alpha and
+    alpha_pattern values are refused the same way; the Python API names the client. A
+    negative alpha is peft's (a negative scaling) and runs."""
+    cases = {"zero": {"lora_alpha": 0}, "infinite": {"lora_alpha": float("inf")},
+             "pattern": {"alpha_pattern": {"q_proj": 0}}}
+    for name, fields in cases.items():
+        bad = _with_config(adapters[3], tmp_path / name, **fields)
+        assert "must be a finite non-zero number" in _run_bad(adapters, bad, tmp_path,
+                                                              capsys)
+    configs = _configs(adapters)
+    configs[3] = {**configs[3], "lora_alpha": 0}
+    with pytest.raises(ValueError, match="client 3: lora_alpha .* non-zero number, got 0"):
+        refine_adapters([_weights(f) for f in adapters], configs, random_state=0)
+    configs[3] = {**configs[3], "lora_alpha": -4}
+    refined = refine_adapters([_weights(f) for f in adapters], configs, random_state=0)
+    for tensor in refined.state_dicts[3].values():
+        assert np.all(np.isfinite(np.asarray(tensor, dtype=float)))
+
+
+def test_updates_too_large_for_float64_are_refused_naming_the_folder(adapters, tmp_path,
+                                                                     capsys):
+    """lora_B times 1e200 in float64, or lora_alpha 1e308: the fits' squares overflowed
+    and the run stopped on an infinite noise scale naming no folder."""
+    huge = _copy(adapters[3], tmp_path / "huge")
+    weights = {k: v.double() * (1e200 if "lora_B" in k else 1.0)
+               for k, v in _weights(huge).items()}
+    safetensors_torch.save_file(weights, str(huge / "adapter_model.safetensors"))
+    alpha = _with_config(adapters[3], tmp_path / "alpha", lora_alpha=1e308)
+    for bad in (huge, alpha):
+        capsys.readouterr()
+        assert main(["refine", "--out", str(tmp_path / "out"), *map(str, adapters[:3]),
+                     str(bad)]) == 2
+        err = capsys.readouterr().err
+        errors = [line for line in err.splitlines() if "error:" in line]
+        assert errors == [err.strip().splitlines()[-1]] and "Traceback" not in err
+        assert str(bad) in errors[0] and "too large for float64" in errors[0]
+        assert not (tmp_path / "out").exists()
+    inputs = [*adapters[:3], huge]  # the Python API: a ValueError naming the client
+    with pytest.raises(ValueError, match="client 3: .*too large for float64"):
+        refine_adapters([_weights(f) for f in inputs], _configs(inputs), random_state=0)
+
+
+# -- warnings: all in the command's format, clients by folder (a review) -----------------
+def _main_catching_raw_warnings(args):
+    """main(args) with Python's own warning display recorded (what escapes the
+    command's formatter)."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as raw:
+        warnings.simplefilter("always")
+        code = main(args)
+    return code, [str(w.message) for w in raw]
+
+
+def test_joint_refinement_and_numpy_warnings_are_formatted(adapters, tmp_path, capsys):
+    """The joint refinement's rank warning (second pass) and numpy's overflow on tiny
+    float64 values came out in Python's format."""
+    capsys.readouterr()
+    code, raw = _main_catching_raw_warnings(
+        ["refine", "--rank", "3", "--random-state", "0", "--out", str(tmp_path / "a"),
+         *map(str, adapters[:3]), str(adapters[BAD])])
+    assert code == 0 and raw == []
+    err = capsys.readouterr().err
+    assert "clairstat refine: warning: joint rank 3 exceeds" in err
+    tiny = _copy(adapters[3], tmp_path / "tiny")
+    weights = {k: v.double() * (1e-200 if "lora_B" in k else 1.0)
+               for k, v in _weights(tiny).items()}
+    safetensors_torch.save_file(weights, str(tiny / "adapter_model.safetensors"))
+    code, raw = _main_catching_raw_warnings(
+        ["refine", "--random-state", "0", "--out", str(tmp_path / "b"),
+         *map(str, adapters[:3]), str(tiny)])
+    assert code == 0 and raw == []
+    err = capsys.readouterr().err
+    assert "warning: all 2 modules: RuntimeWarning: overflow" in err
+    assert all(line.startswith("clairstat refine: warning: ")
+               for line in err.splitlines() if "arning" in line)
+
+
+def test_warnings_name_clients_by_folder_and_the_modules(adapters, tmp_path, capsys,
+                                                         monkeypatch):
+    """A fit's warning that names clients by position (``Clients [1, 3]``) names their
+    folders, once, with the modules it came from."""
+    import warnings
+
+    import clairstat.aggregation as aggregation
+
+    original = aggregation.clair_modules
+
+    def warning_fit(factor_lists, *args, **kwargs):
+        warnings.warn("Clients [1, 3] are kept; client 2 too.", UserWarning)
+        if "v_proj" in next(iter(factor_lists)):
+            warnings.warn("only in v_proj", UserWarning)
+        return original(factor_lists, *args, **kwargs)
+
+    monkeypatch.setattr(aggregation, "clair_modules", warning_fit)
+    capsys.readouterr()
+    code, raw = _main_catching_raw_warnings(
+        ["refine", "--random-state", "0", "--out", str(tmp_path), *map(str, adapters)])
+    assert code == 0 and raw == []
+    err = capsys.readouterr().err.splitlines()
+    names = [f.name for f in adapters]
+    assert (f"clairstat refine: warning: all 2 modules: Clients [{names[1]!r}, "
+            f"{names[3]!r}] are kept; client {names[2]!r} too.") in err
+    assert f"clairstat refine: warning: {MODULES[1]}: only in v_proj" in err
+
+
+def test_recorded_warnings_are_per_thread_and_restore_the_hook():
+    """Threads that start and stop recording in any order each get their own warnings,
+    none escapes, and Python's display is back afterwards (catch_warnings per fit,
+    process-wide, printed a fit's warnings raw under --scheduler local)."""
+    import threading
+    import warnings
+
+    from clairstat._cli import recorded_warnings
+
+    barrier, lists = threading.Barrier(2), {}
+
+    def fit(k):
+        with recorded_warnings() as caught:
+            barrier.wait()
+            warnings.warn(f"first {k}")
+            barrier.wait()  # thread 0 stops recording; thread 1 still warns
+            if k == 1:
+                barrier.wait()
+                warnings.warn("second 1")
+        if k == 0:
+            barrier.wait()
+        lists[k] = [message for _, message in caught]
+
+    shown, filters = warnings.showwarning, warnings.filters
+    with warnings.catch_warnings(record=True) as raw:
+        threads = [threading.Thread(target=fit, args=(k,)) for k in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert raw == [] and lists == {0: ["first 0"], 1: ["first 1", "second 1"]}
+    assert warnings.showwarning is shown and warnings.filters is filters
+
+
+# -- messages (a review) ------------------------------------------------------------------
+def test_module_mismatch_names_the_difference_only(tmp_path, capsys):
+    """Clients adapting other modules: the missing and extra ones (the first few and a
+    count), not both full lists."""
+    from clairstat.lora import module_difference
+
+    reference = [f"layers.{i}.q_proj" for i in range(200)]
+    text = module_difference(reference[1:] + ["layers.0.k_proj"], reference)
+    assert text == "lacks 1 (layers.0.q_proj); adds 1 (layers.0.k_proj)"
+    text = module_difference(reference[:10], reference)
+    assert text.startswith("lacks 190 (layers.10.q_proj, ") and "(190 in all)" in text
+    assert len(text) < 120
+
+
+def test_other_modules_line_is_short(adapters, tmp_path, capsys):
+    bad = _copy(adapters[3], tmp_path / "onlyv")
+    weights = {k: v for k, v in _weights(bad).items() if "v_proj" in k}
+    safetensors_torch.save_file(weights, str(bad / "adapter_model.safetensors"))
+    line = _run_bad(adapters, bad, tmp_path, capsys)
+    assert f"lacks 1 ({MODULES[0]})" in line and MODULES[1] not in line
+
+
+def test_folder_name_that_is_not_utf8(adapters, tmp_path, capsys):
+    """safetensors opens files by a UTF-8 path: such a folder is named as the path that
+    cannot be opened (not as an unreadable file), its bytes escaped."""
+    try:
+        bad = _copy(adapters[3], tmp_path / os.fsdecode(b"client\xff"))
+    except (OSError, UnicodeError):
+        pytest.skip("this file system takes no such name")
+    line = _one_line_error(["--out", str(tmp_path / "out"), *map(str, adapters[:3]),
+                            str(bad)], capsys)
+    assert "client\\xff: its path is not valid UTF-8" in line
+    assert not (tmp_path / "out").exists()
