@@ -180,7 +180,8 @@ def calibration_summary(table):
 #: How the paper names each seed block of the copying study (text and figures).
 COPY_BLOCK_NAMES = {"development": "development", "confirmatory": "confirmatory",
                     "confirmatory-2": "second confirmatory",
-                    "confirmatory-3": "third confirmatory"}
+                    "confirmatory-3": "third confirmatory",
+                    "confirmatory-4": "fourth confirmatory"}
 
 
 def copying_block_name(frame, scale):
@@ -237,14 +238,16 @@ def read_quarantine(study="copying"):
 
 
 #: The archived confirmatory blocks of the copying study (PROTOCOL.md): the first, run
-#: before the quarantine; the second, on the quarantine default.
+#: before the quarantine; the second, on the quarantine default; the third, on the
+#: clipping default with the LoRA null before the predictive one.
 ARCHIVED_BLOCKS = {"first": "copying_full_before_quarantine.jsonl",
-                   "second": "copying_full_confirmatory2_quarantine.jsonl"}
+                   "second": "copying_full_confirmatory2_quarantine.jsonl",
+                   "third": "copying_full_confirmatory3_clip.jsonl"}
 
 
 def read_archived_block(which):
     """An archived confirmatory block of the copying study (:data:`ARCHIVED_BLOCKS`:
-    ``"first"`` or ``"second"``), or None."""
+    ``"first"``, ``"second"`` or ``"third"``), or None."""
     from simulations import load_table
 
     path = SOURCES["copying"] / "archive" / ARCHIVED_BLOCKS[which]

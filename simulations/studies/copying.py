@@ -13,10 +13,11 @@ each block's seeds are its own): ``smoke`` a tiny configuration for the tests (2
 replicates per setting, the fewest an interval needs),
 ``small`` the development block (10 replicates per setting, made with the quarantine
 of module-flagged updates; the clipping default was chosen on ``copying_flagged``),
-``full`` the third confirmatory block fixed in ``simulations/copying/PROTOCOL.md``
-(amendment 4: 100 replicates per setting on seeds used nowhere before, the clipping
-default; the first two confirmatory blocks, before the quarantine and on it, are
-archived in ``simulations/results/archive/``).
+``full`` the fourth confirmatory block fixed in ``simulations/copying/PROTOCOL.md``
+(amendment 5: 100 replicates per setting on seeds used nowhere before, the clipping
+default and the predictive LoRA null; the first three confirmatory blocks, before the
+quarantine, on it, and on the clipping with the previous null, are archived in
+``simulations/results/archive/``).
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ STUDY = Study(
     description="federated LoRA on the copying task: CLAIR's default vs local LoRA, "
                 "averaging, factor averaging and robust rules (pre-registered)",
     grids={"smoke": cells("smoke", **TINY), "small": cells("development"),
-           "full": cells("confirmatory-3")},
+           "full": cells("confirmatory-4")},
     replicates={"smoke": 2, "small": 10, "full": 100},
     simulate_one=simulate_one,
     controls=("local-refinement", "no-detection"))
