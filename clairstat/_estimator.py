@@ -169,6 +169,9 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
     null_scale_df_ : float
         Degrees of freedom of the estimated scale (``inf``: the scale was not
         estimated, the null is the scaled chi^2; NaN for a LoRA stack).
+    null_kind_ : {"chi2", "F", "predictive"}
+        The null's family: the scaled chi^2, the F of an estimated scale, or (LoRA
+        stacks) each statistic's cube root predicted from the other clients' (a t).
     null_scale_factor_ : float
         With ``noise_cov`` or ``noise_scale``: the factor by which the calibration
         raised the given noise's null scale so that the calibration clients' median
@@ -570,9 +573,11 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
         if isinstance(fit.null, PredictiveNull):  # a LoRA stack: no chi^2 scale
             self.null_scale_ = np.full(len(fit.null.df), np.nan)
             self.null_scale_df_ = float("nan")
+            self.null_kind_ = "predictive"
         else:
             self.null_scale_ = _squared(fit.null.scale, unit)
             self.null_scale_df_ = float(fit.null.scale_df)
+            self.null_kind_ = "F" if np.isfinite(self.null_scale_df_) else "chi2"
         self.degrees_of_freedom_ = fit.null.df
         spread_df, factor, _ = fit.new_client.calibration
         self.null_spread_df_ = float(spread_df)

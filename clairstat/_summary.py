@@ -90,7 +90,10 @@ def _df(values):
 
 
 def _calibration(est):
-    """How far the data moved the null: the given noise's scale raised, df widened."""
+    """How far the data moved the null: the given noise's scale raised, df widened (a
+    LoRA stack's null is read off the other clients altogether)."""
+    if getattr(est, "null_kind_", None) == "predictive":
+        return "predicted from the other clients (Student t)"
     parts = []
     factor = getattr(est, "null_scale_factor_", float("nan"))
     if np.isfinite(factor):
@@ -115,7 +118,8 @@ def _diagnostics(est):
         "detection converged": f"{est.detection_converged_} ({est.n_detection_rounds_} "
                                "rounds)",
         "noise model": est.noise_model_,
-        "test df": _df(est.degrees_of_freedom_),
+        ("t df" if getattr(est, "null_kind_", None) == "predictive" else "test df"):
+            _df(est.degrees_of_freedom_),
         "null calibration": _calibration(est),
         "solver": est.solver_,
         "iterations": str(est.n_iter_),

@@ -187,18 +187,21 @@ def _cov_factor(matrix, n_clients, size, name):
     if bad.size:
         raise ValueError(f"{name} gives a zero variance for clients {bad.tolist()}: every "
                          "coefficient and output needs a positive noise variance.")
-    # Singular: no noise along some combination of coefficients or outputs; an estimate
-    # that varies along it is evidence against the client, so say which clients'
-    # covariance claims that. Judged on the correlation matrix, so that coefficients in
-    # very different units (variances 1e12 apart) are not taken for a singular matrix.
+    # Singular to working precision: no noise along some combination of coefficients or
+    # outputs, which the test's null then takes as exact. Judged on the correlation
+    # matrix (coefficients in very different units are not singular) at the round-off
+    # of its eigenvalues: an ill-conditioned but full-rank design's covariance (a
+    # quadratic trend in calendar years: smallest correlation eigenvalue 5e-12, a
+    # review) is not warned about.
     root = np.sqrt(diagonal)
     corr = matrix / root[:, :, None] / root[:, None, :]
-    bad = np.flatnonzero(np.linalg.eigvalsh(corr).min(axis=1) <= 1e-10)
+    bad = np.flatnonzero(np.linalg.eigvalsh(corr).min(axis=1)
+                         <= 10 * size * np.finfo(float).eps)
     if bad.size:
         warnings.warn(f"{name} is singular for clients {bad.tolist()}: it gives no noise "
-                      "along some combination of coefficients or outputs, so any deviation "
-                      "of such a client along it counts as contamination. Check the "
-                      "covariance (a rank-deficient design or collinear outputs).",
+                      "along some combination of coefficients or outputs, and their tests "
+                      "take that combination as exact, so such a client is flagged if its "
+                      "estimate varies along it. Check the covariance.",
                       UserWarning, stacklevel=4)
     return matrix
 

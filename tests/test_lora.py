@@ -190,7 +190,7 @@ def test_large_module_runs_on_per_client_blocks():
     2048 or sum r_k = 160 columns per client reaches the solver or the detection
     (timings: benchmarks/lora_benchmark.py).
     """
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(1)
     d = 2048
     basis = np.linalg.qr(rng.standard_normal((d, 4)))[0]
     states = [{"m.lora_A.weight": rng.standard_normal((8, d)) / np.sqrt(d),
@@ -200,12 +200,12 @@ def test_large_module_runs_on_per_client_blocks():
     estimator = refinement.estimators["m"]
     assert estimator.decomposition_.low_rank.shape == (20, 160, 8)
     assert refinement.state_dicts[0]["m.lora_B.weight"].shape == (d, 8)
-    # Every client here is benign, but a test at level 0.05 flags one of 20 benign
-    # clients in about 5% of such draws (this one: the statistics spread 2% around their
-    # median and client 11 sits 4% above it, p = 7e-4); the level itself is measured by
-    # tests/test_predictive_null.py and benchmarks/lora_null_calibration.py. Here: the
-    # client flags are this single module's test.
-    np.testing.assert_array_equal(refinement.flagged, estimator.contaminated_)
+    # Every client here is benign. A test at level 0.05 flags a benign client in a few
+    # percent of such draws (a review: 13 of 399 seeds at d = 512; seed 0 here flags
+    # clients 4 and 11, whose statistics sit 3-4% above the median of a spread of 2%),
+    # so this seed is one without: the check fails when the null is far too narrow (the
+    # level itself: tests/test_predictive_null.py, benchmarks/lora_null_calibration.py).
+    assert not refinement.flagged.any()
 
 
 def test_import_needs_no_torch():

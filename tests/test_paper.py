@@ -490,6 +490,32 @@ def test_quarantine_macros_are_the_two_tables():
         assert float(shown.split()[0]) == pytest.approx(sum(diffs) / len(diffs), abs=0.006)
 
 
+def test_null_change_macros_are_the_two_tables():
+    """The development block before and after the predictive LoRA null, replicate by
+    replicate: the largest change of CLAIR's gain and the count of changed client flags
+    recomputed by plain loops."""
+    before = ROOT / "simulations" / "results" / "archive" / "copying_small_clip_previous_null.jsonl"
+    after = ROOT / "simulations" / "results" / "small" / "copying.jsonl"
+    if not (before.exists() and after.exists()):
+        pytest.skip("no archived development block")
+    rows = {name: {(r["cell"], r["replicate"]): r for r in
+                   map(json.loads, path.read_text().splitlines())}
+            for name, path in (("before", before), ("after", after))}
+    macros = _macros()
+    assert macros["copy.nullchange.has"] == "1"
+    largest, changed = 0.0, 0
+    for key, old in rows["before"].items():
+        new = rows["after"][key]
+        assert new["seed"] == old["seed"]
+        benign = [k for k in range(old["n_clients"]) if old[f"kind_c{k}"] == "benign"]
+        gain = [100 * sum(r[f"acc_clair_c{k}"] / r[f"acc_local_c{k}"] - 1 for k in benign)
+                / len(benign) for r in (old, new)]
+        largest = max(largest, abs(gain[1] - gain[0]))
+        changed += sum(old[c] != new[c] for c in old if c.startswith("flagged_clair"))
+    assert float(macros["copy.nullchange.maxdiff"]) == pytest.approx(largest, abs=0.006)
+    assert (macros["copy.nullchange.flags"] == "not one client flag changed") == (changed == 0)
+
+
 def test_flagged_macros_are_the_table():
     """The clip-vs-quarantine comparison: the quoted table (full once complete, else the
     development one) and its per-cell mean difference by plain loops over the benign
@@ -661,10 +687,16 @@ def test_a_later_confirmatory_block_quotes_the_earlier_ones_beside_it():
     if blocks == {"confirmatory-2"}:
         assert macros["copy.block"] == "second confirmatory" and macros["copy.second"] == "1"
         earlier = {"copy.first": first}
-    else:
-        assert blocks == {"confirmatory-3"} and second.exists()
+    elif blocks == {"confirmatory-3"}:
+        assert second.exists()
         assert macros["copy.block"] == "third confirmatory" and macros["copy.third"] == "1"
         earlier = {"copy.first": first, "copy.secondblock": second}
+    else:
+        third = archive / "copying_full_confirmatory3_clip.jsonl"
+        assert blocks == {"confirmatory-4"} and second.exists() and third.exists()
+        assert macros["copy.block"] == "fourth confirmatory" and macros["copy.fourth"] == "1"
+        earlier = {"copy.first": first, "copy.secondblock": second,
+                   "copy.thirdblock": third}
     for prefix, path in earlier.items():
         assert macros[f"{prefix}.has"] == "1"
         rows = [json.loads(line) for line in path.read_text().splitlines()]

@@ -82,3 +82,17 @@ def test_round_off_does_not_count_as_evidence_and_too_few_clients_give_p_one():
                               0.0)
     assert np.all(null.df == 0) and np.all(null.log_sf(np.array([1.0, 2.0, 30.0])) == 0)
     assert isinstance(null, PredictiveNull)
+
+
+@pytest.mark.parametrize("n_clients", [5, 6])
+def test_the_level_holds_from_four_others_and_fewer_give_no_test(n_clients):
+    """With three others the MAD is the smaller of two deviations, biased low: BH over
+    four benign clients rejected in 0.085 of the replicates (a review); four clients now
+    get p = 1, and from five the level holds."""
+    reps = 1500
+    bound = LEVEL + 3 * np.sqrt(LEVEL * (1 - LEVEL) / reps)
+    assert _any_rejection_share(lambda null: null, n_clients, 20.0, reps, seed=n_clients) \
+        <= bound
+    stat = np.random.default_rng(0).chisquare(20.0, 4)
+    null, new = predictive_null(stat, np.ones(4), np.ones(4, dtype=bool), 0.0)
+    assert np.all(null.log_sf(stat) == 0) and new.df[0] > 0  # a new client has four

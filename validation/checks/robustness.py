@@ -27,6 +27,10 @@ OFF_SUBSPACE = ("random", "scaled")  # independent attackers leaving the shared 
 # "CLAIR beats the mean": in more than half of the replicates (a sign test).
 BEATS = 0.5
 TEST_LEVEL = 0.05  # CLAIREstimator's default test_level (FDR, Benjamini-Hochberg)
+# A level is checked within the band the detection study gives one (detection.py's
+# null calibration: at most 1.5 x the level): a test at exactly its level has an
+# interval that straddles the level itself at any number of replicates.
+LEVEL_BAND = 1.5
 # Weiszfeld stops at a relative step of 1e-10 of the data scale; 1e-6 covers the
 # distance from the exact geometric median at that step with a wide margin.
 WEISZFELD_SLACK = 1e-6
@@ -108,6 +112,13 @@ def clair_false_discoveries(df):
                 df.groupby("gamma")["clair_false_positive_rate"].mean().items())}
 
 
+def clair_level_without_attackers(df):
+    rows = df[df["gamma"] == 0]
+    return _rate(rows.assign(any_flag=rows["clair_false_positive_rate"] > 0), "any_flag",
+                 "P(any benign client flagged), no attacker, rank given (Wilson)",
+                 expected=f"<= {TEST_LEVEL}")
+
+
 def clair_flags_colluders(df):
     rows = df[(df["attack"] == "colluding") & (df["gamma"] > 0)]
     return _rate(rows.assign(all_flagged=rows["clair_recall"] == 1.0), "all_flagged",
@@ -164,6 +175,11 @@ CHECKS = [
     Check("robust_clair_false_discoveries", "robustness",
           "CLAIR's flagged set controls the false-discovery rate at test_level",
           clair_false_discoveries, margin=(-INF, TEST_LEVEL), source="docs/theory.md#b2"),
+    Check("robust_clair_level_without_attackers", "robustness",
+          "With no attacker, CLAIR flags a benign client in at most test_level of the "
+          "replicates (BH's false discovery rate under the full null)",
+          clair_level_without_attackers, margin=(-INF, LEVEL_BAND * TEST_LEVEL),
+          source="docs/theory.md#b2"),
     Check("robust_clair_colluders", "robustness",
           "With the rank given, colluding attackers (one shared direction) are flagged",
           clair_flags_colluders, margin=(MIN_RATE, INF), source="docs/theory.md#b2"),
@@ -177,7 +193,11 @@ CHECKS = [
     Check("robust_clair_beats_mean_sign_flip", "robustness",
           "The same under sign-flipped updates (inside the shared column space, outside "
           "what the per-client test can see: docs/theory.md#b4)", clair_beats_mean_sign_flip,
-          margin=(BEATS, INF), source="docs/theory.md#b4"),
+          margin=(BEATS, INF), source="docs/theory.md#b4",
+          # B4: nothing promises it; CLAIR is as close as the mean in about half the
+          # replicates (0.457 [0.424, 0.489] over 900 at full scale). Below 0.4 it is
+          # another failure.
+          known_failure="validation/README.md#sign-flip", known_range=(0.40, BEATS)),
     Check("robust_clair_beats_mean_stealthy", "robustness",
           "The same under a common in-subspace shift (stealthy attack)",
           clair_beats_mean_stealthy, margin=(BEATS, INF), source="docs/theory.md#b4"),
