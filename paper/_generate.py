@@ -525,6 +525,9 @@ def copying_macros(frame, scale):
               "copy.block": src.copying_block_name(frame, scale),
               "copy.second": "1" if blocks == {"confirmatory-2"} else "0",
               "copy.third": "1" if blocks == {"confirmatory-3"} else "0",
+              "copy.fourth": "1" if blocks == {"confirmatory-4"} else "0",
+              # the blocks made on the clipping default (the wording about the default)
+              "copy.clip": "1" if blocks & {"confirmatory-3", "confirmatory-4"} else "0",
               "copy.confirmatory": "1" if scale == "full" else "0",
               "copy.replicates": fmt(int(per_setting.min())),
               "copy.planned": fmt(int(STUDY.replicates[scale])),
@@ -1071,6 +1074,7 @@ def collect():
     macros.update(rounds_detection_macros(*src.read_rounds(study="rounds_detection")))
     macros.update(rounds_quarantine_macros(*src.read_quarantine("rounds_detection")))
     macros.update(quarantine_macros(*src.read_quarantine()))
+    macros.update(null_change_macros(*src.read_null_change()))
     macros["copy.quarantine.commit"] = QUARANTINE_COMMIT  # named wherever the text needs it
     macros.update(sweep_quarantine_macros(*src.read_quarantine("copying_sweep")))
     macros.update(flagged_macros(*src.read_flagged()))
@@ -1078,11 +1082,12 @@ def collect():
     if scale:
         frame = src.read_copying(scale)
         macros.update(copying_macros(frame, scale))
-        later = "1" in (macros.get("copy.second"), macros.get("copy.third"))
-        macros.update(earlier_block_macros(src.read_archived_block("first"), later))
+        later = [macros.get(f"copy.{n}") == "1" for n in ("second", "third", "fourth")]
+        macros.update(earlier_block_macros(src.read_archived_block("first"), any(later)))
         macros.update(earlier_block_macros(src.read_archived_block("second"),
-                                           macros.get("copy.third") == "1",
-                                           prefix="copy.secondblock"))
+                                           any(later[1:]), prefix="copy.secondblock"))
+        macros.update(earlier_block_macros(src.read_archived_block("third"), later[2],
+                                           prefix="copy.thirdblock"))
         tables["copying"], tables["copying_flags"] = (copying_table(frame),
                                                      copying_flag_table(frame))
     return macros, tables
@@ -1091,6 +1096,8 @@ def collect():
 #: The commit after which an update flagged in one module enters no refined update
 #: (simulations/results/archive/README.md).
 QUARANTINE_COMMIT = "54cbe35"
+#: The commit that made the LoRA null predictive (each statistic from the others').
+NULL_COMMIT = "7e7a791"
 
 
 def _paired_tables(before, after):
@@ -1130,6 +1137,36 @@ def quarantine_macros(before, after):
     same = bool((before[flags].values == after[flags].values).all())
     macros["copy.quarantine.flags"] = ("with the same client flags in every replicate"
                                        if same else "and some client flags changed")
+    return macros
+
+
+def null_change_macros(before, after):
+    """The development block before and after the predictive LoRA null (commit
+    ``NULL_COMMIT``), replicate by replicate on the same seeds: CLAIR's gain change per
+    setting (``copy.nullchange.<setting>.diff``, paired bootstrap interval), the largest
+    change in any replicate (``copy.nullchange.maxdiff``, percentage points), and whether
+    every client flag of CLAIR's variants is the same (``copy.nullchange.flags``, words).
+    ``{"copy.nullchange.has": "0"}`` without both tables on the same seeds."""
+    from simulations.copying.analysis import paired_bootstrap, replicate_gains
+
+    paired = _paired_tables(before, after)
+    if paired is None:
+        return {"copy.nullchange.has": "0"}
+    before, after = paired
+    macros = {"copy.nullchange.has": "1", "copy.nullchange.commit": NULL_COMMIT}
+    largest = 0.0
+    for setting in ("homogeneous", "heterogeneous"):
+        diff = (replicate_gains(after, setting)["clair"]
+                - replicate_gains(before, setting)["clair"]).to_numpy()
+        mean, low, high = paired_bootstrap(diff)
+        macros[f"copy.nullchange.{setting}.diff"] = (
+            f"{fmt_fixed(mean, 2)} [{fmt_fixed(low, 2)}, {fmt_fixed(high, 2)}]")
+        largest = max([largest, *(abs(float(v)) for v in diff)])
+    macros["copy.nullchange.maxdiff"] = fmt_fixed(largest, 2)
+    flags = [c for c in before.columns if c.startswith("flagged_clair")]
+    changed = int((before[flags].values != after[flags].values).sum())
+    macros["copy.nullchange.flags"] = ("not one client flag changed" if changed == 0 else
+                                       f"{fmt(changed)} client flags changed")
     return macros
 
 
@@ -1275,7 +1312,10 @@ def write_generated(out_dir):
         switch("copylowrank", "copy.lowrank.n", test=lambda value: value not in (None, "0")),
         switch("copysecond", "copy.second", "copy.first.has"),
         switch("copythird", "copy.third", "copy.first.has", "copy.secondblock.has"),
-        switch("clipdefault", "copy.third"),  # the wording about the default
+        switch("copyfourth", "copy.fourth", "copy.first.has", "copy.secondblock.has",
+               "copy.thirdblock.has", "copy.nullchange.has"),
+        switch("clipdefault", "copy.clip"),  # the wording about the default
+        switch("nullchange", "copy.nullchange.has"),
         switch("copyconfirm", "copy.confirmatory", "copy.complete")]
     paths = [out_dir / "macros.tex"]
     paths[0].write_text(header + "\n".join(lines) + "\n")

@@ -35,7 +35,8 @@ from ._common import PAPER_DIR
 __all__ = ["ROOT", "SOURCES", "read_report", "check_verdict", "check_kind", "check_margin",
            "markdown_tables", "find_table", "read_calibration", "calibration_summary",
            "calibration_criteria",
-           "copying_scale", "read_copying", "read_quarantine", "read_rounds",
+           "copying_scale", "read_copying", "read_null_change", "read_quarantine",
+           "read_rounds",
            "read_flagged", "read_archived_block"]
 
 ROOT = PAPER_DIR.parent
@@ -235,6 +236,19 @@ def read_quarantine(study="copying"):
             set(frames[1]["clair_stand_in"].dropna()) != {"quarantine"}:
         frames[1] = None  # a rerun with another stand-in: not the quarantine's table
     return tuple(frames)
+
+
+def read_null_change():
+    """The development block before and after the predictive LoRA null (commit
+    7e7a791): ``(before, after)`` frames from
+    ``simulations/results/archive/copying_small_clip_previous_null.jsonl`` and
+    ``small/copying.jsonl``, None where absent."""
+    from simulations import load_table
+
+    root = SOURCES["copying"]
+    paths = (root / "archive" / "copying_small_clip_previous_null.jsonl",
+             root / "small" / "copying.jsonl")
+    return tuple(load_table(path) if path.exists() else None for path in paths)
 
 
 #: The archived confirmatory blocks of the copying study (PROTOCOL.md): the first, run
