@@ -407,9 +407,11 @@ def recorded_warnings(run=False):
     with _HOOK_LOCK:
         if _HOOK["depth"] == 0:
             _HOOK["showwarning"], _HOOK["filters"] = warnings.showwarning, warnings.filters
+            # "error" too: a run reports its warnings as lines, it does not die of
+            # them (-W error made the command exit with a traceback, a review)
             warnings.filters = [("always",) + tuple(entry[1:])
-                                if entry[0] in ("default", "module", "once") else entry
-                                for entry in warnings.filters]
+                                if entry[0] in ("default", "module", "once", "error")
+                                else entry for entry in warnings.filters]
             warnings.filters.append(("always", None, Warning, None, 0))
             _filters_mutated()  # forget what was shown once already
             warnings.showwarning = _show_warning
@@ -439,8 +441,8 @@ def _filters_mutated():
     getattr(warnings, "_filters_mutated", lambda: None)()
 
 
-_CLIENT_LIST = re.compile(r"\b([Cc]lients) \[([0-9, ]*)\]")
-_ONE_CLIENT = re.compile(r"\b([Cc]lient) ([0-9]+)\b")
+_CLIENTS = re.compile(r"\b(?P<lword>[Cc]lients) \[(?P<list>[0-9, ]*)\]"
+                      r"|\b(?P<word>[Cc]lient) (?P<one>[0-9]+)\b")
 
 
 def _named(message, names):
@@ -450,9 +452,13 @@ def _named(message, names):
         k = int(index)
         return repr(names[k]) if 0 <= k < len(names) else index.strip()
 
-    message = _CLIENT_LIST.sub(lambda m: f"{m[1]} [" + ", ".join(
-        name(i) for i in m[2].split(",") if i.strip()) + "]", message)
-    return _ONE_CLIENT.sub(lambda m: f"{m[1]} {name(m[2])}", message)
+    def substitute(match):  # one pass: an inserted name is never read again
+        if match["list"] is not None:
+            return f"{match['lword']} [" + ", ".join(
+                name(i) for i in match["list"].split(",") if i.strip()) + "]"
+        return f"{match['word']} {name(match['one'])}"
+
+    return _CLIENTS.sub(substitute, message)
 
 
 def _warning_lines(records, names, n_modules):
@@ -1012,6 +1018,14 @@ def _check_outputs(folders, out, raw=None):
         if place in targets:
             raise InputError(f"{folder}: its output {target} is the same folder as "
                              f"{targets[place]}")
+        # Outputs are moved into place by renames from a staging folder under OUT: an
+        # existing target on another filesystem (a mount point) or not writable would
+        # fail after every fit, half-way through publishing (a review).
+        if os.stat(target).st_dev != os.stat(out).st_dev:
+            raise InputError(f"{folder}: its output {target} is on another filesystem "
+                             "than --out (outputs are moved into place by renames)")
+        if not os.access(target, os.W_OK | os.X_OK):
+            raise InputError(f"{folder}: its output {target} is not writable")
         targets[place] = target
     outputs = [target / name for target in targets.values()
                for name in (WEIGHTS_NAME, CONFIG_NAME)]
@@ -1024,13 +1038,15 @@ def _check_outputs(folders, out, raw=None):
                                  "choose another --out")
 
 
-def _stale_outputs(out, names):
+def _stale_outputs(out, names, inputs=frozenset()):
     """Folders of OUT that hold an adapter but are not among this run's clients (an
-    earlier run's): report.json will not list them."""
+    earlier run's), nor one of its inputs (``inputs``, resolved): report.json will not
+    list them."""
     if not out.is_dir():
         return []
     return sorted(entry.name for entry in out.iterdir()
                   if entry.name not in names and entry.is_dir()
+                  and entry.resolve() not in inputs
                   and not entry.name.startswith(_STAGING_PREFIX)
                   and any((entry / name).exists() for name in (WEIGHTS_NAME, CONFIG_NAME)))
 
@@ -1183,7 +1199,13 @@ def refine_command(args):
         names = [client.folder.name for client in clients]
         for message in _input_warnings(clients):
             _say(f"clairstat refine: warning: {message}")
-        stale = _stale_outputs(out, set(names))
+        stale = _stale_outputs(out, set(names), {f.resolve() for f in folders})
+        leftovers = sorted(p.name for p in out.glob(_STAGING_PREFIX + "*")) \
+            if out.is_dir() else []
+        if leftovers:
+            _say(f"clairstat refine: warning: --out {out} holds {len(leftovers)} staging "
+                 f"folder(s) of a run that was killed ({leftovers[0]}"
+                 f"{', ...' if len(leftovers) > 1 else ''}): remove them")
         if stale:
             shown = ", ".join(stale[:3]) + (", ..." if len(stale) > 3 else "")
             _say(f"clairstat refine: warning: --out {out} holds {len(stale)} adapter "
@@ -1198,6 +1220,12 @@ def refine_command(args):
     _say(f"refined {len(folders)} adapters into {out}; flagged: "
          f"{', '.join(flagged) if flagged else 'none'}", sys.stdout)
     return 0
+
+
+def _terminate(signum, frame):
+    """SIGTERM (a job scheduler, ``docker stop``) as an interrupt, so that a run's
+    cleanup (the staging folder, the folders it created) happens."""
+    raise KeyboardInterrupt
 
 
 def main(argv=None):
@@ -1215,8 +1243,15 @@ def main(argv=None):
     """
     parser = _parser()
     args = parser.parse_args(argv)  # exits 2 with argparse's usage message on bad usage
+    import signal
+
+    installed = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if installed else None
     try:
         return refine_command(args)
     except InputError as error:
         _say(f"clairstat {args.command}: error: {error}")
         return 2
+    finally:
+        if installed:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)

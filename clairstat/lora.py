@@ -151,7 +151,7 @@ def check_update_size(module, b_mat, a_mat, scale=1.0):
     b_norm, a_norm = _safe_norm(b_mat), _safe_norm(a_mat)
     if not (math.isfinite(b_norm) and math.isfinite(a_norm)):
         return
-    b_norm *= scale  # a float product: inf, not an exception, when it overflows
+    b_norm *= abs(scale)  # a float product: inf, not an exception, when it overflows
     bound = b_norm * a_norm
     if max(b_norm, a_norm, bound) > MAX_UPDATE_NORM:
         raise ValueError(

@@ -1119,25 +1119,35 @@ def quarantine_macros(before, after):
     points, paired bootstrap interval), ``copy.quarantine.flags`` (whether every
     client-level flag is the same, as words), ``copy.quarantine.replicates``. ``{"copy.quarantine.has":
     "0"}`` when either table is missing or their seeds differ."""
-    from simulations.copying.analysis import paired_bootstrap, replicate_gains
-
     paired = _paired_tables(before, after)
     if paired is None:
         return {"copy.quarantine.has": "0"}
     before, after = paired
     macros = {"copy.quarantine.has": "1", "copy.quarantine.commit": QUARANTINE_COMMIT,
               "copy.quarantine.replicates": fmt(int(before.groupby("cell").size().min()))}
-    for setting in ("homogeneous", "heterogeneous"):
-        diff = (replicate_gains(after, setting)["clair"]
-                - replicate_gains(before, setting)["clair"]).to_numpy()
-        mean, low, high = paired_bootstrap(diff)
-        macros[f"copy.quarantine.{setting}.diff"] = (
-            f"{fmt_fixed(mean, 2)} [{fmt_fixed(low, 2)}, {fmt_fixed(high, 2)}]")
+    macros.update(_gain_differences(before, after, "copy.quarantine")[0])
     flags = [c for c in before.columns if c.startswith("flagged_clair_c")]
     same = bool((before[flags].values == after[flags].values).all())
     macros["copy.quarantine.flags"] = ("with the same client flags in every replicate"
                                        if same else "and some client flags changed")
     return macros
+
+
+def _gain_differences(before, after, prefix):
+    """CLAIR's gain after minus before, replicate by replicate on paired tables: per
+    setting ``<prefix>.<setting>.diff`` (mean, paired bootstrap interval), and every
+    replicate's difference."""
+    from simulations.copying.analysis import paired_bootstrap, replicate_gains
+
+    macros, every = {}, []
+    for setting in ("homogeneous", "heterogeneous"):
+        diff = (replicate_gains(after, setting)["clair"]
+                - replicate_gains(before, setting)["clair"]).to_numpy()
+        mean, low, high = paired_bootstrap(diff)
+        macros[f"{prefix}.{setting}.diff"] = (
+            f"{fmt_fixed(mean, 2)} [{fmt_fixed(low, 2)}, {fmt_fixed(high, 2)}]")
+        every.extend(diff)
+    return macros, every
 
 
 def null_change_macros(before, after):
@@ -1147,22 +1157,14 @@ def null_change_macros(before, after):
     change in any replicate (``copy.nullchange.maxdiff``, percentage points), and whether
     every client flag of CLAIR's variants is the same (``copy.nullchange.flags``, words).
     ``{"copy.nullchange.has": "0"}`` without both tables on the same seeds."""
-    from simulations.copying.analysis import paired_bootstrap, replicate_gains
-
     paired = _paired_tables(before, after)
     if paired is None:
         return {"copy.nullchange.has": "0"}
     before, after = paired
     macros = {"copy.nullchange.has": "1", "copy.nullchange.commit": NULL_COMMIT}
-    largest = 0.0
-    for setting in ("homogeneous", "heterogeneous"):
-        diff = (replicate_gains(after, setting)["clair"]
-                - replicate_gains(before, setting)["clair"]).to_numpy()
-        mean, low, high = paired_bootstrap(diff)
-        macros[f"copy.nullchange.{setting}.diff"] = (
-            f"{fmt_fixed(mean, 2)} [{fmt_fixed(low, 2)}, {fmt_fixed(high, 2)}]")
-        largest = max([largest, *(abs(float(v)) for v in diff)])
-    macros["copy.nullchange.maxdiff"] = fmt_fixed(largest, 2)
+    differences, diffs = _gain_differences(before, after, "copy.nullchange")
+    macros.update(differences)
+    macros["copy.nullchange.maxdiff"] = fmt_fixed(max(abs(float(v)) for v in diffs), 2)
     flags = [c for c in before.columns if c.startswith("flagged_clair")]
     changed = int((before[flags].values != after[flags].values).sum())
     macros["copy.nullchange.flags"] = ("not one client flag changed" if changed == 0 else

@@ -460,14 +460,20 @@ def test_other_module_shape(adapters, tmp_path, capsys):
     assert f"{MODULES[0]} is (d_out, d_in) = ({D_OUT + 1}, {D_IN})" in line
 
 
+def _with_value(folder, target, key, value):
+    """A copy of an adapter folder whose tensor ``key`` holds ``value`` at [0, 0]."""
+    bad = _copy(folder, target)
+    weights = _weights(bad)
+    weights[key] = weights[key].clone()
+    weights[key][0, 0] = value
+    safetensors_torch.save_file(weights, str(bad / "adapter_model.safetensors"))
+    return bad
+
+
 def test_non_finite_values_stop_the_run_and_leave_nothing(adapters, tmp_path, capsys):
     """Found while streaming, after the outputs were staged: one line, no OUT left."""
-    bad = _copy(adapters[3], tmp_path / "nan")
-    weights = _weights(bad)
     key = f"{MODULES[1]}.lora_B.weight"
-    weights[key] = weights[key].clone()
-    weights[key][0, 0] = float("nan")
-    safetensors_torch.save_file(weights, str(bad / "adapter_model.safetensors"))
+    bad = _with_value(adapters[3], tmp_path / "nan", key, float("nan"))
     capsys.readouterr()
     code = main(["refine", "--out", str(tmp_path / "out"), *map(str, adapters[:3]), str(bad)])
     err = capsys.readouterr().err
@@ -686,12 +692,8 @@ def test_unusable_out_is_one_line_and_leaves_nothing(adapters, tmp_path, capsys)
 
 def test_a_failed_run_removes_the_parents_it_created(adapters, tmp_path, capsys):
     """--out deep/a/b/c and an input found bad while streaming: deep/ is gone too."""
-    bad = _copy(adapters[3], tmp_path / "nan")
-    weights = _weights(bad)
-    key = f"{MODULES[1]}.lora_A.weight"
-    weights[key] = weights[key].clone()
-    weights[key][0, 0] = float("inf")
-    safetensors_torch.save_file(weights, str(bad / "adapter_model.safetensors"))
+    bad = _with_value(adapters[3], tmp_path / "nan", f"{MODULES[1]}.lora_A.weight",
+                      float("inf"))
     capsys.readouterr()
     assert main(["refine", "--out", str(tmp_path / "deep" / "a" / "b" / "c"),
                  *map(str, adapters[:3]), str(bad)]) == 2
@@ -908,3 +910,30 @@ def test_folder_name_that_is_not_utf8(adapters, tmp_path, capsys):
                             str(bad)], capsys)
     assert "client\\xff: its path is not valid UTF-8" in line
     assert not (tmp_path / "out").exists()
+
+
+def test_a_second_review_of_the_command(adapters, tmp_path, capsys, monkeypatch):
+    """A negative alpha no longer hides an overflowing update from the size check; -W
+    error does not kill the run (its warnings stay lines); a message naming clients is
+    substituted once (a folder called "client 0" is not renamed again); inputs that lie
+    inside OUT are not stale outputs."""
+    from clairstat._cli import _named, _stale_outputs
+    from clairstat.lora import check_update_size
+
+    with pytest.raises(ValueError, match="too large"):
+        check_update_size("m", np.full((4, 2), 1e200), np.ones((2, 4)), -2.0)
+    assert _named("Clients [0, 1] are kept; client 2 is not", ["client 1", "client 0", "s"]) \
+        == "Clients ['client 1', 'client 0'] are kept; client 's' is not"
+    out = tmp_path / "out"
+    (out / "c0").mkdir(parents=True)
+    (out / "c0" / "adapter_config.json").write_text("{}")
+    assert _stale_outputs(out, set(), {(out / "c0").resolve()}) == []
+    assert _stale_outputs(out, set()) == ["c0"]
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        capsys.readouterr()
+        code = main(["refine", "--rank", "3", "--random-state", "0", "--out",
+                     str(tmp_path / "w"), *map(str, adapters[:3]), str(adapters[BAD])])
+    assert code == 0 and "clairstat refine: warning:" in capsys.readouterr().err

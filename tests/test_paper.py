@@ -461,6 +461,23 @@ def test_text_types_no_number_but_the_listed():
     assert not typed, typed
 
 
+def _paired_rows(before, after):
+    """``(old, new)`` rows of two tables of the same cells and replicates (same seeds)."""
+    rows = {name: {(r["cell"], r["replicate"]): r for r in
+                   map(json.loads, path.read_text().splitlines())}
+            for name, path in (("before", before), ("after", after))}
+    pairs = [(old, rows["after"][key]) for key, old in rows["before"].items()]
+    assert all(old["seed"] == new["seed"] for old, new in pairs)
+    return pairs
+
+
+def _clair_gain(row):
+    """CLAIR's mean relative gain over local LoRA (%) over a row's benign clients."""
+    benign = [k for k in range(row["n_clients"]) if row[f"kind_c{k}"] == "benign"]
+    return 100 * sum(row[f"acc_clair_c{k}"] / row[f"acc_local_c{k}"] - 1
+                     for k in benign) / len(benign)
+
+
 def test_quarantine_macros_are_the_two_tables():
     """The development block before and after the quarantine, replicate by replicate:
     CLAIR's mean gain difference per setting recomputed by plain loops."""
@@ -470,22 +487,12 @@ def test_quarantine_macros_are_the_two_tables():
         after = ROOT / "simulations" / "results" / "small" / "copying.jsonl"
     if not (before.exists() and after.exists()):
         pytest.skip("no archived development block")
-    rows = {name: {(r["cell"], r["replicate"]): r for r in
-                   map(json.loads, path.read_text().splitlines())}
-            for name, path in (("before", before), ("after", after))}
+    pairs = _paired_rows(before, after)
     macros = _macros()
     assert macros["copy.quarantine.has"] == "1"
     for setting in ("homogeneous", "heterogeneous"):
-        diffs = []
-        for key, old in rows["before"].items():
-            if old["setting"] != setting:
-                continue
-            new = rows["after"][key]
-            assert new["seed"] == old["seed"]
-            benign = [k for k in range(old["n_clients"]) if old[f"kind_c{k}"] == "benign"]
-            gain = [100 * sum(r[f"acc_clair_c{k}"] / r[f"acc_local_c{k}"] - 1 for k in benign)
-                    / len(benign) for r in (old, new)]
-            diffs.append(gain[1] - gain[0])
+        diffs = [_clair_gain(new) - _clair_gain(old) for old, new in pairs
+                 if old["setting"] == setting]
         shown = macros[f"copy.quarantine.{setting}.diff"].replace(r"\ensuremath{-}", "-")
         assert float(shown.split()[0]) == pytest.approx(sum(diffs) / len(diffs), abs=0.006)
 
@@ -498,19 +505,11 @@ def test_null_change_macros_are_the_two_tables():
     after = ROOT / "simulations" / "results" / "small" / "copying.jsonl"
     if not (before.exists() and after.exists()):
         pytest.skip("no archived development block")
-    rows = {name: {(r["cell"], r["replicate"]): r for r in
-                   map(json.loads, path.read_text().splitlines())}
-            for name, path in (("before", before), ("after", after))}
     macros = _macros()
     assert macros["copy.nullchange.has"] == "1"
     largest, changed = 0.0, 0
-    for key, old in rows["before"].items():
-        new = rows["after"][key]
-        assert new["seed"] == old["seed"]
-        benign = [k for k in range(old["n_clients"]) if old[f"kind_c{k}"] == "benign"]
-        gain = [100 * sum(r[f"acc_clair_c{k}"] / r[f"acc_local_c{k}"] - 1 for k in benign)
-                / len(benign) for r in (old, new)]
-        largest = max(largest, abs(gain[1] - gain[0]))
+    for old, new in _paired_rows(before, after):
+        largest = max(largest, abs(_clair_gain(new) - _clair_gain(old)))
         changed += sum(old[c] != new[c] for c in old if c.startswith("flagged_clair"))
     assert float(macros["copy.nullchange.maxdiff"]) == pytest.approx(largest, abs=0.006)
     assert (macros["copy.nullchange.flags"] == "not one client flag changed") == (changed == 0)

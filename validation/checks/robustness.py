@@ -114,6 +114,11 @@ def clair_false_discoveries(df):
 
 def clair_level_without_attackers(df):
     rows = df[df["gamma"] == 0]
+    if rows.empty:  # the smoke grid has no gamma = 0: nothing to decide on
+        return {"statistic": "P(any benign client flagged), no attacker", "expected":
+                f"<= {TEST_LEVEL}", "observed": float("nan"),
+                "interval": (float("nan"), float("nan")), "n": 0,
+                "detail": "no replicate without attackers at this scale"}
     return _rate(rows.assign(any_flag=rows["clair_false_positive_rate"] > 0), "any_flag",
                  "P(any benign client flagged), no attacker, rank given (Wilson)",
                  expected=f"<= {TEST_LEVEL}")
