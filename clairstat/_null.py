@@ -99,9 +99,10 @@ class PredictiveNull:
     """Each statistic predicted from the others': a Student t of the cube roots.
 
     ``y_k = (T_k / relative_k)^(1/3)`` is close to normal for a scaled chi^2 of any
-    degrees of freedom (Wilson and Hilferty, 1931) and for other positive quadratic
-    forms of Gaussian noise; under the null it is one more draw of the calibration
-    clients' ``y``. With their median ``center_k`` and MAD ``s_k`` (client k left out,
+    degrees of freedom (Wilson and Hilferty, 1931) and for sums of such (not for the
+    product of two: a rank-1 update whose factors both carry noise keeps a heavier
+    right tail, docs/method_notes.md section 8); under the null it is one more draw of
+    the calibration clients' ``y``. With their median ``center_k`` and MAD ``s_k`` (client k left out,
     m values), ``(y_k - center_k) / (s_k sqrt(1 + pi / (2 m)))`` is referred to Student's
     t with ``df_k = MAD_EFFICIENCY * m`` degrees of freedom: the median's and the MAD's
     own sampling errors widen the null, where a scaled chi^2 fitted to the same values
