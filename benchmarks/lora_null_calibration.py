@@ -34,9 +34,13 @@ package's code of that day):
   normal the predictive null is too narrow in the far tail that BH reaches with many
   clients.
 
+* **Part D, few clients.** ``T_k`` i.i.d. ``chi^2_20`` with 4-6 clients: the share of
+  replicates with any rejection under the package's null, and under it without the
+  MAD's small-sample factor for three values (``clairstat._null.MAD_SMALL_SAMPLE``).
+
 Wilson 95% intervals. Usage (about 10 minutes on one core; ``--parts C`` for one part):
 
-    python benchmarks/lora_null_calibration.py [--reps 2000] [--fits 200] [--parts ABC]
+    python benchmarks/lora_null_calibration.py [--reps 2000] [--fits 200] [--parts ABCD]
 """
 
 from __future__ import annotations
@@ -209,6 +213,23 @@ def part_c(reps):
     return rows
 
 
+def part_d(reps):
+    from unittest import mock
+
+    from clairstat import _null
+
+    rows = []
+    for n in (4, 5, 6):
+        level = np.zeros(2, dtype=int)
+        for j, factors in enumerate((_null.MAD_SMALL_SAMPLE, {})):
+            rng = np.random.default_rng([n, 20])
+            with mock.patch.object(_null, "MAD_SMALL_SAMPLE", factors):
+                for _ in range(reps):
+                    level[j] += _rejections(package_log_p(rng.chisquare(20.0, n))).any()
+        rows.append((n, reps, level))
+    return rows
+
+
 def _share(hits, total):
     from statsmodels.stats.proportion import proportion_confint
 
@@ -224,7 +245,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=2000)
     parser.add_argument("--fits", type=int, default=200)
-    parser.add_argument("--parts", default="ABC", help="which parts to run (default ABC)")
+    parser.add_argument("--parts", default="ABCD", help="which parts to run (default ABCD)")
     args = parser.parse_args(argv)
     print(f"clairstat {clairstat.__version__}; BH at {LEVEL}; "
           f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")
@@ -242,6 +263,14 @@ def main(argv=None):
         for d, n, reps, level in part_c(max(args.reps // 4, 1)):
             print(f"| {d} | {n} | {reps} | {_share(level[0], reps)} | "
                   f"{_share(level[1], reps)} |")
+    if "D" in args.parts:
+        print("\nPart D: T_k i.i.d. chi^2_20, few clients; share of replicates with any "
+              "rejection [Wilson 95%]\n")
+        print("| clients | replicates | few clients: package | few clients: without the "
+              "small-sample factor |")
+        print("|---|---|---|---|")
+        for n, reps, level in part_d(2 * args.reps):
+            print(f"| {n} | {reps} | {_share(level[0], reps)} | {_share(level[1], reps)} |")
 
 
 def _print_a(args, scales):

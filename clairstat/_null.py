@@ -137,10 +137,10 @@ MIN_OTHERS = 3
 #: Small-sample consistency factors of the MAD (Croux and Rousseeuw, 1992) where the
 #: large-sample 1.4826 alone left the test liberal: with three values the MAD is the
 #: smaller of the two deviations from the median, and BH at 5% over four benign
-#: clients rejected in 0.085 of the replicates (exact chi^2 statistics, a review of
-#: 2026-12-03); with the factor, 0.054. From four others the level held without one
-#: (tests/test_predictive_null.py), and the factors there (1.36 to 1.1) made the test
-#: conservative (0.017-0.035 at five to ten clients): not applied.
+#: clients rejected in 0.080 [0.072, 0.089] of the replicates (exact chi^2 statistics;
+#: benchmarks/lora_null_calibration.py, part D); with the factor, 0.054 [0.047, 0.061].
+#: From four others the level held without one (0.033 and 0.052 at five and six
+#: clients); the factors there (1.36 to 1.1) would only make the test more conservative.
 MAD_SMALL_SAMPLE = {3: 1.495}
 
 

@@ -87,7 +87,8 @@ def test_round_off_does_not_count_as_evidence_and_too_few_clients_give_p_one():
 @pytest.mark.parametrize("n_clients", [4, 5, 6])
 def test_the_level_holds_with_few_clients(monkeypatch, n_clients):
     """With three others the MAD is the smaller of two deviations, biased low: BH over
-    four benign clients rejected in 0.085 of the replicates (a review) until the MAD's
+    four benign clients rejected in 0.080 of the replicates (benchmarks/RESULTS.md,
+    part D) until the MAD's
     small-sample factor for three values (clairstat._null.MAD_SMALL_SAMPLE); without
     it the check fails (the negative control)."""
     from clairstat import _null
