@@ -236,6 +236,11 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
         ``(p, q)`` in the working orientation.
     n_features_in_ : int
         Set for 2-D input (``(n_clients, p)``, read as q = 1), as scikit-learn does.
+    client_names_ : list of str
+        The training clients' names, in their order, when the fit was given a
+        :class:`~clairstat.LocalOLS` made from mappings (``local_ols({name: design},
+        {name: response})``); :meth:`summary` labels its rows with them. Not set
+        otherwise (as scikit-learn's ``feature_names_in_``).
 
     Notes
     -----
@@ -422,6 +427,7 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
         """
         self._validate_params()
         names = _ols_names(X)
+        clients = getattr(X, "client_names", None) if isinstance(X, LocalOLS) else None
         X, sample_weight, noise_cov = _unpack_ols(X, noise_cov, sample_weight, "fit",
                                                   self.noise_scale)
         # A fit that fails (invalid input found late, an interrupt) leaves the estimator
@@ -434,6 +440,12 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
             with thread_limits(self.n_jobs, getattr(blocks, "coef", blocks).shape), caches:
                 self._fit(blocks, sample_weight, noise_cov)
             self._local_ols_names = names
+            # as scikit-learn's feature_names_in_: set by a fit that has names, and
+            # gone after one that has none (never a previous fit's names)
+            if clients is not None:
+                self.client_names_ = list(clients)
+            else:
+                self.__dict__.pop("client_names_", None)
             return self
         except BaseException:
             self.__dict__.clear()
@@ -777,7 +789,9 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
         ----------
         client_names : sequence of str, optional
             One name per training client, in their order, for the per-client table
-            (default: 0, 1, ...).
+            (default: ``client_names_`` when the fit had them, else 0, 1, ...). The
+            feature and output names of a :class:`~clairstat.LocalOLS` made from data
+            frames are listed among the diagnostics.
         """
         from ._summary import CLAIRSummary
         check_is_fitted(self)

@@ -55,6 +55,7 @@ class LocalOLS:
     feature_names: list = field(default_factory=list)
     output_names: list = field(default_factory=list)
     generated_names: tuple | None = None
+    client_names: list | None = None
 
     @property
     def shape(self):
@@ -75,10 +76,13 @@ class LocalOLS:
         if isinstance(key, (int, np.integer)):
             key = [int(key)]
         row_cov, col_cov = self.noise_cov
+        names = getattr(self, "client_names", None)  # absent from older pickles
+        if names is not None:  # cut as the arrays are (a list, a mask, a slice)
+            names = np.asarray(names, dtype=object)[key].tolist()
         return LocalOLS(self.estimates[key], (row_cov[key], col_cov[key]),
                         self.n_samples[key], self.residual_df[key],
                         list(self.feature_names), list(self.output_names),
-                        self.generated_names)
+                        self.generated_names, names)
 
     def __eq__(self, other):
         if not isinstance(other, LocalOLS):
@@ -89,7 +93,9 @@ class LocalOLS:
         return (all(np.array_equal(a, b) for a, b in arrays)
                 and list(self.feature_names) == list(other.feature_names)
                 and list(self.output_names) == list(other.output_names)
-                and self.generated_names == other.generated_names)
+                and self.generated_names == other.generated_names
+                and getattr(self, "client_names", None)
+                == getattr(other, "client_names", None))
 
     __hash__ = None  # mutable arrays inside: not hashable, as an ndarray is not
 
@@ -127,7 +133,7 @@ def _columns(table):
     return None if name is None else [name]
 
 
-def _aligned(design, response, k, reference):
+def _aligned(design, response, k, reference, first_label="0"):
     """Client k's design and response as the first client's columns, rows paired.
 
     pandas inputs are matched by label, never silently by position: rows by index (a
@@ -147,13 +153,14 @@ def _aligned(design, response, k, reference):
         names = _columns(table)
         if (names is None) != (first is None):
             raise ValueError(f"client {k}'s {what} {'has no' if names is None else 'has'} "
-                             f"column names and client 0's {'has' if names is None else 'has no'}"
+                             f"column names and client {first_label}'s "
+                             f"{'has' if names is None else 'has no'}"
                              ": pass every client as a DataFrame (matched by name) or "
                              "every client as an array (matched by position).")
         if names is not None and first is not None and names != first:
             if set(names) != set(first) or len(set(names)) != len(names) \
                     or len(names) != len(first):
-                raise ValueError(f"client {k}'s {what} has columns {names}, client 0's "
+                raise ValueError(f"client {k}'s {what} has columns {names}, client {first_label}'s "
                                  f"{first}: every client needs the same columns.")
             if hasattr(table, "columns"):
                 table = table[first]  # the same names, in client 0's order
@@ -221,7 +228,7 @@ def _client_fit(design, response, k, names):
     return estimate, 0.5 * (row_cov + row_cov.T), col_cov
 
 
-def _warn_no_residual(col_cov, y_max, output_names):
+def _warn_no_residual(col_cov, y_max, output_names, labels):
     """Warn about clients with an output that has no residual variance (constant, or
     fitted exactly): their tests would take that output's noise as zero. ``y_max``
     (n_clients, q): each client's largest absolute response per output."""
@@ -229,7 +236,7 @@ def _warn_no_residual(col_cov, y_max, output_names):
     # Round-off: residuals of size ~ eps * |y|, squared.
     dead = variances <= (64 * np.finfo(float).eps * np.maximum(y_max, 1e-300)) ** 2
     for k, j in zip(*np.nonzero(dead)):
-        warnings.warn(f"client {k}'s output {output_names[j]!r} has no residual variance "
+        warnings.warn(f"client {labels[k]}'s output {output_names[j]!r} has no residual variance "
                       "(constant, or fitted exactly): its covariance takes that output's "
                       "noise as zero, and any deviation of the client is then "
                       "significant. Drop the output or the client.", UserWarning,
@@ -261,18 +268,25 @@ def _weighted(design, response, weights, k, rows=None):
     return design * root, response * root
 
 
-def local_ols(designs: Sequence[ArrayLike], responses: Sequence[ArrayLike],
-              weights: Sequence[ArrayLike] | None = None) -> LocalOLS:
+def local_ols(designs: Sequence[ArrayLike] | Mapping[object, ArrayLike],
+              responses: Sequence[ArrayLike] | Mapping[object, ArrayLike],
+              weights: Sequence[ArrayLike] | Mapping[object, ArrayLike] | None = None
+              ) -> LocalOLS:
     """Fit ordinary (or weighted) least squares on every client's own data.
 
     Parameters
     ----------
-    designs : sequence of array-like or DataFrame, each of shape (n_k, p)
+    designs : sequence or mapping of array-like or DataFrame, each of shape (n_k, p)
         Client ``k``'s design matrix (include a column of ones for an intercept:
-        ``statsmodels.api.add_constant`` does).
-    responses : sequence of array-like, Series or DataFrame, each of shape (n_k, q) or (n_k,)
+        ``statsmodels.api.add_constant`` does). A mapping ``{name: design}`` names the
+        clients: ``responses`` (and ``weights``) must then be mappings with the same
+        keys, the clients come in the order of the designs' keys, and the names (as
+        strings) are kept as ``client_names`` for the fit's summary and the error
+        messages. From one long table: ``{site: frame.loc[rows, columns] for site,
+        rows in frame.groupby("site").groups.items()}``.
+    responses : sequence or mapping of array-like, Series or DataFrame, each of shape (n_k, q) or (n_k,)
         Client ``k``'s responses (``q`` outputs).
-    weights : sequence of array-like, each of shape (n_k,), optional
+    weights : sequence or mapping of array-like, each of shape (n_k,), optional
         Weighted least squares, as statsmodels' ``WLS(response, design, weights)``:
         weights proportional to the inverse of each row's noise variance (finite and
         positive). Then ``estimates`` is ``(X_k^T W_k X_k)^{-1} X_k^T W_k Y_k``,
@@ -290,8 +304,11 @@ def local_ols(designs: Sequence[ArrayLike], responses: Sequence[ArrayLike],
 
     Raises
     ------
+    TypeError
+        Some per-client arguments given as mappings and others as sequences.
     ValueError
-        Clients of different widths, a client with no more samples than coefficients,
+        Mappings with different keys, or keys that are equal as strings; clients of
+        different widths, a client with no more samples than coefficients,
         a rank-deficient design, or non-finite data (the message names the client).
         With pandas inputs: a design and response whose row indexes differ, or a
         client whose column names are not the first client's (the same names in
@@ -306,20 +323,16 @@ def local_ols(designs: Sequence[ArrayLike], responses: Sequence[ArrayLike],
     >>> ols.estimates.shape, ols.noise_cov[0].shape, ols.noise_cov[1].shape
     ((4, 3, 2), (4, 3, 3), (4, 2, 2))
     """
-    for given, what in ((designs, "designs"), (responses, "responses")):
-        if isinstance(given, Mapping):
-            raise TypeError(f"{what} is a mapping: pass a sequence of per-client tables "
-                            "(list(d.values()) keeps the order of the keys).")
-    designs, responses = list(designs), list(responses)
+    designs, responses, weights, client_names = _by_client(designs, responses, weights)
+    # how messages name a client: its position, or its name when the clients have names
+    labels = ([str(k) for k in range(len(designs))] if client_names is None
+              else [f'"{name}"' for name in client_names])
     if len(designs) != len(responses):
         raise ValueError(f"{len(designs)} designs but {len(responses)} responses: give one "
                          "of each per client.")
     if len(designs) == 0:
         raise ValueError("no clients given.")
     if weights is not None:
-        if isinstance(weights, Mapping):
-            raise TypeError("weights is a mapping: pass a sequence of per-client weight "
-                            "vectors, in the order of the designs.")
         weights = list(weights)
         if len(weights) != len(designs):
             raise ValueError(f"{len(weights)} weight vectors for {len(designs)} clients: "
@@ -327,26 +340,30 @@ def local_ols(designs: Sequence[ArrayLike], responses: Sequence[ArrayLike],
     fits, first = [], None
     reference = (_columns(designs[0]), _columns(responses[0]))
     for k, (design, response) in enumerate(zip(designs, responses)):
-        design, response = _aligned(design, response, k, reference)
-        x_mat, y_mat = _as_matrix(design, "design", k), _as_matrix(response, "response", k)
+        label = labels[k]
+        design, response = _aligned(design, response, label, reference, labels[0])
+        x_mat, y_mat = (_as_matrix(design, "design", label),
+                        _as_matrix(response, "response", label))
         if weights is not None:
             # a weight Series is matched against whichever table labels the rows
             rows = [getattr(table, "index", None) for table in (design, response)]
             rows = [index for index in rows if hasattr(index, "equals")]
-            x_mat, y_mat = _weighted(x_mat, y_mat, weights[k], k, rows[0] if rows else None)
+            x_mat, y_mat = _weighted(x_mat, y_mat, weights[k], label,
+                                     rows[0] if rows else None)
         width = (x_mat.shape[1], y_mat.shape[1])
         first = width if first is None else first
         if width != first:
-            raise ValueError(f"client {k} has (p, q) = {width} but client 0 has {first}: "
+            raise ValueError(f"client {label} has (p, q) = {width} but client {labels[0]} "
+                             f"has {first}: "
                              "every client needs the same columns.")
-        fits.append((*_client_fit(x_mat, y_mat, k, _names(design, "x", x_mat.shape[1])),
+        fits.append((*_client_fit(x_mat, y_mat, label, _names(design, "x", x_mat.shape[1])),
                      len(x_mat), np.max(np.abs(y_mat), axis=0)))
     estimates, row_cov, col_cov, n_samples, y_max = (np.stack(part) for part in zip(*fits))
     p, q = estimates.shape[1:]
-    _warn_no_residual(col_cov, y_max, _names(responses[0], "y", q))
+    _warn_no_residual(col_cov, y_max, _names(responses[0], "y", q), labels)
     few = np.flatnonzero(n_samples - p < _MIN_RESIDUAL_DF)
     if few.size:
-        warnings.warn(f"clients {few.tolist()} have fewer than {_MIN_RESIDUAL_DF} residual "
+        warnings.warn(f"clients {', '.join(labels[k] for k in few)} have fewer than {_MIN_RESIDUAL_DF} residual "
                       "degrees of freedom: their residual covariance is a rough estimate, "
                       "and tests that take it as exact flag benign clients more often "
                       "than the level says (measured: 20% of null fits at 6 residual df).",
@@ -354,4 +371,44 @@ def local_ols(designs: Sequence[ArrayLike], responses: Sequence[ArrayLike],
     return LocalOLS(estimates, (row_cov, col_cov), n_samples.astype(int),
                     n_samples.astype(int) - p, _names(designs[0], "x", p),
                     _names(responses[0], "y", q),
-                    (not _has_names(designs[0], p), not _has_names(responses[0], q)))
+                    (not _has_names(designs[0], p), not _has_names(responses[0], q)),
+                    client_names)
+
+
+def _by_client(designs, responses, weights):
+    """``(designs, responses, weights, client_names)`` as lists in one client order.
+
+    Mappings (``{name: table}``, e.g. ``dict(list(frame.groupby("site")))`` cut into
+    columns) are matched by key, in the designs' key order, and their keys become the
+    clients' names; sequences are matched by position and have no names. Mixing the
+    two, or mappings with different keys, is an error: pairing them by position would
+    be a guess.
+    """
+    given = {"designs": designs, "responses": responses}
+    if weights is not None:
+        given["weights"] = weights
+    mapped = [what for what, value in given.items() if isinstance(value, Mapping)]
+    if not mapped:
+        return (list(designs), list(responses),
+                None if weights is None else list(weights), None)
+    if len(mapped) != len(given):
+        plain = [what for what in given if what not in mapped]
+        raise TypeError(f"{' and '.join(mapped)} {'is a mapping' if len(mapped) == 1 else 'are mappings'} "
+                        f"but {' and '.join(plain)} {'is' if len(plain) == 1 else 'are'} not: pass "
+                        "every per-client argument as a mapping with the same keys (the "
+                        "clients' names), or every one as a sequence in one order.")
+    keys = list(designs.keys())
+    for what, value in given.items():
+        if set(value.keys()) != set(keys):
+            missing = [key for key in keys if key not in value]
+            extra = [key for key in value if key not in designs]
+            raise ValueError(f"{what} and designs have different keys (in designs only: "
+                             f"{missing}; in {what} only: {extra}): give every client "
+                             "one of each.")
+    names = [str(key) for key in keys]
+    if len(set(names)) != len(names):
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        raise ValueError(f"the clients' keys {repeated} are the same as strings: the "
+                         "names must tell the clients apart.")
+    return ([designs[key] for key in keys], [responses[key] for key in keys],
+            None if weights is None else [weights[key] for key in keys], names)

@@ -18,6 +18,8 @@ class CLAIRSummary:
     def __init__(self, estimator, client_names=None):
         self.diagnostics = _diagnostics(estimator)
         n_clients = len(estimator.contaminated_)
+        if client_names is None:
+            client_names = getattr(estimator, "client_names_", None)
         if client_names is not None:
             client_names = [str(name) for name in client_names]
             if len(client_names) != n_clients:
@@ -104,12 +106,32 @@ def _calibration(est):
     return ", ".join(parts) or "none"
 
 
+def _names(est, width=40):
+    """The fitted LocalOLS's feature and output names (those it did not make up), as
+    many as fit in about ``width`` characters, with a count of the rest (the table
+    stays as wide as the report)."""
+    out = {}
+    names = getattr(est, "_local_ols_names", None) or (None, None)
+    for what, given in zip(("features", "outputs"), names):
+        if not given:
+            continue
+        shown = [str(given[0])]
+        for name in given[1:]:
+            if len(", ".join([*shown, str(name)])) > width:
+                break
+            shown.append(str(name))
+        rest = len(given) - len(shown)
+        out[what] = ", ".join(shown) + (f", ... ({rest} more)" if rest else "")
+    return out
+
+
 def _diagnostics(est):
     n_clients = len(est.contaminated_)
     return {
         "clients": str(n_clients),
         "flagged": str(int(est.contaminated_.sum())),
         "estimate shape (p, q)": str(tuple(int(v) for v in est.estimate_shape_)),
+        **_names(est),
         "rank": (str(est.rank_) if est.rank_ == est.test_rank_
                  else f"{est.rank_} (L); tests at {est.test_rank_}"),
         "formulation": est.formulation,

@@ -49,9 +49,11 @@ for key in members:
 # -------------------------
 # :func:`clairstat.local_ols` fits each client on its own rows and keeps, besides the
 # estimates, their noise covariance: ``(X_k^T X_k)^{-1}`` (rows) and the residual
-# covariance (columns), which the per-client tests use.
-designs = [sm.add_constant(train[key][features]) for key in members]
-responses = [train[key][outcomes] for key in members]
+# covariance (columns), which the per-client tests use. Given mappings, the keys name
+# the clients (``ols.client_names``), and the fit's summary labels its rows with them.
+name = {key: f"occupation {key[0]:.0f}/{key[1]:.0f}" for key in members}
+designs = {name[key]: sm.add_constant(train[key][features]) for key in members}
+responses = {name[key]: train[key][outcomes] for key in members}
 ols = clairstat.local_ols(designs, responses)
 print(ols.estimates.shape, ols.feature_names, ols.output_names)
 

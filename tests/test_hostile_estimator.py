@@ -726,7 +726,7 @@ def test_local_ols_units_missing_values_and_mixed_inputs():
         local_ols(with_na, responses)
     with pytest.raises(ValueError, match="has no column names"):
         local_ols([frames[0], designs[1], frames[2]], responses)
-    with pytest.raises(TypeError, match="mapping"):
+    with pytest.raises(TypeError, match="designs is a mapping but responses is not"):
         local_ols(dict(enumerate(designs)), responses)
     flat = [r.copy() for r in responses]
     flat[2][:, 1] = 4.0  # constant output at client 2, fitted exactly by the intercept
@@ -905,6 +905,61 @@ def test_names_of_a_local_ols_without_the_generated_flag_follow_the_old_rule():
     named = local_ols([pd.DataFrame(x, columns=["const", "a", "b", "c"]) for x in designs],
                       [x @ coef + rng.standard_normal((40, 2)) for x in designs])
     assert est.predict(named).tolist() == [1, 1, 1]
+
+
+def test_clients_named_by_mapping_keys_reach_the_fit_and_its_summary():
+    """Mappings name the clients: matched by key (not position), in the designs' key
+    order; the names follow indexing, fits and summaries, and errors name the client.
+    A later fit without names leaves no stale ``client_names_``."""
+    import dataclasses
+
+    import pandas as pd
+
+    rng = np.random.default_rng(23)
+    coef = rng.standard_normal((3, 2))
+    sites = ["Oslo", "Lyon", "Porto", "Turin", "Ghent", "Brno", "Graz", "Cork"]
+    designs = {site: pd.DataFrame(np.c_[np.ones(50), rng.standard_normal((50, 2))],
+                                  columns=["const", "age", "dose"]) for site in sites}
+    responses = {site: pd.DataFrame(x.to_numpy() @ coef + rng.standard_normal((50, 2)),
+                                    columns=["bp", "hr"]) for site, x in designs.items()}
+    # the responses in another key order: paired by key, so the fit is the same
+    shuffled = {site: responses[site] for site in reversed(sites)}
+    ols = local_ols(designs, shuffled)
+    assert ols.client_names == sites
+    in_order = local_ols(list(designs.values()), list(responses.values()))
+    np.testing.assert_array_equal(ols.estimates, in_order.estimates)
+    assert in_order.client_names is None
+    assert ols[[1, 3]].client_names == ["Lyon", "Turin"]
+    assert ols[np.arange(8) >= 6].client_names == ["Graz", "Cork"]
+    assert ols[2:4].client_names == ["Porto", "Turin"] and ols[5].client_names == ["Brno"]
+    assert ols != dataclasses.replace(ols, client_names=None)
+
+    est = quiet_fit(ols, rank=0)
+    assert est.client_names_ == sites
+    summary = est.summary()
+    assert list(summary.clients.index) == sites
+    assert summary.diagnostics["features"] == "const, age, dose"
+    assert summary.diagnostics["outputs"] == "bp, hr"
+    assert "| Porto |" in summary.as_markdown()
+    given_names = [name.upper() for name in sites]
+    assert list(est.summary(client_names=given_names).clients.index) == given_names
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        est.fit(in_order.estimates)
+    assert not hasattr(est, "client_names_")
+    assert list(est.summary().clients.index) == list(range(8))
+    assert "features" not in est.summary().diagnostics  # arrays: no names to show
+
+    with pytest.raises(ValueError, match=r"in designs only: \['Cork'\]"):
+        local_ols(designs, {site: responses[site] for site in sites[:-1]})
+    with pytest.raises(TypeError, match="weights is not"):
+        local_ols(designs, responses, weights=[np.ones(50)] * 8)
+    with pytest.raises(ValueError, match="same as strings"):
+        local_ols({1: designs["Oslo"], "1": designs["Lyon"]},
+                  {1: responses["Oslo"], "1": responses["Lyon"]})
+    broken = dict(designs, Brno=designs["Brno"].assign(dose=designs["Brno"]["age"]))
+    with pytest.raises(ValueError, match='client "Brno"\'s design is rank deficient'):
+        local_ols(broken, responses)
 
 
 def test_summary_takes_client_names():
