@@ -22,12 +22,14 @@ output of any rule). CLAIR runs with the rank given (``clair``) and estimated
 median and trimmed mean stay inside the benign clients' coordinate range.
 
 Control ``no-detection``: CLAIR flags nobody, so its global update is the mean of every
-client's update (the collaborative set is everyone).
+client's update (the collaborative set is everyone). Control ``narrow-null``: the
+per-module tests' predictive null has half its spread (a liberal test).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import warnings
 
 import numpy as np
@@ -134,9 +136,31 @@ def _in_range(update, benign):
                 np.all(update <= benign.max(0) + slack))
 
 
-def _run_rules(factors, rank, seed):
+@contextlib.contextmanager
+def _null_for(control):
+    """The ``narrow-null`` control: the LoRA per-module null
+    (:func:`clairstat._null.predictive_null`, as the tests call it) with half its
+    spread, so that every statistic looks twice as far from the others as it is."""
+    if control != "narrow-null":
+        yield
+        return
+    from unittest import mock
+
+    from clairstat import _inference
+
+    original = _inference.predictive_null
+
+    def narrow(*args, **kwargs):
+        return tuple(dataclasses.replace(null, spread=0.5 * null.spread)
+                     for null in original(*args, **kwargs))
+
+    with mock.patch.object(_inference, "predictive_null", narrow):
+        yield
+
+
+def _run_rules(factors, rank, seed, control=None):
     results = {}
-    with warnings.catch_warnings(), _one_torch_thread():
+    with warnings.catch_warnings(), _one_torch_thread(), _null_for(control):
         warnings.simplefilter("ignore")  # all-flagged / non-convergence: still measured
         for name, (rule, options) in RULES.items():
             results[name] = aggregate(rule, factors,
@@ -163,7 +187,7 @@ def simulate_one(params, seed, control=None):
     factors, contaminated, benign, population = make_clients(rng, params)
     target = benign.mean(axis=0)
     scale, pop_scale = np.linalg.norm(target), np.linalg.norm(population)
-    results = _run_rules(factors, params["rank"], seed)
+    results = _run_rules(factors, params["rank"], seed, control)
     updates = {name: res.update for name, res in results.items()}
     clair = _clair_outputs(results, control)
     updates.update({name: update for name, (update, _) in clair.items()})
@@ -190,10 +214,12 @@ STUDY = Study(
                 "contamination fraction grows, for five attacks",
     grids={"smoke": grid(**{**_BASE, "n_clients": 10, "d": 12, "k": 8, "rank": 2},
                          attack=["random", "scaled", "colluding", "sign_flip", "stealthy"],
-                         gamma=[0.1, 0.2]),
+                         # 0.0: the level without attackers, which the narrow-null
+                         # control must break at this scale too
+                         gamma=[0.0, 0.1, 0.2]),
            "small": grid(**_BASE, attack=list(ATTACKS), gamma=[0.0, 0.1, 0.2, 0.3, 0.4]),
            "full": grid(**_BASE, attack=list(ATTACKS),
                         gamma=[0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45])},
     replicates={"smoke": 2, "small": 10, "full": 100},
     simulate_one=simulate_one,
-    controls=("no-detection",))
+    controls=("no-detection", "narrow-null"))
