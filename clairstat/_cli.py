@@ -35,7 +35,8 @@ not be, or lie inside, an input folder; an existing ``OUT/<folder name>`` must b
 folder inside ``OUT`` that is no input folder (a symbolic link elsewhere is refused, as
 is a dangling one), and its files no input's own (hard links of the inputs, as ``cp
 -al`` makes them, are refused). Existing outputs are replaced by renames, never
-written through; other files in ``OUT`` are left as they are, and a warning names the
+written through, all or nothing (if one rename fails, those made are undone and OUT
+is as it was); other files in ``OUT`` are left as they are, and a warning names the
 adapter folders there that are not among this run's clients (an earlier run's: the new
 report does not list them).
 
@@ -1096,27 +1097,61 @@ class _Writer:
 
 
 def _publish(clients, staging, report, out):
-    """Move the staged files to ``OUT/<folder name>/`` with the configs and the report.
+    """Move the staged files to ``OUT/<folder name>/`` with the configs and the report,
+    all or nothing.
 
     Everything is written into the staging folder first; publishing only renames
     (``os.replace``): a new ``OUT/<name>`` is the staged folder moved, an existing one
-    has its two files replaced. A file already at an output path is unlinked by the
-    rename, never written through (a hard link to an input stays the input's).
+    has its two files replaced. A file already at an output path is first moved aside
+    into the staging folder (a rename, never written through: a hard link to an input
+    stays the input's), and is deleted with it once every rename has succeeded. If a
+    rename fails, the renames already made are undone in reverse order, so that OUT is
+    as it was; :class:`_PublishError` says whether that undo succeeded.
     """
     for client in clients:
         shutil.copyfile(client.folder / CONFIG_NAME,
                         staging / client.folder.name / CONFIG_NAME)
     (staging / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n",
                                        encoding="utf-8")
-    for client in clients:
-        name = client.folder.name
-        target = out / name
-        if not os.path.lexists(target):
-            os.replace(staging / name, target)
-        else:
-            for file in (WEIGHTS_NAME, CONFIG_NAME):
-                os.replace(staging / name / file, target / file)
-    os.replace(staging / REPORT_NAME, out / REPORT_NAME)
+    aside = staging / ".replaced"
+    moves = []  # (source, destination) of every rename made, to undo in reverse
+
+    def move(source, destination):
+        os.replace(source, destination)
+        moves.append((source, destination))
+
+    def replace(staged, target, slot):
+        if os.path.lexists(target):
+            slot.parent.mkdir(parents=True, exist_ok=True)
+            move(target, slot)
+        move(staged, target)
+
+    try:
+        for client in clients:
+            name = client.folder.name
+            target = out / name
+            if not os.path.lexists(target):
+                move(staging / name, target)
+            else:
+                for file in (WEIGHTS_NAME, CONFIG_NAME):
+                    replace(staging / name / file, target / file, aside / name / file)
+        replace(staging / REPORT_NAME, out / REPORT_NAME, aside / REPORT_NAME)
+    except OSError as error:
+        undone = True
+        for source, destination in reversed(moves):
+            try:
+                os.replace(destination, source)
+            except OSError:
+                undone = False
+        raise _PublishError(error, undone) from None
+
+
+class _PublishError(OSError):
+    """A rename of :func:`_publish` failed; ``undone``: OUT was put back as it was."""
+
+    def __init__(self, error, undone):
+        super().__init__(str(error))
+        self.error, self.undone = error, undone
 
 
 _STAGING_PREFIX = ".clairstat-staging-"
@@ -1172,9 +1207,14 @@ def _stage_and_refine(clients, out, args, cluster):
             writer.close()
         try:
             _publish(clients, staging, _report(clients, summary, args), out)
-        except OSError as error:
+        except _PublishError as failed:
+            state = ("OUT is as it was before the run" if failed.undone else
+                     "undoing the renames failed too: OUT may be incomplete")
             raise InputError(f"--out {out}: the outputs could not be moved into place "
-                             f"({error}); OUT may be incomplete") from None
+                             f"({failed.error}); {state}") from None
+        except OSError as error:  # writing the report or a config into the staging
+            raise InputError(f"--out {out}: the outputs could not be staged ({error}); "
+                             "OUT is as it was before the run") from None
         done = True
     finally:
         if staging is not None:

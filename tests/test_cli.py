@@ -937,3 +937,54 @@ def test_a_second_review_of_the_command(adapters, tmp_path, capsys, monkeypatch)
         code = main(["refine", "--rank", "3", "--random-state", "0", "--out",
                      str(tmp_path / "w"), *map(str, adapters[:3]), str(adapters[BAD])])
     assert code == 0 and "clairstat refine: warning:" in capsys.readouterr().err
+
+
+@pytest.mark.filterwarnings("ignore:only")
+@pytest.mark.parametrize("undo_fails", [False, True])
+def test_a_rename_failing_while_publishing_leaves_out_as_it_was(adapters, tmp_path, capsys,
+                                                                monkeypatch, undo_fails):
+    """OUT holds a first run's outputs and a file of the user's; a second run on more
+    clients (other refined values, two new folders) fails at its last rename (the
+    report): every rename it made is undone, and OUT is byte for byte as it was. When
+    the undo fails too, the message says that OUT may be incomplete."""
+    from clairstat import _cli
+
+    out = tmp_path / "out"
+    assert main(["refine", "--random-state", "0", "--out", str(out),
+                 *map(str, adapters[:4])]) == 0
+    (out / "keep.txt").write_text("mine")
+    before = _tree(out)
+    real_publish, real_replace = _cli._publish, os.replace
+    made, failed = [], []
+
+    def failing(source, destination):
+        # the new report's placement fails (not the old one's return when undoing);
+        # with undo_fails, so does every rename after it
+        placing = Path(destination) == out / "report.json" and ".replaced" not in str(source)
+        if placing or (undo_fails and failed):
+            failed.append(destination)
+            raise OSError(5, "injected I/O error")
+        made.append(destination)
+        return real_replace(source, destination)
+
+    def publish(*args):
+        monkeypatch.setattr(_cli.os, "replace", failing)
+        try:
+            return real_publish(*args)
+        finally:
+            monkeypatch.setattr(_cli.os, "replace", real_replace)
+
+    monkeypatch.setattr(_cli, "_publish", publish)
+    capsys.readouterr()
+    assert main(["refine", "--random-state", "0", "--out", str(out),
+                 *map(str, adapters)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    line = err.strip().splitlines()[-1]  # after the progress bars
+    assert line.startswith("clairstat refine: error: ") and "injected I/O error" in line
+    if undo_fails:
+        assert "OUT may be incomplete" in line
+        return
+    assert "OUT is as it was before the run" in line
+    assert len(made) > 10  # the renames made before the failure: folders and files
+    assert _tree(out) == before
