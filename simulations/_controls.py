@@ -66,6 +66,10 @@ CONTROLS = {control.name: control for control in [
             "consistency)",
             # not detection_power_curve: it fails without the control (documented)
             ("detection_null_calibration", "detection_consistency_limit")),
+    Control("no-correction",
+            "the multiple-testing correction is forgotten: a client is flagged when its "
+            "own p-value is below the level (detection)",
+            ("detection_bh_false_discoveries", "detection_holm_fwer")),
     Control("narrow-null",
             "the LoRA per-module tests' predictive null has half its spread "
             "(robustness): every statistic looks twice as far from the others' as it is. "

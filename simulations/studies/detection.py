@@ -8,7 +8,8 @@ rate against the non-central chi^2 power the test's null model predicts. The con
 sweep (growing size, shrinking level) is the study ``consistency``.
 
 Controls: ``no-detection`` (nobody flagged, every p-value 1), ``inflated-noise`` (the
-test is given twice the true noise scale).
+test is given twice the true noise scale), ``no-correction`` (a client is flagged when
+its own p-value is below the level: the multiple-testing correction forgotten).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from ._common import check_control, predicted_power
 # First-order torch backend, named explicitly so that every row says which solver ran.
 SOLVER = "torch"
 TEST_LEVEL = 0.05
-CONTROLS = ("no-detection", "inflated-noise")
+CONTROLS = ("no-detection", "inflated-noise", "no-correction")
 
 
 def fit_and_score(params, seed, level, correction, control):
@@ -52,6 +53,8 @@ def fit_and_score(params, seed, level, correction, control):
     flagged, p_values = np.asarray(est.contaminated_, bool), np.asarray(est.p_values_)
     if control == "no-detection":
         flagged, p_values = np.zeros_like(flagged), np.ones_like(p_values)
+    if control == "no-correction":  # each client at the level on its own
+        flagged = p_values < level
     truth = data.contaminated
     scores = detection_scores(flagged, truth)
     n_false = int(np.sum(flagged & ~truth))
