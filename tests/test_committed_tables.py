@@ -44,7 +44,8 @@ CONTROLS = [("no-detection", "robustness"), ("no-alignment", "fedrot"),
             ("random-subspace", "refinement"), ("random-subspace", "stability"),
             ("local-refinement", "refinement"), ("inflated-noise", "detection"),
             ("inflated-noise", "consistency"), ("no-detection", "detection"),
-            ("no-detection", "consistency"), ("narrow-null", "robustness")]
+            ("no-detection", "consistency"), ("narrow-null", "robustness"),
+            ("no-correction", "detection"), ("no-correction", "consistency")]
 
 
 @pytest.mark.parametrize("control, name", CONTROLS, ids=["-".join(c) for c in CONTROLS])
