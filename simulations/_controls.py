@@ -51,7 +51,9 @@ CONTROLS = {control.name: control for control in [
             "of every client's update; copying: the default's joint refinement pools every "
             "client)",
             ("detection_consistency_limit", "robust_clair_detection",
-             "robust_clair_beats_mean", "copying_attack_recall")),
+             "robust_clair_colluders", "robust_clair_beats_mean",
+             "robust_clair_beats_mean_rank_unknown", "robust_clair_beats_mean_stealthy",
+             "copying_attack_recall")),
     Control("local-refinement",
             "the refined estimate of every client is its own local estimate (refinement; "
             "copying: CLAIR's refined adapters are the local ones)",
