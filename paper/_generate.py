@@ -1078,6 +1078,8 @@ def collect():
     macros["copy.quarantine.commit"] = QUARANTINE_COMMIT  # named wherever the text needs it
     macros.update(sweep_quarantine_macros(*src.read_quarantine("copying_sweep")))
     macros.update(flagged_macros(*src.read_flagged()))
+    macros.update(flagged_rerun_macros(*src.read_flagged_rerun()))
+    macros.update(null_rerun_macros())
     scale = src.copying_scale()
     if scale:
         frame = src.read_copying(scale)
@@ -1278,6 +1280,87 @@ def flagged_macros(frame, scale):
     return macros
 
 
+def flagged_rerun_macros(preregistered, rerun):
+    """The pre-registered ``copying_flagged`` block against its rerun on the same seeds
+    with the predictive LoRA null: per cell (``flagged.rerun.het16`` ...) the rerun's
+    clip - quarantine difference, clipping's gain and verdict, and the attackers'
+    recall under clipping in both (``.recall``, ``.recallbefore``); ``flagged.rerun.has``
+    and ``flagged.rerun.allpass``. ``{"flagged.rerun.has": "0"}`` without both."""
+    from simulations.studies.copying_flagged import summary, verdicts
+
+    if _paired_tables(preregistered, rerun) is None:
+        return {"flagged.rerun.has": "0"}
+    names = {"heterogeneous": "het", "homogeneous": "hom"}
+    before, after = summary(preregistered), summary(rerun)
+    decided = verdicts(rerun)
+    macros = {"flagged.rerun.has": "1", "flagged.rerun.commit": NULL_COMMIT,
+              "flagged.rerun.allpass": "1" if (decided["verdict"] == "pass").all()
+              else "0"}
+    for old, row in zip(before.to_dict("records"), after.to_dict("records")):
+        key = f"flagged.rerun.{names[row['setting']]}{int(row['n_clients'])}"
+        sign = "+" if row["diff"] > 0 else ""
+        macros.update({
+            f"{key}.diff": (f"{sign}{fmt_fixed(row['diff'], 2)} "
+                            f"[{fmt_fixed(row['diff_low'], 2)}, "
+                            f"{fmt_fixed(row['diff_high'], 2)}]"),
+            f"{key}.clip": _gain_text(row["gain_clip"], row["low_clip"], row["high_clip"]),
+            f"{key}.recall": fmt_fixed(row["recall_clip"], 2),
+            f"{key}.recallbefore": fmt_fixed(old["recall_clip"], 2)})
+    for row in decided.iloc[:-1].to_dict("records"):
+        setting, clients = row["rule"].split(", ")[1:]
+        macros[f"flagged.rerun.{names[setting]}{clients.split()[0]}.verdict"] = row["verdict"]
+    return macros
+
+
+#: The development studies of the copying section that use the LoRA per-module null,
+#: with how the text names them: (study, scale, words).
+NULL_STUDIES = (("copying_flagged", "full", "the comparison of what stands in for a "
+                 "module-flagged update"),
+                ("copying_joint_rank", "small", "the joint rank's study"),
+                ("copying_sweep", "small", "the design sweep"),
+                ("copying_rounds", "small", "the multi-round runs in Flower"),
+                ("rounds_detection", "small", "their replay"))
+
+
+def null_rerun_macros(results_dir=None):
+    """Which of :data:`NULL_STUDIES` were written by the code of ``NULL_COMMIT`` or later
+    (every row's ``code_commit``, by git ancestry) and which before:
+    ``copy.nullchange.rerun`` and ``copy.nullchange.stale`` (their names, as a list in
+    words), ``copy.nullchange.nrerun`` and ``copy.nullchange.nstale``, and
+    ``copy.nullchange.rdetstale`` (``1`` when the replay is among the stale)."""
+    from simulations import load_table, results_path
+
+    root = Path(results_dir or src.SOURCES["copying"])
+    rerun, stale, macros = [], [], {}
+    for study, scale, words in NULL_STUDIES:
+        path = results_path(study, scale, root)
+        if not path.exists():
+            continue
+        frame = load_table(path)
+        # the stand-in for a module-flagged update the rows were made with (the column
+        # is written since the clipping became the default)
+        stand_in = (set(frame["clair_stand_in"].dropna()) if "clair_stand_in" in frame
+                    else set())
+        macros[f"copy.clip.{study}"] = "1" if stand_in == {"clip"} else "0"
+        commits = set(frame["code_commit"]) if "code_commit" in frame else set()
+        on_new = bool(commits) and all(src.commit_at_or_after(NULL_COMMIT, commit)
+                                       for commit in commits)
+        (rerun if on_new else stale).append((study, words))
+
+    def listed(items):
+        words = [w for _, w in items]
+        return (", ".join(words[:-1]) + " and " + words[-1]) if len(words) > 1 else \
+            "".join(words)
+
+    return {**macros,
+            "copy.nullchange.rerun": listed(rerun), "copy.nullchange.stale": listed(stale),
+            "copy.nullchange.nrerun": fmt(len(rerun)), "copy.nullchange.nstale": fmt(len(stale)),
+            "copy.nullchange.rdetstale": "1" if any(s == "rounds_detection" for s, _ in stale)
+            else "0",
+            "copy.nullchange.flaggedstale": "1" if any(s == "copying_flagged" for s, _ in stale)
+            else "0"}
+
+
 def write_generated(out_dir):
     """Write ``macros.tex`` and the tables into ``out_dir``; the paths written."""
     out_dir = Path(out_dir)
@@ -1318,6 +1401,12 @@ def write_generated(out_dir):
                "copy.thirdblock.has", "copy.nullchange.has"),
         switch("clipdefault", "copy.clip"),  # the wording about the default
         switch("nullchange", "copy.nullchange.has"),
+        switch("nullrerun", "copy.nullchange.nrerun", test=lambda v: v not in (None, "0")),
+        switch("nullstale", "copy.nullchange.nstale", test=lambda v: v not in (None, "0")),
+        switch("rdetnullstale", "copy.nullchange.rdetstale"),
+        switch("flaggedrerun", "flagged.rerun.has"),
+        switch("roundsclip", "copy.clip.copying_rounds"),
+        switch("rdetclip", "copy.clip.rounds_detection"),
         switch("copyconfirm", "copy.confirmatory", "copy.complete")]
     paths = [out_dir / "macros.tex"]
     paths[0].write_text(header + "\n".join(lines) + "\n")

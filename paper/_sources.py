@@ -20,7 +20,9 @@ else (`paper/_generate.py` formats them as LaTeX macros and tables):
   updates;
 - ``simulations/results/<scale>/copying_flagged.jsonl``: the two stand-ins for a
   module-flagged update compared on the same clients (``full``: the comparison
-  pre-registered in PROTOCOL.md's amendment 3; ``small``: development).
+  pre-registered in PROTOCOL.md's amendment 3, or its rerun on the same seeds with the
+  predictive LoRA null, the pre-registered run then archived as
+  ``archive/copying_flagged_full_amendment3.jsonl``; ``small``: development).
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ __all__ = ["ROOT", "SOURCES", "read_report", "check_verdict", "check_kind", "che
            "calibration_criteria",
            "copying_scale", "read_copying", "read_null_change", "read_quarantine",
            "read_rounds",
-           "read_flagged", "read_archived_block"]
+           "read_flagged", "read_flagged_rerun", "read_archived_block",
+           "commit_at_or_after"]
 
 ROOT = PAPER_DIR.parent
 SOURCES = {
@@ -291,18 +294,69 @@ def read_rounds(results_dir=None, study="copying_rounds"):
     return best
 
 
+#: The pre-registered ``copying_flagged`` block (PROTOCOL.md, amendment 3), archived when
+#: ``full/copying_flagged.jsonl`` was rerun on its seeds with the predictive LoRA null.
+FLAGGED_PREREGISTERED = "copying_flagged_full_amendment3.jsonl"
+
+
 def read_flagged(results_dir=None):
     """The ``copying_flagged`` table to quote and its scale: ``full`` (the pre-registered
-    comparison) once every one of its replicates is in, else a complete ``small``
-    (development); ``(None, None)`` otherwise. A partial table is never quoted: its
-    verdicts would be read before the data the protocol fixed."""
-    from simulations import get_study, load_results, results_path
+    comparison: archived once rerun, else ``full/``) once every one of its replicates is
+    in, else a complete ``small`` (development); ``(None, None)`` otherwise. A partial
+    table is never quoted: its verdicts would be read before the data the protocol
+    fixed."""
+    from simulations import get_study, load_results, load_table, results_path
 
     results_dir = Path(results_dir or SOURCES["copying"])
     study = get_study("copying_flagged")
+    archived = results_dir / "archive" / FLAGGED_PREREGISTERED
+    if archived.exists():
+        frame = load_table(archived)
+        if len(frame) == len(study.tasks("full")):
+            return frame, "full"
     for scale in ("full", "small"):
         if results_path(study.name, scale, results_dir).exists():
             frame = load_results(study, scale, results_dir, current_only=True)
             if len(frame) == len(study.tasks(scale)):
                 return frame, scale
     return None, None
+
+
+def read_flagged_rerun(results_dir=None):
+    """``(preregistered, rerun)``: the archived pre-registered ``copying_flagged`` block
+    and ``full/copying_flagged.jsonl``, its rerun on the same seeds with the predictive
+    LoRA null; ``(None, None)`` unless both are complete."""
+    from simulations import get_study, load_results, load_table, results_path
+
+    results_dir = Path(results_dir or SOURCES["copying"])
+    study = get_study("copying_flagged")
+    archived = results_dir / "archive" / FLAGGED_PREREGISTERED
+    if not archived.exists() or not results_path(study.name, "full", results_dir).exists():
+        return None, None
+    before = load_table(archived)
+    after = load_results(study, "full", results_dir, current_only=True)
+    if len(before) != len(study.tasks("full")) or len(after) != len(before):
+        return None, None
+    return before, after
+
+
+_ANCESTRY = {}
+
+
+def commit_at_or_after(commit, rows_commit):
+    """Whether the code that wrote a row (its ``code_commit``: a short hash, perhaps
+    with a note of uncommitted changes) is ``commit`` or a descendant of it, by git;
+    False when it cannot be told (no git, an unknown hash, uncommitted changes)."""
+    import subprocess
+
+    if not isinstance(rows_commit, str) or " " in rows_commit.strip():
+        return False
+    key = (commit, rows_commit)
+    if key not in _ANCESTRY:
+        try:
+            done = subprocess.run(["git", "merge-base", "--is-ancestor", commit, rows_commit],
+                                  cwd=ROOT, capture_output=True, check=False)
+            _ANCESTRY[key] = done.returncode == 0
+        except OSError:
+            _ANCESTRY[key] = False
+    return _ANCESTRY[key]
