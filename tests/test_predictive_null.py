@@ -101,3 +101,26 @@ def test_the_level_holds_with_few_clients(monkeypatch, n_clients):
         monkeypatch.setattr(_null, "MAD_SMALL_SAMPLE", {})
         assert _any_rejection_share(lambda null: null, n_clients, 20.0, reps,
                                     seed=n_clients) > bound
+
+
+def test_few_clients_warn_that_the_lora_tests_flag_large_deviations_only():
+    """A LoRA stack's tests predict each statistic from the others' (a t on few df):
+    below FEW_CLIENTS_PREDICTIVE clients the fit says so; from there on it does not."""
+    import warnings
+
+    from clairstat.aggregation import aggregate
+
+    rng = np.random.default_rng(5)
+
+    def factors(n_clients):
+        shared = rng.standard_normal((16, 2))
+        return [(shared @ rng.standard_normal((2, 2)) + 0.1 * rng.standard_normal((16, 2)),
+                 rng.standard_normal((2, 12))) for _ in range(n_clients)]
+
+    with pytest.warns(UserWarning, match=r"only 8 clients: each client's statistic is "
+                                         r"predicted from the 7 others'"):
+        aggregate("clair", factors(8), random_state=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        aggregate("clair", factors(12), random_state=0)
+    assert not [w for w in caught if "only 12 clients" in str(w.message)]
