@@ -35,7 +35,8 @@ not be, or lie inside, an input folder; an existing ``OUT/<folder name>`` must b
 folder inside ``OUT`` that is no input folder (a symbolic link elsewhere is refused, as
 is a dangling one), and its files no input's own (hard links of the inputs, as ``cp
 -al`` makes them, are refused). Existing outputs are replaced by renames, never
-written through, all or nothing (if one rename fails, those made are undone and OUT
+written through, all or nothing (if one rename fails, or the run is interrupted while
+publishing, those made are undone and OUT
 is as it was); other files in ``OUT`` are left as they are, and a warning names the
 adapter folders there that are not among this run's clients (an earlier run's: the new
 report does not list them).
@@ -1103,17 +1104,20 @@ def _publish(clients, staging, report, out):
     Everything is written into the staging folder first; publishing only renames
     (``os.replace``): a new ``OUT/<name>`` is the staged folder moved, an existing one
     has its two files replaced. A file already at an output path is first moved aside
-    into the staging folder (a rename, never written through: a hard link to an input
-    stays the input's), and is deleted with it once every rename has succeeded. If a
-    rename fails, the renames already made are undone in reverse order, so that OUT is
-    as it was; :class:`_PublishError` says whether that undo succeeded.
+    into a folder of its own under OUT (a rename, never written through: a hard link to
+    an input stays the input's), deleted once every rename has succeeded. If a rename
+    fails, or the run is interrupted (Ctrl-C, SIGTERM) while publishing, the renames
+    already made are undone in reverse order, so that OUT is as it was; if that undo
+    fails too, the folder of the replaced files is kept (its path is in the message)
+    and nothing of them is deleted. A failed rename raises :class:`_PublishError`.
     """
     for client in clients:
         shutil.copyfile(client.folder / CONFIG_NAME,
                         staging / client.folder.name / CONFIG_NAME)
     (staging / REPORT_NAME).write_text(json.dumps(report, indent=2) + "\n",
                                        encoding="utf-8")
-    aside = staging / ".replaced"
+    # its own folder, not one inside the staging folder, whose names are the clients'
+    aside = Path(tempfile.mkdtemp(prefix=_STAGING_PREFIX + "replaced-", dir=out))
     moves = []  # (source, destination) of every rename made, to undo in reverse
 
     def move(source, destination):
@@ -1127,31 +1131,37 @@ def _publish(clients, staging, report, out):
         move(staged, target)
 
     try:
-        for client in clients:
+        for k, client in enumerate(clients):
             name = client.folder.name
             target = out / name
             if not os.path.lexists(target):
                 move(staging / name, target)
             else:
                 for file in (WEIGHTS_NAME, CONFIG_NAME):
-                    replace(staging / name / file, target / file, aside / name / file)
+                    replace(staging / name / file, target / file, aside / str(k) / file)
         replace(staging / REPORT_NAME, out / REPORT_NAME, aside / REPORT_NAME)
-    except OSError as error:
+    except BaseException as error:  # an interrupt too: never leave a path emptied
         undone = True
         for source, destination in reversed(moves):
             try:
                 os.replace(destination, source)
             except OSError:
                 undone = False
-        raise _PublishError(error, undone) from None
+        if undone:
+            shutil.rmtree(aside, ignore_errors=True)
+        if isinstance(error, OSError):
+            raise _PublishError(error, undone, aside) from None
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 class _PublishError(OSError):
-    """A rename of :func:`_publish` failed; ``undone``: OUT was put back as it was."""
+    """A rename of :func:`_publish` failed; ``undone``: OUT was put back as it was;
+    ``aside``: the folder of the outputs it replaced (kept when not ``undone``)."""
 
-    def __init__(self, error, undone):
+    def __init__(self, error, undone, aside):
         super().__init__(str(error))
-        self.error, self.undone = error, undone
+        self.error, self.undone, self.aside = error, undone, aside
 
 
 _STAGING_PREFIX = ".clairstat-staging-"
@@ -1209,7 +1219,8 @@ def _stage_and_refine(clients, out, args, cluster):
             _publish(clients, staging, _report(clients, summary, args), out)
         except _PublishError as failed:
             state = ("OUT is as it was before the run" if failed.undone else
-                     "undoing the renames failed too: OUT may be incomplete")
+                     "undoing the renames failed too: OUT may be incomplete, and the "
+                     f"outputs it replaced are kept in {failed.aside}")
             raise InputError(f"--out {out}: the outputs could not be moved into place "
                              f"({failed.error}); {state}") from None
         except OSError as error:  # writing the report or a config into the staging

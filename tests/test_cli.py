@@ -960,7 +960,8 @@ def test_a_rename_failing_while_publishing_leaves_out_as_it_was(adapters, tmp_pa
     def failing(source, destination):
         # the new report's placement fails (not the old one's return when undoing);
         # with undo_fails, so does every rename after it
-        placing = Path(destination) == out / "report.json" and ".replaced" not in str(source)
+        placing = (Path(destination) == out / "report.json"
+                   and "staging-replaced-" not in str(source))
         if placing or (undo_fails and failed):
             failed.append(destination)
             raise OSError(5, "injected I/O error")
@@ -982,9 +983,56 @@ def test_a_rename_failing_while_publishing_leaves_out_as_it_was(adapters, tmp_pa
     assert "Traceback" not in err
     line = err.strip().splitlines()[-1]  # after the progress bars
     assert line.startswith("clairstat refine: error: ") and "injected I/O error" in line
-    if undo_fails:
+    if undo_fails:  # nothing replaced is deleted: the folder the message names has it
         assert "OUT may be incomplete" in line
+        kept = Path(line.split("are kept in ")[1])
+        assert kept.parent == out and kept.is_dir()
+        assert sorted(p.name for p in kept.rglob("*") if p.is_file()) == \
+            sorted(["adapter_config.json", "adapter_model.safetensors"] * 4 + ["report.json"])
         return
     assert "OUT is as it was before the run" in line
     assert len(made) > 10  # the renames made before the failure: folders and files
     assert _tree(out) == before
+
+
+@pytest.mark.filterwarnings("ignore:only")
+def test_an_interrupt_while_publishing_undoes_the_renames(adapters, tmp_path, capsys,
+                                                          monkeypatch):
+    """Ctrl-C (or SIGTERM, which main turns into one) between moving an old output aside
+    and moving the new one in: the renames are undone before the interrupt goes on, so
+    no output path is left empty and OUT is as it was. A client folder named like the
+    aside folder of an earlier version (``.replaced``) is an ordinary client."""
+    from clairstat import _cli
+
+    (tmp_path / "in").mkdir()
+    inputs = [_copy(folder, tmp_path / "in" / name)
+              for folder, name in zip(adapters[:4], ["a", ".replaced", "c", "d"])]
+    out = tmp_path / "out"
+    assert main(["refine", "--random-state", "0", "--out", str(out),
+                 *map(str, inputs[:3])]) == 0
+    before = _tree(out)
+    real_publish, real_replace = _cli._publish, os.replace
+    calls = []
+
+    def interrupted(source, destination):
+        calls.append(destination)
+        if len(calls) == 6:  # a new file's move, after its old one went aside
+            raise KeyboardInterrupt
+        return real_replace(source, destination)
+
+    def publish(*args):
+        monkeypatch.setattr(_cli.os, "replace", interrupted)
+        try:
+            return real_publish(*args)
+        finally:
+            monkeypatch.setattr(_cli.os, "replace", real_replace)
+
+    monkeypatch.setattr(_cli, "_publish", publish)
+    with pytest.raises(KeyboardInterrupt):
+        main(["refine", "--random-state", "0", "--out", str(out), *map(str, inputs)])
+    assert _tree(out) == before
+    monkeypatch.setattr(_cli, "_publish", real_publish)
+    assert main(["refine", "--random-state", "0", "--out", str(out), *map(str, inputs)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == [".replaced", "a", "c", "d",
+                                                     "report.json"]
+    assert set(_weights(out / ".replaced")) == set(_weights(inputs[1]))
