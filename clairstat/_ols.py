@@ -57,6 +57,21 @@ class LocalOLS:
     generated_names: tuple | None = None
     client_names: list | None = None
 
+    def __post_init__(self):
+        names = self.client_names
+        if names is None:
+            return
+        names = [name for name in names]
+        if not all(isinstance(name, str) for name in names):
+            raise TypeError("client_names must be strings (local_ols makes them from the "
+                            "mapping's keys).")
+        if len(names) != len(self.estimates):
+            raise ValueError(f"{len(names)} client_names for {len(self.estimates)} clients.")
+        if len(set(names)) != len(names):
+            raise ValueError("client_names must tell the clients apart; "
+                             f"{sorted({n for n in names if names.count(n) > 1})} repeat.")
+        object.__setattr__(self, "client_names", names)
+
     @property
     def shape(self):
         """``estimates.shape``: (n_clients, p, q)."""
@@ -282,8 +297,10 @@ def local_ols(designs: Sequence[ArrayLike] | Mapping[object, ArrayLike],
         clients: ``responses`` (and ``weights``) must then be mappings with the same
         keys, the clients come in the order of the designs' keys, and the names (as
         strings) are kept as ``client_names`` for the fit's summary and the error
-        messages. From one long table: ``{site: frame.loc[rows, columns] for site,
-        rows in frame.groupby("site").groups.items()}``.
+        messages. A pandas Series of tables, or a GroupBy, counts as a mapping. From
+        one long table: ``{site: sm.add_constant(group[columns]) for site, group in
+        frame.groupby("site")}``, and ``frame.groupby("site")[outputs]`` as the
+        responses.
     responses : sequence or mapping of array-like, Series or DataFrame, each of shape (n_k, q) or (n_k,)
         Client ``k``'s responses (``q`` outputs).
     weights : sequence or mapping of array-like, each of shape (n_k,), optional
@@ -375,18 +392,35 @@ def local_ols(designs: Sequence[ArrayLike] | Mapping[object, ArrayLike],
                     client_names)
 
 
+def _as_mapping(value):
+    """A pandas Series of per-client tables, or a GroupBy (``frame.groupby("site")``,
+    with columns selected or not), as the ``{name: table}`` mapping it stands for:
+    both are keyed by the clients' names, and pairing them by position would be a
+    guess. Anything else is returned as it is."""
+    if hasattr(value, "ngroups") and hasattr(value, "groups"):  # a pandas GroupBy
+        return {key: table for key, table in value}
+    index = getattr(value, "index", None)
+    if getattr(value, "ndim", None) == 1 and hasattr(index, "equals") \
+            and hasattr(value, "items"):  # a Series (of tables, or of weight vectors)
+        return dict(value.items())
+    return value
+
+
 def _by_client(designs, responses, weights):
     """``(designs, responses, weights, client_names)`` as lists in one client order.
 
-    Mappings (``{name: table}``, e.g. ``dict(list(frame.groupby("site")))`` cut into
-    columns) are matched by key, in the designs' key order, and their keys become the
-    clients' names; sequences are matched by position and have no names. Mixing the
-    two, or mappings with different keys, is an error: pairing them by position would
-    be a guess.
+    Mappings (``{name: table}``; a pandas Series of tables or a GroupBy count as one)
+    are matched by key, in the designs' key order, and their keys become the clients'
+    names; sequences are matched by position and have no names. Mixing the two, or
+    mappings with different keys, is an error: pairing them by position would be a
+    guess.
     """
     given = {"designs": designs, "responses": responses}
     if weights is not None:
         given["weights"] = weights
+    given = {what: _as_mapping(value) for what, value in given.items()}
+    designs, responses, weights = (given["designs"], given["responses"],
+                                   given.get("weights"))
     mapped = [what for what, value in given.items() if isinstance(value, Mapping)]
     if not mapped:
         return (list(designs), list(responses),

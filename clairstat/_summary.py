@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import html
+
 import numpy as np
 import pandas as pd
 from statsmodels.iolib.summary2 import Summary
@@ -36,10 +38,20 @@ class CLAIRSummary:
         if client_names is not None:
             self.clients.index = pd.Index(client_names)
         self.clients.index.name = "client"
-        self._summary = Summary()
-        self._summary.add_title("CLAIR: collaborative low-rank estimation")
-        self._summary.add_dict(self.diagnostics, ncols=2)
-        self._summary.add_df(self.clients, index=True)
+        self._summary = self._build(str)
+
+    def _build(self, escape):
+        """The statsmodels Summary with every name and value passed through ``escape``
+        (client, feature and output names are the user's, and reach every format)."""
+        summary = Summary()
+        summary.add_title("CLAIR: collaborative low-rank estimation")
+        summary.add_dict({escape(k): escape(v) for k, v in self.diagnostics.items()},
+                         ncols=2)
+        clients = self.clients.copy()
+        clients.index = pd.Index([escape(str(name)) for name in clients.index],
+                                 name=clients.index.name)
+        summary.add_df(clients, index=True)
+        return summary
 
     def as_text(self):
         """Plain-text report."""
@@ -47,18 +59,19 @@ class CLAIRSummary:
 
     def as_latex(self):
         """LaTeX tables (for a document with the default font encoding: no raw ``<``
-        or Unicode bars; no empty label)."""
-        latex = self._summary.as_latex()
+        or Unicode bars; no empty label; names with TeX's special characters escaped)."""
+        latex = self._build(_latex_escape).as_latex()
         latex = latex.replace("\\label{}\n", "")
         latex = latex.replace("score ‖S\\_k‖\\_F", "score $\\|S_k\\|_F$")
         return latex.replace(_TINY, "$<10^{-16}$")
 
     def as_markdown(self):
-        """Markdown: a diagnostics table and the per-client table."""
-        diag = "\n".join(f"| {k} | {v} |" for k, v in self.diagnostics.items())
+        """Markdown: a diagnostics table and the per-client table (a ``|`` in a name
+        escaped, so that it stays in its cell)."""
+        diag = "\n".join(f"| {_md(k)} | {_md(v)} |" for k, v in self.diagnostics.items())
         header = "| " + " | ".join(["client", *self.clients.columns]) + " |"
         rule = "|" + "---|" * (len(self.clients.columns) + 1)
-        rows = "\n".join("| " + " | ".join([str(i), *(_fmt(v) for v in row)]) + " |"
+        rows = "\n".join("| " + " | ".join([_md(i), *(_md(_fmt(v)) for v in row)]) + " |"
                          for i, row in zip(self.clients.index, self.clients.to_numpy()))
         return (f"### CLAIR fit\n\n| quantity | value |\n|---|---|\n{diag}\n\n"
                 f"### Clients\n\n{header}\n{rule}\n{rows}\n")
@@ -67,7 +80,22 @@ class CLAIRSummary:
         return self.as_text()
 
     def _repr_html_(self):
-        return self._summary.as_html()
+        return self._build(lambda text: html.escape(str(text))).as_html()
+
+
+def _md(value):
+    """A Markdown table cell: ``|`` escaped, line breaks as spaces."""
+    return " ".join(str(value).splitlines()).replace("|", "\\|")
+
+
+#: TeX's special characters that statsmodels' ``as_latex`` leaves as they are (it
+#: escapes ``& % $ # _`` itself, and ``< > |`` in a table's index).
+_LATEX = {"\\": r"\textbackslash{}", "^": r"\textasciicircum{}", "~": r"\textasciitilde{}",
+          "{": r"\{", "}": r"\}"}
+
+
+def _latex_escape(value):
+    return "".join(_LATEX.get(char, char) for char in str(value))
 
 
 def _fmt(value):
@@ -115,7 +143,7 @@ def _names(est, width=40):
     for what, given in zip(("features", "outputs"), names):
         if not given:
             continue
-        shown = [str(given[0])]
+        shown = [_shortened(str(given[0]), width)]
         for name in given[1:]:
             if len(", ".join([*shown, str(name)])) > width:
                 break
@@ -123,6 +151,11 @@ def _names(est, width=40):
         rest = len(given) - len(shown)
         out[what] = ", ".join(shown) + (f", ... ({rest} more)" if rest else "")
     return out
+
+
+def _shortened(name, width):
+    """``name`` cut to ``width`` characters, ``...`` marking the cut."""
+    return name if len(name) <= width else name[:width - 3] + "..."
 
 
 def _diagnostics(est):

@@ -962,6 +962,62 @@ def test_clients_named_by_mapping_keys_reach_the_fit_and_its_summary():
         local_ols(broken, responses)
 
 
+def test_groupby_and_series_count_as_mappings_and_names_are_checked():
+    """A review: the documented long-table recipe pooled every site's rows when the
+    index repeated (a concat of per-site frames), and a Series of tables was paired
+    by position. A GroupBy and a Series are mappings now; bad client_names are refused."""
+    import dataclasses
+
+    import pandas as pd
+
+    rng = np.random.default_rng(29)
+    frames = []
+    for site, slope in zip(["Oslo", "Lyon", "Porto"], [1.0, 2.0, 3.0]):
+        x = rng.standard_normal(50)
+        frames.append(pd.DataFrame({"site": site, "one": 1.0, "x": x,
+                                    "y": slope * x + 0.1 * rng.standard_normal(50)}))
+    frame = pd.concat(frames)  # its index repeats 0..49 three times
+    sites = frame.groupby("site")
+    ols = local_ols(sites[["one", "x"]], sites[["y"]])
+    assert ols.client_names == ["Lyon", "Oslo", "Porto"]
+    assert ols.n_samples.tolist() == [50, 50, 50]
+    np.testing.assert_allclose(ols.estimates[:, 1, 0], [2.0, 1.0, 3.0], atol=0.05)
+    designs = pd.Series({site: group[["one", "x"]] for site, group in sites})
+    responses = pd.Series({site: group[["y"]] for site, group in reversed(list(sites))})
+    by_series = local_ols(designs, responses)  # paired by name, not position
+    np.testing.assert_array_equal(by_series.estimates, ols.estimates)
+    with pytest.raises(ValueError, match="2 client_names for 3 clients"):
+        dataclasses.replace(ols, client_names=["a", "b"])
+    with pytest.raises(ValueError, match="tell the clients apart"):
+        dataclasses.replace(ols, client_names=["a", "a", "b"])
+    with pytest.raises(TypeError, match="must be strings"):
+        dataclasses.replace(ols, client_names=[1, 2, 3])
+
+
+def test_names_in_the_summary_are_escaped_for_each_format():
+    """Client, feature and output names reach every format: a ``|`` stays in its
+    Markdown cell, TeX's special characters are escaped (statsmodels escapes some),
+    HTML markup is text, and one very long name is cut."""
+    import pandas as pd
+
+    rng = np.random.default_rng(31)
+    columns = ["const", "w^2", "{q}", "~t", "back\\slash", "a|b"]
+    designs = {f"<b>site</b> {k}|x^2": pd.DataFrame(
+        np.c_[np.ones(60), rng.standard_normal((60, 5))], columns=columns) for k in range(6)}
+    responses = {k: pd.DataFrame(rng.standard_normal((60, 2)), columns=["y" * 90, "z"])
+                 for k in designs}
+    summary = quiet_fit(local_ols(designs, responses), rank=0).summary()
+    rows = [line for line in summary.as_markdown().splitlines() if "site" in line]
+    assert len(rows) == 6 and all(row.count(" | ") == 6 for row in rows)  # 7 cells
+    latex = summary.as_latex()
+    for raw in ("w^2", "{q}", "~t", "\\slash"):
+        assert raw not in latex
+    assert r"w\textasciicircum{}2" in latex and r"\{q\}" in latex
+    page = summary._repr_html_()
+    assert "<b>site" not in page and "&lt;b&gt;site&lt;/b&gt;" in page
+    assert len(summary.diagnostics["outputs"]) <= 60
+
+
 def test_summary_takes_client_names():
     rng = np.random.default_rng(19)
     train = _ols_clients(rng, 6, 60, rng.standard_normal((4, 2)))
