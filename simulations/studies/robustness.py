@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import threading
 import warnings
 
 import numpy as np
@@ -136,26 +137,44 @@ def _in_range(update, benign):
                 np.all(update <= benign.max(0) + slack))
 
 
+_NARROWED = {"users": 0, "original": None}
+_NARROW_LOCK = threading.Lock()
+
+
+def _narrow(*args, **kwargs):
+    """:func:`clairstat._null.predictive_null` with half the spread."""
+    return tuple(dataclasses.replace(null, spread=0.5 * null.spread)
+                 for null in _NARROWED["original"](*args, **kwargs))
+
+
 @contextlib.contextmanager
 def _null_for(control):
     """The ``narrow-null`` control: the LoRA per-module null
     (:func:`clairstat._null.predictive_null`, as the tests call it) with half its
-    spread, so that every statistic looks twice as far from the others as it is."""
+    spread, so that every statistic looks twice as far from the others' as it is.
+
+    The patch is installed once however many replicates run it at the same time (the
+    threads of one Dask worker) and removed when the last of them ends; it is the
+    process's, so a worker must not run other studies' replicates beside a control's
+    (``python -m validation --control`` runs only the control's).
+    """
     if control != "narrow-null":
         yield
         return
-    from unittest import mock
-
     from clairstat import _inference
 
-    original = _inference.predictive_null
-
-    def narrow(*args, **kwargs):
-        return tuple(dataclasses.replace(null, spread=0.5 * null.spread)
-                     for null in original(*args, **kwargs))
-
-    with mock.patch.object(_inference, "predictive_null", narrow):
+    with _NARROW_LOCK:
+        if _NARROWED["users"] == 0:
+            _NARROWED["original"] = _inference.predictive_null
+            _inference.predictive_null = _narrow
+        _NARROWED["users"] += 1
+    try:
         yield
+    finally:
+        with _NARROW_LOCK:
+            _NARROWED["users"] -= 1
+            if _NARROWED["users"] == 0:
+                _inference.predictive_null = _NARROWED["original"]
 
 
 def _run_rules(factors, rank, seed, control=None):
@@ -212,10 +231,12 @@ STUDY = Study(
     name="robustness",
     description="Error of each aggregation rule against the benign target as the "
                 "contamination fraction grows, for five attacks",
-    grids={"smoke": grid(**{**_BASE, "n_clients": 10, "d": 12, "k": 8, "rank": 2},
+    grids={"smoke": grid(**{**_BASE, "d": 12, "k": 8, "rank": 2},
                          attack=["random", "scaled", "colluding", "sign_flip", "stealthy"],
                          # 0.0: the level without attackers, which the narrow-null
-                         # control must break at this scale too
+                         # control must break at this scale too; 20 clients as at the
+                         # other scales (with 10 the control's rate was about 0.26, and
+                         # its smoke test failed its target by one replicate: a review)
                          gamma=[0.0, 0.1, 0.2]),
            "small": grid(**_BASE, attack=list(ATTACKS), gamma=[0.0, 0.1, 0.2, 0.3, 0.4]),
            "full": grid(**_BASE, attack=list(ATTACKS),

@@ -114,7 +114,7 @@ def clair_false_discoveries(df):
 
 def clair_level_without_attackers(df):
     rows = df[df["gamma"] == 0]
-    if rows.empty:  # the smoke grid has no gamma = 0: nothing to decide on
+    if rows.empty:  # a table without gamma = 0 (an older smoke grid): nothing to decide
         return {"statistic": "P(any benign client flagged), no attacker", "expected":
                 f"<= {TEST_LEVEL}", "observed": float("nan"),
                 "interval": (float("nan"), float("nan")), "n": 0,
