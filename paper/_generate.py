@@ -1293,7 +1293,10 @@ def flagged_rerun_macros(preregistered, rerun):
     names = {"heterogeneous": "het", "homogeneous": "hom"}
     before, after = summary(preregistered), summary(rerun)
     decided = verdicts(rerun)
+    from clairstat._estimator import FEW_CLIENTS_PREDICTIVE
+
     macros = {"flagged.rerun.has": "1", "flagged.rerun.commit": NULL_COMMIT,
+              "lora.fewclients": fmt(FEW_CLIENTS_PREDICTIVE),
               "flagged.rerun.allpass": "1" if (decided["verdict"] == "pass").all()
               else "0"}
     for old, row in zip(before.to_dict("records"), after.to_dict("records")):
