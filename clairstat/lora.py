@@ -40,6 +40,7 @@ from ._reduced import eckart_young_factors, truncated_svd
 from ._threads import thread_limits
 from .aggregation import (ModuleRefinement, aggregate_modules, clair_modules, client_flags,
                           modules_work)
+from .aggregation._validation import MAX_UPDATE_NORM, _safe_norm
 
 __all__ = ["lora_scaling", "lora_pairs", "adapter_factors", "module_factors",
            "readout_factors", "factors_to_state_dict", "refine_adapters",
@@ -128,26 +129,12 @@ def check_alpha(alpha, what="lora_alpha"):
         raise ValueError(f"{what} must be a finite non-zero number, got {alpha!r}.")
 
 
-# The fits square the updates (the reduction's norms and QRs, the Gram matrices, the
-# tests' statistics) and sum the squares over clients and coordinates in float64,
-# whose largest number is 1.8e308: factors or an update of a larger norm than this
-# overflow there (a review: lora_B times 1e200 gave an infinite noise scale).
-MAX_UPDATE_NORM = 1e150
-
-
-def _safe_norm(matrix):
-    """Frobenius norm of a float64 array, without overflow where its square would."""
-    largest = float(np.max(np.abs(matrix))) if matrix.size else 0.0
-    if largest == 0.0 or not math.isfinite(largest):
-        return largest
-    return largest * float(np.linalg.norm(matrix / largest))
-
-
 def check_update_size(module, b_mat, a_mat, scale=1.0):
     """ValueError where ``scale * b_mat`` (d_out, r), ``a_mat`` (r, d_in) or their
-    product have a norm above ``MAX_UPDATE_NORM`` (the product's bounded by the
-    factors' norms; all computed without overflow). Factors holding non-finite values
-    pass: the callers' own checks name them."""
+    product have a norm above ``MAX_UPDATE_NORM`` (1e150, the bound every aggregation
+    rule's factor check applies too; the product's norm is bounded by the factors';
+    all computed without overflow). Factors holding non-finite values pass: the
+    callers' own checks name them."""
     b_norm, a_norm = _safe_norm(b_mat), _safe_norm(a_mat)
     if not (math.isfinite(b_norm) and math.isfinite(a_norm)):
         return
@@ -358,12 +345,22 @@ def readout_factors(left_basis, reduced, right_basis, rank):
                                 right_basis)
 
 
-def _like(array, template):
-    """``array`` as the type (torch or numpy) and dtype of ``template``."""
-    if hasattr(template, "detach"):
-        torch = _require("torch", "lora")
-        return torch.as_tensor(np.ascontiguousarray(array)).to(template.dtype)
-    return np.asarray(array, dtype=np.asarray(template).dtype)
+def _like(array, template, name="the tensor"):
+    """``array`` as the type (torch or numpy) and dtype of ``template``; a ValueError
+    (naming ``name``) where finite values do not fit that dtype, instead of inf."""
+    with np.errstate(over="ignore"):
+        if hasattr(template, "detach"):
+            torch = _require("torch", "lora")
+            out = torch.as_tensor(np.ascontiguousarray(array)).to(template.dtype)
+            overflow = out.is_floating_point() and not bool(torch.isfinite(out).all())
+        else:
+            out = np.asarray(array, dtype=np.asarray(template).dtype)
+            overflow = out.dtype.kind == "f" and not np.all(np.isfinite(out))
+    if overflow and np.all(np.isfinite(array)):
+        raise ValueError(f"{name}: values up to {float(np.max(np.abs(array))):.3g} do not "
+                         f"fit the template's dtype {out.dtype} (they would be "
+                         "written as inf).")
+    return out
 
 
 def factors_to_state_dict(factors, template, config=None):
@@ -383,6 +380,12 @@ def factors_to_state_dict(factors, template, config=None):
     -------
     dict
         A state dict that ``peft.set_peft_model_state_dict`` loads.
+
+    Raises
+    ------
+    ValueError
+        Factors of another rank than the template's, or finite values beyond the
+        largest number of the template's dtype (never written as inf).
     """
     out = dict(template)
     for module, keys in _parse(template).items():
@@ -392,8 +395,8 @@ def factors_to_state_dict(factors, template, config=None):
             raise ValueError(f"{module}: factors of rank {a_mat.shape[0]} do not fit "
                              f"lora_A {expected}.")
         scale = lora_scaling(config, module, a_mat.shape[0])
-        out[keys["A"]] = _like(a_mat, template[keys["A"]])
-        out[keys["B"]] = _like(b_mat / scale, template[keys["B"]])
+        out[keys["A"]] = _like(a_mat, template[keys["A"]], f"{module}: lora_A")
+        out[keys["B"]] = _like(b_mat / scale, template[keys["B"]], f"{module}: lora_B")
     return out
 
 

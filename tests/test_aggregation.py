@@ -1,6 +1,7 @@
 """Tests of the federated LoRA aggregation rules: each rule's defining property."""
 
 import itertools
+import warnings
 
 import numpy as np
 import pytest
@@ -326,6 +327,46 @@ def test_krum_scores_and_selection_match_brute_force():
     assert close(res.factors[0] @ res.factors[1], res.update)
     with pytest.raises(ValueError, match="2 n_byzantine"):
         aggregate("krum", factors, n_byzantine=3)
+
+
+def test_krum_never_selects_a_client_of_weight_zero():
+    """Only client 2 weighs: krum selected a client of weight 0 and returned its update
+    with coefficient 1 (a review)."""
+    factors = random_factors(np.random.default_rng(0), 5)
+    weights = [0, 0, 1, 0, 0]
+    res = aggregate("krum", factors, weights)
+    assert res.selected.tolist() == [2]
+    assert close(res.update, factors[2][0] @ factors[2][1])
+    res = aggregate("krum", factors, weights, multi=2)  # one more: weight 0, no say
+    assert 2 in res.selected and close(res.update, factors[2][0] @ factors[2][1])
+    res = aggregate("krum", factors, [1, 0, 1, 1, 1], multi=4)
+    assert res.selected.tolist() == [0, 2, 3, 4]
+
+
+def test_trimmed_mean_warns_when_it_cuts_no_client_whole():
+    """trim = 0.1 with fewer than 10 equally weighted clients cuts part of the extreme
+    clients' weight only: one attacker of 5 kept half of it, silently (a review)."""
+    factors = random_factors(np.random.default_rng(1), 5)
+    with pytest.warns(UserWarning, match=r"trim=0\.1 with 5 equally weighted clients cuts "
+                                         r"no client whole .* use trim >= 1 / n_clients = 0\.2"):
+        aggregate("trimmed_mean", factors)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        aggregate("trimmed_mean", factors, trim=0.2)  # a client from each tail
+        aggregate("trimmed_mean", factors, trim=0.0)  # the mean, asked for
+        aggregate("trimmed_mean", factors, [1, 2, 3, 4, 5])  # weights: not this rule
+        aggregate("trimmed_mean", random_factors(np.random.default_rng(1), 10))
+
+
+def test_bfloat16_torch_factors_are_aggregated_as_float32():
+    """numpy has no bfloat16: aggregate raised a TypeError naming no client (a review)."""
+    torch = pytest.importorskip("torch")
+    factors = random_factors(np.random.default_rng(2), 4)
+    halves = [(torch.tensor(b, dtype=torch.bfloat16), torch.tensor(a, dtype=torch.bfloat16))
+              for b, a in factors]
+    exact = [(b.float().numpy(), a.float().numpy()) for b, a in halves]  # exactly bf16's
+    for rule in ("flora", "median", "clair"):
+        assert np.array_equal(aggregate(rule, halves).update, aggregate(rule, exact).update)
 
 
 def test_geomedian_minimises_the_weighted_sum_of_distances():

@@ -250,6 +250,11 @@ def _huge(state):
     state[Q_B] = np.full((D_OUT, RANK), 1e200)
 
 
+def _large(state):
+    state[Q_A] = np.full((RANK, D_IN), 1e100)  # finite, B A ~ 1e200 (norm above 1e150)
+    state[Q_B] = np.full((D_OUT, RANK), 1e100)
+
+
 MALFORMED = {
     "rank 0": (_rank_zero, {}, "q_proj has rank 0 or is empty"),
     "empty module": (_set(Q_B, np.zeros((0, RANK), "float32")), {}, "q_proj has rank 0 or is"),
@@ -267,6 +272,18 @@ MALFORMED = {
     "huge values": (_huge, {}, "may overflow float64"),
     "count beyond float": (None, {"count": 10**400}, r"num-examples = 1000.*\.\.\. is not"),
     "list count": (None, {"count": [1, 2]}, r"num-examples = \[1, 2\] is not a finite"),
+    # finite, B A ~ 1e200: the rules' squares overflowed (CLAIR aborted the round, the
+    # geometric median went inf; a review)
+    "update too large": (_large, {},
+                         r"q_proj: its update is too large for float64 arithmetic"),
+    "string factor": (_set(Q_B, np.full((D_OUT, RANK), "x")), {},
+                      r"q_proj\.lora_B\.weight has dtype <U1, not real numbers"),
+    "complex factor": (_set(Q_A, np.ones((RANK, D_IN), dtype=complex)), {},
+                       r"q_proj\.lora_A\.weight has dtype complex128, not real"),
+    # a float64 reply of 1e40 among float32 ones: the outputs (float32) got inf
+    "beyond float32": (_set(Q_A, np.full((RANK, D_IN), 1e40)), {},
+                       r"q_proj\.lora_A\.weight holds values up to 1e\+40, beyond the "
+                       r"largest float32"),
 }
 
 
@@ -325,6 +342,58 @@ def test_a_head_beside_the_lora_pairs_is_not_sent_from_one_reply(rule, caplog):
     assert "not tested by any rule" in caplog.text
 
 
+H = "base_model.model.head.weight"
+
+
+def _head(value):
+    def corrupt(state):
+        if value is None:
+            del state[H]
+        else:
+            state[H] = value
+    return corrupt
+
+
+BAD_HEADS = {
+    "NaN": (_head(np.full((3, 4), np.nan, dtype=np.float32)), r"head\.weight holds non-finite"),
+    "inf": (_head(np.full((3, 4), -np.inf)), r"head\.weight holds non-finite"),
+    "string": (_head(np.full((3, 4), "x")), r"head\.weight has dtype <U1, not real"),
+    "complex": (_head(np.ones((3, 4), dtype=complex)), r"head\.weight has dtype complex"),
+    "other shape": (_head(np.full((1, 1), 1e30, dtype=np.float32)),
+                    r"'base_model\.model\.head\.weight': \(1, 1\)\} differ from those of "
+                    r"most replies"),
+    "missing": (_head(None), "differ from those of most replies"),
+    "beyond float32": (_head(np.full((3, 4), 1e40)), r"head\.weight holds values up to 1e\+40"),
+}
+
+
+@pytest.mark.parametrize("rule", ["clair", "median"])
+@pytest.mark.parametrize("node", [0, 2])
+@pytest.mark.parametrize("case", list(BAD_HEADS))
+def test_a_malformed_head_beside_the_lora_pairs_drops_its_reply(case, node, rule, caplog):
+    """Every tensor of a reply is screened, the untested ones too: a NaN head went into
+    the global adapter, a string head aborted the round, and the first reply's head
+    shape (or its lack of a head) made every other reply's head ignored (a review). The
+    head's keys and shape are those most replies share."""
+    corrupt, reason = BAD_HEADS[case]
+    states = [dict(client_adapter(k)) for k in range(N_NODES)]
+    for state in states:
+        state[H] = np.ones((3, 4), dtype=np.float32)
+    corrupt(states[node])
+    strategy = LoraStrategy(rule=rule, lora_config=LORA, rule_options=(
+        {"rank": 1} if rule == "clair" else {}))
+    with caplog.at_level("WARNING", logger="clairstat.integrations.flower"):
+        arrays, metrics = strategy.aggregate_train(1, [_reply(n, s) for n, s in
+                                                       zip(NODES, states)])
+    assert metrics["n-dropped"] == 1 and metrics["dropped-nodes"] == [NODES[node]]
+    assert __import__("re").search(reason, strategy.dropped_[1][NODES[node]])
+    assert f"dropped the reply of node {NODES[node]}" in caplog.text
+    head = arrays_to_state_dict(arrays)[H]
+    assert head.dtype == np.float32 and np.array_equal(head, np.ones((3, 4), np.float32))
+    for node_arrays in strategy.client_arrays_.values():
+        assert np.array_equal(arrays_to_state_dict(node_arrays)[H], head)
+
+
 def test_fewer_than_two_valid_replies_fail_clearly():
     states = [client_adapter(k) for k in range(3)]
     replies = [_reply(NODES[0], states[0]), _reply(NODES[1], states[1], count=-1),
@@ -336,7 +405,9 @@ def test_fewer_than_two_valid_replies_fail_clearly():
 
 
 def test_a_huge_example_count_is_capped_at_the_weight_ratio():
-    """One client claims 1e308 examples, the others 10: it weighs as 10 median clients."""
+    """One client claims 1e308 examples, the others 10: it weighs as 10 median clients
+    under the ratio cap alone, and with the share cap (the default) a third of the
+    round, 2.5 median clients."""
     states = [client_adapter(k) for k in range(N_NODES)]
     counts = [10] * N_NODES
     counts[2] = 1e308
@@ -344,17 +415,22 @@ def test_a_huge_example_count_is_capped_at_the_weight_ratio():
     losses[2] = 100.0
     replies = [_reply(n, s, count=c, loss=v)
                for n, s, c, v in zip(NODES, states, counts, losses)]
-    strategy = LoraStrategy(rule="flora", lora_config=LORA, max_weight_ratio=10.0)
-    _, metrics = strategy.aggregate_train(1, replies)
-    expected = np.ones(N_NODES)
-    expected[2] = 10.0  # the cap: 10 times the median claim
-    expected /= expected.sum()
     eps = np.finfo(float).eps  # a normalisation of six numbers: a few ulps
-    assert np.allclose([strategy.weights_[n] for n in NODES], expected, rtol=8 * eps, atol=0)
-    result = next(iter(strategy.last_results_.values()))
-    assert np.allclose(result.weights, expected, rtol=8 * eps, atol=0)
-    assert metrics["loss"] == pytest.approx(expected @ losses, rel=8 * eps)  # capped too
-    uncapped = LoraStrategy(rule="flora", lora_config=LORA, max_weight_ratio=None)
+    for share, capped in ((None, 10.0), (1 / 3, 2.5)):  # 2.5 = (5 x 1) / 2: a third
+        strategy = LoraStrategy(rule="flora", lora_config=LORA, max_weight_ratio=10.0,
+                                max_weight_share=share)
+        _, metrics = strategy.aggregate_train(1, replies)
+        expected = np.ones(N_NODES)
+        expected[2] = capped
+        expected /= expected.sum()
+        assert np.allclose([strategy.weights_[n] for n in NODES], expected, rtol=8 * eps,
+                           atol=0)
+        result = next(iter(strategy.last_results_.values()))
+        assert np.allclose(result.weights, expected, rtol=8 * eps, atol=0)
+        assert metrics["loss"] == pytest.approx(expected @ losses, rel=8 * eps)  # capped too
+    assert strategy.weights_[NODES[2]] == pytest.approx(1 / 3, rel=8 * eps)
+    uncapped = LoraStrategy(rule="flora", lora_config=LORA, max_weight_ratio=None,
+                            max_weight_share=None)
     uncapped.aggregate_train(1, replies)  # without the cap: finite, but node 103 takes all
     uncapped_weights = np.array(list(uncapped.weights_.values()))
     assert np.isfinite(uncapped_weights).all() and uncapped.weights_[NODES[2]] == 1.0
@@ -363,6 +439,48 @@ def test_a_huge_example_count_is_capped_at_the_weight_ratio():
 def test_max_weight_ratio_is_validated():
     with pytest.raises(ValueError, match="max_weight_ratio"):
         LoraStrategy(max_weight_ratio=0.5)
+    for share in (0.0, 0.5, 1.0):
+        with pytest.raises(ValueError, match="max_weight_share"):
+            LoraStrategy(max_weight_share=share)
+
+
+def test_no_client_holds_a_third_of_the_weight_by_its_claim():
+    """cap_weights: with 3 clients or more none holds more than 1/3 of the weight, with
+    2 they weigh equally, whatever the claims."""
+    from clairstat.integrations.flower import cap_weights
+
+    rng = np.random.default_rng(0)
+    eps = np.finfo(float).eps
+    for n_clients in range(2, 14):
+        for claims in ([10.0] * (n_clients - 1) + [1e308], [1e308] * 2 + [1.0] * (n_clients - 2),
+                       rng.exponential(size=n_clients) ** 20 + 1e-300):
+            weights = cap_weights(claims)
+            share = (weights / weights.sum()).max()
+            assert share <= max(1 / 3, 1 / n_clients) * (1 + 8 * eps), (n_clients, claims)
+            assert np.all(weights <= cap_weights(claims, max_share=None))  # only cuts
+
+
+@pytest.mark.parametrize("rule", ["median", "geomedian"])
+def test_a_huge_claim_does_not_make_the_robust_rules_return_its_update(rule):
+    """One client claiming 1e308 examples among 5 honest clients claiming 10: the ratio
+    cap alone gave it 10/15 of the weight, and the weighted median and geometric median
+    returned its update (a review). With the share cap they stay with the others."""
+    states = [client_adapter(k) for k in range(N_NODES)]
+    counts = [10] * N_NODES
+    counts[ADVERSARY] = 1e308
+    replies = [_reply(n, s, count=c) for n, s, c in zip(NODES, states, counts)]
+    strategy = LoraStrategy(rule=rule, lora_config=LORA)
+    strategy.aggregate_train(1, replies)
+    assert max(strategy.weights_.values()) <= 1 / 3 * (1 + 8 * np.finfo(float).eps)
+    updates = [{module: b_mat @ a_mat for module, (b_mat, a_mat)
+                in adapter_factors(state, LORA).items()} for state in states]
+    for module, attacker in updates[ADVERSARY].items():
+        honest = [client[module] for client in updates[:ADVERSARY]]
+        update = np.asarray(strategy.last_results_[module].update)
+        # Closer to the honest clients' median than to the attacker's update, by far.
+        to_attacker = np.linalg.norm(update - attacker)
+        to_honest = np.linalg.norm(update - np.median(honest, axis=0))
+        assert to_honest < 0.2 * to_attacker, (module, to_honest, to_attacker)
 
 
 @pytest.mark.parametrize("rule", ["clair", "median", "fedit"])
@@ -401,8 +519,9 @@ def test_evaluation_drops_malformed_replies_and_caps_counts(caplog):
     assert set(strategy.dropped_evaluate_[4]) == {NODES[2], NODES[3]}
     assert metrics["n-dropped"] == 2 and metrics["dropped-nodes"] == [NODES[2], NODES[3]]
     assert sum("evaluation reply of node" in r.getMessage() for r in caplog.records) == 2
-    # Valid: three clients at 10 examples (weight 1 each), one capped at 10 x the median.
-    expected = (3 * 0.5 + 10 * 1.0) / 13  # a weighted mean of four numbers: a few ulps
+    # Valid: three clients at 10 examples (weight 1 each), one capped at 10 x the median,
+    # then at a third of the total weight: 1.5.
+    expected = (3 * 0.5 + 1.5 * 1.0) / 4.5  # a weighted mean of four numbers: a few ulps
     assert metrics["accuracy"] == pytest.approx(expected, rel=8 * np.finfo(float).eps)
 
 

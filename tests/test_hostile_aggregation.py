@@ -58,6 +58,30 @@ def test_update_that_overflows_is_refused(rng):
         aggregate("fedit", factors)
 
 
+@pytest.mark.parametrize("rule", RULE_NAMES)
+@pytest.mark.parametrize("scale", [1e100, 1e151])
+def test_update_too_large_for_the_rules_arithmetic_is_refused(rule, scale, rng):
+    """Factors of 1e100 (B A ~ 1e200, finite) passed the overflow check, and the rules
+    squaring them overflowed: geomedian returned an inf-dominated mean marked converged,
+    krum's scores were NaN, clair blamed a noise_scale nobody passed (a review). Every
+    rule now refuses them, naming the client."""
+    factors = shared_a_factors(rng)
+    b_mat, a_mat = factors[2]
+    factors[2] = (scale * b_mat, a_mat if scale > 1e150 else scale * a_mat)
+    with pytest.raises(ValueError, match=r"factors\[2\]: its update is too large for "
+                                         r"float64 arithmetic: B has norm"):
+        aggregate(rule, factors)
+
+
+@pytest.mark.parametrize("rule", ["geomedian", "krum", "clair"])
+def test_every_client_at_a_huge_scale_is_refused(rule, rng):
+    """Clients at scale 1e80 each (updates ~1e160): krum's scores were NaN and it chose
+    the first client; now the first client whose update is too large is named."""
+    factors = [(1e80 * b_mat, 1e80 * a_mat) for b_mat, a_mat in shared_a_factors(rng)]
+    with pytest.raises(ValueError, match=r"factors\[0\]: its update is too large"):
+        aggregate(rule, factors)
+
+
 # ------------------------------------------------------------ shapes and ranks
 
 def _wrong_module_shape(factors):

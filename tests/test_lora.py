@@ -1,5 +1,6 @@
 """Tests of clairstat.lora: peft adapters <-> per-module updates, CLAIR on the reduction."""
 
+import re
 import subprocess
 import sys
 
@@ -99,6 +100,23 @@ def test_round_trip_keeps_keys_dtypes_and_scaling(rng):
     for key in state:
         assert back[key].dtype == torch.float32
         assert torch.allclose(back[key], state[key])
+
+
+@pytest.mark.parametrize("tensors", ["numpy", "torch"])
+def test_values_beyond_the_template_dtype_are_refused_not_written_as_inf(tensors, rng):
+    """A float32 template and factors of 1e40 (finite in float64): the cast wrote inf
+    into the adapter (a review: every client of a Flower round received it)."""
+    state = {k: v.astype(np.float32) for k, v in
+             lora_state([rng.standard_normal((6, 2))], [rng.standard_normal((2, 5))]).items()}
+    if tensors == "torch":
+        torch = pytest.importorskip("torch")
+        state = {k: torch.as_tensor(v) for k, v in state.items()}
+    factors = adapter_factors(state)
+    module = next(iter(factors))
+    factors[module] = (1e40 * factors[module][0], factors[module][1])
+    message = r": lora_B: values up to .*e\+40 do not fit the template's dtype (torch\.)?float32"
+    with pytest.raises(ValueError, match=re.escape(module) + message):
+        factors_to_state_dict(factors, state)
 
 
 def test_default_refinement_flags_the_clients_off_the_subspace(rng):

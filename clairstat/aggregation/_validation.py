@@ -4,6 +4,7 @@ coordinates, ``orthonormal_basis`` and ``rank_tolerance``, is in :mod:`clairstat
 from __future__ import annotations
 
 import collections
+import math
 
 import numpy as np
 
@@ -11,6 +12,21 @@ __all__ = ["check_factors", "check_weights", "common_rank", "stacked_factors",
            "exact_update", "dense_updates"]
 
 _REAL_KINDS = "biuf"  # bool, signed and unsigned integers, floating point
+
+# The rules square the updates (the reductions' norms and QRs, the Gram matrices, the
+# tests' statistics) and sum the squares over clients and coordinates in float64, whose
+# largest number is 1.8e308: factors or an update of a larger norm than this overflow
+# there (reviews: lora_B times 1e200 gave an infinite noise scale; factors of 1e150,
+# finite, made geomedian's Gram matrix inf and krum's scores NaN).
+MAX_UPDATE_NORM = 1e150
+
+
+def _safe_norm(matrix):
+    """Frobenius norm of a float64 array, without overflow where its square would."""
+    largest = float(np.max(np.abs(matrix))) if matrix.size else 0.0
+    if largest == 0.0 or not math.isfinite(largest):
+        return largest
+    return largest * float(np.linalg.norm(matrix / largest))
 
 
 def _check_matrix(index, name, matrix):
@@ -27,11 +43,22 @@ def _check_matrix(index, name, matrix):
                          f"value(s) (first {name}{list(first)} = {matrix[first]}).")
 
 
+def _as_array(matrix):
+    """A numpy array; a torch tensor from any device, bfloat16 (which numpy lacks) as
+    float32, exactly (``np.asarray`` raised a TypeError naming no client: a review)."""
+    if hasattr(matrix, "detach"):
+        matrix = matrix.detach().cpu()
+        if str(matrix.dtype) == "torch.bfloat16":
+            matrix = matrix.float()
+        return matrix.numpy()
+    return np.asarray(matrix)
+
+
 def _check_pair(index, pair):
     """Client ``index``'s ``(B, A)``: finite, rank >= 1, inner dimensions that match."""
     if len(pair) != 2:
         raise ValueError(f"factors[{index}] must be a (B, A) pair.")
-    b_mat, a_mat = (np.asarray(m) for m in pair)
+    b_mat, a_mat = (_as_array(m) for m in pair)
     _check_matrix(index, "B", b_mat)
     _check_matrix(index, "A", a_mat)
     if b_mat.shape[1] != a_mat.shape[0]:
@@ -65,12 +92,24 @@ def _check_overflow(index, b_mat, a_mat, dtype):
                          f"r max|B| max|A| = {bound:.3g}).")
 
 
+def _check_size(where, b_mat, a_mat):
+    """``B`` and ``A`` of norms at most ``MAX_UPDATE_NORM``, and their product's bound too
+    (``where`` names them in the ValueError)."""
+    b_norm, a_norm = _safe_norm(b_mat), _safe_norm(a_mat)
+    if max(b_norm, a_norm, b_norm * a_norm) > MAX_UPDATE_NORM:
+        raise ValueError(f"{where}: its update is too large for float64 arithmetic: "
+                         f"B has norm {b_norm:.3g}, A {a_norm:.3g} (each, and their product, "
+                         f"must stay below {MAX_UPDATE_NORM:.0e}; the rules square them).")
+
+
 def check_factors(factors):
     """Validate a list of ``(B_i, A_i)`` pairs and cast them to one floating dtype.
 
     Each ``B_i`` (d, r_i) and ``A_i`` (r_i, k) must be a 2-D array of finite real numbers
     with ``r_i >= 1`` (zero entries are fine: a fresh adapter's ``B = 0`` is a zero
-    update), every client must have the same (d, k), and ``B_i A_i`` must not overflow.
+    update), every client must have the same (d, k), ``B_i A_i`` must not overflow, and
+    the norms of ``B_i``, ``A_i`` and their product (bounded by ``|B_i| |A_i|``) must be
+    at most ``MAX_UPDATE_NORM`` (1e150: every rule squares the updates in float64).
     A ValueError names the offending client, ``factors[i]``, and the factor, A or B.
 
     Returns
@@ -94,7 +133,10 @@ def check_factors(factors):
     dtype = np.result_type(*[m for pair in pairs for m in pair], np.float32)
     for index, (b_mat, a_mat) in enumerate(pairs):
         _check_overflow(index, b_mat, a_mat, dtype)
-    return [(b.astype(dtype, copy=False), a.astype(dtype, copy=False)) for b, a in pairs]
+    pairs = [(b.astype(dtype, copy=False), a.astype(dtype, copy=False)) for b, a in pairs]
+    for index, (b_mat, a_mat) in enumerate(pairs):
+        _check_size(f"factors[{index}]", b_mat, a_mat)
+    return pairs
 
 
 def check_weights(weights, n_clients):

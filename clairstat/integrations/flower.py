@@ -13,8 +13,9 @@ its own fit; a flagged client gets its own adapter back), for the other rules th
 global update read out at that client's rank.
 
 One malformed reply does not abort the round: it is dropped, logged and counted (see
-:class:`LoraStrategy`), and no client's example count can claim more than
-``max_weight_ratio`` times the median claim.
+:class:`LoraStrategy`), no client's example count can claim more than
+``max_weight_ratio`` times the median claim, and no client holds more than
+``max_weight_share`` (1/3) of the round's weight.
 
 Importing this module needs Flower (``pip install clairstat[flower,lora]``).
 
@@ -44,7 +45,8 @@ except ImportError as error:  # pragma: no cover - depends on the environment
     raise ImportError("clairstat.integrations.flower needs Flower: "
                       "pip install clairstat[flower,lora]") from error
 
-from ..lora import (adapter_factors, aggregate_adapters, global_state_dict,
+from ..aggregation._validation import _REAL_KINDS, _check_size
+from ..lora import (adapter_factors, aggregate_adapters, global_state_dict, lora_scaling,
                     personalized_state_dicts, untested_keys)
 
 __all__ = ["LoraStrategy", "arrays_to_state_dict", "state_dict_to_arrays", "cap_weights"]
@@ -68,8 +70,10 @@ def state_dict_to_arrays(state_dict):
     return ArrayRecord(arrays)
 
 
-def cap_weights(claims, max_ratio=10.0):
-    """Relative client weights: each claim over the median claim, capped at ``max_ratio``.
+def cap_weights(claims, max_ratio=10.0, max_share=1 / 3):
+    """Relative client weights: each claim over the median claim, capped at ``max_ratio``,
+    then at a common level that keeps every client's share of the total weight at most
+    ``max_share``.
 
     Parameters
     ----------
@@ -77,21 +81,53 @@ def cap_weights(claims, max_ratio=10.0):
         Finite positive example counts, as the clients report them.
     max_ratio : float or None, default=10.0
         Cap, in multiples of the median claim (``None``: no cap).
+    max_share : float or None, default=1/3
+        Largest share of the total weight one client may hold (``None``: no such cap).
+        With ``n_clients < 1 / max_share`` the largest share is ``1 / n_clients``.
 
     Returns
     -------
     ndarray of shape (n_clients,)
-        ``min(n_k / median(n), max_ratio)``: scale-free (only ratios matter to a weighted
-        mean) and never overflowing, however large the claims.
+        ``w_k = min(v_k, t)`` with ``v_k = min(n_k / median(n), max_ratio)``: scale-free
+        (only ratios matter to a weighted mean) and never overflowing, however large the
+        claims. With ``s = max(max_share, 1 / n_clients)``, the level ``t`` solves
+        ``t = s * sum_j min(v_j, t)`` (``t = inf``, no cap, where every
+        ``v_k <= s * sum_j v_j``), so that no client holds more than ``s`` of the total
+        weight: with the defaults and 3 or more clients at most 1/3, so that a weighted
+        median or geometric median never returns one client's update because of its
+        claim (the median cap alone let one client among 11 or fewer hold more than
+        half: a review). Two clients get equal weights.
 
     Examples
     --------
-    >>> cap_weights([10, 20, 10, 1e308]).tolist()
-    [0.6666666666666666, 1.3333333333333333, 0.6666666666666666, 10.0]
+    >>> cap_weights([10, 10, 10, 10, 1e308], max_share=None).tolist()
+    [1.0, 1.0, 1.0, 1.0, 10.0]
+    >>> cap_weights([10, 10, 10, 10, 1e308]).tolist()  # 2 of 6: a third
+    [1.0, 1.0, 1.0, 1.0, 2.0]
     """
     claims = np.asarray(claims, dtype=float)
-    relative = claims / np.median(claims)
-    return relative if max_ratio is None else np.minimum(relative, max_ratio)
+    # the median of halves, doubled: exact, and two claims of 1e308 cannot sum to inf
+    relative = claims / (2.0 * np.median(claims / 2.0))
+    if max_ratio is not None:
+        relative = np.minimum(relative, max_ratio)
+    if max_share is None:
+        return relative
+    share = max(max_share, 1.0 / relative.size)
+    # Cap the m largest weights at t = share (m t + rest[m]) = rest[m] / (1 / share - m),
+    # rest[m] the sum of the others, for the smallest m at which the (m + 1)-th largest
+    # weight is at most t (m = 0: no weight above share times the total, none capped).
+    scale = 2.0 ** np.floor(np.log2(relative.max()))  # exact: sums cannot overflow
+    ordered = np.sort(relative / scale)[::-1]
+    rest = np.cumsum(ordered[::-1])[::-1]
+    level = ordered[-1]  # every weight equal: reached only through rounding
+    for m in range(relative.size):
+        if 1.0 / share - m <= 0.0:
+            break
+        if rest[m] / (1.0 / share - m) >= ordered[m]:
+            level = rest[m] / (1.0 / share - m)
+            break
+    capped = np.minimum(relative, level * scale)
+    return capped if capped.max() > 0 else np.ones_like(capped)  # 0: the tiniest underflow
 
 
 # Rules that need every client at the same rank: for them a reply's ranks are part of
@@ -108,7 +144,10 @@ def _untested_median(global_state, adapters):
     modules, biases, trainable tokens: no rule tests them) as their coordinate-wise
     median over the replies that hold them at the first reply's shape, instead of the
     first reply's own (which every client then received: a review found one client's
-    poisoned head sent to all). Logged once per call."""
+    poisoned head sent to all). The strategy's screen has already dropped the replies
+    whose such tensors are not finite real numbers, or whose keys and shapes differ from
+    those most replies share, so every reply holds them at one shape. Logged once per
+    call."""
     keys = untested_keys(global_state)
     for key in keys:
         reference = np.asarray(global_state[key])
@@ -153,9 +192,18 @@ class LoraStrategy(FedAvg):
         Weight cap: a client's weight is its example count (the ``weighted_by_key``
         metric) over the median count of the round's valid replies, capped at this
         ratio (:func:`cap_weights`). A client claiming 1e308 examples among clients
-        claiming about 100 weighs as 10 median clients, not all of the round. ``None``
-        disables the cap (the counts are still divided by their median, so huge claims
-        cannot overflow). The capped weights also weight FedAvg's metric averages.
+        claiming about 100 weighs at most as 10 median clients, not all of the round.
+        ``None`` disables this cap (the counts are still divided by their median, so
+        huge claims cannot overflow). The capped weights also weight FedAvg's metric
+        averages.
+    max_weight_share : float or None, default=1/3
+        Second cap, after ``max_weight_ratio``: the weights above a common level are cut
+        to it, the level chosen so that no client holds more than this share of the
+        round's total weight (:func:`cap_weights`; ``1 / n`` with ``n`` valid replies
+        where that is larger: two replies weigh equally). Must be below 1/2, so that no
+        claim makes one client the weighted median or geometric median alone (with 6
+        clients, the ratio cap alone left a claim of 1e308 with 10/15 of the weight).
+        ``None`` disables it.
     **fedavg_options
         Passed to :class:`flwr.serverapp.strategy.FedAvg` (``fraction_train``,
         ``min_available_nodes``, ``weighted_by_key``, ...).
@@ -172,7 +220,7 @@ class LoraStrategy(FedAvg):
     dropped_evaluate_ : dict of int to dict of int to str
         The same for the evaluation replies (:meth:`aggregate_evaluate`).
     weights_ : dict of int to float
-        The last round's normalised client weights (after the cap), by node id.
+        The last round's normalised client weights (after the caps), by node id.
     last_results_ : dict of str to AggregationResult
         The last round's clairstat output, per module (for CLAIR each result holds the
         fitted estimator, the flags and the refined updates).
@@ -181,11 +229,19 @@ class LoraStrategy(FedAvg):
     -----
     **Malformed replies.** A reply is dropped, not aggregated, when it lacks exactly one
     ArrayRecord and one MetricRecord, its count (``weighted_by_key``) is missing or not a
-    finite positive number, its adapter has no complete ``lora_A``/``lora_B`` pairs, a
-    factor that is not 2-D, inner dimensions that do not match, a module of rank 0, a
-    non-finite value or values so large that ``B A`` may overflow, or when its modules and
-    their (d_out, d_in) shapes (and ranks, for the rules that need equal ranks: fedit, ffa,
-    fedex, fedrot) differ from those most replies share. Each dropped reply is logged
+    finite positive number, any of its tensors (the LoRA factors and those beside them)
+    has a dtype that is not real numbers or holds a non-finite value, its adapter has no
+    complete ``lora_A``/``lora_B`` pairs, a factor that is not 2-D, inner dimensions that
+    do not match, a module of rank 0, values so large that ``B A`` may overflow, or an
+    update too large for the rules' float64 arithmetic (``scale x lora_B``, ``lora_A`` or
+    their product of a norm above 1e150, the bound of
+    :func:`clairstat.aggregation.aggregate`), when its modules and their (d_out, d_in)
+    shapes (and ranks, for the rules that need equal ranks: fedit, ffa, fedex, fedrot),
+    and the keys and shapes of its tensors beside the LoRA pairs, differ from those most
+    replies share, or when a tensor holds values beyond the largest number of a floating
+    dtype the valid replies give that tensor (the outputs are written in the replies'
+    dtypes: a float64 value of 1e40 cannot be written as float32, and is not written as
+    inf). Each dropped reply is logged
     (logger ``clairstat.integrations.flower``, level WARNING, with the node id and the
     reason), recorded in ``dropped_`` and reported in the round's train metrics as
     ``n-dropped`` (count) and ``dropped-nodes`` (node ids). The round goes on with the other
@@ -202,10 +258,13 @@ class LoraStrategy(FedAvg):
 
     def __init__(self, rule="clair", lora_config=None, personalized=True,
                  rule_options=None, max_weight_ratio=10.0, flagged_receive="own",
-                 **fedavg_options):
+                 max_weight_share=1 / 3, **fedavg_options):
         super().__init__(**fedavg_options)
         if max_weight_ratio is not None and not max_weight_ratio >= 1.0:
             raise ValueError(f"max_weight_ratio must be >= 1 or None, got {max_weight_ratio}.")
+        if max_weight_share is not None and not 0.0 < max_weight_share < 0.5:
+            raise ValueError(f"max_weight_share must be in (0, 1/2) or None, "
+                             f"got {max_weight_share}.")
         if flagged_receive not in ("own", "global"):
             raise ValueError(f"flagged_receive must be 'own' or 'global', "
                              f"got {flagged_receive!r}.")
@@ -215,6 +274,7 @@ class LoraStrategy(FedAvg):
         self.personalized = personalized
         self.rule_options = dict(rule_options or {})
         self.max_weight_ratio = max_weight_ratio
+        self.max_weight_share = max_weight_share
         self.client_arrays_, self.flagged_, self.last_results_ = {}, {}, None
         self.dropped_, self.dropped_evaluate_, self.weights_ = {}, {}, {}
 
@@ -225,8 +285,8 @@ class LoraStrategy(FedAvg):
         from flwr.supercore import log
 
         log(INFO, "\t├──> clairstat rule: %s (personalized=%s, flagged_receive=%s, "
-            "max_weight_ratio=%s)", self.rule, self.personalized, self.flagged_receive,
-            self.max_weight_ratio)
+            "max_weight_ratio=%s, max_weight_share=%s)", self.rule, self.personalized,
+            self.flagged_receive, self.max_weight_ratio, self.max_weight_share)
         super().summary()
 
     def _personalize(self, messages):
@@ -275,9 +335,16 @@ class LoraStrategy(FedAvg):
 
     def _adapter(self, content):
         """The reply's adapter and its shape signature ``((module, (d_out, d_in)), ...)``
-        (``(d_out, d_in, r)`` for the rules that need equal ranks)."""
+        (``(d_out, d_in, r)`` for the rules that need equal ranks), followed by
+        ``(key, shape)`` of each tensor beside the LoRA pairs."""
         try:
             state = arrays_to_state_dict(next(iter(content.array_records.values())))
+        except (ValueError, TypeError, KeyError) as error:
+            raise _MalformedReply(f"unreadable adapter: {error}") from error
+        for key, value in state.items():  # every tensor, the untested ones too
+            if value.dtype.kind not in _REAL_KINDS:
+                raise _MalformedReply(f"{key} has dtype {value.dtype}, not real numbers")
+        try:
             factors = adapter_factors(state)  # unscaled: rank 0 must not reach alpha / r
         except (ValueError, TypeError, KeyError) as error:
             raise _MalformedReply(f"unreadable adapter: {error}") from error
@@ -292,9 +359,22 @@ class LoraStrategy(FedAvg):
             bound = a_mat.shape[0] * float(np.abs(b_mat).max()) * float(np.abs(a_mat).max())
             if not math.isfinite(bound):  # Python floats: inf, without a RuntimeWarning
                 raise _MalformedReply(f"{module}: lora_B lora_A may overflow float64")
+            # The rules' own bound (clairstat.aggregation.check_factors), on the factors
+            # they receive: scale x lora_B exactly as aggregate_adapters computes it.
+            scale = lora_scaling(self.lora_config, module, a_mat.shape[0])
+            with np.errstate(over="ignore"):
+                scaled = scale * b_mat
+            try:
+                _check_size(module, scaled, a_mat)
+            except ValueError as error:  # B there is scale x lora_B
+                raise _MalformedReply(str(error)) from None
+        untested = untested_keys(state)
+        for key in untested:
+            if not np.all(np.isfinite(state[key])):
+                raise _MalformedReply(f"{key} holds non-finite values")
         signature = tuple(sorted((module, self._shape(b_mat, a_mat))
                                  for module, (b_mat, a_mat) in factors.items()))
-        return state, signature
+        return state, signature + tuple((key, state[key].shape) for key in untested)
 
     def _shape(self, b_mat, a_mat):
         """``(d_out, d_in)``, and the rank for the rules that need equal ranks."""
@@ -317,6 +397,7 @@ class LoraStrategy(FedAvg):
                 dropped[item[1]] = (f"modules and shapes {dict(item[-1])} differ from "
                                     f"those of most replies {dict(common)}")
             read = [item for item in read if item[-1] == common]
+            read = _fit_output_dtypes(read, dropped)
         _log_dropped(server_round, "", dropped)
         self.dropped_[server_round] = dropped
         return read, dropped
@@ -355,7 +436,8 @@ class LoraStrategy(FedAvg):
         """Aggregate the well-formed replies' adapters with the clairstat rule.
 
         Malformed replies are dropped and reported (class Notes); the example counts
-        are capped at ``max_weight_ratio`` times their median.
+        are capped at ``max_weight_ratio`` times their median, and then so that no
+        client holds more than ``max_weight_share`` of the weight.
 
         Returns
         -------
@@ -380,7 +462,7 @@ class LoraStrategy(FedAvg):
                              f"{len(dropped)} malformed ones ({dropped}); aggregation needs "
                              "at least 2.")
         messages, nodes, counts, adapters, _ = (list(column) for column in zip(*read))
-        weights = cap_weights(counts, self.max_weight_ratio)
+        weights = cap_weights(counts, self.max_weight_ratio, self.max_weight_share)
         self.weights_ = dict(zip(nodes, (weights / weights.sum()).tolist()))
         per_client, global_adapter, flagged = self._aggregate(adapters, weights)
         self.client_arrays_ = {node: state_dict_to_arrays(sd)
@@ -414,10 +496,40 @@ class LoraStrategy(FedAvg):
         self.dropped_evaluate_[server_round] = dropped
         if not kept:
             return None
-        weights = cap_weights(counts, self.max_weight_ratio)
+        weights = cap_weights(counts, self.max_weight_ratio, self.max_weight_share)
         metrics = self._metrics(kept, weights, self.evaluate_metrics_aggr_fn)
         return MetricRecord({**dict(metrics.items()), "n-dropped": len(dropped),
                              "dropped-nodes": [int(n) for n in dropped]})
+
+
+def _fit_output_dtypes(read, dropped):
+    """The screened replies whose values fit every dtype an output is written in; the
+    others are added to ``dropped``.
+
+    The global adapter takes the dtypes of the first valid reply, each personalized one
+    those of its client: a tensor's values must fit the smallest floating dtype the
+    replies give it (the largest finite number of float32 is 3.4e38: a float64 reply
+    of 1e40 among float32 ones wrote inf into every client's adapter, a review)."""
+    limits = {}
+    for item in read:
+        for key, value in item[3].items():
+            if value.dtype.kind == "f":
+                limit = float(np.finfo(value.dtype).max)
+                if limit < limits.get(key, (math.inf,))[0]:
+                    limits[key] = (limit, value.dtype)
+    kept = []
+    for item in read:
+        for key, value in item[3].items():
+            largest = max(float(value.max()), -float(value.min())) if value.size else 0.0
+            if key in limits and largest > limits[key][0]:
+                limit, dtype = limits[key]
+                dropped[item[1]] = (f"{key} holds values up to {largest:.3g}, beyond the "
+                                    f"largest {dtype} ({limit:.3g}), a dtype the outputs "
+                                    "are written in")
+                break
+        else:
+            kept.append(item)
+    return kept
 
 
 def _log_dropped(server_round, kind, dropped):
