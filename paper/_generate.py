@@ -1240,6 +1240,13 @@ def sweep_quarantine_macros(before, after):
             "copy.quarantine.sweep.worst.share": fmt_pct(worst[5], 0, sign=False)}
 
 
+def _diff_text(row):
+    """A copying_flagged summary row's clip - quarantine difference with its interval."""
+    sign = "+" if row["diff"] > 0 else ""
+    return (f"{sign}{fmt_fixed(row['diff'], 2)} [{fmt_fixed(row['diff_low'], 2)}, "
+            f"{fmt_fixed(row['diff_high'], 2)}]")
+
+
 def flagged_macros(frame, scale):
     """The comparison of the stand-ins for a module-flagged update (``copying_flagged``):
     per cell (``flagged.het16``, ``flagged.het8``, ``flagged.hom16``) each policy's gain,
@@ -1259,11 +1266,8 @@ def flagged_macros(frame, scale):
               "flagged.flagdiffs": fmt(int(decided["observed"].iloc[-1]))}
     for row in table.to_dict("records"):
         key = f"flagged.{names[row['setting']]}{int(row['n_clients'])}"
-        sign = "+" if row["diff"] > 0 else ""
         macros.update({
-            f"{key}.diff": (f"{sign}{fmt_fixed(row['diff'], 2)} "
-                            f"[{fmt_fixed(row['diff_low'], 2)}, "
-                            f"{fmt_fixed(row['diff_high'], 2)}]"),
+            f"{key}.diff": _diff_text(row),
             f"{key}.quarantine": _gain_text(row["gain_quarantine"],
                                             row["low_quarantine"],
                                             row["high_quarantine"]),
@@ -1301,11 +1305,8 @@ def flagged_rerun_macros(preregistered, rerun):
               else "0"}
     for old, row in zip(before.to_dict("records"), after.to_dict("records")):
         key = f"flagged.rerun.{names[row['setting']]}{int(row['n_clients'])}"
-        sign = "+" if row["diff"] > 0 else ""
         macros.update({
-            f"{key}.diff": (f"{sign}{fmt_fixed(row['diff'], 2)} "
-                            f"[{fmt_fixed(row['diff_low'], 2)}, "
-                            f"{fmt_fixed(row['diff_high'], 2)}]"),
+            f"{key}.diff": _diff_text(row),
             f"{key}.clip": _gain_text(row["gain_clip"], row["low_clip"], row["high_clip"]),
             f"{key}.recall": fmt_fixed(row["recall_clip"], 2),
             f"{key}.recallbefore": fmt_fixed(old["recall_clip"], 2)})

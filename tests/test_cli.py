@@ -939,6 +939,22 @@ def test_a_second_review_of_the_command(adapters, tmp_path, capsys, monkeypatch)
     assert code == 0 and "clairstat refine: warning:" in capsys.readouterr().err
 
 
+def _replace_while_publishing(monkeypatch, replace):
+    """``os.replace`` is ``replace`` in clairstat._cli while it publishes, and only then."""
+    from clairstat import _cli
+
+    real_publish, real_replace = _cli._publish, os.replace
+
+    def publish(*args):
+        monkeypatch.setattr(_cli.os, "replace", replace)
+        try:
+            return real_publish(*args)
+        finally:
+            monkeypatch.setattr(_cli.os, "replace", real_replace)
+
+    monkeypatch.setattr(_cli, "_publish", publish)
+
+
 @pytest.mark.filterwarnings("ignore:only")
 @pytest.mark.parametrize("undo_fails", [False, True])
 def test_a_rename_failing_while_publishing_leaves_out_as_it_was(adapters, tmp_path, capsys,
@@ -947,14 +963,12 @@ def test_a_rename_failing_while_publishing_leaves_out_as_it_was(adapters, tmp_pa
     clients (other refined values, two new folders) fails at its last rename (the
     report): every rename it made is undone, and OUT is byte for byte as it was. When
     the undo fails too, the message says that OUT may be incomplete."""
-    from clairstat import _cli
-
     out = tmp_path / "out"
     assert main(["refine", "--random-state", "0", "--out", str(out),
                  *map(str, adapters[:4])]) == 0
     (out / "keep.txt").write_text("mine")
     before = _tree(out)
-    real_publish, real_replace = _cli._publish, os.replace
+    real_replace = os.replace
     made, failed = [], []
 
     def failing(source, destination):
@@ -968,14 +982,7 @@ def test_a_rename_failing_while_publishing_leaves_out_as_it_was(adapters, tmp_pa
         made.append(destination)
         return real_replace(source, destination)
 
-    def publish(*args):
-        monkeypatch.setattr(_cli.os, "replace", failing)
-        try:
-            return real_publish(*args)
-        finally:
-            monkeypatch.setattr(_cli.os, "replace", real_replace)
-
-    monkeypatch.setattr(_cli, "_publish", publish)
+    _replace_while_publishing(monkeypatch, failing)
     capsys.readouterr()
     assert main(["refine", "--random-state", "0", "--out", str(out),
                  *map(str, adapters)]) == 2
@@ -1002,8 +1009,6 @@ def test_an_interrupt_while_publishing_undoes_the_renames(adapters, tmp_path, ca
     and moving the new one in: the renames are undone before the interrupt goes on, so
     no output path is left empty and OUT is as it was. A client folder named like the
     aside folder of an earlier version (``.replaced``) is an ordinary client."""
-    from clairstat import _cli
-
     (tmp_path / "in").mkdir()
     inputs = [_copy(folder, tmp_path / "in" / name)
               for folder, name in zip(adapters[:4], ["a", ".replaced", "c", "d"])]
@@ -1011,7 +1016,7 @@ def test_an_interrupt_while_publishing_undoes_the_renames(adapters, tmp_path, ca
     assert main(["refine", "--random-state", "0", "--out", str(out),
                  *map(str, inputs[:3])]) == 0
     before = _tree(out)
-    real_publish, real_replace = _cli._publish, os.replace
+    real_replace = os.replace
     calls = []
 
     def interrupted(source, destination):
@@ -1020,18 +1025,11 @@ def test_an_interrupt_while_publishing_undoes_the_renames(adapters, tmp_path, ca
             raise KeyboardInterrupt
         return real_replace(source, destination)
 
-    def publish(*args):
-        monkeypatch.setattr(_cli.os, "replace", interrupted)
-        try:
-            return real_publish(*args)
-        finally:
-            monkeypatch.setattr(_cli.os, "replace", real_replace)
-
-    monkeypatch.setattr(_cli, "_publish", publish)
+    _replace_while_publishing(monkeypatch, interrupted)
     with pytest.raises(KeyboardInterrupt):
         main(["refine", "--random-state", "0", "--out", str(out), *map(str, inputs)])
     assert _tree(out) == before
-    monkeypatch.setattr(_cli, "_publish", real_publish)
+    monkeypatch.undo()
     assert main(["refine", "--random-state", "0", "--out", str(out), *map(str, inputs)]) == 0
     assert sorted(p.name for p in out.iterdir()) == [".replaced", "a", "c", "d",
                                                      "report.json"]
