@@ -287,8 +287,10 @@ def module_factors(state_dicts: Sequence[Mapping[str, Any]], configs: Any = None
     -------
     dict of str to list of (ndarray of shape (d_out, r_k), ndarray of shape (r_k, d_in))
         For each module, client k's ``(s_k B_k, A_k)``; every client must adapt the same
-        modules.
+        modules, and there must be at least one client (else ValueError).
     """
+    if len(state_dicts) == 0:
+        raise ValueError("there are no clients: state_dicts is empty.")
     configs = _per_client(configs, len(state_dicts), "configs")
     per_client = []
     for k, (state_dict, config) in enumerate(zip(state_dicts, configs)):

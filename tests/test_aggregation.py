@@ -112,7 +112,11 @@ def test_ffa_is_exact_and_needs_a_shared_frozen_a():
     weights = random_weights(rng, 4)
     assert close(aggregate("ffa", factors, weights).update, exact(factors, weights))
     factors[1] = (factors[1][0], frozen + 1e-6)
-    with pytest.raises(ValueError, match="frozen A"):
+    # the clients off the majority's A are named (the message named nobody: a review)
+    with pytest.raises(ValueError, match=r"frozen A on every client: client\(s\) \[1\] have"):
+        aggregate("ffa", factors, weights)
+    factors[0] = (factors[0][0], frozen - 1e-6)
+    with pytest.raises(ValueError, match=r"client\(s\) \[0, 1\] have an A that differs"):
         aggregate("ffa", factors, weights)
 
 

@@ -245,6 +245,12 @@ def _rank_zero(state):
     state[Q_B] = np.zeros((D_OUT, 0), dtype="float32")
 
 
+def _rank_above_module(state):
+    rng = np.random.default_rng(7)
+    state[Q_A] = rng.standard_normal((D_OUT + 1, D_IN)).astype("float32")
+    state[Q_B] = rng.standard_normal((D_OUT, D_OUT + 1)).astype("float32")
+
+
 def _huge(state):
     state[Q_A] = np.full((RANK, D_IN), 1e200)  # finite, but B A would reach 2e400
     state[Q_B] = np.full((D_OUT, RANK), 1e200)
@@ -258,6 +264,10 @@ def _large(state):
 MALFORMED = {
     "rank 0": (_rank_zero, {}, "q_proj has rank 0 or is empty"),
     "empty module": (_set(Q_B, np.zeros((0, RANK), "float32")), {}, "q_proj has rank 0 or is"),
+    # rank 7 on a 6 x 8 module: accepted, it made CLAIR's round take tens of seconds at
+    # rank 1200 (a review)
+    "rank above the module": (_rank_above_module, {},
+                              r"q_proj has rank 7 above min\(d_out, d_in\) = 6"),
     "NaN in B": (_set_entry(Q_B, np.nan), {}, r"q_proj\.lora_B holds non-finite"),
     "inf in A": (_set_entry(Q_A, np.inf), {}, r"q_proj\.lora_A holds non-finite"),
     "wrong shape": (_set(V_B, np.ones((D_OUT + 1, RANK), "float32")), {},
@@ -537,3 +547,112 @@ def test_a_different_rank_is_malformed_only_for_the_equal_rank_rules():
     flora = LoraStrategy(rule="flora", lora_config=LORA)  # mixed ranks are fine here
     _, metrics = flora.aggregate_train(1, replies)
     assert metrics["n-dropped"] == 0
+
+
+def test_ffa_drops_the_replies_whose_frozen_a_differs(caplog):
+    """Under ffa one reply with another lora_A aborted the round, naming nobody (a
+    review): it is dropped as malformed, logged and counted, and the others' frozen A
+    aggregated."""
+    shared = client_adapter(0)
+    states = []
+    for k in range(N_NODES):
+        state = dict(client_adapter(k))
+        for key in (Q_A, "base_model.model.v_proj.lora_A.weight"):
+            state[key] = shared[key]
+        states.append(state)
+    states[3] = {**states[3], Q_A: states[3][Q_A] + np.float32(0.5)}
+    strategy = LoraStrategy(rule="ffa", lora_config=LORA)
+    with caplog.at_level("WARNING", logger="clairstat.integrations.flower"):
+        arrays, metrics = strategy.aggregate_train(1, [_reply(n, s) for n, s in zip(NODES, states)])
+    assert metrics["n-dropped"] == 1 and metrics["dropped-nodes"] == [NODES[3]]
+    assert "q_proj.lora_A differs from the frozen A" in strategy.dropped_[1][NODES[3]]
+    assert any(f"node {NODES[3]}" in r.getMessage() for r in caplog.records)
+    assert np.array_equal(arrays_to_state_dict(arrays)[Q_A], shared[Q_A])
+
+
+def test_a_round_with_fewer_valid_replies_than_the_rule_needs_fails_clearly():
+    """krum with n_byzantine=1 needs 5 replies: with 2 of 6 dropped the rule itself
+    raised after the screen; with 2 replies and the default its message showed
+    n_byzantine=-1, a value nobody gave (a review). The strategy checks first."""
+    states = [client_adapter(k) for k in range(N_NODES)]
+    counts = [10, 10, -1, 10, float("nan"), 10]
+    replies = [_reply(n, s, count=c) for n, s, c in zip(NODES, states, counts)]
+    strategy = LoraStrategy(rule="krum", lora_config=LORA, rule_options={"n_byzantine": 1})
+    with pytest.raises(ValueError, match=r"round 1: 4 valid replies after dropping 2 "
+                       r"malformed ones .*rule 'krum' with n_byzantine=1 .*needs at least 5"):
+        strategy.aggregate_train(1, replies)
+    assert strategy.last_results_ is None  # refused before aggregating
+    strategy = LoraStrategy(rule="krum", lora_config=LORA)
+    with pytest.raises(ValueError, match=r"2 valid replies after dropping 0 .*rule 'krum' "
+                       r"\(.*derived from the reply count.*needs at least 3") as error:
+        strategy.aggregate_train(1, [_reply(n, s) for n, s in zip(NODES[:2], states)])
+    assert "-1" not in str(error.value)
+
+
+@pytest.mark.parametrize("rule, options, message", [
+    ("fedavg", {}, r"unknown rule 'fedavg'; valid rules: fedit"),
+    ("median", {"trim": 2}, r"rule_options \['trim'\] are not options of rule 'median'"),
+    ("clair", {"rnak": 1}, r"rule_options \['rnak'\] are not options of rule 'clair'"),
+    ("krum", {"n_byzantine": 2.7}, r"n_byzantine must be an integer, got 2\.7"),
+    ("krum", {"multi": 0}, r"multi must be >= 1, got 0"),
+])
+def test_the_rule_and_its_options_are_checked_at_construction(rule, options, message):
+    """An unknown rule or option failed only at round 1 (a review)."""
+    with pytest.raises(ValueError, match=message):
+        LoraStrategy(rule=rule, rule_options=options)
+    LoraStrategy(rule="clair", rule_options={"rank": 1, "joint": False})  # valid ones pass
+
+
+def test_non_finite_metrics_do_not_poison_the_round_metrics(caplog):
+    """A NaN accuracy made the round's accuracy NaN, an infinite loss its loss inf (a
+    review). An evaluation reply with such a metric is dropped; a train reply keeps its
+    adapter, but its metrics are left out of the average; both are logged and listed."""
+    strategy = LoraStrategy(rule="fedit")
+    accuracy = [0.5, 0.5, float("nan"), 0.5, 0.7, 0.5]
+    with caplog.at_level("WARNING", logger="clairstat.integrations.flower"):
+        metrics = strategy.aggregate_evaluate(
+            2, [_evaluate_reply(n, 10, a) for n, a in zip(NODES, accuracy)])
+    assert metrics["dropped-nodes"] == [NODES[2]]
+    assert "metric(s) ['accuracy'] are not finite" in strategy.dropped_evaluate_[2][NODES[2]]
+    assert metrics["accuracy"] == pytest.approx(2.7 / 5, rel=8 * np.finfo(float).eps)
+    states = [client_adapter(k) for k in range(N_NODES)]
+    losses = [1.0, 1.0, float("inf"), 1.0, 2.0, 1.0]
+    replies = [_reply(n, s, loss=v, steps=[1.0, 2.0]) for n, s, v in zip(NODES, states, losses)]
+    replies[3] = _reply(NODES[3], states[3], loss=1.0, steps=[1.0, float("nan")])
+    with caplog.at_level("WARNING", logger="clairstat.integrations.flower"):
+        arrays, metrics = LoraStrategy(rule="fedit", lora_config=LORA).aggregate_train(
+            1, replies)
+    assert metrics["n-dropped"] == 0 and metrics["metrics-left-out-nodes"] == NODES[2:4]
+    assert metrics["loss"] == pytest.approx(5.0 / 4, rel=8 * np.finfo(float).eps)
+    assert metrics["steps"] == pytest.approx([1.0, 2.0], rel=8 * np.finfo(float).eps)
+    assert sum(f"left the metrics of node {n} out" in r.getMessage()
+               for r in caplog.records for n in NODES[2:4]) == 2
+
+
+def test_uncapped_weights_do_not_overflow_when_the_median_claim_is_tiny():
+    """max_weight_ratio=None divided the counts by their median: 1e10 among claims of
+    1e-300 overflowed to inf, and the share cap then gave every client 1/6 (a review)."""
+    states = [client_adapter(k) for k in range(N_NODES)]
+    counts = [1e-300] * N_NODES
+    counts[2] = 1e10
+    replies = [_reply(n, s, count=c) for n, s, c in zip(NODES, states, counts)]
+    eps = np.finfo(float).eps
+    strategy = LoraStrategy(rule="flora", lora_config=LORA, max_weight_ratio=None)
+    strategy.aggregate_train(1, replies)
+    expected = np.array([1, 1, 2.5, 1, 1, 1]) / 7.5  # a third for node 103
+    assert np.allclose([strategy.weights_[n] for n in NODES], expected, rtol=8 * eps, atol=0)
+    uncapped = LoraStrategy(rule="flora", lora_config=LORA, max_weight_ratio=None,
+                            max_weight_share=None)
+    uncapped.aggregate_train(1, replies)
+    weights = np.array([uncapped.weights_[n] for n in NODES])
+    assert np.isfinite(weights).all() and weights[2] == 1.0
+    assert np.allclose(weights[[0, 1, 3, 4, 5]], 1e-310, rtol=1e-12, atol=0)  # subnormal
+
+
+def test_an_error_of_the_rule_names_the_node_ids():
+    """The rules name clients by position; the strategy gives their node ids."""
+    states = [client_adapter(k) for k in range(N_NODES)]
+    strategy = LoraStrategy(rule="krum", lora_config=LORA, rule_options={"multi": 7})
+    with pytest.raises(ValueError, match=r"round 1: multi must lie in \[1, 6\].*node ids "
+                       r"\[101, 102, 103, 104, 105, 106\]"):
+        strategy.aggregate_train(1, [_reply(n, s) for n, s in zip(NODES, states)])

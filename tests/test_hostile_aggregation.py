@@ -108,6 +108,12 @@ def _not_a_pair(factors):
     factors[3] = (factors[3][0],)
 
 
+def _rank_above_module(factors):
+    """Rank 6 on a 7 x 5 module: B A has rank <= 5 whatever r; a review's r = 3000 on a
+    16 x 16 module took tens of seconds and GBs, and flora returned rank-3000 factors."""
+    factors[4] = (np.ones((D, K + 1)), np.ones((K + 1, K)))
+
+
 @pytest.mark.parametrize("corrupt, message", [
     (_wrong_module_shape, r"client\(s\) \[4\] have \[\(8, 5\)\], the others \(7, 5\)"),
     (_inner_mismatch, r"factors\[1\]: need B \(d, r\) and A \(r, k\)"),
@@ -115,6 +121,8 @@ def _not_a_pair(factors):
     (_complex, r"factors\[5\]: B must hold real numbers"),
     (_rank_zero, r"factors\[1\] has rank 0"),
     (_not_a_pair, r"factors\[3\] must be a \(B, A\) pair"),
+    (_rank_above_module, r"factors\[4\] has rank 6 \(B \(7, 6\), A \(6, 5\)\), above "
+                         r"min\(d, k\) = 5"),
 ])
 @pytest.mark.parametrize("rule", RULE_NAMES)
 def test_malformed_client_is_named(rule, corrupt, message, rng):
@@ -122,6 +130,41 @@ def test_malformed_client_is_named(rule, corrupt, message, rng):
     corrupt(factors)
     with pytest.raises(ValueError, match=message):
         aggregate(rule, factors)
+
+
+def test_krum_reports_a_derived_n_byzantine_honestly(rng):
+    """With 2 clients and no n_byzantine the message showed n_byzantine=-1, a value
+    nobody gave (a review)."""
+    with pytest.raises(ValueError, match=r"krum needs at least 3 clients .*got 2 clients "
+                       r"\(n_byzantine not given: derived from the client count") as error:
+        aggregate("krum", shared_a_factors(rng, 2))
+    assert "-1" not in str(error.value)
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"multi": 1.5}, r"multi must be an integer, got 1\.5"),  # a slice TypeError before
+    ({"n_byzantine": 2.7}, r"n_byzantine must be an integer, got 2\.7"),  # truncated to 2
+    ({"n_byzantine": True}, r"n_byzantine must be an integer, got True"),
+])
+def test_krum_options_must_be_integers(options, message, rng):
+    with pytest.raises(ValueError, match=message):
+        aggregate("krum", shared_a_factors(rng), **options)
+    assert aggregate("krum", shared_a_factors(rng), n_byzantine=np.int64(1),
+                     multi=np.int32(2)).selected.size == 2
+
+
+@pytest.mark.parametrize("rule, options, message", [
+    # -1 returned rank 4 silently, 10**6 allocated huge factors (a review)
+    ("glora", {"readout_rank": -1}, r"readout_rank must lie in \[1, min\(d, k\) = 5\], got -1"),
+    ("glora", {"readout_rank": 10**6}, r"readout_rank must lie in \[1, min\(d, k\) = 5\]"),
+    ("glora", {"readout_rank": 2.5}, r"readout_rank must be an integer, got 2\.5"),
+    ("glora", {"reference_rank": 2.5}, r"reference_rank must be an integer, got 2\.5"),
+    ("geomedian", {"max_iter": -5}, r"max_iter must be a positive integer, got -5"),
+    ("geomedian", {"tol": np.nan}, r"tol must be a finite number >= 0, got nan"),
+])
+def test_glora_and_geomedian_options_are_validated(rule, options, message, rng):
+    with pytest.raises(ValueError, match=message):
+        aggregate(rule, shared_a_factors(rng), **options)
 
 
 # ------------------------------------------------------------ weights

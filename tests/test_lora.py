@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from clairstat import CLAIREstimator
+from clairstat.aggregation import aggregate, aggregate_modules, clair_modules
 from clairstat.lora import (adapter_factors, aggregate_adapters, factors_to_state_dict,
                             global_state_dict, lora_scaling, module_factors,
                             personalized_state_dicts, readout_factors, refine_adapters)
@@ -374,3 +375,67 @@ def test_modules_of_different_ranks_read_out_at_their_own(rng):
     results = aggregate_adapters("clair", states, random_state=0)
     personal, _ = personalized_state_dicts(results, states)
     assert all(p[key_a].shape == s[key_a].shape for p, s in zip(personal, states))
+
+
+def _module_lists(rng, counts=(5, 5)):
+    return {name: [(rng.standard_normal((6, 2)), rng.standard_normal((2, 5)))
+                   for _ in range(count)] for name, count in zip(MODULES, counts)}
+
+
+@pytest.mark.parametrize("call", ["clair", "clair per module", "median"])
+def test_modules_with_different_numbers_of_clients_are_refused_naming_the_module(call, rng):
+    """numpy's shape errors named nothing (clair), or the rule ran silently (median):
+    a review."""
+    lists = _module_lists(rng, (5, 4))
+    run = {"clair": lambda: clair_modules(lists),
+           "clair per module": lambda: clair_modules(lists, joint=False),
+           "median": lambda: aggregate_modules("median", lists)}[call]
+    with pytest.raises(ValueError, match=r"every module must list the same clients: "
+                       r"module\(s\) \{'layers.0.v_proj': 4\} list other numbers of "
+                       r"clients than module 'layers.0.q_proj' \(5\)"):
+        run()
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: clair_modules({}),
+     "there are no modules"),  # StopIteration
+    (lambda: aggregate_modules("median", {}),
+     "there are no modules"),
+    (lambda: refine_adapters([]), "there are no clients"),  # IndexError
+    (lambda: aggregate_adapters("fedit", []), "there are no clients"),
+])
+def test_no_clients_or_no_modules_is_a_clear_error(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+@pytest.mark.parametrize("weights, message", [
+    ([1, 1, -1, 1, 1], "finite and non-negative"), ([np.nan] * 5, "finite and non-negative"),
+    ([1, 2], r"one entry per client \(5\)")])
+def test_fresh_adapters_do_not_skip_the_weights_validation(weights, message, rng):
+    """All lora_B zero: the all-zero path accepted any sample_weight (a review)."""
+    fresh = [{"m.lora_A.weight": rng.standard_normal((2, 5)),
+              "m.lora_B.weight": np.zeros((6, 2))} for _ in range(5)]
+    with pytest.raises(ValueError, match=message):
+        refine_adapters(fresh, sample_weight=weights)
+
+
+def test_a_non_finite_factor_is_named_by_module_and_lora_factor(rng):
+    """"factors[3]: B has 1 non-finite value(s)" named neither the module nor lora_B."""
+    states = [lora_state([rng.standard_normal((6, 2)) for _ in MODULES],
+                         [rng.standard_normal((2, 8)) for _ in MODULES]) for _ in range(5)]
+    states[3]["base_model.model.layers.0.v_proj.lora_B.weight"][1, 1] = np.nan
+    with pytest.raises(ValueError, match=r"module 'base_model.model.layers.0.v_proj' \(B: a "
+                       r"client's lora_B times its LoRA scaling, A: its lora_A\): "
+                       r"factors\[3\]: B has 1 non-finite"):
+        refine_adapters(states, {"lora_alpha": 4})
+
+
+def test_one_client_is_refused_as_too_few_not_for_its_weight(rng):
+    """One client without sample_weight: the message spoke of sample_weight."""
+    state = lora_state([rng.standard_normal((6, 2)) for _ in MODULES],
+                       [rng.standard_normal((2, 8)) for _ in MODULES])
+    with pytest.raises(ValueError, match="CLAIR needs at least two clients, got 1"):
+        refine_adapters([state])
+    with pytest.raises(ValueError, match="CLAIR needs at least two clients, got 1"):
+        aggregate("clair", [(np.ones((3, 1)), np.ones((1, 3)))])

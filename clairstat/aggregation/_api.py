@@ -55,7 +55,8 @@ def aggregate(rule: str, factors: Sequence[tuple[ArrayLike, ArrayLike]],
     ------
     ValueError
         Before any rule runs, naming the client (``factors[i]``, and the factor, A or
-        B): a non-finite value, a factor that is not 2-D or not real, rank 0, inner
+        B): a non-finite value, a factor that is not 2-D or not real, rank 0 or a
+        rank above ``min(d, k)`` (it adds nothing to ``B_i A_i`` but cost), inner
         dimensions that do not match, a module shape (d, k) that differs from the
         other clients', or an update ``B_i A_i`` that would overflow; and a negative or
         non-finite weight (naming the clients).

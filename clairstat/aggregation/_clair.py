@@ -62,6 +62,8 @@ def clair(factors, weights, **options):
     """
     from clairstat import CLAIREstimator  # lazily: clairstat's modules import this package
 
+    if len(factors) < 2:  # the weights' check said "non-zero weight to at least two"
+        raise ValueError(f"CLAIR needs at least two clients, got {len(factors)}.")
     options = {"backbone": False, **options}
     estimator = CLAIREstimator(**options)
     on_device = {"device": options["device"], "dtype": options.get("dtype")} \

@@ -7,6 +7,7 @@ import scipy.linalg
 
 from .._reduced import eckart_young_factors, orthonormal_basis, rank_tolerance, truncated_svd
 from ._result import AggregationResult
+from ._validation import check_integer
 
 __all__ = ["consensus_basis", "low_rank_readout", "glora"]
 
@@ -62,9 +63,11 @@ def glora(factors, weights, reference_rank=None, readout_rank=None):
         Ranks may differ.
     weights : ndarray of shape (n_clients,)
     reference_rank : int, optional
-        R, the dimension of the consensus subspace; default: the union rank (exact).
+        R, the dimension of the consensus subspace (a positive integer; above the union
+        rank it is the union rank); default: the union rank (exact).
     readout_rank : int, optional
-        Rank of the returned global factors; default ``max r_i``.
+        Rank of the returned global factors, in ``[1, min(d, k)]`` (else ValueError);
+        default ``max r_i``.
 
     Returns
     -------
@@ -88,8 +91,17 @@ def glora(factors, weights, reference_rank=None, readout_rank=None):
     >>> bool(np.allclose(res.update, 0.5 * (f[0][0] @ f[0][1] + f[1][0] @ f[1][1])))
     True
     """
-    if reference_rank is not None and reference_rank < 1:
-        raise ValueError(f"reference_rank must be a positive integer, got {reference_rank}.")
+    if reference_rank is not None:
+        check_integer("reference_rank", reference_rank)
+        if reference_rank < 1:
+            raise ValueError(f"reference_rank must be a positive integer, "
+                             f"got {reference_rank}.")
+    largest = min(factors[0][0].shape[0], factors[0][1].shape[1])  # min(d, k)
+    if readout_rank is not None:  # -1 gave rank 4 silently, 10**6 huge factors: a review
+        check_integer("readout_rank", readout_rank)
+        if not 1 <= readout_rank <= largest:
+            raise ValueError(f"readout_rank must lie in [1, min(d, k) = {largest}], "
+                             f"got {readout_rank}.")
     basis, eigenvalues, union_rank = consensus_basis(factors, weights, reference_rank)
     coefficients = sum(w * ((basis.T @ b) @ a) for (b, a), w in zip(factors, weights))
     rank = max(b.shape[1] for b, _ in factors) if readout_rank is None else readout_rank

@@ -72,6 +72,39 @@ class ModuleRefinement:
     rank_selection: Any
 
 
+def _check_module_lists(factor_lists, weights=None, clair=False):
+    """The modules' factor lists at entry, before any path (the all-zero one too): at
+    least one module, every module listing the same number of clients (numpy's shape
+    errors named nothing: a review), every module's factors valid (the ValueError of
+    :func:`check_factors` with the module named), and for CLAIR at least two clients
+    and valid ``weights``. Returns the number of clients."""
+    from .._validation import check_sample_weight
+    from ._validation import check_factors
+
+    if not factor_lists:
+        raise ValueError("there are no modules: factor_lists is empty (each module needs "
+                         "its clients' (B, A) factors).")
+    counts = {name: len(factors) for name, factors in factor_lists.items()}
+    first, n_clients = next(iter(counts.items()))
+    odd = {name: count for name, count in counts.items() if count != n_clients}
+    if odd:
+        raise ValueError(f"every module must list the same clients: module(s) {odd} list "
+                         f"other numbers of clients than module {first!r} ({n_clients}).")
+    if n_clients == 0:
+        raise ValueError(f"there are no clients: module {first!r} lists none.")
+    for name, factors in factor_lists.items():
+        try:
+            check_factors(factors)
+        except ValueError as error:
+            raise ValueError(f"module {name!r} (B: a client's lora_B times its LoRA "
+                             f"scaling, A: its lora_A): {error}") from None
+    if clair:
+        if n_clients < 2:
+            raise ValueError(f"CLAIR needs at least two clients, got {n_clients}.")
+        check_sample_weight(weights, n_clients)
+    return n_clients
+
+
 def _all_zero(factors):
     """Whether every client's update ``B_k A_k`` of a module is 0 (B_k = 0 or A_k = 0)."""
     return all(not np.any(b_mat) or not np.any(a_mat) for b_mat, a_mat in factors)
@@ -508,6 +541,14 @@ def clair_modules(factor_lists: Mapping[str, Sequence[tuple[np.ndarray, np.ndarr
         Parameters of :class:`clairstat.CLAIREstimator` for the per-module fits;
         with ``joint=True``, ``rank`` is the joint subspace's rank instead.
 
+    Raises
+    ------
+    ValueError
+        At entry, before any fit (the all-zero modules' path too): no modules, modules
+        listing different numbers of clients (naming them), fewer than two clients,
+        invalid ``weights``, or invalid factors (:func:`check_factors`' message, with
+        the module named).
+
     Returns
     -------
     ModuleRefinement
@@ -515,6 +556,7 @@ def clair_modules(factor_lists: Mapping[str, Sequence[tuple[np.ndarray, np.ndarr
         it, zero refined updates and mean, estimator ``None``) and does not vote in the
         client-level flags.
     """
+    _check_module_lists(factor_lists, weights, clair=True)
     if flagged_updates is not None:
         check_flagged_updates(flagged_updates)
         if not joint:
@@ -579,12 +621,19 @@ def aggregate_modules(rule, factor_lists, weights=None, **options):
     Returns
     -------
     dict of str to AggregationResult
+
+    Raises
+    ------
+    ValueError
+        At entry: no modules, modules listing different numbers of clients, or invalid
+        factors, naming the module (and :func:`clair_modules`' checks for ``"clair"``).
     """
     from .._reduced import eckart_young_factors, truncated_svd
     from ._result import AggregationResult
     from ._validation import check_weights
 
     if rule != "clair":
+        _check_module_lists(factor_lists)
         reference = options.pop("reference", None)
         return {name: aggregate(rule, factors, weights, **options,
                                 **({"reference": reference[name]}

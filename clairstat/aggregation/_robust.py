@@ -10,13 +10,15 @@ FLoRA stack of the chosen clients.
 
 from __future__ import annotations
 
+import math
+import numbers
 import warnings
 
 import numpy as np
 from sklearn.exceptions import ConvergenceWarning
 
 from ._result import AggregationResult
-from ._validation import dense_updates, stacked_factors
+from ._validation import check_integer, dense_updates, stacked_factors
 
 __all__ = ["weighted_median", "weighted_trimmed_mean", "median", "trimmed_mean",
            "update_gram", "krum_scores", "krum", "weiszfeld", "geomedian"]
@@ -166,7 +168,7 @@ def krum(factors, weights, n_byzantine=None, multi=1):
     ----------
     n_byzantine : int, optional
         f, the number of attackers tolerated; needs ``n_clients >= 2 f + 3``; default the
-        largest such f.
+        largest such f (so at least 3 clients).
     multi : int, default=1
         m, the number of selected updates, averaged with their renormalised weights
         (scores ignore the weights, as in the original rule). Clients of weight 0 are
@@ -181,10 +183,20 @@ def krum(factors, weights, n_byzantine=None, multi=1):
         FLoRA-stacked factors of the selected clients (one client's own when m = 1).
     """
     n_clients = len(factors)
-    f = (n_clients - 3) // 2 if n_byzantine is None else int(n_byzantine)
-    if f < 0 or n_clients < 2 * f + 3:
-        raise ValueError(f"krum needs n_clients >= 2 n_byzantine + 3, got {n_clients} "
-                         f"clients and n_byzantine={f}.")
+    check_integer("multi", multi)
+    if n_byzantine is None:  # the largest f the clients allow
+        if n_clients < 3:
+            raise ValueError(f"krum needs at least 3 clients (n_clients >= 2 n_byzantine + 3 "
+                             f"with n_byzantine >= 0), got {n_clients} clients (n_byzantine "
+                             "not given: derived from the client count as the largest f "
+                             "with n_clients >= 2 f + 3).")
+        f = (n_clients - 3) // 2
+    else:
+        check_integer("n_byzantine", n_byzantine)
+        f = int(n_byzantine)
+        if f < 0 or n_clients < 2 * f + 3:
+            raise ValueError(f"krum needs n_clients >= 2 n_byzantine + 3, got {n_clients} "
+                             f"clients and n_byzantine={f}.")
     if not 1 <= multi <= n_clients:
         raise ValueError(f"multi must lie in [1, {n_clients}], got {multi}.")
     scores = krum_scores(update_gram(factors), f)
@@ -232,6 +244,9 @@ def weiszfeld(gram, weights, tol=1e-10, max_iter=1000):
     When every point is 0 (all updates zero, e.g. fresh adapters) the median is 0 and
     the weights are returned as coefficients after 0 iterations.
 
+    ``tol`` must be a finite number >= 0 and ``max_iter`` a positive integer (else
+    ValueError).
+
     Returns
     -------
     coefficients : ndarray of shape (n_clients,)
@@ -248,6 +263,11 @@ def weiszfeld(gram, weights, tol=1e-10, max_iter=1000):
     >>> bool(ok), bool(np.linalg.norm(c @ points) < 1.0)
     (True, True)
     """
+    check_integer("max_iter", max_iter)
+    if max_iter < 1:  # -5 reported -5 iterations: a review
+        raise ValueError(f"max_iter must be a positive integer, got {max_iter}.")
+    if not (isinstance(tol, numbers.Real) and math.isfinite(tol) and tol >= 0):  # nan ran
+        raise ValueError(f"tol must be a finite number >= 0, got {tol!r}.")  # max_iter
     scale = float(np.sqrt(np.max(np.diag(gram))))
     coefficients = weights.copy()
     if scale == 0.0:  # all points at 0: any combination is the median (no 0 / 0 below)

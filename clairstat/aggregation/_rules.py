@@ -7,7 +7,7 @@ import numpy as np
 from ._result import AggregationResult
 from ._validation import common_rank, exact_update, stacked_factors
 
-__all__ = ["average_factors", "fedit", "ffa", "fedex", "flora"]
+__all__ = ["average_factors", "a_outliers", "fedit", "ffa", "fedex", "flora"]
 
 
 def average_factors(factors, weights):
@@ -15,6 +15,36 @@ def average_factors(factors, weights):
     b_bar = sum(w * b for (b, _), w in zip(factors, weights))
     a_bar = sum(w * a for (_, a), w in zip(factors, weights))
     return b_bar, a_bar
+
+
+def _same_a(a_mat, reference):
+    """Equality up to a few ulps of the entries (at the coarser of the two dtypes): A is
+    the same frozen array on every client."""
+    eps = np.finfo(np.result_type(a_mat, reference, np.float32)).eps
+    tol = 8 * eps * max(1.0, float(np.max(np.abs(reference))))
+    return a_mat.shape == reference.shape and not np.max(np.abs(a_mat - reference)) > tol
+
+
+def a_outliers(a_mats):
+    """Indices of the clients whose A differs from the one most clients share (the first
+    seen on a tie), as FFA-LoRA's frozen A must not differ.
+
+    Examples
+    --------
+    >>> a = np.eye(2)
+    >>> a_outliers([a, a + 0.5, a.copy()])
+    [1]
+    """
+    groups = []  # [reference, members]
+    for index, a_mat in enumerate(a_mats):
+        for group in groups:
+            if _same_a(a_mat, group[0]):
+                group[1].append(index)
+                break
+        else:
+            groups.append([a_mat, [index]])
+    majority = max(groups, key=lambda group: len(group[1]))[1]  # first on a tie
+    return [index for index in range(len(a_mats)) if index not in majority]
 
 
 def fedit(factors, weights):
@@ -41,7 +71,8 @@ def ffa(factors, weights):
     """FFA-LoRA: A is frozen at a shared initialisation, only B is averaged (exact).
 
     Raises ValueError when the clients' A factors differ (beyond rounding at the dtype's
-    precision), since FFA's exactness rests on the shared, untrained A.
+    precision), since FFA's exactness rests on the shared, untrained A; it names the
+    clients whose A differs from the one most clients share (:func:`a_outliers`).
 
     Examples
     --------
@@ -51,11 +82,11 @@ def ffa(factors, weights):
     [[0.5, 0.5], [0.5, 0.5], [0.5, 0.5]]
     """
     common_rank(factors, "ffa")
+    odd = a_outliers([a for _, a in factors])
+    if odd:
+        raise ValueError(f"rule 'ffa' needs the same frozen A on every client: client(s) "
+                         f"{odd} have an A that differs from the one most clients share.")
     a_shared = factors[0][1]
-    # Equality up to a few ulps of the entries: A is the same frozen array on every client.
-    tol = 8 * np.finfo(a_shared.dtype).eps * max(1.0, float(np.max(np.abs(a_shared))))
-    if any(np.max(np.abs(a - a_shared)) > tol for _, a in factors):
-        raise ValueError("rule 'ffa' needs the same frozen A on every client.")
     b_bar = sum(w * b for (b, _), w in zip(factors, weights))
     return AggregationResult("ffa", b_bar @ a_shared, (b_bar, a_shared), weights)
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import collections
 import math
+import numbers
 
 import numpy as np
 
-__all__ = ["check_factors", "check_weights", "common_rank", "stacked_factors",
+__all__ = ["check_factors", "check_weights", "check_integer", "common_rank", "stacked_factors",
            "exact_update", "dense_updates"]
 
 _REAL_KINDS = "biuf"  # bool, signed and unsigned integers, floating point
@@ -71,6 +72,15 @@ def _check_pair(index, pair):
     if b_mat.shape[0] == 0 or a_mat.shape[1] == 0:
         raise ValueError(f"factors[{index}]: the module is empty, B {b_mat.shape} and "
                          f"A {a_mat.shape}.")
+    # B A has rank at most min(d, k) whatever r: a larger r only costs the rules time and
+    # memory (their Gram products grow with sum r_i; a review's client claiming r = 3000
+    # on a 16 x 16 module took tens of seconds and GBs) and makes flora, glora, krum and
+    # geomedian return factors of that rank.
+    if b_mat.shape[1] > min(b_mat.shape[0], a_mat.shape[1]):
+        raise ValueError(f"factors[{index}] has rank {b_mat.shape[1]} (B {b_mat.shape}, "
+                         f"A {a_mat.shape}), above min(d, k) = "
+                         f"{min(b_mat.shape[0], a_mat.shape[1])}, the largest rank of an "
+                         "update of that module; send rank <= min(d, k) factors.")
     return b_mat, a_mat
 
 
@@ -106,8 +116,9 @@ def check_factors(factors):
     """Validate a list of ``(B_i, A_i)`` pairs and cast them to one floating dtype.
 
     Each ``B_i`` (d, r_i) and ``A_i`` (r_i, k) must be a 2-D array of finite real numbers
-    with ``r_i >= 1`` (zero entries are fine: a fresh adapter's ``B = 0`` is a zero
-    update), every client must have the same (d, k), ``B_i A_i`` must not overflow, and
+    with ``1 <= r_i <= min(d, k)`` (zero entries are fine: a fresh adapter's ``B = 0``
+    is a zero update; a larger rank adds nothing to ``B_i A_i`` but cost), every
+    client must have the same (d, k), ``B_i A_i`` must not overflow, and
     the norms of ``B_i``, ``A_i`` and their product (bounded by ``|B_i| |A_i|``) must be
     at most ``MAX_UPDATE_NORM`` (1e150: every rule squares the updates in float64).
     A ValueError names the offending client, ``factors[i]``, and the factor, A or B.
@@ -166,6 +177,13 @@ def check_weights(weights, n_clients):
         raise ValueError("weights must not all be zero.")
     weights = weights / weights.max()
     return weights / weights.sum()
+
+
+def check_integer(name, value):
+    """An integer option (numpy integers too; not a bool, not a float such as 2.7,
+    which ``int`` truncated silently: a review)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be an integer, got {value!r}.")
 
 
 def common_rank(factors, rule):

@@ -45,6 +45,7 @@ except ImportError as error:  # pragma: no cover - depends on the environment
     raise ImportError("clairstat.integrations.flower needs Flower: "
                       "pip install clairstat[flower,lora]") from error
 
+from ..aggregation._rules import a_outliers
 from ..aggregation._validation import _REAL_KINDS, _check_size
 from ..lora import (adapter_factors, aggregate_adapters, global_state_dict, lora_scaling,
                     personalized_state_dicts, untested_keys)
@@ -70,6 +71,18 @@ def state_dict_to_arrays(state_dict):
     return ArrayRecord(arrays)
 
 
+def _power_of_two_scale(values):
+    """A power of two to divide the positive ``values`` by, exactly: the largest quotient
+    at most 2**1000 (n of them sum without overflow), and as near the middle of the
+    values' range (in log scale) as that allows, so that claims 1e310 apart both stay
+    normal floats (over the largest, 1e-310 lost precision as a subnormal)."""
+    positive = values[values > 0]
+    if positive.size == 0:
+        return 1.0
+    top, bottom = np.frexp(positive.max())[1], np.frexp(positive.min())[1]
+    return float(np.ldexp(1.0, max(int(top) - 1000, (int(top) + int(bottom)) // 2)))
+
+
 def cap_weights(claims, max_ratio=10.0, max_share=1 / 3):
     """Relative client weights: each claim over the median claim, capped at ``max_ratio``,
     then at a common level that keeps every client's share of the total weight at most
@@ -88,9 +101,11 @@ def cap_weights(claims, max_ratio=10.0, max_share=1 / 3):
     Returns
     -------
     ndarray of shape (n_clients,)
-        ``w_k = min(v_k, t)`` with ``v_k = min(n_k / median(n), max_ratio)``: scale-free
-        (only ratios matter to a weighted mean) and never overflowing, however large the
-        claims. With ``s = max(max_share, 1 / n_clients)``, the level ``t`` solves
+        ``w_k = min(v_k, t)`` with ``v_k = min(n_k / median(n), max_ratio)``
+        (without the ratio cap ``v_k = n_k / c``, ``c`` a power of two between the
+        smallest and largest claims): scale-free (only ratios matter to a weighted
+        mean) and never overflowing, however large or small the claims. With
+        ``s = max(max_share, 1 / n_clients)``, the level ``t`` solves
         ``t = s * sum_j min(v_j, t)`` (``t = inf``, no cap, where every
         ``v_k <= s * sum_j v_j``), so that no client holds more than ``s`` of the total
         weight: with the defaults and 3 or more clients at most 1/3, so that a weighted
@@ -106,17 +121,17 @@ def cap_weights(claims, max_ratio=10.0, max_share=1 / 3):
     [1.0, 1.0, 1.0, 1.0, 2.0]
     """
     claims = np.asarray(claims, dtype=float)
-    # the median of halves, doubled: exact, and two claims of 1e308 cannot sum to inf
-    relative = claims / (2.0 * np.median(claims / 2.0))
-    if max_ratio is not None:
-        relative = np.minimum(relative, max_ratio)
+    if max_ratio is None:  # claim / median overflowed to inf where the median was tiny
+        relative = claims / _power_of_two_scale(claims)  # (1e10 among 1e-300): a review
+    else:  # the median of halves, doubled: exact, and two claims of 1e308 cannot sum to inf
+        relative = np.minimum(claims / (2.0 * np.median(claims / 2.0)), max_ratio)
     if max_share is None:
         return relative
     share = max(max_share, 1.0 / relative.size)
     # Cap the m largest weights at t = share (m t + rest[m]) = rest[m] / (1 / share - m),
     # rest[m] the sum of the others, for the smallest m at which the (m + 1)-th largest
     # weight is at most t (m = 0: no weight above share times the total, none capped).
-    scale = 2.0 ** np.floor(np.log2(relative.max()))  # exact: sums cannot overflow
+    scale = _power_of_two_scale(relative)  # exact: sums cannot overflow
     ordered = np.sort(relative / scale)[::-1]
     rest = np.cumsum(ordered[::-1])[::-1]
     level = ordered[-1]  # every weight equal: reached only through rounding
@@ -137,6 +152,19 @@ _EQUAL_RANK_RULES = {"fedit", "ffa", "fedex", "fedrot"}
 
 class _MalformedReply(ValueError):
     """A reply this strategy cannot aggregate (the message says why)."""
+
+
+def _non_finite_metrics(content, skip):
+    """The keys of the reply's metrics (but ``skip``, the count) whose value, or a value
+    of whose list, is not a finite number."""
+    bad = []
+    for record in content.metric_records.values():
+        for key, value in record.items():
+            values = value if isinstance(value, list) else [value]
+            if key != skip and not all(isinstance(v, (int, float)) and math.isfinite(v)
+                                       for v in values):
+                bad.append(key)
+    return bad
 
 
 def _untested_median(global_state, adapters):
@@ -163,13 +191,42 @@ def _untested_median(global_state, adapters):
     return global_state
 
 
+def _check_rule(rule, options):
+    """The rule's name and its options' names (and krum's integers), checked when the
+    strategy is built: an unknown rule or option failed only at round 1 (a review)."""
+    import inspect
+
+    from .. import CLAIREstimator
+    from ..aggregation._api import RULES
+    from ..aggregation._validation import check_integer
+
+    if rule not in RULES:
+        raise ValueError(f"unknown rule {rule!r}; valid rules: {', '.join(RULES)}.")
+    if rule == "clair":
+        known = {"joint", "flagged_updates", "progress", "device", "dtype",
+                 *CLAIREstimator().get_params()}
+    else:
+        known = set(list(inspect.signature(RULES[rule]).parameters)[2:])
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ValueError(f"rule_options {unknown} are not options of rule {rule!r}; its "
+                         f"options: {', '.join(sorted(known)) or 'none'}.")
+    for name in ("n_byzantine", "multi"):
+        if rule == "krum" and options.get(name) is not None:
+            check_integer(name, options[name])
+            if options[name] < (0 if name == "n_byzantine" else 1):
+                raise ValueError(f"{name} must be >= {0 if name == 'n_byzantine' else 1}, "
+                                 f"got {options[name]}.")
+
+
 class LoraStrategy(FedAvg):
     """FedAvg's message flow with a clairstat aggregation rule on LoRA adapters.
 
     Parameters
     ----------
     rule : str, default="clair"
-        ``"clair"`` or any rule of :func:`clairstat.aggregation.aggregate`.
+        ``"clair"`` or any rule of :func:`clairstat.aggregation.aggregate`; an unknown
+        name raises ValueError here, not at the first round.
     lora_config : peft.LoraConfig or dict, optional
         The clients' LoRA config (gives the scaling ``lora_alpha / r``); ``None`` takes
         the factors as they are.
@@ -179,7 +236,9 @@ class LoraStrategy(FedAvg):
     rule_options : dict, optional
         Options of the rule (for ``"clair"``: ``joint`` and the parameters of
         :class:`clairstat.CLAIREstimator`, as :func:`clairstat.lora.refine_adapters`
-        takes them).
+        takes them). Names that are not the rule's options (and for krum an
+        ``n_byzantine`` or ``multi`` that is not a non-negative, resp. positive, integer)
+        raise ValueError here.
     flagged_receive : {"own", "global"}, default="own"
         In personalized mode, what a client flagged by CLAIR receives: its own adapter,
         or the global adapter at its rank
@@ -193,9 +252,9 @@ class LoraStrategy(FedAvg):
         metric) over the median count of the round's valid replies, capped at this
         ratio (:func:`cap_weights`). A client claiming 1e308 examples among clients
         claiming about 100 weighs at most as 10 median clients, not all of the round.
-        ``None`` disables this cap (the counts are still divided by their median, so
-        huge claims cannot overflow). The capped weights also weight FedAvg's metric
-        averages.
+        ``None`` disables this cap (the counts are then divided by a power of two between
+        the smallest and largest count, so that no ratio of claims can overflow). The
+        capped weights also weight FedAvg's metric averages.
     max_weight_share : float or None, default=1/3
         Second cap, after ``max_weight_ratio``: the weights above a common level are cut
         to it, the level chosen so that no client holds more than this share of the
@@ -232,23 +291,31 @@ class LoraStrategy(FedAvg):
     finite positive number, any of its tensors (the LoRA factors and those beside them)
     has a dtype that is not real numbers or holds a non-finite value, its adapter has no
     complete ``lora_A``/``lora_B`` pairs, a factor that is not 2-D, inner dimensions that
-    do not match, a module of rank 0, values so large that ``B A`` may overflow, or an
+    do not match, a module of rank 0 or of a rank above ``min(d_out, d_in)`` (which adds
+    nothing to the update but the rules' time and memory), values so large that ``B A``
+    may overflow, or an
     update too large for the rules' float64 arithmetic (``scale x lora_B``, ``lora_A`` or
     their product of a norm above 1e150, the bound of
     :func:`clairstat.aggregation.aggregate`), when its modules and their (d_out, d_in)
     shapes (and ranks, for the rules that need equal ranks: fedit, ffa, fedex, fedrot),
     and the keys and shapes of its tensors beside the LoRA pairs, differ from those most
-    replies share, or when a tensor holds values beyond the largest number of a floating
+    replies share, under rule ``ffa`` when a module's ``lora_A`` differs from the frozen A
+    most replies share, or when a tensor holds values beyond the largest number of a floating
     dtype the valid replies give that tensor (the outputs are written in the replies'
     dtypes: a float64 value of 1e40 cannot be written as float32, and is not written as
     inf). Each dropped reply is logged
     (logger ``clairstat.integrations.flower``, level WARNING, with the node id and the
     reason), recorded in ``dropped_`` and reported in the round's train metrics as
     ``n-dropped`` (count) and ``dropped-nodes`` (node ids). The round goes on with the other
-    replies; it raises ValueError only when fewer than 2 valid replies remain. Replies that
+    replies; it raises ValueError, before aggregating, only when fewer valid replies
+    remain than the rule needs: 2, and for ``krum`` ``2 n_byzantine + 3`` (3 without
+    ``n_byzantine``, which then is derived from the count). Replies that
     carry a Flower error are left to FedAvg, which logs them as failures. A fresh adapter
     (``lora_B = 0``) is a valid zero update, not malformed.
-    Evaluation replies are screened for their count alike (:meth:`aggregate_evaluate`).
+    Evaluation replies are screened for their count and metrics alike
+    (:meth:`aggregate_evaluate`). A train reply whose metrics (a loss) hold a NaN or an
+    infinite value keeps its adapter in the aggregation, but its metrics are left out of
+    the round's metric average (logged, and listed in ``metrics-left-out-nodes``).
 
     **Tensors beside the LoRA pairs** (``modules_to_save`` modules, biases, trainable
     tokens) are not tested by any rule: the global adapter takes their coordinate-wise
@@ -268,6 +335,7 @@ class LoraStrategy(FedAvg):
         if flagged_receive not in ("own", "global"):
             raise ValueError(f"flagged_receive must be 'own' or 'global', "
                              f"got {flagged_receive!r}.")
+        _check_rule(rule, dict(rule_options or {}))
         self.flagged_receive = flagged_receive
         self.rule = rule
         self.lora_config = lora_config
@@ -331,6 +399,10 @@ class LoraStrategy(FedAvg):
             shown = f"{count!r}" if len(repr(count)) <= 40 else f"{repr(count)[:40]}..."
             raise _MalformedReply(f"{self.weighted_by_key} = {shown} is not a finite "
                                   "positive number")
+        if not arrays:  # an evaluation reply is its metrics
+            bad = _non_finite_metrics(content, self.weighted_by_key)
+            if bad:
+                raise _MalformedReply(f"metric(s) {bad} are not finite numbers")
         return value
 
     def _adapter(self, content):
@@ -352,6 +424,10 @@ class LoraStrategy(FedAvg):
             if 0 in b_mat.shape + a_mat.shape:
                 raise _MalformedReply(f"{module} has rank 0 or is empty: lora_B "
                                       f"{b_mat.shape}, lora_A {a_mat.shape}")
+            if a_mat.shape[0] > min(b_mat.shape[0], a_mat.shape[1]):  # check_factors'
+                raise _MalformedReply(f"{module} has rank {a_mat.shape[0]} above min(d_out, "
+                                      f"d_in) = {min(b_mat.shape[0], a_mat.shape[1])}: "
+                                      f"lora_B {b_mat.shape}, lora_A {a_mat.shape}")
             for name, matrix in (("lora_B", b_mat), ("lora_A", a_mat)):
                 if not np.all(np.isfinite(matrix)):
                     raise _MalformedReply(f"{module}.{name} holds non-finite values")
@@ -381,6 +457,17 @@ class LoraStrategy(FedAvg):
         shape = (b_mat.shape[0], a_mat.shape[1])
         return shape + (a_mat.shape[0],) if self.rule in _EQUAL_RANK_RULES else shape
 
+    def _min_replies(self):
+        """The fewest valid replies the rule aggregates, and what needs them: 2, and
+        ``2 n_byzantine + 3`` for krum (3 without ``n_byzantine``)."""
+        if self.rule == "krum":
+            f = self.rule_options.get("n_byzantine")
+            if f is None:
+                return 3, ("rule 'krum' (n_replies >= 2 n_byzantine + 3; n_byzantine, not "
+                           "given, is derived from the reply count, 0 at the least)")
+            return 2 * int(f) + 3, f"rule 'krum' with n_byzantine={f} (2 n_byzantine + 3)"
+        return 2, "aggregation"
+
     def _screen(self, server_round, replies):
         """Node ids, adapters and counts of the well-formed replies; the others dropped."""
         read, dropped = [], {}
@@ -397,6 +484,8 @@ class LoraStrategy(FedAvg):
                 dropped[item[1]] = (f"modules and shapes {dict(item[-1])} differ from "
                                     f"those of most replies {dict(common)}")
             read = [item for item in read if item[-1] == common]
+            if self.rule == "ffa":
+                read = _same_frozen_a(read, dropped)
             read = _fit_output_dtypes(read, dropped)
         _log_dropped(server_round, "", dropped)
         self.dropped_[server_round] = dropped
@@ -418,19 +507,31 @@ class LoraStrategy(FedAvg):
                                                                self.lora_config), adapters),
                 flagged)
 
-    def _metrics(self, messages, weights, aggregate_fn):
-        """FedAvg's metric aggregation, weighted by the capped weights."""
-        contents = []
+    def _metrics(self, messages, weights, aggregate_fn, server_round=None):
+        """FedAvg's metric aggregation, weighted by the capped weights, over the replies
+        whose metrics are finite numbers; the others are logged and left out (all their
+        metrics: FedAvg weights every metric by the same total) and their node ids
+        returned."""
+        contents, left_out = [], []
         for message, weight in zip(messages, weights):
+            bad = _non_finite_metrics(message.content, self.weighted_by_key)
+            if bad:
+                node = message.metadata.src_node_id
+                left_out.append(int(node))
+                _LOGGER.warning("round %s: left the metrics of node %s out of the average: "
+                                "metric(s) %s are not finite numbers", server_round, node, bad)
+                continue
             content = message.content
             key, record = next(iter(content.metric_records.items()))
             capped = MetricRecord({**dict(record.items()), self.weighted_by_key: float(weight)})
             contents.append(RecordDict({**dict(content.items()), key: capped}))
+        if not contents:
+            return MetricRecord(), left_out
         try:
-            return aggregate_fn(contents, self.weighted_by_key)
+            return aggregate_fn(contents, self.weighted_by_key), left_out
         except (ValueError, TypeError) as error:  # e.g. metric lists of unequal lengths
             _LOGGER.warning("the clients' metrics could not be aggregated: %s", error)
-            return MetricRecord()
+            return MetricRecord(), left_out
 
     def aggregate_train(self, server_round, replies):
         """Aggregate the well-formed replies' adapters with the clairstat rule.
@@ -445,43 +546,57 @@ class LoraStrategy(FedAvg):
             The global adapter (CLAIR: the collaborative mean, read out at the first
             valid client's rank); ``None`` when no reply carries content.
         metrics : MetricRecord or None
-            FedAvg's weighted metrics (capped weights), ``n-dropped`` and
-            ``dropped-nodes``, plus ``n-flagged`` for CLAIR.
+            FedAvg's weighted metrics (capped weights) over the replies whose metrics
+            are all finite numbers, ``n-dropped`` and ``dropped-nodes``,
+            ``metrics-left-out-nodes`` (the node ids whose metrics held a NaN or an
+            infinite value, left out of the average and logged; their adapters are
+            aggregated), plus ``n-flagged`` for CLAIR.
 
         Raises
         ------
         ValueError
-            When fewer than 2 valid replies remain after dropping the malformed ones.
+            When fewer valid replies remain, after dropping the malformed ones, than
+        the rule needs (class Notes), before any aggregation; the message gives the
+        number of valid and dropped replies and the rule's minimum.
         """
         valid, _ = self._check_and_log_replies(replies, is_train=True, validate=False)
         if not valid:
             return None, None
         read, dropped = self._screen(server_round, valid)
-        if len(read) < 2:
+        needed, why = self._min_replies()
+        if len(read) < needed:
             raise ValueError(f"round {server_round}: {len(read)} valid replies after dropping "
-                             f"{len(dropped)} malformed ones ({dropped}); aggregation needs "
-                             "at least 2.")
+                             f"{len(dropped)} malformed ones ({dropped}); {why} needs at "
+                             f"least {needed}.")
         messages, nodes, counts, adapters, _ = (list(column) for column in zip(*read))
         weights = cap_weights(counts, self.max_weight_ratio, self.max_weight_share)
         self.weights_ = dict(zip(nodes, (weights / weights.sum()).tolist()))
-        per_client, global_adapter, flagged = self._aggregate(adapters, weights)
+        try:
+            per_client, global_adapter, flagged = self._aggregate(adapters, weights)
+        except ValueError as error:  # the rules name clients by position: give node ids
+            raise ValueError(f"round {server_round}: {error} (clients by position: node ids "
+                             f"{[int(n) for n in nodes]})") from error
         self.client_arrays_ = {node: state_dict_to_arrays(sd)
                                for node, sd in zip(nodes, per_client)}
         self.flagged_ = ({} if flagged is None else
                          {node: bool(flag) for node, flag in zip(nodes, flagged)})
-        extra = {"n-dropped": len(dropped), "dropped-nodes": [int(n) for n in dropped]}
+        metrics, left_out = self._metrics(messages, weights, self.train_metrics_aggr_fn,
+                                          server_round)
+        extra = {"n-dropped": len(dropped), "dropped-nodes": [int(n) for n in dropped],
+                 "metrics-left-out-nodes": left_out}
         if flagged is not None:
             extra["n-flagged"] = int(np.sum(flagged))
-        metrics = self._metrics(messages, weights, self.train_metrics_aggr_fn)
         return state_dict_to_arrays(global_adapter), MetricRecord({**dict(metrics.items()),
                                                                    **extra})
 
     def aggregate_evaluate(self, server_round, replies):
         """FedAvg's weighted evaluation metrics, robust to malformed replies.
 
-        A reply without exactly one MetricRecord or with a missing, non-finite or
-        non-positive count is dropped, logged and recorded in ``dropped_evaluate_``;
-        the counts are capped as in training. The metrics gain ``n-dropped`` and
+        A reply without exactly one MetricRecord, with a missing, non-finite or
+        non-positive count, or with a metric value (or list entry) that is not a finite
+        number (a NaN accuracy made the round's accuracy NaN: a review) is dropped,
+        logged and recorded in ``dropped_evaluate_``; the counts are capped as in
+        training. The metrics gain ``n-dropped`` and
         ``dropped-nodes``; ``None`` when no valid reply remains.
         """
         valid, _ = self._check_and_log_replies(replies, is_train=False, validate=False)
@@ -497,9 +612,24 @@ class LoraStrategy(FedAvg):
         if not kept:
             return None
         weights = cap_weights(counts, self.max_weight_ratio, self.max_weight_share)
-        metrics = self._metrics(kept, weights, self.evaluate_metrics_aggr_fn)
+        metrics, _ = self._metrics(kept, weights, self.evaluate_metrics_aggr_fn, server_round)
         return MetricRecord({**dict(metrics.items()), "n-dropped": len(dropped),
                              "dropped-nodes": [int(n) for n in dropped]})
+
+
+def _same_frozen_a(read, dropped):
+    """The screened replies whose ``lora_A`` of every module is the one most replies share
+    (FFA-LoRA freezes A: one reply with another A aborted the round, naming nobody, a
+    review); the others are added to ``dropped``."""
+    factors = [adapter_factors(item[3]) for item in read]
+    odd = {}
+    for module in factors[0] if factors else ():
+        for index in a_outliers([client[module][1] for client in factors]):
+            odd.setdefault(index, module)
+    for index, module in odd.items():
+        dropped[read[index][1]] = (f"{module}.lora_A differs from the frozen A most replies "
+                                   "share (rule 'ffa')")
+    return [item for index, item in enumerate(read) if index not in odd]
 
 
 def _fit_output_dtypes(read, dropped):
