@@ -1072,7 +1072,7 @@ def collect():
     if rounds is not None:
         tables["copying_rounds"] = rounds_table(rounds)
     macros.update(rounds_detection_macros(*src.read_rounds(study="rounds_detection")))
-    macros.update(rounds_quarantine_macros(*src.read_quarantine("rounds_detection")))
+    macros.update(rounds_previous_macros(*src.read_rounds_previous()))
     macros.update(quarantine_macros(*src.read_quarantine()))
     macros.update(null_change_macros(*src.read_null_change()))
     macros["copy.quarantine.commit"] = QUARANTINE_COMMIT  # named wherever the text needs it
@@ -1100,6 +1100,24 @@ def collect():
 QUARANTINE_COMMIT = "54cbe35"
 #: The commit that made the LoRA null predictive (each statistic from the others').
 NULL_COMMIT = "7e7a791"
+#: The commit that made clipping the default stand-in for a module-flagged update.
+CLIP_COMMIT = "cdaa0d4"
+#: The code of the archived ``rounds_detection`` table with the quarantine
+#: (simulations/results/archive/README.md; its rows predate the ``code_commit`` column).
+RDET_PREVIOUS_COMMIT = "d0adb7f"
+
+
+def _stand_in(frame):
+    """The stand-ins for a module-flagged update a table's rows were made with: the
+    ``clair_stand_in`` column where the study writes it, else ``{"clip"}`` when every
+    row's ``code_commit`` is ``CLIP_COMMIT`` or later (the default since), else empty
+    (not known)."""
+    if "clair_stand_in" in frame:
+        return set(frame["clair_stand_in"].dropna())
+    commits = set(frame["code_commit"]) if "code_commit" in frame else set()
+    if commits and all(src.commit_at_or_after(CLIP_COMMIT, c) for c in commits):
+        return {"clip"}
+    return set()
 
 
 def _paired_tables(before, after):
@@ -1174,37 +1192,43 @@ def null_change_macros(before, after):
     return macros
 
 
-def rounds_quarantine_macros(before, after):
-    """``rounds_detection`` before and after the quarantine (commit ``QUARANTINE_COMMIT``)
-    on the same seeds: the earlier table's macros under ``rdet.before.`` (those the text
-    compares), and CLAIR's gain change on the clean designs, default strategy, replicate
-    by replicate (``rdet.quarantine.clean.diff``, percentage points, paired bootstrap
-    interval). ``{"rdet.quarantine.has": "0"}`` without both tables on the same seeds."""
+def rounds_previous_macros(before, after):
+    """``rounds_detection`` with the code of ``RDET_PREVIOUS_COMMIT`` (the quarantine of
+    module-flagged updates and the LoRA null before the predictive one) and as committed
+    now, on the same seeds: the earlier table's macros under ``rdet.prev.`` (those the
+    text compares), the current rows' commit (``rdet.commit``), and CLAIR's gain change
+    on the clean designs, default strategy, replicate by replicate
+    (``rdet.prev.clean.diff``, percentage points, paired bootstrap interval).
+    ``{"rdet.prev.has": "0"}`` without both tables on the same seeds, or when the
+    current rows do not say they were made by a later code with the clipping."""
     from simulations.copying.analysis import paired_bootstrap
 
     paired = _paired_tables(before, after)
-    if paired is None:
-        return {"rdet.quarantine.has": "0"}
+    if paired is None or _stand_in(after) != {"clip"}:
+        return {"rdet.prev.has": "0"}
     before, after = paired
     earlier = rounds_detection_macros(before, "small")
-    keep = ("rdet.none.clean.gain", "rdet.none.clean.anyrep.last",
-            "rdet.global.clean.anyrep.last", "rdet.confirm.global.clean.anyrep.last",
-            "rdet.confirm.none.clean.anyrep.last", "rdet.confirm.global.recall.last",
-            "rdet.confirm.none.recall.last", "rdet.confirm.clean.diff",
-            "rdet.confirm.contaminated.diff", "rdet.confirm.c1", "rdet.confirm.c2",
-            "rdet.none.clean.heterogeneous.group.last",
-            "rdet.norobust.clean.heterogeneous.group.last")
+    keep = ("rdet.module.first", "rdet.clean.heterogeneous.module.last",
+            "rdet.clean.homogeneous.module.last", "rdet.clean.anyrep.last",
+            "rdet.clean.flags", "rdet.clean.kept", "rdet.none.clean.gain",
+            "rdet.none.clean.anyrep.last", "rdet.global.clean.anyrep.last",
+            "rdet.confirm.global.clean.anyrep.last", "rdet.confirm.none.clean.anyrep.last",
+            "rdet.confirm.global.recall.last", "rdet.confirm.none.recall.last",
+            "rdet.confirm.clean.diff", "rdet.confirm.contaminated.diff", "rdet.confirm.c1",
+            "rdet.confirm.c2", "rdet.none.clean.heterogeneous.group.last",
+            "rdet.norobust.clean.heterogeneous.group.last", "rdet.norobust.group.diff")
     if not set(keep) <= set(earlier):
-        return {"rdet.quarantine.has": "0"}
-    macros = {"rdet.quarantine.has": "1", "rdet.quarantine.commit": QUARANTINE_COMMIT}
-    macros.update({"rdet.before." + key[len("rdet."):]: earlier[key] for key in keep})
+        return {"rdet.prev.has": "0"}
+    macros = {"rdet.prev.has": "1", "rdet.prev.commit": RDET_PREVIOUS_COMMIT,
+              "rdet.commit": ", ".join(sorted(set(after["code_commit"])))}
+    macros.update({"rdet.prev." + key[len("rdet."):]: earlier[key] for key in keep})
     arm = after["intervention"].fillna("none") if "intervention" in after else None
     rows = ((after["design"] == "clean") & (after["seed_block"] != "rounds_detection_confirm")
             & ((arm == "none") if arm is not None else True))
     diff = 100 * (after.loc[rows, "rel_clair"] - before.loc[rows, "rel_clair"]).to_numpy(float)
     mean, low, high = paired_bootstrap(diff)
-    macros["rdet.quarantine.clean.diff"] = (f"{fmt_fixed(mean, 2)} [{fmt_fixed(low, 2)}, "
-                                            f"{fmt_fixed(high, 2)}]")
+    macros["rdet.prev.clean.diff"] = (f"{fmt_fixed(mean, 2)} [{fmt_fixed(low, 2)}, "
+                                      f"{fmt_fixed(high, 2)}]")
     return macros
 
 
@@ -1323,7 +1347,7 @@ NULL_STUDIES = (("copying_flagged", "full", "the comparison of what stands in fo
                 ("copying_joint_rank", "small", "the joint rank's study"),
                 ("copying_sweep", "small", "the design sweep"),
                 ("copying_rounds", "small", "the multi-round runs in Flower"),
-                ("rounds_detection", "small", "their replay"))
+                ("rounds_detection", "small", "the replay of the multi-round runs"))
 
 
 def null_rerun_macros(results_dir=None):
@@ -1341,11 +1365,8 @@ def null_rerun_macros(results_dir=None):
         if not path.exists():
             continue
         frame = load_table(path)
-        # the stand-in for a module-flagged update the rows were made with (the column
-        # is written since the clipping became the default)
-        stand_in = (set(frame["clair_stand_in"].dropna()) if "clair_stand_in" in frame
-                    else set())
-        macros[f"copy.clip.{study}"] = "1" if stand_in == {"clip"} else "0"
+        # the stand-in for a module-flagged update the rows were made with
+        macros[f"copy.clip.{study}"] = "1" if _stand_in(frame) == {"clip"} else "0"
         commits = set(frame["code_commit"]) if "code_commit" in frame else set()
         on_new = bool(commits) and all(src.commit_at_or_after(NULL_COMMIT, commit)
                                        for commit in commits)
@@ -1393,7 +1414,7 @@ def write_generated(out_dir):
                                        "rdet.norobust.clean.nrep"} <= set(macros)
         else r"\rdetfalse",
         switch("rdetconfirm", "rdet.confirm.has"),
-        switch("rdetquarantine", "rdet.quarantine.has"),
+        switch("rdetprev", "rdet.prev.has"),
         switch("rdetgroupdiff", "rdet.norobust.group.excludes0"),
         switch("calibheldout", "calibho.has"),
         switch("flagged", "flagged.has"), switch("flaggedfull", "flagged.full"),

@@ -241,6 +241,19 @@ def read_quarantine(study="copying"):
     return tuple(frames)
 
 
+def read_rounds_previous():
+    """``rounds_detection`` with the quarantine and the earlier LoRA null, and as
+    committed now: ``(before, after)`` frames from
+    ``simulations/results/archive/rounds_detection_small_quarantine.jsonl`` and
+    ``small/rounds_detection.jsonl``, None where absent."""
+    from simulations import load_table
+
+    root = SOURCES["copying"]
+    paths = (root / "archive" / "rounds_detection_small_quarantine.jsonl",
+             root / "small" / "rounds_detection.jsonl")
+    return tuple(load_table(path) if path.exists() else None for path in paths)
+
+
 def read_null_change():
     """The development block before and after the predictive LoRA null (commit
     7e7a791): ``(before, after)`` frames from

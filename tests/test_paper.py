@@ -647,12 +647,13 @@ def test_sweep_quarantine_macros_are_the_two_tables():
     assert macros["copy.quarantine.sweep.worst.clients"] == str(worst[1])
 
 
-def test_rounds_quarantine_macros_are_the_two_tables():
-    """rounds_detection before and after the quarantine on the same seeds: the clean
-    designs' mean gain change (default strategy) and the earlier table's last-round
-    false alarms, by plain loops; the robust start's whole-variant difference."""
+def test_rounds_previous_macros_are_the_two_tables():
+    """rounds_detection with the quarantine and the earlier null (archived) and as
+    committed now, on the same seeds: the clean designs' mean gain change (default
+    strategy) and the earlier table's last-round false alarms, by plain loops; the robust
+    start's whole-variant difference."""
     before = ROOT / "simulations" / "results" / "archive" / \
-        "rounds_detection_small_before_quarantine.jsonl"
+        "rounds_detection_small_quarantine.jsonl"
     after = ROOT / "simulations" / "results" / "small" / "rounds_detection.jsonl"
     if not (before.exists() and after.exists()):
         pytest.skip("no archived rounds_detection table")
@@ -667,12 +668,20 @@ def test_rounds_quarantine_macros_are_the_two_tables():
              for r in new if default_clean(r)]
     assert len(diffs) == 40
     macros = _macros()
-    assert macros["rdet.quarantine.has"] == "1"
-    shown = macros["rdet.quarantine.clean.diff"].replace(r"\ensuremath{-}", "-")
+    assert macros["rdet.prev.has"] == "1"
+    # the rows predate the clair_stand_in column: their commit says clipping
+    assert macros["copy.clip.rounds_detection"] == "1"
+    assert macros["rdet.commit"] == ", ".join(sorted({r["code_commit"] for r in new}))
+    shown = macros["rdet.prev.clean.diff"].replace(r"\ensuremath{-}", "-")
     assert float(shown.split()[0]) == pytest.approx(sum(diffs) / len(diffs), abs=0.006)
     last = [r for r in old.values() if default_clean(r)]
-    assert macros["rdet.before.none.clean.anyrep.last"] == str(
+    assert macros["rdet.prev.none.clean.anyrep.last"] == str(
         sum(r[f"client_benign_r{r['rounds']}"] > 0 for r in last))
+    first = [r for r in old.values() if r["design"] == "clean"
+             and r["seed_block"] == "rounds_detection"
+             and (r.get("intervention") or "none") == "none"]
+    share = sum(r["module_benign_any_r1"] for r in first) / sum(r["modules_r1"] for r in first)
+    assert macros["rdet.prev.module.first"].startswith(f"{share:.2f} [")
 
     def groups(arm):
         return [r[f"module_group_r{r['rounds']}"] for r in new
