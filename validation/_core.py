@@ -227,23 +227,50 @@ def wilson(successes, n):
     return successes / n, (float(lo), float(hi))
 
 
-def mean_interval(values):
+def mean_interval(values, bounds=(-INF, INF)):
     """Mean with its 95% t interval (statsmodels ``DescrStatsW.tconfint_mean``).
+
+    Parameters
+    ----------
+    values : array-like
+        Every value must be finite: a NaN or an infinity is an error (a check whose
+        quantity can be undefined says how it counts such replicates before calling).
+    bounds : tuple of float, default=(-inf, inf)
+        Where the quantity can lie (``(0, 1)`` for a proportion). They matter only
+        when every value is the same, where the t interval would be the point itself:
+        n equal values say only that a draw equals them with probability at least
+        ``0.025 ** (1 / n)`` (the smallest that leaves the sample at least the 2.5%
+        chance of a two-sided 95% interval), so the mean lies within
+        ``b = 1 - 0.025 ** (1 / n)`` of the way from the value to either bound (the
+        rest of the mass at the bound). Unbounded: an infinite interval, which decides
+        nothing.
 
     Examples
     --------
     >>> mean, (lo, hi) = mean_interval([1.0, 2.0, 3.0])
     >>> mean, round(lo, 3), round(hi, 3)
     (2.0, -0.484, 4.484)
+    >>> mean, (lo, hi) = mean_interval([0.0] * 12, bounds=(0.0, 1.0))
+    >>> mean, lo, round(hi, 3)
+    (0.0, 0.0, 0.265)
     """
     from statsmodels.stats.weightstats import DescrStatsW
 
     values = np.asarray(values, dtype=float)
-    values = values[np.isfinite(values)]
+    bad = int(np.sum(~np.isfinite(values)))
+    if bad:
+        raise ValueError(f"{bad} of {values.size} values are not finite; a mean's interval "
+                         "needs every replicate counted.")
     if values.size < 2:
         raise ValueError("a mean's interval needs at least two finite values.")
-    if np.ptp(values) == 0:  # no spread: the t interval is the point itself
-        return float(values[0]), (float(values[0]), float(values[0]))
+    low, high = (float(v) for v in bounds)
+    if np.any(values < low) or np.any(values > high):
+        raise ValueError(f"values outside their bounds [{low:g}, {high:g}].")
+    if np.ptp(values) == 0:  # no spread: what n equal draws allow (docstring)
+        value, share = float(values[0]), 1.0 - 0.025 ** (1.0 / values.size)
+        lo = value - share * (value - low) if math.isfinite(low) else -INF
+        hi = value + share * (high - value) if math.isfinite(high) else INF
+        return value, (float(lo), float(hi))
     lo, hi = DescrStatsW(values).tconfint_mean(alpha=0.05)
     return float(values.mean()), (float(lo), float(hi))
 

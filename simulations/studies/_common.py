@@ -9,7 +9,8 @@ from __future__ import annotations
 import numpy as np
 
 __all__ = ["column_incoherence", "block_row_incoherence", "stack", "leading_subspace",
-           "oracle_refine", "benign_mean", "predicted_power", "random_basis", "check_control"]
+           "oracle_refine", "benign_mean", "predicted_power", "random_basis", "check_control",
+           "control_stream"]
 
 
 def stack(blocks):
@@ -71,6 +72,15 @@ def check_control(control, study):
     """Refuse a control the study does not implement (a silent normal run would pass)."""
     if control is not None and control not in study.controls:
         raise ValueError(f"study {study.name!r} does not implement control {control!r}.")
+
+
+def control_stream(seed):
+    """A generator for a control's own draws, independent of every stream the replicate's
+    data come from (``default_rng(seed)`` and the generators seeded with ``seed``): the
+    first child of ``SeedSequence(seed)``. Drawing a control's randomness from
+    ``default_rng(seed)`` itself would replay the data's first draws (a "random" basis
+    equal to the QR of the heterogeneity shifts)."""
+    return np.random.default_rng(np.random.SeedSequence(seed).spawn(1)[0])
 
 
 def random_basis(rng, p, rank):

@@ -28,7 +28,8 @@ from clairstat.datasets import make_low_rank_block_sparse
 from clairstat.metrics import estimation_errors
 
 from .._framework import Study, grid
-from ._common import benign_mean, check_control, oracle_refine, random_basis
+from ._common import (benign_mean, check_control, control_stream, oracle_refine,
+                      random_basis)
 
 # First-order torch backend, named explicitly so that every row says which solver ran.
 SOLVER = "torch"
@@ -88,7 +89,7 @@ def _refined(est, estimates, control, seed):
     if control == "local-refinement":
         return estimates
     if control == "random-subspace":  # the refinement formula with a random P_hat
-        basis = random_basis(np.random.default_rng(seed), estimates.shape[1],
+        basis = random_basis(control_stream(seed), estimates.shape[1],
                              est.subspace_.shape[1])
         return oracle_refine(estimates, basis, np.flatnonzero(~est.contaminated_))
     return est.refined_

@@ -28,7 +28,7 @@ from clairstat.datasets import make_federated_regression
 from clairstat.metrics import detection_scores, subspace_distance
 
 from .._framework import Study
-from ._common import check_control, random_basis, stack
+from ._common import check_control, control_stream, random_basis, stack
 
 # First-order torch backend, named explicitly so that every row says which solver ran.
 SOLVER = "torch"
@@ -67,7 +67,7 @@ def simulate_one(params, seed, control=None):
     detection = detection_scores(est.contaminated_, data.contaminated)
     subspace = est.subspace_
     if control == "random-subspace":
-        subspace = random_basis(np.random.default_rng(seed), p, subspace.shape[1])
+        subspace = random_basis(control_stream(seed), p, subspace.shape[1])
     error = subspace_distance(subspace, data.subspace)
     predicted = first_order_prediction(data, estimate_sd)
     return {"subspace_error": error, "predicted_error": predicted,

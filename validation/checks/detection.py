@@ -54,7 +54,7 @@ def power_curve(df):
     """D2: per-client detection rate = non-central chi^2 power, across separations."""
     rows = df[df["gamma"] > 0].dropna(subset=["power_observed", "power_predicted"])
     gap = rows["power_observed"] - rows["power_predicted"]
-    mean, interval = mean_interval(gap)
+    mean, interval = mean_interval(gap, bounds=(-1.0, 1.0))
     by_t = rows.groupby("separation_ratio")[["power_observed", "power_predicted"]].mean()
     return dict(statistic="mean (observed - predicted) per-client detection rate at level "
                           f"{LEVEL}, uncorrected (t 95%)", expected=0.0, observed=mean,
@@ -67,7 +67,7 @@ def power_curve(df):
 def null_calibration(df):
     """D3: benign clients' uncorrected rejection rate at level 0.05 is 0.05 (+- 0.025)."""
     rows = df[df["separation_ratio"] >= HIGH]  # attackers caught: a clean refit
-    mean, interval = mean_interval(rows["null_rejection_rate"])
+    mean, interval = mean_interval(rows["null_rejection_rate"], bounds=(0.0, 1.0))
     return dict(statistic=f"mean share of benign clients with p < {LEVEL} (uncorrected), "
                           f"separation ratio >= {HIGH} (t 95%)",
                 expected=LEVEL, observed=mean, interval=interval, n=len(rows),
@@ -79,7 +79,7 @@ def null_calibration(df):
 def bh_false_discoveries(df):
     """D4: with BH the false discovery proportion is at most the level on average."""
     rows = df[df["correction"] == "fdr_bh"]
-    mean, interval = mean_interval(rows["false_discovery_proportion"])
+    mean, interval = mean_interval(rows["false_discovery_proportion"], bounds=(0.0, 1.0))
     return dict(statistic="mean false discovery proportion, BH, all separations (t 95%)",
                 expected=f"<= {LEVEL}", observed=mean, interval=interval, n=len(rows),
                 detail=f"{len(rows)} replicates; mean recall at separation >= {HIGH}: "

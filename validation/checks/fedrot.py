@@ -86,7 +86,7 @@ def _tightening(df, mode, gauge):
     if gauge == "none":  # without any mismatch both bounds are 0: no ratio
         rows = rows[rows["heterogeneity"] > 0]
     ratio = rows[f"bound_ratio_{mode}"]
-    mean, interval = mean_interval(ratio)
+    mean, interval = mean_interval(ratio, bounds=(0.0, INF))
     by_h = rows.groupby("heterogeneity")[f"bound_ratio_{mode}"].mean()
     return dict(statistic=f"mean aligned / unaligned CS bound, align {mode.upper()}, hard, "
                           f"{gauge} mismatch (t 95%)", expected="< 1", observed=mean,

@@ -16,7 +16,8 @@ SIGN_RATE = 0.9  # R2: in decisive cells, the gain has the formula's sign in >= 
 
 def oracle_formula(df):
     """R1: the oracle refinement's risk equals the formula (exact in expectation)."""
-    mean, interval = mean_interval(df["risk_oracle"] / df["formula_oracle"])
+    mean, interval = mean_interval(df["risk_oracle"] / df["formula_oracle"],
+                                    bounds=(0.0, INF))
     return dict(statistic="mean of measured oracle risk / formula (t 95%)", expected=1.0,
                 observed=mean, interval=interval, n=len(df),
                 detail=f"{len(df)} replicates over {df['cell'].nunique()} cells.")

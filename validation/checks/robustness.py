@@ -103,7 +103,7 @@ def clair_detects(df):
 
 def clair_false_discoveries(df):
     rows = df[df["attack"].isin(OFF_SUBSPACE) & (df["gamma"] > 0)]
-    mean, interval = mean_interval(1.0 - rows["clair_precision"])
+    mean, interval = mean_interval(1.0 - rows["clair_precision"], bounds=(0.0, 1.0))
     return {"statistic": "mean false-discovery proportion of CLAIR's flagged set (t 95%)",
             "expected": f"<= {TEST_LEVEL}", "observed": mean, "interval": interval,
             "n": len(rows),
