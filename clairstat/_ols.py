@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import numbers
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+import scipy.sparse
 from numpy.typing import ArrayLike
 
 __all__ = ["LocalOLS", "local_ols"]
@@ -32,7 +34,9 @@ class LocalOLS:
     noise_cov : tuple of ndarray of shapes (n_clients, p, p) and (n_clients, q, q)
         ``(row_cov, col_cov)`` with ``cov(vec Theta_hat_k) = col_cov_k (x) row_cov_k``:
         ``row_cov_k = (X_k^T X_k)^{-1}`` and ``col_cov_k`` the residual covariance
-        ``R_k^T R_k / (n_k - p)`` (unbiased under homoscedastic Gaussian errors).
+        ``R_k^T R_k / (n_k - p)`` (unbiased under homoscedastic Gaussian errors; an
+        output with no residual variance beyond round-off has exactly zero, which
+        :class:`~clairstat.CLAIREstimator` refuses).
     n_samples : ndarray of shape (n_clients,)
     residual_df : ndarray of shape (n_clients,)
         ``n_k - p``.
@@ -166,6 +170,12 @@ def _aligned(design, response, k, reference, first_label="0"):
     out = []
     for table, what, first in zip((design, response), ("design", "response"), reference):
         names = _columns(table)
+        text = [] if names is None else [str(name) for name in names]
+        repeated = sorted({name for name in text if text.count(name) > 1})
+        if repeated:  # (as strings: LocalOLS keeps the names as strings)
+            raise ValueError(f"client {k}'s {what} has the column name(s) {repeated} more "
+                             "than once: give every column its own name (new clients' "
+                             "columns are matched to the fit's by name).")
         if (names is None) != (first is None):
             raise ValueError(f"client {k}'s {what} {'has no' if names is None else 'has'} "
                              f"column names and client {first_label}'s "
@@ -183,7 +193,19 @@ def _aligned(design, response, k, reference, first_label="0"):
     return out
 
 
+def _dense(values, what, k):
+    """Refuse what ``np.asarray`` would misread: masked entries (their hidden values
+    would be used) and scipy.sparse matrices."""
+    if scipy.sparse.issparse(values):
+        raise TypeError(f"client {k}'s {what} is a scipy.sparse matrix, which local_ols "
+                        "does not support: convert it with .toarray().")
+    if np.ma.isMaskedArray(values) and np.ma.getmaskarray(values).any():
+        raise ValueError(f"client {k}'s {what} contain{'' if what == 'weights' else 's'} "
+                         "missing values (masked entries): drop or impute them first.")
+
+
 def _as_matrix(table, what, k):
+    _dense(table, what, k)
     missing = getattr(table, "isna", None)
     if callable(missing) and np.asarray(missing()).any():  # pandas NA, NaN or None
         raise ValueError(f"client {k}'s {what} contains missing values: drop or impute "
@@ -203,6 +225,11 @@ def _as_matrix(table, what, k):
     if array.ndim != 2:
         raise ValueError(f"client {k}'s {what} must be 2-D (n_samples, columns); got "
                          f"shape {array.shape}.")
+    if array.shape[1] == 0:
+        raise ValueError(f"client {k}'s {what} has no columns: " + (
+            "give at least one covariate (a column of ones for an intercept-only "
+            "model)." if what == "design"
+            else "give at least one output."))
     if not np.all(np.isfinite(array)):
         raise ValueError(f"client {k}'s {what} contains NaN or infinite values.")
     return array
@@ -243,19 +270,24 @@ def _client_fit(design, response, k, names):
     return estimate, 0.5 * (row_cov + row_cov.T), col_cov
 
 
-def _warn_no_residual(col_cov, y_max, output_names, labels):
-    """Warn about clients with an output that has no residual variance (constant, or
-    fitted exactly): their tests would take that output's noise as zero. ``y_max``
-    (n_clients, q): each client's largest absolute response per output."""
+def _no_residual(col_cov, y_max, output_names, labels):
+    """``col_cov`` with the outputs that have no residual variance (constant, or fitted
+    exactly: a variance at round-off level) set to exactly zero, with a warning naming
+    the client: a residual of 0.0 and one of 1e-16 (a constant 1.0) are the same, and
+    :class:`~clairstat.CLAIREstimator` refuses both. ``y_max`` (n_clients, q): each
+    client's largest absolute response per output."""
     variances = np.diagonal(col_cov, axis1=1, axis2=2)  # (n_clients, q)
     # Round-off: residuals of size ~ eps * |y|, squared.
     dead = variances <= (64 * np.finfo(float).eps * np.maximum(y_max, 1e-300)) ** 2
+    col_cov = col_cov.copy()
     for k, j in zip(*np.nonzero(dead)):
+        col_cov[k, j, :] = col_cov[k, :, j] = 0.0
         warnings.warn(f"client {labels[k]}'s output {output_names[j]!r} has no residual variance "
-                      "(constant, or fitted exactly): its covariance takes that output's "
-                      "noise as zero, and any deviation of the client is then "
-                      "significant. Drop the output or the client.", UserWarning,
-                      stacklevel=3)
+                      "(constant, or fitted exactly): its residual variance is set to zero, "
+                      "and CLAIREstimator refuses it (a test would take that output's noise "
+                      "as zero, so that any deviation of the client is significant). Drop "
+                      "the output or the client.", UserWarning, stacklevel=3)
+    return col_cov
 
 
 def _weighted(design, response, weights, k, rows=None):
@@ -266,6 +298,7 @@ def _weighted(design, response, weights, k, rows=None):
     if hasattr(index, "equals") and hasattr(rows, "equals") and not index.equals(rows):
         raise ValueError(f"client {k}'s weights and data have different row indexes: "
                          "align them (e.g. weights.loc[design.index]) or pass arrays.")
+    _dense(weights, "weights", k)
     try:
         weights = np.asarray(weights, dtype=float)
     except (TypeError, ValueError) as exc:
@@ -322,14 +355,26 @@ def local_ols(designs: Sequence[ArrayLike] | Mapping[object, ArrayLike],
     Raises
     ------
     TypeError
-        Some per-client arguments given as mappings and others as sequences.
+        Some per-client arguments given as mappings and others as sequences; a
+        scipy.sparse design or response (convert it with ``.toarray()``).
     ValueError
-        Mappings with different keys, or keys that are equal as strings; clients of
-        different widths, a client with no more samples than coefficients,
-        a rank-deficient design, or non-finite data (the message names the client).
-        With pandas inputs: a design and response whose row indexes differ, or a
-        client whose column names are not the first client's (the same names in
-        another order are reordered to the first client's).
+        Mappings with different keys, or keys that are equal as strings; a per-client
+        argument that holds scalars (one column of a whole table) instead of one table
+        or weight vector per client; clients of different widths, a design or response
+        with no columns, a client with no more samples than coefficients,
+        a rank-deficient design, or non-finite or missing data (NaN, pandas NA, masked
+        entries of a numpy masked array; the message names the client).
+        With pandas inputs: a design and response whose row indexes differ, a table
+        with a column name twice, or a client whose column names are not the first
+        client's (the same names in another order are reordered to the first
+        client's).
+
+    Warns
+    -----
+    UserWarning
+        An output with no residual variance (constant, or fitted exactly): its
+        residual variance is set to zero, and ``CLAIREstimator`` refuses the result
+        (drop the output or the client). Fewer than 20 residual degrees of freedom.
 
     Examples
     --------
@@ -377,7 +422,7 @@ def local_ols(designs: Sequence[ArrayLike] | Mapping[object, ArrayLike],
                      len(x_mat), np.max(np.abs(y_mat), axis=0)))
     estimates, row_cov, col_cov, n_samples, y_max = (np.stack(part) for part in zip(*fits))
     p, q = estimates.shape[1:]
-    _warn_no_residual(col_cov, y_max, _names(responses[0], "y", q), labels)
+    col_cov = _no_residual(col_cov, y_max, _names(responses[0], "y", q), labels)
     few = np.flatnonzero(n_samples - p < _MIN_RESIDUAL_DF)
     if few.size:
         warnings.warn(f"clients {', '.join(labels[k] for k in few)} have fewer than {_MIN_RESIDUAL_DF} residual "
@@ -406,6 +451,26 @@ def _as_mapping(value):
     return value
 
 
+def _per_client(value, what):
+    """Refuse one vector of scalars (a whole table's column, say) where one table or
+    weight vector per client is expected: its entries would be read as clients."""
+    if isinstance(value, Mapping):
+        items = list(value.values())
+    elif isinstance(value, np.ndarray) or (isinstance(value, Sequence)
+                                           and not isinstance(value, (str, bytes))):
+        items = list(value)
+    else:  # an iterator, read once later
+        return
+    if items and all(isinstance(item, (numbers.Number, str, bytes))
+                     or getattr(item, "ndim", None) == 0 for item in items):
+        kind, part = (("weight vector", "'w'") if what == "weights"
+                      else (what[:-1], "columns"))
+        raise ValueError(
+            f"{what} holds {len(items)} scalars (one column of the whole table?), not one "
+            f"{kind} per client: give each client's own, e.g. {{site: group[{part}] for "
+            f"site, group in frame.groupby('site')}}, or frame.groupby('site')[{part}].")
+
+
 def _by_client(designs, responses, weights):
     """``(designs, responses, weights, client_names)`` as lists in one client order.
 
@@ -419,6 +484,8 @@ def _by_client(designs, responses, weights):
     if weights is not None:
         given["weights"] = weights
     given = {what: _as_mapping(value) for what, value in given.items()}
+    for what, value in given.items():
+        _per_client(value, what)
     designs, responses, weights = (given["designs"], given["responses"],
                                    given.get("weights"))
     mapped = [what for what, value in given.items() if isinstance(value, Mapping)]

@@ -160,16 +160,20 @@ def _shortened(name, width):
 
 def _diagnostics(est):
     n_clients = len(est.contaminated_)
+    # the parameters the fit used (set_params after the fit changes the estimator's)
+    params = est._fit_params
+    shape = tuple(int(v) for v in est.estimate_shape_)  # the working orientation's
     return {
         "clients": str(n_clients),
         "flagged": str(int(est.contaminated_.sum())),
-        "estimate shape (p, q)": str(tuple(int(v) for v in est.estimate_shape_)),
+        "estimate shape (p, q)": str(shape[::-1] if params["subspace"] == "row" else shape),
         **_names(est),
         "rank": (str(est.rank_) if est.rank_ == est.test_rank_
                  else f"{est.rank_} (L); tests at {est.test_rank_}"),
-        "formulation": est.formulation,
-        "backbone": str(est.backbone),
-        "detection": f"{est.detection} ({est.correction}, level {est.test_level})",
+        "formulation": params["formulation"],
+        "backbone": str(params["backbone"]),
+        "detection": f"{params['detection']} ({params['correction']}, level "
+                     f"{params['test_level']})",
         "detection converged": f"{est.detection_converged_} ({est.n_detection_rounds_} "
                                "rounds)",
         "noise model": est.noise_model_,

@@ -125,6 +125,11 @@ def test_exact_formulation_with_cvxpy_matches_torch():
     b = CLAIREstimator(random_state=0, solver="cvxpy").fit(data.local_estimates)
     assert a.solver_ == "torch" and b.solver_ == "cvxpy"
     np.testing.assert_array_equal(a.contaminated_, b.contaminated_)
+    # the attribute's documentation names the values it takes (it promised
+    # "cvxpy:<SOLVER>"); the conic solver is in the status
+    assert b.decomposition_.status.startswith("SCS: ")
+    doc = CLAIREstimator.__doc__.split("    solver_ : str")[1].split("    alpha_,")[0]
+    assert '``"torch"``' in doc and '``"cvxpy"``' in doc and "decomposition_.status" in doc
 
 
 def test_float32_and_float64_inputs_agree(regression):
@@ -146,6 +151,21 @@ def test_list_input_and_2d_input(regression):
     est2 = CLAIREstimator(random_state=0).fit(vectors)
     assert est2.refined_.shape == vectors.shape
     assert est2.transform(vectors).shape == vectors.shape
+
+
+def test_a_3d_refit_leaves_no_column_names_of_a_2d_fit():
+    """A review: feature_names_in_ of a fit on a 2-D DataFrame stayed after a refit on
+    3-D blocks (n_features_in_ went)."""
+    import pandas as pd
+
+    rng = np.random.default_rng(0)
+    est = CLAIREstimator(random_state=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        est.fit(pd.DataFrame(rng.standard_normal((10, 3)), columns=["a", "b", "c"]))
+        assert list(est.feature_names_in_) == ["a", "b", "c"] and est.n_features_in_ == 3
+        est.fit(rng.standard_normal((10, 3, 1)))
+    assert not hasattr(est, "feature_names_in_") and not hasattr(est, "n_features_in_")
 
 
 def test_one_new_client_given_as_a_matrix_is_told_how_to_pass_it(fitted, regression):
@@ -181,6 +201,24 @@ def test_summary_formats(fitted):
     assert "\\begin{" in summary.as_latex()
     markdown = summary.as_markdown()
     assert markdown.count("\n| ") >= len(fitted.contaminated_)
+
+
+def test_summary_reports_the_parameters_the_fit_used(fitted, regression):
+    """A review: after set_params the summary showed the new test level and correction
+    beside the fit's adjusted p-values and flags; with subspace="row" it showed the
+    working (transposed) shape."""
+    before = fitted.summary().diagnostics
+    assert before["detection"] == "test (fdr_bh, level 0.05)"
+    changed = pickle.loads(pickle.dumps(fitted)).set_params(
+        test_level=0.2, correction="bonferroni", detection="threshold",
+        formulation="exact", backbone=False, subspace="row")
+    assert changed.summary().diagnostics == before
+    assert before["estimate shape (p, q)"] == "(20, 5)"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        row = CLAIREstimator(random_state=0, subspace="row").fit(regression.local_estimates)
+    assert row.estimate_shape_ == (5, 20)
+    assert row.summary().diagnostics["estimate shape (p, q)"] == "(20, 5)"
 
 
 def test_sample_weight_enters_the_collaborative_mean(regression):

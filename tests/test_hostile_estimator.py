@@ -1028,3 +1028,150 @@ def test_summary_takes_client_names():
     assert "| General Electric |" in est.summary(client_names=names).as_markdown()
     with pytest.raises(ValueError, match="5 names for 6 clients"):
         est.summary(client_names=names[:5])
+
+
+def test_the_training_data_refitted_in_another_column_order_are_the_training_clients():
+    """A review: local_ols on the training data with the columns in another order,
+    realigned by name, differs from the fitted estimates by round-off, and every
+    client was tested as a new one (raw p-values; one benign site flagged). Such rows
+    are the training clients; an estimate changed by 1e-6 of itself is a new client."""
+    import dataclasses
+
+    import pandas as pd
+
+    rng = np.random.default_rng(41)
+    coef = rng.standard_normal((5, 2))
+    designs, responses = {}, {}
+    for k in range(12):
+        x = np.c_[np.ones(80), rng.standard_normal((80, 4)) * [1.0, 10.0, 0.1, 1e3]]
+        designs[f"s{k}"] = pd.DataFrame(x, columns=["const", "a", "b", "c", "d"])
+        responses[f"s{k}"] = pd.DataFrame(x @ coef + rng.standard_normal((80, 2)),
+                                          columns=["u", "v"])
+    responses["s3"] = responses["s3"] + designs["s3"][["a"]].to_numpy()  # contaminated
+    ols = local_ols(designs, responses)
+    turned = local_ols({k: x[["d", "c", "b", "a", "const"]] for k, x in designs.items()},
+                       {k: y[["v", "u"]] for k, y in responses.items()})
+    for params in ({}, {"subspace": "row"}):
+        est = quiet_fit(ols, **params)
+        realigned = est._aligned_ols(turned).estimates
+        assert not np.array_equal(realigned, ols.estimates)  # round-off apart
+        np.testing.assert_allclose(realigned, ols.estimates, rtol=0,
+                                   atol=1e-10 * np.abs(ols.estimates).max())
+        training = est.score_samples(ols)
+        np.testing.assert_array_equal(est.score_samples(turned), training)
+        np.testing.assert_array_equal(est.predict(turned), np.where(est.contaminated_, -1, 1))
+        nudged = dataclasses.replace(ols, estimates=ols.estimates * (1 + 1e-6))
+        assert np.all(est.score_samples(nudged) != training)
+        # without a covariance: round-off is the client, 1e-6 of itself a new client
+        plain = quiet_fit(ols.estimates, **params)
+        training = plain.score_samples(ols.estimates)
+        np.testing.assert_array_equal(plain.score_samples(ols.estimates * (1 + 1e-13)),
+                                      training)
+        assert np.all(plain.score_samples(ols.estimates * (1 + 1e-6)) != training)
+
+
+def test_an_output_with_no_residual_variance_is_refused_naming_the_site():
+    """A review: a site whose output is all 0.0 raised about noise_cov[1] (col_cov),
+    an argument never passed, by position; all 1.0 left a variance of 1e-31, accepted
+    and flagged with p = 1e-255. Both are zero, and the fit says what to do."""
+    import pandas as pd
+
+    rng = np.random.default_rng(43)
+    sites = ["Oslo", "Lyon", "Porto", "Turin", "Ghent", "Brno", "Graz", "Cork"]
+    designs = {site: pd.DataFrame(np.c_[np.ones(60), rng.standard_normal((60, 2))],
+                                  columns=["const", "age", "dose"]) for site in sites}
+    responses = {site: pd.DataFrame(rng.standard_normal((60, 2)), columns=["bp", "hr"])
+                 for site in sites}
+    est = quiet_fit(local_ols(designs, responses), rank=0)
+    for value in (0.0, 1.0):
+        flat = dict(responses, Porto=responses["Porto"].assign(hr=value))
+        with pytest.warns(UserWarning, match="client \"Porto\"'s output 'hr' has no "
+                                             "residual variance"):
+            ols = local_ols(designs, flat)
+        assert ols.noise_cov[1][2, 1, 1] == 0.0 and ols.noise_cov[1][2, 0, 1] == 0.0
+        with pytest.raises(ValueError, match=r"fit: the LocalOLS's residual covariance "
+                                             r"\(noise_cov\[1\]\) is singular for client\(s\) "
+                                             r"\"Porto\" \('hr'\).*Drop that output"):
+            CLAIREstimator(random_state=0).fit(ols)
+        with pytest.raises(ValueError, match=r"score_samples: .* singular for client\(s\) "
+                                             r"\"Porto\" \('hr'\)"):
+            est.predict(ols[2:3])
+
+
+def test_local_ols_refuses_repeated_and_missing_columns():
+    """A review: a design with a column name twice was accepted and predict on the
+    training data then failed naming the same columns twice; a design or response
+    with no columns gave numpy's 'zero-size array' error or was accepted (q = 0)."""
+    import pandas as pd
+
+    rng = np.random.default_rng(47)
+    designs = {site: pd.DataFrame(np.c_[np.ones(40), rng.standard_normal((40, 2))],
+                                  columns=["const", "value", "capital"])
+               for site in ["Oslo", "Lyon", "Porto"]}
+    responses = {site: pd.DataFrame(rng.standard_normal((40, 2)), columns=["inv", "out"])
+                 for site in designs}
+    twice = dict(designs, Lyon=designs["Lyon"].set_axis(["const", "value", "value"], axis=1))
+    with pytest.raises(ValueError, match=r"client \"Lyon\"'s design has the column "
+                                         r"name\(s\) \['value'\] more than once"):
+        local_ols(twice, responses)
+    as_strings = {site: y.set_axis([1, "1"], axis=1) for site, y in responses.items()}
+    with pytest.raises(ValueError, match=r"client \"Oslo\"'s response has the column "
+                                         r"name\(s\) \['1'\] more than once"):
+        local_ols(designs, as_strings)
+    with pytest.raises(ValueError, match="client \"Oslo\"'s design has no columns: "
+                                         ".*intercept-only"):
+        local_ols({site: x[[]] for site, x in designs.items()}, responses)
+    with pytest.raises(ValueError, match="client \"Oslo\"'s response has no columns"):
+        local_ols(designs, {site: y[[]] for site, y in responses.items()})
+    with pytest.raises(ValueError, match="client 0's design has no columns"):
+        local_ols([np.empty((40, 0))] * 2, [rng.standard_normal(40)] * 2)
+
+
+def test_weights_of_the_whole_table_are_not_clients():
+    """A review: one Series of weights for the whole long table was read as a mapping
+    of clients (keys: its row labels): with sequences 'weights is a mapping', with
+    mappings a 1,266-character list of row labels."""
+    import pandas as pd
+
+    rng = np.random.default_rng(53)
+    frame = pd.DataFrame({"site": np.repeat(["Oslo", "Lyon", "Porto"], 40), "one": 1.0,
+                          "x": rng.standard_normal(120), "y": rng.standard_normal(120),
+                          "w": rng.uniform(1, 2, 120)})
+    sites = frame.groupby("site")
+    designs = {site: group[["one", "x"]] for site, group in sites}
+    responses = {site: group["y"] for site, group in sites}
+    for given in ((designs, responses), (list(designs.values()), list(responses.values()))):
+        for weights in (frame["w"], frame["w"].to_numpy(), dict(frame["w"])):
+            with pytest.raises(ValueError, match=r"weights holds 120 scalars \(one column of "
+                                                 r"the whole table\?\), not one weight "
+                                                 r"vector per client"):
+                local_ols(*given, weights=weights)
+    with pytest.raises(ValueError, match="designs holds 120 scalars"):
+        local_ols(frame["x"], responses)
+    by_site = local_ols(designs, responses, weights=sites["w"])
+    assert by_site.client_names == ["Lyon", "Oslo", "Porto"]
+
+
+def test_masked_and_sparse_designs_are_refused():
+    """A review: masked entries of a numpy masked array were used as if unmasked, and a
+    scipy.sparse design gave 'setting an array element with a sequence'."""
+    import scipy.sparse
+
+    rng = np.random.default_rng(59)
+    designs = [np.c_[np.ones(40), rng.standard_normal((40, 2))] for _ in range(3)]
+    responses = [x @ np.ones((3, 1)) + rng.standard_normal((40, 1)) for x in designs]
+    masked = [np.ma.masked_array(x, mask=np.zeros_like(x, bool)) for x in designs]
+    np.testing.assert_array_equal(local_ols(masked, responses).estimates,
+                                  local_ols(designs, responses).estimates)  # none masked
+    masked[1][0, 1] = np.ma.masked
+    with pytest.raises(ValueError, match=r"client 1's design contains missing values "
+                                         r"\(masked entries\)"):
+        local_ols(masked, responses)
+    weights = [np.ma.masked_array(np.ones(40), mask=np.arange(40) == 5)] * 3
+    with pytest.raises(ValueError, match="client 0's weights contain missing values"):
+        local_ols(designs, responses, weights=weights)
+    with pytest.raises(TypeError, match=r"client 0's design is a scipy.sparse matrix.*"
+                                        r"\.toarray\(\)"):
+        local_ols([scipy.sparse.csr_matrix(x) for x in designs], responses)
+    with pytest.raises(TypeError, match=r"client 2's response is a scipy.sparse matrix"):
+        local_ols(designs, responses[:2] + [scipy.sparse.csr_matrix(responses[2])])
