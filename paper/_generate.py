@@ -1071,8 +1071,9 @@ def collect():
     macros.update(rounds_macros(rounds, rounds_scale))
     if rounds is not None:
         tables["copying_rounds"] = rounds_table(rounds)
+    macros.update(rounds_previous_table_macros(*src.read_rounds_previous("copying_rounds")))
     macros.update(rounds_detection_macros(*src.read_rounds(study="rounds_detection")))
-    macros.update(rounds_previous_macros(*src.read_rounds_previous()))
+    macros.update(rounds_previous_macros(*src.read_rounds_previous("rounds_detection")))
     macros.update(quarantine_macros(*src.read_quarantine()))
     macros.update(null_change_macros(*src.read_null_change()))
     macros["copy.quarantine.commit"] = QUARANTINE_COMMIT  # named wherever the text needs it
@@ -1230,6 +1231,23 @@ def rounds_previous_macros(before, after):
     macros["rdet.prev.clean.diff"] = (f"{fmt_fixed(mean, 2)} [{fmt_fixed(low, 2)}, "
                                       f"{fmt_fixed(high, 2)}]")
     return macros
+
+
+def rounds_previous_table_macros(before, after):
+    """``copying_rounds`` with the quarantine and the earlier LoRA null (archived) and as
+    committed now on the clipping default, on the same seeds: the earlier table's
+    clean-design false alarms (``rounds.prev.clean.anyflag``, ``.benign``, ``.nrep``).
+    ``{"rounds.prev.has": "0"}`` without both tables on the same seeds, or when the
+    current rows do not say they were made with the clipping."""
+    paired = _paired_tables(before, after)
+    if paired is None or _stand_in(after) != {"clip"}:
+        return {"rounds.prev.has": "0"}
+    earlier = rounds_macros(paired[0], "small")
+    keys = ("rounds.clean.anyflag", "rounds.clean.benign", "rounds.clean.nrep")
+    if not set(keys) <= set(earlier):
+        return {"rounds.prev.has": "0"}
+    return {"rounds.prev.has": "1", **{"rounds.prev." + key[len("rounds."):]: earlier[key]
+                                       for key in keys}}
 
 
 def sweep_quarantine_macros(before, after):
@@ -1410,6 +1428,8 @@ def write_generated(out_dir):
         switch("quarantine", "copy.quarantine.has"),
         switch("sweepquarantine", "copy.quarantine.sweep.has"),
         switch("copyrounds", "rounds.has"), switch("roundsfull", "rounds.full"),
+        switch("roundsprev", "rounds.prev.has"),
+        switch("roundsanyflag", "rounds.clean.anyflag", test=lambda v: v not in (None, "0")),
         switch("rdet", "rdet.has") if {"bench.loranull.a16", "rdet.global.clean.nrep",
                                        "rdet.norobust.clean.nrep"} <= set(macros)
         else r"\rdetfalse",

@@ -241,16 +241,16 @@ def read_quarantine(study="copying"):
     return tuple(frames)
 
 
-def read_rounds_previous():
-    """``rounds_detection`` with the quarantine and the earlier LoRA null, and as
-    committed now: ``(before, after)`` frames from
-    ``simulations/results/archive/rounds_detection_small_quarantine.jsonl`` and
-    ``small/rounds_detection.jsonl``, None where absent."""
+def read_rounds_previous(study="rounds_detection"):
+    """A multi-round study (``rounds_detection`` or ``copying_rounds``) with the
+    quarantine and the earlier LoRA null, and as committed now: ``(before, after)``
+    frames from ``simulations/results/archive/<study>_small_quarantine.jsonl`` and
+    ``small/<study>.jsonl``, None where absent."""
     from simulations import load_table
 
     root = SOURCES["copying"]
-    paths = (root / "archive" / "rounds_detection_small_quarantine.jsonl",
-             root / "small" / "rounds_detection.jsonl")
+    paths = (root / "archive" / f"{study}_small_quarantine.jsonl",
+             root / "small" / f"{study}.jsonl")
     return tuple(load_table(path) if path.exists() else None for path in paths)
 
 
