@@ -4,7 +4,10 @@ A control is a name passed to a study's ``simulate_one(params, seed, control=NAM
 study applies the breakage where its method would act (see each entry's description) and
 measures everything else as usual. Seeds do not depend on the control, so a control's
 replicate sees the same data as the normal replicate. Control tables go to
-``<results_dir>/controls/<NAME>/<scale>/<study>.jsonl``, never into the normal tables.
+``<results_dir>/controls/<NAME>/<scale>/<study>.jsonl``, never into the normal tables;
+a file ``CONTROL`` in ``<results_dir>/controls/<NAME>/`` names the control, and a run
+refuses a results directory whose marker names another control than its own (a normal
+run's, none).
 
 ``python -m validation --control NAME`` runs every study that declares the control,
 reads the normal tables of the others (the control does not change them), and reports
@@ -17,7 +20,11 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-__all__ = ["Control", "CONTROLS", "get_control", "control_results_dir"]
+__all__ = ["Control", "CONTROLS", "CONTROL_MARKER", "get_control", "control_results_dir",
+           "marked_control", "tables_dir"]
+
+#: Name of the file in a control's results directory that names the control.
+CONTROL_MARKER = "CONTROL"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,3 +111,62 @@ def control_results_dir(name, results_dir=None):
 
     base = Path(results_dir) if results_dir is not None else default_results_dir()
     return base / "controls" / name
+
+
+def marked_control(directory):
+    """The control named by the ``CONTROL`` file of ``directory``, or ``None`` if it has
+    none (the directory of a normal run's tables, or one not yet used)."""
+    path = Path(directory) / CONTROL_MARKER
+    if not path.is_file():
+        return None
+    return path.read_text().strip() or "<empty CONTROL file>"
+
+
+def tables_dir(control, results_dir=None, *, mark=False):
+    """The directory of a run's tables, refusing one that holds another run's tables.
+
+    Control rows have the schema of normal rows; only where they are says which is
+    which. A normal run (``control=None``) uses the results root, which must not be a
+    control's directory (its ``CONTROL`` file names one); a control run uses
+    ``<root>/controls/<control>/``, whose ``CONTROL`` file, if there is one, must name
+    ``control``, and reads the normal tables of the root too.
+
+    Parameters
+    ----------
+    control : str or None
+    results_dir : path-like, optional
+        The results root (default :func:`simulations.default_results_dir`).
+    mark : bool, default=False
+        Write the ``CONTROL`` file of a control's directory that has none (a run that
+        writes rows there); reading never writes.
+
+    Returns
+    -------
+    pathlib.Path
+        The root (``control=None``) or the control's directory.
+
+    Raises
+    ------
+    simulations.RunError
+        When a marker disagrees with ``control``.
+    """
+    from ._framework import RunError, default_results_dir
+
+    root = Path(results_dir) if results_dir is not None else default_results_dir()
+    marked = marked_control(root)
+    if marked is not None:
+        raise RunError(f"{root} holds the tables of the negative control {marked!r} (its "
+                       f"{CONTROL_MARKER} file), not a results root: give the root above "
+                       f"its controls/ folder as --results-dir"
+                       + (f", with --control {marked}" if control is None else "") + ".")
+    if control is None:
+        return root
+    directory = control_results_dir(control, root)
+    marked = marked_control(directory)
+    if marked is not None and marked != control:
+        raise RunError(f"{directory} holds the tables of the negative control {marked!r} "
+                       f"(its {CONTROL_MARKER} file), not of {control!r}.")
+    if mark and marked is None:
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / CONTROL_MARKER).write_text(control + "\n")
+    return directory

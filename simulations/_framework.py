@@ -24,13 +24,23 @@ from typing import Callable
 
 import numpy as np
 
-__all__ = ["Study", "SCALES", "grid", "cell_id", "derive_seed", "default_results_dir",
-           "results_path", "read_rows", "load_results", "load_table", "pending_tasks", "run_study",
-           "verify_table"]
+__all__ = ["Study", "SCALES", "RunError", "grid", "cell_id", "derive_seed",
+           "default_results_dir", "results_path", "read_rows", "load_results", "load_table",
+           "pending_tasks", "run_study", "verify_table"]
 
 SCALES = ("smoke", "small", "full")
 _RESERVED = ("study", "cell", "replicate", "seed", "clairstat_version", "code_commit",
              "elapsed_s")
+#: The folders whose Python files a row depends on (:func:`code_provenance`); a
+#: validation report also depends on ``validation/`` (its checks).
+CODE_FOLDERS = ("clairstat", "simulations")
+
+
+class RunError(RuntimeError):
+    """A run that cannot be done as asked: its table is being written by another run,
+    the Dask scheduler cannot be reached, or its results directory holds another
+    control's tables. Not a failure of a replicate; the command lines print it as one
+    line and exit with status 2."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -244,7 +254,7 @@ def _exclusive_lock(path):
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise RuntimeError(f"another run is writing {path}; wait for it to finish.")
+            raise RunError(f"another run is writing {path}; wait for it to finish.") from None
         yield
 
 
@@ -291,42 +301,65 @@ def _run_task(simulate_one, cell, replicate, params, seed, n_threads=1, control=
     return cell, replicate, measured, time.perf_counter() - start
 
 
-@functools.lru_cache(maxsize=1)
-def code_provenance():
-    """The checkout's commit (short hash) and whether the code a row depends on (the
-    Python files of ``clairstat/`` and ``simulations/``) differs from it, read-only
-    through git; ``None`` outside a git checkout of this project. A development version
-    string stays the same across commits (every row of this project's tables says
-    ``0.3.0.dev0``); this says which code ran.
-    """
-    import subprocess
+@functools.lru_cache(maxsize=None)
+def code_provenance(folders=CODE_FOLDERS):
+    """The checkout's commit (short hash) and whether the code differs from it.
 
+    Read-only through git. A development version string stays the same across commits
+    (every row of this project's tables says ``0.3.0.dev0``); this says which code ran.
+
+    Parameters
+    ----------
+    folders : tuple of str, default=CODE_FOLDERS
+        Top-level folders whose Python files count as the code: ``clairstat`` and
+        ``simulations`` for a row, ``validation`` too for a validation report.
+        Uncommitted edits and untracked (not git-ignored) files both count.
+
+    Returns
+    -------
+    str or None
+        ``"<hash>"``, ``"<hash> with uncommitted changes in <folders>"``, ``"<hash>
+        (clairstat imported from outside this checkout)"``, or ``None`` outside a git
+        checkout of this project.
+    """
     root = Path(__file__).resolve().parents[1]
-    try:
-        top = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=root,
-                             capture_output=True, text=True, check=True).stdout.strip()
-        if Path(top).resolve() != root:  # a copy inside some other repository
-            return None
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root,
-                                capture_output=True, text=True, check=True).stdout.strip()
-        # -z: NUL-separated "XY path" entries, paths verbatim (no quoting, no stripping)
-        status = subprocess.run(["git", "status", "--porcelain", "-z",
-                                 "--untracked-files=no", "--", "clairstat", "simulations"],
-                                cwd=root, capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
+    state = _git_state(root, folders)
+    if state is None:
         return None
+    commit, changed = state
     import clairstat
 
     if Path(clairstat.__file__).resolve().parents[1] != root:
         return commit + " (clairstat imported from outside this checkout)"
-    changed = _changed_code(status)
     return commit + (f" with uncommitted changes in {', '.join(changed)}" if changed else "")
 
 
+def _git_state(root, folders):
+    """``(short commit, folders with changed or untracked Python files)`` of the git
+    checkout whose top level is ``root``, or ``None`` when ``root`` is not one."""
+    import subprocess
+
+    try:
+        top = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=root,
+                             capture_output=True, text=True, check=True).stdout.strip()
+        if Path(top).resolve() != Path(root).resolve():  # a copy inside another repository
+            return None
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root,
+                                capture_output=True, text=True, check=True).stdout.strip()
+        # -z: NUL-separated "XY path" entries, paths verbatim (no quoting, no stripping);
+        # untracked files one by one ("?? path"), git-ignored ones not at all
+        status = subprocess.run(["git", "status", "--porcelain", "-z",
+                                 "--untracked-files=all", "--", *folders],
+                                cwd=root, capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return commit, _changed_code(status)
+
+
 def _changed_code(status):
-    """Top-level folders with changed Python files in ``git status --porcelain -z``
-    output (``XY path`` entries; a rename or copy is followed by its old path). Result
-    tables and documents under ``simulations/`` are not the code that ran."""
+    """Top-level folders with changed or untracked Python files in ``git status
+    --porcelain -z`` output (``XY path`` entries; a rename or copy is followed by its
+    old path). Result tables and documents are not the code that ran."""
     entries, changed = iter(status.split("\0")), set()
     for entry in entries:
         if len(entry) < 4:
@@ -396,13 +429,12 @@ def verify_table(study, scale, *, max_rows=None, results_dir=None, replicates=(0
     mismatches : list of dict
         ``{"cell", "replicate", "column", "stored", "rerun"}`` per differing value.
     """
-    if control is not None:
-        from ._controls import control_results_dir
+    from ._controls import tables_dir
 
-        if control not in study.controls:
-            raise ValueError(f"study {study.name!r} does not implement control "
-                             f"{control!r} (it declares {list(study.controls)}).")
-        results_dir = control_results_dir(control, results_dir)
+    if control is not None and control not in study.controls:
+        raise ValueError(f"study {study.name!r} does not implement control "
+                         f"{control!r} (it declares {list(study.controls)}).")
+    results_dir = tables_dir(control, results_dir)  # a control's tables are not the method's
     stored = {}
     for row in read_rows(results_path(study.name, scale, results_dir)):
         # the first of duplicates, as load_table (what every reader uses) keeps it
@@ -452,7 +484,12 @@ def _backend(backend, scheduler, n_jobs=1):
     from joblib import parallel_config
 
     if scheduler:
-        with Client(scheduler), parallel_config(backend="dask"):
+        try:
+            client = Client(scheduler)
+        except (OSError, ValueError) as error:  # unreachable (a timeout), or malformed
+            raise RunError(f"cannot connect to the Dask scheduler {scheduler!r}: "
+                           f"{error}") from error
+        with client, parallel_config(backend="dask"):
             yield
         return
     workers = max(1, n_jobs if n_jobs and n_jobs > 0 else (os.cpu_count() or 1))
@@ -486,21 +523,30 @@ def run_study(study, scale, *, n_jobs=1, backend=None, scheduler=None, results_d
     control : str, optional
         A negative control the study declares (``study.controls``): its broken variant
         runs, with the same seeds, and its rows go to
-        ``<results_dir>/controls/<control>/<scale>/`` (never into the normal table).
+        ``<results_dir>/controls/<control>/<scale>/`` (never into the normal table); its
+        ``CONTROL`` file is written if missing.
 
     Returns
     -------
     n_new : int
         Number of replicates run (0 when the table was already complete).
-    """
-    if control is not None:
-        from ._controls import control_results_dir, get_control
 
+    Raises
+    ------
+    RunError
+        Another run is writing the table, the scheduler cannot be reached, or the
+        results directory holds another control's tables (``CONTROL`` file; a normal
+        run's root has none).
+    """
+    from ._controls import get_control, tables_dir
+
+    if control is not None:
         get_control(control)  # an unknown name is an error, not a silent normal run
         if control not in study.controls:
             raise ValueError(f"study {study.name!r} does not implement control "
                              f"{control!r} (it declares {list(study.controls)}).")
-        results_dir = control_results_dir(control, results_dir)
+    # never a control's rows appended to the method's table, or to another control's
+    results_dir = tables_dir(control, results_dir, mark=True)
     path = results_path(study.name, scale, results_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
     with _exclusive_lock(path):

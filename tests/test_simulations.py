@@ -353,3 +353,161 @@ def test_code_provenance_names_changed_code_only():
     value = code_provenance()
     assert value is None or len(value.split()[0]) >= 7
 
+
+
+def _git(root, *arguments):
+    subprocess.run(["git", "-c", "user.name=test", "-c", "user.email=test@example.org",
+                    *arguments], cwd=root, check=True, capture_output=True)
+
+
+def test_code_provenance_sees_the_checks_and_untracked_files(tmp_path):
+    """A review edited validation/checks/detection.py (its level) and added an untracked
+    module under clairstat/: the report still named the clean commit."""
+    from simulations._framework import CODE_FOLDERS, _changed_code, _git_state
+
+    for path in ("clairstat/a.py", "simulations/b.py", "validation/checks/detection.py"):
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_text("LEVEL = 0.05\n")
+    (tmp_path / ".gitignore").write_text("ignored.py\n")
+    _git(tmp_path, "init", "-q")
+    _git(tmp_path, "add", ".")
+    _git(tmp_path, "commit", "-q", "-m", "start")
+    commit, changed = _git_state(tmp_path, CODE_FOLDERS + ("validation",))
+    assert len(commit) >= 7 and changed == []
+    (tmp_path / "validation/checks/detection.py").write_text("LEVEL = 0.5\n")
+    (tmp_path / "clairstat/new.py").write_text("")  # untracked, not ignored
+    (tmp_path / "simulations/ignored.py").write_text("")  # git-ignored: not the code
+    (tmp_path / "simulations/notes.md").write_text("")  # not Python
+    assert _git_state(tmp_path, CODE_FOLDERS + ("validation",)) == (
+        commit, ["clairstat", "validation"])
+    assert _git_state(tmp_path, CODE_FOLDERS) == (commit, ["clairstat"])  # a row's code
+    assert _changed_code("?? clairstat/new.py\0 M validation/checks/x.py\0") == [
+        "clairstat", "validation"]
+
+
+# --- unusable command-line input: one line, exit status 2 ------------------------------
+
+def _bad_input(tmp_path):
+    return {
+        "unknown study": ["nosuch"],
+        "unknown attribute": ["simulation_toy:NOPE"],
+        "unknown module": ["no_such_module_here:STUDY"],
+        "control not implemented": ["simulation_toy:STUDY", "--control", "no-detection"],
+        "results dir a file": ["simulation_toy:STUDY", "--results-dir",
+                               str(tmp_path / "afile")],
+        "results dir under a file": ["simulation_toy:STUDY", "--results-dir",
+                                     str(tmp_path / "afile" / "x")],
+        "verify a missing results dir": ["simulation_toy:STUDY", "--verify", "2",
+                                         "--results-dir", str(tmp_path / "missing")],
+        "scheduler without dask": ["simulation_toy:STUDY", "--scheduler",
+                                   "tcp://127.0.0.1:8786", "--results-dir", str(tmp_path)],
+        "malformed scheduler": ["simulation_toy:STUDY", "--backend", "dask", "--scheduler",
+                                "nonsense", "--results-dir", str(tmp_path)]}
+
+
+@pytest.mark.parametrize("case", sorted(_bad_input(Path("/nonexistent"))))
+def test_cli_refuses_unusable_input_in_one_line_with_status_2(tmp_path, capsys, case):
+    arguments = _bad_input(tmp_path)[case]
+    (tmp_path / "afile").write_text("")
+    assert simulations_main([*arguments, "--no-progress"]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("python -m simulations: error: ") and error.count("\n") == 1
+    assert not (tmp_path / "missing").exists()
+
+
+@pytest.mark.parametrize("option, value", [("--verify", "-2"), ("--verify", "0"),
+                                           ("--n-jobs", "0"), ("--threads-per-task", "0")])
+def test_cli_refuses_bad_numbers_before_running(tmp_path, capsys, option, value):
+    with pytest.raises(SystemExit) as stopped:
+        simulations_main(["simulation_toy:STUDY", option, value, "--results-dir",
+                          str(tmp_path), "--no-progress"])
+    assert stopped.value.code == 2 and f"argument {option}" in capsys.readouterr().err
+    assert not (tmp_path / "smoke").exists()
+
+
+def test_cli_reports_a_locked_table_an_unreachable_scheduler_and_an_interrupt(
+        tmp_path, capsys, monkeypatch):
+    import dask
+
+    arguments = ["simulation_toy:STUDY", "--results-dir", str(tmp_path), "--no-progress"]
+    path = tmp_path / "smoke" / "toy.jsonl"
+    path.parent.mkdir(parents=True)
+    with simulations._framework._exclusive_lock(path):
+        assert simulations_main(arguments) == 2
+    assert "another run is writing" in capsys.readouterr().err
+    with dask.config.set({"distributed.comm.timeouts.connect": "1s"}):
+        assert simulations_main([*arguments, "--backend", "dask", "--scheduler",
+                                 "tcp://127.0.0.1:1"]) == 2
+    assert "cannot connect to the Dask scheduler" in capsys.readouterr().err
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(simulations.__main__, "run_study", interrupt)
+    assert simulations_main(arguments) == 130
+    assert capsys.readouterr().err.startswith("python -m simulations: interrupted")
+
+
+def _a_bug(params, seed):
+    raise ValueError("a bug in the study")
+
+
+def test_cli_does_not_hide_an_error_of_the_code(tmp_path, monkeypatch):
+    study = Study("bug", "", {"smoke": [{"a": 1}]}, {"smoke": 1}, _a_bug)
+    monkeypatch.setattr(simulations.__main__, "get_study", lambda name: study)
+    with pytest.raises(ValueError, match="a bug in the study"):
+        simulations_main(["bug", "--results-dir", str(tmp_path), "--no-progress"])
+
+
+# --- a control's results directory says so ---------------------------------------------
+
+def test_a_control_directory_is_marked_and_refused_to_other_runs(tmp_path, capsys):
+    """A review ran the normal robustness study on
+    simulations/results/controls/no-detection: "0 new", the control's rows taken for
+    the method's."""
+    run_study(CONTROLLED, "smoke", results_dir=tmp_path, progress=False,
+              control="no-detection")
+    control_dir = simulations.control_results_dir("no-detection", tmp_path)
+    assert (control_dir / "CONTROL").read_text() == "no-detection\n"
+    with pytest.raises(simulations.RunError, match="negative control 'no-detection'"):
+        run_study(CONTROLLED, "smoke", results_dir=control_dir, progress=False)
+    with pytest.raises(simulations.RunError, match="negative control 'no-detection'"):
+        simulations.verify_table(CONTROLLED, "smoke", results_dir=control_dir)
+    with pytest.raises(simulations.RunError, match="negative control 'no-detection'"):
+        run_study(CONTROLLED, "smoke", results_dir=control_dir, progress=False,
+                  control="no-detection")  # would nest controls/ in it
+    # a directory marked for another control is not this control's
+    other = simulations.control_results_dir("no-detection", tmp_path / "other")
+    other.mkdir(parents=True)
+    (other / "CONTROL").write_text("inflated-noise\n")
+    with pytest.raises(simulations.RunError, match="not of 'no-detection'"):
+        run_study(CONTROLLED, "smoke", results_dir=tmp_path / "other", progress=False,
+                  control="no-detection")
+    assert not (other / "smoke").exists()
+    # the command line says it in one line
+    assert simulations_main(["simulation_toy:STUDY", "--results-dir", str(control_dir),
+                             "--no-progress"]) == 2
+    error = capsys.readouterr().err
+    assert "CONTROL file" in error and error.count("\n") == 1
+    rows = read_rows(control_dir / "smoke" / "toy.jsonl")  # nothing appended to it
+    assert len(rows) == 4 and {row["control"] for row in rows} == {"no-detection"}
+
+
+def test_every_committed_control_directory_is_marked():
+    base = simulations.default_results_dir() / "controls"
+    directories = sorted(path for path in base.iterdir() if path.is_dir())
+    assert [path.name for path in directories] == sorted(simulations.CONTROLS)
+    for path in directories:
+        assert (path / "CONTROL").read_text() == f"{path.name}\n"
+
+
+def test_the_readme_lists_every_control_with_the_studies_that_implement_it():
+    text = (ROOT / "simulations" / "README.md").read_text()
+    table = text.split("| control | what is broken | studies |")[1].split("\n\n")[0]
+    listed = {}
+    for line in table.strip().splitlines()[1:]:
+        name, _, studies = (cell.strip() for cell in line.strip("|").split("|"))
+        listed[name.strip("`")] = {study.strip(" `") for study in studies.split(",")}
+    implemented = {name: {study.name for study in simulations.available_studies().values()
+                          if name in study.controls} for name in simulations.CONTROLS}
+    assert listed == implemented

@@ -187,7 +187,8 @@ def test_cli_exits_non_zero_when_a_check_fails(tmp_path, monkeypatch):
 
 
 def test_smoke_reports_go_to_scratch_and_never_over_a_report_of_another_scale(tmp_path,
-                                                                            monkeypatch):
+                                                                            monkeypatch,
+                                                                            capsys):
     here = Path(validation.__file__).resolve().parent
     assert validation_cli.default_output_dir("smoke") == here / "scratch" / "smoke"
     assert validation_cli.default_output_dir("small") == here
@@ -197,9 +198,9 @@ def test_smoke_reports_go_to_scratch_and_never_over_a_report_of_another_scale(tm
                                                                "control": None}}))
     monkeypatch.setattr(validation_cli, "all_checks", lambda: [_check("t", _passing)])
     monkeypatch.setattr(validation_cli, "get_study", lambda name: simulation_toy.STUDY)
-    with pytest.raises(SystemExit, match="not overwriting"):
-        validation_cli.main(["--scale", "smoke", "--results-dir", str(tmp_path),
-                             "--output-dir", str(tmp_path), "--no-progress"])
+    assert validation_cli.main(["--scale", "smoke", "--results-dir", str(tmp_path),
+                                "--output-dir", str(tmp_path), "--no-progress"]) == 2
+    assert "not overwriting" in capsys.readouterr().err
     assert json.loads((tmp_path / "report.json").read_text())["meta"]["scale"] == "small"
 
 
@@ -436,3 +437,179 @@ def test_copying_fresh_seeds_counts_seeds_of_development_and_earlier_blocks():
     assert fresh_seeds(table("confirmatory-3", third))["observed"] == 0
     reused = set(list(third)[:-4]) | set(list(first)[:1]) | set(list(second)[:3])
     assert fresh_seeds(table("confirmatory-3", reused))["observed"] == 4
+
+
+# --- a subset or scratch run does not replace a committed report ------------------------
+
+def test_a_subset_or_scratch_run_does_not_replace_a_committed_report(tmp_path, monkeypatch,
+                                                                      capsys):
+    """A review ran ``--scale small --no-run --checks glora_exact_full_rank``: the
+    committed validation/REPORT.md became a one-check report."""
+    monkeypatch.setattr(validation_cli, "HERE", tmp_path / "validation")  # its default
+    checks = [_check("one", _passing), _check("two", _passing)]
+    monkeypatch.setattr(validation_cli, "all_checks", lambda: checks)
+    monkeypatch.setattr(validation_cli, "get_study", lambda name: simulation_toy.STUDY)
+    committed = tmp_path / "validation"
+    scratch = ["--results-dir", str(tmp_path / "results")]
+    (tmp_path / "results").mkdir()
+    for scale, control in (("small", None), ("full", None), ("small", "no-alignment")):
+        where = validation_cli.default_output_dir(scale, control)
+        assert where.resolve() in validation_cli.committed_output_dirs()
+        chosen = ["--control", control] if control else []
+        for arguments in (["--checks", "one"], scratch, ["--checks", "one", *scratch]):
+            assert validation_cli.main(["--scale", scale, "--no-progress", "--no-run",
+                                        *chosen, *arguments]) == 2
+            error = capsys.readouterr().err
+            assert "committed report" in error and error.count("\n") == 1
+    assert not committed.exists()
+    # elsewhere, or with --force, it is written
+    assert validation_cli.main(["--scale", "small", "--no-progress", "--checks", "one",
+                                *scratch, "--output-dir", str(tmp_path / "mine")]) == 0
+    assert validation_cli.main(["--scale", "small", "--no-progress", "--checks", "one",
+                                *scratch, "--force"]) == 0
+    assert json.loads((committed / "report.json").read_text())["meta"]["scale"] == "small"
+    assert validation_cli.default_output_dir("smoke").resolve() not in \
+        validation_cli.committed_output_dirs()
+
+
+# --- provenance of the tables' rows ---------------------------------------------------
+
+def test_the_report_names_each_table_s_commits_and_warns_when_they_differ(tmp_path,
+                                                                         monkeypatch,
+                                                                         capsys):
+    """A review resumed a run after an edit: rows of "770371e" and of "770371e with
+    uncommitted changes" in one table, reported as one commit."""
+    monkeypatch.setattr(validation_cli, "all_checks", lambda: [_check("t", _passing)])
+    monkeypatch.setattr(validation_cli, "get_study", lambda name: simulation_toy.STUDY)
+    simulations.run_study(simulation_toy.STUDY, "smoke", results_dir=tmp_path,
+                          progress=False)
+    path = tmp_path / "smoke" / "toy.jsonl"
+    rows = simulations.read_rows(path)
+    for index, row in enumerate(rows):
+        row["code_commit"] = "770371e" + (" with uncommitted changes in clairstat"
+                                          if index >= 6 else "")
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    arguments = ["--scale", "smoke", "--results-dir", str(tmp_path), "--output-dir",
+                 str(tmp_path / "report"), "--no-progress", "--no-run"]
+    assert validation_cli.main(arguments) == 0
+    meta = json.loads((tmp_path / "report" / "report.json").read_text())["meta"]
+    assert meta["table_commits"] == {"toy": ["770371e",
+                                             "770371e with uncommitted changes in clairstat"]}
+    assert len(meta["provenance_warnings"]) == 2
+    assert "2 versions of the code" in meta["provenance_warnings"][0]
+    assert "not a commit" in meta["provenance_warnings"][1]
+    assert capsys.readouterr().err.count("python -m validation: warning: ") == 2
+    text = (tmp_path / "report" / "REPORT.md").read_text()
+    assert "(their `code_commit`): toy `770371e`, `770371e with uncommitted" in text
+    assert text.count("**Warning:**") == 2
+    # one clean commit: named, no warning; rows without the column: "not recorded"
+    path.write_text("".join(json.dumps({**row, "code_commit": "770371e"}) + "\n"
+                            for row in rows))
+    assert validation_cli.main(arguments) == 0
+    meta = json.loads((tmp_path / "report" / "report.json").read_text())["meta"]
+    assert meta["table_commits"] == {"toy": ["770371e"]} and not meta["provenance_warnings"]
+    path.write_text("".join(json.dumps({k: v for k, v in row.items() if k != "code_commit"})
+                            + "\n" for row in rows))
+    assert validation_cli.main(arguments) == 0
+    meta = json.loads((tmp_path / "report" / "report.json").read_text())["meta"]
+    assert meta["table_commits"] == {"toy": [None]} and not meta["provenance_warnings"]
+    assert "toy not recorded" in (tmp_path / "report" / "REPORT.md").read_text()
+
+
+def test_the_report_s_commit_counts_the_checks_as_code(tmp_path, monkeypatch):
+    """A review edited validation/checks/detection.py (its level): the report named the
+    clean commit."""
+    from simulations import _framework
+
+    def state(root, folders):  # only validation/ differs from the commit
+        return "abc1234", [folder for folder in folders if folder == "validation"]
+
+    monkeypatch.setattr(_framework, "_git_state", state)
+    _framework.code_provenance.cache_clear()
+    try:
+        monkeypatch.setattr(validation_cli, "all_checks", lambda: [_check("t", _passing)])
+        monkeypatch.setattr(validation_cli, "get_study", lambda name: simulation_toy.STUDY)
+        assert validation_cli.main(["--scale", "smoke", "--results-dir", str(tmp_path),
+                                    "--output-dir", str(tmp_path), "--no-progress"]) == 0
+        meta = json.loads((tmp_path / "report.json").read_text())["meta"]
+        assert meta["commit"] == "abc1234 with uncommitted changes in validation"
+        # the rows do not depend on the checks
+        assert meta["table_commits"] == {"toy": ["abc1234"]}
+    finally:
+        _framework.code_provenance.cache_clear()
+
+
+# --- the printed digits keep an interval on its side of the margin ---------------------
+
+def test_the_report_prints_the_digits_that_tell_an_interval_end_from_the_margin():
+    """REPORT.md showed fedrot_bound_not_looser_non_rotational's interval as [0.998, 1]
+    against "<= 1", verdict INCONCLUSIVE (its upper end is 1.0000587), and a margin
+    1 - 1e-6 as "<= 1"."""
+    row = {"name": "a", "study": "s", "claim": "c", "statistic": "x", "expected": 1,
+           "observed": 0.999, "interval": [0.998, 1.0000587], "verdict": "inconclusive",
+           "kind": "theory", "margin": [-INF, 1.0]}
+    assert "| [0.998, 1.0001] | <= 1 | INCONCLUSIVE |" in _report.markdown_table([row])
+    below = {**row, "interval": [0.998, 0.9999986], "margin": [-INF, 1 - 1e-6],
+             "verdict": "pass"}
+    assert "| [0.998, 0.9999986] | <= 0.999999 | pass |" in _report.markdown_table([below])
+    assert _report.format_margin([-INF, 1 - 1e-6]) == "<= 0.999999"
+    assert _report.format_margin([1 + 1e-6, INF]) == ">= 1.000001"
+    # round-off and three-digit margins print as before
+    assert _report.format_margin([-INF, 1e4 * np.finfo(float).eps]) == "<= 2.22e-12"
+    assert _report.format_margin([0.025, 1.5 * 0.05]) == "[0.025, 0.075]"
+    plain = {**row, "interval": [0.145, 0.246], "margin": [-INF, 1 - 1e-6]}
+    assert "| [0.145, 0.246] | <= 0.999999 |" in _report.markdown_table([plain])
+    exact = {**row, "interval": [0.998, 1.0]}  # an end on the margin is shown so
+    assert "| [0.998, 1] | <= 1 |" in _report.markdown_table([exact])
+
+
+# --- unusable command-line input: one line, exit status 2 ------------------------------
+
+@pytest.mark.parametrize("case", ["unknown check", "output dir a file",
+                                  "output dir under a file", "results dir a file",
+                                  "no-run on a missing results dir",
+                                  "scheduler without dask", "a control's directory"])
+def test_cli_refuses_unusable_input_in_one_line_with_status_2(tmp_path, monkeypatch, capsys,
+                                                              case):
+    monkeypatch.setattr(validation_cli, "all_checks", lambda: [_check("t", _passing)])
+    monkeypatch.setattr(validation_cli, "get_study", lambda name: simulation_toy.STUDY)
+    (tmp_path / "afile").write_text("")
+    control_dir = tmp_path / "results" / "controls" / "no-detection"
+    control_dir.mkdir(parents=True)
+    (control_dir / "CONTROL").write_text("no-detection\n")
+    results, output = str(tmp_path / "results"), str(tmp_path / "report")
+    arguments = {
+        "unknown check": ["--checks", "t", "nonsense"],
+        "output dir a file": ["--output-dir", str(tmp_path / "afile")],
+        "output dir under a file": ["--output-dir", str(tmp_path / "afile" / "x")],
+        "results dir a file": ["--results-dir", str(tmp_path / "afile")],
+        "no-run on a missing results dir": ["--no-run", "--results-dir",
+                                            str(tmp_path / "missing")],
+        "scheduler without dask": ["--scheduler", "tcp://127.0.0.1:8786"],
+        "a control's directory": ["--no-run", "--results-dir", str(control_dir)]}[case]
+    defaults = {"--results-dir": results, "--output-dir": output}
+    for option, value in defaults.items():
+        if option not in arguments:
+            arguments = [*arguments, option, value]
+    assert validation_cli.main(["--scale", "smoke", "--no-progress", *arguments]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("python -m validation: error: ") and error.count("\n") == 1
+    assert not (tmp_path / "report").exists() and not (tmp_path / "missing").exists()
+
+
+def test_cli_refuses_n_jobs_0_and_reports_an_interrupt(tmp_path, monkeypatch, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        validation_cli.main(["--scale", "smoke", "--n-jobs", "0", "--results-dir",
+                             str(tmp_path), "--output-dir", str(tmp_path)])
+    assert stopped.value.code == 2 and "argument --n-jobs" in capsys.readouterr().err
+    monkeypatch.setattr(validation_cli, "all_checks", lambda: [_check("t", _passing)])
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(validation_cli, "run_study", interrupt)
+    monkeypatch.setattr(validation_cli, "get_study", lambda name: simulation_toy.STUDY)
+    assert validation_cli.main(["--scale", "smoke", "--results-dir", str(tmp_path),
+                                "--output-dir", str(tmp_path), "--no-progress"]) == 130
+    assert "interrupted" in capsys.readouterr().err
+    assert not (tmp_path / "report.json").exists()

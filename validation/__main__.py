@@ -7,7 +7,14 @@ a check errors or fails without a documented cause.
 Where the report goes (unless ``--output-dir`` says otherwise): ``validation/`` for
 ``small`` (the committed report), ``validation/full/`` for ``full``, and a git-ignored
 scratch directory, ``validation/scratch/smoke/``, for ``smoke``. A report is never
-written over one of another scale or control (``--force`` to do it anyway).
+written over one of another scale or control, nor into the committed reports' folders
+(the default of ``small`` and ``full``, and of their controls) from a subset of the
+checks (``--checks``) or from tables outside ``simulations/results`` (``--results-dir``);
+``--force`` to do it anyway.
+
+The report records, per table it read, the ``code_commit`` values of its rows, and warns
+when a table's rows come from more than one, or from uncommitted code. An unusable input
+is one line on stderr and exit status 2; an interrupt writes no report (status 130).
 
 ``--control NAME`` runs the same checks on a deliberately broken method
 (``simulations._controls``): the studies that implement the control run their broken
@@ -24,8 +31,11 @@ import sys
 import time
 from pathlib import Path
 
-from simulations import (CONTROLS, SCALES, control_results_dir, get_control, get_study,
-                         load_results, run_study)
+from simulations import (CONTROLS, SCALES, RunError, default_results_dir, get_control,
+                         get_study, load_results, run_study)
+from simulations._cli import UsageError, check_directory, interrupted, nonzero_int, refuse
+from simulations._controls import tables_dir
+from simulations._framework import CODE_FOLDERS
 
 from ._core import all_checks, is_blocking, run_check
 from ._report import markdown_table, write_report
@@ -35,22 +45,26 @@ ROOT_NOTE = ("Run it from the repository root: simulations/, validation/ and pap
              "folders of the checkout, not installed with clairstat.")
 
 HERE = Path(__file__).resolve().parent
+PROG = "python -m validation"
+#: What a report depends on: the rows' code and the checks.
+REPORT_CODE_FOLDERS = (*CODE_FOLDERS, "validation")
 
 
 def build_parser():
     """The argument parser of ``python -m validation``."""
-    parser = argparse.ArgumentParser(prog="python -m validation",
+    parser = argparse.ArgumentParser(prog=PROG,
                                      description=__doc__.replace("``", ""), epilog=ROOT_NOTE,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scale", choices=SCALES, default="smoke",
                         help="grid size: smoke (seconds), small (minutes), full (a cluster); "
                              "default smoke")
-    parser.add_argument("--n-jobs", type=int, default=1,
+    parser.add_argument("--n-jobs", type=nonzero_int, default=1,
                         help="parallel workers (default 1; -1: all cores)")
     parser.add_argument("--backend", choices=("loky", "dask"), default="loky",
                         help="dask: a LocalCluster of --n-jobs processes, or the cluster "
                              "at --scheduler")
-    parser.add_argument("--scheduler", default=None)
+    parser.add_argument("--scheduler", default=None,
+                        help="Dask scheduler address (with --backend dask)")
     parser.add_argument("--control", choices=sorted(CONTROLS), default=None,
                         help="run the checks on a deliberately broken method")
     parser.add_argument("--results-dir", default=None,
@@ -58,7 +72,8 @@ def build_parser():
     parser.add_argument("--output-dir", default=None,
                         help="where REPORT.md and report.json go (default: see above)")
     parser.add_argument("--force", action="store_true",
-                        help="write over a report of another scale or control")
+                        help="write over a report of another scale or control, or a "
+                             "committed report from --checks or --results-dir")
     parser.add_argument("--checks", nargs="*", default=None,
                         help="only these checks (names); default all")
     parser.add_argument("--no-run", action="store_true",
@@ -74,6 +89,13 @@ def default_output_dir(scale, control=None):
     return base / "controls" / control if control else base
 
 
+def committed_output_dirs():
+    """The committed reports' folders: the default output of ``small`` and ``full``, and
+    of every control at those scales (resolved paths)."""
+    return {default_output_dir(scale, control).resolve() for scale in ("small", "full")
+            for control in (None, *CONTROLS)}
+
+
 def _guard_output(output_dir, scale, control, force):
     """Refuse to overwrite a report of another scale or control (committed reports)."""
     existing = Path(output_dir) / "report.json"
@@ -84,9 +106,27 @@ def _guard_output(output_dir, scale, control, force):
     except (OSError, ValueError):
         return
     if meta.get("scale") != scale or meta.get("control") != control:
-        raise SystemExit(f"{existing} holds a report of scale {meta.get('scale')!r}, control "
+        raise UsageError(f"{existing} holds a report of scale {meta.get('scale')!r}, control "
                          f"{meta.get('control')!r}; not overwriting it with scale {scale!r}, "
                          f"control {control!r} (use --output-dir or --force).")
+
+
+def _guard_committed(output_dir, args, checks):
+    """Refuse to replace a committed report with one of part of the checks, or of tables
+    other than the committed ones (a scratch run), without ``--force``."""
+    if args.force or Path(output_dir).resolve() not in committed_output_dirs():
+        return
+    reasons = []
+    n_all = len(all_checks())
+    if len(checks) < n_all:
+        reasons.append(f"{len(checks)} of the {n_all} checks (--checks)")
+    if args.results_dir is not None and \
+            Path(args.results_dir).resolve() != default_results_dir().resolve():
+        reasons.append(f"the tables of --results-dir {args.results_dir}")
+    if reasons:
+        raise UsageError(f"{output_dir} is a committed report's folder: not replacing it "
+                         f"with a report of {' and of '.join(reasons)} (use --output-dir, "
+                         f"or --force).")
 
 
 def _selected_checks(names):
@@ -94,7 +134,7 @@ def _selected_checks(names):
     if names:
         unknown = set(names) - {check.name for check in checks}
         if unknown:
-            raise SystemExit(f"unknown checks: {sorted(unknown)}")
+            raise UsageError(f"unknown checks: {', '.join(sorted(unknown))}")
         checks = [check for check in checks if check.name in names]
     return checks
 
@@ -109,8 +149,8 @@ def _run_studies(study_names, args):
     for name in study_names:
         study = get_study(name)
         control = args.control if args.control in study.controls else None
-        root = (control_results_dir(control, args.results_dir) if control
-                else args.results_dir)
+        # refuses a directory of another control's tables (its CONTROL file)
+        root = tables_dir(control, args.results_dir)
         if not args.no_run:
             run_study(study, args.scale, n_jobs=args.n_jobs, backend=args.backend,
                       scheduler=args.scheduler, results_dir=args.results_dir,
@@ -120,12 +160,54 @@ def _run_studies(study_names, args):
 
 
 def _provenance():
-    """The checkout's commit, and whether ``clairstat/`` or ``simulations/`` differ from it
-    (:func:`simulations.code_provenance`): results depend on the estimator's code, not
-    only on its version string."""
+    """The checkout's commit, and whether ``clairstat/``, ``simulations/`` or
+    ``validation/`` differ from it (:func:`simulations._framework.code_provenance`):
+    results depend on the estimator's code and the checks, not only on a version
+    string."""
     from simulations._framework import code_provenance
 
-    return code_provenance() or "unknown"
+    return code_provenance(REPORT_CODE_FOLDERS) or "unknown"
+
+
+def table_commits(tables):
+    """Per table read, the distinct ``code_commit`` values of its rows.
+
+    Parameters
+    ----------
+    tables : dict of str to pandas.DataFrame
+
+    Returns
+    -------
+    dict of str to list
+        Sorted values; ``None`` stands for rows without the column (written before it
+        existed).
+    """
+    commits = {}
+    for name, table in tables.items():
+        if "code_commit" in table:
+            values = {value if isinstance(value, str) else None
+                      for value in table["code_commit"]}
+        else:
+            values = {None} if len(table) else set()
+        commits[name] = sorted(values, key=lambda value: (value is not None, value or ""))
+    return commits
+
+
+def provenance_warnings(commits):
+    """Warnings about the rows' code: a table whose rows come from more than one
+    ``code_commit`` (a run resumed after a change, or tables merged), or from code that
+    was not a commit (uncommitted changes, clairstat imported from elsewhere)."""
+    warnings = []
+    for name, values in commits.items():
+        shown = "; ".join("not recorded" if value is None else value for value in values)
+        if len(values) > 1:
+            warnings.append(f"table {name}: its rows were written by {len(values)} versions "
+                            f"of the code ({shown}); rerun it on one")
+        for value in values:
+            if value is not None and " " in value.strip():  # a note after the hash
+                warnings.append(f"table {name}: rows written by code that is not a commit "
+                                f"({value})")
+    return warnings
 
 
 def _tally(rows, kind):
@@ -155,6 +237,7 @@ def _summary(rows, tables, args, started, start, argv):
             "table_versions": sorted({str(v) for table in tables.values()
                                       if "clairstat_version" in table
                                       for v in table["clairstat_version"].unique()}),
+            "table_commits": table_commits(tables),
             "wall_time_s": time.perf_counter() - start,
             "theory": _tally(rows, "theory"), "identity": _tally(rows, "identity"),
             "n_pass": sum(row["verdict"] == "pass" for row in rows),
@@ -164,6 +247,7 @@ def _summary(rows, tables, args, started, start, argv):
             "stale_known_failures": [row["name"] for row in rows
                                      if row.get("stale_known_failure")],
             "blocking": [row["name"] for row in rows if is_blocking(row)]}
+    meta["provenance_warnings"] = provenance_warnings(meta["table_commits"])
     if control is not None:
         by_name = {row["name"]: row for row in rows}
         targets = [name for name in control.targets if name in by_name]
@@ -174,18 +258,47 @@ def _summary(rows, tables, args, started, start, argv):
 
 
 def main(argv=None):
-    """Run, check, report. Exit status 0 unless a check errors or fails unexplained;
-    under ``--control``, 0 only when every targeted check fails."""
-    args = build_parser().parse_args(argv)
+    """Run, check, report.
+
+    Parameters
+    ----------
+    argv : list of str, optional
+        Arguments without the program name (default ``sys.argv[1:]``).
+
+    Returns
+    -------
+    int
+        0 unless a check errors or fails unexplained (1); under ``--control``, 0 only
+        when every targeted check fails. 2 for an unusable input, 130 when interrupted
+        (no report is written then).
+    """
+    args = build_parser().parse_args(argv)  # bad usage: argparse's message, status 2
+    try:
+        return _validate(args, list(sys.argv[1:] if argv is None else argv))
+    except (UsageError, RunError) as error:
+        return refuse(PROG, error)
+    except KeyboardInterrupt:
+        return interrupted(PROG, "; no report written (the finished replicates are kept)")
+
+
+def _validate(args, argv):
+    """The command, once its arguments are parsed; bad input raises :class:`UsageError`."""
     start, started = time.perf_counter(), datetime.datetime.now(datetime.timezone.utc)
+    if args.scheduler and args.backend != "dask":
+        raise UsageError("--scheduler needs --backend dask")
+    check_directory("--results-dir", args.results_dir, must_exist=args.no_run)
+    check_directory("--output-dir", args.output_dir)
     output_dir = args.output_dir or default_output_dir(args.scale, args.control)
     _guard_output(output_dir, args.scale, args.control, args.force)
     checks = _selected_checks(args.checks)
+    _guard_committed(output_dir, args, checks)
+    tables_dir(args.control, args.results_dir)  # not a directory of another control's tables
     tables = _run_studies(sorted({check.study for check in checks}), args)
     rows = [run_check(check, tables[check.study]) for check in checks]
-    meta = _summary(rows, tables, args, started, start,
-                    list(sys.argv[1:] if argv is None else argv))
+    meta = _summary(rows, tables, args, started, start, argv)
     print(markdown_table(rows))
+    for warning in meta["provenance_warnings"]:
+        print(f"{PROG}: warning: {warning}", file=sys.stderr)
     paths = write_report(rows, meta, output_dir)
     theory, identity = meta["theory"], meta["identity"]
     print(f"theory checks: {theory['pass']} pass, {theory['inconclusive']} inconclusive, "

@@ -11,19 +11,41 @@ import math
 import os
 from pathlib import Path
 
-__all__ = ["format_value", "format_margin", "markdown_table", "write_report"]
+__all__ = ["format_value", "format_margin", "format_interval", "markdown_table",
+           "write_report"]
 
 _COLUMNS = ("check", "kind", "study", "statistic", "expected", "observed", "95% interval",
             "margin", "verdict")
 
 
-def format_value(value, digits=3):
+_MAX_DIGITS = 10  # significant digits a value is given at most before its full repr
+
+
+def _order(a, b):
+    return (a > b) - (a < b)
+
+
+def format_value(value, digits=3, against=()):
     """Short text for a number (or pass other values through ``str``).
+
+    Parameters
+    ----------
+    value : object
+    digits : int, default=3
+        Significant digits, unless more are needed to keep the order with ``against``.
+    against : iterable of float, default=()
+        Numbers (a margin's ends) the text must not seem equal to, or on the other side
+        of, when the value is not: more digits are printed, up to ten, then the value's
+        full ``repr``.
 
     Examples
     --------
     >>> format_value(0.123456), format_value(None), format_value("<= 1")
     ('0.123', '', '<= 1')
+    >>> format_value(1.0000587), format_value(1.0000587, against=[1.0])
+    ('1', '1.0001')
+    >>> format_value(0.9999986, against=[0.999999])
+    '0.9999986'
     """
     if value is None:
         return ""
@@ -31,33 +53,76 @@ def format_value(value, digits=3):
         return str(value)
     if not math.isfinite(value):
         return str(value)
-    return f"{value:.{digits}g}"
+    references = [float(r) for r in against if isinstance(r, (int, float))
+                  and not isinstance(r, bool) and math.isfinite(r)]
+    for width in range(digits, max(digits, _MAX_DIGITS) + 1):
+        text = f"{value:.{width}g}"
+        if all(_order(float(text), r) == _order(value, r) for r in references):
+            return text
+    return repr(float(value))
+
+
+def _significant(text):
+    """Significant digits of a number's text (``"0.075"``: 2, ``"2.22e-12"``: 3)."""
+    return len(text.lstrip("+-").split("e")[0].replace(".", "").lstrip("0"))
+
+
+def _exact(value):
+    """A margin's end: three significant digits, unless they make it look rounder than it
+    is (``%g`` drops trailing zeros: 1 - 1e-6 would read 1), then as many as tell it
+    from that round number (0.999999), ten at most. 0.075 (1.5 * 0.05 in floating point)
+    is 0.075; 10 eps is 2.22e-12."""
+    for width in range(3, _MAX_DIGITS + 1):
+        text = f"{value:.{width}g}"
+        if _significant(text) == width or math.isclose(float(text), value,
+                                                        rel_tol=1e-12, abs_tol=0.0):
+            return text
+    return f"{value:.{_MAX_DIGITS}g}"
 
 
 def format_margin(margin):
     """A margin as text: ``[a, b]``, ``>= a`` or ``<= b`` for a one-sided claim.
 
+    An end that three significant digits would round to a rounder number (1 - 1e-6 to
+    1) is given with the digits that tell it from that number.
+
     Examples
     --------
     >>> format_margin([0.9, 1.1]), format_margin([0.9, math.inf])
     ('[0.9, 1.1]', '>= 0.9')
-    >>> format_margin([-math.inf, 0.05])
-    '<= 0.05'
+    >>> format_margin([-math.inf, 0.05]), format_margin([-math.inf, 1 - 1e-6])
+    ('<= 0.05', '<= 0.999999')
     """
     if not margin:
         return ""
     low, high = margin
     if math.isinf(high):
-        return f">= {format_value(low)}"
+        return f">= {_exact(low)}"
     if math.isinf(low):
-        return f"<= {format_value(high)}"
-    return f"[{format_value(low)}, {format_value(high)}]"
+        return f"<= {_exact(high)}"
+    return f"[{_exact(low)}, {_exact(high)}]"
+
+
+def format_interval(interval, margin=None):
+    """An interval as ``[low, high]``, each end with the digits it needs to keep its order
+    with the margin's ends (:func:`format_value`), so that the verdict reads off the row.
+
+    Examples
+    --------
+    >>> format_interval((0.998, 1.0000587))
+    '[0.998, 1]'
+    >>> format_interval((0.998, 1.0000587), margin=(-math.inf, 1))
+    '[0.998, 1.0001]'
+    """
+    if not interval:
+        return ""
+    ends = list(margin) if margin else []
+    low, high = (format_value(end, against=ends) for end in interval)
+    return f"[{low}, {high}]"
 
 
 def _cells(row):
-    interval = row.get("interval")
-    shown = (f"[{format_value(interval[0])}, {format_value(interval[1])}]"
-             if interval else "")
+    shown = format_interval(row.get("interval"), row.get("margin"))
     shown_verdict = "pass" if row["verdict"] == "pass" else row["verdict"].upper()
     if row["verdict"] == "fail" and row.get("known_failure_mismatch"):
         low, high = row["known_range"]
@@ -136,6 +201,19 @@ def _headline(meta, rows):
     return text
 
 
+def _commits_line(meta):
+    """The ``code_commit`` values of each table's rows, and the warnings about them."""
+    commits = meta.get("table_commits")
+    if commits is None:
+        return []
+    named = lambda value: "not recorded" if value is None else f"`{value}`"  # noqa: E731
+    shown = "; ".join(f"{name} " + (", ".join(map(named, values)) or "no rows")
+                      for name, values in commits.items())
+    lines = [f"Code that wrote the tables' rows (their `code_commit`): {shown}.", ""]
+    lines += [f"- **Warning:** {warning}." for warning in meta.get("provenance_warnings", [])]
+    return lines + ([""] if meta.get("provenance_warnings") else [])
+
+
 def write_report(rows, meta, output_dir):
     """Write ``report.json`` and ``REPORT.md`` into ``output_dir``; return both paths."""
     output_dir = Path(output_dir)
@@ -153,7 +231,7 @@ def write_report(rows, meta, output_dir):
               f"clairstat {', '.join(meta.get('table_versions', [])) or 'unknown'}) hold "
               f"{compute:.0f} replicate-seconds of compute. Replicates per study: "
               + ", ".join(f"{k} {v}" for k, v in meta["replicates"].items()) + ".",
-              "", _headline(meta, rows), "",
+              "", *_commits_line(meta), _headline(meta, rows), "",
               "Verdict rule (`validation/_core.py:decide`, fixed before the data): a theory "
               "check passes only when its whole 95% interval lies inside its margin, fails "
               "when the interval lies wholly outside, and is inconclusive otherwise. The "
