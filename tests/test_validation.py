@@ -296,6 +296,12 @@ def test_a_constant_sample_decides_only_what_its_size_allows():
         mean_interval([0.5, 1.5], bounds=(0.0, 1.0))
 
 
+def test_ols_slope_refuses_a_non_finite_row():
+    frame = pd.DataFrame({"x": [1.0, 2, 4, 8, 16], "y": [3.0, 6, 12, np.nan, 48]})
+    with pytest.raises(ValueError, match="1 of 5 rows have a non-finite"):
+        ols_slope(frame, "x", "y")
+
+
 def test_ols_slope_with_group_intercepts_recovers_a_common_exponent():
     x = np.tile([1.0, 2.0, 4.0, 8.0], 3)
     regime = np.repeat(["a", "b", "c"], 4)

@@ -145,7 +145,7 @@ def ols_slope(df, x, y, log=True, by=None):
         Column names.
     log : bool, default=True
         Fit ``log y`` on ``log x`` (a power law's exponent); rows with a non-positive
-        value are dropped first.
+        value are dropped first. A non-finite value is an error either way.
     by : str or list of str, optional
         Columns defining groups that get their own intercept (one common slope).
 
@@ -166,7 +166,10 @@ def ols_slope(df, x, y, log=True, by=None):
     import statsmodels.api as sm
 
     xs, ys = np.asarray(df[x], dtype=float), np.asarray(df[y], dtype=float)
-    keep = np.isfinite(xs) & np.isfinite(ys) & ((xs > 0) & (ys > 0) if log else True)
+    bad = int(np.sum(~(np.isfinite(xs) & np.isfinite(ys))))
+    if bad:  # as mean_interval: every replicate counted, none dropped unseen
+        raise ValueError(f"{bad} of {xs.size} rows have a non-finite {x!r} or {y!r}.")
+    keep = (xs > 0) & (ys > 0) if log else np.ones(xs.size, dtype=bool)
     xs, ys = (np.log(xs[keep]), np.log(ys[keep])) if log else (xs[keep], ys[keep])
     if xs.size < 3 or np.ptp(xs) == 0:
         raise ValueError(f"need at least 3 rows with distinct {x!r} to fit a slope.")
