@@ -663,10 +663,11 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
         clients (``adjusted_p_values_``; for a client whose flag the test did not set,
         with ``detection="threshold"`` or a detection that did not converge, the value
         is moved to the side of ``log(test_level)`` its flag is on). Up to round-off:
-        every entry within ``sqrt(eps)`` (1.5e-8) of the size of the training client's
-        coefficients of that output (their largest, measured in standard deviations from
-        ``noise_cov`` and taken back to the entry's units; without ``noise_cov``, their
-        largest absolute value). So the same data refitted, e.g. a
+        every entry within ``1024 eps cond`` (at most ``sqrt(eps)``; ``cond`` that of
+        the client's design, read from ``noise_cov``) of the size of the training
+        client's coefficients of that output (their largest, measured in standard
+        deviations from ``noise_cov`` and taken back to the entry's units); without
+        ``noise_cov``, within ``1024 eps`` of their largest absolute value. So the same data refitted, e.g. a
         :class:`~clairstat.LocalOLS` of the training data with the columns in another
         order (realigned by name, its estimates differ from the fitted ones by about
         1e-13), are the training clients, while an estimate changed by 1e-6 of itself
@@ -732,9 +733,14 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
     def _training_clients(self, block, position):
         """The training clients whose estimate ``block`` (working units) is, up to
         round-off (:func:`_match_tolerance`); only the one at ``position`` when it is."""
-        if self._training is None:  # a LoRA stack's fit: every row is a new client
-            return np.array([], dtype=int)
-        estimates, tolerance = self._training
+        training = getattr(self, "_training", None)
+        if training is None:
+            keys = getattr(self, "_training_keys", None)  # pickled by clairstat <= 0.3.0.dev0 of
+            if keys:                                       # 2026-12-03: exact copies only
+                return np.array(keys.get(np.ascontiguousarray(block, dtype=np.float64)
+                                         .tobytes(), []), dtype=int)
+            return np.array([], dtype=int)  # a LoRA stack's fit: every row is a new client
+        estimates, tolerance = training
         if position < len(estimates) and np.all(
                 np.abs(block - estimates[position]) <= tolerance[position]):
             return np.array([position])
@@ -1037,24 +1043,29 @@ def _ols_names(X):
                  for names, made in zip(axes, generated))
 
 
-#: How far, relative to its scale, an entry may be from a training client's and the row
-#: still be that client (:meth:`CLAIREstimator.score_samples`): sqrt(eps), 1.5e-8. The
-#: same data refitted (columns or rows in another order, another BLAS) give an estimate
-#: that differs by round-off: a backward-stable least-squares solve errs by about
-#: eps cond (1 + cond |resid| / |fit|) of the output's coefficients, cond that of the
-#: design with unit-norm columns. Measured (``local_ols`` on statsmodels datasets split
-#: into clients, refitted with the columns and rows permuted, relative to the scale of
-#: :func:`_match_tolerance`): at most 2.2e-14 on four (cond 5 to 160), 3e-12 on longley
-#: (cond 4e4), 3e-11 with a quadratic trend in calendar years (cond 1e5): below sqrt(eps)
-#: by a factor of 500 or more. Another client's estimate differs by its noise, beyond
-#: sqrt(eps) of that scale unless its coefficients lie 1e7 standard deviations from
-#: zero, and an estimate changed by 1e-6 of itself is 66 times past it: a new client.
-_SAME_CLIENT = np.sqrt(np.finfo(float).eps)
+#: How far, relative to its scale (:func:`_match_tolerance`), an entry may be from a
+#: training client's and the row still be that client (:meth:`CLAIREstimator.score_samples`):
+#: ``_ROUND_OFF_FACTOR * eps * cond``, at most sqrt(eps). The same data refitted
+#: (columns or rows in another order, another BLAS) give an estimate that differs by
+#: round-off: a backward-stable least-squares solve errs by about eps cond of the
+#: output's coefficients, cond that of the design with unit-norm columns (read from the
+#: coefficients' covariance factor: the square root of the condition number of its
+#: correlation matrix). Measured (``local_ols`` on statsmodels datasets split into
+#: clients, refitted with the columns and rows permuted, relative to this scale): at
+#: most 2.2e-14 on four (cond 5 to 160), 3e-12 on longley (cond 4e4), 3e-11 with a
+#: quadratic trend in calendar years (cond 1e5), that is at most 1.4 eps cond: the
+#: factor 1024 leaves 700 times that. A fixed sqrt(eps) was too wide: a coefficient 1e8
+#: standard deviations from zero (a large intercept, precise data) made every client
+#: within 1.5 standard deviations "the same" (a review). Without a covariance (estimates
+#: given as arrays, which nothing realigns) the factor is 1024 eps (cond taken as 1).
+_ROUND_OFF_FACTOR = 1024.0
+_EPS = np.finfo(float).eps
 
 
 def _match_tolerance(blocks, design_cov, axis):
     """Per training client and entry, how far a row may be from its estimate and still
-    be that client: ``_SAME_CLIENT`` times the entry's scale.
+    be that client: the entry's scale times ``min(1024 eps cond_k, sqrt(eps))`` (1024
+    eps without ``design_cov``).
 
     Round-off of a least-squares solve is relative to each output's coefficients as a
     whole, measured in the design's units (a coefficient near zero is not computed to
@@ -1078,14 +1089,25 @@ def _match_tolerance(blocks, design_cov, axis):
     ndarray of shape (n_clients, p, q)
         Zero where the scale is not finite (only an exact copy is then that client).
     """
+    n_clients = blocks.shape[0]
     if design_cov is None:
-        sd = np.ones(blocks.shape[:1] + blocks.shape[axis:axis + 1])
+        sd = np.ones((n_clients, blocks.shape[axis]))
+        factor = np.full(n_clients, _ROUND_OFF_FACTOR * _EPS)
     else:
         sd = np.sqrt(np.diagonal(design_cov, axis1=1, axis2=2))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            corr = design_cov / (sd[:, :, None] * sd[:, None, :])
+        factor = np.full(n_clients, np.sqrt(_EPS))  # where cond cannot be read
+        for k in range(n_clients):
+            if np.all(np.isfinite(corr[k])) and np.all(sd[k] > 0):
+                values = np.linalg.eigvalsh(0.5 * (corr[k] + corr[k].T))
+                if values[0] > 0:
+                    cond = np.sqrt(values[-1] / values[0])
+                    factor[k] = min(_ROUND_OFF_FACTOR * _EPS * cond, np.sqrt(_EPS))
     sd = np.expand_dims(sd, 3 - axis)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        tolerance = _SAME_CLIENT * sd * np.max(np.abs(blocks) / sd, axis=axis,
-                                               keepdims=True)
+        tolerance = factor[:, None, None] * sd * np.max(np.abs(blocks) / sd, axis=axis,
+                                                        keepdims=True)
     return np.where(np.isfinite(tolerance), tolerance, 0.0)
 
 

@@ -161,7 +161,9 @@ def _shortened(name, width):
 def _diagnostics(est):
     n_clients = len(est.contaminated_)
     # the parameters the fit used (set_params after the fit changes the estimator's)
-    params = est._fit_params
+    params = getattr(est, "_fit_params", None) or {  # pickled before it was stored
+        name: getattr(est, name) for name in ("formulation", "backbone", "subspace",
+                                              "detection", "correction", "test_level")}
     shape = tuple(int(v) for v in est.estimate_shape_)  # the working orientation's
     return {
         "clients": str(n_clients),

@@ -1108,17 +1108,26 @@ CLIP_COMMIT = "cdaa0d4"
 RDET_PREVIOUS_COMMIT = "d0adb7f"
 
 
+def _relation(frame, commit):
+    """Whether every row of ``frame`` was written by ``commit`` or a descendant: True,
+    False (some row not), or None (some row's commit cannot be placed: no git history,
+    a shallow clone, no ``code_commit`` column)."""
+    commits = set(frame["code_commit"]) if "code_commit" in frame else set()
+    relations = {src.commit_relation(commit, c) for c in commits} or {None}
+    if False in relations:
+        return False
+    return True if relations == {True} else None
+
+
 def _stand_in(frame):
     """The stand-ins for a module-flagged update a table's rows were made with: the
     ``clair_stand_in`` column where the study writes it, else ``{"clip"}`` when every
-    row's ``code_commit`` is ``CLIP_COMMIT`` or later (the default since), else empty
-    (not known)."""
+    row's ``code_commit`` is ``CLIP_COMMIT`` or later (the default since), an empty set
+    when some row's is known to be earlier, and None when that cannot be told."""
     if "clair_stand_in" in frame:
         return set(frame["clair_stand_in"].dropna())
-    commits = set(frame["code_commit"]) if "code_commit" in frame else set()
-    if commits and all(src.commit_at_or_after(CLIP_COMMIT, c) for c in commits):
-        return {"clip"}
-    return set()
+    relation = _relation(frame, CLIP_COMMIT)
+    return {"clip"} if relation else (None if relation is None else set())
 
 
 def _paired_tables(before, after):
@@ -1200,12 +1209,13 @@ def rounds_previous_macros(before, after):
     text compares), the current rows' commit (``rdet.commit``), and CLAIR's gain change
     on the clean designs, default strategy, replicate by replicate
     (``rdet.prev.clean.diff``, percentage points, paired bootstrap interval).
-    ``{"rdet.prev.has": "0"}`` without both tables on the same seeds, or when the
-    current rows do not say they were made by a later code with the clipping."""
+    ``{"rdet.prev.has": "0"}`` without both tables on the same seeds, or unless the
+    current rows were made, as far as git tells, with the clipping and the predictive
+    null."""
     from simulations.copying.analysis import paired_bootstrap
 
     paired = _paired_tables(before, after)
-    if paired is None or _stand_in(after) != {"clip"}:
+    if paired is None or _stand_in(after) != {"clip"} or not _relation(after, NULL_COMMIT):
         return {"rdet.prev.has": "0"}
     before, after = paired
     earlier = rounds_detection_macros(before, "small")
@@ -1237,10 +1247,11 @@ def rounds_previous_table_macros(before, after):
     """``copying_rounds`` with the quarantine and the earlier LoRA null (archived) and as
     committed now on the clipping default, on the same seeds: the earlier table's
     clean-design false alarms (``rounds.prev.clean.anyflag``, ``.benign``, ``.nrep``).
-    ``{"rounds.prev.has": "0"}`` without both tables on the same seeds, or when the
-    current rows do not say they were made with the clipping."""
+    ``{"rounds.prev.has": "0"}`` without both tables on the same seeds, or unless the
+    current rows were made, as far as git tells, with the clipping and the predictive
+    null."""
     paired = _paired_tables(before, after)
-    if paired is None or _stand_in(after) != {"clip"}:
+    if paired is None or _stand_in(after) != {"clip"} or not _relation(after, NULL_COMMIT):
         return {"rounds.prev.has": "0"}
     earlier = rounds_macros(paired[0], "small")
     keys = ("rounds.clean.anyflag", "rounds.clean.benign", "rounds.clean.nrep")
@@ -1373,7 +1384,9 @@ def null_rerun_macros(results_dir=None):
     (every row's ``code_commit``, by git ancestry) and which before:
     ``copy.nullchange.rerun`` and ``copy.nullchange.stale`` (their names, as a list in
     words), ``copy.nullchange.nrerun`` and ``copy.nullchange.nstale``, and
-    ``copy.nullchange.rdetstale`` (``1`` when the replay is among the stale)."""
+    ``copy.nullchange.rdetstale`` (``1`` when the replay is among the stale) and
+    ``copy.nullchange.rdetnew`` (among the rerun); a table whose rows' commits git
+    cannot place (no history) is in neither."""
     from simulations import load_table, results_path
 
     root = Path(results_dir or src.SOURCES["copying"])
@@ -1383,12 +1396,14 @@ def null_rerun_macros(results_dir=None):
         if not path.exists():
             continue
         frame = load_table(path)
-        # the stand-in for a module-flagged update the rows were made with
-        macros[f"copy.clip.{study}"] = "1" if _stand_in(frame) == {"clip"} else "0"
-        commits = set(frame["code_commit"]) if "code_commit" in frame else set()
-        on_new = bool(commits) and all(src.commit_at_or_after(NULL_COMMIT, commit)
-                                       for commit in commits)
-        (rerun if on_new else stale).append((study, words))
+        # the stand-in for a module-flagged update the rows were made with ("?": it
+        # cannot be told, and the text then says nothing of it)
+        stand_in = _stand_in(frame)
+        macros[f"copy.clip.{study}"] = ("?" if stand_in is None
+                                        else "1" if stand_in == {"clip"} else "0")
+        on_new = _relation(frame, NULL_COMMIT)
+        if on_new is not None:  # a table that cannot be placed is named in neither list
+            (rerun if on_new else stale).append((study, words))
 
     def listed(items):
         words = [w for _, w in items]
@@ -1399,6 +1414,8 @@ def null_rerun_macros(results_dir=None):
             "copy.nullchange.rerun": listed(rerun), "copy.nullchange.stale": listed(stale),
             "copy.nullchange.nrerun": fmt(len(rerun)), "copy.nullchange.nstale": fmt(len(stale)),
             "copy.nullchange.rdetstale": "1" if any(s == "rounds_detection" for s, _ in stale)
+            else "0",
+            "copy.nullchange.rdetnew": "1" if any(s == "rounds_detection" for s, _ in rerun)
             else "0",
             "copy.nullchange.flaggedstale": "1" if any(s == "copying_flagged" for s, _ in stale)
             else "0"}
@@ -1449,9 +1466,11 @@ def write_generated(out_dir):
         switch("nullrerun", "copy.nullchange.nrerun", test=lambda v: v not in (None, "0")),
         switch("nullstale", "copy.nullchange.nstale", test=lambda v: v not in (None, "0")),
         switch("rdetnullstale", "copy.nullchange.rdetstale"),
+        switch("rdetnullnew", "copy.nullchange.rdetnew"),
         switch("flaggedrerun", "flagged.rerun.has"),
-        switch("roundsclip", "copy.clip.copying_rounds"),
-        switch("rdetclip", "copy.clip.rounds_detection"),
+        # "?" (no git history to tell): no sentence saying the rows are stale
+        switch("roundsclip", "copy.clip.copying_rounds", test=lambda v: v in ("1", "?")),
+        switch("rdetclip", "copy.clip.rounds_detection", test=lambda v: v in ("1", "?")),
         switch("copyconfirm", "copy.confirmatory", "copy.complete")]
     paths = [out_dir / "macros.tex"]
     paths[0].write_text(header + "\n".join(lines) + "\n")

@@ -40,7 +40,7 @@ __all__ = ["ROOT", "SOURCES", "read_report", "check_verdict", "check_kind", "che
            "copying_scale", "read_copying", "read_null_change", "read_quarantine",
            "read_rounds",
            "read_flagged", "read_flagged_rerun", "read_archived_block",
-           "commit_at_or_after"]
+           "commit_relation"]
 
 ROOT = PAPER_DIR.parent
 SOURCES = {
@@ -356,20 +356,24 @@ def read_flagged_rerun(results_dir=None):
 _ANCESTRY = {}
 
 
-def commit_at_or_after(commit, rows_commit):
+def commit_relation(commit, rows_commit):
     """Whether the code that wrote a row (its ``code_commit``: a short hash, perhaps
-    with a note of uncommitted changes) is ``commit`` or a descendant of it, by git;
-    False when it cannot be told (no git, an unknown hash, uncommitted changes)."""
+    with a note of uncommitted changes) is ``commit`` or a descendant of it, by git:
+    True or False, or None when it cannot be told (no git, a shallow or foreign
+    history, an unknown hash, uncommitted changes)."""
     import subprocess
 
     if not isinstance(rows_commit, str) or " " in rows_commit.strip():
-        return False
+        return None
     key = (commit, rows_commit)
     if key not in _ANCESTRY:
         try:
             done = subprocess.run(["git", "merge-base", "--is-ancestor", commit, rows_commit],
                                   cwd=ROOT, capture_output=True, check=False)
-            _ANCESTRY[key] = done.returncode == 0
+            # 0: an ancestor; 1: not one; anything else (128: a commit git does not
+            # know, as in a shallow clone): not known
+            _ANCESTRY[key] = {0: True, 1: False}.get(done.returncode)
         except OSError:
-            _ANCESTRY[key] = False
+            _ANCESTRY[key] = None
     return _ANCESTRY[key]
+

@@ -86,7 +86,11 @@ def _study(name):
     try:
         return get_study(name)
     except KeyError as error:
-        raise UsageError(error.args[0]) from None
+        # only get_study's own "unknown study": a KeyError raised while a study module
+        # is imported (a bug in it) propagates, and so does one from available_studies
+        if ":" not in name and name not in available_studies():
+            raise UsageError(error.args[0]) from None
+        raise
     except ModuleNotFoundError as error:
         if ":" in name and error.name and (module + ".").startswith(error.name + "."):
             raise UsageError(f"unknown study {name!r}: no module {error.name!r}") from None

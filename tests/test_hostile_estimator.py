@@ -1070,6 +1070,52 @@ def test_the_training_data_refitted_in_another_column_order_are_the_training_cli
         assert np.all(plain.score_samples(ols.estimates * (1 + 1e-6)) != training)
 
 
+def test_a_large_coefficient_does_not_make_different_clients_the_same():
+    """A review: with a tolerance of sqrt(eps) of the output's largest coefficient in
+    standard deviations, an intercept 1e8 standard deviations from zero made every
+    client within 1.5 of them "the same": the training rows in reverse order got the
+    flags by position, and a slope shifted by 14 standard deviations another client's
+    fitted verdict. The tolerance follows the design's condition instead."""
+    import dataclasses
+
+    rng = np.random.default_rng(0)
+    designs, responses = [], []
+    for k in range(12):
+        x = np.c_[np.ones(200), rng.standard_normal((200, 2))]
+        y = x @ np.array([[1e8], [1.0], [2.0]]) + rng.standard_normal((200, 1))
+        if k == 3:
+            y = y + x[:, [1]]  # its slope shifted by about 14 standard deviations
+        designs.append(x)
+        responses.append(y)
+    ols = local_ols(designs, responses)
+    est = quiet_fit(ols)
+    flags = np.where(est.contaminated_, -1, 1)
+    assert flags[3] == -1 and np.all(np.delete(flags, 3) == 1)
+    reverse = np.arange(12)[::-1]
+    np.testing.assert_array_equal(est.predict(ols[reverse]), flags[reverse])
+    assert est.predict(ols[3:4])[0] == -1
+    shifted = ols.estimates.copy()
+    shifted[0, 1] += 1.0  # client 0's slope moved as far as client 3's
+    new = dataclasses.replace(ols, estimates=shifted)
+    assert est.score_samples(new)[0] < np.log(est.test_level)
+
+
+def test_an_estimator_pickled_before_the_round_off_match_still_predicts():
+    """Pickles without ``_training`` / ``_fit_params`` (before the round-off match):
+    exact copies are the training clients, the summary reads the parameters."""
+    rng = np.random.default_rng(47)
+    train = _ols_clients(rng, 8, 60, rng.standard_normal((4, 2)))
+    est = quiet_fit(train, rank=0)
+    expected = est.predict(train)
+    keys = {}
+    for k, block in enumerate(est._training[0]):
+        keys.setdefault(np.ascontiguousarray(block, dtype=np.float64).tobytes(), []).append(k)
+    del est._training, est._fit_params
+    est._training_keys = keys
+    np.testing.assert_array_equal(est.predict(train), expected)
+    assert "level 0.05" in str(est.summary())
+
+
 def test_an_output_with_no_residual_variance_is_refused_naming_the_site():
     """A review: a site whose output is all 0.0 raised about noise_cov[1] (col_cov),
     an argument never passed, by position; all 1.0 left a variance of 1e-31, accepted

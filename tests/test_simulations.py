@@ -459,6 +459,17 @@ def test_cli_does_not_hide_an_error_of_the_code(tmp_path, monkeypatch):
         simulations_main(["bug", "--results-dir", str(tmp_path), "--no-progress"])
 
 
+def test_cli_does_not_take_a_key_error_of_a_study_module_for_an_unknown_study(
+        tmp_path, monkeypatch):
+    """A review: a module whose import raises KeyError (a bug) was reported as
+    "error: grid", exit 2, no traceback."""
+    (tmp_path / "badstudy.py").write_text('STUDY = {}["grid"]\n')
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(KeyError, match="grid"):
+        simulations_main(["badstudy:STUDY", "--results-dir", str(tmp_path / "r"),
+                          "--no-progress"])
+
+
 # --- a control's results directory says so ---------------------------------------------
 
 def test_a_control_directory_is_marked_and_refused_to_other_runs(tmp_path, capsys):

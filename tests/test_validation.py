@@ -251,7 +251,7 @@ def test_validation_smoke_run_reports_every_check_and_the_paper_rebuilds(tmp_pat
 #: Targets a control cannot decide at smoke scale: under inflated-noise no benign client
 #: is rejected in any of the 8 smoke replicates, and eight equal values say only that
 #: the mean is within [0, 1 - 0.025^(1/8)] = [0, 0.369] (mean_interval), which straddles
-#: the margin [0.025, 0.075]; at small scale (200 replicates) the interval is
+#: the margin [0.025, 0.075]; at small scale (192 replicates) the interval is
 #: [0, 0.019] and the check fails (validation/controls/inflated-noise/REPORT.md).
 SMOKE_UNDECIDED = {"inflated-noise": {"detection_null_calibration"}}
 
@@ -290,6 +290,11 @@ def test_a_constant_sample_decides_only_what_its_size_allows():
     _, (lo, hi) = mean_interval([0.3] * 50, bounds=(0.0, 1.0))
     share = 1 - 0.025 ** (1 / 50)
     assert (lo, hi) == pytest.approx((0.3 - 0.3 * share, 0.3 + 0.7 * share))
+    # a value round-off away is no spread (a review: one float step decided a check)
+    _, (lo, hi) = mean_interval([0.0] * 11 + [1e-17], bounds=(0.0, 1.0))
+    assert decide((lo, hi), (-INF, 0.05)) == "inconclusive"
+    _, (lo, hi) = mean_interval([1.0] * 119 + [np.nextafter(1.0, 2.0)], bounds=(0.0, INF))
+    assert hi == INF and lo < 1.0
     with pytest.raises(ValueError, match="2 of 4 values are not finite"):
         mean_interval([0.0, 0.0, np.nan, np.inf])
     with pytest.raises(ValueError, match="outside their bounds"):

@@ -240,7 +240,8 @@ def mean_interval(values, bounds=(-INF, INF)):
         quantity can be undefined says how it counts such replicates before calling).
     bounds : tuple of float, default=(-inf, inf)
         Where the quantity can lie (``(0, 1)`` for a proportion). They matter only
-        when every value is the same, where the t interval would be the point itself:
+        when every value is the same (to 64 eps of the largest, or of 1), where the t
+        interval would be the point itself or as narrow as round-off:
         n equal values say only that a draw equals them with probability at least
         ``0.025 ** (1 / n)`` (the smallest that leaves the sample at least the 2.5%
         chance of a two-sided 95% interval), so the mean lies within
@@ -269,8 +270,10 @@ def mean_interval(values, bounds=(-INF, INF)):
     low, high = (float(v) for v in bounds)
     if np.any(values < low) or np.any(values > high):
         raise ValueError(f"values outside their bounds [{low:g}, {high:g}].")
-    if np.ptp(values) == 0:  # no spread: what n equal draws allow (docstring)
-        value, share = float(values[0]), 1.0 - 0.025 ** (1.0 / values.size)
+    # no spread beyond round-off (a value one float step off, another BLAS): what n
+    # equal draws allow (docstring); the t interval would be as narrow as the round-off
+    if np.ptp(values) <= 64 * np.finfo(float).eps * max(1.0, float(np.max(np.abs(values)))):
+        value, share = float(np.mean(values)), 1.0 - 0.025 ** (1.0 / values.size)
         lo = value - share * (value - low) if math.isfinite(low) else -INF
         hi = value + share * (high - value) if math.isfinite(high) else INF
         return value, (float(lo), float(hi))
