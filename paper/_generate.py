@@ -1202,6 +1202,15 @@ def null_change_macros(before, after):
     return macros
 
 
+def _paired_on_current(before, after):
+    """:func:`_paired_tables`, or None unless the later table's rows were made, as far
+    as git tells, with the clipping and the predictive null (the text's claims)."""
+    paired = _paired_tables(before, after)
+    if paired is None or _stand_in(after) != {"clip"} or not _relation(after, NULL_COMMIT):
+        return None
+    return paired
+
+
 def rounds_previous_macros(before, after):
     """``rounds_detection`` with the code of ``RDET_PREVIOUS_COMMIT`` (the quarantine of
     module-flagged updates and the LoRA null before the predictive one) and as committed
@@ -1214,8 +1223,8 @@ def rounds_previous_macros(before, after):
     null."""
     from simulations.copying.analysis import paired_bootstrap
 
-    paired = _paired_tables(before, after)
-    if paired is None or _stand_in(after) != {"clip"} or not _relation(after, NULL_COMMIT):
+    paired = _paired_on_current(before, after)
+    if paired is None:
         return {"rdet.prev.has": "0"}
     before, after = paired
     earlier = rounds_detection_macros(before, "small")
@@ -1250,8 +1259,8 @@ def rounds_previous_table_macros(before, after):
     ``{"rounds.prev.has": "0"}`` without both tables on the same seeds, or unless the
     current rows were made, as far as git tells, with the clipping and the predictive
     null."""
-    paired = _paired_tables(before, after)
-    if paired is None or _stand_in(after) != {"clip"} or not _relation(after, NULL_COMMIT):
+    paired = _paired_on_current(before, after)
+    if paired is None:
         return {"rounds.prev.has": "0"}
     earlier = rounds_macros(paired[0], "small")
     keys = ("rounds.clean.anyflag", "rounds.clean.benign", "rounds.clean.nrep")
