@@ -290,6 +290,12 @@ def _read_adapter(folder):
         _check_pairs(keys, shapes)
         for module, pair in keys.items():
             lora_scaling(config, module, shapes[pair["A"]][0])  # the alpha it uses
+            rank, width = shapes[pair["A"]][0], min(shapes[pair["B"]][0], shapes[pair["A"]][1])
+            if rank > width:  # peft allows it (rank_pattern); every rule refuses it later
+                raise ValueError(f"module {module} has LoRA rank {rank}, above min(d_out, "
+                                 f"d_in) = {width} (its update has rank at most {width}): "
+                                 "refine adapters whose rank is at most the module's "
+                                 "smaller side.")
             for key in pair.values():
                 if dtypes[key] not in _FLOAT_DTYPES:
                     raise ValueError(f"{key} is {dtypes[key]}; LoRA factors are read "
@@ -315,6 +321,10 @@ def _read_all(folders):
             raise InputError(f"{folder}: given more than once (as {place})")
     names = [folder.name for folder in folders]
     for folder, name in zip(folders, names):
+        if name == REPORT_NAME or name.startswith(_STAGING_PREFIX):
+            raise InputError(f"{folder}: its name {name!r} is the command's own "
+                             f"({REPORT_NAME!r} is the report in OUT, {_STAGING_PREFIX!r}* "
+                             "its staging folders): rename the folder")
         if names.count(name) > 1:
             raise InputError(f"{folder}: another input folder has the same name {name!r} "
                              "(outputs are written to OUT/<folder name>)")

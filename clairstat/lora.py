@@ -88,6 +88,12 @@ def lora_scaling(config, module_name, rank):
     rank : int
         The module's LoRA rank (read from the factors, so ``rank_pattern`` is honoured).
 
+    Raises
+    ------
+    ValueError
+        A config with ``target_parameters`` (LoRA on parameters such as stacked MoE
+        experts, whose factors peft pairs per expert).
+
     Examples
     --------
     >>> lora_scaling({"lora_alpha": 16}, "layers.0.q_proj", 8)
@@ -100,6 +106,12 @@ def lora_scaling(config, module_name, rank):
     """
     if config is None:
         return 1.0
+    if _config_get(config, "target_parameters"):
+        # peft pairs such factors per expert (A as (experts, r, in), B as (out, r,
+        # experts)), so B A is no expert's update, and its scaling differs
+        raise ValueError("adapters with target_parameters (LoRA on parameters such as "
+                         "stacked MoE experts) are not supported: peft pairs their factors "
+                         "per expert, so B @ A is not the update.")
     alpha = _config_get(config, "lora_alpha", 8)
     # peft matches the patterns against the module's name in the base model; its saved
     # state dicts prefix that name with "base_model.model." (a "^"-anchored key never

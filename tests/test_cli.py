@@ -1034,3 +1034,38 @@ def test_an_interrupt_while_publishing_undoes_the_renames(adapters, tmp_path, ca
     assert sorted(p.name for p in out.iterdir()) == [".replaced", "a", "c", "d",
                                                      "report.json"]
     assert set(_weights(out / ".replaced")) == set(_weights(inputs[1]))
+
+
+def test_a_rank_above_the_module_s_smaller_side_is_refused_up_front(adapters, tmp_path,
+                                                                     capsys):
+    """A review: peft accepts rank_pattern ranks above min(d_out, d_in); the command
+    fitted half the modules, then stopped naming a position ("factors[7]")."""
+    bad = _copy(adapters[3], tmp_path / "toowide")
+    weights = _weights(bad)
+    rank = D_IN + 1
+    weights[f"{MODULES[0]}.lora_A.weight"] = torch.zeros(rank, D_IN)
+    weights[f"{MODULES[0]}.lora_B.weight"] = torch.zeros(D_OUT, rank)
+    safetensors_torch.save_file(weights, str(bad / "adapter_model.safetensors"))
+    line = _run_bad(adapters, bad, tmp_path, capsys)
+    assert f"rank {rank}, above min(d_out, d_in) = {D_IN}" in line
+
+
+def test_target_parameters_adapters_are_refused(adapters, tmp_path, capsys):
+    """A review: adapters of peft's target_parameters (stacked MoE experts) were
+    refined as if B @ A were the update; peft pairs their factors per expert."""
+    bad = _copy(adapters[3], tmp_path / "experts")
+    config = json.loads((bad / "adapter_config.json").read_text())
+    config["target_parameters"] = ["experts.gate_up_proj"]
+    (bad / "adapter_config.json").write_text(json.dumps(config))
+    assert "target_parameters" in _run_bad(adapters, bad, tmp_path, capsys)
+    with pytest.raises(ValueError, match="target_parameters"):
+        refine_adapters([_weights(a) for a in adapters[:3]], config)
+
+
+@pytest.mark.parametrize("name", ["report.json", ".clairstat-staging-x"])
+def test_a_folder_named_as_the_command_s_own_files_is_refused(adapters, tmp_path, capsys,
+                                                              name):
+    """A review: a client folder called report.json failed after every fit; one called
+    .clairstat-staging-x was later reported as a killed run's leftover."""
+    bad = _copy(adapters[3], tmp_path / name)
+    assert "the command's own" in _run_bad(adapters, bad, tmp_path, capsys)

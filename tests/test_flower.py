@@ -656,3 +656,13 @@ def test_an_error_of_the_rule_names_the_node_ids():
     with pytest.raises(ValueError, match=r"round 1: multi must lie in \[1, 6\].*node ids "
                        r"\[101, 102, 103, 104, 105, 106\]"):
         strategy.aggregate_train(1, [_reply(n, s) for n, s in zip(NODES, states)])
+
+
+def test_bfloat16_tensors_travel_as_float32():
+    """A review: bf16, the usual dtype of LLM adapters, raised numpy's TypeError."""
+    import torch
+
+    state = {k: torch.as_tensor(v).bfloat16() for k, v in client_adapter(0).items()}
+    back = arrays_to_state_dict(state_dict_to_arrays(state))
+    assert all(back[k].dtype == np.float32 for k in state)
+    assert all(np.array_equal(back[k], state[k].float().numpy()) for k in state)

@@ -44,9 +44,11 @@ class ModuleRefinement:
         Refined updates ``Delta W~_k`` per module, (n_clients, d_out, d_in) when
         expanded; a flagged client keeps its update (``joint=True``: a client flagged
         at the client level keeps every update; an update flagged in one module only
-        enters nobody's refinement, its own client's included, which gets there what
-        its other modules imply (:func:`joint_refinement`); otherwise the module's own
-        flags).
+        enters the refinement as ``flagged_updates`` says (:func:`joint_refinement`):
+        by default ``"clip"``, scaled down to the largest norm among the module's
+        unflagged collaborative clients; with ``"quarantine"`` replaced by their mean,
+        so that it enters nobody's refined update, its own client's included;
+        otherwise the module's own flags).
     collaborative_mean : dict of str to ReducedStack
         The collaborative set's mean update per module (one element).
     estimators : dict

@@ -62,11 +62,19 @@ def arrays_to_state_dict(record):
 
 
 def state_dict_to_arrays(state_dict):
-    """A dict of numpy arrays or torch tensors as an ``ArrayRecord``."""
+    """A dict of numpy arrays or torch tensors as an ``ArrayRecord``.
+
+    bfloat16 tensors (the usual dtype of LLM adapters), which numpy and Flower's
+    ``Array`` cannot hold, are sent as float32, which represents every bfloat16 value
+    exactly.
+    """
     arrays = {}
     for key, value in state_dict.items():
         if hasattr(value, "detach"):
-            value = value.detach().cpu().numpy()
+            value = value.detach().cpu()
+            if str(value.dtype) == "torch.bfloat16":
+                value = value.float()
+            value = value.numpy()
         arrays[key] = Array(np.ascontiguousarray(value))
     return ArrayRecord(arrays)
 
