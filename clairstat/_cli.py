@@ -840,16 +840,13 @@ def _plain_progress(iterable, total, desc):
 def _check_device(device):
     if device is None:
         return
-    import torch
+    from ._validation import check_device
 
     try:
-        parsed = torch.device(device)
-    except (RuntimeError, ValueError) as error:
-        raise InputError(f"--device {device}: {error}") from None
-    if parsed.type not in ("cpu", "cuda"):
-        raise InputError(f"--device {device}: the fits run on cpu or cuda")
-    if parsed.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"--device {device}: this torch build sees no CUDA device")
+        check_device(device)
+    except ValueError as error:  # "device='x': reason" in the command line's words
+        reason = str(error).split(": ", 1)[-1].replace("device='cpu'", "--device cpu")
+        raise InputError(f"--device {device}: {reason}") from None
 
 
 def _check_options(args):

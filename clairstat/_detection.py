@@ -285,6 +285,9 @@ def concentrate(blocks, weights, start, rank, noise, *, n_half_starts=3, n_rando
     Returns
     -------
     members : ndarray of bool, shape (n_clients,)
+        ``start`` itself with fewer than 4 distinct clients, or where a mean and the
+        rank-r subspace fit every half-set exactly (``rank >= min(p, (h - 1) q)``; for
+        a factored stack of rank-r clients ``min(p, h r)``).
     """
     n_clients = len(blocks)
     distinct = np.ones(n_clients, dtype=bool) if distinct is None else distinct
@@ -296,6 +299,18 @@ def concentrate(blocks, weights, start, rank, noise, *, n_half_starts=3, n_rando
     if rank is None:
         rank = _fit_on(blocks, weights, start, None, noise, random_state,
                        whitening)[1].shape[1]
+    # The centred stack of h dense (p, q) clients has rank at most (h - 1) q; that of h
+    # factored clients Y_k R_k (shape (n, p, r)) spans up to the h r columns of their
+    # Y_k (the mean is not of rank r).
+    width = blocks.shape[2] * (half if isinstance(blocks, FactoredBlocks) else half - 1)
+    if rank >= min(blocks.shape[1], width):
+        # A mean and a rank-r subspace fit every half-set exactly (or the subspace is
+        # the whole space): every set's trimmed sum is round-off (1e-30 of the squared
+        # entries), and the lowest would be chosen by the order of the clients, not by
+        # the data (a review: permuting 5 clients at rank 2 flagged one in one order and
+        # none in the other). Nothing tells the sets apart: keep the decomposition's
+        # start, as with fewer than 4.
+        return start
     unflagged = np.flatnonzero(start & distinct)
     small_pool = unflagged if len(unflagged) >= rank + 2 else eligible
     starts = [start & distinct if np.sum(start & distinct) >= 2 else start, distinct.copy()]

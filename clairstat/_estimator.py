@@ -24,9 +24,9 @@ from ._null import MAD_EFFICIENCY, NoiseCovariance, PredictiveNull
 from ._ols import LocalOLS
 from ._threads import thread_limits
 from ._tuning import estimate_noise_scale, factored_noise_scale, floor_noise_scale
-from ._validation import (as_real_array, check_local_estimates, check_noise_cov,
-                          check_noise_scale, check_sample_weight, data_scale,
-                          VANISHING_WEIGHT)
+from ._validation import (as_real_array, check_device, check_local_estimates,
+                          check_noise_cov, check_noise_scale, check_sample_weight,
+                          data_scale, VANISHING_WEIGHT)
 from .solvers import Solver, resolve_solver
 
 if TYPE_CHECKING:
@@ -115,7 +115,7 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
         ``None`` chooses from the problem's size (one thread for small problems: a
         second thread only pays off above about 1e8 flops per solver iteration),
         ``-1`` every CPU the process may use, ``-k`` all but ``k - 1``, a positive int
-        that many. Pools left unpinned spin against each other: a fit beside a second
+        that many, at most the usable CPUs. Pools left unpinned spin against each other: a fit beside a second
         fit ran 38x slower unpinned than with this policy (benchmarks/RESULTS.md).
         With two or more threads, the robust start's independent concentration chains
         (and, on factored LoRA stacks, the members' leave-one-out refits) run on that
@@ -348,12 +348,13 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
             self.estimate_shape_, self._input_2d = X.shape[1:], False
             return X
         X = as_real_array(X, "local_estimates")
+        row = self._orientation(reset) == "row"
         if isinstance(X, (list, tuple)):
             two_d = len(X) > 0 and np.asarray(X[0]).ndim == 1
         else:
             two_d = np.asarray(X).ndim <= 2  # 1-D input gets scikit-learn's "reshape" error
         shape = tuple(int(v) for v in getattr(self, "estimate_shape_", (0, 0)))
-        shape = shape[::-1] if self.subspace == "row" else shape
+        shape = shape[::-1] if row else shape
         if (two_d and not reset and not self._input_2d and np.asarray(X).ndim == 2
                 and (shape[1] != 1 or np.asarray(X).shape == shape)):
             # q = 1 fits take (n_clients, p) as they always did, unless it is (p, 1)
@@ -366,7 +367,7 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
             X = validate_data(self, X, reset=reset, dtype=[np.float64, np.float32],
                               ensure_all_finite=False, ensure_min_samples=1)
         blocks, was_2d = check_local_estimates(X, min_clients=2 if reset else 1)
-        if self.subspace == "row":
+        if row:
             blocks = np.ascontiguousarray(blocks.transpose(0, 2, 1))
         if reset:
             self.estimate_shape_ = blocks.shape[1:]
@@ -379,8 +380,16 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
                              f"but the estimator was fitted on {self.estimate_shape_}.")
         return blocks
 
+    def _orientation(self, reset=False):
+        """The ``subspace`` of the fit (``reset``: of the fit under way). The fitted
+        attributes are in its working orientation: a ``set_params(subspace=...)`` since
+        the fit must not transpose what :meth:`predict` and :meth:`transform` read and
+        return (on square estimates it silently flagged every client, a review)."""
+        fitted = getattr(self, "_fit_params", None)  # absent from older pickles
+        return self.subspace if reset or not fitted else fitted["subspace"]
+
     def _output(self, blocks):
-        if self.subspace == "row":
+        if self._orientation() == "row":
             blocks = blocks.transpose(0, 2, 1)
         return blocks[:, :, 0] if self._input_2d else blocks
 
@@ -431,6 +440,9 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
         self
         """
         self._validate_params()
+        if isinstance(self.rank, (bool, np.bool_)):  # an Integral to the constraints
+            raise TypeError(f"rank must be an int or None, got {self.rank!r}.")
+        check_device(self.device)
         names = _ols_names(X)
         clients = getattr(X, "client_names", None) if isinstance(X, LocalOLS) else None
         X, sample_weight, noise_cov = _unpack_ols(X, noise_cov, sample_weight, "fit",
@@ -716,7 +728,7 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
                                  "one was not: pass the estimates alone (X.estimates for a "
                                  "LocalOLS) to test them with the members' fitted noise.")
             row, col = check_noise_cov(noise_cov, len(blocks), *self.estimate_shape_,
-                                       transpose=self.subspace == "row")
+                                       transpose=self._orientation() == "row")
             log_p = self._collaborative.new_client.log_p_known(
                 frame.to(blocks), _frame_cov(frame, row, col, self._scale))
         training = self._collaborative.training_scores()

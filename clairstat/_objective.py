@@ -97,9 +97,11 @@ def objective(local_estimates: Array, backbone: Array, low_rank: Array, sparse: 
 
     Parameters
     ----------
-    local_estimates, low_rank, sparse : ndarray of shape (n_clients, p, q)
+    local_estimates : ndarray of shape (n_clients, p, q)
     backbone : ndarray of shape (p, q)
-        Zeros when the backbone is switched off.
+        Zeros when the backbone is switched off. The second positional argument,
+        before ``low_rank`` and ``sparse``.
+    low_rank, sparse : ndarray of shape (n_clients, p, q)
     alpha, beta : float
 
     Returns

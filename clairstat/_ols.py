@@ -50,6 +50,10 @@ class LocalOLS:
         named ``x0, x1, ...`` are names like any other). ``None`` (a LocalOLS built by
         hand, or pickled by a version without this field): names ``x0, x1, ...`` and
         ``y0, y1, ...`` count as generated.
+    client_names : list of str or None
+        The clients' names when :func:`local_ols` was given mappings (their keys, as
+        strings, in the mappings' order); ``None`` for sequences. A fit on this
+        LocalOLS keeps them as ``client_names_`` and labels its summary's rows with them.
     """
 
     estimates: np.ndarray

@@ -160,7 +160,9 @@ def resolve_n_jobs(n_jobs, size_hint=None):
     n_jobs : int or None
         ``None``: the enclosing :func:`thread_limits`' count if inside one, else the size
         rule (:func:`threads_for_size`). ``-1``: all usable CPUs; ``-k``: all but
-        ``k - 1`` (at least one must remain). ``k > 0``: ``k`` threads. ``0`` is invalid.
+        ``k - 1`` (at least one must remain). ``k > 0``: ``k`` threads, at most the
+        usable CPUs (more only contend: the pools spin against each other, and an
+        OpenMP pool of 10**6 threads ran the process out of memory). ``0`` is invalid.
     size_hint : tuple of int, array, float or None
         Problem size for the rule (see :func:`threads_for_size`).
 
@@ -171,8 +173,10 @@ def resolve_n_jobs(n_jobs, size_hint=None):
 
     Examples
     --------
-    >>> resolve_n_jobs(3)
-    3
+    >>> resolve_n_jobs(1)
+    1
+    >>> resolve_n_jobs(10**6) == usable_cpus()
+    True
     >>> resolve_n_jobs(None, (50, 100, 10))
     1
     >>> resolve_n_jobs(-1) == usable_cpus()
@@ -187,7 +191,7 @@ def resolve_n_jobs(n_jobs, size_hint=None):
     if n_jobs == 0:
         raise ValueError("n_jobs=0 is invalid: use None, a positive int, or -1 for all CPUs.")
     if n_jobs > 0:
-        return n_jobs
+        return min(n_jobs, usable_cpus())
     resolved = usable_cpus() + 1 + n_jobs
     if resolved < 1:
         raise ValueError(f"n_jobs={n_jobs} leaves no CPU of the {usable_cpus()} usable.")

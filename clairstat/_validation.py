@@ -10,7 +10,27 @@ import scipy.sparse
 from sklearn.utils import check_array
 
 __all__ = ["as_real_array", "check_local_estimates", "check_noise_cov", "check_noise_scale",
-           "check_sample_weight", "data_scale"]
+           "check_sample_weight", "data_scale", "check_device"]
+
+
+def _refuse_masked(values, name):
+    """Refuse masked entries of a numpy masked array (or of a list of them, one per
+    client): ``np.asarray`` drops the mask and the hidden values, whatever they are,
+    would be used as data (a review: a masked entry holding 1e6 flagged its client)."""
+    if isinstance(values, (list, tuple)):
+        bad = [k for k, block in enumerate(values)
+               if np.ma.isMaskedArray(block) and np.ma.getmaskarray(block).any()]
+        if not bad:
+            return
+    elif np.ma.isMaskedArray(values) and np.ma.getmaskarray(values).any():
+        mask = np.ma.getmaskarray(values)  # estimates: clients along the first axis
+        bad = (np.flatnonzero(mask.reshape(len(mask), -1).any(axis=1)).tolist()
+               if "estimates" in name and mask.ndim > 1 else None)
+    else:
+        return
+    where = f" (clients {bad})" if bad is not None else ""
+    raise ValueError(f"{name} contain{'' if name.endswith('s') else 's'} missing values "
+                     f"(masked entries){where}: drop or impute them first.")
 
 
 def _as_blocks(local_estimates, dtype):
@@ -50,6 +70,7 @@ def check_local_estimates(local_estimates, *, dtype=np.float64, min_clients=2):
     blocks : ndarray of shape (n_clients, p, q)
     was_2d : bool
     """
+    _refuse_masked(local_estimates, "local estimates")
     if hasattr(local_estimates, "ndim") and local_estimates.ndim == 2 or (
             not isinstance(local_estimates, (list, tuple))
             and np.ndim(local_estimates) == 2):
@@ -79,6 +100,7 @@ def check_sample_weight(sample_weight, n_clients):
     """Per-client non-negative weights (sample sizes) with a positive total."""
     if sample_weight is None:
         return np.ones(n_clients)
+    _refuse_masked(sample_weight, "sample_weight")
     weights = np.asarray(sample_weight, dtype=float).reshape(-1)
     if weights.shape != (n_clients,):
         raise ValueError(f"sample_weight must have one entry per client ({n_clients}), "
@@ -124,6 +146,33 @@ def check_penalty(name, value, *, allow_auto=True):
     return float(value)
 
 
+def check_device(device):
+    """A torch device the fits can run on: ``None`` or ``"cpu"`` (numpy's and torch's
+    CPU, without importing torch), or a parseable ``"cuda"`` / ``"cuda:N"`` that this
+    torch build sees.
+
+    Raises
+    ------
+    ValueError
+        A string torch cannot parse (torch's own ``RuntimeError`` said only which device
+        types exist), a device type other than cpu or cuda, or CUDA without a CUDA
+        device.
+    """
+    if device is None or (isinstance(device, str) and device == "cpu"):
+        return
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError, TypeError) as error:
+        raise ValueError(f"device={device!r}: not a torch device ({error}).") from None
+    if parsed.type not in ("cpu", "cuda"):
+        raise ValueError(f"device={device!r}: the fits run on cpu or cuda.")
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r}: this torch build sees no CUDA device; use "
+                         "device='cpu'.")
+
+
 def as_real_array(values, name):
     """Torch tensors (any float dtype, on any device, with or without grad) and
     array-likes as real numpy data; complex input is refused, not truncated."""
@@ -136,6 +185,7 @@ def as_real_array(values, name):
         values = values.double().numpy()
     elif isinstance(values, (list, tuple)) and values and hasattr(values[0], "detach"):
         values = [as_real_array(v, name) for v in values]
+    _refuse_masked(values, name)
     if isinstance(values, (list, tuple)) or scipy.sparse.issparse(values):
         return values  # lists are read client by client; sparse input is refused later
     array = np.asarray(values) if not hasattr(values, "iloc") else values

@@ -139,10 +139,11 @@ def make_federated_regression(n_clients: int = 40, p: int = 30, q: int = 8, rank
     Parameters
     ----------
     n_samples : int or array-like of shape (n_clients,)
-        Sample size of every client (each must exceed p).
+        Sample size of every client (each must exceed p + 1, for the OLS noise's
+        ``n_k - p - 1``).
     noise_level : float, default=1.0
         Response noise standard deviation sigma.
-    Other parameters
+    n_clients, p, q, rank, n_contaminated, backbone, coefficient_scale, separation, random_state
         As in :func:`make_low_rank_block_sparse`.
 
     Returns

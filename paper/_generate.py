@@ -247,8 +247,19 @@ def lora_scale_macros(text):
 
 def device_macros(text):
     """The LoRA path on a torch device, on the CPU: each variant's end-to-end time over
-    the numpy reference's (``benchmarks/lora_benchmark.py --torch-only``; empty if absent)."""
-    rows = src.find_table(text, "end to end / default's", "two bases (s)") or []
+    the numpy reference's (``benchmarks/lora_benchmark.py``, part 3; empty if absent).
+
+    The table of the run the LLM-scale macros quote (the first such table after that
+    run's target table), so that the paragraph quoting both speaks of one run; else the
+    first in the file (``--torch-only``)."""
+    tables = src.markdown_tables(text)
+    columns = ("end to end / default's", "two bases (s)")
+    device = [i for i, (header, _) in enumerate(tables) if all(c in header for c in columns)]
+    target = next((i for i, (header, _) in enumerate(tables)
+                   if "two QRs (s, median of 3)" in header), None)
+    after = [i for i in device if target is not None and i > target]
+    chosen = after[0] if after else (device[0] if device else None)
+    rows = tables[chosen][1] if chosen is not None else []
     names = {"torch cpu float64": "f64", "torch cpu float32": "f32"}
     return {f"bench.device.{names[row[next(iter(row))]]}.ratio":
             fmt(src.number(row["end to end / default's"]))
@@ -266,9 +277,20 @@ def lora_target_macros(text):
     return {}
 
 
+def solver_version(text):
+    """The clairstat version the solver benchmark's table was measured with, as its
+    section of ``benchmarks/RESULTS.md`` states it before the table (or None)."""
+    head = text[:text.find("| torch s |")] if "| torch s |" in text else ""
+    found = re.findall(r"clairstat (\d+\.\d+\.\d+[\w.]*)", head)
+    return found[-1] if found else None
+
+
 def benchmark_macros(text):
     """Solver and LoRA benchmark numbers; 'largest' keys follow the table's last rows."""
     macros = {}
+    version = solver_version(text)
+    if version:
+        macros["bench.solver.version"] = version
     solver = solver_rows(text)
     for row in solver:
         key = f"bench.solver.{_size_key(row, ('p', 'q', 'K'))}"
@@ -1289,7 +1311,11 @@ def sweep_quarantine_macros(before, after):
     for (setting, n_clients, n_bad), sub in diff.groupby(["setting", "n_clients",
                                                           "n_contaminated"]):
         mean, low, high = paired_bootstrap(sub["diff"].to_numpy())
-        rows.append((mean, low, high, setting, int(n_clients), n_bad / n_clients))
+        # the design's nominal share, as the sweep's own summary names its points
+        # (3 of 8 clients is the point "40 %", not 38 %)
+        share = (float(sub["contaminated_share"].iloc[0]) if "contaminated_share" in sub
+                 else n_bad / n_clients)
+        rows.append((mean, low, high, setting, int(n_clients), share))
     worst = min(rows)
     return {"copy.quarantine.sweep.has": "1", "copy.quarantine.sweep.npoints": fmt(len(rows)),
             "copy.quarantine.sweep.below": fmt(sum(row[2] < 0 for row in rows)),

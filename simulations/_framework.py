@@ -17,6 +17,7 @@ import importlib.util
 import itertools
 import json
 import os
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -290,15 +291,29 @@ def _limit_threads(n_threads):
             torch.set_num_threads(previous)
 
 
+# One replicate at a time per process: a worker with several threads (a Dask worker's
+# default) would otherwise run replicates concurrently under process-wide state, the
+# thread caps of _limit_threads (one thread's exit restores them under another) and
+# torch's global generator (torch.manual_seed in the copying studies), so that a row
+# would depend on what ran beside it.
+_REPLICATE_LOCK = threading.Lock()
+
+
 def _run_task(simulate_one, cell, replicate, params, seed, n_threads=1, control=None):
-    """Worker side: one replicate, timed. Module-level so joblib can pickle it."""
-    start = time.perf_counter()
+    """Worker side: one replicate, timed, with the version and commit of the code that ran
+    it (a cluster's workers import their own ``clairstat``, not the submitter's).
+    Module-level so joblib can pickle it."""
+    from clairstat import __version__
+
     extra = {} if control is None else {"control": control}
-    with _limit_threads(n_threads):
-        measured = simulate_one(dict(params), seed, **extra)
+    with _REPLICATE_LOCK:
+        start = time.perf_counter()
+        with _limit_threads(n_threads):
+            measured = simulate_one(dict(params), seed, **extra)
+        elapsed = time.perf_counter() - start
     if not isinstance(measured, dict):
         raise TypeError(f"simulate_one must return a dict, got {type(measured).__name__}.")
-    return cell, replicate, measured, time.perf_counter() - start
+    return cell, replicate, measured, elapsed, (__version__, code_provenance())
 
 
 @functools.lru_cache(maxsize=None)
@@ -372,15 +387,13 @@ def _changed_code(status):
     return sorted(changed)
 
 
-def _make_row(study, cell, replicate, params, seed, measured, elapsed):
-    from clairstat import __version__
-
+def _make_row(study, cell, replicate, params, seed, measured, elapsed, provenance):
+    version, commit = provenance  # the worker's (_run_task)
     clash = set(measured) & (set(params) | set(_RESERVED))
     if clash:
         raise ValueError(f"{study.name}: measured names {sorted(clash)} clash with columns.")
     return {"study": study.name, "cell": cell, "replicate": replicate, **params,
-            "seed": seed, "clairstat_version": __version__,
-            "code_commit": code_provenance(), **measured,
+            "seed": seed, "clairstat_version": version, "code_commit": commit, **measured,
             "elapsed_s": round(elapsed, 4)}
 
 
@@ -419,8 +432,9 @@ def verify_table(study, scale, *, max_rows=None, results_dir=None, replicates=(0
     the stored replicates numbered ``replicates`` of every cell of the current grid (at
     most ``max_rows`` of them, evenly spread over the cells) from their seeds and
     compares every measured column (wall-clock ones apart: ``elapsed_s``, ``seconds*``).
-    With ``control``, the negative control's table (``controls/<control>/``) is rerun
-    with its broken variant.
+    Every stored row of the current grid, rerun or not, must carry its cell's parameters,
+    its seed and the study's name. With ``control``, the negative control's table
+    (``controls/<control>/``) is rerun with its broken variant.
 
     Returns
     -------
@@ -439,11 +453,22 @@ def verify_table(study, scale, *, max_rows=None, results_dir=None, replicates=(0
     for row in read_rows(results_path(study.name, scale, results_dir)):
         # the first of duplicates, as load_table (what every reader uses) keeps it
         stored.setdefault((row["cell"], row["replicate"]), row)
+    mismatches = []
+    for cell, replicate, params, seed in study.tasks(scale):
+        row = stored.get((cell, replicate))
+        if row is None:
+            continue
+        # every stored row's own columns must be its task's (no rerun needed): checks
+        # group by the parameter columns and a row is found by its cell id, so an
+        # edited parameter or seed would otherwise be read as data and never rerun
+        for column, value in {"study": study.name, **params, "seed": seed}.items():
+            if column not in row or not _same(row[column], value):
+                mismatches.append({"cell": cell, "replicate": replicate, "column": column,
+                                   "stored": row.get(column, "<missing>"), "rerun": value})
     tasks = [task for task in study.tasks(scale)
              if task[1] in replicates and (task[0], task[1]) in stored]
     if max_rows is not None and len(tasks) > max_rows:
         tasks = [tasks[i] for i in np.linspace(0, len(tasks) - 1, max_rows).astype(int)]
-    mismatches = []
     for cell, replicate, params, seed in tasks:
         measured = _run_task(study.simulate_one, cell, replicate, params, seed,
                              control=control)[2]
@@ -553,11 +578,30 @@ def run_study(study, scale, *, n_jobs=1, backend=None, scheduler=None, results_d
         _repair_tail(path)  # a kill -9 mid-write may have left half a line
         todo = pending_tasks(study, scale, results_dir)
         if todo:
+            _warn_other_code(path)
             jobs = -1 if backend == "dask" else n_jobs  # Dask: every worker of the cluster
             with _backend(backend, scheduler, n_jobs), open(path, "a") as handle:
                 _execute(study, scale, todo, handle, jobs, threads_per_task, progress,
                          control)
         return len(todo)
+
+
+def _warn_other_code(path):
+    """Warn before appending rows of this code to a table whose rows say other code (a
+    resume after an edit or a commit): readers would mix them. Resume is by (cell,
+    replicate) only, so the warning is all that separates the two."""
+    from clairstat import __version__
+
+    current = (__version__, code_provenance())
+    others = sorted({(row.get("clairstat_version"), row.get("code_commit"))
+                     for row in read_rows(path)} - {current}, key=str)
+    if others:
+        shown = "; ".join(f"{version} at {commit or 'an unrecorded commit'}"
+                          for version, commit in others)
+        warnings.warn(f"{path}: appending rows of clairstat {current[0]} at "
+                      f"{current[1] or 'an unrecorded commit'} to rows written by other "
+                      f"code ({shown}); the table will mix them. Delete it (or use another "
+                      "--results-dir) to rerun it on one code.", stacklevel=3)
 
 
 def _execute(study, scale, todo, handle, n_jobs, threads_per_task, progress, control=None):
@@ -572,7 +616,8 @@ def _execute(study, scale, todo, handle, n_jobs, threads_per_task, progress, con
                      for task in todo)
     with tqdm(total=total, initial=total - len(todo), desc=f"{study.name}[{scale}]",
               disable=not progress, unit="rep") as bar:
-        for cell, rep, measured, elapsed in results:
+        for cell, rep, measured, elapsed, provenance in results:
             _, _, params, seed = by_key[(cell, rep)]
-            _append_row(handle, _make_row(study, cell, rep, params, seed, measured, elapsed))
+            _append_row(handle, _make_row(study, cell, rep, params, seed, measured, elapsed,
+                                          provenance))
             bar.update(1)

@@ -15,6 +15,14 @@ def simulate_one(params, seed):
     return {"value": float(rng.normal(params["mu"])), "solver": "none", "pid": os.getpid()}
 
 
+def simulate_global(params, seed):
+    """Seed a process-wide generator, then draw from it after a pause (as the copying
+    studies seed torch's global generator with ``torch.manual_seed``)."""
+    np.random.seed(seed)
+    time.sleep(0.01 * (seed % 3))
+    return {"value": float(np.random.normal(params["mu"]))}
+
+
 def make_study(delay=0.0, replicates=4):
     """The toy study with a given per-replicate delay and replicate count."""
     cells = grid(mu=[0.0, 1.0, 2.0], delay=delay)
@@ -26,3 +34,8 @@ def make_study(delay=0.0, replicates=4):
 
 STUDY = make_study()
 SLOW_STUDY = make_study(delay=0.3, replicates=10)
+GLOBAL_STUDY = Study(name="toy_global", description="framework test study",
+                     grids={scale: grid(mu=[0.0, 1.0, 2.0, 3.0])
+                            for scale in ("smoke", "small", "full")},
+                     replicates={scale: 3 for scale in ("smoke", "small", "full")},
+                     simulate_one=simulate_global)

@@ -116,3 +116,25 @@ def test_verify_with_nothing_to_check_fails(tmp_path, capsys):
                  "--results-dir", str(tmp_path)]) == 1
     assert "nothing to verify" in capsys.readouterr().err
 
+
+
+def test_verify_sees_an_edited_parameter_seed_or_study(tmp_path):
+    """A review found a row with an edited parameter column (which the checks group by)
+    or seed passing ``--verify``: rows are found by their cell id and only the measured
+    columns of the rerun replicates were compared."""
+    study = get_study("glora")
+    rows = [json.loads(line) for line in
+            (default_results_dir() / "small" / "glora.jsonl").read_text().splitlines()
+            if line]
+    # replicate 0 is rerun, replicate 1 is not: its identity columns are checked all the same
+    first = next(r for r in rows if r["replicate"] == 1)
+    param = next(key for key in study.cells("small")[0]
+                 if isinstance(first[key], (int, float)) and not isinstance(first[key], bool))
+    edits = {param: first[param] + 1, "seed": first["seed"] + 1, "study": "other"}
+    for column, value in edits.items():
+        (tmp_path / "small").mkdir(exist_ok=True)
+        (tmp_path / "small" / "glora.jsonl").write_text("".join(
+            json.dumps(dict(r, **{column: value}) if r is first else r) + "\n"
+            for r in rows))
+        _, mismatches = verify_table(study, "small", results_dir=tmp_path, max_rows=3)
+        assert [(m["cell"], m["column"]) for m in mismatches] == [(first["cell"], column)]

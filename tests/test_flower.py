@@ -324,6 +324,70 @@ def test_malformed_reply_is_dropped_logged_and_reported(case, rule, caplog):
         assert strategy.flagged_[NODES[ADVERSARY]] and metrics["n-flagged"] == 1
 
 
+@pytest.mark.parametrize("rule", ["fedit", "median", "clair"])
+@pytest.mark.parametrize("dtype", ["int64", "uint8", "bool"])
+def test_integer_or_bool_factors_drop_their_reply(dtype, rule):
+    """LoRA factors that are not floating point (a buggy client's cast) were aggregated,
+    and when the reply came first every client's global adapter was written in its
+    dtype: rounded to integers, uint8 wrapping -1 to 255, bool all True (a review)."""
+    states = [client_adapter(k) for k in range(N_NODES)]
+    states[0] = {key: (value > 0 if dtype == "bool" else np.round(value).astype(dtype))
+                 for key, value in states[0].items()}
+    strategy = LoraStrategy(rule=rule, lora_config=LORA, rule_options=(
+        {"rank": 1} if rule == "clair" else {}))
+    arrays, metrics = strategy.aggregate_train(1, [_reply(n, s) for n, s in zip(NODES, states)])
+    assert metrics["dropped-nodes"] == [NODES[0]]
+    assert f"has dtype {dtype}: LoRA factors must be floating" in strategy.dropped_[1][NODES[0]]
+    assert all(value.dtype == np.float32 for value in arrays_to_state_dict(arrays).values())
+
+
+@pytest.mark.parametrize("rule", ["fedit", "flora", "clair"])
+def test_the_global_adapter_does_not_take_the_first_replys_lower_precision(rule):
+    """A float16 reply among float32 ones wrote the global adapter, which every node
+    without a personalized one loads, in float16 when it came first, and in float32
+    otherwise (a review): each tensor takes its widest dtype among the replies."""
+    from clairstat.lora import adapter_factors
+
+    states = [client_adapter(k) for k in range(N_NODES)]
+    states[1] = {key: value.astype(np.float16) for key, value in states[1].items()}
+    updates = []
+    for order in (range(N_NODES), [1, 0, 2, 3, 4, 5]):
+        strategy = LoraStrategy(rule=rule, lora_config=LORA, rule_options=(
+            {"rank": 1} if rule == "clair" else {}))
+        arrays, _ = strategy.aggregate_train(1, [_reply(NODES[k], states[k]) for k in order])
+        global_adapter = arrays_to_state_dict(arrays)
+        assert all(value.dtype == np.float32 for value in global_adapter.values())
+        updates.append({m: b @ a for m, (b, a) in adapter_factors(global_adapter, LORA).items()})
+        own = arrays_to_state_dict(strategy.client_arrays_[NODES[1]])
+        assert all(value.dtype == np.float16 for value in own.values())  # its own dtype
+    for module, update in updates[0].items():
+        assert np.allclose(updates[1][module], update, rtol=1e-5, atol=1e-5 * np.abs(update).max())
+
+
+def test_cap_weights_with_extreme_claims():
+    """Every claim above 2**1023 (1e308) made the uncapped scale 2**1024 = inf and every
+    weight 0, which aborted the round; a median of subnormal claims (5e-324) halved to
+    0, and every claim then weighed max_ratio (a review)."""
+    from clairstat.integrations.flower import cap_weights
+
+    equal = cap_weights([1e308] * 4, None, None)
+    assert np.all(equal > 0) and np.all(equal == equal[0])
+    claims = [1.5e308, 1e308, 9e307, 1.7e308]
+    weights = cap_weights(claims, None, None)
+    expected = np.divide(claims, 1e300) / np.sum(np.divide(claims, 1e300))
+    assert np.allclose(weights / weights.sum(), expected, rtol=1e-15, atol=0)
+    assert cap_weights([10, 5e-324, 5e-324, 5e-324, 5e-324], max_share=None).tolist() == [
+        10.0, 1.0, 1.0, 1.0, 1.0]
+    assert cap_weights([10, 5e-324, 5e-324, 5e-324, 5e-324]).tolist() == [2.0, 1.0, 1.0,
+                                                                             1.0, 1.0]
+    states = [client_adapter(k) for k in range(4)]
+    strategy = LoraStrategy(rule="fedit", lora_config=LORA, max_weight_ratio=None,
+                            max_weight_share=None)
+    _, metrics = strategy.aggregate_train(1, [_reply(n, s, count=c)
+                                              for n, s, c in zip(NODES, states, claims)])
+    assert metrics["n-dropped"] == 0 and np.isclose(sum(strategy.weights_.values()), 1.0)
+
+
 def test_a_fresh_adapter_is_a_valid_zero_update():
     states = [client_adapter(k) for k in range(N_NODES)]
     states[1] = {key: (np.zeros_like(v) if ".lora_B." in key else v)
@@ -374,6 +438,9 @@ BAD_HEADS = {
                     r"most replies"),
     "missing": (_head(None), "differ from those of most replies"),
     "beyond float32": (_head(np.full((3, 4), 1e40)), r"head\.weight holds values up to 1e\+40"),
+    # the global head is written in the first reply's dtype: rounded to integers (a review)
+    "integer": (_head(np.full((3, 4), 2, dtype=np.int64)),
+                r"head\.weight': \(3, 4, 'integer'\)\} differ from those of most replies"),
 }
 
 
@@ -404,14 +471,29 @@ def test_a_malformed_head_beside_the_lora_pairs_drops_its_reply(case, node, rule
         assert np.array_equal(arrays_to_state_dict(node_arrays)[H], head)
 
 
-def test_fewer_than_two_valid_replies_fail_clearly():
+def test_fewer_than_two_valid_replies_skip_the_round(caplog):
+    """A round left with one valid reply raised ValueError, which Flower's start does not
+    catch: one of two sampled clients failing ended the whole run (a review). The round
+    is skipped, as FedAvg skips one without replies, and the previous round's adapters
+    stay, the personalized ones too."""
     states = [client_adapter(k) for k in range(3)]
+    strategy = LoraStrategy(rule="fedit", lora_config=LORA)
+    first, _ = strategy.aggregate_train(1, [_reply(n, s) for n, s in zip(NODES, states)])
+    before = (dict(strategy.client_arrays_), dict(strategy.weights_),
+              strategy.last_results_)
     replies = [_reply(NODES[0], states[0]), _reply(NODES[1], states[1], count=-1),
                _reply(NODES[2], states[2], count=float("nan"))]
-    strategy = LoraStrategy(rule="fedit", lora_config=LORA)
-    with pytest.raises(ValueError, match="round 2: 1 valid replies after dropping 2"):
-        strategy.aggregate_train(2, replies)
+    with caplog.at_level("WARNING", logger="clairstat.integrations.flower"):
+        arrays, metrics = strategy.aggregate_train(2, replies)
+    assert arrays is None and first is not None
+    assert dict(metrics.items()) == {"n-dropped": 2, "dropped-nodes": NODES[1:3],
+                                     "n-valid": 1, "skipped": 1}
+    assert "round 2: skipped" in caplog.text and "needs at least 2" in caplog.text
     assert set(strategy.dropped_[2]) == {NODES[1], NODES[2]}
+    assert (strategy.client_arrays_, strategy.weights_, strategy.last_results_) == before
+    every_reply_dropped = [_reply(n, s, count=0) for n, s in zip(NODES, states)]
+    arrays, metrics = strategy.aggregate_train(3, every_reply_dropped)
+    assert arrays is None and metrics["n-valid"] == 0 and metrics["n-dropped"] == 3
 
 
 def test_a_huge_example_count_is_capped_at_the_weight_ratio():
@@ -570,23 +652,30 @@ def test_ffa_drops_the_replies_whose_frozen_a_differs(caplog):
     assert np.array_equal(arrays_to_state_dict(arrays)[Q_A], shared[Q_A])
 
 
-def test_a_round_with_fewer_valid_replies_than_the_rule_needs_fails_clearly():
+def test_a_round_with_fewer_valid_replies_than_the_rule_needs_is_skipped(caplog):
     """krum with n_byzantine=1 needs 5 replies: with 2 of 6 dropped the rule itself
     raised after the screen; with 2 replies and the default its message showed
-    n_byzantine=-1, a value nobody gave (a review). The strategy checks first."""
+    n_byzantine=-1, a value nobody gave (a review). The strategy checks first, and
+    skips the round (it raised, ending the run: a review), also where fewer replies
+    remain than krum's ``multi`` (krum raised after the screen: a review)."""
     states = [client_adapter(k) for k in range(N_NODES)]
     counts = [10, 10, -1, 10, float("nan"), 10]
     replies = [_reply(n, s, count=c) for n, s, c in zip(NODES, states, counts)]
-    strategy = LoraStrategy(rule="krum", lora_config=LORA, rule_options={"n_byzantine": 1})
-    with pytest.raises(ValueError, match=r"round 1: 4 valid replies after dropping 2 "
-                       r"malformed ones .*rule 'krum' with n_byzantine=1 .*needs at least 5"):
-        strategy.aggregate_train(1, replies)
-    assert strategy.last_results_ is None  # refused before aggregating
-    strategy = LoraStrategy(rule="krum", lora_config=LORA)
-    with pytest.raises(ValueError, match=r"2 valid replies after dropping 0 .*rule 'krum' "
-                       r"\(.*derived from the reply count.*needs at least 3") as error:
-        strategy.aggregate_train(1, [_reply(n, s) for n, s in zip(NODES[:2], states)])
-    assert "-1" not in str(error.value)
+    for options, valid, reason in (
+            ({"n_byzantine": 1}, 4, r"round 1: skipped.*: 4 valid replies after dropping 2 "
+             r"malformed ones .*rule 'krum' with n_byzantine=1 .*needs at least 5"),
+            ({}, 2, r"2 valid replies after dropping 0 .*rule 'krum' \(.*derived from the "
+             r"reply count.*needs at least 3"),
+            ({"multi": 5}, 4, r"4 valid replies .*rule 'krum' with multi=5 needs at least 5")):
+        strategy = LoraStrategy(rule="krum", lora_config=LORA, rule_options=options)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="clairstat.integrations.flower"):
+            arrays, metrics = strategy.aggregate_train(
+                1, replies if valid == 4 else [_reply(n, s) for n, s in zip(NODES[:2], states)])
+        assert arrays is None and metrics["skipped"] == 1 and metrics["n-valid"] == valid
+        assert strategy.last_results_ is None  # refused before aggregating
+        assert __import__("re").search(reason, caplog.text), caplog.text
+        assert "n_byzantine=-1" not in caplog.text
 
 
 @pytest.mark.parametrize("rule, options, message", [
@@ -595,12 +684,29 @@ def test_a_round_with_fewer_valid_replies_than_the_rule_needs_fails_clearly():
     ("clair", {"rnak": 1}, r"rule_options \['rnak'\] are not options of rule 'clair'"),
     ("krum", {"n_byzantine": 2.7}, r"n_byzantine must be an integer, got 2\.7"),
     ("krum", {"multi": 0}, r"multi must be >= 1, got 0"),
+    ("krum", {"multi": None}, r"multi must be an integer, got None"),  # failed at round 1
+    # values, by a dry run: they failed at the first aggregation, after a round of
+    # training on every client (a review)
+    ("trimmed_mean", {"trim": 0.7}, r"synthetic federation.*trim must lie in \[0, 0\.5\)"),
+    ("fedrot", {"lam": 2.0}, r"lam must lie in \[0, 1\], got 2\.0"),
+    ("fedrot", {"align": "C"}, r"align must be 'A' or 'B'"),
+    ("geomedian", {"tol": -1}, r"tol must be a finite number >= 0, got -1"),
+    ("glora", {"readout_rank": 0}, r"readout_rank must lie in \[1, "),
+    ("clair", {"test_level": 2.0}, r"'test_level' parameter of CLAIREstimator"),
+    ("clair", {"rank": -1}, r"rank must be a non-negative integer, got -1"),
+    ("clair", {"joint": False, "flagged_updates": "clip"}, r"applies to the joint refinement"),
+    ("clair", {"dtype": "float16"}, r"dtype must be float64 or float32"),
 ])
 def test_the_rule_and_its_options_are_checked_at_construction(rule, options, message):
     """An unknown rule or option failed only at round 1 (a review)."""
     with pytest.raises(ValueError, match=message):
         LoraStrategy(rule=rule, rule_options=options)
     LoraStrategy(rule="clair", rule_options={"rank": 1, "joint": False})  # valid ones pass
+    # valid values that the small dry run could not hold pass too
+    LoraStrategy(rule="clair", rule_options={"rank": 12})
+    LoraStrategy(rule="glora", rule_options={"readout_rank": 16, "reference_rank": 40})
+    LoraStrategy(rule="krum", rule_options={"n_byzantine": 4, "multi": 3})
+    LoraStrategy(rule="fedrot", rule_options={"reference": client_adapter(0), "lam": 0.5})
 
 
 def test_non_finite_metrics_do_not_poison_the_round_metrics(caplog):
@@ -629,6 +735,32 @@ def test_non_finite_metrics_do_not_poison_the_round_metrics(caplog):
                for r in caplog.records for n in NODES[2:4]) == 2
 
 
+def test_metrics_with_other_names_or_list_lengths_are_left_out(caplog):
+    """FedAvg checks that replies share their metric names; the strategy turned that off
+    (to drop replies one by one): an evaluation reply without ``accuracy`` counted as 0
+    (0.67 for six clients at 0.8), a train reply without ``loss`` pulled the loss down,
+    and one list of another length lost every train metric (a review)."""
+    from flwr.app import Message, MetricRecord, RecordDict
+
+    replies = [_evaluate_reply(n, 10, 0.8) for n in NODES]
+    replies[2] = Message(content=RecordDict({"metrics": MetricRecord({"num-examples": 10})}),
+                         metadata=replies[2].metadata)
+    with caplog.at_level("WARNING", logger="clairstat.integrations.flower"):
+        metrics = LoraStrategy(rule="fedit").aggregate_evaluate(1, replies)
+    assert metrics["accuracy"] == pytest.approx(0.8, rel=8 * np.finfo(float).eps)
+    assert metrics["metrics-left-out-nodes"] == [NODES[2]] and metrics["n-dropped"] == 0
+    assert f"left the metrics of node {NODES[2]} out" in caplog.text
+    states = [client_adapter(k) for k in range(N_NODES)]
+    replies = [_reply(n, s, loss=1.0, steps=[1.0, 2.0]) for n, s in zip(NODES, states)]
+    replies[1] = _reply(NODES[1], states[1], steps=[1.0, 2.0])
+    replies[3] = _reply(NODES[3], states[3], loss=1.0, steps=[1.0, 2.0, 3.0])
+    _, metrics = LoraStrategy(rule="fedit", lora_config=LORA).aggregate_train(1, replies)
+    assert metrics["loss"] == pytest.approx(1.0, rel=8 * np.finfo(float).eps)
+    assert metrics["steps"] == pytest.approx([1.0, 2.0], rel=8 * np.finfo(float).eps)
+    assert metrics["metrics-left-out-nodes"] == [NODES[1], NODES[3]]
+    assert metrics["n-dropped"] == 0  # their adapters are aggregated
+
+
 def test_uncapped_weights_do_not_overflow_when_the_median_claim_is_tiny():
     """max_weight_ratio=None divided the counts by their median: 1e10 among claims of
     1e-300 overflowed to inf, and the share cap then gave every client 1/6 (a review)."""
@@ -649,13 +781,25 @@ def test_uncapped_weights_do_not_overflow_when_the_median_claim_is_tiny():
     assert np.allclose(weights[[0, 1, 3, 4, 5]], 1e-310, rtol=1e-12, atol=0)  # subnormal
 
 
-def test_an_error_of_the_rule_names_the_node_ids():
-    """The rules name clients by position; the strategy gives their node ids."""
+def test_an_error_of_the_rule_names_the_node_ids(monkeypatch):
+    """The rules name clients by position; the strategy gives their node ids. A round
+    that raises leaves the strategy's state as it was (weights_ was the new round's)."""
+    import clairstat.integrations.flower as flower
+
     states = [client_adapter(k) for k in range(N_NODES)]
-    strategy = LoraStrategy(rule="krum", lora_config=LORA, rule_options={"multi": 7})
-    with pytest.raises(ValueError, match=r"round 1: multi must lie in \[1, 6\].*node ids "
-                       r"\[101, 102, 103, 104, 105, 106\]"):
-        strategy.aggregate_train(1, [_reply(n, s) for n, s in zip(NODES, states)])
+    strategy = LoraStrategy(rule="fedit", lora_config=LORA)
+    strategy.aggregate_train(1, [_reply(n, s) for n, s in zip(NODES, states)])
+    before = (dict(strategy.weights_), strategy.last_results_)
+
+    def failing(*args, **kwargs):
+        raise ValueError("factors[2]: a failure of the rule")
+
+    monkeypatch.setattr(flower, "personalized_state_dicts", failing)
+    with pytest.raises(ValueError, match=r"round 2: factors\[2\]: a failure.*node ids "
+                       r"\[101, 102, 103, 104, 105\]"):
+        strategy.aggregate_train(2, [_reply(n, s, count=k + 1) for k, (n, s)
+                                     in enumerate(zip(NODES[:5], states))])
+    assert (strategy.weights_, strategy.last_results_) == before
 
 
 def test_bfloat16_tensors_travel_as_float32():

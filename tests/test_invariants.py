@@ -199,3 +199,32 @@ def test_one_consistent_fit_with_a_known_covariance(params):
     assert np.array_equal(est.predict(X), np.where(est.contaminated_, -1, 1))
     if est.detection_converged_:
         assert np.array_equal(est.contaminated_, est.adjusted_p_values_ <= est.test_level)
+
+
+@settings(max_examples=25, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(st.integers(4, 9), st.integers(3, 8), st.integers(1, 2), st.integers(0, 2 ** 31 - 1),
+       st.sampled_from([0.01, 0.1]))
+def test_permuting_clients_permutes_a_fit_whose_half_sets_fit_exactly(n_clients, p, q, seed,
+                                                                      noise):
+    """Where a mean and the rank-r subspace fit every half-set of the clients exactly
+    (rank >= (K // 2) q), the robust start cannot tell half-sets apart: their trimmed sums
+    are round-off, and choosing the lowest made the flags follow the clients' order (5
+    clients at rank 2: one flagged in one order, none in another). Permuting the clients
+    must permute every per-client output and leave the shared ones alone."""
+    rank = min(p - 1, q * (n_clients // 2))
+    data = make_low_rank_block_sparse(n_clients, p, q, rank, 1, noise_level=noise,
+                                      random_state=seed)
+    X = data.local_estimates
+    perm = np.random.default_rng(seed).permutation(n_clients)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        est = CLAIREstimator(rank=rank, random_state=0).fit(X)
+        permuted = CLAIREstimator(rank=rank, random_state=0).fit(X[perm])
+    assert np.array_equal(permuted.contaminated_, est.contaminated_[perm])
+    # the same fit on reordered clients: the p-values differ by the round-off of sums
+    # taken in another order
+    np.testing.assert_allclose(permuted.p_values_, est.p_values_[perm], rtol=1e-6,
+                               atol=1e-12)
+    np.testing.assert_allclose(permuted.collaborative_mean_, est.collaborative_mean_,
+                               rtol=0, atol=RTOL * np.abs(X).max())

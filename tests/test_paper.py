@@ -61,6 +61,18 @@ def test_pdf_has_no_undefined_reference_citation_or_question_marks(build):
 
 @needs_tex
 @pytest.mark.timeout(300)
+def test_readme_states_the_page_count(build):
+    """The README's "(N pages)" beside ``make paper`` is the built PDF's."""
+    log = (build["build"] / "clairstat.log").read_text(errors="replace")
+    pages = re.search(r"Output written on clairstat\.pdf \((\d+) pages?", log)
+    stated = re.search(r"clairstat\.pdf \((\d+) pages\)", (ROOT / "README.md").read_text())
+    assert pages and stated
+    assert stated.group(1) == pages.group(1), (
+        f"README.md says {stated.group(1)} pages, the PDF has {pages.group(1)}")
+
+
+@needs_tex
+@pytest.mark.timeout(300)
 def test_every_figure_drawn_is_included(build):
     drawn = sorted(path.name for path in build["figures"].glob("*.pdf"))
     # Every figure script draws (its source table is committed): a PDF named after it,
@@ -173,11 +185,25 @@ def test_benchmark_macros_are_the_committed_tables():
     assert _agrees(_as_float(macros[f"bench.solver.{p}-{q}-{k}.cvxpy"]), float(cvxpy_s))
 
 
+def test_solver_table_names_the_version_it_was_measured_with():
+    """The solver table's caption names the clairstat version its section of
+    benchmarks/RESULTS.md states before the table (the table is older than the code)."""
+    macros = _macros()
+    text = (ROOT / "benchmarks" / "RESULTS.md").read_text()
+    before_table = text[:text.index("| torch s |")]
+    stated = re.findall(r"clairstat (\d+\.\d+\.\d+)", before_table)
+    assert stated and macros["bench.solver.version"] == stated[-1]
+
+
 def test_device_macros_are_the_committed_table():
-    """The torch-device ratios, read by plain splitting of the table's lines."""
+    """The torch-device ratios, read by plain splitting of the table's lines: those of
+    the run the LLM-scale paragraph quotes (the first device table after the first
+    target table), not an older run's."""
     macros = _macros()
     lines = (ROOT / "benchmarks" / "RESULTS.md").read_text().splitlines()
-    start = next(i for i, line in enumerate(lines) if "| end to end / default's |" in line)
+    target = next(i for i, line in enumerate(lines) if "| two QRs (s, median of 3) |" in line)
+    start = next(i for i, line in enumerate(lines)
+                 if i > target and "| end to end / default's |" in line)
     rows = {}
     for line in lines[start + 2:]:
         if not line.startswith("|"):
@@ -635,11 +661,12 @@ def test_sweep_quarantine_macros_are_the_two_tables():
     if not (before.exists() and after.exists()):
         pytest.skip("no archived sweep")
     old = {(r["cell"], r["replicate"]): r for r in map(json.loads, before.read_text().splitlines())}
-    diffs = {}
+    diffs, shares = {}, {}
     for r in map(json.loads, after.read_text().splitlines()):
         key = (r["setting"], r["n_clients"], r["n_contaminated"])
         diffs.setdefault(key, []).append(100 * (r["rel_clair"]
                                                 - old[(r["cell"], r["replicate"])]["rel_clair"]))
+        shares[key] = r["contaminated_share"]
     means = {key: sum(v) / len(v) for key, v in diffs.items()}
     worst = min(means, key=means.get)
     macros = _macros()
@@ -647,6 +674,11 @@ def test_sweep_quarantine_macros_are_the_two_tables():
     shown = macros["copy.quarantine.sweep.worst.diff"].replace(r"\ensuremath{-}", "-")
     assert float(shown.split()[0]) == pytest.approx(means[worst], abs=0.06)
     assert macros["copy.quarantine.sweep.worst.clients"] == str(worst[1])
+    # The point is named by the design's share, as the sweep's summary names its points
+    # (sweep.sharelist): 3 of 8 clients is "40 %" in both sentences of the subsection.
+    assert macros["copy.quarantine.sweep.worst.share"] == f"{round(100 * shares[worst])}\\,\\%"
+    assert macros["copy.quarantine.sweep.worst.share"].split("\\")[0] in \
+        macros["sweep.sharelist"]
 
 
 def test_rounds_previous_macros_are_the_two_tables():

@@ -121,6 +121,25 @@ def test_resume_runs_only_missing_replicates_and_more_replicates_extend(tmp_path
     assert len(rows) == 18 and len(set(_keys(rows))) == 18
 
 
+def test_resuming_on_rows_of_other_code_warns(tmp_path):
+    """A review found a resume appending rows of the current code to rows of another
+    commit without a word (only a later validation report said so)."""
+    import warnings
+
+    study = simulation_toy.STUDY
+    run_study(study, "smoke", results_dir=tmp_path, progress=False)
+    path = tmp_path / "smoke" / "toy.jsonl"
+    rows = read_rows(path)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows[:5]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same code: silent
+        assert run_study(study, "smoke", results_dir=tmp_path, progress=False) == 7
+    path.write_text("".join(json.dumps(dict(row, code_commit="0000000")) + "\n"
+                            for row in rows[:5]))
+    with pytest.warns(UserWarning, match="0000000.*the table will mix them"):
+        assert run_study(study, "smoke", results_dir=tmp_path, progress=False) == 7
+
+
 def test_torn_last_line_is_ignored_then_cut_before_appending(tmp_path):
     study = simulation_toy.STUDY
     run_study(study, "smoke", results_dir=tmp_path, progress=False)
@@ -217,6 +236,25 @@ def test_dask_backend_without_a_scheduler_starts_a_local_cluster(tmp_path):
     serial = tmp_path / "serial"
     run_study(simulation_toy.STUDY, "smoke", results_dir=serial, progress=False)
     assert np.array_equal(frame["value"], load_results("toy", "smoke", serial)["value"])
+
+
+@pytest.mark.timeout(180)
+def test_a_dask_worker_with_several_threads_runs_one_replicate_at_a_time(tmp_path):
+    """A review found 9 of 12 rows differing from a serial run on a Dask worker with
+    several threads (a ``dask worker``'s default): replicates ran concurrently under
+    process-wide state (a global generator seeded per replicate, the thread caps)."""
+    from distributed import LocalCluster
+
+    study = simulation_toy.GLOBAL_STUDY
+    with LocalCluster(n_workers=1, threads_per_worker=4, processes=False,
+                      dashboard_address=None) as cluster:
+        run_study(study, "smoke", backend="dask", scheduler=cluster.scheduler_address,
+                  results_dir=tmp_path / "dask", progress=False)
+    run_study(study, "smoke", results_dir=tmp_path / "serial", progress=False)
+    columns = ["cell", "replicate", "seed", "value"]
+    threaded = load_results(study.name, "smoke", tmp_path / "dask")[columns]
+    assert len(threaded) == 12
+    assert threaded.equals(load_results(study.name, "smoke", tmp_path / "serial")[columns])
 
 
 # --- negative controls -------------------------------------------------------------------
@@ -338,6 +376,22 @@ def test_each_study_replicate_is_a_pure_function_of_params_and_seed(name):
     first, second = study.simulate_one(params, seed), study.simulate_one(params, seed)
     assert first == second and first["solver"] == "torch"
     assert all(np.isscalar(value) for value in first.values())
+
+
+def test_rows_record_the_code_of_the_worker_that_ran_them(tmp_path, monkeypatch):
+    """A review found the version and commit of the submitting process on every row: a
+    cluster's workers import their own clairstat, which may be another version. Here
+    the submitter's are changed and the loky workers' are not."""
+    from simulations import _framework
+
+    real = (clairstat.__version__, _framework.code_provenance())
+    monkeypatch.setattr(clairstat, "__version__", "0.0.submitter")
+    monkeypatch.setattr(_framework, "code_provenance", lambda *args: "submitter")
+    run_study(simulation_toy.STUDY, "smoke", n_jobs=2, results_dir=tmp_path,
+              progress=False)
+    rows = read_rows(tmp_path / "smoke" / "toy.jsonl")
+    assert len(rows) == 12 and os.getpid() not in {row["pid"] for row in rows}
+    assert {(row["clairstat_version"], row["code_commit"]) for row in rows} == {real}
 
 
 def test_code_provenance_names_changed_code_only():

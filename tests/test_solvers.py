@@ -183,5 +183,5 @@ def test_device_is_honoured_and_a_missing_gpu_is_named():
     res = clair_decompose(X, solver="torch", device="cpu")
     assert res.converged
     if not torch.cuda.is_available():
-        with pytest.raises(RuntimeError, match="no CUDA device"):
+        with pytest.raises(ValueError, match="no CUDA device"):
             clair_decompose(X, solver="torch", device="cuda")

@@ -27,6 +27,13 @@ def pool_counts():
                                      if i.get("threading_layer") != "disabled"]
 
 
+@pytest.fixture(autouse=True)
+def four_cpus(monkeypatch):
+    """Four usable CPUs, so that the 3 threads the tests set are not capped to a 2-core
+    machine's 2 (resolve_n_jobs never gives more threads than usable CPUs)."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+
+
 @pytest.fixture
 def two_threads():
     """Every pool at 2 threads (a state distinct from the 1 and 3 set in the tests)."""
@@ -77,6 +84,8 @@ def test_n_jobs_minus_one_is_every_usable_cpu(monkeypatch):
     assert resolve_n_jobs(-2) == 4  # joblib's convention: all but one
     assert resolve_n_jobs(-5) == 1
     assert resolve_n_jobs(3) == 3
+    assert resolve_n_jobs(6) == 5  # never more threads than usable CPUs
+    assert resolve_n_jobs(10**6) == 5
     assert resolve_n_jobs(None, (50, 100, 10)) == 1
     with pytest.raises(ValueError, match="leaves no CPU"):
         resolve_n_jobs(-6)

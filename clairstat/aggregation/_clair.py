@@ -9,6 +9,7 @@ import numpy as np
 
 from .._reduced import (ReducedStack, eckart_young_factors, factored_reduction,
                         reduce_factors, truncated_svd)
+from .._validation import check_device
 from ._result import AggregationResult
 
 __all__ = ["clair"]
@@ -65,6 +66,7 @@ def clair(factors, weights, **options):
     if len(factors) < 2:  # the weights' check said "non-zero weight to at least two"
         raise ValueError(f"CLAIR needs at least two clients, got {len(factors)}.")
     options = {"backbone": False, **options}
+    check_device(options.get("device"))  # before the reduction runs on it
     estimator = CLAIREstimator(**options)
     on_device = {"device": options["device"], "dtype": options.get("dtype")} \
         if options.get("device") is not None else {}

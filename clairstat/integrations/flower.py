@@ -13,8 +13,9 @@ its own fit; a flagged client gets its own adapter back), for the other rules th
 global update read out at that client's rank.
 
 One malformed reply does not abort the round: it is dropped, logged and counted (see
-:class:`LoraStrategy`), no client's example count can claim more than
-``max_weight_ratio`` times the median claim, and no client holds more than
+:class:`LoraStrategy`; a round left with fewer valid replies than its rule needs is
+skipped, as FedAvg skips a round without replies), no client's example count can claim
+more than ``max_weight_ratio`` times the median claim, and no client holds more than
 ``max_weight_share`` (1/3) of the round's weight.
 
 Importing this module needs Flower (``pip install clairstat[flower,lora]``).
@@ -88,7 +89,10 @@ def _power_of_two_scale(values):
     if positive.size == 0:
         return 1.0
     top, bottom = np.frexp(positive.max())[1], np.frexp(positive.min())[1]
-    return float(np.ldexp(1.0, max(int(top) - 1000, (int(top) + int(bottom)) // 2)))
+    # At most 2**1023, the largest power of two float64 holds: with every value above
+    # 2**1023 the middle exponent was 1024, the scale inf and every weight 0 (a review).
+    return float(np.ldexp(1.0, min(max(int(top) - 1000, (int(top) + int(bottom)) // 2),
+                                   1023)))
 
 
 def cap_weights(claims, max_ratio=10.0, max_share=1 / 3):
@@ -131,8 +135,12 @@ def cap_weights(claims, max_ratio=10.0, max_share=1 / 3):
     claims = np.asarray(claims, dtype=float)
     if max_ratio is None:  # claim / median overflowed to inf where the median was tiny
         relative = claims / _power_of_two_scale(claims)  # (1e10 among 1e-300): a review
-    else:  # the median of halves, doubled: exact, and two claims of 1e308 cannot sum to inf
-        relative = np.minimum(claims / (2.0 * np.median(claims / 2.0)), max_ratio)
+    else:  # the median as lo + (hi - lo) / 2: two claims of 1e308 cannot sum to inf, and
+        # subnormal claims are not halved to 0 (the median of halves, doubled, was 0
+        # where most claims were 5e-324, and every claim then weighed max_ratio: a review)
+        lo, hi = np.sort(claims)[[(claims.size - 1) // 2, claims.size // 2]]
+        with np.errstate(over="ignore"):  # inf over a tiny median: capped just below
+            relative = np.minimum(claims / (lo + (hi - lo) / 2.0), max_ratio)
     if max_share is None:
         return relative
     share = max(max_share, 1.0 / relative.size)
@@ -160,6 +168,21 @@ _EQUAL_RANK_RULES = {"fedit", "ffa", "fedex", "fedrot"}
 
 class _MalformedReply(ValueError):
     """A reply this strategy cannot aggregate (the message says why)."""
+
+
+def _shape_and_kind(array):
+    """A tensor's shape, followed by ``"integer"`` or ``"bool"`` where it holds no
+    floating-point numbers (replies must agree on both to share the global tensor)."""
+    kind = {"b": "bool", "i": "integer", "u": "integer"}.get(array.dtype.kind)
+    return array.shape if kind is None else (*array.shape, kind)
+
+
+def _metric_layout(content, skip):
+    """The reply's metric names (but ``skip``, the count), each with its list's length
+    or None, sorted: the replies averaged together must share it."""
+    return tuple(sorted((key, len(value) if isinstance(value, list) else None)
+                        for record in content.metric_records.values()
+                        for key, value in record.items() if key != skip))
 
 
 def _non_finite_metrics(content, skip):
@@ -201,7 +224,8 @@ def _untested_median(global_state, adapters):
 
 def _check_rule(rule, options):
     """The rule's name and its options' names (and krum's integers), checked when the
-    strategy is built: an unknown rule or option failed only at round 1 (a review)."""
+    strategy is built: an unknown rule or option failed only at round 1 (a review); then
+    their values, by a dry run (:func:`_dry_run`)."""
     import inspect
 
     from .. import CLAIREstimator
@@ -219,12 +243,57 @@ def _check_rule(rule, options):
     if unknown:
         raise ValueError(f"rule_options {unknown} are not options of rule {rule!r}; its "
                          f"options: {', '.join(sorted(known)) or 'none'}.")
-    for name in ("n_byzantine", "multi"):
-        if rule == "krum" and options.get(name) is not None:
+    for name in ("n_byzantine", "multi"):  # multi=None, accepted, failed at round 1
+        if rule == "krum" and (options.get(name) is not None or name == "multi"
+                               and name in options):
             check_integer(name, options[name])
             if options[name] < (0 if name == "n_byzantine" else 1):
                 raise ValueError(f"{name} must be >= {0 if name == 'n_byzantine' else 1}, "
                                  f"got {options[name]}.")
+    _dry_run(rule, options)
+
+
+def _dry_run(rule, options):
+    """The rule with ``options`` on a small synthetic federation (rank-1 updates of one
+    module, with one shared A), so that an invalid value fails when the strategy is built: a trim of 0.7,
+    a lam of 2, a test_level of 2 or CLAIR's device "cuda" on a server without one
+    failed at the first aggregation, after every client had trained a round (a review).
+
+    The options that depend on the real federation are left to the rounds: fedrot's
+    ``reference`` (the modules' shapes), CLAIR's ``rank`` (a positive one is run as 1:
+    the largest a federation supports depends on its clients), and krum's
+    ``n_byzantine`` or ``multi`` and glora's ``readout_rank`` beyond what a small
+    federation holds (64 clients, 1024 x 1024). The ValueError gives the rule's message.
+    """
+    import warnings
+
+    from ..aggregation._modules import aggregate_modules
+
+    options = {key: value for key, value in options.items()
+               if key not in ("reference", "progress")}
+    n_clients, size = 6, 4
+    if rule == "krum":
+        n_clients = max(n_clients, 2 * (options.get("n_byzantine") or 0) + 3,
+                        options.get("multi", 1))
+    readout = options.get("readout_rank") if rule == "glora" else None
+    if isinstance(readout, int) and not isinstance(readout, bool) and readout > size:
+        size = readout
+    if n_clients > 64 or size > 1024:
+        return
+    rank = options.get("rank") if rule == "clair" else None
+    if isinstance(rank, (int, np.integer)) and not isinstance(rank, bool) and rank > 0:
+        options["rank"] = 1
+    rng = np.random.default_rng(0)
+    a_mat = rng.standard_normal((1, size))  # one A for all: ffa's frozen A
+    factors = [(rng.standard_normal((size, 1)), a_mat) for _ in range(n_clients)]
+    with warnings.catch_warnings():  # e.g. trimmed_mean's on few clients: not this one's
+        warnings.simplefilter("ignore")
+        try:
+            aggregate_modules(rule, {"module": factors}, None, **options)
+        except Exception as error:  # noqa: BLE001 - a device's AssertionError too
+            raise ValueError(f"rule_options of rule {rule!r} fail on a small synthetic "
+                             f"federation, as they would at the first round: "
+                             f"{error}") from error
 
 
 class LoraStrategy(FedAvg):
@@ -247,14 +316,6 @@ class LoraStrategy(FedAvg):
         takes them). Names that are not the rule's options (and for krum an
         ``n_byzantine`` or ``multi`` that is not a non-negative, resp. positive, integer)
         raise ValueError here.
-    flagged_receive : {"own", "global"}, default="own"
-        In personalized mode, what a client flagged by CLAIR receives: its own adapter,
-        or the global adapter at its rank
-        (:func:`clairstat.lora.personalized_state_dicts`). With ``"own"`` a false alarm
-        tends to repeat in the next rounds (the client trains on alone and drifts from
-        the refined clients); ``"global"`` ends it with the round, at a cost in
-        detection: attackers that restart from the global adapter were caught less often
-        (``simulations/studies/rounds_detection.py``; docs/method_notes.md, section 8).
     max_weight_ratio : float or None, default=10.0
         Weight cap: a client's weight is its example count (the ``weighted_by_key``
         metric) over the median count of the round's valid replies, capped at this
@@ -263,6 +324,14 @@ class LoraStrategy(FedAvg):
         ``None`` disables this cap (the counts are then divided by a power of two between
         the smallest and largest count, so that no ratio of claims can overflow). The
         capped weights also weight FedAvg's metric averages.
+    flagged_receive : {"own", "global"}, default="own"
+        In personalized mode, what a client flagged by CLAIR receives: its own adapter,
+        or the global adapter at its rank
+        (:func:`clairstat.lora.personalized_state_dicts`). With ``"own"`` a false alarm
+        tends to repeat in the next rounds (the client trains on alone and drifts from
+        the refined clients); ``"global"`` ends it with the round, at a cost in
+        detection: attackers that restart from the global adapter were caught less often
+        (``simulations/studies/rounds_detection.py``; docs/method_notes.md, section 8).
     max_weight_share : float or None, default=1/3
         Second cap, after ``max_weight_ratio``: the weights above a common level are cut
         to it, the level chosen so that no client holds more than this share of the
@@ -315,15 +384,20 @@ class LoraStrategy(FedAvg):
     (logger ``clairstat.integrations.flower``, level WARNING, with the node id and the
     reason), recorded in ``dropped_`` and reported in the round's train metrics as
     ``n-dropped`` (count) and ``dropped-nodes`` (node ids). The round goes on with the other
-    replies; it raises ValueError, before aggregating, only when fewer valid replies
-    remain than the rule needs: 2, and for ``krum`` ``2 n_byzantine + 3`` (3 without
-    ``n_byzantine``, which then is derived from the count). Replies that
+    replies. When fewer valid replies remain than the rule needs (2, and for ``krum``
+    ``2 n_byzantine + 3``, 3 without ``n_byzantine``, which then is derived from the
+    count, and at least ``multi``), the round is skipped before aggregating, as FedAvg
+    skips a round without replies: a WARNING, metrics ``skipped`` and ``n-valid``, and
+    the previous round's adapters stay (no exception ends the run). Replies that
     carry a Flower error are left to FedAvg, which logs them as failures. A fresh adapter
     (``lora_B = 0``) is a valid zero update, not malformed.
     Evaluation replies are screened for their count and metrics alike
     (:meth:`aggregate_evaluate`). A train reply whose metrics (a loss) hold a NaN or an
     infinite value keeps its adapter in the aggregation, but its metrics are left out of
-    the round's metric average (logged, and listed in ``metrics-left-out-nodes``).
+    the round's metric average (logged, and listed in ``metrics-left-out-nodes``), as are
+    the metrics of a train or evaluation reply whose metric names, or list lengths,
+    differ from those most replies share (FedAvg's own check, which this strategy turns
+    off to drop replies one by one).
 
     **Tensors beside the LoRA pairs** (``modules_to_save`` modules, biases, trainable
     tokens) are not tested by any rule: the global adapter takes their coordinate-wise
@@ -416,14 +490,22 @@ class LoraStrategy(FedAvg):
     def _adapter(self, content):
         """The reply's adapter and its shape signature ``((module, (d_out, d_in)), ...)``
         (``(d_out, d_in, r)`` for the rules that need equal ranks), followed by
-        ``(key, shape)`` of each tensor beside the LoRA pairs."""
+        ``(key, shape)`` of each tensor beside the LoRA pairs (the shape followed by
+        ``"integer"`` or ``"bool"`` where the tensor is not floating point)."""
         try:
             state = arrays_to_state_dict(next(iter(content.array_records.values())))
         except (ValueError, TypeError, KeyError) as error:
             raise _MalformedReply(f"unreadable adapter: {error}") from error
+        untested = untested_keys(state)
         for key, value in state.items():  # every tensor, the untested ones too
             if value.dtype.kind not in _REAL_KINDS:
                 raise _MalformedReply(f"{key} has dtype {value.dtype}, not real numbers")
+            # The outputs are written in the replies' dtypes: an integer or bool lora_A
+            # in the first reply sent every client a global adapter rounded to
+            # integers, uint8 wrapping -1 to 255 (a review).
+            if key not in untested and value.dtype.kind != "f":
+                raise _MalformedReply(f"{key} has dtype {value.dtype}: LoRA factors must "
+                                      "be floating point")
         try:
             factors = adapter_factors(state)  # unscaled: rank 0 must not reach alpha / r
         except (ValueError, TypeError, KeyError) as error:
@@ -452,13 +534,17 @@ class LoraStrategy(FedAvg):
                 _check_size(module, scaled, a_mat)
             except ValueError as error:  # B there is scale x lora_B
                 raise _MalformedReply(str(error)) from None
-        untested = untested_keys(state)
         for key in untested:
             if not np.all(np.isfinite(state[key])):
                 raise _MalformedReply(f"{key} holds non-finite values")
         signature = tuple(sorted((module, self._shape(b_mat, a_mat))
                                  for module, (b_mat, a_mat) in factors.items()))
-        return state, signature + tuple((key, state[key].shape) for key in untested)
+        # The untested tensors' kinds too (an integer buffer such as a batch norm's
+        # count is no float one): the global adapter writes their median in the
+        # replies' dtype, and an integer head in the first reply rounded everyone's
+        # (a review).
+        return state, signature + tuple((key, _shape_and_kind(state[key]))
+                                        for key in untested)
 
     def _shape(self, b_mat, a_mat):
         """``(d_out, d_in)``, and the rank for the rules that need equal ranks."""
@@ -467,9 +553,13 @@ class LoraStrategy(FedAvg):
 
     def _min_replies(self):
         """The fewest valid replies the rule aggregates, and what needs them: 2, and
-        ``2 n_byzantine + 3`` for krum (3 without ``n_byzantine``)."""
+        ``max(2 n_byzantine + 3, multi)`` for krum (3 without ``n_byzantine``; krum
+        raised on fewer replies than ``multi``, after the screen: a review)."""
         if self.rule == "krum":
-            f = self.rule_options.get("n_byzantine")
+            # (multi=None is refused at construction, as krum refuses it)
+            f, multi = self.rule_options.get("n_byzantine"), self.rule_options.get("multi", 1)
+            if multi > (3 if f is None else 2 * int(f) + 3):
+                return multi, f"rule 'krum' with multi={multi}"
             if f is None:
                 return 3, ("rule 'krum' (n_replies >= 2 n_byzantine + 3; n_byzantine, not "
                            "given, is derived from the reply count, 0 at the least)")
@@ -508,26 +598,45 @@ class LoraStrategy(FedAvg):
         adapter (:func:`global_state_dict`)."""
         results = aggregate_adapters(self.rule, adapters, self.lora_config, weights,
                                      **self.rule_options)
-        self.last_results_ = results
         per_client, flagged = personalized_state_dicts(results, adapters, self.lora_config,
                                                        flagged_receive=self.flagged_receive)
-        return (per_client, _untested_median(global_state_dict(results, adapters[0],
-                                                               self.lora_config), adapters),
-                flagged)
+        # The first reply's keys and ranks, but each tensor's widest dtype among the
+        # replies: a float16 first reply wrote every client's global adapter in float16,
+        # a precision that depended on which reply came first (a review).
+        template = {key: value.astype(np.result_type(*(adapter[key].dtype for adapter in
+                                                       adapters if key in adapter)),
+                                      copy=False)
+                    for key, value in adapters[0].items()}
+        global_adapter = _untested_median(global_state_dict(results, template,
+                                                            self.lora_config), adapters)
+        self.last_results_ = results  # once every output is written (see aggregate_train)
+        return per_client, global_adapter, flagged
 
     def _metrics(self, messages, weights, aggregate_fn, server_round=None):
         """FedAvg's metric aggregation, weighted by the capped weights, over the replies
-        whose metrics are finite numbers; the others are logged and left out (all their
-        metrics: FedAvg weights every metric by the same total) and their node ids
-        returned."""
+        whose metrics are finite numbers, with the metric names (and list lengths) most
+        replies share; the others are logged and left out (all their metrics: FedAvg
+        weights every metric by the same total) and their node ids returned.
+
+        FedAvg checks that every reply holds the same metric names, a check this
+        strategy turns off to drop replies one by one: a reply without ``accuracy``
+        counted as an accuracy of 0 (5 replies of 0.8 and one without gave 0.67), and
+        one list of another length lost every metric of the round (a review)."""
+        layouts = [_metric_layout(message.content, self.weighted_by_key)
+                   for message in messages]
+        common = collections.Counter(layouts).most_common(1)[0][0] if layouts else None
         contents, left_out = [], []
-        for message, weight in zip(messages, weights):
+        for message, weight, layout in zip(messages, weights, layouts):
             bad = _non_finite_metrics(message.content, self.weighted_by_key)
-            if bad:
+            why = (f"metric(s) {bad} are not finite numbers" if bad else
+                   None if layout == common else
+                   f"its metrics {dict(layout)} differ from those of most replies "
+                   f"{dict(common)} (name: list length, or None)")
+            if why:
                 node = message.metadata.src_node_id
                 left_out.append(int(node))
                 _LOGGER.warning("round %s: left the metrics of node %s out of the average: "
-                                "metric(s) %s are not finite numbers", server_round, node, bad)
+                                "%s", server_round, node, why)
                 continue
             content = message.content
             key, record = next(iter(content.metric_records.items()))
@@ -552,46 +661,57 @@ class LoraStrategy(FedAvg):
         -------
         arrays : ArrayRecord or None
             The global adapter (CLAIR: the collaborative mean, read out at the first
-            valid client's rank); ``None`` when no reply carries content.
+            valid client's rank); ``None`` when no reply carries content, or when fewer
+            valid replies remain, after dropping the malformed ones, than the rule needs
+            (class Notes): the round is then skipped, logged at WARNING, Flower keeps the
+            previous global adapter and the nodes their previous personalized ones.
         metrics : MetricRecord or None
             FedAvg's weighted metrics (capped weights) over the replies whose metrics
             are all finite numbers, ``n-dropped`` and ``dropped-nodes``,
             ``metrics-left-out-nodes`` (the node ids whose metrics held a NaN or an
-            infinite value, left out of the average and logged; their adapters are
-            aggregated), plus ``n-flagged`` for CLAIR.
+            infinite value, or other metric names or list lengths than most replies,
+            left out of the average and logged; their adapters are aggregated), plus
+            ``n-flagged`` for CLAIR. A skipped round's metrics are ``n-dropped``,
+            ``dropped-nodes``, ``n-valid`` and ``skipped`` (1).
 
         Raises
         ------
         ValueError
-            When fewer valid replies remain, after dropping the malformed ones, than
-        the rule needs (class Notes), before any aggregation; the message gives the
-        number of valid and dropped replies and the rule's minimum.
+            When the rule itself fails on the valid replies (its message, with the
+            node ids of the clients it names by position).
         """
         valid, _ = self._check_and_log_replies(replies, is_train=True, validate=False)
         if not valid:
             return None, None
         read, dropped = self._screen(server_round, valid)
         needed, why = self._min_replies()
+        extra = {"n-dropped": len(dropped), "dropped-nodes": [int(n) for n in dropped]}
         if len(read) < needed:
-            raise ValueError(f"round {server_round}: {len(read)} valid replies after dropping "
-                             f"{len(dropped)} malformed ones ({dropped}); {why} needs at "
-                             f"least {needed}.")
+            # Skipped, as FedAvg skips a round without replies: raising here ended the
+            # whole run (Flower's start does not catch it) when, say, one of two sampled
+            # clients failed or sent a NaN adapter (a review).
+            _LOGGER.warning("round %s: skipped, the global and personalized adapters stay "
+                            "those of the previous round: %d valid replies after dropping "
+                            "%d malformed ones (%s); %s needs at least %d", server_round,
+                            len(read), len(dropped), dropped, why, needed)
+            return None, MetricRecord({**extra, "n-valid": len(read), "skipped": 1})
         messages, nodes, counts, adapters, _ = (list(column) for column in zip(*read))
         weights = cap_weights(counts, self.max_weight_ratio, self.max_weight_share)
-        self.weights_ = dict(zip(nodes, (weights / weights.sum()).tolist()))
         try:
             per_client, global_adapter, flagged = self._aggregate(adapters, weights)
         except ValueError as error:  # the rules name clients by position: give node ids
             raise ValueError(f"round {server_round}: {error} (clients by position: node ids "
                              f"{[int(n) for n in nodes]})") from error
+        # The round's state only once it has aggregated: a round that raised left the
+        # next round's weights_ and last_results_ half updated.
+        self.weights_ = dict(zip(nodes, (weights / weights.sum()).tolist()))
         self.client_arrays_ = {node: state_dict_to_arrays(sd)
                                for node, sd in zip(nodes, per_client)}
         self.flagged_ = ({} if flagged is None else
                          {node: bool(flag) for node, flag in zip(nodes, flagged)})
         metrics, left_out = self._metrics(messages, weights, self.train_metrics_aggr_fn,
                                           server_round)
-        extra = {"n-dropped": len(dropped), "dropped-nodes": [int(n) for n in dropped],
-                 "metrics-left-out-nodes": left_out}
+        extra["metrics-left-out-nodes"] = left_out
         if flagged is not None:
             extra["n-flagged"] = int(np.sum(flagged))
         return state_dict_to_arrays(global_adapter), MetricRecord({**dict(metrics.items()),
@@ -604,8 +724,10 @@ class LoraStrategy(FedAvg):
         non-positive count, or with a metric value (or list entry) that is not a finite
         number (a NaN accuracy made the round's accuracy NaN: a review) is dropped,
         logged and recorded in ``dropped_evaluate_``; the counts are capped as in
-        training. The metrics gain ``n-dropped`` and
-        ``dropped-nodes``; ``None`` when no valid reply remains.
+        training. A reply whose metric names (or list lengths) differ from those most
+        replies share is left out of the average, logged and listed in
+        ``metrics-left-out-nodes``. The metrics gain ``n-dropped``, ``dropped-nodes``
+        and ``metrics-left-out-nodes``; ``None`` when no valid reply remains.
         """
         valid, _ = self._check_and_log_replies(replies, is_train=False, validate=False)
         kept, counts, dropped = [], [], {}
@@ -620,9 +742,11 @@ class LoraStrategy(FedAvg):
         if not kept:
             return None
         weights = cap_weights(counts, self.max_weight_ratio, self.max_weight_share)
-        metrics, _ = self._metrics(kept, weights, self.evaluate_metrics_aggr_fn, server_round)
+        metrics, left_out = self._metrics(kept, weights, self.evaluate_metrics_aggr_fn,
+                                          server_round)
         return MetricRecord({**dict(metrics.items()), "n-dropped": len(dropped),
-                             "dropped-nodes": [int(n) for n in dropped]})
+                             "dropped-nodes": [int(n) for n in dropped],
+                             "metrics-left-out-nodes": left_out})
 
 
 def _same_frozen_a(read, dropped):
@@ -644,10 +768,11 @@ def _fit_output_dtypes(read, dropped):
     """The screened replies whose values fit every dtype an output is written in; the
     others are added to ``dropped``.
 
-    The global adapter takes the dtypes of the first valid reply, each personalized one
-    those of its client: a tensor's values must fit the smallest floating dtype the
-    replies give it (the largest finite number of float32 is 3.4e38: a float64 reply
-    of 1e40 among float32 ones wrote inf into every client's adapter, a review)."""
+    The global adapter takes each tensor's widest dtype among the replies, each
+    personalized one those of its client: a tensor's values must fit the smallest
+    floating dtype the replies give it (the largest finite number of float32 is 3.4e38:
+    a float64 reply of 1e40 among float32 ones wrote inf into every client's adapter,
+    a review)."""
     limits = {}
     for item in read:
         for key, value in item[3].items():

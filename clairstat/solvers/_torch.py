@@ -23,6 +23,7 @@ import numpy as np
 from .._objective import _op_norm, exact_gap, penalized_gap, stack_blocks, unstack_blocks
 from .._prox import block_soft_threshold_torch, svt_torch
 from .._result import DecompositionResult
+from .._validation import check_device
 from ._base import Solver
 
 __all__ = ["TorchSolver"]
@@ -68,10 +69,8 @@ class TorchSolver(Solver):
         torch = _import_torch()
         if self.dtype not in ("float64", "float32"):
             raise ValueError(f"dtype must be 'float64' or 'float32', got {self.dtype!r}.")
+        check_device(self.device)
         device = torch.device(self.device)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError(f"device={self.device!r} was requested but this torch build "
-                               "sees no CUDA device; use device='cpu'.")
         return torch.as_tensor(np.asarray(array), dtype=getattr(torch, self.dtype),
                                device=device)
 

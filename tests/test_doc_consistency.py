@@ -1,0 +1,157 @@
+"""What the documentation states against what the code and the committed results hold:
+cheap checks (no fit, no build) of facts a change elsewhere can leave stale."""
+
+import importlib
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+#: The public modules whose ``__all__`` the API reference documents.
+PUBLIC = ("clairstat", "clairstat.solvers", "clairstat.aggregation", "clairstat.lora",
+          "clairstat.integrations.flower", "clairstat.datasets", "clairstat.metrics")
+#: Names of ``clairstat.__all__`` that are not functions or classes (subpackages,
+#: the version string): the reference documents their contents instead.
+NOT_DOCUMENTED = {"aggregation", "datasets", "metrics", "solvers", "__version__"}
+
+
+def _api_names():
+    """Every name docs/api.rst lists, qualified by its ``currentmodule``."""
+    module, names = "clairstat", set()
+    for line in (ROOT / "docs" / "api.rst").read_text().splitlines():
+        match = re.match(r"\.\. currentmodule:: (\S+)", line)
+        if match:
+            module = match.group(1)
+            continue
+        match = re.match(r"   ([A-Za-z_][\w.]*)\s*$", line)
+        if match:
+            names.add(f"{module}.{match.group(1)}")
+    return names
+
+
+@pytest.mark.parametrize("module", PUBLIC)
+def test_api_reference_lists_every_public_name(module):
+    """Every function and class a public module exports has its page (constants such
+    as ``RULE_NAMES`` are named in the reference's text)."""
+    if module == "clairstat.integrations.flower":
+        pytest.importorskip("flwr")
+    if module == "clairstat.lora":
+        pytest.importorskip("peft")
+    listed = _api_names()
+    mod = importlib.import_module(module)
+    missing = [name for name in mod.__all__
+               if name not in NOT_DOCUMENTED and callable(getattr(mod, name))
+               and f"{module}.{name}" not in listed]
+    assert not missing, f"docs/api.rst does not list {module}: {missing}"
+
+
+def test_full_scale_compute_in_validation_readme_is_the_report():
+    """validation/README.md's replicate-hours (total and per study) are those of the
+    committed full-scale report's ``meta.replicate_seconds``."""
+    meta = json.loads((ROOT / "validation" / "full" / "report.json").read_text())["meta"]
+    seconds = meta["replicate_seconds"]
+    text = " ".join((ROOT / "validation" / "README.md").read_text().split())
+    match = re.search(r"([\d.]+) replicate-hours \(([^)]*)\)", text)
+    assert match, "no replicate-hours line in validation/README.md"
+    assert float(match.group(1)) == pytest.approx(sum(seconds.values()) / 3600, abs=0.006)
+    stated = dict((name, float(value)) for name, value in
+                  re.findall(r"([a-z_]+) ([\d.]+)", match.group(2)))
+    assert set(stated) == set(seconds)
+    for study, value in stated.items():
+        assert value == pytest.approx(seconds[study] / 3600, abs=0.006), study
+
+
+@pytest.mark.timeout(300)
+def test_theory_example_control_makes_its_check_fail():
+    """examples/plot_theory_check.py says the negative control must make its check
+    fail (and the check pass on the method): what it prints says so."""
+    pytest.importorskip("matplotlib")
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "plot_theory_check.py")],
+        cwd=ROOT, capture_output=True, text=True, timeout=280,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "MPLBACKEND": "Agg"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    verdicts = re.findall(r"'verdict': '(\w+)'", result.stdout)
+    assert verdicts == ["pass", "fail"], result.stdout[-1500:]
+
+
+def _power_ranges(clients):
+    """From benchmarks/RESULTS.md's LoRA null tables (parts A and B, every cell with
+    ``clients``): the (previous, package) ranges of the share flagged at x2 and x4."""
+    from paper._sources import markdown_tables
+
+    text = (ROOT / "benchmarks" / "RESULTS.md").read_text()
+    start = text.index("## The LoRA path's per-module null: its level")
+    section = text[start:text.index("\n## ", start + 1)]
+    values = {"x2": ([], []), "x4": ([], [])}
+    for header, rows in markdown_tables(section):
+        for key in values:
+            column = f"flagged, {key}: previous / package"
+            if column not in header:
+                continue
+            for row in rows:
+                if int(row["clients"]) == clients:
+                    previous, package = (float(v) for v in row[column].split("/"))
+                    values[key][0].append(previous)
+                    values[key][1].append(package)
+    return {key: tuple(f"{min(v):.2f}-{max(v):.2f}" for v in pair)
+            for key, pair in values.items()}
+
+
+def test_few_clients_power_ranges_are_the_benchmark_tables():
+    """The power of the LoRA null at 8 clients, as the method notes, the benchmark's
+    reading and the fit's warning quote it, spans every cell of its tables."""
+    eight, sixteen = _power_ranges(8), _power_ranges(16)
+    previous, package = eight["x2"]
+    notes = " ".join((ROOT / "docs" / "method_notes.md").read_text().split())
+    assert (f"twice a benign one's is flagged in {package} of the cases (before: "
+            f"{previous}), four times in {eight['x4'][1]} ({eight['x4'][0]})") in notes
+    results = " ".join((ROOT / "benchmarks" / "RESULTS.md").read_text().split())
+    assert f"flagged in {package} of the cases (previous: {previous})" in results
+    estimator = " ".join((ROOT / "clairstat" / "_estimator.py").read_text().split())
+    warning = re.sub(r'"\s*"', "", estimator)  # the message's string pieces joined
+    assert (f"at 8 clients a statistic twice a benign one's is flagged in {package} of "
+            f"the cases, at 16 in {sixteen['x2'][1]}") in warning
+
+
+def test_validation_readme_quotes_the_committed_small_report():
+    """The findings of validation/README.md that quote the small-scale report give its
+    current values (they had kept those of tables since rerun)."""
+    checks = {c["name"]: c for c in
+              json.loads((ROOT / "validation" / "report.json").read_text())["checks"]}
+    text = " ".join((ROOT / "validation" / "README.md").read_text().split())
+
+    def fixed(name, digits):
+        c = checks[name]
+        return [f"{v:.{digits}f}" for v in (c["observed"], *c["interval"])]
+
+    obs, lo, hi = fixed("detection_bh_high_separation", 2)
+    assert f"pooled {obs}, 95% interval [{lo}, {hi}]" in text
+    by_gamma = re.findall(r"\d\.\d+: (\d\.\d\d)", checks["detection_bh_high_separation"]
+                          ["detail"].split("by gamma:")[1])
+    assert f"against {', '.join(by_gamma)} observed" in text
+    obs, lo, hi = fixed("detection_bh_false_discoveries", 3)
+    assert f"false discovery proportion is {obs} ([{lo}, {hi}])" in text
+    obs, lo, hi = fixed("robust_clair_false_discoveries", 3)
+    assert f"false discovery proportion is {obs} ([{lo}, {hi}])" in text
+    obs, lo, hi = fixed("stability_first_order_constant", 3)
+    assert f"geometric mean {obs} ([{lo}, {hi}];" in text
+    pairs = re.findall(r"(\d\.\d\d)/(\d\.\d\d)", checks["detection_power_curve"]["detail"])
+    assert ", ".join(f"{a}/{b}" for a, b in pairs[:4]) in text
+
+
+def test_simulations_readme_names_every_reserved_column():
+    """The parameter names the framework refuses are the ones simulations/README.md
+    lists."""
+    from simulations._framework import _RESERVED
+
+    text = " ".join((ROOT / "simulations" / "README.md").read_text().split())
+    sentence = re.search(r"Parameter names must not be ([^.]*)\.", text)
+    assert sentence
+    assert set(re.findall(r"`(\w+)`", sentence.group(1))) == set(_RESERVED)
