@@ -83,6 +83,19 @@ def test_copy_grouping_script_runs(capsys):
     assert table.count("\n| ") == 16  # header and 15 cells
 
 
+
+def test_detection_cycles_script_runs_and_splits_by_convergence(capsys):
+    import detection_cycles
+
+    detection_cycles.main(["--fits", "2"])
+    assert capsys.readouterr().out.count("\n| ") == 1 + len(detection_cycles.cells())
+    # the counts go to the converged or the cycled side by the fit's own flag
+    outcomes = iter([(True, 2, np.array([True, False, False]), np.array([True, False, False])),
+                     (False, 5, np.array([False, True, False]), np.array([True, False, False]))])
+    not_converged, counts, rounds = detection_cycles.run_cell(lambda seed: next(outcomes), 2)
+    assert not_converged == 1 and rounds.tolist() == [2, 5]
+    assert counts[True].tolist() == [0, 2, 1, 1] and counts[False].tolist() == [1, 2, 0, 1]
+
 def test_leave_one_out_batch_script_runs(capsys):
     import leave_one_out_batch
 
