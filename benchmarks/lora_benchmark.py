@@ -42,7 +42,9 @@ of every client's adapter. Three parts, one run:
    and the decomposition in that dtype. Columns: end to end, the two bases as each
    variant computes them (numpy: CholeskyQR where it certifies itself; torch:
    Householder), and each variant's end-to-end time over the default's. The detection
-   and the rest of the reduced coordinates are numpy float64 in every row.
+   and the rest of the reduced coordinates are numpy float64 in every row. Where torch
+   sees a CUDA device, ``device="cuda"`` rows are added (``benchmarks/device_check.sh``,
+   the run a session lent a GPU makes); "one thread" then holds for the host's part.
 
     OMP_NUM_THREADS=2 nice -n 10 python benchmarks/lora_benchmark.py [--quick]
                                                       [--markdown FILE] [--torch-only]
@@ -212,12 +214,22 @@ def _device_bases(device, dtype):
     return basis
 
 
+def torch_variants():
+    """(name, refine_adapters options) of part 3: the numpy reference, torch on the CPU,
+    and torch on the first CUDA device where torch sees one (the rows a GPU run adds,
+    ``benchmarks/device_check.sh``)."""
+    import torch
+
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    return [("numpy (default)", {})] + [
+        (f"torch {device} {dtype}", {"device": device, "dtype": dtype})
+        for device in devices for dtype in ("float64", "float32")]
+
+
 def torch_paths(dim, n_clients, rank):
     states, bad = _adapters(dim, n_clients, rank)
     rows = []
-    for name, options in [("numpy (default)", {}),
-                          ("torch cpu float64", {"device": "cpu", "dtype": "float64"}),
-                          ("torch cpu float32", {"device": "cpu", "dtype": "float32"})]:
+    for name, options in torch_variants():
         seconds, recall, false = _best_of_two(states, bad, n_jobs=1, **options)
         basis = (_device_bases(options["device"], options["dtype"]) if options else None)
         bases = min(_time_bases(states, 1, basis) if basis else _package_bases(states, 1)

@@ -127,6 +127,7 @@ def check_noise_scale(noise_scale, n_clients):
     """``None``, a positive scalar, or one positive scale per client."""
     if noise_scale is None:
         return None
+    _refuse_masked(noise_scale, "noise_scale")  # np.asarray would read the hidden values
     scale = np.asarray(noise_scale, dtype=float)
     if scale.ndim == 0:
         scale = np.full(n_clients, float(scale))

@@ -709,6 +709,45 @@ def test_the_rule_and_its_options_are_checked_at_construction(rule, options, mes
     LoraStrategy(rule="fedrot", rule_options={"reference": client_adapter(0), "lam": 0.5})
 
 
+def test_the_dry_run_refuses_no_valid_option_and_draws_from_no_given_generator():
+    """The construction's dry run (6 clients, 4 x 4) refused valid options: one CLAIR
+    noise scale per client of a 10-client federation, and glora's readout_rank given as
+    a numpy integer above 4 (a plain int was let through). It also drew from a
+    RandomState given as random_state, so that the first round's fit depended on
+    whether the strategy had been built (a review)."""
+    LoraStrategy(rule="clair", rule_options={"noise_scale": [0.1] * 10})
+    LoraStrategy(rule="clair", rule_options={"noise_scale": [0.1] * 10, "joint": False})
+    LoraStrategy(rule="glora", rule_options={"readout_rank": np.int64(8)})
+    with pytest.raises(ValueError, match="noise_scale must be a positive number"):
+        LoraStrategy(rule="clair", rule_options={"noise_scale": [0.1] * 9 + [-1.0]})
+    generator = np.random.RandomState(0)
+    LoraStrategy(rule="clair", rule_options={"random_state": generator})
+    assert generator.randint(2**31) == np.random.RandomState(0).randint(2**31)
+
+
+def test_the_shared_metric_layout_does_not_follow_the_replies_order():
+    """With as many replies of one metric layout as of another, the layout kept was the
+    first reply's: the round's metrics followed the order the replies arrived in (a
+    review). The tie goes to the larger total weight, then to a fixed order."""
+    from flwr.app import Message, MetricRecord, RecordDict
+
+    replies = [_evaluate_reply(n, 10, 0.8) for n in NODES[:2]]
+    replies[1] = Message(content=RecordDict({"metrics": MetricRecord(
+        {"num-examples": 10, "accuracy": 0.6, "loss": 1.0})}), metadata=replies[1].metadata)
+    strategy = LoraStrategy(rule="fedit")
+    forward = dict(strategy.aggregate_evaluate(1, replies).items())
+    backward = dict(strategy.aggregate_evaluate(1, replies[::-1]).items())
+    assert forward == backward and len(forward["metrics-left-out-nodes"]) == 1
+    # two replies of each layout, the second pair weighing more (1 + 1.5 against 1 + 1)
+    heavier = [_evaluate_reply(n, 10, 0.8) for n in NODES[:2]] + [
+        Message(content=RecordDict({"metrics": MetricRecord(
+            {"num-examples": count, "accuracy": 0.6, "loss": 1.0})}),
+            metadata=_evaluate_reply(n, count, 0.6).metadata)
+        for n, count in zip(NODES[2:4], (10, 30))]
+    metrics = strategy.aggregate_evaluate(1, heavier)
+    assert metrics["metrics-left-out-nodes"] == NODES[:2] and metrics["loss"] == 1.0
+
+
 def test_non_finite_metrics_do_not_poison_the_round_metrics(caplog):
     """A NaN accuracy made the round's accuracy NaN, an infinite loss its loss inf (a
     review). An evaluation reply with such a metric is dropped; a train reply keeps its

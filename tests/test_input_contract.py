@@ -31,6 +31,11 @@ def test_masked_entries_are_refused_not_read_as_data(regression):
                              & (np.arange(X.shape[1]) == 1))
     with pytest.raises(ValueError, match=r"noise_cov\[0\] \(row_cov\) contains missing"):
         CLAIREstimator(random_state=0).fit(X, noise_cov=(row, np.eye(X.shape[2])))
+    # one noise scale per client, the masked one hiding 1e-6 (a review of the change)
+    scales = np.ma.masked_array(np.full(len(X), 0.1), mask=np.arange(len(X)) == 1)
+    scales.data[1] = 1e-6
+    with pytest.raises(ValueError, match=r"noise_scale contains missing values"):
+        CLAIREstimator(noise_scale=scales, random_state=0).fit(X)
 
 
 def test_set_params_after_the_fit_leaves_its_predictions_alone():

@@ -85,6 +85,30 @@ def test_cuda_device_matches_the_numpy_reference(dtype):
     _check_against_reference("cuda", dtype)
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch sees no CUDA device")
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_torch_solver_on_cuda_reaches_the_cpu_optimum(dtype):
+    """The dense solver on the device (tests/test_solvers.py, which needs CVXPY, is not
+    run where the device image lacks it). Each solution's duality gap, recomputed in
+    float64 on the host, bounds its objective's excess over the optimum, so the two
+    objectives differ by at most the larger gap (plus float64 round-off of the
+    objectives, ~1e3 eps of their size)."""
+    from clairstat import clair_decompose
+    from clairstat._objective import penalized_gap
+    from clairstat.datasets import make_low_rank_block_sparse
+
+    X = make_low_rank_block_sparse(20, 30, 5, 2, 3, noise_level=0.1,
+                                   random_state=0).local_estimates
+    fits = [clair_decompose(X, solver="torch", device=device, dtype=kind)
+            for device, kind in (("cpu", "float64"), ("cuda", dtype))]
+    assert fits[1].converged
+    assert (fits[0].alpha, fits[0].beta) == (fits[1].alpha, fits[1].beta)
+    gaps, values = zip(*(penalized_gap(X, f.backbone, f.low_rank, f.sparse, alpha=f.alpha,
+                                       beta=f.beta) for f in fits))
+    assert abs(values[1] - values[0]) <= max(gaps) + 1e3 * np.finfo(float).eps * values[0]
+
+
 # -- the reduction on the device --------------------------------------------------------
 
 def _factors(rng, dim_out=300, dim_in=200, n_clients=10, rank=4, shared_a=False):

@@ -263,21 +263,33 @@ def _dry_run(rule, options):
     ``reference`` (the modules' shapes), CLAIR's ``rank`` (a positive one is run as 1:
     the largest a federation supports depends on its clients), and krum's
     ``n_byzantine`` or ``multi`` and glora's ``readout_rank`` beyond what a small
-    federation holds (64 clients, 1024 x 1024). The ValueError gives the rule's message.
+    federation holds (64 clients, 1024 x 1024). CLAIR's per-client ``noise_scale`` is
+    run with as many clients as it lists. The ValueError gives the rule's message.
     """
+    import copy
     import warnings
 
     from ..aggregation._modules import aggregate_modules
 
     options = {key: value for key, value in options.items()
                if key not in ("reference", "progress")}
+    # A RandomState given as random_state is drawn from by the fit: the dry run draws
+    # from a copy, so that the first round's fit is the one it would be without it.
+    if "random_state" in options:
+        options["random_state"] = copy.deepcopy(options["random_state"])
     n_clients, size = 6, 4
     if rule == "krum":
         n_clients = max(n_clients, 2 * (options.get("n_byzantine") or 0) + 3,
                         options.get("multi", 1))
+    # One noise scale per client is valid for a federation of that many clients (the
+    # 6 synthetic ones refused 10 scales that a round of 10 replies takes).
+    if rule == "clair" and np.ndim(options.get("noise_scale")) == 1:
+        n_clients = len(options["noise_scale"])
     readout = options.get("readout_rank") if rule == "glora" else None
-    if isinstance(readout, int) and not isinstance(readout, bool) and readout > size:
-        size = readout
+    # numpy's integers too (glora takes np.int64(8); the 4 x 4 run refused it)
+    if isinstance(readout, (int, np.integer)) and not isinstance(readout, bool) \
+            and readout > size:
+        size = int(readout)
     if n_clients > 64 or size > 1024:
         return
     rank = options.get("rank") if rule == "clair" else None
@@ -624,10 +636,19 @@ class LoraStrategy(FedAvg):
         one list of another length lost every metric of the round (a review)."""
         layouts = [_metric_layout(message.content, self.weighted_by_key)
                    for message in messages]
-        common = collections.Counter(layouts).most_common(1)[0][0] if layouts else None
+        bads = [_non_finite_metrics(message.content, self.weighted_by_key)
+                for message in messages]
+        # The layout of most replies with finite metrics, ties to the larger total weight,
+        # then to a fixed order: Counter's first-seen tie-break followed the replies'
+        # arrival order (two replies of two layouts kept whichever came first, a review).
+        tally = collections.defaultdict(lambda: [0, 0.0])
+        for layout, weight, bad in zip(layouts, weights, bads):
+            if not bad:
+                tally[layout][0] += 1
+                tally[layout][1] += float(weight)
+        common = max(tally, key=lambda layout: (*tally[layout], repr(layout)), default=None)
         contents, left_out = [], []
-        for message, weight, layout in zip(messages, weights, layouts):
-            bad = _non_finite_metrics(message.content, self.weighted_by_key)
+        for message, weight, layout, bad in zip(messages, weights, layouts, bads):
             why = (f"metric(s) {bad} are not finite numbers" if bad else
                    None if layout == common else
                    f"its metrics {dict(layout)} differ from those of most replies "
