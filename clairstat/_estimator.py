@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 import numbers
 from collections.abc import Sequence
@@ -1147,11 +1148,32 @@ def _warn_unequal_weights(weights):
 FEW_CLIENTS_PREDICTIVE = 12
 
 
-def _warn_few_clients(n_clients, estimated, predictive=False):
+#: True inside :func:`few_clients_said`: the warnings of :func:`_warn_few_clients` are
+#: then left to the caller, which fits many stacks of the same clients (one per LoRA
+#: module) and says it once (a ContextVar: per thread and per task).
+_FEW_CLIENTS_SAID = contextvars.ContextVar("few_clients_said", default=False)
+
+
+@contextlib.contextmanager
+def few_clients_said(n_clients, estimated, predictive):
+    """Warn once about the number of clients, and not again in the fits inside the
+    block (:func:`clairstat.aggregation.clair_modules`: 224 modules of 8 clients gave
+    224 copies of the same warning)."""
+    _warn_few_clients(n_clients, estimated, predictive, stacklevel=5)
+    token = _FEW_CLIENTS_SAID.set(True)
+    try:
+        yield
+    finally:
+        _FEW_CLIENTS_SAID.reset(token)
+
+
+def _warn_few_clients(n_clients, estimated, predictive=False, stacklevel=3):
+    if _FEW_CLIENTS_SAID.get():
+        return
     if n_clients <= 3:
         warnings.warn(f"only {n_clients} clients: each is compared with at most "
                       f"{n_clients - 1} others, and the tests have next to no power.",
-                      UserWarning, stacklevel=3)
+                      UserWarning, stacklevel=stacklevel)
     elif predictive and n_clients < FEW_CLIENTS_PREDICTIVE:
         warnings.warn(f"only {n_clients} clients: each client's statistic is predicted "
                       f"from the {n_clients - 1} others' (a Student t on at most "
@@ -1159,8 +1181,8 @@ def _warn_few_clients(n_clients, estimated, predictive=False):
                       "only large deviations are flagged (benchmarks/"
                       "lora_null_calibration.py: at 8 clients a statistic twice a benign "
                       "one's is flagged in 0.12-0.82 of the cases, at 16 in 0.15-0.99).",
-                      UserWarning, stacklevel=3)
+                      UserWarning, stacklevel=stacklevel)
     elif estimated and n_clients < 8:
         warnings.warn(f"only {n_clients} clients: the tests' null is estimated from "
                       f"{n_clients} statistics and has little power; pass noise_cov or "
-                      "noise_scale if the noise is known.", UserWarning, stacklevel=3)
+                      "noise_scale if the noise is known.", UserWarning, stacklevel=stacklevel)

@@ -439,3 +439,20 @@ def test_one_client_is_refused_as_too_few_not_for_its_weight(rng):
         refine_adapters([state])
     with pytest.raises(ValueError, match="CLAIR needs at least two clients, got 1"):
         aggregate("clair", [(np.ones((3, 1)), np.ones((1, 3)))])
+
+
+@pytest.mark.parametrize("joint", [False, True])
+def test_few_clients_are_warned_about_once_per_call_not_once_per_module(rng, joint):
+    """Every module has the same clients: 224 modules of 8 clients gave 224 copies of
+    the same warning. One per call, where the call is; a single module's fit keeps its
+    own."""
+    from clairstat.aggregation import clair_modules
+
+    lists = {f"m{i}": [(rng.standard_normal((32, 2)), rng.standard_normal((2, 32)))
+                       for _ in range(6)] for i in range(5)}
+    with pytest.warns(UserWarning) as caught:
+        clair_modules(lists, None, joint=joint, random_state=0)
+    few = [w for w in caught if "only 6 clients" in str(w.message)]
+    assert len(few) == 1 and few[0].filename == __file__
+    with pytest.warns(UserWarning, match="only 6 clients"):
+        clair_modules({"m0": lists["m0"]}, None, joint=joint, random_state=0)

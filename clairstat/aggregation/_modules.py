@@ -9,6 +9,7 @@ client-level flags. Reading the results back into adapters is :mod:`clairstat.lo
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import warnings
 from collections.abc import Mapping, Sequence
@@ -569,12 +570,13 @@ def clair_modules(factor_lists: Mapping[str, Sequence[tuple[np.ndarray, np.ndarr
         flagged_updates = DEFAULT_FLAGGED_UPDATES
     clair_params = _with_device(clair_params, device, dtype)
     selection = None
-    if joint:
-        fitted, selection = _fit_joint(factor_lists, weights,
-                                       dict(clair_params, flagged_updates=flagged_updates),
-                                       progress)
-    else:
-        fitted = _fit_per_module(factor_lists, weights, clair_params, progress)
+    with _said_once(factor_lists, clair_params):
+        if joint:
+            fitted, selection = _fit_joint(
+                factor_lists, weights, dict(clair_params, flagged_updates=flagged_updates),
+                progress)
+        else:
+            fitted = _fit_per_module(factor_lists, weights, clair_params, progress)
     module_flagged = {name: item[2] for name, item in fitted.items()}
     n_clients = len(next(iter(factor_lists.values())))
     votes = [module_flagged[name] for name, item in fitted.items() if item[3] is not None]
@@ -585,6 +587,22 @@ def clair_modules(factor_lists: Mapping[str, Sequence[tuple[np.ndarray, np.ndarr
                             {name: item[1] for name, item in fitted.items()},
                             {name: item[3] for name, item in fitted.items()}, joint, zero,
                             selection)
+
+
+def _said_once(factor_lists, clair_params):
+    """With two or more modules to fit, the estimator's warning about few clients once
+    for all of them (the same clients in every module), else nothing."""
+    from .._estimator import few_clients_said
+
+    fitted = [factors for factors in factor_lists.values() if not _all_zero(factors)]
+    if len(fitted) < 2:
+        return contextlib.nullcontext()
+    # the factored path's predictive null (the estimator's own choice: no backbone,
+    # column subspace); without a noise_scale the noise is estimated
+    factored = (not clair_params.get("backbone", False)
+                and clair_params.get("subspace", "column") == "column")
+    return few_clients_said(len(fitted[0]), clair_params.get("noise_scale") is None,
+                            factored)
 
 
 def _with_device(clair_params, device, dtype):
