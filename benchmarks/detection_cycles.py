@@ -38,21 +38,7 @@ from statsmodels.stats.proportion import proportion_confint
 import clairstat
 from clairstat.aggregation import clair_modules
 from clairstat.datasets import make_low_rank_block_sparse
-
-
-def lora_factors(kind, n_clients, rng, n_bad=0, c=1.0, dim=64, rank=4):
-    """``benchmarks/lora_null_calibration.py``'s module: attackers first."""
-    b_0 = 0.05 * rng.standard_normal((dim, rank))
-    a_0 = rng.standard_normal((rank, dim)) / np.sqrt(dim)
-    out = []
-    for i in range(n_clients):
-        boost = np.sqrt(c) if i < n_bad else 1.0
-        if kind == "shared-A":
-            out.append((b_0 + boost * 0.01 * rng.standard_normal((dim, rank)), a_0))
-        else:
-            out.append((boost * rng.standard_normal((dim, rank)),
-                        rng.standard_normal((rank, dim))))
-    return out
+from lora_null_calibration import _factors as lora_factors  # its module, attackers first
 
 
 def lora_fit(kind, n_clients, n_bad, seed):
