@@ -116,8 +116,9 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
         ``None`` chooses from the problem's size (one thread for small problems: a
         second thread only pays off above about 1e8 flops per solver iteration),
         ``-1`` every CPU the process may use, ``-k`` all but ``k - 1``, a positive int
-        that many, at most the usable CPUs. Pools left unpinned spin against each other: a fit beside a second
-        fit ran 38x slower unpinned than with this policy (benchmarks/RESULTS.md).
+        that many, at most the usable CPUs. Pools left unpinned spin against each
+        other: a fit beside a second fit ran 38x slower unpinned than with this policy
+        (benchmarks/RESULTS.md).
         With two or more threads, the robust start's independent concentration chains
         (and, on factored LoRA stacks, the members' leave-one-out refits) run on that
         many Python threads with one BLAS thread each
@@ -1185,4 +1186,5 @@ def _warn_few_clients(n_clients, estimated, predictive=False, stacklevel=3):
     elif estimated and n_clients < 8:
         warnings.warn(f"only {n_clients} clients: the tests' null is estimated from "
                       f"{n_clients} statistics and has little power; pass noise_cov or "
-                      "noise_scale if the noise is known.", UserWarning, stacklevel=stacklevel)
+                      "noise_scale if the noise is known.", UserWarning,
+                      stacklevel=stacklevel)
