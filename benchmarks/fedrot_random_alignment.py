@@ -7,6 +7,9 @@ rotation: an alignment that knows nothing of the mismatch. The checks
 bounds be below 1; a control must make them fail (interval above 1). Printed: the mean
 ratio and its interval (``validation._core.mean_interval``) per alignment mode, on the
 same data and seeds as the study (the random rotations from their own stream).
+It does not make them fail (0.995-1.000, intervals across 1: validation/README.md);
+the committed control of these checks is ``spread-alignment`` (simulations/_controls.py),
+which cancels the factors' means instead.
 
     PYTHONPATH=. python benchmarks/fedrot_random_alignment.py
 """

@@ -70,10 +70,17 @@ CONTROLS = {control.name: control for control in [
             "FedRot rotates nothing: every client rotation is the identity (fedrot)",
             # not the three *_tightens_bound checks: their ratio is then exactly 1 in
             # every replicate, and a constant sample's interval
-            # (validation._core.mean_interval) cannot exclude a mean just below 1. No
-            # broken alignment tried makes them fail (validation/README.md, "Negative
-            # controls"): clients in random gauges cannot be spread further than random.
+            # (validation._core.mean_interval) cannot exclude a mean just below 1
+            # (spread-alignment is their control)
             ("fedrot_alignment_helps",)),
+    Control("spread-alignment",
+            "FedRot's rotations (of A, of B, of the concatenated factors) with every other "
+            "client's sign reversed, R_i -> -R_i for odd i: every client's product B_i A_i "
+            "is kept, the factors' weighted means nearly cancel, and the clients end "
+            "further apart than their random gauges left them (fedrot)",
+            ("fedrot_alignment_tightens_bound", "fedrot_b_alignment_tightens_bound",
+             "fedrot_concatenated_tightens_bound", "fedrot_bound_not_looser_non_rotational",
+             "fedrot_alignment_helps")),
     Control("inflated-noise",
             "the per-client test is given twice the true noise scale (detection, "
             "consistency)",
