@@ -49,9 +49,13 @@ CONTROLS = {control.name: control for control in [
     Control("random-subspace",
             "the fitted shared subspace P_hat is replaced by a Haar-random subspace of the "
             "same dimension (stability: the error is measured on it; refinement: the "
-            "refinement uses it)",
+            "refinement uses it; recovery: the success criterion measures it)",
             ("stability_first_order_constant", "stability_first_order_slope",
-             "refinement_gain_sign")),
+             "refinement_gain_sign", "recovery_small_corner")),
+    Control("weak-block-weight",
+            "the exact program is solved with a quarter of the block weight lam it reports "
+            "(recovery)",
+            ("recovery_small_corner", "recovery_block_incoherence")),
     Control("no-detection",
             "nobody is flagged: the collaborative set is every client (detection, "
             "consistency; robustness: no flags, and CLAIR's global update is then the mean "

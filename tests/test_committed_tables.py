@@ -42,6 +42,7 @@ def test_committed_small_table_reproduces(name, replicates, max_rows):
 # broken variants: a few seconds each.
 CONTROLS = [("no-detection", "robustness"), ("no-alignment", "fedrot"),
             ("spread-alignment", "fedrot"),
+            ("random-subspace", "recovery"), ("weak-block-weight", "recovery"),
             ("random-subspace", "refinement"), ("random-subspace", "stability"),
             ("local-refinement", "refinement"), ("inflated-noise", "detection"),
             ("inflated-noise", "consistency"), ("no-detection", "detection"),

@@ -12,6 +12,12 @@ over fixed lam (p = 20) tests the dual-certificate condition lam >= max_k ||V_k|
 turns out to set the rank edge (see validation/README.md). The condition was found at
 lam in {0.4, 1.0} and the default; the held-out cells (lam in {0.5, 0.8}, ``HOLDOUT_LAMS``,
 fresh seeds: the seed depends on the cell) test it at block weights not used to find it.
+
+Control ``random-subspace``: P_hat is a Haar-random subspace of the fitted rank (the
+success criterion then measures a subspace that knows nothing of the data). Control
+``weak-block-weight``: the exact program is solved with a quarter of the block weight the
+row reports (the default's, or the fixed one): a solver that does not use the weight it
+is given.
 """
 
 from __future__ import annotations
@@ -25,7 +31,8 @@ from clairstat.datasets import make_low_rank_block_sparse
 from clairstat.metrics import detection_scores, subspace_distance
 
 from .._framework import Study, grid
-from ._common import block_row_incoherence, column_incoherence, leading_subspace
+from ._common import (block_row_incoherence, check_control, column_incoherence,
+                      control_stream, leading_subspace, random_basis)
 
 # First-order torch backend, named explicitly so that every row says which solver ran.
 SOLVER = "torch"
@@ -48,14 +55,24 @@ def _decompose(local_estimates, lam):
                                          backbone=True, solver=SOLVER)
 
 
-def simulate_one(params, seed):
+# The weak-block-weight control solves with this fraction of the reported block weight.
+WEAK_BLOCK_FACTOR = 0.25
+
+
+def simulate_one(params, seed, control=None):
     """One noiseless replicate of the exact program; success and its ingredients."""
+    check_control(control, STUDY)
     n_clients, rank = params["n_clients"], params["rank"]
     n_contaminated = int(round(params["gamma"] * n_clients))
     data = make_low_rank_block_sparse(n_clients, params["p"], params["q"], rank,
                                       n_contaminated, noise_level=0.0, random_state=seed)
     result = _decompose(data.local_estimates, params["lam_setting"])
+    stated = float(result.lam)  # the block weight the row reports
+    if control == "weak-block-weight":
+        result = _decompose(data.local_estimates, WEAK_BLOCK_FACTOR * stated)
     basis = leading_subspace(result.low_rank, RANK_TOL)
+    if control == "random-subspace":
+        basis = random_basis(control_stream(seed), params["p"], basis.shape[1])
     distance = subspace_distance(basis, data.subspace)
     scale = np.median(np.linalg.norm(data.local_estimates.reshape(n_clients, -1), axis=1))
     flagged = np.linalg.norm(result.sparse.reshape(n_clients, -1), axis=1) > BLOCK_TOL * scale
@@ -70,7 +87,7 @@ def simulate_one(params, seed):
             "false_positive_rate": detection["false_positive_rate"],
             "rank_hat": basis.shape[1], "mu_u": column_incoherence(data.subspace),
             "mu_v": mu_v, "max_benign_block": float(np.sqrt(mu_v * rank / n_benign)),
-            "lam": float(result.lam), "converged": bool(result.converged),
+            "lam": stated, "converged": bool(result.converged),
             "n_iter": int(result.n_iter), "dual_gap": float(result.dual_gap),
             "solver": result.solver}
 
@@ -103,4 +120,5 @@ STUDY = Study(
            + _lam_sweep([0.3, 0.4, 0.5, 0.8, 1.0], list(range(1, 19)), [0.1, 0.3, 0.5])},
     replicates={"smoke": 2, "small": 10, "full": 50},
     simulate_one=simulate_one,
+    controls=("random-subspace", "weak-block-weight"),
 )
