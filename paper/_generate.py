@@ -443,6 +443,24 @@ def calibration_design_macros(table, prefix="calib"):
     return macros
 
 
+def heldout2_macros(table):
+    """The second held-out pair (``calibhob.*``; ``calibhob.has``, the paragraph's
+    switch), and per dataset the share of the default path's corrupted fits whose rank
+    equals the number of outputs (``calibhob.<dataset>.default.fullrank``: the rank rule
+    kept every output direction)."""
+    if table is None:
+        return {"calibhob.has": "0"}
+    macros = {"calibhob.has": "1"}
+    macros.update(calibration_macros(src.calibration_summary(table), "calibhob"))
+    for name, group in table.groupby("dataset"):
+        macros[f"calibhob.{name}.clients"] = fmt(int(group["n_clients"].iloc[0]))
+        fits = group[(group["path"] == "default") & (group["corruption"] != "none")]
+        if len(fits):
+            macros[f"calibhob.{name}.default.fullrank"] = fmt_fixed(
+                float((fits["rank"] == fits["q"]).mean()), 2)
+    return macros
+
+
 def heldout_macros(heldout, heldout_rank0, rank0):
     """The held-out datasets (``calibho.*``), the same splits with ``rank=0``
     (``calibhorank.*``), the development splits with ``rank=0`` (``calibrank.*``), and
@@ -1088,6 +1106,12 @@ def collect():
         tables["calibration_heldout"] = calibration_table(
             src.calibration_summary(optional["calibration_heldout"]),
             src.calibration_criteria())
+    second = (src.read_calibration(src.SOURCES["calibration_heldout2"])
+              if src.SOURCES["calibration_heldout2"].exists() else None)
+    macros.update(heldout2_macros(second))
+    if second is not None:
+        tables["calibration_heldout2"] = calibration_table(
+            src.calibration_summary(second), src.calibration_criteria())
     macros.update(sweep_macros())
     rounds, rounds_scale = src.read_rounds()
     macros.update(rounds_macros(rounds, rounds_scale))
@@ -1488,7 +1512,7 @@ def write_generated(out_dir):
         switch("rdetconfirm", "rdet.confirm.has"),
         switch("rdetprev", "rdet.prev.has"),
         switch("rdetgroupdiff", "rdet.norobust.group.excludes0"),
-        switch("calibheldout", "calibho.has"),
+        switch("calibheldout", "calibho.has"), switch("calibheldoutb", "calibhob.has"),
         switch("flagged", "flagged.has"), switch("flaggedfull", "flagged.full"),
         switch("flaggedallpass", "flagged.allpass"),
         switch("copylowrank", "copy.lowrank.n", test=lambda value: value not in (None, "0")),
