@@ -828,6 +828,10 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
         Returns
         -------
         refined : ndarray of the input's shape
+            In the fitted clients' feature and output order: a LocalOLS whose names are
+            the fitted ones in another order is realigned by name before it is refined,
+            so its rows and columns are those of the training LocalOLS's
+            ``feature_names`` and ``output_names``, not its own.
         """
         check_is_fitted(self)
         X, _, noise_cov = _unpack_ols(self._aligned_ols(X), noise_cov, None, "transform",

@@ -41,8 +41,8 @@ class LocalOLS:
     residual_df : ndarray of shape (n_clients,)
         ``n_k - p``.
     feature_names, output_names : list of str
-        Column names of the first client's design and response (from DataFrames), or
-        ``x0, x1, ...`` and ``y0, y1, ...``.
+        Column names of the first client's design and response (from DataFrames, or
+        patsy design matrices), or ``x0, x1, ...`` and ``y0, y1, ...``.
     generated_names : tuple of (bool, bool) or None
         Whether ``feature_names`` and ``output_names`` were made up by :func:`local_ols`
         (arrays without column labels): a fitted estimator matches new clients' columns
@@ -130,14 +130,26 @@ class LocalOLS:
                 f"q={q} {list(self.output_names)}{sizes})")
 
 
+def _patsy_names(table):
+    """A patsy ``DesignMatrix``'s column names (``dmatrices``' default return type, an
+    ndarray that carries its names in ``design_info``, as statsmodels reads them), or
+    None for anything else."""
+    names = getattr(getattr(table, "design_info", None), "column_names", None)
+    return None if names is None else list(names)
+
+
 def _has_names(table, width):
-    """Whether ``table`` labels its columns (a data frame, a named Series of one)."""
+    """Whether ``table`` labels its columns (a data frame, a patsy design matrix, a
+    named Series of one)."""
     return (getattr(table, "columns", None) is not None
+            or _patsy_names(table) is not None
             or (getattr(table, "name", None) is not None and width == 1))
 
 
 def _names(table, prefix, width):
     columns = getattr(table, "columns", None)
+    if columns is None:
+        columns = _patsy_names(table)
     if columns is not None:
         return [str(c) for c in columns]
     name = getattr(table, "name", None)  # a pandas Series
@@ -147,10 +159,16 @@ def _names(table, prefix, width):
 
 
 def _columns(table):
-    """A table's column labels (DataFrame columns, a named Series' name), or None."""
+    """A table's column labels (DataFrame columns, a patsy design matrix's names, a
+    named Series' name), or None."""
     columns = getattr(table, "columns", None)
     if columns is not None:
         return list(columns)
+    columns = _patsy_names(table)
+    if columns is not None:
+        # the names patsy gives each client's own levels (C(site)[T.b]): clients
+        # lacking a level have other columns, which position alone would pair wrongly
+        return columns
     name = getattr(table, "name", None) if hasattr(getattr(table, "index", None),
                                                    "equals") else None
     return None if name is None else [name]
@@ -193,6 +211,11 @@ def _aligned(design, response, k, reference, first_label="0"):
                                  f"{first}: every client needs the same columns.")
             if hasattr(table, "columns"):
                 table = table[first]  # the same names, in client 0's order
+            else:  # a patsy design matrix: its columns, and its names, reordered
+                from patsy import DesignInfo, DesignMatrix
+                order = [names.index(name) for name in first]
+                table = DesignMatrix(np.asarray(table)[:, order],
+                                     DesignInfo([str(name) for name in first]))
         out.append(table)
     return out
 
@@ -208,12 +231,38 @@ def _dense(values, what, k):
                          "missing values (masked entries): drop or impute them first.")
 
 
+def _categorical_columns(table):
+    """The names of a pandas table's categorical columns (a categorical Series: its
+    name), as strings; empty for anything else."""
+    columns, dtypes = getattr(table, "columns", None), getattr(table, "dtypes", None)
+    if columns is not None and dtypes is not None and not np.isscalar(dtypes):
+        return [str(c) for c, t in zip(columns, dtypes) if str(t) == "category"]
+    if hasattr(getattr(table, "index", None), "equals") \
+            and str(getattr(table, "dtype", None)) == "category":  # a Series
+        return [str(getattr(table, "name", None))]
+    return []
+
+
 def _as_matrix(table, what, k):
     _dense(table, what, k)
     missing = getattr(table, "isna", None)
     if callable(missing) and np.asarray(missing()).any():  # pandas NA, NaN or None
         raise ValueError(f"client {k}'s {what} contains missing values: drop or impute "
                          "them first.")
+    categorical = _categorical_columns(table)
+    if categorical:  # np.asarray reads numeric categories' values: a factor as a slope
+        raise TypeError(f"client {k}'s {what} has categorical columns {categorical}: a "
+                        "category is a label, not a number (np.asarray would read its "
+                        "values as numbers: a factor fitted as one slope); encode it as "
+                        "indicator columns first, e.g. pandas.get_dummies(..., "
+                        "drop_first=True, dtype=float), or convert it with .astype(float) "
+                        "if its values are numbers meant as such.")
+    # refused, not truncated: np.asarray(..., dtype=float) drops the imaginary part with
+    # a mere ComplexWarning (the estimator refuses complex estimates alike)
+    if np.iscomplexobj(table):
+        raise ValueError(f"Complex data not supported: client {k}'s {what} is complex; "
+                         "pass the real and imaginary parts as separate columns if that "
+                         "is what they are.")
     try:
         array = np.asarray(table, dtype=float)
     except (TypeError, ValueError) as exc:
@@ -303,6 +352,8 @@ def _weighted(design, response, weights, k, rows=None):
         raise ValueError(f"client {k}'s weights and data have different row indexes: "
                          "align them (e.g. weights.loc[design.index]) or pass arrays.")
     _dense(weights, "weights", k)
+    if np.iscomplexobj(weights):  # refused, not truncated (see _as_matrix)
+        raise ValueError(f"Complex data not supported: client {k}'s weights are complex.")
     try:
         weights = np.asarray(weights, dtype=float)
     except (TypeError, ValueError) as exc:
@@ -360,18 +411,23 @@ def local_ols(designs: Sequence[ArrayLike] | Mapping[object, ArrayLike],
     ------
     TypeError
         Some per-client arguments given as mappings and others as sequences; a
-        scipy.sparse design or response (convert it with ``.toarray()``).
+        scipy.sparse design or response (convert it with ``.toarray()``); a
+        non-numeric or categorical (pandas ``category``) column, whatever its
+        categories: a factor's values are labels (encode it as indicator columns).
     ValueError
         Mappings with different keys, or keys that are equal as strings; a per-client
-        argument that holds scalars (one column of a whole table) instead of one table
-        or weight vector per client; clients of different widths, a design or response
-        with no columns, a client with no more samples than coefficients,
-        a rank-deficient design, or non-finite or missing data (NaN, pandas NA, masked
-        entries of a numpy masked array; the message names the client).
-        With pandas inputs: a design and response whose row indexes differ, a table
-        with a column name twice, or a client whose column names are not the first
-        client's (the same names in another order are reordered to the first
-        client's).
+        argument that holds scalars (one column of a whole table) or is one table (a
+        data frame, or a 2-D array of designs: pass ``[table]`` for one client) instead
+        of one table or weight vector per client; clients of different widths, a design
+        or response with no columns, a client with no more samples than coefficients,
+        a rank-deficient design, complex data (refused, not truncated), or non-finite
+        or missing data (NaN, pandas NA, masked entries of a numpy masked array; the
+        message names the client).
+        With pandas inputs: a design and response whose row indexes differ. With
+        pandas or patsy inputs (``dmatrices``' design matrices carry their column
+        names): a table with a column name twice, or a client whose column names are
+        not the first client's (the same names in another order are reordered to the
+        first client's).
 
     Warns
     -----
@@ -457,7 +513,20 @@ def _as_mapping(value):
 
 def _per_client(value, what):
     """Refuse one vector of scalars (a whole table's column, say) where one table or
-    weight vector per client is expected: its entries would be read as clients."""
+    weight vector per client is expected: its entries would be read as clients. So is
+    one client's table: a data frame would be read column label by column label, and a
+    2-D array of designs row by row (``local_ols(X, Y)`` of scikit-learn's linnerud,
+    20 x 3, fitted 20 "clients" of 3 samples and one covariate, a review); a 2-D array
+    of responses is kept, as one 1-D response per client."""
+    kind = "weight vector" if what == "weights" else what[:-1]
+    if getattr(value, "columns", None) is not None or (
+            what == "designs" and isinstance(value, np.ndarray) and value.ndim == 2
+            and value.dtype != object):
+        raise ValueError(
+            f"{what} is one table of shape {np.shape(value)}, not one {kind} per client: "
+            f"for a single client pass a list of one ([table]); for several, a list or "
+            f"mapping of per-client tables (or a 3-D array (n_clients, n_samples, "
+            f"columns)), e.g. frame.groupby('site')[columns].")
     if isinstance(value, Mapping):
         items = list(value.values())
     elif isinstance(value, np.ndarray) or (isinstance(value, Sequence)
@@ -467,8 +536,7 @@ def _per_client(value, what):
         return
     if items and all(isinstance(item, (numbers.Number, str, bytes))
                      or getattr(item, "ndim", None) == 0 for item in items):
-        kind, part = (("weight vector", "'w'") if what == "weights"
-                      else (what[:-1], "columns"))
+        part = "'w'" if what == "weights" else "columns"
         raise ValueError(
             f"{what} holds {len(items)} scalars (one column of the whole table?), not one "
             f"{kind} per client: give each client's own, e.g. {{site: group[{part}] for "

@@ -1,0 +1,110 @@
+"""A statistician's review on real data (statsmodels' and scikit-learn's datasets):
+each test is a defect the review demonstrated, failing before its fix."""
+
+import numpy as np
+import pytest
+
+from clairstat import local_ols
+
+pd = pytest.importorskip("pandas")
+sm = pytest.importorskip("statsmodels.api")
+patsy = pytest.importorskip("patsy")
+
+
+def _fair():
+    return sm.datasets.fair.load_pandas().data
+
+
+def test_patsy_design_matrices_are_matched_by_their_column_names():
+    """A review: ``dmatrices``' design matrices (ndarrays carrying their names in
+    ``design_info``, which statsmodels reads) were taken as unnamed arrays and stacked
+    by position. Two sites each lacking one level of ``C(religious)`` have dummies for
+    different levels in the same positions: the stack mixed them silently, and the
+    names became x0, x1, ..."""
+    fair = _fair()
+    formula = "affairs ~ age + C(religious)"
+    y_a, x_a = patsy.dmatrices(formula, fair[fair.religious != 2].iloc[:300])
+    y_b, x_b = patsy.dmatrices(formula, fair[fair.religious != 3].iloc[:300])
+    assert x_a.design_info.column_names != x_b.design_info.column_names
+    with pytest.raises(ValueError, match=r"client 1's design has columns .*T\.2\.0.*"
+                                         r"every client needs the same columns"):
+        local_ols([x_a, x_b], [y_a, y_b])
+
+    # the same names in another order are realigned, as data frames' are, and named
+    sites = np.array_split(np.random.default_rng(0).permutation(len(fair)), 4)
+    straight = "affairs + rate_marriage ~ age + yrs_married + children"
+    turned = "rate_marriage + affairs ~ children + age + yrs_married"
+    mats = [patsy.dmatrices(turned if k % 2 else straight, fair.iloc[rows])
+            for k, rows in enumerate(sites)]
+    ols = local_ols([x for _, x in mats], [y for y, _ in mats])
+    assert ols.feature_names == ["Intercept", "age", "yrs_married", "children"]
+    assert ols.output_names == ["affairs", "rate_marriage"]
+    assert ols.generated_names == (False, False)
+    for k, rows in enumerate(sites):  # each client against statsmodels' own fit
+        frame = fair.iloc[rows]
+        fit = sm.OLS(frame["affairs"], sm.add_constant(
+            frame[["age", "yrs_married", "children"]])).fit()
+        np.testing.assert_allclose(ols.estimates[k, :, 0], fit.params.to_numpy(),
+                                   rtol=1e-10, atol=1e-12)
+
+
+def test_one_table_is_not_read_as_clients():
+    """A review: ``local_ols(X, Y)`` on one dataset (scikit-learn's linnerud, 20 x 3)
+    read the 2-D design row by row, each row a client: it returned 20 "clients" of 3
+    samples and one covariate without complaint. As data frames it failed inside the
+    conversion, reading the column labels as data ("could not convert string to float:
+    'Chins'")."""
+    datasets = pytest.importorskip("sklearn.datasets")
+    linnerud = datasets.load_linnerud(as_frame=True)
+    x, y = linnerud.data, linnerud.target
+    for designs, responses in ((x.to_numpy(), y.to_numpy()), (x, y), ([x], y)):
+        with pytest.raises(ValueError, match=r"is one table of shape \(20, 3\), not one "
+                                             r"(design|response) per client"):
+            local_ols(designs, responses)
+    # one client as a list of one, and K clients as a 3-D array with 2-D responses
+    # (20 rows: fewer than 20 residual degrees of freedom, which local_ols says)
+    with pytest.warns(UserWarning, match="fewer than 20 residual degrees of freedom"):
+        one = local_ols([sm.add_constant(x)], [y])
+    assert one.estimates.shape == (1, 4, 3)
+    assert one.feature_names == ["const", "Chins", "Situps", "Jumps"]
+    with pytest.warns(UserWarning, match="fewer than 20 residual degrees of freedom"):
+        stacked = local_ols(np.stack([x.to_numpy()] * 2),
+                            np.stack([y["Weight"].to_numpy()] * 2))
+    assert stacked.estimates.shape == (2, 3, 1)
+
+
+def test_a_categorical_column_with_numeric_categories_is_not_fitted_as_a_slope():
+    """A review: a column the analyst declared a factor (``astype("category")``) was
+    fitted as one numeric covariate whenever its categories were numbers (anes96's
+    party identification, coded 0-6), while string categories were refused with the
+    advice to encode them: the declared factor became a slope, silently."""
+    anes = sm.datasets.anes96.load_pandas().data
+    sites = dict(list(anes.groupby("educ"))[2:])
+    designs = {e: sm.add_constant(d[["age", "income"]]).assign(
+        party=d["PID"].astype("category")) for e, d in sites.items()}
+    responses = {e: d["selfLR"] for e, d in sites.items()}
+    with pytest.raises(TypeError, match=r"client \"3.0\"'s design has categorical columns "
+                                         r"\['party'\].*get_dummies"):
+        local_ols(designs, responses)
+    outcome = {e: y.astype("category") for e, y in responses.items()}
+    with pytest.raises(TypeError, match=r"response has categorical columns \['selfLR'\]"):
+        local_ols({e: x.drop(columns="party") for e, x in designs.items()}, outcome)
+    # encoded, or converted on purpose, it is fitted
+    numeric = local_ols({e: x.astype({"party": float}) for e, x in designs.items()},
+                        responses)
+    assert numeric.feature_names == ["const", "age", "income", "party"]
+
+
+def test_complex_data_are_refused_not_truncated():
+    """A review: ``local_ols`` dropped the imaginary part of complex responses (numpy's
+    ComplexWarning only), while the estimator refuses complex estimates."""
+    rng = np.random.default_rng(3)
+    designs = [np.c_[np.ones(40), rng.standard_normal((40, 2))] for _ in range(3)]
+    responses = [x @ np.ones(3) + rng.standard_normal(40) + 1j * rng.standard_normal(40)
+                 for x in designs]
+    with pytest.raises(ValueError, match="Complex data not supported: client 0's response"):
+        local_ols(designs, responses)
+    with pytest.raises(ValueError, match="Complex data not supported: client 0's design"):
+        local_ols([pd.DataFrame(x + 0j) for x in designs], [r.real for r in responses])
+    with pytest.raises(ValueError, match="Complex data not supported: client 0's weights"):
+        local_ols(designs, [r.real for r in responses], weights=[np.ones(40) + 0j] * 3)
