@@ -239,15 +239,20 @@ def mean_interval(values, bounds=(-INF, INF)):
         Every value must be finite: a NaN or an infinity is an error (a check whose
         quantity can be undefined says how it counts such replicates before calling).
     bounds : tuple of float, default=(-inf, inf)
-        Where the quantity can lie (``(0, 1)`` for a proportion). They matter only
-        when every value is the same (to 64 eps of the largest, or of 1), where the t
+        Where the quantity can lie (``(0, 1)`` for a proportion). They matter when
+        every value is the same (to 64 eps of the largest, or of 1), where the t
         interval would be the point itself or as narrow as round-off:
         n equal values say only that a draw equals them with probability at least
         ``0.025 ** (1 / n)`` (the smallest that leaves the sample at least the 2.5%
         chance of a two-sided 95% interval), so the mean lies within
         ``b = 1 - 0.025 ** (1 / n)`` of the way from the value to either bound (the
         rest of the mass at the bound). Unbounded: an infinite interval, which decides
-        nothing.
+        nothing. Bounded on both sides (a share, a difference of shares), a sample
+        with spread says no more about the mass it cannot show than equal values do:
+        the t interval is widened to at least that interval, taken at the sample's
+        mean (else eleven zeros and one 0.01 in [0, 1] got [-0.001, 0.003] where
+        twelve zeros get [0, 0.265], and 79 zeros and a 1 an upper end, 0.037, below
+        80 zeros' 0.045: one more false discovery passed a check more easily).
 
     Examples
     --------
@@ -270,15 +275,22 @@ def mean_interval(values, bounds=(-INF, INF)):
     low, high = (float(v) for v in bounds)
     if np.any(values < low) or np.any(values > high):
         raise ValueError(f"values outside their bounds [{low:g}, {high:g}].")
-    # no spread beyond round-off (a value one float step off, another BLAS): what n
-    # equal draws allow (docstring); the t interval would be as narrow as the round-off
+    # what n equal draws at the mean allow (docstring): the mass a sample of n cannot
+    # show may sit at a bound
+    value, share = float(np.mean(values)), 1.0 - 0.025 ** (1.0 / values.size)
+    floor_lo = value - share * (value - low) if math.isfinite(low) else -INF
+    floor_hi = value + share * (high - value) if math.isfinite(high) else INF
+    # no spread beyond round-off (a value one float step off, another BLAS): that
+    # interval alone; the t interval would be as narrow as the round-off
     if np.ptp(values) <= 64 * np.finfo(float).eps * max(1.0, float(np.max(np.abs(values)))):
-        value, share = float(np.mean(values)), 1.0 - 0.025 ** (1.0 / values.size)
-        lo = value - share * (value - low) if math.isfinite(low) else -INF
-        hi = value + share * (high - value) if math.isfinite(high) else INF
-        return value, (float(lo), float(hi))
+        return value, (float(floor_lo), float(floor_hi))
     lo, hi = DescrStatsW(values).tconfint_mean(alpha=0.05)
-    return float(values.mean()), (float(lo), float(hi))
+    if math.isfinite(low) and math.isfinite(high):
+        # a nearly constant share (a few small values among zeros) got a t interval far
+        # narrower than a constant one: never narrower than the latter. (Half-bounded,
+        # the mass may sit at infinity, which no interval covers: the t interval.)
+        lo, hi = min(lo, floor_lo), max(hi, floor_hi)
+    return value, (float(lo), float(hi))
 
 
 def all_checks():
