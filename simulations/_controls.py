@@ -51,7 +51,7 @@ CONTROLS = {control.name: control for control in [
             "same dimension (stability: the error is measured on it; refinement: the "
             "refinement uses it; recovery: the success criterion measures it)",
             ("stability_first_order_constant", "stability_first_order_slope",
-             "refinement_gain_sign", "recovery_small_corner")),
+             "refinement_gain_sign", "refinement_clair_vs_formula", "recovery_small_corner")),
     Control("weak-block-weight",
             "the exact program is solved with a quarter of the block weight lam it reports "
             "(recovery)",
