@@ -1125,6 +1125,7 @@ def collect():
     macros["copy.quarantine.commit"] = QUARANTINE_COMMIT  # named wherever the text needs it
     macros.update(sweep_quarantine_macros(*src.read_quarantine("copying_sweep")))
     macros.update(flagged_macros(*src.read_flagged()))
+    macros.update(joint_rank_macros(src.read_joint_rank()))
     macros.update(flagged_rerun_macros(*src.read_flagged_rerun()))
     macros.update(null_rerun_macros())
     scale = src.copying_scale()
@@ -1428,6 +1429,36 @@ def flagged_rerun_macros(preregistered, rerun):
     return macros
 
 
+def joint_rank_macros(frame):
+    """The joint rank's confirmatory block (``jr.*``; ``jr.has`` its paragraph's switch,
+    ``jr.better`` the amendment's decision): per cell (``small``: 8 heterogeneous
+    clients; ``het``, ``hom``: 16) the gains of the default and the smallest-error
+    rule in %, their paired difference in points with its interval, and how often the
+    cross-validation chose rank 0."""
+    if frame is None:
+        return {"jr.has": "0", "jr.better": "0"}
+    from simulations.studies.copying_joint_rank import (MAX_COST_POINTS, amendment_six,
+                                                        rank_table)
+
+    table = rank_table(frame)
+    macros = {"jr.has": "1", "jr.better": "1" if amendment_six(table)["better"] else "0",
+              "jr.n": fmt(int(table["replicates"].min())),
+              "jr.maxcost": fmt_fixed(MAX_COST_POINTS, 1)}
+    for _, row in table.iterrows():
+        key = ("small" if row["n_clients"] == 8 else
+               "het" if row["setting"] == "heterogeneous" else "hom")
+        for name in ("default", "best"):
+            macros[f"jr.{key}.{name}"] = fmt_pct(row[f"gain_{name}"] / 100, 2)
+        for name, column in (("diff", "best_minus_default"), ("difflo", "diff_low"),
+                             ("diffhi", "diff_high")):
+            text = fmt_fixed(row[column], 2)  # points, the sign shown
+            macros[f"jr.{key}.{name}"] = ("+" + text if float(f"{row[column]:.2f}") > 0
+                                          else text)
+        macros[f"jr.{key}.rankzero"] = fmt(int(row["rank_cv_zero"]))
+        macros[f"jr.{key}.clients"] = fmt(int(row["n_clients"]))
+    return macros
+
+
 #: The development studies of the copying section that use the LoRA per-module null,
 #: with how the text names them: (study, scale, words).
 NULL_STUDIES = (("copying_flagged", "full", "the comparison of what stands in for a "
@@ -1513,6 +1544,7 @@ def write_generated(out_dir):
         switch("rdetprev", "rdet.prev.has"),
         switch("rdetgroupdiff", "rdet.norobust.group.excludes0"),
         switch("calibheldout", "calibho.has"), switch("calibheldoutb", "calibhob.has"),
+        switch("jointrank", "jr.has"), switch("jointrankbetter", "jr.has", "jr.better"),
         switch("flagged", "flagged.has"), switch("flaggedfull", "flagged.full"),
         switch("flaggedallpass", "flagged.allpass"),
         switch("copylowrank", "copy.lowrank.n", test=lambda value: value not in (None, "0")),

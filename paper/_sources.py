@@ -315,6 +315,19 @@ def read_rounds(results_dir=None, study="copying_rounds"):
 FLAGGED_PREREGISTERED = "copying_flagged_full_amendment3.jsonl"
 
 
+def read_joint_rank(results_dir=None):
+    """The confirmatory ``copying_joint_rank`` block (``full``, PROTOCOL.md amendment 6)
+    once every replicate is in, else ``None``: a partial block is never quoted."""
+    from simulations import get_study, load_results, results_path
+
+    results_dir = Path(results_dir or SOURCES["copying"])
+    study = get_study("copying_joint_rank")
+    if not results_path(study.name, "full", results_dir).exists():
+        return None
+    frame = load_results(study, "full", results_dir, current_only=True)
+    return frame if len(frame) == len(study.tasks("full")) else None
+
+
 def read_flagged(results_dir=None):
     """The ``copying_flagged`` table to quote and its scale: ``full`` (the pre-registered
     comparison: archived once rerun, else ``full/``) once every one of its replicates is

@@ -32,7 +32,8 @@ from .._framework import Study
 from .copying import TINY
 from .copying_flagged import cells as _flagged_cells
 
-__all__ = ["STUDY", "simulate_one", "cells", "MAX_RANK", "rank_table"]
+__all__ = ["STUDY", "simulate_one", "cells", "MAX_RANK", "rank_table",
+           "MAX_COST_POINTS", "amendment_six"]
 
 SEED_BLOCK = "joint-rank-development"
 #: Fresh seeds for a comparison of rank rules fixed before its run (the ``full`` scale;
@@ -148,3 +149,27 @@ if __name__ == "__main__":  # python -m simulations.studies.copying_joint_rank [
     print(f"copying_joint_rank, {scale}: {len(frame)} rows of {len(STUDY.tasks(scale))}; "
           f"base model {sorted(set(frame['pretrain_weights']))}")
     print(rank_table(frame).round(2).to_string(index=False))
+
+
+#: PROTOCOL.md amendment 6, (b): the largest cost in points the smallest-error rule may
+#: show at 16 clients (the lower end of each 16-client cell's paired interval above
+#: minus this), against the 2 points expected at 8 clients.
+MAX_COST_POINTS = 0.5
+
+
+def amendment_six(table):
+    """The decision of PROTOCOL.md amendment 6 from :func:`rank_table`'s rows.
+
+    (a) at 8 heterogeneous clients the paired difference's interval lies above 0;
+    (b) in each 16-client cell its lower end is above ``-MAX_COST_POINTS``. Returns
+    ``{"a": bool, "b": bool, "better": bool}``; ``better`` is (a) and (b).
+    """
+    small = table[(table["n_clients"] == 8) & (table["setting"] == "heterogeneous")]
+    large = table[table["n_clients"] == 16]
+    if len(small) != 1 or len(large) != 2:
+        raise ValueError("the amendment's three cells (8 heterogeneous, 16 heterogeneous, "
+                         "16 homogeneous) are not all in the table.")
+    first = bool(small["diff_low"].iloc[0] > 0)
+    second = bool((large["diff_low"] > -MAX_COST_POINTS).all())
+    return {"a": first, "b": second, "better": first and second}
+
