@@ -22,6 +22,7 @@ def consensus_basis(factors, weights, reference_rank=None):
     Returns
     -------
     basis : ndarray of shape (d, R)
+        ``R = min(reference_rank, union_rank)`` (the union rank when not given).
     eigenvalues : ndarray of shape (m,)
         All non-trivial eigenvalues of K, in decreasing order.
     union_rank : int
@@ -32,7 +33,10 @@ def consensus_basis(factors, weights, reference_rank=None):
     left, singular, _ = scipy.linalg.svd(stacked, full_matrices=False)
     top = singular[0] if singular.size else 0.0
     union_rank = int(np.sum(singular > rank_tolerance(stacked.shape, top, stacked.dtype)))
-    rank = union_rank if reference_rank is None else min(int(reference_rank), left.shape[1])
+    # Above the union rank K's further eigenvalues are 0 and their eigenvectors arbitrary
+    # directions outside every client's column space: the basis stops at the union rank
+    # (it took min(R, d, sum r_i) columns, against the documented cap: an audit).
+    rank = union_rank if reference_rank is None else min(int(reference_rank), union_rank)
     return left[:, :rank], singular**2, union_rank
 
 

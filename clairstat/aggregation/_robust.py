@@ -98,6 +98,14 @@ def median(factors, weights):
 def trimmed_mean(factors, weights, trim=0.1):
     """Coordinate-wise weighted trimmed mean, mass ``trim`` cut from each tail.
 
+    The cut is a mass, not a count: with equal weights and ``trim * n_clients`` not an
+    integer, the client on the edge of each tail loses part of its weight, where
+    :func:`scipy.stats.trim_mean` and Flower's ``FedTrimmedAvg`` drop
+    ``floor(trim * n_clients)`` values whole (trim = 0.1 with 16 clients: 1.6 clients'
+    weight per tail here, 1 client there); the two agree, and are Yin et al.'s (2018)
+    trimmed mean, when ``trim * n_clients`` is an integer. Yin et al.'s guarantee needs
+    ``trim`` at least the share of Byzantine clients.
+
     With equal weights and ``0 < trim * n_clients < 1`` (the default trim, 0.1, with
     fewer than 10 clients) no client's value is cut whole from a tail, only part of
     its weight: one extreme client keeps ``1 - trim * n_clients`` of its weight and

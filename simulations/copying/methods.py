@@ -11,7 +11,17 @@ give every client the same update.
   initialisation; GLoRA's consensus rank is the LoRA rank). FFA-LoRA needs a frozen,
   shared A, which these clients do not have (they train both factors).
 - ``median``, ``trimmed_mean``, ``krum``, ``geomedian``: the Byzantine-robust rules
-  (coordinate-wise median, trimmed mean, Krum, geometric median).
+  (coordinate-wise median, trimmed mean, Krum, geometric median) on the dense updates
+  ``B_k A_k``, each at the package's defaults, which the protocol registered without
+  naming them: Krum is Blanchard et al.'s single selection (m = 1) with
+  ``f = (n_clients - 3) // 2``, the largest it admits, not the number of attackers
+  (6 for the 4 attackers of 16; 2 for the 3 of 8 in ``copying_sweep``, where no f
+  admissible reaches them); the trimmed mean cuts a mass 0.1 from each tail, below the
+  contaminated share that Yin et al.'s guarantee needs it to reach (4 of 16: 1.6
+  clients per tail; 8 clients: 0.8, where the rule warns that it cuts no client
+  whole). ``simulations.studies.copying_rounds`` tells Krum the number of attackers
+  and cuts ``max(0.2, share)``; ``benchmarks/copying_multikrum.py`` scores the post hoc
+  alternatives (multi-Krum, trim 0.25) on stored replicates.
 - ``clair``: :func:`clairstat.lora.refine_adapters` with its defaults (the library
   default: per-module tests, joint refinement at a cross-validated rank), the refined
   updates merged into the base weights.

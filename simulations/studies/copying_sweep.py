@@ -6,6 +6,13 @@ contaminated (rounded: 0/1/2/3, 0/2/4/6 and 0/3/8/13 clients; the attacks cycle
 through random targets, reversed copies, a backdoor and a flipped, scaled update). Each
 point reports CLAIR's gain over local LoRA, its margins over the other rules and its
 detection by kind of client. Its own seed block (``seed_block = "sweep"``).
+
+The robust rules keep the copying study's settings (:mod:`simulations.copying.methods`),
+whatever the contaminated share: the trimmed mean cuts 0.1 per tail (at 8 clients 0.8 of
+a client: it warns that it cuts no client whole, and at every share above 10 % it cuts
+less than the attackers' share), Krum assumes ``f = (n_clients - 3) // 2`` attackers
+(2 at 8 clients: the 3 attackers of the 40 % point exceed any f that Krum admits
+there, ``n_clients >= 2 f + 3``).
 """
 
 from __future__ import annotations
