@@ -76,6 +76,7 @@ import ctypes.util
 import functools
 import gc
 import json
+import logging
 import os
 import re
 import shutil
@@ -534,12 +535,29 @@ def _factors(module, tensors, configs):
     return [adapter_factors(state, config)[module] for state, config in zip(tensors, configs)]
 
 
+class ClientError(ValueError):
+    """A ValueError of client ``client`` (its position) met in a fit's readout: a refined
+    factor its dtype cannot hold. The command names the client's folder."""
+
+    def __init__(self, client, message):
+        super().__init__(client, message)  # both in args: it pickles (Dask workers)
+        self.client, self.message = client, message
+
+    def __str__(self):
+        return self.message
+
+
 def _states(module, readouts, tensors, configs, clients):
     """Readouts ``(B, A)`` of ``clients`` as ``{key: tensor}`` in each input's dtype."""
     from .lora import factors_to_state_dict
 
-    return {k: factors_to_state_dict({module: factors}, tensors[k], configs[k])
-            for k, factors in zip(clients, readouts)}
+    states = {}
+    for k, factors in zip(clients, readouts):
+        try:
+            states[k] = factors_to_state_dict({module: factors}, tensors[k], configs[k])
+        except ValueError as error:  # e.g. a refined lora_B beyond float16's range
+            raise ClientError(k, str(error)) from None
+    return states
 
 
 def fit_module(module, tensors, configs, n_jobs, work, options, joint):
@@ -697,9 +715,12 @@ class _Cluster:
             if self.scheduler == "local":
                 if self.workers < 1:
                     raise InputError(f"--workers {self.workers}: must be at least 1")
+                # silence_logs: a fit's error (an unusable option, a client's refined
+                # factors) is the command's one line, not also distributed's "Compute
+                # Failed" log with its traceback (a review)
                 cluster = self.stack.enter_context(LocalCluster(
                     n_workers=self.workers, threads_per_worker=1, processes=False,
-                    dashboard_address=None))
+                    dashboard_address=None, silence_logs=logging.CRITICAL))
                 return self.stack.enter_context(Client(cluster))
             return self.stack.enter_context(Client(self.scheduler, timeout="30s"))
         except (OSError, ValueError, TimeoutError) as error:
@@ -902,6 +923,9 @@ def _refine(clients, writer, args, cluster):
     try:
         with _imports_frozen():
             return _stream(clients, writer, args, _progress(), cluster)
+    except ClientError as error:  # one client's refined factors: name its folder
+        raise InputError(f"{clients[error.client].folder}: "
+                         f"{error.message.splitlines()[0]}") from None
     except ValueError as error:  # parameter checks (rank too large, level, n_jobs...)
         raise InputError(str(error).splitlines()[0]) from None
 

@@ -92,7 +92,9 @@ def lora_scaling(config, module_name, rank):
     ------
     ValueError
         A config with ``target_parameters`` (LoRA on parameters such as stacked MoE
-        experts, whose factors peft pairs per expert).
+        experts, whose factors peft pairs per expert), or one of peft's LoRA variants
+        whose update is not ``s B A`` (``UNSUPPORTED_VARIANTS``: KaSA's
+        ``kasa_config``, BD-LoRA's ``use_bdlora``, QALoRA's ``use_qalora``).
 
     Examples
     --------
@@ -112,6 +114,10 @@ def lora_scaling(config, module_name, rank):
         raise ValueError("adapters with target_parameters (LoRA on parameters such as "
                          "stacked MoE experts) are not supported: peft pairs their factors "
                          "per expert, so B @ A is not the update.")
+    for field, (variant, why) in UNSUPPORTED_VARIANTS.items():
+        if _config_get(config, field):
+            raise ValueError(f"{variant} adapters ({field} is set) are not supported: "
+                             f"{why}, so B @ A is not the update.")
     alpha = _config_get(config, "lora_alpha", 8)
     # peft matches the patterns against the module's name in the base model; its saved
     # state dicts prefix that name with "base_model.model." (a "^"-anchored key never
@@ -127,6 +133,16 @@ def lora_scaling(config, module_name, rank):
     root = math.sqrt(rank) if _config_get(config, "use_rslora", False) else rank
     check_alpha(alpha, f"lora_alpha of {module_name}")
     return float(alpha) / root
+
+
+#: Config fields of peft's LoRA variants whose update is not ``s B A`` of the saved
+#: factors, refused (a review: their adapters were refined as plain LoRA, silently
+#: wrong): the variant's name, and why.
+UNSUPPORTED_VARIANTS = {
+    "kasa_config": ("KaSA", "its update is s B diag(lora_diag) A"),
+    "use_bdlora": ("BD-LoRA", "its block-diagonal factor is saved as its blocks"),
+    "use_qalora": ("QALoRA", "its lora_A acts on the input pooled in groups"),
+}
 
 
 def check_alpha(alpha, what="lora_alpha"):
@@ -183,7 +199,7 @@ def lora_pairs(keys: Any) -> dict:
     ------
     ValueError
         No complete ``lora_A``/``lora_B`` pair, an incomplete pair, or embedding LoRA,
-        DoRA or LoRA bias (``lora_B.bias``) keys (not supported).
+        DoRA, KaSA (``lora_diag``) or LoRA bias (``lora_B.bias``) keys (not supported).
 
     Examples
     --------
@@ -198,6 +214,9 @@ def lora_pairs(keys: Any) -> dict:
             adapters.add(match["adapter"])
         elif "lora_embedding" in key or "lora_magnitude" in key:
             raise ValueError(f"{key}: embedding LoRA and DoRA adapters are not supported.")
+        elif re.search(r"\.lora_diag(?:\.[^.]+)?$", key):  # KaSA: B diag(lora_diag) A
+            raise ValueError(f"{key}: KaSA adapters (lora_diag between lora_B and "
+                             "lora_A) are not supported.")
         elif _LORA_BIAS.match(key):  # part of the update that B A does not hold
             raise ValueError(f"{key}: LoRA with a trained bias (peft's lora_bias=True) "
                              "is not supported.")
@@ -484,7 +503,10 @@ def _readout_state_dicts(state_dicts, configs, per_client, flagged, ranks, keep=
         if keep:  # placeholders, then the client's own arrays, exactly
             own = adapter_factors(template, config)
             factors.update({name: own[name] for name in keep})
-        state = factors_to_state_dict(factors, template, config)
+        try:
+            state = factors_to_state_dict(factors, template, config)
+        except ValueError as error:  # e.g. a refined lora_B beyond float16's range
+            raise ValueError(f"client {k}: {error}") from None
         keys = _parse(template)
         state.update({keys[name][w]: template[keys[name][w]] for name in keep for w in "AB"})
         refined.append(state)
