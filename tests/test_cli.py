@@ -155,6 +155,8 @@ def test_streamed_outputs_equal_refine_adapters_on_whole_adapters(adapters, refi
         assert all(torch.equal(after[key], whole.state_dicts[k][key]) for key in after)
         assert report["clients"][k]["p_values"] == {
             name: float(est.p_values_[k]) for name, est in whole.estimators.items()}
+        assert report["clients"][k]["adjusted_p_values"] == {
+            name: float(est.adjusted_p_values_[k]) for name, est in whole.estimators.items()}
 
 
 @pytest.mark.filterwarnings("ignore:only 6 clients")
