@@ -1,10 +1,11 @@
 """Command line: ``python -m simulations STUDY --scale smoke|small|full [options]``.
 
 ``python -m simulations list`` lists the studies (the copying experiment is the study
-``copying``, its sweep ``copying_sweep``). An unusable input (an unknown study, a control
-the study does not implement, a results directory that is a file or holds another
-control's tables, a table another run is writing, an unreachable scheduler) is one line
-on stderr and exit status 2; an interrupt keeps the finished replicates (status 130).
+``copying``, its sweep ``copying_sweep``). An unusable input (an unknown study, a scale it
+declares no grid for, a control the study does not implement, a results directory that
+is a file, cannot be written or holds another control's tables, a table another run is
+writing, an unreachable scheduler) is one line on stderr and exit status 2; an interrupt
+keeps the finished replicates (status 130).
 """
 
 from __future__ import annotations
@@ -112,6 +113,10 @@ def _run(args):
             print(f"{name:14s} {study.description}")
         return 0
     study = _study(args.study)
+    if args.scale not in study.grids or args.scale not in study.replicates:
+        missing = "grid" if args.scale not in study.grids else "replicate count"
+        raise UsageError(f"study {study.name!r} declares no {missing} for scale "
+                         f"{args.scale!r}")
     if args.control is not None and args.control not in study.controls:
         raise UsageError(f"study {study.name!r} does not implement the control "
                          f"{args.control!r} (it declares "

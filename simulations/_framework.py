@@ -79,9 +79,19 @@ class Study:
     def cells(self, scale):
         """The parameter cells of ``scale`` (a list of dicts)."""
         _check_scale(scale)
-        if scale not in self.grids:
-            raise ValueError(f"study {self.name!r} declares no grid for scale {scale!r}.")
-        return [dict(cell) for cell in self.grids[scale]]
+        if scale not in self.grids or scale not in self.replicates:
+            raise ValueError(f"study {self.name!r} declares no "
+                             f"{'grid' if scale not in self.grids else 'replicate count'} "
+                             f"for scale {scale!r}.")
+        cells, seen = [dict(cell) for cell in self.grids[scale]], set()
+        for cell in cells:
+            # a cell listed twice (overlapping grid(...) calls) would run each of its
+            # replicates twice, with the same seed, and write two rows of one replicate
+            if cell_id(cell) in seen:
+                raise ValueError(f"study {self.name!r} lists the cell {cell} more than "
+                                 f"once at scale {scale!r}.")
+            seen.add(cell_id(cell))
+        return cells
 
     def tasks(self, scale):
         """Every ``(cell_id, replicate, params, seed)`` of ``scale``, replicate by replicate.
@@ -89,8 +99,8 @@ class Study:
         Replicate 0 of every cell comes first, then replicate 1, ...: a run stopped early
         (a deadline, a lost worker) leaves every cell with about the same number of rows.
         """
+        cells = self.cells(scale)  # first: it says which scale is missing
         n_rep = int(self.replicates[scale])
-        cells = self.cells(scale)
         return [(cell_id(params), rep, params, derive_seed(self.name, params, rep))
                 for rep in range(n_rep) for params in cells]
 
@@ -180,7 +190,8 @@ def read_rows(path):
     """Rows of a JSON-lines table; a torn last line (from a killed writer) is ignored.
 
     A malformed line anywhere else is skipped with a warning: the table was edited or
-    corrupted by something other than :func:`run_study`.
+    corrupted by something other than :func:`run_study`. So is a line that is valid JSON
+    but not a row (not an object with a ``cell`` and a ``replicate``).
     """
     path = Path(path)
     if not path.exists():
@@ -191,11 +202,21 @@ def read_rows(path):
         if not line.strip():
             continue
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except json.JSONDecodeError:
             if index != len(lines) - 1:  # the last piece has no newline: a torn write
                 warnings.warn(f"{path}: skipping malformed line {index + 1}.", stacklevel=2)
+            continue
+        if not _is_row(row):
+            warnings.warn(f"{path}: skipping line {index + 1}: not a row (a JSON object "
+                          "with a cell and a replicate).", stacklevel=2)
+            continue
+        rows.append(row)
     return rows
+
+
+def _is_row(value):
+    return isinstance(value, dict) and "cell" in value and "replicate" in value
 
 
 def load_results(study, scale, results_dir=None, current_only=False):
@@ -234,13 +255,26 @@ def load_table(path):
 
 
 def _repair_tail(path):
-    """Cut a torn last line so that new rows start on a line of their own."""
+    """Cut a torn last line so that new rows start on a line of their own.
+
+    A last line that is a whole row short of its newline (what :func:`read_rows` reads
+    as a row) is ended instead: cutting it would delete a finished replicate.
+    """
     if not path.exists() or path.stat().st_size == 0:
         return
     data = path.read_bytes()
     if not data.endswith(b"\n"):
+        start = data.rfind(b"\n") + 1
+        try:
+            whole = _is_row(json.loads(data[start:]))
+        except ValueError:  # a torn write (JSONDecodeError, or bytes cut mid-character)
+            whole = False
         with open(path, "r+b") as handle:
-            handle.truncate(data.rfind(b"\n") + 1)
+            if whole:
+                handle.seek(0, os.SEEK_END)
+                handle.write(b"\n")
+            else:
+                handle.truncate(start)
 
 
 @contextlib.contextmanager
@@ -251,7 +285,12 @@ def _exclusive_lock(path):
     """
     import fcntl
 
-    with open(path.with_suffix(".lock"), "w") as handle:
+    try:
+        handle = open(path.with_suffix(".lock"), "w")
+    except OSError as error:
+        raise RunError(f"cannot write the lock of {path}: {error.strerror or error}.") \
+            from None
+    with handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -433,8 +472,8 @@ def verify_table(study, scale, *, max_rows=None, results_dir=None, replicates=(0
     most ``max_rows`` of them, evenly spread over the cells) from their seeds and
     compares every measured column (wall-clock ones apart: ``elapsed_s``, ``seconds*``).
     Every stored row of the current grid, rerun or not, must carry its cell's parameters,
-    its seed and the study's name. With ``control``, the negative control's table
-    (``controls/<control>/``) is rerun with its broken variant.
+    its seed, the study's name and a ``clairstat_version``. With ``control``, the
+    negative control's table (``controls/<control>/``) is rerun with its broken variant.
 
     Returns
     -------
@@ -465,6 +504,13 @@ def verify_table(study, scale, *, max_rows=None, results_dir=None, replicates=(0
             if column not in row or not _same(row[column], value):
                 mismatches.append({"cell": cell, "replicate": replicate, "column": column,
                                    "stored": row.get(column, "<missing>"), "rerun": value})
+        # and the version that wrote it (every row has it; code_commit is newer)
+        if not isinstance(row.get("clairstat_version"), str) or \
+                not row["clairstat_version"].strip():
+            mismatches.append({"cell": cell, "replicate": replicate,
+                               "column": "clairstat_version",
+                               "stored": row.get("clairstat_version", "<missing>"),
+                               "rerun": "<a version string>"})
     tasks = [task for task in study.tasks(scale)
              if task[1] in replicates and (task[0], task[1]) in stored]
     if max_rows is not None and len(tasks) > max_rows:
@@ -570,20 +616,33 @@ def run_study(study, scale, *, n_jobs=1, backend=None, scheduler=None, results_d
         if control not in study.controls:
             raise ValueError(f"study {study.name!r} does not implement control "
                              f"{control!r} (it declares {list(study.controls)}).")
-    # never a control's rows appended to the method's table, or to another control's
-    results_dir = tables_dir(control, results_dir, mark=True)
-    path = results_path(study.name, scale, results_dir)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        # never a control's rows appended to the method's table, or to another control's
+        results_dir = tables_dir(control, results_dir, mark=True)
+        path = results_path(study.name, scale, results_dir)
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:  # a read-only root, a file where the scale's folder goes
+        raise RunError(f"cannot write {error.filename}: {error.strerror or error}.") \
+            from None
     with _exclusive_lock(path):
         _repair_tail(path)  # a kill -9 mid-write may have left half a line
         todo = pending_tasks(study, scale, results_dir)
         if todo:
             _warn_other_code(path)
             jobs = -1 if backend == "dask" else n_jobs  # Dask: every worker of the cluster
-            with _backend(backend, scheduler, n_jobs), open(path, "a") as handle:
+            with _backend(backend, scheduler, n_jobs), _open_table(path) as handle:
                 _execute(study, scale, todo, handle, jobs, threads_per_task, progress,
                          control)
         return len(todo)
+
+
+def _open_table(path):
+    """The table opened for appending; a table that cannot be written is a RunError."""
+    try:
+        return open(path, "a")
+    except OSError as error:
+        raise RunError(f"cannot write the table {path}: {error.strerror or error}.") \
+            from None
 
 
 def _warn_other_code(path):

@@ -25,13 +25,17 @@ NAME = "copying_sweep"
 
 
 def _table():
-    """The sweep's largest committed table and its scale, or (None, None)."""
-    from simulations import default_results_dir, load_table, results_path
+    """The sweep's largest committed table and its scale, or (None, None): the rows of
+    the study's current grid only, as the validation reads a table (rows of a cell
+    since removed, or of replicates beyond the grid's count, never enter the figure or
+    the text)."""
+    from simulations import default_results_dir, get_study, load_results, results_path
 
     for scale in ("full", "small"):
         path = results_path(NAME, scale, default_results_dir())
         if path.exists():
-            frame = load_table(path)
+            frame = load_results(get_study(NAME), scale, default_results_dir(),
+                                 current_only=True)
             if not frame.empty:
                 return frame, scale
     return None, None

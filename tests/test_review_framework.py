@@ -1,0 +1,168 @@
+"""A review of the Monte Carlo framework (tables written as produced, resumable, seeded per
+replicate, with the version and parameters beside every row): each test is a defect
+the review demonstrated, fixed.
+
+The framework is exercised with the toy study of ``tests/simulation_toy.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+
+import simulations
+import simulations.__main__
+from simulations import (Study, get_study, grid, load_results, pending_tasks, read_rows,
+                         results_path, run_study, verify_table)
+from simulations.__main__ import main as simulations_main
+
+TESTS = Path(__file__).resolve().parent
+sys.path.insert(0, str(TESTS))
+import simulation_toy  # noqa: E402
+
+
+def _keys(rows):
+    return [(row["cell"], row["replicate"]) for row in rows]
+
+
+def test_a_cell_listed_twice_is_refused_not_run_twice(tmp_path):
+    """Overlapping ``grid(...)`` calls (the README's way to a non-rectangular design)
+    listed one cell twice: each of its replicates ran twice, with one seed, and the
+    table held two rows of the same (cell, replicate)."""
+    cells = grid(mu=[0.0, 1.0]) + grid(mu=[1.0, 2.0])
+    study = Study("toydup", "", {"smoke": cells}, {"smoke": 2}, simulation_toy.simulate_one)
+    with pytest.raises(ValueError, match="more than once"):
+        run_study(study, "smoke", results_dir=tmp_path, progress=False)
+    rows = read_rows(results_path("toydup", "smoke", tmp_path))
+    assert len(rows) == len(set(_keys(rows)))
+
+
+def test_a_study_without_the_scale_is_a_one_line_usage_error(tmp_path, capsys,
+                                                            monkeypatch):
+    """A study declaring no ``small`` grid ran into ``KeyError: 'small'`` (a traceback,
+    status 1) from ``replicates[scale]``, before the intended message."""
+    study = Study("toy_smoke_only", "", {"smoke": grid(mu=[0.0])}, {"smoke": 1},
+                  simulation_toy.simulate_one)
+    with pytest.raises(ValueError, match="declares no grid for scale 'small'"):
+        study.tasks("small")
+    monkeypatch.setattr(simulations.__main__, "get_study", lambda name: study)
+    assert simulations_main(["toy_smoke_only", "--scale", "small", "--results-dir",
+                             str(tmp_path), "--no-progress"]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("python -m simulations: error: ") and error.count("\n") == 1
+    assert "declares no grid for scale 'small'" in error
+
+
+@pytest.mark.parametrize("case", ["scale folder a file", "lock a directory",
+                                  "read-only root"])
+def test_a_results_dir_that_cannot_be_written_is_one_line_with_status_2(
+        tmp_path, capsys, case):
+    """An existing ``--results-dir`` that cannot hold the table (read-only, or a file
+    where the scale's folder goes) gave a traceback and status 1, while a missing one
+    under a read-only parent was refused in one line."""
+    root = tmp_path / "results"
+    root.mkdir()
+    if case == "scale folder a file":
+        (root / "smoke").write_text("")
+    elif case == "lock a directory":
+        (root / "smoke" / "toy.lock").mkdir(parents=True)
+    else:
+        if os.geteuid() == 0:
+            pytest.skip("root writes into a read-only directory")
+        root.chmod(0o555)
+    try:
+        status = simulations_main(["simulation_toy:STUDY", "--results-dir", str(root),
+                                   "--no-progress"])
+    finally:
+        root.chmod(0o755)
+    error = capsys.readouterr().err
+    assert status == 2, error
+    assert error.startswith("python -m simulations: error: cannot write ")
+    assert error.count("\n") == 1
+
+
+@pytest.mark.parametrize("line", ["{}", "[1, 2]", "42", '{"cell": "abc"}'])
+def test_a_line_that_is_not_a_row_is_skipped_with_a_warning(tmp_path, line):
+    """A line that parses as JSON but is no row was read as one: ``{}`` entered the
+    table silently (a row with no cell), ``[1, 2]`` or ``42`` made every reader and the
+    resume fail with a TypeError or AttributeError, a row without its cell made
+    ``--verify`` fail with ``KeyError: 'cell'``."""
+    study = simulation_toy.STUDY
+    run_study(study, "smoke", results_dir=tmp_path, progress=False)
+    path = results_path("toy", "smoke", tmp_path)
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(lines[:3]) + line + "\n" + "".join(lines[4:]))
+    with pytest.warns(UserWarning, match="line 4: not a row"):
+        assert len(read_rows(path)) == 11
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert len(load_results(study, "smoke", tmp_path)) == 11
+        assert len(load_results(study, "smoke", tmp_path, current_only=True)) == 11
+        assert len(pending_tasks(study, "smoke", tmp_path)) == 1
+        assert verify_table(study, "smoke", results_dir=tmp_path)[1] == []
+        assert run_study(study, "smoke", results_dir=tmp_path, progress=False) == 1
+        rows = read_rows(path)
+    assert len(rows) == 12 and len(set(_keys(rows))) == 12
+
+
+def test_a_last_row_short_of_its_newline_is_kept_not_cut(tmp_path):
+    """Readers count a whole last row that lacks only its newline, but the resume cut
+    it and ran that replicate again: a finished row deleted (and replaced by one of the
+    current code)."""
+    study = simulation_toy.STUDY
+    run_study(study, "smoke", results_dir=tmp_path, progress=False)
+    path = results_path("toy", "smoke", tmp_path)
+    before = read_rows(path)
+    path.write_text(path.read_text()[:-1])
+    assert len(read_rows(path)) == 12
+    assert run_study(study, "smoke", results_dir=tmp_path, progress=False) == 0
+    assert read_rows(path) == before and path.read_text().endswith("}\n")
+    # a torn last line is still cut
+    path.write_text(path.read_text()[:-30])
+    assert run_study(study, "smoke", results_dir=tmp_path, progress=False) == 1
+    assert len(read_rows(path)) == 12
+
+
+def test_verify_reports_a_row_without_its_version(tmp_path, capsys):
+    """``--verify`` passed a row whose ``clairstat_version`` (its provenance) had been
+    removed: it checked the parameters, seed and study only."""
+    study = simulation_toy.STUDY
+    run_study(study, "smoke", results_dir=tmp_path, progress=False)
+    path = results_path("toy", "smoke", tmp_path)
+    rows = read_rows(path)
+    del rows[5]["clairstat_version"]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    checked, mismatches = verify_table(study, "smoke", results_dir=tmp_path)
+    assert checked == 3
+    assert [(m["cell"], m["replicate"], m["column"]) for m in mismatches] == \
+        [(rows[5]["cell"], rows[5]["replicate"], "clairstat_version")]
+
+
+def test_the_sweep_figure_and_text_read_only_the_current_grid(tmp_path, monkeypatch):
+    """``paper/figures/copying_sweep.py`` (the figure and the ``sweep.*`` macros) read
+    its table whole (``load_table``): rows of a cell since removed from the grid, or of
+    replicates beyond its count, entered the paper, where every other reader keeps the
+    current grid only."""
+    from paper.figures.copying_sweep import _table
+
+    study = get_study("copying_sweep")
+    committed = simulations.default_results_dir() / "small" / "copying_sweep.jsonl"
+    if not committed.exists():
+        pytest.skip("no committed sweep table")
+    rows = [json.loads(line) for line in committed.read_text().splitlines()]
+    params = set(study.cells("small")[0])
+    old = dict(rows[0], contaminated_share=0.5)  # a cell since removed from the grid
+    old["cell"] = simulations.cell_id({key: old[key] for key in params})
+    extra = dict(rows[1], replicate=99)  # a replicate beyond the grid's count
+    (tmp_path / "small").mkdir()
+    (tmp_path / "small" / "copying_sweep.jsonl").write_text(
+        "".join(json.dumps(row) + "\n" for row in [*rows, old, extra]))
+    monkeypatch.setattr(simulations, "default_results_dir", lambda: tmp_path)
+    frame, scale = _table()
+    assert scale == "small" and len(frame) == len(rows)
+    assert 0.5 not in set(frame["contaminated_share"]) and frame["replicate"].max() < 99
