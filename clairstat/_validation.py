@@ -63,13 +63,18 @@ def check_local_estimates(local_estimates, *, dtype=np.float64, min_clients=2):
     """Read client estimates into an ndarray of shape (n_clients, p, q).
 
     Accepts an array (n_clients, p, q), a list of (p, q) arrays, or a 2-D array
-    (n_clients, p) read as q = 1.
+    (n_clients, p) read as q = 1; torch tensors (or lists of them) as
+    :func:`as_real_array` reads them (any float dtype, bf16 included, with or without
+    ``requires_grad``, on any device with data).
 
     Returns
     -------
     blocks : ndarray of shape (n_clients, p, q)
     was_2d : bool
     """
+    if _is_tensor(local_estimates) or (isinstance(local_estimates, (list, tuple))
+                                       and any(map(_is_tensor, local_estimates))):
+        local_estimates = as_real_array(local_estimates, "local_estimates")
     _refuse_masked(local_estimates, "local estimates")
     if hasattr(local_estimates, "ndim") and local_estimates.ndim == 2 or (
             not isinstance(local_estimates, (list, tuple))
@@ -174,17 +179,24 @@ def check_device(device):
                          "device='cpu'.")
 
 
+def _is_tensor(values):
+    return hasattr(values, "detach") and hasattr(values, "cpu")
+
+
 def as_real_array(values, name):
     """Torch tensors (any float dtype, on any device, with or without grad) and
     array-likes as real numpy data; complex input is refused, not truncated."""
-    if hasattr(values, "detach") and hasattr(values, "cpu"):  # a torch tensor
+    if _is_tensor(values):  # a torch tensor
+        if getattr(values, "is_meta", False):
+            raise ValueError(f"{name} is a tensor on the meta device: it has a shape but "
+                             "no values to fit.")
         values = values.detach().cpu()
         if values.is_complex():
             raise ValueError(f"Complex data not supported: {name} is {values.dtype}; pass "
                              "the real and imaginary parts as separate outputs if that is "
                              "what they are.")
         values = values.double().numpy()
-    elif isinstance(values, (list, tuple)) and values and hasattr(values[0], "detach"):
+    elif isinstance(values, (list, tuple)) and any(map(_is_tensor, values)):
         values = [as_real_array(v, name) for v in values]
     _refuse_masked(values, name)
     if isinstance(values, (list, tuple)) or scipy.sparse.issparse(values):

@@ -34,9 +34,21 @@ def resolve_solver(solver="auto", *, max_iter=2000, tol=1e-6, device="cpu", dtyp
     if solver == "torch":
         return TorchSolver(max_iter=max_iter, tol=tol, device=device, dtype=dtype)
     if solver == "cvxpy":
-        if device != "cpu":
+        if not _on_cpu(device):
             raise ValueError("solver='cvxpy' runs on the CPU only; use solver='torch' for "
                              f"device={device!r}.")
         return CVXPYSolver(max_iter=max_iter, tol=tol)
     raise ValueError(f"solver must be 'auto', 'torch', 'cvxpy' or a clairstat Solver "
                      f"instance, got {solver!r}.")
+
+
+def _on_cpu(device):
+    """Whether ``device`` (None, a string or a torch.device) names the CPU."""
+    if device is None or (isinstance(device, str) and device == "cpu"):
+        return True
+    try:
+        import torch
+
+        return torch.device(device).type == "cpu"
+    except (ImportError, RuntimeError, TypeError, ValueError):  # not a device
+        return False

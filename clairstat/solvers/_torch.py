@@ -45,8 +45,10 @@ class TorchSolver(Solver):
     ----------
     max_iter : int, default=2000
     tol : float, default=1e-6
-        Relative duality gap at which to stop.
-    device : str or torch.device, default="cpu"
+        Relative duality gap at which to stop; at least ``100 eps`` of the dtype
+        (1.2e-5 in float32, which cannot certify less: :meth:`Solver._certified`).
+    device : str, torch.device or None, default="cpu"
+        ``None`` is the CPU (:func:`clairstat._validation.check_device`).
     dtype : {"float64", "float32"}, default="float64"
     svd_method : {"auto", "svd", "gram"}, default="auto"
         How singular value thresholding is computed (see :func:`clairstat._prox.svt_torch`).
@@ -70,7 +72,7 @@ class TorchSolver(Solver):
         if self.dtype not in ("float64", "float32"):
             raise ValueError(f"dtype must be 'float64' or 'float32', got {self.dtype!r}.")
         check_device(self.device)
-        device = torch.device(self.device)
+        device = torch.device("cpu" if self.device is None else self.device)
         return torch.as_tensor(np.asarray(array), dtype=getattr(torch, self.dtype),
                                device=device)
 
@@ -87,13 +89,19 @@ class TorchSolver(Solver):
         clients on a 4096-wide module, a 1600 x 1600 stack: not converged after 400
         iterations and 370 s without the factor sqrt(n), 15 iterations and 27 s with it;
         tests/test_lora_torch.py keeps a 768 x 768 case). A gap under this floor is as small as the data's own rounding can
-        certify, so the solver stops at ``gap <= max(tol * primal, floor)`` (in float64
-        the floor matters only for an objective below ``sqrt(n) eps / tol`` of
-        ``||X||^power``, 1e-8 at the default tol and n = 1600)."""
+        certify, so the solver stops at ``gap <= max(max(tol, 100 eps) * primal, floor)``
+        (:meth:`Solver._certified`; in float64 the floor matters only for an objective
+        below ``sqrt(n) eps / tol`` of ``||X||^power``, 1e-8 at the default tol and
+        n = 1600)."""
         torch = _import_torch()
         eps = float(torch.finfo(X.dtype).eps)
         n_long = max(X.shape[1], X.shape[0] * X.shape[2]) if X.ndim == 3 else max(X.shape)
         return math.sqrt(n_long) * eps * float(torch.linalg.vector_norm(X)) ** power
+
+    @staticmethod
+    def _eps(X):
+        torch = _import_torch()
+        return float(torch.finfo(X.dtype).eps)
 
     def _inner_tol(self):
         # IRLS stops when Theta_0 moves less than this (relative); a few ulps above the
@@ -216,7 +224,7 @@ class TorchSolver(Solver):
                                         op_norm=self._op_norm)
             n_svd += 1
             history.append({"iteration": it, "objective": primal, "gap": gap})
-            if gap <= max(tol * primal, floor, np.finfo(float).tiny):
+            if self._certified(gap, primal, floor, self._eps(X), tol=tol):
                 converged = True
                 break
         return (theta0, L, S), {"n_iter": it, "n_svd": n_svd, "history": history,
@@ -232,8 +240,11 @@ class TorchSolver(Solver):
         # then adapted by residual balancing (Boyd et al., 2011, section 3.4.1) rather than
         # grown geometrically: a geometric mu hits any cap within tens of iterations, after
         # which the iterates freeze short of the optimum.
-        multiplier = X / max(op_norm, block_max / lam, np.finfo(float).tiny)
-        mu = 1.25 / max(op_norm, 1e-300)
+        # (all-zero data: the guards are the working dtype's smallest normal number; in
+        # float32 float64's tiny rounds to 0, and 0 / 0 made the iterates NaN)
+        tiny = float(torch.finfo(X.dtype).tiny)
+        multiplier = X / max(op_norm, block_max / lam, tiny)
+        mu = 1.25 / max(op_norm, tiny)
         history, n_svd, converged, gap = [], 1, False, math.inf  # counting ||M||_op
         floor = self._objective_floor(X, 1)
         for it in range(1, self.max_iter + 1):
@@ -255,10 +266,19 @@ class TorchSolver(Solver):
                                                          fit_backbone=backbone)
             n_svd += 2
             history.append({"iteration": it, "objective": primal, "gap": gap})
-            if gap <= max(self.tol * primal, floor, np.finfo(float).tiny):
+            if self._certified(gap, primal, floor, self._eps(X)):
                 converged = True
                 break
         theta0, L, S = self._numpy(feas_theta0, L, feas_S)
+        if X.dtype != torch.float64:
+            # The point was made feasible for the data rounded to the working dtype;
+            # make it feasible for the data themselves (as exact_gap does, in float64),
+            # or Theta_hat - Theta_0 - L - S is float32's rounding of the data, which a
+            # caller reading the residual as noise (CLAIREstimator's whitening) takes
+            # for the noise.
+            data = problem.local_estimates
+            theta0 = (data - L - S).mean(0) if backbone else np.zeros_like(theta0)
+            S = data - theta0[None] - L
         return DecompositionResult(
             backbone=theta0, low_rank=L, sparse=S, objective=history[-1]["objective"],
             dual_gap=gap, n_iter=it, converged=converged,
