@@ -15,22 +15,13 @@ peft = pytest.importorskip("peft")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
 from clairstat._cli import main  # noqa: E402
+from tiny_lora_model import Tiny  # noqa: E402
 from clairstat.lora import adapter_factors, refine_adapters  # noqa: E402
 
 N_CLIENTS, BAD, BF16 = 6, 5, 2  # client 5 leaves the shared structure; client 2 is bf16
 D_IN, D_OUT = 10, 12
 MODULES = ("base_model.model.q_proj", "base_model.model.v_proj")
 REPO = Path(__file__).resolve().parents[1]
-
-
-class Tiny(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.q_proj = torch.nn.Linear(D_IN, D_OUT, bias=False)
-        self.v_proj = torch.nn.Linear(D_IN, D_OUT, bias=False)
-
-    def forward(self, x):
-        return self.q_proj(x) + self.v_proj(x)
 
 
 def _set_factors(model, client, shared, rng):
@@ -62,7 +53,7 @@ def adapters(tmp_path_factory):
     folders = []
     for client in range(N_CLIENTS):
         torch.manual_seed(client)
-        model = peft.get_peft_model(Tiny(), config)
+        model = peft.get_peft_model(Tiny(D_IN, D_OUT), config)
         _set_factors(model, client, shared, rng)
         if client == BF16:
             model = model.to(torch.bfloat16)
@@ -113,7 +104,7 @@ def test_outputs_keep_keys_shapes_dtypes_and_config(adapters, refined):
 
 
 def test_refined_adapters_load_into_peft(adapters, refined):
-    model = peft.PeftModel.from_pretrained(Tiny(), str(refined / "client0"))
+    model = peft.PeftModel.from_pretrained(Tiny(D_IN, D_OUT), str(refined / "client0"))
     loaded = peft.get_peft_model_state_dict(model)
     for key, tensor in _weights(refined / "client0").items():
         assert torch.equal(loaded[key], tensor)

@@ -16,20 +16,11 @@ peft = pytest.importorskip("peft")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
 from clairstat._cli import main  # noqa: E402
+from tiny_lora_model import Tiny  # noqa: E402
 from clairstat.lora import lora_pairs, refine_adapters  # noqa: E402
 
 D_IN, D_OUT, RANK = 8, 12, 2
 REPO = Path(__file__).resolve().parents[1]
-
-
-class Tiny(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.q_proj = torch.nn.Linear(D_IN, D_OUT, bias=False)
-        self.v_proj = torch.nn.Linear(D_IN, D_OUT, bias=False)
-
-    def forward(self, x):
-        return self.q_proj(x) + self.v_proj(x)
 
 
 def _save(folder, client, dtype=torch.float32, **options):
@@ -37,7 +28,7 @@ def _save(folder, client, dtype=torch.float32, **options):
     torch.manual_seed(0)
     config = peft.LoraConfig(r=RANK, lora_alpha=4, target_modules=["q_proj", "v_proj"],
                              **options)
-    model = peft.get_peft_model(Tiny(), config)
+    model = peft.get_peft_model(Tiny(D_IN, D_OUT), config)
     shared, own = torch.Generator().manual_seed(1), torch.Generator().manual_seed(client)
     with torch.no_grad():
         for param in model.parameters():
