@@ -194,3 +194,21 @@ def test_cpu_devices_are_the_cpu_for_every_solver():
         assert clair_decompose(X, solver="cvxpy", device=device).solver == "cvxpy"
     with pytest.raises(ValueError):
         clair_decompose(X, solver="cvxpy", device="meta")
+
+
+def test_max_iter_true_and_cvxpy_dtype_are_refused():
+    """A review: ``max_iter=True`` (a bool, an int to Python) ran one iteration, and
+    ``solver="cvxpy"`` ignored ``dtype="float32"`` silently."""
+    from clairstat import CLAIREstimator, clair_decompose
+    from clairstat.datasets import make_low_rank_block_sparse
+
+    data = make_low_rank_block_sparse(10, 6, 2, 1, 1, random_state=0).local_estimates
+    with pytest.raises(ValueError, match="max_iter must be a positive integer"):
+        clair_decompose(data, max_iter=True, solver="torch")
+    with pytest.raises(ValueError, match="max_iter must be a positive integer"):
+        CLAIREstimator(max_iter=True).fit(data)
+    with pytest.raises(ValueError, match="solves in float64 only"):
+        clair_decompose(data, solver="cvxpy", dtype="float32")
+    with pytest.raises(ValueError, match="solves in float64 only"):
+        CLAIREstimator(solver="cvxpy", dtype="float32").fit(data)
+

@@ -37,6 +37,9 @@ def resolve_solver(solver="auto", *, max_iter=2000, tol=1e-6, device="cpu", dtyp
         if not _on_cpu(device):
             raise ValueError("solver='cvxpy' runs on the CPU only; use solver='torch' for "
                              f"device={device!r}.")
+        if str(dtype).removeprefix("torch.") != "float64":  # it was ignored (a review)
+            raise ValueError(f"solver='cvxpy' solves in float64 only; dtype={dtype!r} is "
+                             "the torch solver's option (solver='torch').")
         return CVXPYSolver(max_iter=max_iter, tol=tol)
     raise ValueError(f"solver must be 'auto', 'torch', 'cvxpy' or a clairstat Solver "
                      f"instance, got {solver!r}.")

@@ -61,7 +61,9 @@ class Solver:
         """
         if not isinstance(problem, Problem):
             raise TypeError(f"problem must be a clairstat Problem, got {type(problem).__name__}.")
-        if not (isinstance(self.max_iter, (int, np.integer)) and self.max_iter >= 1):
+        # a bool is an int to Python: max_iter=True ran one iteration (a review)
+        if not (isinstance(self.max_iter, (int, np.integer))
+                and not isinstance(self.max_iter, bool) and self.max_iter >= 1):
             raise ValueError(f"max_iter must be a positive integer, got {self.max_iter!r}.")
         if not (np.isfinite(self.tol) and self.tol > 0):
             raise ValueError(f"tol must be a positive number, got {self.tol!r}.")
