@@ -842,17 +842,23 @@ def rounds_macros(frame, scale):
     return macros
 
 
-def _replicate_share(frame, numerator, denominator):
+def _replicate_share_values(frame, numerator, denominator):
     """Pooled ``sum numerator / sum denominator`` with a bootstrap interval over the
     replicates (resampled whole: the modules and clients of one replicate are not
-    independent), as text."""
+    independent): ``(share, low, high)``, or None without a denominator."""
     from simulations.copying.analysis import paired_bootstrap
 
     num, den = frame[numerator].to_numpy(float), frame[denominator].to_numpy(float)
     if den.sum() == 0:
-        return "--"
+        return None
     _, low, high = paired_bootstrap(num / den)  # equal denominators per cell
-    return _share_text((num.sum() / den.sum(), low, high))
+    return num.sum() / den.sum(), low, high
+
+
+def _replicate_share(frame, numerator, denominator):
+    """:func:`_replicate_share_values` as text (``--`` without a denominator)."""
+    share = _replicate_share_values(frame, numerator, denominator)
+    return "--" if share is None else _share_text(share)
 
 
 # The interventions of the per-round study and their macro names.
@@ -1007,6 +1013,12 @@ def rounds_detection_macros(frame, scale):
               "rdet.module.first": _replicate_share(
                   frame[frame["design"] == "clean"], "module_benign_any_r1",
                   "modules_r1")})
+    # Whether the first round's module tests are shown above their level: the share's
+    # whole interval above the test level (the text says "exceed" only then).
+    first_share = _replicate_share_values(clean, "module_benign_any_r1", "modules_r1")
+    level = float(frame["test_level"].iloc[0]) if "test_level" in frame else 0.05
+    macros["rdet.module.first.excess"] = (
+        "1" if first_share is not None and first_share[1] > level else "0")
     for setting in ("homogeneous", "heterogeneous"):
         cell = clean[clean["setting"] == setting]
         if cell.empty:
@@ -1543,6 +1555,7 @@ def write_generated(out_dir):
         switch("rdetconfirm", "rdet.confirm.has"),
         switch("rdetprev", "rdet.prev.has"),
         switch("rdetgroupdiff", "rdet.norobust.group.excludes0"),
+        switch("rdetfirstexcess", "rdet.has", "rdet.module.first.excess"),
         switch("calibheldout", "calibho.has"), switch("calibheldoutb", "calibhob.has"),
         switch("jointrank", "jr.has"), switch("jointrankbetter", "jr.has", "jr.better"),
         switch("flagged", "flagged.has"), switch("flaggedfull", "flagged.full"),
