@@ -372,25 +372,31 @@ def code_provenance(folders=CODE_FOLDERS):
     Returns
     -------
     str or None
-        ``"<hash>"``, ``"<hash> with uncommitted changes in <folders>"``, ``"<hash>
-        (clairstat imported from outside this checkout)"``, or ``None`` outside a git
-        checkout of this project.
+        ``"<hash>"``, ``"<hash> with uncommitted changes in <folders> (digest
+        <12 hex digits>)"``, ``"<hash> (clairstat imported from outside this
+        checkout)"``, or ``None`` outside a git checkout of this project. The digest
+        (:func:`_code_digest`) tells two uncommitted states on one commit apart: the
+        same working-tree code gives the same string, other code another.
     """
     root = Path(__file__).resolve().parents[1]
     state = _git_state(root, folders)
     if state is None:
         return None
-    commit, changed = state
+    commit, changed, digest = state
     import clairstat
 
     if Path(clairstat.__file__).resolve().parents[1] != root:
         return commit + " (clairstat imported from outside this checkout)"
-    return commit + (f" with uncommitted changes in {', '.join(changed)}" if changed else "")
+    if not changed:
+        return commit
+    return f"{commit} with uncommitted changes in {', '.join(changed)} (digest {digest})"
 
 
 def _git_state(root, folders):
-    """``(short commit, folders with changed or untracked Python files)`` of the git
-    checkout whose top level is ``root``, or ``None`` when ``root`` is not one."""
+    """``(short commit, folders with changed or untracked Python files, digest of
+    their content)`` of the git checkout whose top level is ``root`` (the digest
+    ``None`` when no such file differs from the commit), or ``None`` when ``root`` is
+    not one."""
     import subprocess
 
     try:
@@ -407,23 +413,52 @@ def _git_state(root, folders):
                                 cwd=root, capture_output=True, text=True, check=True).stdout
     except (OSError, subprocess.CalledProcessError):
         return None
-    return commit, _changed_code(status)
+    changed = _changed_code(status)
+    return commit, changed, _code_digest(root, _code_paths(status)) if changed else None
 
 
-def _changed_code(status):
-    """Top-level folders with changed or untracked Python files in ``git status
-    --porcelain -z`` output (``XY path`` entries; a rename or copy is followed by its
-    old path). Result tables and documents are not the code that ran."""
-    entries, changed = iter(status.split("\0")), set()
+def _code_paths(status):
+    """The changed or untracked Python files in ``git status --porcelain -z`` output
+    (``XY path`` entries; a rename or copy is followed by its old path, which counts
+    too for a rename: it is gone), sorted. Result tables and documents are not the
+    code that ran."""
+    entries, paths = iter(status.split("\0")), set()
     for entry in entries:
         if len(entry) < 4:
             continue
         code, path = entry[:2], entry[3:]
         if "R" in code or "C" in code:
-            next(entries, None)  # the old path
-        if path.endswith(".py") and not path.startswith("simulations/results/"):
-            changed.add(path.split("/", 1)[0])
-    return sorted(changed)
+            old = next(entries, None)
+            if "R" in code and old:
+                paths.add(old)
+        paths.add(path)
+    return sorted(path for path in paths
+                  if path.endswith(".py") and not path.startswith("simulations/results/"))
+
+
+def _changed_code(status):
+    """Top-level folders with changed or untracked Python files in ``git status
+    --porcelain -z`` output (:func:`_code_paths`)."""
+    return sorted({path.split("/", 1)[0] for path in _code_paths(status)})
+
+
+def _code_digest(root, paths):
+    """First 12 hex digits of the SHA-256 of ``paths`` (relative to ``root``) and their
+    bytes in the working tree, in the given order, a missing file marked as such.
+
+    Given the commit, these files are all that differs from it, so one digest stands
+    for one state of the code (up to a 48-bit hash's collisions); it reads the files
+    themselves, not ``git diff``, whose text depends on the user's git configuration."""
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(path.encode("utf-8", "surrogateescape") + b"\0")
+        try:
+            content = (Path(root) / path).read_bytes()
+        except OSError:  # deleted (or unreadable): its absence is the state
+            digest.update(b"-\0")
+            continue
+        digest.update(b"+%d\0" % len(content) + content)
+    return digest.hexdigest()[:12]
 
 
 def _make_row(study, cell, replicate, params, seed, measured, elapsed, provenance):

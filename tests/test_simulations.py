@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -426,17 +427,99 @@ def test_code_provenance_sees_the_checks_and_untracked_files(tmp_path):
     _git(tmp_path, "init", "-q")
     _git(tmp_path, "add", ".")
     _git(tmp_path, "commit", "-q", "-m", "start")
-    commit, changed = _git_state(tmp_path, CODE_FOLDERS + ("validation",))
-    assert len(commit) >= 7 and changed == []
+    commit, changed, digest = _git_state(tmp_path, CODE_FOLDERS + ("validation",))
+    assert len(commit) >= 7 and changed == [] and digest is None
     (tmp_path / "validation/checks/detection.py").write_text("LEVEL = 0.5\n")
     (tmp_path / "clairstat/new.py").write_text("")  # untracked, not ignored
     (tmp_path / "simulations/ignored.py").write_text("")  # git-ignored: not the code
     (tmp_path / "simulations/notes.md").write_text("")  # not Python
-    assert _git_state(tmp_path, CODE_FOLDERS + ("validation",)) == (
+    assert _git_state(tmp_path, CODE_FOLDERS + ("validation",))[:2] == (
         commit, ["clairstat", "validation"])
-    assert _git_state(tmp_path, CODE_FOLDERS) == (commit, ["clairstat"])  # a row's code
+    assert _git_state(tmp_path, CODE_FOLDERS)[:2] == (commit, ["clairstat"])  # a row's code
     assert _changed_code("?? clairstat/new.py\0 M validation/checks/x.py\0") == [
         "clairstat", "validation"]
+
+
+def _provenance_in(root, monkeypatch, folders=("clairstat", "simulations")):
+    """code_provenance of the checkout at ``root``, as if this copy of the framework
+    and clairstat were in it (``__file__`` is how it finds its checkout)."""
+    from simulations import _framework
+
+    monkeypatch.setattr(_framework, "__file__", str(root / "simulations" / "_framework.py"))
+    monkeypatch.setattr(clairstat, "__file__", str(root / "clairstat" / "__init__.py"))
+    _framework.code_provenance.cache_clear()
+    try:
+        return _framework.code_provenance(folders)
+    finally:
+        _framework.code_provenance.cache_clear()
+
+
+def test_code_provenance_tells_uncommitted_states_apart(tmp_path, monkeypatch):
+    """Two runs on different uncommitted edits of one commit wrote the same
+    "<hash> with uncommitted changes in clairstat": a table could not tell their rows
+    apart. The string now carries a digest of the uncommitted code."""
+    for path in ("clairstat/__init__.py", "clairstat/a.py", "simulations/_framework.py"):
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_text("LEVEL = 0.05\n")
+    _git(tmp_path, "init", "-q")
+    _git(tmp_path, "add", ".")
+    _git(tmp_path, "commit", "-q", "-m", "start")
+    clean = _provenance_in(tmp_path, monkeypatch)
+    assert len(clean) >= 7 and " " not in clean  # a clean checkout: the bare commit
+    (tmp_path / "simulations/results").mkdir()
+    (tmp_path / "simulations/results/x.py").write_text("")  # results are not the code
+    (tmp_path / "README.md").write_text("")  # not in the code folders
+    assert _provenance_in(tmp_path, monkeypatch) == clean
+
+    (tmp_path / "clairstat/a.py").write_text("LEVEL = 0.5\n")
+    first = _provenance_in(tmp_path, monkeypatch)
+    assert first.startswith(f"{clean} with uncommitted changes in clairstat (digest ")
+    assert re.fullmatch(r"[0-9a-f]{7,} with uncommitted changes in clairstat "
+                        r"\(digest [0-9a-f]{12}\)", first)
+    assert _provenance_in(tmp_path, monkeypatch) == first  # deterministic
+    (tmp_path / "clairstat/a.py").write_text("LEVEL = 0.25\n")
+    second = _provenance_in(tmp_path, monkeypatch)
+    assert second.startswith(f"{clean} with uncommitted changes in clairstat (digest ")
+    assert second != first
+    (tmp_path / "clairstat/a.py").write_text("LEVEL = 0.5\n")  # the first content again
+    assert _provenance_in(tmp_path, monkeypatch) == first
+    _git(tmp_path, "add", "clairstat/a.py")  # staged, same content: the same code
+    assert _provenance_in(tmp_path, monkeypatch) == first
+    _git(tmp_path, "reset", "-q")
+
+    (tmp_path / "clairstat/new.py").write_text("X = 1\n")  # untracked, not ignored
+    third = _provenance_in(tmp_path, monkeypatch)
+    assert third.startswith(f"{clean} with uncommitted changes in clairstat (digest ")
+    assert third not in (first, second)
+    (tmp_path / "clairstat/new.py").write_text("X = 2\n")  # its content counts
+    fourth = _provenance_in(tmp_path, monkeypatch)
+    assert fourth not in (first, second, third)
+    (tmp_path / "clairstat/new.py").unlink()
+    assert _provenance_in(tmp_path, monkeypatch) == first
+    # the report's folders: validation/ counts there, not in a row's string
+    (tmp_path / "validation").mkdir()
+    (tmp_path / "validation/check.py").write_text("")
+    assert _provenance_in(tmp_path, monkeypatch) == first
+    report = _provenance_in(tmp_path, monkeypatch,
+                            ("clairstat", "simulations", "validation"))
+    assert report.startswith(f"{clean} with uncommitted changes in clairstat, validation "
+                             "(digest ")
+    (tmp_path / "clairstat/a.py").write_text("LEVEL = 0.05\n")  # back to the commit
+    assert _provenance_in(tmp_path, monkeypatch) == clean
+
+
+def test_code_digest_counts_deleted_and_renamed_files(tmp_path):
+    """Deleting a file or renaming it away is a state of the code too."""
+    from simulations._framework import _code_digest, _code_paths
+
+    (tmp_path / "clairstat").mkdir()
+    (tmp_path / "clairstat/b.py").write_text("B = 1\n")
+    status = "R  clairstat/b.py\0clairstat/a.py\0"  # a.py renamed to b.py
+    assert _code_paths(status) == ["clairstat/a.py", "clairstat/b.py"]
+    renamed = _code_digest(tmp_path, _code_paths(status))
+    assert renamed != _code_digest(tmp_path, ["clairstat/b.py"])  # b.py added, a.py kept
+    assert _code_paths("C  clairstat/b.py\0clairstat/a.py\0") == ["clairstat/b.py"]
+    assert _code_digest(tmp_path, ["clairstat/a.py"]) != _code_digest(tmp_path, [])
 
 
 # --- unusable command-line input: one line, exit status 2 ------------------------------

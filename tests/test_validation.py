@@ -533,7 +533,8 @@ def test_the_report_s_commit_counts_the_checks_as_code(tmp_path, monkeypatch):
     from simulations import _framework
 
     def state(root, folders):  # only validation/ differs from the commit
-        return "abc1234", [folder for folder in folders if folder == "validation"]
+        changed = [folder for folder in folders if folder == "validation"]
+        return "abc1234", changed, "0123456789ab" if changed else None
 
     monkeypatch.setattr(_framework, "_git_state", state)
     _framework.code_provenance.cache_clear()
@@ -543,7 +544,8 @@ def test_the_report_s_commit_counts_the_checks_as_code(tmp_path, monkeypatch):
         assert validation_cli.main(["--scale", "smoke", "--results-dir", str(tmp_path),
                                     "--output-dir", str(tmp_path), "--no-progress"]) == 0
         meta = json.loads((tmp_path / "report.json").read_text())["meta"]
-        assert meta["commit"] == "abc1234 with uncommitted changes in validation"
+        assert meta["commit"] == ("abc1234 with uncommitted changes in validation "
+                                  "(digest 0123456789ab)")
         # the rows do not depend on the checks
         assert meta["table_commits"] == {"toy": ["abc1234"]}
     finally:
