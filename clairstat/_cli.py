@@ -159,6 +159,12 @@ def _parser():
                              "unflagged clients (clip, the default) or their mean "
                              "(quarantine); as refine_adapters' flagged_updates; joint "
                              "refinement only")
+    refine.add_argument("--rank-rule", default=None,
+                        choices=("smallest-error", "one-standard-error"),
+                        help="joint refinement without --rank: the joint rank of the "
+                             "smallest cross-validated error (smallest-error, the "
+                             "default) or the smallest within one standard error of it "
+                             "(one-standard-error); as refine_adapters' rank_rule")
     refine.add_argument("--random-state", type=int, default=None, metavar="S",
                         help="seed of the robust start (reproducible flags)")
     refine.add_argument("--device", default=None, metavar="D",
@@ -827,7 +833,8 @@ def _stream(clients, writer, args, progress, cluster):
     else:
         refinement = joint_refinement([fits[m].gram for m in live], module_flags,
                                       rank=args.rank, level=args.test_level,
-                                      flagged_updates=args.flagged_updates)
+                                      flagged_updates=args.flagged_updates,
+                                      rank_rule=args.rank_rule)
         flagged, joint_rank = refinement.flagged, refinement.rank
         kept = np.flatnonzero(~flagged).tolist()
         coef = dict(zip(live, refinement.coef))  # per module (flagged updates stood in for)
@@ -888,6 +895,16 @@ def _check_options(args):
         from .aggregation._modules import DEFAULT_FLAGGED_UPDATES
 
         args.flagged_updates = DEFAULT_FLAGGED_UPDATES
+    if args.rank_rule is not None and not args.joint:
+        raise InputError("--rank-rule: applies to the joint refinement, not to "
+                         "--per-module")
+    if args.rank_rule is not None and args.rank is not None:
+        raise InputError("--rank-rule: chooses the joint rank, which --rank fixes; give "
+                         "one of them")
+    if args.joint and args.rank is None and args.rank_rule is None:
+        from .aggregation._rank import DEFAULT_RANK_RULE
+
+        args.rank_rule = DEFAULT_RANK_RULE
 
 
 @contextlib.contextmanager
@@ -985,6 +1002,7 @@ def _report(clients, summary, args):
             "rank": args.rank, "joint_rank": summary.joint_rank,
             "test_level": args.test_level,
             "flagged_updates": args.flagged_updates if args.joint else None,
+            "rank_rule": args.rank_rule,
             "random_state": args.random_state,
             "modules": sorted(summary.module_flagged), "clients": entries}
 

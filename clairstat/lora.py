@@ -529,7 +529,7 @@ def _check_sizes(state_dicts, configs):
 
 def refine_adapters(state_dicts: Sequence[Mapping[str, Any]], configs: Any = None, *,
                     joint: bool = True, flagged_updates: str | None = None,
-                    sample_weight: ArrayLike | None = None,
+                    rank_rule: str | None = None, sample_weight: ArrayLike | None = None,
                     n_jobs: int | None = None, progress: Any = None, device: Any = None,
                     dtype: Any = None, **clair_params: Any) -> LoraRefinement:
     """CLAIR on the clients' LoRA adapters: detect, refine, and write refined adapters.
@@ -556,6 +556,12 @@ def refine_adapters(state_dicts: Sequence[Mapping[str, Any]], configs: Any = Non
         (``"quarantine"``, the default before the copying task's comparison,
         docs/method_notes.md, section 9; :func:`clairstat.aggregation.joint_refinement`).
         Giving it with ``joint=False`` is a ValueError.
+    rank_rule : {"smallest-error", "one-standard-error"}, optional
+        With ``joint=True`` and no ``rank``, how the bi-cross-validation picks the
+        joint rank: the rank of the smallest held-out error (the default) or the
+        smallest rank within one standard error of it (the default before the copying
+        task's pre-registered comparison, docs/method_notes.md, section 9). Giving it
+        with ``joint=False`` or with ``rank`` is a ValueError.
     sample_weight : array-like of shape (n_clients,), optional
         Client weights of the collaborative mean (e.g. sample sizes).
     n_jobs : int or None, default=None
@@ -620,8 +626,8 @@ def refine_adapters(state_dicts: Sequence[Mapping[str, Any]], configs: Any = Non
                       stacklevel=2)
     with thread_limits(n_jobs, modules_work(factor_lists)):
         fit = clair_modules(factor_lists, sample_weight, joint=joint,
-                            flagged_updates=flagged_updates, progress=progress,
-                            device=device, dtype=dtype, **clair_params)
+                            flagged_updates=flagged_updates, rank_rule=rank_rule,
+                            progress=progress, device=device, dtype=dtype, **clair_params)
         refined = _readout_state_dicts(state_dicts, configs, fit.per_client, fit.flagged,
                                        _ranks(factor_lists), keep=fit.zero_modules)
     return LoraRefinement(**vars(fit), state_dicts=refined, untested=untested)

@@ -188,7 +188,8 @@ def calibration_summary(table):
 COPY_BLOCK_NAMES = {"development": "development", "confirmatory": "confirmatory",
                     "confirmatory-2": "second confirmatory",
                     "confirmatory-3": "third confirmatory",
-                    "confirmatory-4": "fourth confirmatory"}
+                    "confirmatory-4": "fourth confirmatory",
+                    "confirmatory-5": "fifth confirmatory"}
 
 
 def copying_block_name(frame, scale):
@@ -275,7 +276,8 @@ def read_null_change():
 #: clipping default with the LoRA null before the predictive one.
 ARCHIVED_BLOCKS = {"first": "copying_full_before_quarantine.jsonl",
                    "second": "copying_full_confirmatory2_quarantine.jsonl",
-                   "third": "copying_full_confirmatory3_clip.jsonl"}
+                   "third": "copying_full_confirmatory3_clip.jsonl",
+                   "fourth": "copying_full_confirmatory4_predictive.jsonl"}
 
 
 def read_archived_block(which):

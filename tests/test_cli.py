@@ -559,6 +559,25 @@ def test_untested_tensors_and_other_base_models_are_reported(adapters, tmp_path,
     assert torch.equal(head, torch.full((3, D_OUT), 50.0))  # copied, as the report says
 
 
+@pytest.mark.filterwarnings("ignore:only 6 clients")
+@pytest.mark.parametrize("rule", [None, "one-standard-error"])
+def test_rank_rule_option_is_refine_adapters_option(adapters, tmp_path, rule):
+    """--rank-rule gives the joint rank and the adapters refine_adapters(rank_rule=...)
+    gives (without it, the default smallest-error rule), and the report names it."""
+    args = [] if rule is None else ["--rank-rule", rule]
+    assert main(["refine", *args, "--random-state", "0", "--out", str(tmp_path),
+                 *map(str, adapters)]) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["rank_rule"] == (rule or "smallest-error")
+    whole = refine_adapters([_weights(f) for f in adapters], _configs(adapters),
+                            random_state=0, rank_rule=rule)
+    assert whole.rank_selection.rule == report["rank_rule"]
+    assert report["joint_rank"] == whole.rank_selection.rank
+    for k, folder in enumerate(adapters):
+        after = _weights(tmp_path / folder.name)
+        assert all(torch.equal(after[key], whole.state_dicts[k][key]) for key in after)
+
+
 def test_usage_errors_are_one_line(adapters, tmp_path, capsys, monkeypatch):
     """OUT a file, one client, an unusable device, a folder given twice (through a link),
     --flagged-updates with --per-module (it would be ignored), '.' as a folder (named by
@@ -573,7 +592,11 @@ def test_usage_errors_are_one_line(adapters, tmp_path, capsys, monkeypatch):
              (["--out", str(tmp_path / "o"), *map(str, adapters[:3]), str(link)],
               "given more than once"),
              (["--per-module", "--flagged-updates", "clip", "--out", str(tmp_path / "o"),
-               *map(str, adapters[:3])], "applies to the joint refinement")]
+               *map(str, adapters[:3])], "applies to the joint refinement"),
+             (["--per-module", "--rank-rule", "smallest-error", "--out",
+               str(tmp_path / "o"), *map(str, adapters[:3])], "applies to the joint"),
+             (["--rank", "1", "--rank-rule", "smallest-error", "--out",
+               str(tmp_path / "o"), *map(str, adapters[:3])], "--rank fixes")]
     for args, message in cases:
         capsys.readouterr()
         assert main(["refine", *args]) == 2

@@ -695,6 +695,8 @@ def test_a_round_with_fewer_valid_replies_than_the_rule_needs_is_skipped(caplog)
     ("clair", {"test_level": 2.0}, r"'test_level' parameter of CLAIREstimator"),
     ("clair", {"rank": -1}, r"rank must be a non-negative integer, got -1"),
     ("clair", {"joint": False, "flagged_updates": "clip"}, r"applies to the joint refinement"),
+    ("clair", {"joint": False, "rank_rule": "smallest-error"}, r"applies to the joint"),
+    ("clair", {"rank_rule": "one-se"}, r"rank_rule must be one of"),
     ("clair", {"dtype": "float16"}, r"dtype must be float64 or float32"),
 ])
 def test_the_rule_and_its_options_are_checked_at_construction(rule, options, message):
@@ -702,6 +704,7 @@ def test_the_rule_and_its_options_are_checked_at_construction(rule, options, mes
     with pytest.raises(ValueError, match=message):
         LoraStrategy(rule=rule, rule_options=options)
     LoraStrategy(rule="clair", rule_options={"rank": 1, "joint": False})  # valid ones pass
+    LoraStrategy(rule="clair", rule_options={"rank_rule": "one-standard-error"})
     # valid values that the small dry run could not hold pass too
     LoraStrategy(rule="clair", rule_options={"rank": 12})
     LoraStrategy(rule="glora", rule_options={"readout_rank": 16, "reference_rank": 40})

@@ -310,3 +310,52 @@ def test_flagged_updates_is_checked():
         with pytest.raises(ValueError, match="flagged_updates"):
             clair_modules({"m": [(np.ones((4, 1)), np.ones((1, 3)))] * 3},
                           flagged_updates=value)
+
+
+def weak_direction(seed=2, separation=0.15):
+    """Half the clients shifted along one weak direction: the smallest cross-validated
+    error is at rank 1, rank 0 within one standard error of it (seed 2)."""
+    rng = np.random.default_rng(seed)
+    updates = grouped(rng, n_clients=12, n_groups=1, n_modules=4, dim=200)
+    updates[::2] += separation * rng.standard_normal(updates.shape[1:])
+    return grams_of(updates)
+
+
+def test_rank_rules():
+    """The default keeps the rank of the smallest error; the one-standard-error rule
+    (the default before the copying task's comparison) the smallest rank within one
+    standard error of it. The problem is one where the two differ."""
+    grams = weak_direction()
+    best = cross_validated_rank(grams)
+    one_se = cross_validated_rank(grams, rule="one-standard-error")
+    assert (best.rule, one_se.rule) == ("smallest-error", "one-standard-error")
+    assert best.rank == best.best_rank == one_se.best_rank == 1
+    assert one_se.rank == best.one_standard_error_rank == 0
+    mean = best.mean_errors
+    assert mean[best.rank] == mean.min()
+    assert mean[0] - mean[1] <= best.standard_error[0]  # rank 0 within one SE
+    np.testing.assert_array_equal(best.errors, one_se.errors)
+    with pytest.raises(ValueError, match="rank_rule must be one of"):
+        cross_validated_rank(grams, rule="one-se")
+
+
+def test_rank_rule_reaches_the_joint_refinement():
+    """``rank_rule`` is passed down to the cross-validation; it is refused where no rank
+    is chosen (``rank`` given, ``joint=False``)."""
+    from clairstat.aggregation import joint_refinement
+
+    grams = weak_direction()
+    flags = np.zeros(grams.shape[:2], dtype=bool)
+    assert joint_refinement(grams, flags).rank == 1
+    assert joint_refinement(grams, flags, rank_rule="one-standard-error").rank == 0
+    with pytest.raises(ValueError, match="give one of them"):
+        joint_refinement(grams, flags, rank=1, rank_rule="smallest-error")
+    rng = np.random.default_rng(0)
+    factors = {f"m{i}": [(rng.standard_normal((6, 2)), rng.standard_normal((2, 5)))
+                         for _ in range(8)] for i in range(2)}
+    with pytest.raises(ValueError, match="joint=True"):
+        clair_modules(factors, joint=False, rank_rule="smallest-error")
+    with pytest.raises(ValueError, match="give one of them"):
+        clair_modules(factors, rank=1, rank_rule="one-standard-error")
+    with pytest.raises(ValueError, match="rank_rule must be one of"):
+        clair_modules(factors, rank_rule="best")

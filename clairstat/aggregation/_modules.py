@@ -365,7 +365,7 @@ def check_joint_rank(rank, n_clients):
 
 
 def joint_refinement(grams, module_flags, weights=None, rank=None, level=0.05,
-                     flagged_updates=DEFAULT_FLAGGED_UPDATES):
+                     flagged_updates=DEFAULT_FLAGGED_UPDATES, rank_rule=None):
     """Client flags, the joint rank and the refined combinations, from per-module results.
 
     A client flagged at the client level (:func:`client_flags`) keeps every update. The
@@ -398,6 +398,11 @@ def joint_refinement(grams, module_flags, weights=None, rank=None, level=0.05,
         warning); default: :func:`clairstat.aggregation.cross_validated_rank` on the
         collaborative clients (0 with one module or fewer than three of them, where
         there is nothing to cross-validate against).
+    rank_rule : {"smallest-error", "one-standard-error"}, optional
+        How :func:`~clairstat.aggregation.cross_validated_rank` reads the rank off its
+        errors (default ``"smallest-error"``; ``"one-standard-error"`` was the default
+        before the copying task's comparison, docs/method_notes.md, section 9). Giving
+        it with ``rank`` is a ValueError: the rank is then not chosen.
     level : float
         The level of the modules' tests (:func:`client_flags`).
     flagged_updates : {"clip", "quarantine"}, default="clip"
@@ -409,9 +414,13 @@ def joint_refinement(grams, module_flags, weights=None, rank=None, level=0.05,
     JointRefinement
         With no collaborative client every client keeps its own update.
     """
-    from ._rank import cross_validated_rank
+    from ._rank import DEFAULT_RANK_RULE, check_rank_rule, cross_validated_rank
 
     policy = check_flagged_updates(flagged_updates)
+    if rank_rule is not None and rank is not None:
+        raise ValueError(f"rank_rule={rank_rule!r} chooses the joint rank, which "
+                         f"rank={rank!r} fixes: give one of them.")
+    rank_rule = DEFAULT_RANK_RULE if rank_rule is None else check_rank_rule(rank_rule)
     grams = np.asarray(grams, dtype=float)
     n_modules, n_clients = grams.shape[:2]
     module_flags = np.reshape(np.asarray(module_flags, dtype=bool), (n_modules, n_clients))
@@ -434,7 +443,7 @@ def joint_refinement(grams, module_flags, weights=None, rank=None, level=0.05,
     selection = None
     if rank is None:
         if n_modules >= 2 and members.sum() >= 3:
-            selection = cross_validated_rank(clean, members)
+            selection = cross_validated_rank(clean, members, rule=rank_rule)
             rank = selection.rank
         else:
             rank = 0
@@ -456,6 +465,7 @@ def _fit_joint(factor_lists, weights, clair_params, progress=None):
     """
     params = dict(clair_params)
     rank = params.pop("rank", None)
+    rank_rule = params.pop("rank_rule", None)
     policy = check_flagged_updates(params.pop("flagged_updates", DEFAULT_FLAGGED_UPDATES))
     if rank is not None:  # before the modules' fits, not after them
         check_joint_rank(rank, len(next(iter(factor_lists.values()))))
@@ -468,7 +478,7 @@ def _fit_joint(factor_lists, weights, clair_params, progress=None):
     joint = joint_refinement(np.stack([module_gram(factor_lists[name], **on_device)
                                        for name in live]),
                              [fitted[name][2] for name in live], weights, rank,
-                             _level(params), policy)
+                             _level(params), policy, rank_rule)
     out, position = {}, {name: m for m, name in enumerate(live)}
     for name, (per_client, mean, module_flags, estimator) in fitted.items():
         if estimator is None:
@@ -488,7 +498,7 @@ def _fit_joint(factor_lists, weights, clair_params, progress=None):
 
 def clair_modules(factor_lists: Mapping[str, Sequence[tuple[np.ndarray, np.ndarray]]],
                   weights: ArrayLike | None = None, *, joint: bool = True,
-                  flagged_updates: str | None = None,
+                  flagged_updates: str | None = None, rank_rule: str | None = None,
                   progress: Any = None, device: Any = None, dtype: Any = None,
                   **clair_params: Any) -> ModuleRefinement:
     """CLAIR on the clients' updates of every module: detect and refine.
@@ -519,6 +529,12 @@ def clair_modules(factor_lists: Mapping[str, Sequence[tuple[np.ndarray, np.ndarr
         it is larger (``"clip"``, the default), or their mean (``"quarantine"``). With
         ``joint=False`` nothing stands in (each module's own fit decides), and giving
         it is a ValueError rather than ignored.
+    rank_rule : {"smallest-error", "one-standard-error"}, optional
+        With ``joint=True`` and no ``rank``, how the cross-validation picks the joint
+        rank (:func:`joint_refinement`): the rank of the smallest held-out error (the
+        default) or the smallest within one standard error of it (the default before
+        the copying task's pre-registered comparison). A ValueError with
+        ``joint=False`` or with ``rank`` given.
     progress : callable, optional
         Called as ``progress(iterable, total=n_modules)`` around the loop over modules.
     device : str or torch.device, optional
@@ -568,13 +584,24 @@ def clair_modules(factor_lists: Mapping[str, Sequence[tuple[np.ndarray, np.ndarr
                              "own fit decides.")
     else:
         flagged_updates = DEFAULT_FLAGGED_UPDATES
+    if rank_rule is not None:
+        from ._rank import check_rank_rule
+
+        check_rank_rule(rank_rule)
+        if not joint:
+            raise ValueError(f"rank_rule={rank_rule!r} applies to the joint refinement "
+                             "(joint=True); with joint=False each module's fit has its "
+                             "own rank.")
+        if clair_params.get("rank") is not None:
+            raise ValueError(f"rank_rule={rank_rule!r} chooses the joint rank, which "
+                             f"rank={clair_params['rank']!r} fixes: give one of them.")
     clair_params = _with_device(clair_params, device, dtype)
     selection = None
     with _said_once(factor_lists, clair_params):
         if joint:
             fitted, selection = _fit_joint(
-                factor_lists, weights, dict(clair_params, flagged_updates=flagged_updates),
-                progress)
+                factor_lists, weights, dict(clair_params, flagged_updates=flagged_updates,
+                                            rank_rule=rank_rule), progress)
         else:
             fitted = _fit_per_module(factor_lists, weights, clair_params, progress)
     module_flagged = {name: item[2] for name, item in fitted.items()}

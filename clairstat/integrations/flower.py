@@ -235,7 +235,7 @@ def _check_rule(rule, options):
     if rule not in RULES:
         raise ValueError(f"unknown rule {rule!r}; valid rules: {', '.join(RULES)}.")
     if rule == "clair":
-        known = {"joint", "flagged_updates", "progress", "device", "dtype",
+        known = {"joint", "flagged_updates", "rank_rule", "progress", "device", "dtype",
                  *CLAIREstimator().get_params()}
     else:
         known = set(list(inspect.signature(RULES[rule]).parameters)[2:])

@@ -13,10 +13,11 @@ each block's seeds are its own): ``smoke`` a tiny configuration for the tests (2
 replicates per setting, the fewest an interval needs),
 ``small`` the development block (10 replicates per setting, made with the quarantine
 of module-flagged updates; the clipping default was chosen on ``copying_flagged``),
-``full`` the fourth confirmatory block fixed in ``simulations/copying/PROTOCOL.md``
-(amendment 5: 100 replicates per setting on seeds used nowhere before, the clipping
-default and the predictive LoRA null; the first three confirmatory blocks, before the
-quarantine, on it, and on the clipping with the previous null, are archived in
+``full`` the fifth confirmatory block fixed in ``simulations/copying/PROTOCOL.md``
+(amendment 7: 100 replicates per setting on seeds used nowhere before, the clipping
+default, the predictive LoRA null and the smallest-error joint rank; the first four
+confirmatory blocks, before the quarantine, on it, on the clipping with the previous
+null, and with the one-standard-error joint rank, are archived in
 ``simulations/results/archive/``).
 """
 
@@ -55,7 +56,7 @@ STUDY = Study(
     description="federated LoRA on the copying task: CLAIR's default vs local LoRA, "
                 "averaging, factor averaging and robust rules (pre-registered)",
     grids={"smoke": cells("smoke", **TINY), "small": cells("development"),
-           "full": cells("confirmatory-4")},
+           "full": cells("confirmatory-5")},
     replicates={"smoke": 2, "small": 10, "full": 100},
     simulate_one=simulate_one,
     controls=("local-refinement", "no-detection"))

@@ -99,7 +99,8 @@ def attack_recall(df):
 
 #: The confirmatory blocks in the order they were run (simulations/copying/PROTOCOL.md):
 #: a later block's seeds must be new to every earlier one.
-CONFIRMATORY_BLOCKS = ("confirmatory", "confirmatory-2", "confirmatory-3", "confirmatory-4")
+CONFIRMATORY_BLOCKS = ("confirmatory", "confirmatory-2", "confirmatory-3", "confirmatory-4",
+                       "confirmatory-5")
 
 
 def _block_seeds(block):
