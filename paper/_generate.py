@@ -566,8 +566,10 @@ def copying_macros(frame, scale):
               "copy.second": "1" if blocks == {"confirmatory-2"} else "0",
               "copy.third": "1" if blocks == {"confirmatory-3"} else "0",
               "copy.fourth": "1" if blocks == {"confirmatory-4"} else "0",
+              "copy.fifth": "1" if blocks == {"confirmatory-5"} else "0",
               # the blocks made on the clipping default (the wording about the default)
-              "copy.clip": "1" if blocks & {"confirmatory-3", "confirmatory-4"} else "0",
+              "copy.clip": "1" if blocks & {"confirmatory-3", "confirmatory-4",
+                                            "confirmatory-5"} else "0",
               "copy.confirmatory": "1" if scale == "full" else "0",
               "copy.replicates": fmt(int(per_setting.min())),
               "copy.planned": fmt(int(STUDY.replicates[scale])),
@@ -1134,7 +1136,9 @@ def collect():
     macros.update(rounds_previous_macros(*src.read_rounds_previous("rounds_detection")))
     macros.update(quarantine_macros(*src.read_quarantine()))
     macros.update(null_change_macros(*src.read_null_change()))
+    macros.update(rank_change_macros(*src.read_rank_change()))
     macros["copy.quarantine.commit"] = QUARANTINE_COMMIT  # named wherever the text needs it
+    macros["copy.rankchange.commit"] = RANK_RULE_COMMIT
     macros.update(sweep_quarantine_macros(*src.read_quarantine("copying_sweep")))
     macros.update(flagged_macros(*src.read_flagged()))
     macros.update(joint_rank_macros(src.read_joint_rank()))
@@ -1144,12 +1148,15 @@ def collect():
     if scale:
         frame = src.read_copying(scale)
         macros.update(copying_macros(frame, scale))
-        later = [macros.get(f"copy.{n}") == "1" for n in ("second", "third", "fourth")]
+        later = [macros.get(f"copy.{n}") == "1"
+                 for n in ("second", "third", "fourth", "fifth")]
         macros.update(earlier_block_macros(src.read_archived_block("first"), any(later)))
         macros.update(earlier_block_macros(src.read_archived_block("second"),
                                            any(later[1:]), prefix="copy.secondblock"))
-        macros.update(earlier_block_macros(src.read_archived_block("third"), later[2],
-                                           prefix="copy.thirdblock"))
+        macros.update(earlier_block_macros(src.read_archived_block("third"),
+                                           any(later[2:]), prefix="copy.thirdblock"))
+        macros.update(earlier_block_macros(src.read_archived_block("fourth"), later[3],
+                                           prefix="copy.fourthblock"))
         tables["copying"], tables["copying_flags"] = (copying_table(frame),
                                                      copying_flag_table(frame))
     return macros, tables
@@ -1160,6 +1167,9 @@ def collect():
 QUARANTINE_COMMIT = "54cbe35"
 #: The commit that made the LoRA null predictive (each statistic from the others').
 NULL_COMMIT = "7e7a791"
+#: The commit that made the smallest cross-validated error the joint rank's default
+#: (PROTOCOL amendment 7).
+RANK_RULE_COMMIT = "623c5d6"
 #: The commit that made clipping the default stand-in for a module-flagged update.
 CLIP_COMMIT = "cdaa0d4"
 #: The code of the archived ``rounds_detection`` table with the quarantine
@@ -1257,6 +1267,37 @@ def null_change_macros(before, after):
     flags = [c for c in before.columns if c.startswith("flagged_clair")]
     changed = int((before[flags].values != after[flags].values).sum())
     macros["copy.nullchange.flags"] = ("not one client flag changed" if changed == 0 else
+                                       f"{fmt(changed)} client flags changed")
+    return macros
+
+
+def rank_change_macros(before, after):
+    """The development block before and after the smallest-error joint rank became the
+    default (``RANK_RULE_COMMIT``), replicate by replicate on the same seeds: CLAIR's
+    gain change per setting (``copy.rankchange.<setting>.diff``, percentage points,
+    paired bootstrap interval), the largest change (``copy.rankchange.maxdiff``), the
+    replicates whose joint rank changed (``copy.rankchange.<setting>.nrank``), and
+    whether every client flag is the same (``copy.rankchange.flags``, words).
+    ``{"copy.rankchange.has": "0"}`` without both tables on the same seeds, or unless
+    the later rows were made, as far as git tells, with the new rule."""
+    paired = _paired_tables(before, after)
+    if paired is None or not _relation(paired[1], RANK_RULE_COMMIT):
+        return {"copy.rankchange.has": "0"}
+    before, after = paired
+    macros = {"copy.rankchange.has": "1",
+              "copy.rankchange.replicates": fmt(int(before.groupby("setting")
+                                                    ["replicate"].nunique().min()))}
+    differences, diffs = _gain_differences(before, after, "copy.rankchange")
+    macros.update(differences)
+    macros["copy.rankchange.maxdiff"] = fmt_fixed(max(abs(float(v)) for v in diffs), 2)
+    for setting in ("homogeneous", "heterogeneous"):
+        rows = (before["setting"] == setting).to_numpy()
+        changed = (before["rank_clair"].to_numpy()[rows]
+                   != after["rank_clair"].to_numpy()[rows])
+        macros[f"copy.rankchange.{setting}.nrank"] = fmt(int(changed.sum()))
+    flags = [c for c in before.columns if c.startswith("flagged_clair")]
+    changed = int((before[flags].values != after[flags].values).sum())
+    macros["copy.rankchange.flags"] = ("not one client flag changed" if changed == 0 else
                                        f"{fmt(changed)} client flags changed")
     return macros
 
@@ -1492,7 +1533,7 @@ def null_rerun_macros(results_dir=None):
     from simulations import load_table, results_path
 
     root = Path(results_dir or src.SOURCES["copying"])
-    rerun, stale, macros = [], [], {}
+    rerun, stale, rank_stale, macros = [], [], [], {}
     for study, scale, words in NULL_STUDIES:
         path = results_path(study, scale, root)
         if not path.exists():
@@ -1506,6 +1547,9 @@ def null_rerun_macros(results_dir=None):
         on_new = _relation(frame, NULL_COMMIT)
         if on_new is not None:  # a table that cannot be placed is named in neither list
             (rerun if on_new else stale).append((study, words))
+        # copying_joint_rank names its rule; the others used the default of their time
+        if study != "copying_joint_rank" and _relation(frame, RANK_RULE_COMMIT) is False:
+            rank_stale.append((study, words))
 
     def listed(items):
         words = [w for _, w in items]
@@ -1513,6 +1557,8 @@ def null_rerun_macros(results_dir=None):
             "".join(words)
 
     return {**macros,
+            "copy.rankchange.stale": listed(rank_stale),
+            "copy.rankchange.nstale": fmt(len(rank_stale)),
             "copy.nullchange.rerun": listed(rerun), "copy.nullchange.stale": listed(stale),
             "copy.nullchange.nrerun": fmt(len(rerun)), "copy.nullchange.nstale": fmt(len(stale)),
             "copy.nullchange.rdetstale": "1" if any(s == "rounds_detection" for s, _ in stale)
@@ -1565,6 +1611,10 @@ def write_generated(out_dir):
         switch("copythird", "copy.third", "copy.first.has", "copy.secondblock.has"),
         switch("copyfourth", "copy.fourth", "copy.first.has", "copy.secondblock.has",
                "copy.thirdblock.has", "copy.nullchange.has"),
+        switch("copyfifth", "copy.fifth", "copy.first.has", "copy.secondblock.has",
+               "copy.thirdblock.has", "copy.fourthblock.has", "copy.rankchange.has"),
+        switch("rankchange", "copy.rankchange.has"),
+        switch("rankstale", "copy.rankchange.nstale", test=lambda v: v not in (None, "0")),
         switch("clipdefault", "copy.clip"),  # the wording about the default
         switch("nullchange", "copy.nullchange.has"),
         switch("nullrerun", "copy.nullchange.nrerun", test=lambda v: v not in (None, "0")),

@@ -37,7 +37,8 @@ from ._common import PAPER_DIR
 __all__ = ["ROOT", "SOURCES", "read_report", "check_verdict", "check_kind", "check_margin",
            "markdown_tables", "find_table", "read_calibration", "calibration_summary",
            "calibration_criteria",
-           "copying_scale", "read_copying", "read_null_change", "read_quarantine",
+           "copying_scale", "read_copying", "read_null_change", "read_rank_change",
+           "read_quarantine",
            "read_rounds",
            "read_flagged", "read_flagged_rerun", "read_archived_block",
            "commit_relation"]
@@ -262,18 +263,36 @@ def read_null_change():
     """The development block before and after the predictive LoRA null (commit
     7e7a791): ``(before, after)`` frames from
     ``simulations/results/archive/copying_small_clip_previous_null.jsonl`` and
+    ``archive/copying_small_one_standard_error.jsonl`` (the block at 7e7a791, archived
+    when the joint rank's default changed) or else ``small/copying.jsonl``, None where
+    absent."""
+    from simulations import load_table
+
+    root = SOURCES["copying"]
+    after = root / "archive" / "copying_small_one_standard_error.jsonl"
+    if not after.exists():
+        after = root / "small" / "copying.jsonl"
+    paths = (root / "archive" / "copying_small_clip_previous_null.jsonl", after)
+    return tuple(load_table(path) if path.exists() else None for path in paths)
+
+
+def read_rank_change():
+    """The development block before and after the smallest-error joint rank became the
+    default (PROTOCOL amendment 7): ``(before, after)`` frames from
+    ``simulations/results/archive/copying_small_one_standard_error.jsonl`` and
     ``small/copying.jsonl``, None where absent."""
     from simulations import load_table
 
     root = SOURCES["copying"]
-    paths = (root / "archive" / "copying_small_clip_previous_null.jsonl",
+    paths = (root / "archive" / "copying_small_one_standard_error.jsonl",
              root / "small" / "copying.jsonl")
     return tuple(load_table(path) if path.exists() else None for path in paths)
 
 
 #: The archived confirmatory blocks of the copying study (PROTOCOL.md): the first, run
 #: before the quarantine; the second, on the quarantine default; the third, on the
-#: clipping default with the LoRA null before the predictive one.
+#: clipping default with the LoRA null before the predictive one; the fourth, on the
+#: predictive null with the one-standard-error joint rank.
 ARCHIVED_BLOCKS = {"first": "copying_full_before_quarantine.jsonl",
                    "second": "copying_full_confirmatory2_quarantine.jsonl",
                    "third": "copying_full_confirmatory3_clip.jsonl",
@@ -282,7 +301,7 @@ ARCHIVED_BLOCKS = {"first": "copying_full_before_quarantine.jsonl",
 
 def read_archived_block(which):
     """An archived confirmatory block of the copying study (:data:`ARCHIVED_BLOCKS`:
-    ``"first"``, ``"second"`` or ``"third"``), or None."""
+    ``"first"`` to ``"fourth"``), or None."""
     from simulations import load_table
 
     path = SOURCES["copying"] / "archive" / ARCHIVED_BLOCKS[which]
