@@ -104,6 +104,31 @@ CONTROLS = {control.name: control for control in [
             # [0.194, 0.304]), but at smoke scale its interval is wide and its lower
             # end near the margin, so the smoke test of the controls could not hold it
             ("robust_clair_level_without_attackers",)),
+    Control("robust-mean",
+            "the plain mean's aggregate is replaced by Krum's (the one client update "
+            "closest to its n - f - 2 nearest neighbours, f = (n - 3) // 2), a rule that "
+            "does not break down with up to f attackers: what the robustness study reports as "
+            "the mean's error is Krum's, which stays at the benign spread whatever gamma "
+            "(robustness; the checks comparing CLAIR with the mean then compare it with "
+            "Krum)",
+            ("robust_mean_breakdown",)),
+    Control("fixed-level",
+            "the per-client test keeps the fixed level 0.05 at every size and the "
+            "multiple-testing correction is forgotten: a client is flagged when its own "
+            "p-value is below 0.05 instead of Holm's family-wise test at the shrinking "
+            "level 1/K (consistency), so the expected number of false flags grows in "
+            "proportion to K",
+            # it cannot fail detection_consistency_trend at smoke scale: two sizes of two
+            # replicates leave no logistic fit unless each size has one exact recovery and
+            # one miss, which gives a slope of 0 (tests/test_validation.py, SMOKE_UNDECIDED)
+            ("detection_consistency_trend", "detection_consistency_limit")),
+    Control("oracle-pools-all",
+            "the oracle refinement is not given the collaborative set C: its off-subspace "
+            "part is the mean over every client, the contaminated ones included, while "
+            "the formula it is checked against keeps |C| and the heterogeneity over C "
+            "(refinement; CLAIR is untouched: this breaks the theory's reference "
+            "estimator, which no other control reaches)",
+            ("refinement_oracle_formula",)),
 ]}
 
 

@@ -47,7 +47,9 @@ CONTROLS = [("no-detection", "robustness"), ("no-alignment", "fedrot"),
             ("local-refinement", "refinement"), ("inflated-noise", "detection"),
             ("inflated-noise", "consistency"), ("no-detection", "detection"),
             ("no-detection", "consistency"), ("narrow-null", "robustness"),
-            ("no-correction", "detection"), ("no-correction", "consistency")]
+            ("no-correction", "detection"), ("no-correction", "consistency"),
+            ("robust-mean", "robustness"), ("fixed-level", "consistency"),
+            ("oracle-pools-all", "refinement")]
 
 
 @pytest.mark.parametrize("control, name", CONTROLS, ids=["-".join(c) for c in CONTROLS])

@@ -253,7 +253,13 @@ def test_validation_smoke_run_reports_every_check_and_the_paper_rebuilds(tmp_pat
 #: the mean is within [0, 1 - 0.025^(1/8)] = [0, 0.369] (mean_interval), which straddles
 #: the margin [0.025, 0.075]; at small scale (192 replicates) the interval is
 #: [0, 0.019] and the check fails (validation/controls/inflated-noise/REPORT.md).
-SMOKE_UNDECIDED = {"inflated-noise": {"detection_null_calibration"}}
+#: Under fixed-level the smoke grid of consistency has two sizes of two replicates, on
+#: which detection_consistency_trend cannot fail: a finite logistic fit exists only when
+#: each size has one exact recovery and one miss (a slope of exactly 0), otherwise the
+#: interval is infinite; at small scale (four sizes of 50) it fails
+#: (validation/controls/fixed-level/REPORT.md).
+SMOKE_UNDECIDED = {"inflated-noise": {"detection_null_calibration"},
+                   "fixed-level": {"detection_consistency_trend"}}
 
 
 @pytest.mark.timeout(240)

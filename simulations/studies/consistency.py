@@ -5,14 +5,17 @@ number of clients and every client's sample size double together), with a fixed
 off-subspace shift ``delta`` of the contaminated clients (so the separation ratio
 ``delta / (sigma sqrt(pq/n))`` grows like sqrt(n)) and a test level that shrinks with the
 size, ``alpha_K = 1 / K``, under Holm's family-wise correction. The claim: P(C_hat = C)
-rises toward 1. Controls as in ``detection``.
+rises toward 1. Controls as in ``detection``, and ``fixed-level``: the test runs at the
+fixed level 0.05 at every size, uncorrected (a client is flagged when its own p-value is
+below 0.05), so about 0.05 (K - m) benign clients are flagged and exact recovery becomes
+rarer as K grows.
 """
 
 from __future__ import annotations
 
 from .._framework import Study
 from ._common import check_control
-from .detection import CONTROLS, fit_and_score
+from .detection import CONTROLS, TEST_LEVEL, fit_and_score
 
 # Off-subspace shift of every contaminated client (Frobenius norm, sigma = 1): at the
 # smallest size (n = 100, per-entry noise sd 1/sqrt(79)) the non-centrality is 28 against
@@ -30,7 +33,8 @@ def level_for(n_clients):
 def simulate_one(params, seed, control=None):
     """One replicate at one size: does the test find exactly the contaminated set?"""
     check_control(control, STUDY)
-    level = level_for(params["n_clients"])
+    # fixed-level: the detection study's fixed level at every size, no correction
+    level = TEST_LEVEL if control == "fixed-level" else level_for(params["n_clients"])
     return fit_and_score({**params, "separation": SEPARATION}, seed, level, CORRECTION,
                          control)
 
@@ -49,5 +53,5 @@ STUDY = Study(
            "full": _path(SIZES)},
     replicates={"smoke": 2, "small": 50, "full": 200},
     simulate_one=simulate_one,
-    controls=CONTROLS,
+    controls=(*CONTROLS, "fixed-level"),
 )

@@ -53,7 +53,8 @@ def fit_and_score(params, seed, level, correction, control):
     flagged, p_values = np.asarray(est.contaminated_, bool), np.asarray(est.p_values_)
     if control == "no-detection":
         flagged, p_values = np.zeros_like(flagged), np.ones_like(p_values)
-    if control == "no-correction":  # each client at the level on its own
+    # each client at the level on its own (fixed-level: consistency's, at 0.05 at every K)
+    if control in ("no-correction", "fixed-level"):
         flagged = p_values < level
     truth = data.contaminated
     scores = detection_scores(flagged, truth)

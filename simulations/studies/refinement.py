@@ -14,7 +14,9 @@ Measured per replicate (means over the collaborative clients): local OLS, plain
 averaging over all clients, the oracle refinement, and CLAIR (rank and set estimated).
 
 Controls: ``local-refinement`` (CLAIR's refined estimates replaced by the local ones),
-``random-subspace`` (the refinement formula applied with a Haar-random subspace).
+``random-subspace`` (the refinement formula applied with a Haar-random subspace),
+``oracle-pools-all`` (the oracle refinement is not given C: it pools the off-subspace
+part over every client, the contaminated ones included; CLAIR is untouched).
 """
 
 from __future__ import annotations
@@ -104,7 +106,10 @@ def simulate_one(params, seed, control=None):
         est = clairstat.CLAIREstimator(solver=SOLVER, random_state=seed)
         est.fit(estimates)
     refined = _refined(est, estimates, control, seed)
-    oracle = oracle_refine(estimates, data.subspace, data.collaborative_set)
+    # oracle-pools-all: the oracle is not told C and pools every client
+    pool = (np.arange(len(estimates)) if control == "oracle-pools-all"
+            else data.collaborative_set)
+    oracle = oracle_refine(estimates, data.subspace, pool)
     average = np.broadcast_to(estimates.mean(0), estimates.shape)
     risk = {name: benign_mean(estimation_errors(values, truth), data.contaminated)
             for name, values in [("local", estimates), ("clair", refined),
@@ -137,5 +142,5 @@ STUDY = Study(
                           [0.0, 0.25, 0.5, 0.8, 1.0, 1.25, 1.5, 2.0, 3.0])},
     replicates={"smoke": 2, "small": 6, "full": 50},
     simulate_one=simulate_one,
-    controls=("random-subspace", "local-refinement"),
+    controls=("random-subspace", "local-refinement", "oracle-pools-all"),
 )

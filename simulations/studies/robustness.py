@@ -23,7 +23,10 @@ median and trimmed mean stay inside the benign clients' coordinate range.
 
 Control ``no-detection``: CLAIR flags nobody, so its global update is the mean of every
 client's update (the collaborative set is everyone). Control ``narrow-null``: the
-per-module tests' predictive null has half its spread (a liberal test).
+per-module tests' predictive null has half its spread (a liberal test). Control
+``robust-mean``: the plain mean's aggregate is Krum's (every ``error_mean`` and
+``error_pop_mean`` is Krum's), a rule that does not break down with up to ``(n - 3) // 2``
+attackers, so the mean's error no longer grows with gamma.
 """
 
 from __future__ import annotations
@@ -208,6 +211,8 @@ def simulate_one(params, seed, control=None):
     scale, pop_scale = np.linalg.norm(target), np.linalg.norm(population)
     results = _run_rules(factors, params["rank"], seed, control)
     updates = {name: res.update for name, res in results.items()}
+    if control == "robust-mean":  # the "mean" does not break down: it is Krum's
+        updates["mean"] = results["krum"].update
     clair = _clair_outputs(results, control)
     updates.update({name: update for name, (update, _) in clair.items()})
     out = {f"error_{name}": float(np.linalg.norm(update - target) / scale)
@@ -243,4 +248,4 @@ STUDY = Study(
                         gamma=[0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45])},
     replicates={"smoke": 2, "small": 10, "full": 100},
     simulate_one=simulate_one,
-    controls=("no-detection", "narrow-null"))
+    controls=("no-detection", "narrow-null", "robust-mean"))
