@@ -303,9 +303,9 @@ DEFAULT_FLAGGED_UPDATES = "clip"
 
 def check_flagged_updates(value):
     """``value`` if it is one of :data:`FLAGGED_UPDATES`, else a ValueError."""
-    if not isinstance(value, str) or value not in FLAGGED_UPDATES:
-        raise ValueError(f"flagged_updates must be one of {FLAGGED_UPDATES}, got {value!r}.")
-    return value
+    from ._validation import check_option
+
+    return check_option("flagged_updates", value, FLAGGED_UPDATES)
 
 
 def _stand_in_maps(module_flags, members, weights, grams, policy):

@@ -57,9 +57,9 @@ DEFAULT_RANK_RULE = "smallest-error"
 
 def check_rank_rule(value):
     """``value`` if it is one of :data:`RANK_RULES`, else a ValueError."""
-    if not isinstance(value, str) or value not in RANK_RULES:
-        raise ValueError(f"rank_rule must be one of {RANK_RULES}, got {value!r}.")
-    return value
+    from ._validation import check_option
+
+    return check_option("rank_rule", value, RANK_RULES)
 
 #: Random module splits used besides the alternating one (fixed seed: the rank is a
 #: deterministic function of the adapters).

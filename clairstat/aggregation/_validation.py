@@ -179,6 +179,14 @@ def check_weights(weights, n_clients):
     return weights / weights.sum()
 
 
+def check_option(name, value, options):
+    """``value`` if it is one of ``options`` (strings), else a ValueError naming
+    ``name`` and the options."""
+    if not isinstance(value, str) or value not in options:
+        raise ValueError(f"{name} must be one of {tuple(options)}, got {value!r}.")
+    return value
+
+
 def check_integer(name, value):
     """An integer option (numpy integers too; not a bool, not a float such as 2.7,
     which ``int`` truncated silently: a review)."""
