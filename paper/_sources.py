@@ -264,15 +264,13 @@ def read_null_change():
     7e7a791): ``(before, after)`` frames from
     ``simulations/results/archive/copying_small_clip_previous_null.jsonl`` and
     ``archive/copying_small_one_standard_error.jsonl`` (the block at 7e7a791, archived
-    when the joint rank's default changed) or else ``small/copying.jsonl``, None where
-    absent."""
+    when the joint rank's default changed), None where absent (not
+    ``small/copying.jsonl``, which holds the rank rule's change too)."""
     from simulations import load_table
 
     root = SOURCES["copying"]
-    after = root / "archive" / "copying_small_one_standard_error.jsonl"
-    if not after.exists():
-        after = root / "small" / "copying.jsonl"
-    paths = (root / "archive" / "copying_small_clip_previous_null.jsonl", after)
+    paths = (root / "archive" / "copying_small_clip_previous_null.jsonl",
+             root / "archive" / "copying_small_one_standard_error.jsonl")
     return tuple(load_table(path) if path.exists() else None for path in paths)
 
 

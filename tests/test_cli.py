@@ -578,6 +578,29 @@ def test_rank_rule_option_is_refine_adapters_option(adapters, tmp_path, rule):
         assert all(torch.equal(after[key], whole.state_dicts[k][key]) for key in after)
 
 
+
+@pytest.mark.filterwarnings("ignore:only 6 clients")
+@pytest.mark.parametrize("rule", [None, "one-standard-error"])
+def test_rank_rule_option_reaches_the_cross_validation(adapters, tmp_path, monkeypatch,
+                                                       rule):
+    """The rule the CLI's cross-validation runs with is --rank-rule's (on these adapters
+    both rules pick the same rank, so comparing ranks or adapters with refine_adapters
+    passes even when the option is dropped on the way: a review)."""
+    from clairstat.aggregation import _rank
+
+    seen, real = [], _rank.cross_validated_rank
+
+    def spy(*args, rule=_rank.DEFAULT_RANK_RULE, **kwargs):
+        seen.append(rule)
+        return real(*args, rule=rule, **kwargs)
+
+    monkeypatch.setattr(_rank, "cross_validated_rank", spy)
+    args = [] if rule is None else ["--rank-rule", rule]
+    assert main(["refine", *args, "--random-state", "0", "--out", str(tmp_path),
+                 *map(str, adapters)]) == 0
+    assert seen == [rule or "smallest-error"]
+
+
 def test_usage_errors_are_one_line(adapters, tmp_path, capsys, monkeypatch):
     """OUT a file, one client, an unusable device, a folder given twice (through a link),
     --flagged-updates with --per-module (it would be ignored), '.' as a folder (named by

@@ -697,6 +697,8 @@ def test_a_round_with_fewer_valid_replies_than_the_rule_needs_is_skipped(caplog)
     ("clair", {"joint": False, "flagged_updates": "clip"}, r"applies to the joint refinement"),
     ("clair", {"joint": False, "rank_rule": "smallest-error"}, r"applies to the joint"),
     ("clair", {"rank_rule": "one-se"}, r"rank_rule must be one of"),
+    # the dry run runs a positive rank as 1: the message names the rank given
+    ("clair", {"rank": 3, "rank_rule": "smallest-error"}, r"which rank=3 fixes"),
     ("clair", {"dtype": "float16"}, r"dtype must be float64 or float32"),
 ])
 def test_the_rule_and_its_options_are_checked_at_construction(rule, options, message):

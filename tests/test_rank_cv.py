@@ -335,7 +335,8 @@ def test_rank_rules():
     assert mean[best.rank] == mean.min()
     assert mean[0] - mean[1] <= best.standard_error[0]  # rank 0 within one SE
     np.testing.assert_array_equal(best.errors, one_se.errors)
-    with pytest.raises(ValueError, match="rank_rule must be one of"):
+    # the message names this function's parameter, ``rule`` (not ``rank_rule``)
+    with pytest.raises(ValueError, match=r"^rule must be one of"):
         cross_validated_rank(grams, rule="one-se")
 
 

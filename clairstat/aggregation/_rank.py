@@ -202,7 +202,9 @@ def cross_validated_rank(module_grams, members=None, max_rank=None,
     >>> cross_validated_rank(grams).rank
     2
     """
-    rule = check_rank_rule(rule)
+    from ._validation import check_option
+
+    rule = check_option("rule", rule, RANK_RULES)  # this function's name for it
     module_grams = np.asarray(module_grams, dtype=float)
     n_modules, n_clients, _ = module_grams.shape
     members = (np.ones(n_clients, dtype=bool) if members is None

@@ -250,6 +250,11 @@ def _check_rule(rule, options):
             if options[name] < (0 if name == "n_byzantine" else 1):
                 raise ValueError(f"{name} must be >= {0 if name == 'n_byzantine' else 1}, "
                                  f"got {options[name]}.")
+    # before the dry run, which runs a positive rank as 1 (its message would name rank=1)
+    if rule == "clair" and options.get("rank_rule") is not None \
+            and options.get("rank") is not None:
+        raise ValueError(f"rank_rule={options['rank_rule']!r} chooses the joint rank, "
+                         f"which rank={options['rank']!r} fixes: give one of them.")
     _dry_run(rule, options)
 
 
@@ -323,11 +328,11 @@ class LoraStrategy(FedAvg):
         Send each client its own adapter (refined by CLAIR, or the global update at its
         rank) instead of one global adapter for all. Needed when ranks differ.
     rule_options : dict, optional
-        Options of the rule (for ``"clair"``: ``joint`` and the parameters of
-        :class:`clairstat.CLAIREstimator`, as :func:`clairstat.lora.refine_adapters`
-        takes them). Names that are not the rule's options (and for krum an
-        ``n_byzantine`` or ``multi`` that is not a non-negative, resp. positive, integer)
-        raise ValueError here.
+        Options of the rule (for ``"clair"``: ``joint``, ``flagged_updates``,
+        ``rank_rule`` and the parameters of :class:`clairstat.CLAIREstimator`, as
+        :func:`clairstat.lora.refine_adapters` takes them). Names that are not the
+        rule's options (and for krum an ``n_byzantine`` or ``multi`` that is not a
+        non-negative, resp. positive, integer) raise ValueError here.
     max_weight_ratio : float or None, default=10.0
         Weight cap: a client's weight is its example count (the ``weighted_by_key``
         metric) over the median count of the round's valid replies, capped at this

@@ -11,8 +11,10 @@ measures every benign client's masked next-token accuracy under every method
 Scales are seed blocks (the ``seed_block`` cell parameter enters the seed derivation, so
 each block's seeds are its own): ``smoke`` a tiny configuration for the tests (2
 replicates per setting, the fewest an interval needs),
-``small`` the development block (10 replicates per setting, made with the quarantine
-of module-flagged updates; the clipping default was chosen on ``copying_flagged``),
+``small`` the development block (10 replicates per setting; the quarantine of
+module-flagged updates when it chose the method, rerun on its seeds with each default
+since: the clipping, the predictive LoRA null and the smallest-error joint rank, the
+earlier tables archived),
 ``full`` the fifth confirmatory block fixed in ``simulations/copying/PROTOCOL.md``
 (amendment 7: 100 replicates per setting on seeds used nowhere before, the clipping
 default, the predictive LoRA null and the smallest-error joint rank; the first four

@@ -17,8 +17,9 @@ these rows needs a comparison on fresh seeds, fixed before its run, before it ma
 the default; the ``full`` scale (``"joint-rank-confirmatory"``, 100 replicates per cell)
 is kept for it and has not been run.
 
-Per row: ``rel_default`` (the default, ``rank_cv``), ``rel_r<k>`` for every joint rank
-``k`` from 0 to ``max_rank`` (``n_members - 1``, at most :data:`MAX_RANK`; the client
+Per row: ``rel_default`` (the one-standard-error rule, the default until PROTOCOL
+amendment 7, pinned so that the rows reproduce; ``rank_cv``), ``rel_r<k>`` for every
+joint rank ``k`` from 0 to ``max_rank`` (``n_members - 1``, at most :data:`MAX_RANK`; the client
 flags do not depend on the joint rank, and the replicate checks it), ``rel_best`` (the
 row's ``rel_r<best_rank>``), the cross-validation's mean relative errors
 (``cv_error_r<k>``) and standard errors (``cv_se_r<k>``), and the client flags.
