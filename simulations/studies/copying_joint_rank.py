@@ -15,7 +15,8 @@ Cells: those of ``copying_flagged`` (16 clients, homogeneous and heterogeneous, 
 ``"joint-rank-development"``, the ``small`` scale). Development only: a rule chosen from
 these rows needs a comparison on fresh seeds, fixed before its run, before it may become
 the default; the ``full`` scale (``"joint-rank-confirmatory"``, 100 replicates per cell)
-is kept for it and has not been run.
+is that comparison (simulations/copying/PROTOCOL.md, amendment 6, run at 2300f49: the
+smallest-error rank judged better, the default since amendment 7).
 
 Per row: ``rel_default`` (the one-standard-error rule, the default until PROTOCOL
 amendment 7, pinned so that the rows reproduce; ``rank_cv``), ``rel_r<k>`` for every
@@ -38,7 +39,7 @@ __all__ = ["STUDY", "simulate_one", "cells", "MAX_RANK", "rank_table",
 
 SEED_BLOCK = "joint-rank-development"
 #: Fresh seeds for a comparison of rank rules fixed before its run (the ``full`` scale;
-#: not run: no rule has been chosen from the development rows yet).
+#: PROTOCOL amendment 6).
 CONFIRMATORY_BLOCK = "joint-rank-confirmatory"
 #: The largest joint rank evaluated (the cross-validation's own cap, 10).
 MAX_RANK = 10
