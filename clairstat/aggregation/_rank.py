@@ -185,7 +185,7 @@ def cross_validated_rank(module_grams, members=None, max_rank=None,
         at most 10.
     rule : {"smallest-error", "one-standard-error"}, default="smallest-error"
         The rank of the smallest mean error, or the smallest rank within one standard
-        error of it (the default before 0.3.0; module docstring).
+        error of it (the default before PROTOCOL amendment 7; module docstring).
 
     Returns
     -------
