@@ -17,11 +17,13 @@ an identity check, not evidence.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import threading
 from pathlib import Path
 
 __all__ = ["Control", "CONTROLS", "CONTROL_MARKER", "get_control", "control_results_dir",
-           "marked_control", "tables_dir"]
+           "marked_control", "tables_dir", "narrowed_null"]
 
 #: Name of the file in a control's results directory that names the control.
 CONTROL_MARKER = "CONTROL"
@@ -96,14 +98,15 @@ CONTROLS = {control.name: control for control in [
             ("detection_bh_false_discoveries", "detection_holm_fwer")),
     Control("narrow-null",
             "the LoRA per-module tests' predictive null has half its spread "
-            "(robustness): every statistic looks twice as far from the others' as it is. "
+            "(robustness; copying: CLAIR's variants): every statistic looks twice as far "
+            "from the others' as it is. "
             "(The regression path has no such control: a noise scale given too small is "
             "raised by the tests' calibration, which brings the members' median p-value "
             "to 1/2.)",
             # not robust_clair_false_discoveries: it fails at small scale too (0.249
             # [0.194, 0.304]), but at smoke scale its interval is wide and its lower
             # end near the margin, so the smoke test of the controls could not hold it
-            ("robust_clair_level_without_attackers",)),
+            ("robust_clair_level_without_attackers", "copying_false_alarms")),
     Control("robust-mean",
             "the plain mean's aggregate is replaced by Krum's (the one client update "
             "closest to its n - f - 2 nearest neighbours, f = (n - 3) // 2), a rule that "
@@ -122,6 +125,15 @@ CONTROLS = {control.name: control for control in [
             # replicates leave no logistic fit unless each size has one exact recovery and
             # one miss, which gives a slope of 0 (tests/test_validation.py, SMOKE_UNDECIDED)
             ("detection_consistency_trend", "detection_consistency_limit")),
+    Control("fedavg-refinement",
+            "CLAIR's refined updates, and the rank-r adapters read out of them, are "
+            "FedAvg's aggregate (the exact mean of every client's update, attackers "
+            "included), the same for every client; its flags are kept (copying)",
+            # a method no better than one of the rules it is compared with: the margin
+            # over FedAvg is exactly 0 in every replicate, below the smallest gain that
+            # counts (validation/checks/copying.py, MIN_GAIN). local-refinement cannot
+            # serve: local LoRA itself beats every rule in the heterogeneous setting
+            ("copying_beats_rules_homogeneous", "copying_beats_rules_heterogeneous")),
     Control("oracle-pools-all",
             "the oracle refinement is not given the collaborative set C: its off-subspace "
             "part is the mean over every client, the contaminated ones included, while "
@@ -206,3 +218,44 @@ def tables_dir(control, results_dir=None, *, mark=False):
         directory.mkdir(parents=True, exist_ok=True)
         (directory / CONTROL_MARKER).write_text(control + "\n")
     return directory
+
+
+_NARROWED = {"users": 0, "original": None}
+_NARROW_LOCK = threading.Lock()
+
+
+def _narrow(*args, **kwargs):
+    """:func:`clairstat._null.predictive_null` with half the spread."""
+    return tuple(dataclasses.replace(null, spread=0.5 * null.spread)
+                 for null in _NARROWED["original"](*args, **kwargs))
+
+
+@contextlib.contextmanager
+def narrowed_null(control):
+    """The ``narrow-null`` control (robustness, copying): the LoRA per-module null
+    (:func:`clairstat._null.predictive_null`, as the tests call it) with half its
+    spread, so that every statistic looks twice as far from the others' as it is; any
+    other ``control`` (``None`` included) changes nothing.
+
+    The patch is installed once however many replicates run it at the same time (the
+    threads of one Dask worker) and removed when the last of them ends; it is the
+    process's, so a worker must not run other studies' replicates beside a control's
+    (``python -m validation --control`` runs only the control's).
+    """
+    if control != "narrow-null":
+        yield
+        return
+    from clairstat import _inference
+
+    with _NARROW_LOCK:
+        if _NARROWED["users"] == 0:
+            _NARROWED["original"] = _inference.predictive_null
+            _inference.predictive_null = _narrow
+        _NARROWED["users"] += 1
+    try:
+        yield
+    finally:
+        with _NARROW_LOCK:
+            _NARROWED["users"] -= 1
+            if _NARROWED["users"] == 0:
+                _inference.predictive_null = _NARROWED["original"]

@@ -42,6 +42,8 @@ import numpy as np
 from clairstat.aggregation import reduce_factors
 from clairstat.lora import aggregate_adapters, module_factors, refine_adapters
 
+from .._controls import narrowed_null
+
 __all__ = ["run_methods", "oracle_refine", "CLAIR_VARIANTS"]
 
 
@@ -148,11 +150,14 @@ def _no_detection(factor_lists):
 
 def _apply_control(control, updates, info, factor_lists):
     """Break the default CLAIR (``clair`` and its adapters) as the control says."""
-    if control is None:
+    if control in (None, "narrow-null"):  # narrow-null: broken in the tests themselves
         return
     n_clients = len(next(iter(factor_lists.values())))
     if control == "local-refinement":  # refined = each client's own update
         updates["clair"] = updates["clair_lora"] = _local(factor_lists)
+    elif control == "fedavg-refinement":  # refined = FedAvg's aggregate, every client
+        updates["clair"] = updates["clair_lora"] = {
+            name: stack.copy() for name, stack in updates["fedavg"].items()}
     elif control == "no-detection":
         updates["clair"], rank = _no_detection(factor_lists)
         updates["clair_lora"] = updates["clair"]  # dense: no readout to break further
@@ -178,9 +183,12 @@ def run_methods(state_dicts, config, init_state, contaminated, params, seed=0,
     params : dict
         Cell parameters (``fedrot_lam``, ``rank``, ``clair_rank``, ``test_level``,
         ``n_variants``).
-    control : {None, "local-refinement", "no-detection"}
+    control : {None, "local-refinement", "no-detection", "narrow-null", "fedavg-refinement"}
         A negative control: the default CLAIR's refined updates become the local ones,
-        or nobody is flagged (its joint refinement then pools every client).
+        or nobody is flagged (its joint refinement then pools every client), or the
+        CLAIR variants' per-module tests run with half their predictive null's spread
+        (:func:`simulations._controls.narrowed_null`), or the default's refined updates
+        (and its rank-r adapters) become FedAvg's aggregate, the same for every client.
     seed : int, default=0
         The replicate's seed: CLAIR's robust start draws its random sets from it (left
         unseeded, they would come from numpy's global generator, and a client on the edge
@@ -211,8 +219,9 @@ def run_methods(state_dicts, config, init_state, contaminated, params, seed=0,
     refinements = {}
     for method, options in variants.items():
         start = time.perf_counter()
-        refinements[method], updates[method] = _clair(state_dicts, config, **common,
-                                                      **options)
+        with narrowed_null(control):
+            refinements[method], updates[method] = _clair(state_dicts, config, **common,
+                                                          **options)
         info[f"seconds_{method}"] = time.perf_counter() - start
         info[f"flagged_{method}"] = refinements[method].flagged
         selection = refinements[method].rank_selection

@@ -48,7 +48,9 @@ def cells(seed_block, **overrides):
 def simulate_one(params, seed, control=None):
     """One replicate (:func:`simulations.copying.replicate.simulate_one`); ``control``
     ``"local-refinement"`` replaces CLAIR's refined updates by the local ones,
-    ``"no-detection"`` makes CLAIR flag nobody (the negative controls)."""
+    ``"no-detection"`` makes CLAIR flag nobody, ``"narrow-null"`` halves the spread of
+    its per-module tests' null, ``"fedavg-refinement"`` gives every client FedAvg's
+    aggregate as CLAIR's refined update (the negative controls)."""
     check_control(control, STUDY)
     return _simulate_one(params, seed, control=control)
 
@@ -61,4 +63,4 @@ STUDY = Study(
            "full": cells("confirmatory-5")},
     replicates={"smoke": 2, "small": 10, "full": 100},
     simulate_one=simulate_one,
-    controls=("local-refinement", "no-detection"))
+    controls=("local-refinement", "no-detection", "narrow-null", "fedavg-refinement"))

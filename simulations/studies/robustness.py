@@ -32,8 +32,6 @@ attackers, so the mean's error no longer grows with gamma.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import threading
 import warnings
 
 import numpy as np
@@ -42,6 +40,7 @@ from clairstat.aggregation import aggregate
 from clairstat.metrics import detection_scores
 
 from .._framework import Study, grid
+from .._controls import narrowed_null
 from ._common import check_control
 
 __all__ = ["STUDY", "simulate_one", "ATTACKS", "RULES", "make_clients"]
@@ -140,49 +139,9 @@ def _in_range(update, benign):
                 np.all(update <= benign.max(0) + slack))
 
 
-_NARROWED = {"users": 0, "original": None}
-_NARROW_LOCK = threading.Lock()
-
-
-def _narrow(*args, **kwargs):
-    """:func:`clairstat._null.predictive_null` with half the spread."""
-    return tuple(dataclasses.replace(null, spread=0.5 * null.spread)
-                 for null in _NARROWED["original"](*args, **kwargs))
-
-
-@contextlib.contextmanager
-def _null_for(control):
-    """The ``narrow-null`` control: the LoRA per-module null
-    (:func:`clairstat._null.predictive_null`, as the tests call it) with half its
-    spread, so that every statistic looks twice as far from the others' as it is.
-
-    The patch is installed once however many replicates run it at the same time (the
-    threads of one Dask worker) and removed when the last of them ends; it is the
-    process's, so a worker must not run other studies' replicates beside a control's
-    (``python -m validation --control`` runs only the control's).
-    """
-    if control != "narrow-null":
-        yield
-        return
-    from clairstat import _inference
-
-    with _NARROW_LOCK:
-        if _NARROWED["users"] == 0:
-            _NARROWED["original"] = _inference.predictive_null
-            _inference.predictive_null = _narrow
-        _NARROWED["users"] += 1
-    try:
-        yield
-    finally:
-        with _NARROW_LOCK:
-            _NARROWED["users"] -= 1
-            if _NARROWED["users"] == 0:
-                _inference.predictive_null = _NARROWED["original"]
-
-
 def _run_rules(factors, rank, seed, control=None):
     results = {}
-    with warnings.catch_warnings(), _one_torch_thread(), _null_for(control):
+    with warnings.catch_warnings(), _one_torch_thread(), narrowed_null(control):
         warnings.simplefilter("ignore")  # all-flagged / non-convergence: still measured
         for name, (rule, options) in RULES.items():
             results[name] = aggregate(rule, factors,
