@@ -755,13 +755,16 @@ def _fit_options(args):
 class Summary(NamedTuple):
     """For the report: ``flagged`` per client, ``module_flagged``, ``p_values`` and
     ``adjusted_p_values`` per module, ``joint_rank`` (None without the joint
-    refinement)."""
+    refinement), ``rank_rule`` (the rule of the cross-validation that chose the joint
+    rank; None where none ran: ``--rank`` given, ``--per-module``, one fitted module,
+    fewer than three collaborative clients)."""
 
     flagged: list
     module_flagged: dict
     p_values: dict
     joint_rank: int | None
     adjusted_p_values: dict
+    rank_rule: str | None = None
 
 
 def _release_memory():
@@ -825,7 +828,7 @@ def _stream(clients, writer, args, progress, cluster):
         _release_memory()
     live = [module for module, fit in fits.items() if fit.p_values is not None]
     module_flags = np.reshape([fits[m].flagged for m in live], (len(live), len(clients)))
-    joint_rank = None
+    joint_rank = rank_rule = None
     if not args.joint:
         flagged = client_flags(module_flags, args.test_level)
     elif not live:  # every module zero: nothing to refine, everyone keeps its own
@@ -836,6 +839,7 @@ def _stream(clients, writer, args, progress, cluster):
                                       flagged_updates=args.flagged_updates,
                                       rank_rule=args.rank_rule)
         flagged, joint_rank = refinement.flagged, refinement.rank
+        rank_rule = None if refinement.selection is None else refinement.selection.rule
         kept = np.flatnonzero(~flagged).tolist()
         coef = dict(zip(live, refinement.coef))  # per module (flagged updates stood in for)
         if kept:
@@ -852,7 +856,8 @@ def _stream(clients, writer, args, progress, cluster):
     return Summary(np.asarray(flagged, dtype=bool).tolist(),
                    {m: fit.flagged for m, fit in fits.items()},
                    {m: fit.p_values for m, fit in fits.items()}, joint_rank,
-                   {m: fit.adjusted_p_values for m, fit in fits.items()}), messages
+                   {m: fit.adjusted_p_values for m, fit in fits.items()},
+                   rank_rule), messages
 
 
 # -- running ------------------------------------------------------------------------------
@@ -1002,7 +1007,7 @@ def _report(clients, summary, args):
             "rank": args.rank, "joint_rank": summary.joint_rank,
             "test_level": args.test_level,
             "flagged_updates": args.flagged_updates if args.joint else None,
-            "rank_rule": args.rank_rule,
+            "rank_rule": summary.rank_rule,
             "random_state": args.random_state,
             "modules": sorted(summary.module_flagged), "clients": entries}
 

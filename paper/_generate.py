@@ -1137,6 +1137,7 @@ def collect():
     macros.update(quarantine_macros(*src.read_quarantine()))
     macros.update(null_change_macros(*src.read_null_change()))
     macros.update(rank_change_macros(*src.read_rank_change()))
+    macros.update(no_detection_macros(*src.read_control_pair("no-detection")))
     macros["copy.quarantine.commit"] = QUARANTINE_COMMIT  # named wherever the text needs it
     macros["copy.rankchange.commit"] = RANK_RULE_COMMIT
     macros.update(sweep_quarantine_macros(*src.read_quarantine("copying_sweep")))
@@ -1268,6 +1269,40 @@ def null_change_macros(before, after):
     changed = int((before[flags].values != after[flags].values).sum())
     macros["copy.nullchange.flags"] = ("not one client flag changed" if changed == 0 else
                                        f"{fmt(changed)} client flags changed")
+    return macros
+
+
+def no_detection_macros(normal, pooled):
+    """What the tests add to CLAIR's gain on the development block: the ``no-detection``
+    control (nobody flagged, the joint refinement pooling every client) against the
+    default on the same seeds. Per setting ``copy.nodetect.<setting>.gain`` (the
+    control's gain over local LoRA, paired bootstrap interval), ``.fedavg`` (FedAvg's
+    on the same replicates, which also averages every client), ``.diff`` (control
+    minus default, replicate by replicate), ``.rank`` and ``.rankpooled`` (the mean
+    joint rank of the default and of the control); ``copy.nodetect.replicates`` and
+    ``copy.nodetect.contaminated``. ``{"copy.nodetect.has": "0"}`` without both tables
+    on the same seeds, or unless the control's rows were made by the code of the
+    default's rows (the same ``code_commit``: the comparison is of the tests, nothing
+    else)."""
+    from simulations.copying.analysis import paired_bootstrap, replicate_gains
+
+    paired = _paired_tables(normal, pooled)
+    if paired is None or set(paired[0]["code_commit"]) != set(paired[1]["code_commit"]):
+        return {"copy.nodetect.has": "0"}
+    normal, pooled = paired
+    macros = {"copy.nodetect.has": "1",
+              "copy.nodetect.replicates": fmt(int(normal.groupby("cell").size().min())),
+              "copy.nodetect.contaminated": fmt(int(normal["n_contaminated"].max()))}
+    macros.update(_gain_differences(normal, pooled, "copy.nodetect")[0])
+    for setting in ("homogeneous", "heterogeneous"):
+        for key, gains in (("gain", replicate_gains(pooled, setting)["clair"]),
+                           ("fedavg", replicate_gains(normal, setting)["fedavg"])):
+            mean, low, high = paired_bootstrap(gains)
+            macros[f"copy.nodetect.{setting}.{key}"] = (
+                f"{fmt_fixed(mean, 2)} [{fmt_fixed(low, 2)}, {fmt_fixed(high, 2)}]")
+        for key, frame in (("rank", normal), ("rankpooled", pooled)):
+            ranks = frame.loc[frame["setting"] == setting, "rank_clair"]
+            macros[f"copy.nodetect.{setting}.{key}"] = fmt_fixed(float(ranks.mean()), 1)
     return macros
 
 
@@ -1614,6 +1649,7 @@ def write_generated(out_dir):
         switch("copyfifth", "copy.fifth", "copy.first.has", "copy.secondblock.has",
                "copy.thirdblock.has", "copy.fourthblock.has", "copy.rankchange.has"),
         switch("rankchange", "copy.rankchange.has"),
+        switch("nodetect", "copy.nodetect.has"),
         switch("rankstale", "copy.rankchange.nstale", test=lambda v: v not in (None, "0")),
         switch("clipdefault", "copy.clip"),  # the wording about the default
         switch("nullchange", "copy.nullchange.has"),

@@ -287,6 +287,19 @@ def read_rank_change():
     return tuple(load_table(path) if path.exists() else None for path in paths)
 
 
+def read_control_pair(control):
+    """The development block and a negative control's rerun of it on the same seeds
+    (``python -m simulations copying --scale small --control CONTROL``): ``(normal,
+    control)`` frames from ``small/copying.jsonl`` and
+    ``controls/CONTROL/small/copying.jsonl``, None where absent."""
+    from simulations import load_table
+
+    root = SOURCES["copying"]
+    paths = (root / "small" / "copying.jsonl",
+             root / "controls" / control / "small" / "copying.jsonl")
+    return tuple(load_table(path) if path.exists() else None for path in paths)
+
+
 #: The archived confirmatory blocks of the copying study (PROTOCOL.md): the first, run
 #: before the quarantine; the second, on the quarantine default; the third, on the
 #: clipping default with the LoRA null before the predictive one; the fourth, on the

@@ -580,6 +580,19 @@ def test_rank_rule_option_is_refine_adapters_option(adapters, tmp_path, rule):
 
 
 @pytest.mark.filterwarnings("ignore:only 6 clients")
+@pytest.mark.parametrize("options", [["--rank", "1"], ["--per-module"]])
+def test_report_names_no_rank_rule_where_nothing_was_cross_validated(adapters, tmp_path,
+                                                                      options):
+    """A rank given, or no joint refinement: no rule chose a rank, and the report says
+    so (it named the default rule there before)."""
+    assert main(["refine", *options, "--random-state", "0", "--out", str(tmp_path),
+                 *map(str, adapters)]) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["rank_rule"] is None
+    assert report["joint_rank"] == (1 if options[0] == "--rank" else None)
+
+
+@pytest.mark.filterwarnings("ignore:only 6 clients")
 @pytest.mark.parametrize("rule", [None, "one-standard-error"])
 def test_rank_rule_option_reaches_the_cross_validation(adapters, tmp_path, monkeypatch,
                                                        rule):

@@ -171,8 +171,8 @@ def test_mlp_option_adapts_and_refines_the_mlp(tmp_path):
 @pytest.mark.slow
 def test_study_runs_resumes_and_its_controls_break_it(tmp_path, monkeypatch):
     """``python -m simulations copying --scale smoke``: two replicates per setting, every
-    method and client in the row, nothing rerun on resume; the two negative controls
-    write their own tables and break the default CLAIR as declared."""
+    method and client in the row, nothing rerun on resume; the negative controls write
+    their own tables and break the default CLAIR as declared."""
     from simulations.__main__ import main
 
     monkeypatch.setenv("CLAIRSTAT_CACHE_DIR", str(tmp_path / "cache"))
@@ -190,7 +190,8 @@ def test_study_runs_resumes_and_its_controls_break_it(tmp_path, monkeypatch):
         assert row["clair_stand_in"] == "clip"  # the default's stand-in, recorded
     assert main(args) == 0  # resume: nothing left to run
     assert len(table.read_text().splitlines()) == 4
-    for control in ("local-refinement", "no-detection"):
+    for control in ("local-refinement", "no-detection", "fedavg-refinement", "narrow-null",
+                    "no-correction"):
         assert main(args + ["--control", control]) == 0
         broken = [json.loads(line) for line in (tmp_path / "results" / "controls" / control
                                                 / "smoke" / "copying.jsonl").read_text()
@@ -201,8 +202,15 @@ def test_study_runs_resumes_and_its_controls_break_it(tmp_path, monkeypatch):
             assert row["acc_local"] == normal["acc_local"]
             if control == "local-refinement":
                 assert row["rel_clair"] == 0.0
-            else:
+            elif control == "no-detection":
                 assert row["recall_clair"] == 0.0 and row["false_positive_rate_clair"] == 0.0
+            elif control == "fedavg-refinement":  # FedAvg's accuracy; the flags kept
+                assert row["acc_clair"] == row["acc_clair_lora"] == row["acc_fedavg"]
+                assert row["recall_clair"] == normal["recall_clair"]
+            else:  # narrow-null, no-correction: only CLAIR's variants are touched
+                assert row["acc_krum"] == normal["acc_krum"]
+                if control == "no-correction":  # flags only added: any module's
+                    assert row["recall_clair"] >= normal["recall_clair"]
 
 
 def test_flagged_update_study_compares_both_policies_on_the_same_clients(tmp_path,

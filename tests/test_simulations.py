@@ -659,3 +659,46 @@ def test_the_readme_lists_every_control_with_the_studies_that_implement_it():
     implemented = {name: {study.name for study in simulations.available_studies().values()
                           if name in study.controls} for name in simulations.CONTROLS}
     assert listed == implemented
+
+
+def test_broken_lora_tests_patch_only_while_a_control_runs(monkeypatch):
+    """``broken_lora_tests``: the tests' predictive null with half its spread inside the
+    ``narrow-null`` control, p-values unadjusted and a client flagged by any module
+    inside ``no-correction`` (nested uses share one patch), the originals restored when the last use ends (an
+    error included); any other control changes nothing."""
+    import dataclasses
+
+    from clairstat import _inference
+    from clairstat.aggregation import _modules
+    from simulations._controls import broken_lora_tests
+
+    @dataclasses.dataclass(frozen=True)
+    class Null:
+        spread: float
+
+    def original(*_args, **_kwargs):
+        return Null(2.0), Null(4.0)
+
+    monkeypatch.setattr(_inference, "predictive_null", original)
+    votes, flags = _modules.client_flags, np.array([[1, 0, 0], [0, 0, 0], [0, 0, 1]], bool)
+    assert votes(flags, 0.05).tolist() == [False, False, False]  # one vote of 3: too few
+    with broken_lora_tests(None), broken_lora_tests("no-detection"):
+        assert _inference.predictive_null is original and _modules.client_flags is votes
+    with broken_lora_tests("narrow-null"):
+        assert [n.spread for n in _inference.predictive_null()] == [1.0, 2.0]
+        with broken_lora_tests("narrow-null"):  # a second replicate's, in another thread
+            assert [n.spread for n in _inference.predictive_null()] == [1.0, 2.0]
+        assert _inference.predictive_null is not original  # the first one still runs
+        assert _modules.client_flags is votes
+    assert _inference.predictive_null is original
+    adjust = _inference.adjust_p_values
+    raw = np.array([0.01, 0.02, 0.5])
+    assert adjust(raw, 0.05, "holm").tolist() == pytest.approx([0.03, 0.04, 0.5])
+    with broken_lora_tests("no-correction"):
+        assert _modules.client_flags(flags, 0.05).tolist() == [True, False, True]
+        assert _inference.adjust_p_values(raw, 0.05, "holm").tolist() == raw.tolist()
+        assert _inference.predictive_null is original
+    assert _modules.client_flags is votes and _inference.adjust_p_values is adjust
+    with pytest.raises(RuntimeError), broken_lora_tests("narrow-null"):
+        raise RuntimeError("a replicate fails")
+    assert _inference.predictive_null is original

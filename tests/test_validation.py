@@ -258,8 +258,14 @@ def test_validation_smoke_run_reports_every_check_and_the_paper_rebuilds(tmp_pat
 #: each size has one exact recovery and one miss (a slope of exactly 0), otherwise the
 #: interval is infinite; at small scale (four sizes of 50) it fails
 #: (validation/controls/fixed-level/REPORT.md).
+#: Under no-correction the copying study's smoke grid has 16 clean clients (6 clients, 2
+#: contaminated, 2 replicates per setting) on tests of little power (each client's
+#: statistic predicted from 5 others'): 2 flagged, Wilson's interval [0.035, 0.36]
+#: straddles 0.05; at small scale (240 clean clients) the check fails
+#: (validation/controls/no-correction/REPORT.md).
 SMOKE_UNDECIDED = {"inflated-noise": {"detection_null_calibration"},
-                   "fixed-level": {"detection_consistency_trend"}}
+                   "fixed-level": {"detection_consistency_trend"},
+                   "no-correction": {"copying_false_alarms"}}
 
 
 @pytest.mark.timeout(240)

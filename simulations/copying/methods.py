@@ -42,7 +42,7 @@ import numpy as np
 from clairstat.aggregation import reduce_factors
 from clairstat.lora import aggregate_adapters, module_factors, refine_adapters
 
-from .._controls import narrowed_null
+from .._controls import broken_lora_tests
 
 __all__ = ["run_methods", "oracle_refine", "CLAIR_VARIANTS"]
 
@@ -150,7 +150,7 @@ def _no_detection(factor_lists):
 
 def _apply_control(control, updates, info, factor_lists):
     """Break the default CLAIR (``clair`` and its adapters) as the control says."""
-    if control in (None, "narrow-null"):  # narrow-null: broken in the tests themselves
+    if control in (None, "narrow-null", "no-correction"):  # broken in the tests themselves
         return
     n_clients = len(next(iter(factor_lists.values())))
     if control == "local-refinement":  # refined = each client's own update
@@ -183,12 +183,14 @@ def run_methods(state_dicts, config, init_state, contaminated, params, seed=0,
     params : dict
         Cell parameters (``fedrot_lam``, ``rank``, ``clair_rank``, ``test_level``,
         ``n_variants``).
-    control : {None, "local-refinement", "no-detection", "narrow-null", "fedavg-refinement"}
+    control : {None, "local-refinement", "no-detection", "narrow-null", "no-correction", \
+"fedavg-refinement"}
         A negative control: the default CLAIR's refined updates become the local ones,
         or nobody is flagged (its joint refinement then pools every client), or the
-        CLAIR variants' per-module tests run with half their predictive null's spread
-        (:func:`simulations._controls.narrowed_null`), or the default's refined updates
-        (and its rank-r adapters) become FedAvg's aggregate, the same for every client.
+        CLAIR variants' tests are broken (:func:`simulations._controls.broken_lora_tests`:
+        the per-module null at half its spread, or a client flagged by any module), or
+        the default's refined updates (and its rank-r adapters) become FedAvg's
+        aggregate, the same for every client.
     seed : int, default=0
         The replicate's seed: CLAIR's robust start draws its random sets from it (left
         unseeded, they would come from numpy's global generator, and a client on the edge
@@ -219,7 +221,7 @@ def run_methods(state_dicts, config, init_state, contaminated, params, seed=0,
     refinements = {}
     for method, options in variants.items():
         start = time.perf_counter()
-        with narrowed_null(control):
+        with broken_lora_tests(control):
             refinements[method], updates[method] = _clair(state_dicts, config, **common,
                                                           **options)
         info[f"seconds_{method}"] = time.perf_counter() - start

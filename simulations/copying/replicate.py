@@ -169,7 +169,8 @@ def simulate_one(params, seed, control=None):
         Cell parameters (:data:`DEFAULT_PARAMS` keys, ``setting``, ``n_variants``; a
         ``seed_block`` only changes the seeds the study derives).
     seed : int
-    control : {None, "local-refinement", "no-detection", "narrow-null", "fedavg-refinement"}
+    control : {None, "local-refinement", "no-detection", "narrow-null", "no-correction", \
+"fedavg-refinement"}
         A negative control (:func:`simulations.copying.methods.run_methods`).
 
     Returns

@@ -49,8 +49,9 @@ def simulate_one(params, seed, control=None):
     """One replicate (:func:`simulations.copying.replicate.simulate_one`); ``control``
     ``"local-refinement"`` replaces CLAIR's refined updates by the local ones,
     ``"no-detection"`` makes CLAIR flag nobody, ``"narrow-null"`` halves the spread of
-    its per-module tests' null, ``"fedavg-refinement"`` gives every client FedAvg's
-    aggregate as CLAIR's refined update (the negative controls)."""
+    its per-module tests' null, ``"no-correction"`` flags a client that any module's
+    test flags, ``"fedavg-refinement"`` gives every client FedAvg's aggregate as CLAIR's
+    refined update (the negative controls)."""
     check_control(control, STUDY)
     return _simulate_one(params, seed, control=control)
 
@@ -63,4 +64,5 @@ STUDY = Study(
            "full": cells("confirmatory-5")},
     replicates={"smoke": 2, "small": 10, "full": 100},
     simulate_one=simulate_one,
-    controls=("local-refinement", "no-detection", "narrow-null", "fedavg-refinement"))
+    controls=("local-refinement", "no-detection", "narrow-null", "no-correction",
+              "fedavg-refinement"))

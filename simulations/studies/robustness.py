@@ -40,7 +40,7 @@ from clairstat.aggregation import aggregate
 from clairstat.metrics import detection_scores
 
 from .._framework import Study, grid
-from .._controls import narrowed_null
+from .._controls import broken_lora_tests
 from ._common import check_control
 
 __all__ = ["STUDY", "simulate_one", "ATTACKS", "RULES", "make_clients"]
@@ -141,7 +141,7 @@ def _in_range(update, benign):
 
 def _run_rules(factors, rank, seed, control=None):
     results = {}
-    with warnings.catch_warnings(), _one_torch_thread(), narrowed_null(control):
+    with warnings.catch_warnings(), _one_torch_thread(), broken_lora_tests(control):
         warnings.simplefilter("ignore")  # all-flagged / non-convergence: still measured
         for name, (rule, options) in RULES.items():
             results[name] = aggregate(rule, factors,
