@@ -577,6 +577,37 @@ def test_rank_change_macros_are_the_two_tables():
         assert macros[f"copy.rankchange.{setting}.nrank"] == str(sum(ranks[setting]))
 
 
+def test_no_detection_macros_are_the_two_tables():
+    """What the tests add: the no-detection control's development table against the
+    default's on the same seeds, CLAIR's gain and its change per setting and the mean
+    joint ranks, recomputed by plain loops."""
+    normal = ROOT / "simulations" / "results" / "small" / "copying.jsonl"
+    pooled = (ROOT / "simulations" / "results" / "controls" / "no-detection" / "small"
+              / "copying.jsonl")
+    if not (normal.exists() and pooled.exists()):
+        pytest.skip("no development block or no control table")
+    macros = _macros()
+    assert macros["copy.nodetect.has"] == "1"
+    by_setting = {}
+    for old, new in _paired_rows(normal, pooled):
+        assert old["code_commit"] == new["code_commit"]  # only the tests differ
+        entry = by_setting.setdefault(old["setting"], {"gain": [], "diff": [], "rank": [],
+                                                       "rankpooled": []})
+        entry["gain"].append(_clair_gain(new))
+        entry["diff"].append(_clair_gain(new) - _clair_gain(old))
+        entry["rank"].append(old["rank_clair"])
+        entry["rankpooled"].append(new["rank_clair"])
+    for setting, entry in by_setting.items():
+        for key in ("gain", "diff"):
+            shown = macros[f"copy.nodetect.{setting}.{key}"].replace(r"\ensuremath{-}", "-")
+            mean = sum(entry[key]) / len(entry[key])
+            assert float(shown.split()[0]) == pytest.approx(mean, abs=0.006)
+        for key in ("rank", "rankpooled"):
+            mean = sum(entry[key]) / len(entry[key])
+            assert float(macros[f"copy.nodetect.{setting}.{key}"]) == pytest.approx(mean,
+                                                                                 abs=0.06)
+
+
 def _clip_minus_quarantine(path):
     """Per cell of a copying_flagged table, every replicate's clip - quarantine gain
     (points), by plain loops over the benign clients' accuracies."""
