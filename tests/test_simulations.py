@@ -702,3 +702,43 @@ def test_broken_lora_tests_patch_only_while_a_control_runs(monkeypatch):
     with pytest.raises(RuntimeError), broken_lora_tests("narrow-null"):
         raise RuntimeError("a replicate fails")
     assert _inference.predictive_null is original
+
+
+@pytest.mark.parametrize("joint", [True, False])
+def test_broken_lora_tests_reach_the_package_path_the_copying_study_runs(joint):
+    """Under ``no-correction`` the real LoRA path (``clair_modules``, as
+    ``refine_adapters`` calls it) leaves every module's p-values unadjusted and flags a
+    client that any module flags; under ``narrow-null`` its p-values change. Without a
+    control neither holds (the patches are not no-ops that the smoke tables could hide)."""
+    import warnings
+
+    from clairstat.aggregation import clair_modules
+    from simulations._controls import broken_lora_tests
+
+    rng = np.random.default_rng(3)
+    shared = rng.standard_normal((24, 2))
+    lists = {f"m{m}": [((shared + 0.3 * rng.standard_normal((24, 2))) * (8.0 if k == 0
+                                                                      else 1.0),
+                        rng.standard_normal((2, 20))) for k in range(12)]
+             for m in range(3)}
+
+    def fit(control):
+        with warnings.catch_warnings(), broken_lora_tests(control):
+            warnings.simplefilter("ignore")
+            return clair_modules(lists, joint=joint, random_state=0)
+
+    def module_flags(result):
+        return np.array([result.estimators[m].contaminated_ for m in sorted(lists)])
+
+    normal, uncorrected, narrow = fit(None), fit("no-correction"), fit("narrow-null")
+    for m in lists:
+        est = uncorrected.estimators[m]
+        assert np.array_equal(est.adjusted_p_values_, est.p_values_)
+        assert not np.array_equal(normal.estimators[m].adjusted_p_values_,
+                                  normal.estimators[m].p_values_)
+        assert not np.allclose(narrow.estimators[m].p_values_,
+                               normal.estimators[m].p_values_)
+    assert np.array_equal(uncorrected.flagged, module_flags(uncorrected).any(axis=0))
+    # the vote-count test needs more than one module's flag (here: all three modules
+    # flag the scaled client 0)
+    assert normal.flagged[0] and uncorrected.flagged[0]

@@ -188,7 +188,8 @@ def run_methods(state_dicts, config, init_state, contaminated, params, seed=0,
         A negative control: the default CLAIR's refined updates become the local ones,
         or nobody is flagged (its joint refinement then pools every client), or the
         CLAIR variants' tests are broken (:func:`simulations._controls.broken_lora_tests`:
-        the per-module null at half its spread, or a client flagged by any module), or
+        the per-module null at half its spread, or each module's p-values unadjusted and
+        a client flagged by any module), or
         the default's refined updates (and its rank-r adapters) become FedAvg's
         aggregate, the same for every client.
     seed : int, default=0

@@ -49,8 +49,8 @@ def simulate_one(params, seed, control=None):
     """One replicate (:func:`simulations.copying.replicate.simulate_one`); ``control``
     ``"local-refinement"`` replaces CLAIR's refined updates by the local ones,
     ``"no-detection"`` makes CLAIR flag nobody, ``"narrow-null"`` halves the spread of
-    its per-module tests' null, ``"no-correction"`` flags a client that any module's
-    test flags, ``"fedavg-refinement"`` gives every client FedAvg's aggregate as CLAIR's
+    its per-module tests' null, ``"no-correction"`` leaves each module's p-values
+    unadjusted and flags a client that any module's test flags, ``"fedavg-refinement"`` gives every client FedAvg's aggregate as CLAIR's
     refined update (the negative controls)."""
     check_control(control, STUDY)
     return _simulate_one(params, seed, control=control)
