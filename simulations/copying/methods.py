@@ -190,8 +190,8 @@ def run_methods(state_dicts, config, init_state, contaminated, params, seed=0,
         CLAIR variants' tests are broken (:func:`simulations._controls.broken_lora_tests`:
         the per-module null at half its spread, or each module's p-values unadjusted and
         a client flagged by any module), or
-        the default's refined updates (and its rank-r adapters) become FedAvg's
-        aggregate, the same for every client.
+        the default's refined updates (and the adapters its clients load) become
+        FedAvg's aggregate, the same for every client.
     seed : int, default=0
         The replicate's seed: CLAIR's robust start draws its random sets from it (left
         unseeded, they would come from numpy's global generator, and a client on the edge
