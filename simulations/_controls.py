@@ -138,6 +138,13 @@ CONTROLS = {control.name: control for control in [
             # shows the pairwise comparison is wired, not that a subtler loss is seen.
             # local-refinement cannot serve: local LoRA beats every rule heterogeneous
             ("copying_beats_rules_homogeneous", "copying_beats_rules_heterogeneous")),
+    Control("halfway-fedavg",
+            "CLAIR's refined updates, and the adapters its clients load, are halfway "
+            "between each client's own update and FedAvg's aggregate (their average); "
+            "its flags are kept (copying)",
+            # unlike fedavg-refinement's, its verdicts are not fixed by construction: the
+            # refined update is neither a rule's aggregate nor local LoRA's
+            ("copying_beats_rules_homogeneous", "copying_beats_rules_heterogeneous")),
     Control("oracle-pools-all",
             "the oracle refinement is not given the collaborative set C: its off-subspace "
             "part is the mean over every client, the contaminated ones included, while "

@@ -190,8 +190,8 @@ def test_study_runs_resumes_and_its_controls_break_it(tmp_path, monkeypatch):
         assert row["clair_stand_in"] == "clip"  # the default's stand-in, recorded
     assert main(args) == 0  # resume: nothing left to run
     assert len(table.read_text().splitlines()) == 4
-    for control in ("local-refinement", "no-detection", "fedavg-refinement", "narrow-null",
-                    "no-correction"):
+    for control in ("local-refinement", "no-detection", "fedavg-refinement", "halfway-fedavg",
+                    "narrow-null", "no-correction"):
         assert main(args + ["--control", control]) == 0
         broken = [json.loads(line) for line in (tmp_path / "results" / "controls" / control
                                                 / "smoke" / "copying.jsonl").read_text()
@@ -207,6 +207,10 @@ def test_study_runs_resumes_and_its_controls_break_it(tmp_path, monkeypatch):
             elif control == "fedavg-refinement":  # FedAvg's accuracy; the flags kept
                 assert row["acc_clair"] == row["acc_clair_lora"] == row["acc_fedavg"]
                 assert row["recall_clair"] == normal["recall_clair"]
+            elif control == "halfway-fedavg":  # neither FedAvg's nor local LoRA's
+                assert row["acc_clair"] == row["acc_clair_lora"]
+                assert row["recall_clair"] == normal["recall_clair"]
+                assert row["rel_clair"] != 0.0 and row["acc_clair"] != row["acc_fedavg"]
             else:  # narrow-null, no-correction: only CLAIR's variants are touched
                 assert row["acc_krum"] == normal["acc_krum"]
         if control in ("narrow-null", "no-correction"):  # and they are touched
@@ -214,6 +218,28 @@ def test_study_runs_resumes_and_its_controls_break_it(tmp_path, monkeypatch):
             assert any(row[c] != normal[c] for row, normal in zip(
                 sorted(broken, key=lambda r: r["seed"]), sorted(rows, key=lambda r: r["seed"]))
                 for c in clair), control
+
+
+def test_the_refinement_controls_replace_clairs_updates_as_documented(rng):
+    """``fedavg-refinement`` gives every client FedAvg's aggregate, ``halfway-fedavg`` the
+    midpoint of each client's own update and it, ``local-refinement`` the local update;
+    both CLAIR entries (dense and read out) change, the flags and other methods do not."""
+    from simulations.copying.methods import _apply_control
+
+    factors = {"m": [(rng.normal(size=(5, 2)), rng.normal(size=(2, 4))) for _ in range(3)]}
+    local = np.stack([b @ a for b, a in factors["m"]])
+    fedavg = np.repeat(local.mean(axis=0)[None], 3, axis=0)
+    expected = {"local-refinement": local, "fedavg-refinement": fedavg,
+                "halfway-fedavg": 0.5 * (local + fedavg)}
+    for control, want in expected.items():
+        updates = {"fedavg": {"m": fedavg.copy()}, "clair": {"m": np.zeros_like(local)},
+                   "clair_lora": {"m": np.zeros_like(local)}}
+        info = {"flagged_clair": np.array([False, True, False])}
+        _apply_control(control, updates, info, factors)
+        for method in ("clair", "clair_lora"):
+            np.testing.assert_allclose(updates[method]["m"], want, rtol=1e-12, atol=0)
+        np.testing.assert_array_equal(updates["fedavg"]["m"], fedavg)
+        np.testing.assert_array_equal(info["flagged_clair"], [False, True, False])
 
 
 def test_flagged_update_study_compares_both_policies_on_the_same_clients(tmp_path,

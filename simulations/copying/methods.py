@@ -158,6 +158,10 @@ def _apply_control(control, updates, info, factor_lists):
     elif control == "fedavg-refinement":  # refined = FedAvg's aggregate, every client
         updates["clair"] = updates["clair_lora"] = {
             name: stack.copy() for name, stack in updates["fedavg"].items()}
+    elif control == "halfway-fedavg":  # refined = halfway from the local update to FedAvg's
+        local = _local(factor_lists)
+        updates["clair"] = updates["clair_lora"] = {
+            name: 0.5 * (local[name] + stack) for name, stack in updates["fedavg"].items()}
     elif control == "no-detection":
         updates["clair"], rank = _no_detection(factor_lists)
         updates["clair_lora"] = updates["clair"]  # dense: no readout to break further
@@ -184,14 +188,15 @@ def run_methods(state_dicts, config, init_state, contaminated, params, seed=0,
         Cell parameters (``fedrot_lam``, ``rank``, ``clair_rank``, ``test_level``,
         ``n_variants``).
     control : {None, "local-refinement", "no-detection", "narrow-null", "no-correction", \
-"fedavg-refinement"}
+"fedavg-refinement", "halfway-fedavg"}
         A negative control: the default CLAIR's refined updates become the local ones,
         or nobody is flagged (its joint refinement then pools every client), or the
         CLAIR variants' tests are broken (:func:`simulations._controls.broken_lora_tests`:
         the per-module null at half its spread, or each module's p-values unadjusted and
         a client flagged by any module), or
         the default's refined updates (and the adapters its clients load) become
-        FedAvg's aggregate, the same for every client.
+        FedAvg's aggregate, the same for every client, or the point halfway between each
+        client's local update and that aggregate.
     seed : int, default=0
         The replicate's seed: CLAIR's robust start draws its random sets from it (left
         unseeded, they would come from numpy's global generator, and a client on the edge

@@ -170,7 +170,7 @@ def simulate_one(params, seed, control=None):
         ``seed_block`` only changes the seeds the study derives).
     seed : int
     control : {None, "local-refinement", "no-detection", "narrow-null", "no-correction", \
-"fedavg-refinement"}
+"fedavg-refinement", "halfway-fedavg"}
         A negative control (:func:`simulations.copying.methods.run_methods`).
 
     Returns

@@ -50,8 +50,10 @@ def simulate_one(params, seed, control=None):
     ``"local-refinement"`` replaces CLAIR's refined updates by the local ones,
     ``"no-detection"`` makes CLAIR flag nobody, ``"narrow-null"`` halves the spread of
     its per-module tests' null, ``"no-correction"`` leaves each module's p-values
-    unadjusted and flags a client that any module's test flags, ``"fedavg-refinement"`` gives every client FedAvg's aggregate as CLAIR's
-    refined update (the negative controls)."""
+    unadjusted and flags a client that any module's test flags, ``"fedavg-refinement"``
+    gives every client FedAvg's aggregate as CLAIR's refined update and
+    ``"halfway-fedavg"`` the point halfway between its local update and that aggregate
+    (the negative controls)."""
     check_control(control, STUDY)
     return _simulate_one(params, seed, control=control)
 
@@ -65,4 +67,4 @@ STUDY = Study(
     replicates={"smoke": 2, "small": 10, "full": 100},
     simulate_one=simulate_one,
     controls=("local-refinement", "no-detection", "narrow-null", "no-correction",
-              "fedavg-refinement"))
+              "fedavg-refinement", "halfway-fedavg"))
