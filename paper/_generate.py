@@ -1487,7 +1487,8 @@ def flagged_macros(frame, scale):
 
 def flagged_rerun_macros(preregistered, rerun):
     """The pre-registered ``copying_flagged`` block against its rerun on the same seeds
-    with the predictive LoRA null: per cell (``flagged.rerun.het16`` ...) the rerun's
+    with the predictive LoRA null (and whatever else changed by the commit of its rows,
+    ``flagged.rerun.commit``): per cell (``flagged.rerun.het16`` ...) the rerun's
     clip - quarantine difference, clipping's gain and verdict, and the attackers'
     recall under clipping in both (``.recall``, ``.recallbefore``); ``flagged.rerun.has``
     and ``flagged.rerun.allpass``. ``{"flagged.rerun.has": "0"}`` without both."""
@@ -1500,7 +1501,8 @@ def flagged_rerun_macros(preregistered, rerun):
     decided = verdicts(rerun)
     from clairstat._estimator import FEW_CLIENTS_PREDICTIVE
 
-    macros = {"flagged.rerun.has": "1", "flagged.rerun.commit": NULL_COMMIT,
+    macros = {"flagged.rerun.has": "1",
+              "flagged.rerun.commit": ", ".join(sorted(set(rerun["code_commit"]))),
               "lora.fewclients": fmt(FEW_CLIENTS_PREDICTIVE),
               "flagged.rerun.allpass": "1" if (decided["verdict"] == "pass").all()
               else "0"}
@@ -1564,7 +1566,10 @@ def null_rerun_macros(results_dir=None):
     words), ``copy.nullchange.nrerun`` and ``copy.nullchange.nstale``, and
     ``copy.nullchange.rdetstale`` (``1`` when the replay is among the stale) and
     ``copy.nullchange.rdetnew`` (among the rerun); a table whose rows' commits git
-    cannot place (no history) is in neither."""
+    cannot place (no history) is in neither. ``copy.rankchange.stale`` (and ``.nstale``)
+    name those made before ``RANK_RULE_COMMIT``; ``copy.ranknew.<study>`` is ``1`` when
+    every row of a study (not ``copying_joint_rank``, which names its rule) was made with
+    the smallest-error joint rank."""
     from simulations import load_table, results_path
 
     root = Path(results_dir or src.SOURCES["copying"])
@@ -1583,8 +1588,12 @@ def null_rerun_macros(results_dir=None):
         if on_new is not None:  # a table that cannot be placed is named in neither list
             (rerun if on_new else stale).append((study, words))
         # copying_joint_rank names its rule; the others used the default of their time
-        if study != "copying_joint_rank" and _relation(frame, RANK_RULE_COMMIT) is False:
-            rank_stale.append((study, words))
+        if study != "copying_joint_rank":
+            on_rank_rule = _relation(frame, RANK_RULE_COMMIT)
+            if on_rank_rule is False:
+                rank_stale.append((study, words))
+            # "1": every row made with the smallest-error joint rank (the text says so)
+            macros[f"copy.ranknew.{study}"] = "1" if on_rank_rule else "0"
 
     def listed(items):
         words = [w for _, w in items]
@@ -1658,6 +1667,8 @@ def write_generated(out_dir):
         switch("rdetnullstale", "copy.nullchange.rdetstale"),
         switch("rdetnullnew", "copy.nullchange.rdetnew"),
         switch("flaggedrerun", "flagged.rerun.has"),
+        switch("flaggedranknew", "copy.ranknew.copying_flagged"),
+        switch("rdetranknew", "copy.ranknew.rounds_detection"),
         # "?" (no git history to tell): no sentence saying the rows are stale
         switch("roundsclip", "copy.clip.copying_rounds", test=lambda v: v in ("1", "?")),
         switch("rdetclip", "copy.clip.rounds_detection", test=lambda v: v in ("1", "?")),

@@ -577,6 +577,27 @@ def test_rank_change_macros_are_the_two_tables():
         assert macros[f"copy.rankchange.{setting}.nrank"] == str(sum(ranks[setting]))
 
 
+def test_rank_rule_macros_follow_the_rows_commits():
+    """``copy.ranknew.<study>`` (the text then names the smallest-error joint rank) is
+    ``1`` exactly when git places every row's commit at or after the rule's change, and
+    a study made before it is listed as not rerun."""
+    from paper._generate import NULL_STUDIES, RANK_RULE_COMMIT
+    from paper._sources import commit_relation
+
+    macros = _macros()
+    for study, scale, words in NULL_STUDIES:
+        path = ROOT / "simulations" / "results" / scale / f"{study}.jsonl"
+        if study == "copying_joint_rank" or not path.exists():
+            continue
+        commits = {json.loads(line).get("code_commit")
+                   for line in path.read_text().splitlines()}
+        relations = {commit_relation(RANK_RULE_COMMIT, commit) for commit in commits}
+        if None in relations:
+            pytest.skip("a row's commit cannot be placed (no git history)")
+        assert macros[f"copy.ranknew.{study}"] == ("1" if relations == {True} else "0")
+        assert (words in macros["copy.rankchange.stale"]) == (False in relations), study
+
+
 def test_no_detection_macros_are_the_two_tables():
     """What the tests add: the no-detection control's development table against the
     default's on the same seeds, CLAIR's gain and its change per setting and the mean
@@ -643,6 +664,10 @@ def test_flagged_macros_are_the_table():
             shown = shown.replace(r"\ensuremath{-}", "-")
             assert float(shown.split()[0]) == pytest.approx(sum(values) / len(values),
                                                             abs=0.006)
+        # the rerun's commit is its rows', not a constant of the generator
+        commits = {json.loads(line)["code_commit"]
+                   for line in paths[0].read_text().splitlines()}
+        assert macros["flagged.rerun.commit"] == ", ".join(sorted(commits))
     diffs = _clip_minus_quarantine(path)
     for key, values in diffs.items():
         shown = macros[f"{key}.diff"].replace(r"\ensuremath{-}", "-")
