@@ -10,10 +10,12 @@ gains are recomputed and must equal the stored ones) and scores, on the same tes
 batch, multi-Krum (averaging the m most central updates) and a trimmed mean at 0.25,
 against CLAIR's default.
 
-It is not part of the protocol: the rules were chosen after the confirmatory block was
-seen, so a difference here is exploratory. ``--block small`` uses the development
-replicates (``simulations/results/small/copying.jsonl``), ``--block full`` the
-confirmatory ones (``full/copying.jsonl``). Rows go to
+The rules were chosen after the fourth confirmatory block was seen, on the development
+replicates (``--block small``, ``simulations/results/small/copying.jsonl``), so a
+difference there is exploratory. ``--block full`` scores them on the fifth confirmatory
+block's replicates (``full/copying.jsonl``), on which no multi-Krum had been computed:
+that run, its configurations and its decision rule (:func:`decision`) were fixed before
+it by ``simulations/copying/PROTOCOL.md``, amendment 8. Rows go to
 ``benchmarks/results/copying_multikrum.jsonl`` (one per block, setting and replicate,
 with the package version; resumable), and the script prints per setting the mean gain
 over local LoRA (percent, benign clients) of each rule and CLAIR's paired margin over it
@@ -78,8 +80,11 @@ def run_one(row):
     benign = ~np.asarray(contaminated, dtype=bool)
     gains = {name: _gain(acc, accuracy["local"], benign) for name, acc in accuracy.items()
              if name != "local"}
+    from simulations._framework import code_provenance
+
     return {"setting": row["setting"], "replicate": row["replicate"], "seed": seed,
-            "clairstat_version": __version__, "gains": gains,
+            "clairstat_version": __version__, "code_commit": code_provenance(),
+            "gains": gains,
             "stored": {"clair": 100.0 * row["rel_clair"],
                        "krum (as registered)": 100.0 * row["rel_krum"],
                        "trimmed_mean (as registered)": 100.0 * row["rel_trimmed_mean"]},
@@ -87,20 +92,33 @@ def run_one(row):
 
 
 def _interval(values):
-    from scipy import stats
+    """The protocol's paired bootstrap (section 5: percentile, 10 000 resamples, its
+    fixed generator seed); runs before 2026-12-05 printed scipy's BCa interval with 9 999
+    resamples instead."""
+    from simulations.copying.analysis import paired_bootstrap
 
-    values = np.asarray(values, dtype=float)
-    if values.size < 2 or np.ptp(values) == 0:
-        return float(values.mean()), float(values.mean())
-    result = stats.bootstrap((values,), np.mean, confidence_level=0.95, n_resamples=9999,
-                             random_state=0)
-    return float(result.confidence_interval.low), float(result.confidence_interval.high)
+    _, low, high = paired_bootstrap(values)
+    return low, high
+
+
+#: PROTOCOL.md amendment 8: the smallest difference in points that counts (section 6's).
+MIN_POINTS = 0.1
+
+
+def decision(low, high):
+    """Amendment 8's verdict on CLAIR minus a rule from its interval: "ahead" when it lies
+    in [MIN_POINTS, inf), "behind" in (-inf, -MIN_POINTS], else "undecided"."""
+    if low >= MIN_POINTS:
+        return "ahead"
+    if high <= -MIN_POINTS:
+        return "behind"
+    return "undecided"
 
 
 def table(rows):
     lines = ["| block | setting | replicates | rule | rule's gain (%) | CLAIR's gain (%) | "
-             "CLAIR minus rule [95% bootstrap] | replicates CLAIR below |",
-             "|---|---|---|---|---|---|---|---|"]
+             "CLAIR minus rule [95% bootstrap] | replicates CLAIR below | amendment 8 |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for (block, setting) in sorted({(r["block"], r["setting"]) for r in rows}):
         sub = [r for r in rows if r["block"] == block and r["setting"] == setting]
         clair = np.array([r["gains"]["clair"] for r in sub])
@@ -110,7 +128,7 @@ def table(rows):
             low, high = _interval(diff)
             lines.append(f"| {block} | {setting} | {len(sub)} | {name} | {rule.mean():.2f} | "
                          f"{clair.mean():.2f} | {diff.mean():+.2f} [{low:+.2f}, {high:+.2f}] "
-                         f"| {int((diff < 0).sum())} |")
+                         f"| {int((diff < 0).sum())} | {decision(low, high)} |")
     return "\n".join(lines)
 
 
