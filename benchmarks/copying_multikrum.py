@@ -115,10 +115,12 @@ def decision(low, high):
     return "undecided"
 
 
-def table(rows):
-    lines = ["| block | setting | replicates | rule | rule's gain (%) | CLAIR's gain (%) | "
-             "CLAIR minus rule [95% bootstrap] | replicates CLAIR below | amendment 8 |",
-             "|---|---|---|---|---|---|---|---|---|"]
+def summary(rows):
+    """Per block, setting and rule: replicates, the rule's and CLAIR's mean gains (%),
+    CLAIR minus the rule (mean and the protocol's paired bootstrap interval, points),
+    the replicates where CLAIR is below, and :func:`decision`'s verdict (a list of
+    dicts, in the order of :data:`RULES`)."""
+    records = []
     for (block, setting) in sorted({(r["block"], r["setting"]) for r in rows}):
         sub = [r for r in rows if r["block"] == block and r["setting"] == setting]
         clair = np.array([r["gains"]["clair"] for r in sub])
@@ -126,9 +128,22 @@ def table(rows):
             rule = np.array([r["gains"][name] for r in sub])
             diff = clair - rule
             low, high = _interval(diff)
-            lines.append(f"| {block} | {setting} | {len(sub)} | {name} | {rule.mean():.2f} | "
-                         f"{clair.mean():.2f} | {diff.mean():+.2f} [{low:+.2f}, {high:+.2f}] "
-                         f"| {int((diff < 0).sum())} | {decision(low, high)} |")
+            records.append({"block": block, "setting": setting, "replicates": len(sub),
+                            "rule": name, "rule_gain": float(rule.mean()),
+                            "clair_gain": float(clair.mean()), "diff": float(diff.mean()),
+                            "low": low, "high": high, "below": int((diff < 0).sum()),
+                            "verdict": decision(low, high)})
+    return records
+
+
+def table(rows):
+    lines = ["| block | setting | replicates | rule | rule's gain (%) | CLAIR's gain (%) | "
+             "CLAIR minus rule [95% bootstrap] | replicates CLAIR below | amendment 8 |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in summary(rows):
+        lines.append(f"| {r['block']} | {r['setting']} | {r['replicates']} | {r['rule']} | "
+                     f"{r['rule_gain']:.2f} | {r['clair_gain']:.2f} | {r['diff']:+.2f} "
+                     f"[{r['low']:+.2f}, {r['high']:+.2f}] | {r['below']} | {r['verdict']} |")
     return "\n".join(lines)
 
 

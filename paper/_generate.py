@@ -1138,6 +1138,7 @@ def collect():
     macros.update(null_change_macros(*src.read_null_change()))
     macros.update(rank_change_macros(*src.read_rank_change()))
     macros.update(no_detection_macros(*src.read_control_pair("no-detection")))
+    macros.update(multikrum_macros(*src.read_multikrum()))
     macros["copy.quarantine.commit"] = QUARANTINE_COMMIT  # named wherever the text needs it
     macros["copy.rankchange.commit"] = RANK_RULE_COMMIT
     macros.update(sweep_quarantine_macros(*src.read_quarantine("copying_sweep")))
@@ -1269,6 +1270,46 @@ def null_change_macros(before, after):
     changed = int((before[flags].values != after[flags].values).sum())
     macros["copy.nullchange.flags"] = ("not one client flag changed" if changed == 0 else
                                        f"{fmt(changed)} client flags changed")
+    return macros
+
+
+#: PROTOCOL amendment 8's two multi-Krum configurations, as the text names them: the
+#: primary (Krum's f, m = n - f) and the one told the number of attackers.
+MULTIKRUM_RULES = {"m10": "multikrum_m10", "f4": "multikrum_f4_m12"}
+
+
+def multikrum_macros(summary, commits):
+    """PROTOCOL amendment 8 (``mk.*``): per setting (``hom``, ``het``) and configuration
+    (:data:`MULTIKRUM_RULES`) multi-Krum's gain, CLAIR minus it in points with the
+    paired interval, the replicates where CLAIR is below and the amendment's verdict
+    (``ahead``, ``behind``, ``undecided``); the configurations' f and m, the replicates
+    per setting, the rows' commit; ``mk.has`` (the whole block in) and ``mk.behind``
+    (CLAIR behind the primary configuration in some setting)."""
+    if summary is None:
+        return {"mk.has": "0", "mk.behind": "0"}
+    from simulations.copying.replicate import DEFAULT_PARAMS
+
+    n_clients = int(DEFAULT_PARAMS["n_clients"])
+    names = {"homogeneous": "hom", "heterogeneous": "het"}
+    rows = {(names[r["setting"]], r["rule"]): r for r in summary if r["block"] == "full"}
+    macros = {"mk.has": "1", "mk.commit": ", ".join(commits),
+              "mk.n": fmt(min(r["replicates"] for r in rows.values())),
+              "mk.m10.f": fmt((n_clients - 3) // 2),
+              "mk.m10.m": fmt(n_clients - (n_clients - 3) // 2),
+              "mk.f4.f": fmt(int(DEFAULT_PARAMS["n_contaminated"])),
+              "mk.f4.m": fmt(n_clients - int(DEFAULT_PARAMS["n_contaminated"]))}
+    for setting in ("hom", "het"):
+        for key, rule in MULTIKRUM_RULES.items():
+            row = rows[(setting, rule)]
+            prefix = f"mk.{setting}.{key}"
+            macros.update({
+                f"{prefix}.gain": fmt_pct(row["rule_gain"] / 100),
+                f"{prefix}.diff": _diff_text({"diff": row["diff"], "diff_low": row["low"],
+                                              "diff_high": row["high"]}),
+                f"{prefix}.below": fmt(row["below"]),
+                f"{prefix}.verdict": row["verdict"]})
+    macros["mk.behind"] = "1" if any(rows[(s, "multikrum_m10")]["verdict"] == "behind"
+                                     for s in ("hom", "het")) else "0"
     return macros
 
 
@@ -1659,6 +1700,7 @@ def write_generated(out_dir):
                "copy.thirdblock.has", "copy.fourthblock.has", "copy.rankchange.has"),
         switch("rankchange", "copy.rankchange.has"),
         switch("nodetect", "copy.nodetect.has"),
+        switch("multikrum", "mk.has"), switch("mkbehind", "mk.behind"),
         switch("rankstale", "copy.rankchange.nstale", test=lambda v: v not in (None, "0")),
         switch("clipdefault", "copy.clip"),  # the wording about the default
         switch("nullchange", "copy.nullchange.has"),

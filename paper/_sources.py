@@ -41,7 +41,7 @@ __all__ = ["ROOT", "SOURCES", "read_report", "check_verdict", "check_kind", "che
            "read_quarantine",
            "read_rounds",
            "read_flagged", "read_flagged_rerun", "read_archived_block",
-           "commit_relation"]
+           "commit_relation", "read_multikrum"]
 
 ROOT = PAPER_DIR.parent
 SOURCES = {
@@ -60,6 +60,8 @@ SOURCES = {
     "calibration_heldout2": ROOT / "benchmarks" / "results"
     / "real_data_calibration_heldout2.csv",
     "copying": ROOT / "simulations" / "results",
+    # multi-Krum against CLAIR on the fifth block's replicates (PROTOCOL amendment 8)
+    "multikrum": ROOT / "benchmarks" / "results" / "copying_multikrum.jsonl",
 }
 
 
@@ -153,6 +155,44 @@ def calibration_criteria():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.MAX_NULL_SHARE, module.MIN_POWER
+
+
+def _load_script(name):
+    """A script of ``benchmarks/`` as a module (that folder is scripts, not a package)."""
+    import importlib.util
+
+    path = ROOT / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def read_multikrum():
+    """PROTOCOL amendment 8's comparison: ``(summary, commits)``, the rows of
+    ``benchmarks/copying_multikrum.py``'s :func:`summary` for the ``full`` block and the
+    commits its rows were made by, once a row is in for every replicate of
+    ``simulations/results/full/copying.jsonl`` with that replicate's seed (a partial or
+    foreign run is never quoted: the decision reads the whole block); else
+    ``(None, None)``."""
+    import json
+
+    path, table = SOURCES["multikrum"], SOURCES["copying"] / "full" / "copying.jsonl"
+    if not (path.exists() and table.exists()):
+        return None, None
+    seeds = {(row["setting"], row["replicate"]): row["seed"]
+             for row in map(json.loads, table.read_text().splitlines()) if row}
+    latest = {}
+    for line in path.read_text().splitlines():
+        row = json.loads(line) if line.strip() else None
+        if row and row.get("block") == "full":
+            latest[(row["setting"], row["replicate"])] = row  # a rescore replaces
+    if set(latest) != set(seeds) or any(row["seed"] != seeds[key]
+                                        for key, row in latest.items()):
+        return None, None
+    rows = list(latest.values())
+    script = _load_script("copying_multikrum")
+    return script.summary(rows), sorted({row.get("code_commit", "?") for row in rows})
 
 
 def calibration_summary(table):

@@ -598,6 +598,45 @@ def test_rank_rule_macros_follow_the_rows_commits():
         assert (words in macros["copy.rankchange.stale"]) == (False in relations), study
 
 
+def test_the_multikrum_comparison_is_quoted_only_whole(tmp_path, monkeypatch):
+    """PROTOCOL amendment 8: the comparison is read only when a row is in for every
+    replicate of the fifth block, with its seed; its differences and verdicts are the
+    rows' by plain loops (synthetic rows: two replicates per setting)."""
+    from paper import _sources
+    from paper._generate import multikrum_macros
+
+    block = tmp_path / "results" / "full"
+    block.mkdir(parents=True)
+    table = [{"setting": s, "replicate": r, "seed": 100 * r + len(s)}
+             for s in ("homogeneous", "heterogeneous") for r in range(2)]
+    (block / "copying.jsonl").write_text("".join(json.dumps(r) + "\n" for r in table))
+    rules = ("krum (as registered)", "trimmed_mean (as registered)", "multikrum_f4_m12",
+             "multikrum_m10", "trimmed_mean_0.25")
+    gains = {"homogeneous": (3.0, 4.0), "heterogeneous": (2.0, -14.0)}  # CLAIR, rules
+    rows = [{"block": "full", **r, "code_commit": "abc1234",
+             "gains": {"clair": gains[r["setting"]][0] + 0.1 * r["replicate"],
+                       **{rule: gains[r["setting"]][1] for rule in rules}}}
+            for r in table]
+    scores = tmp_path / "copying_multikrum.jsonl"
+    monkeypatch.setitem(_sources.SOURCES, "copying", tmp_path / "results")
+    monkeypatch.setitem(_sources.SOURCES, "multikrum", scores)
+    scores.write_text("".join(json.dumps(r) + "\n" for r in rows[:-1]))
+    assert _sources.read_multikrum() == (None, None)  # one replicate missing
+    wrong = dict(rows[-1], seed=rows[-1]["seed"] + 1)
+    scores.write_text("".join(json.dumps(r) + "\n" for r in rows[:-1] + [wrong]))
+    assert _sources.read_multikrum() == (None, None)  # another seed: not this block
+    scores.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    macros = multikrum_macros(*_sources.read_multikrum())
+    assert macros["mk.has"] == "1" and macros["mk.n"] == "2"
+    assert macros["mk.commit"] == "abc1234"
+    assert macros["mk.hom.m10.diff"].startswith(r"\ensuremath{-}0.95")  # 3.05 - 4.0
+    assert macros["mk.het.m10.diff"].startswith("+16.05")
+    assert (macros["mk.hom.m10.verdict"], macros["mk.het.f4.verdict"]) == ("behind",
+                                                                         "ahead")
+    assert macros["mk.hom.m10.below"] == "2" and macros["mk.behind"] == "1"
+    assert (macros["mk.m10.f"], macros["mk.m10.m"], macros["mk.f4.f"]) == ("6", "10", "4")
+
+
 def test_no_detection_macros_are_the_two_tables():
     """What the tests add: the no-detection control's development table against the
     default's on the same seeds, CLAIR's gain and its change per setting and the mean
