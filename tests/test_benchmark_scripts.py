@@ -159,3 +159,35 @@ def test_copying_multikrum_refits_a_stored_replicate():
     assert set(copying_multikrum.RULES) | {"clair"} <= set(result["gains"])
     text = copying_multikrum.table([{"block": "small", **result}])
     assert text.count("\n| small | homogeneous | 1 |") == len(copying_multikrum.RULES)
+
+
+def test_multikrum_decision_is_the_amendments_rule():
+    """PROTOCOL amendment 8: ahead when the interval lies in [0.1, inf), behind in
+    (-inf, -0.1], undecided otherwise (the ends included as the amendment says)."""
+    import copying_multikrum
+
+    decide = copying_multikrum.decision
+    assert decide(0.1, 2.0) == "ahead" and decide(0.09, 2.0) == "undecided"
+    assert decide(-2.0, -0.1) == "behind" and decide(-2.0, -0.09) == "undecided"
+    assert decide(-0.5, 0.5) == "undecided"
+
+
+def test_copying_cycles_counts_a_rejection_only_as_an_extra_flag(monkeypatch, tmp_path):
+    """One smoke replicate of copying_flagged's cells: the package's client flags are
+    the fit's (the script checks it), and counting the final tests' rejections can only
+    add flags (the vote is monotone), so its recall and false alarms are never lower."""
+    pytest.importorskip("torch")
+    import copying_cycles
+
+    from simulations import get_study
+
+    monkeypatch.setenv("CLAIRSTAT_CACHE_DIR", str(tmp_path / "cache"))
+    _, _, params, seed = get_study("copying_flagged").tasks("smoke")[0]
+    row = copying_cycles.run_one(dict(params), seed)
+    assert 0 <= row["not_converged"] <= row["modules"]
+    assert row["clean"] + row["attackers"] == row["n_clients"]
+    for key in ("recall", "false_alarms"):
+        assert row["rejections_count"][key] >= row["package"][key]
+    if row["kept_rejected_attacker"] + row["kept_rejected_clean"] == 0:
+        assert row["rejections_count"] == row["package"]
+    assert "| " in copying_cycles.table([row])
