@@ -1139,6 +1139,7 @@ def collect():
     macros.update(rank_change_macros(*src.read_rank_change()))
     macros.update(no_detection_macros(*src.read_control_pair("no-detection")))
     macros.update(multikrum_macros(*src.read_multikrum()))
+    macros.update(cycles_macros(src.read_cycles()))
     macros["copy.quarantine.commit"] = QUARANTINE_COMMIT  # named wherever the text needs it
     macros["copy.rankchange.commit"] = RANK_RULE_COMMIT
     macros.update(sweep_quarantine_macros(*src.read_quarantine("copying_sweep")))
@@ -1311,6 +1312,31 @@ def multikrum_macros(summary, commits):
     macros["mk.behind"] = "1" if any(rows[(s, "multikrum_m10")]["verdict"] == "behind"
                                      for s in ("hom", "het")) else "0"
     return macros
+
+
+def cycles_macros(rows):
+    """The detection's cycles in the copying experiment (``cyc.*``, from
+    ``benchmarks/copying_cycles.py``'s rows): at 8 heterogeneous clients the attackers'
+    recall with the package's flags and with the final tests' rejections counted, the
+    replicates; over the cells the smallest and largest share of module fits that did
+    not converge; ``cyc.has``."""
+    cell = [r for r in rows or () if (r["setting"], r["n_clients"]) == ("heterogeneous", 8)]
+    if not cell:
+        return {"cyc.has": "0"}
+
+    def recall(rule):
+        return sum(r[rule]["recall"] * r["attackers"] for r in cell) / sum(
+            r["attackers"] for r in cell)
+
+    shares = []
+    for key in {(r["setting"], r["n_clients"]) for r in rows}:
+        sub = [r for r in rows if (r["setting"], r["n_clients"]) == key]
+        shares.append(sum(r["not_converged"] for r in sub) / sum(r["modules"] for r in sub))
+    return {"cyc.has": "1", "cyc.het8.replicates": fmt(len(cell)),
+            "cyc.het8.recall": fmt_fixed(recall("package"), 2),
+            "cyc.het8.recallrej": fmt_fixed(recall("rejections_count"), 2),
+            "cyc.notconv.low": fmt_pct(min(shares), 0, sign=False),
+            "cyc.notconv.high": fmt_pct(max(shares), 0, sign=False)}
 
 
 def no_detection_macros(normal, pooled):
@@ -1701,6 +1727,7 @@ def write_generated(out_dir):
         switch("rankchange", "copy.rankchange.has"),
         switch("nodetect", "copy.nodetect.has"),
         switch("multikrum", "mk.has"), switch("mkbehind", "mk.behind"),
+        switch("cycles", "cyc.has"),
         switch("rankstale", "copy.rankchange.nstale", test=lambda v: v not in (None, "0")),
         switch("clipdefault", "copy.clip"),  # the wording about the default
         switch("nullchange", "copy.nullchange.has"),

@@ -41,7 +41,7 @@ __all__ = ["ROOT", "SOURCES", "read_report", "check_verdict", "check_kind", "che
            "read_quarantine",
            "read_rounds",
            "read_flagged", "read_flagged_rerun", "read_archived_block",
-           "commit_relation", "read_multikrum"]
+           "commit_relation", "read_multikrum", "read_cycles"]
 
 ROOT = PAPER_DIR.parent
 SOURCES = {
@@ -62,6 +62,8 @@ SOURCES = {
     "copying": ROOT / "simulations" / "results",
     # multi-Krum against CLAIR on the fifth block's replicates (PROTOCOL amendment 8)
     "multikrum": ROOT / "benchmarks" / "results" / "copying_multikrum.jsonl",
+    # how often the module detection cycles in the copying experiment (exploratory)
+    "cycles": ROOT / "benchmarks" / "results" / "copying_cycles.jsonl",
 }
 
 
@@ -193,6 +195,17 @@ def read_multikrum():
     rows = list(latest.values())
     script = _load_script("copying_multikrum")
     return script.summary(rows), sorted({row.get("code_commit", "?") for row in rows})
+
+
+def read_cycles():
+    """The rows of ``benchmarks/copying_cycles.py`` (one per development replicate of
+    ``copying_flagged``), or None when the file is absent."""
+    import json
+
+    path = SOURCES["cycles"]
+    if not path.exists():
+        return None
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def calibration_summary(table):

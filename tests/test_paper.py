@@ -941,3 +941,30 @@ def test_heldout_calibration_macros_are_the_csvs():
                      & (given.corruption == low)]
         assert macros[f"calibhorank.{name}.noisecov.power.atmin"] == (
             f"{part.victims_flagged.sum() / part.n_victims.sum():.2f}")
+
+
+def test_cycles_macros_are_the_rows():
+    """The detection's cycles (benchmarks/copying_cycles.py): the 8-client recalls and
+    the share of module fits that did not converge, by plain loops over the rows."""
+    path = ROOT / "benchmarks" / "results" / "copying_cycles.jsonl"
+    if not path.exists():
+        pytest.skip("no copying_cycles table")
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line]
+    macros = _macros()
+    assert macros["cyc.has"] == "1"
+    cell = [r for r in rows if r["n_clients"] == 8 and r["setting"] == "heterogeneous"]
+    caught = {rule: sum(r[rule]["recall"] * r["attackers"] for r in cell) for rule in
+              ("package", "rejections_count")}
+    attackers = sum(r["attackers"] for r in cell)
+    assert _as_float(macros["cyc.het8.recall"]) == pytest.approx(
+        caught["package"] / attackers, abs=0.006)
+    assert _as_float(macros["cyc.het8.recallrej"]) == pytest.approx(
+        caught["rejections_count"] / attackers, abs=0.006)
+    assert macros["cyc.het8.replicates"] == str(len(cell))
+    shares = []
+    for key in {(r["setting"], r["n_clients"]) for r in rows}:
+        sub = [r for r in rows if (r["setting"], r["n_clients"]) == key]
+        shares.append(100 * sum(r["not_converged"] for r in sub)
+                      / sum(r["modules"] for r in sub))
+    assert _as_float(macros["cyc.notconv.low"]) == pytest.approx(min(shares), abs=0.5)
+    assert _as_float(macros["cyc.notconv.high"]) == pytest.approx(max(shares), abs=0.5)
