@@ -101,6 +101,17 @@ def _interval(values):
     return low, high
 
 
+#: How close (percentage points of gain) a refit registered rule must come to the
+#: stored gain for the refit to count as the table's replicate. The gains are means over
+#: the benign clients of accuracies on 512 test sequences, and an argmax near a tie can
+#: flip with the environment (library builds): on the fifth block a refit trimmed mean
+#: differed from the stored one by 0.00075 points (replicate 14, heterogeneous), about
+#: one test token, the same within and across processes of this environment. 0.01 points
+#: is a tenth of the smallest difference the protocol counts and far below the spread of
+#: gains between replicates (points); until 2026-12-05 the guard was 1e-6 (PROTOCOL.md,
+#: amendment 8's erratum).
+REPRODUCED_POINTS = 0.01
+
 #: PROTOCOL.md amendment 8: the smallest difference in points that counts (section 6's).
 MIN_POINTS = 0.1
 
@@ -168,7 +179,7 @@ def main(argv=None):
     def still_valid(result):
         row = current.get((result["block"], result["setting"], result["replicate"]))
         return row is None or (row["seed"] == result["seed"] and all(
-            abs(100.0 * row[column] - result["gains"][name]) <= 1e-6
+            abs(100.0 * row[column] - result["gains"][name]) <= REPRODUCED_POINTS
             for column, name in (("rel_clair", "clair"), ("rel_krum", "krum (as registered)"),
                                  ("rel_trimmed_mean", "trimmed_mean (as registered)"))))
 
@@ -181,7 +192,7 @@ def main(argv=None):
                 continue
             result = {"block": args.block, **run_one(row)}
             for name in ("krum (as registered)", "trimmed_mean (as registered)"):
-                if abs(result["gains"][name] - result["stored"][name]) > 1e-6:
+                if abs(result["gains"][name] - result["stored"][name]) > REPRODUCED_POINTS:
                     raise RuntimeError(
                         f"{row['setting']} replicate {row['replicate']}: {name}'s gain "
                         f"{result['gains'][name]:.6f} is not the stored "
