@@ -5,8 +5,9 @@ Blanchard et al.'s single selection (m = 1, f = (K - 3) // 2) and the trimmed me
 default trim of 0.1, below the share of contaminated clients (4 of 16). A review asked
 whether "CLAIR beats every rule" survives rules configured for that share. This script
 refits the clients of stored copying replicates from their seeds (the same fine-tuned
-adapters the table's rows were computed from: the registered Krum's and trimmed mean's
-gains are recomputed and must equal the stored ones) and scores, on the same test
+adapters the table's rows were computed from: local LoRA's accuracy and the gains of
+CLAIR and the registered Krum are recomputed and must equal the stored ones; the
+registered trimmed mean's is recorded beside its stored value) and scores, on the same test
 batch, multi-Krum (averaging the m most central updates) and a trimmed mean at 0.25,
 against CLAIR's default.
 
@@ -85,6 +86,8 @@ def run_one(row):
     return {"setting": row["setting"], "replicate": row["replicate"], "seed": seed,
             "clairstat_version": __version__, "code_commit": code_provenance(),
             "gains": gains,
+            "acc_local": float(np.mean(accuracy["local"][benign])),
+            "stored_acc_local": float(row["acc_local"]),
             "stored": {"clair": 100.0 * row["rel_clair"],
                        "krum (as registered)": 100.0 * row["rel_krum"],
                        "trimmed_mean (as registered)": 100.0 * row["rel_trimmed_mean"]},
@@ -101,16 +104,15 @@ def _interval(values):
     return low, high
 
 
-#: How close (percentage points of gain) a refit registered rule must come to the
-#: stored gain for the refit to count as the table's replicate. The gains are means over
-#: the benign clients of accuracies on 512 test sequences, and an argmax near a tie can
-#: flip with the environment (library builds): on the fifth block a refit trimmed mean
-#: differed from the stored one by 0.00075 points (replicate 14, heterogeneous), about
-#: one test token, the same within and across processes of this environment. 0.01 points
-#: is a tenth of the smallest difference the protocol counts and far below the spread of
-#: gains between replicates (points); until 2026-12-05 the guard was 1e-6 (PROTOCOL.md,
-#: amendment 8's erratum).
-REPRODUCED_POINTS = 0.01
+#: The refit is the table's replicate when local LoRA's mean accuracy over the benign
+#: clients equals the stored one and so do the gains of CLAIR and of the registered Krum
+#: (a selection of one client's own factors), to round-off of the stored JSON's 17
+#: digits. The registered trimmed mean is recorded beside its stored gain, not checked:
+#: a coordinate-wise sort of the products B_k A_k, whose last bits depend on the BLAS
+#: kernel, moved its gain by 0.00075 and 0.030 points in two replicates of the fifth
+#: block whose other gains were equal to 1e-6 (PROTOCOL.md, amendment 8's errata).
+REPRODUCED = {"clair": "rel_clair", "krum (as registered)": "rel_krum"}
+REPRODUCED_TOLERANCE = 1e-6
 
 #: PROTOCOL.md amendment 8: the smallest difference in points that counts (section 6's).
 MIN_POINTS = 0.1
@@ -179,9 +181,8 @@ def main(argv=None):
     def still_valid(result):
         row = current.get((result["block"], result["setting"], result["replicate"]))
         return row is None or (row["seed"] == result["seed"] and all(
-            abs(100.0 * row[column] - result["gains"][name]) <= REPRODUCED_POINTS
-            for column, name in (("rel_clair", "clair"), ("rel_krum", "krum (as registered)"),
-                                 ("rel_trimmed_mean", "trimmed_mean (as registered)"))))
+            abs(100.0 * row[column] - result["gains"][name]) <= REPRODUCED_TOLERANCE
+            for name, column in REPRODUCED.items()))
 
     done = [r for r in done if still_valid(r)]
     have = {(r["block"], r["setting"], r["replicate"]) for r in done}
@@ -191,13 +192,14 @@ def main(argv=None):
             if (args.block, row["setting"], row["replicate"]) in have:
                 continue
             result = {"block": args.block, **run_one(row)}
-            for name in ("krum (as registered)", "trimmed_mean (as registered)"):
-                if abs(result["gains"][name] - result["stored"][name]) > REPRODUCED_POINTS:
-                    raise RuntimeError(
-                        f"{row['setting']} replicate {row['replicate']}: {name}'s gain "
-                        f"{result['gains'][name]:.6f} is not the stored "
-                        f"{result['stored'][name]:.6f}: the refit is not the table's "
-                        "replicate (the fine-tuning or the base model changed).")
+            gaps = {name: abs(result["gains"][name] - result["stored"][name])
+                    for name in REPRODUCED}
+            gaps["local LoRA's accuracy"] = abs(result["acc_local"] - row["acc_local"])
+            if max(gaps.values()) > REPRODUCED_TOLERANCE:
+                raise RuntimeError(
+                    f"{row['setting']} replicate {row['replicate']}: the refit differs "
+                    f"from the table ({gaps}): it is not the table's replicate (the "
+                    "fine-tuning or the base model changed).")
             handle.write(json.dumps(result) + "\n")
             handle.flush()
             done.append(result)
