@@ -59,15 +59,20 @@ def run_one(params, seed):
     own, rejected, converged = [], [], []
     for name, est in fitted.items():
         flags = np.asarray(fit.module_flagged[name], dtype=bool)
-        rejects = np.asarray(est.adjusted_p_values_) <= level
+        rejects = np.asarray(est.adjusted_p_values_) <= level  # the final test's
+        if not np.array_equal(flags, np.asarray(est.contaminated_, dtype=bool)):
+            raise RuntimeError(f"{name}: the module's flags are not its estimator's")
+        if est.detection_converged_ and not np.array_equal(flags, rejects):
+            # a loop that settled keeps exactly what its final test keeps: the reading
+            # of adjusted_p_values_ <= level as "rejected" is then the flags themselves
+            raise RuntimeError(f"{name}: converged, yet its flags are not its final "
+                               "test's rejections")
         own.append(flags)
         rejected.append(flags | rejects)
         converged.append(bool(est.detection_converged_))
     own, rejected = np.array(own), np.array(rejected)
     kept_rejected = rejected & ~own  # (module, client): the final test rejects, kept
     alternative = client_flags(rejected, level)
-    if not np.array_equal(client_flags(own, level), fit.flagged):
-        raise RuntimeError("the module flags do not give the fit's client flags")
 
     def scores(flags):
         return {"recall": float(flags[contaminated].mean()),

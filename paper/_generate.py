@@ -1283,22 +1283,30 @@ def multikrum_macros(summary, commits):
     """PROTOCOL amendment 8 (``mk.*``): per setting (``hom``, ``het``) and configuration
     (:data:`MULTIKRUM_RULES`) multi-Krum's gain, CLAIR minus it in points with the
     paired interval, the replicates where CLAIR is below and the amendment's verdict
-    (``ahead``, ``behind``, ``undecided``); the configurations' f and m, the replicates
-    per setting, the rows' commit; ``mk.has`` (the whole block in) and ``mk.behind``
-    (CLAIR behind the primary configuration in some setting)."""
+    (``ahead``, ``behind``, ``undecided``); the configurations' f and m (from the
+    script's ``RULES``), the smallest difference that counts, the replicates per
+    setting, the rows' commits as words (``mk.commits``); ``mk.has`` (the whole block
+    in) and per setting ``mk.<setting>.behind`` (CLAIR behind either configuration)."""
     if summary is None:
-        return {"mk.has": "0", "mk.behind": "0"}
+        return {"mk.has": "0", "mk.hom.behind": "0", "mk.het.behind": "0"}
     from simulations.copying.replicate import DEFAULT_PARAMS
 
+    script = src._load_script("copying_multikrum")
     n_clients = int(DEFAULT_PARAMS["n_clients"])
     names = {"homogeneous": "hom", "heterogeneous": "het"}
     rows = {(names[r["setting"]], r["rule"]): r for r in summary if r["block"] == "full"}
-    macros = {"mk.has": "1", "mk.commit": ", ".join(commits),
+    codes = [rf"\code{{{commit}}}" for commit in commits]
+    macros = {"mk.has": "1",
+              "mk.commits": ("commit " if len(codes) == 1 else "commits ") + (
+                  ", ".join(codes[:-1]) + " and " + codes[-1] if len(codes) > 1
+                  else codes[0]),
               "mk.n": fmt(min(r["replicates"] for r in rows.values())),
-              "mk.m10.f": fmt((n_clients - 3) // 2),
-              "mk.m10.m": fmt(n_clients - (n_clients - 3) // 2),
-              "mk.f4.f": fmt(int(DEFAULT_PARAMS["n_contaminated"])),
-              "mk.f4.m": fmt(n_clients - int(DEFAULT_PARAMS["n_contaminated"]))}
+              "mk.minpoints": fmt(script.MIN_POINTS)}
+    for key, rule in MULTIKRUM_RULES.items():
+        options = script.RULES[rule][1]
+        # krum's default f: the largest with n_clients >= 2 f + 3
+        f = options.get("n_byzantine", (n_clients - 3) // 2)
+        macros.update({f"mk.{key}.f": fmt(f), f"mk.{key}.m": fmt(options["multi"])})
     for setting in ("hom", "het"):
         for key, rule in MULTIKRUM_RULES.items():
             row = rows[(setting, rule)]
@@ -1309,8 +1317,9 @@ def multikrum_macros(summary, commits):
                                               "diff_high": row["high"]}),
                 f"{prefix}.below": fmt(row["below"]),
                 f"{prefix}.verdict": row["verdict"]})
-    macros["mk.behind"] = "1" if any(rows[(s, "multikrum_m10")]["verdict"] == "behind"
-                                     for s in ("hom", "het")) else "0"
+        macros[f"mk.{setting}.behind"] = "1" if any(
+            rows[(setting, rule)]["verdict"] == "behind"
+            for rule in MULTIKRUM_RULES.values()) else "0"
     return macros
 
 
@@ -1318,8 +1327,8 @@ def cycles_macros(rows):
     """The detection's cycles in the copying experiment (``cyc.*``, from
     ``benchmarks/copying_cycles.py``'s rows): at 8 heterogeneous clients the attackers'
     recall with the package's flags and with the final tests' rejections counted, the
-    replicates; over the cells the smallest and largest share of module fits that did
-    not converge; ``cyc.has``."""
+    replicates, ``cyc.het8.mostmissed`` (most attackers pass even then); over the cells
+    the smallest and largest share of module fits that did not converge; ``cyc.has``."""
     cell = [r for r in rows or () if (r["setting"], r["n_clients"]) == ("heterogeneous", 8)]
     if not cell:
         return {"cyc.has": "0"}
@@ -1333,6 +1342,9 @@ def cycles_macros(rows):
         sub = [r for r in rows if (r["setting"], r["n_clients"]) == key]
         shares.append(sum(r["not_converged"] for r in sub) / sum(r["modules"] for r in sub))
     return {"cyc.has": "1", "cyc.het8.replicates": fmt(len(cell)),
+            # "1": most attackers pass even with the rejections counted (the cycles are
+            # then the smaller part of the loss of recall)
+            "cyc.het8.mostmissed": "1" if recall("rejections_count") < 0.5 else "0",
             "cyc.het8.recall": fmt_fixed(recall("package"), 2),
             "cyc.het8.recallrej": fmt_fixed(recall("rejections_count"), 2),
             "cyc.notconv.low": fmt_pct(min(shares), 0, sign=False),
@@ -1726,8 +1738,9 @@ def write_generated(out_dir):
                "copy.thirdblock.has", "copy.fourthblock.has", "copy.rankchange.has"),
         switch("rankchange", "copy.rankchange.has"),
         switch("nodetect", "copy.nodetect.has"),
-        switch("multikrum", "mk.has"), switch("mkbehind", "mk.behind"),
-        switch("cycles", "cyc.has"),
+        switch("multikrum", "mk.has"), switch("mkhombehind", "mk.hom.behind"),
+        switch("mkhetbehind", "mk.het.behind"),
+        switch("cycles", "cyc.has"), switch("cycmostmissed", "cyc.het8.mostmissed"),
         switch("rankstale", "copy.rankchange.nstale", test=lambda v: v not in (None, "0")),
         switch("clipdefault", "copy.clip"),  # the wording about the default
         switch("nullchange", "copy.nullchange.has"),

@@ -150,12 +150,7 @@ def read_calibration(path):
 def calibration_criteria():
     """``(MAX_NULL_SHARE, MIN_POWER)`` of ``benchmarks/real_data_calibration.py`` (the
     benchmarks folder is scripts, not a package: the file is loaded by its path)."""
-    import importlib.util
-
-    path = ROOT / "benchmarks" / "real_data_calibration.py"
-    spec = importlib.util.spec_from_file_location("_real_data_calibration", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _load_script("real_data_calibration")
     return module.MAX_NULL_SHARE, module.MIN_POWER
 
 
@@ -173,27 +168,30 @@ def _load_script(name):
 def read_multikrum():
     """PROTOCOL amendment 8's comparison: ``(summary, commits)``, the rows of
     ``benchmarks/copying_multikrum.py``'s :func:`summary` for the ``full`` block and the
-    commits its rows were made by, once a row is in for every replicate of
-    ``simulations/results/full/copying.jsonl`` with that replicate's seed (a partial or
-    foreign run is never quoted: the decision reads the whole block); else
-    ``(None, None)``."""
+    commits its rows were made by, once a row that reproduces it
+    (``copying_multikrum.reproduces``) is in for every replicate of
+    ``simulations/results/full/copying.jsonl`` (a partial, stale or foreign run is never
+    quoted: the decision reads the whole block); else ``(None, None)``."""
     import json
 
     path, table = SOURCES["multikrum"], SOURCES["copying"] / "full" / "copying.jsonl"
     if not (path.exists() and table.exists()):
         return None, None
-    seeds = {(row["setting"], row["replicate"]): row["seed"]
-             for row in map(json.loads, table.read_text().splitlines()) if row}
+    script = _load_script("copying_multikrum")
+    stored = {(row["setting"], row["replicate"]): row
+              for row in map(json.loads, table.read_text().splitlines()) if row}
     latest = {}
     for line in path.read_text().splitlines():
         row = json.loads(line) if line.strip() else None
-        if row and row.get("block") == "full":
-            latest[(row["setting"], row["replicate"])] = row  # a rescore replaces
-    if set(latest) != set(seeds) or any(row["seed"] != seeds[key]
-                                        for key, row in latest.items()):
+        key = row and (row["setting"], row["replicate"])
+        # a row counts only while it is the table's replicate refitted (the script's
+        # own test: seed, CLAIR's and Krum's gains, local LoRA's accuracy)
+        if row and row.get("block") == "full" and key in stored and \
+                script.reproduces(stored[key], row):
+            latest[key] = row  # a rescore replaces
+    if set(latest) != set(stored):
         return None, None
     rows = list(latest.values())
-    script = _load_script("copying_multikrum")
     return script.summary(rows), sorted({row.get("code_commit", "?") for row in rows})
 
 

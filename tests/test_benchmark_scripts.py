@@ -175,8 +175,9 @@ def test_multikrum_decision_is_the_amendments_rule():
 
 
 def test_copying_cycles_counts_a_rejection_only_as_an_extra_flag(monkeypatch, tmp_path):
-    """One smoke replicate of copying_flagged's cells: the package's client flags are
-    the fit's (the script checks it), and counting the final tests' rejections can only
+    """One smoke replicate of copying_flagged's cells: the script's own checks pass (each
+    module's flags are its estimator's, and a settled loop's flags are its final test's
+    rejections, the reading the alternative rests on); counting the rejections can only
     add flags (the vote is monotone), so its recall and false alarms are never lower."""
     pytest.importorskip("torch")
     import copying_cycles

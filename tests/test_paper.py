@@ -599,42 +599,67 @@ def test_rank_rule_macros_follow_the_rows_commits():
 
 
 def test_the_multikrum_comparison_is_quoted_only_whole(tmp_path, monkeypatch):
-    """PROTOCOL amendment 8: the comparison is read only when a row is in for every
-    replicate of the fifth block, with its seed; its differences and verdicts are the
-    rows' by plain loops (synthetic rows: two replicates per setting)."""
+    """PROTOCOL amendment 8: the comparison is read only when a row that reproduces the
+    table's replicate (seed, CLAIR's and Krum's gains, local LoRA's accuracy) is in for
+    every replicate of the fifth block; its differences, verdicts and the rules' f and m
+    are the rows' and the script's (synthetic rows: two replicates per setting)."""
     from paper import _sources
-    from paper._generate import multikrum_macros
+    from paper._generate import MULTIKRUM_RULES, multikrum_macros
 
+    script = _sources._load_script("copying_multikrum")
     block = tmp_path / "results" / "full"
     block.mkdir(parents=True)
-    table = [{"setting": s, "replicate": r, "seed": 100 * r + len(s)}
+    gains = {"homogeneous": (3.0, 4.0), "heterogeneous": (2.0, -14.0)}  # CLAIR, rules
+    table = [{"setting": s, "replicate": r, "seed": 100 * r + len(s),
+              "rel_clair": (gains[s][0] + 0.1 * r) / 100, "rel_krum": gains[s][1] / 100,
+              "acc_local": 0.9}
              for s in ("homogeneous", "heterogeneous") for r in range(2)]
     (block / "copying.jsonl").write_text("".join(json.dumps(r) + "\n" for r in table))
-    rules = ("krum (as registered)", "trimmed_mean (as registered)", "multikrum_f4_m12",
-             "multikrum_m10", "trimmed_mean_0.25")
-    gains = {"homogeneous": (3.0, 4.0), "heterogeneous": (2.0, -14.0)}  # CLAIR, rules
-    rows = [{"block": "full", **r, "code_commit": "abc1234",
-             "gains": {"clair": gains[r["setting"]][0] + 0.1 * r["replicate"],
-                       **{rule: gains[r["setting"]][1] for rule in rules}}}
+    rows = [{"block": "full", "setting": r["setting"], "replicate": r["replicate"],
+             "seed": r["seed"], "code_commit": "abc1234" if r["replicate"] else "def5678",
+             "acc_local": r["acc_local"],
+             "gains": {"clair": 100 * r["rel_clair"],
+                       **{rule: gains[r["setting"]][1] for rule in script.RULES}}}
             for r in table]
     scores = tmp_path / "copying_multikrum.jsonl"
     monkeypatch.setitem(_sources.SOURCES, "copying", tmp_path / "results")
     monkeypatch.setitem(_sources.SOURCES, "multikrum", scores)
-    scores.write_text("".join(json.dumps(r) + "\n" for r in rows[:-1]))
+
+    def write(lines):
+        scores.write_text("".join(json.dumps(r) + "\n" for r in lines))
+
+    write(rows[:-1])
     assert _sources.read_multikrum() == (None, None)  # one replicate missing
-    wrong = dict(rows[-1], seed=rows[-1]["seed"] + 1)
-    scores.write_text("".join(json.dumps(r) + "\n" for r in rows[:-1] + [wrong]))
+    write(rows[:-1] + [dict(rows[-1], seed=rows[-1]["seed"] + 1)])
     assert _sources.read_multikrum() == (None, None)  # another seed: not this block
-    scores.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    stale = dict(rows[-1], gains=dict(rows[-1]["gains"], clair=9.0))
+    write(rows[:-1] + [stale])
+    assert _sources.read_multikrum() == (None, None)  # CLAIR of other code: stale
+    write(rows[:-1] + [dict(rows[-1], acc_local=0.8)])
+    assert _sources.read_multikrum() == (None, None)  # other fine-tuned adapters
+    write(rows[:-1] + [stale, rows[-1]])  # a rescore after a stale row replaces it
     macros = multikrum_macros(*_sources.read_multikrum())
     assert macros["mk.has"] == "1" and macros["mk.n"] == "2"
-    assert macros["mk.commit"] == "abc1234"
+    assert macros["mk.commits"] == r"commits \code{abc1234} and \code{def5678}"
     assert macros["mk.hom.m10.diff"].startswith(r"\ensuremath{-}0.95")  # 3.05 - 4.0
     assert macros["mk.het.m10.diff"].startswith("+16.05")
     assert (macros["mk.hom.m10.verdict"], macros["mk.het.f4.verdict"]) == ("behind",
                                                                          "ahead")
-    assert macros["mk.hom.m10.below"] == "2" and macros["mk.behind"] == "1"
-    assert (macros["mk.m10.f"], macros["mk.m10.m"], macros["mk.f4.f"]) == ("6", "10", "4")
+    assert macros["mk.hom.m10.below"] == "2"
+    assert (macros["mk.hom.behind"], macros["mk.het.behind"]) == ("1", "0")
+    for key, rule in MULTIKRUM_RULES.items():  # f and m as the script configures them
+        options = script.RULES[rule][1]
+        assert macros[f"mk.{key}.m"] == str(options["multi"])
+        f = options.get("n_byzantine")
+        if f is None:  # krum's own default for 16 clients, asked of the rule itself
+            from clairstat.aggregation._robust import krum
+
+            import numpy as np
+
+            rng = np.random.default_rng(0)
+            factors = [(rng.normal(size=(3, 1)), rng.normal(size=(1, 2))) for _ in range(16)]
+            f = krum(factors, np.ones(16) / 16, multi=options["multi"]).n_byzantine
+        assert macros[f"mk.{key}.f"] == str(f)
 
 
 def test_no_detection_macros_are_the_two_tables():
@@ -961,6 +986,8 @@ def test_cycles_macros_are_the_rows():
     assert _as_float(macros["cyc.het8.recallrej"]) == pytest.approx(
         caught["rejections_count"] / attackers, abs=0.006)
     assert macros["cyc.het8.replicates"] == str(len(cell))
+    assert macros["cyc.het8.mostmissed"] == (
+        "1" if caught["rejections_count"] < attackers / 2 else "0")
     shares = []
     for key in {(r["setting"], r["n_clients"]) for r in rows}:
         sub = [r for r in rows if (r["setting"], r["n_clients"]) == key]
