@@ -600,7 +600,7 @@ def test_rank_rule_macros_follow_the_rows_commits():
 
 def test_the_multikrum_comparison_is_quoted_only_whole(tmp_path, monkeypatch):
     """PROTOCOL amendment 8: the comparison is read only when a row that reproduces the
-    table's replicate (seed, CLAIR's and Krum's gains, local LoRA's accuracy) is in for
+    table's replicate (seed, CLAIR's gain, local LoRA's accuracy) is in for
     every replicate of the fifth block; its differences, verdicts and the rules' f and m
     are the rows' and the script's (synthetic rows: two replicates per setting)."""
     from paper import _sources
