@@ -145,8 +145,9 @@ CONTROLS = {control.name: control for control in [
             # unlike fedavg-refinement's and local-refinement's, its verdicts are not fixed
             # by construction: the refined update is neither a rule's aggregate nor local
             # LoRA's. Not copying_beats_rules_heterogeneous: there every rule is 14.7
-            # (Krum) to 21.9 points below local LoRA and the control passes it (7.68 [6.49, 8.86] at small
-            # scale; validation/README.md): the gain check is what catches it there
+            # (Krum) to 21.9 points below local LoRA and the control passes it (7.68
+            # [6.49, 8.86] at small scale; validation/README.md): the gain check is what
+            # catches it there
             ("copying_beats_rules_homogeneous", "copying_gain_homogeneous",
              "copying_gain_heterogeneous")),
     Control("oracle-pools-all",
