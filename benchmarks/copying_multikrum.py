@@ -5,9 +5,9 @@ Blanchard et al.'s single selection (m = 1, f = (K - 3) // 2) and the trimmed me
 default trim of 0.1, below the share of contaminated clients (4 of 16). A review asked
 whether "CLAIR beats every rule" survives rules configured for that share. This script
 refits the clients of stored copying replicates from their seeds (the same fine-tuned
-adapters the table's rows were computed from: local LoRA's accuracy and CLAIR's gain
-are recomputed and must equal the stored ones; the registered Krum's and trimmed mean's
-are recorded beside their stored values) and scores, on the same test
+adapters the table's rows were computed from: local LoRA's accuracy and the gains of
+CLAIR and the registered Krum and trimmed mean are recomputed and must come within a
+few test tokens of the stored ones, :func:`reproduces`) and scores, on the same test
 batch, multi-Krum (averaging the m most central updates) and a trimmed mean at 0.25,
 against CLAIR's default.
 
@@ -96,16 +96,16 @@ def run_one(row):
 
 def reproduces(row, result):
     """Whether ``result`` (a row of this script) is the stored table's ``row`` refitted:
-    the same seed, CLAIR's gain within :data:`REPRODUCED_TOLERANCE` points, and local
-    LoRA's mean accuracy within it where the result records it (rows scored before
-    2026-12-05's second erratum do not)."""
+    the same seed, the gains of :data:`REPRODUCED` within :data:`REPRODUCED_POINTS`
+    points, and local LoRA's mean accuracy within :data:`REPRODUCED_ACCURACY` where the
+    result records it (rows scored before 2026-12-05's second erratum do not)."""
     if row["seed"] != result["seed"]:
         return False
-    if any(abs(100.0 * row[column] - result["gains"][name]) > REPRODUCED_TOLERANCE
+    if any(abs(100.0 * row[column] - result["gains"][name]) > REPRODUCED_POINTS
            for name, column in REPRODUCED.items()):
         return False
     return ("acc_local" not in result
-            or abs(result["acc_local"] - row["acc_local"]) <= REPRODUCED_TOLERANCE)
+            or abs(result["acc_local"] - row["acc_local"]) <= REPRODUCED_ACCURACY)
 
 
 def _interval(values):
@@ -119,16 +119,24 @@ def _interval(values):
 
 
 #: The refit is the table's replicate when local LoRA's mean accuracy over the benign
-#: clients (a share, to 1e-6) and CLAIR's gain (percentage points, to 1e-6) equal the
-#: stored ones. The registered Krum's and trimmed mean's gains are recorded beside their
-#: stored values, not checked: each evaluates a product B A formed by BLAS, whose last
-#: bits depend on the kernel this machine dispatches, and a test token whose argmax sits
-#: near a tie then flips. On the fifth block the trimmed mean moved by 0.00075 and 0.030
-#: points and Krum by 0.010 in replicates whose local accuracy and CLAIR gain were
-#: exact (PROTOCOL.md, amendment 8's errata; the first erratum's 0.01-point guard and
-#: the second's check of Krum are withdrawn).
-REPRODUCED = {"clair": "rel_clair"}
-REPRODUCED_TOLERANCE = 1e-6
+#: clients is within REPRODUCED_ACCURACY of the stored one and the gains of CLAIR and of
+#: the registered Krum and trimmed mean within REPRODUCED_POINTS (percentage points).
+#: Nothing here reproduces bit for bit on another machine: the forward passes and the
+#: rules' products B A go through BLAS, whose last bits depend on the kernel the
+#: machine dispatches, and a test token whose argmax sits near a tie then flips (one
+#: token of one client moves the benign mean accuracy by about 2e-5). On the fifth
+#: block: local accuracy 2.3e-5 (one token), CLAIR 0.0026 points, Krum 0.010, the
+#: trimmed mean 0.00075 and 0.030 (PROTOCOL.md, amendment 8's errata). Another
+#: fine-tuning moves the mean accuracy by about 1e-2 and the gains by points (on the
+#: fifth block, standard deviations 0.010-0.012 and 0.8-1.2 points): no two of its
+#: replicates of a setting (9 900 pairs) are within 1e-3 (about 40 tokens) in accuracy
+#: and 0.1 points (the smallest difference the protocol counts) in all three gains.
+#: Every row keeps its refit and stored values, so the gaps are on record.
+REPRODUCED = {"clair": "rel_clair", "krum (as registered)": "rel_krum",
+              "trimmed_mean (as registered)": "rel_trimmed_mean"}
+REPRODUCED_POINTS = 0.1
+REPRODUCED_ACCURACY = 1e-3
+
 
 #: PROTOCOL.md amendment 8: the smallest difference in points that counts (section 6's).
 MIN_POINTS = 0.1

@@ -185,7 +185,7 @@ def read_multikrum():
         row = json.loads(line) if line.strip() else None
         key = row and (row["setting"], row["replicate"])
         # a row counts only while it is the table's replicate refitted (the script's
-        # own test: seed, CLAIR's gain, local LoRA's accuracy)
+        # own test: seed, CLAIR's and the registered rules' gains, local accuracy)
         if row and row.get("block") == "full" and key in stored and \
                 script.reproduces(stored[key], row):
             latest[key] = row  # a rescore replaces

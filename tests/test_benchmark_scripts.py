@@ -154,10 +154,13 @@ def test_copying_multikrum_refits_a_stored_replicate():
             (ROOT / "simulations/results/small/copying.jsonl").read_text().splitlines()]
     row = next(r for r in rows if r["setting"] == "homogeneous" and r["replicate"] == 0)
     result = copying_multikrum.run_one(row)
-    for name in copying_multikrum.REPRODUCED:  # the script's own guard
-        assert result["gains"][name] == pytest.approx(result["stored"][name],
-                                                      abs=copying_multikrum.REPRODUCED_TOLERANCE)
-    assert result["acc_local"] == pytest.approx(row["acc_local"], abs=1e-12)
+    assert copying_multikrum.reproduces(row, result)  # the script's own guard
+    for name in copying_multikrum.REPRODUCED:
+        assert result["gains"][name] == pytest.approx(
+            result["stored"][name], abs=copying_multikrum.REPRODUCED_POINTS)
+    # and it tells another replicate's adapters from this one's
+    other = next(r for r in rows if r["setting"] == "homogeneous" and r["replicate"] == 1)
+    assert not copying_multikrum.reproduces(dict(other, seed=row["seed"]), result)
     assert set(copying_multikrum.RULES) | {"clair"} <= set(result["gains"])
     text = copying_multikrum.table([{"block": "small", **result}])
     assert text.count("\n| small | homogeneous | 1 |") == len(copying_multikrum.RULES)

@@ -600,7 +600,8 @@ def test_rank_rule_macros_follow_the_rows_commits():
 
 def test_the_multikrum_comparison_is_quoted_only_whole(tmp_path, monkeypatch):
     """PROTOCOL amendment 8: the comparison is read only when a row that reproduces the
-    table's replicate (seed, CLAIR's gain, local LoRA's accuracy) is in for
+    table's replicate (seed, the gains of CLAIR and the registered rules, local LoRA's
+    accuracy, to the script's tolerances) is in for
     every replicate of the fifth block; its differences, verdicts and the rules' f and m
     are the rows' and the script's (synthetic rows: two replicates per setting)."""
     from paper import _sources
@@ -612,7 +613,7 @@ def test_the_multikrum_comparison_is_quoted_only_whole(tmp_path, monkeypatch):
     gains = {"homogeneous": (3.0, 4.0), "heterogeneous": (2.0, -14.0)}  # CLAIR, rules
     table = [{"setting": s, "replicate": r, "seed": 100 * r + len(s),
               "rel_clair": (gains[s][0] + 0.1 * r) / 100, "rel_krum": gains[s][1] / 100,
-              "acc_local": 0.9}
+              "rel_trimmed_mean": gains[s][1] / 100, "acc_local": 0.9}
              for s in ("homogeneous", "heterogeneous") for r in range(2)]
     (block / "copying.jsonl").write_text("".join(json.dumps(r) + "\n" for r in table))
     rows = [{"block": "full", "setting": r["setting"], "replicate": r["replicate"],
