@@ -1286,9 +1286,11 @@ def multikrum_macros(summary, commits):
     (``ahead``, ``behind``, ``undecided``); the configurations' f and m (from the
     script's ``RULES``), the smallest difference that counts, the replicates per
     setting, the rows' commits as words (``mk.commits``); ``mk.has`` (the whole block
-    in) and per setting ``mk.<setting>.behind`` (CLAIR behind either configuration)."""
+    in) and per setting ``mk.<setting>.behind`` (CLAIR behind either configuration) and
+    ``mk.<setting>.undecided`` (behind neither, not ahead of both)."""
     if summary is None:
-        return {"mk.has": "0", "mk.hom.behind": "0", "mk.het.behind": "0"}
+        return {"mk.has": "0", "mk.hom.behind": "0", "mk.het.behind": "0",
+                "mk.hom.undecided": "0"}
     from simulations.copying.replicate import DEFAULT_PARAMS
 
     script = src._load_script("copying_multikrum")
@@ -1317,9 +1319,11 @@ def multikrum_macros(summary, commits):
                                               "diff_high": row["high"]}),
                 f"{prefix}.below": fmt(row["below"]),
                 f"{prefix}.verdict": row["verdict"]})
-        macros[f"mk.{setting}.behind"] = "1" if any(
-            rows[(setting, rule)]["verdict"] == "behind"
-            for rule in MULTIKRUM_RULES.values()) else "0"
+        verdicts = {rows[(setting, rule)]["verdict"] for rule in MULTIKRUM_RULES.values()}
+        macros[f"mk.{setting}.behind"] = "1" if "behind" in verdicts else "0"
+        # not behind either configuration, not ahead of both
+        macros[f"mk.{setting}.undecided"] = "1" if "undecided" in verdicts and \
+            "behind" not in verdicts else "0"
     return macros
 
 
@@ -1739,7 +1743,7 @@ def write_generated(out_dir):
         switch("rankchange", "copy.rankchange.has"),
         switch("nodetect", "copy.nodetect.has"),
         switch("multikrum", "mk.has"), switch("mkhombehind", "mk.hom.behind"),
-        switch("mkhetbehind", "mk.het.behind"),
+        switch("mkhetbehind", "mk.het.behind"), switch("mkhomundecided", "mk.hom.undecided"),
         switch("cycles", "cyc.has"), switch("cycmostmissed", "cyc.het8.mostmissed"),
         switch("rankstale", "copy.rankchange.nstale", test=lambda v: v not in (None, "0")),
         switch("clipdefault", "copy.clip"),  # the wording about the default

@@ -648,6 +648,7 @@ def test_the_multikrum_comparison_is_quoted_only_whole(tmp_path, monkeypatch):
                                                                          "ahead")
     assert macros["mk.hom.m10.below"] == "2"
     assert (macros["mk.hom.behind"], macros["mk.het.behind"]) == ("1", "0")
+    assert macros["mk.hom.undecided"] == "0"  # behind one configuration: not undecided
     for key, rule in MULTIKRUM_RULES.items():  # f and m as the script configures them
         options = script.RULES[rule][1]
         assert macros[f"mk.{key}.m"] == str(options["multi"])
@@ -996,3 +997,29 @@ def test_cycles_macros_are_the_rows():
                       / sum(r["modules"] for r in sub))
     assert _as_float(macros["cyc.notconv.low"]) == pytest.approx(min(shares), abs=0.5)
     assert _as_float(macros["cyc.notconv.high"]) == pytest.approx(max(shares), abs=0.5)
+
+
+def test_multikrum_macros_are_the_committed_rows():
+    """Amendment 8 as committed: each quoted difference is the mean over the block's
+    rows of CLAIR's gain minus the rule's, by plain loops, and the verdict the script's
+    rule gives on the quoted interval."""
+    from paper._sources import _load_script, read_multikrum
+
+    summary, _ = read_multikrum()
+    if summary is None:
+        pytest.skip("amendment 8's block is not complete")
+    macros = _macros()
+    assert macros["mk.has"] == "1"
+    script = _load_script("copying_multikrum")
+    path = ROOT / "benchmarks" / "results" / "copying_multikrum.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    latest = {(r["setting"], r["replicate"]): r for r in rows if r["block"] == "full"}
+    for setting, short in (("homogeneous", "hom"), ("heterogeneous", "het")):
+        for key, rule in (("m10", "multikrum_m10"), ("f4", "multikrum_f4_m12")):
+            diffs = [r["gains"]["clair"] - r["gains"][rule]
+                     for (s, _), r in latest.items() if s == setting]
+            shown = macros[f"mk.{short}.{key}.diff"].replace(r"\ensuremath{-}", "-")
+            mean, interval = shown.split(" ", 1)
+            assert float(mean) == pytest.approx(sum(diffs) / len(diffs), abs=0.006)
+            low, high = (float(v) for v in interval.strip("[]").split(","))
+            assert macros[f"mk.{short}.{key}.verdict"] == script.decision(low, high)
