@@ -37,9 +37,10 @@ LAMBDAS = [0.0, 0.2, 0.4, 0.5, 0.6, 0.8, 1.0]
 TINY = np.finfo(float).tiny
 EPS = np.finfo(float).eps
 # A bound (relative to ||Delta W*||) this small is the rounding of the weighted means of
-# identical clients (about eps^2 there; the smallest real mismatch of the grids gives
-# 1e-2): a ratio of two such bounds is rounding over rounding, and its value depends on
-# the BLAS kernels of the machine (it was 0.90 on one and 1.29 on another for one seed).
+# identical clients (at most 2.6e-31 there; the smallest real mismatch of the grids,
+# heterogeneity 0.05, gives 3.6e-3): a ratio of two such bounds is rounding over
+# rounding, and its value depends on the BLAS kernels of the machine (0.99 under one
+# kernel, 1.29 under another, for one seed).
 # 1e4 eps is the identity checks' tolerance, far above eps^2 and far below any mismatch.
 BOUND_FLOOR = 1e4 * EPS
 # A hard rotation this close to I is the Procrustes solution of a symmetric positive
