@@ -210,9 +210,9 @@ def test_one_update_in_other_factorizations_without_the_stack_floor_is_rejected(
     """Negative control: with the dense data's floor (64 eps per entry of size 1) instead
     of the stack's, the final test of the test above rejects clients on round-off.
 
-    The p-values are round-off's, so they depend on the machine's BLAS kernels: 1e-270 on
-    one machine, 1e-22 on an AVX-512 one, where the rejected clients alternate between
-    rounds and the cycle's union keeps them all (no flag). The final test's rejections,
+    The p-values are round-off's, so they depend on OpenBLAS's kernels: about 1e-14 under
+    its Haswell kernels, 5e-22 under SkylakeX (an AVX-512 CPU), where the rejected clients
+    alternate between rounds and the cycle's union keeps them all (no flag). The final test's rejections,
     which the test above asserts absent, are what the floor removes on every machine."""
     from clairstat import _reduced
     from clairstat.aggregation import aggregate
