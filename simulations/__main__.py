@@ -55,6 +55,21 @@ def build_parser():
     return parser
 
 
+def _kernels_note(study, args, mismatches):
+    """Which BLAS kernels wrote the differing rows, and which reran them: a difference
+    in the last bits under another kernel is the arithmetic's, not the method's."""
+    from ._controls import tables_dir
+    from ._framework import blas_kernels, read_rows
+
+    differing = {(m["cell"], m["replicate"]) for m in mismatches}
+    path = results_path(study.name, args.scale, tables_dir(args.control, args.results_dir))
+    written = sorted({str(row.get("blas_kernels", "not recorded"))
+                      for row in read_rows(path)
+                      if (row.get("cell"), row.get("replicate")) in differing})
+    return (f"BLAS kernels of the differing rows: {'; '.join(written)}; of this rerun: "
+            f"{blas_kernels()}")
+
+
 def main(argv=None):
     """Run one study.
 
@@ -133,6 +148,8 @@ def _run(args):
         rows = len({(m["cell"], m["replicate"]) for m in mismatches})
         print(f"{study.name}[{args.scale}]: {checked} replicates rerun, {rows} differ "
               f"from the stored table")
+        if mismatches:
+            print(_kernels_note(study, args, mismatches))
         if checked == 0:
             print("nothing to verify: no stored replicate of the current grid was found",
                   file=sys.stderr)

@@ -31,7 +31,7 @@ __all__ = ["Study", "SCALES", "RunError", "grid", "cell_id", "derive_seed",
 
 SCALES = ("smoke", "small", "full")
 _RESERVED = ("study", "cell", "replicate", "seed", "clairstat_version", "code_commit",
-             "elapsed_s")
+             "blas_kernels", "elapsed_s")
 #: The folders whose Python files a row depends on (:func:`code_provenance`); a
 #: validation report also depends on ``validation/`` (its checks).
 CODE_FOLDERS = ("clairstat", "simulations")
@@ -352,7 +352,25 @@ def _run_task(simulate_one, cell, replicate, params, seed, n_threads=1, control=
         elapsed = time.perf_counter() - start
     if not isinstance(measured, dict):
         raise TypeError(f"simulate_one must return a dict, got {type(measured).__name__}.")
-    return cell, replicate, measured, elapsed, (__version__, code_provenance())
+    return cell, replicate, measured, elapsed, (__version__, code_provenance(),
+                                                 blas_kernels())
+
+
+def blas_kernels():
+    """The BLAS libraries loaded in this process, with the kernels they dispatch, e.g.
+    ``"openblas 0.3.31.188.0 SkylakeX"`` (``; ``-separated when several are loaded).
+
+    Part of a row's provenance: the same code and seed give different last bits under
+    another kernel (OpenBLAS picks its kernels for the CPU, ``OPENBLAS_CORETYPE``
+    overrides it), so a value that is rounding over rounding reproduces only under the
+    kernel that wrote it. Read after the replicate ran, when the libraries its study
+    uses are loaded; about 0.1 ms."""
+    from threadpoolctl import threadpool_info
+
+    found = {" ".join(str(part) for part in (pool.get("internal_api"), pool.get("version"),
+                                             pool.get("architecture")) if part)
+             for pool in threadpool_info() if pool.get("user_api") == "blas"}
+    return "; ".join(sorted(found))
 
 
 @functools.lru_cache(maxsize=None)
@@ -462,13 +480,13 @@ def _code_digest(root, paths):
 
 
 def _make_row(study, cell, replicate, params, seed, measured, elapsed, provenance):
-    version, commit = provenance  # the worker's (_run_task)
+    version, commit, kernels = provenance  # the worker's (_run_task)
     clash = set(measured) & (set(params) | set(_RESERVED))
     if clash:
         raise ValueError(f"{study.name}: measured names {sorted(clash)} clash with columns.")
     return {"study": study.name, "cell": cell, "replicate": replicate, **params,
-            "seed": seed, "clairstat_version": version, "code_commit": commit, **measured,
-            "elapsed_s": round(elapsed, 4)}
+            "seed": seed, "clairstat_version": version, "code_commit": commit,
+            "blas_kernels": kernels, **measured, "elapsed_s": round(elapsed, 4)}
 
 
 # A replicate is a pure function of its seed, run on one thread (_run_task): rerun on the

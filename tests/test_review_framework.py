@@ -166,3 +166,29 @@ def test_the_sweep_figure_and_text_read_only_the_current_grid(tmp_path, monkeypa
     frame, scale = _table()
     assert scale == "small" and len(frame) == len(rows)
     assert 0.5 not in set(frame["contaminated_share"]) and frame["replicate"].max() < 99
+
+
+def test_rows_name_the_blas_kernels_and_verify_shows_them(tmp_path, capsys):
+    """Same code and seed, other last bits under another BLAS kernel: the fedrot table
+    written under OpenBLAS's Haswell kernels did not reproduce under SkylakeX, and
+    nothing in its rows said which had written them. Every row now records them, and
+    ``--verify`` prints them beside a difference."""
+    from simulations._framework import blas_kernels
+
+    study = simulation_toy.STUDY
+    run_study(study, "smoke", results_dir=tmp_path, progress=False)
+    path = results_path("toy", "smoke", tmp_path)
+    rows = read_rows(path)
+    assert {row["blas_kernels"] for row in rows} == {blas_kernels()}
+    # a BLAS is loaded wherever numpy is, so the field is never empty
+    assert blas_kernels()
+    target = next(row for row in rows if row["replicate"] == 0)
+    target["value"] += 1.0
+    target["blas_kernels"] = "openblas 0.0 SomeOtherCPU"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    status = simulations_main(["simulation_toy:STUDY", "--scale", "smoke", "--verify", "3",
+                               "--results-dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert status == 1
+    assert ("BLAS kernels of the differing rows: openblas 0.0 SomeOtherCPU; of this "
+            f"rerun: {blas_kernels()}") in out
