@@ -350,6 +350,8 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
             self.estimate_shape_, self._input_2d = X.shape[1:], False
             return X
         X = as_real_array(X, "local_estimates")
+        if isinstance(X, np.ndarray) and X.dtype == object and X.ndim == 1:
+            X = list(X)  # an object array of per-client blocks: read (and checked) as a list
         row = self._orientation(reset) == "row"
         if isinstance(X, (list, tuple)):
             two_d = len(X) > 0 and np.asarray(X[0]).ndim == 1
@@ -674,8 +676,9 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
         same estimate, the one at the row's position, or any of them if their tests
         agree, else the row is tested as a new client) gets its fitted, out-of-sample
         test: the log of its p-value adjusted by ``correction`` over the training
-        clients (``adjusted_p_values_``; for a client whose flag the test did not set,
-        with ``detection="threshold"`` or a detection that did not converge, the value
+        clients (``adjusted_p_values_``, floored at ``np.finfo(float).tiny``: an adjusted
+        p-value of 0 scores -708.4, not -inf; for a client whose flag the test did not
+        set, with ``detection="threshold"`` or a detection that did not converge, the value
         is moved to the side of ``log(test_level)`` its flag is on). Up to round-off:
         every entry within ``1024 eps cond`` (at most ``sqrt(eps)``; ``cond`` that of
         the client's design, read from ``noise_cov``) of the size of the training
@@ -926,14 +929,24 @@ def _log_unit(factors):
 
     Under a change of coordinates ``A`` (units) every client's is shifted by the same
     ``log |det A|^{2/dim}``, so the normalised factors' shapes and the clients' relative
-    scales do not depend on the units (the trace's would). Computed on the factor
-    divided by its largest diagonal entry (a factor may sit anywhere in float64's
-    range); eigenvalues below 1e-12 of the largest (a singular factor) count at that.
+    scales do not depend on the units (the trace's would). Computed on the factor's
+    correlation matrix, ``det F = prod_i F_ii det(corr)`` (a factor may sit anywhere in
+    float64's range, and its variances may span more of it than an eigenvalue floor
+    leaves: OLS covariances of covariates in other units); the correlation's
+    eigenvalues below 1e-12 of its largest (a singular factor) count at that, a floor
+    that a covariate's or an output's units do not move. A zero variance (a
+    coefficient without noise) counts at the geometric mean of the others.
     """
-    top = np.max(np.diagonal(factors, axis1=1, axis2=2), axis=1)
-    vals = np.linalg.eigvalsh(factors / top[:, None, None])
+    diag = np.diagonal(factors, axis1=1, axis2=2)
+    positive = diag > 0
+    logs = np.log(np.where(positive, diag, 1.0))
+    typical = np.sum(logs, axis=1) / np.maximum(positive.sum(axis=1), 1)
+    logs = np.where(positive, logs, typical[:, None])
+    root = np.exp(0.5 * (logs - typical[:, None]))  # sqrt(F_ii) over a typical scale
+    vals = np.linalg.eigvalsh(factors / np.exp(typical)[:, None, None]
+                              / root[:, :, None] / root[:, None, :])
     vals = np.maximum(vals, vals.max(axis=1, keepdims=True) * 1e-12)
-    return np.log(top) + np.mean(np.log(vals), axis=1)
+    return np.mean(logs, axis=1) + np.mean(np.log(vals), axis=1)
 
 
 def _normalised_factors(row, col, scale):
@@ -1020,6 +1033,11 @@ def _unpack_ols(X, noise_cov, sample_weight, method, noise_scale=None):
         raise ValueError(f"{method}: X is a LocalOLS, which carries its own noise_cov, "
                          "and the estimator has noise_scale: use one of the two (pass "
                          "X.estimates to use noise_scale).")
+    if X.noise_cov is None:  # a LocalOLS built by hand without its covariance
+        raise ValueError(f"{method}: X is a LocalOLS whose noise_cov is None; a LocalOLS "
+                         "carries its OLS covariance (row_cov, col_cov) (local_ols computes "
+                         "it). To fit without a covariance, pass X.estimates (and "
+                         "sample_weight=X.n_samples).")
     _check_residual_variance(X, method)
     return X.estimates, X.n_samples, X.noise_cov
 

@@ -297,6 +297,11 @@ def _client_fit(design, response, k, names):
         raise ValueError(f"client {k} has {n_samples} samples for {p} coefficients per "
                          "output: OLS needs more samples than coefficients to estimate "
                          "its noise.")
+    # The design and the response divided by powers of two near their largest entries
+    # (exact; undone below): norms and squared residuals of data near float64's limits
+    # (entries of 1e155 or 1e-165) would overflow or underflow.
+    x_exp, y_exp = _exponent(design), _exponent(response)
+    design, response = np.ldexp(design, -x_exp), np.ldexp(response, -y_exp)
     # Columns scaled to unit norm first (OLS is equivariant to it): the rank test then
     # sees collinearity, not units (columns in units of 1e-7 and 1e7 are not singular).
     norms = np.linalg.norm(design, axis=0)
@@ -320,7 +325,28 @@ def _client_fit(design, response, k, names):
     row_cov = inv_sing @ inv_sing.T  # (X^T X)^{-1}
     resid = response - design @ estimate
     col_cov = resid.T @ resid / (n_samples - p)
-    return estimate, 0.5 * (row_cov + row_cov.T), col_cov
+    variances = np.diag(col_cov)
+    with np.errstate(over="ignore", under="ignore"):
+        estimate = np.ldexp(estimate, y_exp - x_exp)
+        row_cov = np.ldexp(0.5 * (row_cov + row_cov.T), -2 * x_exp)
+        col_cov = np.ldexp(col_cov, 2 * y_exp)
+    tiny = np.finfo(float).tiny
+    lost = (variances > 0) & ~(np.diag(col_cov) >= tiny)  # a residual variance underflowed
+    if not (np.all(np.isfinite(estimate)) and np.all(np.isfinite(row_cov))
+            and np.all(np.isfinite(col_cov)) and np.all(np.diag(row_cov) >= tiny)
+            and not np.any(lost)):
+        raise ValueError(f"client {k}: its estimates or their covariance fall outside "
+                         f"float64's range (design entries up to {np.ldexp(1.0, x_exp):.3g}, "
+                         f"responses up to {np.ldexp(1.0, y_exp):.3g}; the covariance "
+                         "scales as response^2 / design^2): express the design's columns "
+                         "or the responses in other units.")
+    return estimate, row_cov, col_cov
+
+
+def _exponent(array):
+    """``e`` with ``2^(e-1) <= max |array| < 2^e`` (0 for an all-zero array)."""
+    largest = float(np.max(np.abs(array))) if array.size else 0.0
+    return int(np.frexp(largest)[1]) if largest > 0 else 0
 
 
 def _no_residual(col_cov, y_max, output_names, labels):

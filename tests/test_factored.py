@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from clairstat import CLAIREstimator
+from clairstat import _reduced as reduced
 from clairstat._detection import (_centred_left_singular, out_of_sample_statistics,
                                   projection_statistics, refine, refit_subspace,
                                   weighted_mean)
@@ -24,11 +25,16 @@ def close(actual, desired):
     return np.linalg.norm(np.asarray(actual) - desired) <= RTOL * scale
 
 
-@pytest.fixture
-def case():
-    """Mixed ranks (2, 3, 4), one client with a rank-deficient A, a shared column space."""
+@pytest.fixture(params=["narrow", "wide"])
+def case(request):
+    """Mixed ranks (2, 3, 4), one client with a rank-deficient A, a shared column space.
+
+    "narrow": a module wider than the clients' ranks together (t = sum r_k); "wide": a
+    12 x 10 module whose 9 clients' ranks add up to 27 (t = 10), where the stack's
+    products go through formed combinations of the clients (FactoredBlocks._wide).
+    """
     rng = np.random.default_rng(5)
-    d, k = 40, 35
+    d, k = (40, 35) if request.param == "narrow" else (12, 10)
     shared = np.linalg.qr(rng.standard_normal((d, 3)))[0]
     factors = []
     for i, rank in enumerate([2, 3, 4, 3, 2, 4, 3, 2, 4]):
@@ -38,6 +44,7 @@ def case():
             a_mat[1] = a_mat[0]
         factors.append((b_mat, a_mat))
     left, right, stack = factored_reduction(factors)
+    assert stack._wide() == (request.param == "wide")  # each route is the one tested
     dense = np.stack([left.T @ b @ a @ right for b, a in factors])
     weights = rng.uniform(0.5, 2.0, len(factors))
     return stack, dense, weights, factors, (left, right)
@@ -81,6 +88,27 @@ def test_stack_operations_equal_the_dense_ones(case):
     refined = refine(stack, basis, mean, ~members)
     assert close(np.asarray(refined), refine(dense, basis, mean_dense, ~members))
     assert close(refined[2], refine(dense, basis, mean_dense, ~members)[2])
+
+
+def test_the_wide_and_kernel_routes_agree(case, monkeypatch):
+    """The centred Gram, its operator, the outer products and the statistics are the same
+    through formed combinations of the clients (wide) and through the cross-Gram kernel."""
+    stack, _, weights, _, _ = case
+    members = np.array([1, 1, 1, 0, 1, 1, 0, 1, 1], dtype=bool)
+    sub, w_sub = stack[members], weights[members]
+    omega = w_sub / w_sub.sum()
+    block = np.random.default_rng(0).standard_normal((stack.shape[1], 3))
+    basis = refit_subspace(sub, w_sub, 2)
+    mean = weighted_mean(sub, w_sub)
+    answers = []
+    for factor in (0, 10 ** 9):  # always wide, never wide
+        monkeypatch.setattr(reduced, "_WIDE_FACTOR", factor)
+        assert sub._wide() == (factor == 0)
+        answers.append((sub.centred_gram(w_sub), sub._centred_operator(w_sub)[0](block),
+                        *sub._outer(omega, 1.0 - len(omega) * omega),
+                        projection_statistics(stack, mean, basis)))
+    for wide, kernel in zip(*answers):
+        assert close(wide, kernel)
 
 
 def test_mean_of_another_stack_is_refused(case):

@@ -108,3 +108,91 @@ def test_complex_data_are_refused_not_truncated():
         local_ols([pd.DataFrame(x + 0j) for x in designs], [r.real for r in responses])
     with pytest.raises(ValueError, match="Complex data not supported: client 0's weights"):
         local_ols(designs, [r.real for r in responses], weights=[np.ones(40) + 0j] * 3)
+
+
+def _grunfeld_ols(value_unit):
+    """Grunfeld's ten firms (statsmodels), each its own regression of investment on the
+    firm's value (in ``value_unit`` times its units) and capital."""
+    data = sm.datasets.grunfeld.load_pandas().data
+    firms = data.groupby("firm")
+    return local_ols({f: sm.add_constant(d[["value", "capital"]] * [value_unit, 1])
+                      for f, d in firms}, {f: d["invest"] for f, d in firms})
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_covariates_units_do_not_move_the_known_covariance_tests(rank):
+    """A review: with ``noise_cov``, the firm value in thousands instead of millions
+    flagged two of Grunfeld's firms (none in millions; p-values moved up to e^4.1
+    fold): each OLS covariance was normalised by its largest variance and its
+    eigenvalues floored at 1e-12 of the largest, and in thousands the coefficients'
+    variances span more than that, so the floor cut the value's. Now normalised as a
+    correlation, which a covariate's units do not change."""
+    from clairstat import CLAIREstimator
+
+    fits = [CLAIREstimator(rank=rank, random_state=0).fit(_grunfeld_ols(unit))
+            for unit in (1.0, 1e3, 1e-3, 1e6)]
+    for fit in fits[1:]:
+        assert np.array_equal(fit.contaminated_, fits[0].contaminated_)
+        # Measured: the statistics agree to 4e-14 relative; the units enter only through
+        # diagonal scalings, removed exactly up to the rounding of eigendecompositions of
+        # whitened factors (condition numbers up to ~1e4 here): 1e-9 leaves margin.
+        np.testing.assert_allclose(fit.test_statistics_, fits[0].test_statistics_, rtol=1e-9)
+        np.testing.assert_allclose(fit.p_values_, fits[0].p_values_, rtol=1e-9)
+
+
+def test_a_hand_built_local_ols_without_covariance_is_refused_clearly():
+    """A review: ``LocalOLS(estimates, None, ...)`` (the class is documented as buildable
+    by hand) raised ``TypeError: 'NoneType' object is not subscriptable``."""
+    from clairstat import CLAIREstimator, LocalOLS
+
+    ols = _grunfeld_ols(1.0)
+    bare = LocalOLS(ols.estimates, None, ols.n_samples, ols.residual_df)
+    with pytest.raises(ValueError, match="noise_cov is None.*pass X.estimates"):
+        CLAIREstimator().fit(bare)
+
+
+def test_an_object_array_of_ragged_estimates_names_the_client():
+    """A review: a 1-D object array of per-client blocks of different shapes got numpy's
+    "setting an array element with a sequence" (the same blocks as a list are named)."""
+    from clairstat import CLAIREstimator
+
+    blocks = np.empty(4, dtype=object)
+    for k, shape in enumerate([(3, 2), (2, 2), (3, 2), (3, 2)]):
+        blocks[k] = np.zeros(shape)
+    with pytest.raises(ValueError, match="ragged estimates: client 0 has shape .3, 2. but "
+                                         "client 1 has .2, 2."):
+        CLAIREstimator().fit(blocks)
+    rng = np.random.default_rng(0)
+    for k in range(4):
+        blocks[k] = rng.standard_normal((3, 2))
+    assert CLAIREstimator(rank=0, random_state=0).fit(blocks).estimate_shape_ == (3, 2)
+
+
+@pytest.mark.parametrize("design_unit, response_unit, fits", [
+    (1e100, 1e100, True), (1e-100, 1e-100, True), (1e150, 1.0, True), (1.0, 1e-150, True),
+    (1e155, 1.0, False), (1e-165, 1.0, False), (1.0, 1e160, False), (1.0, 1e-160, False)])
+def test_local_ols_follows_the_units_or_says_they_leave_float64s_range(
+        design_unit, response_unit, fits):
+    """A review: designs times 1e155 or 1e-165 were refused as "zero columns" (every
+    column named), responses times 1e170 gave overflow warnings and then a "no residual
+    variance" error, and times 1e160 a covariance of inf, silently. OLS is equivariant:
+    the estimates scale as response / design and the covariances as their squares,
+    or, where those leave float64's range, a ValueError says so."""
+    rng = np.random.default_rng(0)
+    designs = [np.c_[np.ones(40), rng.standard_normal((40, 2))] for _ in range(6)]
+    responses = [x @ np.ones((3, 2)) + rng.standard_normal((40, 2)) for x in designs]
+    base = local_ols(designs, responses)
+    scaled = ([x * design_unit for x in designs], [y * response_unit for y in responses])
+    if not fits:
+        with pytest.raises(ValueError, match="outside float64's range.*other units"):
+            local_ols(*scaled)
+        return
+    ols = local_ols(*scaled)
+    # Powers of two scale exactly; the units themselves round once per entry (and the
+    # covariances' twice): 1e-12 relative is far above that and far below any effect.
+    ratio = response_unit / design_unit
+    np.testing.assert_allclose(ols.estimates / ratio, base.estimates, rtol=1e-12, atol=0)
+    np.testing.assert_allclose(ols.noise_cov[0] * design_unit ** 2, base.noise_cov[0],
+                               rtol=1e-12, atol=0)
+    np.testing.assert_allclose(ols.noise_cov[1] / response_unit ** 2, base.noise_cov[1],
+                               rtol=1e-12, atol=0)
