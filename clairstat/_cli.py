@@ -276,7 +276,7 @@ def _check_pairs(keys, shapes):
 def _read_adapter(folder):
     """One adapter folder as a :class:`Client`, its LoRA pairs, scalings and dtypes
     checked."""
-    from .lora import check_alpha, lora_pairs, lora_scaling
+    from .lora import check_config, lora_pairs, lora_scaling
 
     if not folder.is_dir():
         raise InputError(f"{folder}: not a folder")
@@ -288,12 +288,7 @@ def _read_adapter(folder):
     config = _read_config(folder)
     metadata, shapes, offsets, dtypes = _read_header(folder)
     try:
-        check_alpha(config.get("lora_alpha", 8), "lora_alpha")  # peft's default is 8
-        patterns = config.get("alpha_pattern") or {}
-        if not isinstance(patterns, dict):
-            raise ValueError(f"alpha_pattern must be an object, got {patterns!r}.")
-        for pattern, value in patterns.items():
-            check_alpha(value, f"alpha_pattern {pattern!r}")
+        check_config(config)
         keys = lora_pairs(shapes)
         _check_pairs(keys, shapes)
         for module, pair in keys.items():
@@ -971,10 +966,10 @@ def _input_warnings(clients):
     if message:
         yield message + " (report.json lists them per client)"
     bases = {}
-    for client in clients:
+    for client in clients:  # an adapter naming none may be of another model (a review)
         base = client.config.get("base_model_name_or_path")
-        if base is not None:
-            bases.setdefault(str(base), []).append(client.folder.name)
+        bases.setdefault("none named" if base is None else str(base),
+                         []).append(client.folder.name)
     if len(bases) > 1:
         listed = "; ".join(f"{base}: {', '.join(folders[:3])}"
                            + (", ..." if len(folders) > 3 else "")

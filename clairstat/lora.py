@@ -118,6 +118,7 @@ def lora_scaling(config, module_name, rank):
         if _config_get(config, field):
             raise ValueError(f"{variant} adapters ({field} is set) are not supported: "
                              f"{why}, so B @ A is not the update.")
+    check_config(config)
     alpha = _config_get(config, "lora_alpha", 8)
     # peft matches the patterns against the module's name in the base model; its saved
     # state dicts prefix that name with "base_model.model." (a "^"-anchored key never
@@ -125,7 +126,7 @@ def lora_scaling(config, module_name, rank):
     name = module_name[len(_PEFT_PREFIX):] if module_name.startswith(_PEFT_PREFIX) \
         else module_name
     for pattern, value in (_config_get(config, "alpha_pattern") or {}).items():
-        if re.match(rf"(.*\.)?({pattern})$", name):
+        if re.match(rf"(.*\.)?({pattern})$", name):  # keys checked by check_config
             alpha = value
             break
     if rank < 1:
@@ -152,9 +153,34 @@ def check_alpha(alpha, what="lora_alpha"):
     holds), and dividing it out of a refined ``lora_B`` writes infinities. A negative
     alpha is peft's too (its scaling is negative) and is kept.
     """
+    try:
+        finite = math.isfinite(alpha) and math.isfinite(float(alpha))
+    except (OverflowError, TypeError):  # an int beyond float64 (10**400), or no number
+        finite = False
     if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) \
-            or not math.isfinite(alpha) or alpha == 0:
-        raise ValueError(f"{what} must be a finite non-zero number, got {alpha!r}.")
+            or not finite or alpha == 0:
+        shown = repr(alpha) if len(repr(alpha)) <= 40 else repr(alpha)[:37] + "..."
+        raise ValueError(f"{what} must be a finite non-zero number, got {shown}.")
+
+
+def check_config(config):
+    """ValueError unless a LoRA config's scaling fields are usable: ``lora_alpha`` (peft's
+    default 8) and every ``alpha_pattern`` value finite and non-zero
+    (:func:`check_alpha`), every ``alpha_pattern`` key a regular expression (peft
+    matches them as such). ``None`` (factors that carry their scale) passes."""
+    if config is None:
+        return
+    check_alpha(_config_get(config, "lora_alpha", 8), "lora_alpha")
+    patterns = _config_get(config, "alpha_pattern") or {}
+    if not isinstance(patterns, Mapping):
+        raise ValueError(f"alpha_pattern must be a mapping, got {patterns!r}.")
+    for pattern, value in patterns.items():
+        check_alpha(value, f"alpha_pattern {pattern!r}")
+        try:
+            re.compile(rf"(.*\.)?({pattern})$")
+        except (re.error, TypeError) as error:
+            raise ValueError(f"alpha_pattern key {pattern!r} is not a regular expression "
+                             f"({error}).") from None
 
 
 def check_update_size(module, b_mat, a_mat, scale=1.0):
@@ -175,7 +201,20 @@ def check_update_size(module, b_mat, a_mat, scale=1.0):
             f"stay below {MAX_UPDATE_NORM:.0e}; the fits square them).")
 
 
-def _to_numpy(value):
+# The factor dtypes read (and written back): a refined factor rounded to an integer or
+# fp8 dtype would be beyond use (the command line reads the same four from safetensors).
+_FACTOR_DTYPES = ("float16", "bfloat16", "float32", "float64")
+
+
+def _to_numpy(value, key=None):
+    """A factor as a float64 ndarray; ``key`` given, a tensor or array of another dtype
+    than :data:`_FACTOR_DTYPES` is refused (its refined factor would be written in it)."""
+    dtype = getattr(value, "dtype", None)
+    if key is not None and dtype is not None and \
+            str(dtype).replace("torch.", "") not in _FACTOR_DTYPES:
+        raise ValueError(f"{key} is {str(dtype).replace('torch.', '')}: LoRA factors are "
+                         f"read and written in {', '.join(_FACTOR_DTYPES)} (a refined "
+                         "factor rounded to it would be beyond use); cast it first.")
     if hasattr(value, "detach"):  # a torch tensor; float64 keeps the SVDs accurate
         return value.detach().cpu().double().numpy()
     return np.asarray(value, dtype=np.float64)
@@ -291,7 +330,8 @@ def adapter_factors(state_dict: Mapping[str, Any], config: Any = None) -> dict:
     """
     factors = {}
     for module, keys in _parse(state_dict).items():
-        a_mat, b_mat = _to_numpy(state_dict[keys["A"]]), _to_numpy(state_dict[keys["B"]])
+        a_mat = _to_numpy(state_dict[keys["A"]], keys["A"])
+        b_mat = _to_numpy(state_dict[keys["B"]], keys["B"])
         if b_mat.ndim != 2 or a_mat.ndim != 2 or b_mat.shape[1] != a_mat.shape[0]:
             raise ValueError(f"{module}: lora_B {b_mat.shape} and lora_A {a_mat.shape}.")
         factors[module] = (lora_scaling(config, module, a_mat.shape[0]) * b_mat, a_mat)
@@ -519,9 +559,9 @@ def _check_sizes(state_dicts, configs):
     overflows on the way."""
     for k, (state_dict, config) in enumerate(zip(state_dicts, configs)):
         for module, keys in _parse(state_dict).items():
-            a_mat = _to_numpy(state_dict[keys["A"]])
             try:
-                check_update_size(module, _to_numpy(state_dict[keys["B"]]), a_mat,
+                a_mat = _to_numpy(state_dict[keys["A"]], keys["A"])
+                check_update_size(module, _to_numpy(state_dict[keys["B"]], keys["B"]), a_mat,
                                   lora_scaling(config, module, a_mat.shape[0]))
             except ValueError as error:
                 raise ValueError(f"client {k}: {error}") from None
@@ -665,7 +705,7 @@ def aggregate_adapters(rule: str, state_dicts: Sequence[Mapping[str, Any]], conf
 
 
 def global_state_dict(results: Mapping[str, Any], template: Mapping[str, Any],
-                      config: Any = None, rank: int | None = None) -> dict:
+                      config: Any = None) -> dict:
     """The global update of every module as an adapter of the template's rank.
 
     Parameters
@@ -673,10 +713,9 @@ def global_state_dict(results: Mapping[str, Any], template: Mapping[str, Any],
     results : dict of str to AggregationResult
         From :func:`aggregate_adapters`.
     template : dict
-        State dict of the receiving adapter (keys, dtypes, rank).
+        State dict of the receiving adapter (keys, dtypes, rank): each module is read
+        out at its rank there (an adapter of another rank is another template).
     config : LoraConfig or dict, optional
-    rank : int, optional
-        Defaults to the template's rank of each module.
 
     Returns
     -------
@@ -690,13 +729,11 @@ def global_state_dict(results: Mapping[str, Any], template: Mapping[str, Any],
     factors = {}
     for module, keys in _parse(template).items():
         result = results[module]
-        own_rank = template[keys["A"]].shape[0]
-        module_rank = rank or own_rank
+        module_rank = template[keys["A"]].shape[0]
         own_factors = (result.factors is not None
                        and result.factors[0].shape[1] == module_rank)
-        if (module_rank == own_rank and not np.any(result.update)
-                and not (own_factors and np.any(result.factors[1]))):
-            factors[module] = (np.zeros((result.update.shape[0], own_rank)),
+        if not np.any(result.update) and not (own_factors and np.any(result.factors[1])):
+            factors[module] = (np.zeros((result.update.shape[0], module_rank)),
                                _to_numpy(template[keys["A"]]))
         elif own_factors:
             factors[module] = result.factors
@@ -749,6 +786,7 @@ def personalized_state_dicts(results: Mapping[str, Any],
         return [global_state_dict(results, state, config)
                 for state, config in zip(state_dicts, configs)], None
     factor_lists = module_factors(state_dicts, configs)
+    _check_same_clients(results, factor_lists)
     zero = frozenset(name for name, factors in factor_lists.items()
                      if all(not np.any(b) or not np.any(a) for b, a in factors))
     voting = [result for name, result in results.items()
@@ -764,6 +802,49 @@ def personalized_state_dicts(results: Mapping[str, Any],
                     for own, state, config, flag in zip(personal, state_dicts, configs,
                                                         flagged)]
     return personal, flagged
+
+
+def _check_same_clients(results, factor_lists):
+    """A ValueError where ``results`` were not computed on these clients in this order:
+    other modules, another number of clients, or a client whose update's norm differs
+    from the one in the results' reduction (``||s B A||_F^2 = tr(s^2 B^T B A A^T)``, r^2
+    (d_out + d_in) flops per client, against ``tr(Y^T Y R R^T)`` in the reduction)."""
+    if set(results) != set(factor_lists):
+        raise ValueError("results and state_dicts hold different modules: "
+                         f"{module_difference(factor_lists, results)}.")
+    n_clients = len(next(iter(factor_lists.values())))
+    for name, result in results.items():
+        flags = result.extras.get("flagged")
+        if flags is not None and len(flags) != n_clients:
+            raise ValueError(f"results were computed on {len(flags)} clients; state_dicts "
+                             f"has {n_clients}: pass the state dicts the results were "
+                             "computed on.")
+        theirs = _own_update_norms(getattr(result.extras.get("per_client"), "reduced", None))
+        if theirs is None or len(theirs) != n_clients:
+            continue
+        ours = np.sqrt(np.abs([np.sum((b.T @ b) * (a @ a.T)) for b, a in factor_lists[name]]))
+        # The reduction keeps norms to 1e-9 relative (its bases are orthonormal to
+        # 2^-30, _reduced._ORTHO_TOL): 1e-6 of the largest update tells clients apart.
+        differ = np.flatnonzero(np.abs(ours - theirs) > 1e-6 * max(ours.max(), theirs.max()))
+        if differ.size:
+            k = differ[0]
+            raise ValueError(f"{name}: client {k}'s update (norm {ours[k]:.6g}) is not the "
+                             f"one the results were computed on (norm {theirs[k]:.6g}): "
+                             "pass state_dicts in the order given to aggregate_adapters.")
+
+
+def _own_update_norms(reduced):
+    """Each client's own update's Frobenius norm, from the factors a rule's per-client
+    stack keeps in reduced coordinates (``None`` for another kind of stack)."""
+    if hasattr(reduced, "stack"):  # FactoredRefined: X_k = Y_k R_k
+        coef, rights = reduced.stack.coef, reduced.stack.rights
+        return np.sqrt(np.abs(np.einsum("kpr,kps,krt,kst->k", coef, coef, rights, rights)))
+    if hasattr(reduced, "ranks"):  # CombinedUpdates: Y [:, block_j] Z [block_j, :]
+        bounds = np.cumsum(np.r_[0, reduced.ranks])
+        return np.sqrt(np.abs([np.sum((reduced.left[:, i:j].T @ reduced.left[:, i:j])
+                                      * (reduced.right[i:j] @ reduced.right[i:j].T))
+                               for i, j in zip(bounds[:-1], bounds[1:])]))
+    return None
 
 
 def save_adapter(state_dict: Mapping[str, Any], path: str | os.PathLike) -> None:

@@ -535,7 +535,8 @@ def test_untested_tensors_and_other_base_models_are_reported(adapters, tmp_path,
     """A whole module saved beside the LoRA pairs (peft's modules_to_save: here a head
     poisoned 50-fold) is copied unchanged, as before, but no longer silently: a warning
     names it and report.json lists it under the client's "untested"; adapters whose
-    configs name different base models draw a warning."""
+    configs name different base models draw a warning, and so do adapters that name
+    none beside ones that do (a review: that case was silent)."""
     inputs = [_copy(folder, tmp_path / folder.name) for folder in adapters]
     for k, folder in enumerate(inputs):
         weights = _weights(folder)
@@ -551,7 +552,7 @@ def test_untested_tensors_and_other_base_models_are_reported(adapters, tmp_path,
     assert main(["refine", "--random-state", "0", "--out", str(out), *map(str, inputs)]) == 0
     err = capsys.readouterr().err
     assert "not LoRA factors" in err and "base_model.model.head.weight" in err
-    assert "2 base models" in err and "org/base-a" in err
+    assert "3 base models" in err and "org/base-a" in err and "none named" in err
     report = json.loads((out / "report.json").read_text())
     assert all(entry["untested"] == ["base_model.model.head.weight"]
                for entry in report["clients"])

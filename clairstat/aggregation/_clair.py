@@ -67,6 +67,7 @@ def clair(factors, weights, **options):
         raise ValueError(f"CLAIR needs at least two clients, got {len(factors)}.")
     options = {"backbone": False, **options}
     check_device(options.get("device"))  # before the reduction runs on it
+    _warn_untrained_majority(factors)
     estimator = CLAIREstimator(**options)
     on_device = {"device": options["device"], "dtype": options.get("dtype")} \
         if options.get("device") is not None else {}
@@ -96,3 +97,20 @@ def clair(factors, weights, **options):
         "per_client": per_client,
         "subspace": reduction.left_basis @ estimator.subspace_,
         "estimator": estimator, "reduction": reduction, "reduced_mean": mean_reduced})
+
+
+def _warn_untrained_majority(factors):
+    """Warn where most clients (not all) sent a zero update, as untrained adapters
+    (``lora_B = 0``) do: exact copies holding most of the clients are the consensus
+    (:func:`clairstat._tuning.counted_once`), the noise scale and the rank rule then
+    read the zeros (a review: 13 untrained of 25 clients made the rank 19 and every
+    p-value 1, attackers included; 12 of 24 flagged both attackers), and nothing
+    said so."""
+    zero = np.array([not np.any(b_mat) or not np.any(a_mat) for b_mat, a_mat in factors])
+    if 2 * zero.sum() > len(zero) and not zero.all():
+        warnings.warn(f"{zero.sum()} of {len(zero)} clients sent a zero update (untrained "
+                      "adapters, lora_B = 0): most of the clients, they are taken for the "
+                      "consensus, and the noise scale and the rank rule read their zeros, "
+                      "so the tests are degenerate (every p-value may be 1, contaminated clients "
+                      "included). Leave untrained clients out of the round.",
+                      UserWarning, stacklevel=3)

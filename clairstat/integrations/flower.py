@@ -435,6 +435,9 @@ class LoraStrategy(FedAvg):
             raise ValueError(f"flagged_receive must be 'own' or 'global', "
                              f"got {flagged_receive!r}.")
         _check_rule(rule, dict(rule_options or {}))
+        from ..lora import check_config
+
+        check_config(lora_config)  # before the clients train, not in the first round
         self.flagged_receive = flagged_receive
         self.rule = rule
         self.lora_config = lora_config
@@ -586,8 +589,16 @@ class LoraStrategy(FedAvg):
     def _screen(self, server_round, replies):
         """Node ids, adapters and counts of the well-formed replies; the others dropped."""
         read, dropped = [], {}
+        # A node that replies more than once in a round: which reply is its own is
+        # unknown, and aggregating both gave it two shares (a review); all are dropped.
+        sent = collections.Counter(message.metadata.src_node_id for message in replies)
+        for node, count in sent.items():
+            if count > 1:
+                dropped[node] = f"{count} replies from this node in one round (one expected)"
         for message in replies:
             node = message.metadata.src_node_id
+            if sent[node] > 1:
+                continue
             try:
                 count = self._count(message.content)
                 read.append((message, node, count, *self._adapter(message.content)))

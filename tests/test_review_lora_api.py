@@ -1,0 +1,117 @@
+"""An LLM engineer's review of the LoRA API, the Flower strategy and ``clairstat
+refine``'s configs: each test is a defect the review demonstrated, failing before its
+fix."""
+
+import warnings
+
+import numpy as np
+import pytest
+
+from clairstat.aggregation import aggregate
+from clairstat.lora import (aggregate_adapters, check_config, lora_scaling,
+                            personalized_state_dicts, refine_adapters)
+
+torch = pytest.importorskip("torch")
+
+
+def _adapters(n_clients=10, dim=32, rank=4, seed=0, bad=3):
+    """Two modules per client; client ``bad`` 20 times larger."""
+    rng = np.random.default_rng(seed)
+    states = []
+    for k in range(n_clients):
+        state = {}
+        for module in ("m", "n"):
+            state[f"{module}.lora_A.weight"] = rng.standard_normal((rank, dim))
+            state[f"{module}.lora_B.weight"] = (rng.standard_normal((dim, rank))
+                                                * (20 if k == bad else 1))
+        states.append(state)
+    return states
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int8, torch.float8_e5m2,
+                                   torch.float8_e4m3fn])
+def test_factors_of_a_non_float_dtype_are_refused(dtype):
+    """A review: int32, int8 and fp8 factors were refined and written back in their
+    dtype (int32: the written update 58% off the same values' float32 run), and
+    float8_e4m3fn raised NotImplementedError ("isfinite")."""
+    states = [{key: torch.tensor(value).to(dtype) for key, value in state.items()}
+              for state in _adapters()]
+    name = str(dtype).replace("torch.", "")
+    with pytest.raises(ValueError, match=rf"client 0: m\.lora_A\.weight is {name}: LoRA "
+                                         r"factors are read and written in float16"):
+        refine_adapters(states, {"lora_alpha": 8}, random_state=0)
+    if dtype == torch.int32:  # numpy's integers too
+        arrays = [{key: np.round(value).astype(np.int16) for key, value in state.items()}
+                  for state in _adapters()]
+        with pytest.raises(ValueError, match="is int16"):
+            refine_adapters(arrays, {"lora_alpha": 8}, random_state=0)
+
+
+@pytest.mark.parametrize("joint", [True, False])
+def test_personalized_state_dicts_refuse_other_clients_than_the_results(joint):
+    """A review: the same clients in reverse order got the flags of the original order
+    (the contaminated client a refined adapter, a benign one its own back), silently;
+    9 state dicts for results of 10 raised numpy's "cannot reshape"."""
+    states = _adapters()
+    results = aggregate_adapters("clair", states, {"lora_alpha": 8}, random_state=0,
+                                 joint=joint)
+    _, flags = personalized_state_dicts(results, states, {"lora_alpha": 8})
+    assert np.flatnonzero(flags).tolist() == [3]
+    with pytest.raises(ValueError, match="client 0's update .* is not the one the results "
+                                         "were computed on"):
+        personalized_state_dicts(results, states[::-1], {"lora_alpha": 8})
+    with pytest.raises(ValueError, match="computed on 10 clients; state_dicts has 9"):
+        personalized_state_dicts(results, states[:9], {"lora_alpha": 8})
+
+
+def test_an_untrained_majority_is_warned_about():
+    """A review: 13 untrained clients (zero updates) beside 12 trained ones (2 attackers)
+    made every p-value 1 with no warning (12 untrained: both attackers flagged)."""
+    from test_hostile_aggregation import _federation_with_zero_clients
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # 12 of 24: no warning of this kind
+        try:
+            aggregate("clair", _federation_with_zero_clients(12), np.ones(24),
+                      random_state=0)
+        except UserWarning as warning:
+            assert "zero update" not in str(warning)
+    with pytest.warns(UserWarning, match="13 of 25 clients sent a zero update"):
+        aggregate("clair", _federation_with_zero_clients(13), np.ones(25), random_state=0)
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"lora_alpha": 4, "alpha_pattern": {"q_proj[": 2}},
+     r"alpha_pattern key 'q_proj\[' is not a regular expression"),
+    ({"lora_alpha": 10 ** 400}, r"lora_alpha must be a finite non-zero number, got 1000"),
+    ({"lora_alpha": 0}, "lora_alpha must be a finite non-zero number, got 0"),
+    ({"lora_alpha": 4, "alpha_pattern": ["q_proj"]}, "alpha_pattern must be a mapping")])
+def test_unusable_scaling_fields_are_value_errors(config, message):
+    """A review: an alpha_pattern key that is no regular expression raised re.error, and
+    an integer alpha beyond float64 OverflowError, out of ``clairstat refine`` (a
+    traceback, exit 1) and out of LoraStrategy's first round (after the clients had
+    trained): now ValueErrors, from the strategy's constructor."""
+    with pytest.raises(ValueError, match=message):
+        check_config(config)
+    with pytest.raises(ValueError, match=message):  # the API's per-module scaling
+        lora_scaling(config, "base_model.model.q_proj", 4)
+    flower = pytest.importorskip("clairstat.integrations.flower")
+    with pytest.raises(ValueError, match=message):
+        flower.LoraStrategy(lora_config=config)
+
+
+def test_a_node_that_replies_twice_is_dropped():
+    """A review: node 201 replying twice (the second time with another adapter) had
+    both replies aggregated, as two of seven equal shares, with nothing logged."""
+    pytest.importorskip("flwr")
+    from test_flower import LORA, _reply, client_adapter
+
+    from clairstat.integrations.flower import LoraStrategy
+
+    states, nodes = [client_adapter(k) for k in range(6)], [201 + k for k in range(6)]
+    strategy = LoraStrategy(rule="fedit", lora_config=LORA)
+    _, metrics = strategy.aggregate_train(
+        1, [_reply(n, s) for n, s in zip(nodes, states)] + [_reply(201, states[5])])
+    assert metrics["n-dropped"] == 1 and list(metrics["dropped-nodes"]) == [201]
+    assert set(strategy.weights_) == set(nodes[1:])
+    assert "2 replies from this node" in strategy.dropped_[1][201]
