@@ -75,6 +75,20 @@ def test_lora_benchmark_torch_part_runs_and_reports_every_path(tmp_path, capsys)
     assert all(float(r[4]) == 1.0 and int(r[5]) == 0 for r in rows)
 
 
+def test_wide_lora_benchmark_runs_both_routes_to_the_same_flags(tmp_path, capsys):
+    """``wide_lora_benchmark.py --quick``: the wide route and the cross-Gram kernel on
+    the same modules (K r / d = 2 ... 8), the same recall and false-flag count."""
+    import wide_lora_benchmark
+
+    out = tmp_path / "table.md"
+    wide_lora_benchmark.main(["--quick", "--markdown", str(out)])
+    rows = [line.split("|")[1:-1] for line in out.read_text().splitlines()
+            if line.startswith("| 128 |")]
+    assert [int(r[1]) for r in rows] == [64, 128, 256]
+    assert all(r[10].strip() == "yes" and float(r[8]) == 1.0 for r in rows)
+    assert "end to end, wide route" in out.read_text()
+
+
 def test_copy_grouping_script_runs(capsys):
     import copy_grouping
 
