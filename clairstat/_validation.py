@@ -262,8 +262,10 @@ def _cov_factor(matrix, n_clients, size, name):
     if bad.size:
         warnings.warn(f"{name} is singular for clients {bad.tolist()}: it gives no noise "
                       "along some combination of coefficients or outputs, and their tests "
-                      "take that combination as exact, so such a client is flagged if its "
-                      "estimate varies along it. Check the covariance.",
+                      "take that combination as exact: such a client is flagged if its "
+                      "estimate varies along it, unless the rank rule keeps that "
+                      "direction as a shared one (it has no noise there; give rank= to "
+                      "test it). Check the covariance.",
                       UserWarning, stacklevel=4)
     return matrix
 
