@@ -934,8 +934,8 @@ def _log_unit(factors):
     float64's range, and its variances may span more of it than an eigenvalue floor
     leaves: OLS covariances of covariates in other units); the correlation's
     eigenvalues below 1e-12 of its largest (a singular factor) count at that, a floor
-    that a covariate's or an output's units do not move. A zero variance (a
-    coefficient without noise) counts at the geometric mean of the others.
+    that a covariate's or an output's units do not move. The variances are positive
+    (the covariance checks refuse a zero one); a zero one would only be kept finite.
     """
     diag = np.diagonal(factors, axis1=1, axis2=2)
     positive = diag > 0

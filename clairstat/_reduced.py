@@ -690,8 +690,9 @@ class FactoredBlocks:
         return self.coef @ self.rights
 
     def _wide(self):
-        """Whether the clients' ranks add up to more than twice the width t (``n r > 2 t``:
-        many clients of a narrow module, or the reduction's t = d once ``n r > d``).
+        """Whether the stack's ``n r`` columns (r the widest client rank, narrower clients
+        padded with zeros) exceed twice the width t (``n r > 2 t``: many clients of a
+        narrow module; the reduction's t = d once the ranks add up to more than d).
 
         Products through the (n r, n r) cross-Gram kernel cost ``(n r)^2`` per column,
         quadratic in the clients; through formed (p, t) combinations of the clients
@@ -711,7 +712,7 @@ class FactoredBlocks:
         _, p, rank = self.coef.shape
         weighted = (self.coef[used] * coefficients[used, None, None]).transpose(1, 0, 2)
         return (weighted.reshape(p, len(used) * rank)
-                @ self.rights[used].reshape(len(used) * rank, -1))
+                @ self.rights[used].reshape(len(used) * rank, self.rights.shape[2]))
 
     def _flat(self):
         """``[Y_1, ..., Y_n]`` (p, n r) and the cross-Gram ``R R^T`` (n r, n r)."""
@@ -782,12 +783,17 @@ class FactoredBlocks:
         ``2 p n r b + (n r)^2 b`` flops against ``p (n r)^2 + p^2 n r`` to form G once,
         so the few products of a warm-started or Lanczos eigensolver are several times
         cheaper than forming G (the robust start refits on a new half-set at every
-        step). A wide stack (:meth:`_wide`, ``n r > 2 t``) forms G, linear in the clients
-        (:meth:`centred_gram`), where the kernel's ``(n r)^2`` per column would grow with
-        their square. Returns the product and a LinearOperator of it.
+        step). A wide stack (:meth:`_wide`, ``n r > 2 t``) that is also short
+        (``n r > 2 p``) forms G (:meth:`centred_gram`, ``p n r (p + t) + p^2 t``,
+        linear in the clients), where the kernel's ``(n r)^2`` per column would grow
+        with their square; a tall one (p near n r: a module whose output side is wider
+        than the clients' ranks together) keeps the kernel, since forming G would cost
+        ``p^2 n r``, about ``(n r)^3`` (a review: 1.67 s against 0.24 s for a
+        1024 x 32 module with 128 rank-8 clients). Returns the product and a
+        LinearOperator of it.
         """
         n_clients, p, r = self.coef.shape
-        if self._wide():  # G formed (linear in the clients), then p^2 b per product
+        if self._wide() and 2 * p < n_clients * r:  # G formed, then p^2 b per product
             gram = self.centred_gram(weights)
 
             def apply(block):
@@ -899,7 +905,7 @@ class FactoredBlocks:
             own = self.coef[k]
             # beta (c_k c_k^T - m m^T) + alpha (e c_k^T + c_k e^T + e m^T + m e^T)
             # = half + half^T with the p x r_k-wide products below.
-            half = (0.5 * beta * (own @ self.cross_gram[k, :, k, :])
+            half = (0.5 * beta * (own @ (self.rights[k] @ self.rights[k].T))
                     - beta * mean_rows[:, block] + alpha * spread_rows[:, block]) @ own.T
             downdated = gram + beta * mean_outer - alpha * common + half + half.T
             return 0.5 * (downdated + downdated.T), (1.0 + alpha) * (self.expand(k) - mean)
@@ -962,7 +968,9 @@ class FactoredBlocks:
                 return None
             alpha, beta = coefficients
             block = slice(k * r, (k + 1) * r)
-            half = (0.5 * beta * (self.coef[k] @ self.cross_gram[k, :, k, :])
+            # R_k R_k^T from the client's own rows: the sub-stack's cross_gram would copy
+            # its (n r)^2 block of the root's (2.4 s of 1 024 clients' 55 s, a profile)
+            half = (0.5 * beta * (self.coef[k] @ (self.rights[k] @ self.rights[k].T))
                     - beta * mean_rows[:, block] + alpha * spread_rows[:, block])
             return alpha, beta, half
 

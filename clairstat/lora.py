@@ -118,7 +118,7 @@ def lora_scaling(config, module_name, rank):
         if _config_get(config, field):
             raise ValueError(f"{variant} adapters ({field} is set) are not supported: "
                              f"{why}, so B @ A is not the update.")
-    check_config(config)
+    _check_patterns(config)
     alpha = _config_get(config, "lora_alpha", 8)
     # peft matches the patterns against the module's name in the base model; its saved
     # state dicts prefix that name with "base_model.model." (a "^"-anchored key never
@@ -171,16 +171,24 @@ def check_config(config):
     if config is None:
         return
     check_alpha(_config_get(config, "lora_alpha", 8), "lora_alpha")
-    patterns = _config_get(config, "alpha_pattern") or {}
+    for pattern, value in _check_patterns(config).items():
+        check_alpha(value, f"alpha_pattern {pattern!r}")
+
+
+def _check_patterns(config):
+    """``alpha_pattern`` of ``config`` (``{}`` if none), a ValueError unless it is a
+    mapping whose keys are regular expressions; :func:`lora_scaling` checks only these
+    (the alpha a module uses is checked where it is used)."""
+    patterns = (_config_get(config, "alpha_pattern") if config is not None else None) or {}
     if not isinstance(patterns, Mapping):
         raise ValueError(f"alpha_pattern must be a mapping, got {patterns!r}.")
-    for pattern, value in patterns.items():
-        check_alpha(value, f"alpha_pattern {pattern!r}")
+    for pattern in patterns:
         try:
             re.compile(rf"(.*\.)?({pattern})$")
         except (re.error, TypeError) as error:
             raise ValueError(f"alpha_pattern key {pattern!r} is not a regular expression "
                              f"({error}).") from None
+    return patterns
 
 
 def check_update_size(module, b_mat, a_mat, scale=1.0):
@@ -210,9 +218,10 @@ def _to_numpy(value, key=None):
     """A factor as a float64 ndarray; ``key`` given, a tensor or array of another dtype
     than :data:`_FACTOR_DTYPES` is refused (its refined factor would be written in it)."""
     dtype = getattr(value, "dtype", None)
-    if key is not None and dtype is not None and \
-            str(dtype).replace("torch.", "") not in _FACTOR_DTYPES:
-        raise ValueError(f"{key} is {str(dtype).replace('torch.', '')}: LoRA factors are "
+    # numpy's name ignores the byte order (">f8" is float64); torch's is "torch.float64"
+    name = dtype.name if isinstance(dtype, np.dtype) else str(dtype).replace("torch.", "")
+    if key is not None and dtype is not None and name not in _FACTOR_DTYPES:
+        raise ValueError(f"{key} is {name}: LoRA factors are "
                          f"read and written in {', '.join(_FACTOR_DTYPES)} (a refined "
                          "factor rounded to it would be beyond use); cast it first.")
     if hasattr(value, "detach"):  # a torch tensor; float64 keeps the SVDs accurate
@@ -782,6 +791,7 @@ def personalized_state_dicts(results: Mapping[str, Any],
     if flagged_receive not in ("own", "global"):
         raise ValueError(f"flagged_receive must be 'own' or 'global', got {flagged_receive!r}.")
     configs = _per_client(configs, len(state_dicts), "configs")
+    _check_client_count(results, len(state_dicts))
     if not all("per_client" in result.extras for result in results.values()):
         return [global_state_dict(results, state, config)
                 for state, config in zip(state_dicts, configs)], None
@@ -804,33 +814,42 @@ def personalized_state_dicts(results: Mapping[str, Any],
     return personal, flagged
 
 
+def _check_client_count(results, n_clients):
+    """A ValueError where a rule's results hold another number of clients (their
+    weights, one per client) than ``n_clients``."""
+    for result in results.values():
+        if len(result.weights) != n_clients:
+            raise ValueError(f"results were computed on {len(result.weights)} clients; "
+                             f"state_dicts has {n_clients}: pass the state dicts the "
+                             "results were computed on.")
+
+
 def _check_same_clients(results, factor_lists):
-    """A ValueError where ``results`` were not computed on these clients in this order:
-    other modules, another number of clients, or a client whose update's norm differs
-    from the one in the results' reduction (``||s B A||_F^2 = tr(s^2 B^T B A A^T)``, r^2
-    (d_out + d_in) flops per client, against ``tr(Y^T Y R R^T)`` in the reduction)."""
+    """A ValueError where ``results`` were not computed on these clients in this order
+    and with these configs: other modules, or a client whose scaled update's norm
+    differs from the one in the results' per-client stack (``||s B A||_F^2 =
+    tr(s^2 B^T B A A^T)``, r^2 (d_out + d_in) flops per client, against ``tr(Y^T Y R
+    R^T)`` there). Norms only: a client replaced by another of the same norm (its B
+    negated, say) passes."""
     if set(results) != set(factor_lists):
         raise ValueError("results and state_dicts hold different modules: "
                          f"{module_difference(factor_lists, results)}.")
     n_clients = len(next(iter(factor_lists.values())))
     for name, result in results.items():
-        flags = result.extras.get("flagged")
-        if flags is not None and len(flags) != n_clients:
-            raise ValueError(f"results were computed on {len(flags)} clients; state_dicts "
-                             f"has {n_clients}: pass the state dicts the results were "
-                             "computed on.")
         theirs = _own_update_norms(getattr(result.extras.get("per_client"), "reduced", None))
         if theirs is None or len(theirs) != n_clients:
             continue
         ours = np.sqrt(np.abs([np.sum((b.T @ b) * (a @ a.T)) for b, a in factor_lists[name]]))
-        # The reduction keeps norms to 1e-9 relative (its bases are orthonormal to
-        # 2^-30, _reduced._ORTHO_TOL): 1e-6 of the largest update tells clients apart.
+        # The float64 reduction keeps norms to 1e-9 relative (its bases are orthonormal
+        # to 2^-30, _reduced._ORTHO_TOL); a float32 one (dtype="float32") to about 1e-7
+        # (a review measured 8e-8): 1e-6 of the largest update tells clients apart.
         differ = np.flatnonzero(np.abs(ours - theirs) > 1e-6 * max(ours.max(), theirs.max()))
         if differ.size:
             k = differ[0]
             raise ValueError(f"{name}: client {k}'s update (norm {ours[k]:.6g}) is not the "
                              f"one the results were computed on (norm {theirs[k]:.6g}): "
-                             "pass state_dicts in the order given to aggregate_adapters.")
+                             "pass the state dicts and configs given to "
+                             "aggregate_adapters, in the same order.")
 
 
 def _own_update_norms(reduced):

@@ -85,8 +85,9 @@ def test_wide_lora_benchmark_runs_both_routes_to_the_same_flags(tmp_path, capsys
     rows = [line.split("|")[1:-1] for line in out.read_text().splitlines()
             if line.startswith("| 128 |")]
     assert [int(r[1]) for r in rows] == [64, 128, 256]
-    assert all(r[10].strip() == "yes" and float(r[8]) == 1.0 for r in rows)
-    assert "end to end, wide route" in out.read_text()
+    assert [r[4].strip() for r in rows] == ["no", "yes", "yes"]  # K r / d = 2 is not wide
+    assert all(r[11].strip() == "yes" and float(r[9]) == 1.0 for r in rows)
+    assert "end to end, package, wide stacks only" in out.read_text()
 
 
 def test_copy_grouping_script_runs(capsys):

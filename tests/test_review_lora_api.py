@@ -83,8 +83,9 @@ def test_an_untrained_majority_is_warned_about():
 @pytest.mark.parametrize("config, message", [
     ({"lora_alpha": 4, "alpha_pattern": {"q_proj[": 2}},
      r"alpha_pattern key 'q_proj\[' is not a regular expression"),
-    ({"lora_alpha": 10 ** 400}, r"lora_alpha must be a finite non-zero number, got 1000"),
-    ({"lora_alpha": 0}, "lora_alpha must be a finite non-zero number, got 0"),
+    ({"lora_alpha": 10 ** 400}, r"lora_alpha( of \S+)? must be a finite non-zero number, "
+                                r"got 1000"),
+    ({"lora_alpha": 0}, r"lora_alpha( of \S+)? must be a finite non-zero number, got 0"),
     ({"lora_alpha": 4, "alpha_pattern": ["q_proj"]}, "alpha_pattern must be a mapping")])
 def test_unusable_scaling_fields_are_value_errors(config, message):
     """A review: an alpha_pattern key that is no regular expression raised re.error, and
@@ -98,6 +99,33 @@ def test_unusable_scaling_fields_are_value_errors(config, message):
     flower = pytest.importorskip("clairstat.integrations.flower")
     with pytest.raises(ValueError, match=message):
         flower.LoraStrategy(lora_config=config)
+
+
+def test_the_scaling_checks_the_alpha_it_uses():
+    """A global lora_alpha of 0 is peft's scaling 0 for the modules no pattern covers,
+    so lora_scaling refuses it there and not where a pattern gives the alpha (as
+    before the config checks; a review found the first version refusing both)."""
+    config = {"lora_alpha": 0, "alpha_pattern": {"q_proj": 4}}
+    assert lora_scaling(config, "base_model.model.q_proj", 4) == 1.0
+    with pytest.raises(ValueError, match="lora_alpha of base_model.model.v_proj"):
+        lora_scaling(config, "base_model.model.v_proj", 4)
+
+
+def test_big_endian_float_factors_are_float64():
+    """A review of the dtype check: numpy's ">f8" was refused as not float64."""
+    states = [{key: value.astype(">f8") for key, value in state.items()}
+              for state in _adapters()]
+    fit = refine_adapters(states, {"lora_alpha": 8}, random_state=0)
+    assert np.flatnonzero(fit.flagged).tolist() == [3]
+
+
+def test_global_rules_refuse_another_number_of_clients():
+    """A review: fedit's results for 10 clients with 9 state dicts were read out
+    silently (the check of the clients covered only the personalized rules)."""
+    states = _adapters()
+    results = aggregate_adapters("fedit", states, {"lora_alpha": 8})
+    with pytest.raises(ValueError, match="computed on 10 clients; state_dicts has 9"):
+        personalized_state_dicts(results, states[:9], {"lora_alpha": 8})
 
 
 def test_a_node_that_replies_twice_is_dropped():
@@ -115,3 +143,19 @@ def test_a_node_that_replies_twice_is_dropped():
     assert metrics["n-dropped"] == 1 and list(metrics["dropped-nodes"]) == [201]
     assert set(strategy.weights_) == set(nodes[1:])
     assert "2 replies from this node" in strategy.dropped_[1][201]
+    # the evaluation too: node 201's two accuracies of 1.0 made 2 of 7 shares (0.64)
+    replies = [_evaluate_reply(n, 0.5) for n in nodes[1:]]
+    record = strategy.aggregate_evaluate(1, [_evaluate_reply(201, 1.0)] + replies
+                                         + [_evaluate_reply(201, 1.0)])
+    assert record["n-dropped"] == 1 and list(record["dropped-nodes"]) == [201]
+    assert record["accuracy"] == pytest.approx(0.5)
+
+
+def _evaluate_reply(node, accuracy):
+    from flwr.app import Message, Metadata, MetricRecord, RecordDict
+
+    metadata = Metadata(run_id=0, message_id="", src_node_id=node, dst_node_id=0,
+                        reply_to_message_id="", group_id="", created_at=0.0, ttl=1e9,
+                        message_type="evaluate")
+    return Message(content=RecordDict({"metrics": MetricRecord(
+        {"num-examples": 10, "accuracy": accuracy})}), metadata=metadata)

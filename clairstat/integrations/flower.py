@@ -380,10 +380,13 @@ class LoraStrategy(FedAvg):
 
     Notes
     -----
-    **Malformed replies.** A reply is dropped, not aggregated, when it lacks exactly one
-    ArrayRecord and one MetricRecord, its count (``weighted_by_key``) is missing or not a
-    finite positive number, any of its tensors (the LoRA factors and those beside them)
-    has a dtype that is not real numbers or holds a non-finite value, its adapter has no
+    **Malformed replies.** Every reply of a node that replies more than once in a round
+    is dropped, in training and in evaluation (which of them is its own is unknown; the
+    node counts once in ``n-dropped``). A reply is dropped, not aggregated, when it
+    lacks exactly one ArrayRecord and one MetricRecord, its count (``weighted_by_key``)
+    is missing or not a finite positive number, any of its tensors (the LoRA factors
+    and those beside them) has a dtype that is not real numbers or holds a non-finite
+    value, its adapter has no
     complete ``lora_A``/``lora_B`` pairs, a factor that is not 2-D, inner dimensions that
     do not match, a module of rank 0 or of a rank above ``min(d_out, d_in)`` (which adds
     nothing to the update but the rules' time and memory), values so large that ``B A``
@@ -588,17 +591,10 @@ class LoraStrategy(FedAvg):
 
     def _screen(self, server_round, replies):
         """Node ids, adapters and counts of the well-formed replies; the others dropped."""
-        read, dropped = [], {}
-        # A node that replies more than once in a round: which reply is its own is
-        # unknown, and aggregating both gave it two shares (a review); all are dropped.
-        sent = collections.Counter(message.metadata.src_node_id for message in replies)
-        for node, count in sent.items():
-            if count > 1:
-                dropped[node] = f"{count} replies from this node in one round (one expected)"
+        read = []
+        replies, dropped = _single_replies(replies)
         for message in replies:
             node = message.metadata.src_node_id
-            if sent[node] > 1:
-                continue
             try:
                 count = self._count(message.content)
                 read.append((message, node, count, *self._adapter(message.content)))
@@ -767,7 +763,8 @@ class LoraStrategy(FedAvg):
         and ``metrics-left-out-nodes``; ``None`` when no valid reply remains.
         """
         valid, _ = self._check_and_log_replies(replies, is_train=False, validate=False)
-        kept, counts, dropped = [], [], {}
+        kept, counts = [], []
+        valid, dropped = _single_replies(valid)
         for message in valid:
             try:
                 counts.append(self._count(message.content, arrays=False))
@@ -784,6 +781,19 @@ class LoraStrategy(FedAvg):
         return MetricRecord({**dict(metrics.items()), "n-dropped": len(dropped),
                              "dropped-nodes": [int(n) for n in dropped],
                              "metrics-left-out-nodes": left_out})
+
+
+def _single_replies(replies):
+    """The replies of the nodes that replied once, and ``{node: reason}`` for the others.
+
+    A node that replies more than once in a round: which reply is its own is unknown,
+    and aggregating both gave it two shares (a review); all its replies are dropped, and
+    it counts once in ``n-dropped`` (which counts nodes)."""
+    sent = collections.Counter(message.metadata.src_node_id for message in replies)
+    dropped = {node: f"{count} replies from this node in one round (one expected)"
+               for node, count in sent.items() if count > 1}
+    single = [message for message in replies if sent[message.metadata.src_node_id] == 1]
+    return single, dropped
 
 
 def _same_frozen_a(read, dropped):
