@@ -164,14 +164,18 @@ def check_alpha(alpha, what="lora_alpha"):
 
 
 def check_config(config):
-    """ValueError unless a LoRA config's scaling fields are usable: ``lora_alpha`` (peft's
-    default 8) and every ``alpha_pattern`` value finite and non-zero
-    (:func:`check_alpha`), every ``alpha_pattern`` key a regular expression (peft
-    matches them as such). ``None`` (factors that carry their scale) passes."""
+    """ValueError unless a LoRA config's scaling fields are usable: every
+    ``alpha_pattern`` value finite and non-zero (:func:`check_alpha`) and every key a
+    regular expression (peft matches them as such), and ``lora_alpha`` (peft's default
+    8) finite and non-zero when there is no pattern (with patterns, the modules they
+    leave use it, and :func:`lora_scaling` checks it there, naming the module).
+    ``None`` (factors that carry their scale) passes."""
     if config is None:
         return
-    check_alpha(_config_get(config, "lora_alpha", 8), "lora_alpha")
-    for pattern, value in _check_patterns(config).items():
+    patterns = _check_patterns(config)
+    if not patterns:  # else the modules the patterns leave use it: lora_scaling checks it
+        check_alpha(_config_get(config, "lora_alpha", 8), "lora_alpha")
+    for pattern, value in patterns.items():
         check_alpha(value, f"alpha_pattern {pattern!r}")
 
 

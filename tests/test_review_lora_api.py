@@ -109,6 +109,9 @@ def test_the_scaling_checks_the_alpha_it_uses():
     assert lora_scaling(config, "base_model.model.q_proj", 4) == 1.0
     with pytest.raises(ValueError, match="lora_alpha of base_model.model.v_proj"):
         lora_scaling(config, "base_model.model.v_proj", 4)
+    check_config(config)  # and the strategy's check leaves it to the modules (a review)
+    flower = pytest.importorskip("clairstat.integrations.flower")
+    flower.LoraStrategy(lora_config={"lora_alpha": 0, "alpha_pattern": {".*": 4}})
 
 
 def test_big_endian_float_factors_are_float64():
