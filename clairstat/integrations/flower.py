@@ -382,12 +382,13 @@ class LoraStrategy(FedAvg):
     -----
     **Malformed replies.** Every reply of a node that sends more than one reply without
     a Flower error in a round is dropped, in training and in evaluation (which of them
-    is its own is unknown; the node counts once in ``n-dropped``). A reply is dropped, not aggregated, when it
-    lacks exactly one ArrayRecord and one MetricRecord, its count (``weighted_by_key``)
-    is missing or not a finite positive number, any of its tensors (the LoRA factors
-    and those beside them) has a dtype that is not real numbers or holds a non-finite
-    value, its adapter has no complete ``lora_A``/``lora_B`` pairs, a factor that is not 2-D, inner dimensions that
-    do not match, a module of rank 0 or of a rank above ``min(d_out, d_in)`` (which adds
+    is its own is unknown; the node counts once in ``n-dropped``). A reply is dropped,
+    not aggregated, when it lacks exactly one ArrayRecord and one MetricRecord, its
+    count (``weighted_by_key``) is missing or not a finite positive number, any of its
+    tensors (the LoRA factors and those beside them) has a dtype that is not real
+    numbers or holds a non-finite value, its adapter has no complete
+    ``lora_A``/``lora_B`` pairs, a factor that is not 2-D, inner dimensions that do not
+    match, a module of rank 0 or of a rank above ``min(d_out, d_in)`` (which adds
     nothing to the update but the rules' time and memory), values so large that ``B A``
     may overflow, or an
     update too large for the rules' float64 arithmetic (``scale x lora_B``, ``lora_A`` or
