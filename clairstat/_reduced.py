@@ -555,7 +555,7 @@ def leave_one_out_coefficients(weights, k, centred_inner):
 # threads (clairstat._threads.map_in_threads).
 _CACHE_LOCK = threading.RLock()
 # FactoredBlocks._wide: the products go through formed (p, t) combinations of the clients
-# once their ranks add up to more than this many times t.
+# once the stack's n r columns (r its widest rank) exceed this many times t.
 _WIDE_FACTOR = 2
 @contextlib.contextmanager
 def stack_caches(stack):
