@@ -69,7 +69,7 @@ from clairstat.aggregation import modules_work
 from clairstat.lora import module_factors, refine_adapters
 
 KEY = "base_model.model.layers.0.q_proj.lora_{}.weight"
-CONFIG = {"lora_alpha": 1, "r": 1}
+CONFIG = {"lora_alpha": 1}  # scaling 1 / r, r read from the factors (no "r": ranks vary)
 TARGET, QUICK_TARGET = (4096, 100, 16), (512, 30, 8)
 SCALING, QUICK_SCALING = (2048, 8, (25, 50, 100, 200)), (256, 4, (10, 20, 40))
 TORCH, QUICK_TORCH = (4096, 100, 16), (256, 20, 4)

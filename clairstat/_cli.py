@@ -276,7 +276,7 @@ def _check_pairs(keys, shapes):
 def _read_adapter(folder):
     """One adapter folder as a :class:`Client`, its LoRA pairs, scalings and dtypes
     checked."""
-    from .lora import check_config, lora_pairs, lora_scaling
+    from .lora import check_config, check_rank, lora_pairs, lora_scaling
 
     if not folder.is_dir():
         raise InputError(f"{folder}: not a folder")
@@ -293,6 +293,7 @@ def _read_adapter(folder):
         _check_pairs(keys, shapes)
         for module, pair in keys.items():
             lora_scaling(config, module, shapes[pair["A"]][0])  # the alpha it uses
+            check_rank(config, module, shapes[pair["A"]][0])  # the folder's own config
             rank, width = shapes[pair["A"]][0], min(shapes[pair["B"]][0], shapes[pair["A"]][1])
             if rank > width:  # peft allows it (rank_pattern); every rule refuses it later
                 raise ValueError(f"module {module} has LoRA rank {rank}, above min(d_out, "

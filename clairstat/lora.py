@@ -42,7 +42,7 @@ from .aggregation import (ModuleRefinement, aggregate_modules, clair_modules, cl
                           modules_work)
 from .aggregation._validation import MAX_UPDATE_NORM, _safe_norm
 
-__all__ = ["lora_scaling", "lora_pairs", "adapter_factors", "module_factors",
+__all__ = ["lora_scaling", "check_rank", "lora_pairs", "adapter_factors", "module_factors",
            "readout_factors", "factors_to_state_dict", "refine_adapters",
            "aggregate_adapters", "global_state_dict", "personalized_state_dicts",
            "LoraRefinement", "save_adapter", "load_adapter", "untested_keys"]
@@ -118,17 +118,12 @@ def lora_scaling(config, module_name, rank):
         if _config_get(config, field):
             raise ValueError(f"{variant} adapters ({field} is set) are not supported: "
                              f"{why}, so B @ A is not the update.")
-    _check_patterns(config)
-    alpha = _config_get(config, "lora_alpha", 8)
+    patterns = _check_patterns(config)
     # peft matches the patterns against the module's name in the base model; its saved
     # state dicts prefix that name with "base_model.model." (a "^"-anchored key never
     # matched the prefixed name, and the plain lora_alpha was used: a review, 2026-12-03)
-    name = module_name[len(_PEFT_PREFIX):] if module_name.startswith(_PEFT_PREFIX) \
-        else module_name
-    for pattern, value in (_config_get(config, "alpha_pattern") or {}).items():
-        if re.match(rf"(.*\.)?({pattern})$", name):  # keys checked by check_config
-            alpha = value
-            break
+    name = _base_name(module_name)
+    alpha = _pattern_value(patterns, name, _config_get(config, "lora_alpha", 8))
     if rank < 1:
         raise ValueError(f"{module_name}: LoRA rank {rank} (lora_A has no rows).")
     root = math.sqrt(rank) if _config_get(config, "use_rslora", False) else rank
@@ -177,6 +172,54 @@ def check_config(config):
         check_alpha(_config_get(config, "lora_alpha", 8), "lora_alpha")
     for pattern, value in patterns.items():
         check_alpha(value, f"alpha_pattern {pattern!r}")
+
+
+def _base_name(module_name):
+    """The module's name in the base model: without peft's ``base_model.model.``."""
+    return module_name[len(_PEFT_PREFIX):] if module_name.startswith(_PEFT_PREFIX) \
+        else module_name
+
+
+def _pattern_value(patterns, name, default):
+    """The value of the first key of ``patterns`` that matches the module ``name`` (its
+    name in the base model) as peft matches them (``(.*\\.)?(key)$``), else
+    ``default``."""
+    for pattern, value in patterns.items():
+        if re.match(rf"(.*\.)?({pattern})$", name):  # keys checked by _check_patterns
+            return value
+    return default
+
+
+def check_rank(config, module_name, rank):
+    """ValueError where an adapter's own config states a rank for the module
+    (``rank_pattern``, else ``r``) other than its factors' ``rank``.
+
+    peft would not load such an adapter (its ``lora_A`` has the stated number of rows),
+    and its scaling ``alpha / r`` would not be the one :func:`lora_scaling` reads from the
+    factors. A dict without ``r`` or ``rank_pattern`` (or ``None``) states no rank. Only
+    for a config that belongs to the adapter: one config shared by a federation's
+    clients may sit beside factors of other ranks (each client's scaling then uses its
+    own rank, as :func:`lora_scaling` does), and is not checked.
+    """
+    if config is None:
+        return
+    name = _base_name(module_name)
+    ranks = _config_get(config, "rank_pattern") or {}
+    if not isinstance(ranks, Mapping):
+        raise ValueError(f"rank_pattern must be a mapping, got {ranks!r}.")
+    try:
+        stated = _pattern_value(ranks, name, _config_get(config, "r"))
+    except (re.error, TypeError) as error:
+        raise ValueError(f"a rank_pattern key is not a regular expression ({error})."
+                         ) from None
+    if stated is None:
+        return
+    if isinstance(stated, bool) or not isinstance(stated, numbers.Integral) \
+            or stated != rank:
+        where = "rank_pattern" if _pattern_value(ranks, name, None) is not None else "r"
+        raise ValueError(f"{module_name}: its lora_A has {rank} rows but the config's "
+                         f"{where} says {stated!r}: peft would not load this adapter; "
+                         "give each client the config it was trained with.")
 
 
 def _check_patterns(config):
@@ -365,7 +408,11 @@ def module_factors(state_dicts: Sequence[Mapping[str, Any]], configs: Any = None
     ----------
     state_dicts : list of dict, length n_clients
     configs : LoraConfig, dict, or list of them, optional
-        One config for all clients or one per client (ranks and alphas may differ).
+        One config for all clients or one per client (ranks and alphas may differ). A
+        list gives each client its own config, whose ``r`` (or ``rank_pattern``) must
+        be the rank of that client's factors (:func:`check_rank`); one config shared by
+        all is not checked against ranks (a federation's clients may differ in rank
+        under one ``lora_alpha``: each client's scaling uses its factors' rank).
 
     Returns
     -------
@@ -375,11 +422,15 @@ def module_factors(state_dicts: Sequence[Mapping[str, Any]], configs: Any = None
     """
     if len(state_dicts) == 0:
         raise ValueError("there are no clients: state_dicts is empty.")
+    own = isinstance(configs, (list, tuple))  # each client's own config: its r is checked
     configs = _per_client(configs, len(state_dicts), "configs")
     per_client = []
     for k, (state_dict, config) in enumerate(zip(state_dicts, configs)):
         try:
             per_client.append(adapter_factors(state_dict, config))
+            if own:
+                for module, (_, a_mat) in per_client[-1].items():
+                    check_rank(config, module, a_mat.shape[0])
         except ValueError as error:  # say whose adapter it is
             raise ValueError(f"client {k}: {error}") from None
     names = list(per_client[0])
@@ -669,8 +720,8 @@ def refine_adapters(state_dicts: Sequence[Mapping[str, Any]], configs: Any = Non
     per-module refinement keeps most of each client's noise, which lives in the same
     column spaces as the shared signal; the joint refinement removes it.
     """
+    factor_lists = module_factors(state_dicts, configs)  # a list: each client's r checked
     configs = _per_client(configs, len(state_dicts), "configs")
-    factor_lists = module_factors(state_dicts, configs)
     _check_sizes(state_dicts, configs)
     untested = [untested_keys(state_dict) for state_dict in state_dicts]
     message = untested_warning(untested)
@@ -707,8 +758,8 @@ def aggregate_adapters(rule: str, state_dicts: Sequence[Mapping[str, Any]], conf
     -------
     dict of str to AggregationResult
     """
+    factor_lists = module_factors(state_dicts, configs)  # a list: each client's r checked
     configs = _per_client(configs, len(state_dicts), "configs")
-    factor_lists = module_factors(state_dicts, configs)
     reference = options.pop("reference", None)
     if isinstance(reference, dict):
         reference = adapter_factors(reference, configs[0])
@@ -794,12 +845,12 @@ def personalized_state_dicts(results: Mapping[str, Any],
     """
     if flagged_receive not in ("own", "global"):
         raise ValueError(f"flagged_receive must be 'own' or 'global', got {flagged_receive!r}.")
-    configs = _per_client(configs, len(state_dicts), "configs")
+    given, configs = configs, _per_client(configs, len(state_dicts), "configs")
     _check_client_count(results, len(state_dicts))
     if not all("per_client" in result.extras for result in results.values()):
         return [global_state_dict(results, state, config)
                 for state, config in zip(state_dicts, configs)], None
-    factor_lists = module_factors(state_dicts, configs)
+    factor_lists = module_factors(state_dicts, given)  # a list: each client's r checked
     _check_same_clients(results, factor_lists)
     zero = frozenset(name for name, factors in factor_lists.items()
                      if all(not np.any(b) or not np.any(a) for b, a in factors))

@@ -1099,8 +1099,22 @@ def test_a_rank_above_the_module_s_smaller_side_is_refused_up_front(adapters, tm
     weights[f"{MODULES[0]}.lora_A.weight"] = torch.zeros(rank, D_IN)
     weights[f"{MODULES[0]}.lora_B.weight"] = torch.zeros(D_OUT, rank)
     safetensors_torch.save_file(weights, str(bad / "adapter_model.safetensors"))
+    config = json.loads((bad / "adapter_config.json").read_text())
+    config["rank_pattern"] = {MODULES[0].removeprefix("base_model.model."): rank}
+    (bad / "adapter_config.json").write_text(json.dumps(config))  # as peft saves it
     line = _run_bad(adapters, bad, tmp_path, capsys)
     assert f"rank {rank}, above min(d_out, d_in) = {D_IN}" in line
+
+
+def test_a_config_whose_r_is_not_the_factors_rank_is_refused(adapters, tmp_path, capsys):
+    """Noticed in a review: a folder whose adapter_config.json states another r than its
+    factors' rank (which peft would not load) was refined."""
+    bad = _copy(adapters[3], tmp_path / "otherrank")
+    config = json.loads((bad / "adapter_config.json").read_text())
+    config["r"] = config["r"] + 1
+    (bad / "adapter_config.json").write_text(json.dumps(config))
+    line = _run_bad(adapters, bad, tmp_path, capsys)
+    assert f"config's r says {config['r']}: peft would not load this adapter" in line
 
 
 def test_target_parameters_adapters_are_refused(adapters, tmp_path, capsys):

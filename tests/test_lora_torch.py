@@ -17,7 +17,7 @@ from clairstat.aggregation import clair_modules  # noqa: E402
 from clairstat.lora import refine_adapters  # noqa: E402
 
 KEY = "base_model.model.layers.0.q_proj.lora_{}.weight"
-CONFIG = {"lora_alpha": 1, "r": 1}
+CONFIG = {"lora_alpha": 1}  # scaling 1 / r, r read from the factors (no "r": ranks vary)
 
 
 def _adapters(dim=160, n_clients=14, rank=4, seed=0):

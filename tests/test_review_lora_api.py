@@ -162,3 +162,50 @@ def _evaluate_reply(node, accuracy):
                         message_type="evaluate")
     return Message(content=RecordDict({"metrics": MetricRecord(
         {"num-examples": 10, "accuracy": accuracy})}), metadata=metadata)
+
+
+def test_an_own_config_whose_r_contradicts_the_factors_is_refused():
+    """Noticed in a review: a config whose ``r`` is not its adapter's rank (peft would
+    not load the adapter, and its alpha / r is not the scaling used) was accepted; the
+    LoRA benchmark itself passed ``{"r": 1}`` with rank-16 factors."""
+    states = _adapters(n_clients=6)  # rank 4 in both modules
+    right = {"lora_alpha": 8, "r": 4}
+    refine_adapters(states, [right] * 6, joint=False)  # one config per client: checked
+    wrong = [right] * 5 + [{"lora_alpha": 8, "r": 2}]
+    with pytest.raises(ValueError, match=r"client 5: m: its lora_A has 4 rows but the "
+                                         r"config's r says 2: peft would not load"):
+        refine_adapters(states, wrong, joint=False)
+    # rank_pattern states the module's rank where a key matches, as peft reads it
+    patterned = {"lora_alpha": 8, "r": 2, "rank_pattern": {"m": 4, "n": 4}}
+    refine_adapters(states, [patterned] * 6, joint=False)
+    off = {"lora_alpha": 8, "r": 4, "rank_pattern": {"n": 3}}
+    with pytest.raises(ValueError, match="client 0: n: .* config's rank_pattern says 3"):
+        refine_adapters(states, [off] * 6, joint=False)
+    # one config shared by all: a federation's clients may differ in rank under one
+    # alpha (each scaled by its own rank), so its r is not checked
+    mixed = states[:5] + [_adapters(n_clients=1, rank=2, seed=1)[0]]
+    refine_adapters(mixed, {"lora_alpha": 8, "r": 4}, joint=False)
+
+
+def test_peft_refuses_the_adapter_check_rank_refuses():
+    """The reason for :func:`clairstat.lora.check_rank`: peft cannot load factors of
+    another rank than its config's ``r``."""
+    peft = pytest.importorskip("peft")
+    from clairstat.lora import check_rank
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q_proj = torch.nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.q_proj(x)
+
+    model = peft.get_peft_model(Tiny(), peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    state = {"base_model.model.q_proj.lora_A.weight": torch.zeros(4, 8),
+             "base_model.model.q_proj.lora_B.weight": torch.zeros(8, 4)}
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        peft.set_peft_model_state_dict(model, state)
+    with pytest.raises(ValueError, match="4 rows but the config's r says 2"):
+        check_rank(model.peft_config["default"], "base_model.model.q_proj", 4)
+    check_rank(model.peft_config["default"], "base_model.model.q_proj", 2)
