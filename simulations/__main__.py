@@ -15,7 +15,7 @@ import sys
 
 from ._cli import UsageError, check_directory, interrupted, nonzero_int, positive_int, refuse
 from ._controls import CONTROLS, control_results_dir
-from ._framework import SCALES, RunError, results_path, run_study, verify_table
+from ._framework import SCALES, RunError, Study, results_path, run_study, verify_table
 from .studies import available_studies, get_study
 
 PROG = "python -m simulations"
@@ -100,7 +100,7 @@ def _study(name):
     a :class:`UsageError`, an error inside an existing module is not."""
     module, _, attribute = name.partition(":")
     try:
-        return get_study(name)
+        study = get_study(name)
     except KeyError as error:
         # only get_study's own "unknown study": a KeyError raised while a study module
         # is imported (a bug in it) propagates, and so does one from available_studies
@@ -117,6 +117,9 @@ def _study(name):
             raise UsageError(f"unknown study {name!r}: module {module!r} has no "
                              f"{error.name!r}") from None
         raise
+    if not isinstance(study, Study):  # "os:path" read .grids off a module (a review)
+        raise UsageError(f"{name!r} is a {type(study).__name__}, not a Study")
+    return study
 
 
 def _run(args):

@@ -306,10 +306,22 @@ def all_checks():
     return found
 
 
-def is_blocking(row):
-    """Whether a report row makes the run fail: an error, or an unexplained failure."""
-    return row["verdict"] == "error" or (row["verdict"] == "fail" and (
-        not row.get("known_failure") or row.get("known_failure_mismatch", False)))
+def is_blocking(row, scale=None):
+    """Whether a report row makes the run fail: an error, or an unexplained failure.
+
+    At ``scale="smoke"`` a theory check's failure does not block: the smoke grids test
+    the wiring in seconds, at sizes where a theory verdict is not evidence (the copying
+    study's six clients leave its per-module tests no power, and the recovery
+    boundary's exponent from its few cells lies off the range documented at ``small``
+    and ``full``: a review found every clean smoke run exiting 1 on these two). Errors
+    and identity checks (facts of the code) block at every scale.
+    """
+    if row["verdict"] == "error":
+        return True
+    if scale == "smoke" and row.get("kind") == "theory":
+        return False
+    return row["verdict"] == "fail" and (
+        not row.get("known_failure") or row.get("known_failure_mismatch", False))
 
 
 def _as_float(value):

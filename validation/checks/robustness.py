@@ -116,12 +116,12 @@ def clair_level_without_attackers(df):
     rows = df[df["gamma"] == 0]
     if rows.empty:  # a table without gamma = 0 (an older smoke grid): nothing to decide
         return {"statistic": "P(any benign client flagged), no attacker", "expected":
-                f"<= {TEST_LEVEL}", "observed": float("nan"),
+                f"<= {LEVEL_BAND * TEST_LEVEL:g}", "observed": float("nan"),
                 "interval": (float("nan"), float("nan")), "n": 0,
                 "detail": "no replicate without attackers at this scale"}
     return _rate(rows.assign(any_flag=rows["clair_false_positive_rate"] > 0), "any_flag",
                  "P(any benign client flagged), no attacker, rank given (Wilson)",
-                 expected=f"<= {TEST_LEVEL}")
+                 expected=f"<= {LEVEL_BAND * TEST_LEVEL:g} (1.5 x test_level)")
 
 
 def clair_flags_colluders(df):
@@ -181,8 +181,10 @@ CHECKS = [
           "CLAIR's flagged set controls the false-discovery rate at test_level",
           clair_false_discoveries, margin=(-INF, TEST_LEVEL), source="docs/theory.md#b2"),
     Check("robust_clair_level_without_attackers", "robustness",
-          "With no attacker, CLAIR flags a benign client in at most test_level of the "
-          "replicates (BH's false discovery rate under the full null)",
+          "With no attacker, CLAIR flags a benign client in at most 1.5 x test_level of "
+          "the replicates (BH's false discovery rate under the full null, within the "
+          "detection study's band; at 500 replicates only a rate of about 0.10 or more "
+          "fails, 0.07-0.09 is inconclusive)",
           clair_level_without_attackers, margin=(-INF, LEVEL_BAND * TEST_LEVEL),
           source="docs/theory.md#b2"),
     Check("robust_clair_colluders", "robustness",
