@@ -61,10 +61,13 @@ def save(fig, out_dir, name):
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [out_dir / f"{name}.png", out_dir / f"{name}.pdf"]
-    for path in paths:
-        # No creation date in the PDF: redrawing unchanged tables gives identical files.
-        metadata = {"CreationDate": None} if path.suffix == ".pdf" else None
-        fig.savefig(path, dpi=150, bbox_inches="tight", metadata=metadata)
+    # TrueType (42), not Type 3, fonts in the PDFs: journals refuse Type 3 (a review)
+    with plt.rc_context({"pdf.fonttype": 42}):
+        for path in paths:
+            # No creation date in the PDF: redrawing unchanged tables gives identical
+            # files.
+            metadata = {"CreationDate": None} if path.suffix == ".pdf" else None
+            fig.savefig(path, dpi=150, bbox_inches="tight", metadata=metadata)
     plt.close(fig)
     return paths
 

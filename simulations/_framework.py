@@ -31,7 +31,7 @@ __all__ = ["Study", "SCALES", "RunError", "grid", "cell_id", "derive_seed",
 
 SCALES = ("smoke", "small", "full")
 _RESERVED = ("study", "cell", "replicate", "seed", "clairstat_version", "code_commit",
-             "blas_kernels", "elapsed_s")
+             "blas_kernels", "control", "elapsed_s")
 #: The folders whose Python files a row depends on (:func:`code_provenance`); a
 #: validation report also depends on ``validation/`` (its checks).
 CODE_FOLDERS = ("clairstat", "simulations")
@@ -479,14 +479,20 @@ def _code_digest(root, paths):
     return digest.hexdigest()[:12]
 
 
-def _make_row(study, cell, replicate, params, seed, measured, elapsed, provenance):
+def _make_row(study, cell, replicate, params, seed, measured, elapsed, provenance,
+              control=None):
+    """One table row; ``control`` names the negative control that produced it (``None``
+    for the method itself): a table copied into another folder still says what it is (a
+    review validated a control's rows as the method's, only the folder telling them
+    apart)."""
     version, commit, kernels = provenance  # the worker's (_run_task)
     clash = set(measured) & (set(params) | set(_RESERVED))
     if clash:
         raise ValueError(f"{study.name}: measured names {sorted(clash)} clash with columns.")
     return {"study": study.name, "cell": cell, "replicate": replicate, **params,
             "seed": seed, "clairstat_version": version, "code_commit": commit,
-            "blas_kernels": kernels, **measured, "elapsed_s": round(elapsed, 4)}
+            "blas_kernels": kernels, "control": control, **measured,
+            "elapsed_s": round(elapsed, 4)}
 
 
 # A replicate is a pure function of its seed, run on one thread (_run_task): rerun on the
@@ -731,5 +737,5 @@ def _execute(study, scale, todo, handle, n_jobs, threads_per_task, progress, con
         for cell, rep, measured, elapsed, provenance in results:
             _, _, params, seed = by_key[(cell, rep)]
             _append_row(handle, _make_row(study, cell, rep, params, seed, measured, elapsed,
-                                          provenance))
+                                          provenance, control))
             bar.update(1)

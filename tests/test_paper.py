@@ -489,6 +489,27 @@ def test_text_types_no_number_but_the_listed():
     assert not typed, typed
 
 
+# Numbers the mathematics may type: the method's constants, each checked against the
+# code. Any other decimal (or number of two digits or more) in a formula is a result
+# typed by hand (a review: the two tests above strip the mathematics, so "$0.176$"
+# passed them).
+MATH_TYPED = {"1.1": ("clairstat/_detection.py", "edge = 1.1 * noise_scale"),
+              "0.37": ("clairstat/_null.py", "MAD_EFFICIENCY = 0.37")}
+
+
+def test_mathematics_types_no_number_but_the_method_s_constants():
+    body = TEX.read_text().split(r"\begin{document}", 1)[1]
+    body = re.sub(r"(?<!\\)%.*", "", body)  # comments
+    maths = re.findall(r"\\begin\{equation\}.*?\\end\{equation\}|\\\[.*?\\\]|\$[^$]*\$",
+                       body, flags=re.S)
+    typed = {number for formula in maths
+             for number in re.findall(r"(?<![\w.{\\])(?:\d+\.\d+|\d{2,})",
+                                      re.sub(r"\\res\{[^}]*\}", "", formula))}
+    assert typed <= set(MATH_TYPED), sorted(typed - set(MATH_TYPED))
+    for path, line in MATH_TYPED.values():  # the constants are the code's
+        assert line in (ROOT / path).read_text(), (path, line)
+
+
 def _paired_rows(before, after):
     """``(old, new)`` rows of two tables of the same cells and replicates (same seeds)."""
     rows = {name: {(r["cell"], r["replicate"]): r for r in

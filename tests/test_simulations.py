@@ -261,7 +261,7 @@ def test_a_dask_worker_with_several_threads_runs_one_replicate_at_a_time(tmp_pat
 # --- negative controls -------------------------------------------------------------------
 
 def _controlled(params, seed, control=None):
-    return {"value": float(seed % 7), "control": str(control)}
+    return {"value": float(seed % 7), "received": str(control)}
 
 
 CONTROLLED = Study(name="toy", description="control plumbing", grids={
@@ -277,7 +277,9 @@ def test_a_control_runs_with_the_same_seeds_into_its_own_tables(tmp_path):
     normal = load_results("toy", "smoke", tmp_path)
     broken = load_results("toy", "smoke", simulations.control_results_dir("no-detection",
                                                                           tmp_path))
-    assert set(normal["control"]) == {"None"} and set(broken["control"]) == {"no-detection"}
+    assert set(normal["received"]) == {"None"} and set(broken["received"]) == {"no-detection"}
+    # and every row says which control made it (null for the method)
+    assert normal["control"].isna().all() and set(broken["control"]) == {"no-detection"}
     assert list(normal["seed"]) == list(broken["seed"])  # paired with the normal run
     with pytest.raises(ValueError, match="does not implement"):
         run_study(CONTROLLED, "smoke", results_dir=tmp_path, control="no-alignment")

@@ -198,6 +198,31 @@ def test_cli_exits_non_zero_when_a_check_fails(tmp_path, monkeypatch, capsys, ki
         assert ("FAILED (unexplained or errors): toy_mean" in err) == blocks
 
 
+def test_rows_say_which_control_made_them_and_a_mismatch_is_refused(tmp_path, monkeypatch,
+                                                                    capsys):
+    """A review copied a negative control's table among the method's: validated as the
+    method's, with nothing in the rows to tell them apart. Rows now carry ``control``
+    (null for the method) and a table holding another's rows is a usage error."""
+    monkeypatch.setattr(validation_cli, "all_checks", lambda: [_check("t", _passing)])
+    monkeypatch.setattr(validation_cli, "get_study", lambda name: simulation_toy.STUDY)
+    options = ["--scale", "smoke", "--results-dir", str(tmp_path / "results"),
+               "--output-dir", str(tmp_path / "out"), "--no-progress"]
+    assert validation_cli.main(options) == 0
+    table = next((tmp_path / "results" / "smoke").glob("*.jsonl"))
+    rows = [json.loads(line) for line in table.read_text().splitlines()]
+    assert rows and all("control" in row and row["control"] is None for row in rows)
+    rows[0]["control"] = "no-detection"  # one row of a control among the method's
+    table.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    capsys.readouterr()
+    assert validation_cli.main([*options, "--no-run", "--force"]) == 2
+    assert "holds rows of control 'no-detection', not of the method" in \
+        capsys.readouterr().err
+    for row in rows:  # rows written before the column say nothing, and pass
+        row.pop("control")
+    table.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    assert validation_cli.main([*options, "--no-run", "--force"]) == 0
+
+
 def test_smoke_reports_go_to_scratch_and_never_over_a_report_of_another_scale(tmp_path,
                                                                             monkeypatch,
                                                                             capsys):

@@ -35,7 +35,7 @@ from simulations import (CONTROLS, SCALES, RunError, default_results_dir, get_co
                          get_study, load_results, run_study)
 from simulations._cli import UsageError, check_directory, interrupted, nonzero_int, refuse
 from simulations._controls import tables_dir
-from simulations._framework import CODE_FOLDERS, pending_tasks
+from simulations._framework import CODE_FOLDERS, pending_tasks, read_rows, results_path
 
 from ._core import all_checks, is_blocking, run_check
 from ._report import markdown_table, write_report
@@ -157,8 +157,25 @@ def _run_studies(study_names, args):
                       progress=not args.no_progress, control=control)
         else:
             _check_complete(study, args.scale, root)
+        _check_control(study, args.scale, control, root)
         tables[name] = load_results(study, args.scale, root, current_only=True)
     return tables
+
+
+def _check_control(study, scale, control, root):
+    """Rows that say which control produced them (the ``control`` key, written since
+    2026-12-06: ``null`` for the method itself; older rows lack it and say nothing) must
+    name the control this run applies to the study: a review copied a control's table
+    among the method's and validated it as theirs."""
+    found = {row["control"] for row in read_rows(results_path(study.name, scale, root))
+             if "control" in row}
+    wrong = sorted(found - {control}, key=str)
+    if wrong:
+        def name(value):
+            return f"control {value!r}" if value else "the method"
+        raise UsageError(f"the {scale} table of {study.name} in {root} holds rows of "
+                         f"{' and '.join(name(value) for value in wrong)}, not of "
+                         f"{name(control)}")
 
 
 def _check_complete(study, scale, root):
