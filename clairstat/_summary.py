@@ -54,8 +54,12 @@ class CLAIRSummary:
         return summary
 
     def as_text(self):
-        """Plain-text report."""
-        return self._summary.as_text()
+        """Plain-text report (its ``=`` and ``-`` rules as wide as its widest line:
+        statsmodels draws each table's at that table's width)."""
+        lines = self._summary.as_text().split("\n")
+        width = max(map(len, lines))
+        return "\n".join(line[0] * width if line and set(line) <= {"="} or
+                          line and set(line) <= {"-"} else line for line in lines)
 
     def as_latex(self):
         """LaTeX tables (for a document with the default font encoding: no raw ``<``

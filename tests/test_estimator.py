@@ -203,6 +203,14 @@ def test_summary_formats(fitted):
     assert markdown.count("\n| ") >= len(fitted.contaminated_)
 
 
+def test_summary_text_rules_are_as_wide_as_its_widest_line(fitted):
+    """A review: the header's rules were 99 characters wide and the client table's 106
+    (statsmodels draws each table's at its own width)."""
+    lines = str(fitted.summary()).split("\n")
+    rules = {len(line) for line in lines if line and set(line) <= set("=-")}
+    assert rules == {max(map(len, lines))}
+
+
 def test_summary_reports_the_parameters_the_fit_used(fitted, regression):
     """A review: after set_params the summary showed the new test level and correction
     beside the fit's adjusted p-values and flags; with subspace="row" it showed the

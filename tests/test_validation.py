@@ -636,7 +636,7 @@ def test_the_report_prints_the_digits_that_tell_an_interval_end_from_the_margin(
 
 # --- unusable command-line input: one line, exit status 2 ------------------------------
 
-@pytest.mark.parametrize("case", ["unknown check", "output dir a file",
+@pytest.mark.parametrize("case", ["unknown check", "no check named", "output dir a file",
                                   "output dir under a file", "results dir a file",
                                   "no-run on a missing results dir",
                                   "scheduler without dask", "a control's directory"])
@@ -651,6 +651,7 @@ def test_cli_refuses_unusable_input_in_one_line_with_status_2(tmp_path, monkeypa
     results, output = str(tmp_path / "results"), str(tmp_path / "report")
     arguments = {
         "unknown check": ["--checks", "t", "nonsense"],
+        "no check named": ["--checks"],  # ran all of them (a review)
         "output dir a file": ["--output-dir", str(tmp_path / "afile")],
         "output dir under a file": ["--output-dir", str(tmp_path / "afile" / "x")],
         "results dir a file": ["--results-dir", str(tmp_path / "afile")],

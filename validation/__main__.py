@@ -131,6 +131,8 @@ def _guard_committed(output_dir, args, checks):
 
 def _selected_checks(names):
     checks = all_checks()
+    if names is not None and not names:  # "--checks" and no name: not "all of them"
+        raise UsageError("--checks names no check")
     if names:
         unknown = set(names) - {check.name for check in checks}
         if unknown:

@@ -113,8 +113,7 @@ def block_incoherence(df):
     The exact program keeps benign block k in L only if the nuclear norm's subgradient
     restricted to it, ``U V_k^T`` (Frobenius norm ``||V_k||_F``), fits in the block ball of
     radius lam: a dual-certificate condition. ``max_k ||V_k||_F^2 = mu_v r / |C|`` with
-    ``mu_v`` the block incoherence of the true row space. All rows count, the fixed-lam
-    sweep included, so the condition is tested at several lam.
+    ``mu_v`` the block incoherence of the true row space.
 
     Only the held-out block weights count (``HOLDOUT_LAMS``, fresh seeds): the condition
     was read off the other weights' rows.
