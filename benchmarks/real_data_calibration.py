@@ -18,7 +18,9 @@ and statsmodels' star98), with their columns, client counts and pass criteria fi
 that played no part in choosing the method. ``--datasets heldout2`` runs a second such
 pair (statsmodels' modechoice, scikit-learn's digits), fixed the same way before its
 first run (the method changed after the first pair's run, partly prompted by it, so
-that pair no longer holds the method out; this one does). ``--rank R`` gives the estimator the rank
+that pair no longer holds the method out; this one does). ``--datasets heldout3`` runs a
+third pair (scikit-learn's wine and iris, six clients each), fixed the same way on
+2026-12-06. ``--rank R`` gives the estimator the rank
 (the rows record it in ``rank_given``).
 
 Rows are appended to a CSV as they are produced (resumable: finished (dataset, split,
@@ -97,8 +99,26 @@ def _second_heldout_datasets():
     ]
 
 
+def _third_heldout_datasets():
+    """A third held-out pair, fixed before its first run (benchmarks/RESULTS.md, section
+    "A third held-out pair"): scikit-learn's wine (178 wines; outputs on three scales,
+    proline's standard deviation 390 times alcohol's) and iris (150 flowers of three
+    species, petal sizes regressed on sepal sizes), six clients each (at least 22
+    residual degrees of freedom per client)."""
+    from sklearn.datasets import load_iris, load_wine
+
+    wine = load_wine(as_frame=True).frame
+    iris = load_iris(as_frame=True).frame
+    return [
+        ("wine", ["malic_acid", "ash", "magnesium", "total_phenols"],
+         ["alcohol", "color_intensity", "proline"], wine, 6),
+        ("iris", ["sepal length (cm)", "sepal width (cm)"],
+         ["petal length (cm)", "petal width (cm)"], iris, 6),
+    ]
+
+
 DATASETS = {"development": _datasets, "heldout": _heldout_datasets,
-            "heldout2": _second_heldout_datasets}
+            "heldout2": _second_heldout_datasets, "heldout3": _third_heldout_datasets}
 
 # The pass criteria, per dataset and path (those of the calibration's issue, fixed for the
 # held-out datasets before their first run, benchmarks/RESULTS.md): the share of null
