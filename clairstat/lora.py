@@ -207,16 +207,19 @@ def check_rank(config, module_name, rank):
     ranks = _config_get(config, "rank_pattern") or {}
     if not isinstance(ranks, Mapping):
         raise ValueError(f"rank_pattern must be a mapping, got {ranks!r}.")
+    unmatched = object()
     try:
-        stated = _pattern_value(ranks, name, _config_get(config, "r"))
+        stated = _pattern_value(ranks, name, unmatched)
     except (re.error, TypeError) as error:
         raise ValueError(f"a rank_pattern key is not a regular expression ({error})."
                          ) from None
-    if stated is None:
-        return
+    where = "rank_pattern" if stated is not unmatched else "r"
+    if stated is unmatched:
+        stated = _config_get(config, "r")
+        if stated is None:  # no rank stated (a matched rank_pattern None is one)
+            return
     if isinstance(stated, bool) or not isinstance(stated, numbers.Integral) \
             or stated != rank:
-        where = "rank_pattern" if _pattern_value(ranks, name, None) is not None else "r"
         raise ValueError(f"{module_name}: its lora_A has {rank} rows but the config's "
                          f"{where} says {stated!r}: peft would not load this adapter; "
                          "give each client the config it was trained with.")
@@ -848,6 +851,8 @@ def personalized_state_dicts(results: Mapping[str, Any],
     given, configs = configs, _per_client(configs, len(state_dicts), "configs")
     _check_client_count(results, len(state_dicts))
     if not all("per_client" in result.extras for result in results.values()):
+        if isinstance(given, (list, tuple)):  # each client's own config: its r checked
+            module_factors(state_dicts, given)
         return [global_state_dict(results, state, config)
                 for state, config in zip(state_dicts, configs)], None
     factor_lists = module_factors(state_dicts, given)  # a list: each client's r checked

@@ -70,12 +70,8 @@ CONTROLS = {control.name: control for control in [
     Control("local-refinement",
             "the refined estimate of every client is its own local estimate (refinement; "
             "copying: CLAIR's refined adapters are the local ones)",
-            # not the copying gain checks: the gain is then exactly 0 in every
-            # replicate, and a constant sample's t interval (validation._core
-            # .mean_interval, which they take since a review of their percentile
-            # bootstrap) is infinite: it cannot exclude a rare large gain.
-            # halfway-fedavg is their control.
-            ("refinement_clair_vs_formula",)),
+            ("refinement_clair_vs_formula", "copying_gain_homogeneous",
+             "copying_gain_heterogeneous")),
     Control("no-alignment",
             "FedRot rotates nothing: every client rotation is the identity (fedrot)",
             # not the three *_tightens_bound checks: their ratio is then exactly 1 in
@@ -136,11 +132,10 @@ CONTROLS = {control.name: control for control in [
             "CLAIR's refined updates, and the adapters its clients load, are FedAvg's "
             "aggregate (the exact mean of every client's update, attackers included), "
             "the same for every client; its flags are kept (copying)",
-            # its failure is fixed by construction: the margin over FedAvg is exactly 0
-            # in every replicate (its own t interval infinite), and the check's upper
-            # end, another rule's, is below the smallest gain that counts
-            # (validation/checks/copying.py, MIN_GAIN), which shows the pairwise
-            # comparison is wired, not that a subtler loss is seen.
+            # its failure is fixed by construction, as local-refinement's on the gain
+            # checks: the margin over FedAvg is exactly 0 in every replicate, below the
+            # smallest gain that counts (validation/checks/copying.py, MIN_GAIN), which
+            # shows the pairwise comparison is wired, not that a subtler loss is seen.
             # local-refinement cannot serve: local LoRA beats every rule heterogeneous
             ("copying_beats_rules_homogeneous", "copying_beats_rules_heterogeneous")),
     Control("halfway-fedavg",

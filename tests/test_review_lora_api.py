@@ -187,6 +187,29 @@ def test_an_own_config_whose_r_contradicts_the_factors_is_refused():
     refine_adapters(mixed, {"lora_alpha": 8, "r": 4}, joint=False)
 
 
+@pytest.mark.parametrize("rule", ["fedit", "median", "clair"])
+def test_personalized_state_dicts_checks_each_client_s_own_rank(rule):
+    """A review: with a rule that has no per-client results (fedit, median) the
+    per-client configs' r went unchecked (clair's was)."""
+    states = _adapters(n_clients=8)
+    configs = [{"lora_alpha": 8, "r": 4}] * 7 + [{"lora_alpha": 8, "r": 2}]
+    results = aggregate_adapters(rule, states, {"lora_alpha": 8})
+    with pytest.raises(ValueError, match="client 7: m: its lora_A has 4 rows but the "
+                                         "config's r says 2"):
+        personalized_state_dicts(results, states, configs)
+    personalized_state_dicts(results, states, configs[:1] * 8)  # right ones: accepted
+
+
+def test_a_rank_pattern_entry_of_none_states_a_wrong_rank():
+    """A review: a matching rank_pattern entry None skipped the check (peft would not
+    load the adapter)."""
+    from clairstat.lora import check_rank
+
+    with pytest.raises(ValueError, match="config's rank_pattern says None"):
+        check_rank({"r": 4, "rank_pattern": {"q": None}}, "q", 8)
+    check_rank({"r": 4, "rank_pattern": {"q": 8}}, "q", 8)
+
+
 def test_peft_refuses_the_adapter_check_rank_refuses():
     """The reason for :func:`clairstat.lora.check_rank`: peft cannot load factors of
     another rank than its config's ``r``."""
