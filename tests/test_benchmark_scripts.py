@@ -27,6 +27,37 @@ def test_heldout_datasets_are_not_the_development_ones():
         assert not frame[features + outputs].isna().any().any()
 
 
+def test_third_heldout_pair_is_as_fixed_before_its_run():
+    """benchmarks/RESULTS.md, "A third held-out pair": wine and iris, six clients each,
+    at least 22 residual degrees of freedom per client, new to every earlier run."""
+    earlier = {d[0] for fn in (calibration._datasets, calibration._heldout_datasets,
+                               calibration._second_heldout_datasets) for d in fn()}
+    third = calibration._third_heldout_datasets()
+    assert [d[0] for d in third] == ["wine", "iris"] and not earlier & {"wine", "iris"}
+    for name, features, outputs, frame, n_clients in third:
+        assert n_clients == 6
+        assert len(frame) // n_clients - len(features) - 1 >= 22
+        assert not frame[features + outputs].isna().any().any()
+
+
+def test_leave_two_out_rank_drops_a_direction_two_clients_carry():
+    import rank_rule_support
+    from clairstat._detection import select_rank
+
+    rng = np.random.default_rng(0)
+    blocks = 0.1 * rng.standard_normal((8, 6, 2))
+    shared = np.zeros((6, 2))
+    shared[0] = 5.0
+    pair = blocks.copy()
+    pair[:2] += shared  # one direction, two clients
+    spread = blocks.copy()
+    spread += rng.standard_normal((8, 1, 1)) * shared  # the same direction, every client
+    rule = rank_rule_support.leave_two_out_rank(select_rank)
+    weights = np.ones(8)
+    assert select_rank(pair, weights, 0.1) == 1 and rule(pair, weights, 0.1) == 0
+    assert select_rank(spread, weights, 0.1) == 1 and rule(spread, weights, 0.1) == 1
+
+
 def test_a_row_records_the_rank_given():
     name, features, outputs, frame, n_clients = calibration._heldout_datasets()[1]
     rows = calibration.run_one(name, frame, features, outputs, n_clients, 0, "flip", 2,
