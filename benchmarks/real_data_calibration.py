@@ -20,8 +20,10 @@ pair (statsmodels' modechoice, scikit-learn's digits), fixed the same way before
 first run (the method changed after the first pair's run, partly prompted by it, so
 that pair no longer holds the method out; this one does). ``--datasets heldout3`` runs a
 third pair (scikit-learn's wine and iris, six clients each), fixed the same way on
-2026-12-06. ``--rank R`` gives the estimator the rank
-(the rows record it in ``rank_given``).
+2026-12-06; ``--datasets heldout4`` a fourth (statsmodels' grunfeld and macrodata, six
+clients each), fixed the same way on 2026-12-06 as the test of ``rank_support``. ``--rank
+R`` gives the estimator the rank (the rows record it in ``rank_given``);
+``--rank-support S`` its ``rank_support`` (recorded in a ``rank_support`` column).
 
 Rows are appended to a CSV as they are produced (resumable: finished (dataset, split,
 path, corruption) rows are skipped), with the package version beside every row; the
@@ -117,8 +119,27 @@ def _third_heldout_datasets():
     ]
 
 
+def _fourth_heldout_datasets():
+    """A fourth held-out pair, fixed before its first run (benchmarks/RESULTS.md, section
+    "A fourth held-out pair"), the first run of ``rank_support``: statsmodels' grunfeld
+    (220 firm-years of 11 US firms; investment and capital stock on the firm's value
+    and the year) and macrodata (203 US quarters; real consumption, real investment
+    and the Treasury bill rate on real GDP, unemployment and inflation), six clients
+    each (at least 29 residual degrees of freedom per client)."""
+    import statsmodels.api as sm
+
+    grunfeld = sm.datasets.grunfeld.load_pandas().data
+    macrodata = sm.datasets.macrodata.load_pandas().data
+    return [
+        ("grunfeld", ["value", "year"], ["invest", "capital"], grunfeld, 6),
+        ("macrodata", ["realgdp", "unemp", "infl"], ["realcons", "realinv", "tbilrate"],
+         macrodata, 6),
+    ]
+
+
 DATASETS = {"development": _datasets, "heldout": _heldout_datasets,
-            "heldout2": _second_heldout_datasets, "heldout3": _third_heldout_datasets}
+            "heldout2": _second_heldout_datasets, "heldout3": _third_heldout_datasets,
+            "heldout4": _fourth_heldout_datasets}
 
 # The pass criteria, per dataset and path (those of the calibration's issue, fixed for the
 # held-out datasets before their first run, benchmarks/RESULTS.md): the share of null
@@ -152,7 +173,8 @@ def corrupt(estimates, kind, victims):
     return estimates
 
 
-def run_one(name, frame, features, outputs, n_clients, split, kind, n_victims, rank=None):
+def run_one(name, frame, features, outputs, n_clients, split, kind, n_victims, rank=None,
+            rank_support=1):
     from clairstat import CLAIREstimator, local_ols
 
     rng = np.random.default_rng([split, len(name), n_victims, ["none", "scale", "flip",
@@ -167,8 +189,8 @@ def run_one(name, frame, features, outputs, n_clients, split, kind, n_victims, r
         start = time.perf_counter()
         with warnings.catch_warnings():  # non-convergence is recorded in the row
             warnings.simplefilter("ignore", UserWarning)
-            est = CLAIREstimator(rank=rank, random_state=split).fit(estimates,
-                                                         sample_weight=ols.n_samples, **extra)
+            est = CLAIREstimator(rank=rank, random_state=split, rank_support=rank_support
+                                 ).fit(estimates, sample_weight=ols.n_samples, **extra)
         flagged = est.contaminated_
         truth = np.zeros(n_clients, dtype=bool)
         truth[list(victims)] = True
@@ -180,12 +202,19 @@ def run_one(name, frame, features, outputs, n_clients, split, kind, n_victims, r
                          rank=est.rank_, converged=int(est.detection_converged_),
                          seconds=round(time.perf_counter() - start, 3),
                          rank_given="" if rank is None else rank))
+        if rank_support != 1:
+            rows[-1]["rank_support"] = rank_support
     return rows
 
 
 FIELDS = ["dataset", "split", "path", "corruption", "n_clients", "n_victims", "p", "q",
           "any_flag", "false_flags", "victims_flagged", "rank", "converged", "seconds",
           "version", "rank_given"]
+
+
+def fields(rank_support=1):
+    """The columns of a table: ``rank_support`` added where it is not the default."""
+    return FIELDS if rank_support == 1 else [*FIELDS, "rank_support"]
 
 
 def _done(out):
@@ -195,20 +224,21 @@ def _done(out):
         return {(r["dataset"], int(r["split"]), r["corruption"]) for r in csv.DictReader(handle)}
 
 
-def run(n_splits, out, n_victims=2, datasets="development", rank=None):
+def run(n_splits, out, n_victims=2, datasets="development", rank=None, rank_support=1):
     import clairstat
 
     out.parent.mkdir(parents=True, exist_ok=True)
+    columns = fields(rank_support)
     if out.exists():
         with out.open() as handle:
             header = next(csv.reader(handle), [])
-        if header != FIELDS:
-            raise SystemExit(f"{out} has the columns {header}, this script writes {FIELDS}: "
+        if header != columns:
+            raise SystemExit(f"{out} has the columns {header}, this run writes {columns}: "
                              "write to a new file.")
     done = _done(out)
     new_file = not out.exists()
     with out.open("a", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=FIELDS)
+        writer = csv.DictWriter(handle, fieldnames=columns)
         if new_file:
             writer.writeheader()
         for split in range(n_splits):
@@ -218,7 +248,7 @@ def run(n_splits, out, n_victims=2, datasets="development", rank=None):
                         continue
                     victims = 0 if kind == "none" else n_victims
                     for row in run_one(name, frame, features, outputs, n_clients, split,
-                                       kind, victims, rank):
+                                       kind, victims, rank, rank_support):
                         writer.writerow({**row, "version": clairstat.__version__})
                     handle.flush()
 
@@ -257,10 +287,14 @@ def main(argv=None):
     parser.add_argument("--rank", type=int, default=None,
                         help="give the estimator this rank (default: its rank rule); "
                              "use a separate --out file")
+    parser.add_argument("--rank-support", type=int, default=1,
+                        help="the estimator's rank_support (default 1: the rank rule as "
+                             "it is); use a separate --out file")
     parser.add_argument("--summary-only", action="store_true")
     args = parser.parse_args(argv)
     if not args.summary_only:
-        run(args.splits, args.out, datasets=args.datasets, rank=args.rank)
+        run(args.splits, args.out, datasets=args.datasets, rank=args.rank,
+            rank_support=args.rank_support)
     print(summarize(args.out))
 
 

@@ -4,6 +4,7 @@ section 7). The tests and the loop built on them are in :mod:`clairstat._inferen
 
 from __future__ import annotations
 
+import itertools
 import warnings
 from functools import singledispatch
 
@@ -53,11 +54,19 @@ def _(blocks: FactoredBlocks, weights, rank=None):
     return blocks.centred_left_singular(weights, rank)
 
 
-def select_rank(blocks, weights, noise_scale, whitening=None):
+def select_rank(blocks, weights, noise_scale, whitening=None, support=1):
     """Rank rule: singular values of the centred collaborative stack above the noise edge.
 
     A p x (q m) matrix of i.i.d. N(0, sigma^2) entries has its largest singular value near
     ``sigma (sqrt(p) + sqrt(q m))``; directions above 1.1 times that edge are kept.
+
+    ``support = s > 1`` lowers the count to its smallest value over the sub-stacks
+    without any ``s - 1`` of the clients (each with its own edge, sub-stacks of at least
+    three clients; with fewer clients the count is left as it is): a direction counts
+    only if every ``s - 1`` clients' removal leaves it above the edge, so that a direction
+    that ``s - 1`` clients alone carry (contaminated clients corrupted alike) is left to
+    the tests instead of being taken for a shared one. The rule runs once per sub-stack,
+    ``C(m, s - 1)`` times (dense stacks only).
 
     ``whitening = (left, right, sigma)`` first maps every block to ``left X_k right``,
     a transform common to all clients (it maps the shared column space to another and
@@ -66,6 +75,24 @@ def select_rank(blocks, weights, noise_scale, whitening=None):
     the whitened noise's scale, or ``None`` to estimate it (Marchenko-Pastur median,
     :func:`clairstat._tuning.estimate_noise_scale`).
     """
+    rank = _edge_count(blocks, weights, noise_scale, whitening)
+    n_clients = len(blocks)
+    if support == 1 or rank == 0 or n_clients - (support - 1) < 3:
+        return rank
+    if isinstance(blocks, FactoredBlocks):
+        raise ValueError("a rank rule with support > 1 runs on dense stacks only.")
+    weights = np.asarray(weights)
+    for left_out in itertools.combinations(range(n_clients), support - 1):
+        keep = np.ones(n_clients, dtype=bool)
+        keep[list(left_out)] = False
+        rank = min(rank, _edge_count(blocks[keep], weights[keep], noise_scale, whitening))
+        if rank == 0:
+            break
+    return rank
+
+
+def _edge_count(blocks, weights, noise_scale, whitening):
+    """:func:`select_rank` with ``support=1``: the directions above the edge."""
     n_clients, p, q = blocks.shape
     if whitening is not None and not isinstance(blocks, FactoredBlocks):
         from ._tuning import estimate_noise_scale
@@ -244,14 +271,16 @@ def out_of_sample_statistics(blocks, weights, members, mean, basis, random_state
     return stat, fits
 
 
-def _fit_on(blocks, weights, members, rank, noise, random_state, whitening=None):
-    """Mean and basis refitted on the current collaborative set."""
+def _fit_on(blocks, weights, members, rank, noise, random_state, whitening=None,
+            support=1):
+    """Mean and basis refitted on the current collaborative set (``support``: that of the
+    rank rule, :func:`select_rank`, when ``rank`` is ``None``)."""
     sub_blocks, sub_weights = blocks[members], weights[members]
     n_members, p, q = sub_blocks.shape
     max_rank = _sub_rank(p, p, q, n_members)
     if rank is None:
         rank = min(select_rank(sub_blocks, sub_weights, float(np.sqrt(np.mean(noise ** 2))),
-                               whitening), max_rank)
+                               whitening, support), max_rank)
     elif rank > max_rank:
         warnings.warn(f"rank={rank} exceeds what {n_members} collaborative clients support; "
                       f"using {max_rank}.", UserWarning, stacklevel=4)
@@ -261,7 +290,8 @@ def _fit_on(blocks, weights, members, rank, noise, random_state, whitening=None)
 
 
 def concentrate(blocks, weights, start, rank, noise, *, n_half_starts=3, n_random_starts=10,
-                max_steps=10, random_state=None, whitening=None, distinct=None):
+                max_steps=10, random_state=None, whitening=None, distinct=None,
+                support=1):
     """Robust starting set by concentration steps (the C-steps of FastMCD).
 
     From each start (``start``: the clients with S_k = 0; all clients;
@@ -275,7 +305,8 @@ def concentrate(blocks, weights, start, rank, noise, *, n_half_starts=3, n_rando
     (such a client, fitted exactly by its own set, saves at most ~1 / h). A
     coordinated group of attackers (up to just under half the clients) that the
     decomposition folds into L, and that would then capture the refitted subspace, is
-    left out. The rank, if not given, is fixed on ``start``.
+    left out. The rank, if not given, is fixed on ``start`` (by the rank rule with
+    ``support``, :func:`select_rank`).
 
     ``distinct`` (a mask, default every client): the sets are drawn from these clients
     only and ``K`` counts them, so that copies of one estimate (a point mass, such as
@@ -298,7 +329,7 @@ def concentrate(blocks, weights, start, rank, noise, *, n_half_starts=3, n_rando
     rng = check_random_state(random_state)
     if rank is None:
         rank = _fit_on(blocks, weights, start, None, noise, random_state,
-                       whitening)[1].shape[1]
+                       whitening, support)[1].shape[1]
     # The centred stack of h dense (p, q) clients has rank at most (h - 1) q; that of h
     # factored clients Y_k R_k (shape (n, p, r)) spans up to the h r columns of their
     # Y_k (the mean is not of rank r).

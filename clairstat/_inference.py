@@ -373,11 +373,11 @@ class _Round:
 
 
 def _test_round(blocks, weights, members, rank, noise, level, correction, random_state,
-                calibrate_on):
+                calibrate_on, support=1):
     """Refit on ``members``; test every client out of sample; correct the p-values."""
     n_clients = len(blocks)
     mean, basis = _fit_on(blocks, weights, members, rank, noise.sigma, random_state,
-                          noise.whitening)
+                          noise.whitening, support)
     stat, fits = out_of_sample_statistics(blocks, weights, members, mean, basis, random_state)
     if noise.estimated:
         # A statistic below the round-off floor is numerical zero: 0 and 1e-32 (the same
@@ -521,7 +521,7 @@ def _final(state, level, correction, converged, n_rounds):
 
 
 def detect_clients(blocks, weights, start, *, rank, noise, level, correction, iterate=True,
-                   random_state=None):
+                   random_state=None, rank_support=1):
     """Refit-and-test until the collaborative set is the one its own test keeps.
 
     Starting from a robust set (:func:`concentrate`, seeded by ``start``: the clients
@@ -547,6 +547,8 @@ def detect_clients(blocks, weights, start, *, rank, noise, level, correction, it
     iterate : bool, default=True
         ``False``: a single fit on ``start`` (threshold detection); ``start`` is then the
         collaborative set and nothing is tested away.
+    rank_support : int, default=1
+        The rank rule's ``support`` (:func:`select_rank`) when ``rank`` is ``None``.
 
     Returns
     -------
@@ -565,7 +567,7 @@ def detect_clients(blocks, weights, start, *, rank, noise, level, correction, it
         # was then not flagged). clairstat._tuning.counted_once.
         calibrate_on = counted_once(groups, calibrate_on)
         return _test_round(blocks, weights, members, rank, noise, level, correction,
-                           random_state, calibrate_on)
+                           random_state, calibrate_on, rank_support)
 
     if not iterate:
         state = test(members)
@@ -580,7 +582,7 @@ def detect_clients(blocks, weights, start, *, rank, noise, level, correction, it
         return _final(state, level, correction, True, 1)
     members = concentrate(blocks, weights, members, rank, noise.sigma,
                           random_state=random_state, whitening=noise.whitening,
-                          distinct=counted_once(groups))
+                          distinct=counted_once(groups), support=rank_support)
     # The concentrated half-set holds the smallest statistics by construction, so the
     # first calibration uses every client (the median is robust while attackers are a
     # minority); later rounds use the tested collaborative set.

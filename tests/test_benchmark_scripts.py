@@ -41,7 +41,7 @@ def test_third_heldout_pair_is_as_fixed_before_its_run():
 
 
 def test_leave_two_out_rank_drops_a_direction_two_clients_carry():
-    import rank_rule_support
+    """The exploration's rule (rank_rule_support.py) is the estimator's rank_support=3."""
     from clairstat._detection import select_rank
 
     rng = np.random.default_rng(0)
@@ -52,10 +52,34 @@ def test_leave_two_out_rank_drops_a_direction_two_clients_carry():
     pair[:2] += shared  # one direction, two clients
     spread = blocks.copy()
     spread += rng.standard_normal((8, 1, 1)) * shared  # the same direction, every client
-    rule = rank_rule_support.leave_two_out_rank(select_rank)
     weights = np.ones(8)
-    assert select_rank(pair, weights, 0.1) == 1 and rule(pair, weights, 0.1) == 0
-    assert select_rank(spread, weights, 0.1) == 1 and rule(spread, weights, 0.1) == 1
+    assert select_rank(pair, weights, 0.1) == 1
+    assert select_rank(pair, weights, 0.1, support=3) == 0
+    assert select_rank(spread, weights, 0.1) == 1
+    assert select_rank(spread, weights, 0.1, support=3) == 1
+
+
+def test_fourth_heldout_pair_is_as_fixed_before_its_run():
+    """benchmarks/RESULTS.md, "A fourth held-out pair": grunfeld and macrodata, six
+    clients each, at least 29 residual degrees of freedom per client, new to every
+    earlier run of the calibration."""
+    earlier = {d[0] for name, fn in calibration.DATASETS.items() if name != "heldout4"
+               for d in fn()}
+    fourth = calibration._fourth_heldout_datasets()
+    assert [d[0] for d in fourth] == ["grunfeld", "macrodata"]
+    assert not earlier & {"grunfeld", "macrodata"}
+    for name, features, outputs, frame, n_clients in fourth:
+        assert n_clients == 6
+        assert len(frame) // n_clients - len(features) - 1 >= 29
+        assert not frame[features + outputs].isna().any().any()
+
+
+def test_a_row_records_the_rank_support():
+    name, features, outputs, frame, n_clients = calibration._fourth_heldout_datasets()[0]
+    rows = calibration.run_one(name, frame, features, outputs, n_clients, 0, "none", 0,
+                               rank_support=3)
+    assert [r["rank_support"] for r in rows] == [3, 3]
+    assert set(rows[0]) | {"version"} == set(calibration.fields(3))
 
 
 def test_a_row_records_the_rank_given():

@@ -57,7 +57,8 @@ def _fit(params):
             (params["copies"],) + source.shape)])
     weights = rng.integers(1, 100, len(X)) if params["weighted"] else None
     est = CLAIREstimator(rank=rank if params["rank_given"] else None,
-                         correction=params["correction"], random_state=params["seed"])
+                         correction=params["correction"], random_state=params["seed"],
+                         rank_support=params.get("rank_support", 1))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         est.fit(X, sample_weight=weights)
