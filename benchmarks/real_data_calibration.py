@@ -23,7 +23,9 @@ third pair (scikit-learn's wine and iris, six clients each), fixed the same way 
 2026-12-06; ``--datasets heldout4`` a fourth (statsmodels' grunfeld and macrodata, six
 clients each), fixed the same way on 2026-12-06 as the test of ``rank_support``. ``--rank
 R`` gives the estimator the rank (the rows record it in ``rank_given``);
-``--rank-support S`` its ``rank_support`` (recorded in a ``rank_support`` column).
+``--rank-support S`` its ``rank_support`` (recorded in a ``rank_support`` column);
+``--cov-type HC3`` has ``local_ols`` estimate heteroscedasticity-consistent covariances
+(a ``cov_type`` column).
 
 Rows are appended to a CSV as they are produced (resumable: finished (dataset, split,
 path, corruption) rows are skipped), with the package version beside every row; the
@@ -137,9 +139,30 @@ def _fourth_heldout_datasets():
     ]
 
 
+def _fifth_heldout_datasets():
+    """Three held-out datasets, fixed before their first run (benchmarks/RESULTS.md,
+    section "A fifth held-out set"), the first run of ``local_ols(cov_type="HC3")``:
+    statsmodels' fertility (countries' births per woman in 2000 and 2010 on those of
+    1960 and 1980; the countries with all four), engel (235 Belgian households' food
+    expenditure on income) and cancer (301 US counties' breast cancer deaths on their
+    population), six clients each (at least 29 residual degrees of freedom per
+    client)."""
+    import statsmodels.api as sm
+
+    fertility = sm.datasets.fertility.load_pandas().data
+    fertility = fertility[["1960", "1980", "2000", "2010"]].dropna().reset_index(drop=True)
+    engel = sm.datasets.engel.load_pandas().data
+    cancer = sm.datasets.cancer.load_pandas().data
+    return [
+        ("fertility", ["1960", "1980"], ["2000", "2010"], fertility, 6),
+        ("engel", ["income"], ["foodexp"], engel, 6),
+        ("cancer", ["population"], ["cancer"], cancer, 6),
+    ]
+
+
 DATASETS = {"development": _datasets, "heldout": _heldout_datasets,
             "heldout2": _second_heldout_datasets, "heldout3": _third_heldout_datasets,
-            "heldout4": _fourth_heldout_datasets}
+            "heldout4": _fourth_heldout_datasets, "heldout5": _fifth_heldout_datasets}
 
 # The pass criteria, per dataset and path (those of the calibration's issue, fixed for the
 # held-out datasets before their first run, benchmarks/RESULTS.md): the share of null
@@ -174,14 +197,14 @@ def corrupt(estimates, kind, victims):
 
 
 def run_one(name, frame, features, outputs, n_clients, split, kind, n_victims, rank=None,
-            rank_support=1):
+            rank_support=1, cov_type="nonrobust"):
     from clairstat import CLAIREstimator, local_ols
 
     rng = np.random.default_rng([split, len(name), n_victims, ["none", "scale", "flip",
                                                                "replace"].index(kind)])
     designs, responses = split_clients(frame, features, outputs, n_clients, rng)
     victims = rng.choice(n_clients, size=n_victims, replace=False) if n_victims else []
-    ols = local_ols(designs, responses)
+    ols = local_ols(designs, responses, cov_type=cov_type)
     estimates = corrupt(ols.estimates, kind, victims)
     rows = []
     for path in ("default", "noise_cov"):
@@ -204,6 +227,8 @@ def run_one(name, frame, features, outputs, n_clients, split, kind, n_victims, r
                          rank_given="" if rank is None else rank))
         if rank_support != 1:
             rows[-1]["rank_support"] = rank_support
+        if cov_type != "nonrobust":
+            rows[-1]["cov_type"] = cov_type
     return rows
 
 
@@ -212,9 +237,11 @@ FIELDS = ["dataset", "split", "path", "corruption", "n_clients", "n_victims", "p
           "version", "rank_given"]
 
 
-def fields(rank_support=1):
-    """The columns of a table: ``rank_support`` added where it is not the default."""
-    return FIELDS if rank_support == 1 else [*FIELDS, "rank_support"]
+def fields(rank_support=1, cov_type="nonrobust"):
+    """The columns of a table: ``rank_support`` and ``cov_type`` added where they are
+    not the defaults."""
+    return [*FIELDS, *(["rank_support"] if rank_support != 1 else []),
+            *(["cov_type"] if cov_type != "nonrobust" else [])]
 
 
 def _done(out):
@@ -224,11 +251,12 @@ def _done(out):
         return {(r["dataset"], int(r["split"]), r["corruption"]) for r in csv.DictReader(handle)}
 
 
-def run(n_splits, out, n_victims=2, datasets="development", rank=None, rank_support=1):
+def run(n_splits, out, n_victims=2, datasets="development", rank=None, rank_support=1,
+        cov_type="nonrobust"):
     import clairstat
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    columns = fields(rank_support)
+    columns = fields(rank_support, cov_type)
     if out.exists():
         with out.open() as handle:
             header = next(csv.reader(handle), [])
@@ -248,7 +276,7 @@ def run(n_splits, out, n_victims=2, datasets="development", rank=None, rank_supp
                         continue
                     victims = 0 if kind == "none" else n_victims
                     for row in run_one(name, frame, features, outputs, n_clients, split,
-                                       kind, victims, rank, rank_support):
+                                       kind, victims, rank, rank_support, cov_type):
                         writer.writerow({**row, "version": clairstat.__version__})
                     handle.flush()
 
@@ -290,11 +318,15 @@ def main(argv=None):
     parser.add_argument("--rank-support", type=int, default=1,
                         help="the estimator's rank_support (default 1: the rank rule as "
                              "it is); use a separate --out file")
+    parser.add_argument("--cov-type", default="nonrobust",
+                        choices=["nonrobust", "HC0", "HC1", "HC2", "HC3"],
+                        help="local_ols's cov_type (default: the classical covariance); "
+                             "use a separate --out file")
     parser.add_argument("--summary-only", action="store_true")
     args = parser.parse_args(argv)
     if not args.summary_only:
         run(args.splits, args.out, datasets=args.datasets, rank=args.rank,
-            rank_support=args.rank_support)
+            rank_support=args.rank_support, cov_type=args.cov_type)
     print(summarize(args.out))
 
 

@@ -175,7 +175,9 @@ def _diagnostics(est):
         "estimate shape (p, q)": str(shape[::-1] if params["subspace"] == "row" else shape),
         **_names(est),
         "rank": (str(est.rank_) if est.rank_ == est.test_rank_
-                 else f"{est.rank_} (L); tests at {est.test_rank_}"),
+                 else f"{est.rank_} (L); tests at {est.test_rank_}") + (
+            f" (rule, support {params['rank_support']})"
+            if params.get("rank_support", 1) > 1 else ""),
         "formulation": params["formulation"],
         "backbone": str(params["backbone"]),
         "detection": f"{params['detection']} ({params['correction']}, level "

@@ -87,6 +87,7 @@ def test_a_direction_every_client_carries_is_kept():
     for support in (1, 3, 4):
         est = CLAIREstimator(random_state=0, noise_scale=0.05, rank_support=support).fit(X)
         assert est.rank_ == 1 and not est.contaminated_.any()
+        assert ("(rule, support" in str(est.summary())) == (support > 1)
 
 
 def test_ignored_when_the_rank_is_given(regression):
@@ -95,6 +96,7 @@ def test_ignored_when_the_rank_is_given(regression):
     plain = CLAIREstimator(rank=2, random_state=0).fit(X)
     np.testing.assert_array_equal(given_rank.p_values_, plain.p_values_)
     np.testing.assert_array_equal(given_rank.refined_, plain.refined_)
+    assert "support" not in str(given_rank.summary())
 
 
 @pytest.mark.filterwarnings("ignore:only 4 clients")
