@@ -12,8 +12,9 @@ direction counts only when it survives the removal of any two; everything else i
 package's. Rows as ``real_data_calibration.py`` writes them (the same splits, seeds and
 corruptions), plus ``rule``; resumable. The rows committed in benchmarks/results were
 made by replacing ``select_rank`` with this rule; since then it is the estimator's
-``rank_support=3``, which this script now passes (the same rule: tests/
-test_benchmark_scripts.py compares it with a direct implementation).
+``rank_support=3``, which this script now passes (the same rule: the first four
+development splits rerun through it reproduce the committed rows exactly, and
+tests/test_rank_support.py compares it with a direct implementation).
 
     python benchmarks/rank_rule_support.py --splits 100 \\
         --out benchmarks/results/rank_rule_support.csv

@@ -263,6 +263,17 @@ def run(n_splits, out, n_victims=2, datasets="development", rank=None, rank_supp
         if header != columns:
             raise SystemExit(f"{out} has the columns {header}, this run writes {columns}: "
                              "write to a new file.")
+        # a resumed run must be the same run: the settings the rows record, not only
+        # their columns (a table begun with --cov-type HC0 took HC3 rows, a review)
+        settings = {"rank_given": "" if rank is None else str(rank),
+                    "rank_support": str(rank_support), "cov_type": cov_type}
+        with out.open() as handle:
+            for row in csv.DictReader(handle):
+                clash = {key: row[key] for key, value in settings.items()
+                         if key in row and row[key] != value}
+                if clash:
+                    raise SystemExit(f"{out} holds rows of another run ({clash}); this run "
+                                     f"is {settings}: write to a new file.")
     done = _done(out)
     new_file = not out.exists()
     with out.open("a", newline="") as handle:

@@ -145,14 +145,18 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
         ``noise_cov``, two clients of a real regression corrupted alike were flagged
         with power 1.00 where the rule as it is gave 0.85-1.00 (development data, 8 to
         20 clients), and 0.69-0.98 where it gave 0.14-0.89 (a held-out pair, six
-        clients; its null shares, 0.12 and 0.24, exceeded 0.10 under either rule:
-        benchmarks/RESULTS.md, "a fourth held-out pair"). The price: a direction that
+        clients, whose null shares exceeded 0.10 under either rule, 0.12-0.24: the
+        classical OLS covariance understated the clients' spread; with
+        ``local_ols(cov_type="HC3")`` on a later held-out set of three, null shares
+        0.01-0.03 and power 0.98-1.00; benchmarks/RESULTS.md). The price: a direction that
         ``rank_support - 1`` benign clients alone share is taken for contamination, a
         weak shared direction is dropped more often (ten synthetic clients: a rank-2
         subspace near the edge kept in 0.4 of the fits against 0.94, RESULTS.md), and
         the rule runs ``C(K, rank_support - 1)`` times per fit of the subspace.
-        Ignored when ``rank`` is given; dense estimates only (not a FactoredBlocks
-        stack); at most 20 000 sub-stacks.
+        Sub-stacks keep at least three clients: on a collaborative set of fewer than
+        ``rank_support + 2`` clients (the later rounds of a fit of six clients with two
+        flagged, say) the rule is used as it is there. Ignored when ``rank`` is given;
+        dense estimates only (not a FactoredBlocks stack); at most 20 000 sub-stacks.
 
     Attributes
     ----------
@@ -365,6 +369,11 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
         self.random_state = random_state
         self.rank_support = rank_support
 
+    def __setstate__(self, state):
+        # an estimator pickled before rank_support existed fitted with the rule as it is
+        state.setdefault("rank_support", 1)
+        super().__setstate__(state)
+
     # -- input -------------------------------------------------------------------
     def _read(self, X, *, reset):
         """Blocks (n_clients, p, q) in the working orientation, and whether X was 2-D."""
@@ -474,6 +483,8 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
         self._validate_params()
         if isinstance(self.rank, (bool, np.bool_)):  # an Integral to the constraints
             raise TypeError(f"rank must be an int or None, got {self.rank!r}.")
+        if isinstance(self.rank_support, (bool, np.bool_)):
+            raise TypeError(f"rank_support must be an int, got {self.rank_support!r}.")
         check_device(self.device)
         names = _ols_names(X)
         clients = getattr(X, "client_names", None) if isinstance(X, LocalOLS) else None

@@ -18,6 +18,10 @@ __all__ = ["LocalOLS", "local_ols"]
 _MIN_RESIDUAL_DF = 20
 
 
+# local_ols's covariances: the classical one and White's four (statsmodels' names)
+_COV_TYPES = {"nonrobust", "HC0", "HC1", "HC2", "HC3"}
+
+
 @dataclass(frozen=True, eq=False)
 class LocalOLS:
     """Per-client OLS estimates with their noise covariance.
@@ -33,7 +37,8 @@ class LocalOLS:
         ``(X_k^T X_k)^{-1} X_k^T Y_k``.
     noise_cov : tuple of ndarray of shapes (n_clients, p, p) and (n_clients, q, q)
         ``(row_cov, col_cov)`` with ``cov(vec Theta_hat_k) = col_cov_k (x) row_cov_k``:
-        ``row_cov_k = (X_k^T X_k)^{-1}`` and ``col_cov_k`` the residual covariance
+        ``row_cov_k = (X_k^T X_k)^{-1}`` (with ``cov_type`` other than
+        ``"nonrobust"``, the sandwich of :func:`local_ols`) and ``col_cov_k`` the residual covariance
         ``R_k^T R_k / (n_k - p)`` (unbiased under homoscedastic Gaussian errors; an
         output with no residual variance beyond round-off has exactly zero, which
         :class:`~clairstat.CLAIREstimator` refuses).
@@ -71,6 +76,9 @@ class LocalOLS:
     cov_type: str = "nonrobust"
 
     def __post_init__(self):
+        if self.cov_type not in _COV_TYPES:
+            raise ValueError(f"cov_type must be one of {sorted(_COV_TYPES)}, got "
+                             f"{self.cov_type!r}.")
         names = self.client_names
         if names is None:
             return
@@ -298,24 +306,37 @@ def _as_matrix(table, what, k):
     return array
 
 
-_COV_TYPES = {"nonrobust", "HC0", "HC1", "HC2", "HC3"}
-
-
-def _sandwich_weights(left, resid, col_cov, cov_type):
+def _sandwich_weights(left, resid, col_cov, cov_type, y_max):
     """The rows' weights ``w_i`` of :func:`local_ols`'s sandwich ``row_cov`` (scaled
     units; ``left``: the design's left singular vectors, whose rows' squared norms are
-    the leverages)."""
+    the leverages), or ``None`` where no output has residual variance (the classical
+    ``row_cov`` is then kept, and :func:`_no_residual` says what is wrong)."""
     n_samples, p = left.shape
-    # e_i^T col_cov^+ e_i / q: an output with no residual variance adds nothing (the
-    # pseudo-inverse; the estimator refuses such an output anyway)
-    size = np.einsum("ij,ij->i", resid @ np.linalg.pinv(col_cov, hermitian=True),
-                     resid) / resid.shape[1]
+    # e_i^T col_cov^+ e_i / q on the outputs' correlation matrix: the outputs' units
+    # leave it unchanged (a pseudo-inverse of col_cov itself dropped an output 1e8 times
+    # smaller than another as if it had no variance, a review), and an output with no
+    # residual variance drops out of the count as of the sum
+    spread = np.sqrt(np.clip(np.diag(col_cov), 0.0, None))
+    # an output without residual variance beyond round-off (_no_residual's rule, which
+    # sets it to zero): its round-off residuals, divided by their own spread, would
+    # count as noise of unit size
+    live = spread > 64 * np.finfo(float).eps * y_max
+    if not np.any(live):
+        return None
+    unit = resid[:, live] / spread[live]
+    corr = col_cov[np.ix_(live, live)] / np.outer(spread[live], spread[live])
+    inverse = np.linalg.pinv(corr, hermitian=True)
+    size = np.einsum("ij,ij->i", unit @ inverse, unit) / np.linalg.matrix_rank(
+        corr, hermitian=True)
     if cov_type == "HC1":
         return size * n_samples / (n_samples - p)
     if cov_type in ("HC2", "HC3"):
-        # 1 - h_ii > 0 where the design keeps its rank without row i; a row that alone
-        # sets a coefficient (h_ii = 1) has a zero residual, and its weight 0/0 is 0
-        kept = np.clip(1.0 - np.einsum("ij,ij->i", left, left), 0.0, None)
+        # 1 - h_ii: a row that alone sets a coefficient has h_ii = 1 up to round-off of
+        # the orthonormal rows' norms (a few eps each) and a residual of round-off; its
+        # weight, round-off over round-off, is taken as 0 (it was up to 1e3 times the
+        # other rows' for half of the seeds of a review)
+        kept = 1.0 - np.einsum("ij,ij->i", left, left)
+        kept = np.where(kept > 16 * max(n_samples, p) * np.finfo(float).eps, kept, 0.0)
         power = 1 if cov_type == "HC2" else 2
         with np.errstate(divide="ignore", invalid="ignore"):
             return np.where(kept > 0, size / kept ** power, 0.0)
@@ -359,9 +380,11 @@ def _client_fit(design, response, k, names, cov_type="nonrobust"):
     row_cov = inv_sing @ inv_sing.T  # (X^T X)^{-1}
     resid = response - design @ estimate
     col_cov = resid.T @ resid / (n_samples - p)
-    if cov_type != "nonrobust":  # X^+ diag(w) X^+T, X^+ = inv_sing @ left.T
-        spread = inv_sing @ left.T
-        row_cov = (spread * _sandwich_weights(left, resid, col_cov, cov_type)) @ spread.T
+    weights = None if cov_type == "nonrobust" else _sandwich_weights(
+        left, resid, col_cov, cov_type, np.max(np.abs(response), axis=0))
+    if weights is not None:  # X^+ diag(w) X^+T, X^+ = inv_sing @ left.T
+        pinv_x = inv_sing @ left.T
+        row_cov = (pinv_x * weights) @ pinv_x.T
     variances = np.diag(col_cov)
     with np.errstate(over="ignore", under="ignore"):
         estimate = np.ldexp(estimate, y_exp - x_exp)
@@ -458,7 +481,8 @@ def local_ols(designs: Sequence[ArrayLike] | Mapping[object, ArrayLike],
         Weighted least squares, as statsmodels' ``WLS(response, design, weights)``:
         weights proportional to the inverse of each row's noise variance (finite and
         positive). Then ``estimates`` is ``(X_k^T W_k X_k)^{-1} X_k^T W_k Y_k``,
-        ``row_cov`` is ``(X_k^T W_k X_k)^{-1}`` and ``col_cov`` the weighted residual
+        ``row_cov`` is ``(X_k^T W_k X_k)^{-1}`` (or the sandwich of ``cov_type`` on
+        the rows scaled by ``sqrt(W_k)``) and ``col_cov`` the weighted residual
         covariance ``R_k^T W_k R_k / (n_k - p)`` (statsmodels' ``scale``). Default: OLS.
     cov_type : {"nonrobust", "HC0", "HC1", "HC2", "HC3"}, default="nonrobust"
         How ``row_cov`` is estimated. ``"nonrobust"``: ``(X_k^T X_k)^{-1}``, right when
@@ -466,7 +490,9 @@ def local_ols(designs: Sequence[ArrayLike] | Mapping[object, ArrayLike],
         consistent sandwiches in the Kronecker form the estimator takes, ``cov(vec
         Theta_hat_k) = col_cov_k (x) row_cov_k`` with ``row_cov_k = X_k^+ diag(w_i)
         X_k^+T``, ``w_i = c_i e_i^T col_cov_k^+ e_i / q`` (``e_i`` row i's residual,
-        ``X_k^+`` the pseudo-inverse), and ``c_i`` statsmodels' factor: 1 (HC0),
+        ``X_k^+`` the pseudo-inverse; computed on the outputs' correlation matrix,
+        so that their units do not enter, over its rank), and ``c_i`` statsmodels'
+        factor: 1 (HC0),
         ``n_k / (n_k - p)`` (HC1), ``1 / (1 - h_ii)`` (HC2), ``1 / (1 - h_ii)^2``
         (HC3; ``h_ii`` the leverage). The Kronecker form is the covariance's where
         each row's noise is its own multiple of one covariance (``e_i = sqrt(v_i)

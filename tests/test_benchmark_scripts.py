@@ -74,6 +74,46 @@ def test_fourth_heldout_pair_is_as_fixed_before_its_run():
         assert not frame[features + outputs].isna().any().any()
 
 
+def test_fifth_heldout_set_is_as_fixed_before_its_run():
+    """benchmarks/RESULTS.md, "A fifth held-out set": fertility, engel and cancer, six
+    clients each, at least 29 residual degrees of freedom per client, new to every
+    earlier calibration run."""
+    earlier = {d[0] for name, fn in calibration.DATASETS.items() if name != "heldout5"
+               for d in fn()}
+    fifth = calibration._fifth_heldout_datasets()
+    assert [d[0] for d in fifth] == ["fertility", "engel", "cancer"]
+    assert not earlier & {"fertility", "engel", "cancer"}
+    for name, features, outputs, frame, n_clients in fifth:
+        assert n_clients == 6
+        assert len(frame) // n_clients - len(features) - 1 >= 29
+        assert not frame[features + outputs].isna().any().any()
+
+
+def test_covariance_spread_is_near_one_where_the_covariance_is_right():
+    """The diagnostic of benchmarks/covariance_spread.py on clients whose OLS noise is
+    homoscedastic (mean squared z near 1 for both covariances) and on clients whose
+    noise grows with the covariate (the classical one understates it: the negative
+    control)."""
+    import pandas as pd
+
+    import covariance_spread
+
+    rng = np.random.default_rng(0)
+    x = rng.lognormal(0.0, 0.8, 600)  # skewed, as incomes
+    frame = pd.DataFrame({"x": x, "flat": 2 * x + rng.standard_normal(600),
+                          "growing": 2 * x + x ** 2 * rng.standard_normal(600)})
+    # 40 splits of 6 clients: 240 squared z per coefficient, mean within about 0.2 of 1
+    # (chi^2_1's sd sqrt(2) over sqrt(240), and the splits' dependence) where right;
+    # measured 0.91 and 0.82
+    flat = covariance_spread.mean_squared_z(frame, ["x"], ["flat"], 6, 40, "nonrobust")
+    assert np.all(np.abs(flat - 1.0) < 0.3)
+    growing = covariance_spread.mean_squared_z(frame, ["x"], ["growing"], 6, 40,
+                                               "nonrobust")
+    robust = covariance_spread.mean_squared_z(frame, ["x"], ["growing"], 6, 40, "HC3")
+    # measured: classical 6.8 and 20.3, HC3 1.31 and 1.33
+    assert growing.min() > 3.0 and robust.max() < 1.6
+
+
 def test_a_row_records_the_rank_support():
     name, features, outputs, frame, n_clients = calibration._fourth_heldout_datasets()[0]
     rows = calibration.run_one(name, frame, features, outputs, n_clients, 0, "none", 0,

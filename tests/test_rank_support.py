@@ -133,3 +133,22 @@ def test_one_consistent_fitted_state_with_support(params):
     est, X, weights = _fit({**params, "rank_support": 3})
     assert est.rank_support == 3
     _check_one_fit(est, X, weights)
+
+
+def test_a_bool_is_not_a_support(regression):
+    with pytest.raises(TypeError, match="rank_support must be an int"):
+        CLAIREstimator(rank_support=True).fit(regression.local_estimates)
+
+
+def test_an_estimator_pickled_before_rank_support_loads_and_fits(regression):
+    """Its state has no rank_support: it fitted with the rule as it is, and refits so."""
+    import pickle
+
+    est = CLAIREstimator(random_state=0).fit(regression.local_estimates)
+    state = est.__getstate__()
+    del state["rank_support"]
+    old = CLAIREstimator.__new__(CLAIREstimator)
+    old.__setstate__(state)
+    assert old.rank_support == 1 and "rank_support=" not in repr(old)
+    again = pickle.loads(pickle.dumps(old)).fit(regression.local_estimates)
+    np.testing.assert_array_equal(again.p_values_, est.p_values_)
