@@ -33,6 +33,7 @@ import csv
 from pathlib import Path
 
 import real_data_calibration as calibration
+from _tables import existing_rows
 
 FIELDS = [*calibration.FIELDS, "rule"]
 
@@ -41,13 +42,8 @@ def run(n_splits, out, datasets="development"):
     import clairstat
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    done = set()
-    if out.exists():
-        with out.open() as handle:
-            rows = list(csv.DictReader(handle))
-        if rows and list(rows[0]) != FIELDS:
-            raise SystemExit(f"{out} has other columns than {FIELDS}: write to a new file.")
-        done = {(r["dataset"], int(r["split"]), r["corruption"]) for r in rows}
+    done = {(r["dataset"], int(r["split"]), r["corruption"])
+            for r in existing_rows(out, FIELDS)}
     new_file = not out.exists()
     with out.open("a", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=FIELDS)

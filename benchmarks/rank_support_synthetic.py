@@ -31,6 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
+from _tables import existing_rows
+
 FIELDS = ["n_clients", "contamination", "signal", "seed", "rank_support", "rank",
           "victims_flagged", "false_flags", "subspace_error", "refined_over_ols",
           "converged", "version"]
@@ -89,14 +91,8 @@ def run_one(n_clients, contamination, signal, seed):
 
 def run(n_seeds, out):
     out.parent.mkdir(parents=True, exist_ok=True)
-    done = set()
-    if out.exists():
-        with out.open() as handle:
-            rows = list(csv.DictReader(handle))
-        if rows and list(rows[0]) != FIELDS:
-            raise SystemExit(f"{out} has other columns than {FIELDS}: write to a new file.")
-        done = {(int(r["n_clients"]), r["contamination"], r["signal"], int(r["seed"]))
-                for r in rows}
+    done = {(int(r["n_clients"]), r["contamination"], r["signal"], int(r["seed"]))
+            for r in existing_rows(out, FIELDS)}
     new_file = not out.exists()
     with out.open("a", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=FIELDS)

@@ -307,3 +307,20 @@ def test_copying_cycles_counts_a_rejection_only_as_an_extra_flag(monkeypatch, tm
     if row["kept_rejected_attacker"] + row["kept_rejected_clean"] == 0:
         assert row["rejections_count"] == row["package"]
     assert "| " in copying_cycles.table([row])
+
+
+def test_rank_support_synthetic_rows(tmp_path):
+    """benchmarks/rank_support_synthetic.py: one seed of one cell gives a row per rule
+    with the table's columns, and a resumed run adds nothing."""
+    import rank_support_synthetic as synthetic
+
+    rows = synthetic.run_one(6, "alike", "strong", 0)
+    assert [r["rank_support"] for r in rows] == [1, 3]
+    assert all(list(r) == synthetic.FIELDS for r in rows)
+    assert all(0 <= r["victims_flagged"] <= 2 for r in rows)
+    data = synthetic._data(6, "alike", "strong", 0)
+    bad = np.flatnonzero(data.contaminated)
+    # the two contaminated clients' truths differ from the subspace by one common shift
+    off = [(np.eye(10) - data.subspace @ data.subspace.T) @ (data.truth[k] - data.backbone)
+           for k in bad]
+    np.testing.assert_allclose(off[0], off[1], atol=1e-12)

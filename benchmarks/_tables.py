@@ -1,0 +1,18 @@
+"""Resumable CSV tables of the benchmark scripts: the rows already written."""
+
+from __future__ import annotations
+
+import csv
+
+
+def existing_rows(out, fields):
+    """The rows of ``out`` (a list of dicts, empty when it does not exist); a table with
+    other columns than ``fields`` is refused (``SystemExit``): write to a new file."""
+    if not out.exists():
+        return []
+    with out.open() as handle:
+        reader = csv.DictReader(handle)
+        if reader.fieldnames and list(reader.fieldnames) != list(fields):
+            raise SystemExit(f"{out} has the columns {reader.fieldnames}, this run writes "
+                             f"{list(fields)}: write to a new file.")
+        return list(reader)
