@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 
 
@@ -16,3 +17,16 @@ def existing_rows(out, fields):
             raise SystemExit(f"{out} has the columns {reader.fieldnames}, this run writes "
                              f"{list(fields)}: write to a new file.")
         return list(reader)
+
+
+@contextlib.contextmanager
+def appending(out, fields):
+    """``(writer, handle)`` appending rows to ``out`` (its folder made, the header
+    written when the file is new); flush ``handle`` after each row for resumability."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    new_file = not out.exists()
+    with out.open("a", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields)
+        if new_file:
+            writer.writeheader()
+        yield writer, handle

@@ -29,11 +29,10 @@ rule, so they cannot test it; ``--datasets heldout4`` is the pre-registered test
 from __future__ import annotations
 
 import argparse
-import csv
 from pathlib import Path
 
 import real_data_calibration as calibration
-from _tables import existing_rows
+from _tables import appending, existing_rows
 
 FIELDS = [*calibration.FIELDS, "rule"]
 
@@ -41,14 +40,9 @@ FIELDS = [*calibration.FIELDS, "rule"]
 def run(n_splits, out, datasets="development"):
     import clairstat
 
-    out.parent.mkdir(parents=True, exist_ok=True)
     done = {(r["dataset"], int(r["split"]), r["corruption"])
             for r in existing_rows(out, FIELDS)}
-    new_file = not out.exists()
-    with out.open("a", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=FIELDS)
-        if new_file:
-            writer.writeheader()
+    with appending(out, FIELDS) as (writer, handle):
         for split in range(n_splits):
             for name, features, outputs, frame, n_clients in \
                     calibration.DATASETS[datasets]():

@@ -23,7 +23,6 @@ Rows are appended as they are produced (resumable), with the package version.
 from __future__ import annotations
 
 import argparse
-import csv
 import itertools
 import os
 import warnings
@@ -31,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from _tables import existing_rows
+from _tables import appending, existing_rows
 
 FIELDS = ["n_clients", "contamination", "signal", "seed", "rank_support", "rank",
           "victims_flagged", "false_flags", "subspace_error", "refined_over_ols",
@@ -90,14 +89,9 @@ def run_one(n_clients, contamination, signal, seed):
 
 
 def run(n_seeds, out):
-    out.parent.mkdir(parents=True, exist_ok=True)
     done = {(int(r["n_clients"]), r["contamination"], r["signal"], int(r["seed"]))
             for r in existing_rows(out, FIELDS)}
-    new_file = not out.exists()
-    with out.open("a", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=FIELDS)
-        if new_file:
-            writer.writeheader()
+    with appending(out, FIELDS) as (writer, handle):
         for seed, n_clients, contamination, signal in itertools.product(
                 range(n_seeds), (6, 10, 20), ("independent", "alike"), SIGNALS):
             if (n_clients, contamination, signal, seed) in done:
