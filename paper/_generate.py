@@ -461,6 +461,42 @@ def heldout2_macros(table):
     return macros
 
 
+#: The later held-out sets' tables and their macro prefixes (``<prefix>.has`` switches
+#: the paragraph on when every one of them is committed).
+LATER_HELDOUT = {"calibration_heldout3": "calibhoc",
+                 "calibration_heldout4_support3": "calibhod",
+                 "calibration_heldout4": "calibhodrule",
+                 "calibration_heldout5_hc3_support3": "calibhoe",
+                 "calibration_heldout5": "calibhoeclassic",
+                 "calibration_heldout5_hc3": "calibhoehc"}
+
+
+def _corruption_rows(table):
+    """``_sources.calibration_summary`` without the reversed outputs
+    of a single-output dataset (reversing one output leaves the estimate as it is: not a
+    corruption, and no criterion)."""
+    rows = src.calibration_summary(table)
+    single = set(table.loc[table["q"] == 1, "dataset"])
+    for row in rows:
+        if row["dataset"] in single:
+            row.pop("power_replace", None)
+    return rows
+
+
+def later_heldout_macros(tables):
+    """The later held-out sets (``LATER_HELDOUT``: ``<prefix>.<dataset>.<path>.null``,
+    ``<prefix>.<path>.power.min`` ... as :func:`calibration_macros`, reversed outputs of
+    single-output datasets left out) and ``calibhoc.has``, on when all are committed."""
+    if any(tables.get(name) is None for name in LATER_HELDOUT):
+        return {"calibhoc.has": "0"}
+    macros = {"calibhoc.has": "1"}
+    for name, prefix in LATER_HELDOUT.items():
+        macros.update(calibration_macros(_corruption_rows(tables[name]), prefix))
+        if "rank_support" in tables[name]:  # the estimator's rank_support of the run
+            macros[f"{prefix}.support"] = fmt(int(tables[name]["rank_support"].iloc[0]))
+    return macros
+
+
 def heldout_macros(heldout, heldout_rank0, rank0):
     """The held-out datasets (``calibho.*``), the same splits with ``rank=0``
     (``calibhorank.*``), the development splits with ``rank=0`` (``calibrank.*``), and
@@ -1126,6 +1162,13 @@ def collect():
     if second is not None:
         tables["calibration_heldout2"] = calibration_table(
             src.calibration_summary(second), src.calibration_criteria())
+    later = {name: (src.read_calibration(src.SOURCES[name])
+                    if src.SOURCES[name].exists() else None) for name in LATER_HELDOUT}
+    macros.update(later_heldout_macros(later))
+    if macros["calibhoc.has"] == "1":
+        tables["calibration_heldout5"] = calibration_table(
+            _corruption_rows(later["calibration_heldout5_hc3_support3"]),
+            src.calibration_criteria())
     macros.update(sweep_macros())
     rounds, rounds_scale = src.read_rounds()
     macros.update(rounds_macros(rounds, rounds_scale))
@@ -1730,6 +1773,7 @@ def write_generated(out_dir):
         switch("rdetgroupdiff", "rdet.norobust.group.excludes0"),
         switch("rdetfirstexcess", "rdet.has", "rdet.module.first.excess"),
         switch("calibheldout", "calibho.has"), switch("calibheldoutb", "calibhob.has"),
+        switch("calibheldoutc", "calibhoc.has"),
         switch("jointrank", "jr.has"), switch("jointrankbetter", "jr.has", "jr.better"),
         switch("flagged", "flagged.has"), switch("flaggedfull", "flagged.full"),
         switch("flaggedallpass", "flagged.allpass"),

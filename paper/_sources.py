@@ -59,6 +59,14 @@ SOURCES = {
     # A second held-out pair, fixed after the method had changed in response to the first.
     "calibration_heldout2": ROOT / "benchmarks" / "results"
     / "real_data_calibration_heldout2.csv",
+    # Later held-out sets (benchmarks/RESULTS.md): a third pair with the package's
+    # defaults; a fourth, the test of rank_support=3 (and its comparison, the rule as it
+    # is); a fifth, the test of HC3 covariances with rank_support=3 (and its comparisons,
+    # the defaults and HC3 with the rule as it is).
+    **{f"calibration_{name}": ROOT / "benchmarks" / "results"
+       / f"real_data_calibration_{name}.csv"
+       for name in ("heldout3", "heldout4_support3", "heldout4", "heldout5_hc3_support3",
+                    "heldout5", "heldout5_hc3")},
     "copying": ROOT / "simulations" / "results",
     # multi-Krum against CLAIR on the fifth block's replicates (PROTOCOL amendment 8)
     "multikrum": ROOT / "benchmarks" / "results" / "copying_multikrum.jsonl",
