@@ -488,6 +488,8 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
         check_device(self.device)
         names = _ols_names(X)
         clients = getattr(X, "client_names", None) if isinstance(X, LocalOLS) else None
+        # how a LocalOLS's covariance was estimated, for the report (None: given by hand)
+        cov_type = getattr(X, "cov_type", "nonrobust") if isinstance(X, LocalOLS) else None
         X, sample_weight, noise_cov = _unpack_ols(X, noise_cov, sample_weight, "fit",
                                                   self.noise_scale)
         # A fit that fails (invalid input found late, an interrupt) leaves the estimator
@@ -500,6 +502,7 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
             with thread_limits(self.n_jobs, getattr(blocks, "coef", blocks).shape), caches:
                 self._fit(blocks, sample_weight, noise_cov)
             self._local_ols_names = names
+            self._fit_params["cov_type"] = cov_type
             # as scikit-learn's feature_names_in_: set by a fit that has names, and
             # gone after one that has none (never a previous fit's names)
             if clients is not None:

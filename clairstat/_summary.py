@@ -184,7 +184,9 @@ def _diagnostics(est):
                      f"{params['test_level']})",
         "detection converged": f"{est.detection_converged_} ({est.n_detection_rounds_} "
                                "rounds)",
-        "noise model": est.noise_model_,
+        "noise model": est.noise_model_ + (
+            f" ({params['cov_type']})"
+            if params.get("cov_type") not in (None, "nonrobust") else ""),
         ("t df" if getattr(est, "null_kind_", None) == "predictive" else "test df"):
             _df(est.degrees_of_freedom_),
         "null calibration": _calibration(est),

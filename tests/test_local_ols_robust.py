@@ -138,3 +138,13 @@ def test_a_row_that_alone_sets_a_coefficient_gets_weight_zero(seed):
         # slope's prediction at row 0 from the other 29 rows: of order 1 / 29 per unit
         # variance, far below 1
         assert col_cov[0, 0, 0] * row_cov[0, 2, 2] < 1.0
+
+
+def test_the_summary_names_the_covariance():
+    rng = np.random.default_rng(8)
+    designs, responses = zip(*[_heteroscedastic(rng, q=2) for _ in range(8)])
+    for cov_type, shown in (("HC3", "noise_cov (HC3)"), ("nonrobust", "noise_cov ")):
+        ols = local_ols(list(designs), list(responses), cov_type=cov_type)
+        est = CLAIREstimator(random_state=0, rank=1).fit(ols)
+        line = next(row for row in str(est.summary()).splitlines() if "noise model" in row)
+        assert shown in line and (cov_type == "HC3") == ("HC3" in line)
