@@ -9,7 +9,7 @@ import csv
 def existing_rows(out, fields):
     """The rows of ``out`` (a list of dicts, empty when it does not exist); a table with
     other columns than ``fields`` is refused (``SystemExit``): write to a new file."""
-    if not out.exists():
+    if not out.exists() or out.stat().st_size == 0:
         return []
     with out.open() as handle:
         reader = csv.DictReader(handle)
@@ -24,7 +24,8 @@ def appending(out, fields):
     """``(writer, handle)`` appending rows to ``out`` (its folder made, the header
     written when the file is new); flush ``handle`` after each row for resumability."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    new_file = not out.exists()
+    # an empty file (a run killed before its first row) still needs the header
+    new_file = not out.exists() or out.stat().st_size == 0
     with out.open("a", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=fields)
         if new_file:

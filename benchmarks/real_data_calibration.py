@@ -37,13 +37,14 @@ summary table gives each share with its Wilson 95% interval.
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import time
 import warnings
 from pathlib import Path
 
 import numpy as np
+
+from _tables import appending, existing_rows
 
 
 def _datasets():
@@ -244,42 +245,24 @@ def fields(rank_support=1, cov_type="nonrobust"):
             *(["cov_type"] if cov_type != "nonrobust" else [])]
 
 
-def _done(out):
-    if not out.exists():
-        return set()
-    with out.open() as handle:
-        return {(r["dataset"], int(r["split"]), r["corruption"]) for r in csv.DictReader(handle)}
-
-
 def run(n_splits, out, n_victims=2, datasets="development", rank=None, rank_support=1,
         cov_type="nonrobust"):
     import clairstat
 
-    out.parent.mkdir(parents=True, exist_ok=True)
     columns = fields(rank_support, cov_type)
-    if out.exists():
-        with out.open() as handle:
-            header = next(csv.reader(handle), [])
-        if header != columns:
-            raise SystemExit(f"{out} has the columns {header}, this run writes {columns}: "
-                             "write to a new file.")
-        # a resumed run must be the same run: the settings the rows record, not only
-        # their columns (a table begun with --cov-type HC0 took HC3 rows, a review)
-        settings = {"rank_given": "" if rank is None else str(rank),
-                    "rank_support": str(rank_support), "cov_type": cov_type}
-        with out.open() as handle:
-            for row in csv.DictReader(handle):
-                clash = {key: row[key] for key, value in settings.items()
-                         if key in row and row[key] != value}
-                if clash:
-                    raise SystemExit(f"{out} holds rows of another run ({clash}); this run "
-                                     f"is {settings}: write to a new file.")
-    done = _done(out)
-    new_file = not out.exists()
-    with out.open("a", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns)
-        if new_file:
-            writer.writeheader()
+    rows = existing_rows(out, columns)
+    # a resumed run must be the same run: the settings the rows record, not only their
+    # columns (a table begun with --cov-type HC0 took HC3 rows, a review)
+    settings = {"rank_given": "" if rank is None else str(rank),
+                "rank_support": str(rank_support), "cov_type": cov_type}
+    for row in rows:
+        clash = {key: row[key] for key, value in settings.items()
+                 if key in row and row[key] != value}
+        if clash:
+            raise SystemExit(f"{out} holds rows of another run ({clash}); this run is "
+                             f"{settings}: write to a new file.")
+    done = {(r["dataset"], int(r["split"]), r["corruption"]) for r in rows}
+    with appending(out, columns) as (writer, handle):
         for split in range(n_splits):
             for name, features, outputs, frame, n_clients in DATASETS[datasets]():
                 for kind in ("none", "scale", "flip", "replace"):

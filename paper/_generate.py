@@ -478,7 +478,8 @@ def _corruption_rows(table):
     rows = src.calibration_summary(table)
     single = set(table.loc[table["q"] == 1, "dataset"])
     for row in rows:
-        if row["dataset"] in single:
+        # the pooled rows too: their reversed outputs would average in the non-corruptions
+        if row["dataset"] in single or (single and row["dataset"] == "all"):
             row.pop("power_replace", None)
     return rows
 

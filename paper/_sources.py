@@ -166,10 +166,18 @@ def _load_script(name):
     """A script of ``benchmarks/`` as a module (that folder is scripts, not a package)."""
     import importlib.util
 
-    path = ROOT / "benchmarks" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"_{name}", path)
+    import sys
+
+    folder = ROOT / "benchmarks"
+    spec = importlib.util.spec_from_file_location(f"_{name}", folder / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    # the scripts import their sibling helpers (benchmarks/_tables.py) by name, as they
+    # do when run from their folder
+    sys.path.insert(0, str(folder))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(folder))
     return module
 
 

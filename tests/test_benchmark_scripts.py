@@ -311,7 +311,7 @@ def test_copying_cycles_counts_a_rejection_only_as_an_extra_flag(monkeypatch, tm
 
 def test_rank_support_synthetic_rows(tmp_path):
     """benchmarks/rank_support_synthetic.py: one seed of one cell gives a row per rule
-    with the table's columns, and a resumed run adds nothing."""
+    with the table's columns; its alike contamination is one common shift."""
     import rank_support_synthetic as synthetic
 
     rows = synthetic.run_one(6, "alike", "strong", 0)
@@ -324,3 +324,21 @@ def test_rank_support_synthetic_rows(tmp_path):
     off = [(np.eye(10) - data.subspace @ data.subspace.T) @ (data.truth[k] - data.backbone)
            for k in bad]
     np.testing.assert_allclose(off[0], off[1], atol=1e-12)
+
+
+def test_resumable_tables(tmp_path):
+    """benchmarks/_tables.py: rows appended with a header once, read back on resume; an
+    empty file (a run killed before its first row) gets its header; a table with other
+    columns is refused."""
+    import _tables
+
+    out = tmp_path / "t.csv"
+    out.touch()  # killed before its first row
+    assert _tables.existing_rows(out, ["a", "b"]) == []
+    for value in (1, 2):
+        with _tables.appending(out, ["a", "b"]) as (writer, handle):
+            writer.writerow({"a": value, "b": value + 1})
+    assert _tables.existing_rows(out, ["a", "b"]) == [{"a": "1", "b": "2"},
+                                                      {"a": "2", "b": "3"}]
+    with pytest.raises(SystemExit, match="has the columns"):
+        _tables.existing_rows(out, ["a", "c"])

@@ -993,6 +993,40 @@ def test_heldout_calibration_macros_are_the_csvs():
             f"{part.victims_flagged.sum() / part.n_victims.sum():.2f}")
 
 
+def test_later_heldout_macros_are_the_csvs():
+    """The later held-out sets' paragraph (paper/_generate.py LATER_HELDOUT), recomputed
+    from their CSVs by plain pandas: per-dataset null shares, the ranges of power over
+    the datasets with the reversed outputs of single-output datasets left out (there
+    they are not a corruption), and the pooled rows without them."""
+    import pandas as pd
+
+    from paper._generate import LATER_HELDOUT
+
+    macros = _macros()
+    assert macros["calibhoc.has"] == "1"
+    for name, prefix in LATER_HELDOUT.items():
+        table = pd.read_csv(ROOT / "benchmarks" / "results" / f"real_data_{name}.csv")
+        powers = []
+        for (dataset, path), group in table.groupby(["dataset", "path"]):
+            tag = path.replace("_", "")
+            null = group[group.corruption == "none"].any_flag.mean()
+            assert macros[f"{prefix}.{dataset}.{tag}.null"] == f"{null:.3f}"
+            kinds = ("scale", "flip") + (("replace",) if group.q.iloc[0] > 1 else ())
+            for kind in kinds:
+                part = group[group.corruption == kind]
+                value = part.victims_flagged.sum() / part.n_victims.sum()
+                if path == "noise_cov":
+                    powers.append(value)
+            if group.q.iloc[0] == 1:
+                assert f"{prefix}.{dataset}.{tag}.powerreplace" not in macros
+        assert macros[f"{prefix}.noisecov.power.min"] == f"{min(powers):.2f}"
+        assert macros[f"{prefix}.noisecov.power.max"] == f"{max(powers):.2f}"
+        if (table.q == 1).any():
+            assert f"{prefix}.all.noisecov.powerreplace" not in macros
+        if "rank_support" in table:
+            assert macros[f"{prefix}.support"] == str(int(table.rank_support.iloc[0]))
+
+
 def test_cycles_macros_are_the_rows():
     """The detection's cycles (benchmarks/copying_cycles.py): the 8-client recalls and
     the share of module fits that did not converge, by plain loops over the rows."""
