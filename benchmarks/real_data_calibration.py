@@ -25,7 +25,12 @@ clients each), fixed the same way on 2026-12-06 as the test of ``rank_support``.
 R`` gives the estimator the rank (the rows record it in ``rank_given``);
 ``--rank-support S`` its ``rank_support`` (recorded in a ``rank_support`` column);
 ``--cov-type HC3`` has ``local_ols`` estimate heteroscedasticity-consistent covariances
-(a ``cov_type`` column).
+(a ``cov_type`` column). ``--datasets heldout_all`` runs the eleven datasets of the five
+held-out sets in one table. ``--default-frame`` sets the frame of the path without a
+covariance (``clairstat._estimator.ESTIMATED_FRAME``): ``residual``, the package's
+default since 2026-12-06, recorded in a ``default_frame`` column; ``none``, the plain
+statistic of the tables made before (their files have no such column, and only this
+setting resumes them).
 
 Rows are appended to a CSV as they are produced (resumable: finished (dataset, split,
 path, corruption) rows are skipped), with the package version beside every row; the
@@ -164,6 +169,9 @@ def _fifth_heldout_datasets():
 DATASETS = {"development": _datasets, "heldout": _heldout_datasets,
             "heldout2": _second_heldout_datasets, "heldout3": _third_heldout_datasets,
             "heldout4": _fourth_heldout_datasets, "heldout5": _fifth_heldout_datasets}
+DATASETS["heldout_all"] = lambda: [row for name in ("heldout", "heldout2", "heldout3",
+                                                    "heldout4", "heldout5")
+                                   for row in DATASETS[name]()]
 
 # The pass criteria, per dataset and path (those of the calibration's issue, fixed for the
 # held-out datasets before their first run, benchmarks/RESULTS.md): the share of null
@@ -198,8 +206,22 @@ def corrupt(estimates, kind, victims):
 
 
 def run_one(name, frame, features, outputs, n_clients, split, kind, n_victims, rank=None,
-            rank_support=1, cov_type="nonrobust"):
+            rank_support=1, cov_type="nonrobust", default_frame="residual"):
+    import clairstat._estimator
+
+    previous = clairstat._estimator.ESTIMATED_FRAME
+    clairstat._estimator.ESTIMATED_FRAME = default_frame
+    try:
+        return _run_one(name, frame, features, outputs, n_clients, split, kind, n_victims,
+                        rank, rank_support, cov_type, default_frame)
+    finally:
+        clairstat._estimator.ESTIMATED_FRAME = previous
+
+
+def _run_one(name, frame, features, outputs, n_clients, split, kind, n_victims, rank,
+             rank_support, cov_type, default_frame):
     from clairstat import CLAIREstimator, local_ols
+
 
     rng = np.random.default_rng([split, len(name), n_victims, ["none", "scale", "flip",
                                                                "replace"].index(kind)])
@@ -230,6 +252,8 @@ def run_one(name, frame, features, outputs, n_clients, split, kind, n_victims, r
             rows[-1]["rank_support"] = rank_support
         if cov_type != "nonrobust":
             rows[-1]["cov_type"] = cov_type
+        if default_frame != "none":
+            rows[-1]["default_frame"] = default_frame
     return rows
 
 
@@ -238,23 +262,25 @@ FIELDS = ["dataset", "split", "path", "corruption", "n_clients", "n_victims", "p
           "version", "rank_given"]
 
 
-def fields(rank_support=1, cov_type="nonrobust"):
-    """The columns of a table: ``rank_support`` and ``cov_type`` added where they are
-    not the defaults."""
+def fields(rank_support=1, cov_type="nonrobust", default_frame="none"):
+    """The columns of a table: ``rank_support``, ``cov_type`` and ``default_frame`` added
+    where they are not those of the first tables."""
     return [*FIELDS, *(["rank_support"] if rank_support != 1 else []),
-            *(["cov_type"] if cov_type != "nonrobust" else [])]
+            *(["cov_type"] if cov_type != "nonrobust" else []),
+            *(["default_frame"] if default_frame != "none" else [])]
 
 
 def run(n_splits, out, n_victims=2, datasets="development", rank=None, rank_support=1,
-        cov_type="nonrobust"):
+        cov_type="nonrobust", default_frame="residual"):
     import clairstat
 
-    columns = fields(rank_support, cov_type)
+    columns = fields(rank_support, cov_type, default_frame)
     rows = existing_rows(out, columns)
     # a resumed run must be the same run: the settings the rows record, not only their
     # columns (a table begun with --cov-type HC0 took HC3 rows, a review)
     settings = {"rank_given": "" if rank is None else str(rank),
-                "rank_support": str(rank_support), "cov_type": cov_type}
+                "rank_support": str(rank_support), "cov_type": cov_type,
+                "default_frame": default_frame}
     for row in rows:
         clash = {key: row[key] for key, value in settings.items()
                  if key in row and row[key] != value}
@@ -270,7 +296,8 @@ def run(n_splits, out, n_victims=2, datasets="development", rank=None, rank_supp
                         continue
                     victims = 0 if kind == "none" else n_victims
                     for row in run_one(name, frame, features, outputs, n_clients, split,
-                                       kind, victims, rank, rank_support, cov_type):
+                                       kind, victims, rank, rank_support, cov_type,
+                                       default_frame):
                         writer.writerow({**row, "version": clairstat.__version__})
                     handle.flush()
 
@@ -316,11 +343,16 @@ def main(argv=None):
                         choices=["nonrobust", "HC0", "HC1", "HC2", "HC3"],
                         help="local_ols's cov_type (default: the classical covariance); "
                              "use a separate --out file")
+    parser.add_argument("--default-frame", default="residual",
+                        choices=["residual", "data", "none"],
+                        help="the frame of the path without a covariance (default: the "
+                             "package's); 'none' resumes the tables made before it")
     parser.add_argument("--summary-only", action="store_true")
     args = parser.parse_args(argv)
     if not args.summary_only:
         run(args.splits, args.out, datasets=args.datasets, rank=args.rank,
-            rank_support=args.rank_support, cov_type=args.cov_type)
+            rank_support=args.rank_support, cov_type=args.cov_type,
+            default_frame=args.default_frame)
     print(summarize(args.out))
 
 

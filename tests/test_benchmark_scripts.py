@@ -63,7 +63,8 @@ def test_fourth_heldout_pair_is_as_fixed_before_its_run():
     """benchmarks/RESULTS.md, "A fourth held-out pair": grunfeld and macrodata, six
     clients each, at least 29 residual degrees of freedom per client, new to every
     earlier run of the calibration."""
-    earlier = {d[0] for name, fn in calibration.DATASETS.items() if name != "heldout4"
+    earlier = {d[0] for name, fn in calibration.DATASETS.items()
+               if name not in ("heldout4", "heldout_all")
                for d in fn()}
     fourth = calibration._fourth_heldout_datasets()
     assert [d[0] for d in fourth] == ["grunfeld", "macrodata"]
@@ -78,7 +79,8 @@ def test_fifth_heldout_set_is_as_fixed_before_its_run():
     """benchmarks/RESULTS.md, "A fifth held-out set": fertility, engel and cancer, six
     clients each, at least 29 residual degrees of freedom per client, new to every
     earlier calibration run."""
-    earlier = {d[0] for name, fn in calibration.DATASETS.items() if name != "heldout5"
+    earlier = {d[0] for name, fn in calibration.DATASETS.items()
+               if name not in ("heldout5", "heldout_all")
                for d in fn()}
     fifth = calibration._fifth_heldout_datasets()
     assert [d[0] for d in fifth] == ["fertility", "engel", "cancer"]
@@ -119,7 +121,7 @@ def test_a_row_records_the_rank_support():
     rows = calibration.run_one(name, frame, features, outputs, n_clients, 0, "none", 0,
                                rank_support=3)
     assert [r["rank_support"] for r in rows] == [3, 3]
-    assert set(rows[0]) | {"version"} == set(calibration.fields(3))
+    assert set(rows[0]) | {"version"} == set(calibration.fields(3, default_frame="residual"))
 
 
 def test_a_row_records_the_rank_given():
@@ -129,9 +131,31 @@ def test_a_row_records_the_rank_given():
     assert [r["path"] for r in rows] == ["default", "noise_cov"]
     for row in rows:
         assert row["rank_given"] == 0 and row["rank"] == 0
-        assert set(row) | {"version"} == set(calibration.FIELDS)
+        assert set(row) | {"version"} == set(calibration.fields(default_frame="residual"))
     free = calibration.run_one(name, frame, features, outputs, n_clients, 0, "none", 0)
     assert all(r["rank_given"] == "" for r in free)
+
+
+def test_the_tables_before_the_frame_are_reproduced_with_default_frame_none():
+    """``--default-frame none`` is the path without a covariance as it was before the
+    frame: it gives the committed development rows (split 0) again, and the package's
+    setting is restored after the run."""
+    import pandas as pd
+
+    import clairstat._estimator
+
+    table = pd.read_csv(ROOT / "benchmarks" / "results" / "real_data_calibration.csv")
+    name, features, outputs, frame, n_clients = calibration._datasets()[0]
+    for kind in ("none", "flip"):
+        rows = calibration.run_one(name, frame, features, outputs, n_clients, 0, kind,
+                                   0 if kind == "none" else 2, default_frame="none")
+        assert "default_frame" not in rows[0]
+        stored = table[(table.dataset == name) & (table.split == 0)
+                       & (table.corruption == kind)].set_index("path")
+        for row in rows:
+            for column in ("any_flag", "false_flags", "victims_flagged", "rank"):
+                assert row[column] == stored.loc[row["path"], column], (kind, row["path"])
+    assert clairstat._estimator.ESTIMATED_FRAME == "residual"
 
 
 def test_a_file_of_other_columns_is_not_appended_to(tmp_path):

@@ -15,7 +15,12 @@ def test_demo_writes_report_and_figure(tmp_path):
     report = (tmp_path / "report.md").read_text()
     assert report.startswith("# clairstat")
     assert (tmp_path / "demo.png").stat().st_size > 10_000
-    assert numbers["exact"] and numbers["refined_error"] < numbers["ols_error"]
+    # every contaminated client flagged; BH at 5% bounds the false discovery rate, not
+    # the false flags of one seed: with the frame of robust scales (2026-12-06) seed 0
+    # flags one benign client among nine (over seeds 0-29 of this case, 14 false flags
+    # among 254, before the frame 8 among 248)
+    assert numbers["recall"] == 1.0 and len(numbers["flagged"]) <= 9
+    assert numbers["refined_error"] < numbers["ols_error"]
     assert numbers["relative_gap"] <= 1e-6
     # The report names its figure relative to itself: it stays valid when moved.
     assert "](demo.png)" in report and str(tmp_path) not in report

@@ -49,7 +49,7 @@ def _with_near_copies(seed, kind):
 
 
 @pytest.mark.parametrize("seed, kind", [(0, "copies"), (3, "copies"), (4, "copies"),
-                                        (3, "median")])
+                                        (3, "median"), (4, "median")])
 def test_near_copies_hide_no_contaminated_client(seed, kind):
     """Copies up to far less than the noise count once in the noise scale, the robust
     start and the calibration (clairstat._tuning.copy_groups); while only
@@ -58,9 +58,15 @@ def test_near_copies_hide_no_contaminated_client(seed, kind):
     assert np.flatnonzero(quiet_fit(X).contaminated_).tolist() == bad
 
 
-@pytest.mark.parametrize("seed, kind", [(3, "copies"), (3, "median")])
+@pytest.mark.parametrize("seed, kind", [(4, "copies"), (4, "median")])
 def test_near_copies_counted_as_many_hide_the_contaminated(monkeypatch, seed, kind):
-    """Negative control: every copy counted (the mask all True) flags neither."""
+    """Negative control: every copy counted (the mask all True) flags neither.
+
+    Since the path without a covariance runs in the frame of robust row and output
+    scales (2026-12-06), seed 3 (the control's seed before) is flagged even with every
+    copy counted; over seeds 0-24 the broken variant still hides both contaminated
+    clients in 17 (copies) and 6 (median) where the package flags them in 22 and 21.
+    """
     from clairstat import _inference, _tuning
 
     def every_client(labels, among=None):

@@ -76,8 +76,13 @@ def _check_one_fit(est, X, weights):
     basis = est.subspace_
     assert basis.shape == (X.shape[1], est.rank_)
     np.testing.assert_allclose(basis.T @ basis, np.eye(est.rank_), atol=1e-10)
-    # refined = P X_k + (I - P) mean for members; flagged clients unchanged
-    expected = mean[None] + basis @ (basis.T @ (X - mean[None]))
+    # refined = P X_k + (I - P) mean for members, P a projector onto the subspace
+    # (oblique along the detection frame's metric); flagged clients unchanged
+    projector = est.projector_
+    np.testing.assert_allclose(projector @ projector, projector, rtol=0, atol=1e-8)
+    np.testing.assert_allclose(projector @ basis, basis, rtol=0, atol=1e-8)
+    np.testing.assert_allclose(basis @ (basis.T @ projector), projector, rtol=0, atol=1e-8)
+    expected = mean[None] + projector @ (X - mean[None])
     expected[est.contaminated_] = X[est.contaminated_]
     np.testing.assert_allclose(est.refined_, expected, rtol=0, atol=RTOL * scale)
     # the outlier interface reproduces the fitted flags on the training clients
