@@ -262,7 +262,7 @@ FIELDS = ["dataset", "split", "path", "corruption", "n_clients", "n_victims", "p
           "version", "rank_given"]
 
 
-def fields(rank_support=1, cov_type="nonrobust", default_frame="none"):
+def fields(rank_support=1, cov_type="nonrobust", default_frame="residual"):
     """The columns of a table: ``rank_support``, ``cov_type`` and ``default_frame`` added
     where they are not those of the first tables."""
     return [*FIELDS, *(["rank_support"] if rank_support != 1 else []),

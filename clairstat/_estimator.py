@@ -166,7 +166,8 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
         The decomposition's blocks L_k and S_k.
     subspace_ : ndarray of shape (p, r), r = ``rank_``
         Orthonormal basis of the shared subspace, fitted on ``collaborative_set_`` (in
-        the detection's frame, mapped back: see ``test_statistics_``).
+        the detection's frame, mapped back: see ``test_statistics_``; with
+        ``subspace_source="low_rank"``, L's column space).
     rank_ : int
         Its dimension (given, or chosen by the rule on the final collaborative set;
         with ``subspace_source="low_rank"``, the numerical rank of L, which can differ
@@ -188,9 +189,9 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
         largest entry is 1) and the statistic is ``||(I - P)(D_r (Theta_hat_k - mean)
         D_c)||_F^2`` there (dimensionless; ``P`` the frame's subspace): an intercept's
         spread no longer drowns the slopes', and outputs on different scales weigh
-        alike (docs/method_notes.md, section 8). On noiseless or identical clients (no
-        spread to read) and on LoRA stacks, ``||(I - P)(Theta_hat_k - mean)||_F^2`` in
-        the data's units squared.
+        alike (docs/method_notes.md, section 8). Where ``robust_frame_`` is ``False``
+        (noiseless or identical clients, ``formulation="exact"``, LoRA stacks),
+        ``||(I - P)(Theta_hat_k - mean)||_F^2`` in the data's units squared.
     p_values_ : ndarray of shape (n_clients,)
         P-values of ``T_k`` under its null (``null_scale_ * chi^2`` with
         ``degrees_of_freedom_``; an F when the scale was estimated): see
@@ -231,6 +232,12 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
         clients' statistics directly (``degrees_of_freedom_`` are its Student t's).
     noise_model_ : {"noise_cov", "noise_scale", "estimated"}
         Where the null came from.
+    robust_frame_ : bool
+        Whether the detection ran in the frame of robust row and output scales (see
+        ``test_statistics_``): dense estimates without ``noise_cov`` or ``noise_scale``
+        whose residual spreads measurably somewhere. ``False`` on noiseless or
+        identical clients, with ``formulation="exact"`` (its residual is the solver's
+        feasibility error), on LoRA stacks and with a given noise.
     contaminated_ : ndarray of bool, shape (n_clients,)
         The flags: the clients outside ``collaborative_set_``.
     collaborative_set_ : ndarray of int
@@ -242,10 +249,12 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
         flagged client's own estimate, unchanged. ``P`` is ``projector_``.
     projector_ : ndarray of shape (p, p)
         The projector onto ``subspace_`` (``U``) that ``refined_`` and :meth:`transform`
-        apply, along the metric of the frame the detection ran in: with ``noise_cov``,
+        apply: with ``noise_cov``, along the noise's metric,
         ``U (U^T Rbar^-1 U)^-1 U^T Rbar^-1`` with ``Rbar`` the clients' average row
         covariance, each normalised to determinant 1 (docs/method_notes.md, section 8);
-        otherwise (and with ``subspace_source="low_rank"``) the orthogonal ``U U^T``.
+        otherwise (and with ``subspace_source="low_rank"``) the orthogonal ``U U^T``,
+        also where the detection ran in the frame of robust scales (a projection along
+        estimated scales lost accuracy on simulated clients).
         With ``subspace="row"`` the roles of rows and columns swap (shape (q, q)).
     detection_converged_ : bool
         Whether the refit-and-test loop ended on a set its own test reproduces; if not
@@ -271,7 +280,9 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
     noise_scale_ : float
         Root mean square of ``client_noise_scale_``.
     client_noise_scale_ : ndarray of shape (n_clients,)
-        Per-entry noise standard deviations behind the penalties and the rank rule.
+        Per-entry noise standard deviations, in the data's units, behind the penalties
+        (and behind the rank rule where the detection runs in the data's units, not in
+        a frame).
     offset_ : float
         ``log(test_level)``: ``decision_function = score_samples - offset_``.
     decomposition_ : DecompositionResult
@@ -383,6 +394,8 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
     def __setstate__(self, state):
         # an estimator pickled before rank_support existed fitted with the rule as it is
         state.setdefault("rank_support", 1)
+        if "noise_model_" in state:  # fitted before the frame of robust scales
+            state.setdefault("robust_frame_", False)
         super().__setstate__(state)
 
     # -- input -------------------------------------------------------------------
@@ -558,7 +571,10 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
                                  solver=engine, noise_scale=noise.sigma)
         reported_sigma = noise.sigma  # in the data's units (the frame has its own)
         if noise.estimated and not factored:
-            noise = _estimated_frame(blocks, result, noise, ESTIMATED_FRAME)
+            # the penalized program's certificate bounds the objective's relative gap
+            # by tol: its iterates are accurate to about sqrt(tol) of the data
+            noise = _estimated_frame(blocks, result, noise, ESTIMATED_FRAME,
+                                     np.sqrt(self.tol))
         scores = np.linalg.norm(result.sparse, axis=(1, 2))
         start = scores <= self._threshold_value(solve_blocks, scale)
         frame = noise.frame
@@ -581,8 +597,8 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
     def _refine(self, blocks, flagged):
         """``mean + Pi (Theta_k - mean)`` for the others, flagged clients unchanged.
 
-        ``Pi`` is ``projector_``: onto ``subspace_`` along the metric of the frame the
-        detection ran in (docs/method_notes.md, section 8).
+        ``Pi`` is ``projector_``: onto ``subspace_``, along the noise's metric with
+        ``noise_cov``, orthogonally otherwise (docs/method_notes.md, section 8).
         """
         if getattr(self, "_projector", None) is None:  # orthogonal (or an older pickle)
             return refine(blocks, self.subspace_, self.collaborative_mean_, flagged)
@@ -699,6 +715,7 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
         self.noise_scale_ = float(np.sqrt(np.mean(sigma ** 2)) * scale)
         self.noise_model_ = ("estimated" if noise.estimated else
                              "noise_cov" if self.noise_scale is None else "noise_scale")
+        self.robust_frame_ = bool(noise.estimated and self._frame is not None)
         self.detection_converged_ = fit.converged
         self.n_detection_rounds_ = fit.n_rounds
         self.offset_ = float(np.log(self.test_level))
@@ -1082,34 +1099,40 @@ def _whitened_noise(row, col, scale, floor):
 
 
 #: Where the estimated path's frame reads its row and output scales
-#: (:func:`_estimated_frame`): "residual" (the default), "data" or "none" (no frame, the
-#: plain statistic of releases up to 0.3; kept for benchmarks/real_data_calibration.py's
-#: comparison). On random client splits of four real datasets, nothing corrupted, the
-#: share of splits with a false flag went from 0.03-0.15 ("none") to 0.00-0.10
-#: ("residual"), the power against two clients with reversed outputs from 0.03-0.30 to
-#: 0.41-1.00; "data" (the estimates' own spread) mixed the shared signal into the
-#: scales and lost power on simulated clients (benchmarks/RESULTS.md).
+#: (:func:`_estimated_frame`): "residual" (the default), "data" or "none" (no frame: the
+#: plain statistic the package used before 2026-12-06, kept for
+#: benchmarks/real_data_calibration.py's comparison). On random client splits of four
+#: real datasets, nothing corrupted, the share of splits with a false flag went from
+#: 0.01-0.18 ("none") to 0.04-0.11 ("residual"), the power against two clients with
+#: reversed outputs from 0.07-0.32 to 0.42-1.00; "data" (the estimates' own spread)
+#: mixed the shared signal into the scales and lost power on simulated clients
+#: (benchmarks/RESULTS.md).
 ESTIMATED_FRAME = "residual"
+_FRAME_SOURCES = ("residual", "data", "none")
 
 
-def _estimated_frame(blocks, result, noise, source):
+def _estimated_frame(blocks, result, noise, source, resolution):
     """The estimated noise in the frame of the estimates' robust scales, with the
     rank rule's whitening in it.
 
     Without a covariance the detection runs on ``diag(1/r) Theta_hat_k diag(1/c)``, the
     row and output scales ``r`` and ``c`` read robustly off the clients' spread
-    (:func:`_robust_scales`; ``source`` "data": the estimates about their entrywise
-    median, "residual": what the decomposition's backbone and low-rank part leave, or
-    "none": no frame). Rows and outputs on different scales then weigh alike in the
-    statistics and the rank rule (an intercept's spread no longer drowns the slopes'),
-    and, every client entering the scales alike, no client's statistic is measured
-    against scales fitted to the others (docs/method_notes.md, section 8). The frame is
-    normalised so that the framed estimates' largest entry is 1, the unit in which
-    ``noise.floor`` (round-off) is stated.
+    (:func:`_robust_frame`; ``source`` "residual": what the decomposition's backbone and
+    low-rank part leave, "data": the estimates themselves, or "none": no frame). Rows
+    and outputs on different scales then weigh alike in the statistics and the rank rule
+    (an intercept's spread no longer drowns the slopes'), and, every client entering
+    the scales alike, no client's statistic is measured against scales fitted to the
+    others (docs/method_notes.md, section 8). The frame is normalised so that the framed
+    estimates' largest entry is 1, the unit in which ``noise.floor`` (round-off) is
+    stated. ``resolution``: the decomposition's relative accuracy (a residual spread
+    below it is the solver's error, not noise).
     """
+    if source not in _FRAME_SOURCES:
+        raise ValueError(f"ESTIMATED_FRAME must be one of {_FRAME_SOURCES}, not {source!r}.")
     resid = blocks - result.backbone[None] - result.low_rank - result.sparse
     frame = None if source == "none" else _robust_frame(
-        blocks if source == "data" else blocks - result.backbone[None] - result.low_rank)
+        blocks if source == "data" else blocks - result.backbone[None] - result.low_rank,
+        blocks, resolution)
     if frame is None:
         return dataclasses.replace(noise, whitening=_residual_whitening(resid))
     framed = frame.to(blocks)
@@ -1118,26 +1141,53 @@ def _estimated_frame(blocks, result, noise, source):
                                whitening=_residual_whitening(frame.to(resid)), frame=frame)
 
 
-def _robust_frame(centred):
+def _spread(stack):
+    """Each entry's median absolute deviation over the clients from their median."""
+    return np.median(np.abs(stack - np.median(stack, axis=0)), axis=0)
+
+
+def _robust_frame(centred, blocks, resolution, n_sweeps=50):
     """A diagonal :class:`_Frame` of row and output scales read off ``centred``'s spread.
 
     Each entry's spread over the clients is its median absolute deviation from the
     clients' median (a minority of contaminated clients moves neither); its log is fitted
-    by a row term plus an output term (least squares), so that the frame is ``D_r X
-    D_c`` and keeps the shared subspace's rank. Entries that do not spread (at most 1e-8
-    of the largest spread: copies that make up half the clients) are counted at that
-    floor. ``None`` when nothing spreads (identical or noiseless clients).
+    by a row term plus an output term (least squares, by alternating means), so that the
+    frame is ``D_r X D_c`` and keeps the shared subspace's rank. An entry where the
+    estimates themselves do not spread (a coefficient most clients share exactly: frozen
+    weights, a clamped or defaulted value) is left out of the fit; counting it at a
+    floor gave its row a weight up to 1e8 times the others', which took the rank rule's
+    round-off edge above the noise (rank 0, contaminated clients missed) and made any
+    ordinary deviation in that row a flag (a review). Where ``centred`` spreads less
+    than ``resolution`` times the estimates do, what is left is the solver's error, not
+    noise, and the estimates' own spread stands in. ``None`` when that is so of every
+    entry (noiseless data, or the exact formulation, whose residual is its feasibility
+    error). A row or output with no entry left gets the median of the others' terms.
     """
-    spread = np.median(np.abs(centred - np.median(centred, axis=0)), axis=0)
-    top = float(spread.max(initial=0.0))
-    # below round-off of the data's unit (the largest entry is 1): nothing measurable
-    if not top > _ROUND_OFF:
+    spread, raw = _spread(centred), _spread(blocks)
+    magnitude = np.max(np.abs(blocks), axis=0)
+    spreads = raw > _ROUND_OFF * magnitude
+    resolved = spreads & (spread > resolution * raw) & (spread > _ROUND_OFF * magnitude)
+    if not resolved.any():
         return None
-    logs = np.log(np.maximum(spread, top * 1e-8))
-    row = logs.mean(axis=1)
-    col = (logs - row[:, None]).mean(axis=0)
+    # where the decomposition's low-rank part took all of an entry's spread (a coefficient
+    # far larger than the others, which it fits in the data's units: grunfeld's
+    # intercept, 1e4 times its slopes), the estimates' own spread stands in for it
+    measured = spreads
+    logs = np.log(np.where(resolved, spread, np.where(spreads, raw, 1.0)))
+    row, col = np.zeros(spread.shape[0]), np.zeros(spread.shape[1])
+    rows_seen, cols_seen = measured.any(axis=1), measured.any(axis=0)
+    count_r, count_c = measured.sum(axis=1), measured.sum(axis=0)
+    for _ in range(n_sweeps):  # least squares of logs ~ row_i + col_j on the measured
+        row = np.where(rows_seen, np.sum(measured * (logs - col[None, :]), axis=1)
+                       / np.maximum(count_r, 1), 0.0)
+        col = np.where(cols_seen, np.sum(measured * (logs - row[:, None]), axis=0)
+                       / np.maximum(count_c, 1), 0.0)
+    row = np.where(rows_seen, row, np.median(row[rows_seen]))
+    col = np.where(cols_seen, col, np.median(col[cols_seen]))
     left, right = np.exp(-row), np.exp(-col)
-    unit = float(np.max(np.abs(left[None, :, None] * centred * right[None, None, :])))
+    unit = float(np.max(np.abs(left[None, :, None] * blocks * right[None, None, :])))
+    if not unit > 0:
+        return None
     left = left / unit
     return _Frame(np.diag(left), np.diag(1.0 / left), np.diag(right))
 

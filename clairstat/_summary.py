@@ -186,7 +186,9 @@ def _diagnostics(est):
                                "rounds)",
         "noise model": est.noise_model_ + (
             f" ({params['cov_type']})"
-            if params.get("cov_type") not in (None, "nonrobust") else ""),
+            if params.get("cov_type") not in (None, "nonrobust") else "") + (
+            " (robust row and output scales)" if getattr(est, "robust_frame_", False)
+            else ""),
         ("t df" if getattr(est, "null_kind_", None) == "predictive" else "test df"):
             _df(est.degrees_of_freedom_),
         "null calibration": _calibration(est),

@@ -366,3 +366,18 @@ def test_resumable_tables(tmp_path):
                                                       {"a": "2", "b": "3"}]
     with pytest.raises(SystemExit, match="has the columns"):
         _tables.existing_rows(out, ["a", "c"])
+
+
+def test_rank_rule_support_resumes_its_tables_with_their_method(tmp_path):
+    """The exploration's tables predate the frame of robust scales: the script runs the
+    path without a covariance as they were made (it crashed on the frame's column, a
+    review) and writes its own columns."""
+    import rank_rule_support
+
+    out = tmp_path / "support.csv"
+    rank_rule_support.run(1, out, datasets="heldout4")
+    import pandas as pd
+
+    table = pd.read_csv(out)
+    assert list(table.columns) == rank_rule_support.FIELDS
+    assert len(table) == 2 * 4 * 2  # two datasets, four corruptions, two paths

@@ -215,18 +215,45 @@ def test_device_macros_are_the_committed_table():
 
 
 def test_calibration_macros_are_the_csv():
+    """The development table with the frame of robust scales (``calib.*``) and before it
+    (``calibplain.*``)."""
     import pandas as pd
 
-    table = pd.read_csv(ROOT / "benchmarks" / "results" / "real_data_calibration.csv")
     macros = _macros()
-    for path, tag in (("default", "default"), ("noise_cov", "noisecov")):
-        null = table[(table.path == path) & (table.corruption == "none")]
-        assert macros[f"calib.all.{tag}.splits"] == str(len(null))
-        assert macros[f"calib.all.{tag}.null"] == f"{null.any_flag.mean():.3f}"
-        fair = table[(table.path == path) & (table.dataset == "fair")
-                     & (table.corruption == "flip")]
-        assert macros[f"calib.fair.{tag}.powerflip"] == (
-            f"{fair.victims_flagged.sum() / fair.n_victims.sum():.2f}")
+    for name, prefix in (("real_data_calibration_frame.csv", "calib"),
+                         ("real_data_calibration.csv", "calibplain")):
+        table = pd.read_csv(ROOT / "benchmarks" / "results" / name)
+        for path, tag in (("default", "default"), ("noise_cov", "noisecov")):
+            null = table[(table.path == path) & (table.corruption == "none")]
+            assert macros[f"{prefix}.all.{tag}.splits"] == str(len(null))
+            assert macros[f"{prefix}.all.{tag}.null"] == f"{null.any_flag.mean():.3f}"
+            fair = table[(table.path == path) & (table.dataset == "fair")
+                         & (table.corruption == "flip")]
+            assert macros[f"{prefix}.fair.{tag}.powerflip"] == (
+                f"{fair.victims_flagged.sum() / fair.n_victims.sum():.2f}")
+
+
+def test_frame_heldout_macros_are_the_csvs():
+    """The frame's held-out run against the plain statistic on the same splits: the
+    datasets meeting the criteria counted from the raw rows."""
+    import pandas as pd
+
+    macros = _macros()
+    if macros.get("calibhof.has") != "1":
+        pytest.skip("the frame's held-out tables are not committed")
+    results = ROOT / "benchmarks" / "results"
+    for name, prefix in (("real_data_calibration_heldout_all_frame.csv", "calibhof"),
+                         ("real_data_calibration_heldout_all_plain.csv", "calibhofplain")):
+        table = pd.read_csv(results / name)
+        table = table[table.path == "default"]
+        met = 0
+        for dataset, group in table.groupby("dataset"):
+            kinds = ["scale", "flip"] + (["replace"] if group.q.iloc[0] > 1 else [])
+            power = [group[group.corruption == k].victims_flagged.sum()
+                     / group[group.corruption == k].n_victims.sum() for k in kinds]
+            null = group[group.corruption == "none"].any_flag.mean()
+            met += bool(null <= 0.10 and min(power) >= 0.8)
+        assert macros[f"{prefix}.default.met"] == str(met)
 
 
 def test_copying_macros_are_the_results_table():
