@@ -498,6 +498,42 @@ def later_heldout_macros(tables):
     return macros
 
 
+def _criteria_met(rows, path="default"):
+    """How many datasets meet the calibration criteria on ``path`` (null share at most
+    ``MAX_NULL_SHARE``, every corruption's power at least ``MIN_POWER``)."""
+    max_null, min_power = src.calibration_criteria()
+    return sum(1 for r in rows if r["dataset"] != "all" and r["path"] == path
+               and r["null"] <= max_null
+               and all(v >= min_power for k, v in r.items() if k.startswith("power_")))
+
+
+def frame_macros(plain, heldout_frame, heldout_plain, heldout_prereg):
+    """The frame of robust scales (``calibhof.*``): its held-out run, the same splits
+    with the plain statistic at the same commit (``calibhofplain.*``), the development
+    splits before it (``calibplain.*``), the datasets meeting the criteria on the path
+    without a covariance (``<prefix>.default.met``), those whose null share and whose
+    lowest power rose (``calibhof.nullup``, ``calibhof.powerup``), and ``calibhof.has``."""
+    if any(t is None for t in (plain, heldout_frame, heldout_plain, heldout_prereg)):
+        return {"calibhof.has": "0"}
+    macros = {"calibhof.has": "1"}
+    macros.update(calibration_macros(src.calibration_summary(plain), "calibplain"))
+    rows, before = _corruption_rows(heldout_frame), _corruption_rows(heldout_plain)
+    macros.update(calibration_macros(rows, "calibhof"))
+    macros.update(calibration_macros(before, "calibhofplain"))
+    macros["calibhof.default.met"] = fmt(_criteria_met(rows))
+    macros["calibhofplain.default.met"] = fmt(_criteria_met(before))
+    prereg = _corruption_rows(heldout_prereg)  # the frame's first version, pre-registered
+    macros.update(calibration_macros(prereg, "calibhofpre"))
+    macros["calibhofpre.default.met"] = fmt(_criteria_met(prereg))
+    now = {r["dataset"]: r for r in rows if r["path"] == "default" and r["dataset"] != "all"}
+    was = {r["dataset"]: r for r in before if r["path"] == "default"}
+    lowest = lambda r: min(v for k, v in r.items() if k.startswith("power_"))  # noqa: E731
+    macros["calibhof.nullup"] = fmt(sum(now[d]["null"] > was[d]["null"] for d in now))
+    macros["calibhof.powerup"] = fmt(sum(lowest(now[d]) > lowest(was[d]) for d in now))
+    macros.update(calibration_design_macros(heldout_frame, "calibhof"))
+    return macros
+
+
 def heldout_macros(heldout, heldout_rank0, rank0):
     """The held-out datasets (``calibho.*``), the same splits with ``rank=0``
     (``calibhorank.*``), the development splits with ``rank=0`` (``calibrank.*``), and
@@ -1170,6 +1206,16 @@ def collect():
         tables["calibration_heldout5"] = calibration_table(
             _corruption_rows(later["calibration_heldout5_hc3_support3"]),
             src.calibration_criteria())
+    framed = {name: (src.read_calibration(src.SOURCES[name])
+                     if src.SOURCES[name].exists() else None)
+              for name in ("calibration_plain", "calibration_heldout_all_frame",
+                           "calibration_heldout_all_plain",
+                           "calibration_heldout_all_frame_prereg")}
+    macros.update(frame_macros(*framed.values()))
+    if macros["calibhof.has"] == "1":
+        tables["calibration_heldout_frame"] = calibration_table(
+            [r for r in _corruption_rows(framed["calibration_heldout_all_frame"])
+             if r["path"] == "default"], src.calibration_criteria())
     macros.update(sweep_macros())
     rounds, rounds_scale = src.read_rounds()
     macros.update(rounds_macros(rounds, rounds_scale))
@@ -1774,7 +1820,7 @@ def write_generated(out_dir):
         switch("rdetgroupdiff", "rdet.norobust.group.excludes0"),
         switch("rdetfirstexcess", "rdet.has", "rdet.module.first.excess"),
         switch("calibheldout", "calibho.has"), switch("calibheldoutb", "calibhob.has"),
-        switch("calibheldoutc", "calibhoc.has"),
+        switch("calibheldoutc", "calibhoc.has"), switch("calibframe", "calibhof.has"),
         switch("jointrank", "jr.has"), switch("jointrankbetter", "jr.has", "jr.better"),
         switch("flagged", "flagged.has"), switch("flaggedfull", "flagged.full"),
         switch("flaggedallpass", "flagged.allpass"),

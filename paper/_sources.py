@@ -8,9 +8,12 @@ else (`paper/_generate.py` formats them as LaTeX macros and tables):
 - ``benchmarks/RESULTS.md``: the solver and LoRA benchmarks. Those two scripts print
   Markdown only (no CSV or JSON), so their committed Markdown tables are parsed here,
   by the column names of their header rows;
-- ``benchmarks/results/real_data_calibration.csv``: the real-data calibration, one row
-  per dataset, split, corruption and path; ``..._heldout.csv`` the same for the two
-  held-out datasets, ``..._rank0.csv`` and ``..._heldout_rank0.csv`` with ``rank=0``;
+- ``benchmarks/results/real_data_calibration_frame.csv``: the real-data calibration, one
+  row per dataset, split, corruption and path (``real_data_calibration.csv``: the same
+  splits before the frame of robust scales); ``..._heldout.csv`` the same for the two
+  held-out datasets, ``..._rank0.csv`` and ``..._heldout_rank0.csv`` with ``rank=0``,
+  ``..._heldout_all_frame.csv`` and ``..._heldout_all_plain.csv`` all eleven held-out
+  datasets with and without the frame;
 - ``simulations/results/<scale>/copying.jsonl``: the copying experiment, one row per
   replicate (``full``: the pre-registered confirmatory block; ``small``: development);
 - ``simulations/results/<scale>/copying_rounds.jsonl``: the multi-round runs in
@@ -48,7 +51,19 @@ SOURCES = {
     "report": ROOT / "validation" / "report.json",
     "report_full": ROOT / "validation" / "full" / "report.json",
     "benchmarks": ROOT / "benchmarks" / "RESULTS.md",
-    "calibration": ROOT / "benchmarks" / "results" / "real_data_calibration.csv",
+    # The development splits with the package as it is (the path without a covariance in
+    # the frame of robust scales), and the same splits with the plain statistic before it.
+    "calibration": ROOT / "benchmarks" / "results" / "real_data_calibration_frame.csv",
+    "calibration_plain": ROOT / "benchmarks" / "results" / "real_data_calibration.csv",
+    # The frame's held-out run (all eleven held-out datasets) with the package's code
+    # (after a review of the frame), its pre-registered run with the frame's first
+    # version, and the same splits with --default-frame none.
+    "calibration_heldout_all_frame": ROOT / "benchmarks" / "results"
+    / "real_data_calibration_heldout_all_frame_reviewed.csv",
+    "calibration_heldout_all_frame_prereg": ROOT / "benchmarks" / "results"
+    / "real_data_calibration_heldout_all_frame.csv",
+    "calibration_heldout_all_plain": ROOT / "benchmarks" / "results"
+    / "real_data_calibration_heldout_all_plain.csv",
     # Two datasets held out while the tests were developed, and both sets of splits
     # with the rank given (rank 0: clients that sample one population).
     "calibration_heldout": ROOT / "benchmarks" / "results"

@@ -381,3 +381,11 @@ def test_rank_rule_support_resumes_its_tables_with_their_method(tmp_path):
     table = pd.read_csv(out)
     assert list(table.columns) == rank_rule_support.FIELDS
     assert len(table) == 2 * 4 * 2  # two datasets, four corruptions, two paths
+
+
+def test_frame_units_script_prints_both_paths(capsys):
+    import frame_units
+
+    frame_units.main(["--splits", "1"])
+    out = capsys.readouterr().out
+    assert "frame of robust scales (default) | 1 |" in out and "plain statistic | 1 |" in out
