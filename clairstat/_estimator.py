@@ -19,7 +19,7 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from ._decompose import clair_decompose
-from ._detection import refine
+from ._detection import refine, refit_subspace
 from ._reduced import FactoredBlocks, stack_caches
 from ._inference import NoiseKnowledge, detect_clients
 from ._null import MAD_EFFICIENCY, NoiseCovariance, PredictiveNull
@@ -165,9 +165,11 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
     low_rank_, sparse_ : ndarray of shape (n_clients, p, q)
         The decomposition's blocks L_k and S_k.
     subspace_ : ndarray of shape (p, r), r = ``rank_``
-        Orthonormal basis of the shared subspace, fitted on ``collaborative_set_`` (in
-        the detection's frame, mapped back: see ``test_statistics_``; with
-        ``subspace_source="low_rank"``, L's column space).
+        Orthonormal basis of the shared subspace, fitted on ``collaborative_set_``: with
+        ``noise_cov``, in the noise's frame and mapped back; where the detection ran in
+        the frame of robust scales (``robust_frame_``), refitted in the data's units on
+        the same set with the tests' rank (``test_rank_``); with
+        ``subspace_source="low_rank"``, L's column space.
     rank_ : int
         Its dimension (given, or chosen by the rule on the final collaborative set;
         with ``subspace_source="low_rank"``, the numerical rank of L, which can differ
@@ -253,8 +255,10 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
         ``U (U^T Rbar^-1 U)^-1 U^T Rbar^-1`` with ``Rbar`` the clients' average row
         covariance, each normalised to determinant 1 (docs/method_notes.md, section 8);
         otherwise (and with ``subspace_source="low_rank"``) the orthogonal ``U U^T``,
-        also where the detection ran in the frame of robust scales (a projection along
-        estimated scales lost accuracy on simulated clients).
+        also where the detection ran in the frame of robust scales (``subspace_`` is then
+        refitted in the data's units: a projection along the estimated scales lost
+        accuracy on simulated clients, and the frame's subspace projected orthogonally
+        leaked a large coefficient into the others).
         With ``subspace="row"`` the roles of rows and columns swap (shape (q, q)).
     detection_converged_ : bool
         Whether the refit-and-test loop ended on a set its own test reproduces; if not
@@ -585,7 +589,18 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
                              random_state=self.random_state,
                              rank_support=support)
         self._frame = frame
-        self._store(blocks, result, engine, fit, scale, noise, design_cov, reported_sigma)
+        # With the frame of robust scales the subspace that refines is refitted in the
+        # data's units on the same collaborative set with the tests' rank: the frame's
+        # subspace mapped back and projected orthogonally leaked a coefficient 1e4 times
+        # the others' into every other row (refined_ 6 times the raw estimates' error, a
+        # review), and along the frame's estimated metric the refinement lost accuracy
+        # on simulated clients (relative error 0.466 -> 0.489 at K = 20)
+        data_basis = None
+        if noise.estimated and frame is not None:
+            data_basis = refit_subspace(blocks[fit.members], weights[fit.members],
+                                        fit.rank, self.random_state)
+        self._store(blocks, result, engine, fit, scale, noise, design_cov, reported_sigma,
+                    data_basis)
         self._fit_params["rank_support"] = support  # the one used (1 with a given rank)
         if not factored:  # the mean of the set, in the data's units, exactly
             members = fit.members
@@ -651,7 +666,8 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
         # residual (relative size ~ tol) into S, the penalized one gives exact zeros.
         return float(np.sqrt(self.tol) * np.sqrt(np.mean(np.sum(blocks ** 2, axis=(1, 2)))))
 
-    def _store(self, blocks, result, engine, fit, scale, noise, design_cov, sigma):
+    def _store(self, blocks, result, engine, fit, scale, noise, design_cov, sigma,
+               data_basis=None):
         """Copy the decomposition and the detection out, in the data's own units."""
         self._collaborative, self._scale = fit, scale
         # the training estimates, and how far a row may be from one and still be it
@@ -674,14 +690,10 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
         self.alpha_, self.beta_, self.lam_ = res.alpha, res.beta, res.lam
         self.contamination_scores_ = np.linalg.norm(result.sparse, axis=(1, 2)) * scale
         basis, projector = fit.basis, None
-        if self._frame is not None:
+        if data_basis is not None:  # the frame of robust scales: see _fit
+            basis = data_basis
+        elif self._frame is not None:
             basis, projector = self._frame.subspace(fit.basis)
-            if noise.estimated:
-                # estimated scales carry their own noise: along their metric the refinement
-                # lost accuracy on simulated isotropic clients (relative error to the truth
-                # 0.466 -> 0.489 at K = 20, 0.66 -> 0.71 at K = 8; orthogonally 0.467 and
-                # 0.68), so it projects orthogonally onto the subspace the frame found
-                projector = None
         if self.subspace_source == "low_rank":  # L's column space, orthogonal projection
             basis = self._low_rank_basis(result, self.rank)
             projector = basis @ basis.T
@@ -1110,6 +1122,8 @@ def _whitened_noise(row, col, scale, floor):
 #: scales and lost power on simulated clients (benchmarks/RESULTS.md).
 ESTIMATED_FRAME = "residual"
 _FRAME_SOURCES = ("residual", "data", "none")
+#: Relative spread below which an entry counts as shared by the clients (_robust_frame).
+_SHARED = 1e-6
 
 
 def _estimated_frame(blocks, result, noise, source, resolution):
@@ -1166,7 +1180,10 @@ def _robust_frame(centred, blocks, resolution, n_sweeps=50):
     """
     spread, raw = _spread(centred), _spread(blocks)
     magnitude = np.max(np.abs(blocks), axis=0)
-    spreads = raw > _ROUND_OFF * magnitude
+    # an entry that spreads less than _SHARED of its size is shared: exactly, or up to
+    # float32's rounding or a jitter (weights of 1e9 from a 1e-9 relative jitter flagged
+    # benign clients, a review)
+    spreads = raw > _SHARED * magnitude
     resolved = spreads & (spread > resolution * raw) & (spread > _ROUND_OFF * magnitude)
     if not resolved.any():
         return None
