@@ -613,3 +613,25 @@ def test_client_flags_is_a_vote_count_test():
     # at level 0.2 a clean client flags more modules by chance: 4 of 8 are needed
     assert client_flags(eight, 0.2).tolist() == [False, False, True, False]
     assert client_flags(np.zeros((0, 3), dtype=bool), 0.05).tolist() == [False] * 3
+
+
+def test_clair_reads_its_mean_out_when_first_asked_and_still_pickles():
+    """CLAIR's ``factors`` (the mean's rank-r readout) is computed on first access (the
+    per-module LoRA path never asks), equals the eager readout of the reduced mean, and
+    the unread result pickles (per-module fits come back from Dask workers)."""
+    import pickle
+
+    from clairstat._reduced import eckart_young_factors, truncated_svd
+
+    rng = np.random.default_rng(3)
+    shared = np.linalg.qr(rng.standard_normal((30, 2)))[0]
+    factors = [(shared @ rng.standard_normal((2, 3)) + 0.01 * rng.standard_normal((30, 3)),
+                rng.standard_normal((3, 25))) for _ in range(12)]
+    result = aggregate("clair", factors, np.ones(12), random_state=0)
+    assert callable(result.__dict__["factors"])  # not read yet
+    copy = pickle.loads(pickle.dumps(result))
+    want = eckart_young_factors(truncated_svd(result.reduced_mean, 3), 3,
+                                result.reduction.left_basis, result.reduction.right_basis)
+    for got in (result.factors, copy.factors):
+        assert np.allclose(got[0] @ got[1], want[0] @ want[1], rtol=0, atol=1e-12)
+    assert not callable(result.__dict__["factors"])  # kept once read

@@ -850,3 +850,67 @@ def test_the_operator_norm_of_a_narrow_stack_is_the_dense_one(monkeypatch):
     wide = torch.as_tensor(np.random.default_rng(1).standard_normal((600, 700)))
     with pytest.raises(AssertionError, match="Lanczos called"):
         solver._op_norm(wide)
+
+
+# ----------------------------------------- the shortcuts of the LoRA path's solvers
+
+@pytest.mark.parametrize("weighting", ["equal", "random"])
+def test_the_downdate_terms_agree_through_the_mean_and_the_kernel(weighting, monkeypatch):
+    """_downdate_terms through the formed mean (G = own - n m m^T - (e m^T + m e^T)) and
+    through the (n r, n r) kernel: the same terms to round-off; leaving out the spread
+    term (which unequal weights make non-zero) fails the comparison."""
+    rng = np.random.default_rng(40)
+    stack = _factored_problem(rng, 30, 220, 3)
+    weights = np.ones(30) if weighting == "equal" else rng.uniform(0.2, 3.0, 30)
+    assert stack._dense_mean_pays()  # t <= n r: the formed mean is the route taken
+    dense = stack._downdate_terms(weights)
+    monkeypatch.setattr(FactoredBlocks, "_dense_mean_pays", lambda self: False)
+    kernel = stack._downdate_terms(weights)
+    for got, want in zip(dense, kernel):
+        assert close(got, want)
+    if weighting == "random":  # negative control: without e m^T + m e^T
+        assert not close(dense[0] + dense[4], kernel[0])
+
+
+def test_a_broadcast_start_is_one_block_and_gives_the_copied_starts_answer():
+    """batched_warm_top_eigh with one start broadcast to every problem: the first
+    product receives it broadcast (zero first stride), the answers are those of the same
+    start copied per problem."""
+    from clairstat._reduced import batched_warm_top_eigh
+
+    rng = np.random.default_rng(41)
+    cases = [_spectrum_case(rng) for _ in range(3)]
+    matrices = np.stack([matrix for matrix, _ in cases])
+    start = np.hstack([cases[0][1] + 0.1 * rng.standard_normal(cases[0][1].shape),
+                       rng.standard_normal((len(matrices[0]), 4))])
+    strides = []
+
+    def apply(active, blocks):
+        strides.append(blocks.strides[0])
+        return np.matmul(matrices[active], blocks)
+
+    shared = batched_warm_top_eigh(apply, np.broadcast_to(start, (3,) + start.shape), 5)
+    assert strides[0] == 0 and all(stride != 0 for stride in strides[1:])
+    copied = batched_warm_top_eigh(apply, np.stack([start] * 3), 5)
+    for (val_a, vec_a), (val_b, vec_b) in zip(shared, copied):
+        assert np.allclose(val_a, val_b, rtol=0, atol=1e2 * EPS * val_b[0])
+        assert np.linalg.norm(vec_a @ vec_a.T - vec_b @ vec_b.T) <= 1e-10
+
+
+@pytest.mark.parametrize("cond", [1.0, 1e6, 1e12])
+def test_orthonormal_stack_is_orthonormal_whatever_the_conditioning(cond):
+    """CholeskyQR2 through the b x b inverses: orthonormal to round-off and spanning the
+    blocks; at cond 1e12 Cholesky fails and Householder takes over."""
+    from clairstat._reduced import _orthonormal_stack
+
+    rng = np.random.default_rng(42)
+    n, dim, b = 5, 300, 12
+    left = np.linalg.qr(rng.standard_normal((n, dim, b)))[0]
+    right = np.linalg.qr(rng.standard_normal((n, b, b)))[0]
+    blocks = np.matmul(left * np.geomspace(1.0, 1.0 / cond, b)[None, None, :], right)
+    found = _orthonormal_stack(blocks)
+    gram = np.matmul(found.transpose(0, 2, 1), found)
+    assert np.abs(gram - np.eye(b)).max() <= 1e2 * EPS * b
+    # the same span: the blocks are reproduced by their projection on it
+    back = np.matmul(found, np.matmul(found.transpose(0, 2, 1), blocks))
+    assert np.abs(back - blocks).max() <= 1e2 * EPS * np.abs(blocks).max() * cond ** 0

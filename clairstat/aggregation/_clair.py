@@ -89,14 +89,22 @@ def clair(factors, weights, **options):
         mean_reduced = mean_reduced.T
     mean = functools.partial(reduction.expand, mean_reduced)  # dense only when read
     rank = max(b.shape[1] for b, _ in factors)
-    readout = eckart_young_factors(truncated_svd(mean_reduced, rank), rank,
-                                   reduction.left_basis, reduction.right_basis)
+    # read out when first asked (AggregationResult.factors): not by the per-module path;
+    # a partial of a module-level function, so that the result still pickles (Dask)
+    readout = functools.partial(_mean_readout, mean_reduced, rank, reduction.left_basis,
+                                reduction.right_basis)
     per_client = ReducedStack(reduction.left_basis, refined, reduction.right_basis)
     return AggregationResult("clair", mean, readout, weights, {
         "flagged": np.asarray(estimator.contaminated_, dtype=bool),
         "per_client": per_client,
         "subspace": reduction.left_basis @ estimator.subspace_,
         "estimator": estimator, "reduction": reduction, "reduced_mean": mean_reduced})
+
+
+def _mean_readout(mean_reduced, rank, left_basis, right_basis):
+    """The mean's rank-``rank`` factors (d, rank), (rank, k) from its reduced form."""
+    return eckart_young_factors(truncated_svd(mean_reduced, rank), rank, left_basis,
+                                right_basis)
 
 
 def _warn_untrained_majority(factors):
