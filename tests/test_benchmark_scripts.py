@@ -396,3 +396,23 @@ def test_heldout_all_is_the_eleven_heldout_datasets_once():
     assert len(names) == len(set(names)) == 11
     walked = [d[0] for fn in calibration.DATASETS.values() for d in fn()]
     assert len(walked) == len(set(walked)) == 15
+
+
+def test_lora_stages_ab_times_every_stage_of_two_checkouts(capsys):
+    """``lora_stages_ab.py --quick``: one row per kept fit and a median row per checkout,
+    every stage timed (here the same checkout twice); the mean's readout is not
+    computed on the per-module path (0 s)."""
+    import lora_stages_ab
+
+    lora_stages_ab.main([str(ROOT), str(ROOT), "--quick", "--rounds", "1", "--runs", "2",
+                         "--n-jobs", "1"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    header = [cell.strip() for cell in lines[0].strip("|").split("|")]
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines[2:]]
+    assert len(rows) == 4 and all("median" in row[0] for row in rows[2:])
+    for row in rows:
+        values = dict(zip(header[1:], map(float, row[1:])))
+        assert values["total (s)"] > 0 and values["decomposition (s)"] > 0
+        assert values["out-of-sample (s)"] > 0 and values["client readouts (s)"] > 0
+        assert values["mean readout (s)"] == 0.0
+        assert sum(v for k, v in values.items() if k != "total (s)") <= values["total (s)"]
