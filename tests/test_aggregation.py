@@ -635,3 +635,29 @@ def test_clair_reads_its_mean_out_when_first_asked_and_still_pickles():
     for got in (result.factors, copy.factors):
         assert np.allclose(got[0] @ got[1], want[0] @ want[1], rtol=0, atol=1e-12)
     assert not callable(result.__dict__["factors"])  # kept once read
+
+
+def test_clair_with_a_shared_row_space_returns_it_in_the_rows_coordinates():
+    """``subspace="row"``: the extras' subspace is the shared row space, (k, rank_),
+    orthonormal, and every collaborative client's refined update differs from the mean
+    only inside it (it raised a shape error before: the row basis was mapped with the
+    column one). Another basis of the same size fails the same check."""
+    rng = np.random.default_rng(4)
+    shared = np.linalg.qr(rng.standard_normal((25, 2)))[0]
+    factors = [(rng.standard_normal((30, 3)),
+                rng.standard_normal((3, 2)) @ shared.T + 0.01 * rng.standard_normal((3, 25)))
+               for _ in range(12)]
+    result = aggregate("clair", factors, np.ones(12), random_state=0, subspace="row")
+    basis = result.subspace
+    assert basis.shape == (25, result.estimator.rank_)
+    assert np.allclose(basis.T @ basis, np.eye(basis.shape[1]), atol=1e-10)
+    mean = result.update
+    kept = np.flatnonzero(~result.flagged)
+    assert kept.size >= 10
+    for k in kept:
+        moved = result.per_client[k] - mean
+        assert np.linalg.norm(moved - moved @ basis @ basis.T) <= 1e-8 * np.linalg.norm(moved)
+    # negative control: another orthonormal basis of the same size fails the check
+    wrong = np.linalg.qr(rng.standard_normal(basis.shape))[0]
+    moved = result.per_client[kept[0]] - mean
+    assert np.linalg.norm(moved - moved @ wrong @ wrong.T) > 0.1 * np.linalg.norm(moved)

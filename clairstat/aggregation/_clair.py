@@ -39,7 +39,8 @@ def clair(factors, weights, **options):
         ``update`` = the weighted mean of the collaborative clients' updates (d, k);
         ``factors`` = its rank-``max r_i`` readout; extras ``flagged`` (bool,
         n_clients), ``per_client`` (a :class:`ReducedStack` of the refined updates,
-        (n_clients, d, k) when expanded), ``subspace`` (d, rank_), ``estimator`` (fitted
+        (n_clients, d, k) when expanded), ``subspace`` (d, rank_; with
+        ``subspace="row"`` the shared row space, (k, rank_)), ``estimator`` (fitted
         on the reduced updates), ``reduction`` (:class:`ReducedFactors`; without a
         backbone its ``updates`` are the :class:`clairstat._reduced.FactoredBlocks`
         stack).
@@ -97,7 +98,10 @@ def clair(factors, weights, **options):
     return AggregationResult("clair", mean, readout, weights, {
         "flagged": np.asarray(estimator.contaminated_, dtype=bool),
         "per_client": per_client,
-        "subspace": reduction.left_basis @ estimator.subspace_,
+        # the shared column space (d, rank_), or with subspace="row" the shared row
+        # space (k, rank_): the estimator's subspace_ is then in the rows' coordinates
+        "subspace": (reduction.right_basis if estimator.subspace == "row"
+                     else reduction.left_basis) @ estimator.subspace_,
         "estimator": estimator, "reduction": reduction, "reduced_mean": mean_reduced})
 
 
