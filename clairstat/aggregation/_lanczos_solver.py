@@ -74,7 +74,7 @@ def _top_gram_eigen(matrix, threshold, guess):
     return None
 
 
-def _warm_gram_eigen(matrix, threshold, basis):
+def _warm_gram_eigen(matrix, threshold, basis, *, check=True):
     """:func:`_top_gram_eigen` from the previous SVT's kept eigenvectors, or ``None``.
 
     Successive FISTA steps move the thresholded matrix little, so the previous step's
@@ -88,6 +88,16 @@ def _warm_gram_eigen(matrix, threshold, basis):
     the pairs :func:`_top_gram_eigen` would keep; otherwise ``None`` (the caller then
     runs :func:`_top_gram_eigen`, which converges ``m + 4`` pairs to machine precision,
     most of its cost going to the 4 pairs of the noise edge).
+
+    ``check=False`` skips that check (about half the Lanczos products of a warm step):
+    for the FISTA steps at which no duality gap is evaluated. Such a step is then the
+    exact thresholding if the warm pairs are the top ones, and otherwise a thresholding
+    that misses a direction (an inexact proximal step; FISTA's iterates may then move
+    more slowly, but not to another answer); the next checked step, where the gap is
+    evaluated, finds any missing direction and runs the cold Lanczos. The point the
+    solver returns is always a checked step's, and the gap certifies that point alone
+    (its objective, with the nuclear norm of the thresholded matrix it holds, against a
+    dual point made from its residual), however the iterates reached it.
     """
     operator, wide = _gram_operator(matrix)
     dim, count = operator.shape[0], basis.shape[1]
@@ -97,9 +107,10 @@ def _warm_gram_eigen(matrix, threshold, basis):
     if found is None:
         return None
     eigval, eigvec = found
-    rest = deflated_top(operator, eigvec)
-    if not rest * (1.0 + 2.0 * CHECK_TOL) <= min(threshold ** 2, eigval[-1]):
-        return None
+    if check:
+        rest = deflated_top(operator, eigvec)
+        if not rest * (1.0 + 2.0 * CHECK_TOL) <= min(threshold ** 2, eigval[-1]):
+            return None
     return eigval, eigvec, wide
 
 
@@ -115,8 +126,9 @@ class _PartialSpectrumSolver(TorchSolver):
     Same FISTA iterations, restarts, continuation and duality-gap certificate as the
     parent (:meth:`_penalized` and :meth:`_fista` are the parent's, with the operator
     norm and the SVT taken from a few Lanczos pairs, warm-started from the previous
-    step's where they certify, :func:`_warm_gram_eigen`); the exact program is the
-    parent's.
+    step's where they certify, :func:`_warm_gram_eigen`; the deflated check of a warm
+    start only at the steps where the duality gap is evaluated); the exact program is
+    the parent's.
     """
 
     _guess = 0
@@ -153,14 +165,14 @@ class _PartialSpectrumSolver(TorchSolver):
         operator, _ = _gram_operator(matrix.detach().numpy())
         return math.sqrt(max(float(top_eigh(operator, 1)[0][0]), 0.0))
 
-    def _svt(self, blocks, threshold):
+    def _svt(self, blocks, threshold, *, certify=True):
         import torch
         matrix = stack_blocks(blocks)
         found = None
         if self._lanczos(matrix):
             dense = matrix.detach().numpy()
             if self._kept is not None:
-                found = _warm_gram_eigen(dense, threshold, self._kept)
+                found = _warm_gram_eigen(dense, threshold, self._kept, check=certify)
             if found is None:
                 found = _top_gram_eigen(dense, threshold, self._guess)
         if found is None:
@@ -172,8 +184,14 @@ class _PartialSpectrumSolver(TorchSolver):
         basis, sing = eigvec[:, keep], sing[keep]
         self._guess, self._kept = int(keep.sum()), basis
         factor = (sing - threshold) / sing
-        dense = matrix.detach().numpy()
-        low_rank = ((basis * factor) @ (basis.T @ dense) if wide
-                    else ((dense @ basis) * factor) @ basis.T)
-        return (unstack_blocks(torch.as_tensor(low_rank), blocks.shape[0]),
-                float(np.sum(sing - threshold)))
+        # Formed block by block, (n_clients, s, r) in the blocks' own (contiguous) layout,
+        # not as the stacked matrix and a permuted view of it: FISTA's elementwise steps
+        # then run on contiguous operands.
+        if wide:  # L_k = V diag(f) V^T Y_k
+            low_rank = torch.matmul(torch.from_numpy(basis * factor),
+                                    torch.matmul(torch.from_numpy(basis.T.copy()), blocks))
+        else:  # L_k = (M V diag(f)) V_k^T, V_k the rows of V in client k's columns
+            left = torch.from_numpy((matrix.detach().numpy() @ basis) * factor)
+            rows = torch.from_numpy(basis).reshape(blocks.shape[0], blocks.shape[2], -1)
+            low_rank = torch.matmul(left, rows.transpose(1, 2))
+        return low_rank, float(np.sum(sing - threshold))

@@ -128,7 +128,14 @@ class TorchSolver(Solver):
                 break
         return theta0, block_soft_threshold_torch(Z - theta0, threshold)
 
-    def _svt(self, blocks, threshold):
+    def _svt(self, blocks, threshold, *, certify=True):
+        """Singular value thresholding of the stacked blocks: (low rank, its nuclear norm).
+
+        ``certify=False`` tells a subclass whose spectrum is iterative that the step's
+        point will not be certified (no duality gap is evaluated at it), so the step may
+        skip checks that only the certified point needs; the dense SVD here is exact
+        either way.
+        """
         low_rank, sing = svt_torch(stack_blocks(blocks), threshold, method=self.svd_method)
         return unstack_blocks(low_rank, blocks.shape[0]), float(sing.sum())
 
@@ -198,6 +205,7 @@ class TorchSolver(Solver):
             history=history, n_svd=n_svd)
 
     def _fista(self, X, alpha, beta, backbone, state, *, tol, max_iter, floor=0.0):
+        torch = _import_torch()
         theta0, L, S = state
         momentum_point, t_k = L.clone(), 1.0
         history, n_svd, converged = [], 0, False
@@ -205,18 +213,21 @@ class TorchSolver(Solver):
             # Gradient of the envelope at the extrapolated point: minus the residual.
             theta0, S = self._partial_min(X - momentum_point, theta0, beta, backbone)
             step_point = X - theta0 - S  # = momentum_point + residual
-            L_new, nuclear = self._svt(step_point, alpha)
+            # the duality gap is evaluated at this iteration's point, or not at all
+            check = self._should_check(it) or it == max_iter
+            L_new, nuclear = self._svt(step_point, alpha, certify=check)
             n_svd += 1
             # Adaptive restart (O'Donoghue and Candes, 2015): drop momentum when it points
             # against the proximal step.
-            if float(((momentum_point - L_new) * (L_new - L)).sum()) > 0:
+            step = L_new - L  # formed once: the restart test and the momentum use it
+            if float(((momentum_point - L_new) * step).sum()) > 0:
                 t_k, momentum_point = 1.0, L_new
             else:
                 t_next = 0.5 * (1.0 + math.sqrt(1.0 + 4.0 * t_k * t_k))
-                momentum_point = L_new + ((t_k - 1.0) / t_next) * (L_new - L)
+                momentum_point = torch.add(L_new, step, alpha=(t_k - 1.0) / t_next)
                 t_k = t_next
             L = L_new
-            if not (self._should_check(it) or it == max_iter):
+            if not check:
                 continue
             theta0, S = self._partial_min(X - L, theta0, beta, backbone)
             gap, primal = penalized_gap(X, theta0, L, S, alpha=alpha, beta=beta,
