@@ -743,6 +743,36 @@ def test_unchecked_warm_svt_steps_never_give_a_wrong_certified_answer(monkeypatc
     assert np.array_equal(np.linalg.norm(got.sparse, axis=(1, 2)) > 0, flags)
 
 
+def test_the_lanczos_solver_matches_the_dense_one_when_its_rank_outgrows_lanczos():
+    """Continuation from a low-rank stage (Lanczos SVT) to a final stage whose rank
+    exceeds a quarter of the stack (the dense SVT): the last Lanczos basis must not
+    warm-start the dense stage's unchecked steps (a review's case: 2000 iterations, not
+    converged, when it did; the dense solver converges in 25)."""
+    pytest.importorskip("torch")
+    from clairstat import clair_decompose
+    from clairstat._objective import stack_blocks
+    from clairstat.aggregation._lanczos_solver import partial_spectrum_solver
+    from clairstat.solvers import TorchSolver
+
+    rng = np.random.default_rng(100)
+    n_clients, s, r = 40, 160, 4  # stacked 160 x 160: Lanczos pays for at most 40 pairs
+    left = np.linalg.qr(rng.standard_normal((s, 40)))[0]
+    right = np.linalg.qr(rng.standard_normal((n_clients * r, 40)))[0]
+    stacked = (left * (10 * 0.85 ** np.arange(40))) @ right.T \
+        + 0.01 * rng.standard_normal((s, n_clients * r))
+    blocks = stacked.reshape(s, n_clients, r).transpose(1, 0, 2).copy()
+    blocks[:2] *= 3
+    op_norm = np.linalg.norm(stack_blocks(blocks), 2)
+    options = dict(backbone=False, alpha=op_norm / 300, beta=op_norm / 100)
+    want = clair_decompose(blocks, solver=TorchSolver(), **options)
+    got = clair_decompose(blocks, solver=partial_spectrum_solver({"max_iter": 300}),
+                          **options)
+    assert want.converged and got.converged
+    assert abs(got.objective - want.objective) <= got.dual_gap + want.dual_gap
+    rank = np.linalg.matrix_rank(stack_blocks(got.low_rank))
+    assert rank == np.linalg.matrix_rank(stack_blocks(want.low_rank)) > s // 4
+
+
 def test_first_occurrences_match_numpy_unique_and_treat_signed_zeros_alike():
     # The noise scales count each distinct client once; the hash of the rows' bytes must
     # find what np.unique(axis=0) finds, -0.0 and +0.0 being equal as numbers.

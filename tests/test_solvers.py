@@ -177,6 +177,23 @@ def test_small_penalties_converge_through_continuation():
     assert res.n_iter < 400
 
 
+def test_stopping_in_an_early_continuation_stage_reports_the_asked_program():
+    """max_iter spent before continuation reaches the asked penalties: the objective and
+    gap reported are the returned point's in the program asked for, not in the larger
+    penalties of the stage it stopped in (a review: 3.84 reported, 0.659 true)."""
+    X = np.random.default_rng(42).random((27, 30, 1))
+    with pytest.warns(ConvergenceWarning):
+        res = clair_decompose(X, alpha=1e-3, beta=1e-3, backbone=False,
+                              solver=TorchSolver(max_iter=3))
+    assert not res.converged and res.history[0]["penalty_factor"] > 1
+    true = objective(X, res.backbone, res.low_rank, res.sparse, alpha=1e-3, beta=1e-3)
+    # both are the same sums in float64 (the solver works in units of the data's scale)
+    assert res.objective == pytest.approx(true, rel=1e-10)
+    gap, primal = penalized_gap(X, res.backbone, res.low_rank, res.sparse, alpha=1e-3,
+                                beta=1e-3, fit_backbone=False)
+    assert res.dual_gap == pytest.approx(gap, rel=1e-8)
+
+
 def test_device_is_honoured_and_a_missing_gpu_is_named():
     import torch
     X = _data(6, 5, 2, 1, 1)

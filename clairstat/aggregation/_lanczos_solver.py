@@ -176,6 +176,11 @@ class _PartialSpectrumSolver(TorchSolver):
             if found is None:
                 found = _top_gram_eigen(dense, threshold, self._guess)
         if found is None:
+            # The dense SVT (more pairs kept than Lanczos pays for): the last Lanczos
+            # step's basis no longer describes the iterate and must not warm-start the
+            # next step (unchecked, it would return its few pairs for a matrix of far
+            # higher rank; a review's continuation case then never converged).
+            self._kept = None
             low_rank, sing = svt_torch(matrix, threshold, method=self.svd_method)
             return unstack_blocks(low_rank, blocks.shape[0]), float(sing.sum())
         eigval, eigvec, wide = found

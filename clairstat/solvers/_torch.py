@@ -196,6 +196,19 @@ class TorchSolver(Solver):
                          "penalty_factor": factor} for h in info["history"]]
             if total >= self.max_iter:
                 break
+        if not last:
+            # max_iter ran out in an earlier stage, whose objective and gap are those of
+            # larger penalties: report the point's objective and gap in the program asked
+            # for (S and Theta_0 re-minimised at its beta; one full spectrum of L)
+            theta0, L, S = state
+            theta0, S = self._partial_min(X - L, theta0, problem.beta, problem.backbone)
+            state = (theta0, L, S)
+            gap, primal = penalized_gap(X, theta0, L, S, alpha=problem.alpha,
+                                        beta=problem.beta, fit_backbone=problem.backbone,
+                                        op_norm=self._op_norm)
+            n_svd += 2
+            history.append({"iteration": total, "objective": primal, "gap": gap,
+                            "penalty_factor": 1.0})
         theta0, L, S = self._numpy(*state)
         converged = info["converged"] and last
         return DecompositionResult(
