@@ -416,3 +416,28 @@ def test_lora_stages_ab_times_every_stage_of_two_checkouts(capsys):
         assert values["out-of-sample (s)"] > 0 and values["client readouts (s)"] > 0
         assert values["mean readout (s)"] == 0.0
         assert sum(v for k, v in values.items() if k != "total (s)") <= values["total (s)"]
+
+
+def test_lora_concurrency_times_every_cell_with_a_neighbour_running():
+    """``lora_concurrency.py --quick`` in its own process (it lowers its own priority,
+    which a process cannot undo): one row per thread setting, every cell timed, and the
+    neighbour process gone afterwards."""
+    import subprocess
+
+    env = dict(__import__("os").environ, PYTHONPATH=str(ROOT))
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "lora_concurrency.py"),
+                          "--quick", "--runs", "1"], capture_output=True, text=True,
+                         env=env, timeout=300, check=True).stdout
+    rows = [line for line in out.splitlines() if line.startswith("| None") or
+            line.startswith("| 1 ")]
+    assert len(rows) == 2
+    for row in rows:
+        cells = [cell.strip() for cell in row.strip("|").split("|")]
+        assert all(float(cells[i]) > 0 for i in (1, 2, 4))
+        assert cells[3].endswith("x") and cells[5].endswith("x")
+    pids = [int(pid) for pid in out.split("Neighbour processes (ended): [")[1]
+            .split("]")[0].split(",")]
+    assert len(pids) == 4  # the two "beside" and the two "niced" cells
+    for pid in pids:  # killed and reaped: no neighbour left running
+        with pytest.raises(ProcessLookupError):
+            __import__("os").kill(pid, 0)
