@@ -8,9 +8,11 @@ thread (``n_jobs=1``), each timed
 * alone;
 * beside a second process that multiplies 1000 x 1000 matrices on one BLAS thread in a
   loop (a neighbour's job), at the same scheduling priority;
-* beside the same neighbour with this process at a lower priority (``os.nice(10)``, as
-  the benchmarks' own ``nice -n 10`` commands run; the neighbour keeps its priority).
-  Run last: a process cannot raise its priority again.
+* beside the same neighbour, the fits at a lower priority than it (as the benchmarks'
+  own ``nice -n 10`` commands run): in a child process started with ``nice`` 10, so
+  that every thread it starts (torch's and OpenBLAS's pools) has that priority (Linux
+  sets a niceness per thread: ``os.nice`` in a running process would leave its pools'
+  threads as they were).
 
 On two cores a fair share leaves each job a core: a fit on one thread should then take
 about its time alone, and a fit on two threads at most about twice that. The slowdown
@@ -22,6 +24,7 @@ columns are the medians over the median alone, in one run.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import subprocess
@@ -62,28 +65,53 @@ def _times(states, bad, n_jobs, runs, beside):
             process.wait()
 
 
+def _niced_child(n_jobs, runs, quick):
+    """The fits of one "niced" cell, in a child process started at niceness 10, the
+    neighbour running (started here, at this process's priority)."""
+    command = [sys.executable, os.path.abspath(__file__), "--child", str(n_jobs),
+               "--runs", str(runs)] + (["--quick"] if quick else [])
+    process = _neighbour()
+    try:
+        out = subprocess.run(command, capture_output=True, text=True, check=True,
+                             preexec_fn=lambda: os.nice(10)).stdout
+    finally:
+        process.kill()
+        process.wait()
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def _module(quick):
+    dim, n_clients, rank = (256, 20, 4) if quick else lora_benchmark.TARGET
+    states, bad = lora_benchmark._adapters(dim, n_clients, rank)
+    lora_benchmark._end_to_end(states, bad)  # imports and first allocations, not timed
+    return (dim, n_clients, rank), states, bad
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=2, help="fits per cell (median)")
     parser.add_argument("--quick", action="store_true", help="a small module (seconds)")
+    parser.add_argument("--child", help=argparse.SUPPRESS)  # n_jobs of a niced cell
     args = parser.parse_args(argv)
-    dim, n_clients, rank = (256, 20, 4) if args.quick else lora_benchmark.TARGET
-    states, bad = lora_benchmark._adapters(dim, n_clients, rank)
-    lora_benchmark._end_to_end(states, bad)  # imports and first allocations, not timed
+    if args.child is not None:
+        n_jobs = None if args.child == "None" else int(args.child)
+        _, states, bad = _module(args.quick)
+        print(json.dumps(_times(states, bad, n_jobs, args.runs, False)))
+        return None
+    (dim, n_clients, rank), states, bad = _module(args.quick)
     load = os.getloadavg()[0]
     cells = {}
     for place in ("alone", "beside"):
         for n_jobs in SETTINGS:
             cells[n_jobs, place] = _times(states, bad, n_jobs, args.runs, place == "beside")
-    os.nice(10)
     for n_jobs in SETTINGS:
-        cells[n_jobs, "niced"] = _times(states, bad, n_jobs, args.runs, True)
+        cells[n_jobs, "niced"] = _niced_child(n_jobs, args.runs, args.quick)
     print(f"d = {dim}, K = {n_clients}, r = {rank}; {os.cpu_count()} CPUs, "
           f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}, load average "
           f"{load:.2f} at the start, {os.getloadavg()[0]:.2f} at the end; medians of "
           f"{args.runs} fits\n")
-    print("| n_jobs | alone (s) | beside, same priority (s) | slowdown | beside, this "
-          "process niced 10 (s) | slowdown |")
+    print("| n_jobs | alone (s) | beside, same priority (s) | slowdown | beside, the fit "
+          "niced 10 (s) | slowdown |")
     print("|---|---|---|---|---|---|")
     for n_jobs in SETTINGS:
         alone = statistics.median(cells[n_jobs, "alone"])

@@ -419,9 +419,8 @@ def test_lora_stages_ab_times_every_stage_of_two_checkouts(capsys):
 
 
 def test_lora_concurrency_times_every_cell_with_a_neighbour_running():
-    """``lora_concurrency.py --quick`` in its own process (it lowers its own priority,
-    which a process cannot undo): one row per thread setting, every cell timed, and the
-    neighbour process gone afterwards."""
+    """``lora_concurrency.py --quick`` (its niced cells in a child process): one row per
+    thread setting, every cell timed, and every neighbour process gone afterwards."""
     import subprocess
 
     env = dict(__import__("os").environ, PYTHONPATH=str(ROOT))
