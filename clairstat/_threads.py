@@ -9,7 +9,8 @@ of times slower on two threads than on one (``benchmarks/concurrency_benchmark.p
 results in ``benchmarks/RESULTS.md``). Small problems gain nothing from a second thread
 even alone (their operations are too short to split), so the policy is:
 
-* ``n_jobs=None``: a size rule (:func:`threads_for_size`), one thread for small problems;
+* ``n_jobs=None``: a size rule (:func:`threads_for_size`), one thread for small problems
+  and in a process running below the default priority (``nice``);
 * ``n_jobs=-1``: every CPU this process may run on (``os.sched_getaffinity``); ``-2`` all
   but one, and so on (joblib's convention);
 * ``n_jobs=k > 0``: exactly ``k`` threads.
@@ -119,6 +120,14 @@ def svt_flops(size_hint):
     return float(p) * wide * min(p, wide)
 
 
+def _niced():
+    """Whether the calling thread runs below the default scheduling priority."""
+    try:
+        return os.getpriority(os.PRIO_PROCESS, 0) > 0
+    except (AttributeError, OSError):  # no getpriority (Windows)
+        return False
+
+
 def threads_for_size(size_hint, n_cpus=None):
     """Threads the size rule gives: one per ``GRAIN_FLOPS`` of work, within the CPUs.
 
@@ -128,12 +137,22 @@ def threads_for_size(size_hint, n_cpus=None):
         A shape or the estimates (see :func:`svt_flops`), or the work in flops itself
         (a number); ``None`` (size unknown) gives one thread.
     n_cpus : int, optional
-        Defaults to :func:`usable_cpus`.
+        Defaults to :func:`usable_cpus`, or 1 in a niced process (Notes).
 
     Returns
     -------
     int
         ``min(n_cpus, max(1, floor(work / GRAIN_FLOPS)))``.
+
+    Notes
+    -----
+    A process that runs below the default priority (niceness above 0, e.g. under
+    ``nice``) gets one thread whatever the size: it has said it yields to other jobs,
+    and a synchronous pool whose threads yield waits for the slowest of them. On two
+    cores, the LoRA benchmark's module beside another process's one-thread job took
+    6.0 times its time alone on two threads at niceness 10 (61.9 s against 10.4 s) and
+    1.2 times on one (``python benchmarks/lora_concurrency.py``, benchmarks/RESULTS.md);
+    alone, one thread costs it 7%.
 
     Examples
     --------
@@ -142,7 +161,7 @@ def threads_for_size(size_hint, n_cpus=None):
     >>> threads_for_size((50, 400, 20), n_cpus=8)   # 1.6e8 flops: three threads
     3
     """
-    n_cpus = usable_cpus() if n_cpus is None else int(n_cpus)
+    n_cpus = (1 if _niced() else usable_cpus()) if n_cpus is None else int(n_cpus)
     if size_hint is None:
         return 1
     if isinstance(size_hint, numbers.Real) and not isinstance(size_hint, bool):

@@ -449,3 +449,23 @@ def test_map_in_threads_stops_starting_calls_after_an_error():
         with pytest.raises(RuntimeError, match="first"):
             map_in_threads(work, range(40))
     assert len(started) < 10
+
+
+def test_a_niced_process_gets_one_thread_by_default(monkeypatch):
+    """Below the default priority the size rule gives one thread (a pool whose threads
+    yield to other jobs waits for the slowest); an explicit CPU count or n_jobs stands."""
+    import clairstat._threads as threads
+
+    big = 1e15
+    monkeypatch.setattr(threads, "usable_cpus", lambda: 4)
+    monkeypatch.setattr(threads.os, "getpriority", lambda which, who: 0, raising=False)
+    assert threads_for_size(big) == 4 and resolve_n_jobs(None, big) == 4
+    monkeypatch.setattr(threads.os, "getpriority", lambda which, who: 10, raising=False)
+    assert threads_for_size(big) == 1 and resolve_n_jobs(None, big) == 1
+    assert threads_for_size(big, n_cpus=4) == 4 and resolve_n_jobs(2) == 2
+
+    def unavailable(which, who):
+        raise OSError("no priority here")
+
+    monkeypatch.setattr(threads.os, "getpriority", unavailable, raising=False)
+    assert threads_for_size(big) == 4
