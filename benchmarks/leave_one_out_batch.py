@@ -19,6 +19,10 @@ Both give the same statistics to round-off (the largest relative difference is
 printed); the ratio is taken of the medians of ``--repeats`` runs of each, alternated.
 
     OMP_NUM_THREADS=2 nice -n 10 python benchmarks/leave_one_out_batch.py [--quick]
+
+Since the thread policy gives a process run under ``nice`` one thread
+(:func:`clairstat._threads.threads_for_size`), the ``n_jobs=None`` timings of this
+command measure one thread; run it without ``nice`` to time the two-thread default.
 """
 
 from __future__ import annotations

@@ -49,6 +49,10 @@ of every client's adapter. Three parts, one run:
     OMP_NUM_THREADS=2 nice -n 10 python benchmarks/lora_benchmark.py [--quick]
                                                       [--markdown FILE] [--torch-only]
 
+Since the thread policy gives a process run under ``nice`` one thread
+(:func:`clairstat._threads.threads_for_size`), the ``n_jobs=None`` timings of this
+command measure one thread; run it without ``nice`` to time the two-thread default.
+
 ``--quick`` shrinks every size (seconds; a smoke test of the script); ``--torch-only``
 runs part 3 alone.
 """

@@ -12,6 +12,10 @@ Prints one row per kept fit and the medians per checkout:
     OMP_NUM_THREADS=2 nice -n 10 python benchmarks/lora_stages_ab.py OLD_DIR NEW_DIR
         [--rounds 2] [--runs 3] [--n-jobs N] [--quick]
 
+Since the thread policy gives a process run under ``nice`` one thread
+(:func:`clairstat._threads.threads_for_size`), the ``n_jobs=None`` timings of this
+command measure one thread; run it without ``nice`` to time the two-thread default.
+
 OLD_DIR and NEW_DIR are checkouts of the repository (``git worktree add``); ``--quick``
 takes the benchmark's small module (seconds; a smoke test of the script).
 """

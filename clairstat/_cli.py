@@ -175,8 +175,8 @@ def _parser():
     refine.add_argument("--dtype", default=None, choices=("float64", "float32"),
                         help="precision of that torch work (default float64)")
     refine.add_argument("--n-jobs", type=int, default=None, metavar="N",
-                        help="threads per fit (default: from the problem size; -1: all "
-                             "CPUs)")
+                        help="threads per fit (default: from the problem size, one "
+                             "under nice; -1: all CPUs)")
     refine.add_argument("--scheduler", default=None, metavar="ADDR",
                         help="run the per-module fits on the Dask cluster at ADDR "
                              "(e.g. tcp://host:8786), or 'local' for a LocalCluster in "

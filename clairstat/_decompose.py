@@ -47,7 +47,8 @@ def clair_decompose(local_estimates: ArrayLike, *, alpha: float | str = "auto",
     n_jobs : int or None, default=None
         Threads of torch and of the BLAS/OpenMP pools during the solve
         (:func:`clairstat._threads.thread_limits`): ``None`` chooses from the problem size
-        (one thread for small problems, or the count of an enclosing ``thread_limits``),
+        (one thread for small problems and in a process run under ``nice``, or the count of
+        an enclosing ``thread_limits``),
         ``-1`` uses every usable CPU, a positive int that many.
 
     Returns

@@ -119,7 +119,9 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
         Threads of torch and of the BLAS/OpenMP pools for the duration of the fit
         (:func:`clairstat._threads.thread_limits`, set together and restored after):
         ``None`` chooses from the problem's size (one thread for small problems: a
-        second thread only pays off above about 1e8 flops per solver iteration),
+        second thread only pays off above about 1e8 flops per solver iteration; one
+        thread in a process run under ``nice``, whose pools' threads yield to other
+        jobs, :func:`clairstat._threads.threads_for_size`),
         ``-1`` every CPU the process may use, ``-k`` all but ``k - 1``, a positive int
         that many, at most the usable CPUs. Pools left unpinned spin against each
         other: a fit beside a second fit ran 38x slower unpinned than with this policy

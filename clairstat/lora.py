@@ -674,7 +674,8 @@ def refine_adapters(state_dicts: Sequence[Mapping[str, Any]], configs: Any = Non
     n_jobs : int or None, default=None
         Threads of torch and of the BLAS/OpenMP pools for the whole refinement
         (:func:`clairstat._threads.thread_limits`): ``None`` chooses from the work of
-        the largest module (one thread for small adapters), ``-1`` uses every usable
+        the largest module (one thread for small adapters, and in a process run under
+        ``nice``), ``-1`` uses every usable
         CPU, a positive int that many. With two or more, each module's independent
         eigenproblems (the members' leave-one-out refits, the robust start's chains) run
         on that many Python threads with one BLAS thread each.

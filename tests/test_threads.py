@@ -458,6 +458,7 @@ def test_a_niced_process_gets_one_thread_by_default(monkeypatch):
 
     big = 1e15
     monkeypatch.setattr(threads, "usable_cpus", lambda: 4)
+    monkeypatch.setattr(threads.os, "PRIO_PROCESS", 0, raising=False)  # absent on Windows
     monkeypatch.setattr(threads.os, "getpriority", lambda which, who: 0, raising=False)
     assert threads_for_size(big) == 4 and resolve_n_jobs(None, big) == 4
     monkeypatch.setattr(threads.os, "getpriority", lambda which, who: 10, raising=False)
