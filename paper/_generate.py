@@ -498,6 +498,32 @@ def later_heldout_macros(tables):
     return macros
 
 
+#: The sixth held-out set's tables and their macro prefixes (``calibhog.has`` switches
+#: its paragraph on when both are committed).
+SIXTH_HELDOUT = {"calibration_heldout6_hc3_support3": "calibhog",
+                 "calibration_heldout6": "calibhogclassic"}
+
+
+def sixth_heldout_macros(tables):
+    """The sixth held-out set (``calibhog.*``, HC3 with ``rank_support``; ``calibhogclassic.*``,
+    the package's defaults): as :func:`calibration_macros`, the datasets meeting the
+    criteria per run and path (``<prefix>.<path>.met``), the clients per dataset
+    (``calibhog.<dataset>.clients``), ``calibhog.support`` and ``calibhog.has``."""
+    if any(tables.get(name) is None for name in SIXTH_HELDOUT):
+        return {"calibhog.has": "0"}
+    macros = {"calibhog.has": "1"}
+    for name, prefix in SIXTH_HELDOUT.items():
+        rows = _corruption_rows(tables[name])
+        macros.update(calibration_macros(rows, prefix))
+        for path in ("default", "noise_cov"):
+            macros[f"{prefix}.{path.replace('_', '')}.met"] = fmt(_criteria_met(rows, path))
+    first = tables["calibration_heldout6_hc3_support3"]
+    macros["calibhog.support"] = fmt(int(first["rank_support"].iloc[0]))
+    for name, group in first.groupby("dataset"):
+        macros[f"calibhog.{name}.clients"] = fmt(int(group["n_clients"].iloc[0]))
+    return macros
+
+
 def _criteria_met(rows, path="default"):
     """How many datasets meet the calibration criteria on ``path`` (null share at most
     ``MAX_NULL_SHARE``, every corruption's power at least ``MIN_POWER``)."""
@@ -1206,6 +1232,13 @@ def collect():
         tables["calibration_heldout5"] = calibration_table(
             _corruption_rows(later["calibration_heldout5_hc3_support3"]),
             src.calibration_criteria())
+    sixth = {name: (src.read_calibration(src.SOURCES[name])
+                    if src.SOURCES[name].exists() else None) for name in SIXTH_HELDOUT}
+    macros.update(sixth_heldout_macros(sixth))
+    if macros["calibhog.has"] == "1":
+        tables["calibration_heldout6"] = calibration_table(
+            _corruption_rows(sixth["calibration_heldout6_hc3_support3"]),
+            src.calibration_criteria())
     framed = {name: (src.read_calibration(src.SOURCES[name])
                      if src.SOURCES[name].exists() else None)
               for name in ("calibration_plain", "calibration_heldout_all_frame",
@@ -1821,6 +1854,7 @@ def write_generated(out_dir):
         switch("rdetfirstexcess", "rdet.has", "rdet.module.first.excess"),
         switch("calibheldout", "calibho.has"), switch("calibheldoutb", "calibhob.has"),
         switch("calibheldoutc", "calibhoc.has"), switch("calibframe", "calibhof.has"),
+        switch("calibheldoutg", "calibhog.has"),
         switch("jointrank", "jr.has"), switch("jointrankbetter", "jr.has", "jr.better"),
         switch("flagged", "flagged.has"), switch("flaggedfull", "flagged.full"),
         switch("flaggedallpass", "flagged.allpass"),
