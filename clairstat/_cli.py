@@ -181,8 +181,9 @@ def _parser():
                         help="run the per-module fits on the Dask cluster at ADDR "
                              "(e.g. tcp://host:8786), or 'local' for a LocalCluster in "
                              "this process (needs the dask extra)")
-    refine.add_argument("--workers", type=int, default=2, metavar="W",
-                        help="workers of --scheduler local (default 2, one thread each)")
+    refine.add_argument("--workers", type=int, default=None, metavar="W",
+                        help="workers of --scheduler local (default 2, one thread each); "
+                             "with any other --scheduler the cluster's own workers run")
     return parser
 
 
@@ -701,11 +702,17 @@ def _run(function, jobs, cluster):
         yield name, future.result()
 
 
+# Seconds a Dask scheduler has to accept the connection and answer its handshake (the
+# thread that connects gets CONNECT_MARGIN more before the command gives up on it).
+CONNECT_TIMEOUT, CONNECT_MARGIN = 30, 10
+
+
 class _Cluster:
     """A ``distributed.Client`` on ``--scheduler``'s cluster (None: no cluster)."""
 
     def __init__(self, scheduler, workers):
-        self.scheduler, self.workers = scheduler, workers
+        self.scheduler = scheduler
+        self.workers = 2 if workers is None else workers
         self.stack = None
 
     def __enter__(self):
@@ -730,10 +737,48 @@ class _Cluster:
                     n_workers=self.workers, threads_per_worker=1, processes=False,
                     dashboard_address=None, silence_logs=logging.CRITICAL))
                 return self.stack.enter_context(Client(cluster))
-            return self.stack.enter_context(Client(self.scheduler, timeout="30s"))
+            return self.stack.enter_context(self._connect(Client))
         except (OSError, ValueError, TimeoutError) as error:
             self.stack.close()
             raise InputError(f"--scheduler {self.scheduler}: {error}") from None
+
+    def _connect(self, client_type):
+        """``Client(ADDR)``, bounded: ``Client``'s own timeout bounds the connection but
+        not the handshake's read, so a server that accepts and never answers (an HTTP
+        server, the dashboard's port given by mistake) hung the command, and one that
+        sends a banner first (an SSH server) had its bytes read as a frame length (a
+        MemoryError for exabytes, with a traceback; a review). The connection runs in a
+        daemon thread given ``CONNECT_TIMEOUT`` seconds and a margin; whatever it
+        raises is the command's one line."""
+        import threading
+
+        outcome = {}
+
+        def connect():
+            try:
+                outcome["client"] = client_type(self.scheduler,
+                                                timeout=f"{CONNECT_TIMEOUT}s")
+            except BaseException as error:  # noqa: BLE001 -- reported as one line below
+                outcome["error"] = error
+
+        thread = threading.Thread(target=connect, name="clairstat-dask-connect",
+                                  daemon=True)
+        thread.start()
+        thread.join(CONNECT_TIMEOUT + CONNECT_MARGIN)
+        if thread.is_alive():
+            raise InputError(f"--scheduler {self.scheduler}: no Dask scheduler answered "
+                             f"within {CONNECT_TIMEOUT} s (a scheduler listens on "
+                             "tcp://HOST:8786 by default; the dashboard's port is not "
+                             "it)")
+        if "error" in outcome:
+            error = outcome["error"]
+            if isinstance(error, (KeyboardInterrupt, SystemExit)):
+                raise error
+            text = ("its reply is not Dask's protocol" if isinstance(error, MemoryError)
+                    else f"{type(error).__name__}: {' '.join(str(error).split())[:160]}")
+            raise InputError(f"--scheduler {self.scheduler}: no Dask scheduler there "
+                             f"({text})")
+        return outcome["client"]
 
     def __exit__(self, *exc):
         if self.stack is not None:
@@ -889,6 +934,9 @@ def _check_device(device):
 
 def _check_options(args):
     _check_device(args.device)
+    if args.workers is not None and args.scheduler != "local":
+        # the in-process run (or a cluster's own workers) would ignore it silently
+        raise InputError(f"--workers {args.workers}: applies to --scheduler local only")
     if not args.joint and args.flagged_updates is not None:
         raise InputError("--flagged-updates: applies to the joint refinement, not to "
                          "--per-module")

@@ -22,7 +22,7 @@ from ._decompose import clair_decompose
 from ._detection import refine, refit_subspace
 from ._reduced import FactoredBlocks, stack_caches
 from ._inference import NoiseKnowledge, detect_clients
-from ._null import MAD_EFFICIENCY, NoiseCovariance, PredictiveNull
+from ._null import MAD_EFFICIENCY, MIN_OTHERS, NoiseCovariance, PredictiveNull
 from ._ols import LocalOLS
 from ._threads import thread_limits
 from ._tuning import estimate_noise_scale, factored_noise_scale, floor_noise_scale
@@ -750,9 +750,24 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
                 "their noise is not what was given, or a large share of them is "
                 "contaminated and hides itself (masking); read each client's row of "
                 "summary() and its own regression.", UserWarning, stacklevel=4)
-        if not self.contaminated_.all() and not np.any(self.degrees_of_freedom_ > 0):
+        side = "columns" if self.subspace == "row" else "rows"
+        dim = self.estimate_shape_[1 if self.subspace == "row" else 0]
+        if (not self.contaminated_.all() and not np.any(self.degrees_of_freedom_ > 0)
+                and self.rank_ < dim):
+            # a predictive null (clairstat._null.predictive_null) read from too few
+            # other clients: no test at all, whatever the rank (a review: the message
+            # below blamed the rank with 2 and 3 LoRA clients). With too few clients
+            # in all, the fit's first warning (_warn_few_clients) said it already.
+            if len(self.contaminated_) - 1 >= MIN_OTHERS:
+                warnings.warn(
+                    "every client's test has 0 degrees of freedom: each client's null is "
+                    f"predicted from the statistics of at least {MIN_OTHERS} other "
+                    f"collaborative clients, and only "
+                    f"{int((~self.contaminated_).sum()) - 1} are left, so no "
+                    "collaborative client can be flagged, and each is refined towards "
+                    "their mean, a contaminated one included.", UserWarning, stacklevel=4)
+        elif not self.contaminated_.all() and not np.any(self.degrees_of_freedom_ > 0):
             # rank_ = p: the subspace is the whole space, nothing is off it
-            side = "columns" if self.subspace == "row" else "rows"
             warnings.warn(f"the shared subspace has dimension {self.rank_}, all of the "
                           f"estimates' {self.estimate_shape_[0]} {side}: every client's "
                           "test has 0 degrees of freedom and no client can be flagged. "
@@ -1415,7 +1430,13 @@ def few_clients_said(n_clients, estimated, predictive):
 def _warn_few_clients(n_clients, estimated, predictive=False, stacklevel=3):
     if _FEW_CLIENTS_SAID.get():
         return
-    if n_clients <= 3:
+    if predictive and n_clients - 1 < MIN_OTHERS:
+        warnings.warn(f"only {n_clients} clients: each client's null is predicted from "
+                      f"at least {MIN_OTHERS} other clients' statistics, so no client "
+                      "can be flagged, and the refinement pulls every client towards "
+                      "the mean of all of them, a contaminated one included.",
+                      UserWarning, stacklevel=stacklevel)
+    elif n_clients <= 3:
         warnings.warn(f"only {n_clients} clients: each is compared with at most "
                       f"{n_clients - 1} others, and the tests have next to no power.",
                       UserWarning, stacklevel=stacklevel)

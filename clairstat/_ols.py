@@ -261,6 +261,32 @@ def _categorical_columns(table):
     return []
 
 
+def _holds_text(values):
+    """Whether an array of Python objects (or of strings) holds a string."""
+    values = np.asarray(values)
+    return values.dtype.kind in "US" or (
+        values.dtype.kind == "O" and any(isinstance(v, (str, bytes)) for v in values.ravel()))
+
+
+def _text_columns(table):
+    """The names of a table's columns that hold text (a text Series: its name; a text
+    ndarray: ``["all"]``), as strings: ``np.asarray(..., dtype=float)`` parses "1", "2"
+    as numbers, so a factor coded as text (regions, zip codes) became one slope."""
+    columns, dtypes = getattr(table, "columns", None), getattr(table, "dtypes", None)
+    if columns is not None and dtypes is not None and not np.isscalar(dtypes):
+        return [str(c) for i, (c, t) in enumerate(zip(columns, dtypes))
+                if getattr(t, "kind", "O") in "OUS"
+                and _holds_text(table.iloc[:, i].to_numpy(dtype=object))]
+    if hasattr(getattr(table, "index", None), "equals") and hasattr(table, "to_numpy"):
+        kind = getattr(getattr(table, "dtype", None), "kind", "O")
+        name = getattr(table, "name", None)
+        return ([("all" if name is None else str(name))] if kind in "OUS"
+                and _holds_text(table.to_numpy(dtype=object)) else [])
+    if isinstance(table, np.ndarray):
+        return ["all"] if _holds_text(table) else []
+    return []
+
+
 def _as_matrix(table, what, k):
     _dense(table, what, k)
     missing = getattr(table, "isna", None)
@@ -275,6 +301,14 @@ def _as_matrix(table, what, k):
                         "indicator columns first, e.g. pandas.get_dummies(..., "
                         "drop_first=True, dtype=float), or convert it with .astype(float) "
                         "if its values are numbers meant as such.")
+    text = _text_columns(table)
+    if text:
+        where = "holds text" if text == ["all"] else f"has text columns {text}"
+        raise TypeError(f"client {k}'s {what} {where}: a text value is a label, not a "
+                        "number (np.asarray would parse '1', '2' as numbers: a factor "
+                        "fitted as one slope); encode a factor as indicator columns, "
+                        "e.g. pandas.get_dummies(..., drop_first=True, dtype=float), or "
+                        "convert numbers stored as text with pandas.to_numeric first.")
     # refused, not truncated: np.asarray(..., dtype=float) drops the imaginary part with
     # a mere ComplexWarning (the estimator refuses complex estimates alike)
     if np.iscomplexobj(table):
@@ -286,10 +320,15 @@ def _as_matrix(table, what, k):
     except (TypeError, ValueError) as exc:
         columns = getattr(table, "columns", None)
         dtypes = getattr(table, "dtypes", None)
-        text = [str(c) for c, t in zip(columns, dtypes) if t.kind not in "biufc"] \
+        odd = [(str(c), t.kind) for c, t in zip(columns, dtypes) if t.kind not in "biufc"] \
             if columns is not None and dtypes is not None and not np.isscalar(dtypes) else []
-        hint = (f" (columns {text}: encode categories as indicator columns first, e.g. "
-                "pandas.get_dummies(..., drop_first=True, dtype=float))" if text else "")
+        dates = [c for c, kind in odd if kind in "mM"]
+        others = [c for c, kind in odd if kind not in "mM"]
+        hint = "".join([
+            f" (columns {dates}: dates and durations are not numbers; convert them, e.g. "
+            "to days since a reference date)" if dates else "",
+            f" (columns {others}: encode categories as indicator columns first, e.g. "
+            "pandas.get_dummies(..., drop_first=True, dtype=float))" if others else ""])
         raise TypeError(f"client {k}'s {what} is not numeric: {exc}{hint}") from exc
     if array.ndim == 1:
         array = array[:, None]

@@ -305,6 +305,7 @@ def lora_pairs(keys: Any) -> dict:
     {'m': {'A': 'm.lora_A.weight', 'B': 'm.lora_B.weight'}}
     """
     modules, adapters = {}, set()
+    keys = list(keys)  # twice: the pairs, and the message where none is found
     for key in keys:
         match = _LORA_KEY.match(key)
         if match:
@@ -324,8 +325,14 @@ def lora_pairs(keys: Any) -> dict:
                          "one adapter's keys (peft.get_peft_model_state_dict(model, "
                          "adapter_name=...)).")
     incomplete = [name for name, keys in modules.items() if set(keys) != {"A", "B"}]
-    if incomplete or not modules:
+    if incomplete:
         raise ValueError(f"no complete lora_A/lora_B pairs (incomplete: {incomplete}).")
+    if not modules:
+        near = [k for k in keys if "lora_A" in k or "lora_B" in k][:2]
+        raise ValueError("no lora_A/lora_B keys: peft stores each factor as "
+                         "'<module>.lora_A.weight' and '<module>.lora_B.weight'" + (
+                             f"; these keys are not of that form: {near}" if near else
+                             " (none of the keys names a LoRA factor)") + ".")
     return modules
 
 

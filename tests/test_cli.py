@@ -280,6 +280,70 @@ def test_dask_scheduler_gives_the_in_process_outputs(adapters, refined, tmp_path
         (refined / "report.json").read_text())
 
 
+def _server(reply):
+    """A TCP server on a free local port that sends ``reply`` to every connection and
+    then keeps it open, silent: not a Dask scheduler. Returns its address."""
+    import socket
+    import threading
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    held = []
+
+    def serve():
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            held.append(conn)
+            if reply:
+                conn.sendall(reply)
+
+    threading.Thread(target=serve, daemon=True).start()
+    return f"tcp://127.0.0.1:{listener.getsockname()[1]}"
+
+
+@pytest.mark.parametrize("reply", [b"SSH-2.0-OpenSSH_9.6\r\n", b""],
+                         ids=["banner", "silent"])
+def test_a_scheduler_address_that_is_no_scheduler_is_one_line(adapters, tmp_path, capsys,
+                                                              monkeypatch, reply):
+    """--scheduler at a server that is not Dask's: one line and exit 2 within the
+    connection timeout. Before, a server that sends a banner (SSH) had its bytes read as
+    a frame length (a MemoryError for exabytes, a traceback), and a silent one (an HTTP
+    server, the dashboard's port) hung the command past its 30 s timeout (a review)."""
+    import time
+
+    pytest.importorskip("distributed")
+    from clairstat import _cli
+
+    monkeypatch.setattr(_cli, "CONNECT_TIMEOUT", 2)
+    monkeypatch.setattr(_cli, "CONNECT_MARGIN", 2)
+    address = _server(reply)
+    start = time.monotonic()
+    code = main(["refine", "--scheduler", address, "--out", str(tmp_path / "out"),
+                 *map(str, adapters)])
+    seconds = time.monotonic() - start
+    err = capsys.readouterr().err
+    assert code == 2 and not (tmp_path / "out").exists()
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(
+        f"clairstat refine: error: --scheduler {address}: no Dask scheduler"), err
+    assert "Traceback" not in err and seconds < 20  # 2 s + 2 s margin, not a hang
+    if not reply:
+        assert "answered within 2 s" in lines[0]
+
+
+def test_workers_without_a_local_scheduler_is_refused(adapters, tmp_path, capsys):
+    """--workers sizes --scheduler local's cluster; given without it, it was silently
+    ignored (a review): now one line and exit 2."""
+    code = main(["refine", "--workers", "3", "--out", str(tmp_path / "out"),
+                 *map(str, adapters)])
+    assert code == 2 and not (tmp_path / "out").exists()
+    assert "--workers 3: applies to --scheduler local only" in capsys.readouterr().err
+
+
 def test_joint_is_the_default(adapters, refined, tmp_path):
     assert main(["refine", "--joint", "--random-state", "0", "--out", str(tmp_path),
                  *map(str, adapters)]) == 0

@@ -456,3 +456,38 @@ def test_few_clients_are_warned_about_once_per_call_not_once_per_module(rng, joi
     assert len(few) == 1 and few[0].filename == __file__
     with pytest.warns(UserWarning, match="only 6 clients"):
         clair_modules({"m0": lists["m0"]}, None, joint=joint, random_state=0)
+
+
+def test_clipping_a_zero_flagged_update_raises_no_overflow_warning():
+    """A flagged update of norm 0 (a module a client left fresh) beside unflagged ones
+    of norm > 4: the clip's scale divided the bound by ``tiny`` and overflowed, a
+    RuntimeWarning that ``clairstat refine`` printed naming no client or module (a
+    review). The scale is 1 there (nothing to cut), bound/norm where the flagged update
+    is larger, and 1 where it is not."""
+    import warnings
+
+    from clairstat.aggregation._modules import _stand_in_maps
+
+    norms = np.array([10.0, 0.0, 30.0, 5.0])
+    grams = np.diag(norms ** 2)[None]
+    flags = np.array([[False, True, True, True]])
+    members, weights = np.ones(4, dtype=bool), np.ones(4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        maps = _stand_in_maps(flags, members, weights, grams, "clip")
+    assert np.array_equal(np.diag(maps[0]), [1.0, 1.0, 10.0 / 30.0, 1.0])
+
+
+def test_keys_without_lora_factors_say_what_peft_keys_look_like():
+    """Keys that miss peft's ``.weight`` suffix (or name no factor at all) gave "no
+    complete lora_A/lora_B pairs (incomplete: [])" (a review): now the expected form,
+    and the keys that come near it. A generator of keys is read once."""
+    from clairstat.lora import lora_pairs
+
+    with pytest.raises(ValueError, match=r"'<module>.lora_A.weight'.*not of that form: "
+                                         r"\['m.lora_A', 'm.lora_B'\]"):
+        lora_pairs(["m.lora_A", "m.lora_B", "m.base_layer.weight"])
+    with pytest.raises(ValueError, match="none of the keys names a LoRA factor"):
+        lora_pairs(["m.weight"])
+    assert lora_pairs(iter(["m.lora_A.weight", "m.lora_B.weight"])) == {
+        "m": {"A": "m.lora_A.weight", "B": "m.lora_B.weight"}}

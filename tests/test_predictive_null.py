@@ -124,3 +124,31 @@ def test_few_clients_warn_that_the_lora_tests_flag_large_deviations_only():
         warnings.simplefilter("always")
         aggregate("clair", factors(12), random_state=0)
     assert not [w for w in caught if "only 12 clients" in str(w.message)]
+
+
+@pytest.mark.parametrize("n_clients", [2, 3])
+def test_two_or_three_lora_clients_are_told_that_nobody_can_be_flagged(n_clients):
+    """With fewer than MIN_OTHERS + 1 clients no client's null can be predicted: no
+    client can be flagged, and a 100-times-larger client pulls the others' refinement
+    towards it. The fit says so, once, with the reason; before, a second warning said
+    the shared subspace was "all of the estimates' rows" where it was not, and advised
+    rank=0, which hands the large client's update to everyone (a review)."""
+    import warnings
+
+    from clairstat.aggregation import aggregate
+
+    rng = np.random.default_rng(11)
+    shared = rng.standard_normal((16, 2))
+    factors = [(shared @ rng.standard_normal((2, 2)) + 0.1 * rng.standard_normal((16, 2)),
+                rng.standard_normal((2, 12))) for _ in range(n_clients)]
+    factors[-1] = (100 * factors[-1][0], factors[-1][1])
+    for rank in (None, 0):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = aggregate("clair", factors, rank=rank, random_state=0)
+        messages = [str(w.message) for w in caught]
+        assert not result.flagged.any()
+        said = [m for m in messages if "no client can be flagged" in m]
+        assert len(said) == 1 and said[0].startswith(f"only {n_clients} clients")
+        assert "contaminated one included" in said[0]
+        assert not [m for m in messages if "all of the estimates'" in m or "rank=0" in m]

@@ -95,6 +95,37 @@ def test_a_categorical_column_with_numeric_categories_is_not_fitted_as_a_slope()
     assert numeric.feature_names == ["const", "age", "income", "party"]
 
 
+def test_a_factor_stored_as_text_is_not_fitted_as_a_slope():
+    """A review: a column of numbers stored as text ("1", "2", "3": a region or a zip
+    code read from a file) was parsed by numpy and fitted as one slope, object and
+    pandas' string dtype alike, while categorical columns were refused. Now text is
+    refused wherever it is (a column, a Series, a text array), numbers held as Python
+    objects are not, and a date column's error speaks of dates."""
+    import pandas as pd
+
+    rng = np.random.default_rng(0)
+    n = 40
+    x, y = rng.standard_normal(n), rng.standard_normal((n, 2))
+    codes = rng.choice(["1", "2", "3"], n)
+    for column in (codes, pd.array(codes, dtype="string")):
+        design = pd.DataFrame({"const": 1.0, "x": x, "region": column})
+        with pytest.raises(TypeError, match=r"client 0's design has text columns "
+                                             r"\['region'\].*get_dummies.*to_numeric"):
+            local_ols([design] * 5, [y] * 5)
+    with pytest.raises(TypeError, match="client 0's design holds text"):
+        local_ols([np.c_[np.ones(n), x].astype(str)] * 5, [y] * 5)
+    with pytest.raises(TypeError, match="client 0's response holds text"):
+        local_ols([np.c_[np.ones(n), x]] * 5, [pd.Series(codes)] * 5)
+    dates = pd.DataFrame({"const": 1.0, "x": x, "day": pd.date_range("2020", periods=n)})
+    with pytest.raises(TypeError, match=r"\['day'\]: dates and durations are not numbers"):
+        local_ols([dates] * 5, [y] * 5)
+    as_objects = local_ols([np.c_[np.ones(n), x].astype(object)] * 5, [y] * 5)
+    assert np.allclose(as_objects.estimates, local_ols([np.c_[np.ones(n), x]] * 5,
+                                                       [y] * 5).estimates, rtol=0, atol=0)
+    converted = pd.DataFrame({"const": 1.0, "x": x, "region": pd.to_numeric(codes)})
+    assert local_ols([converted] * 5, [y] * 5).estimates.shape == (5, 3, 2)
+
+
 def test_complex_data_are_refused_not_truncated():
     """A review: ``local_ols`` dropped the imaginary part of complex responses (numpy's
     ComplexWarning only), while the estimator refuses complex estimates."""

@@ -336,7 +336,12 @@ def _stand_in_maps(module_flags, members, weights, grams, policy):
         else:
             norms = np.sqrt(np.maximum(np.diagonal(grams[m]), 0.0))
             bound = norms[good].max()
-            scale = np.minimum(1.0, bound / np.maximum(norms[bad], np.finfo(float).tiny))
+            # bound / norm only where the flagged update is larger: a zero update (a
+            # module a client left fresh) no longer overflows a division by `tiny`
+            # (a RuntimeWarning that reached the command line; a review)
+            larger = norms[bad] > bound
+            scale = np.ones(len(bad))
+            scale[larger] = bound / norms[bad][larger]
             maps[m][bad, bad] = scale
     return maps
 
