@@ -455,3 +455,67 @@ def test_precise_clients_hide_no_attacker(monkeypatch, previous):
                 rng.standard_normal((8, 256)) / 16) for _ in range(5)]
     fit = aggregate("clair", factors + precise, np.ones(17), random_state=0)
     assert (np.flatnonzero(fit.flagged).tolist() == [0, 1]) != previous
+
+
+def _flip_study_clients(seed, n_honest, n_copies, extra_honest=0):
+    """Honest LoRA clients ``(U_B + E) (U_A + E')`` of three 32 x 32 modules (rank 4,
+    noise 0.3, one U_B and U_A per module), then ``n_copies`` identical copies of one
+    client whose every ``lora_B`` is sign-flipped (its update ``-B A``: inside the honest
+    clients' column space), then ``extra_honest`` more honest clients."""
+    rng = np.random.default_rng(seed)
+    shared = {m: (rng.standard_normal((32, 4)), rng.standard_normal((4, 32)))
+              for m in ("q", "v", "o")}
+
+    def client(index, sign=1.0):
+        noise = np.random.default_rng([seed, index])
+        return {key: value for m, (u_b, u_a) in shared.items() for key, value in (
+            (f"base_model.model.{m}.lora_B.weight",
+             sign * (u_b + 0.3 * noise.standard_normal((32, 4)))),
+            (f"base_model.model.{m}.lora_A.weight",
+             u_a + 0.3 * noise.standard_normal((4, 32))))}
+
+    flipped = client(99, sign=-1.0)
+    return ([client(index) for index in range(n_honest)] + [flipped] * n_copies
+            + [client(50 + i) for i in range(extra_honest)])
+
+
+def _q_updates(state_dicts):
+    config = {"lora_alpha": 8, "r": 4}
+    return [np.matmul(*adapter_factors(sd, config)["base_model.model.q"])
+            for sd in state_dicts]
+
+
+def _refined(states):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return refine_adapters(states, {"lora_alpha": 8, "r": 4}, joint=False,
+                               random_state=0)
+
+
+@pytest.mark.xfail(strict=True, reason="a known limit (docs/guides/llm.rst): a "
+                   "contamination inside the shared subspace is not what the off-subspace "
+                   "tests see; two identical sign-flipped adapters pass among 10 honest "
+                   "clients in each of 6 draws")
+def test_two_copies_of_a_sign_flipped_adapter_are_flagged():
+    assert any(_refined(_flip_study_clients(seed, 10, 2)).flagged[10:].all()
+               for seed in range(6))
+
+
+def test_a_sign_flipped_adapter_is_seen_alone_at_best_and_copies_move_others_little():
+    """The limit's extent (a review: an attacker caught alone escapes by sending its
+    adapter twice): a sign-flipped adapter among ten honest ones is flagged in some
+    draws (it stays inside their column space: not in all), never a honest client;
+    two identical copies of it are not flagged, and move the honest clients' refined
+    updates (per-module fits) by less than a tenth of their size, within twice what
+    two more honest clients move them."""
+    alone = [_refined(_flip_study_clients(seed, 10, 1)).flagged for seed in range(6)]
+    assert any(flags[10] for flags in alone) and not any(flags[:10].any() for flags in alone)
+    base = _q_updates(_refined(_flip_study_clients(0, 10, 0)).state_dicts)
+    copies = _refined(_flip_study_clients(0, 10, 2))
+    assert not copies.flagged.any()
+    more = _q_updates(_refined(_flip_study_clients(0, 10, 0, extra_honest=2)).state_dicts)
+    moved = [np.linalg.norm(a - b) / np.linalg.norm(b)
+             for a, b in zip(_q_updates(copies.state_dicts), base)]
+    honest_moved = [np.linalg.norm(a - b) / np.linalg.norm(b) for a, b in zip(more, base)]
+    assert max(moved) < 0.10
+    assert np.median(moved) < 2.0 * np.median(honest_moved)
