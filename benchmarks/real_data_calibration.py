@@ -192,8 +192,8 @@ def _sixth_heldout_datasets():
     mother's age, education and the birth order; 20 clients), racd10 (3 629 people
     aged 65-90; doctor visits and chronic conditions, counts, on age, years of education,
     income and sex; 15 clients) and dietox (72 pigs weighed weekly, the 789 rows
-    with feed intake; weight and cumulated feed on the week and the doses of vitamin E
-    and copper; 8 clients, one pig's rows spread over several clients)."""
+    with feed intake; weight and cumulated feed on the week and the levels, coded 1-3,
+    of vitamin E and copper; 8 clients, one pig's rows spread over several clients)."""
     cattaneo = _statsmodels_test_data("treatment/tests/results/cataneo2.csv")
     racd = _statsmodels_test_data(
         "sandbox/regression/tests/racd10data_with_transformed.csv")

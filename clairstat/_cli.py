@@ -682,10 +682,61 @@ def _work(clients):
                          for module in clients[0].modules})
 
 
+class _Packed(NamedTuple):
+    """A ``{key: tensor}`` dict as safetensors bytes, for a Dask cluster's workers.
+
+    distributed serializes torch tensors through ``Tensor.numpy()``, which bfloat16
+    tensors refuse: with worker processes (not threads) a bf16 client ended the command
+    with a traceback ("unsupported ScalarType BFloat16"; a review). safetensors keeps
+    every dtype exactly and loads no pickle."""
+
+    data: bytes
+
+
+def _pack(value):
+    """``value`` with every dict of torch tensors in it (lists, tuples and NamedTuples
+    walked) replaced by a :class:`_Packed`."""
+    import torch
+
+    if isinstance(value, dict) and value and all(isinstance(v, torch.Tensor)
+                                                 for v in value.values()):
+        from safetensors.torch import save
+
+        return _Packed(save({k: v.detach().contiguous().clone() for k, v in value.items()}))
+    if isinstance(value, tuple) and hasattr(value, "_fields"):
+        return type(value)(*map(_pack, value))
+    if isinstance(value, (list, tuple)):
+        return type(value)(map(_pack, value))
+    if isinstance(value, dict):
+        return {k: _pack(v) for k, v in value.items()}
+    return value
+
+
+def _unpack(value):
+    """The inverse of :func:`_pack`."""
+    if isinstance(value, _Packed):
+        from safetensors.torch import load
+
+        return load(value.data)
+    if isinstance(value, tuple) and hasattr(value, "_fields"):
+        return type(value)(*map(_unpack, value))
+    if isinstance(value, (list, tuple)):
+        return type(value)(map(_unpack, value))
+    if isinstance(value, dict):
+        return {k: _unpack(v) for k, v in value.items()}
+    return value
+
+
+def _remote(function, module, *args):
+    """``function(module, *args)`` on a worker, tensors packed both ways."""
+    return _pack(function(module, *_unpack(args)))
+
+
 def _run(function, jobs, cluster):
     """``(module, function(module, *args))`` for ``(module, args)`` in ``jobs``, in
     order: in this process, or on the Dask ``cluster`` with at most ``2 x`` its threads
-    in flight (the reading runs ahead of the cluster only that far)."""
+    in flight (the reading runs ahead of the cluster only that far), tensors sent and
+    received as safetensors bytes (:class:`_Packed`)."""
     if cluster is None:
         for module, args in jobs:
             yield module, function(module, *args)
@@ -693,13 +744,14 @@ def _run(function, jobs, cluster):
     window = max(2, 2 * sum(cluster.nthreads().values()))
     pending = collections.deque()
     for module, args in jobs:
-        pending.append((module, cluster.submit(function, module, *args, pure=False)))
+        pending.append((module, cluster.submit(_remote, function, module, *_pack(args),
+                                               pure=False)))
         if len(pending) >= window:
             name, future = pending.popleft()
-            yield name, future.result()
+            yield name, _unpack(future.result())
     while pending:
         name, future = pending.popleft()
-        yield name, future.result()
+        yield name, _unpack(future.result())
 
 
 # Seconds a Dask scheduler has to accept the connection and answer its handshake (the
@@ -767,7 +819,8 @@ class _Cluster:
         thread.join(CONNECT_TIMEOUT + CONNECT_MARGIN)
         if thread.is_alive():
             raise InputError(f"--scheduler {self.scheduler}: no Dask scheduler answered "
-                             f"within {CONNECT_TIMEOUT} s (a scheduler listens on "
+                             f"within {CONNECT_TIMEOUT + CONNECT_MARGIN} s (a scheduler "
+                             "listens on "
                              "tcp://HOST:8786 by default; the dashboard's port is not "
                              "it)")
         if "error" in outcome:

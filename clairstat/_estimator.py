@@ -751,22 +751,26 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
                 "contaminated and hides itself (masking); read each client's row of "
                 "summary() and its own regression.", UserWarning, stacklevel=4)
         side = "columns" if self.subspace == "row" else "rows"
-        dim = self.estimate_shape_[1 if self.subspace == "row" else 0]
-        if (not self.contaminated_.all() and not np.any(self.degrees_of_freedom_ > 0)
-                and self.rank_ < dim):
+        collaborative = ~self.contaminated_
+        untestable = collaborative.any() and not np.any(
+            self.degrees_of_freedom_[collaborative] > 0)
+        # estimate_shape_ is in the working orientation: its first entry is the side
+        # the subspace lives in, for subspace="row" too
+        if untestable and self.rank_ < self.estimate_shape_[0]:
             # a predictive null (clairstat._null.predictive_null) read from too few
-            # other clients: no test at all, whatever the rank (a review: the message
-            # below blamed the rank with 2 and 3 LoRA clients). With too few clients
-            # in all, the fit's first warning (_warn_few_clients) said it already.
+            # other clients: no test of the collaborative clients, whatever the rank (a
+            # review: the message below blamed the rank with 2 and 3 LoRA clients).
+            # With too few clients in all, the fit's first warning said it already
+            # (_warn_few_clients).
             if len(self.contaminated_) - 1 >= MIN_OTHERS:
                 warnings.warn(
-                    "every client's test has 0 degrees of freedom: each client's null is "
-                    f"predicted from the statistics of at least {MIN_OTHERS} other "
-                    f"collaborative clients, and only "
-                    f"{int((~self.contaminated_).sum()) - 1} are left, so no "
-                    "collaborative client can be flagged, and each is refined towards "
-                    "their mean, a contaminated one included.", UserWarning, stacklevel=4)
-        elif not self.contaminated_.all() and not np.any(self.degrees_of_freedom_ > 0):
+                    "the collaborative clients' tests have 0 degrees of freedom: each "
+                    "client's null is predicted from the statistics of at least "
+                    f"{MIN_OTHERS} other collaborative clients (copies counted once), "
+                    "and fewer are left, so none of them can be flagged, and each is "
+                    "refined towards their mean, a contaminated one included.",
+                    UserWarning, stacklevel=4)
+        elif untestable:
             # rank_ = p: the subspace is the whole space, nothing is off it
             warnings.warn(f"the shared subspace has dimension {self.rank_}, all of the "
                           f"estimates' {self.estimate_shape_[0]} {side}: every client's "

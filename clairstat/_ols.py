@@ -196,7 +196,9 @@ def _aligned(design, response, k, reference, first_label="0"):
     """Client k's design and response as the first client's columns, rows paired.
 
     pandas inputs are matched by label, never silently by position: rows by index (a
-    response whose index differs from its design's is an error, as in statsmodels), and
+    response whose index differs from its design's is an error, as in statsmodels; an
+    array beside a pandas table has no labels and is paired by position, as in
+    statsmodels), and
     columns by name against the first client's (``reference``: its design's and
     response's labels): the same names in another order are put in the first client's
     order; other names are an error naming the client.
@@ -262,29 +264,47 @@ def _categorical_columns(table):
 
 
 def _holds_text(values):
-    """Whether an array of Python objects (or of strings) holds a string."""
+    """Whether an array (of Python objects, or of strings) holds a string or bytes.
+
+    pandas' ``infer_dtype`` reads an object array in C; only a mixture it cannot name
+    is scanned value by value (a Python loop made ``local_ols`` three times slower on
+    object columns of numbers; a review)."""
+    from pandas.api.types import infer_dtype
+
     values = np.asarray(values)
-    return values.dtype.kind in "US" or (
-        values.dtype.kind == "O" and any(isinstance(v, (str, bytes)) for v in values.ravel()))
+    if values.dtype.kind in "US":
+        return True
+    if values.dtype.kind != "O":
+        return False
+    kind = infer_dtype(values.ravel(), skipna=True)
+    if kind in ("string", "bytes"):
+        return True
+    if kind not in ("mixed", "mixed-integer"):
+        return False
+    return any(isinstance(v, (str, bytes)) for v in values.ravel())
 
 
 def _text_columns(table):
-    """The names of a table's columns that hold text (a text Series: its name; a text
-    ndarray: ``["all"]``), as strings: ``np.asarray(..., dtype=float)`` parses "1", "2"
-    as numbers, so a factor coded as text (regions, zip codes) became one slope."""
+    """The names of a table's columns that hold text (a text Series: its name; any
+    other table, a list of rows included: ``["all"]``), as strings:
+    ``np.asarray(..., dtype=float)`` parses "1", "2" as numbers, so a factor coded as
+    text (regions, zip codes) became one slope."""
     columns, dtypes = getattr(table, "columns", None), getattr(table, "dtypes", None)
-    if columns is not None and dtypes is not None and not np.isscalar(dtypes):
+    if hasattr(table, "iloc") and columns is not None and dtypes is not None \
+            and not np.isscalar(dtypes):  # a pandas DataFrame: name the columns
         return [str(c) for i, (c, t) in enumerate(zip(columns, dtypes))
                 if getattr(t, "kind", "O") in "OUS"
                 and _holds_text(table.iloc[:, i].to_numpy(dtype=object))]
-    if hasattr(getattr(table, "index", None), "equals") and hasattr(table, "to_numpy"):
+    if hasattr(table, "iloc") and hasattr(getattr(table, "index", None), "equals"):
         kind = getattr(getattr(table, "dtype", None), "kind", "O")
         name = getattr(table, "name", None)
         return ([("all" if name is None else str(name))] if kind in "OUS"
                 and _holds_text(table.to_numpy(dtype=object)) else [])
-    if isinstance(table, np.ndarray):
-        return ["all"] if _holds_text(table) else []
-    return []
+    try:  # arrays, lists of rows (csv.reader's), other frame libraries' tables
+        values = np.asarray(table)
+    except (TypeError, ValueError):  # ragged: the conversion below says what is wrong
+        return []
+    return ["all"] if _holds_text(values) else []
 
 
 def _as_matrix(table, what, k):
@@ -558,7 +578,8 @@ def local_ols(designs: Sequence[ArrayLike] | Mapping[object, ArrayLike],
         Some per-client arguments given as mappings and others as sequences; a
         scipy.sparse design or response (convert it with ``.toarray()``); a
         non-numeric or categorical (pandas ``category``) column, whatever its
-        categories: a factor's values are labels (encode it as indicator columns).
+        categories, or a column of text (object or string dtype; also "1", "2"): a
+        factor's values are labels (encode it as indicator columns).
     ValueError
         Mappings with different keys, or keys that are equal as strings; a per-client
         argument that holds scalars (one column of a whole table) or is one table (a
@@ -568,7 +589,8 @@ def local_ols(designs: Sequence[ArrayLike] | Mapping[object, ArrayLike],
         a rank-deficient design, complex data (refused, not truncated), or non-finite
         or missing data (NaN, pandas NA, masked entries of a numpy masked array; the
         message names the client).
-        With pandas inputs: a design and response whose row indexes differ. With
+        With pandas inputs: a design and response whose row indexes differ (an array
+        beside a pandas table has no index and is paired by position). With
         pandas or patsy inputs (``dmatrices``' design matrices carry their column
         names): a table with a column name twice, or a client whose column names are
         not the first client's (the same names in another order are reordered to the

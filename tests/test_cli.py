@@ -254,10 +254,12 @@ def test_a_whole_adapter_is_never_read(adapters, tmp_path, monkeypatch):
                and len(read) == 2 for read in reads)
 
 
-@pytest.mark.parametrize("where", ["address", "local"])
+@pytest.mark.parametrize("where", ["address", "local", "processes"])
 def test_dask_scheduler_gives_the_in_process_outputs(adapters, refined, tmp_path, where):
     """Per-module fits on a Dask cluster (two single-threaded workers) write the same
-    bytes and the same report as the in-process run."""
+    bytes and the same report as the in-process run. With worker processes every
+    tensor crosses a process boundary: a bf16 client ended the command with a traceback
+    (distributed serializes tensors through ``.numpy()``; a review)."""
     distributed = pytest.importorskip("distributed")
     out = tmp_path / "dask"
     if where == "local":  # the workers are threads here: no warning escapes raw
@@ -266,7 +268,8 @@ def test_dask_scheduler_gives_the_in_process_outputs(adapters, refined, tmp_path
              "--out", str(out), *map(str, adapters)])
         assert raw == []
     else:
-        with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=False,
+        with distributed.LocalCluster(n_workers=2, threads_per_worker=1,
+                                      processes=where == "processes",
                                       dashboard_address=None) as cluster:
             code = main(["refine", "--random-state", "0", "--scheduler",
                          cluster.scheduler_address, "--out", str(out),
@@ -332,7 +335,7 @@ def test_a_scheduler_address_that_is_no_scheduler_is_one_line(adapters, tmp_path
         f"clairstat refine: error: --scheduler {address}: no Dask scheduler"), err
     assert "Traceback" not in err and seconds < 20  # 2 s + 2 s margin, not a hang
     if not reply:
-        assert "answered within 2 s" in lines[0]
+        assert "answered within 4 s" in lines[0]  # the timeout and its margin
 
 
 def test_workers_without_a_local_scheduler_is_refused(adapters, tmp_path, capsys):

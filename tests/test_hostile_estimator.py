@@ -854,6 +854,24 @@ def test_tests_without_degrees_of_freedom_say_so():
     assert "0 degrees of freedom" not in _messages(caught)
 
 
+def test_a_row_subspace_that_is_every_column_says_so_not_a_lora_reason():
+    """subspace="row" with the rank at the number of outputs: the old message (every
+    column kept) is the right one, with 8 clients and with 3. A review: a first version
+    of the LoRA warning read the wrong axis of estimate_shape_ (already in the working
+    orientation) and gave the predictive null's message, or none."""
+    rng = np.random.default_rng(0)
+    for n_clients, shape, rank in ((8, (4, 2), 2), (3, (3, 1), 1)):
+        stack = 0.1 * rng.standard_normal((n_clients, *shape)) + rng.standard_normal(
+            (1, *shape))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            est = CLAIREstimator(rank=rank, subspace="row", random_state=0).fit(stack)
+        assert est.estimate_shape_ == (shape[1], shape[0]) and est.rank_ == shape[1]
+        assert (f"the shared subspace has dimension {rank}, all of the estimates' "
+                f"{shape[1]} columns") in _messages(caught)
+        assert "predicted from" not in _messages(caught)
+
+
 def test_a_covariance_raised_far_by_the_calibration_is_reported():
     """With ``noise_cov`` the calibration raises the covariance's null scale until the
     median p-value is 1/2. Where a third of the clients is contaminated and masks

@@ -152,3 +152,25 @@ def test_two_or_three_lora_clients_are_told_that_nobody_can_be_flagged(n_clients
         assert len(said) == 1 and said[0].startswith(f"only {n_clients} clients")
         assert "contaminated one included" in said[0]
         assert not [m for m in messages if "all of the estimates'" in m or "rank=0" in m]
+
+
+def test_a_collaborative_set_left_with_too_few_others_says_nobody_in_it_can_be_flagged():
+    """Four LoRA clients, one 30 times larger and flagged: the three others are each
+    predicted from two, fewer than MIN_OTHERS, so none of them could have been flagged.
+    The fit says so (a review: the warning was promised for this case but never fired,
+    the flagged client's own degrees of freedom being positive)."""
+    import warnings
+
+    from clairstat.aggregation import aggregate
+
+    rng = np.random.default_rng(0)
+    shared = rng.standard_normal((16, 2))
+    factors = [(shared @ rng.standard_normal((2, 2)) + 0.1 * rng.standard_normal((16, 2)),
+                rng.standard_normal((2, 12))) for _ in range(4)]
+    factors[0] = (30 * factors[0][0], factors[0][1])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = aggregate("clair", factors, random_state=0)
+    assert result.flagged.tolist() == [True, False, False, False]
+    said = [str(w.message) for w in caught if "tests have 0 degrees" in str(w.message)]
+    assert len(said) == 1 and said[0].startswith("the collaborative clients' tests")

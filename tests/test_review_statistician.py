@@ -116,6 +116,18 @@ def test_a_factor_stored_as_text_is_not_fitted_as_a_slope():
         local_ols([np.c_[np.ones(n), x].astype(str)] * 5, [y] * 5)
     with pytest.raises(TypeError, match="client 0's response holds text"):
         local_ols([np.c_[np.ones(n), x]] * 5, [pd.Series(codes)] * 5)
+    rows = [("1", str(v)) for v in x]  # csv.reader's rows: text, parsed by numpy
+    with pytest.raises(TypeError, match="client 0's design holds text"):
+        local_ols([rows] * 5, [y] * 5)
+
+    class OtherFrame:  # another library's frame (polars): dtypes without numpy's .kind
+        columns, dtypes = ["const", "x"], ["Float64", "Float64"]
+
+        def __array__(self, dtype=None, copy=None):
+            table = np.c_[np.ones(n), x]
+            return table if dtype is None else table.astype(dtype)
+
+    assert local_ols([OtherFrame()] * 5, [y] * 5).estimates.shape == (5, 2, 2)
     dates = pd.DataFrame({"const": 1.0, "x": x, "day": pd.date_range("2020", periods=n)})
     with pytest.raises(TypeError, match=r"\['day'\]: dates and durations are not numbers"):
         local_ols([dates] * 5, [y] * 5)
