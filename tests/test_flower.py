@@ -2,6 +2,7 @@
 tiny Flower simulation (Ray backend) where CLAIR flags an adversarial client."""
 
 import os
+import re
 import sys
 
 import numpy as np
@@ -715,16 +716,19 @@ def test_the_rule_and_its_options_are_checked_at_construction(rule, options, mes
 
 
 def test_the_dry_run_refuses_no_valid_option_and_draws_from_no_given_generator():
-    """The construction's dry run (6 clients, 4 x 4) refused valid options: one CLAIR
-    noise scale per client of a 10-client federation, and glora's readout_rank given as
-    a numpy integer above 4 (a plain int was let through). It also drew from a
-    RandomState given as random_state, so that the first round's fit depended on
-    whether the strategy had been built (a review)."""
-    LoraStrategy(rule="clair", rule_options={"noise_scale": [0.1] * 10})
-    LoraStrategy(rule="clair", rule_options={"noise_scale": [0.1] * 10, "joint": False})
+    """The construction's dry run (6 clients, 4 x 4) refused valid options: glora's
+    readout_rank given as a numpy integer above 4 (a plain int was let through). It also
+    drew from a RandomState given as random_state, so that the first round's fit
+    depended on whether the strategy had been built (a review). One CLAIR noise scale
+    per client is refused: a scale went to whichever reply came i-th, and a round with
+    a reply fewer failed (a later review); one number for all is taken."""
+    for scales in ([0.1] * 10, np.full(6, 0.1), [[0.1]]):
+        with pytest.raises(ValueError, match="noise_scale: one number for every client"):
+            LoraStrategy(rule="clair", rule_options={"noise_scale": scales})
+    LoraStrategy(rule="clair", rule_options={"noise_scale": 0.1, "joint": False})
     LoraStrategy(rule="glora", rule_options={"readout_rank": np.int64(8)})
-    with pytest.raises(ValueError, match="noise_scale must be a positive number"):
-        LoraStrategy(rule="clair", rule_options={"noise_scale": [0.1] * 9 + [-1.0]})
+    with pytest.raises(ValueError, match="'noise_scale' parameter of CLAIREstimator"):
+        LoraStrategy(rule="clair", rule_options={"noise_scale": -1.0})
     generator = np.random.RandomState(0)
     LoraStrategy(rule="clair", rule_options={"random_state": generator})
     assert generator.randint(2**31) == np.random.RandomState(0).randint(2**31)
@@ -825,9 +829,10 @@ def test_uncapped_weights_do_not_overflow_when_the_median_claim_is_tiny():
     assert np.allclose(weights[[0, 1, 3, 4, 5]], 1e-310, rtol=1e-12, atol=0)  # subnormal
 
 
-def test_an_error_of_the_rule_names_the_node_ids(monkeypatch):
+def test_an_error_of_the_rule_skips_the_round_and_names_the_node_ids(monkeypatch):
     """The rules name clients by position; the strategy gives their node ids. A round
-    that raises leaves the strategy's state as it was (weights_ was the new round's)."""
+    whose rule fails is skipped, not raised (raising ended the whole run: a review), and
+    leaves the strategy's state as it was (weights_ was the new round's)."""
     import clairstat.integrations.flower as flower
 
     states = [client_adapter(k) for k in range(N_NODES)]
@@ -839,10 +844,12 @@ def test_an_error_of_the_rule_names_the_node_ids(monkeypatch):
         raise ValueError("factors[2]: a failure of the rule")
 
     monkeypatch.setattr(flower, "personalized_state_dicts", failing)
-    with pytest.raises(ValueError, match=r"round 2: factors\[2\]: a failure.*node ids "
-                       r"\[101, 102, 103, 104, 105\]"):
-        strategy.aggregate_train(2, [_reply(n, s, count=k + 1) for k, (n, s)
-                                     in enumerate(zip(NODES[:5], states))])
+    arrays, metrics = strategy.aggregate_train(2, [_reply(n, s, count=k + 1) for k, (n, s)
+                                                   in enumerate(zip(NODES[:5], states))])
+    assert arrays is None and metrics["skipped"] == 1 and metrics["rule-failed"] == 1
+    assert metrics["n-valid"] == 5
+    assert re.fullmatch(r"factors\[2\]: a failure.*node ids \[101, 102, 103, 104, 105\]\)",
+                        strategy.failed_[2])
     assert (strategy.weights_, strategy.last_results_) == before
 
 
@@ -854,3 +861,51 @@ def test_bfloat16_tensors_travel_as_float32():
     back = arrays_to_state_dict(state_dict_to_arrays(state))
     assert all(back[k].dtype == np.float32 for k in state)
     assert all(np.array_equal(back[k], state[k].float().numpy()) for k in state)
+
+
+def test_a_fixed_rank_that_a_round_cannot_hold_skips_the_round_not_the_run():
+    """A CLAIR rank of 5 fits six clients; with one reply dropped (a NaN) the five left
+    cannot hold it. The round raised, and Flower's start does not catch it: one bad
+    reply ended the run (a review). The round is skipped, the rule's message kept; the
+    next full round aggregates."""
+    states = [client_adapter(k) for k in range(N_NODES)]
+    strategy = LoraStrategy(rule="clair", lora_config=LORA, rule_options={"rank": 5})
+    bad = dict(states[0])
+    _set_entry(Q_B, np.nan)(bad)
+    arrays, metrics = strategy.aggregate_train(
+        1, [_reply(n, s) for n, s in zip(NODES, [bad, *states[1:]])])
+    assert arrays is None and metrics["skipped"] == 1 and metrics["rule-failed"] == 1
+    assert metrics["dropped-nodes"] == [NODES[0]] and "rank 5" in strategy.failed_[1]
+    assert strategy.flagged_history_ == {} and strategy.weights_ == {}
+    arrays, metrics = strategy.aggregate_train(2, [_reply(n, s) for n, s in zip(NODES, states)])
+    assert arrays is not None and "skipped" not in metrics and 1 not in strategy.flagged_history_
+
+
+def test_every_round_keeps_its_flags_by_node_id():
+    """flagged_ held the last round's flags only, and the metrics a count (a review):
+    flagged_history_ keeps every aggregated round's, and the metrics name the nodes."""
+    states = [client_adapter(k) for k in range(N_NODES)]
+    strategy = LoraStrategy(rule="clair", lora_config=LORA, rule_options={"random_state": 0})
+    _, first = strategy.aggregate_train(1, [_reply(n, s) for n, s in zip(NODES, states)])
+    benign = [client_adapter(k) for k in range(N_NODES - 1)] + [client_adapter(0)]
+    _, second = strategy.aggregate_train(2, [_reply(n, s) for n, s in zip(NODES, benign)])
+    assert first["flagged-nodes"] == [NODES[ADVERSARY]] and first["n-flagged"] == 1
+    assert strategy.flagged_history_[1] == {n: n == NODES[ADVERSARY] for n in NODES}
+    assert second["flagged-nodes"] == [] and not any(strategy.flagged_history_[2].values())
+    assert strategy.flagged_ == strategy.flagged_history_[2]
+
+
+def test_a_tie_between_module_shapes_does_not_follow_the_arrival_order():
+    """Three replies adapt q_proj and v_proj, three q_proj only: which group was kept
+    followed the replies' arrival order (Counter's first seen; a review). The group of
+    the smallest node id is kept, in either order."""
+    states = [client_adapter(k) for k in range(N_NODES)]
+    for k in (3, 4, 5):
+        states[k] = {key: value for key, value in states[k].items() if "v_proj" not in key}
+    replies = [_reply(n, s) for n, s in zip(NODES, states)]
+    dropped = []
+    for order in (replies, replies[::-1]):
+        strategy = LoraStrategy(rule="fedit", lora_config=LORA)
+        _, metrics = strategy.aggregate_train(1, order)
+        dropped.append(sorted(metrics["dropped-nodes"]))
+    assert dropped == [NODES[3:], NODES[3:]]

@@ -250,6 +250,14 @@ def _check_rule(rule, options):
             if options[name] < (0 if name == "n_byzantine" else 1):
                 raise ValueError(f"{name} must be >= {0 if name == 'n_byzantine' else 1}, "
                                  f"got {options[name]}.")
+    # One noise scale per client follows the clients' positions, which a federation's
+    # replies do not keep: their order and number change from round to round (a
+    # sampled node, a failed one, a dropped reply), so scale i went to whichever reply
+    # came i-th, and a round with one reply fewer failed (a review).
+    if rule == "clair" and np.ndim(options.get("noise_scale")) > 0:
+        raise ValueError("noise_scale: one number for every client; a scale per client "
+                         "cannot follow Flower's replies, whose order and number change "
+                         "from round to round.")
     # before the dry run, which runs a positive rank as 1 (its message would name rank=1)
     if rule == "clair" and options.get("rank_rule") is not None \
             and options.get("rank") is not None:
@@ -268,8 +276,7 @@ def _dry_run(rule, options):
     ``reference`` (the modules' shapes), CLAIR's ``rank`` (a positive one is run as 1:
     the largest a federation supports depends on its clients), and krum's
     ``n_byzantine`` or ``multi`` and glora's ``readout_rank`` beyond what a small
-    federation holds (64 clients, 1024 x 1024). CLAIR's per-client ``noise_scale`` is
-    run with as many clients as it lists. The ValueError gives the rule's message.
+    federation holds (64 clients, 1024 x 1024). The ValueError gives the rule's message.
     """
     import copy
     import warnings
@@ -286,10 +293,6 @@ def _dry_run(rule, options):
     if rule == "krum":
         n_clients = max(n_clients, 2 * (options.get("n_byzantine") or 0) + 3,
                         options.get("multi", 1))
-    # One noise scale per client is valid for a federation of that many clients (the
-    # 6 synthetic ones refused 10 scales that a round of 10 replies takes).
-    if rule == "clair" and np.ndim(options.get("noise_scale")) == 1:
-        n_clients = len(options["noise_scale"])
     readout = options.get("readout_rank") if rule == "glora" else None
     # numpy's integers too (glora takes np.int64(8); the 4 x 4 run refused it)
     if isinstance(readout, (int, np.integer)) and not isinstance(readout, bool) \
@@ -367,7 +370,13 @@ class LoraStrategy(FedAvg):
         The adapter each node receives next (personalized mode); a node whose reply was
         dropped receives the global adapter.
     flagged_ : dict of int to bool
-        CLAIR's flags of the last round, by node id (empty for other rules).
+        CLAIR's flags of the last round that aggregated, by node id (empty for other
+        rules).
+    flagged_history_ : dict of int to dict of int to bool
+        CLAIR's flags of every round that aggregated: ``{round: {node_id: flag}}``.
+    failed_ : dict of int to str
+        The rounds skipped because the rule failed on their valid replies, with the
+        rule's message (clients named by node id).
     dropped_ : dict of int to dict of int to str
         Per server round, the dropped train replies: ``{round: {node_id: reason}}``.
     dropped_evaluate_ : dict of int to dict of int to str
@@ -450,6 +459,7 @@ class LoraStrategy(FedAvg):
         self.max_weight_share = max_weight_share
         self.client_arrays_, self.flagged_, self.last_results_ = {}, {}, None
         self.dropped_, self.dropped_evaluate_, self.weights_ = {}, {}, {}
+        self.flagged_history_, self.failed_ = {}, {}
 
     def summary(self):
         """Log the rule, then FedAvg's settings."""
@@ -600,8 +610,14 @@ class LoraStrategy(FedAvg):
                 read.append((message, node, count, *self._adapter(message.content)))
             except _MalformedReply as reason:
                 dropped[node] = str(reason)
-        if read:  # the shapes most replies share (first seen on a tie)
-            common = collections.Counter(item[-1] for item in read).most_common(1)[0][0]
+        if read:  # the shapes most replies share; on a tie, those of the smallest node id
+            # (Counter's first seen followed the replies' arrival order: which nodes
+            # were dropped changed with it; a review)
+            counts = collections.Counter(item[-1] for item in read)
+            lowest = {}
+            for item in read:
+                lowest[item[-1]] = min(lowest.get(item[-1], item[1]), item[1])
+            common = max(counts, key=lambda shapes: (counts[shapes], -lowest[shapes]))
             for item in [item for item in read if item[-1] != common]:
                 dropped[item[1]] = (f"modules and shapes {dict(item[-1])} differ from "
                                     f"those of most replies {dict(common)}")
@@ -696,22 +712,20 @@ class LoraStrategy(FedAvg):
             The global adapter (CLAIR: the collaborative mean, read out at the first
             valid client's rank); ``None`` when no reply carries content, or when fewer
             valid replies remain, after dropping the malformed ones, than the rule needs
-            (class Notes): the round is then skipped, logged at WARNING, Flower keeps the
-            previous global adapter and the nodes their previous personalized ones.
+            (class Notes), or when the rule fails on them (a fixed CLAIR ``rank`` above
+            what the round's replies support, say; its message, clients named by node
+            id, in ``failed_``): the round is then skipped, logged at WARNING, Flower
+            keeps the previous global adapter and the nodes their previous
+            personalized ones. No exception ends the run.
         metrics : MetricRecord or None
             FedAvg's weighted metrics (capped weights) over the replies whose metrics
             are all finite numbers, ``n-dropped`` and ``dropped-nodes``,
             ``metrics-left-out-nodes`` (the node ids whose metrics held a NaN or an
             infinite value, or other metric names or list lengths than most replies,
             left out of the average and logged; their adapters are aggregated), plus
-            ``n-flagged`` for CLAIR. A skipped round's metrics are ``n-dropped``,
-            ``dropped-nodes``, ``n-valid`` and ``skipped`` (1).
-
-        Raises
-        ------
-        ValueError
-            When the rule itself fails on the valid replies (its message, with the
-            node ids of the clients it names by position).
+            ``n-flagged`` and ``flagged-nodes`` for CLAIR. A skipped round's metrics are
+            ``n-dropped``, ``dropped-nodes``, ``n-valid`` and ``skipped`` (1), and
+            ``rule-failed`` (1) where the rule failed.
         """
         valid, _ = self._check_and_log_replies(replies, is_train=True, validate=False)
         if not valid:
@@ -733,8 +747,19 @@ class LoraStrategy(FedAvg):
         try:
             per_client, global_adapter, flagged = self._aggregate(adapters, weights)
         except ValueError as error:  # the rules name clients by position: give node ids
-            raise ValueError(f"round {server_round}: {error} (clients by position: node ids "
-                             f"{[int(n) for n in nodes]})") from error
+            # Skipped like a round with too few replies: raising ended the whole run
+            # (Flower's start does not catch it) when a round's clients could not hold
+            # the rule's options, e.g. a fixed rank above what the round's replies
+            # support once one was dropped or not sampled (a review). The options
+            # themselves were checked when the strategy was built.
+            message = (f"{error} (clients by position: node ids "
+                       f"{[int(n) for n in nodes]})")
+            self.failed_[server_round] = message
+            _LOGGER.warning("round %s: skipped, the global and personalized adapters stay "
+                            "those of the previous round: rule %r failed on the %d valid "
+                            "replies: %s", server_round, self.rule, len(read), message)
+            return None, MetricRecord({**extra, "n-valid": len(read), "skipped": 1,
+                                       "rule-failed": 1})
         # The round's state only once it has aggregated: a round that raised left the
         # next round's weights_ and last_results_ half updated.
         self.weights_ = dict(zip(nodes, (weights / weights.sum()).tolist()))
@@ -742,11 +767,14 @@ class LoraStrategy(FedAvg):
                                for node, sd in zip(nodes, per_client)}
         self.flagged_ = ({} if flagged is None else
                          {node: bool(flag) for node, flag in zip(nodes, flagged)})
+        if flagged is not None:
+            self.flagged_history_[server_round] = dict(self.flagged_)
         metrics, left_out = self._metrics(messages, weights, self.train_metrics_aggr_fn,
                                           server_round)
         extra["metrics-left-out-nodes"] = left_out
         if flagged is not None:
             extra["n-flagged"] = int(np.sum(flagged))
+            extra["flagged-nodes"] = [int(n) for n, f in zip(nodes, flagged) if f]
         return state_dict_to_arrays(global_adapter), MetricRecord({**dict(metrics.items()),
                                                                    **extra})
 
