@@ -13,7 +13,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ._cli import UsageError, check_directory, interrupted, nonzero_int, positive_int, refuse
+from ._cli import (UsageError, check_directory, interrupted, nonzero_int, positive_int,
+                   refuse, sigterm_as_interrupt)
 from ._controls import CONTROLS, control_results_dir
 from ._framework import SCALES, RunError, Study, results_path, run_study, verify_table
 from .studies import available_studies, get_study
@@ -87,7 +88,8 @@ def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)  # bad usage: argparse's message, status 2
     try:
-        return _run(args)
+        with sigterm_as_interrupt():
+            return _run(args)
     except (UsageError, RunError) as error:
         return refuse(PROG, error)
     except KeyboardInterrupt:

@@ -9,6 +9,7 @@ errors of an unusable input are caught this way, never an error of the code.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -84,6 +85,31 @@ def refuse(prog, error):
     message = " ".join(str(error).split())  # one line, whatever the text holds
     print(f"{prog}: error: {message}", file=sys.stderr)
     return 2
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """SIGTERM (a batch scheduler, ``timeout``, ``docker stop``) raised as
+    KeyboardInterrupt while the block runs, so that it ends as Ctrl-C does: the
+    finished rows kept, the table's lock released, and joblib's worker processes shut
+    down at exit. The default action killed the parent at once and left the workers
+    running under init, computing replicates nobody would write (a review). Installed
+    from the main thread only (Python's rule); elsewhere a no-op."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 def interrupted(prog, note=""):

@@ -196,14 +196,17 @@ def read_rows(path):
     path = Path(path)
     if not path.exists():
         return []
-    lines = path.read_text().split("\n")
+    # bytes, each line decoded on its own: one line that is not UTF-8 (a corrupted
+    # sector, an editor's encoding) made the whole file unreadable, a traceback in the
+    # resume and in every reader (a review)
+    lines = path.read_bytes().split(b"\n")
     rows = []
-    for index, line in enumerate(lines):
-        if not line.strip():
+    for index, raw in enumerate(lines):
+        if not raw.strip():
             continue
         try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
+            row = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
             if index != len(lines) - 1:  # the last piece has no newline: a torn write
                 warnings.warn(f"{path}: skipping malformed line {index + 1}.", stacklevel=2)
             continue

@@ -744,3 +744,64 @@ def test_broken_lora_tests_reach_the_package_path_the_copying_study_runs(joint):
     # the vote-count test needs more than one module's flag (here: all three modules
     # flag the scaled client 0)
     assert normal.flagged[0] and uncorrected.flagged[0]
+
+
+def test_a_line_that_is_not_utf8_is_skipped_with_a_warning_and_the_run_resumes(tmp_path):
+    """One non-UTF-8 line made the whole table unreadable: a UnicodeDecodeError with a
+    traceback in the resume and in every reader (a review). It is skipped like any
+    malformed line, and the resume writes the replicate it held again."""
+    study = simulation_toy.STUDY
+    run_study(study, "smoke", results_dir=tmp_path, progress=False)
+    path = tmp_path / "smoke" / "toy.jsonl"
+    lines = path.read_bytes().split(b"\n")
+    lines[5] = b"\xff" + lines[5][1:]
+    path.write_bytes(b"\n".join(lines))
+    with pytest.warns(UserWarning, match="skipping malformed line 6"):
+        rows = read_rows(path)
+    assert len(rows) == 11
+    with pytest.warns(UserWarning, match="skipping malformed line 6"):
+        assert run_study(study, "smoke", results_dir=tmp_path, progress=False) == 1
+    with pytest.warns(UserWarning, match="skipping malformed line 6"):
+        assert len(set(_keys(read_rows(path)))) == 12
+
+
+def _children(pid):
+    """The ids of the processes whose parent is ``pid`` (Linux's /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads Linux's /proc")
+def test_sigterm_ends_a_parallel_run_like_ctrl_c_and_leaves_no_worker(tmp_path):
+    """SIGTERM (a batch scheduler, ``timeout``) killed the parent at once and left
+    joblib's worker processes running under init (a review): now it is an interrupt,
+    status 130, the finished rows kept, every worker gone."""
+    path = tmp_path / "smoke" / "toy.jsonl"
+    command = [sys.executable, "-m", "simulations", "simulation_toy:SLOW_STUDY",
+               "--scale", "smoke", "--results-dir", str(tmp_path), "--no-progress",
+               "--n-jobs", "2"]
+    process = subprocess.Popen(command, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and len(read_rows(path)) < 4:
+        time.sleep(0.05)
+    workers = _children(process.pid)
+    assert workers, "joblib's workers must be running when the signal lands"
+    os.kill(process.pid, signal.SIGTERM)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130 and b"interrupted" in err
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and any(Path(f"/proc/{w}").exists()
+                                              for w in workers):
+        time.sleep(0.1)
+    alive = [w for w in workers if Path(f"/proc/{w}").exists()]
+    assert not alive, f"workers {alive} outlived the run"
+    assert 4 <= len(read_rows(path)) < 30

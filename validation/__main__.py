@@ -33,7 +33,8 @@ from pathlib import Path
 
 from simulations import (CONTROLS, SCALES, RunError, default_results_dir, get_control,
                          get_study, load_results, run_study)
-from simulations._cli import UsageError, check_directory, interrupted, nonzero_int, refuse
+from simulations._cli import (UsageError, check_directory, interrupted, nonzero_int,
+                              refuse, sigterm_as_interrupt)
 from simulations._controls import tables_dir
 from simulations._framework import CODE_FOLDERS, pending_tasks, read_rows, results_path
 
@@ -314,7 +315,8 @@ def main(argv=None):
     """
     args = build_parser().parse_args(argv)  # bad usage: argparse's message, status 2
     try:
-        return _validate(args, list(sys.argv[1:] if argv is None else argv))
+        with sigterm_as_interrupt():
+            return _validate(args, list(sys.argv[1:] if argv is None else argv))
     except (UsageError, RunError) as error:
         return refuse(PROG, error)
     except KeyboardInterrupt:
