@@ -693,38 +693,47 @@ class _Packed(NamedTuple):
     data: bytes
 
 
+def _walk(value, convert):
+    """``value`` with ``convert`` applied where it returns something other than None,
+    lists, tuples, NamedTuples and dicts walked otherwise."""
+    converted = convert(value)
+    if converted is not None:
+        return converted
+    if isinstance(value, tuple) and hasattr(value, "_fields"):
+        return type(value)(*(_walk(item, convert) for item in value))
+    if isinstance(value, (list, tuple)):
+        return type(value)(_walk(item, convert) for item in value)
+    if isinstance(value, dict):
+        return {key: _walk(item, convert) for key, item in value.items()}
+    return value
+
+
 def _pack(value):
-    """``value`` with every dict of torch tensors in it (lists, tuples and NamedTuples
-    walked) replaced by a :class:`_Packed`."""
+    """``value`` with every dict of torch tensors in it replaced by a :class:`_Packed`."""
     import torch
 
-    if isinstance(value, dict) and value and all(isinstance(v, torch.Tensor)
-                                                 for v in value.values()):
-        from safetensors.torch import save
+    def pack(item):
+        if isinstance(item, dict) and item and all(isinstance(v, torch.Tensor)
+                                                   for v in item.values()):
+            from safetensors.torch import save
 
-        return _Packed(save({k: v.detach().contiguous().clone() for k, v in value.items()}))
-    if isinstance(value, tuple) and hasattr(value, "_fields"):
-        return type(value)(*map(_pack, value))
-    if isinstance(value, (list, tuple)):
-        return type(value)(map(_pack, value))
-    if isinstance(value, dict):
-        return {k: _pack(v) for k, v in value.items()}
-    return value
+            return _Packed(save({k: v.detach().contiguous().clone()
+                                 for k, v in item.items()}))
+        return None
+
+    return _walk(value, pack)
 
 
 def _unpack(value):
     """The inverse of :func:`_pack`."""
-    if isinstance(value, _Packed):
-        from safetensors.torch import load
+    def unpack(item):
+        if isinstance(item, _Packed):
+            from safetensors.torch import load
 
-        return load(value.data)
-    if isinstance(value, tuple) and hasattr(value, "_fields"):
-        return type(value)(*map(_unpack, value))
-    if isinstance(value, (list, tuple)):
-        return type(value)(map(_unpack, value))
-    if isinstance(value, dict):
-        return {k: _unpack(v) for k, v in value.items()}
-    return value
+            return load(item.data)
+        return None
+
+    return _walk(value, unpack)
 
 
 def _remote(function, module, *args):

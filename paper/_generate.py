@@ -524,6 +524,12 @@ def sixth_heldout_macros(tables):
     return macros
 
 
+def _optional_calibrations(names):
+    """``{name: table}`` of the calibration tables ``names`` (None where not committed)."""
+    return {name: (src.read_calibration(src.SOURCES[name])
+                   if src.SOURCES[name].exists() else None) for name in names}
+
+
 def _criteria_met(rows, path="default"):
     """How many datasets meet the calibration criteria on ``path`` (null share at most
     ``MAX_NULL_SHARE``, every corruption's power at least ``MIN_POWER``)."""
@@ -1210,10 +1216,8 @@ def collect():
         macros.update(calibration_macros(rows))
         macros.update(calibration_design_macros(raw))
         tables["calibration"] = calibration_table(rows)
-    optional = {name: (src.read_calibration(src.SOURCES[name])
-                       if src.SOURCES[name].exists() else None)
-                for name in ("calibration_heldout", "calibration_heldout_rank0",
-                             "calibration_rank0")}
+    optional = _optional_calibrations(("calibration_heldout", "calibration_heldout_rank0",
+                                       "calibration_rank0"))
     macros.update(heldout_macros(*optional.values()))
     if optional["calibration_heldout"] is not None:
         tables["calibration_heldout"] = calibration_table(
@@ -1225,25 +1229,21 @@ def collect():
     if second is not None:
         tables["calibration_heldout2"] = calibration_table(
             src.calibration_summary(second), src.calibration_criteria())
-    later = {name: (src.read_calibration(src.SOURCES[name])
-                    if src.SOURCES[name].exists() else None) for name in LATER_HELDOUT}
-    macros.update(later_heldout_macros(later))
-    if macros["calibhoc.has"] == "1":
-        tables["calibration_heldout5"] = calibration_table(
-            _corruption_rows(later["calibration_heldout5_hc3_support3"]),
-            src.calibration_criteria())
-    sixth = {name: (src.read_calibration(src.SOURCES[name])
-                    if src.SOURCES[name].exists() else None) for name in SIXTH_HELDOUT}
-    macros.update(sixth_heldout_macros(sixth))
-    if macros["calibhog.has"] == "1":
-        tables["calibration_heldout6"] = calibration_table(
-            _corruption_rows(sixth["calibration_heldout6_hc3_support3"]),
-            src.calibration_criteria())
-    framed = {name: (src.read_calibration(src.SOURCES[name])
-                     if src.SOURCES[name].exists() else None)
-              for name in ("calibration_plain", "calibration_heldout_all_frame",
-                           "calibration_heldout_all_plain",
-                           "calibration_heldout_all_frame_prereg")}
+    # the later held-out sets and the sixth: their macros, and the table of each one's
+    # primary run once its paragraph is on
+    for group, make_macros, switch, table, primary in (
+            (LATER_HELDOUT, later_heldout_macros, "calibhoc.has", "calibration_heldout5",
+             "calibration_heldout5_hc3_support3"),
+            (SIXTH_HELDOUT, sixth_heldout_macros, "calibhog.has", "calibration_heldout6",
+             "calibration_heldout6_hc3_support3")):
+        read = _optional_calibrations(group)
+        macros.update(make_macros(read))
+        if macros[switch] == "1":
+            tables[table] = calibration_table(_corruption_rows(read[primary]),
+                                              src.calibration_criteria())
+    framed = _optional_calibrations(("calibration_plain", "calibration_heldout_all_frame",
+                                     "calibration_heldout_all_plain",
+                                     "calibration_heldout_all_frame_prereg"))
     macros.update(frame_macros(*framed.values()))
     if macros["calibhof.has"] == "1":
         tables["calibration_heldout_frame"] = calibration_table(
