@@ -252,6 +252,14 @@ def load_table(path):
 
     frame = pd.DataFrame(read_rows(path))
     if len(frame):
+        repeated = frame[frame.duplicated(["cell", "replicate"], keep=False)]
+        if len(repeated):  # a table merged from two runs: say which rows differ
+            differing = (repeated.astype(str).groupby(["cell", "replicate"]).nunique()
+                         > 1).any(axis=1)
+            if differing.any():
+                warnings.warn(f"{path}: {int(differing.sum())} (cell, replicate) pair(s) "
+                              "appear more than once with different values; the first of "
+                              "each is kept (a table merged from two runs?).", stacklevel=2)
         frame = frame.drop_duplicates(["cell", "replicate"], keep="first")
         frame = frame.sort_values(["cell", "replicate"], kind="stable").reset_index(drop=True)
     return frame

@@ -805,3 +805,26 @@ def test_sigterm_ends_a_parallel_run_like_ctrl_c_and_leaves_no_worker(tmp_path):
     alive = [w for w in workers if Path(f"/proc/{w}").exists()]
     assert not alive, f"workers {alive} outlived the run"
     assert 4 <= len(read_rows(path)) < 30
+
+
+def test_conflicting_duplicate_rows_are_reported_and_identical_ones_are_not(tmp_path):
+    """Two tables merged by hand with different rows for one (cell, replicate) were
+    deduplicated silently, the first kept (a review): readers now say so. Exact
+    repeats stay silent."""
+    import json
+    import warnings
+
+    from simulations._framework import load_table
+
+    row = {"cell": "c0", "replicate": 0, "seed": 1, "value": 0.5}
+    path = tmp_path / "t.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in (row, row, {**row, "replicate": 1}))
+                    + "\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert len(load_table(path)) == 2
+    path.write_text("\n".join(json.dumps(r) for r in (row, {**row, "value": 9.0})) + "\n")
+    with pytest.warns(UserWarning, match="1 \\(cell, replicate\\) pair\\(s\\) appear more "
+                                         "than once with different values"):
+        table = load_table(path)
+    assert table["value"].tolist() == [0.5]
