@@ -683,7 +683,7 @@ def _work(clients):
 
 
 class _Packed(NamedTuple):
-    """A ``{key: tensor}`` dict as safetensors bytes, for a Dask cluster's workers.
+    """A torch tensor as safetensors bytes, for a Dask cluster's workers.
 
     distributed serializes torch tensors through ``Tensor.numpy()``, which bfloat16
     tensors refuse: with worker processes (not threads) a bf16 client ended the command
@@ -709,16 +709,15 @@ def _walk(value, convert):
 
 
 def _pack(value):
-    """``value`` with every dict of torch tensors in it replaced by a :class:`_Packed`."""
+    """``value`` with every torch tensor in it replaced by a :class:`_Packed` (each on
+    its own, wherever it is: dicts keep their keys and order)."""
     import torch
 
     def pack(item):
-        if isinstance(item, dict) and item and all(isinstance(v, torch.Tensor)
-                                                   for v in item.values()):
+        if isinstance(item, torch.Tensor):
             from safetensors.torch import save
 
-            return _Packed(save({k: v.detach().contiguous().clone()
-                                 for k, v in item.items()}))
+            return _Packed(save({"tensor": item.detach().contiguous().clone()}))
         return None
 
     return _walk(value, pack)
@@ -730,7 +729,7 @@ def _unpack(value):
         if isinstance(item, _Packed):
             from safetensors.torch import load
 
-            return load(item.data)
+            return load(item.data)["tensor"]
         return None
 
     return _walk(value, unpack)

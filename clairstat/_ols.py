@@ -272,7 +272,7 @@ def _holds_text(values):
     from pandas.api.types import infer_dtype
 
     values = np.asarray(values)
-    if values.dtype.kind in "US":
+    if values.dtype.kind in "UST":  # T: numpy 2's variable-width StringDType
         return True
     if values.dtype.kind != "O":
         return False
@@ -293,12 +293,12 @@ def _text_columns(table):
     if hasattr(table, "iloc") and columns is not None and dtypes is not None \
             and not np.isscalar(dtypes):  # a pandas DataFrame: name the columns
         return [str(c) for i, (c, t) in enumerate(zip(columns, dtypes))
-                if getattr(t, "kind", "O") in "OUS"
+                if getattr(t, "kind", "O") in "OUST"
                 and _holds_text(table.iloc[:, i].to_numpy(dtype=object))]
     if hasattr(table, "iloc") and hasattr(getattr(table, "index", None), "equals"):
         kind = getattr(getattr(table, "dtype", None), "kind", "O")
         name = getattr(table, "name", None)
-        return ([("all" if name is None else str(name))] if kind in "OUS"
+        return ([("all" if name is None else str(name))] if kind in "OUST"
                 and _holds_text(table.to_numpy(dtype=object)) else [])
     try:  # arrays, lists of rows (csv.reader's), other frame libraries' tables
         values = np.asarray(table)

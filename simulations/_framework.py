@@ -199,7 +199,7 @@ def read_rows(path):
     # bytes, each line decoded on its own: one line that is not UTF-8 (a corrupted
     # sector, an editor's encoding) made the whole file unreadable, a traceback in the
     # resume and in every reader (a review)
-    lines = path.read_bytes().split(b"\n")
+    lines = path.read_bytes().splitlines(keepends=True)  # \n, \r\n and \r, as text mode
     rows = []
     for index, raw in enumerate(lines):
         if not raw.strip():
@@ -207,7 +207,8 @@ def read_rows(path):
         try:
             row = json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError):
-            if index != len(lines) - 1:  # the last piece has no newline: a torn write
+            # a last line without its newline is a torn write
+            if index != len(lines) - 1 or raw.endswith((b"\n", b"\r")):
                 warnings.warn(f"{path}: skipping malformed line {index + 1}.", stacklevel=2)
             continue
         if not _is_row(row):

@@ -851,6 +851,11 @@ def test_an_error_of_the_rule_skips_the_round_and_names_the_node_ids(monkeypatch
     assert re.fullmatch(r"factors\[2\]: a failure.*node ids \[101, 102, 103, 104, 105\]\)",
                         strategy.failed_[2])
     assert (strategy.weights_, strategy.last_results_) == before
+    # the same failure in the next round is not one round's: it raises (a run whose
+    # every round was skipped ended "successfully" with its initial adapter)
+    with pytest.raises(ValueError, match=r"round 3: rule 'fedit' failed in this round and "
+                                         r"the one before: factors\[2\].*\(round 2: "):
+        strategy.aggregate_train(3, [_reply(n, s) for n, s in zip(NODES, states)])
 
 
 def test_bfloat16_tensors_travel_as_float32():
@@ -863,22 +868,23 @@ def test_bfloat16_tensors_travel_as_float32():
     assert all(np.array_equal(back[k], state[k].float().numpy()) for k in state)
 
 
-def test_a_fixed_rank_that_a_round_cannot_hold_skips_the_round_not_the_run():
-    """A CLAIR rank of 5 fits six clients; with one reply dropped (a NaN) the five left
-    cannot hold it. The round raised, and Flower's start does not catch it: one bad
-    reply ended the run (a review). The round is skipped, the rule's message kept; the
-    next full round aggregates."""
+def test_a_fixed_joint_rank_that_a_round_cannot_hold_is_lowered_for_that_round(caplog):
+    """A CLAIR joint rank of 5 fits six clients; with one reply dropped (a NaN) the five
+    left cannot hold it. The round raised, and Flower's start does not catch it: one bad
+    reply ended the run (a review). The round's rank is lowered to what its clients
+    support (logged), as the joint refinement does for a small collaborative set."""
     states = [client_adapter(k) for k in range(N_NODES)]
     strategy = LoraStrategy(rule="clair", lora_config=LORA, rule_options={"rank": 5})
     bad = dict(states[0])
     _set_entry(Q_B, np.nan)(bad)
-    arrays, metrics = strategy.aggregate_train(
-        1, [_reply(n, s) for n, s in zip(NODES, [bad, *states[1:]])])
-    assert arrays is None and metrics["skipped"] == 1 and metrics["rule-failed"] == 1
-    assert metrics["dropped-nodes"] == [NODES[0]] and "rank 5" in strategy.failed_[1]
-    assert strategy.flagged_history_ == {} and strategy.weights_ == {}
+    with caplog.at_level("WARNING", logger="clairstat.integrations.flower"):
+        arrays, metrics = strategy.aggregate_train(
+            1, [_reply(n, s) for n, s in zip(NODES, [bad, *states[1:]])])
+    assert arrays is not None and "skipped" not in metrics and strategy.failed_ == {}
+    assert metrics["dropped-nodes"] == [NODES[0]]
+    assert "joint rank 5 exceeds what this round's 5 clients support; using 4" in caplog.text
     arrays, metrics = strategy.aggregate_train(2, [_reply(n, s) for n, s in zip(NODES, states)])
-    assert arrays is not None and "skipped" not in metrics and 1 not in strategy.flagged_history_
+    assert arrays is not None and sorted(strategy.flagged_history_) == [1, 2]
 
 
 def test_every_round_keeps_its_flags_by_node_id():

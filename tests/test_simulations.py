@@ -828,3 +828,21 @@ def test_conflicting_duplicate_rows_are_reported_and_identical_ones_are_not(tmp_
                                          "than once with different values"):
         table = load_table(path)
     assert table["value"].tolist() == [0.5]
+
+
+def test_rows_read_with_every_line_ending_and_a_torn_tail_still_ignored(tmp_path):
+    """Reading bytes line by line (for the non-UTF-8 line) first split on "\\n" only: a
+    table with "\\r" endings read as no row at all (a review). Text mode's endings are
+    all read; a last line without its newline is still a torn write, ignored silently."""
+    import json
+    import warnings
+
+    rows = [{"cell": "c", "replicate": i} for i in range(3)]
+    path = tmp_path / "t.jsonl"
+    for ending in (b"\n", b"\r\n", b"\r"):
+        path.write_bytes(ending.join(json.dumps(r).encode() for r in rows) + ending)
+        assert read_rows(path) == rows
+    path.write_bytes(b"\n".join(json.dumps(r).encode() for r in rows) + b'\n{"cell": "c')
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert read_rows(path) == rows

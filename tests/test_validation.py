@@ -241,6 +241,41 @@ def test_smoke_reports_go_to_scratch_and_never_over_a_report_of_another_scale(tm
     assert json.loads((tmp_path / "report.json").read_text())["meta"]["scale"] == "small"
 
 
+def test_an_interrupt_after_the_report_says_it_was_written_and_none_leaves_half_a_report(
+        tmp_path, monkeypatch, capsys):
+    """An interrupt (Ctrl-C, or SIGTERM since it is one) after the report was written
+    said "no report written"; one while it was written (the figures) left a new
+    report.json beside an old REPORT.md (a review). The two files now move into place
+    together, and the message says what happened."""
+    import validation._report as report
+
+    monkeypatch.setattr(validation_cli, "all_checks", lambda: [_check("t", _passing)])
+    monkeypatch.setattr(validation_cli, "get_study", lambda name: simulation_toy.STUDY)
+    options = ["--scale", "smoke", "--results-dir", str(tmp_path), "--output-dir",
+               str(tmp_path / "out"), "--no-progress"]
+    original = validation_cli.write_report
+
+    def then_interrupted(*args):
+        original(*args)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(validation_cli, "write_report", then_interrupted)
+    assert validation_cli.main(options) == 130
+    assert "the report was written" in capsys.readouterr().err
+    before = {name: (tmp_path / "out" / name).read_text()
+              for name in ("report.json", "REPORT.md")}
+
+    def interrupted_figures(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(validation_cli, "write_report", original)
+    monkeypatch.setattr(report, "_figures", interrupted_figures)
+    assert validation_cli.main([*options, "--force"]) == 130
+    assert "no report written" in capsys.readouterr().err
+    assert {name: (tmp_path / "out" / name).read_text()
+            for name in ("report.json", "REPORT.md")} == before
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()
+                  if p.name.endswith(".partial")) == []
+
+
 # --- the whole pipeline at smoke scale ----------------------------------------------------
 
 def _run_validation(*arguments, timeout=150):

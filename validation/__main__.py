@@ -314,17 +314,21 @@ def main(argv=None):
         (no report is written then).
     """
     args = build_parser().parse_args(argv)  # bad usage: argparse's message, status 2
+    written = []  # the report's paths, once it is in place
     try:
         with sigterm_as_interrupt():
-            return _validate(args, list(sys.argv[1:] if argv is None else argv))
+            return _validate(args, list(sys.argv[1:] if argv is None else argv), written)
     except (UsageError, RunError) as error:
         return refuse(PROG, error)
     except KeyboardInterrupt:
-        return interrupted(PROG, "; no report written (the finished replicates are kept)")
+        # an interrupt after the report was written said "no report written" (a review)
+        return interrupted(PROG, f"; the report was written ({written[-1]})" if written
+                           else "; no report written (the finished replicates are kept)")
 
 
-def _validate(args, argv):
-    """The command, once its arguments are parsed; bad input raises :class:`UsageError`."""
+def _validate(args, argv, written=None):
+    """The command, once its arguments are parsed; bad input raises :class:`UsageError`.
+    ``written`` (a list) receives the report's paths once it is in place."""
     start, started = time.perf_counter(), datetime.datetime.now(datetime.timezone.utc)
     if args.scheduler and args.backend != "dask":
         raise UsageError("--scheduler needs --backend dask")
@@ -341,7 +345,7 @@ def _validate(args, argv):
     print(markdown_table(rows))
     for warning in meta["provenance_warnings"]:
         print(f"{PROG}: warning: {warning}", file=sys.stderr)
-    paths = write_report(rows, meta, output_dir)
+    paths = write_report(rows, meta, output_dir, written)
     theory, identity = meta["theory"], meta["identity"]
     print(f"theory checks: {theory['pass']} pass, {theory['inconclusive']} inconclusive, "
           f"{theory['fail']} fail of {theory['total']}; identity checks: {identity['pass']} "

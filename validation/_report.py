@@ -214,13 +214,17 @@ def _commits_line(meta):
     return lines + ([""] if meta.get("provenance_warnings") else [])
 
 
-def write_report(rows, meta, output_dir):
-    """Write ``report.json`` and ``REPORT.md`` into ``output_dir``; return both paths."""
+def write_report(rows, meta, output_dir, written=None):
+    """Write ``report.json`` and ``REPORT.md`` into ``output_dir``; return both paths.
+
+    Both are written to temporary files first and moved into place together at the end
+    (an interrupt while the figures were drawn left a new report.json beside an old or
+    truncated REPORT.md; a review). ``written`` (a list) receives the two paths as soon
+    as they are in place, so that an interrupt right after can say so."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     json_path, md_path = output_dir / "report.json", output_dir / "REPORT.md"
-    json_path.write_text(json.dumps({"meta": meta, "checks": rows}, indent=2,
-                                    default=str) + "\n")
+    json_text = json.dumps({"meta": meta, "checks": rows}, indent=2, default=str) + "\n"
     title = f"# Validation report ({meta['scale']} scale"
     title += f", negative control `{meta['control']}`)" if meta.get("control") else ")"
     compute = sum(meta.get("replicate_seconds", {}).values())
@@ -242,5 +246,16 @@ def write_report(rows, meta, output_dir):
             "## Identity checks", "", markdown_table(identity), "",
             "## Claims and details", "", _details(rows), "",
             _figures(rows, meta["scale"], output_dir), ""]
-    md_path.write_text("\n".join(header + body))
+    staged = [(path.with_name(f".{path.name}.partial"), path, text) for path, text in
+              ((json_path, json_text), (md_path, "\n".join(header + body)))]
+    try:
+        for partial, _, text in staged:
+            partial.write_text(text)
+        for partial, path, _ in staged:
+            os.replace(partial, path)
+        if written is not None:
+            written.extend((json_path, md_path))
+    finally:
+        for partial, _, _ in staged:
+            partial.unlink(missing_ok=True)
     return json_path, md_path

@@ -636,8 +636,19 @@ class LoraStrategy(FedAvg):
         client's adapter from the results (:func:`personalized_state_dicts`: CLAIR's
         refined updates, or the global update at the client's rank) and the global
         adapter (:func:`global_state_dict`)."""
+        options = dict(self.rule_options)
+        rank = options.get("rank")
+        if self.rule == "clair" and options.get("joint", True) \
+                and isinstance(rank, (int, np.integer)) and not isinstance(rank, bool) \
+                and rank > max(len(adapters) - 1, 0):
+            # a round with fewer clients than the run was sized for (a reply dropped, a
+            # node not sampled) cannot hold the joint rank: the round's largest, as the
+            # joint refinement does for a collaborative set too small for it
+            _LOGGER.warning("joint rank %d exceeds what this round's %d clients support; "
+                            "using %d", rank, len(adapters), max(len(adapters) - 1, 0))
+            options["rank"] = max(len(adapters) - 1, 0)
         results = aggregate_adapters(self.rule, adapters, self.lora_config, weights,
-                                     **self.rule_options)
+                                     **options)
         per_client, flagged = personalized_state_dicts(results, adapters, self.lora_config,
                                                        flagged_receive=self.flagged_receive)
         # The first reply's keys and ranks, but each tensor's widest dtype among the
@@ -712,11 +723,11 @@ class LoraStrategy(FedAvg):
             The global adapter (CLAIR: the collaborative mean, read out at the first
             valid client's rank); ``None`` when no reply carries content, or when fewer
             valid replies remain, after dropping the malformed ones, than the rule needs
-            (class Notes), or when the rule fails on them (a fixed CLAIR ``rank`` above
-            what the round's replies support, say; its message, clients named by node
-            id, in ``failed_``): the round is then skipped, logged at WARNING, Flower
-            keeps the previous global adapter and the nodes their previous
-            personalized ones. No exception ends the run.
+            (class Notes), or when the rule fails on them (its message, clients named
+            by node id, in ``failed_``): the round is then skipped, logged at WARNING,
+            Flower keeps the previous global adapter and the nodes their previous
+            personalized ones. A fixed CLAIR joint ``rank`` above what a round's clients
+            support is lowered for that round (logged), not a failure.
         metrics : MetricRecord or None
             FedAvg's weighted metrics (capped weights) over the replies whose metrics
             are all finite numbers, ``n-dropped`` and ``dropped-nodes``,
@@ -726,6 +737,12 @@ class LoraStrategy(FedAvg):
             ``n-flagged`` and ``flagged-nodes`` for CLAIR. A skipped round's metrics are
             ``n-dropped``, ``dropped-nodes``, ``n-valid`` and ``skipped`` (1), and
             ``rule-failed`` (1) where the rule failed.
+
+        Raises
+        ------
+        ValueError
+            When the rule fails in this round and in the one before: a failure that
+            repeats is not one round's replies' (both messages, clients by node id).
         """
         valid, _ = self._check_and_log_replies(replies, is_train=True, validate=False)
         if not valid:
@@ -748,12 +765,17 @@ class LoraStrategy(FedAvg):
             per_client, global_adapter, flagged = self._aggregate(adapters, weights)
         except ValueError as error:  # the rules name clients by position: give node ids
             # Skipped like a round with too few replies: raising ended the whole run
-            # (Flower's start does not catch it) when a round's clients could not hold
-            # the rule's options, e.g. a fixed rank above what the round's replies
-            # support once one was dropped or not sampled (a review). The options
-            # themselves were checked when the strategy was built.
+            # (Flower's start does not catch it) on a failure of one round's replies (a
+            # review). A failure that repeats in the next round is not one round's: it
+            # raises, so that a run does not end "successfully" with every round
+            # skipped and its initial adapter (a second review).
             message = (f"{error} (clients by position: node ids "
                        f"{[int(n) for n in nodes]})")
+            if server_round - 1 in self.failed_:
+                raise ValueError(f"round {server_round}: rule {self.rule!r} failed in this "
+                                 f"round and the one before: {message} (round "
+                                 f"{server_round - 1}: {self.failed_[server_round - 1]})"
+                                 ) from error
             self.failed_[server_round] = message
             _LOGGER.warning("round %s: skipped, the global and personalized adapters stay "
                             "those of the previous round: rule %r failed on the %d valid "
