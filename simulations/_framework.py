@@ -275,8 +275,8 @@ def _repair_tail(path):
     if not path.exists() or path.stat().st_size == 0:
         return
     data = path.read_bytes()
-    if not data.endswith(b"\n"):
-        start = data.rfind(b"\n") + 1
+    if not data.endswith((b"\n", b"\r")):  # the line endings read_rows reads
+        start = max(data.rfind(b"\n"), data.rfind(b"\r")) + 1
         try:
             whole = _is_row(json.loads(data[start:]))
         except ValueError:  # a torn write (JSONDecodeError, or bytes cut mid-character)

@@ -1203,3 +1203,24 @@ def test_a_folder_named_as_the_command_s_own_files_is_refused(adapters, tmp_path
     .clairstat-staging-x was later reported as a killed run's leftover."""
     bad = _copy(adapters[3], tmp_path / name)
     assert "the command's own" in _run_bad(adapters, bad, tmp_path, capsys)
+
+
+def test_tensors_for_dask_workers_travel_one_by_one_whatever_holds_them():
+    """Every torch tensor is packed on its own (bf16 included), wherever it is: a dict
+    that mixes tensors with other values, or has non-string keys, kept its tensors raw
+    or failed in a first version (a review); keys keep their order."""
+    import torch
+
+    from clairstat._cli import ModuleFit, _pack, _unpack
+
+    tensor = torch.arange(6, dtype=torch.bfloat16).reshape(2, 3)
+    value = (ModuleFit([False], [0.5], None, [{"z": tensor, "a": tensor.T}], []),
+             {3: tensor, "note": "text", "n": 2}, [tensor[:, 1]])
+    packed = _pack(value)
+    assert "Tensor" not in repr(packed)  # nothing raw crosses to a worker
+    back = _unpack(packed)
+    assert list(back[0].states[0]) == ["z", "a"] and list(back[1]) == [3, "note", "n"]
+    for got, want in ((back[0].states[0]["z"], tensor), (back[0].states[0]["a"], tensor.T),
+                      (back[1][3], tensor), (back[2][0], tensor[:, 1])):
+        assert got.dtype == torch.bfloat16 and torch.equal(got, want)
+    assert back[1]["note"] == "text" and back[0].p_values == [0.5]

@@ -846,3 +846,21 @@ def test_rows_read_with_every_line_ending_and_a_torn_tail_still_ignored(tmp_path
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert read_rows(path) == rows
+    # a malformed last line that has its newline is not a torn write: it is reported
+    path.write_bytes(b"\n".join(json.dumps(r).encode() for r in rows) + b"\n{bad}\r")
+    with pytest.warns(UserWarning, match="skipping malformed line 4"):
+        assert read_rows(path) == rows
+
+
+def test_a_resume_keeps_a_table_written_with_carriage_returns(tmp_path):
+    """The resume cut a torn last line at the last "\\n": a table whose lines end in
+    "\\r" alone was cut to nothing (a review). It keeps every row and adds the rest."""
+    study = simulation_toy.STUDY
+    run_study(study, "smoke", results_dir=tmp_path, progress=False)
+    path = tmp_path / "smoke" / "toy.jsonl"
+    lines = path.read_bytes().split(b"\n")[:6]
+    path.write_bytes(b"\r".join(lines) + b"\r")
+    assert len(read_rows(path)) == 6
+    assert run_study(study, "smoke", results_dir=tmp_path, progress=False) == 6
+    rows = read_rows(path)
+    assert len(rows) == 12 and len(set(_keys(rows))) == 12

@@ -253,9 +253,15 @@ def write_report(rows, meta, output_dir, written=None):
             partial.write_text(text)
         for partial, path, _ in staged:
             os.replace(partial, path)
-        if written is not None:
-            written.extend((json_path, md_path))
+    except PermissionError:  # a folder that takes no new file, with writable reports
+        for _, path, text in staged:
+            path.write_text(text)
     finally:
         for partial, _, _ in staged:
-            partial.unlink(missing_ok=True)
+            try:
+                partial.unlink(missing_ok=True)
+            except OSError:
+                pass
+    if written is not None:
+        written.extend((json_path, md_path))
     return json_path, md_path

@@ -460,6 +460,7 @@ class LoraStrategy(FedAvg):
         self.client_arrays_, self.flagged_, self.last_results_ = {}, {}, None
         self.dropped_, self.dropped_evaluate_, self.weights_ = {}, {}, {}
         self.flagged_history_, self.failed_ = {}, {}
+        self._rule_failed_last = None  # the round whose rule failed, if the last to reach it
 
     def summary(self):
         """Log the rule, then FedAvg's settings."""
@@ -741,8 +742,10 @@ class LoraStrategy(FedAvg):
         Raises
         ------
         ValueError
-            When the rule fails in this round and in the one before: a failure that
-            repeats is not one round's replies' (both messages, clients by node id).
+            When the rule fails in this round and in the last round that reached it
+            (rounds skipped for too few replies in between do not count): a failure
+            that repeats is not one round's replies' (both messages, clients by node
+            id).
         """
         valid, _ = self._check_and_log_replies(replies, is_train=True, validate=False)
         if not valid:
@@ -771,17 +774,21 @@ class LoraStrategy(FedAvg):
             # skipped and its initial adapter (a second review).
             message = (f"{error} (clients by position: node ids "
                        f"{[int(n) for n in nodes]})")
-            if server_round - 1 in self.failed_:
+            # "the one before": the last round that reached the rule (rounds skipped
+            # for too few replies in between do not reset it; a review)
+            before = getattr(self, "_rule_failed_last", None)  # a strategy pickled before
+            if before is not None:
                 raise ValueError(f"round {server_round}: rule {self.rule!r} failed in this "
-                                 f"round and the one before: {message} (round "
-                                 f"{server_round - 1}: {self.failed_[server_round - 1]})"
-                                 ) from error
+                                 f"round and in the last round that reached it: {message} "
+                                 f"(round {before}: {self.failed_[before]})") from error
             self.failed_[server_round] = message
+            self._rule_failed_last = server_round
             _LOGGER.warning("round %s: skipped, the global and personalized adapters stay "
                             "those of the previous round: rule %r failed on the %d valid "
                             "replies: %s", server_round, self.rule, len(read), message)
             return None, MetricRecord({**extra, "n-valid": len(read), "skipped": 1,
                                        "rule-failed": 1})
+        self._rule_failed_last = None
         # The round's state only once it has aggregated: a round that raised left the
         # next round's weights_ and last_results_ half updated.
         self.weights_ = dict(zip(nodes, (weights / weights.sum()).tolist()))
