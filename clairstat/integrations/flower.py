@@ -769,13 +769,12 @@ class LoraStrategy(FedAvg):
         except ValueError as error:  # the rules name clients by position: give node ids
             # Skipped like a round with too few replies: raising ended the whole run
             # (Flower's start does not catch it) on a failure of one round's replies (a
-            # review). A failure that repeats in the next round is not one round's: it
-            # raises, so that a run does not end "successfully" with every round
-            # skipped and its initial adapter (a second review).
+            # review). A failure that repeats in the next round that reaches the rule
+            # (rounds skipped for too few replies in between do not count) is not one
+            # round's: it raises, so that a run does not end "successfully" with every
+            # round skipped and its initial adapter (later reviews).
             message = (f"{error} (clients by position: node ids "
                        f"{[int(n) for n in nodes]})")
-            # "the one before": the last round that reached the rule (rounds skipped
-            # for too few replies in between do not reset it; a review)
             before = getattr(self, "_rule_failed_last", None)  # a strategy pickled before
             if before is not None:
                 raise ValueError(f"round {server_round}: rule {self.rule!r} failed in this "
