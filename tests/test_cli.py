@@ -283,6 +283,27 @@ def test_dask_scheduler_gives_the_in_process_outputs(adapters, refined, tmp_path
         (refined / "report.json").read_text())
 
 
+@pytest.mark.filterwarnings("ignore:only 6 clients")
+def test_per_module_on_dask_worker_processes_gives_the_in_process_outputs(adapters,
+                                                                          tmp_path):
+    """--per-module on two worker processes: its one pass (fits and readouts on the
+    workers, tensors crossing as safetensors bytes) writes the bytes and report of the
+    in-process --per-module run (the joint path's test is above)."""
+    distributed = pytest.importorskip("distributed")
+    args = ["refine", "--per-module", "--random-state", "0"]
+    assert main([*args, "--out", str(tmp_path / "here"), *map(str, adapters)]) == 0
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                  dashboard_address=None) as cluster:
+        assert main([*args, "--scheduler", cluster.scheduler_address,
+                     "--out", str(tmp_path / "dask"), *map(str, adapters)]) == 0
+    for folder in adapters:
+        for name in ("adapter_model.safetensors", "adapter_config.json"):
+            assert (tmp_path / "dask" / folder.name / name).read_bytes() == (
+                tmp_path / "here" / folder.name / name).read_bytes()
+    assert json.loads((tmp_path / "dask" / "report.json").read_text()) == json.loads(
+        (tmp_path / "here" / "report.json").read_text())
+
+
 def _server(reply):
     """A TCP server on a free local port that sends ``reply`` to every connection and
     then keeps it open, silent: not a Dask scheduler. Returns its address."""
