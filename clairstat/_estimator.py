@@ -30,6 +30,7 @@ from ._validation import (as_real_array, check_device, check_local_estimates,
                           check_noise_cov, check_noise_scale, check_sample_weight,
                           data_scale, VANISHING_WEIGHT)
 from .solvers import Solver, resolve_solver
+from .solvers._base import _rescaled
 
 if TYPE_CHECKING:
     from ._summary import CLAIRSummary
@@ -231,9 +232,11 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
     null_spread_df_ : float
         Degrees of freedom implied by the spread of the calibration clients'
         log-statistics (their MAD); a client's null whose model df exceed it was
-        widened to it (same mean, heavier tail). ``inf`` when not estimated (fewer
-        than 8 clients) or on factored LoRA stacks, whose null is read off the other
-        clients' statistics directly (``degrees_of_freedom_`` are its Student t's).
+        widened to it (same mean, heavier tail). ``inf`` when the spread is within what
+        the model's df give at 5% (no evidence of a heavier spread), when not estimated
+        (fewer than 8 clients) or on factored LoRA stacks, whose null is read off the
+        other clients' statistics directly (``degrees_of_freedom_`` are its Student
+        t's).
     noise_model_ : {"noise_cov", "noise_scale", "estimated"}
         Where the null came from.
     robust_frame_ : bool
@@ -678,11 +681,13 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
         # the parameters this fit used, for its report (set_params may change them since)
         self._fit_params = {name: getattr(self, name) for name in (
             "formulation", "backbone", "subspace", "detection", "correction", "test_level")}
+        # The objective, gap and history are of degree 2 in the data (penalized) or 1
+        # (exact: a norm plus lam times norms); the solvers' own rescaling, once. (Before,
+        # an exact fit's objective and gap were scaled as squares: off by the data's
+        # largest entry, a review; its history was left in the fit's units.)
         self.decomposition_ = dataclasses.replace(
-            result, backbone=result.backbone * scale, low_rank=result.low_rank * scale,
-            sparse=result.sparse * scale, objective=_squared(result.objective, scale),
-            dual_gap=_squared(result.dual_gap, scale), alpha=result.alpha * scale,
-            beta=result.beta * scale,
+            _rescaled(result, scale, 2 if self.formulation == "penalized" else 1),
+            alpha=result.alpha * scale, beta=result.beta * scale,
             noise_scale=None if result.noise_scale is None else result.noise_scale * scale)
         res = self.decomposition_
         self.backbone_, self.low_rank_, self.sparse_ = res.backbone, res.low_rank, res.sparse

@@ -43,6 +43,10 @@ class Problem:
             self._check_penalty("beta", self.beta)
         elif self.formulation == "exact":
             self._check_penalty("lam", self.lam)
+            if self.lam == 0:  # the torch solver divided by it (a review)
+                raise ValueError("lam must be positive: with lam = 0 the sparse blocks "
+                                 "cost nothing, so L = 0 and S_k = Theta_hat_k - Theta_0 "
+                                 "is optimal for any data.")
         else:
             raise ValueError(f"formulation must be 'penalized' or 'exact', got "
                              f"{self.formulation!r}.")

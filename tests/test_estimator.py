@@ -347,3 +347,28 @@ def test_summary_rounds_and_bounds_tiny_p_values(fitted):
     assert flagged.any()
     assert set(table["p-value"][flagged]) == {"<1e-16"}
     assert "0.0000" not in fitted.summary().as_text()
+
+
+@pytest.mark.parametrize("formulation", ["exact", "penalized"])
+def test_objective_and_history_are_in_the_data_units(formulation):
+    """The estimator fits data scaled to unit size and scales the result back: the
+    exact program's objective and gap are of degree 1 in the data, the penalized one's
+    of degree 2 (a review: an exact fit's objective_ was the returned point's times the
+    data's largest entry, 763 849 for 3 185), and the history is scaled with them."""
+    from clairstat import objective
+
+    rng = np.random.default_rng(0)
+    X = 100 * rng.standard_normal((12, 6, 3))
+    est = CLAIREstimator(formulation=formulation, random_state=0).fit(X)
+    res = est.decomposition_
+    if formulation == "exact":
+        stacked = np.concatenate(list(res.low_rank), axis=1)
+        value = (np.linalg.svd(stacked, compute_uv=False).sum() + res.lam * np.linalg.norm(
+            X - res.backbone - res.low_rank, axis=(1, 2)).sum())
+    else:
+        value = objective(X, res.backbone, res.low_rank, res.sparse, alpha=res.alpha,
+                          beta=res.beta)
+    # float64 evaluations of one point, one by the solver and one here: round-off only
+    assert est.objective_ == pytest.approx(value, rel=1e-10)
+    assert res.history[-1]["objective"] == pytest.approx(est.objective_, rel=1e-12)
+    assert res.history[-1]["gap"] == pytest.approx(est.dual_gap_, rel=1e-12, abs=0)

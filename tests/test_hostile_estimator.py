@@ -53,9 +53,12 @@ def _with_near_copies(seed, kind):
 def test_near_copies_hide_no_contaminated_client(seed, kind):
     """Copies up to far less than the noise count once in the noise scale, the robust
     start and the calibration (clairstat._tuning.copy_groups); while only
-    byte-identical ones did, these cases flagged nobody."""
+    byte-identical ones did, these cases flagged nobody. (What is asserted is that
+    the contaminated are found; a benign client may be flagged at the tests' level:
+    over seeds 0-24 the package flags 4 and 5 of about 450 benign clients, copies and
+    median, since the null is widened only on evidence, 2026-12-07; 2 and 4 before.)"""
     X, bad = _with_near_copies(seed, kind)
-    assert np.flatnonzero(quiet_fit(X).contaminated_).tolist() == bad
+    assert set(bad) <= set(np.flatnonzero(quiet_fit(X).contaminated_).tolist())
 
 
 @pytest.mark.parametrize("seed, kind", [(4, "copies"), (4, "median")])
@@ -819,18 +822,32 @@ def _count_collections(*args):
     return 0
 
 
-def _a_third_contaminated(seed):
-    """12 OLS clients (p = 5, q = 2) on a rank-1 shared part; the first 4 moved by ~2,
-    their OLS noise ~0.1 (a review's set-up: a third of few clients contaminated)."""
+def _a_third_contaminated(seed, moved=4):
+    """12 OLS clients (p = 5, q = 2) on a rank-1 shared part; the first ``moved`` moved
+    by ~2, their OLS noise ~0.1 (a review's set-up: a third of few clients
+    contaminated; with ``moved=12`` every client differs: no shared subspace)."""
     rng = np.random.default_rng(seed)
     n_clients, p, q, n = 12, 5, 2, 80
     shared = rng.standard_normal((p, 1))
     designs = [np.c_[np.ones(n), rng.standard_normal((n, p - 1))] for _ in range(n_clients)]
     theta = [shared @ rng.standard_normal((1, q)) + 0.5 for _ in range(n_clients)]
-    for k in range(4):
+    for k in range(moved):
         theta[k] = theta[k] + 2 * rng.standard_normal((p, q))
     return local_ols(designs, [x @ t + rng.standard_normal((n, q))
                                for x, t in zip(designs, theta)])
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("rank", [None, 1])
+def test_a_third_contaminated_is_found(seed, rank):
+    """A third of twelve clients contaminated: all four flagged, with the rank rule and
+    with the true rank. Before the spread's df were matched exactly and read only on
+    evidence (2026-12-07), seeds 0 and 1 masked all four: the rank rule kept every row
+    (rank 5, no test left) or, at rank 1, the first round's null was widened by the
+    selection's spread, readmitted them, and the whole set was a fixed point with the
+    null scale raised 43-fold."""
+    est = CLAIREstimator(rank=rank, random_state=0).fit(_a_third_contaminated(seed))
+    assert est.contaminated_[:4].all()
 
 
 def _messages(caught):
@@ -838,10 +855,11 @@ def _messages(caught):
 
 
 def test_tests_without_degrees_of_freedom_say_so():
-    """The rank rule kept every row (rank_ = p): no test has a degree of freedom and
-    nobody can be flagged. The fit says so instead of reporting a clean set; a fit
-    with the same clients and room for the tests does not."""
-    ols = _a_third_contaminated(0)
+    """The rank rule kept every row (rank_ = p: every client differs from every other):
+    no test has a degree of freedom and nobody can be flagged. The fit says so instead
+    of reporting a clean set; a fit with the same clients and room for the tests does
+    not."""
+    ols = _a_third_contaminated(0, moved=12)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         est = CLAIREstimator(random_state=0).fit(ols)
@@ -874,15 +892,19 @@ def test_a_row_subspace_that_is_every_column_says_so_not_a_lora_reason():
 
 def test_a_covariance_raised_far_by_the_calibration_is_reported():
     """With ``noise_cov`` the calibration raises the covariance's null scale until the
-    median p-value is 1/2. Where a third of the clients is contaminated and masks
-    itself, the factor is 43 (``null_scale_factor_``): the fit warns and the summary
-    shows it. On a random split of a real dataset (the README's) the factor is about 1
-    and nothing is said; without a covariance the factor is not defined (nan)."""
+    median p-value is 1/2. Where the covariance given is 30 times too small (a user's
+    units), the factor is about 23 (``null_scale_factor_``): the fit warns and the
+    summary shows it. On a random split of a real dataset (the README's) the factor is
+    about 1 and nothing is said; without a covariance the factor is not defined (nan).
+    (Until 2026-12-07 the case was a third of the clients contaminated and masking
+    itself, factor 43; the calibration now finds them, test_a_third_contaminated_is_found.)"""
     ols = _a_third_contaminated(0)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        est = CLAIREstimator(rank=1, random_state=0).fit(ols)
-    assert est.null_scale_factor_ > 10 and np.isfinite(est.null_spread_df_)
+        est = CLAIREstimator(rank=1, random_state=0).fit(
+            ols.estimates, sample_weight=ols.n_samples,
+            noise_cov=(ols.noise_cov[0] / 30, ols.noise_cov[1]))
+    assert est.null_scale_factor_ > 10
     assert "null scale was raised" in _messages(caught)
     assert f"scale x{est.null_scale_factor_:.3g}" in str(est.summary())
     sm = pytest.importorskip("statsmodels.api")
@@ -1245,3 +1267,46 @@ def test_masked_and_sparse_designs_are_refused():
         local_ols([scipy.sparse.csr_matrix(x) for x in designs], responses)
     with pytest.raises(TypeError, match=r"client 2's response is a scipy.sparse matrix"):
         local_ols(designs, responses[:2] + [scipy.sparse.csr_matrix(responses[2])])
+
+
+def _site_means(seed, shift, p=1, n_sites=10, n=400):
+    """Per-site OLS of an intercept (p = 1) or an intercept and a slope (p = 2), q = 1,
+    exact Gaussian noise; site 3 moved by ``shift`` (3.0: about 60 standard errors)."""
+    rng = np.random.default_rng(seed)
+    designs = [np.c_[np.ones(n), rng.standard_normal((n, p - 1))] for _ in range(n_sites)]
+    responses = [x @ np.ones(p) + rng.standard_normal(n) + (shift if k == 3 else 0.0)
+                 for k, x in enumerate(designs)]
+    return local_ols(designs, responses)
+
+
+@pytest.mark.parametrize("p", [1, 2])
+def test_a_site_far_off_is_found_where_each_test_has_one_or_two_df(p):
+    """The README's advice for few df (rank=0): ten sites, one 60 standard errors off,
+    the true covariance given. A review found it missed in 6 of 12 fits (p = 1): the
+    log-spread of chi^2_1 statistics read as 0.41 df (the normal limit's formula), the
+    null was widened into an F whose tail held the site, and every site was then kept
+    with the null scale raised up to 94-fold. Now the spread's df are matched exactly,
+    read only where the spread exceeds the model's at 5%, and not in the first round
+    (whose spread is the robust start's selection): 28 of 30 and 30 of 30 seeds found
+    it in a scratch run (the gate still fires in 5% of calibrations under the model).
+    Here 20 seeds, at least 17 (before: 10 and 16 of 20; now 18 and 20)."""
+    found = 0
+    for seed in range(20):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            est = CLAIREstimator(rank=0, random_state=0).fit(_site_means(seed, 3.0, p))
+        found += bool(est.contaminated_[3])
+    assert found >= 17
+
+
+def test_sites_that_agree_are_rarely_flagged_with_one_df():
+    """The same ten intercept-only sites, none moved: at BH 5% a fit flags any site in
+    at most a few of 40 (the exact chi^2_1 null; 0 of 40 now, and before the change
+    above, which made the test less conservative, not liberal)."""
+    flagged = 0
+    for seed in range(40):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            est = CLAIREstimator(rank=0, random_state=0).fit(_site_means(seed + 1000, 0.0))
+        flagged += bool(est.contaminated_.any())
+    assert flagged <= 5
