@@ -425,7 +425,9 @@ def _client_fit(design, response, k, names, cov_type="nonrobust"):
     if np.any(tiny):
         raise ValueError(f"client {k}'s design column(s) "
                          f"{[names[j] for j in np.flatnonzero(tiny)]} are zero (to "
-                         "round-off against the largest column): drop them.")
+                         "round-off against the largest column): drop them from every "
+                         "client's design (every client needs the same columns), or "
+                         "leave this client out.")
     # The SVD gives the pseudo-inverse and the numerical rank in one pass.
     left, sing, right_t = np.linalg.svd(design / norms, full_matrices=False)
     if sing[-1] <= sing[0] * max(design.shape) * np.finfo(float).eps:
@@ -433,7 +435,9 @@ def _client_fit(design, response, k, names, cov_type="nonrobust"):
         involved = [names[j] for j in np.flatnonzero(weights > 0.1 * weights.max())]
         raise ValueError(f"client {k}'s design is rank deficient (columns {involved} are "
                          f"collinear; singular values of the unit-norm columns "
-                         f"{sing[0]:.3g} ... {sing[-1]:.3g}): drop one of them.")
+                         f"{sing[0]:.3g} ... {sing[-1]:.3g}): drop one of them from "
+                         "every client's design (every client needs the same columns), "
+                         "or leave this client out.")
     inv_sing = right_t.T / sing / norms[:, None]  # (X D^-1)^+ with D undone: X^+
     estimate = inv_sing @ (left.T @ response)
     row_cov = inv_sing @ inv_sing.T  # (X^T X)^{-1}
@@ -628,13 +632,15 @@ def local_ols(designs: Sequence[ArrayLike] | Mapping[object, ArrayLike],
         if len(weights) != len(designs):
             raise ValueError(f"{len(weights)} weight vectors for {len(designs)} clients: "
                              "give one per client.")
-    fits, first = [], None
+    fits, first, constants = [], None, []
     reference = (_columns(designs[0]), _columns(responses[0]))
     for k, (design, response) in enumerate(zip(designs, responses)):
         label = labels[k]
         design, response = _aligned(design, response, label, reference, labels[0])
         x_mat, y_mat = (_as_matrix(design, "design", label),
                         _as_matrix(response, "response", label))
+        constants.append(np.where(np.ptp(x_mat, axis=0) == 0, x_mat[0], np.nan)
+                         if len(x_mat) else np.full(x_mat.shape[1], np.nan))
         if weights is not None:
             # a weight Series is matched against whichever table labels the rows
             rows = [getattr(table, "index", None) for table in (design, response)]
@@ -652,6 +658,7 @@ def local_ols(designs: Sequence[ArrayLike] | Mapping[object, ArrayLike],
                      len(x_mat), np.max(np.abs(y_mat), axis=0)))
     estimates, row_cov, col_cov, n_samples, y_max = (np.stack(part) for part in zip(*fits))
     p, q = estimates.shape[1:]
+    _warn_scaled_intercepts(np.stack(constants), _names(designs[0], "x", p))
     col_cov = _no_residual(col_cov, y_max, _names(responses[0], "y", q), labels)
     few = np.flatnonzero(n_samples - p < _MIN_RESIDUAL_DF)
     if few.size:
@@ -665,6 +672,30 @@ def local_ols(designs: Sequence[ArrayLike] | Mapping[object, ArrayLike],
                     _names(responses[0], "y", q),
                     (not _has_names(designs[0], p), not _has_names(responses[0], q)),
                     client_names, cov_type)
+
+
+def _warn_scaled_intercepts(constants, names):
+    """Warn about a column constant within every client at values that differ between
+    clients: its coefficient is each client's intercept divided by its value, which
+    means something else in each client. ``sm.add_constant`` (``has_constant="skip"``)
+    adds no intercept to a design that already holds a constant column, such as the
+    covariate the sites were formed by (a review: fair split by occupation, 'const'
+    silently absent). ``constants`` (n_clients, p): a column's value where it is
+    constant in that client, else nan."""
+    for j in np.flatnonzero(np.all(np.isfinite(constants), axis=0)):
+        values = constants[:, j]
+        if np.all(values == values[0]):
+            continue  # an intercept (or a column every client holds at one value)
+        shown = ", ".join(f"{v:.4g}" for v in np.unique(values)[:5])
+        warnings.warn(f"design column {names[j]!r} is constant within every client but "
+                      f"at different values across them ({shown}"
+                      f"{', ...' if len(np.unique(values)) > 5 else ''}): it acts as "
+                      "each client's intercept on a different scale, so its coefficient "
+                      "means something else in each client. If the clients were formed "
+                      "by this column, drop it; if an intercept was meant, add one "
+                      "explicitly (statsmodels' add_constant skips a design that already "
+                      "holds a constant column: has_constant='add').",
+                      UserWarning, stacklevel=3)
 
 
 def _as_mapping(value):

@@ -153,8 +153,11 @@ def test_a_row_records_the_rank_given():
 
 def test_the_tables_before_the_frame_are_reproduced_with_default_frame_none():
     """``--default-frame none`` is the path without a covariance as it was before the
-    frame: it gives the committed development rows (split 0) again, and the package's
-    setting is restored after the run."""
+    frame: it gives the committed development rows (split 0) of that path again, and
+    the package's setting is restored after the run. (The `noise_cov` rows are not
+    compared: the committed ones predate the null's spread read on evidence,
+    2026-12-07, after which split 0's null with the classical covariance flags two
+    clients; the default path's rows of splits 0-3 are unchanged by it.)"""
     import pandas as pd
 
     import clairstat._estimator
@@ -167,7 +170,7 @@ def test_the_tables_before_the_frame_are_reproduced_with_default_frame_none():
         assert "default_frame" not in rows[0]
         stored = table[(table.dataset == name) & (table.split == 0)
                        & (table.corruption == kind)].set_index("path")
-        for row in rows:
+        for row in (row for row in rows if row["path"] == "default"):
             for column in ("any_flag", "false_flags", "victims_flagged", "rank"):
                 assert row[column] == stored.loc[row["path"], column], (kind, row["path"])
     assert clairstat._estimator.ESTIMATED_FRAME == "residual"

@@ -1,6 +1,8 @@
 """``local_ols(cov_type=...)``: heteroscedasticity-consistent covariances in the
 Kronecker form the estimator takes."""
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -18,6 +20,7 @@ def _heteroscedastic(rng, n=40, q=1, spread=1.0):
     return X, Y
 
 
+@pytest.mark.filterwarnings("ignore:design column 'x0' is constant")  # X and 3 X
 @pytest.mark.parametrize("cov_type", COV_TYPES)
 def test_one_output_is_statsmodels_sandwich(cov_type):
     rng = np.random.default_rng(0)
@@ -148,3 +151,37 @@ def test_the_summary_names_the_covariance():
         est = CLAIREstimator(random_state=0, rank=1).fit(ols)
         line = next(row for row in str(est.summary()).splitlines() if "noise model" in row)
         assert shown in line and (cov_type == "HC3") == ("HC3" in line)
+
+
+def test_a_covariate_constant_within_each_client_is_named():
+    """Sites formed by a covariate left in the design: the covariate is constant within
+    each site at a different value, and statsmodels' add_constant (has_constant="skip")
+    then adds no intercept. The column plays each site's intercept on another scale (a
+    review: fair by occupation, the 'intercept' 3.40, 2.19, ... divided by the codes):
+    local_ols says so. A real intercept (1 everywhere) is not warned about."""
+    sm = pytest.importorskip("statsmodels.api")
+    fair = sm.datasets.fair.load_pandas().data
+    columns = ["age", "yrs_married", "children", "religious", "educ", "occupation"]
+    groups = fair.groupby("occupation")
+    with pytest.warns(UserWarning, match="'occupation' is constant within every client"):
+        local_ols({k: sm.add_constant(x[columns]) for k, x in groups},
+                  {k: x[["rate_marriage"]] for k, x in groups})
+    sites = np.array_split(np.random.default_rng(0).permutation(len(fair)), 5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        local_ols([sm.add_constant(fair.iloc[s][columns]) for s in sites],
+                  [fair.iloc[s][["rate_marriage"]] for s in sites])
+
+
+@pytest.mark.parametrize("column", ["zero", "copy"])
+def test_a_column_one_client_cannot_fit_says_what_to_do(column):
+    """A column zero (or collinear) in one client: dropping it there alone is refused
+    later (every client needs the same columns), so the message says to drop it in
+    every client or to leave the client out (a review: the old advice led to that
+    second error)."""
+    rng = np.random.default_rng(0)
+    designs = [np.c_[np.ones(30), rng.standard_normal((30, 2))] for _ in range(4)]
+    designs[1][:, 2] = 0.0 if column == "zero" else designs[1][:, 1]
+    responses = [rng.standard_normal(30) for _ in range(4)]
+    with pytest.raises(ValueError, match="every client's design .*or leave this client out"):
+        local_ols(designs, responses)
