@@ -232,11 +232,9 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
     null_spread_df_ : float
         Degrees of freedom implied by the spread of the calibration clients'
         log-statistics (their MAD); a client's null whose model df exceed it was
-        widened to it (same mean, heavier tail). ``inf`` when the spread is within what
-        the model's df give at 5% (no evidence of a heavier spread), when not estimated
-        (fewer than 8 clients) or on factored LoRA stacks, whose null is read off the
-        other clients' statistics directly (``degrees_of_freedom_`` are its Student
-        t's).
+        widened to it (same mean, heavier tail). ``inf`` when not estimated (fewer
+        than 8 clients) or on factored LoRA stacks, whose null is read off the other
+        clients' statistics directly (``degrees_of_freedom_`` are its Student t's).
     noise_model_ : {"noise_cov", "noise_scale", "estimated"}
         Where the null came from.
     robust_frame_ : bool

@@ -231,7 +231,7 @@ def _scale_factor(stat, null, calibrate_on, *, at_least_one):
     return float(np.exp(log_c)), median_scale_df(float(np.median(df)), int(ok.sum()))
 
 
-def _calibrate(stat, null, new, calibrate_on, estimated, floor, widen=True):
+def _calibrate(stat, null, new, calibrate_on, estimated, floor):
     """Widen the null to the statistics' observed spread, then match its scale.
 
     Real estimates are not exactly Gaussian, and a given covariance can be wrong in
@@ -241,15 +241,12 @@ def _calibrate(stat, null, new, calibrate_on, estimated, floor, widen=True):
     (same mean, wider tails); then the scale is matched at the median
     (:func:`_scale_factor`; a given covariance is only ever raised), not below
     ``floor`` (a machine-precision floor that keeps round-off from counting as
-    evidence). ``widen=False`` skips the first step (the detection's first round,
-    whose calibration clients mix the robust half-set's leave-one-out statistics,
-    the smallest by construction, with the others': a spread made by the selection).
+    evidence).
     """
     ok = calibrate_on & (null.df > 0)
     spread_df = np.inf
-    if ok.any() and widen:
-        spread_df = robust_log_spread_df(stat[ok] / (null.scale[ok] * null.df[ok]),
-                                         model_df=float(np.median(null.df[ok])))
+    if ok.any():
+        spread_df = robust_log_spread_df(stat[ok] / (null.scale[ok] * null.df[ok]))
         nu = np.minimum(null.df, spread_df)
         widen = np.where(nu > 0, null.df / np.where(nu > 0, nu, 1.0), 1.0)
         null = NullDistribution(null.scale * widen, nu)
@@ -376,9 +373,8 @@ class _Round:
 
 
 def _test_round(blocks, weights, members, rank, noise, level, correction, random_state,
-                calibrate_on, support=1, widen=True):
-    """Refit on ``members``; test every client out of sample; correct the p-values
-    (``widen``: :func:`_calibrate`'s)."""
+                calibrate_on, support=1):
+    """Refit on ``members``; test every client out of sample; correct the p-values."""
     n_clients = len(blocks)
     mean, basis = _fit_on(blocks, weights, members, rank, noise.sigma, random_state,
                           noise.whitening, support)
@@ -409,7 +405,7 @@ def _test_round(blocks, weights, members, rank, noise, level, correction, random
         floor = noise.floor * (blocks.shape[1] - basis.shape[1]) * blocks.shape[2] \
             if noise.estimated else 0.0
         null, new_null, calibration = _calibrate(stat, null, new_null, calibrate_on,
-                                                 noise.estimated, floor, widen)
+                                                 noise.estimated, floor)
         new_client = NewClientTest(mean, basis, new_null, standardizer, members_cov,
                                    mean_share, calibration, coords)
     log_p = null.log_sf(stat)
@@ -562,7 +558,7 @@ def detect_clients(blocks, weights, start, *, rank, noise, level, correction, it
     members = start.copy() if start.sum() >= 2 else np.ones(n_clients, dtype=bool)
     groups = copy_groups(blocks)
 
-    def test(members, calibrate_on=None, widen=True):
+    def test(members, calibrate_on=None):
         calibrate_on = members if calibrate_on is None else calibrate_on
         # Each group of copies counts once in the calibration's median and spread, unless
         # one group is most of the clients: then it is the consensus itself (noiseless
@@ -571,7 +567,7 @@ def detect_clients(blocks, weights, start, *, rank, noise, level, correction, it
         # was then not flagged). clairstat._tuning.counted_once.
         calibrate_on = counted_once(groups, calibrate_on)
         return _test_round(blocks, weights, members, rank, noise, level, correction,
-                           random_state, calibrate_on, rank_support, widen)
+                           random_state, calibrate_on, rank_support)
 
     if not iterate:
         state = test(members)
@@ -589,11 +585,8 @@ def detect_clients(blocks, weights, start, *, rank, noise, level, correction, it
                           distinct=counted_once(groups), support=rank_support)
     # The concentrated half-set holds the smallest statistics by construction, so the
     # first calibration uses every client (the median is robust while attackers are a
-    # minority); later rounds use the tested collaborative set. Its spread is the
-    # selection's (small leave-one-out statistics beside the others'), not the noise's:
-    # widened by it, the first round's null kept a client 60 standard errors off, and
-    # with it the whole set, as a fixed point (a review, intercept-only models).
-    state, history = test(members, np.ones(n_clients, dtype=bool), widen=False), []
+    # minority); later rounds use the tested collaborative set.
+    state, history = test(members, np.ones(n_clients, dtype=bool)), []
     for n_rounds in range(1, _MAX_ROUNDS + 1):
         kept = ~state.rejected
         # a fixed point counts only under the set's own calibration (not the first

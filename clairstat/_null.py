@@ -295,34 +295,7 @@ def _log_chi2_mad_table():
     return _MAD_TABLE["table"]
 
 
-#: One-sided level at which the statistics' log-spread must exceed the model's before
-#: :func:`robust_log_spread_df` reads a df off it (else ``inf``: no widening).
-SPREAD_GATE_LEVEL = 0.05
-#: Draws of the model's MAD per (df, n) in :func:`_model_mad_quantile`: its upper 5%
-#: quantile then has a Monte Carlo error of about 1% of the MAD's own spread.
-SPREAD_GATE_DRAWS = 4000
-_GATE = {}
-
-
-def _model_mad_quantile(df, n_values):
-    """Upper :data:`SPREAD_GATE_LEVEL` quantile of the MAD of n ``log(chi^2_df)`` draws.
-
-    Simulated (the MAD of a skewed law has no usable small-sample formula) with a
-    generator seeded by the key, so a fit's result does not depend on what ran before;
-    ``df`` on a 2% grid, cached.
-    """
-    step = int(round(float(np.log(df)) * 50))
-    key = (step, int(n_values))
-    if key not in _GATE:
-        rng = np.random.default_rng([abs(step), int(step < 0), int(n_values)])
-        draws = rng.chisquare(np.exp(step / 50), size=(SPREAD_GATE_DRAWS, int(n_values)))
-        logs = np.log(np.maximum(draws, np.finfo(float).tiny))
-        mads = np.median(np.abs(logs - np.median(logs, axis=1, keepdims=True)), axis=1)
-        _GATE[key] = float(np.quantile(mads, 1.0 - SPREAD_GATE_LEVEL))
-    return _GATE[key]
-
-
-def robust_log_spread_df(values, model_df=None):
+def robust_log_spread_df(values):
     """Degrees of freedom implied by the spread of ``log(values)`` (MAD), or inf.
 
     The df whose ``log(chi^2_df)`` has the MAD of ``log(values)`` (the MAD resists just
@@ -334,13 +307,6 @@ def robust_log_spread_df(values, model_df=None):
     are and their null was widened into an F whose tail hid a client 60 standard errors
     off (a review: an intercept-only model, ten sites). Between
     :data:`SPREAD_DF_RANGE`; above it the normal limit.
-
-    With ``model_df`` (the statistics' own df) the spread counts only where it exceeds
-    what ``chi^2_model_df`` gives at :data:`SPREAD_GATE_LEVEL` (one-sided) for as many
-    values; else ``inf``. The MAD of a dozen values is noisy (of chi^2_1 statistics,
-    half the samples read below 1 df): ungated, every such reading widened the null,
-    and with few df the widened null's F tail hid a client 60 standard errors off in 1
-    of 10 fits (the same review's case, once the match above was exact).
     """
     positive = values[values > 0]
     if len(positive) < 8:
@@ -348,8 +314,6 @@ def robust_log_spread_df(values, model_df=None):
     log_values = np.log(positive)
     mad = float(np.median(np.abs(log_values - np.median(log_values))))
     if mad <= 0:
-        return np.inf
-    if model_df is not None and mad <= _model_mad_quantile(model_df, len(positive)):
         return np.inf
     log_df, log_mad = _log_chi2_mad_table()
     if np.log(mad) <= log_mad[-1]:  # the normal limit: MAD = 0.6745 sqrt(2 / df)

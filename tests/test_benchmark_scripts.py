@@ -155,7 +155,7 @@ def test_the_tables_before_the_frame_are_reproduced_with_default_frame_none():
     """``--default-frame none`` is the path without a covariance as it was before the
     frame: it gives the committed development rows (split 0) of that path again, and
     the package's setting is restored after the run. (The `noise_cov` rows are not
-    compared: the committed ones predate the null's spread read on evidence,
+    compared: the committed ones predate the exact match of the null's spread,
     2026-12-07, after which split 0's null with the classical covariance flags two
     clients; the default path's rows of splits 0-3 are unchanged by it.)"""
     import pandas as pd

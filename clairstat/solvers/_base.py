@@ -151,6 +151,20 @@ def _scaled_problem(problem, scale):
         beta=None if problem.beta is None else problem.beta / scale)
 
 
+def round_off_floor(n_long, eps, power, norm, centred_norm=None):
+    """The certificate's absolute floor, ``sqrt(n) eps ||X||^power``
+    (:meth:`clairstat.solvers.TorchSolver._objective_floor` says why). With a free
+    backbone (``centred_norm``, the norm of the data less their client mean) the
+    program does not see a common level: the floor is ``sqrt(n) (eps ||X_c||^power +
+    (eps ||X||)^power)``, the second term the round-off of residuals formed from the
+    raw data (of the size of the objective itself where the optimum is 0, identical
+    clients), not the first power of eps times the level (a floor of the raw data let
+    a fit of data offset by 1e7 stop 91% above the optimum, a review)."""
+    if centred_norm is None:
+        return math.sqrt(n_long) * eps * norm ** power
+    return math.sqrt(n_long) * (eps * centred_norm ** power + (eps * norm) ** power)
+
+
 def _rescaled(result, scale, power):
     """``result`` of the problem in units of ``scale`` back in the data's units
     (objective and gap are of degree ``power``: 2 penalized, 1 exact)."""

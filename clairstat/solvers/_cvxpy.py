@@ -9,7 +9,7 @@ import numpy as np
 
 from .._objective import exact_gap, penalized_gap
 from .._result import DecompositionResult
-from ._base import Solver
+from ._base import Solver, round_off_floor
 
 __all__ = ["CVXPYSolver"]
 
@@ -237,12 +237,11 @@ class CVXPYSolver(Solver):
         n_iter = int(program.solver_stats.num_iters or 0)
         detail = " (max_iter reached)" if status != "optimal" and n_iter >= self.max_iter else ""
         # the gap is evaluated in float64: its round-off floor as the torch solver's
-        # (the data less their client mean with a free backbone, which the program and
-        # the gap do not see)
         eps = float(np.finfo(float).eps)
         power = 2 if problem.formulation == "penalized" else 1
-        seen = X - X.mean(0) if problem.backbone else X
-        floor = np.sqrt(max(p, n_clients * q)) * eps * float(np.linalg.norm(seen)) ** power
+        floor = round_off_floor(max(p, n_clients * q), eps, power, float(np.linalg.norm(X)),
+                                float(np.linalg.norm(X - X.mean(0))) if problem.backbone
+                                else None)
         certified = self._certified(gap, value, floor, eps)
         if status == "optimal" and not certified:
             detail = " (duality gap above tol)"

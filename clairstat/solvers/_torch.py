@@ -24,7 +24,7 @@ from .._objective import _op_norm, exact_gap, penalized_gap, stack_blocks, unsta
 from .._prox import block_soft_threshold_torch, svt_torch
 from .._result import DecompositionResult
 from .._validation import check_device
-from ._base import Solver
+from ._base import Solver, round_off_floor
 
 __all__ = ["TorchSolver"]
 
@@ -92,17 +92,16 @@ class TorchSolver(Solver):
         certify, so the solver stops at ``gap <= max(max(tol, 100 eps) * primal, floor)``
         (:meth:`Solver._certified`; in float64 the floor matters only for an objective
         below ``sqrt(n) eps / tol`` of ``||X||^power``, 1e-8 at the default tol and
-        n = 1600). With a free backbone (``backbone``) the norm is of the data less
-        their client mean: the program, and the gap's evaluation
-        (:func:`clairstat._objective.penalized_gap`), do not see a common level, and a
-        floor of the raw data let a fit of data offset by 1e7 stop at 91% above the
-        optimum with ``converged=True`` (a review)."""
+        n = 1600). With a free backbone (``backbone``) the program, and the gap's
+        evaluation (:func:`clairstat._objective.penalized_gap`), do not see a common
+        level: :func:`clairstat.solvers._base.round_off_floor`."""
         torch = _import_torch()
         eps = float(torch.finfo(X.dtype).eps)
         n_long = max(X.shape[1], X.shape[0] * X.shape[2]) if X.ndim == 3 else max(X.shape)
-        if backbone and X.ndim == 3:
-            X = X - X.mean(0, keepdim=True)
-        return math.sqrt(n_long) * eps * float(torch.linalg.vector_norm(X)) ** power
+        centred = (float(torch.linalg.vector_norm(X - X.mean(0, keepdim=True)))
+                   if backbone and X.ndim == 3 else None)
+        return round_off_floor(n_long, eps, power, float(torch.linalg.vector_norm(X)),
+                               centred)
 
     @staticmethod
     def _eps(X):
