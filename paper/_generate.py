@@ -524,6 +524,56 @@ def sixth_heldout_macros(tables):
     return macros
 
 
+#: The regression check of the spread matched exactly: the recommended configuration
+#: (HC3, ``rank_support=3``) and the defaults on every real dataset after the change
+#: (``calibev.has``), the same before it, and the defaults under the variant tried and
+#: dropped (the spread gated and not widened in the first round, commit 605c774).
+EVIDENCE_AFTER = ("calibration_hc3_support3_exact_spread",
+                  "calibration_heldout_all_hc3_support3_exact_spread",
+                  "calibration_heldout6_hc3_support3_exact_spread")
+EVIDENCE_DEFAULTS = ("calibration_exact_spread", "calibration_heldout_all_exact_spread",
+                     "calibration_heldout6_exact_spread")
+EVIDENCE_BEFORE = ("calibration_hc3_support3", "calibration_heldout_hc3_support3",
+                   "calibration_heldout2_hc3_support3", "calibration_heldout3_hc3_support3",
+                   "calibration_heldout4_hc3_support3", "calibration_heldout5_hc3_support3",
+                   "calibration_heldout6_hc3_support3")
+EVIDENCE_DEFAULTS_BEFORE = ("calibration", "calibration_heldout_all_frame",
+                            "calibration_heldout6")
+EVIDENCE_GATED = ("calibration_evidence", "calibration_heldout_all_evidence",
+                  "calibration_heldout6_evidence")
+EVIDENCE = {"calibev": EVIDENCE_AFTER, "calibevdefault": EVIDENCE_DEFAULTS,
+            "calibevbefore": EVIDENCE_BEFORE, "calibevdefaultbefore": EVIDENCE_DEFAULTS_BEFORE,
+            "calibevgated": EVIDENCE_GATED}
+
+
+def _joined(tables, names):
+    import pandas as pd
+
+    return pd.concat([tables[name] for name in names], ignore_index=True)
+
+
+def evidence_macros(tables):
+    """The regression check (prefixes of :data:`EVIDENCE`: ``calibev`` the recommended
+    configuration after the change, ``calibevbefore`` before it, ``calibevdefault`` and
+    ``calibevdefaultbefore`` the defaults after and before, ``calibevgated`` the defaults
+    under the dropped variant) as :func:`calibration_macros`, with the datasets meeting
+    the criteria per path (``<prefix>.<path>.met``) and ``calibev.has``; and the after
+    table's rows of the covariance path."""
+    names = [name for group in EVIDENCE.values() for name in group]
+    if any(tables.get(name) is None for name in names):
+        return {"calibev.has": "0"}, None
+    macros = {"calibev.has": "1"}
+    after = None
+    for prefix, group in EVIDENCE.items():
+        rows = [r for r in _corruption_rows(_joined(tables, group)) if r["dataset"] != "all"]
+        macros.update(calibration_macros(rows, prefix))
+        for path in ("default", "noise_cov"):
+            macros[f"{prefix}.{path.replace('_', '')}.met"] = fmt(_criteria_met(rows, path))
+        if prefix == "calibev":
+            after = [r for r in rows if r["path"] == "noise_cov"]
+    return macros, after
+
+
 def _optional_calibrations(names):
     """``{name: table}`` of the calibration tables ``names`` (None where not committed)."""
     return {name: (src.read_calibration(src.SOURCES[name])
@@ -1241,6 +1291,11 @@ def collect():
         if macros[switch] == "1":
             tables[table] = calibration_table(_corruption_rows(read[primary]),
                                               src.calibration_criteria())
+    evidence, after = evidence_macros(_optional_calibrations(
+        [name for group in EVIDENCE.values() for name in group]))
+    macros.update(evidence)
+    if after is not None:
+        tables["calibration_evidence"] = calibration_table(after, src.calibration_criteria())
     framed = _optional_calibrations(("calibration_plain", "calibration_heldout_all_frame",
                                      "calibration_heldout_all_plain",
                                      "calibration_heldout_all_frame_prereg"))
@@ -1854,7 +1909,7 @@ def write_generated(out_dir):
         switch("rdetfirstexcess", "rdet.has", "rdet.module.first.excess"),
         switch("calibheldout", "calibho.has"), switch("calibheldoutb", "calibhob.has"),
         switch("calibheldoutc", "calibhoc.has"), switch("calibframe", "calibhof.has"),
-        switch("calibheldoutg", "calibhog.has"),
+        switch("calibheldoutg", "calibhog.has"), switch("calibevidence", "calibev.has"),
         switch("jointrank", "jr.has"), switch("jointrankbetter", "jr.has", "jr.better"),
         switch("flagged", "flagged.has"), switch("flaggedfull", "flagged.full"),
         switch("flaggedallpass", "flagged.allpass"),

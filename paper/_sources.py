@@ -84,6 +84,18 @@ SOURCES = {
        / f"real_data_calibration_{name}.csv"
        for name in ("heldout3", "heldout4_support3", "heldout4", "heldout5_hc3_support3",
                     "heldout5", "heldout5_hc3", "heldout6_hc3_support3", "heldout6")},
+    # The same splits after the null's spread was matched exactly (a regression check
+    # on every real dataset: the recommended configuration and the defaults), the
+    # recommended configuration's runs before it, and the defaults under the variant
+    # tried and dropped (commit 605c774: the spread gated, not widened in the first round).
+    **{f"calibration_{name}": ROOT / "benchmarks" / "results"
+       / f"real_data_calibration_{name}.csv"
+       for name in ("hc3_support3_exact_spread", "heldout_all_hc3_support3_exact_spread",
+                    "heldout6_hc3_support3_exact_spread", "exact_spread",
+                    "heldout_all_exact_spread", "heldout6_exact_spread", "evidence",
+                    "heldout_all_evidence", "heldout6_evidence", "hc3_support3",
+                    "heldout_hc3_support3", "heldout2_hc3_support3",
+                    "heldout3_hc3_support3", "heldout4_hc3_support3")},
     "copying": ROOT / "simulations" / "results",
     # multi-Krum against CLAIR on the fifth block's replicates (PROTOCOL amendment 8)
     "multikrum": ROOT / "benchmarks" / "results" / "copying_multikrum.jsonl",
