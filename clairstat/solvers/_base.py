@@ -68,11 +68,28 @@ class Solver:
         if not (np.isfinite(self.tol) and self.tol > 0):
             raise ValueError(f"tol must be a positive number, got {self.tol!r}.")
         init = self._check_init(problem, init)
+        # With a free backbone the programs do not see a common level (Theta_0 takes it):
+        # the solvers get the data less their client mean, and Theta_0 gets it back. A
+        # level large against the clients' spread otherwise entered every residual's
+        # round-off and the certificate's floor (a review: data offset by 1e7 stopped
+        # with converged=True 91% above the optimum, the floor of the raw data being 13;
+        # offset by 1e6, the exact program took 6 525 iterations instead of 25).
+        data = problem.local_estimates
+        level = data.mean(0) if problem.backbone else None
+        if level is not None:
+            problem = dataclasses.replace(problem,
+                                          local_estimates=problem.local_estimates - level)
+            if init is not None:
+                init = {**init, "backbone": init["backbone"] - level}
         scale = _unit(problem.local_estimates)
         start = time.perf_counter()
         result = self._solve(_scaled_problem(problem, scale),
                              None if init is None else {k: v / scale for k, v in init.items()})
         result = _rescaled(result, scale, 2 if problem.formulation == "penalized" else 1)
+        if level is not None:
+            result.backbone = result.backbone + level
+            if problem.formulation == "exact":  # feasible for the data themselves
+                result.sparse = data - result.backbone[None] - result.low_rank
         result.time = time.perf_counter() - start
         if not result.converged:
             warnings.warn(
@@ -149,20 +166,6 @@ def _scaled_problem(problem, scale):
         problem, local_estimates=problem.local_estimates / scale,
         alpha=None if problem.alpha is None else problem.alpha / scale,
         beta=None if problem.beta is None else problem.beta / scale)
-
-
-def round_off_floor(n_long, eps, power, norm, centred_norm=None):
-    """The certificate's absolute floor, ``sqrt(n) eps ||X||^power``
-    (:meth:`clairstat.solvers.TorchSolver._objective_floor` says why). With a free
-    backbone (``centred_norm``, the norm of the data less their client mean) the
-    program does not see a common level: the floor is ``sqrt(n) (eps ||X_c||^power +
-    (eps ||X||)^power)``, the second term the round-off of residuals formed from the
-    raw data (of the size of the objective itself where the optimum is 0, identical
-    clients), not the first power of eps times the level (a floor of the raw data let
-    a fit of data offset by 1e7 stop 91% above the optimum, a review)."""
-    if centred_norm is None:
-        return math.sqrt(n_long) * eps * norm ** power
-    return math.sqrt(n_long) * (eps * centred_norm ** power + (eps * norm) ** power)
 
 
 def _rescaled(result, scale, power):

@@ -9,7 +9,7 @@ import numpy as np
 
 from .._objective import exact_gap, penalized_gap
 from .._result import DecompositionResult
-from ._base import Solver, round_off_floor
+from ._base import Solver
 
 __all__ = ["CVXPYSolver"]
 
@@ -239,9 +239,7 @@ class CVXPYSolver(Solver):
         # the gap is evaluated in float64: its round-off floor as the torch solver's
         eps = float(np.finfo(float).eps)
         power = 2 if problem.formulation == "penalized" else 1
-        floor = round_off_floor(max(p, n_clients * q), eps, power, float(np.linalg.norm(X)),
-                                float(np.linalg.norm(X - X.mean(0))) if problem.backbone
-                                else None)
+        floor = np.sqrt(max(p, n_clients * q)) * eps * float(np.linalg.norm(X)) ** power
         certified = self._certified(gap, value, floor, eps)
         if status == "optimal" and not certified:
             detail = " (duality gap above tol)"

@@ -24,7 +24,7 @@ from .._objective import _op_norm, exact_gap, penalized_gap, stack_blocks, unsta
 from .._prox import block_soft_threshold_torch, svt_torch
 from .._result import DecompositionResult
 from .._validation import check_device
-from ._base import Solver, round_off_floor
+from ._base import Solver
 
 __all__ = ["TorchSolver"]
 
@@ -76,7 +76,7 @@ class TorchSolver(Solver):
         return torch.as_tensor(np.asarray(array), dtype=getattr(torch, self.dtype),
                                device=device)
 
-    def _objective_floor(self, X, power, backbone=False):
+    def _objective_floor(self, X, power):
         """The certificate's absolute floor: the dtype's round-off of the objective's
         natural size, ``sqrt(n) eps ||X||_F^power`` (power 2: the penalized objective,
         half a squared residual; 1: the exact one, a sum of norms), n the long side of
@@ -92,16 +92,11 @@ class TorchSolver(Solver):
         certify, so the solver stops at ``gap <= max(max(tol, 100 eps) * primal, floor)``
         (:meth:`Solver._certified`; in float64 the floor matters only for an objective
         below ``sqrt(n) eps / tol`` of ``||X||^power``, 1e-8 at the default tol and
-        n = 1600). With a free backbone (``backbone``) the program, and the gap's
-        evaluation (:func:`clairstat._objective.penalized_gap`), do not see a common
-        level: :func:`clairstat.solvers._base.round_off_floor`."""
+        n = 1600)."""
         torch = _import_torch()
         eps = float(torch.finfo(X.dtype).eps)
         n_long = max(X.shape[1], X.shape[0] * X.shape[2]) if X.ndim == 3 else max(X.shape)
-        centred = (float(torch.linalg.vector_norm(X - X.mean(0, keepdim=True)))
-                   if backbone and X.ndim == 3 else None)
-        return round_off_floor(n_long, eps, power, float(torch.linalg.vector_norm(X)),
-                               centred)
+        return math.sqrt(n_long) * eps * float(torch.linalg.vector_norm(X)) ** power
 
     @staticmethod
     def _eps(X):
@@ -187,7 +182,7 @@ class TorchSolver(Solver):
         ratio = op_norm / problem.alpha if problem.alpha > 0 else 0.0
         n_stages = int(np.clip(np.floor(np.log10(ratio)) - 1, 0, 6)) \
             if init is None and ratio > 0 else 0
-        floor = self._objective_floor(X, 2, problem.backbone)
+        floor = self._objective_floor(X, 2)
         history, n_svd, total = [], 1, 0  # the operator norm above is one factorization
         for stage in range(n_stages, -1, -1):
             factor, last = 10.0 ** stage, stage == 0
@@ -275,7 +270,7 @@ class TorchSolver(Solver):
         multiplier = X / max(op_norm, block_max / lam, tiny)
         mu = 1.25 / max(op_norm, tiny)
         history, n_svd, converged, gap = [], 1, False, math.inf  # counting ||M||_op
-        floor = self._objective_floor(X, 1, backbone)
+        floor = self._objective_floor(X, 1)
         for it in range(1, self.max_iter + 1):
             L, _ = self._svt(X - theta0 - S + multiplier / mu, 1.0 / mu)
             n_svd += 1
