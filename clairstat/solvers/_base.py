@@ -31,7 +31,11 @@ class Solver:
     whatever the data's units: a float32 solve of entries of 1e20 or 1e-30 (whose
     squares leave float32's range), the exact program's residual balancing (which
     compares a residual in the data's units with a dimensionless one) and the absolute
-    tolerances of conic solvers would otherwise depend on them.
+    tolerances of conic solvers would otherwise depend on them. With a free backbone it
+    first takes the clients' mean out of the data and adds it back to ``Theta_0``
+    (the same program: ``Theta_0`` absorbs any common level), so that a level large
+    against the clients' spread neither enters the residuals' round-off nor the
+    certificate's floor.
 
     Parameters
     ----------
