@@ -46,7 +46,12 @@ class TorchSolver(Solver):
     max_iter : int, default=2000
     tol : float, default=1e-6
         Relative duality gap at which to stop; at least ``100 eps`` of the dtype
-        (1.2e-5 in float32, which cannot certify less: :meth:`Solver._certified`).
+        (1.2e-5 in float32, which cannot certify less: :meth:`Solver._certified`). The
+        solver also stops at an absolute gap below the dtype's round-off floor
+        (:meth:`_objective_floor`, ``sqrt(n) eps ||M||^2``), which in float32 can be
+        far above ``tol`` times a small objective (a review: a relative gap of 5e-3 on
+        an objective of 66, the true suboptimality 9e-8): ``converged`` then means "as
+        certified as the dtype allows", and the gap is the bound to use.
     device : str, torch.device or None, default="cpu"
         ``None`` is the CPU (:func:`clairstat._validation.check_device`).
     dtype : {"float64", "float32"}, default="float64"
