@@ -563,14 +563,24 @@ def evidence_macros(tables):
     if any(tables.get(name) is None for name in names):
         return {"calibev.has": "0"}, None
     macros = {"calibev.has": "1"}
-    after = None
+    # the splits run after the change (the development data's earlier runs have 250)
+    splits = _joined(tables, EVIDENCE_AFTER)[["dataset", "split"]].drop_duplicates()
+    after, nulls = None, {}
     for prefix, group in EVIDENCE.items():
-        rows = [r for r in _corruption_rows(_joined(tables, group)) if r["dataset"] != "all"]
+        table = _joined(tables, group).merge(splits, on=["dataset", "split"])
+        rows = [r for r in _corruption_rows(table) if r["dataset"] != "all"]
         macros.update(calibration_macros(rows, prefix))
         for path in ("default", "noise_cov"):
             macros[f"{prefix}.{path.replace('_', '')}.met"] = fmt(_criteria_met(rows, path))
+        nulls[prefix] = {r["dataset"]: r["null"] for r in rows if r["path"] == "default"}
         if prefix == "calibev":
             after = [r for r in rows if r["path"] == "noise_cov"]
+    # the dropped variant's largest rise of a null share without a covariance
+    before, gated = nulls["calibevdefaultbefore"], nulls["calibevgated"]
+    worst = max(gated, key=lambda name: gated[name] - before[name])
+    macros["calibevgated.rise.dataset"] = tex_escape(worst)
+    macros["calibevgated.rise.before"] = fmt_fixed(before[worst])
+    macros["calibevgated.rise.after"] = fmt_fixed(gated[worst])
     return macros, after
 
 
