@@ -303,7 +303,7 @@ def robust_log_spread_df(values):
     statistics' spread is (real data are not exactly Gaussian). The MAD is matched
     exactly (:func:`_log_chi2_mad`, interpolated on a grid), not through the normal
     limit ``sd = sqrt(2 / df)``, which holds for large df only: ``log(chi^2_1)`` spreads
-    as the limit's 0.41 df, so that chi^2_1 statistics read as far heavier than they
+    as the limit's 0.61 df, so that chi^2_1 statistics read as far heavier than they
     are and their null was widened into an F whose tail hid a client 60 standard errors
     off (a review: an intercept-only model, ten sites). Between
     :data:`SPREAD_DF_RANGE`; above it the normal limit.

@@ -147,19 +147,14 @@ def penalized_gap(local_estimates: Array, backbone: Array, low_rank: Array, spar
         nuclear_norm = float(_singular_values(stack_blocks(low_rank)).sum())
     primal = (0.5 * _inner(resid, resid) + alpha * nuclear_norm
               + beta * float(_block_norms(sparse).sum()))
-    seen = local_estimates
     if fit_backbone:
         resid = resid - resid.mean(0)[None]
-        # <R, M> = <R, M - mean M> for R summing to 0 over clients; on M itself a common
-        # level cancels in the sum, and its round-off (eps |R| |M|) swamped the gap
-        # (a review: data offset by 1e6 gave gaps of exactly 0 under a 1e-9 round-off)
-        seen = local_estimates - local_estimates.mean(0)[None]
     op_norm = (op_norm or _op_norm)(stack_blocks(resid))
     block_max = float(_block_norms(resid).max())
     scale = min(1.0, alpha / op_norm if op_norm > 0 else 1.0,
                 beta / block_max if block_max > 0 else 1.0)
     dual_point = scale * resid
-    dual = _inner(dual_point, seen) - 0.5 * _inner(dual_point, dual_point)
+    dual = _inner(dual_point, local_estimates) - 0.5 * _inner(dual_point, dual_point)
     return max(primal - dual, 0.0), primal
 
 
@@ -184,13 +179,11 @@ def exact_gap(local_estimates: Array, low_rank: Array, sparse: Array, multiplier
     feasible_sparse = local_estimates - backbone[None] - low_rank
     nuclear = float(_singular_values(stack_blocks(low_rank)).sum())
     primal = nuclear + lam * float(_block_norms(feasible_sparse).sum())
-    seen = local_estimates
     if fit_backbone:
         multiplier = multiplier - multiplier.mean(0)[None]
-        seen = local_estimates - local_estimates.mean(0)[None]  # as in penalized_gap
     op_norm = _op_norm(stack_blocks(multiplier))
     block_max = float(_block_norms(multiplier).max())
-    value = _inner(multiplier, seen)
+    value = _inner(multiplier, local_estimates)
     scale = min(1.0 / op_norm if op_norm > 0 else np.inf,
                 lam / block_max if block_max > 0 else np.inf)
     dual = max(scale * value, 0.0) if np.isfinite(scale) else 0.0

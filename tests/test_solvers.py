@@ -273,3 +273,24 @@ def test_a_common_level_costs_no_iterations(formulation):
     assert abs(shifted.objective - ref.objective) <= (
         shifted.dual_gap + ref.dual_gap + 10 * rounding)
     np.testing.assert_allclose(shifted.backbone - 1e8, ref.backbone, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("solver", ["torch", "cvxpy"])
+def test_identical_clients_with_a_free_backbone_are_solved_at_once(solver):
+    """Identical clients: the optimum is 0 (Theta_0 takes everything). Their plain mean
+    can round off by an ulp; taken out, the round-off was scaled to 1 by the unit
+    rescaling and the penalties by 1e16, and SCS answered 'unbounded_inaccurate' (a
+    review). The torch solvers take out the first client plus the mean difference
+    (exactly 0 here); CVXPY is handed the data as they are."""
+    if solver == "cvxpy":
+        pytest.importorskip("cvxpy")
+    X = np.tile(np.random.default_rng(0).normal(size=(1, 5, 3)) * 0.1, (8, 1, 1))
+    res = clair_decompose(X, alpha=0.3, beta=0.8, solver=solver)
+    assert res.converged
+    # the optimum is 0: the objective is at most the certificate (CVXPY's conic
+    # accuracy; 0 for torch) plus the round-off of X's entries
+    assert res.objective <= res.dual_gap + X.size * (np.finfo(float).eps
+                                                     * np.abs(X).max()) ** 2
+    # every client's residual X_k - Theta_0 is at most sqrt(2 objective) in norm
+    np.testing.assert_allclose(res.backbone, X[0], rtol=0,
+                               atol=np.sqrt(2 * res.objective) + 1e-15)

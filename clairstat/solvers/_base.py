@@ -35,7 +35,9 @@ class Solver:
     first takes the clients' mean out of the data and adds it back to ``Theta_0``
     (the same program: ``Theta_0`` absorbs any common level), so that a level large
     against the clients' spread neither enters the residuals' round-off nor the
-    certificate's floor.
+    certificate's floor (``centres_level``; not for CVXPY, whose conic solvers were
+    handed penalties 1e12 times the centred data of near-identical clients by the unit
+    rescaling and returned a point 1e10 times worse than without it, a review).
 
     Parameters
     ----------
@@ -45,6 +47,8 @@ class Solver:
     """
 
     name = "base"
+    #: Whether :meth:`solve` takes the clients' mean out first (free backbone only).
+    centres_level = True
 
     def __init__(self, *, max_iter=2000, tol=1e-6):
         self.max_iter = max_iter
@@ -79,7 +83,12 @@ class Solver:
         # with converged=True 91% above the optimum, the floor of the raw data being 13;
         # offset by 1e6, the exact program took 6 525 iterations instead of 25).
         data = problem.local_estimates
-        level = data.mean(0) if problem.backbone else None
+        # The level as the first client plus the mean difference from it: the same mean,
+        # but identical clients get exactly 0 (their plain mean can round off by an ulp,
+        # which the power-of-two unit below then scaled to 1, and the penalties with it
+        # by 1e16: SCS answered 'unbounded_inaccurate', a review).
+        level = (data[0] + (data - data[0]).mean(0)
+                 if problem.backbone and self.centres_level else None)
         if level is not None:
             problem = dataclasses.replace(problem,
                                           local_estimates=problem.local_estimates - level)
