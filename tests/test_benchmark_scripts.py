@@ -464,3 +464,59 @@ def test_lora_concurrency_times_every_cell_with_a_neighbour_running():
                              .splitlines()[0])
     assert len(ended) == 4  # the two "beside" cells and the two niced ones
     assert all(code == -9 for _, code in ended)  # running until killed
+
+
+def test_exchangeable_null_reproduces_its_committed_rows():
+    """``benchmarks/exchangeable_null.py``: its rows of star98's and fair's split 1 (star98's
+    real estimates flag a client there) come out again, every variant and path, and the
+    ``real`` variant is the calibration table's null split (same seeds)."""
+    import pandas as pd
+
+    import exchangeable_null
+
+    table = pd.read_csv(ROOT / "benchmarks" / "results" / "exchangeable_null.csv")
+    calibrated = pd.read_csv(ROOT / "benchmarks" / "results"
+                             / "real_data_calibration_heldout_all_exact_spread.csv")
+    entries = {entry[0]: entry for entry in exchangeable_null._datasets()}
+    assert len(entries) == 18
+    for name in ("star98", "fair"):
+        rows = exchangeable_null.run_one(entries[name], 1)
+        assert len(rows) == 5
+        stored = table[(table.dataset == name) & (table.split == 1)]
+        for row in rows:
+            match = stored[(stored.variant == row["variant"]) & (stored.path == row["path"])]
+            assert len(match) == 1
+            for column in ("any_flag", "n_flagged", "rank"):
+                assert row[column] == match[column].iloc[0], (name, row["variant"], column)
+    real = table[(table.dataset == "star98") & (table.variant == "real")].set_index("split")
+    null = calibrated[(calibrated.dataset == "star98") & (calibrated.path == "default")
+                      & (calibrated.corruption == "none")].set_index("split")
+    assert real.any_flag.sum() > 0
+    assert (real.any_flag == null.any_flag.loc[real.index]).all()
+
+
+def test_exchangeable_null_common_variant_draws_one_covariance():
+    """The ``common`` variant gives every client the clients' average covariances, the
+    ``own`` variant each client's own; both centre on the weighted mean."""
+    import exchangeable_null
+
+    name, features, outputs, frame, n_clients = next(
+        e for e in exchangeable_null._datasets() if e[0] == "star98")
+    ols = exchangeable_null.client_estimates(name, frame, features, outputs, n_clients, 0)
+    rng = np.random.default_rng(0)
+    _, (rows, cols) = exchangeable_null.variant_estimates(ols, "common", rng)
+    assert np.allclose(rows, ols.noise_cov[0].mean(axis=0))
+    assert np.allclose(cols, ols.noise_cov[1].mean(axis=0))
+    _, (rows, cols) = exchangeable_null.variant_estimates(ols, "own", rng)
+    assert np.array_equal(rows, ols.noise_cov[0]) and np.array_equal(cols, ols.noise_cov[1])
+    # with the row covariances scaled to nothing the draws are the weighted mean itself
+    from types import SimpleNamespace
+
+    tiny = SimpleNamespace(estimates=ols.estimates, n_samples=ols.n_samples,
+                           noise_cov=(ols.noise_cov[0] * 1e-30, ols.noise_cov[1]))
+    drawn, _ = exchangeable_null.variant_estimates(tiny, "own", rng)
+    weights = ols.n_samples / ols.n_samples.sum()
+    mean = np.tensordot(weights, ols.estimates, axes=1)
+    assert np.allclose(drawn, mean[None], rtol=0, atol=1e-10 * np.abs(mean).max())
+    drawn, _ = exchangeable_null.variant_estimates(ols, "own", rng)
+    assert not np.allclose(drawn, mean[None])
