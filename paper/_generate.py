@@ -584,6 +584,35 @@ def evidence_macros(tables):
     return macros, after
 
 
+def exchangeable_macros(path):
+    """The alike-clients check (``exnull.*``; ``exnull.has`` 0 where the table is not
+    committed): the share of null splits with a flag per variant and path, pooled over
+    the datasets and for star98, how many datasets are at most ``MAX_NULL_SHARE``, and
+    the six-client datasets' pooled share with one covariance for all."""
+    import pandas as pd
+
+    if not path.exists():
+        return {"exnull.has": "0"}
+    table = pd.read_csv(path)
+    max_null, _ = src.calibration_criteria()
+    macros = {"exnull.has": "1", "exnull.datasets": fmt(table.dataset.nunique()),
+              "exnull.splits": fmt(int(table.groupby("dataset").split.nunique().min()))}
+    for (variant, path_), group in table.groupby(["variant", "path"]):
+        key = f"exnull.{variant}.{path_.replace('_', '')}"
+        shares = group.groupby("dataset").any_flag.mean()
+        macros[f"{key}.pooled"] = fmt_fixed(group.any_flag.mean())
+        macros[f"{key}.met"] = fmt(int((shares <= max_null).sum()))
+        macros[f"{key}.star"] = fmt_fixed(shares.get("star98"), 2)
+        six = group[group.n_clients == group.n_clients.min()]
+        macros[f"{key}.fewest.pooled"] = fmt_fixed(six.any_flag.mean())
+        macros[f"{key}.max"] = fmt_fixed(shares.max(), 2)
+    macros["exnull.maxnull"] = fmt_fixed(max_null, 2)
+    macros["exnull.fewest"] = fmt(int(table.n_clients.min()))
+    macros["exnull.fewest.datasets"] = fmt(
+        table[table.n_clients == table.n_clients.min()].dataset.nunique())
+    return macros
+
+
 def _optional_calibrations(names):
     """``{name: table}`` of the calibration tables ``names`` (None where not committed)."""
     return {name: (src.read_calibration(src.SOURCES[name])
@@ -1306,6 +1335,7 @@ def collect():
     macros.update(evidence)
     if after is not None:
         tables["calibration_evidence"] = calibration_table(after, src.calibration_criteria())
+    macros.update(exchangeable_macros(src.SOURCES["exchangeable_null"]))
     framed = _optional_calibrations(("calibration_plain", "calibration_heldout_all_frame",
                                      "calibration_heldout_all_plain",
                                      "calibration_heldout_all_frame_prereg"))
@@ -1920,6 +1950,7 @@ def write_generated(out_dir):
         switch("calibheldout", "calibho.has"), switch("calibheldoutb", "calibhob.has"),
         switch("calibheldoutc", "calibhoc.has"), switch("calibframe", "calibhof.has"),
         switch("calibheldoutg", "calibhog.has"), switch("calibevidence", "calibev.has"),
+        switch("exnull", "exnull.has"),
         switch("jointrank", "jr.has"), switch("jointrankbetter", "jr.has", "jr.better"),
         switch("flagged", "flagged.has"), switch("flaggedfull", "flagged.full"),
         switch("flaggedallpass", "flagged.allpass"),

@@ -96,6 +96,10 @@ SOURCES = {
                     "heldout_all_evidence", "heldout6_evidence", "hc3_support3",
                     "heldout_hc3_support3", "heldout2_hc3_support3",
                     "heldout3_hc3_support3", "heldout4_hc3_support3")},
+    # The null splits of every real dataset refitted with each client's estimate redrawn
+    # as Gaussian noise about the clients' mean: one covariance for all, or each one's own
+    # (alike clients or a miscalibrated path, benchmarks/exchangeable_null.py).
+    "exchangeable_null": ROOT / "benchmarks" / "results" / "exchangeable_null.csv",
     "copying": ROOT / "simulations" / "results",
     # multi-Krum against CLAIR on the fifth block's replicates (PROTOCOL amendment 8)
     "multikrum": ROOT / "benchmarks" / "results" / "copying_multikrum.jsonl",
