@@ -137,9 +137,9 @@ def summarize(out):
 
     table = pd.read_csv(out)
 
-    def share(group):
+    def share(group, digits=2):
         lo, hi = proportion_confint(group.any_flag.sum(), len(group), method="wilson")
-        return f"{group.any_flag.mean():.2f} [{lo:.2f}, {hi:.2f}]"
+        return f"{group.any_flag.mean():.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
 
     columns = [("real", "default"), ("own", "default"), ("common", "default"),
                ("own", "noise_cov"), ("common", "noise_cov")]
@@ -156,6 +156,14 @@ def summarize(out):
                      f"{group.split.nunique()} | " + " | ".join(cells) + " |")
     lines.append("| datasets with a share <= 0.10 | | | "
                  + " | ".join(str(met[c]) for c in columns) + " |")
+    fewest = table.n_clients.min()
+    pools = [("all datasets", table), ("without star98", table[table.dataset != "star98"]),
+             (f"the {fewest}-client datasets", table[table.n_clients == fewest]),
+             (f"more than {fewest} clients", table[table.n_clients > fewest])]
+    for label, part in pools:
+        cells = [share(part[(part.variant == v) & (part.path == p)], 3) for v, p in columns]
+        lines.append(f"| pooled: {label} | | {part.dataset.nunique()} datasets | "
+                     + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -586,9 +586,10 @@ def evidence_macros(tables):
 
 def exchangeable_macros(path):
     """The alike-clients check (``exnull.*``; ``exnull.has`` 0 where the table is not
-    committed): the share of null splits with a flag per variant and path, pooled over
-    the datasets and for star98, how many datasets are at most ``MAX_NULL_SHARE``, and
-    the six-client datasets' pooled share with one covariance for all."""
+    committed): per variant and path the share of null splits with a flag per dataset
+    (``.ds.<name>``), pooled (``.pooled``; without star98 ``.nostar.pooled``; over the
+    datasets with the fewest clients ``.fewest.pooled`` and the others ``.more.pooled``),
+    its largest value, and how many datasets are at most ``MAX_NULL_SHARE``."""
     import pandas as pd
 
     if not path.exists():
@@ -602,11 +603,18 @@ def exchangeable_macros(path):
         shares = group.groupby("dataset").any_flag.mean()
         macros[f"{key}.pooled"] = fmt_fixed(group.any_flag.mean())
         macros[f"{key}.met"] = fmt(int((shares <= max_null).sum()))
-        macros[f"{key}.star"] = fmt_fixed(shares.get("star98"), 2)
-        six = group[group.n_clients == group.n_clients.min()]
-        macros[f"{key}.fewest.pooled"] = fmt_fixed(six.any_flag.mean())
+        for name, value in shares.items():
+            macros[f"{key}.ds.{name}"] = fmt_fixed(value, 2)
+        macros[f"{key}.nostar.pooled"] = fmt_fixed(
+            group[group.dataset != "star98"].any_flag.mean())
+        fewest = group.n_clients == group.n_clients.min()
+        macros[f"{key}.fewest.pooled"] = fmt_fixed(group[fewest].any_flag.mean())
+        macros[f"{key}.more.pooled"] = fmt_fixed(group[~fewest].any_flag.mean())
         macros[f"{key}.max"] = fmt_fixed(shares.max(), 2)
+    from clairstat import CLAIREstimator
+
     macros["exnull.maxnull"] = fmt_fixed(max_null, 2)
+    macros["exnull.level"] = fmt_fixed(CLAIREstimator().test_level, 2)
     macros["exnull.fewest"] = fmt(int(table.n_clients.min()))
     macros["exnull.fewest.datasets"] = fmt(
         table[table.n_clients == table.n_clients.min()].dataset.nunique())

@@ -520,3 +520,24 @@ def test_exchangeable_null_common_variant_draws_one_covariance():
     assert np.allclose(drawn, mean[None], rtol=0, atol=1e-10 * np.abs(mean).max())
     drawn, _ = exchangeable_null.variant_estimates(ols, "own", rng)
     assert not np.allclose(drawn, mean[None])
+
+
+def test_exchangeable_null_draws_have_the_packages_covariance_convention():
+    """``noise_cov=(row_cov, col_cov)`` means cov(vec E) = col_cov (x) row_cov with vec
+    stacking columns (the estimator's docstring); the script's draws must follow it,
+    not the transposed product (which the committed-row test above only catches on
+    the splits it reruns)."""
+    import exchangeable_null
+
+    rng = np.random.default_rng(0)
+    row_cov = np.array([[2.0, 0.8, 0.3], [0.8, 1.0, -0.4], [0.3, -0.4, 1.5]])
+    col_cov = np.array([[1.0, 0.6], [0.6, 3.0]])
+    n_draws = 20_000
+    draws = exchangeable_null._draw(np.zeros((3, 2)), np.broadcast_to(row_cov, (n_draws, 3, 3)),
+                                    np.broadcast_to(col_cov, (n_draws, 2, 2)), rng)
+    vecs = draws.transpose(0, 2, 1).reshape(n_draws, -1)  # column-stacked vec
+    empirical = vecs.T @ vecs / n_draws
+    scale = np.abs(np.kron(col_cov, row_cov)).max()
+    # sampling error of a second moment: about sqrt(2 / n) ~ 1% of the largest entry
+    assert np.abs(empirical - np.kron(col_cov, row_cov)).max() < 0.05 * scale
+    assert np.abs(empirical - np.kron(row_cov, col_cov)).max() > 0.3 * scale
