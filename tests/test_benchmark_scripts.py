@@ -541,3 +541,31 @@ def test_exchangeable_null_draws_have_the_packages_covariance_convention():
     # sampling error of a second moment: about sqrt(2 / n) ~ 1% of the largest entry
     assert np.abs(empirical - np.kron(col_cov, row_cov)).max() < 0.05 * scale
     assert np.abs(empirical - np.kron(row_cov, col_cov)).max() > 0.3 * scale
+
+
+def test_calibration_cost_reproduces_its_committed_rows_and_restores_the_calibration():
+    """``benchmarks/calibration_cost.py``: fair's split 0 comes out as committed (every
+    variant, kind and calibration), the identity calibration is undone afterwards, and
+    it does change a fit (a control: without the swap both calibrations would agree)."""
+    import pandas as pd
+
+    import calibration_cost
+
+    from clairstat import _inference
+
+    original = _inference._calibrate
+    table = pd.read_csv(ROOT / "benchmarks" / "results" / "calibration_cost.csv")
+    entry = next(e for e in calibration_cost._datasets() if e[0] == "fair")
+    rows = calibration_cost.run_one(entry, 0)
+    assert _inference._calibrate is original
+    assert len(rows) == 8
+    stored = table[(table.dataset == "fair") & (table.split == 0)]
+    for row in rows:
+        match = stored[(stored.variant == row["variant"]) & (stored.kind == row["kind"])
+                       & (stored.calibration == row["calibration"])]
+        assert len(match) == 1
+        for column in ("any_flag", "victim_flagged", "false_flags"):
+            assert row[column] == match[column].iloc[0], (row["variant"], row["kind"], column)
+    per_fit = table[table.kind == "shift"].pivot_table(
+        index=["dataset", "split", "variant"], columns="calibration", values="victim_flagged")
+    assert (per_fit["none"] != per_fit["package"]).any()
