@@ -621,6 +621,26 @@ def exchangeable_macros(path):
     return macros
 
 
+def calibration_cost_macros(path):
+    """What the calibration of a right covariance costs (``calcost.*``; ``calcost.has``
+    0 where the table is not committed): per calibration (``package``, ``none``) the
+    range over the two variants of the clean splits' share with a flag and of the
+    shifted client's share flagged."""
+    import pandas as pd
+
+    if not path.exists():
+        return {"calcost.has": "0"}
+    table = pd.read_csv(path)
+    macros = {"calcost.has": "1", "calcost.splits": fmt(int(table.split.nunique()))}
+    for calibration, group in table.groupby("calibration"):
+        for kind, column, name in (("clean", "any_flag", "null"),
+                                   ("shift", "victim_flagged", "power")):
+            shares = group[group.kind == kind].groupby("variant")[column].mean()
+            macros[f"calcost.{calibration}.{name}.lo"] = fmt_fixed(shares.min())
+            macros[f"calcost.{calibration}.{name}.hi"] = fmt_fixed(shares.max())
+    return macros
+
+
 def _optional_calibrations(names):
     """``{name: table}`` of the calibration tables ``names`` (None where not committed)."""
     return {name: (src.read_calibration(src.SOURCES[name])
@@ -1344,6 +1364,7 @@ def collect():
     if after is not None:
         tables["calibration_evidence"] = calibration_table(after, src.calibration_criteria())
     macros.update(exchangeable_macros(src.SOURCES["exchangeable_null"]))
+    macros.update(calibration_cost_macros(src.SOURCES["calibration_cost"]))
     framed = _optional_calibrations(("calibration_plain", "calibration_heldout_all_frame",
                                      "calibration_heldout_all_plain",
                                      "calibration_heldout_all_frame_prereg"))
@@ -1958,7 +1979,7 @@ def write_generated(out_dir):
         switch("calibheldout", "calibho.has"), switch("calibheldoutb", "calibhob.has"),
         switch("calibheldoutc", "calibhoc.has"), switch("calibframe", "calibhof.has"),
         switch("calibheldoutg", "calibhog.has"), switch("calibevidence", "calibev.has"),
-        switch("exnull", "exnull.has"),
+        switch("exnull", "exnull.has"), switch("calcost", "calcost.has"),
         switch("jointrank", "jr.has"), switch("jointrankbetter", "jr.has", "jr.better"),
         switch("flagged", "flagged.has"), switch("flaggedfull", "flagged.full"),
         switch("flaggedallpass", "flagged.allpass"),

@@ -100,6 +100,10 @@ SOURCES = {
     # as Gaussian noise about the clients' mean: one covariance for all, or each one's own
     # (alike clients or a miscalibrated path, benchmarks/exchangeable_null.py).
     "exchangeable_null": ROOT / "benchmarks" / "results" / "exchangeable_null.csv",
+    # The same draws with the true covariance, clean or one client shifted, fitted with
+    # the package's calibration and with the covariance's own null
+    # (benchmarks/calibration_cost.py).
+    "calibration_cost": ROOT / "benchmarks" / "results" / "calibration_cost.csv",
     "copying": ROOT / "simulations" / "results",
     # multi-Krum against CLAIR on the fifth block's replicates (PROTOCOL amendment 8)
     "multikrum": ROOT / "benchmarks" / "results" / "copying_multikrum.jsonl",
