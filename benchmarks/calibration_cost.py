@@ -145,7 +145,7 @@ def summarize(out):
     lines += ["", "| dataset | " + " | ".join(f"{v}, {c}" for v, c in per.columns)
               + " |", "|---|" + "---|" * len(per.columns)]
     for name, row in per.iterrows():
-        lines.append(f"| {name} | " + " | ".join(f"{x:.2f}" for x in row) + " |")
+        lines.append(f"| {name} | " + " | ".join(f"{x:.3f}" for x in row) + " |")
     return "\n".join(lines)
 
 

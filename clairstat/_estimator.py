@@ -1458,7 +1458,8 @@ def _warn_few_clients(n_clients, estimated, predictive=False, stacklevel=3):
     elif estimated and n_clients < 8:
         warnings.warn(f"only {n_clients} clients: the tests' null is estimated from "
                       f"{n_clients} statistics and has little power, and it flags more "
-                      "uncorrupted federations than the level says (0.089 of those of "
-                      "six clients alike in noise, real data's noise shapes; "
+                      "uncorrupted federations than the level says (at test_level "
+                      "0.05, 0.089 of those of six clients alike in noise, real data's "
+                      "noise shapes; "
                       "benchmarks/exchangeable_null.py); pass noise_cov or noise_scale "
                       "if the noise is known.", UserWarning, stacklevel=stacklevel)

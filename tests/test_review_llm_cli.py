@@ -2,6 +2,7 @@
 folders peft wrote: LoRA variants whose update is not ``s B A``, a refined factor its
 client's dtype cannot hold, and errors met on ``--scheduler local``'s workers."""
 
+import contextlib
 import json
 import os
 import subprocess
@@ -151,3 +152,34 @@ def test_an_error_on_local_scheduler_workers_is_one_line(tmp_path):
     assert len(lines) == 1 and lines[0].startswith("clairstat refine: error: "), run.stderr
     assert "rank=100" in lines[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_a_cluster_leftover_future_error_is_not_logged_at_exit(caplog):
+    """A CI run beside other jobs printed "Future exception was never retrieved" with a
+    TimeoutError traceback after the command's one-line error: a future the local
+    cluster's shutdown left behind. The cluster's exit silences asyncio's log of such
+    leftovers while it closes, and only then (its level is restored)."""
+    import asyncio
+    import logging
+
+    from clairstat._cli import _Cluster
+
+    def leave_a_future():
+        loop = asyncio.new_event_loop()
+        future = loop.create_future()
+        future.set_exception(TimeoutError("Timeout"))
+        loop.close()
+        del future  # collected unretrieved: asyncio logs it at ERROR
+
+    cluster = _Cluster("local", 1)
+    cluster.stack = contextlib.ExitStack()
+    cluster.stack.callback(leave_a_future)
+    asyncio_log = logging.getLogger("asyncio")
+    before = asyncio_log.level
+    with caplog.at_level(logging.DEBUG):
+        cluster.__exit__(None, None, None)
+    assert not [r for r in caplog.records if "never retrieved" in r.getMessage()]
+    assert asyncio_log.level == before
+    with caplog.at_level(logging.DEBUG):  # the control: outside the exit it is logged
+        leave_a_future()
+    assert [r for r in caplog.records if "never retrieved" in r.getMessage()]
