@@ -636,8 +636,12 @@ def calibration_cost_macros(path):
         for kind, column, name in (("clean", "any_flag", "null"),
                                    ("shift", "victim_flagged", "power")):
             shares = group[group.kind == kind].groupby("variant")[column].mean()
-            macros[f"calcost.{calibration}.{name}.lo"] = fmt_fixed(shares.min())
-            macros[f"calcost.{calibration}.{name}.hi"] = fmt_fixed(shares.max())
+            low, high = fmt_fixed(shares.min()), fmt_fixed(shares.max())
+            macros[f"calcost.{calibration}.{name}.lo"] = low
+            macros[f"calcost.{calibration}.{name}.hi"] = high
+            # one number where both variants give it, else the range
+            macros[f"calcost.{calibration}.{name}.range"] = (
+                low if low == high else f"{low}--{high}")
     return macros
 
 
