@@ -1457,7 +1457,7 @@ def _warn_few_clients(n_clients, estimated, predictive=False, stacklevel=3):
                       UserWarning, stacklevel=stacklevel)
     elif estimated and n_clients < 8:
         warnings.warn(f"only {n_clients} clients: the tests' null is estimated from "
-                      f"{n_clients} statistics and has little power, and it flags more "
+                      f"{n_clients} statistics and has little power, and it can flag more "
                       "uncorrupted federations than the level says (at test_level "
                       "0.05, 0.089 of those of six clients alike in noise, real data's "
                       "noise shapes; "
