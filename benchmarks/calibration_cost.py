@@ -25,15 +25,13 @@ version beside every row; the summary gives the shares with Wilson 95% intervals
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import warnings
-from pathlib import Path
 
 import numpy as np
 
-from _tables import appending, existing_rows
+import exchangeable_null
 from exchangeable_null import _datasets, client_estimates, variant_estimates
 
 FIELDS = ["dataset", "split", "variant", "kind", "calibration", "n_clients", "p", "q",
@@ -105,18 +103,8 @@ def run_one(entry, split):
 
 
 def run(n_splits, out, datasets=None):
-    import clairstat
-
-    done = {(r["dataset"], int(r["split"])) for r in existing_rows(out, FIELDS)}
-    entries = [e for e in _datasets() if datasets is None or e[0] in datasets]
-    with appending(out, FIELDS) as (writer, handle):
-        for split in range(n_splits):
-            for entry in entries:
-                if (entry[0], split) in done:
-                    continue
-                for row in run_one(entry, split):
-                    writer.writerow({**row, "version": clairstat.__version__})
-                handle.flush()
+    """Resumable: the loop of :func:`exchangeable_null.run` with this script's rows."""
+    exchangeable_null.run(n_splits, out, datasets, one=run_one, fields=FIELDS)
 
 
 def summarize(out):
@@ -150,16 +138,8 @@ def summarize(out):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--splits", type=int, default=40, help="random splits per dataset")
-    parser.add_argument("--out", type=Path,
-                        default=Path("benchmarks/results/calibration_cost.csv"))
-    parser.add_argument("--datasets", nargs="*", help="only these datasets (a smoke run)")
-    parser.add_argument("--summary-only", action="store_true")
-    args = parser.parse_args(argv)
-    if not args.summary_only:
-        run(args.splits, args.out, args.datasets)
-    print(summarize(args.out))
+    exchangeable_null.command_line(__doc__, 40, "benchmarks/results/calibration_cost.csv",
+                                   run, summarize, argv)
 
 
 if __name__ == "__main__":

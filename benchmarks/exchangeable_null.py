@@ -116,17 +116,21 @@ def run_one(entry, split):
     return rows
 
 
-def run(n_splits, out, datasets=None):
+def run(n_splits, out, datasets=None, *, one=None, fields=FIELDS):
+    """Append the rows of ``one(entry, split)`` (default :func:`run_one`) for every
+    dataset and split not yet in ``out``; ``fields`` are the table's columns (another
+    script's run with this resumable loop passes its own)."""
     import clairstat
 
-    done = {(r["dataset"], int(r["split"])) for r in existing_rows(out, FIELDS)}
+    one = run_one if one is None else one
+    done = {(r["dataset"], int(r["split"])) for r in existing_rows(out, fields)}
     entries = [e for e in _datasets() if datasets is None or e[0] in datasets]
-    with appending(out, FIELDS) as (writer, handle):
+    with appending(out, fields) as (writer, handle):
         for split in range(n_splits):
             for entry in entries:
                 if (entry[0], split) in done:
                     continue
-                for row in run_one(entry, split):
+                for row in one(entry, split):
                     writer.writerow({**row, "version": clairstat.__version__})
                 handle.flush()
 
@@ -161,23 +165,34 @@ def summarize(out):
              (f"the {fewest}-client datasets", table[table.n_clients == fewest]),
              (f"more than {fewest} clients", table[table.n_clients > fewest])]
     for label, part in pools:
+        if part.empty:  # a run on a subset of the datasets
+            continue
         cells = [share(part[(part.variant == v) & (part.path == p)], 3) for v, p in columns]
         lines.append(f"| pooled: {label} | | {part.dataset.nunique()} datasets | "
                      + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--splits", type=int, default=100, help="random splits per dataset")
-    parser.add_argument("--out", type=Path,
-                        default=Path("benchmarks/results/exchangeable_null.csv"))
+def command_line(doc, splits, out, run_splits, summary, argv=None):
+    """The command line of this script and of those that reuse its splits: ``--splits``
+    (default ``splits``), ``--out`` (default ``out``), ``--datasets`` and
+    ``--summary-only``; runs ``run_splits(n_splits, out, datasets)``, prints
+    ``summary(out)``."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--splits", type=int, default=splits,
+                        help="random splits per dataset")
+    parser.add_argument("--out", type=Path, default=Path(out))
     parser.add_argument("--datasets", nargs="*", help="only these datasets (a smoke run)")
     parser.add_argument("--summary-only", action="store_true")
     args = parser.parse_args(argv)
     if not args.summary_only:
-        run(args.splits, args.out, args.datasets)
-    print(summarize(args.out))
+        run_splits(args.splits, args.out, args.datasets)
+    print(summary(args.out))
+
+
+def main(argv=None):
+    command_line(__doc__, 100, "benchmarks/results/exchangeable_null.csv", run,
+                 summarize, argv)
 
 
 if __name__ == "__main__":
