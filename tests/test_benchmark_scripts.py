@@ -590,3 +590,36 @@ def test_calibration_cost_reproduces_its_committed_rows_and_restores_the_calibra
     assert fits["package"].null_scale_factor_ > 1.0 or np.isfinite(
         fits["package"].null_spread_df_)
     assert np.all(fits["none"].p_values_ <= fits["package"].p_values_ * (1 + 1e-12))
+
+
+def test_few_clients_frame_reproduces_its_committed_rows_and_restores_the_frame():
+    """``benchmarks/few_clients_frame.py``: rows of the committed table come out again
+    (seven clients, the cell whose package frame is most liberal, and the rows of
+    different precision; every frame and scenario), the frame each fit ran in differs
+    (the ``none`` rows are not the package's), and the package's frame is restored."""
+    import pandas as pd
+
+    import clairstat._estimator
+    import few_clients_frame
+
+    estimates, row_sd = few_clients_frame.draw(7, 2.0, 0)
+    assert estimates.shape == (7, 5, 2)
+    assert np.isclose(row_sd.max() / row_sd.min(), np.exp(4.0))
+    table = pd.read_csv(ROOT / "benchmarks" / "results" / "few_clients_frame.csv",
+                        keep_default_na=False)
+    assert len(table) == 12000
+    rows = [few_clients_frame.run_one(7, spread, frame, scenario, replicate)
+            for spread in few_clients_frame.ROW_SPREADS for frame in few_clients_frame.FRAMES
+            for scenario in few_clients_frame.SCENARIOS for replicate in (0, 1, 2)]
+    assert clairstat._estimator.ESTIMATED_FRAME == "residual"
+    for row in rows:
+        stored = table[(table.n_clients == row["n_clients"])
+                       & (table.row_spread == row["row_spread"])
+                       & (table.frame == row["frame"]) & (table.scenario == row["scenario"])
+                       & (table.replicate == row["replicate"])]
+        assert len(stored) == 1
+        for column in ("victim_flagged", "other_flagged", "rank"):
+            assert row[column] == stored[column].iloc[0], (row, column)
+    with pytest.raises(ValueError):
+        few_clients_frame.run_one(7, 0.0, "no such frame", "null", 0)
+    assert clairstat._estimator.ESTIMATED_FRAME == "residual"
