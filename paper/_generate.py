@@ -645,6 +645,51 @@ def calibration_cost_macros(path):
     return macros
 
 
+def _range(values, decimals=3):
+    """``lo--hi`` of ``values`` as fixed decimals, one number where they agree."""
+    low, high = fmt_fixed(min(values), decimals), fmt_fixed(max(values), decimals)
+    return low if low == high else f"{low}--{high}"
+
+
+def few_clients_frame_macros(path):
+    """The path without a covariance at few synthetic clients and its frame
+    (``fewk.*``; ``fewk.has`` 0 where the table is not committed): null shares over the
+    client counts below and from ``HELD_BELOW``, power against the precise row's shift
+    where rows differ in precision, and the ``data`` frame's power over the package's."""
+    import pandas as pd
+
+    if not path.exists():
+        return {"fewk.has": "0"}
+    table = pd.read_csv(path, keep_default_na=False)  # "null" is a scenario
+    held_below = 8  # the few-clients warning's bound (clairstat._estimator)
+    cells = table.groupby(["frame", "row_spread", "scenario", "n_clients"])
+    null = cells.other_flagged.mean().xs("null", level="scenario")
+    power = cells.victim_flagged.mean().xs("shifted", level="scenario")
+    alike, differ = float(table.row_spread.min()), float(table.row_spread.max())
+    counts = sorted(table.n_clients.unique())
+    small = [k for k in counts if k < held_below]
+    large = [k for k in counts if k >= held_below]
+    macros = {"fewk.has": "1",
+              "fewk.reps": fmt(int(table.groupby(["frame", "row_spread", "scenario",
+                                                  "n_clients"]).size().min())),
+              "fewk.p": fmt(int(table.p.iloc[0])), "fewk.q": fmt(int(table.q.iloc[0])),
+              "fewk.kmin": fmt(int(min(small))), "fewk.kmax.small": fmt(int(max(small))),
+              "fewk.large.from": fmt(int(min(large))),
+              "fewk.spreadfactor": fmt(round(math.exp(2.0 * differ)), 2)}
+    macros["fewk.residual.alike.small.range"] = _range(
+        [null["residual", alike, k] for k in small])
+    macros["fewk.residual.alike.large.range"] = _range(
+        [null["residual", alike, k] for k in large])
+    macros["fewk.none.alike.all.range"] = _range([null["none", alike, k] for k in counts])
+    macros["fewk.none.differ.power.max"] = fmt_fixed(
+        max(power["none", differ, k] for k in counts))
+    from6 = [k for k in counts if k >= 6]
+    macros["fewk.ratio.from"] = fmt(int(min(from6)))
+    macros["fewk.ratio.range"] = _range(
+        [power["data", differ, k] / power["residual", differ, k] for k in from6], 1)
+    return macros
+
+
 def _optional_calibrations(names):
     """``{name: table}`` of the calibration tables ``names`` (None where not committed)."""
     return {name: (src.read_calibration(src.SOURCES[name])
@@ -1369,6 +1414,7 @@ def collect():
         tables["calibration_evidence"] = calibration_table(after, src.calibration_criteria())
     macros.update(exchangeable_macros(src.SOURCES["exchangeable_null"]))
     macros.update(calibration_cost_macros(src.SOURCES["calibration_cost"]))
+    macros.update(few_clients_frame_macros(src.SOURCES["few_clients_frame"]))
     framed = _optional_calibrations(("calibration_plain", "calibration_heldout_all_frame",
                                      "calibration_heldout_all_plain",
                                      "calibration_heldout_all_frame_prereg"))
@@ -1984,6 +2030,7 @@ def write_generated(out_dir):
         switch("calibheldoutc", "calibhoc.has"), switch("calibframe", "calibhof.has"),
         switch("calibheldoutg", "calibhog.has"), switch("calibevidence", "calibev.has"),
         switch("exnull", "exnull.has"), switch("calcost", "calcost.has"),
+        switch("fewk", "fewk.has"),
         switch("jointrank", "jr.has"), switch("jointrankbetter", "jr.has", "jr.better"),
         switch("flagged", "flagged.has"), switch("flaggedfull", "flagged.full"),
         switch("flaggedallpass", "flagged.allpass"),

@@ -104,6 +104,9 @@ SOURCES = {
     # the package's calibration and with the covariance's own null
     # (benchmarks/calibration_cost.py).
     "calibration_cost": ROOT / "benchmarks" / "results" / "calibration_cost.csv",
+    # The path without a covariance at few synthetic clients, with and without its frame
+    # of robust scales (benchmarks/few_clients_frame.py).
+    "few_clients_frame": ROOT / "benchmarks" / "results" / "few_clients_frame.csv",
     "copying": ROOT / "simulations" / "results",
     # multi-Krum against CLAIR on the fifth block's replicates (PROTOCOL amendment 8)
     "multikrum": ROOT / "benchmarks" / "results" / "copying_multikrum.jsonl",

@@ -1108,3 +1108,30 @@ def test_multikrum_macros_are_the_committed_rows():
             assert float(mean) == pytest.approx(sum(diffs) / len(diffs), abs=0.006)
             low, high = (float(v) for v in interval.strip("[]").split(","))
             assert macros[f"mk.{short}.{key}.verdict"] == script.decision(low, high)
+
+
+def test_few_clients_frame_macros_are_the_csv(tmp_path):
+    """``fewk.*`` (the path without a covariance at few synthetic clients): recomputed
+    here from the committed rows cell by cell; without the table the paragraph is off."""
+    import pandas as pd
+
+    from paper._generate import few_clients_frame_macros
+
+    macros = _macros()
+    table = pd.read_csv(ROOT / "benchmarks" / "results" / "few_clients_frame.csv",
+                        keep_default_na=False)
+
+    def share(frame, spread, scenario, k, column):
+        cell = table[(table.frame == frame) & (table.row_spread == spread)
+                     & (table.scenario == scenario) & (table.n_clients == k)]
+        return cell[column].mean()
+
+    nulls = [share("residual", 0.0, "null", k, "other_flagged") for k in (4, 6, 7)]
+    assert macros["fewk.residual.alike.small.range"] == f"{min(nulls):.3f}--{max(nulls):.3f}"
+    nones = [share("none", 0.0, "null", k, "other_flagged") for k in (4, 6, 7, 8, 12)]
+    assert macros["fewk.none.alike.all.range"] == f"{min(nones):.3f}--{max(nones):.3f}"
+    ratios = [share("data", 2.0, "shifted", k, "victim_flagged")
+              / share("residual", 2.0, "shifted", k, "victim_flagged") for k in (6, 7, 8, 12)]
+    assert macros["fewk.ratio.range"] == f"{min(ratios):.1f}--{max(ratios):.1f}"
+    assert macros["fewk.reps"] == "200" and macros["fewk.spreadfactor"] == "55"
+    assert few_clients_frame_macros(tmp_path / "missing.csv") == {"fewk.has": "0"}
