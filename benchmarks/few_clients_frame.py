@@ -25,7 +25,7 @@ Every fit is the estimator's default (rank rule, ``random_state`` the replicate)
 each replicate seeded by (replicate, K, row_spread index), the package version beside
 every row; the summary gives each share with its Wilson 95% interval.
 
-    OMP_NUM_THREADS=1 python benchmarks/few_clients_frame.py --reps 150 \\
+    OMP_NUM_THREADS=1 python benchmarks/few_clients_frame.py --reps 200 \\
         --out benchmarks/results/few_clients_frame.csv
 """
 
@@ -128,7 +128,7 @@ def summarize(out):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--reps", type=int, default=150, help="replicates per cell")
+    parser.add_argument("--reps", type=int, default=200, help="replicates per cell")
     parser.add_argument("--out", type=Path,
                         default=Path("benchmarks/results/few_clients_frame.csv"))
     parser.add_argument("--summary-only", action="store_true")
