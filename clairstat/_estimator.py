@@ -1461,7 +1461,7 @@ def _warn_few_clients(n_clients, estimated, predictive=False, stacklevel=3):
                       "uncorrupted federations than the level says (at test_level "
                       "0.05, 0.089 of those of six clients alike in noise, real data's "
                       "noise shapes, benchmarks/exchangeable_null.py; 0.095-0.125 of "
-                      "four to seven i.i.d. Gaussian clients, from the frame of robust "
+                      "four, six or seven i.i.d. Gaussian clients, from the frame of robust "
                       "scales read off so few clients, benchmarks/few_clients_frame.py); "
                       "pass noise_cov or noise_scale if the noise is known.",
                       UserWarning, stacklevel=stacklevel)

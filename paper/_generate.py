@@ -673,8 +673,9 @@ def few_clients_frame_macros(path):
               "fewk.reps": fmt(int(table.groupby(["frame", "row_spread", "scenario",
                                                   "n_clients"]).size().min())),
               "fewk.p": fmt(int(table.p.iloc[0])), "fewk.q": fmt(int(table.q.iloc[0])),
-              "fewk.kmin": fmt(int(min(small))), "fewk.kmax.small": fmt(int(max(small))),
               "fewk.large.from": fmt(int(min(large))),
+              "fewk.small.list": ", ".join(fmt(int(k)) for k in small[:-1])
+              + f" or {fmt(int(small[-1]))}",
               "fewk.spreadfactor": fmt(round(math.exp(2.0 * differ)), 2)}
     macros["fewk.residual.alike.small.range"] = _range(
         [null["residual", alike, k] for k in small])

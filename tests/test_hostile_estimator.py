@@ -212,7 +212,7 @@ def test_too_few_clients_warn(regression, n_clients):
 def test_few_clients_with_estimated_noise_warn(regression):
     # both failings of an estimated null with few clients: power, and its level
     # (benchmarks/exchangeable_null.py: 0.089 of alike six-client federations flagged;
-    # benchmarks/few_clients_frame.py: 0.095-0.125 of four to seven i.i.d. clients, the
+    # benchmarks/few_clients_frame.py: 0.095-0.125 of four, six or seven i.i.d. clients, the
     # frame of robust scales' error)
     with pytest.warns(UserWarning, match="little power, and it can flag more uncorrupted"):
         CLAIREstimator(random_state=0).fit(regression.local_estimates[:6])
