@@ -1409,6 +1409,13 @@ def _warn_unequal_weights(weights):
                       UserWarning, stacklevel=3)
 
 
+#: Below this many clients the tests of a dense stack without a covariance warn that
+#: they have little power and can be liberal (benchmarks/exchangeable_null.py,
+#: benchmarks/few_clients_frame.py: from eight clients on the level held within the
+#: Monte Carlo error).
+FEW_CLIENTS_ESTIMATED = 8
+
+
 #: Below this many clients a LoRA stack's tests (the predictive null: each statistic
 #: against the others', a Student t on ``MAD_EFFICIENCY`` x (others) degrees of freedom,
 #: about 2.6 at 8 clients, 4.1 at 12) flag large deviations only.
@@ -1455,13 +1462,14 @@ def _warn_few_clients(n_clients, estimated, predictive=False, stacklevel=3):
                       "lora_null_calibration.py: at 8 clients a statistic twice a benign "
                       "one's is flagged in 0.12-0.82 of the cases, at 16 in 0.15-0.99).",
                       UserWarning, stacklevel=stacklevel)
-    elif estimated and n_clients < 8:
+    elif estimated and n_clients < FEW_CLIENTS_ESTIMATED:
         warnings.warn(f"only {n_clients} clients: the tests' null is estimated from "
                       f"{n_clients} statistics and has little power, and it can flag more "
                       "uncorrupted federations than the level says (at test_level "
                       "0.05, 0.089 of those of six clients alike in noise, real data's "
                       "noise shapes, benchmarks/exchangeable_null.py; 0.095-0.125 of "
-                      "four, six or seven i.i.d. Gaussian clients, from the frame of robust "
-                      "scales read off so few clients, benchmarks/few_clients_frame.py); "
+                      "four, six or seven i.i.d. Gaussian clients whose rows are alike in "
+                      "noise, most of it from the frame of robust scales read off so few "
+                      "clients, benchmarks/few_clients_frame.py); "
                       "pass noise_cov or noise_scale if the noise is known.",
                       UserWarning, stacklevel=stacklevel)

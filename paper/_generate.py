@@ -651,17 +651,28 @@ def _range(values, decimals=3):
     return low if low == high else f"{low}--{high}"
 
 
+#: The fewest clients from which the paper quotes the data frame's power over the
+#: package's (few_clients_frame_macros).
+RATIO_FROM = 6
+
+
 def few_clients_frame_macros(path):
     """The path without a covariance at few synthetic clients and its frame
-    (``fewk.*``; ``fewk.has`` 0 where the table is not committed): null shares over the
-    client counts below and from ``HELD_BELOW``, power against the precise row's shift
-    where rows differ in precision, and the ``data`` frame's power over the package's."""
+    (``fewk.*``; ``fewk.has`` 0 where the table is not committed): null shares with rows
+    alike over the client counts below the few-clients warning's bound
+    (``clairstat._estimator.FEW_CLIENTS_ESTIMATED``) and from it, the same without a
+    frame, the most that no frame flags the precise row's shift where rows differ in
+    precision, and the ``data`` frame's power over the package's there from
+    ``RATIO_FROM`` clients on (at four the package frame's power is 0.020: a ratio of
+    near-zeros)."""
     import pandas as pd
+
+    from clairstat._estimator import FEW_CLIENTS_ESTIMATED
 
     if not path.exists():
         return {"fewk.has": "0"}
     table = pd.read_csv(path, keep_default_na=False)  # "null" is a scenario
-    held_below = 8  # the few-clients warning's bound (clairstat._estimator)
+    held_below = FEW_CLIENTS_ESTIMATED
     cells = table.groupby(["frame", "row_spread", "scenario", "n_clients"])
     null = cells.other_flagged.mean().xs("null", level="scenario")
     power = cells.victim_flagged.mean().xs("shifted", level="scenario")
@@ -681,10 +692,10 @@ def few_clients_frame_macros(path):
         [null["residual", alike, k] for k in small])
     macros["fewk.residual.alike.large.range"] = _range(
         [null["residual", alike, k] for k in large])
-    macros["fewk.none.alike.all.range"] = _range([null["none", alike, k] for k in counts])
+    macros["fewk.none.alike.small.range"] = _range([null["none", alike, k] for k in small])
     macros["fewk.none.differ.power.max"] = fmt_fixed(
         max(power["none", differ, k] for k in counts))
-    from6 = [k for k in counts if k >= 6]
+    from6 = [k for k in counts if k >= RATIO_FROM]
     macros["fewk.ratio.from"] = fmt(int(min(from6)))
     macros["fewk.ratio.range"] = _range(
         [power["data", differ, k] / power["residual", differ, k] for k in from6], 1)

@@ -216,7 +216,7 @@ def test_few_clients_with_estimated_noise_warn(regression):
     # frame of robust scales' error)
     with pytest.warns(UserWarning, match="little power, and it can flag more uncorrupted"):
         CLAIREstimator(random_state=0).fit(regression.local_estimates[:6])
-    with pytest.warns(UserWarning, match="frame of robust scales read off so few clients"):
+    with pytest.warns(UserWarning, match="from the frame of robust scales read off so few"):
         CLAIREstimator(random_state=0).fit(regression.local_estimates[:7])
 
 

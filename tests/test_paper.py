@@ -1111,8 +1111,9 @@ def test_multikrum_macros_are_the_committed_rows():
 
 
 def test_few_clients_frame_macros_are_the_csv(tmp_path):
-    """``fewk.*`` (the path without a covariance at few synthetic clients): recomputed
-    here from the committed rows cell by cell; without the table the paragraph is off."""
+    """``fewk.*`` (the path without a covariance at few synthetic clients): every macro
+    recomputed here from the committed rows, cell by cell; without the table the
+    paragraph is off."""
     import pandas as pd
 
     from paper._generate import few_clients_frame_macros
@@ -1124,14 +1125,31 @@ def test_few_clients_frame_macros_are_the_csv(tmp_path):
     def share(frame, spread, scenario, k, column):
         cell = table[(table.frame == frame) & (table.row_spread == spread)
                      & (table.scenario == scenario) & (table.n_clients == k)]
+        assert len(cell) == 200
         return cell[column].mean()
 
-    nulls = [share("residual", 0.0, "null", k, "other_flagged") for k in (4, 6, 7)]
-    assert macros["fewk.residual.alike.small.range"] == f"{min(nulls):.3f}--{max(nulls):.3f}"
-    nones = [share("none", 0.0, "null", k, "other_flagged") for k in (4, 6, 7, 8, 12)]
-    assert macros["fewk.none.alike.all.range"] == f"{min(nones):.3f}--{max(nones):.3f}"
-    ratios = [share("data", 2.0, "shifted", k, "victim_flagged")
-              / share("residual", 2.0, "shifted", k, "victim_flagged") for k in (6, 7, 8, 12)]
-    assert macros["fewk.ratio.range"] == f"{min(ratios):.1f}--{max(ratios):.1f}"
-    assert macros["fewk.reps"] == "200" and macros["fewk.spreadfactor"] == "55"
+    def span(values, decimals=3):
+        low, high = f"{min(values):.{decimals}f}", f"{max(values):.{decimals}f}"
+        return low if low == high else f"{low}--{high}"
+
+    small, large = (4, 6, 7), (8, 12)  # below the few-clients warning's bound, and from it
+    expected = {
+        "fewk.has": "1", "fewk.reps": "200", "fewk.p": "5", "fewk.q": "2",
+        "fewk.spreadfactor": "55", "fewk.large.from": "8", "fewk.small.list": "4, 6 or 7",
+        "fewk.ratio.from": "6",
+        "fewk.residual.alike.small.range": span(
+            [share("residual", 0.0, "null", k, "other_flagged") for k in small]),
+        "fewk.residual.alike.large.range": span(
+            [share("residual", 0.0, "null", k, "other_flagged") for k in large]),
+        "fewk.none.alike.small.range": span(
+            [share("none", 0.0, "null", k, "other_flagged") for k in small]),
+        "fewk.none.differ.power.max": "{:.3f}".format(max(
+            share("none", 2.0, "shifted", k, "victim_flagged") for k in small + large)),
+        "fewk.ratio.range": span(
+            [share("data", 2.0, "shifted", k, "victim_flagged")
+             / share("residual", 2.0, "shifted", k, "victim_flagged")
+             for k in (6, 7, 8, 12)], 1),
+    }
+    assert {key: macros[key] for key in expected} == expected
+    assert sorted(key for key in macros if key.startswith("fewk.")) == sorted(expected)
     assert few_clients_frame_macros(tmp_path / "missing.csv") == {"fewk.has": "0"}
