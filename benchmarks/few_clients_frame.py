@@ -6,8 +6,9 @@ docs/method_notes.md section 8): ``residual`` (the package's default: what the
 decomposition's backbone and low-rank part leave), ``data`` (the estimates' own
 spread) or ``none`` (no frame, the plain statistic). With six or seven clients that
 path flags more uncorrupted federations than its level. This script measures, on
-synthetic clients whose truth is known, how much of that comes from the frame, and
-whether the default frame reads the rows' scales right when they differ:
+synthetic clients whose truth is known, how much of that comes from the frame, and,
+where rows differ in precision, how often each frame finds a shift in the most precise
+row (it records flags, not the frame's scales):
 
 * K clients, ``p = 5`` coefficients, ``q = 2`` outputs, estimates
   ``Theta + E_k`` with one shared ``Theta`` (true rank 0) and Gaussian noise whose
