@@ -791,6 +791,53 @@ def test_a_precise_client_is_tested_at_the_level(monkeypatch):
     assert without[0] > 0.12, without
 
 
+def _shifted_sites(shift):
+    """Twelve OLS sites of one model, site 0's first two coefficients (one per output)
+    moved by ``shift`` noise-scale units."""
+    rng = np.random.default_rng(0)
+    designs = [np.c_[np.ones(60), rng.standard_normal((60, 3))] for _ in range(12)]
+    errors = [rng.standard_normal((60, 2)) for _ in range(12)]
+    truth = np.ones((4, 2))
+    shifted = truth + shift * np.eye(4, 2)
+    return local_ols(designs, [x @ (shifted if k == 0 else truth) + e
+                               for k, (x, e) in enumerate(zip(designs, errors))])
+
+
+@pytest.mark.parametrize("rank", [1, 2, 3])
+def test_a_client_far_off_is_flagged_whatever_the_given_rank(rank):
+    """With ``noise_cov`` the subspace's tilt enters a client's null through the client's
+    own coordinates along the subspace; uncapped, it grew as fast as a contaminated
+    client's residual, so that at ``rank=2`` or 3 a client 3e5 noise units off kept
+    p ~ 0.9 and a new client like it was +1 (a review). Its coordinates now count at
+    most ``TILT_LEVERAGE_CAP`` times the farthest member's leverage."""
+    ols = _shifted_sites(3e5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        est = CLAIREstimator(rank=rank, random_state=0).fit(ols)
+    assert est.contaminated_[0] and est.p_values_[0] < 1e-10, est.p_values_[0]
+    assert not est.contaminated_[1:].any()
+    assert est.predict(ols.estimates[:1] * (1 + 1e-6))[0] == -1
+
+
+def test_the_tilt_counts_coordinates_up_to_the_cap():
+    """:func:`clairstat._inference._capped_coords`: inside the cap a client's coordinates
+    are its own; beyond it they are shrunk along themselves to the cap's leverage."""
+    from clairstat._inference import TILT_LEVERAGE_CAP, _capped_coords
+
+    rng = np.random.default_rng(1)
+    coords = rng.standard_normal((9, 2, 3))  # (members, rank, outputs)
+    lam = np.einsum("mrq,msq->rs", coords, coords)
+    pinv = np.linalg.pinv(lam)
+    farthest = max(float(np.einsum("rq,rs,sq->", c, pinv, c)) for c in coords)
+    inside = coords[0] * 1.5
+    assert np.array_equal(_capped_coords(inside, coords, lam), inside)
+    far = coords[0] * 1e6
+    capped = _capped_coords(far, coords, lam)
+    np.testing.assert_allclose(capped / np.linalg.norm(capped), far / np.linalg.norm(far))
+    np.testing.assert_allclose(float(np.einsum("rq,rs,sq->", capped, pinv, capped)),
+                               TILT_LEVERAGE_CAP * farthest, rtol=1e-10)
+
+
 @settings(max_examples=200, deadline=None, derandomize=True)
 @given(st.lists(st.sampled_from([0.0, 1e-300, 1e-8, 0.001, 0.01, 0.02, 0.3, 0.5, 1.0,
                                  np.nan, -0.1, 1.5])
