@@ -1009,6 +1009,7 @@ def _check_device(device):
 
 def _check_options(args):
     _check_device(args.device)
+    _check_fit_options(args)
     if args.workers is not None and args.scheduler != "local":
         # the in-process run (or a cluster's own workers) would ignore it silently
         raise InputError(f"--workers {args.workers}: applies to --scheduler local only")
@@ -1029,6 +1030,37 @@ def _check_options(args):
         from .aggregation._rank import DEFAULT_RANK_RULE
 
         args.rank_rule = DEFAULT_RANK_RULE
+
+
+def _check_fit_options(args):
+    """The fits' own checks of ``--test-level``, ``--random-state``, ``--rank``
+    (``--per-module``) and ``--n-jobs``, run before any input is read or copied into OUT
+    (in the fits they came after every adapter was staged) and naming the option. A
+    ``--per-module`` rank too large for a module is known only from its shapes: its fit
+    says so."""
+    from sklearn.utils._param_validation import InvalidParameterError
+
+    from ._estimator import CLAIREstimator
+    from ._threads import resolve_n_jobs
+
+    checks = [("--test-level", "test_level", args.test_level),
+              ("--random-state", "random_state", args.random_state)]
+    if not args.joint:
+        checks.append(("--rank", "rank", args.rank))
+    for option, name, value in checks:
+        try:
+            CLAIREstimator(**{name: value})._validate_params()
+        except InvalidParameterError as error:
+            # sklearn's constraint text without the Python-only alternatives
+            detail = str(error).splitlines()[0].split(" must be ", 1)[-1]
+            detail = detail.split(", an instance of")[0].split(" or None")[0]
+            detail = detail.split(". Got ")[0].rstrip(".")
+            raise InputError(f"{option} {value}: must be {detail}") from None
+    if args.n_jobs is not None:
+        try:
+            resolve_n_jobs(args.n_jobs)
+        except (ValueError, TypeError) as error:
+            raise InputError(f"--n-jobs {args.n_jobs}: {error}") from None
 
 
 @contextlib.contextmanager

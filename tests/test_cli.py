@@ -368,6 +368,25 @@ def test_workers_without_a_local_scheduler_is_refused(adapters, tmp_path, capsys
     assert "--workers 3: applies to --scheduler local only" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("bad", [["--test-level", "0"], ["--test-level", "nan"],
+                                 ["--random-state", "-1"], ["--random-state", "4294967296"],
+                                 ["--n-jobs", "0"], ["--per-module", "--rank", "-1"]])
+def test_a_bad_fit_option_stops_the_run_before_anything_is_copied(adapters, tmp_path, capsys,
+                                                                  monkeypatch, bad):
+    """The fits' own parameter checks ran only once every adapter had been copied into
+    OUT's staging folder (a review): gigabytes copied for a typo. They now run first, in
+    one line naming the option."""
+    copies = []
+    monkeypatch.setattr(shutil, "copyfile", lambda *args, **kw: copies.append(args))
+    code = main(["refine", *bad, "--out", str(tmp_path / "out"), *map(str, adapters)])
+    err = capsys.readouterr().err
+    assert code == 2 and not (tmp_path / "out").exists() and not copies
+    option = bad[-2]
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        f"clairstat refine: error: {option} "), err
+
+
 def test_joint_is_the_default(adapters, refined, tmp_path):
     assert main(["refine", "--joint", "--random-state", "0", "--out", str(tmp_path),
                  *map(str, adapters)]) == 0
