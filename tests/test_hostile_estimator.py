@@ -819,6 +819,41 @@ def test_a_client_far_off_is_flagged_whatever_the_given_rank(rank):
     assert est.predict(ols.estimates[:1] * (1 + 1e-6))[0] == -1
 
 
+def _far_benign_share(seeds, far=10.0):
+    """Share of fits in which a benign training client ``far`` times the members' spread
+    along a rank-1 subspace (12 clients of 30-50 samples, p = 6, q = 2) has p < 0.05."""
+    shares = []
+    for seed in seeds:
+        rng = np.random.default_rng(seed)
+        theta0, basis = rng.standard_normal((6, 2)), rng.standard_normal((6, 1))
+
+        def client(n, scale=1.0):
+            design = np.c_[np.ones(n), rng.standard_normal((n, 5))]
+            theta = theta0 + scale * basis @ rng.standard_normal((1, 2))
+            return design, design @ theta + rng.standard_normal((n, 2))
+
+        sites = [client(int(rng.integers(30, 51))) for _ in range(11)] + [client(40, far)]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            est = CLAIREstimator(random_state=seed).fit(local_ols(*zip(*sites)))
+        shares.append(est.p_values_[-1] < 0.05)
+    return float(np.mean(shares))
+
+
+def test_a_benign_client_far_along_the_subspace_keeps_its_tilt(monkeypatch):
+    """The tilt term is what keeps a benign client far along the subspace from false
+    alarms; the bound on its coordinates must leave it that. At ten times the members'
+    spread, 40 seeds: 0.05 with the package's bound (0.03 uncapped in 60 seeds of a
+    scratch run); with a bound of 4 (the negative control) 0.55 in that run. Bound 0.175:
+    about three binomial standard deviations above 0.05."""
+    import clairstat._inference as inference
+
+    seeds = range(40)
+    assert _far_benign_share(seeds) <= 0.175
+    monkeypatch.setattr(inference, "TILT_LEVERAGE_CAP", 4.0)
+    assert _far_benign_share(seeds) > 0.175
+
+
 def test_the_tilt_counts_coordinates_up_to_the_cap():
     """:func:`clairstat._inference._capped_coords`: inside the cap a client's coordinates
     are its own; beyond it they are shrunk along themselves to the cap's leverage."""
