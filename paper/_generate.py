@@ -702,6 +702,69 @@ def few_clients_frame_macros(path):
     return macros
 
 
+#: The subspace's tilt bounded (``tilt.*``): per configuration the three tables of the
+#: 18 real datasets (development, eleven held out, three held out).
+TILT_GROUPS = ("", "heldout_all_", "heldout6_")
+TILT = {"classicalbefore": "exact_spread", "classical": "tilt_cap",
+        "recommendedbefore": "hc3_support3_exact_spread",
+        "recommended": "hc3_support3_tilt_cap", "hcthree": "hc3_alone",
+        "supportthree": "support3_alone"}
+
+
+def _tilt_table(tables, suffix):
+    return _joined(tables, [f"calibration_{group}{suffix}" for group in TILT_GROUPS])
+
+
+def tilt_cap_macros(tables):
+    """The subspace's tilt bounded (``tilt.*``; ``tilt.has`` 0 unless every table is
+    committed): per configuration of :data:`TILT` the datasets meeting the criteria per
+    path (``tilt.<config>.<path>.met``); the classical covariance's rows before and
+    after compared split by split (``tilt.rows``, ``tilt.changed``: rows whose flags,
+    victims flagged or rank differ; ``tilt.victims.before``/``.after`` and
+    ``tilt.falseflags.before``/``.after`` summed over the ``noise_cov`` rows;
+    ``tilt.defaultchanged``: rows of the path without a covariance that differ, over
+    every configuration run twice) and the bound (``tilt.cap``)."""
+    import numpy as np
+
+    from clairstat._inference import TILT_LEVERAGE_CAP
+
+    names = [f"calibration_{g}{s}" for g in TILT_GROUPS for s in TILT.values()]
+    if any(tables.get(name) is None for name in names):
+        return {"tilt.has": "0"}
+    macros = {"tilt.has": "1", "tilt.cap": fmt(int(TILT_LEVERAGE_CAP)),
+              "tilt.distance": fmt(int(round(math.sqrt(TILT_LEVERAGE_CAP))))}
+    joined = {}
+    for key, suffix in TILT.items():
+        joined[key] = table = _tilt_table(tables, suffix)
+        macros["tilt.datasets"] = fmt(table.dataset.nunique())
+        rows = [r for r in _corruption_rows(table) if r["dataset"] != "all"]
+        for path in ("default", "noise_cov"):
+            macros[f"tilt.{key}.{path.replace('_', '')}.met"] = fmt(_criteria_met(rows, path))
+    keys = ["dataset", "split", "corruption", "path"]
+    measured = ["any_flag", "false_flags", "victims_flagged", "rank"]
+
+    def compared(before, after, path):
+        pair = joined[before].merge(joined[after], on=keys, suffixes=("_b", "_a"))
+        pair = pair[pair.path == path]
+        differ = np.zeros(len(pair), dtype=bool)
+        for column in measured:
+            differ |= (pair[f"{column}_b"] != pair[f"{column}_a"]).to_numpy()
+        return pair, int(differ.sum())
+
+    pair, changed = compared("classicalbefore", "classical", "noise_cov")
+    macros.update({"tilt.rows": fmt(len(pair)), "tilt.changed": fmt(changed),
+                   "tilt.victims.before": fmt(int(pair.victims_flagged_b.sum())),
+                   "tilt.victims.after": fmt(int(pair.victims_flagged_a.sum())),
+                   "tilt.falseflags.before": fmt(int(pair.false_flags_b.sum())),
+                   "tilt.falseflags.after": fmt(int(pair.false_flags_a.sum()))})
+    macros["tilt.defaultchanged"] = fmt(sum(
+        compared(before, after, "default")[1]
+        for before, after in (("classicalbefore", "classical"),
+                              ("recommendedbefore", "recommended"),
+                              ("classicalbefore", "hcthree"))))
+    return macros
+
+
 def _optional_calibrations(names):
     """``{name: table}`` of the calibration tables ``names`` (None where not committed)."""
     return {name: (src.read_calibration(src.SOURCES[name])
@@ -1427,6 +1490,8 @@ def collect():
     macros.update(exchangeable_macros(src.SOURCES["exchangeable_null"]))
     macros.update(calibration_cost_macros(src.SOURCES["calibration_cost"]))
     macros.update(few_clients_frame_macros(src.SOURCES["few_clients_frame"]))
+    macros.update(tilt_cap_macros(_optional_calibrations(
+        [f"calibration_{g}{s}" for g in TILT_GROUPS for s in TILT.values()])))
     framed = _optional_calibrations(("calibration_plain", "calibration_heldout_all_frame",
                                      "calibration_heldout_all_plain",
                                      "calibration_heldout_all_frame_prereg"))
@@ -2042,7 +2107,7 @@ def write_generated(out_dir):
         switch("calibheldoutc", "calibhoc.has"), switch("calibframe", "calibhof.has"),
         switch("calibheldoutg", "calibhog.has"), switch("calibevidence", "calibev.has"),
         switch("exnull", "exnull.has"), switch("calcost", "calcost.has"),
-        switch("fewk", "fewk.has"),
+        switch("fewk", "fewk.has"), switch("tiltcap", "tilt.has"),
         switch("jointrank", "jr.has"), switch("jointrankbetter", "jr.has", "jr.better"),
         switch("flagged", "flagged.has"), switch("flaggedfull", "flagged.full"),
         switch("flaggedallpass", "flagged.allpass"),

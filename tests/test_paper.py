@@ -1153,3 +1153,53 @@ def test_few_clients_frame_macros_are_the_csv(tmp_path):
     assert {key: macros[key] for key in expected} == expected
     assert sorted(key for key in macros if key.startswith("fewk.")) == sorted(expected)
     assert few_clients_frame_macros(tmp_path / "missing.csv") == {"fewk.has": "0"}
+
+
+def test_tilt_cap_macros_are_the_csv():
+    """``tilt.*`` (the subspace's tilt bounded, and the recommended configuration's two
+    parts one at a time): the datasets meeting the criteria per configuration and path,
+    and the classical covariance's rows before and after, recomputed here from the
+    committed rows."""
+    import pandas as pd
+
+    macros = _macros()
+    results = ROOT / "benchmarks" / "results"
+
+    def table(suffix):
+        return pd.concat([pd.read_csv(results / f"real_data_calibration_{group}{suffix}.csv")
+                          for group in ("", "heldout_all_", "heldout6_")], ignore_index=True)
+
+    def met(frame, path):
+        count = 0
+        for _, group in frame[frame.path == path].groupby("dataset"):
+            null = group[group.corruption == "none"].any_flag.mean()
+            kinds = ["scale", "flip"] + ([] if (group.q == 1).all() else ["replace"])
+            powers = [group[group.corruption == kind].victims_flagged.sum()
+                      / group[group.corruption == kind].n_victims.sum() for kind in kinds]
+            count += null <= 0.10 and min(powers) >= 0.8
+        return str(count)
+
+    configs = {"classicalbefore": "exact_spread", "classical": "tilt_cap",
+               "recommendedbefore": "hc3_support3_exact_spread",
+               "recommended": "hc3_support3_tilt_cap", "hcthree": "hc3_alone",
+               "supportthree": "support3_alone"}
+    tables = {key: table(suffix) for key, suffix in configs.items()}
+    expected = {"tilt.has": "1", "tilt.cap": "100", "tilt.distance": "10", "tilt.datasets": "18"}
+    for key, frame in tables.items():
+        for path in ("default", "noise_cov"):
+            expected[f"tilt.{key}.{path.replace('_', '')}.met"] = met(frame, path)
+    keys = ["dataset", "split", "corruption", "path"]
+    pair = tables["classicalbefore"].merge(tables["classical"], on=keys,
+                                           suffixes=("_b", "_a"))
+    cov = pair[pair.path == "noise_cov"]
+    columns = ("any_flag", "false_flags", "victims_flagged", "rank")
+    expected.update({
+        "tilt.rows": str(len(cov)),
+        "tilt.changed": str(sum(any(row[f"{c}_b"] != row[f"{c}_a"] for c in columns)
+                                for _, row in cov.iterrows())),
+        "tilt.victims.before": str(cov.victims_flagged_b.sum()),
+        "tilt.victims.after": str(cov.victims_flagged_a.sum()),
+        "tilt.falseflags.before": str(cov.false_flags_b.sum()),
+        "tilt.falseflags.after": str(cov.false_flags_a.sum())})
+    assert len(cov) == 18 * 100 * 4
+    assert {key: macros[key] for key in expected} == expected
