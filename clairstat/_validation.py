@@ -109,11 +109,16 @@ def check_sample_weight(sample_weight, n_clients):
     # the imaginary part dropped), text and objects refused rather than parsed, and the
     # shape (n_clients,) or a scalar (equal weights, as scikit-learn reads one) exactly:
     # a (2, 5) array was flattened into ten clients' weights (a review)
-    if np.iscomplexobj(sample_weight) or (_is_tensor(sample_weight)
-                                          and sample_weight.is_complex()):
+    if _is_tensor(sample_weight) and sample_weight.is_complex():
+        raw = np.zeros(0, dtype=complex)
+    elif _is_tensor(sample_weight):
+        raw = as_real_array(sample_weight, "sample_weight")
+    else:
+        _refuse_masked(sample_weight, "sample_weight")
+        raw = np.asarray(sample_weight)
+    if np.iscomplexobj(raw):
         raise ValueError("sample_weight is complex; weights are real, non-negative "
                          "numbers (sample sizes).")
-    raw = np.asarray(as_real_array(sample_weight, "sample_weight"))
     if raw.dtype == object or not (np.issubdtype(raw.dtype, np.number)
                                    or raw.dtype == bool):
         raise ValueError(f"sample_weight must be numeric, got dtype {raw.dtype}.")
