@@ -1210,11 +1210,13 @@ def _check_outputs(folders, out, raw=None):
             with contextlib.suppress(OSError):
                 info = os.stat(folder / name)
                 inputs[(info.st_dev, info.st_ino)] = folder / name
+    report = out / REPORT_NAME
+    if report.is_dir():  # the run's own output, not a client's (it was blamed on one)
+        raise InputError(f"--out {out}: its report {report} exists and is a folder")
     targets = {}
     for folder in folders:
         target = out / folder.name
-        blocked = [path for path in (target, target / WEIGHTS_NAME, target / CONFIG_NAME,
-                                     out / REPORT_NAME)
+        blocked = [path for path in (target, target / WEIGHTS_NAME, target / CONFIG_NAME)
                    if path.exists() and path.is_dir() != (path == target)]
         if blocked:
             kind = "a folder" if blocked[0].is_dir() else "a file"

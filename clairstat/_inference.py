@@ -203,6 +203,18 @@ def _capped_coords(own, coords, lam):
     return own
 
 
+def _cycle_message(kept_rejected, flagged_kept):
+    """The warning of a detection that cycled, naming only the clients it concerns (an
+    empty list of either kind read "clients [] are flagged ...", a review)."""
+    parts = ([f"clients {kept_rejected} are kept although the final test rejects them"]
+             if kept_rejected else []) + (
+            [f"clients {flagged_kept} are flagged (no round kept them) although the final "
+             "test keeps them"] if flagged_kept else [])
+    return ("the detection did not settle on a set its own test reproduces (a cycle); "
+            "the collaborative set keeps every client some round kept: "
+            f"{'; '.join(parts)}.")
+
+
 def _member_coords(blocks, weights, members, basis):
     """``U^T (Theta_hat_j - mean)`` of the members, (m, r, q): the coordinates the
     subspace was fitted to (:func:`_tilt_cov`)."""
@@ -645,11 +657,8 @@ def detect_clients(blocks, weights, start, *, rank, noise, level, correction, it
     if not converged:
         kept_rejected = np.flatnonzero(state.rejected & state.members).tolist()
         flagged_kept = np.flatnonzero(~state.rejected & ~state.members).tolist()
-        warnings.warn("the detection did not settle on a set its own test reproduces (a "
-                      "cycle); the collaborative set keeps every client some round kept. "
-                      f"Clients {kept_rejected} are kept although the final test rejects "
-                      f"them; clients {flagged_kept} are flagged (no round kept them) "
-                      "although the final test keeps them.", UserWarning, stacklevel=4)
+        warnings.warn(_cycle_message(kept_rejected, flagged_kept), UserWarning,
+                      stacklevel=4)
     return _final(state, level, correction, converged, n_rounds)
 
 

@@ -109,6 +109,10 @@ class LocalOLS:
                 raise IndexError("a LocalOLS is indexed by clients only: ols[clients] or "
                                  "ols[clients, ...].")
             key = key[0]
+        if isinstance(key, (bool, np.bool_)):  # numpy reads a scalar bool as a new axis
+            raise IndexError("a LocalOLS is indexed by clients (an int, a slice, a list "
+                             "of ints or a boolean mask per client), not by a single "
+                             "boolean.")
         if isinstance(key, (int, np.integer)):
             key = [int(key)]
         row_cov, col_cov = self.noise_cov

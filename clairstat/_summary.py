@@ -23,10 +23,18 @@ class CLAIRSummary:
         if client_names is None:
             client_names = getattr(estimator, "client_names_", None)
         if client_names is not None:
+            if isinstance(client_names, (str, bytes)):  # was read one name per character
+                raise TypeError("client_names must be a sequence of names, one per "
+                                f"client, not a single string ({client_names!r}).")
             client_names = [str(name) for name in client_names]
             if len(client_names) != n_clients:
                 raise ValueError(f"client_names has {len(client_names)} names for "
                                  f"{n_clients} clients.")
+            repeated = sorted({name for name in client_names
+                               if client_names.count(name) > 1})
+            if repeated:  # a LocalOLS refuses them too: rows one could not tell apart
+                raise ValueError(f"client_names repeats {repeated}; each client needs "
+                                 "its own name.")
         self.clients = pd.DataFrame({
             "score ‖S_k‖_F": [_number(v) for v in estimator.contamination_scores_],
             "statistic": [_number(v) for v in estimator.test_statistics_],

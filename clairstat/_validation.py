@@ -105,11 +105,29 @@ def check_sample_weight(sample_weight, n_clients):
     """Per-client non-negative weights (sample sizes) with a positive total."""
     if sample_weight is None:
         return np.ones(n_clients)
-    _refuse_masked(sample_weight, "sample_weight")
-    weights = np.asarray(sample_weight, dtype=float).reshape(-1)
-    if weights.shape != (n_clients,):
+    # complex weights refused as complex estimates are (they were cast with a warning,
+    # the imaginary part dropped), text and objects refused rather than parsed, and the
+    # shape (n_clients,) or a scalar (equal weights, as scikit-learn reads one) exactly:
+    # a (2, 5) array was flattened into ten clients' weights (a review)
+    if _is_tensor(sample_weight) and sample_weight.is_complex():
+        raw = np.zeros(0, dtype=complex)
+    elif _is_tensor(sample_weight):
+        raw = as_real_array(sample_weight, "sample_weight")
+    else:
+        _refuse_masked(sample_weight, "sample_weight")
+        raw = np.asarray(sample_weight)
+    if np.iscomplexobj(raw):
+        raise ValueError("sample_weight is complex; weights are real, non-negative "
+                         "numbers (sample sizes).")
+    if raw.dtype == object or not (np.issubdtype(raw.dtype, np.number)
+                                   or raw.dtype == bool):
+        raise ValueError(f"sample_weight must be numeric, got dtype {raw.dtype}.")
+    if raw.ndim == 0:
+        raw = np.full(n_clients, raw)
+    if raw.shape != (n_clients,):
         raise ValueError(f"sample_weight must have one entry per client ({n_clients}), "
                          f"got shape {np.shape(sample_weight)}.")
+    weights = raw.astype(float)
     if not np.all(np.isfinite(weights)) or np.any(weights < 0):
         raise ValueError("sample_weight must be finite and non-negative.")
     if np.sum(weights > 0) < 2:

@@ -387,6 +387,15 @@ def test_a_bad_fit_option_stops_the_run_before_anything_is_copied(adapters, tmp_
         f"clairstat refine: error: {option} "), err
 
 
+def test_a_report_path_taken_by_a_folder_is_named_as_the_report(adapters, tmp_path, capsys):
+    """OUT/report.json as a folder was blamed on the first client (a review)."""
+    (tmp_path / "out" / "report.json").mkdir(parents=True)
+    code = main(["refine", "--out", str(tmp_path / "out"), *map(str, adapters)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith(f"clairstat refine: error: --out {tmp_path / 'out'}: "
+                                        "its report"), err
+
+
 def test_joint_is_the_default(adapters, refined, tmp_path):
     assert main(["refine", "--joint", "--random-state", "0", "--out", str(tmp_path),
                  *map(str, adapters)]) == 0

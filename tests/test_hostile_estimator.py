@@ -1392,3 +1392,59 @@ def test_sites_that_agree_are_rarely_flagged_with_one_df():
             est = CLAIREstimator(rank=0, random_state=0).fit(_site_means(seed + 1000, 0.0))
         flagged += bool(est.contaminated_.any())
     assert flagged <= 5
+
+
+@pytest.mark.parametrize("weights, match", [
+    (np.ones(12) + 1j, "complex"),
+    (np.array(["1"] * 12), "numeric"),
+    (np.ones((3, 4)), r"one entry per client \(12\), got shape \(3, 4\)"),
+    (np.ones((12, 1)), r"got shape \(12, 1\)"),
+])
+def test_sample_weight_is_read_strictly(weights, match):
+    """Complex weights lost their imaginary part with only a warning, text was parsed,
+    and any shape of the right size was flattened into one weight per client (a
+    review); a scalar is equal weights, as scikit-learn reads it."""
+    X = make_low_rank_block_sparse(n_clients=12, p=6, q=3, rank=1,
+                                   n_contaminated=0, random_state=0).local_estimates
+    with pytest.raises(ValueError, match=match):
+        CLAIREstimator(random_state=0).fit(X, sample_weight=weights)
+    scalar = quiet_fit(X)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        scaled = CLAIREstimator(random_state=0).fit(X, sample_weight=3.0)
+    np.testing.assert_array_equal(scaled.p_values_, scalar.p_values_)
+
+
+def test_summary_client_names_are_one_distinct_name_per_client():
+    """A plain string was read one name per character, and repeated names gave rows one
+    could not tell apart (a LocalOLS refuses both; a review)."""
+    X = make_low_rank_block_sparse(n_clients=3, p=6, q=3, rank=1, n_contaminated=0,
+                                   random_state=0).local_estimates
+    est = quiet_fit(X)
+    with pytest.raises(TypeError, match="not a single string"):
+        est.summary(client_names="abc")
+    with pytest.raises(ValueError, match=r"repeats \['a'\]"):
+        est.summary(client_names=["a", "b", "a"])
+    assert list(est.summary(client_names=["a", "b", "c"]).clients.index) == ["a", "b", "c"]
+
+
+def test_a_local_ols_is_not_indexed_by_one_boolean():
+    """``ols[np.True_]`` added an axis (numpy's reading of a scalar bool) and built a
+    4-D LocalOLS whose repr crashed (a review)."""
+    rng = np.random.default_rng(0)
+    ols = local_ols([np.c_[np.ones(40), rng.standard_normal((40, 2))] for _ in range(3)],
+                    [rng.standard_normal((40, 2)) for _ in range(3)])
+    for key in (np.True_, True, False):
+        with pytest.raises(IndexError, match="not by a single boolean"):
+            ols[key]
+    assert len(ols[np.array([True, False, True])].estimates) == 2
+
+
+def test_the_cycle_warning_names_only_the_clients_it_concerns():
+    from clairstat._inference import _cycle_message
+
+    assert "[]" not in _cycle_message([3], []) and "clients [3] are kept" in _cycle_message([3], [])
+    assert "[]" not in _cycle_message([], [1, 2])
+    assert "clients [1, 2] are flagged" in _cycle_message([], [1, 2])
+    both = _cycle_message([0], [5])
+    assert "clients [0] are kept" in both and "clients [5] are flagged" in both

@@ -202,7 +202,9 @@ def krum(factors, weights, n_byzantine=None, multi=1):
     else:
         check_integer("n_byzantine", n_byzantine)
         f = int(n_byzantine)
-        if f < 0 or n_clients < 2 * f + 3:
+        if f < 0:
+            raise ValueError(f"krum's n_byzantine must be >= 0, got {f}.")
+        if n_clients < 2 * f + 3:
             raise ValueError(f"krum needs n_clients >= 2 n_byzantine + 3, got {n_clients} "
                              f"clients and n_byzantine={f}.")
     if not 1 <= multi <= n_clients:

@@ -76,6 +76,12 @@ def _check_reference(reference, factors, weights, rank):
         raise ValueError(f"reference factors must have shapes {factors[0][0].shape} and "
                          f"{factors[0][1].shape} (rank {rank}), got {b_ref.shape} and "
                          f"{a_ref.shape}.")
+    # both factors: the one not aligned still enters the soft rotation's blend and the
+    # next round (a NaN there passed silently, one in the aligned factor reached scipy's
+    # SVD as an anonymous error: a review)
+    for name, matrix in (("B", b_ref), ("A", a_ref)):
+        if not np.all(np.isfinite(matrix)):
+            raise ValueError(f"the reference's {name} factor holds NaN or infinite entries.")
     return b_ref, a_ref
 
 
