@@ -50,13 +50,19 @@ def _as_blocks(local_estimates, dtype):
         array = np.asarray(local_estimates)
     except ValueError as exc:  # numpy refuses some ragged nestings outright
         raise ValueError(f"local_estimates could not be read as an array: {exc}") from exc
+    _refuse_non_real(array, "local_estimates", "Complex data not supported: local_estimates "
+                     "are complex; CLAIR works on real estimates.")
+    return array.astype(dtype, copy=True)
+
+
+def _refuse_non_real(array, name, complex_message):
+    """A ValueError for a complex array (``complex_message``) or one that is not numbers
+    (text, objects); booleans pass."""
     if np.iscomplexobj(array):
-        raise ValueError("Complex data not supported: local_estimates are complex; CLAIR "
-                         "works on real estimates.")
+        raise ValueError(complex_message)
     if array.dtype == object or not (np.issubdtype(array.dtype, np.number)
                                      or array.dtype == bool):
-        raise ValueError(f"local_estimates must be numeric, got dtype {array.dtype}.")
-    return array.astype(dtype, copy=True)
+        raise ValueError(f"{name} must be numeric, got dtype {array.dtype}.")
 
 
 def check_local_estimates(local_estimates, *, dtype=np.float64, min_clients=2):
@@ -116,12 +122,8 @@ def check_sample_weight(sample_weight, n_clients):
     else:
         _refuse_masked(sample_weight, "sample_weight")
         raw = np.asarray(sample_weight)
-    if np.iscomplexobj(raw):
-        raise ValueError("sample_weight is complex; weights are real, non-negative "
-                         "numbers (sample sizes).")
-    if raw.dtype == object or not (np.issubdtype(raw.dtype, np.number)
-                                   or raw.dtype == bool):
-        raise ValueError(f"sample_weight must be numeric, got dtype {raw.dtype}.")
+    _refuse_non_real(raw, "sample_weight", "sample_weight is complex; weights are real, "
+                     "non-negative numbers (sample sizes).")
     if raw.ndim == 0:
         raw = np.full(n_clients, raw)
     if raw.shape != (n_clients,):
