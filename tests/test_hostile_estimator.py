@@ -843,9 +843,9 @@ def _far_benign_share(seeds, far=10.0):
 def test_a_benign_client_far_along_the_subspace_keeps_its_tilt(monkeypatch):
     """The tilt term is what keeps a benign client far along the subspace from false
     alarms; the bound on its coordinates must leave it that. At ten times the members'
-    spread, 40 seeds: 0.05 with the package's bound (0.03 uncapped in 60 seeds of a
-    scratch run); with a bound of 4 (the negative control) 0.55 in that run. Bound 0.175:
-    about three binomial standard deviations above 0.05."""
+    spread, these 40 seeds: 0.050 with the package's bound, 0.025 uncapped, 0.525 with a
+    bound of 4 (the negative control). Bound 0.175: about three binomial standard
+    deviations above 0.05."""
     import clairstat._inference as inference
 
     seeds = range(40)
