@@ -448,8 +448,12 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
                 self.__dict__.pop("n_features_in_", None)
                 self.__dict__.pop("feature_names_in_", None)
         elif blocks.shape[1:] != self.estimate_shape_:
-            raise ValueError(f"estimates have shape {blocks.shape[1:]} (working orientation), "
-                             f"but the estimator was fitted on {self.estimate_shape_}.")
+            # in the user's (p, q), not the transposed working orientation of a row fit
+            given, fitted = blocks.shape[1:], tuple(int(v) for v in self.estimate_shape_)
+            if row:
+                given, fitted = given[::-1], fitted[::-1]
+            raise ValueError(f"estimates have (p, q) = {tuple(int(v) for v in given)}, "
+                             f"but the estimator was fitted on (p, q) = {fitted}.")
         return blocks
 
     @property

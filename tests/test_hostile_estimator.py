@@ -1448,3 +1448,14 @@ def test_the_cycle_warning_names_only_the_clients_it_concerns():
     assert "clients [1, 2] are flagged" in _cycle_message([], [1, 2])
     both = _cycle_message([0], [5])
     assert "clients [0] are kept" in both and "clients [5] are flagged" in both
+
+
+@pytest.mark.parametrize("subspace", ["column", "row"])
+def test_a_shape_error_quotes_the_users_p_and_q(subspace):
+    """With ``subspace="row"`` the fit works on the transposes, and a new client of the
+    wrong shape was reported in that orientation: (5, 2) read as "(2, 5)" (a review)."""
+    rng = np.random.default_rng(0)
+    est = quiet_fit(rng.standard_normal((10, 5, 2)), subspace=subspace)
+    with pytest.raises(ValueError, match=r"have \(p, q\) = \(4, 2\), but the estimator was "
+                                         r"fitted on \(p, q\) = \(5, 2\)"):
+        est.predict(rng.standard_normal((3, 4, 2)))
