@@ -16,9 +16,11 @@ import hashlib
 import importlib.util
 import itertools
 import json
+import numbers
 import os
 import threading
 import time
+import uuid
 import warnings
 from pathlib import Path
 from typing import Callable
@@ -31,7 +33,7 @@ __all__ = ["Study", "SCALES", "RunError", "grid", "cell_id", "derive_seed",
 
 SCALES = ("smoke", "small", "full")
 _RESERVED = ("study", "cell", "replicate", "seed", "clairstat_version", "code_commit",
-             "blas_kernels", "control", "elapsed_s")
+             "blas_kernels", "threads_per_task", "control", "elapsed_s")
 #: The folders whose Python files a row depends on (:func:`code_provenance`); a
 #: validation report also depends on ``validation/`` (its checks).
 CODE_FOLDERS = ("clairstat", "simulations")
@@ -75,6 +77,29 @@ class Study:
     replicates: dict
     simulate_one: Callable
     controls: tuple = ()
+
+    def __post_init__(self):
+        # a review: -3 or 0 replicates ran nothing without a word, 2.7 ran 2, an empty
+        # grid was a silent no-op and a list-valued cell failed only inside simulate_one
+        for scale, count in self.replicates.items():
+            if isinstance(count, (bool, np.bool_)) or not isinstance(count, numbers.Integral) \
+                    or count < 1:
+                raise ValueError(f"study {self.name!r}: the replicate count of scale "
+                                 f"{scale!r} must be a positive integer, got {count!r}.")
+        for scale, cells in self.grids.items():
+            if isinstance(cells, (str, bytes, dict)) or not len(cells):
+                raise ValueError(f"study {self.name!r}: the grid of scale {scale!r} must be "
+                                 f"a non-empty list of cells, got {cells!r}.")
+            for cell in cells:
+                if not isinstance(cell, dict):
+                    raise ValueError(f"study {self.name!r}: a cell of scale {scale!r} is "
+                                     f"not a dict: {cell!r}.")
+                bad = {key: value for key, value in cell.items()
+                       if not isinstance(value, (str, int, float, type(None)))}
+                if bad:
+                    raise ValueError(f"study {self.name!r}: cell values must be JSON "
+                                     f"scalars (str, int, float, bool or None); scale "
+                                     f"{scale!r} has {bad}.")
 
     def cells(self, scale):
         """The parameter cells of ``scale`` (a list of dicts)."""
@@ -350,12 +375,17 @@ def _limit_threads(n_threads):
 _REPLICATE_LOCK = threading.Lock()
 
 
-def _run_task(simulate_one, cell, replicate, params, seed, n_threads=1, control=None):
+def _run_task(simulate_one, cell, replicate, params, seed, n_threads=1, control=None,
+              run=None):
     """Worker side: one replicate, timed, with the version and commit of the code that ran
     it (a cluster's workers import their own ``clairstat``, not the submitter's).
-    Module-level so joblib can pickle it."""
+    Module-level so joblib can pickle it. ``run`` (a token per :func:`run_study` call)
+    has the worker check once per run that its code on disk is what it loaded
+    (:func:`_refuse_changed_code`)."""
     from clairstat import __version__
 
+    if run is not None:
+        _refuse_changed_code(run)
     extra = {} if control is None else {"control": control}
     with _REPLICATE_LOCK:
         start = time.perf_counter()
@@ -365,7 +395,7 @@ def _run_task(simulate_one, cell, replicate, params, seed, n_threads=1, control=
     if not isinstance(measured, dict):
         raise TypeError(f"simulate_one must return a dict, got {type(measured).__name__}.")
     return cell, replicate, measured, elapsed, (__version__, code_provenance(),
-                                                 blas_kernels())
+                                                 blas_kernels(), n_threads)
 
 
 def blas_kernels():
@@ -420,6 +450,31 @@ def code_provenance(folders=CODE_FOLDERS):
     if not changed:
         return commit
     return f"{commit} with uncommitted changes in {', '.join(changed)} (digest {digest})"
+
+
+@functools.lru_cache(maxsize=8)
+def _refuse_changed_code(run):
+    """Raise :class:`RunError` when the code on disk differs from the code this process
+    loaded; checked once per ``run`` token (:func:`run_study`) in each process.
+
+    A row carries :func:`code_provenance` of the process that ran it, read once (when
+    :mod:`simulations._framework` is imported) and cached. In a long-lived process (a
+    notebook's kernel, joblib's reused loky workers, a Dask cluster's workers) an edit
+    made since then would make rows that say old code while the parent ran reloaded
+    code, or that ran old code in reused workers (a review: the same replicate gave
+    different values with ``n_jobs=1`` and 2 in one session, both labelled the old
+    code). Which of a process's modules are stale cannot be read off it, so a changed
+    state is refused: restarting the process (and its workers) runs one code again.
+    """
+    loaded = code_provenance()
+    on_disk = getattr(code_provenance, "__wrapped__", code_provenance)()
+    if on_disk != loaded:
+        raise RunError(f"the code changed on disk since this process (pid {os.getpid()}) "
+                       f"loaded it: {loaded or 'no commit'} then, {on_disk or 'no commit'} "
+                       "now; its rows would not say which code ran. Restart the Python "
+                       "process (a notebook's kernel, a Dask cluster's workers) and run "
+                       "again.")
+    return loaded
 
 
 def _git_state(root, folders):
@@ -497,13 +552,14 @@ def _make_row(study, cell, replicate, params, seed, measured, elapsed, provenanc
     for the method itself): a table copied into another folder still says what it is (a
     review validated a control's rows as the method's, only the folder telling them
     apart)."""
-    version, commit, kernels = provenance  # the worker's (_run_task)
+    version, commit, kernels, threads = provenance  # the worker's (_run_task)
     clash = set(measured) & (set(params) | set(_RESERVED))
     if clash:
         raise ValueError(f"{study.name}: measured names {sorted(clash)} clash with columns.")
     return {"study": study.name, "cell": cell, "replicate": replicate, **params,
             "seed": seed, "clairstat_version": version, "code_commit": commit,
-            "blas_kernels": kernels, "control": control, **measured,
+            "blas_kernels": kernels, "threads_per_task": threads, "control": control,
+            **measured,
             "elapsed_s": round(elapsed, 4)}
 
 
@@ -586,9 +642,14 @@ def verify_table(study, scale, *, max_rows=None, results_dir=None, replicates=(0
              if task[1] in replicates and (task[0], task[1]) in stored]
     if max_rows is not None and len(tasks) > max_rows:
         tasks = [tasks[i] for i in np.linspace(0, len(tasks) - 1, max_rows).astype(int)]
+    run = uuid.uuid4().hex
+    _refuse_changed_code(run)  # a rerun of other code than the process holds proves nothing
     for cell, replicate, params, seed in tasks:
+        # on the threads that wrote the row (torch's sums differ in their last bits
+        # between one and two threads); rows from before the column ran on one
+        threads = stored[(cell, replicate)].get("threads_per_task") or 1
         measured = _run_task(study.simulate_one, cell, replicate, params, seed,
-                             control=control)[2]
+                             n_threads=int(threads), control=control, run=run)[2]
         # as the table stores it (numpy scalars to Python, NaN kept)
         measured = json.loads(json.dumps(measured, default=_to_builtin, allow_nan=True))
         row = stored[(cell, replicate)]
@@ -695,15 +756,17 @@ def run_study(study, scale, *, n_jobs=1, backend=None, scheduler=None, results_d
     except OSError as error:  # a read-only root, a file where the scale's folder goes
         raise RunError(f"cannot write {error.filename}: {error.strerror or error}.") \
             from None
+    run = uuid.uuid4().hex
+    _refuse_changed_code(run)  # before anything is written
     with _exclusive_lock(path):
         _repair_tail(path)  # a kill -9 mid-write may have left half a line
         todo = pending_tasks(study, scale, results_dir)
         if todo:
-            _warn_other_code(path)
+            _warn_other_code(path, threads_per_task)
             jobs = -1 if backend == "dask" else n_jobs  # Dask: every worker of the cluster
             with _backend(backend, scheduler, n_jobs), _open_table(path) as handle:
                 _execute(study, scale, todo, handle, jobs, threads_per_task, progress,
-                         control)
+                         control, run)
         return len(todo)
 
 
@@ -716,25 +779,30 @@ def _open_table(path):
             from None
 
 
-def _warn_other_code(path):
+def _warn_other_code(path, threads_per_task=1):
     """Warn before appending rows of this code to a table whose rows say other code (a
-    resume after an edit or a commit): readers would mix them. Resume is by (cell,
-    replicate) only, so the warning is all that separates the two."""
+    resume after an edit or a commit) or another thread count (torch's and BLAS's sums
+    differ in their last bits between one and two threads): readers would mix them.
+    Resume is by (cell, replicate) only, so the warning is all that separates the two."""
     from clairstat import __version__
 
-    current = (__version__, code_provenance())
-    others = sorted({(row.get("clairstat_version"), row.get("code_commit"))
-                     for row in read_rows(path)} - {current}, key=str)
+    current = (__version__, code_provenance(), threads_per_task)
+    others = sorted({(row.get("clairstat_version"), row.get("code_commit"),
+                      row.get("threads_per_task")) for row in read_rows(path)} - {current},
+                    key=str)
     if others:
-        shown = "; ".join(f"{version} at {commit or 'an unrecorded commit'}"
-                          for version, commit in others)
+        shown = "; ".join(f"{version} at {commit or 'an unrecorded commit'} on "
+                          f"{threads or 'an unrecorded number of'} threads"
+                          for version, commit, threads in others)
         warnings.warn(f"{path}: appending rows of clairstat {current[0]} at "
-                      f"{current[1] or 'an unrecorded commit'} to rows written by other "
-                      f"code ({shown}); the table will mix them. Delete it (or use another "
-                      "--results-dir) to rerun it on one code.", stacklevel=3)
+                      f"{current[1] or 'an unrecorded commit'} on {threads_per_task} "
+                      f"threads to rows written otherwise ({shown}); the table will mix "
+                      "them. Delete it (or use another --results-dir) to rerun it on one "
+                      "code.", stacklevel=3)
 
 
-def _execute(study, scale, todo, handle, n_jobs, threads_per_task, progress, control=None):
+def _execute(study, scale, todo, handle, n_jobs, threads_per_task, progress, control=None,
+             run=None):
     """Run ``todo`` through joblib and append each row as soon as its replicate is done."""
     from joblib import Parallel, delayed
     from tqdm.auto import tqdm
@@ -742,8 +810,8 @@ def _execute(study, scale, todo, handle, n_jobs, threads_per_task, progress, con
     total = len(study.tasks(scale))
     by_key = {(task[0], task[1]): task for task in todo}
     runner = Parallel(n_jobs=n_jobs, return_as="generator_unordered")
-    results = runner(delayed(_run_task)(study.simulate_one, *task, threads_per_task, control)
-                     for task in todo)
+    results = runner(delayed(_run_task)(study.simulate_one, *task, threads_per_task, control,
+                                        run) for task in todo)
     with tqdm(total=total, initial=total - len(todo), desc=f"{study.name}[{scale}]",
               disable=not progress, unit="rep") as bar:
         for cell, rep, measured, elapsed, provenance in results:
@@ -751,3 +819,8 @@ def _execute(study, scale, todo, handle, n_jobs, threads_per_task, progress, con
             _append_row(handle, _make_row(study, cell, rep, params, seed, measured, elapsed,
                                           provenance, control))
             bar.update(1)
+
+
+# The code this process loaded: read now, so that an edit made before the first run of a
+# long-lived process is seen as one (_refuse_changed_code).
+code_provenance()

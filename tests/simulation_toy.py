@@ -39,3 +39,17 @@ GLOBAL_STUDY = Study(name="toy_global", description="framework test study",
                             for scale in ("smoke", "small", "full")},
                      replicates={scale: 3 for scale in ("smoke", "small", "full")},
                      simulate_one=simulate_global)
+
+
+def simulate_threads(params, seed):
+    """Report the torch threads the replicate ran on (a value that differs between one
+    and two threads, as torch's sums do in their last bits)."""
+    import torch
+
+    return {"value": float(torch.get_num_threads()) + params["mu"]}
+
+
+THREADS_STUDY = Study(name="toy_threads", description="framework test study",
+                      grids={scale: grid(mu=[0.0, 1.0]) for scale in ("smoke", "small", "full")},
+                      replicates={scale: 1 for scale in ("smoke", "small", "full")},
+                      simulate_one=simulate_threads)

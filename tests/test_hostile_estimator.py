@@ -779,7 +779,10 @@ def test_a_precise_client_is_tested_at_the_level(monkeypatch):
     carries the error of the subspace the others estimate. Without that term (the
     negative control below) the training client's p < 0.05 in 0.28 of 300 fits and new
     ones' in 0.14; with it 0.05 and 0.02 (benchmarks/RESULTS.md). Bound 0.12 over 80
-    seeds: about 3.5 binomial standard deviations from both sides."""
+    seeds: about 3.5 binomial standard deviations from both sides. Since the mean's
+    share is weighted as the mean is (2026-12-07) the control's training client is at
+    0.11 and its new clients at 0.19 (the method's 0.01 and 0.04, these 80 seeds): the
+    control fails the bound the method passes on the larger of its rates."""
     import clairstat._inference as inference
 
     seeds = range(80)
@@ -788,7 +791,7 @@ def test_a_precise_client_is_tested_at_the_level(monkeypatch):
     q = 2
     monkeypatch.setattr(inference, "_tilt_cov", lambda *args: np.zeros((q, q)))
     without = _precise_client_rates(seeds)
-    assert without[0] > 0.12, without
+    assert max(without) > 0.12, without
 
 
 def _shifted_sites(shift):
@@ -1459,3 +1462,52 @@ def test_a_shape_error_quotes_the_users_p_and_q(subspace):
     with pytest.raises(ValueError, match=r"have \(p, q\) = \(4, 2\), but the estimator was "
                                          r"fitted on \(p, q\) = \(5, 2\)"):
         est.predict(rng.standard_normal((3, 4, 2)))
+
+
+def _unequal_sites(seed, shift):
+    """Eight OLS sites of 30 samples and eight of 3 000 (one output, an intercept and
+    three slopes); the last large site's first slope moved by ``shift`` of its own
+    standard errors."""
+    rng = np.random.default_rng(seed)
+    theta = rng.standard_normal((4, 1))
+    designs, responses = [], []
+    for k, n in enumerate([30] * 8 + [3000] * 8):
+        x = np.c_[np.ones(n), rng.standard_normal((n, 3))]
+        truth = theta.copy()
+        if k == 15:
+            truth[1, 0] += shift / np.sqrt(n)
+        designs.append(x)
+        responses.append(x @ truth + rng.standard_normal((n, 1)))
+    return local_ols(designs, responses)
+
+
+def test_the_mean_s_share_weighs_the_sites_that_carry_the_mean(monkeypatch):
+    """With clients weighted by their samples the large sites carry the mean, whose
+    variance the null took with the members' plain average covariance: 59 times too
+    large here, so a large site 10 of its standard errors off kept p = 0.07 (an exact
+    test: 3e-20) and was +1 as a new client, and benign large sites had p < 0.05 in
+    none of 40 fits (median p 0.82; a review). The mean's share now averages the
+    factors with the weights' squares; the plain average is the negative control."""
+    import clairstat._inference as inference
+
+    def fit(ols):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return CLAIREstimator(rank=0, random_state=0).fit(ols)
+
+    shifted = _unequal_sites(1, 10.0)
+    est = fit(shifted)
+    assert est.contaminated_[15] and est.p_values_[15] < 0.01, est.p_values_[15]
+    assert est.predict(shifted[15:]) == [-1]
+    # benign large sites: their p-values spread over (0, 1), not piled near 1; the
+    # median of 140 null p-values is within 0.15 of 0.5 (3.5 of its standard errors)
+    benign = [fit(_unequal_sites(seed, 0.0)).p_values_[8:15] for seed in range(20)]
+    assert abs(np.median(benign) - 0.5) < 0.15, np.median(benign)
+
+    plain = inference._members_average
+    monkeypatch.setattr(inference, "_members_average",
+                        lambda cov, weights: plain(cov, np.ones(len(weights))))
+    control = fit(shifted)
+    assert not control.contaminated_[15] and control.p_values_[15] > 0.05
+    benign = [fit(_unequal_sites(seed, 0.0)).p_values_[8:15] for seed in range(20)]
+    assert abs(np.median(benign) - 0.5) >= 0.15, np.median(benign)

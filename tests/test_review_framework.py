@@ -192,3 +192,75 @@ def test_rows_name_the_blas_kernels_and_verify_shows_them(tmp_path, capsys):
     assert status == 1
     assert ("BLAS kernels of the differing rows: openblas 0.0 SomeOtherCPU; of this "
             f"rerun: {blas_kernels()}") in out
+
+
+# --- a second review (2026-12-07): code, threads and studies that could not say what ran
+
+
+@pytest.mark.parametrize("replicates, match", [
+    ({"smoke": 0}, "positive integer"), ({"smoke": -3}, "positive integer"),
+    ({"smoke": 2.7}, "positive integer"), ({"smoke": None}, "positive integer"),
+    ({"smoke": True}, "positive integer")])
+def test_a_study_refuses_a_replicate_count_that_is_not_a_positive_integer(replicates, match):
+    """-3 and 0 ran nothing without a word, 2.7 ran 2, None raised from int()."""
+    with pytest.raises(ValueError, match=match):
+        Study("bad", "", {"smoke": grid(mu=1.0)}, replicates, simulation_toy.simulate_one)
+
+
+@pytest.mark.parametrize("cells, match", [
+    ([], "non-empty list"), (grid(mu=[]), "non-empty list"), ({"mu": 1.0}, "non-empty list"),
+    ([{"mu": [1, 2]}], "JSON scalars"), ([{"mu": {"b": 1}}], "JSON scalars"),
+    ([("mu", 1.0)], "not a dict")])
+def test_a_study_refuses_an_empty_grid_or_a_cell_that_is_not_scalars(cells, match):
+    """An empty axis was a silent no-op run; list- and dict-valued cells were accepted
+    and failed only inside ``simulate_one``."""
+    with pytest.raises(ValueError, match=match):
+        Study("bad", "", {"smoke": cells}, {"smoke": 2}, simulation_toy.simulate_one)
+    Study("good", "", {"smoke": grid(mu=[0.5], name="a", flag=True, none=None, n=3)},
+          {"smoke": 2}, simulation_toy.simulate_one)  # every JSON scalar is a cell value
+
+
+def test_rows_record_their_threads_and_verify_reruns_on_them(tmp_path):
+    """``--threads-per-task`` changed torch's results but was not in the row: a resume
+    on another count mixed two arithmetics silently, and ``--verify`` reran every row
+    on one thread, reporting a method change that was the thread count's."""
+    study = simulation_toy.THREADS_STUDY
+    run_study(study, "smoke", results_dir=tmp_path, progress=False, threads_per_task=2)
+    rows = read_rows(results_path(study.name, "smoke", tmp_path))
+    assert [row["threads_per_task"] for row in rows] == [2, 2]
+    assert [row["value"] for row in rows] == [2.0, 3.0]
+    checked, mismatches = verify_table(study, "smoke", results_dir=tmp_path)
+    assert checked == 2 and mismatches == []
+    # the table resumed on one thread would mix them: said before anything is appended
+    bigger = Study(study.name, "", {"smoke": grid(mu=[0.0, 1.0, 2.0])}, {"smoke": 1},
+                   simulation_toy.simulate_threads)
+    with pytest.warns(UserWarning, match="on 1 threads to rows written otherwise"):
+        run_study(bigger, "smoke", results_dir=tmp_path, progress=False)
+
+
+def test_a_run_is_refused_when_the_code_changed_since_its_process_loaded_it(tmp_path,
+                                                                           monkeypatch):
+    """A study edited and reloaded in one session: with ``n_jobs=1`` its new rows said
+    the old code (the commit was cached per process), with ``n_jobs=2`` joblib's reused
+    workers ran the old function, and nothing in the table told them apart."""
+    from simulations import _framework
+    from simulations._framework import RunError
+
+    loaded = _framework.code_provenance()
+    state = _framework._git_state
+
+    def edited(root, folders):
+        commit, _, _ = state(root, folders)
+        return commit, ["simulations"], "0123456789ab"
+
+    monkeypatch.setattr(_framework, "_git_state", edited)
+    assert _framework.code_provenance() == loaded  # what this process loaded
+    with pytest.raises(RunError, match="the code changed on disk since this process"):
+        run_study(simulation_toy.STUDY, "smoke", results_dir=tmp_path, progress=False)
+    assert not results_path("toy", "smoke", tmp_path).exists() or \
+        read_rows(results_path("toy", "smoke", tmp_path)) == []
+    with pytest.raises(RunError, match="Restart the Python process"):
+        verify_table(simulation_toy.STUDY, "smoke", results_dir=tmp_path)
+    monkeypatch.setattr(_framework, "_git_state", state)  # the edit undone
+    assert run_study(simulation_toy.STUDY, "smoke", results_dir=tmp_path,
+                     progress=False) == 12
