@@ -26,9 +26,9 @@ from ._null import MAD_EFFICIENCY, MIN_OTHERS, NoiseCovariance, PredictiveNull
 from ._ols import LocalOLS
 from ._threads import thread_limits
 from ._tuning import estimate_noise_scale, factored_noise_scale, floor_noise_scale
-from ._validation import (as_real_array, check_device, check_local_estimates,
+from ._validation import (aligned_frames, as_real_array, check_device, check_local_estimates,
                           check_noise_cov, check_noise_scale, check_sample_weight,
-                          data_scale, VANISHING_WEIGHT)
+                          data_scale, refuse_mapping, VANISHING_WEIGHT)
 from .solvers import Solver, resolve_solver
 from .solvers._base import _rescaled
 
@@ -417,6 +417,19 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
                                  "backbone=False and subspace='column'.")
             self.estimate_shape_, self._input_2d = X.shape[1:], False
             return X
+        refuse_mapping(X)
+        if hasattr(X, "index") and getattr(X, "ndim", 0) == 1 and \
+                getattr(X, "dtype", None) == object:
+            X = list(X)  # a pandas Series of per-client tables
+        if isinstance(X, (list, tuple)):
+            # labelled per-client tables: read by their labels, new clients' in the
+            # fitted clients' order (aligned_frames)
+            X, labels = aligned_frames(list(X), None if reset else
+                                       getattr(self, "_frame_labels", None))
+            if reset:
+                self._frame_labels = labels
+        elif reset:
+            self._frame_labels = None
         X = as_real_array(X, "local_estimates")
         if isinstance(X, np.ndarray) and X.dtype == object and X.ndim == 1:
             X = list(X)  # an object array of per-client blocks: read (and checked) as a list
@@ -839,7 +852,8 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
         1e-13), are the training clients, while an estimate changed by 1e-6 of itself
         is a new client. Out of sample, a new client (any other row) is tested on its
         own against the fitted collaborative
-        mean and subspace (its p-value, not adjusted), its noise taken as the members'
+        mean and subspace (its p-value, not adjusted, floored at
+        ``np.finfo(float).tiny`` as above), its noise taken as the members'
         (their average covariance with ``noise_cov``, the fitted scale otherwise), unless
         its own ``noise_cov`` is given: a collaborative new client with noise like
         theirs (or with its own covariance given) scores below ``log(test_level)`` with
@@ -885,6 +899,10 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
                                        transpose=self._orientation() == "row")
             log_p = self._collaborative.new_client.log_p_known(
                 frame.to(blocks), _frame_cov(frame, row, col, self._scale))
+        # a tail probability below the smallest float scores -708.4 as a training
+        # client's does, not -inf (scipy's logsf underflows for a client far off; a
+        # review: roc_auc_score refused the -inf of held-out attackers)
+        log_p = np.maximum(log_p, np.log(np.finfo(float).tiny))
         training = self._collaborative.training_scores()
         for i, block in enumerate(blocks):
             sent = self._training_clients(block, i)

@@ -79,6 +79,7 @@ class LocalOLS:
         if self.cov_type not in _COV_TYPES:
             raise ValueError(f"cov_type must be one of {sorted(_COV_TYPES)}, got "
                              f"{self.cov_type!r}.")
+        self._check_shapes()
         names = self.client_names
         if names is None:
             return
@@ -92,6 +93,45 @@ class LocalOLS:
             raise ValueError("client_names must tell the clients apart; "
                              f"{sorted({n for n in names if names.count(n) > 1})} repeat.")
         object.__setattr__(self, "client_names", names)
+
+    def _check_shapes(self):
+        """Every field's shape against ``estimates``' (n_clients, p, q), as arrays (a
+        review: a list of estimates fitted but could not be indexed, shared (p, p) and
+        (q, q) covariances failed inside the fit with numpy's AxisError, and feature
+        names of the wrong length reached the summary). Shared covariances, as
+        ``fit(noise_cov=...)`` takes them, are given to every client; ``noise_cov=None``
+        is kept (a fit then says to pass the estimates alone)."""
+        estimates = np.asarray(self.estimates)
+        if estimates.ndim != 3:
+            raise ValueError("a LocalOLS's estimates have shape (n_clients, p, q), got "
+                             f"{estimates.shape}.")
+        n_clients, p, q = estimates.shape
+        object.__setattr__(self, "estimates", estimates)
+        for name in ("n_samples", "residual_df"):
+            values = np.asarray(getattr(self, name))
+            if values.shape != (n_clients,):
+                raise ValueError(f"a LocalOLS's {name} has shape (n_clients,) = "
+                                 f"({n_clients},), got {values.shape}.")
+            object.__setattr__(self, name, values)
+        if self.noise_cov is not None:
+            if not isinstance(self.noise_cov, (tuple, list)) or len(self.noise_cov) != 2:
+                raise ValueError("a LocalOLS's noise_cov is a pair (row_cov, col_cov).")
+            pair = []
+            for label, cov, size in (("row_cov", self.noise_cov[0], p),
+                                     ("col_cov", self.noise_cov[1], q)):
+                cov = np.asarray(cov)
+                if cov.shape == (size, size):  # shared by every client
+                    cov = np.broadcast_to(cov, (n_clients, size, size)).copy()
+                if cov.shape != (n_clients, size, size):
+                    raise ValueError(f"a LocalOLS's {label} has shape ({size}, {size}) or "
+                                     f"({n_clients}, {size}, {size}), got {cov.shape}.")
+                pair.append(cov)
+            object.__setattr__(self, "noise_cov", tuple(pair))
+        for label, names, size in (("feature_names", self.feature_names, p),
+                                   ("output_names", self.output_names, q)):
+            if names is not None and len(names) and len(names) != size:
+                raise ValueError(f"a LocalOLS's {label} has {len(names)} names for "
+                                 f"{size} {'coefficients' if label[0] == 'f' else 'outputs'}.")
 
     @property
     def shape(self):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numbers
+from collections.abc import Mapping
 import warnings
 
 import numpy as np
@@ -33,10 +34,54 @@ def _refuse_masked(values, name):
                      f"(masked entries){where}: drop or impute them first.")
 
 
+def refuse_mapping(local_estimates):
+    """A TypeError for per-client estimates given as a mapping (sklearn's check_array
+    said "float() argument must be ... not 'dict'", a review)."""
+    if isinstance(local_estimates, Mapping):
+        raise TypeError("local_estimates is a mapping: pass its values, "
+                        "list(estimates.values()) (local_ols takes per-client mappings "
+                        "and keeps their keys as client names).")
+
+
+def _is_frame(block):
+    return hasattr(block, "index") and hasattr(block, "columns") and hasattr(block, "loc")
+
+
+def aligned_frames(blocks, labels=None):
+    """Per-client data frames (statsmodels' ``params`` of a multi-output fit) read by
+    their labels: ``(arrays, labels)``, each frame realigned to ``labels`` (``(row
+    labels, column labels)``; default the first frame's), a client whose labels are
+    other ones refused (a review: a site whose design had its columns in another order
+    was read by position and flagged at p = 0; a swap of two similar coefficients would
+    have put it in the mean). Blocks that are not frames come back as they are, with
+    ``labels`` ``None``."""
+    if not any(map(_is_frame, blocks)):
+        return blocks, None
+    if not all(map(_is_frame, blocks)):
+        bad = next(k for k, block in enumerate(blocks) if not _is_frame(block))
+        raise ValueError(f"client {bad}'s estimate is not a data frame while others are: "
+                         "give every client's coefficients labelled (data frames) or none.")
+    if labels is None:
+        labels = (list(blocks[0].index), list(blocks[0].columns))
+    index, columns = labels
+    out = []
+    for k, frame in enumerate(blocks):
+        if frame.index.has_duplicates or frame.columns.has_duplicates:
+            raise ValueError(f"client {k}'s estimate repeats a row or column label.")
+        if set(frame.index) != set(index) or set(frame.columns) != set(columns):
+            raise ValueError(f"client {k}'s estimate is labelled {list(frame.index)} x "
+                             f"{list(frame.columns)}, the fitted clients' {index} x "
+                             f"{columns}: every client must estimate the same coefficients "
+                             "of the same outputs.")
+        out.append(frame.loc[index, columns].to_numpy())
+    return out, (list(index), list(columns))
+
+
 def _as_blocks(local_estimates, dtype):
     if isinstance(local_estimates, (list, tuple)):
         if len(local_estimates) == 0:
             raise ValueError("local_estimates is empty: no clients were given.")
+        local_estimates = aligned_frames(list(local_estimates))[0]
         shapes = [np.shape(block) for block in local_estimates]
         if any(len(s) != 2 for s in shapes):
             bad = next(k for k, s in enumerate(shapes) if len(s) != 2)
@@ -78,6 +123,10 @@ def check_local_estimates(local_estimates, *, dtype=np.float64, min_clients=2):
     blocks : ndarray of shape (n_clients, p, q)
     was_2d : bool
     """
+    refuse_mapping(local_estimates)
+    if hasattr(local_estimates, "index") and getattr(local_estimates, "ndim", 0) == 1 \
+            and getattr(local_estimates, "dtype", None) == object:
+        local_estimates = list(local_estimates)  # a pandas Series of per-client tables
     if _is_tensor(local_estimates) or (isinstance(local_estimates, (list, tuple))
                                        and any(map(_is_tensor, local_estimates))):
         local_estimates = as_real_array(local_estimates, "local_estimates")

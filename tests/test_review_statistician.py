@@ -1,6 +1,8 @@
 """A statistician's review on real data (statsmodels' and scikit-learn's datasets):
 each test is a defect the review demonstrated, failing before its fix."""
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -240,3 +242,82 @@ def test_local_ols_follows_the_units_or_says_they_leave_float64s_range(
                                rtol=1e-12, atol=0)
     np.testing.assert_allclose(ols.noise_cov[1] / response_unit ** 2, base.noise_cov[1],
                                rtol=1e-12, atol=0)
+
+
+def test_a_hand_built_local_ols_is_checked_when_it_is_made():
+    """A review: shared (p, p) and (q, q) covariances (which ``fit(noise_cov=...)``
+    takes) failed inside the fit with numpy's AxisError, feature names of the wrong
+    length reached the summary, and estimates given as a list fitted but could not be
+    indexed."""
+    from clairstat import CLAIREstimator, LocalOLS
+
+    ols = _grunfeld_ols(1.0)
+    k, p, q = ols.estimates.shape
+    shared = LocalOLS(list(ols.estimates), (ols.noise_cov[0][0], ols.noise_cov[1][0]),
+                      ols.n_samples, ols.residual_df)
+    assert shared.noise_cov[0].shape == (k, p, p) and shared.noise_cov[1].shape == (k, q, q)
+    assert len(shared[[0, 1]]) == 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        CLAIREstimator(rank=0, random_state=0).fit(shared)
+    with pytest.raises(ValueError, match=r"feature_names has 1 names for \d+ coefficients"):
+        LocalOLS(ols.estimates, ols.noise_cov, ols.n_samples, ols.residual_df, ["a"])
+    with pytest.raises(ValueError, match=r"row_cov has shape"):
+        LocalOLS(ols.estimates, (ols.noise_cov[0][:, :1], ols.noise_cov[1]), ols.n_samples,
+                 ols.residual_df)
+    with pytest.raises(ValueError, match=r"n_samples has shape"):
+        LocalOLS(ols.estimates, ols.noise_cov, ols.n_samples[:2], ols.residual_df)
+    with pytest.raises(ValueError, match=r"estimates have shape \(n_clients, p, q\)"):
+        LocalOLS(ols.estimates[0], ols.noise_cov, ols.n_samples, ols.residual_df)
+
+
+def test_a_new_client_far_off_scores_the_floor_not_minus_infinity():
+    """A review: a training client's log p-value is floored at log(tiny) = -708.4, a new
+    client's was -inf where the null is a chi-square (scipy's logsf underflows; a known
+    noise scale, or a covariance whose calibration kept the factor), and
+    ``roc_auc_score`` of held-out clients refused it."""
+    from sklearn.metrics import roc_auc_score
+
+    from clairstat import CLAIREstimator
+
+    rng = np.random.default_rng(0)
+    estimates = rng.standard_normal((12, 5, 2))
+    est = CLAIREstimator(rank=0, noise_scale=1.0, random_state=0).fit(estimates)
+    far = estimates[:2] + 1e4
+    scores = est.score_samples(far)
+    assert np.all(scores == np.log(np.finfo(float).tiny)), scores
+    new = np.concatenate([far, estimates[:2] + 1e-3])
+    assert roc_auc_score([0, 0, 1, 1], est.decision_function(new)) == 1.0
+
+
+def test_labelled_per_client_tables_are_read_by_their_labels():
+    """A review: ``fit([res.params for res in fits])`` with statsmodels' multi-output
+    fits read each (p, q) table by position; a site whose design had its columns in
+    another order was flagged at p = 0 and was -1 as a new client. A mapping and a
+    pandas Series of tables gave numpy's or scikit-learn's messages."""
+    pd = pytest.importorskip("pandas")
+    from clairstat import CLAIREstimator
+
+    rng = np.random.default_rng(0)
+    names, outputs = ["const", "age", "educ", "income"], ["y1", "y2"]
+    truth = rng.standard_normal((4, 2))
+    tables = [pd.DataFrame(truth + 0.05 * rng.standard_normal((4, 2)), index=names,
+                           columns=outputs) for _ in range(12)]
+    tables[5] = tables[5].loc[names[::-1], outputs[::-1]]  # another order, same numbers
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        est = CLAIREstimator(rank=0, random_state=0).fit(tables)
+        aligned = CLAIREstimator(rank=0, random_state=0).fit(
+            [table.loc[names, outputs].to_numpy() for table in tables])
+    np.testing.assert_array_equal(est.p_values_, aligned.p_values_)
+    assert est.predict([tables[5]]) == aligned.predict([tables[5].loc[names, outputs]])
+    with pytest.raises(ValueError, match="client 1's estimate is labelled"):
+        est.predict([tables[0], tables[1].rename(index={"age": "AGE"})])
+    with pytest.raises(ValueError, match="client 2's estimate is not a data frame"):
+        est.fit([tables[0], tables[1], tables[2].to_numpy()] + tables[3:])
+    with pytest.raises(TypeError, match="local_estimates is a mapping"):
+        est.fit(dict(enumerate(tables)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        series = CLAIREstimator(rank=0, random_state=0).fit(pd.Series(tables))
+    np.testing.assert_array_equal(series.p_values_, aligned.p_values_)

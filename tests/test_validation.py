@@ -108,8 +108,9 @@ def test_a_check_must_declare_a_margin_that_can_fail():
 # --- check plumbing -----------------------------------------------------------------------
 
 def _passing(df):
-    return dict(statistic="mean", expected=0.0, observed=df["value"].mean(),
-                interval=(-0.5, 0.5))
+    """A check that passes whatever the table (its observed value inside its interval,
+    as run_check requires)."""
+    return dict(statistic="a constant", expected=0.0, observed=0.0, interval=(-0.5, 0.5))
 
 
 def _check(name, function, **options):
@@ -122,14 +123,62 @@ def test_run_check_gives_the_rule_s_verdict_and_reports_errors_instead_of_raisin
     assert ok["verdict"] == "pass" and ok["observed"] == pytest.approx(0.0)
     assert ok["kind"] == "theory" and ok["margin"] == [-1.0, 1.0]
     # A verdict returned by the function is ignored: only the margin decides.
-    claims = run_check(_check("c", lambda df: {**_passing(df), "interval": (2, 3),
-                                               "verdict": "pass"}), frame)
+    claims = run_check(_check("c", lambda df: {**_passing(df), "observed": 2.5,
+                                               "interval": (2, 3), "verdict": "pass"}),
+                       frame)
     assert claims["verdict"] == "fail"
     assert run_check(_check("e", _passing), pd.DataFrame())["verdict"] == "error"
     broken = run_check(_check("b", lambda df: 1 / 0), frame)
     assert broken["verdict"] == "error" and "ZeroDivisionError" in broken["detail"]
     partial = run_check(_check("m", lambda df: {"observed": 1.0}), frame)
     assert partial["verdict"] == "error"
+
+
+@pytest.mark.parametrize("observed, interval, why", [
+    (0.0, (None, None), "float"), (0.0, (0.9,), "not two numbers"),
+    (1.0, (1.0, 0.95), "not an interval"), (5.0, (0.95, 1.0), "outside its interval"),
+    (float("nan"), (0.95, 1.0), "observed value is nan")])
+def test_a_malformed_interval_is_the_check_s_error_not_a_verdict(observed, interval, why):
+    """A review: an interval of (None, None) or of one number raised out of run_check
+    (no report was written), and an inverted interval, an observed value outside its
+    own interval and a NaN observed value beside a finite interval passed."""
+    frame = pd.DataFrame({"value": [0.1, -0.1]})
+    check = Check("m", "toy", "claim",
+                  lambda df: dict(statistic="s", expected=1.0, observed=observed,
+                                  interval=interval), margin=(0.9, 1.1))
+    out = run_check(check, frame)
+    assert out["verdict"] == "error" and why in out["detail"], out
+    # a Wilson interval's upper end is 1 - 1e-16 beside a rate of 1: on it, not outside
+    rate, ends = wilson(20, 20)
+    edge = Check("w", "toy", "claim", lambda df: dict(statistic="s", expected=1.0,
+                                                      observed=rate, interval=ends),
+                 margin=(0.5, INF))
+    assert run_check(edge, frame)["verdict"] == "pass"
+
+
+@pytest.mark.parametrize("successes, n", [(21, 20), (-1, 20), (2.9, 10), (3, 10.5)])
+def test_wilson_refuses_counts_that_are_not_counts(successes, n):
+    """A review: 21 of 20 and -1 of 20 gave a NaN interval (an inconclusive verdict),
+    2.9 of 10 counted 2."""
+    with pytest.raises(ValueError):
+        wilson(successes, n)
+
+
+@pytest.mark.parametrize("path, verdict", [({10: 20, 20: 20, 40: 0, 80: 0, 160: 0}, "fail"),
+                                           ({10: 0, 20: 0, 40: 20, 80: 20, 160: 20}, "pass"),
+                                           ({10: 20, 20: 20, 40: 20, 80: 20, 160: 20},
+                                            "inconclusive")])
+def test_the_consistency_trend_decides_on_separated_paths(path, verdict):
+    """A review: exact recovery collapsing from K = 20 to 40 (a broken method at its
+    clearest) and rising as the theory says were both inconclusive, the logistic slope
+    having no finite fit on separated data; the check now falls back on the rate at the
+    largest K minus at the smallest. A constant path stays undecided."""
+    from validation.checks.detection import CHECKS
+
+    check = next(c for c in CHECKS if c.name == "detection_consistency_trend")
+    frame = pd.DataFrame([{"n_clients": k, "exact": int(r < hits)}
+                          for k, hits in path.items() for r in range(20)])
+    assert run_check(check, frame)["verdict"] == verdict
 
 
 def test_a_known_failure_tag_on_a_check_that_does_not_fail_is_flagged_stale():
@@ -179,7 +228,8 @@ def test_cli_exits_non_zero_when_a_check_fails(tmp_path, monkeypatch, capsys, ki
     """At small scale any unexplained failure blocks; at smoke (a wiring test whose
     sizes decide no theory: a review found every clean smoke run exiting 1) only an
     identity check's (or an error)."""
-    failing = _check("toy_mean", lambda df: {**_passing(df), "interval": (5.0, 6.0)},
+    failing = _check("toy_mean", lambda df: {**_passing(df), "observed": 5.5,
+                                                "interval": (5.0, 6.0)},
                      kind=kind)
     monkeypatch.setattr(validation_cli, "all_checks", lambda: [failing])
     monkeypatch.setattr(validation_cli, "get_study", lambda name: simulation_toy.STUDY)

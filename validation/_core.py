@@ -223,9 +223,14 @@ def wilson(successes, n):
     """
     from statsmodels.stats.proportion import proportion_confint
 
+    if not (float(successes).is_integer() and float(n).is_integer()):
+        raise ValueError(f"a rate counts whole successes and trials, got {successes} of "
+                         f"{n}.")
     successes, n = int(successes), int(n)
     if n <= 0:
         raise ValueError("a rate needs at least one trial.")
+    if not 0 <= successes <= n:
+        raise ValueError(f"{successes} successes in {n} trials is not a count.")
     lo, hi = proportion_confint(successes, n, alpha=0.05, method="wilson")
     return successes / n, (float(lo), float(hi))
 
@@ -328,6 +333,32 @@ def _as_float(value):
     return None if value is None else float(value)
 
 
+def _checked_numbers(observed, interval):
+    """``observed`` and ``interval`` as floats, refused (ValueError) where no verdict
+    may be read off them: an interval that is not two numbers, one whose ends are
+    inverted, or an observed value outside it or NaN beside a finite interval (a review:
+    each of these passed). The ends may be infinite (a one-sided or unbounded
+    interval); an observed value on an end up to round-off (a Wilson interval's upper
+    end of 0.9999999999999999 beside a rate of 1) is on it."""
+    if isinstance(interval, (str, bytes)) or len(interval) != 2:
+        raise ValueError(f"the interval {interval!r} is not two numbers")
+    lo, hi = (float(value) for value in interval)
+    if math.isnan(lo) != math.isnan(hi) or lo > hi:
+        raise ValueError(f"the interval [{lo}, {hi}] is not an interval")
+    value = _as_float(observed)
+    bounded = math.isfinite(lo) or math.isfinite(hi)
+    if value is None or math.isnan(value):
+        if bounded:
+            raise ValueError(f"the observed value is {value} beside the interval "
+                             f"[{lo}, {hi}]")
+    elif not math.isnan(lo):
+        slack = 1e-9 * max(1.0, abs(value))
+        if not lo - slack <= value <= hi + slack:
+            raise ValueError(f"the observed value {value} lies outside its interval "
+                             f"[{lo}, {hi}]")
+    return {"observed": value, "interval": [lo, hi]}
+
+
 def run_check(check, df):
     """Apply ``check`` to its table and return one report row (a dict).
 
@@ -350,10 +381,13 @@ def run_check(check, df):
     if missing:
         return {**row, "verdict": "error", "detail": f"malformed result, missing {missing}"}
     result.pop("verdict", None)
-    lo, hi = result["interval"]
-    result.update(observed=_as_float(result["observed"]), interval=[_as_float(lo),
-                  _as_float(hi)])
-    verdict = decide(result["interval"], check.margin, check.kind)
+    try:  # a malformed interval is the check's error, not the run's (a review)
+        result.update(_checked_numbers(result["observed"], result["interval"]))
+        verdict = decide(result["interval"], check.margin, check.kind)
+    except (TypeError, ValueError) as error:
+        return {**row, **{key: value for key, value in result.items()
+                          if key not in ("observed", "interval")},
+                "verdict": "error", "detail": f"malformed result: {error}"}
     out = {**row, **result, "verdict": verdict}
     if check.known_failure and verdict != "fail":
         # The documented failure is not seen: contradicted (pass) or undecided here.
