@@ -406,8 +406,10 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
         super().__setstate__(state)
 
     # -- input -------------------------------------------------------------------
-    def _read(self, X, *, reset):
-        """Blocks (n_clients, p, q) in the working orientation, and whether X was 2-D."""
+    def _read(self, X, *, reset, noise_cov=None):
+        """Blocks (n_clients, p, q) in the working orientation, and whether X was 2-D.
+        ``noise_cov``: the covariance given beside ``X`` (labelled estimates that need
+        reordering are refused with it)."""
         if isinstance(X, FactoredBlocks):
             if not reset:
                 raise TypeError("score_samples, predict and transform take dense estimates "
@@ -418,18 +420,22 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
             self.estimate_shape_, self._input_2d = X.shape[1:], False
             return X
         refuse_mapping(X)
-        if hasattr(X, "index") and getattr(X, "ndim", 0) == 1 and \
-                getattr(X, "dtype", None) == object:
-            X = list(X)  # a pandas Series of per-client tables
+        if getattr(X, "ndim", 0) == 1 and getattr(X, "dtype", None) == object:
+            X = list(X)  # a pandas Series or an object array of per-client tables
+        labels = None
         if isinstance(X, (list, tuple)):
             # labelled per-client tables: read by their labels, new clients' in the
             # fitted clients' order (aligned_frames)
-            X, labels = aligned_frames(list(X), None if reset else
-                                       getattr(self, "_frame_labels", None))
-            if reset:
-                self._frame_labels = labels
-        elif reset:
-            self._frame_labels = None
+            X, labels, moved = aligned_frames(list(X), None if reset else
+                                              getattr(self, "_frame_labels", None))
+            if moved and noise_cov is not None:
+                raise ValueError(
+                    "the clients' labelled estimates are not all in one order, and "
+                    "noise_cov, read by position, would not follow them: give every "
+                    "client's table (and its covariance) in one order, or use "
+                    "clairstat.local_ols, whose LocalOLS realigns both by name.")
+        if reset:
+            self._frame_labels = labels
         X = as_real_array(X, "local_estimates")
         if isinstance(X, np.ndarray) and X.dtype == object and X.ndim == 1:
             X = list(X)  # an object array of per-client blocks: read (and checked) as a list
@@ -551,7 +557,7 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
         # as it was: a fitted one keeps its fit, whole, not a new shape with old results.
         before = dict(self.__dict__)
         try:
-            blocks = self._read(X, reset=True)
+            blocks = self._read(X, reset=True, noise_cov=noise_cov)
             caches = stack_caches(blocks) if isinstance(blocks, FactoredBlocks) \
                 else contextlib.nullcontext()
             with thread_limits(self.n_jobs, getattr(blocks, "coef", blocks).shape), caches:
@@ -884,7 +890,7 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
         check_is_fitted(self)
         X, _, noise_cov = _unpack_ols(self._aligned_ols(X), noise_cov, None,
                                       "score_samples", self.noise_scale)
-        blocks = self._read(X, reset=False) / self._scale
+        blocks = self._read(X, reset=False, noise_cov=noise_cov) / self._scale
         frame = self._frame
         if noise_cov is None:
             log_p = self._collaborative.new_client_log_p(
@@ -1006,7 +1012,7 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
         check_is_fitted(self)
         X, _, noise_cov = _unpack_ols(self._aligned_ols(X), noise_cov, None, "transform",
                                       self.noise_scale)
-        blocks = self._read(X, reset=False)
+        blocks = self._read(X, reset=False, noise_cov=noise_cov)
         flagged = self.predict(X, noise_cov) == -1
         return self._output(self._refine(blocks, flagged))
 

@@ -145,7 +145,8 @@ def _tilt_cov(basis, coords, deviation, col_bar, row_bar):
     subspace), which moves a client's off-subspace residual by
     ``-(I - P) sum_j E_j G_j`` with ``G_j = Y_j^T Lambda^-1 w`` and ``w = U^T deviation``
     the client's own coordinates. With every member's noise ``Cbar (x) Rbar`` (the
-    members' average, as for the mean's share) that term has covariance
+    members' plain average; the mean's share weighs them by ``a_j^2``) that term has
+    covariance
     ``(sum_j G_j^T Cbar G_j) (x) Rbar``: this returns its output factor (q, q). It is
     O(1/m) of the noise for a client like the members, and dominates the residual of a
     client far more precise than them (a large site among small ones), whose own noise
@@ -324,7 +325,10 @@ def _known_tests(blocks, weights, members, mean, basis, fits, cov):
     ``(sum_j a_j^2) Ctilde (x) Rtilde`` with the factors averaged with weights
     ``a_j^2`` (:func:`_members_average`), so that each client costs a few Kronecker
     terms, not one per member (K clients, not K^2, per round). The average is exact
-    when the ``C_j`` are proportional (or the ``R_j``); taken with equal weights it
+    when the ``C_j`` (with their scales) are all equal, or the ``R_j`` are; where
+    clients with larger ``C_j`` also have larger ``R_j`` it understates the mean's
+    variance (a review: 0.50 against 0.17 in an extreme two-factor case), a term
+    O(1/m) of a client's null. Taken with equal weights it
     overstated the mean's variance 59-fold where eight sites of 3 000 samples carry the
     mean and eight of 30 do not (a review: a large site 10 of its standard errors off
     had p = 0.07, an exact test 3e-20). The subspace's tilt keeps the members' plain

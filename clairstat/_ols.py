@@ -155,11 +155,13 @@ class LocalOLS:
                              "boolean.")
         if isinstance(key, (int, np.integer)):
             key = [int(key)]
-        row_cov, col_cov = self.noise_cov
+        # a LocalOLS built by hand without a covariance is cut too (a fit then says to
+        # pass its estimates alone)
+        cov = None if self.noise_cov is None else tuple(c[key] for c in self.noise_cov)
         names = getattr(self, "client_names", None)  # absent from older pickles
         if names is not None:  # cut as the arrays are (a list, a mask, a slice)
             names = np.asarray(names, dtype=object)[key].tolist()
-        return LocalOLS(self.estimates[key], (row_cov[key], col_cov[key]),
+        return LocalOLS(self.estimates[key], cov,
                         self.n_samples[key], self.residual_df[key],
                         list(self.feature_names), list(self.output_names),
                         self.generated_names, names,

@@ -47,34 +47,54 @@ def _is_frame(block):
     return hasattr(block, "index") and hasattr(block, "columns") and hasattr(block, "loc")
 
 
+def _is_series(block):
+    return (hasattr(block, "index") and hasattr(block, "loc") and not hasattr(block, "columns")
+            and getattr(block, "ndim", 0) == 1)
+
+
 def aligned_frames(blocks, labels=None):
-    """Per-client data frames (statsmodels' ``params`` of a multi-output fit) read by
-    their labels: ``(arrays, labels)``, each frame realigned to ``labels`` (``(row
-    labels, column labels)``; default the first frame's), a client whose labels are
-    other ones refused (a review: a site whose design had its columns in another order
-    was read by position and flagged at p = 0; a swap of two similar coefficients would
-    have put it in the mean). Blocks that are not frames come back as they are, with
-    ``labels`` ``None``."""
-    if not any(map(_is_frame, blocks)):
-        return blocks, None
-    if not all(map(_is_frame, blocks)):
-        bad = next(k for k, block in enumerate(blocks) if not _is_frame(block))
-        raise ValueError(f"client {bad}'s estimate is not a data frame while others are: "
-                         "give every client's coefficients labelled (data frames) or none.")
-    if labels is None:
-        labels = (list(blocks[0].index), list(blocks[0].columns))
+    """Per-client labelled estimates read by their labels: ``(arrays, labels, moved)``.
+
+    Data frames (statsmodels' ``params`` of a multi-output fit, (p, q)) are realigned
+    to ``labels`` (``(row labels, column labels)``; default the first frame's), pandas
+    Series (one output's ``params``, (p,)) to ``(row labels, None)``; a client with
+    other labels is refused (a review: a site whose design had its columns in another
+    order was read by position and flagged at p = 0; a swap of two similar
+    coefficients would have put it in the mean). ``moved`` says whether any client
+    was reordered (its covariance, if given as arrays, would then be read in another
+    order than its estimate). Blocks that are not labelled come back as they are, with
+    ``labels`` ``None``.
+    """
+    frames, series = list(map(_is_frame, blocks)), list(map(_is_series, blocks))
+    if not any(frames) and not any(series):
+        return blocks, None, False
+    kind = frames if any(frames) else series
+    if not all(kind):
+        bad = kind.index(False)
+        what = "data frame" if any(frames) else "pandas Series"
+        raise ValueError(f"client {bad}'s estimate is not a {what} while others are: give "
+                         "every client's coefficients labelled alike or none labelled.")
+    if labels is None or (labels[1] is None) != (kind is series):
+        first = blocks[0]
+        labels = (list(first.index), None if kind is series else list(first.columns))
     index, columns = labels
-    out = []
-    for k, frame in enumerate(blocks):
-        if frame.index.has_duplicates or frame.columns.has_duplicates:
+    out, moved = [], False
+    for k, table in enumerate(blocks):
+        have = (list(table.index), None if kind is series else list(table.columns))
+        if len(set(have[0])) != len(have[0]) or (
+                have[1] is not None and len(set(have[1])) != len(have[1])):
             raise ValueError(f"client {k}'s estimate repeats a row or column label.")
-        if set(frame.index) != set(index) or set(frame.columns) != set(columns):
-            raise ValueError(f"client {k}'s estimate is labelled {list(frame.index)} x "
-                             f"{list(frame.columns)}, the fitted clients' {index} x "
-                             f"{columns}: every client must estimate the same coefficients "
-                             "of the same outputs.")
-        out.append(frame.loc[index, columns].to_numpy())
-    return out, (list(index), list(columns))
+        if set(have[0]) != set(index) or (have[1] is not None
+                                          and set(have[1]) != set(columns)):
+            shown = have[0] if have[1] is None else f"{have[0]} x {have[1]}"
+            want = index if columns is None else f"{index} x {columns}"
+            raise ValueError(f"client {k}'s estimate is labelled {shown}, the fitted "
+                             f"clients' {want}: every client must estimate the same "
+                             "coefficients of the same outputs.")
+        moved = moved or have != (index, columns)
+        out.append(table.loc[index].to_numpy() if columns is None
+                   else table.loc[index, columns].to_numpy())
+    return out, (list(index), None if columns is None else list(columns)), moved
 
 
 def _as_blocks(local_estimates, dtype):

@@ -95,7 +95,8 @@ class Study:
                     raise ValueError(f"study {self.name!r}: a cell of scale {scale!r} is "
                                      f"not a dict: {cell!r}.")
                 bad = {key: value for key, value in cell.items()
-                       if not isinstance(value, (str, int, float, type(None)))}
+                       if not isinstance(value, (str, int, float, type(None), np.integer,
+                                                 np.floating, np.bool_))}
                 if bad:
                     raise ValueError(f"study {self.name!r}: cell values must be JSON "
                                      f"scalars (str, int, float, bool or None); scale "
@@ -457,24 +458,55 @@ def _refuse_changed_code(run):
     """Raise :class:`RunError` when the code on disk differs from the code this process
     loaded; checked once per ``run`` token (:func:`run_study`) in each process.
 
-    A row carries :func:`code_provenance` of the process that ran it, read once (when
-    :mod:`simulations._framework` is imported) and cached. In a long-lived process (a
-    notebook's kernel, joblib's reused loky workers, a Dask cluster's workers) an edit
-    made since then would make rows that say old code while the parent ran reloaded
-    code, or that ran old code in reused workers (a review: the same replicate gave
-    different values with ``n_jobs=1`` and 2 in one session, both labelled the old
-    code). Which of a process's modules are stale cannot be read off it, so a changed
-    state is refused: restarting the process (and its workers) runs one code again.
+    In a long-lived process (a notebook's kernel, joblib's reused loky workers, a Dask
+    cluster's workers) an edit made since the process loaded its code would make rows
+    that say one code while another ran (a review: a study edited and reloaded in one
+    session gave the same replicate different values with ``n_jobs=1`` and 2, both
+    rows labelled with the code read first). Which of a process's modules are stale
+    cannot be read off it, so a changed state is refused: restarting the process (and
+    its workers) runs one code again. Only the code's content counts
+    (:func:`_code_state`): a commit, of code or of anything else, that leaves the files
+    as they were is no change. The state is read when :mod:`simulations._framework` is
+    imported, so an edit to ``clairstat`` between its own import and this module's is
+    not seen.
     """
-    loaded = code_provenance()
-    on_disk = getattr(code_provenance, "__wrapped__", code_provenance)()
+    loaded, on_disk = _loaded_code_state(), _code_state()
     if on_disk != loaded:
-        raise RunError(f"the code changed on disk since this process (pid {os.getpid()}) "
-                       f"loaded it: {loaded or 'no commit'} then, {on_disk or 'no commit'} "
-                       "now; its rows would not say which code ran. Restart the Python "
-                       "process (a notebook's kernel, a Dask cluster's workers) and run "
-                       "again.")
+        raise RunError(f"the code in {', '.join(CODE_FOLDERS)} changed on disk since this "
+                       f"process (pid {os.getpid()}) loaded it (digest {loaded} then, "
+                       f"{on_disk} now); its rows would not say which code ran. Restart "
+                       "the Python process (a notebook's kernel, a Dask cluster's workers) "
+                       "and run again.")
     return loaded
+
+
+def _code_state(folders=CODE_FOLDERS):
+    """Digest (:func:`_code_digest`) of every Python file of ``folders`` in the working
+    tree, tracked or untracked and not git-ignored (result tables apart), or ``None``
+    outside a git checkout of this project: the content of the code, whatever its
+    commit."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        top = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=root,
+                             capture_output=True, text=True, check=True).stdout.strip()
+        if Path(top).resolve() != root:
+            return None
+        listing = subprocess.run(["git", "ls-files", "-z", "--cached", "--others",
+                                  "--exclude-standard", "--", *folders], cwd=root,
+                                 capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    paths = sorted({path for path in listing.split("\0") if path.endswith(".py")
+                    and not path.startswith("simulations/results/")})
+    return _code_digest(root, paths)
+
+
+@functools.lru_cache(maxsize=None)
+def _loaded_code_state():
+    """:func:`_code_state` when this process first asked: at the import of this module."""
+    return _code_state()
 
 
 def _git_state(root, folders):
@@ -823,4 +855,4 @@ def _execute(study, scale, todo, handle, n_jobs, threads_per_task, progress, con
 
 # The code this process loaded: read now, so that an edit made before the first run of a
 # long-lived process is seen as one (_refuse_changed_code).
-code_provenance()
+_loaded_code_state()

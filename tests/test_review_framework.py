@@ -13,6 +13,7 @@ import sys
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import simulations
@@ -216,8 +217,10 @@ def test_a_study_refuses_an_empty_grid_or_a_cell_that_is_not_scalars(cells, matc
     and failed only inside ``simulate_one``."""
     with pytest.raises(ValueError, match=match):
         Study("bad", "", {"smoke": cells}, {"smoke": 2}, simulation_toy.simulate_one)
-    Study("good", "", {"smoke": grid(mu=[0.5], name="a", flag=True, none=None, n=3)},
-          {"smoke": 2}, simulation_toy.simulate_one)  # every JSON scalar is a cell value
+    # every JSON scalar is a cell value, numpy's too (the table writes them as JSON)
+    Study("good", "", {"smoke": grid(mu=[0.5], name="a", flag=True, none=None, n=3,
+                                     m=list(np.arange(2, 4)), b=np.True_)},
+          {"smoke": 2}, simulation_toy.simulate_one)
 
 
 def test_rows_record_their_threads_and_verify_reruns_on_them(tmp_path):
@@ -246,21 +249,43 @@ def test_a_run_is_refused_when_the_code_changed_since_its_process_loaded_it(tmp_
     from simulations import _framework
     from simulations._framework import RunError
 
-    loaded = _framework.code_provenance()
-    state = _framework._git_state
-
-    def edited(root, folders):
-        commit, _, _ = state(root, folders)
-        return commit, ["simulations"], "0123456789ab"
-
-    monkeypatch.setattr(_framework, "_git_state", edited)
-    assert _framework.code_provenance() == loaded  # what this process loaded
-    with pytest.raises(RunError, match="the code changed on disk since this process"):
+    loaded = _framework._loaded_code_state()
+    monkeypatch.setattr(_framework, "_code_state", lambda *args: "0123456789ab")
+    with pytest.raises(RunError, match="the code in clairstat, simulations changed on disk"):
         run_study(simulation_toy.STUDY, "smoke", results_dir=tmp_path, progress=False)
     assert not results_path("toy", "smoke", tmp_path).exists() or \
         read_rows(results_path("toy", "smoke", tmp_path)) == []
     with pytest.raises(RunError, match="Restart the Python process"):
         verify_table(simulation_toy.STUDY, "smoke", results_dir=tmp_path)
-    monkeypatch.setattr(_framework, "_git_state", state)  # the edit undone
+    monkeypatch.setattr(_framework, "_code_state", lambda *args: loaded)  # edit undone
     assert run_study(simulation_toy.STUDY, "smoke", results_dir=tmp_path,
                      progress=False) == 12
+
+
+def test_the_code_state_is_the_code_s_content_not_its_commit(tmp_path, monkeypatch):
+    """A review: comparing commit strings refused a run after a commit of a file that
+    is not code (a full validation runs its studies in one process, so a commit made
+    during it aborted the next study). The state digests the Python files of the code
+    folders, tracked or untracked, whatever the commit."""
+    import subprocess
+
+    from simulations import _framework
+
+    for path in ("clairstat/a.py", "simulations/b.py"):
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_text("LEVEL = 0.05\n")
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.org"]
+    subprocess.run(git + ["init", "-q"], cwd=tmp_path, check=True)
+    subprocess.run(git + ["add", "."], cwd=tmp_path, check=True)
+    subprocess.run(git + ["commit", "-q", "-m", "start"], cwd=tmp_path, check=True)
+    monkeypatch.setattr(_framework, "__file__", str(tmp_path / "simulations" / "_framework.py"))
+    first = _framework._code_state()
+    (tmp_path / "notes.md").write_text("a note\n")
+    subprocess.run(git + ["add", "notes.md"], cwd=tmp_path, check=True)
+    subprocess.run(git + ["commit", "-q", "-m", "a note"], cwd=tmp_path, check=True)
+    assert _framework._code_state() == first  # another commit, the same code
+    (tmp_path / "simulations/b.py").write_text("LEVEL = 0.5\n")
+    edited = _framework._code_state()
+    assert edited != first
+    (tmp_path / "clairstat/c.py").write_text("")  # untracked code counts
+    assert _framework._code_state() not in (first, edited)

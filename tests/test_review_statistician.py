@@ -195,6 +195,8 @@ def test_a_hand_built_local_ols_without_covariance_is_refused_clearly():
     bare = LocalOLS(ols.estimates, None, ols.n_samples, ols.residual_df)
     with pytest.raises(ValueError, match="noise_cov is None.*pass X.estimates"):
         CLAIREstimator().fit(bare)
+    # and it is cut into clients as any LocalOLS (it raised TypeError, a review)
+    assert len(bare[[0, 1]]) == 2 and bare[0].noise_cov is None
 
 
 def test_an_object_array_of_ragged_estimates_names_the_client():
@@ -321,3 +323,38 @@ def test_labelled_per_client_tables_are_read_by_their_labels():
         warnings.simplefilter("ignore")
         series = CLAIREstimator(rank=0, random_state=0).fit(pd.Series(tables))
     np.testing.assert_array_equal(series.p_values_, aligned.p_values_)
+
+
+def test_labelled_estimates_in_another_order_with_a_positional_covariance_are_refused():
+    """A review of the realignment: a site sending its ``params`` and ``cov_params()``
+    in its own order had its estimate realigned and its covariance read by position
+    (the null's scale factor moved 1.15 -> 1.72); single-output ``params`` (pandas
+    Series) were still read by position."""
+    pd = pytest.importorskip("pandas")
+    from clairstat import CLAIREstimator
+
+    rng = np.random.default_rng(1)
+    names = ["const", "age", "educ"]
+    truth = rng.standard_normal(3)
+    series = [pd.Series(truth + 0.05 * rng.standard_normal(3), index=names)
+              for _ in range(10)]
+    moved = list(series)
+    moved[4] = series[4].loc[names[::-1]]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        est = CLAIREstimator(rank=0, random_state=0).fit(moved)
+        plain = CLAIREstimator(rank=0, random_state=0).fit(
+            np.stack([s.loc[names].to_numpy() for s in series]))
+    np.testing.assert_array_equal(est.p_values_, plain.p_values_)
+    np.testing.assert_array_equal(est.score_samples([moved[4]]),
+                                  plain.score_samples(series[4].to_numpy()[None]))
+    covs = (np.broadcast_to(0.05 ** 2 * np.eye(3), (10, 3, 3)), np.ones((10, 1, 1)))
+    frames = [s.to_frame("y") for s in moved]
+    with pytest.raises(ValueError, match="noise_cov, read by position, would not follow"):
+        CLAIREstimator(rank=0, random_state=0).fit(frames, noise_cov=covs)
+    in_order = [s.loc[names].to_frame("y") for s in series]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fitted = CLAIREstimator(rank=0, random_state=0).fit(in_order, noise_cov=covs)
+    with pytest.raises(ValueError, match="would not follow"):
+        fitted.score_samples([frames[4]], noise_cov=(covs[0][:1], covs[1][:1]))
