@@ -37,7 +37,8 @@ def _refuse_masked(values, name):
 def refuse_mapping(local_estimates):
     """A TypeError for per-client estimates given as a mapping (sklearn's check_array
     said "float() argument must be ... not 'dict'", a review)."""
-    if isinstance(local_estimates, Mapping):
+    # scipy's DOK sparse arrays are dicts: they get the sparse input's own message
+    if isinstance(local_estimates, Mapping) and not scipy.sparse.issparse(local_estimates):
         raise TypeError("local_estimates is a mapping: pass its values, "
                         "list(estimates.values()) (local_ols takes per-client mappings "
                         "and keeps their keys as client names).")
