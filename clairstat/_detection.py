@@ -135,7 +135,10 @@ def _project(basis, blocks):
 
 @singledispatch
 def projection_statistics(blocks, mean, basis):
-    """``||(I - P)(Theta_hat_k - mean)||_F^2`` for every client."""
+    """``||(I - P)(Theta_hat_k - mean)||_F^2`` for every client (dense estimates; the
+    mean of a fit on a FactoredBlocks stack formed densely)."""
+    if hasattr(mean, "to_dense"):  # FactoredMean: new dense clients after a LoRA fit
+        mean = mean.to_dense()
     resid = blocks - mean[None]
     resid = resid - _project(basis, resid)
     return np.einsum("kpq,kpq->k", resid, resid)

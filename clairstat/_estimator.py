@@ -417,7 +417,9 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
             if self.backbone or self.subspace != "column":
                 raise ValueError("a FactoredBlocks stack (LoRA updates) is fitted with "
                                  "backbone=False and subspace='column'.")
-            self.estimate_shape_, self._input_2d = X.shape[1:], False
+            # the updates' (p, t), not the factors' (p, r): new clients are dense
+            self.estimate_shape_, self._input_2d = X.dense_shape[1:], False
+            self._frame_labels = None  # never an earlier fit's labels
             return X
         refuse_mapping(X)
         if getattr(X, "ndim", 0) == 1 and getattr(X, "dtype", None) == object:

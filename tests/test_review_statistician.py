@@ -358,3 +358,28 @@ def test_labelled_estimates_in_another_order_with_a_positional_covariance_are_re
         fitted = CLAIREstimator(rank=0, random_state=0).fit(in_order, noise_cov=covs)
     with pytest.raises(ValueError, match="would not follow"):
         fitted.score_samples([frames[4]], noise_cov=(covs[0][:1], covs[1][:1]))
+
+
+def test_a_fit_on_factored_blocks_forgets_an_earlier_fit_s_labels():
+    """The labels of a fit on data frames outlived a refit on a FactoredBlocks stack:
+    new clients' tables were then checked against the earlier fit's labels. Found on
+    the way: after a fit on a stack, dense new clients were refused against the
+    factors' (p, r) and then crashed on the stack's mean; ``estimate_shape_`` is the
+    updates' (p, t)."""
+    pd = pytest.importorskip("pandas")
+    from clairstat import CLAIREstimator
+    from clairstat._reduced import FactoredBlocks
+
+    rng = np.random.default_rng(2)
+    tables = [pd.DataFrame(rng.standard_normal((3, 2)), index=list("abc"),
+                           columns=["y1", "y2"]) for _ in range(8)]
+    rights = np.stack([np.linalg.qr(rng.standard_normal((6, 4)))[0].T for _ in range(8)])
+    stack = FactoredBlocks(rng.standard_normal((8, 10, 4)), rights)
+    est = CLAIREstimator(rank=1, backbone=False, random_state=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        est.fit(tables)
+        est.fit(stack)
+        assert est.estimate_shape_ == (10, 6)
+        new = [pd.DataFrame(rng.standard_normal((10, 6))) for _ in range(2)]
+        assert est.predict(new).shape == (2,)
