@@ -133,12 +133,17 @@ def _project(basis, blocks):
     return basis @ (basis.T @ blocks)
 
 
+def _dense_mean(mean):
+    """The mean as an array: a fit on a FactoredBlocks stack keeps a FactoredMean, formed
+    here for dense new clients."""
+    return mean.to_dense() if hasattr(mean, "to_dense") else mean
+
+
 @singledispatch
 def projection_statistics(blocks, mean, basis):
     """``||(I - P)(Theta_hat_k - mean)||_F^2`` for every client (dense estimates; the
     mean of a fit on a FactoredBlocks stack formed densely)."""
-    if hasattr(mean, "to_dense"):  # FactoredMean: new dense clients after a LoRA fit
-        mean = mean.to_dense()
+    mean = _dense_mean(mean)
     resid = blocks - mean[None]
     resid = resid - _project(basis, resid)
     return np.einsum("kpq,kpq->k", resid, resid)
@@ -387,6 +392,7 @@ def _c_steps(blocks, weights, members, rank, noise, half, max_steps, random_stat
 @singledispatch
 def refine(blocks, basis, mean, contaminated):
     """``P Theta_hat_k + (I - P) mean`` for collaborative clients; flagged ones unchanged."""
+    mean = _dense_mean(mean)
     projected = _project(basis, blocks - mean[None])
     refined = mean[None] + projected
     refined[contaminated] = blocks[contaminated]

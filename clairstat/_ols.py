@@ -170,9 +170,11 @@ class LocalOLS:
     def __eq__(self, other):
         if not isinstance(other, LocalOLS):
             return NotImplemented
+        if (self.noise_cov is None) != (other.noise_cov is None):
+            return False
         arrays = ((self.estimates, other.estimates), (self.n_samples, other.n_samples),
                   (self.residual_df, other.residual_df),
-                  *zip(self.noise_cov, other.noise_cov))
+                  *zip(self.noise_cov or (), other.noise_cov or ()))
         return (all(np.array_equal(a, b) for a, b in arrays)
                 and list(self.feature_names) == list(other.feature_names)
                 and list(self.output_names) == list(other.output_names)

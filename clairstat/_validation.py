@@ -56,15 +56,17 @@ def _is_series(block):
 def aligned_frames(blocks, labels=None):
     """Per-client labelled estimates read by their labels: ``(arrays, labels, moved)``.
 
-    Data frames (statsmodels' ``params`` of a multi-output fit, (p, q)) are realigned
-    to ``labels`` (``(row labels, column labels)``; default the first frame's), pandas
-    Series (one output's ``params``, (p,)) to ``(row labels, None)``; a client with
-    other labels is refused (a review: a site whose design had its columns in another
-    order was read by position and flagged at p = 0; a swap of two similar
-    coefficients would have put it in the mean). ``moved`` says whether any client
-    was reordered (its covariance, if given as arrays, would then be read in another
-    order than its estimate). Blocks that are not labelled come back as they are, with
-    ``labels`` ``None``.
+    Data frames (statsmodels' ``params`` of a multi-output fit, (p, q)) and pandas
+    Series (one output's ``params``, (p,)) are realigned to ``labels`` (``(row labels,
+    column labels)``, the column labels ``None`` for Series; default the first table's),
+    a client with other labels refused (a review: a site whose design had its columns
+    in another order was read by position and flagged at p = 0; a swap of two similar
+    coefficients would have put it in the mean). Given ``labels`` (a fit's), every
+    table's rows are matched to them whatever its kind: a one-column frame where the
+    fit had Series, a Series where it had one-column frames. ``moved`` says whether any
+    client was reordered (its covariance, if given as arrays, would then be read in
+    another order than its estimate). Blocks that are not labelled come back as they
+    are, with ``labels`` ``None``.
     """
     frames, series = list(map(_is_frame, blocks)), list(map(_is_series, blocks))
     if not any(frames) and not any(series):
@@ -75,26 +77,34 @@ def aligned_frames(blocks, labels=None):
         what = "data frame" if any(frames) else "pandas Series"
         raise ValueError(f"client {bad}'s estimate is not a {what} while others are: give "
                          "every client's coefficients labelled alike or none labelled.")
-    if labels is None or (labels[1] is None) != (kind is series):
+    if labels is None:
         first = blocks[0]
         labels = (list(first.index), None if kind is series else list(first.columns))
     index, columns = labels
     out, moved = [], False
     for k, table in enumerate(blocks):
-        have = (list(table.index), None if kind is series else list(table.columns))
-        if len(set(have[0])) != len(have[0]) or (
-                have[1] is not None and len(set(have[1])) != len(have[1])):
+        rows = list(table.index)
+        cols = list(table.columns) if kind is frames else None
+        if len(set(rows)) != len(rows) or (cols is not None and len(set(cols)) != len(cols)):
             raise ValueError(f"client {k}'s estimate repeats a row or column label.")
-        if set(have[0]) != set(index) or (have[1] is not None
-                                          and set(have[1]) != set(columns)):
-            shown = have[0] if have[1] is None else f"{have[0]} x {have[1]}"
+        # a one-column frame against Series labels (or a Series against one-column
+        # frames' labels): its single column is the single output, whatever its name
+        single = cols is None or columns is None
+        if set(rows) != set(index) or (not single and set(cols) != set(columns)) or (
+                single and cols is not None and len(cols) != 1) or (
+                single and columns is not None and len(columns) != 1):
+            shown = rows if cols is None else f"{rows} x {cols}"
             want = index if columns is None else f"{index} x {columns}"
             raise ValueError(f"client {k}'s estimate is labelled {shown}, the fitted "
                              f"clients' {want}: every client must estimate the same "
                              "coefficients of the same outputs.")
-        moved = moved or have != (index, columns)
-        out.append(table.loc[index].to_numpy() if columns is None
-                   else table.loc[index, columns].to_numpy())
+        moved = moved or rows != list(index) or (not single and cols != list(columns))
+        if cols is None:
+            values = table.loc[index].to_numpy()
+            out.append(values if columns is None else values[:, None])
+        else:
+            values = table.loc[index, cols if single else columns].to_numpy()
+            out.append(values[:, 0] if columns is None else values)
     return out, (list(index), None if columns is None else list(columns)), moved
 
 

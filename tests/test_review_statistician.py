@@ -383,3 +383,55 @@ def test_a_fit_on_factored_blocks_forgets_an_earlier_fit_s_labels():
         assert est.estimate_shape_ == (10, 6)
         new = [pd.DataFrame(rng.standard_normal((10, 6))) for _ in range(2)]
         assert est.predict(new).shape == (2,)
+
+
+def test_labelled_new_clients_are_matched_to_the_fit_s_labels_whatever_their_kind():
+    """A review: fitted on one-column frames, new clients given as Series (or the
+    reverse) were aligned to the first new table's order: a reversed Series scored
+    -50 instead of its in-order -0.16, and other labels were accepted."""
+    pd = pytest.importorskip("pandas")
+    from clairstat import CLAIREstimator
+
+    rng = np.random.default_rng(3)
+    names = ["const", "age", "educ"]
+    truth = np.array([5.0, 0.0, -5.0])
+    series = [pd.Series(truth + 0.05 * rng.standard_normal(3), index=names)
+              for _ in range(10)]
+    new = pd.Series(truth, index=names)
+    for fitted_on, given in (([s.to_frame("y") for s in series], new),
+                             (series, new.to_frame("y"))):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            est = CLAIREstimator(rank=0, random_state=0).fit(fitted_on)
+        in_order = est.score_samples([given])
+        reversed_ = given.loc[names[::-1]]
+        np.testing.assert_array_equal(est.score_samples([reversed_]), in_order)
+        with pytest.raises(ValueError, match="the fitted clients'"):
+            est.score_samples([given.rename(index=dict(zip(names, "xyz")))])
+
+
+def test_transform_and_equality_on_the_paths_the_fixes_opened():
+    """A review of the fixes: after a fit on a FactoredBlocks stack ``transform`` of
+    dense new clients crashed on the stack's mean (predict worked); a LocalOLS without
+    a covariance, now indexable, crashed ``score_samples`` and ``==``."""
+    from clairstat import CLAIREstimator, LocalOLS
+    from clairstat._reduced import FactoredBlocks
+
+    rng = np.random.default_rng(2)
+    rights = np.stack([np.linalg.qr(rng.standard_normal((6, 4)))[0].T for _ in range(8)])
+    stack = FactoredBlocks(rng.standard_normal((8, 10, 4)), rights)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        est = CLAIREstimator(rank=1, backbone=False, random_state=0).fit(stack)
+    new = rng.standard_normal((2, 10, 6))
+    refined = est.transform(new)
+    assert refined.shape == new.shape and np.all(np.isfinite(refined))
+
+    ols = _grunfeld_ols(1.0)
+    bare = LocalOLS(ols.estimates, None, ols.n_samples, ols.residual_df)
+    assert bare == bare[:] and not bare == ols
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fitted = CLAIREstimator(rank=0, random_state=0).fit(ols)
+    with pytest.raises(ValueError, match="noise_cov is None"):
+        fitted.score_samples(bare[:2])
