@@ -416,8 +416,9 @@ def _as_matrix(table, what, k):
 def _sandwich_weights(left, resid, col_cov, cov_type, y_max):
     """The rows' weights ``w_i`` of :func:`local_ols`'s sandwich ``row_cov`` (scaled
     units; ``left``: the design's left singular vectors, whose rows' squared norms are
-    the leverages), or ``None`` where no output has residual variance (the classical
-    ``row_cov`` is then kept, and :func:`_no_residual` says what is wrong)."""
+    the leverages) and how many rows have leverage 1, or ``(None, 0)`` where no output
+    has residual variance (the classical ``row_cov`` is then kept, and
+    :func:`_no_residual` says what is wrong)."""
     n_samples, p = left.shape
     # e_i^T col_cov^+ e_i / q on the outputs' correlation matrix: the outputs' units
     # leave it unchanged (a pseudo-inverse of col_cov itself dropped an output 1e8 times
@@ -429,25 +430,30 @@ def _sandwich_weights(left, resid, col_cov, cov_type, y_max):
     # count as noise of unit size
     live = spread > 64 * np.finfo(float).eps * y_max
     if not np.any(live):
-        return None
+        return None, 0
     unit = resid[:, live] / spread[live]
     corr = col_cov[np.ix_(live, live)] / np.outer(spread[live], spread[live])
     inverse = np.linalg.pinv(corr, hermitian=True)
     size = np.einsum("ij,ij->i", unit @ inverse, unit) / np.linalg.matrix_rank(
         corr, hermitian=True)
+    # 1 - h_ii: a row that alone sets a combination of coefficients (a dummy that is 1
+    # on one row) has h_ii = 1 up to round-off of the orthonormal rows' norms (a few eps
+    # each) and a residual of round-off: it says nothing about its own noise. Every
+    # sandwich gave it weight 0 (HC2/HC3: round-off over round-off, taken as 0; it was up
+    # to 1e3 times the other rows' for half of the seeds of a review), a row_cov with no
+    # noise along that combination, and the tests flagged such a benign client in 23 of
+    # 40 fits (a review; 0 of 40 with the classical covariance). Such a row gets the
+    # classical covariance's weight instead, 1 (the rows' sizes average (n - p) / n).
+    kept = 1.0 - np.einsum("ij,ij->i", left, left)
+    alone = kept <= 16 * max(n_samples, p) * np.finfo(float).eps
     if cov_type == "HC1":
-        return size * n_samples / (n_samples - p)
-    if cov_type in ("HC2", "HC3"):
-        # 1 - h_ii: a row that alone sets a coefficient has h_ii = 1 up to round-off of
-        # the orthonormal rows' norms (a few eps each) and a residual of round-off; its
-        # weight, round-off over round-off, is taken as 0 (it was up to 1e3 times the
-        # other rows' for half of the seeds of a review)
-        kept = 1.0 - np.einsum("ij,ij->i", left, left)
-        kept = np.where(kept > 16 * max(n_samples, p) * np.finfo(float).eps, kept, 0.0)
+        weights = size * n_samples / (n_samples - p)
+    elif cov_type in ("HC2", "HC3"):
         power = 1 if cov_type == "HC2" else 2
-        with np.errstate(divide="ignore", invalid="ignore"):
-            return np.where(kept > 0, size / kept ** power, 0.0)
-    return size
+        weights = size / np.where(alone, 1.0, kept) ** power
+    else:
+        weights = size
+    return np.where(alone, 1.0, weights), int(np.count_nonzero(alone))
 
 
 def _client_fit(design, response, k, names, cov_type="nonrobust"):
@@ -491,8 +497,16 @@ def _client_fit(design, response, k, names, cov_type="nonrobust"):
     row_cov = inv_sing @ inv_sing.T  # (X^T X)^{-1}
     resid = response - design @ estimate
     col_cov = resid.T @ resid / (n_samples - p)
-    weights = None if cov_type == "nonrobust" else _sandwich_weights(
+    weights, alone = (None, 0) if cov_type == "nonrobust" else _sandwich_weights(
         left, resid, col_cov, cov_type, np.max(np.abs(response), axis=0))
+    if alone:
+        warnings.warn(f"client {k}: {alone} row(s) of its design have leverage 1 (each "
+                      "alone sets a combination of the coefficients, e.g. a dummy that "
+                      f"is 1 on one row): their residuals are zero and cov_type="
+                      f"{cov_type!r} cannot estimate their noise, so they get the "
+                      "classical covariance's weight (the pooled residual variance). "
+                      "Merge such a category with another, or drop the column.",
+                      UserWarning, stacklevel=3)
     if weights is not None:  # X^+ diag(w) X^+T, X^+ = inv_sing @ left.T
         pinv_x = inv_sing @ left.T
         row_cov = (pinv_x * weights) @ pinv_x.T
@@ -654,6 +668,10 @@ def local_ols(designs: Sequence[ArrayLike] | Mapping[object, ArrayLike],
         An output with no residual variance (constant, or fitted exactly): its
         residual variance is set to zero, and ``CLAIREstimator`` refuses the result
         (drop the output or the client). Fewer than 20 residual degrees of freedom.
+        With a heteroscedasticity-consistent ``cov_type``, rows of leverage 1 (a row
+        that alone sets a combination of the coefficients, such as a dummy that is 1
+        on one row): their noise cannot be estimated from their zero residuals, and
+        they get the classical covariance's weight.
 
     Examples
     --------

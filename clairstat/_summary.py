@@ -39,6 +39,11 @@ class CLAIRSummary:
             "score ‖S_k‖_F": [_number(v) for v in estimator.contamination_scores_],
             "statistic": [_number(v) for v in estimator.test_statistics_],
             "df": [f"{v:.3g}" for v in estimator.degrees_of_freedom_],
+            # the null's per-client scale, with which (and "null calibration"'s family)
+            # a p-value is recomputed from its row (a review); NaN under the LoRA
+            # stacks' predictive null, which has no such scale
+            **({} if np.all(np.isnan(estimator.null_scale_)) else
+               {"null scale": [_number(v) for v in estimator.null_scale_]}),
             "p-value": [_p_value(v) for v in estimator.p_values_],
             "adjusted": [_p_value(v) for v in estimator.adjusted_p_values_],
             "flagged": np.where(estimator.contaminated_, "yes", "no"),
@@ -143,7 +148,14 @@ def _calibration(est):
     spread = getattr(est, "null_spread_df_", float("inf"))
     if np.isfinite(spread) and np.any(est.degrees_of_freedom_ >= spread * (1 - 1e-12)):
         parts.append(f"df widened to {spread:.3g}")
-    return ", ".join(parts) or "none"
+    # the family, so that a p-value can be recomputed from the table's statistic and df
+    # (an F's second df was shown nowhere, a review)
+    scale_df = getattr(est, "null_scale_df_", float("nan"))
+    if getattr(est, "null_kind_", None) == "F" and np.isfinite(scale_df):
+        parts.append(f"statistic / (null scale df) ~ F(df, {scale_df:.4g})")
+    else:
+        parts.append("statistic / null scale ~ chi^2(df)")
+    return ", ".join(parts)
 
 
 def _names(est, width=40):

@@ -796,7 +796,11 @@ def global_state_dict(results: Mapping[str, Any], template: Mapping[str, Any],
     -------
     dict
         The best rank-``r`` factors of each module's ``update`` (a thin SVD of the dense
-        (d_out, d_in) update; rules with their own factors of the right rank use them).
+        (d_out, d_in) update; rules with their own factors of the right rank use them,
+        unless those factors leave part of the update out: fedex's mean factors leave
+        out its residual, which FedEx-LoRA folds into the frozen weights and an adapter
+        cannot carry, so its adapter is the best rank-``r`` readout of its exact update;
+        writing its mean factors gave FedIT's adapter, a review).
         A zero update (fresh adapters) at the template's rank gives ``B = 0`` and the
         template's own ``A``, which keeps the adapter trainable (a readout's ``A = 0``
         would not), unless the rule has its own non-zero ``A`` (fedit's mean ``A``).
@@ -805,8 +809,10 @@ def global_state_dict(results: Mapping[str, Any], template: Mapping[str, Any],
     for module, keys in _parse(template).items():
         result = results[module]
         module_rank = template[keys["A"]].shape[0]
+        residual = result.extras.get("residual")
         own_factors = (result.factors is not None
-                       and result.factors[0].shape[1] == module_rank)
+                       and result.factors[0].shape[1] == module_rank
+                       and (residual is None or not np.any(residual)))
         if not np.any(result.update) and not (own_factors and np.any(result.factors[1])):
             factors[module] = (np.zeros((result.update.shape[0], module_rank)),
                                _to_numpy(template[keys["A"]]))

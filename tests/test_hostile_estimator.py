@@ -1141,7 +1141,7 @@ def test_names_in_the_summary_are_escaped_for_each_format():
                  for k in designs}
     summary = quiet_fit(local_ols(designs, responses), rank=0).summary()
     rows = [line for line in summary.as_markdown().splitlines() if "site" in line]
-    assert len(rows) == 6 and all(row.count(" | ") == 6 for row in rows)  # 7 cells
+    assert len(rows) == 6 and all(row.count(" | ") == 7 for row in rows)  # 8 cells
     latex = summary.as_latex()
     for raw in ("w^2", "{q}", "~t", "\\slash"):
         assert raw not in latex

@@ -128,19 +128,49 @@ def test_an_output_without_residual_variance_does_not_enter():
 
 
 @pytest.mark.parametrize("seed", range(20))
-def test_a_row_that_alone_sets_a_coefficient_gets_weight_zero(seed):
+def test_a_row_that_alone_sets_a_coefficient_gets_the_classical_weight(seed):
     """Leverage 1 (an indicator column of one row): its residual and 1 - h_ii are both
-    round-off, and HC2/HC3's weight for it is 0 (round-off over round-off gave the
-    indicator's variance ~1e3 instead of ~1 in half of such seeds, a review)."""
+    round-off, so no sandwich can estimate that row's noise. HC2/HC3's round-off over
+    round-off gave the indicator's variance ~1e3 instead of ~1 in half of such seeds (a
+    review); weight 0 then left no noise at all along the indicator (a later review:
+    a benign client flagged in 23 of 40 fits). The row gets the classical weight, 1,
+    with a warning that names the client."""
     rng = np.random.default_rng(seed)
     X = np.c_[np.ones(30), rng.standard_normal(30), np.eye(30)[0]]
     y = rng.standard_normal(30)
-    for cov_type in ("HC2", "HC3"):
-        row_cov, col_cov = local_ols([X], [y], cov_type=cov_type).noise_cov
-        # with row 0's weight 0 the indicator's variance is that of the intercept and
-        # slope's prediction at row 0 from the other 29 rows: of order 1 / 29 per unit
-        # variance, far below 1
-        assert col_cov[0, 0, 0] * row_cov[0, 2, 2] < 1.0
+    classical_row, classical_col = local_ols([X], [y]).noise_cov
+    classical = classical_col[0, 0, 0] * classical_row[0, 2, 2]
+    for cov_type in COV_TYPES:
+        with pytest.warns(UserWarning, match="client 0: 1 row.*leverage 1"):
+            row_cov, col_cov = local_ols([X], [y], cov_type=cov_type).noise_cov
+        # the indicator's variance is row 0's noise (the pooled variance, weight 1) plus
+        # the intercept and slope's prediction error at row 0 from the other 29 rows
+        # (their sandwich weights, within a few times the classical ones for Gaussian
+        # noise): about (1 + 1/29) sigma^2, the classical covariance's. Weight 0 gave
+        # about 1/29 of it; round-off weights gave ~1e3 times it.
+        assert 0.5 < col_cov[0, 0, 0] * row_cov[0, 2, 2] / classical < 2.0
+
+
+def test_a_benign_client_with_a_one_row_indicator_is_not_flagged():
+    """The review's case: twelve alike clients, client 0's indicator is 1 on one row.
+    With that row's weight 0 (a row_cov singular along the indicator) HC3 flagged
+    client 0 in 23 of 40 fits, the classical covariance in 0 of 40."""
+    flagged = 0
+    for seed in range(20):
+        rng = np.random.default_rng(seed)
+        designs, responses = [], []
+        for k in range(12):
+            dummy = np.zeros(60)
+            dummy[:1 if k == 0 else 30] = 1.0
+            X = np.c_[np.ones(60), rng.standard_normal(60), dummy]
+            designs.append(X)
+            responses.append(X @ [1.0, 2.0, 0.5] + rng.standard_normal(60))
+        with pytest.warns(UserWarning, match="client 0: 1 row"):
+            ols = local_ols(designs, responses, cov_type="HC3")
+        flagged += CLAIREstimator(random_state=0, rank=0).fit(ols).contaminated_[0]
+    # BH at 5% over 12 clients: a benign client is flagged in well under 5% of fits; 3
+    # of 20 (15%) is far above that and far below the 11 of 20 the defect gave
+    assert flagged <= 3
 
 
 def test_the_summary_names_the_covariance():

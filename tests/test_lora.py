@@ -196,6 +196,24 @@ def test_aggregate_adapters_exact_and_fedit(rng):
         assert close(b_mat @ a_mat, fedit[name].update)  # FedIT's own rank-r factors
 
 
+def test_fedex_adapter_carries_its_exact_update_not_fedit_s(rng):
+    """fedex's factors are FedIT's mean factors; its update adds the residual. Its
+    adapter was FedIT's (the factors written as they are, a review): now the best
+    rank-r readout of the exact update, FedEx's update as far as rank r allows."""
+    states, _ = shared_clients(rng, n_clients=6, n_bad=2)
+    fedex = aggregate_adapters("fedex", states)
+    fedit = aggregate_adapters("fedit", states)
+    for name, (b_mat, a_mat) in adapter_factors(global_state_dict(fedex, states[0])).items():
+        update = fedex[name].update
+        rank = a_mat.shape[0]
+        left, sing, right_t = np.linalg.svd(update)
+        best = (left[:, :rank] * sing[:rank]) @ right_t[:rank]
+        assert close(b_mat @ a_mat, best)
+        # the negative control: FedIT's product is far from it (the residual is not
+        # small for clients that leave the shared subspace)
+        assert np.linalg.norm(fedit[name].update - best) > 0.1 * np.linalg.norm(best)
+
+
 def test_fedrot_reference_may_be_a_state_dict(rng):
     states, _ = shared_clients(rng, n_clients=4, n_bad=0)
     results = aggregate_adapters("fedrot", states, reference=states[0], lam=0.5)

@@ -96,6 +96,9 @@ def fedex(factors, weights):
 
     The residual is folded into the frozen weights, so ``update`` is exactly
     ``Delta W* = sum p_i B_i A_i``; ``residual`` (d, k) is the extra dense message.
+    ``factors`` are FedIT's mean factors, without the residual: an adapter of the
+    clients' rank (:func:`clairstat.lora.global_state_dict`, the Flower strategy) is
+    the best rank-r readout of ``update`` instead.
 
     Examples
     --------
