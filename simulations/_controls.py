@@ -124,9 +124,9 @@ CONTROLS = {control.name: control for control in [
             "p-value is below 0.05 instead of Holm's family-wise test at the shrinking "
             "level 1/K (consistency), so the expected number of false flags grows in "
             "proportion to K",
-            # it cannot fail detection_consistency_trend at smoke scale: two sizes of two
-            # replicates leave no logistic fit unless each size has one exact recovery and
-            # one miss, which gives a slope of 0 (tests/test_validation.py, SMOKE_UNDECIDED)
+            # it cannot fail detection_consistency_trend at smoke scale: on two sizes of two
+            # replicates the rate difference's Newcombe interval is about [-0.66, 0.66]
+            # (tests/test_validation.py, SMOKE_UNDECIDED); at small scale it fails
             ("detection_consistency_trend", "detection_consistency_limit")),
     Control("fedavg-refinement",
             "CLAIR's refined updates, and the adapters its clients load, are FedAvg's "

@@ -376,10 +376,10 @@ def test_validation_smoke_run_reports_every_check_and_the_paper_rebuilds(tmp_pat
 #: the margin [0.025, 0.075]; at small scale (192 replicates) the interval is
 #: [0, 0.019] and the check fails (validation/controls/inflated-noise/REPORT.md).
 #: Under fixed-level the smoke grid of consistency has two sizes of two replicates, on
-#: which detection_consistency_trend cannot fail: a finite logistic fit exists only when
-#: each size has one exact recovery and one miss (a slope of exactly 0), otherwise the
-#: interval is infinite; at small scale (four sizes of 50) it fails
-#: (validation/controls/fixed-level/REPORT.md).
+#: which detection_consistency_trend cannot fail: where no logistic slope exists the
+#: rate difference's Newcombe interval on 2 + 2 replicates is about [-0.66, 0.66]; at
+#: small scale (four sizes of 50) it fails, its slope's interval below the rise of 0.1
+#: the check asks for (validation/controls/fixed-level/REPORT.md).
 #: Under no-correction the copying study's smoke grid has 16 clean clients (6 clients, 2
 #: contaminated, 2 replicates per setting) on tests of little power (each client's
 #: statistic predicted from 5 others'): 2 flagged, Wilson's interval [0.035, 0.36]
@@ -546,6 +546,14 @@ def test_consistency_checks_see_a_rising_rate_and_a_flat_one():
     flat = rising.assign(exact=[j % 2 == 0 for j in range(len(rising))])
     assert run_check(by_name["detection_consistency_limit"], flat)["verdict"] == "fail"
     assert run_check(by_name["detection_consistency_trend"], flat)["verdict"] != "pass"
+    # A method that never improves must be able to fail the trend, not only stay
+    # undecided (a review: with a margin of 0 a flat path's interval sits about 0 at
+    # any size, and no control failed the check): 4 000 replicates of a flat path
+    # give a slope within about +-0.08, below the rise of 0.1 that counts.
+    many = pd.DataFrame([{"size": i, "n_clients": k, "n": 5 * k, "gamma": 0.1,
+                          "exact": j % 2 == 0}
+                         for i, k in enumerate([20, 40, 80, 160]) for j in range(1000)])
+    assert run_check(by_name["detection_consistency_trend"], many)["verdict"] == "fail"
 
 
 def test_logistic_boundary_slope_recovers_a_planted_contour_without_censoring():

@@ -13,6 +13,13 @@ LEVEL = 0.05  # the test level the detection study uses
 POWER_MARGIN = 0.05
 # D1: "P(C_hat = C) -> 1": at the largest size of the path the rate is at least 0.9.
 CONSISTENT_RATE = 0.9
+# D1's trend: the rise along the path must be at least this much to count, a logistic
+# slope on log K of 0.1 (odds up 7% per doubling of K) or, where no slope exists, a rate
+# rise of 0.1 from the smallest K to the largest. With a margin of 0 a flat path (a
+# method that never improves) gave an interval about 0, inconclusive at any sample size:
+# no control could make the check fail (a review; the fixed-level control's falling
+# path, -0.66 [-1.37, 0.05], was inconclusive). With 0.1 a flat or falling path fails.
+MIN_RISE = 0.1
 
 
 def _rate(rows, column, label, expected):
@@ -56,13 +63,14 @@ def consistency_trend(df):
                                             method="newcomb")
         return dict(statistic="rate of 1{C_hat = C} at the largest K minus at the smallest "
                               "(Newcombe 95%; the logistic slope has no finite fit)",
-                    expected="> 0", observed=float(ends["mean"].iloc[1] - ends["mean"].iloc[0]),
+                    expected=f">= {MIN_RISE}",
+                    observed=float(ends["mean"].iloc[1] - ends["mean"].iloc[0]),
                     interval=(float(lo), float(hi)), n=int(ends["count"].sum()),
                     detail=detail + "; no finite maximum-likelihood fit (separated or "
                                     "constant outcome).")
     lo, hi = fit.conf_int(alpha=0.05)[1]
     return dict(statistic="logistic slope of 1{C_hat = C} on log K (Wald 95%)",
-                expected="> 0", observed=float(fit.params[1]), interval=(lo, hi),
+                expected=f">= {MIN_RISE}", observed=float(fit.params[1]), interval=(lo, hi),
                 n=len(df), detail=detail + ".")
 
 
@@ -122,8 +130,9 @@ CHECKS = [
           "P(C_hat = C) -> 1: at the largest size it is at least 0.9.",
           consistency_limit, margin=(CONSISTENT_RATE, INF), source="docs/theory.md#d1"),
     Check("detection_consistency_trend", "consistency",
-          "Along that path P(C_hat = C) increases (logistic slope on log K > 0).",
-          consistency_trend, margin=(0.0, INF), source="docs/theory.md#d1"),
+          "Along that path P(C_hat = C) increases (logistic slope on log K at least 0.1; "
+          "where no slope exists, a rise of at least 0.1 from the smallest K).",
+          consistency_trend, margin=(MIN_RISE, INF), source="docs/theory.md#d1"),
     Check("detection_power_curve", "detection",
           "A contaminated client's uncorrected rejection probability is the non-central "
           "chi^2((p - r) q, delta^2 / s_E^2) power.", power_curve,
