@@ -786,3 +786,10 @@ def test_cli_refuses_n_jobs_0_and_reports_an_interrupt(tmp_path, monkeypatch, ca
                                 "--output-dir", str(tmp_path), "--no-progress"]) == 130
     assert "interrupted" in capsys.readouterr().err
     assert not (tmp_path / "report.json").exists()
+
+
+def test_a_bounded_mean_s_interval_stays_within_its_bounds():
+    """A review: a share's t interval reached below 0 ([-0.04, 0.41] on the smoke run's
+    false discovery proportions); the mean lies within the bounds."""
+    _, (lo, hi) = mean_interval([0, 0, 0.3333, 0, 0, 0.2, 0, 0], bounds=(0.0, 1.0))
+    assert lo == 0.0 and 0.3 < hi < 0.5
