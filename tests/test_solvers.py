@@ -285,8 +285,16 @@ def test_identical_clients_with_a_free_backbone_are_solved_at_once(solver):
     if solver == "cvxpy":
         pytest.importorskip("cvxpy")
     X = np.tile(np.random.default_rng(0).normal(size=(1, 5, 3)) * 0.1, (8, 1, 1))
-    res = clair_decompose(X, alpha=0.3, beta=0.8, solver=solver)
-    assert res.converged
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConvergenceWarning)
+        res = clair_decompose(X, alpha=0.3, beta=0.8, solver=solver)
+    # torch reaches the optimum, 0, exactly. CVXPY's point is 8.5e-19 above it (its conic
+    # accuracy), which its certificate no longer calls converged: the floor is the
+    # round-off of the residuals at the data's spread less their common level, 0 here
+    # (the data's whole norm squared, the floor before, certified far-off points at a
+    # large common level, a review); it warns instead.
+    assert res.converged if solver == "torch" else (
+        res.converged or any("duality gap" in str(w.message) for w in caught))
     # the optimum is 0: the objective is at most the certificate (CVXPY's conic
     # accuracy; 0 for torch) plus the round-off of X's entries
     assert res.objective <= res.dual_gap + X.size * (np.finfo(float).eps
@@ -294,3 +302,80 @@ def test_identical_clients_with_a_free_backbone_are_solved_at_once(solver):
     # every client's residual X_k - Theta_0 is at most sqrt(2 objective) in norm
     np.testing.assert_allclose(res.backbone, X[0], rtol=0,
                                atol=np.sqrt(2 * res.objective) + 1e-15)
+
+
+def _random_stack(seed):
+    """Small stacks of the solvers' review: backbone, a low-rank part, maybe a block."""
+    rng = np.random.default_rng(500 + seed)
+    n_clients, p, q = int(rng.integers(2, 7)), int(rng.integers(2, 8)), int(rng.integers(1, 5))
+    low = (rng.normal(size=(p, 1)) @ rng.normal(size=(1, n_clients * q)))
+    data = rng.normal(size=(p, q))[None] + low.reshape(p, n_clients, q).transpose(1, 0, 2)
+    data[0] += 3.0 * rng.normal(size=(p, q)) * rng.integers(0, 2)
+    data += float(rng.choice([0.01, 0.3])) * rng.normal(size=data.shape)
+    return data, float(10 ** rng.uniform(-1, 0.7)), float(10 ** rng.uniform(-1, 0.7))
+
+
+def test_a_float32_penalized_gap_bounds_the_point_s_suboptimality():
+    """A review: the float32 gap, evaluated on the data rounded to float32 and clipped at
+    0, came out exactly 0 at points up to 3.5e-8 (relative) above the optimum in 4 of 40
+    random problems. It is now the returned point's gap in float64, on the data: it
+    bounds the suboptimality (the optimum from a float64 solve at tol 1e-12, whose own
+    gap, below 1e-13 relative, is the slack)."""
+    for seed in range(40):
+        data, alpha, beta = _random_stack(seed)
+        best = clair_decompose(data, alpha=alpha, beta=beta, solver="torch", tol=1e-12)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            fast = clair_decompose(data, alpha=alpha, beta=beta, solver="torch",
+                                   dtype="float32")
+        value = objective(data, fast.backbone, fast.low_rank, fast.sparse,
+                          alpha=alpha, beta=beta)
+        assert value == pytest.approx(fast.objective, rel=1e-12)
+        assert value - best.objective <= fast.dual_gap + best.dual_gap + 1e-14 * value, seed
+
+
+def test_a_float32_exact_solve_is_converged_only_if_its_float64_gap_says_so():
+    """A review: the float32 exact program's gap is re-evaluated in float64 after the
+    loop, but its converged flag was the float32 check's, and stood above the stopping
+    rule (relative gap 1.25e-5 > 100 eps of float32) with no warning."""
+    eps = float(np.finfo(np.float32).eps)
+    for seed in range(30):
+        data, lam, _ = _random_stack(seed)
+        n_clients, p, q = data.shape
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ConvergenceWarning)
+            fit = clair_decompose(data, formulation="exact", lam=lam, solver="torch",
+                                  dtype="float32")
+        # the solver's floor: its data are the clients less their mean, in float32
+        floor = np.sqrt(max(p, n_clients * q)) * eps * np.linalg.norm(data - data.mean(0))
+        rule = fit.dual_gap <= max(100 * eps * fit.objective, 1.01 * floor)
+        assert fit.converged == rule or not fit.converged, seed
+        assert fit.converged or any("duality gap" in str(w.message) for w in caught)
+
+
+def test_cvxpy_does_not_certify_a_far_point_at_a_large_common_level():
+    """A review: with a common level of 1e7 (1e9) the certificate's floor took the
+    level's square, and SCS's point, 57% (4 000-fold) above the optimum, came back
+    converged=True without a warning. A converged result's gap bounds its
+    suboptimality; this one is refused, with a warning."""
+    data = np.random.default_rng(0).normal(size=(6, 8, 5))
+    best = clair_decompose(data, alpha=1.0, beta=1.0, solver="torch", tol=1e-10)
+    for level in (1e7, 1e9):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ConvergenceWarning)
+            fit = clair_decompose(data + level, alpha=1.0, beta=1.0, solver="cvxpy")
+        value = objective(data + level, fit.backbone, fit.low_rank, fit.sparse,
+                          alpha=1.0, beta=1.0)
+        if fit.converged:
+            assert value - best.objective <= fit.dual_gap + best.dual_gap
+        else:
+            assert any("duality gap" in str(w.message) for w in caught)
+        assert not (fit.converged and value > 1.01 * best.objective)
+
+
+def test_cvxpy_names_its_iteration_cap_when_it_leaves_no_status():
+    """SCS stopped at max_iter=2 answers no status (the review's case; max_iter 1 and 3
+    give a non-converged point); the error said nothing of the cap."""
+    data = np.random.default_rng(7).normal(size=(8, 10, 4))
+    with pytest.raises(RuntimeError, match="max_iter=2; a cap of a few iterations"):
+        clair_decompose(data, alpha=1e-3, beta=1e-3, solver="cvxpy", max_iter=2)
