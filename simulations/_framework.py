@@ -453,6 +453,12 @@ def code_provenance(folders=CODE_FOLDERS):
     return f"{commit} with uncommitted changes in {', '.join(changed)} (digest {digest})"
 
 
+def _run_token():
+    """A run's token (:func:`_refuse_changed_code`): an id, and the code state of the
+    process that starts the run, which every worker must hold too."""
+    return uuid.uuid4().hex, _loaded_code_state()
+
+
 @functools.lru_cache(maxsize=8)
 def _refuse_changed_code(run):
     """Raise :class:`RunError` when the code on disk differs from the code this process
@@ -477,6 +483,17 @@ def _refuse_changed_code(run):
                        f"{on_disk} now); its rows would not say which code ran. Restart "
                        "the Python process (a notebook's kernel, a Dask cluster's workers) "
                        "and run again.")
+    # A worker must also hold the code of the process that started the run: a Dask
+    # worker restarted by its nanny after an edit (or one on another checkout) loaded
+    # other code, passed the check above, and wrote rows under the run's label (a
+    # review: one run's rows from two codes, exit 0).
+    submitted = run[1] if isinstance(run, tuple) else None
+    if submitted is not None and loaded is not None and loaded != submitted:
+        raise RunError(f"this worker (pid {os.getpid()}) holds other code than the process "
+                       f"that started the run (digest {loaded} here, {submitted} there): a "
+                       "worker restarted after an edit, or one on another checkout; one "
+                       "run's rows would come from two codes. Restart the workers (and the "
+                       "submitting process) on one code and run again.")
     return loaded
 
 
@@ -596,10 +613,12 @@ def _make_row(study, cell, replicate, params, seed, measured, elapsed, provenanc
 
 
 # A replicate is a pure function of its seed, run on one thread (_run_task): rerun on the
-# same code it gives the same row to the last bits. A relative 1e-6 (absolute 1e-12 for
-# quantities that are round-off themselves, ~1e-16) leaves room for another BLAS build's
-# summation order, not for a change in the method.
-_VERIFY_RTOL, _VERIFY_ATOL = 1e-6, 1e-12
+# same code it gives the same row to the last bits. A relative 1e-6 (absolute 1e-13 for
+# quantities that are round-off themselves: at most 5e-14 in the committed tables, glora's
+# identity residuals) leaves room for another BLAS build's summation order, not for a
+# change in the method. An absolute 1e-12 passed a p-value of 1.3e-13 stored as 1e-12, 0
+# or -4e-13 (a review).
+_VERIFY_RTOL, _VERIFY_ATOL = 1e-6, 1e-13
 
 
 def _same(old, new):
@@ -674,7 +693,7 @@ def verify_table(study, scale, *, max_rows=None, results_dir=None, replicates=(0
              if task[1] in replicates and (task[0], task[1]) in stored]
     if max_rows is not None and len(tasks) > max_rows:
         tasks = [tasks[i] for i in np.linspace(0, len(tasks) - 1, max_rows).astype(int)]
-    run = uuid.uuid4().hex
+    run = _run_token()
     _refuse_changed_code(run)  # a rerun of other code than the process holds proves nothing
     for cell, replicate, params, seed in tasks:
         # on the threads that wrote the row (torch's sums differ in their last bits
@@ -788,7 +807,7 @@ def run_study(study, scale, *, n_jobs=1, backend=None, scheduler=None, results_d
     except OSError as error:  # a read-only root, a file where the scale's folder goes
         raise RunError(f"cannot write {error.filename}: {error.strerror or error}.") \
             from None
-    run = uuid.uuid4().hex
+    run = _run_token()
     _refuse_changed_code(run)  # before anything is written
     with _exclusive_lock(path):
         _repair_tail(path)  # a kill -9 mid-write may have left half a line
@@ -854,5 +873,8 @@ def _execute(study, scale, todo, handle, n_jobs, threads_per_task, progress, con
 
 
 # The code this process loaded: read now, so that an edit made before the first run of a
-# long-lived process is seen as one (_refuse_changed_code).
+# long-lived process is seen as one (_refuse_changed_code), and the label its rows carry
+# (code_provenance, cached): read when a worker's first replicate ended, it named an edit
+# made during that replicate, which the replicate had not run (a review).
 _loaded_code_state()
+code_provenance()

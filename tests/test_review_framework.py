@@ -289,3 +289,42 @@ def test_the_code_state_is_the_code_s_content_not_its_commit(tmp_path, monkeypat
     assert edited != first
     (tmp_path / "clairstat/c.py").write_text("")  # untracked code counts
     assert _framework._code_state() not in (first, edited)
+
+
+def test_a_worker_holding_other_code_than_the_run_s_submitter_is_refused():
+    """A review: a Dask worker restarted by its nanny after an edit loaded the edited
+    code, passed its own check (its disk and its memory agree) and wrote rows under the
+    run's label, one run's rows from two codes. The run's token carries the submitter's
+    code state; a worker holding another is refused."""
+    from simulations import _framework
+    from simulations._framework import RunError
+
+    loaded = _framework._loaded_code_state()
+    assert _framework._refuse_changed_code(("one run", loaded)) == loaded
+    with pytest.raises(RunError, match="holds other code than the process that started"):
+        _framework._refuse_changed_code(("another run", "0123456789ab"))
+
+
+def test_a_row_s_code_label_is_read_when_the_framework_is_imported(monkeypatch):
+    """A review: the label was read when a worker's first replicate ended, and named an
+    edit made during that replicate, which the replicate had not run. It is cached at
+    the framework's import, with the code state the runs are checked against."""
+    from simulations import _framework
+
+    cached = _framework.code_provenance.cache_info()
+    assert cached.currsize >= 1  # filled at import, before any replicate
+    label = _framework.code_provenance()
+    monkeypatch.setattr(_framework, "_git_state", lambda *args: ("fffffff", ["clairstat"],
+                                                                  "0123456789ab"))
+    assert _framework.code_provenance() == label  # a later edit does not relabel it
+
+
+def test_verify_sees_a_tiny_value_it_does_not_reproduce():
+    """A review: an absolute tolerance of 1e-12 passed a p-value of 1.3e-13 stored as
+    1e-12, 0 or -4e-13. Round-off quantities of the committed tables (at most 5e-14)
+    stay within the tolerance now used."""
+    from simulations._framework import _same
+
+    for stored in (1.03e-12, 0.0, -3.861e-13):
+        assert not _same(stored, 1.287e-13)
+    assert _same(4.7e-14, 1.0e-15) and _same(1.0 + 1e-7, 1.0)
