@@ -73,13 +73,16 @@ def _readout_gaps(df):
     return df["readout_gap"].abs().where(~wrong, 1.0), int(wrong.sum())
 
 
-def readout(df):
-    gaps, wrong = _readout_gaps(df)
-    result = range_of(df.assign(gap=gaps), "gap",
-                      "max |(||U - BA|| - sqrt(sum_{j>r} s_j^2))| / ||U||, a readout at "
-                      "another rank than r counted as 1")
+def _readout_range(rows, statistic):
+    gaps, wrong = _readout_gaps(rows)
+    result = range_of(rows.assign(gap=gaps), "gap", statistic)
     result["detail"] += f"; {wrong} rows read out at another rank"
     return result
+
+
+def readout(df):
+    return _readout_range(df, "max |(||U - BA|| - sqrt(sum_{j>r} s_j^2))| / ||U||, a "
+                              "readout at another rank than r counted as 1")
 
 
 def mixed_exact(df):
@@ -89,13 +92,9 @@ def mixed_exact(df):
 
 
 def mixed_readout(df):
-    rows = df[_mixed(df)]
-    gaps, wrong = _readout_gaps(rows)
-    result = range_of(rows.assign(gap=gaps), "gap",
-                      "max readout optimality gap, clients of different ranks (readout at "
-                      "max r_i; at another rank counted as 1)")
-    result["detail"] += f"; {wrong} rows read out at another rank"
-    return result
+    return _readout_range(df[_mixed(df)], "max readout optimality gap, clients of different "
+                                          "ranks (readout at max r_i; at another rank "
+                                          "counted as 1)")
 
 
 _SOURCE = "docs/theory.md#g1"
