@@ -623,3 +623,33 @@ def test_few_clients_frame_reproduces_its_committed_rows_and_restores_the_frame(
     with pytest.raises(ValueError):
         few_clients_frame.run_one(7, 0.0, "no such frame", "null", 0)
     assert clairstat._estimator.ESTIMATED_FRAME == "residual"
+
+
+def test_new_clients_script_rows_resume_and_summary(tmp_path, capsys):
+    """benchmarks/real_data_new_clients.py on one split of iris: a row per configuration
+    with the new client's p-value and flag per corruption; a rerun adds nothing; a new
+    client scaled by 3 scores far below the benign one (a negative control of the
+    script: a test that ignored the new client's estimate would give them the same
+    p-value)."""
+    import pandas as pd
+
+    new_clients = pytest.importorskip("real_data_new_clients")
+    out = tmp_path / "new.csv"
+    new_clients.main(["--splits", "1", "--out", str(out), "--datasets", "iris"])
+    table = pd.read_csv(out)
+    assert list(table.columns) == new_clients.FIELDS
+    assert sorted(table.configuration) == sorted(new_clients.CONFIGURATIONS)
+    assert (table.n_clients == 6).all()
+    for kind in new_clients.KINDS:
+        assert table[f"p_{kind}"].between(0, 1).all()
+        assert set(table[f"flagged_{kind}"]) <= {0, 1}
+        # the flag is the p-value's side of the level (one unadjusted test)
+        assert ((table[f"p_{kind}"] < new_clients.LEVEL)
+                == table[f"flagged_{kind}"].astype(bool)).all()
+    assert (table.p_scale < 1e-3 * table.p_none).all()
+    new_clients.main(["--splits", "1", "--out", str(out), "--datasets", "iris"])
+    assert len(pd.read_csv(out)) == len(table)
+    printed = capsys.readouterr().out
+    assert "| iris | 6 | hc3_support3 | 1 |" in printed
+    with pytest.raises(SystemExit):
+        new_clients.main(["--splits", "1", "--out", str(out), "--datasets", "nope"])
