@@ -155,3 +155,27 @@ def test_simulations_readme_names_every_reserved_column():
     sentence = re.search(r"Parameter names must not be ([^.]*)\.", text)
     assert sentence
     assert set(re.findall(r"`(\w+)`", sentence.group(1))) == set(_RESERVED)
+
+
+def test_new_client_shares_in_the_docs_are_the_committed_table():
+    """The pooled shares of benign new clients flagged that README.md, the method notes
+    and the statistician's guide quote are those of
+    benchmarks/results/real_data_new_clients.csv (recomputed here), and so is the count
+    of datasets meeting the criteria without a covariance."""
+    pd = pytest.importorskip("pandas")
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    new_clients = pytest.importorskip("real_data_new_clients")
+    table = pd.read_csv(ROOT / "benchmarks" / "results" / "real_data_new_clients.csv")
+    shares = table.groupby("configuration").flagged_none.mean()
+    quoted = {name: f"{shares[name]:.3f}" for name in new_clients.CONFIGURATIONS}
+    summary = new_clients.summarize(ROOT / "benchmarks" / "results"
+                                    / "real_data_new_clients.csv")
+    met = re.search(r"\| default \| [^|]* \| (\d+) of 18 \|", summary).group(1)
+    for path in ("README.md", "docs/method_notes.md", "docs/guides/statistician.rst"):
+        text = " ".join((ROOT / path).read_text().split())
+        for share in quoted.values():
+            assert share in text, f"{path} does not quote {share}"
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    assert f"{met} of 18 datasets meeting the criteria" in readme
+    per_configuration = f"{len(table) // len(quoted):,}".replace(",", " ")
+    assert f"of {per_configuration}" in readme  # fits per configuration: 1 800
