@@ -645,6 +645,39 @@ def calibration_cost_macros(path):
     return macros
 
 
+def new_clients_macros(path):
+    """New clients on real data (``newcl.*``; ``newcl.has`` 0 where the table is not
+    committed): per configuration (``default``, ``noisecov``, ``hcthreesupportthree``)
+    the pooled share of benign new clients flagged (``.pooled``), the number of
+    datasets meeting both criteria (``.met``), the largest share and its dataset
+    (``.max``, ``.maxdataset``) and the lowest power over the corruptions that are
+    criteria (``.power.min``); the datasets, splits per dataset and fits per
+    configuration."""
+    import pandas as pd
+
+    if not path.exists():
+        return {"newcl.has": "0"}
+    table = pd.read_csv(path)
+    max_null, min_power = src.calibration_criteria()
+    macros = {"newcl.has": "1", "newcl.datasets": fmt(table.dataset.nunique()),
+              "newcl.splits": fmt(int(table.groupby("dataset").split.nunique().min())),
+              "newcl.fits": fmt(int(table.groupby("configuration").size().min()))}
+    for configuration, group in table.groupby("configuration"):
+        key = "newcl." + configuration.replace("_", "").replace("3", "three")
+        met, lowest = 0, []
+        for _, rows in group.groupby("dataset"):
+            kinds = ["scale", "flip"] + (["replace"] if rows.q.iloc[0] > 1 else [])
+            power = min(rows[f"flagged_{kind}"].mean() for kind in kinds)
+            lowest.append(power)
+            met += bool(rows.flagged_none.mean() <= max_null and power >= min_power)
+        shares = group.groupby("dataset").flagged_none.mean()
+        macros.update({f"{key}.pooled": fmt_fixed(group.flagged_none.mean()),
+                       f"{key}.met": fmt(met), f"{key}.max": fmt_fixed(shares.max(), 2),
+                       f"{key}.maxdataset": tex_escape(str(shares.idxmax())),
+                       f"{key}.power.min": fmt_fixed(min(lowest), 2)})
+    return macros
+
+
 def _range(values, decimals=3):
     """``lo--hi`` of ``values`` as fixed decimals, one number where they agree."""
     low, high = fmt_fixed(min(values), decimals), fmt_fixed(max(values), decimals)
@@ -1490,6 +1523,7 @@ def collect():
     macros.update(exchangeable_macros(src.SOURCES["exchangeable_null"]))
     macros.update(calibration_cost_macros(src.SOURCES["calibration_cost"]))
     macros.update(few_clients_frame_macros(src.SOURCES["few_clients_frame"]))
+    macros.update(new_clients_macros(src.SOURCES["new_clients"]))
     macros.update(tilt_cap_macros(_optional_calibrations(
         [f"calibration_{g}{s}" for g in TILT_GROUPS for s in TILT.values()])))
     framed = _optional_calibrations(("calibration_plain", "calibration_heldout_all_frame",
@@ -2108,6 +2142,7 @@ def write_generated(out_dir):
         switch("calibheldoutg", "calibhog.has"), switch("calibevidence", "calibev.has"),
         switch("exnull", "exnull.has"), switch("calcost", "calcost.has"),
         switch("fewk", "fewk.has"), switch("tiltcap", "tilt.has"),
+        switch("newcl", "newcl.has"),
         switch("jointrank", "jr.has"), switch("jointrankbetter", "jr.has", "jr.better"),
         switch("flagged", "flagged.has"), switch("flaggedfull", "flagged.full"),
         switch("flaggedallpass", "flagged.allpass"),

@@ -115,6 +115,9 @@ SOURCES = {
     # The path without a covariance at few synthetic clients, with and without its frame
     # of robust scales (benchmarks/few_clients_frame.py).
     "few_clients_frame": ROOT / "benchmarks" / "results" / "few_clients_frame.csv",
+    # A site held out of every split of the real datasets, tested with predict (new
+    # clients; benchmarks/real_data_new_clients.py).
+    "new_clients": ROOT / "benchmarks" / "results" / "real_data_new_clients.csv",
     "copying": ROOT / "simulations" / "results",
     # multi-Krum against CLAIR on the fifth block's replicates (PROTOCOL amendment 8)
     "multikrum": ROOT / "benchmarks" / "results" / "copying_multikrum.jsonl",

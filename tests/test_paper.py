@@ -1155,6 +1155,35 @@ def test_few_clients_frame_macros_are_the_csv(tmp_path):
     assert few_clients_frame_macros(tmp_path / "missing.csv") == {"fewk.has": "0"}
 
 
+def test_new_clients_macros_are_the_scripts_summary(tmp_path):
+    """``newcl.*`` (new clients on real data): the pooled shares and the counts of
+    datasets meeting the criteria are those of ``real_data_new_clients.summarize`` (the
+    table of benchmarks/RESULTS.md, computed by the script's own code); the largest
+    shares recomputed from the rows; without the table the paragraph is off."""
+    import pandas as pd
+
+    from paper._generate import new_clients_macros
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    script = pytest.importorskip("real_data_new_clients")
+    path = ROOT / "benchmarks" / "results" / "real_data_new_clients.csv"
+    summary = script.summarize(path)
+    macros = _macros()
+    table = pd.read_csv(path)
+    for configuration, key in (("default", "default"), ("noise_cov", "noisecov"),
+                               ("hc3_support3", "hcthreesupportthree")):
+        pooled, met = re.search(rf"\| {configuration} \| ([\d.]+) \[[^|]*\| (\d+) of 18 \|",
+                                summary).groups()
+        assert macros[f"newcl.{key}.pooled"] == pooled
+        assert macros[f"newcl.{key}.met"] == met
+        shares = table[table.configuration == configuration].groupby(
+            "dataset").flagged_none.mean()
+        assert macros[f"newcl.{key}.max"] == f"{shares.max():.2f}"
+        assert macros[f"newcl.{key}.maxdataset"] == shares.idxmax()
+    assert macros["newcl.fits"] == "1800" and macros["newcl.splits"] == "100"
+    assert new_clients_macros(tmp_path / "missing.csv") == {"newcl.has": "0"}
+
+
 def test_tilt_cap_macros_are_the_csv():
     """``tilt.*`` (the subspace's tilt bounded, and the recommended configuration's two
     parts one at a time): the datasets meeting the criteria per configuration and path,
