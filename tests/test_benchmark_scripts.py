@@ -653,3 +653,20 @@ def test_new_clients_script_rows_resume_and_summary(tmp_path, capsys):
     assert "| iris | 6 | hc3_support3 | 1 |" in printed
     with pytest.raises(SystemExit):
         new_clients.main(["--splits", "1", "--out", str(out), "--datasets", "nope"])
+
+
+def test_new_client_level_script_rows_and_resume(tmp_path, capsys):
+    """benchmarks/new_client_level.py on one replicate: a row per K and noise model, a
+    p-value in [0, 1]; a rerun adds nothing."""
+    import pandas as pd
+
+    level = pytest.importorskip("new_client_level")
+    out = tmp_path / "level.csv"
+    level.main(["--reps", "1", "--out", str(out)])
+    table = pd.read_csv(out)
+    assert list(table.columns) == level.FIELDS
+    assert len(table) == len(level.CLIENTS) * len(level.MODELS)
+    assert table.p_value.between(0, 1).all()
+    level.main(["--reps", "1", "--out", str(out)])
+    assert len(pd.read_csv(out)) == len(table)
+    assert "| 6 | estimated | 1 |" in capsys.readouterr().out
