@@ -179,3 +179,28 @@ def test_new_client_shares_in_the_docs_are_the_committed_table():
     assert f"{met} of 18 datasets meeting the criteria" in readme
     per_configuration = f"{len(table) // len(quoted):,}".replace(",", " ")
     assert f"of {per_configuration}" in readme  # fits per configuration: 1 800
+
+
+def test_new_client_levels_in_the_docs_are_the_committed_table():
+    """The levels of a new client's test that ``score_samples``' docstring and the method
+    notes quote (benchmarks/new_client_level.py) are those of its committed table."""
+    pd = pytest.importorskip("pandas")
+    from clairstat import CLAIREstimator
+
+    table = pd.read_csv(ROOT / "benchmarks" / "results" / "new_client_level.csv")
+    table["hit"] = table.p_value < 0.05
+    share = table.groupby(["model", "n_clients"]).hit.mean()
+    given = table[(table.model == "noise_scale") & (table.n_clients == 4)]
+    by_rank = given.groupby("rank").hit.mean()
+    docstring = " ".join(CLAIREstimator.score_samples.__doc__.split())
+    notes = " ".join((ROOT / "docs" / "method_notes.md").read_text().split())
+    for text in (docstring, notes):
+        assert f"{share['estimated', 4]:.2f} at four and six" in text
+        assert f"{share['estimated', 6]:.2f}" == f"{share['estimated', 4]:.2f}"
+        assert f"{share['estimated', 8]:.2f} at eight" in text
+        assert f"{share['noise_scale', 4]:.3f} at four" in text
+        later = [share["noise_scale", k] for k in (6, 8, 12, 20)]
+        assert f"{min(later):.2f}-{max(later):.2f} from six on" in " ".join(
+            text.replace("from\nsix", "from six").split())
+    assert f"{by_rank[1]:.3f} in the fits that kept the shared direction" in notes
+    assert f"{by_rank[0]:.3f} in those whose rank rule missed it" in notes
