@@ -165,6 +165,11 @@ def _parser():
                              "smallest cross-validated error (smallest-error, the "
                              "default) or the smallest within one standard error of it "
                              "(one-standard-error); as refine_adapters' rank_rule")
+    refine.add_argument("--sample-weight", default=None, metavar="W1,W2,...",
+                        help="client weights of the collaborative mean (e.g. each "
+                             "client's number of training examples), one per ADAPTER_DIR "
+                             "in their order, comma-separated (default: equal weights); "
+                             "as refine_adapters' sample_weight")
     refine.add_argument("--random-state", type=int, default=None, metavar="S",
                         help="seed of the robust start (reproducible flags)")
     refine.add_argument("--device", default=None, metavar="D",
@@ -864,7 +869,7 @@ def _fit_options(args):
     """Keywords of one module's fit; with the joint refinement ``--rank`` is the joint
     subspace's rank, not the modules' (as in :func:`clairstat.lora.refine_adapters`)."""
     options = {"test_level": args.test_level, "random_state": args.random_state,
-               "device": args.device, "dtype": args.dtype}
+               "device": args.device, "dtype": args.dtype, "weights": args.sample_weight}
     return options if args.joint else {**options, "rank": args.rank}
 
 
@@ -951,6 +956,7 @@ def _stream(clients, writer, args, progress, cluster):
         flagged = np.zeros(len(clients), dtype=bool)
     else:
         refinement = joint_refinement([fits[m].gram for m in live], module_flags,
+                                      weights=args.sample_weight,
                                       rank=args.rank, level=args.test_level,
                                       flagged_updates=args.flagged_updates,
                                       rank_rule=args.rank_rule)
@@ -1007,9 +1013,37 @@ def _check_device(device):
         raise InputError(f"--device {device}: {reason}") from None
 
 
+def _check_sample_weight(args):
+    """``--sample-weight``: one finite, non-negative number per adapter folder, at least
+    two positive (the estimator's own check), read into ``args.sample_weight`` (an array,
+    or None)."""
+    if args.sample_weight is None:
+        return
+    from ._validation import check_sample_weight
+
+    raw = args.sample_weight
+    try:
+        values = [float(part) for part in raw.split(",")]
+    except ValueError:
+        raise InputError(f"--sample-weight {raw}: must be numbers separated by commas, "
+                         "one per ADAPTER_DIR") from None
+    if len(values) != len(args.adapters):
+        raise InputError(f"--sample-weight {raw}: {len(values)} weights for "
+                         f"{len(args.adapters)} adapter folders (one per ADAPTER_DIR, "
+                         "in their order)")
+    try:
+        check_sample_weight(values, len(values))
+    except ValueError as error:
+        reason = str(error).replace("sample_weight", "the weights")
+        raise InputError(f"--sample-weight {raw}: {reason}") from None
+    # as given (the fits normalise them, as refine_adapters' do); the report shows them
+    args.sample_weight = values
+
+
 def _check_options(args):
     _check_device(args.device)
     _check_fit_options(args)
+    _check_sample_weight(args)
     if args.workers is not None and args.scheduler != "local":
         # the in-process run (or a cluster's own workers) would ignore it silently
         raise InputError(f"--workers {args.workers}: applies to --scheduler local only")
@@ -1160,6 +1194,8 @@ def _report(clients, summary, args):
             "flagged_updates": args.flagged_updates if args.joint else None,
             "rank_rule": summary.rank_rule,
             "random_state": args.random_state,
+            "sample_weight": (None if args.sample_weight is None
+                              else [float(w) for w in args.sample_weight]),
             "modules": sorted(summary.module_flagged), "clients": entries}
 
 

@@ -38,7 +38,9 @@ class CLAIRSummary:
         self.clients = pd.DataFrame({
             "score ‖S_k‖_F": [_number(v) for v in estimator.contamination_scores_],
             "statistic": [_number(v) for v in estimator.test_statistics_],
-            "df": [f"{v:.3g}" for v in estimator.degrees_of_freedom_],
+            # four significant digits like the other columns (a review read "202" for
+            # 202.11 and took it for an integer)
+            "df": [f"{v:.4g}" for v in estimator.degrees_of_freedom_],
             # the null's per-client scale, with which (and "null calibration"'s family)
             # a p-value is recomputed from its row (a review); NaN under the LoRA
             # stacks' predictive null, which has no such scale

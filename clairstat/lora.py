@@ -31,6 +31,7 @@ import os
 import re
 import warnings
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -947,6 +948,26 @@ def save_adapter(state_dict: Mapping[str, Any], path: str | os.PathLike) -> None
 
 
 def load_adapter(path):
-    """Load an adapter saved by :func:`save_adapter` (safetensors: never unpickles)."""
+    """Load an adapter saved by :func:`save_adapter` (safetensors: never unpickles).
+
+    ``path`` is a ``.safetensors`` file, or a peft adapter folder (as
+    ``save_pretrained`` writes it), whose ``adapter_model.safetensors`` is read. A
+    folder without that file, or a missing path, raises ``FileNotFoundError`` naming
+    what was looked for (safetensors itself answered a folder with ``OSError: No such
+    device``; a newcomer's review).
+    """
     safetensors_torch = _require("safetensors.torch", "lora")
+    path = Path(path)
+    if path.is_dir():
+        weights = path / "adapter_model.safetensors"
+        if not weights.is_file():
+            found = sorted(p.name for p in path.iterdir())[:8]
+            raise FileNotFoundError(
+                f"{path} is a folder without adapter_model.safetensors (what peft's "
+                f"save_pretrained writes; it holds {found or 'nothing'}): pass the "
+                "folder of a peft adapter or a .safetensors file.")
+        path = weights
+    elif not path.is_file():
+        raise FileNotFoundError(f"no adapter at {path}: pass a .safetensors file or a "
+                                "peft adapter folder.")
     return safetensors_torch.load_file(str(path))

@@ -151,6 +151,50 @@ def test_streamed_outputs_equal_refine_adapters_on_whole_adapters(adapters, refi
 
 
 @pytest.mark.filterwarnings("ignore:only 6 clients")
+def test_sample_weight_option_is_refine_adapters_sample_weight(adapters, refined, tmp_path):
+    """--sample-weight gives what refine_adapters(sample_weight=...) gives, byte for
+    byte, and the report records it (a newcomer's review: the command had no way to
+    pass the clients' example counts, and its outputs were those of equal weights
+    only); the weights change the benign clients' refined adapters (the option is not
+    ignored)."""
+    weights = [10.0, 10.0, 10.0, 1000.0, 10.0, 10.0]
+    assert main(["refine", "--random-state", "0", "--sample-weight",
+                 ",".join(f"{w:g}" for w in weights), "--out", str(tmp_path),
+                 *map(str, adapters)]) == 0
+    whole = refine_adapters([_weights(f) for f in adapters], _configs(adapters),
+                            sample_weight=weights, random_state=0)
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["sample_weight"] == weights
+    assert json.loads((refined / "report.json").read_text())["sample_weight"] is None
+    assert [c["flagged"] for c in report["clients"]] == whole.flagged.tolist()
+    moved = 0
+    for k, folder in enumerate(adapters):
+        after = _weights(tmp_path / folder.name)
+        assert all(torch.equal(after[key], whole.state_dicts[k][key]) for key in after)
+        equal = _weights(refined / folder.name)
+        moved += any(not torch.equal(after[key], equal[key]) for key in after)
+    assert moved >= 1
+
+
+@pytest.mark.parametrize("bad, said", [
+    ("1,2,3", "3 weights for 6 adapter folders"),
+    ("1,2,3,4,5,x", "must be numbers separated by commas"),
+    ("1,1,1,1,1,-1", "finite and non-negative"),
+    ("1,0,0,0,0,0", "--sample-weight 1,0,0,0,0,0: ")])
+def test_a_bad_sample_weight_is_one_line_before_anything_is_copied(adapters, tmp_path,
+                                                                   capsys, monkeypatch, bad,
+                                                                   said):
+    copies = []
+    monkeypatch.setattr(shutil, "copyfile", lambda *args, **kw: copies.append(args))
+    code = main(["refine", "--sample-weight", bad, "--out", str(tmp_path / "out"),
+                 *map(str, adapters)])
+    err = capsys.readouterr().err
+    assert code == 2 and not (tmp_path / "out").exists() and not copies
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and said in lines[0], err
+
+
+@pytest.mark.filterwarnings("ignore:only 6 clients")
 def test_per_module_outputs_equal_refine_adapters_per_module(adapters, tmp_path):
     """--per-module: one pass. Its readouts batch every client (the client-level flags
     come after the last module), refine_adapters only the unflagged ones, so a float64

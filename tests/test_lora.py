@@ -509,3 +509,25 @@ def test_keys_without_lora_factors_say_what_peft_keys_look_like():
         lora_pairs(["m.weight"])
     assert lora_pairs(iter(["m.lora_A.weight", "m.lora_B.weight"])) == {
         "m": {"A": "m.lora_A.weight", "B": "m.lora_B.weight"}}
+
+
+def test_load_adapter_reads_a_peft_folder_and_names_what_is_missing(tmp_path, tiny_peft):
+    """``load_adapter`` on a folder ``save_pretrained`` wrote reads its
+    adapter_model.safetensors (safetensors alone answered a folder with "OSError: No
+    such device"); a folder without it and a missing path raise FileNotFoundError
+    saying what was looked for."""
+    from clairstat.lora import load_adapter
+
+    torch, peft, Tiny, config = tiny_peft
+    torch.manual_seed(0)
+    model = peft.get_peft_model(Tiny(), config)
+    model.save_pretrained(tmp_path / "client0")
+    from_folder = load_adapter(tmp_path / "client0")
+    from_file = load_adapter(str(tmp_path / "client0" / "adapter_model.safetensors"))
+    assert from_folder.keys() == from_file.keys() and from_folder
+    assert all(torch.equal(from_folder[k], from_file[k]) for k in from_file)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="without adapter_model.safetensors"):
+        load_adapter(tmp_path / "empty")
+    with pytest.raises(FileNotFoundError, match="no adapter at"):
+        load_adapter(tmp_path / "nowhere")

@@ -108,6 +108,10 @@ def test_too_few_clients_warns_and_uses_the_rule(regression):
         warnings.simplefilter("ignore")
         plain = CLAIREstimator(random_state=0).fit(X)
     np.testing.assert_array_equal(est.p_values_, plain.p_values_)
+    # more than the clients there are: said so, not "leaves out 29 of 20" (a review)
+    with pytest.warns(UserWarning, match="rank_support=9 would leave out 8 clients and "
+                                         "there are only 4"):
+        CLAIREstimator(random_state=0, rank_support=9).fit(X)
 
 
 @pytest.mark.filterwarnings("ignore:only 6 clients")

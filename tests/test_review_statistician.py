@@ -495,8 +495,8 @@ def test_a_p_value_is_recomputed_from_its_summary_row():
         else:
             assert "~ chi^2(df)" in line
             p_value = stats.chi2.sf(stat / scale, df)
-        # the row's statistic, scale and df carry four, four and three significant
-        # digits: the recomputed p-value agrees to about a per cent of itself
+        # the row's statistic, scale and df carry four significant digits: the
+        # recomputed p-value agrees to about a per cent of itself
         assert p_value == pytest.approx(est.p_values_[k], rel=0.02, abs=1e-3)
 
 
