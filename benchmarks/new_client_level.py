@@ -20,7 +20,7 @@ per replicate and noise model, with the new client's p-value, the fitted rank an
 package version, appended as produced (resumable). The summary: the share of new
 clients with p < 0.05 and p < 0.01, Wilson 95% intervals.
 
-    OMP_NUM_THREADS=1 python benchmarks/new_client_level.py --reps 300 \
+    OMP_NUM_THREADS=1 python benchmarks/new_client_level.py --reps 500 \
         --out benchmarks/results/new_client_level.csv
 """
 
@@ -103,7 +103,7 @@ def summarize(out):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--reps", type=int, default=300, help="replicates per K")
+    parser.add_argument("--reps", type=int, default=500, help="replicates per K")
     parser.add_argument("--out", type=Path,
                         default=Path("benchmarks/results/new_client_level.csv"))
     parser.add_argument("--summary-only", action="store_true")

@@ -20,7 +20,9 @@ Three configurations, each its own fit of the same training clients:
   covariance passed to ``predict``.
 
 Rows are appended to a CSV as they are produced (resumable: finished (dataset, split,
-configuration) rows are skipped), with the package version, the new client's p-value,
+configuration) rows are skipped; a table whose rows hold another ``cov_type`` or
+``rank_support`` for a configuration is refused), with the package version, each
+configuration's settings, the new client's p-value,
 the fit's rank and the number of training clients it flagged beside every row; the
 summary gives each share with its Wilson 95% interval and the verdict against the
 criteria fixed in benchmarks/RESULTS.md before the first run.
@@ -48,8 +50,8 @@ CONFIGURATIONS = {  # name: (local_ols's cov_type, noise_cov given, rank_support
     "noise_cov": ("nonrobust", True, 1),
     "hc3_support3": ("HC3", True, 3),
 }
-FIELDS = ["dataset", "split", "configuration", "n_clients", "p", "q", "rank",
-          "training_flags", "converged", *(f"p_{kind}" for kind in KINDS),
+FIELDS = ["dataset", "split", "configuration", "cov_type", "rank_support", "n_clients", "p",
+          "q", "rank", "training_flags", "converged", *(f"p_{kind}" for kind in KINDS),
           *(f"flagged_{kind}" for kind in KINDS), "version"]
 
 
@@ -81,7 +83,7 @@ def run_one(name, frame, features, outputs, n_clients, split):
                 ols.estimates[:n_clients], sample_weight=ols.n_samples[:n_clients],
                 noise_cov=train_cov if with_cov else None)
             row = dict(dataset=name, split=split, configuration=configuration,
-                       n_clients=n_clients, p=ols.estimates.shape[1],
+                       cov_type=cov_type, rank_support=support, n_clients=n_clients, p=ols.estimates.shape[1],
                        q=ols.estimates.shape[2], rank=est.rank_,
                        training_flags=int(est.contaminated_.sum()),
                        converged=int(est.detection_converged_))
@@ -97,6 +99,15 @@ def run(n_splits, out, names=None):
     import clairstat
 
     rows = existing_rows(out, FIELDS)
+    # a resumed table must be this code's configurations, not only their names (a review;
+    # real_data_calibration.py checks its settings the same way)
+    for row in rows:
+        cov_type, _, support = CONFIGURATIONS.get(row["configuration"], (None, None, None))
+        if (row["cov_type"], row["rank_support"]) != (cov_type, str(support)):
+            raise SystemExit(f"{out} holds a row of configuration {row['configuration']!r} "
+                             f"with cov_type {row['cov_type']!r} and rank_support "
+                             f"{row['rank_support']!r}; this code's is {cov_type!r}, "
+                             f"{support!r}: write to a new file.")
     done = {(r["dataset"], int(r["split"]), r["configuration"]) for r in rows}
     datasets = [d for d in all_datasets() if names is None or d[0] in names]
     with appending(out, FIELDS) as (writer, handle):

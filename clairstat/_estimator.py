@@ -41,16 +41,18 @@ __all__ = ["CLAIREstimator"]
 # C(K, s - 1) times per fit of the subspace, refused beyond this many.
 _MAX_SUB_STACKS = 20_000
 
-# Every method name ``statsmodels.stats.multitest.multipletests`` accepts (statsmodels
-# 0.14-0.15: its names and their aliases; a newcomer's review found "fdr_gbs" refused
-# while the docstring said "any method"). tests/test_hostile_estimator.py checks the set
-# against the installed statsmodels.
+# Every method of ``statsmodels.stats.multitest.multipletests`` that adjusts p-values
+# for a family-wise error rate or a false discovery rate, by name or alias (a newcomer's
+# review found "fdr_gbs" refused while the docstring said "any method"); all of them in
+# statsmodels 0.14 and 0.15. Not "lfdr" (statsmodels 0.15's local-fdr support line,
+# absent from 0.14 and, in 0.15, from installs with scipy below 1.12: a review).
+# tests/test_hostile_estimator.py checks the set against the installed statsmodels.
 _CORRECTIONS = {"b", "bonf", "bonferroni", "s", "sidak", "h", "holm", "hs", "holm-sidak",
                 "sh", "simes-hochberg", "ho", "hommel",
                 "fdr_bh", "fdr_i", "fdr_p", "fdri", "fdrp",
                 "fdr_by", "fdr_n", "fdr_c", "fdrn", "fdrcorr",
                 "fdr_tsbh", "fdr_2sbh", "fdr_tsbky", "fdr_2sbky", "fdr_twostage",
-                "fdr_gbs", "lfdr", "lfdr_sl"}
+                "fdr_gbs"}
 
 
 class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
@@ -99,14 +101,15 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
         keeps (:func:`clairstat._detection.detect_clients`). ``"threshold"``: flag
         ``||S_k||_F > threshold`` and fit once on the others (p-values for the record).
     test_level : float, default=0.05
-        Level of the corrected tests: the false discovery rate (``"fdr_*"``,
-        ``"fdrcorr"`` and ``"lfdr"`` corrections and their aliases) or the family-wise
-        error rate (the others) over the training
+        Level of the corrected tests: the false discovery rate (the ``"fdr*"``
+        corrections, aliases included) or the family-wise error rate (the others) over
+        the training
         clients; for a new client (:meth:`predict`), its own test's level.
     correction : str, default="fdr_bh"
-        Any method of ``statsmodels.stats.multitest.multipletests``, by its name or
-        an alias ("fdr_bh", "holm", "bonferroni", "fdr_gbs", ...): how the training
-        clients' p-values are adjusted.
+        A method of ``statsmodels.stats.multitest.multipletests``, by its name or an
+        alias, in lower case ("fdr_bh", "holm", "bonferroni", "fdr_gbs", ...; every
+        family-wise and false-discovery-rate method, not the local-fdr "lfdr"): how the
+        training clients' p-values are adjusted.
     subspace_source : {"refit", "low_rank"}, default="refit"
         ``"refit"``: top singular vectors of the collaborative clients' centred
         estimates, the subspace the tests use. ``"low_rank"``: the column space of the
@@ -938,13 +941,15 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
         (their average covariance with ``noise_cov``, the fitted scale otherwise), unless
         its own ``noise_cov`` is given: a collaborative new client with noise like
         theirs (or with its own covariance given) scores below ``log(test_level)`` with
-        probability about ``test_level`` from about twelve clients on, and more often
-        with fewer: on clients that follow the package's model, at level 0.05, 0.13 at
-        four and six clients and 0.09 at eight with the noise estimated, 0.074 at four
-        with it given (where the rank rule misses a shared direction) and 0.02-0.05 from
-        six on (``benchmarks/new_client_level.py``); on 18 real datasets, a site held out
-        of the fit, 0.109 without a covariance, 0.057 with the classical one and 0.033
-        with HC3 and ``rank_support=3`` (``benchmarks/real_data_new_clients.py``).
+        probability about ``test_level`` or less from about twelve clients on, and more
+        often with fewer: on clients that follow the package's model, at level 0.05,
+        with the noise estimated 0.13 at four and six clients, 0.09 at eight and
+        0.04-0.05 at twelve and twenty; with it given 0.074 at four (where the rank rule
+        can miss a shared direction) and 0.02-0.05 from six on, conservative
+        (``benchmarks/new_client_level.py``). On 18 real datasets, a site held out of
+        the fit: a share of 0.109 flagged without a covariance, 0.057 with the classical
+        one and 0.033 with HC3 and ``rank_support=3``, whose fits kept no shared
+        direction there (``benchmarks/real_data_new_clients.py``).
         Without its covariance, one with noisier data (fewer samples) is flagged more
         often. The error of the members' subspace enters every new
         client's null, so a client far more precise than the members is not flagged

@@ -650,9 +650,10 @@ def new_clients_macros(path):
     committed): per configuration (``default``, ``noisecov``, ``hcthreesupportthree``)
     the pooled share of benign new clients flagged (``.pooled``), the number of
     datasets meeting both criteria (``.met``), the largest share and its dataset
-    (``.max``, ``.maxdataset``) and the lowest power over the corruptions that are
-    criteria (``.power.min``); the datasets, splits per dataset and fits per
-    configuration."""
+    (``.max``, ``.maxdataset``), the lowest power over the corruptions that are
+    criteria (``.power.min``), the mean fitted rank (``.meanrank``) and the
+    configuration's ``rank_support`` (``.support``); the datasets, splits per dataset
+    and fits per configuration."""
     import pandas as pd
 
     if not path.exists():
@@ -672,6 +673,8 @@ def new_clients_macros(path):
             met += bool(rows.flagged_none.mean() <= max_null and power >= min_power)
         shares = group.groupby("dataset").flagged_none.mean()
         macros.update({f"{key}.pooled": fmt_fixed(group.flagged_none.mean()),
+                       f"{key}.meanrank": fmt_fixed(group["rank"].mean(), 2),
+                       f"{key}.support": fmt(int(group.rank_support.iloc[0])),
                        f"{key}.met": fmt(met), f"{key}.max": fmt_fixed(shares.max(), 2),
                        f"{key}.maxdataset": tex_escape(str(shares.idxmax())),
                        f"{key}.power.min": fmt_fixed(min(lowest), 2)})

@@ -158,27 +158,51 @@ def test_simulations_readme_names_every_reserved_column():
 
 
 def test_new_client_shares_in_the_docs_are_the_committed_table():
-    """The pooled shares of benign new clients flagged that README.md, the method notes
-    and the statistician's guide quote are those of
-    benchmarks/results/real_data_new_clients.csv (recomputed here), and so is the count
-    of datasets meeting the criteria without a covariance."""
+    """The pooled shares of benign new clients flagged that README.md, the method notes,
+    the statistician's guide, ``score_samples``' docstring and the CHANGELOG quote are
+    those of benchmarks/results/real_data_new_clients.csv (recomputed here), each beside
+    the configuration it belongs to (a review swapped two of them between
+    configurations and the first version of this test passed), and so is the count of
+    datasets meeting the criteria without a covariance."""
     pd = pytest.importorskip("pandas")
+    from clairstat import CLAIREstimator
+
     sys.path.insert(0, str(ROOT / "benchmarks"))
     new_clients = pytest.importorskip("real_data_new_clients")
-    table = pd.read_csv(ROOT / "benchmarks" / "results" / "real_data_new_clients.csv")
-    shares = table.groupby("configuration").flagged_none.mean()
-    quoted = {name: f"{shares[name]:.3f}" for name in new_clients.CONFIGURATIONS}
-    summary = new_clients.summarize(ROOT / "benchmarks" / "results"
-                                    / "real_data_new_clients.csv")
-    met = re.search(r"\| default \| [^|]* \| (\d+) of 18 \|", summary).group(1)
-    for path in ("README.md", "docs/method_notes.md", "docs/guides/statistician.rst"):
-        text = " ".join((ROOT / path).read_text().split())
-        for share in quoted.values():
-            assert share in text, f"{path} does not quote {share}"
-    readme = " ".join((ROOT / "README.md").read_text().split())
-    assert f"{met} of 18 datasets meeting the criteria" in readme
-    per_configuration = f"{len(table) // len(quoted):,}".replace(",", " ")
-    assert f"of {per_configuration}" in readme  # fits per configuration: 1 800
+    path = ROOT / "benchmarks" / "results" / "real_data_new_clients.csv"
+    table = pd.read_csv(path)
+    share = {name: f"{value:.3f}"
+             for name, value in table.groupby("configuration").flagged_none.mean().items()}
+    fits = f"{len(table) // len(share):,}".replace(",", " ")  # per configuration: 1 800
+    hc3, classical, none = share["hc3_support3"], share["noise_cov"], share["default"]
+    met = re.search(r"\| default \| [^|]* \| (\d+) of 18 \|",
+                    new_clients.summarize(path)).group(1)
+
+    def text(name):
+        return " ".join((ROOT / name).read_text().split())
+
+    expected = {
+        "README.md": [f"was {hc3} over {fits} fits with HC3 and `rank_support=3`",
+                      f"{classical} with the classical covariance and {none} without a "
+                      f"covariance ({met} of 18 datasets meeting the criteria)"],
+        "docs/method_notes.md": [f"was {hc3} over {fits} fits with "
+                                 '`local_ols(cov_type="HC3")`',
+                                 f"{classical} with the classical covariance and {none} "
+                                 "without a covariance"],
+        "docs/guides/statistician.rst": [f"was {hc3} over {fits} fits with "
+                                         '``local_ols(..., cov_type="HC3")``',
+                                         f"{classical} with the classical covariance, and "
+                                         f"{none} without a covariance"],
+        "CHANGELOG.md": [f"was {hc3} over {fits} fits with HC3 covariances",
+                         f"{classical} with the classical covariance (",
+                         f"{none} without a covariance ({met} of 18)"],
+    }
+    for name, phrases in expected.items():
+        for phrase in phrases:
+            assert phrase in text(name), f"{name} does not say: {phrase}"
+    docstring = " ".join(CLAIREstimator.score_samples.__doc__.split())
+    assert (f"a share of {none} flagged without a covariance, {classical} with the "
+            f"classical one and {hc3} with HC3") in docstring
 
 
 def test_new_client_levels_in_the_docs_are_the_committed_table():
@@ -200,7 +224,8 @@ def test_new_client_levels_in_the_docs_are_the_committed_table():
         assert f"{share['estimated', 8]:.2f} at eight" in text
         assert f"{share['noise_scale', 4]:.3f} at four" in text
         later = [share["noise_scale", k] for k in (6, 8, 12, 20)]
-        assert f"{min(later):.2f}-{max(later):.2f} from six on" in " ".join(
-            text.replace("from\nsix", "from six").split())
+        assert f"{min(later):.2f}-{max(later):.2f} from six on" in text
+    large = [share["estimated", k] for k in (12, 20)]
+    assert f"{min(large):.2f}-{max(large):.2f} at twelve and twenty" in docstring
     assert f"{by_rank[1]:.3f} in the fits that kept the shared direction" in notes
     assert f"{by_rank[0]:.3f} in those whose rank rule missed it" in notes

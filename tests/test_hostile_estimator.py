@@ -1514,9 +1514,11 @@ def test_the_mean_s_share_weighs_the_sites_that_carry_the_mean(monkeypatch):
 
 
 def test_every_multipletests_method_is_a_correction():
-    """``correction`` takes every name and alias ``multipletests`` accepts (the docstring
-    says "any method"; a newcomer's review found "fdr_gbs" refused), and nothing else;
-    a fit with each one flags what its adjusted p-values say."""
+    """``correction`` takes every name and alias of the family-wise and false-discovery
+    methods ``multipletests`` accepts (a newcomer's review found "fdr_gbs" refused while
+    the docstring said "any method"), not the local-fdr "lfdr" (statsmodels 0.15 only,
+    and not with scipy below 1.12), and nothing else; a fit with each of three flags what
+    its adjusted p-values say."""
     import numpy as np
     from statsmodels.stats import multitest
 
@@ -1532,7 +1534,7 @@ def test_every_multipletests_method_is_a_correction():
             except ValueError:
                 continue
             accepted.add(name)
-    assert _CORRECTIONS == accepted
+    assert _CORRECTIONS == accepted - {"lfdr", "lfdr_sl"}
     data = make_low_rank_block_sparse(12, 6, 2, 1, 2, noise_level=0.1, random_state=0)
     for name in ("fdr_gbs", "b", "fdrcorr"):
         est = CLAIREstimator(correction=name, random_state=0).fit(data.local_estimates)

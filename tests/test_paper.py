@@ -1180,6 +1180,16 @@ def test_new_clients_macros_are_the_scripts_summary(tmp_path):
             "dataset").flagged_none.mean()
         assert macros[f"newcl.{key}.max"] == f"{shares.max():.2f}"
         assert macros[f"newcl.{key}.maxdataset"] == shares.idxmax()
+        rows = table[table.configuration == configuration]
+        assert macros[f"newcl.{key}.meanrank"] == f"{rows['rank'].mean():.2f}"
+        assert macros[f"newcl.{key}.support"] == str(
+            script.CONFIGURATIONS[configuration][2])
+        # the lowest power over the corruptions that are criteria (reversing one
+        # output changes nothing), per dataset
+        lowest = min(min(part[f"flagged_{kind}"].mean() for kind in
+                         ("scale", "flip") + (("replace",) if part.q.iloc[0] > 1 else ()))
+                     for _, part in rows.groupby("dataset"))
+        assert macros[f"newcl.{key}.power.min"] == f"{lowest:.2f}"
     assert macros["newcl.fits"] == "1800" and macros["newcl.splits"] == "100"
     assert new_clients_macros(tmp_path / "missing.csv") == {"newcl.has": "0"}
 

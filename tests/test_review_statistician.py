@@ -498,6 +498,10 @@ def test_a_p_value_is_recomputed_from_its_summary_row():
         # the row's statistic, scale and df carry four significant digits: the
         # recomputed p-value agrees to about a per cent of itself
         assert p_value == pytest.approx(est.p_values_[k], rel=0.02, abs=1e-3)
+        # df as the other columns, four significant digits (a review read "202" for
+        # 202.11); the fair sites' df are not integers
+        assert rows.iloc[k]["df"] == f"{est.degrees_of_freedom_[k]:.4g}"
+    assert any(float(v) != round(float(v)) for v in rows["df"])
 
 
 def _one_direction_sites(seed, bad=(), shift=0.8, n_clients=12, n=80, p=4, q=2):
