@@ -1015,8 +1015,8 @@ def _check_device(device):
 
 def _check_sample_weight(args):
     """``--sample-weight``: one finite, non-negative number per adapter folder, at least
-    two positive (the estimator's own check), read into ``args.sample_weight`` (an array,
-    or None)."""
+    two positive (the estimator's own check), read into ``args.sample_weight`` (a list of
+    floats as given, or None)."""
     if args.sample_weight is None:
         return
     from ._validation import check_sample_weight
