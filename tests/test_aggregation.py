@@ -373,6 +373,24 @@ def test_bfloat16_torch_factors_are_aggregated_as_float32():
         assert np.array_equal(aggregate(rule, halves).update, aggregate(rule, exact).update)
 
 
+@pytest.mark.parametrize("rule", sorted(RULE_NAMES))
+def test_every_rule_returns_float64_for_float32_factors(rule):
+    """One dtype whatever the rule: median and trimmed_mean returned a float32 update and
+    flora a float32 A next to a float64 B for float32 factors (the rules compute in
+    float64, the weights being float64), fedit and the others float64 (a review)."""
+    rng = np.random.default_rng(3)
+    factors = [(b.astype(np.float32), a.astype(np.float32))
+               for b, a in random_factors(rng, 6, d=8, k=6, ranks=2)]
+    if rule == "ffa":  # the same frozen A on every client
+        factors = [(b, factors[0][1]) for b, _ in factors]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # few clients for clair, trim
+        res = aggregate(rule, factors)
+    assert res.update.dtype == np.float64
+    if res.factors is not None:
+        assert [m.dtype for m in res.factors] == [np.float64, np.float64]
+
+
 def test_geomedian_minimises_the_weighted_sum_of_distances():
     rng = np.random.default_rng(20)
     factors, weights = random_factors(rng, 6, d=4, k=3, ranks=1), random_weights(rng, 6)

@@ -18,7 +18,9 @@ class AggregationResult:
     rule : str
         Name of the rule that produced it.
     update : ndarray of shape (d, k)
-        The aggregated update the server applies to the frozen weights. A rule may
+        The aggregated update the server applies to the frozen weights, float64
+        whatever the factors' dtype (as ``factors``; every rule computes in float64,
+        the weights being float64). A rule may
         pass a function of no argument instead: it is called on the first access and
         its array kept (CLAIR's dense mean, d x k, costs as much as the reduction's
         QRs on a 4096 x 4096 module and the per-module LoRA path never reads it).

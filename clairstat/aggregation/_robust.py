@@ -82,7 +82,7 @@ def _coordinatewise(factors, statistic):
     (b_first, a_first), n_clients = factors[0], len(factors)
     d, k = b_first.shape[0], a_first.shape[1]
     rows = max(1, _CHUNK_BYTES // (8 * n_clients * k))
-    out = np.empty((d, k), dtype=b_first.dtype)
+    out = np.empty((d, k))  # float64, as every rule's update (the weights are float64)
     for start in range(0, d, rows):
         block = dense_updates(factors, slice(start, start + rows))
         out[start:start + rows] = statistic(block.reshape(n_clients, -1)).reshape(-1, k)

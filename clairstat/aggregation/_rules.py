@@ -86,7 +86,7 @@ def ffa(factors, weights):
     if odd:
         raise ValueError(f"rule 'ffa' needs the same frozen A on every client: client(s) "
                          f"{odd} have an A that differs from the one most clients share.")
-    a_shared = factors[0][1]
+    a_shared = factors[0][1].astype(np.float64, copy=False)
     b_bar = sum(w * b for (b, _), w in zip(factors, weights))
     return AggregationResult("ffa", b_bar @ a_shared, (b_bar, a_shared), weights)
 

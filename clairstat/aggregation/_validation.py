@@ -206,7 +206,7 @@ def common_rank(factors, rule):
 def stacked_factors(factors, weights):
     """``[p_1 B_1, ..., p_N B_N]`` (d, sum r_i) and ``[A_1; ...; A_N]`` (sum r_i, k)."""
     left = np.hstack([w * b for (b, _), w in zip(factors, weights)])
-    right = np.vstack([a for _, a in factors])
+    right = np.vstack([a for _, a in factors]).astype(np.float64, copy=False)
     return left, right
 
 
