@@ -3,7 +3,10 @@
 Six clients adapt two projections of a tiny model with rank-2 LoRA; five of them learn
 updates that share one column direction per module, the sixth sends an adversarial
 update. The server runs :class:`clairstat.integrations.flower.LoraStrategy` with the
-``"clair"`` rule for two rounds and sends every client its own refined adapter.
+``"clair"`` rule for two rounds and sends every client its own refined adapter. The
+strategy names clients by Flower's node ids, which the simulation draws at random; the
+clients also report their partition, so that the script can say which partitions were
+flagged (the adversary is partition 5).
 
 Run it from the repository root (it needs ``pip install "clairstat[lora,flower]"``)::
 
@@ -62,7 +65,8 @@ def train(msg, context):
     """Reply with the local adapter and the number of examples it was trained on."""
     partition = int(context.node_config["partition-id"])
     content = RecordDict({"arrays": state_dict_to_arrays(local_adapter(partition)),
-                          "metrics": MetricRecord({"num-examples": 10})})
+                          "metrics": MetricRecord({"num-examples": 10,
+                                                   "partition-id": partition})})
     return Message(content=content, reply_to=msg)
 
 
@@ -77,7 +81,21 @@ def evaluate(msg, context):
     return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)
 
 
-strategy = LoraStrategy(rule="clair", lora_config=LORA, personalized=True,
+class NamedLoraStrategy(LoraStrategy):
+    """LoraStrategy that also records which partition each node id holds."""
+
+    partition_of = {}
+
+    def aggregate_train(self, server_round, replies):
+        replies = list(replies)
+        for reply in replies:
+            if reply.has_content():
+                self.partition_of[reply.metadata.src_node_id] = int(
+                    reply.content["metrics"]["partition-id"])
+        return super().aggregate_train(server_round, replies)
+
+
+strategy = NamedLoraStrategy(rule="clair", lora_config=LORA, personalized=True,
                         rule_options={"rank": 1, "random_state": 0},
                         min_available_nodes=N_CLIENTS, min_train_nodes=N_CLIENTS,
                         min_evaluate_nodes=N_CLIENTS)
@@ -96,7 +114,9 @@ if __name__ == "__main__":
     run_simulation(server_app, client_app, num_supernodes=N_CLIENTS, backend_config={
         "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
         "init_args": {"num_cpus": min(2, os.cpu_count() or 1), "include_dashboard": False}})
-    flagged = [node for node, flag in strategy.flagged_.items() if flag]
-    print(f"flagged nodes: {flagged} of {len(strategy.flagged_)}")
+    flagged = sorted(strategy.partition_of[node]
+                     for node, flag in strategy.flagged_.items() if flag)
+    print(f"flagged partitions: {flagged} of {len(strategy.flagged_)} "
+          f"(the adversary is partition {ADVERSARY})")
     loaded = strategy.result_.evaluate_metrics_clientapp[2]["loaded"]
     print(f"share of clients that loaded their adapter in round 2: {loaded:.2f}")
