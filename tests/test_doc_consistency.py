@@ -228,4 +228,15 @@ def test_new_client_levels_in_the_docs_are_the_committed_table():
     large = [share["estimated", k] for k in (12, 20)]
     assert f"{min(large):.2f}-{max(large):.2f} at twelve and twenty" in docstring
     assert f"{by_rank[1]:.3f} in the fits that kept the shared direction" in notes
+    # the warning predict gives below FEW_CLIENTS_NEW clients quotes the same table
+    from clairstat.datasets import make_low_rank_block_sparse
+
+    data = make_low_rank_block_sparse(9, 5, 2, 1, 0, noise_level=0.3, random_state=0)
+    est = CLAIREstimator(random_state=0).fit(data.local_estimates[:8])
+    with pytest.warns(UserWarning) as caught:
+        est.predict(data.local_estimates[8:])
+    message = " ".join(str(w.message) for w in caught)
+    assert (f"0.05: {share['estimated', 4]:.2f} at four and six clients, "
+            f"{share['estimated', 8]:.2f} at eight, about 0.05 at twelve") in message
+    assert abs(share["estimated", 12] - 0.05) < 0.01
     assert f"{by_rank[0]:.3f} in those whose rank rule missed it" in notes

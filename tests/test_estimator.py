@@ -372,3 +372,30 @@ def test_objective_and_history_are_in_the_data_units(formulation):
     assert est.objective_ == pytest.approx(value, rel=1e-10)
     assert res.history[-1]["objective"] == pytest.approx(est.objective_, rel=1e-12)
     assert res.history[-1]["gap"] == pytest.approx(est.dual_gap_, rel=1e-12, abs=0)
+
+
+@pytest.mark.parametrize("n_clients", [8, 12])
+def test_new_clients_of_a_small_fit_without_covariance_get_a_warning(n_clients):
+    """Below FEW_CLIENTS_NEW training clients a fit without a covariance tests new
+    clients liberally (0.09 of benign ones flagged at eight clients, level 0.05,
+    benchmarks/new_client_level.py) where the fit itself did not warn: predict says so
+    for new rows only, and not with a known noise scale."""
+    from clairstat._estimator import FEW_CLIENTS_ESTIMATED, FEW_CLIENTS_NEW
+    from clairstat.datasets import make_low_rank_block_sparse
+
+    assert FEW_CLIENTS_ESTIMATED <= 8 < FEW_CLIENTS_NEW <= 12
+    data = make_low_rank_block_sparse(n_clients + 1, 5, 2, 1, 0, noise_level=0.3,
+                                      random_state=0)
+    train, new = data.local_estimates[:n_clients], data.local_estimates[n_clients:]
+    for noise_scale in (None, 0.3):
+        est = CLAIREstimator(random_state=0, noise_scale=noise_scale)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            est.fit(train)
+            est.predict(train)  # the training clients: their fitted tests
+            if noise_scale is not None or n_clients >= FEW_CLIENTS_NEW:
+                est.predict(new)
+                continue
+        with pytest.warns(UserWarning, match=f"fit of {n_clients} clients without a "
+                                             "covariance: their test is liberal"):
+            est.predict(new)
