@@ -620,12 +620,11 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
                                  backbone=False if factored else self.backbone,
                                  solver=engine, noise_scale=noise.sigma)
         reported_sigma = noise.sigma  # in the data's units (the frame has its own)
-        frame_source = None
         if noise.estimated and not factored:
             # the penalized program's certificate bounds the objective's relative gap
             # by tol: its iterates are accurate to about sqrt(tol) of the data
-            noise, frame_source = _estimated_frame(blocks, result, noise, ESTIMATED_FRAME,
-                                                   np.sqrt(self.tol))
+            noise = _estimated_frame(blocks, result, noise, ESTIMATED_FRAME,
+                                     np.sqrt(self.tol))
         scores = np.linalg.norm(result.sparse, axis=(1, 2))
         start = scores <= self._threshold_value(solve_blocks, scale)
         frame = noise.frame
@@ -635,7 +634,7 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
                              correction=self.correction, iterate=self.detection == "test",
                              random_state=self.random_state,
                              rank_support=support)
-        self._frame, self._frame_source = frame, frame_source
+        self._frame = frame
         if not noise.estimated and not factored and self.rank is None:
             self._warn_rank_at_calibrated_noise(
                 blocks if frame is None else frame.to(blocks), weights, fit, noise, support)
@@ -990,31 +989,36 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
         X, _, noise_cov = _unpack_ols(self._aligned_ols(X), noise_cov, None,
                                       "score_samples", self._fitted_noise_scale())
         blocks = self._read(X, reset=False, noise_cov=noise_cov) / self._scale
-        frame, cov = self._frame, None
-        if noise_cov is not None:
+        frame = self._frame
+        if noise_cov is None:
+            log_p = self._collaborative.new_client_log_p(
+                blocks if frame is None else frame.to(blocks))[0]
+        else:
             if frame is None or self.noise_model_ == "estimated":
                 raise ValueError("the new clients' noise_cov (given, or carried by a "
                                  "LocalOLS) needs an estimator fitted with noise_cov; this "
                                  "one was not: pass the estimates alone (X.estimates for a "
                                  "LocalOLS) to test them with the members' fitted noise.")
-            cov = check_noise_cov(noise_cov, len(blocks), *self.estimate_shape_,
-                                  transpose=self._orientation() == "row")
+            row, col = check_noise_cov(noise_cov, len(blocks), *self.estimate_shape_,
+                                       transpose=self._orientation() == "row")
+            log_p = self._collaborative.new_client.log_p_known(
+                frame.to(blocks), _frame_cov(frame, row, col, self._scale))
+        # a tail probability below the smallest float scores -708.4 as a training
+        # client's does, not -inf (scipy's logsf underflows for a client far off; a
+        # review: roc_auc_score refused the -inf of held-out attackers)
+        log_p = np.maximum(log_p, np.log(np.finfo(float).tiny))
         training = self._collaborative.training_scores()
-        fitted = np.full(len(blocks), np.nan)  # a training client's fitted score, or NaN
+        new_rows = False
         for i, block in enumerate(blocks):
             sent = self._training_clients(block, i)
             if i in sent:  # at its own position (predict(X_train)): that client's test
-                fitted[i] = training[i]
+                log_p[i] = training[i]
             elif sent.size and np.all(training[sent] == training[sent[0]]):
-                fitted[i] = training[sent[0]]
-            # else a new client (or an estimate several training clients sent, with
-            # different fitted results, away from their positions): tested as one
-        new = np.isnan(fitted)
-        log_p = np.where(new, 0.0, fitted)
-        if new.any():
-            log_p[new] = self._new_client_log_p(
-                blocks[new], None if cov is None else (cov[0][new], cov[1][new]))
-        if new.any() and noise_cov is None and self.noise_model_ == "estimated" \
+                log_p[i] = training[sent[0]]
+            else:  # a new client (or an estimate several training clients sent, with
+                # different fitted results, away from their positions): tested as one
+                new_rows = True
+        if new_rows and noise_cov is None and self.noise_model_ == "estimated" \
                 and self._training_like() and len(self.p_values_) < FEW_CLIENTS_NEW:
             warnings.warn(
                 f"new clients are tested against a fit of {len(self.p_values_)} clients "
@@ -1024,23 +1028,6 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
                 "benchmarks/new_client_level.py); fit with noise_cov or noise_scale if "
                 "the noise is known.", UserWarning, stacklevel=2)
         return log_p
-
-    def _new_client_log_p(self, blocks, cov):
-        """Log p-values of new clients (working units) against the fit, each with its
-        own covariance ``cov`` (row, col) where given, floored."""
-        frame = self._frame
-        if cov is None:
-            source = getattr(self, "_frame_source", None)  # absent from older pickles
-            log_p = self._collaborative.new_client_log_p(
-                blocks if frame is None else frame.to(blocks),
-                None if source is None else source.entry_weights(blocks))[0]
-        else:
-            log_p = self._collaborative.new_client.log_p_known(
-                frame.to(blocks), _frame_cov(frame, *cov, self._scale))
-        # a tail probability below the smallest float scores -708.4 as a training
-        # client's does, not -inf (scipy's logsf underflows for a client far off; a
-        # review: roc_auc_score refused the -inf of held-out attackers)
-        return np.maximum(log_p, np.log(np.finfo(float).tiny))
 
     def _training_like(self):
         """Whether the fit was on dense estimates (a LoRA stack's is not)."""
@@ -1330,80 +1317,15 @@ def _estimated_frame(blocks, result, noise, source, resolution):
     if source not in _FRAME_SOURCES:
         raise ValueError(f"ESTIMATED_FRAME must be one of {_FRAME_SOURCES}, not {source!r}.")
     resid = blocks - result.backbone[None] - result.low_rank - result.sparse
-    spread_source = None if source == "none" else _FrameSource.of(blocks, result, source,
-                                                                  resolution)
-    frame = None if spread_source is None else _robust_frame(
-        spread_source.centred, blocks, resolution)
+    frame = None if source == "none" else _robust_frame(
+        blocks if source == "data" else blocks - result.backbone[None] - result.low_rank,
+        blocks, resolution)
     if frame is None:
-        return dataclasses.replace(noise, whitening=_residual_whitening(resid)), None
+        return dataclasses.replace(noise, whitening=_residual_whitening(resid))
     framed = frame.to(blocks)
     sigma = max(floor_noise_scale(estimate_noise_scale(framed), framed), _ROUND_OFF)
-    return (dataclasses.replace(noise, sigma=np.full(len(blocks), sigma),
-                                whitening=_residual_whitening(frame.to(resid)), frame=frame),
-            spread_source)
-
-
-@dataclass(frozen=True)
-class _FrameSource:
-    """What the frame of robust scales was read off, to read it again with a new client.
-
-    Each training client's statistic is computed in a frame it helped estimate: where
-    its deviation is large it raises the spread, so the frame's scale there, and damps
-    its own statistic; a new client's statistic in the fitted frame has no such damping
-    and, against the null calibrated on the training clients', was flagged about twice
-    as often as the level at eight clients (docs/method_notes.md, section 8).
-    :meth:`entry_weights` reads the frame again with the new client among the training
-    clients (its residual: its estimate less the backbone and its projection on the
-    decomposition's low-rank column space, or the estimate itself with the "data"
-    source) and returns, entry by entry, the ratio of that frame to the fitted one, by
-    which the new client's off-subspace residual is weighted.
-    """
-
-    centred: np.ndarray   # (K, p, q): what the fitted frame's spread was read off
-    blocks: np.ndarray    # (K, p, q): the estimates, working units
-    backbone: np.ndarray  # (p, q), or None for the "data" source
-    basis: np.ndarray     # (p, s): the low-rank part's column space, or None
-    resolution: float
-    logs: tuple           # the fitted frame's log row and output scales
-
-    @classmethod
-    def of(cls, blocks, result, source, resolution):
-        if source == "data":
-            centred, backbone, basis = blocks, None, None
-        else:
-            centred = blocks - result.backbone[None] - result.low_rank
-            backbone, basis = result.backbone, _column_space(result.low_rank)
-        return cls(centred, blocks, backbone, basis, resolution,
-                   _frame_logs(centred, blocks, resolution))
-
-    def entry_weights(self, blocks):
-        """(n, p, q): each new client's frame, read with it, over the fitted frame."""
-        weights = np.ones(blocks.shape)
-        if self.logs is None:
-            return weights
-        fitted = self.logs[0][:, None] + self.logs[1][None, :]
-        for i, block in enumerate(blocks):
-            centred = block
-            if self.backbone is not None:
-                centred = block - self.backbone
-                centred = centred - self.basis @ (self.basis.T @ centred)
-            logs = _frame_logs(np.concatenate([self.centred, centred[None]]),
-                               np.concatenate([self.blocks, block[None]]), self.resolution)
-            if logs is not None:  # the frame is exp(-(row_i + col_j)), up to its unit
-                weights[i] = np.exp(fitted - (logs[0][:, None] + logs[1][None, :]))
-        return weights
-
-
-def _column_space(stack):
-    """Orthonormal basis of the column space of a stack of (p, q) blocks (numerical
-    rank: singular values above ``p K q eps`` times the largest)."""
-    wide = np.concatenate(list(stack), axis=1)
-    if not wide.size:
-        return np.zeros((stack.shape[1], 0))
-    left, sing, _ = np.linalg.svd(wide, full_matrices=False)
-    if not sing.size or not sing[0] > 0:
-        return left[:, :0]
-    return left[:, sing > sing[0] * wide.size * np.finfo(float).eps]
+    return dataclasses.replace(noise, sigma=np.full(len(blocks), sigma),
+                               whitening=_residual_whitening(frame.to(resid)), frame=frame)
 
 
 def _spread(stack):
@@ -1428,20 +1350,6 @@ def _robust_frame(centred, blocks, resolution, n_sweeps=50):
     entry (noiseless data, or the exact formulation, whose residual is its feasibility
     error). A row or output with no entry left gets the median of the others' terms.
     """
-    logs = _frame_logs(centred, blocks, resolution, n_sweeps)
-    if logs is None:
-        return None
-    left, right = np.exp(-logs[0]), np.exp(-logs[1])
-    unit = float(np.max(np.abs(left[None, :, None] * blocks * right[None, None, :])))
-    if not unit > 0:
-        return None
-    left = left / unit
-    return _Frame(np.diag(left), np.diag(1.0 / left), np.diag(right))
-
-
-def _frame_logs(centred, blocks, resolution, n_sweeps=50):
-    """The log row and output scales of :func:`_robust_frame`, before its unit: arrays
-    of shape (p,) and (q,), or ``None`` where no entry is resolved."""
     spread, raw = _spread(centred), _spread(blocks)
     magnitude = np.max(np.abs(blocks), axis=0)
     # an entry that spreads less than _SHARED of its size is shared: exactly, or up to
@@ -1466,7 +1374,12 @@ def _frame_logs(centred, blocks, resolution, n_sweeps=50):
                        / np.maximum(count_c, 1), 0.0)
     row = np.where(rows_seen, row, np.median(row[rows_seen]))
     col = np.where(cols_seen, col, np.median(col[cols_seen]))
-    return row, col
+    left, right = np.exp(-row), np.exp(-col)
+    unit = float(np.max(np.abs(left[None, :, None] * blocks * right[None, None, :])))
+    if not unit > 0:
+        return None
+    left = left / unit
+    return _Frame(np.diag(left), np.diag(1.0 / left), np.diag(right))
 
 
 def _residual_whitening(resid):
@@ -1533,11 +1446,28 @@ def _check_residual_variance(ols, method):
     take that output's noise as zero. Named by client and output, as the user knows them."""
     variances = np.diagonal(np.asarray(ols.noise_cov[1]), axis1=1, axis2=2)
     dead = ~(variances > 0)
-    if not dead.any():
-        return
     names = getattr(ols, "client_names", None)  # absent from older pickles
     labels = ([str(k) for k in range(len(variances))] if names is None
               else [f'"{name}"' for name in names])  # as local_ols names clients
+    n_outputs = variances.shape[1]
+    short = np.flatnonzero(np.asarray(ols.residual_df) < n_outputs) if n_outputs > 1 \
+        else np.array([], dtype=int)
+    if short.size:
+        # R^T R / (n - p) of n - p < q residuals has rank n - p < q: the test would take
+        # the noise along the missing output combinations as zero (a review: a benign
+        # site of 8 rows, p = 6, q = 3, was flagged in 11 of 12 fits, p-value 0.0)
+        p_coef = ols.estimates.shape[1]
+        shown = ", ".join(f"{labels[k]} ({int(ols.residual_df[k])} residual df)"
+                          for k in short)
+        raise ValueError(f"{method}: client(s) {shown} have fewer residual degrees of "
+                         f"freedom (rows less coefficients) than the {n_outputs} outputs: "
+                         "their residual covariance (noise_cov[1]) is singular, and a test "
+                         "would take the noise of the output combinations it misses as "
+                         f"zero. A client needs at least p + q = {p_coef + n_outputs} rows "
+                         "here: drop those clients (e.g. ols[mask]), or fit without a "
+                         "covariance (ols.estimates).")
+    if not dead.any():
+        return
     outputs = list(ols.output_names) or [f"y{j}" for j in range(variances.shape[1])]
     clients = [f"{labels[k]} ({', '.join(repr(outputs[j]) for j in np.flatnonzero(row))})"
                for k, row in enumerate(dead) if row.any()]

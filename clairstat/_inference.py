@@ -16,9 +16,8 @@ import numpy as np
 from scipy import optimize, stats
 from statsmodels.stats.multitest import multipletests
 
-from ._detection import (_dense_mean, _fit_on, _project, concentrate,
-                         out_of_sample_statistics, projection_statistics, refine,
-                         weighted_mean)
+from ._detection import (_fit_on, concentrate, out_of_sample_statistics,
+                         projection_statistics, refine, weighted_mean)
 from ._reduced import FactoredBlocks
 from ._tuning import copy_groups, counted_once
 from ._null import (NoiseCovariance, NullDistribution, Standardizer, complement_basis,
@@ -111,27 +110,19 @@ class NewClientTest:
             log_p[i] = null.log_sf(stats[i:i + 1])[0]
         return log_p, stats
 
-    def statistics(self, blocks, entry_weights=None):
-        """Off-subspace statistics; ``entry_weights`` (n, p, q), without a covariance,
-        weigh each client's off-subspace residual entry by entry before its norm."""
+    def statistics(self, blocks):
         if self.standardizer is None:
-            if entry_weights is None:
-                return projection_statistics(blocks, self.mean, self.basis)
-            resid = blocks - _dense_mean(self.mean)[None]
-            resid = (resid - _project(self.basis, resid)) * entry_weights
-            return np.einsum("kpq,kpq->k", resid, resid)
+            return projection_statistics(blocks, self.mean, self.basis)
         return self.standardizer.statistics(blocks - self.mean[None])
 
-    def log_p(self, blocks, entry_weights=None):
+    def log_p(self, blocks):
         """``(log p-values, statistics)`` of new clients whose covariance is not given.
 
         With a known covariance (the fit's ``noise_cov`` or ``noise_scale``) each is
         tested as :meth:`log_p_known` tests a client whose covariance is the members'
         average: the mean's share and the subspace's tilt (which depends on the client's
         own coordinates) enter its null. Otherwise the fit's estimated null, shared by
-        every new client, on the statistics weighted by ``entry_weights`` where given
-        (the frame of robust scales read again with each new client among the members,
-        :meth:`clairstat.CLAIREstimator.score_samples`).
+        every new client.
         """
         if self.members_cov is not None:
             row_bar, col_bar = self.members_cov
@@ -140,7 +131,7 @@ class NewClientTest:
                                       np.broadcast_to(col_bar, (n, *col_bar.shape)),
                                       np.ones(n))
             return self._log_p_known(blocks, average)
-        stat = self.statistics(blocks, entry_weights)
+        stat = self.statistics(blocks)
         return self.null.broadcast(len(stat)).log_sf(stat), stat
 
 
@@ -576,9 +567,9 @@ class CollaborativeFit:
         flagged = np.minimum(scores, cut - np.log(2.0))
         return np.where(self.members, kept, flagged)
 
-    def new_client_log_p(self, blocks, entry_weights=None):
+    def new_client_log_p(self, blocks):
         """Log p-values of new clients, each tested on its own against the fit."""
-        return self.new_client.log_p(blocks, entry_weights)
+        return self.new_client.log_p(blocks)
 
     def refine(self, blocks, contaminated):
         """``P Theta_k + (I - P) mean`` for the others; ``contaminated`` ones unchanged."""

@@ -456,7 +456,7 @@ def _sandwich_weights(left, resid, col_cov, cov_type, y_max):
     return np.where(alone, 1.0, weights), int(np.count_nonzero(alone))
 
 
-def _client_fit(design, response, k, names, cov_type="nonrobust"):
+def _client_fit(design, response, k, names, cov_type="nonrobust", notes=None):
     n_samples, p = design.shape
     if response.shape[0] != n_samples:
         raise ValueError(f"client {k}: the design has {n_samples} rows but the response "
@@ -492,6 +492,15 @@ def _client_fit(design, response, k, names, cov_type="nonrobust"):
                          f"{sing[0]:.3g} ... {sing[-1]:.3g}): drop one of them from "
                          "every client's design (every client needs the same columns), "
                          "or leave this client out.")
+    if sing[-1] ** 2 <= sing[0] ** 2 * 10 * p * np.finfo(float).eps and notes is not None:
+        # full rank, but (X^T X)^{-1}'s correlation is singular to working precision
+        # (the estimator then warns that the covariance gives no noise along a
+        # combination): local_ols says which columns, in the user's terms (a review: a
+        # column equal to another up to 1e-9 gave coefficients of 7.6e7 and only the
+        # fit's warning about a "singular" covariance)
+        weights = np.abs(right_t[-1])
+        notes.append((k, [names[j] for j in np.flatnonzero(weights > 0.1 * weights.max())],
+                      sing[-1] / sing[0]))
     inv_sing = right_t.T / sing / norms[:, None]  # (X D^-1)^+ with D undone: X^+
     estimate = inv_sing @ (left.T @ response)
     row_cov = inv_sing @ inv_sing.T  # (X^T X)^{-1}
@@ -698,7 +707,7 @@ def local_ols(designs: Sequence[ArrayLike] | Mapping[object, ArrayLike],
         if len(weights) != len(designs):
             raise ValueError(f"{len(weights)} weight vectors for {len(designs)} clients: "
                              "give one per client.")
-    fits, first, constants = [], None, []
+    fits, first, constants, collinear = [], None, [], []
     reference = (_columns(designs[0]), _columns(responses[0]))
     for k, (design, response) in enumerate(zip(designs, responses)):
         label = labels[k]
@@ -720,12 +729,30 @@ def local_ols(designs: Sequence[ArrayLike] | Mapping[object, ArrayLike],
                              f"has {first}: "
                              "every client needs the same columns.")
         fits.append((*_client_fit(x_mat, y_mat, label, _names(design, "x", x_mat.shape[1]),
-                                  cov_type),
+                                  cov_type, collinear),
                      len(x_mat), np.max(np.abs(y_mat), axis=0)))
     estimates, row_cov, col_cov, n_samples, y_max = (np.stack(part) for part in zip(*fits))
     p, q = estimates.shape[1:]
     _warn_scaled_intercepts(np.stack(constants), _names(designs[0], "x", p))
     col_cov = _no_residual(col_cov, y_max, _names(responses[0], "y", q), labels)
+    if collinear:
+        shown = "; ".join(f"{label} ({', '.join(map(str, cols))}: ratio {ratio:.2g})"
+                          for label, cols, ratio in collinear[:5])
+        more = f"; and {len(collinear) - 5} more" if len(collinear) > 5 else ""
+        warnings.warn(f"the designs of clients {shown}{more} are nearly collinear (the "
+                      "named columns; ratio: smallest to largest singular value of the "
+                      "unit-norm columns): those coefficients are determined in "
+                      "combination only, each with a huge standard error, and the "
+                      "covariance's correlation is singular to working precision. Drop "
+                      "one of the columns from every client's design.", UserWarning,
+                      stacklevel=2)
+    short = np.flatnonzero(n_samples - p < q) if q > 1 else np.array([], dtype=int)
+    if short.size:
+        warnings.warn(f"clients {', '.join(labels[k] for k in short)} have fewer residual "
+                      f"degrees of freedom than the {q} outputs (at least p + q = {p + q} "
+                      "rows are needed): their residual covariance is singular, and "
+                      "CLAIREstimator refuses it; their estimates (ols.estimates) can be "
+                      "fitted without a covariance.", UserWarning, stacklevel=2)
     few = np.flatnonzero(n_samples - p < _MIN_RESIDUAL_DF)
     if few.size:
         warnings.warn(f"clients {', '.join(labels[k] for k in few)} have fewer than {_MIN_RESIDUAL_DF} residual "

@@ -146,7 +146,7 @@ def _calibration(est):
     parts = []
     factor = getattr(est, "null_scale_factor_", float("nan"))
     if np.isfinite(factor):
-        parts.append(f"scale x{factor:.3g}")
+        parts.append(f"scale x{factor:.4g}")  # 1.005 showed as "x1" (a review)
     spread = getattr(est, "null_spread_df_", float("inf"))
     if np.isfinite(spread) and np.any(est.degrees_of_freedom_ >= spread * (1 - 1e-12)):
         parts.append(f"df widened to {spread:.3g}")

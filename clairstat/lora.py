@@ -226,6 +226,22 @@ def check_rank(config, module_name, rank):
                          "give each client the config it was trained with.")
 
 
+def _stated_rank(config, module_name):
+    """The rank ``config`` states for a module (``rank_pattern``, else ``r``), or
+    ``None`` where it states none or states it in a form :func:`check_rank` refuses."""
+    if config is None:
+        return None
+    ranks = _config_get(config, "rank_pattern") or {}
+    try:
+        stated = _pattern_value(ranks, _base_name(module_name), None) \
+            if isinstance(ranks, Mapping) else None
+    except (re.error, TypeError):
+        return None
+    stated = _config_get(config, "r") if stated is None else stated
+    return stated if isinstance(stated, numbers.Integral) \
+        and not isinstance(stated, bool) else None
+
+
 def _check_patterns(config):
     """``alpha_pattern`` of ``config`` (``{}`` if none), a ValueError unless it is a
     mapping whose keys are regular expressions; :func:`lora_scaling` checks only these
@@ -423,7 +439,10 @@ def module_factors(state_dicts: Sequence[Mapping[str, Any]], configs: Any = None
         list gives each client its own config, whose ``r`` (or ``rank_pattern``) must
         be the rank of that client's factors (:func:`check_rank`); one config shared by
         all is not checked against ranks (a federation's clients may differ in rank
-        under one ``lora_alpha``: each client's scaling uses its factors' rank).
+        under one ``lora_alpha``: each client's scaling uses its factors' rank), but
+        where it states an ``r`` (or ``rank_pattern``) that a client's factors
+        contradict a UserWarning names the client: trained with a ``lora_alpha`` of its
+        own, it would be read at another size.
 
     Returns
     -------
@@ -435,15 +454,27 @@ def module_factors(state_dicts: Sequence[Mapping[str, Any]], configs: Any = None
         raise ValueError("there are no clients: state_dicts is empty.")
     own = isinstance(configs, (list, tuple))  # each client's own config: its r is checked
     configs = _per_client(configs, len(state_dicts), "configs")
-    per_client = []
+    per_client, other_rank = [], []
     for k, (state_dict, config) in enumerate(zip(state_dicts, configs)):
         try:
             per_client.append(adapter_factors(state_dict, config))
-            if own:
-                for module, (_, a_mat) in per_client[-1].items():
+            for module, (_, a_mat) in per_client[-1].items():
+                if own:
                     check_rank(config, module, a_mat.shape[0])
+                elif k not in other_rank and _stated_rank(config, module) not in (
+                        None, a_mat.shape[0]):
+                    other_rank.append(k)
         except ValueError as error:  # say whose adapter it is
             raise ValueError(f"client {k}: {error}") from None
+    if other_rank:
+        warnings.warn(f"client(s) {other_rank} have factors of another rank than the "
+                      "shared config's r (or rank_pattern): their scaling is read as "
+                      "the shared lora_alpha over their own rank, which is their "
+                      "training's only if they were trained with that lora_alpha; a "
+                      "client trained with its own (lora_alpha = 2 r, say) is read at "
+                      "another size and may be flagged for it. Pass one config per "
+                      "client (configs=[LoraConfig.from_pretrained(d) for d in dirs]).",
+                      UserWarning, stacklevel=3)
     names = list(per_client[0])
     for k, factors in enumerate(per_client):
         if set(factors) != set(names):

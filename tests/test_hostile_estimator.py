@@ -993,7 +993,7 @@ def test_a_covariance_raised_far_by_the_calibration_is_reported():
             noise_cov=(ols.noise_cov[0] / 30, ols.noise_cov[1]))
     assert est.null_scale_factor_ > 10
     assert "null scale was raised" in _messages(caught)
-    assert f"scale x{est.null_scale_factor_:.3g}" in str(est.summary())
+    assert f"scale x{est.null_scale_factor_:.4g}" in str(est.summary())
     sm = pytest.importorskip("statsmodels.api")
     fair = sm.datasets.fair.load_pandas().data
     sites = np.array_split(np.random.default_rng(0).permutation(len(fair)), 15)
@@ -1542,3 +1542,16 @@ def test_every_multipletests_method_is_a_correction():
                               est.adjusted_p_values_ <= est.test_level)
     with pytest.raises(ValueError, match="correction"):
         CLAIREstimator(correction="fdr_nope").fit(data.local_estimates)
+
+
+def test_the_summary_shows_a_small_raise_of_the_null_scale():
+    """A null scale raised 0.5% read "scale x1" next to an F on 82.6 df, as if nothing
+    had been estimated (a review): four significant digits show it."""
+    from types import SimpleNamespace
+
+    from clairstat._summary import _calibration
+
+    est = SimpleNamespace(null_kind_="F", null_scale_factor_=1.00498, null_spread_df_=np.inf,
+                          null_scale_df_=82.6, degrees_of_freedom_=np.array([6.0]))
+    assert _calibration(est).startswith("scale x1.005, statistic / (null scale df) ~ "
+                                        "F(df, 82.6)")

@@ -1,6 +1,7 @@
 """Tests of clairstat.lora: peft adapters <-> per-module updates, CLAIR on the reduction."""
 
 import re
+import warnings
 import subprocess
 import sys
 
@@ -169,6 +170,34 @@ def test_different_client_ranks(rng):
     for state, rank in zip(refinement.state_dicts, ranks):
         assert all(v.shape[0 if ".lora_A." in key else 1] == rank
                    for key, v in state.items())
+
+
+def test_a_shared_config_beside_clients_of_another_rank_warns(rng):
+    """Clients trained at r=8, lora_alpha=16 beside r=4, lora_alpha=8 (the same update
+    stored at another rank) read with the second's config: each scaling is the shared
+    alpha over the client's own rank, the rank-8 client's update was halved and the
+    client flagged, silently (a review). A shared config whose r the factors contradict
+    warns; the clients' own configs give every client its update and no warning."""
+    states, _ = shared_clients(rng, n_clients=8, n_bad=0)
+    original = module_factors(states, {"r": 3, "lora_alpha": 6})
+    configs = [{"r": 3, "lora_alpha": 6}] * len(states)
+    wide = {}  # client 3: the same update at rank 6 (zero-padded), alpha = 2 r
+    for key, value in states[3].items():
+        pad = [(0, 0), (0, 3)] if ".lora_B." in key else [(0, 3), (0, 0)]
+        wide[key] = np.pad(value, pad)
+    states[3], configs[3] = wide, {"r": 6, "lora_alpha": 12}
+    with pytest.warns(UserWarning, match=r"client\(s\) \[3\] have factors of another "
+                                         r"rank than the shared config's r"):
+        shared = module_factors(states, configs[0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        own = module_factors(states, configs)
+        module_factors(states, {"lora_alpha": 6})  # no rank stated: nothing to compare
+    for name, factors in own.items():
+        (b_own, a_own), (b_ref, a_ref) = factors[3], original[name][3]
+        (b_shared, a_shared) = shared[name][3]
+        assert close(b_own @ a_own, b_ref @ a_ref)  # its own config: its update
+        assert close(b_shared @ a_shared, 0.5 * (b_ref @ a_ref))  # the shared one: half
 
 
 def test_joint_mode_flags_the_same_clients_everywhere(rng):

@@ -586,3 +586,64 @@ def test_one_far_site_among_few_can_pass_for_the_shared_direction():
     assert 5 <= missed <= 15 and zero_flagged == 20  # measured: 11 and 20
     missed, zero_flagged = fits(12)
     assert missed == 0 and zero_flagged == 20
+
+
+def test_a_site_with_fewer_residual_df_than_outputs_is_refused_not_flagged():
+    """A site of 8 rows with p = 6 coefficients and q = 3 outputs has a residual
+    covariance of rank 2: the test took the noise along the missing output combination
+    as zero and flagged the benign site (p-value 0.0 in 11 of 12 fits, a review on
+    statsmodels' mvreg data). local_ols warns, the fit and predict refuse it by name,
+    and the same data without the covariance fit."""
+    from clairstat import CLAIREstimator
+
+    rng = np.random.default_rng(0)
+    designs, responses = {}, {}
+    for k in range(8):
+        n = 8 if k == 0 else 60
+        x_mat = np.c_[np.ones(n), rng.standard_normal((n, 5))]
+        designs[f"s{k}"] = x_mat
+        responses[f"s{k}"] = x_mat @ np.ones((6, 3)) + rng.standard_normal((n, 3))
+    with pytest.warns(UserWarning, match=r"clients \"s0\" have fewer residual degrees of "
+                                         r"freedom than the 3 outputs \(at least p \+ q = 9"):
+        ols = local_ols(designs, responses)
+    for call in (lambda: CLAIREstimator(random_state=0).fit(ols),
+                 lambda: CLAIREstimator(random_state=0).fit(ols[1:]).predict(ols[:1])):
+        with pytest.raises(ValueError, match=r"client\(s\) \"s0\" \(2 residual df\) have "
+                                             r"fewer residual degrees of freedom"):
+            call()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        est = CLAIREstimator(random_state=0).fit(ols.estimates, sample_weight=ols.n_samples)
+    assert len(est.p_values_) == 8
+    # one output: n - p >= 1 is enough (the residual variance is a scalar)
+    single = local_ols([x for x in designs.values()],
+                       [y[:, :1] for y in responses.values()])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        CLAIREstimator(random_state=0).fit(single)
+
+
+def test_a_nearly_collinear_design_is_named_by_local_ols():
+    """A column equal to another up to 1e-9 (condition 1e9 of the unit-norm columns)
+    passed local_ols silently with coefficients of 1e7; the fit then warned that the
+    covariance was "singular", which reads as no noise (a review). local_ols names the
+    clients and columns once; a well-conditioned design (a quadratic trend in calendar
+    years, condition about 1e5) is not warned about."""
+    rng = np.random.default_rng(0)
+    designs, responses = [], []
+    for _ in range(8):
+        x_mat = np.c_[np.ones(60), rng.standard_normal((60, 3))]
+        x_mat = np.c_[x_mat, x_mat[:, 1] + 1e-9 * rng.standard_normal(60)]
+        designs.append(x_mat)
+        responses.append(x_mat[:, :4] @ np.ones((4, 2)) + rng.standard_normal((60, 2)))
+    with pytest.warns(UserWarning, match=r"the designs of clients 0 \(x1, x4: ratio "
+                                         r"[0-9.e-]+\); 1 .* and 3 more are nearly "
+                                         r"collinear") as caught:
+        local_ols(designs, responses)
+    assert sum("nearly collinear" in str(w.message) for w in caught) == 1
+    years = np.arange(1950.0, 2010.0)
+    trend = [np.c_[np.ones(60), years, years ** 2, rng.standard_normal(60)]
+             for _ in range(4)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        local_ols(trend, [x @ np.ones(4) * 1e-4 + rng.standard_normal(60) for x in trend])
