@@ -23,7 +23,8 @@ are read with safetensors only (no pickle). Exit status: 0 on success, 2 on a us
 error or an unusable input (one line on stderr naming the folder, no traceback).
 Unusable: besides unreadable files, a ``lora_alpha`` or ``alpha_pattern`` value that is
 not a finite non-zero number, a path that is not valid UTF-8 (safetensors opens files by
-a UTF-8 path), and factors holding non-finite values or too large for float64
+a UTF-8 path), any tensor holding non-finite values (the untested ones included, read
+one at a time in the first pass), and factors too large for float64
 arithmetic (``scaling x lora_B``, ``lora_A`` or their product of a norm above 1e150:
 the fits square the updates, and one such client made them overflow for every client);
 such a client is refused, not flagged, and the run stops (the last two are found while
@@ -341,6 +342,8 @@ def _read_all(folders):
     from .lora import module_difference
 
     clients = [_read_adapter(folder) for folder in folders]
+    for client in clients:
+        _check_untested_finite(client)
     first = clients[0]
     for client in clients[1:]:
         if client.modules != first.modules:
@@ -352,6 +355,32 @@ def _read_all(folders):
                                  f"{_module_shape(client, module)}, but "
                                  f"{_module_shape(first, module)} in {first.folder}")
     return clients
+
+
+def _check_untested_finite(client):
+    """An adapter whose untested tensors (``modules_to_save``, biases: copied unchanged)
+    hold non-finite values is unusable: refused by folder and key, one tensor in memory
+    at a time (an ``inf`` in one client's ``lm_head.weight`` was copied to its output,
+    the run's exit status 0, a review)."""
+    from safetensors import safe_open
+
+    import torch
+
+    from .lora import untested_keys
+
+    keys = untested_keys(client.shapes)
+    if not keys:
+        return
+    try:
+        with safe_open(str(client.weights), framework="pt") as handle:
+            for key in keys:
+                tensor = handle.get_tensor(key)
+                if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                    raise InputError(f"{client.folder}: {key} (copied untested, not a LoRA "
+                                     "factor) holds non-finite values")
+                del tensor
+    except _safetensors_errors() as error:
+        raise _unreadable(client.folder, error) from None
 
 
 def _read_module(client, module):

@@ -698,3 +698,20 @@ def test_new_client_level_script_rows_and_resume(tmp_path, capsys):
     level.main(["--reps", "1", "--out", str(out)])
     assert len(pd.read_csv(out)) == len(table)
     assert "| 6 | estimated | 1 |" in capsys.readouterr().out
+
+
+def test_alike_corruption_script_reproduces_a_committed_split():
+    """benchmarks/alike_corruption.py's split 1 at ten sites, rerun: the committed rows
+    (flags, ranks) of every configuration."""
+    pd = pytest.importorskip("pandas")
+    pytest.importorskip("statsmodels")
+    alike = pytest.importorskip("alike_corruption")
+    design, response = alike.co2_design()
+    rows = alike.run_one(design, response, 10, 1)
+    table = pd.read_csv(ROOT / "benchmarks" / "results" / "alike_corruption.csv")
+    committed = table[(table.n_clients == 10) & (table.split == 1)]
+    assert len(rows) == len(committed) == len(alike.CONFIGS)
+    for row in rows:
+        stored = committed[committed.configuration == row["configuration"]].iloc[0]
+        for column in ("both_flagged", "others_flagged", "rank", "warned"):
+            assert row[column] == stored[column], (row["configuration"], column)

@@ -720,6 +720,23 @@ def test_untested_tensors_and_other_base_models_are_reported(adapters, tmp_path,
     assert torch.equal(head, torch.full((3, D_OUT), 50.0))  # copied, as the report says
 
 
+def test_an_untested_tensor_with_non_finite_values_is_refused(adapters, tmp_path, capsys):
+    """An inf in one client's modules_to_save head was copied to its output with exit
+    status 0 (a review): every tensor is checked, the untested ones in the first pass,
+    and the folder and key are named before anything is written."""
+    inputs = [_copy(folder, tmp_path / folder.name) for folder in adapters]
+    for k, folder in enumerate(inputs):
+        weights = _weights(folder)
+        head = torch.ones((3, D_OUT))
+        if k == 4:
+            head[1, 2] = float("inf")
+        weights["base_model.model.head.weight"] = head
+        safetensors_torch.save_file(weights, str(folder / "adapter_model.safetensors"))
+    message = _run_bad(inputs, inputs[4], tmp_path, capsys)
+    assert "base_model.model.head.weight (copied untested" in message
+    assert "non-finite" in message
+
+
 @pytest.mark.filterwarnings("ignore:only 6 clients")
 @pytest.mark.parametrize("rule", [None, "one-standard-error"])
 def test_rank_rule_option_is_refine_adapters_option(adapters, tmp_path, rule):

@@ -240,3 +240,18 @@ def test_new_client_levels_in_the_docs_are_the_committed_table():
             f"{share['estimated', 8]:.2f} at eight, about 0.05 at twelve") in message
     assert abs(share["estimated", 12] - 0.05) < 0.01
     assert f"{by_rank[0]:.3f} in those whose rank rule missed it" in notes
+
+
+def test_alike_corruption_numbers_in_the_guide_are_the_committed_table():
+    """The statistician's guide quotes benchmarks/results/alike_corruption.csv (ten
+    sites: the defaults against rank=0 and rank_support=3; twenty sites)."""
+    pd = pytest.importorskip("pandas")
+    table = pd.read_csv(ROOT / "benchmarks" / "results" / "alike_corruption.csv")
+    share = table.groupby(["n_clients", "configuration"]).both_flagged.mean()
+    splits = table.groupby(["n_clients", "configuration"]).size()
+    guide = " ".join((ROOT / "docs" / "guides" / "statistician.rst").read_text().split())
+    assert (f"both caught in {share[10, 'classical']:.2f} of {splits[10, 'classical']} "
+            "splits with the defaults") in guide
+    assert share[10, "classical_rank0"] == share[10, "classical_support3"]
+    assert f"{share[10, 'classical_rank0']:.2f} with ``rank=0`` or ``rank_support=3``" in guide
+    assert f"with twenty sites {share[20, 'classical']:.2f} by default" in guide
