@@ -338,7 +338,9 @@ def _read_all(folders):
                              "its staging folders): rename the folder")
         if names.count(name) > 1:
             raise InputError(f"{folder}: another input folder has the same name {name!r} "
-                             "(outputs are written to OUT/<folder name>)")
+                             "(outputs are written to OUT/<folder name>): give the inputs "
+                             "distinct names, e.g. symbolic links (ln -s run0/"
+                             f"{name} client0), which are read through")
     from .lora import module_difference
 
     clients = [_read_adapter(folder) for folder in folders]
@@ -1180,10 +1182,15 @@ def _input_warnings(clients):
     LoRA factors (copied untested), adapters of different base models."""
     from .lora import untested_keys, untested_warning
 
+    from .lora import init_warning
+
     names = [client.folder.name for client in clients]
     message = untested_warning([untested_keys(client.shapes) for client in clients], names)
     if message:
         yield message + " (report.json lists them per client)"
+    message = init_warning([client.config for client in clients], names)
+    if message:
+        yield message
     bases = {}
     for client in clients:  # an adapter naming none may be of another model (a review)
         base = client.config.get("base_model_name_or_path")

@@ -986,6 +986,16 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
             Higher: more collaborative. ``predict`` cuts at ``offset_ = log(test_level)``.
         """
         check_is_fitted(self)
+        fitted_type = getattr(self, "_fit_params", {}).get("cov_type")
+        if isinstance(X, LocalOLS) and fitted_type is not None \
+                and getattr(X, "cov_type", "nonrobust") != fitted_type:
+            # a review: HC3 members, classical new clients, not a word
+            warnings.warn(f"the new clients' covariances are {X.cov_type!r} and the fitted "
+                          f"clients' {fitted_type!r}: each client is tested with its own, "
+                          "so clients with covariances of another kind are tested on "
+                          "another footing (HC3 is typically the larger where the noise "
+                          "grows with a covariate); use local_ols with the same cov_type.",
+                          UserWarning, stacklevel=2)
         X, _, noise_cov = _unpack_ols(self._aligned_ols(X), noise_cov, None,
                                       "score_samples", self._fitted_noise_scale())
         blocks = self._read(X, reset=False, noise_cov=noise_cov) / self._scale

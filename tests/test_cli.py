@@ -720,6 +720,42 @@ def test_untested_tensors_and_other_base_models_are_reported(adapters, tmp_path,
     assert torch.equal(head, torch.full((3, D_OUT), 50.0))  # copied, as the report says
 
 
+def test_inputs_of_one_name_are_told_how_to_go_on(adapters, tmp_path, capsys):
+    """run0/checkpoint-500 and run1/checkpoint-500 (a Trainer's layout) share the output
+    name; the error said so but not what to do (a review): it suggests symbolic links
+    with distinct names, and those work."""
+    for k in range(4):
+        (tmp_path / f"run{k}").mkdir()
+    inputs = [_copy(folder, tmp_path / f"run{k}" / "checkpoint-500")
+              for k, folder in enumerate(adapters[:4])]
+    capsys.readouterr()
+    assert main(["refine", "--out", str(tmp_path / "out"), *map(str, inputs)]) == 2
+    err = capsys.readouterr().err
+    assert "same name 'checkpoint-500'" in err and "symbolic links" in err
+    links = []
+    for k, folder in enumerate(inputs):
+        links.append(tmp_path / f"client{k}")
+        links[-1].symlink_to(folder, target_is_directory=True)
+    assert main(["refine", "--random-state", "0", "--out", str(tmp_path / "out"),
+                 *map(str, links)]) == 0
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "client0", "client1", "client2", "client3", "report.json"]
+
+
+def test_an_adapter_initialised_from_the_base_weights_is_named(adapters, tmp_path, capsys):
+    """A PiSSA adapter's factors hold the base weights' leading components: the command
+    names the folder in a warning (it refined them silently, a review)."""
+    inputs = [_copy(folder, tmp_path / folder.name) for folder in adapters]
+    config = json.loads((inputs[1] / "adapter_config.json").read_text())
+    (inputs[1] / "adapter_config.json").write_text(
+        json.dumps({**config, "init_lora_weights": "pissa"}))
+    capsys.readouterr()
+    assert main(["refine", "--random-state", "0", "--out", str(tmp_path / "out"),
+                 *map(str, inputs)]) == 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"{inputs[1].name} (pissa) were initialised from the base weights" in err
+
+
 def test_an_untested_tensor_with_non_finite_values_is_refused(adapters, tmp_path, capsys):
     """An inf in one client's modules_to_save head was copied to its output with exit
     status 0 (a review): every tensor is checked, the untested ones in the first pass,

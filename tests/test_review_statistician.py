@@ -647,3 +647,23 @@ def test_a_nearly_collinear_design_is_named_by_local_ols():
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         local_ols(trend, [x @ np.ones(4) * 1e-4 + rng.standard_normal(60) for x in trend])
+
+
+def test_new_clients_with_another_kind_of_covariance_get_a_warning():
+    """An estimator fitted on HC3 covariances took predict(classical new clients) without
+    a word (a review): each client is tested with its own covariance, so the kinds must
+    match for the test to mean the same."""
+    from clairstat import CLAIREstimator
+
+    rng = np.random.default_rng(1)
+    designs = [np.c_[np.ones(40), rng.standard_normal((40, 2))] for _ in range(9)]
+    responses = [x @ np.ones((3, 2)) + rng.standard_normal((40, 2)) for x in designs]
+    robust = local_ols(designs, responses, cov_type="HC3")
+    classical = local_ols(designs, responses)
+    est = CLAIREstimator(random_state=0).fit(robust[:8])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        est.predict(robust[8:])
+    with pytest.warns(UserWarning, match="new clients' covariances are 'nonrobust' and "
+                                         "the fitted clients' 'HC3'"):
+        est.predict(classical[8:])
