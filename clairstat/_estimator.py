@@ -28,7 +28,7 @@ from ._threads import thread_limits
 from ._tuning import estimate_noise_scale, factored_noise_scale, floor_noise_scale
 from ._validation import (aligned_frames, as_real_array, check_device, check_local_estimates,
                           check_noise_cov, check_noise_scale, check_sample_weight,
-                          data_scale, refuse_mapping, VANISHING_WEIGHT)
+                          data_scale, refuse_mapping, user_stacklevel, VANISHING_WEIGHT)
 from .solvers import Solver, resolve_solver
 from .solvers._base import _rescaled
 
@@ -812,13 +812,15 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
             # With too few clients in all, the fit's first warning said it already
             # (_warn_few_clients).
             if len(self.contaminated_) - 1 >= MIN_OTHERS:
+                n_flagged = int(np.sum(self.contaminated_))
                 warnings.warn(
-                    "the collaborative clients' tests have 0 degrees of freedom: each "
+                    f"the {int(collaborative.sum())} collaborative clients left "
+                    f"({n_flagged} of {len(self.contaminated_)} flagged) are too few to "
+                    "test each other: their tests have 0 degrees of freedom (each "
                     "client's null is predicted from the statistics of at least "
-                    f"{MIN_OTHERS} other collaborative clients (copies counted once), "
-                    "and fewer are left, so none of them can be flagged, and each is "
-                    "refined towards their mean, a contaminated one included.",
-                    UserWarning, stacklevel=4)
+                    f"{MIN_OTHERS} other collaborative clients, copies counted once), so "
+                    "none of them can be flagged, and each is refined towards their "
+                    "mean, a contaminated one included.", UserWarning, stacklevel=4)
         elif untestable:
             # rank_ = p: the subspace is the whole space, nothing is off it
             warnings.warn(f"the shared subspace has dimension {self.rank_}, all of the "
@@ -995,7 +997,7 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
                           "so clients with covariances of another kind are tested on "
                           "another footing (HC3 is typically the larger where the noise "
                           "grows with a covariate); use local_ols with the same cov_type.",
-                          UserWarning, stacklevel=2)
+                          UserWarning, stacklevel=user_stacklevel())
         X, _, noise_cov = _unpack_ols(self._aligned_ols(X), noise_cov, None,
                                       "score_samples", self._fitted_noise_scale())
         blocks = self._read(X, reset=False, noise_cov=noise_cov) / self._scale
@@ -1036,7 +1038,7 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
                 f"{FEW_CLIENTS_NEW} clients (benign new clients flagged at test_level "
                 "0.05: 0.13 at four and six clients, 0.09 at eight, about 0.05 at twelve; "
                 "benchmarks/new_client_level.py); fit with noise_cov or noise_scale if "
-                "the noise is known.", UserWarning, stacklevel=2)
+                "the noise is known.", UserWarning, stacklevel=user_stacklevel())
         return log_p
 
     def _training_like(self):

@@ -744,8 +744,9 @@ def local_ols(designs: Sequence[ArrayLike] | Mapping[object, ArrayLike],
                       "unit-norm columns): those coefficients are determined in "
                       "combination only, each with a huge standard error, and the "
                       "covariance's correlation is singular to working precision. Drop "
-                      "one of the columns from every client's design.", UserWarning,
-                      stacklevel=2)
+                      "one of the columns from every client's design, or, for powers of "
+                      "a covariate far from zero (calendar years), centre it first.",
+                      UserWarning, stacklevel=2)
     short = np.flatnonzero(n_samples - p < q) if q > 1 else np.array([], dtype=int)
     if short.size:
         warnings.warn(f"clients {', '.join(labels[k] for k in short)} have fewer residual "

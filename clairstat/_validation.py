@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import sys
+
 import numbers
 from collections.abc import Mapping
 import warnings
@@ -385,3 +388,18 @@ def check_noise_cov(noise_cov, n_clients, p, q, *, transpose=False):
                         else "noise_cov[1] (col_cov)"),
             _cov_factor(col, n_clients, q, "noise_cov[1] (col_cov)" if not transpose
                         else "noise_cov[0] (row_cov)"))
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def user_stacklevel():
+    """The ``stacklevel`` of ``warnings.warn``, called by the function that calls this,
+    that points at the first frame outside the package: a public method reached through
+    others (``predict`` -> ``decision_function`` -> ``score_samples``) warns at the
+    user's line, not at the package's (a review)."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(
+            _PACKAGE_DIR + os.sep):
+        frame, level = frame.f_back, level + 1
+    return level

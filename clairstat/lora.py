@@ -24,6 +24,8 @@ the input holds them. Adapters are saved and loaded with safetensors only
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import math
 import numbers
@@ -39,6 +41,7 @@ from numpy.typing import ArrayLike
 
 from ._reduced import eckart_young_factors, truncated_svd
 from ._threads import thread_limits
+from ._validation import user_stacklevel
 from .aggregation import (ModuleRefinement, aggregate_modules, clair_modules, client_flags,
                           modules_work)
 from .aggregation._validation import MAX_UPDATE_NORM, _safe_norm
@@ -230,27 +233,47 @@ def check_rank(config, module_name, rank):
 #: the adapter sits on): the factors' product is then not the client's update alone but
 #: holds the initial product, the base weights' principal (or quantisation-residual)
 #: components, until peft converts the adapter.
-_BASE_MOVING_INITS = ("pissa", "olora", "corda", "loftq")
+_BASE_MOVING_INITS = ("pissa", "olora", "corda", "lora_ga", "loftq")
 
 
-def init_warning(configs, names):
+def init_warning(configs, names=None):
     """A warning's text for clients whose config says their factors were initialised
-    from the base weights (PiSSA, OLoRA, CorDA, LoftQ: ``init_lora_weights``), or
-    ``None``. Their ``B A`` holds ``B_0 A_0``, the base weights' leading components, as
-    well as the update: CLAIR would test and refine that sum (refining such adapters
-    directly gave deltas about 3% from refining the converted ones, a review)."""
+    from the base weights (PiSSA, OLoRA, CorDA, LoRA-GA, LoftQ: ``init_lora_weights``),
+    or ``None``; ``names`` ``None``: one config shared by every client. Their ``B A``
+    holds ``B_0 A_0``, the base weights' leading components, as well as the update:
+    CLAIR would test and refine that sum (refining such adapters directly gave deltas
+    about 3% from refining the converted ones, a review)."""
     found = []
-    for config, name in zip(configs, names):
+    for k, config in enumerate(configs):
         init = _config_get(config, "init_lora_weights") if config is not None else None
         if isinstance(init, str) and init.lower().startswith(_BASE_MOVING_INITS):
-            found.append(f"{name} ({init})")
+            found.append(init if names is None else f"{names[k]} ({init})")
     if not found:
         return None
-    return (f"client(s) {', '.join(found[:5])}{', ...' if len(found) > 5 else ''} were "
-            "initialised from the base weights (init_lora_weights): their B A holds the "
-            "initial product B_0 A_0 besides the update, and is tested and refined as it "
-            "is; refine the converted adapters instead (peft's save_pretrained(..., "
-            "path_initial_model_for_weight_conversion=...)).")
+    who = (f"every client's config ({found[0]})" if names is None else
+           f"client(s) {', '.join(found[:5])}{', ...' if len(found) > 5 else ''}")
+    return (f"{who}: initialised from the base weights (init_lora_weights), so B A "
+            "holds the initial product B_0 A_0 besides the update, and is tested and "
+            "refined as it is. Refine adapters converted to plain LoRA instead (peft's "
+            "save_pretrained(..., path_initial_model_for_weight_conversion=...) for "
+            "PiSSA, OLoRA, CorDA and LoRA-GA; LoftQ's quantised base has no such "
+            "conversion).")
+
+
+#: True inside :func:`mixed_ranks_expected`: one config is shared by clients whose
+#: ranks may differ by design (the Flower strategy's ``lora_config``), and the warning of
+#: :func:`module_factors` about ranks other than the config's is not given.
+_MIXED_RANKS_EXPECTED = contextvars.ContextVar("mixed_ranks_expected", default=False)
+
+
+@contextlib.contextmanager
+def mixed_ranks_expected():
+    """Within the block, a shared config beside clients of other ranks is expected."""
+    token = _MIXED_RANKS_EXPECTED.set(True)
+    try:
+        yield
+    finally:
+        _MIXED_RANKS_EXPECTED.reset(token)
 
 
 def _stated_rank(config, module_name):
@@ -495,18 +518,19 @@ def module_factors(state_dicts: Sequence[Mapping[str, Any]], configs: Any = None
             raise ValueError(f"client {k}: {error}") from None
     message = init_warning(configs if own else configs[:1],
                            [f"client {k}" for k in range(len(configs))] if own
-                           else ["every client"])
+                           else None)
     if message:
-        warnings.warn(message, UserWarning, stacklevel=3)
-    if other_rank:
+        warnings.warn(message, UserWarning, stacklevel=user_stacklevel())
+    if other_rank and not _MIXED_RANKS_EXPECTED.get():
         warnings.warn(f"client(s) {other_rank} have factors of another rank than the "
-                      "shared config's r (or rank_pattern): their scaling is read as "
-                      "the shared lora_alpha over their own rank, which is their "
-                      "training's only if they were trained with that lora_alpha; a "
-                      "client trained with its own (lora_alpha = 2 r, say) is read at "
-                      "another size and may be flagged for it. Pass one config per "
-                      "client (configs=[LoraConfig.from_pretrained(d) for d in dirs]).",
-                      UserWarning, stacklevel=3)
+                      "shared config's r (or rank_pattern): their scaling is read from "
+                      "the shared lora_alpha and their own rank (alpha / r, or alpha / "
+                      "sqrt(r) with use_rslora), which is their training's only if they "
+                      "were trained with that lora_alpha; a client trained with its own "
+                      "(lora_alpha = 2 r, say) is read at another size and may be "
+                      "flagged for it. Pass one config per client (configs=["
+                      "LoraConfig.from_pretrained(d) for d in dirs]).", UserWarning,
+                      stacklevel=user_stacklevel())
     names = list(per_client[0])
     for k, factors in enumerate(per_client):
         if set(factors) != set(names):

@@ -200,18 +200,19 @@ def test_a_shared_config_beside_clients_of_another_rank_warns(rng):
         assert close(b_shared @ a_shared, 0.5 * (b_ref @ a_ref))  # the shared one: half
 
 
-@pytest.mark.parametrize("init", ["pissa", "pissa_niter_4", "olora", "corda", "loftq"])
+@pytest.mark.parametrize("init", ["pissa", "pissa_niter_4", "olora", "corda", "lora_ga",
+                                  "loftq"])
 def test_adapters_initialised_from_the_base_weights_warn(rng, init):
     """An unconverted PiSSA (or OLoRA, CorDA, LoftQ) adapter's B A holds the base
     weights' leading components B_0 A_0 besides the update, and was refined as plain
     LoRA without a word (a review: deltas about 3% from the converted adapters')."""
     states, _ = shared_clients(rng, n_clients=6, n_bad=0)
-    with pytest.warns(UserWarning, match=rf"every client \({init}\) were initialised from "
-                                         r"the base weights"):
+    with pytest.warns(UserWarning, match=rf"every client's config \({init}\): initialised "
+                                         r"from the base weights"):
         module_factors(states, {"lora_alpha": 6, "init_lora_weights": init})
     configs = [{"lora_alpha": 6}] * 6
     configs[2] = {"lora_alpha": 6, "init_lora_weights": init}
-    with pytest.warns(UserWarning, match=rf"client 2 \({init}\) were initialised"):
+    with pytest.warns(UserWarning, match=rf"client\(s\) client 2 \({init}\): initialised"):
         module_factors(states, configs)
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)

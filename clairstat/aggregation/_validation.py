@@ -113,7 +113,7 @@ def _check_size(where, b_mat, a_mat):
 
 
 def check_factors(factors):
-    """Validate a list of ``(B_i, A_i)`` pairs and cast them to one floating dtype.
+    """Validate a list of ``(B_i, A_i)`` pairs and cast them to float64.
 
     Each ``B_i`` (d, r_i) and ``A_i`` (r_i, k) must be a 2-D array of finite real numbers
     with ``1 <= r_i <= min(d, k)`` (zero entries are fine: a fresh adapter's ``B = 0``
@@ -141,7 +141,9 @@ def check_factors(factors):
         raise ValueError("factors must hold at least one (B, A) pair.")
     pairs = [_check_pair(index, pair) for index, pair in enumerate(factors)]
     _check_module_shapes(pairs)
-    dtype = np.result_type(*[m for pair in pairs for m in pair], np.float32)
+    # float64 whatever the factors' dtype: every rule computes and returns float64 (with
+    # numpy 1's promotion a float32 factor times a float64 weight stayed float32)
+    dtype = np.float64
     for index, (b_mat, a_mat) in enumerate(pairs):
         _check_overflow(index, b_mat, a_mat, dtype)
     pairs = [(b.astype(dtype, copy=False), a.astype(dtype, copy=False)) for b, a in pairs]

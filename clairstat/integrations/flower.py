@@ -49,7 +49,7 @@ except ImportError as error:  # pragma: no cover - depends on the environment
 from ..aggregation._rules import a_outliers
 from ..aggregation._validation import _REAL_KINDS, _check_size
 from ..lora import (adapter_factors, aggregate_adapters, global_state_dict, lora_scaling,
-                    personalized_state_dicts, untested_keys)
+                    mixed_ranks_expected, personalized_state_dicts, untested_keys)
 
 __all__ = ["LoraStrategy", "arrays_to_state_dict", "state_dict_to_arrays", "cap_weights"]
 
@@ -648,10 +648,11 @@ class LoraStrategy(FedAvg):
             _LOGGER.warning("joint rank %d exceeds what this round's %d clients support; "
                             "using %d", rank, len(adapters), max(len(adapters) - 1, 0))
             options["rank"] = max(len(adapters) - 1, 0)
-        results = aggregate_adapters(self.rule, adapters, self.lora_config, weights,
-                                     **options)
-        per_client, flagged = personalized_state_dicts(results, adapters, self.lora_config,
-                                                       flagged_receive=self.flagged_receive)
+        with mixed_ranks_expected():  # one lora_config, clients of several ranks allowed
+            results = aggregate_adapters(self.rule, adapters, self.lora_config, weights,
+                                         **options)
+            per_client, flagged = personalized_state_dicts(
+                results, adapters, self.lora_config, flagged_receive=self.flagged_receive)
         # The first reply's keys and ranks, but each tensor's widest dtype among the
         # replies: a float16 first reply wrote every client's global adapter in float16,
         # a precision that depended on which reply came first (a review).

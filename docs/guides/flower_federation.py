@@ -6,7 +6,8 @@ update. The server runs :class:`clairstat.integrations.flower.LoraStrategy` with
 ``"clair"`` rule for two rounds and sends every client its own refined adapter. The
 strategy names clients by Flower's node ids, which the simulation draws at random; the
 clients also report their partition, so that the script can say which partitions were
-flagged (the adversary is partition 5).
+flagged (the adversary is partition 5), in a record of their own beside the metrics
+(which the strategy averages).
 
 Run it from the repository root (it needs ``pip install "clairstat[lora,flower]"``)::
 
@@ -20,7 +21,7 @@ import os
 import numpy as np
 import peft
 import torch
-from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import ServerApp
 from flwr.simulation import run_simulation
@@ -65,8 +66,8 @@ def train(msg, context):
     """Reply with the local adapter and the number of examples it was trained on."""
     partition = int(context.node_config["partition-id"])
     content = RecordDict({"arrays": state_dict_to_arrays(local_adapter(partition)),
-                          "metrics": MetricRecord({"num-examples": 10,
-                                                   "partition-id": partition})})
+                          "metrics": MetricRecord({"num-examples": 10}),
+                          "client": ConfigRecord({"partition-id": partition})})
     return Message(content=content, reply_to=msg)
 
 
@@ -84,14 +85,13 @@ def evaluate(msg, context):
 class NamedLoraStrategy(LoraStrategy):
     """LoraStrategy that also records which partition each node id holds."""
 
-    partition_of = {}
-
     def aggregate_train(self, server_round, replies):
         replies = list(replies)
+        self.partition_of = getattr(self, "partition_of", {})
         for reply in replies:
-            if reply.has_content():
+            if reply.has_content() and "client" in reply.content:
                 self.partition_of[reply.metadata.src_node_id] = int(
-                    reply.content["metrics"]["partition-id"])
+                    reply.content["client"]["partition-id"])
         return super().aggregate_train(server_round, replies)
 
 
