@@ -19,7 +19,9 @@ by -1. Configurations, each fitted on the same sites:
 - ``none``: no covariance (``sample_weight`` the sites' sizes).
 
 One row per (K, split, configuration): whether both corrupted sites were flagged, how
-many other sites were flagged, the fitted rank, whether the fit warned, the package
+many other sites were flagged, the fitted rank, whether the fit warned (any
+UserWarning) and whether it gave the warning that a kept direction rests on two
+clients or fewer (``warned_carry``, a column the first run's table lacks), the package
 version. Resumable. The summary: the share of splits with both corrupted sites
 flagged, with its Wilson interval, per K and configuration.
 
@@ -46,7 +48,10 @@ CONFIGS = {"classical": ("nonrobust", {}),
            "hc3": ("HC3", {}),
            "none": (None, {})}
 FIELDS = ["n_clients", "split", "configuration", "both_flagged", "others_flagged", "rank",
-          "warned", "version"]
+          "warned", "warned_carry", "version"]
+#: The words of the fit's warning that a kept direction rests on two clients or fewer
+#: (clairstat._estimator._warn_directions_few_carry).
+CARRY_WARNING = "rest on two clients or fewer"
 
 
 def co2_design():
@@ -94,7 +99,9 @@ def run_one(design, response, n_clients, split):
                          both_flagged=bool(flags[0] and flags[1]),
                          others_flagged=int(flags[2:].sum()), rank=int(est.rank_),
                          warned=bool(any(issubclass(w.category, UserWarning)
-                                         for w in caught))))
+                                         for w in caught)),
+                         warned_carry=bool(any(CARRY_WARNING in str(w.message)
+                                               for w in caught))))
     return rows
 
 
@@ -118,16 +125,23 @@ def summarize(out):
     from statsmodels.stats.proportion import proportion_confint
 
     table = pd.read_csv(out)
+    carry = "warned_carry" in table.columns
     lines = ["| K | configuration | splits | both corrupted sites flagged [95% CI] | "
-             "other sites flagged (mean) | mean fitted rank | splits warned |",
-             "|---|---|---|---|---|---|---|"]
+             "other sites flagged (mean) | mean fitted rank | splits warned |"
+             + (" misses / catches with the two-clients warning |" if carry else ""),
+             "|---|---|---|---|---|---|---|" + ("---|" if carry else "")]
     for (n_clients, name), group in table.groupby(["n_clients", "configuration"],
                                                   sort=False):
         hits = int(group.both_flagged.sum())
         lo, hi = proportion_confint(hits, len(group), method="wilson")
-        lines.append(f"| {n_clients} | {name} | {len(group)} | {hits / len(group):.2f} "
-                     f"[{lo:.2f}, {hi:.2f}] | {group.others_flagged.mean():.2f} | "
-                     f"{group['rank'].mean():.2f} | {int(group.warned.sum())} |")
+        line = (f"| {n_clients} | {name} | {len(group)} | {hits / len(group):.2f} "
+                f"[{lo:.2f}, {hi:.2f}] | {group.others_flagged.mean():.2f} | "
+                f"{group['rank'].mean():.2f} | {int(group.warned.sum())} |")
+        if carry:
+            miss = ~group.both_flagged.astype(bool)
+            line += (f" {int(group.warned_carry[miss].sum())} of {int(miss.sum())} / "
+                     f"{int(group.warned_carry[~miss].sum())} of {int((~miss).sum())} |")
+        lines.append(line)
     return "\n".join(lines)
 
 
