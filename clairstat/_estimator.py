@@ -639,7 +639,8 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
             self._warn_rank_at_calibrated_noise(
                 blocks if frame is None else frame.to(blocks), weights, fit, noise, support)
         if not noise.estimated and not factored and self.rank is None and support == 1:
-            _warn_directions_few_carry(frame.to(blocks), weights, fit, noise)
+            _warn_directions_few_carry(blocks if frame is None else frame.to(blocks),
+                                       weights, fit, noise)
         # With the frame of robust scales the subspace that refines is refitted in the
         # data's units on the same collaborative set with the tests' rank: the frame's
         # subspace mapped back and projected orthogonally leaked a coefficient 1e4 times

@@ -255,3 +255,9 @@ def test_alike_corruption_numbers_in_the_guide_are_the_committed_table():
     assert share[10, "classical_rank0"] == share[10, "classical_support3"]
     assert f"{share[10, 'classical_rank0']:.2f} with ``rank=0`` or ``rank_support=3``" in guide
     assert f"with twenty sites {share[20, 'classical']:.2f} by default" in guide
+    warned = pd.read_csv(ROOT / "benchmarks" / "results" / "alike_corruption_warning.csv")
+    kept = warned[(warned.n_clients == 10) & warned.configuration.isin(["classical", "hc3"])]
+    misses, catches = kept[~kept.both_flagged], kept[kept.both_flagged]
+    assert misses.warned_carry.all()
+    assert (f"in every split where the defaults missed the pair and in "
+            f"{int(catches.warned_carry.sum())} of {len(catches)} where they caught it") in guide
