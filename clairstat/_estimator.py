@@ -173,6 +173,12 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
         ``rank_support + 2`` clients (the later rounds of a fit of six clients with two
         flagged, say) the rule is used as it is there. Ignored when ``rank`` is given;
         dense estimates only (not a FactoredBlocks stack); at most 20 000 sub-stacks.
+        With ``1``, a given noise (``noise_cov`` or ``noise_scale``) and 4 to 20
+        collaborative clients, the fit reruns the rule with a support of three and
+        warns when that keeps fewer directions: two clients corrupted alike, or
+        clients noisier than their covariance says (benchmarks/alike_corruption.py:
+        the warning in every split where the defaults missed such a pair at ten
+        sites).
 
     Attributes
     ----------
