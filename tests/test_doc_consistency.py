@@ -261,3 +261,39 @@ def test_alike_corruption_numbers_in_the_guide_are_the_committed_table():
     assert misses.warned_carry.all()
     assert (f"in every split where the defaults missed the pair and in "
             f"{int(catches.warned_carry.sum())} of {len(catches)} where they caught it") in guide
+
+
+def test_readme_configuration_table_is_the_committed_real_data_tables():
+    """The README's "Which configuration" table (pooled and worst null shares, datasets
+    meeting the criteria, lowest power) is recomputed from the committed real-data tables
+    of the current code (``*_mean_share.csv``: development, the eleven held-out datasets
+    and the sixth held-out set) with the criteria of ``benchmarks/calibration_compare.py``;
+    a rerun that moves a number leaves the README stale here."""
+    pd = pytest.importorskip("pandas")
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    compare = pytest.importorskip("calibration_compare")
+    results = ROOT / "benchmarks" / "results"
+    stems = ("real_data_calibration{}_mean_share.csv",
+             "real_data_calibration_heldout_all{}_mean_share.csv",
+             "real_data_calibration_heldout6{}_mean_share.csv")
+
+    def read(suffix):
+        return pd.concat([pd.read_csv(results / stem.format(suffix)) for stem in stems],
+                         ignore_index=True)
+
+    plain, recommended = read(""), read("_hc3_support3")
+    rows = {"`local_ols(..., cov_type=\"HC3\")`, `CLAIREstimator(rank_support=3)`":
+            (recommended, "noise_cov"),
+            "`local_ols(...)` (classical covariance), defaults": (plain, "noise_cov"),
+            "`CLAIREstimator().fit(estimates)` (no covariance)": (plain, "default")}
+    readme = (ROOT / "README.md").read_text()
+    for how, (table, path) in rows.items():
+        cells = compare._cells(table, path)
+        null = table[(table.path == path) & (table.corruption == "none")]
+        met = sum(compare._met(cell) for cell in cells.values())
+        worst = max(cell[0] for cell in cells.values())
+        lowest = min(cell[1] for cell in cells.values())
+        count = f"{len(null):,}".replace(",", " ")
+        row = (f"| {how} | {null.any_flag.mean():.3f} of {count} ({worst:.2f}) | "
+               f"{met} of {len(cells)} | {lowest:.2f} |")
+        assert row in readme, f"README.md does not say: {row}"
