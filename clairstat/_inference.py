@@ -72,7 +72,7 @@ class NewClientTest:
     standardizer: Standardizer | None = None
     members_cov: tuple | None = None
     mean_share: float = 0.0
-    calibration: tuple = (np.inf, 1.0, np.inf)
+    calibration: tuple = (np.inf, 1.0, np.inf, 1.0)
     member_coords: np.ndarray | None = None
     mean_cov: tuple | None = None
 
@@ -84,7 +84,8 @@ class NewClientTest:
         weights' squares) and the subspace's tilt
         (:func:`_tilt_cov`, from the members' coordinates ``member_coords``), its null's
         exact moments, widened and scaled as the fit's null was (``calibration``:
-        spread df, scale factor, scale df).
+        spread df, scale factor, scale df, and the factor unbounded below, which only
+        the estimator's warning reads).
         """
         return self._log_p_known(blocks, cov)[0]
 
@@ -92,7 +93,7 @@ class NewClientTest:
         """``(log p-values, statistics)`` of :meth:`log_p_known`."""
         row_bar, col_bar = self.members_cov
         mean_row, mean_col = self.members_cov if self.mean_cov is None else self.mean_cov
-        spread_df, factor, scale_df = self.calibration
+        spread_df, factor, scale_df = self.calibration[:3]
         log_p, stats = np.zeros(len(blocks)), np.zeros(len(blocks))
         for i in range(len(blocks)):
             deviation = blocks[i] - self.mean
@@ -305,9 +306,14 @@ def _calibrate(stat, null, new, calibrate_on, estimated, floor):
     factor, scale_df = _scale_factor(stat, null, calibrate_on, at_least_one=not estimated)
     if factor < floor:  # round-off, not noise: no estimate to carry into an F
         factor, scale_df = floor, np.inf
+    # The factor the median match would take if a given noise could be lowered (it is
+    # not): far below 1, the given noise is overstated and the tests lose their power
+    # (CLAIREstimator warns, OVERSTATED_SCALE_FACTOR).
+    free = (factor if estimated else
+            _scale_factor(stat, null, calibrate_on, at_least_one=False)[0])
     return (NullDistribution(null.scale * factor, null.df, scale_df),
             NullDistribution(new.scale * factor, new.df, scale_df),
-            (spread_df, factor, scale_df))
+            (spread_df, factor, scale_df, free))
 
 
 def _members_average(cov, weights):
