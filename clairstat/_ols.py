@@ -29,7 +29,9 @@ class LocalOLS:
     Indexing selects clients (``ols[3]``, ``ols[[0, 2]]``, ``ols[mask]``, with every
     field cut alike), and ``len(ols)`` and ``ols.shape`` are those of ``estimates``:
     scikit-learn's model selection (``GridSearchCV``, ``cross_val_score``) splits a
-    LocalOLS into folds of clients as it splits an array.
+    LocalOLS into folds of clients as it splits an array; it needs a ``scoring=`` of
+    your own, since :class:`~clairstat.CLAIREstimator` has no ``score`` method (its
+    notes on model selection say why).
 
     Attributes
     ----------
@@ -275,8 +277,11 @@ def _aligned(design, response, k, reference, first_label="0"):
         if names is not None and first is not None and names != first:
             if set(names) != set(first) or len(set(names)) != len(names) \
                     or len(names) != len(first):
+                skipped = ({"const"} in (set(first) - set(names), set(names) - set(first))
+                           and what == "design")
                 raise ValueError(f"client {k}'s {what} has columns {names}, client {first_label}'s "
-                                 f"{first}: every client needs the same columns.")
+                                 f"{first}: every client needs the same columns."
+                                 + (_SKIPPED_CONSTANT if skipped else ""))
             if hasattr(table, "columns"):
                 table = table[first]  # the same names, in client 0's order
             else:  # a patsy design matrix: its columns, and its names, reordered
@@ -725,9 +730,13 @@ def local_ols(designs: Sequence[ArrayLike] | Mapping[object, ArrayLike],
         width = (x_mat.shape[1], y_mat.shape[1])
         first = width if first is None else first
         if width != first:
+            # one column fewer and a constant one: add_constant skipped the intercept
+            skipped = (width[0] == first[0] - 1 and len(x_mat) > 1
+                       and np.any(np.ptp(x_mat, axis=0) == 0))
             raise ValueError(f"client {label} has (p, q) = {width} but client {labels[0]} "
                              f"has {first}: "
-                             "every client needs the same columns.")
+                             "every client needs the same columns."
+                             + (_SKIPPED_CONSTANT if skipped else ""))
         fits.append((*_client_fit(x_mat, y_mat, label, _names(design, "x", x_mat.shape[1]),
                                   cov_type, collinear),
                      len(x_mat), np.max(np.abs(y_mat), axis=0)))
@@ -766,6 +775,15 @@ def local_ols(designs: Sequence[ArrayLike] | Mapping[object, ArrayLike],
                     _names(responses[0], "y", q),
                     (not _has_names(designs[0], p), not _has_names(responses[0], q)),
                     client_names, cov_type)
+
+
+#: The hint of a column mismatch that statsmodels' add_constant makes: it adds no
+#: intercept to a design that already holds a constant column (a dummy that takes one
+#: value at a site; a review on griliches76, one site all urban).
+_SKIPPED_CONSTANT = (" A client's design lacking the intercept the others have is what "
+                     "statsmodels' add_constant gives where a column is already constant "
+                     "at that client (a dummy with one value there): add the intercept "
+                     "with add_constant(..., has_constant='add').")
 
 
 def _warn_scaled_intercepts(constants, names):

@@ -667,3 +667,62 @@ def test_new_clients_with_another_kind_of_covariance_get_a_warning():
     with pytest.warns(UserWarning, match="new clients' covariances are 'nonrobust' and "
                                          "the fitted clients' 'HC3'"):
         est.predict(classical[8:])
+
+
+def test_a_site_where_add_constant_skipped_the_intercept_is_told_why():
+    """statsmodels' ``add_constant`` adds no intercept to a design that already holds a
+    constant column: at a site where a dummy takes one value (a review: griliches76,
+    one site all urban) the site's design lacks 'const'. The column mismatch is refused
+    as before, and the message now names the cause and ``has_constant='add'``, for
+    labelled and for plain designs; a mismatch of another kind gets no such hint."""
+    pd = pytest.importorskip("pandas")
+    sm = pytest.importorskip("statsmodels.api")
+    rng = np.random.default_rng(0)
+
+    def site(dummy_constant):
+        frame = pd.DataFrame({"x": rng.standard_normal(30),
+                              "d": np.ones(30) if dummy_constant
+                              else rng.integers(0, 2, 30).astype(float)})
+        return sm.add_constant(frame), pd.Series(rng.standard_normal(30), name="y")
+
+    sites = [site(False) for _ in range(4)] + [site(True)]
+    designs, responses = [d for d, _ in sites], [r for _, r in sites]
+    assert "const" not in designs[-1].columns  # what add_constant did
+    for given in (designs, [np.asarray(d) for d in designs]):
+        with pytest.raises(ValueError, match="has_constant='add'"):
+            local_ols(given, [np.asarray(r) for r in responses])
+    other = designs[:4] + [designs[-1].rename(columns={"d": "e"})]  # a renamed column
+    with pytest.raises(ValueError, match="every client needs the same columns") as caught:
+        local_ols(other, responses)
+    assert "has_constant" not in str(caught.value)
+
+
+def test_a_noise_cov_far_too_large_is_warned_about():
+    """A covariance given 100 times too large (e.g. an OLS cov_params(), which holds the
+    residual variance, paired with the residual covariance again): the calibration
+    never lowers a given noise, so the tests lose their power (a review: a site whose
+    slopes were flipped got p = 0.995 at 1 000 times). The fit warns when the median
+    match would lower the scale below a quarter; the right covariance gives no such
+    warning, and the flags are those the fit gives without the warning."""
+    from clairstat import CLAIREstimator
+
+    rng = np.random.default_rng(3)
+    designs = [np.c_[np.ones(60), rng.standard_normal((60, 3))] for _ in range(12)]
+    responses = [x @ np.ones((4, 2)) + rng.standard_normal((60, 2)) for x in designs]
+    ols = local_ols(designs, responses)
+    row_cov, col_cov = ols.noise_cov
+    said = "far smaller than the given noise implies"
+    for inflate, expect in ((1.0, False), (100.0, True)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            est = CLAIREstimator(random_state=0).fit(
+                ols.estimates, sample_weight=ols.n_samples,
+                noise_cov=(row_cov * inflate, col_cov))
+        assert any(said in str(w.message) for w in caught) is expect, inflate
+        free = est._free_scale_factor
+        if expect:  # the given scale kept, the free factor about 1 / 100
+            assert est.null_scale_factor_ == 1.0 and free < 0.05
+        else:  # the right covariance: the free factor is the one applied (two brentq
+            # runs from other brackets on the log scale, xtol 2e-12: equal to ~1e-11)
+            assert free > 0.5
+            assert est.null_scale_factor_ == pytest.approx(max(free, 1.0), rel=1e-9)
