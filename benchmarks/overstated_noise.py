@@ -1,16 +1,18 @@
-"""An overstated ``noise_cov``: how often the fit's warning fires on right covariances.
+"""An overstated ``noise_cov``: how often a warning for it would fire on real data.
 
 A hostile review (2026-12-07) found that a ``noise_cov`` far too large (for example
 statsmodels' ``cov_params()``, which already holds the residual variance, passed as
 ``row_cov`` beside the residual covariance as ``col_cov``) silently takes the tests'
 power: the calibration raises a given noise to the clients' spread but never lowers
 it, so with the covariance 1 000 times too large a site whose slopes' signs were
-flipped got p = 0.995. The fit now warns when the median match, unbounded below,
-would take the null scale below ``1 / 4`` of the given one
-(``clairstat._estimator.OVERSTATED_SCALE_FACTOR``, the mirror of the warning above a
-factor of 4). This script measures the warning where it must stay silent and where it
-must speak, on the 18 real datasets of ``benchmarks/real_data_calibration.py``, with
-their clients and the seeds of their uncorrupted splits:
+flipped got p = 0.995. A warning was proposed where the median match, unbounded below
+(the fit's diagnostic ``_free_scale_factor``), would take the null scale below
+``THRESHOLD = 1 / 4`` of the given one (the mirror of the warning above a factor of 4).
+This script measures that rule where it must stay silent and where it must speak, on
+the 18 real datasets of ``benchmarks/real_data_calibration.py``, with their clients and
+the seeds of their uncorrupted splits (its first run failed the false-alarm bound
+registered for it, and the warning was withdrawn; ``warned`` is the rule's verdict,
+computed from ``free``):
 
 - ``classical``: ``local_ols`` (the classical covariance), the defaults;
 - ``hc3_support3``: ``local_ols(cov_type="HC3")`` with ``rank_support=3`` (the
@@ -44,7 +46,7 @@ CONFIGURATIONS = {"classical": ("nonrobust", 1, 1.0),
                   "classical_x10": ("nonrobust", 1, 10.0)}
 FIELDS = ["dataset", "split", "configuration", "n_clients", "free", "warned", "any_flag",
           "rank", "version"]
-MESSAGE = "far smaller than the given noise implies"
+THRESHOLD = 0.25  # the withdrawn warning's rule: free < THRESHOLD
 
 
 def run_one(name, frame, features, outputs, n_clients, split):
@@ -58,15 +60,15 @@ def run_one(name, frame, features, outputs, n_clients, split):
     for label, (cov_type, support, inflate) in CONFIGURATIONS.items():
         ols = local_ols(designs, responses, cov_type=cov_type)
         row_cov, col_cov = ols.noise_cov
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # few clients and the like
             est = CLAIREstimator(random_state=split, rank_support=support).fit(
                 ols.estimates, sample_weight=ols.n_samples,
                 noise_cov=(row_cov * inflate, col_cov))
-        warned = any(MESSAGE in str(w.message) for w in caught)
+        free = est._free_scale_factor
         rows.append(dict(dataset=name, split=split, configuration=label,
-                         n_clients=n_clients, free=f"{est._free_scale_factor:.6g}",
-                         warned=int(warned), any_flag=int(est.contaminated_.any()),
+                         n_clients=n_clients, free=f"{free:.6g}",
+                         warned=int(free < THRESHOLD), any_flag=int(est.contaminated_.any()),
                          rank=est.rank_))
     return rows
 

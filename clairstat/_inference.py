@@ -84,8 +84,8 @@ class NewClientTest:
         weights' squares) and the subspace's tilt
         (:func:`_tilt_cov`, from the members' coordinates ``member_coords``), its null's
         exact moments, widened and scaled as the fit's null was (``calibration``:
-        spread df, scale factor, scale df, and the factor unbounded below, which only
-        the estimator's warning reads).
+        spread df, scale factor, scale df, and the factor unbounded below, a
+        diagnostic).
         """
         return self._log_p_known(blocks, cov)[0]
 
@@ -308,7 +308,7 @@ def _calibrate(stat, null, new, calibrate_on, estimated, floor):
         factor, scale_df = floor, np.inf
     # The factor the median match would take if a given noise could be lowered (it is
     # not): far below 1, the given noise is overstated and the tests lose their power
-    # (CLAIREstimator warns, OVERSTATED_SCALE_FACTOR).
+    # (a diagnostic, benchmarks/overstated_noise.py).
     free = (factor if estimated else
             _scale_factor(stat, null, calibrate_on, at_least_one=False)[0])
     return (NullDistribution(null.scale * factor, null.df, scale_df),

@@ -98,7 +98,8 @@ def lora_scaling(config, module_name, rank):
         A config with ``target_parameters`` (LoRA on parameters such as stacked MoE
         experts, whose factors peft pairs per expert), or one of peft's LoRA variants
         whose update is not ``s B A`` (``UNSUPPORTED_VARIANTS``: KaSA's
-        ``kasa_config``, BD-LoRA's ``use_bdlora``, QALoRA's ``use_qalora``).
+        ``kasa_config``, BD-LoRA's ``use_bdlora``, QALoRA's ``use_qalora``, DoRA's
+        ``use_dora``, a trained bias's ``lora_bias``).
 
     Examples
     --------
@@ -112,16 +113,7 @@ def lora_scaling(config, module_name, rank):
     """
     if config is None:
         return 1.0
-    if _config_get(config, "target_parameters"):
-        # peft pairs such factors per expert (A as (experts, r, in), B as (out, r,
-        # experts)), so B A is no expert's update, and its scaling differs
-        raise ValueError("adapters with target_parameters (LoRA on parameters such as "
-                         "stacked MoE experts) are not supported: peft pairs their factors "
-                         "per expert, so B @ A is not the update.")
-    for field, (variant, why) in UNSUPPORTED_VARIANTS.items():
-        if _config_get(config, field):
-            raise ValueError(f"{variant} adapters ({field} is set) are not supported: "
-                             f"{why}, so B @ A is not the update.")
+    _check_variant(config)
     patterns = _check_patterns(config)
     # peft matches the patterns against the module's name in the base model; its saved
     # state dicts prefix that name with "base_model.model." (a "^"-anchored key never
@@ -142,7 +134,27 @@ UNSUPPORTED_VARIANTS = {
     "kasa_config": ("KaSA", "its update is s B diag(lora_diag) A"),
     "use_bdlora": ("BD-LoRA", "its block-diagonal factor is saved as its blocks"),
     "use_qalora": ("QALoRA", "its lora_A acts on the input pooled in groups"),
+    # (a review: a Flower strategy built with either config took it, then dropped
+    # every client's reply as unreadable, round after round)
+    "use_dora": ("DoRA", "its update is rescaled column by column by "
+                         "lora_magnitude_vector"),
+    "lora_bias": ("LoRA with a trained bias", "the bias is part of its update"),
 }
+
+
+def _check_variant(config):
+    """ValueError for a config of a LoRA form whose update is not ``s B A`` of the
+    saved factors: ``target_parameters`` or one of :data:`UNSUPPORTED_VARIANTS`."""
+    if _config_get(config, "target_parameters"):
+        # peft pairs such factors per expert (A as (experts, r, in), B as (out, r,
+        # experts)), so B A is no expert's update, and its scaling differs
+        raise ValueError("adapters with target_parameters (LoRA on parameters such as "
+                         "stacked MoE experts) are not supported: peft pairs their factors "
+                         "per expert, so B @ A is not the update.")
+    for field, (variant, why) in UNSUPPORTED_VARIANTS.items():
+        if _config_get(config, field):
+            raise ValueError(f"{variant} adapters ({field} is set) are not supported: "
+                             f"{why}, so B @ A is not the update.")
 
 
 def check_alpha(alpha, what="lora_alpha"):
@@ -163,7 +175,9 @@ def check_alpha(alpha, what="lora_alpha"):
 
 
 def check_config(config):
-    """ValueError unless a LoRA config's scaling fields are usable: every
+    """ValueError unless a LoRA config is of plain LoRA (not ``target_parameters`` nor
+    a variant of :data:`UNSUPPORTED_VARIANTS`, such as DoRA) and its scaling fields are
+    usable: every
     ``alpha_pattern`` value finite and non-zero (:func:`check_alpha`) and every key a
     regular expression (peft matches them as such), and ``lora_alpha`` (peft's default
     8) finite and non-zero when there is no pattern (with patterns, the modules they
@@ -171,6 +185,7 @@ def check_config(config):
     ``None`` (factors that carry their scale) passes."""
     if config is None:
         return
+    _check_variant(config)
     patterns = _check_patterns(config)
     if not patterns:  # else the modules the patterns leave use it: lora_scaling checks it
         check_alpha(_config_get(config, "lora_alpha", 8), "lora_alpha")
@@ -378,8 +393,12 @@ def lora_pairs(keys: Any) -> dict:
         if match:
             modules.setdefault(match["module"], {})[match["which"]] = key
             adapters.add(match["adapter"])
-        elif "lora_embedding" in key or "lora_magnitude" in key:
-            raise ValueError(f"{key}: embedding LoRA and DoRA adapters are not supported.")
+        elif "lora_embedding" in key:
+            raise ValueError(f"{key}: embedding LoRA adapters (lora_embedding_A/B) are "
+                             "not supported.")
+        elif "lora_magnitude" in key:
+            raise ValueError(f"{key}: DoRA adapters (a lora_magnitude_vector) are not "
+                             "supported.")
         elif re.search(r"\.lora_diag(?:\.[^.]+)?$", key):  # KaSA: B diag(lora_diag) A
             raise ValueError(f"{key}: KaSA adapters (lora_diag between lora_B and "
                              "lora_A) are not supported.")

@@ -925,3 +925,28 @@ def test_a_tie_between_module_shapes_does_not_follow_the_arrival_order():
         _, metrics = strategy.aggregate_train(1, order)
         dropped.append(sorted(metrics["dropped-nodes"]))
     assert dropped == [NODES[3:], NODES[3:]]
+
+
+@pytest.mark.parametrize("field, value, name", [
+    ("use_dora", True, "DoRA"), ("lora_bias", True, "trained bias"),
+    ("target_parameters", ["experts.gate_up_proj"], "target_parameters")])
+def test_a_strategy_for_adapters_it_cannot_aggregate_is_refused_when_built(field, value,
+                                                                           name):
+    """A review: ``LoraStrategy(lora_config=LoraConfig(use_dora=True))`` was built, then
+    every client's DoRA reply was dropped as unreadable and every round skipped, with
+    warnings in the log only. Such a config is refused at construction (where
+    ``clairstat refine`` refuses the adapters), by name; a plain config is taken."""
+    with pytest.raises(ValueError, match=name):
+        LoraStrategy(rule="clair", lora_config={**LORA, field: value})
+    LoraStrategy(rule="clair", lora_config={**LORA, field: False if value is True else []})
+
+
+def test_dora_and_embedding_keys_are_named_apart():
+    """The refusal of an adapter's keys says which unsupported form it found (one
+    message named both DoRA and embedding LoRA, a review)."""
+    from clairstat.lora import lora_pairs
+
+    with pytest.raises(ValueError, match=r"DoRA adapters \(a lora_magnitude_vector\)"):
+        lora_pairs(["m.lora_A.weight", "m.lora_B.weight", "m.lora_magnitude_vector"])
+    with pytest.raises(ValueError, match=r"^[^D]*embedding LoRA adapters"):
+        lora_pairs(["m.lora_embedding_A", "m.lora_embedding_B"])

@@ -697,13 +697,14 @@ def test_a_site_where_add_constant_skipped_the_intercept_is_told_why():
     assert "has_constant" not in str(caught.value)
 
 
-def test_a_noise_cov_far_too_large_is_warned_about():
+def test_a_noise_cov_far_too_large_is_kept_and_its_free_factor_says_so():
     """A covariance given 100 times too large (e.g. an OLS cov_params(), which holds the
     residual variance, paired with the residual covariance again): the calibration
-    never lowers a given noise, so the tests lose their power (a review: a site whose
-    slopes were flipped got p = 0.995 at 1 000 times). The fit warns when the median
-    match would lower the scale below a quarter; the right covariance gives no such
-    warning, and the flags are those the fit gives without the warning."""
+    never lowers a given noise (null_scale_factor_ stays 1), and the diagnostic factor
+    the median match would take unbounded below is about 1 / 100; with the right
+    covariance it is the factor applied. (A warning on it was withdrawn after its
+    pre-registered false-alarm bound failed, benchmarks/overstated_noise.py: the fit
+    says nothing.)"""
     from clairstat import CLAIREstimator
 
     rng = np.random.default_rng(3)
@@ -711,16 +712,12 @@ def test_a_noise_cov_far_too_large_is_warned_about():
     responses = [x @ np.ones((4, 2)) + rng.standard_normal((60, 2)) for x in designs]
     ols = local_ols(designs, responses)
     row_cov, col_cov = ols.noise_cov
-    said = "far smaller than the given noise implies"
-    for inflate, expect in ((1.0, False), (100.0, True)):
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            est = CLAIREstimator(random_state=0).fit(
-                ols.estimates, sample_weight=ols.n_samples,
-                noise_cov=(row_cov * inflate, col_cov))
-        assert any(said in str(w.message) for w in caught) is expect, inflate
+    for inflate in (1.0, 100.0):
+        est = CLAIREstimator(random_state=0).fit(
+            ols.estimates, sample_weight=ols.n_samples,
+            noise_cov=(row_cov * inflate, col_cov))
         free = est._free_scale_factor
-        if expect:  # the given scale kept, the free factor about 1 / 100
+        if inflate > 1:  # the given scale kept, the free factor about 1 / 100
             assert est.null_scale_factor_ == 1.0 and free < 0.05
         else:  # the right covariance: the free factor is the one applied (two brentq
             # runs from other brackets on the log scale, xtol 2e-12: equal to ~1e-11)
