@@ -4,7 +4,8 @@
 
     clairstat refine [--rank R] [--joint | --per-module] [--test-level A]
                      [--flagged-updates clip|quarantine]
-                     [--random-state S] [--device D] [--dtype T] [--n-jobs N]
+                     [--random-state S] [--max-iter N] [--tol T]
+                     [--device D] [--dtype T] [--n-jobs N]
                      [--scheduler ADDR|local [--workers W]] --out OUT ADAPTER_DIR...
 
 Each ``ADAPTER_DIR`` is a folder as peft's ``save_pretrained`` writes it
@@ -174,6 +175,13 @@ def _parser():
                              "as refine_adapters' sample_weight")
     refine.add_argument("--random-state", type=int, default=None, metavar="S",
                         help="seed of the robust start (reproducible flags)")
+    refine.add_argument("--max-iter", type=int, default=None, metavar="N",
+                        help="iteration cap of each module's solver (default 2000, as "
+                             "CLAIREstimator's max_iter): raise it where a fit warns "
+                             "that the solver stopped at its cap")
+    refine.add_argument("--tol", type=float, default=None, metavar="T",
+                        help="relative duality gap at which each module's solver stops "
+                             "(default 1e-6, as CLAIREstimator's tol)")
     refine.add_argument("--device", default=None, metavar="D",
                         help="torch device (cpu, cuda, cuda:1) of the solver and of the "
                              "module-sized work: the reduction's QRs, the Gram matrices, "
@@ -580,7 +588,8 @@ class ModuleFit(NamedTuple):
     ``{key: tensor}`` in the input's dtype (per-module refinement; else None);
     ``warnings`` the fit's warnings, ``(category name, message)`` (clients by position);
     ``adjusted_p_values`` the p-values after the multiple-testing correction across the
-    module's clients (None where ``p_values`` is).
+    module's clients (None where ``p_values`` is); ``rank`` the module's fitted rank
+    (its own refinement's with ``--per-module``; None where it was not fitted).
     """
 
     flagged: list
@@ -589,6 +598,7 @@ class ModuleFit(NamedTuple):
     states: list | None
     warnings: list
     adjusted_p_values: list | None = None
+    rank: int | None = None
 
 
 def _factors(module, tensors, configs):
@@ -650,11 +660,14 @@ def fit_module(module, tensors, configs, n_jobs, work, options, joint):
     -------
     ModuleFit
     """
+    from ._estimator import refinement_replaced
     from ._threads import thread_limits
     from .aggregation import clair_modules, module_gram
 
-    # Recorded here so that a Dask worker's warnings reach the command's stderr too.
-    with recorded_warnings() as caught, thread_limits(n_jobs, work):
+    # Recorded here so that a Dask worker's warnings reach the command's stderr too;
+    # with the joint refinement the module's own refinement is not written.
+    with recorded_warnings() as caught, thread_limits(n_jobs, work), \
+            (refinement_replaced() if joint else contextlib.nullcontext()):
         factors = _factors(module, tensors, configs)
         fit = clair_modules({module: factors}, joint=False, **options)
         flagged = fit.module_flagged[module].tolist()
@@ -672,7 +685,7 @@ def fit_module(module, tensors, configs, n_jobs, work, options, joint):
                 states = list(_states(module, readouts, tensors, configs,
                                       everyone).values())
     return ModuleFit(flagged, p_values, gram, states, list(dict.fromkeys(caught)),
-                     adjusted)
+                     adjusted, None if estimator is None else int(estimator.rank_))
 
 
 def _on_device(options):
@@ -919,7 +932,9 @@ def _fit_options(args):
     """Keywords of one module's fit; with the joint refinement ``--rank`` is the joint
     subspace's rank, not the modules' (as in :func:`clairstat.lora.refine_adapters`)."""
     options = {"test_level": args.test_level, "random_state": args.random_state,
-               "device": args.device, "dtype": args.dtype, "weights": args.sample_weight}
+               "device": args.device, "dtype": args.dtype, "weights": args.sample_weight,
+               **{name: value for name, value in (("max_iter", args.max_iter),
+                                                  ("tol", args.tol)) if value is not None}}
     return options if args.joint else {**options, "rank": args.rank}
 
 
@@ -928,7 +943,8 @@ class Summary(NamedTuple):
     ``adjusted_p_values`` per module, ``joint_rank`` (None without the joint
     refinement), ``rank_rule`` (the rule of the cross-validation that chose the joint
     rank; None where none ran: ``--rank`` given, ``--per-module``, one fitted module,
-    fewer than three collaborative clients)."""
+    fewer than three collaborative clients), ``module_ranks`` each module's fitted
+    rank (None where it was not fitted)."""
 
     flagged: list
     module_flagged: dict
@@ -936,6 +952,7 @@ class Summary(NamedTuple):
     joint_rank: int | None
     adjusted_p_values: dict
     rank_rule: str | None = None
+    module_ranks: dict | None = None
 
 
 def _release_memory():
@@ -1029,7 +1046,7 @@ def _stream(clients, writer, args, progress, cluster):
                    {m: fit.flagged for m, fit in fits.items()},
                    {m: fit.p_values for m, fit in fits.items()}, joint_rank,
                    {m: fit.adjusted_p_values for m, fit in fits.items()},
-                   rank_rule), messages
+                   rank_rule, {m: fit.rank for m, fit in fits.items()}), messages
 
 
 # -- running ------------------------------------------------------------------------------
@@ -1129,6 +1146,9 @@ def _check_fit_options(args):
 
     checks = [("--test-level", "test_level", args.test_level),
               ("--random-state", "random_state", args.random_state)]
+    checks += [(option, name, value) for option, name, value in (
+        ("--max-iter", "max_iter", args.max_iter), ("--tol", "tol", args.tol))
+        if value is not None]
     if not args.joint:
         checks.append(("--rank", "rank", args.rank))
     for option, name, value in checks:
@@ -1249,9 +1269,12 @@ def _report(clients, summary, args):
             "flagged_updates": args.flagged_updates if args.joint else None,
             "rank_rule": summary.rank_rule,
             "random_state": args.random_state,
+            "max_iter": args.max_iter, "tol": args.tol,  # None: the solver's defaults
             "sample_weight": (None if args.sample_weight is None
                               else [float(w) for w in args.sample_weight]),
-            "modules": sorted(summary.module_flagged), "clients": entries}
+            "modules": sorted(summary.module_flagged),
+            # each module's fitted rank: with --per-module the rank of its refinement
+            "module_ranks": summary.module_ranks, "clients": entries}
 
 
 # -- writing ------------------------------------------------------------------------------

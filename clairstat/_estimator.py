@@ -671,7 +671,14 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
             members = fit.members
             self.collaborative_mean_ = np.tensordot(
                 weights[members] / weights[members].sum(), original[members], axes=1)
-        self.refined_ = self._output(self._refine(original, self.contaminated_))
+        refined = self._refine(original, self.contaminated_)
+        self.refined_ = self._output(refined)
+        # (a LoRA stack's noise scale sits at its floor: its null is predicted from the
+        # clients' statistics, clairstat._null.predictive_null)
+        if not _REFINEMENT_REPLACED.get() and (
+                factored or np.sqrt(np.mean(noise.sigma ** 2)) > 1e3 * np.sqrt(noise.floor)):
+            _warn_refinement_pools_nothing(original, refined, self.collaborative_mean_,
+                                           self.contaminated_)
         return self
 
     def _refine(self, blocks, flagged):
@@ -1598,6 +1605,63 @@ def _match_tolerance(blocks, design_cov, axis):
 def _rescale(value, scale):
     """Back to the data's units (factored fits are not rescaled: scale is 1)."""
     return value * scale if isinstance(value, np.ndarray) else value
+
+
+#: True inside :func:`refinement_replaced`: the fit's own refinement is not the output
+#: (a LoRA module's fit whose refinement the joint refinement replaces), and
+#: :func:`_warn_refinement_pools_nothing` says nothing about it.
+_REFINEMENT_REPLACED = contextvars.ContextVar("refinement_replaced", default=False)
+
+
+@contextlib.contextmanager
+def refinement_replaced():
+    """Fits made inside do not warn that their own refinement pools nothing (another
+    refinement, the joint one of a LoRA adapter, is the output)."""
+    token = _REFINEMENT_REPLACED.set(True)
+    try:
+        yield
+    finally:
+        _REFINEMENT_REPLACED.reset(token)
+
+
+def _warn_refinement_pools_nothing(blocks, refined, mean, flagged):
+    """Warn when the refinement returns every collaborative client's own estimate.
+
+    ``mean + Pi (Theta_k - mean)`` is ``Theta_k`` where the subspace holds the client's
+    whole deviation from the mean: with a rank that reaches the span of the members'
+    deviations the refinement pools nothing (a review: every module of a per-module
+    LoRA refinement chose such a rank and the refined adapters were the inputs,
+    silently: each moved by 2e-8 of its update, below float32's resolution, in which
+    the adapters were stored). Measured, not inferred from the rank: each member's
+    change against its deviation, both as norms; below 1e-6 of it is next to nothing
+    for any storage dtype of the estimates (float32's resolution is 6e-8; a subspace
+    that holds the deviations exactly leaves float64 round-off, ~1e-15), while pooling
+    the noise of clients of any practical signal-to-noise ratio moves each by a visible
+    share of its deviation. Noiseless data (the caller skips them) lie on their
+    subspace and are rightly left as they are.
+    """
+    members = np.flatnonzero(~np.asarray(flagged))
+    if len(members) < 2:
+        return
+    if isinstance(blocks, FactoredBlocks):
+        from ._detection import projection_statistics
+
+        basis = refined.basis
+        moved = projection_statistics(blocks, mean, basis)[members]
+        total = projection_statistics(blocks, mean, basis[:, :0])[members]
+    else:
+        deviation = blocks[members] - mean[None]
+        moved = np.einsum("kpq,kpq->k", refined[members] - blocks[members],
+                          refined[members] - blocks[members])
+        total = np.einsum("kpq,kpq->k", deviation, deviation)
+    if np.any(total > 0) and np.all(moved <= 1e-12 * total):  # norms: 1e-6
+        largest = float(np.sqrt(np.max(moved / np.where(total > 0, total, 1.0))))
+        warnings.warn(f"the refinement moved each of the {len(members)} collaborative "
+                      f"clients by at most {largest:.2g} of its deviation from their "
+                      "mean: the shared subspace holds nearly every client's whole "
+                      "deviation, so the refinement pools nothing and refined_ is each "
+                      "client's own estimate. Give a smaller rank= to pool their noise.",
+                      UserWarning, stacklevel=4)
 
 
 def _warn_unequal_weights(weights):

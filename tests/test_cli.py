@@ -414,7 +414,8 @@ def test_workers_without_a_local_scheduler_is_refused(adapters, tmp_path, capsys
 
 @pytest.mark.parametrize("bad", [["--test-level", "0"], ["--test-level", "nan"],
                                  ["--random-state", "-1"], ["--random-state", "4294967296"],
-                                 ["--n-jobs", "0"], ["--per-module", "--rank", "-1"]])
+                                 ["--n-jobs", "0"], ["--per-module", "--rank", "-1"],
+                                 ["--max-iter", "0"], ["--tol", "-1"]])
 def test_a_bad_fit_option_stops_the_run_before_anything_is_copied(adapters, tmp_path, capsys,
                                                                   monkeypatch, bad):
     """The fits' own parameter checks ran only once every adapter had been copied into
@@ -1402,3 +1403,39 @@ def test_the_untested_tensors_check_reads_slices_and_other_dtypes(tmp_path, monk
         safetensors_torch.save_file(changed, str(folder / "adapter_model.safetensors"))
         with pytest.raises(cli.InputError, match=rf"{key} \(copied untested"):
             cli._check_untested_finite(cli._read_adapter(folder))
+
+
+def test_max_iter_and_tol_reach_every_module_s_solver(adapters, tmp_path, capsys):
+    """A fit that stops at its iteration cap says "increase max_iter or tol", which the
+    command could not do (a review): ``--max-iter`` and ``--tol`` are each module's
+    solver's, recorded in the report. One iteration stops every module's solver at its
+    cap (the warning, per module); the defaults do not."""
+    capsys.readouterr()
+    code = main(["refine", "--max-iter", "1", "--tol", "1e-9", "--random-state", "0",
+                 "--out", str(tmp_path / "capped"), *map(str, adapters)])
+    err = capsys.readouterr().err
+    assert code == 0
+    assert "stopped at iteration 1 " in err and "max_iter reached" in err
+    report = json.loads((tmp_path / "capped" / "report.json").read_text())
+    assert report["max_iter"] == 1 and report["tol"] == 1e-9
+    code = main(["refine", "--random-state", "0", "--out", str(tmp_path / "default"),
+                 *map(str, adapters)])
+    assert code == 0 and "max_iter reached" not in capsys.readouterr().err
+    report = json.loads((tmp_path / "default" / "report.json").read_text())
+    assert report["max_iter"] is None and report["tol"] is None
+
+
+def test_report_gives_each_module_s_rank(adapters, tmp_path, capsys):
+    """``report.json`` gives every module's fitted rank (a review could not see that
+    each module's rank had reached what its collaborative clients span, so that
+    ``--per-module`` wrote the inputs back): ``--per-module --rank R`` fits every
+    module at R; the joint refinement reports the modules' own fits too."""
+    for name, options in {"per_module": ["--per-module", "--rank", "1"], "joint": []}.items():
+        code = main(["refine", *options, "--random-state", "0", "--out",
+                     str(tmp_path / name), *map(str, adapters)])
+        assert code == 0
+        report = json.loads((tmp_path / name / "report.json").read_text())
+        assert set(report["module_ranks"]) == set(MODULES)
+        assert all(isinstance(rank, int) for rank in report["module_ranks"].values())
+        if options:
+            assert set(report["module_ranks"].values()) == {1}

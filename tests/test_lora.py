@@ -580,3 +580,36 @@ def test_load_adapter_reads_a_peft_folder_and_names_what_is_missing(tmp_path, ti
         load_adapter(tmp_path / "empty")
     with pytest.raises(FileNotFoundError, match="no adapter at"):
         load_adapter(tmp_path / "nowhere")
+
+
+def test_a_per_module_refinement_that_pools_nothing_is_said_and_the_joint_one_is_not():
+    """Clients whose updates share one column direction exactly (B_k = u w_k) deviate
+    from their mean inside span(u): a per-module fit at rank 1 holds every deviation,
+    and its refinement returns each client's own update (a review: every module of a
+    per-module run did so, silently). The fit says so; with 1% noise in B_k it pools,
+    and does not; the joint refinement, which replaces the modules' own, never says
+    it."""
+    import warnings
+
+    from clairstat.lora import refine_adapters
+
+    said = "the refinement pools nothing"
+    rng = np.random.default_rng(0)
+    u = rng.standard_normal((12, 1))
+
+    def states(noise):
+        out = []
+        for _ in range(8):
+            b_mat = u @ rng.standard_normal((1, 2)) + noise * rng.standard_normal((12, 2))
+            out.append({"base_model.model.q_proj.lora_A.weight": rng.standard_normal((2, 10)),
+                        "base_model.model.q_proj.lora_B.weight": b_mat})
+        return out
+
+    for noise, joint, expect in ((0.0, False, True), (0.01, False, False),
+                                 (0.0, True, False)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fit = refine_adapters(states(noise), {"lora_alpha": 2}, joint=joint, rank=1,
+                                  random_state=0)
+        assert not np.any(fit.flagged)
+        assert any(said in str(w.message) for w in caught) is expect, (noise, joint)

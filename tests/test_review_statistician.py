@@ -723,3 +723,23 @@ def test_a_noise_cov_far_too_large_is_kept_and_its_free_factor_says_so():
             # runs from other brackets on the log scale, xtol 2e-12: equal to ~1e-11)
             assert free > 0.5
             assert est.null_scale_factor_ == pytest.approx(max(free, 1.0), rel=1e-9)
+
+
+def test_a_rank_that_holds_every_member_s_deviation_is_said_to_pool_nothing():
+    """Five clients of 12 x 2 coefficients deviate from their mean within a span of
+    (5 - 1) x 2 = 8 directions: a shared subspace of rank 8 holds every deviation, and
+    refined_ is each client's own estimate (a review: every module of a per-module LoRA
+    refinement chose such a rank, and the refined adapters were the inputs, without a
+    word). The fit says so; at rank 7 it pools, and does not warn."""
+    from clairstat import CLAIREstimator
+
+    estimates = np.random.default_rng(0).standard_normal((5, 12, 2))
+    said = "the refinement pools nothing"
+    for rank, expect in ((8, True), (7, False)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            est = CLAIREstimator(rank=rank, random_state=0).fit(estimates)
+        assert not est.contaminated_.any()
+        assert any(said in str(w.message) for w in caught) is expect
+        # float64 round-off of the projection: |refined - own| ~ 1e-15 when it holds all
+        assert np.allclose(est.refined_, estimates, rtol=0, atol=1e-12) is expect

@@ -474,7 +474,10 @@ def _fit_joint(factor_lists, weights, clair_params, progress=None):
     policy = check_flagged_updates(params.pop("flagged_updates", DEFAULT_FLAGGED_UPDATES))
     if rank is not None:  # before the modules' fits, not after them
         check_joint_rank(rank, len(next(iter(factor_lists.values()))))
-    fitted = _fit_per_module(factor_lists, weights, params, progress)
+    from .._estimator import refinement_replaced
+
+    with refinement_replaced():  # the modules' own refinements are not the output
+        fitted = _fit_per_module(factor_lists, weights, params, progress)
     live = [name for name in factor_lists if fitted[name][3] is not None]
     if not live:
         return fitted, None
