@@ -48,7 +48,7 @@ def identity_calibration():
 
     def identity(stat, null, new, calibrate_on, estimated, floor):
         return (NullDistribution(null.scale, null.df), NullDistribution(new.scale, new.df),
-                (np.inf, 1.0, np.inf))
+                (np.inf, 1.0, np.inf, 1.0))  # spread df, factor, scale df, free
 
     _inference._calibrate = identity
     try:
