@@ -16,7 +16,7 @@ adapters, ``--per-module`` each module by its own fit) and writes, for each clie
 ``OUT/<folder name>/`` with the refined adapter (same keys, shapes, dtypes, safetensors
 metadata, and the config copied unchanged; a flagged client's file is a byte copy of its
 input) and ``OUT/report.json`` with every client's flag and per-module p-values (raw and
-adjusted for the module's multiple testing), and
+adjusted for the module's multiple testing), every module's fitted rank, and
 its ``untested`` tensors: those that are not LoRA factors (``modules_to_save`` modules,
 biases, trainable tokens), copied unchanged, neither tested nor refined (a warning on
 stderr names them; so does one for adapters that name different base models). Inputs
