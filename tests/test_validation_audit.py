@@ -97,3 +97,26 @@ def test_tightening_is_not_carried_by_the_identical_update_rows(mode):
     tighter = rows.assign(**{f"bound_ratio_{mode}": np.where(h == 0, 0.0, 0.5)
                              + 0.01 * rng.random(h.size)})
     assert run_check(_check(fedrot_checks, name), tighter)["verdict"] == "pass"
+
+
+@pytest.mark.parametrize("loses", ["colluding", "gamma >= 0.3"])
+def test_clair_beats_mean_fails_when_clair_loses_one_attack_or_attacker_fraction(loses):
+    """B3 pooled the random, scaled and colluding attacks over every gamma: a CLAIR that
+    lost every colluding replicate still passed (0.667 [0.578, 0.745] at small scale),
+    and one that lost every replicate at gamma >= 0.3 passed at full scale (0.552
+    [0.520, 0.584]), a review. The worst (attack, gamma) cell now decides: on the
+    committed small table both checks pass, and each of the two broken tables fails."""
+    from simulations import get_study, load_results
+
+    table = load_results(get_study("robustness"), "small", current_only=True)
+    checks = {check.name: check for check in robustness_checks.CHECKS}
+    names = ("robust_clair_beats_mean", "robust_clair_beats_mean_rank_unknown")
+    for name in names:
+        assert run_check(checks[name], table)["verdict"] == "pass"
+    broken = table.copy()
+    lost = (broken["attack"] == "colluding") if loses == "colluding" \
+        else (broken["gamma"] >= 0.3)
+    for column in ("error_pop_clair", "error_pop_clair_rank_unknown"):
+        broken.loc[lost, column] = 2.0 * broken.loc[lost, "error_pop_mean"]
+    for name in names:
+        assert run_check(checks[name], broken)["verdict"] == "fail", name

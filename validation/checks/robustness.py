@@ -135,16 +135,37 @@ def _beats_mean(rows, rule, statistic):
     return _rate(rows.assign(better=better), "better", statistic, expected=f"> {BEATS}")
 
 
+def _beats_mean_every_attack(rows, rule, statistic):
+    """:func:`_beats_mean` per attack kind and attacker fraction, the worst cell deciding
+    (its rate and Wilson interval; every cell in the detail). Pooled, a rule that lost
+    every replicate of one kind still passed (a review: 0.667 [0.578, 0.745] at small
+    scale with every colluding replicate lost), and one that lost every replicate at
+    gamma >= 0.3 passed at full scale (0.552 [0.520, 0.584]), as easy attacks hid the
+    hard one in B4."""
+    better = rows[f"error_pop_{rule}"] < rows["error_pop_mean"]
+    cells = {cell: (wilson(int(group.sum()), len(group)), len(group))
+             for cell, group in better.groupby([rows["attack"], rows["gamma"]])}
+    worst = min(cells, key=lambda cell: cells[cell][0][0])
+    (rate, interval), count = cells[worst]
+    return {"statistic": statistic, "expected": f"> {BEATS} for every attack and gamma",
+            "observed": rate, "interval": interval, "n": count,
+            "detail": f"worst cell {worst[0]} at gamma {worst[1]:g}; by cell: " + "; ".join(
+                f"{kind} {gamma:g}: {value[0][0]:.2f} of {value[1]}"
+                for (kind, gamma), value in sorted(cells.items()))}
+
+
 def clair_beats_mean(df):
     rows = df[df["attack"].isin(OFF_SUBSPACE + ("colluding",)) & (df["gamma"] > 0)]
-    return _beats_mean(rows, "clair", "P(CLAIR closer than the mean to the model's benign "
-                       "mean U* A0), off-subspace attacks, rank given (Wilson)")
+    return _beats_mean_every_attack(
+        rows, "clair", "P(CLAIR closer than the mean to the model's benign mean U* A0), "
+        "the worst off-subspace attack and gamma, rank given (Wilson)")
 
 
 def clair_beats_mean_rank_unknown(df):
     rows = df[df["attack"].isin(OFF_SUBSPACE + ("colluding",)) & (df["gamma"] > 0)]
-    return _beats_mean(rows, "clair_rank_unknown", "P(CLAIR closer than the mean to U* A0),"
-                       " off-subspace attacks, rank estimated (Wilson)")
+    return _beats_mean_every_attack(
+        rows, "clair_rank_unknown", "P(CLAIR closer than the mean to U* A0), the worst "
+        "off-subspace attack and gamma, rank estimated (Wilson)")
 
 
 def clair_beats_mean_sign_flip(df):
@@ -192,7 +213,8 @@ CHECKS = [
           clair_flags_colluders, margin=(MIN_RATE, INF), source="docs/theory.md#b2"),
     Check("robust_clair_beats_mean", "robustness",
           "CLAIR's global update is closer than the mean to the model's benign mean under "
-          "off-subspace attacks (random, scaled, colluding), rank given",
+          "every off-subspace attack (random, scaled, colluding) and attacker fraction "
+          "(the worst decides), rank given",
           clair_beats_mean, margin=(BEATS, INF), source="docs/theory.md#b3"),
     Check("robust_clair_beats_mean_rank_unknown", "robustness",
           "The same with the rank estimated", clair_beats_mean_rank_unknown,
