@@ -120,3 +120,29 @@ def test_clair_beats_mean_fails_when_clair_loses_one_attack_or_attacker_fraction
         broken.loc[lost, column] = 2.0 * broken.loc[lost, "error_pop_mean"]
     for name in names:
         assert run_check(checks[name], broken)["verdict"] == "fail", name
+
+
+@pytest.mark.parametrize("broken, fails", [
+    ("regime constant", "stability_first_order_constant"),
+    ("K law", "stability_first_order_slope")])
+def test_stability_fails_on_one_regime_s_constant_or_a_wrong_k_law(broken, fails):
+    """S1 pooled every cell: the error 1.5 times its prediction in one (p, q) regime
+    passed (1.142 [1.114, 1.171]), and an error following K^(-1/4) instead of K^(-1/2)
+    passed the slope (0.930 [0.903, 0.957]), a review. The regime and the sweep farthest
+    from the claim now decide: the committed small table passes both checks, and each
+    broken table fails its check."""
+    from simulations import get_study, load_results
+    from validation.checks import stability as stability_checks
+
+    table = load_results(get_study("stability"), "small", current_only=True)
+    checks = {check.name: check for check in stability_checks.CHECKS}
+    for check in checks.values():
+        assert run_check(check, table)["verdict"] == "pass"
+    table = table.copy()
+    if broken == "regime constant":
+        p, q = sorted(set(zip(table["p"], table["q"])))[0]
+        table.loc[(table["p"] == p) & (table["q"] == q), "subspace_error"] *= 1.5
+    else:
+        table["subspace_error"] *= (table["n_clients"] / 40.0) ** 0.25
+    table["error_ratio"] = table["subspace_error"] / table["predicted_error"]
+    assert run_check(checks[fails], table)["verdict"] == "fail"
