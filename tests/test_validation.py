@@ -390,6 +390,10 @@ def test_validation_smoke_run_reports_every_check_and_the_paper_rebuilds(tmp_pat
 #: grid's two, every target of local-refinement, fedavg-refinement and halfway-fedavg
 #: but refinement_clair_vs_formula is undecided; at small scale (10 per setting) all
 #: fail (validation/controls/*/REPORT.md).
+#: B3 (CLAIR beats the mean) is decided by its worst (attack, gamma) cell: the smoke grid
+#: has a handful of replicates per cell, whose Wilson interval at a rate of 0 still
+#: reaches above 0.5, so no-detection's B3 targets are undecided there; at small scale
+#: (10 per cell) both fail (validation/controls/no-detection/REPORT.md).
 _COPYING_GAINS = {"copying_gain_homogeneous", "copying_gain_heterogeneous"}
 _COPYING_RULES = {"copying_beats_rules_homogeneous", "copying_beats_rules_heterogeneous"}
 SMOKE_UNDECIDED = {"inflated-noise": {"detection_null_calibration"},
@@ -397,7 +401,9 @@ SMOKE_UNDECIDED = {"inflated-noise": {"detection_null_calibration"},
                    "no-correction": {"copying_false_alarms"},
                    "local-refinement": _COPYING_GAINS,
                    "fedavg-refinement": _COPYING_RULES,
-                   "halfway-fedavg": _COPYING_GAINS | {"copying_beats_rules_homogeneous"}}
+                   "halfway-fedavg": _COPYING_GAINS | {"copying_beats_rules_homogeneous"},
+                   "no-detection": {"robust_clair_beats_mean",
+                                    "robust_clair_beats_mean_rank_unknown"}}
 
 
 @pytest.mark.timeout(240)
