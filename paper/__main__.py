@@ -43,6 +43,10 @@ def write_verdict_table(report_json, out_dir, scale):
     if not report_json.exists():
         return None
     report = json.loads(report_json.read_text())
+    if report["meta"].get("control"):  # a negative control's verdicts are the broken method's
+        raise ValueError(f"{report_json} is the report of the negative control "
+                         f"{report['meta']['control']!r}, not of the method: give the "
+                         "method's report (default validation/report.json).")
     if report["meta"]["scale"] != scale:
         return None
     path = Path(out_dir) / "verdicts.md"
@@ -88,7 +92,11 @@ def main(argv=None):
     out_dir.mkdir(parents=True, exist_ok=True)
     made, failed = _draw_all(results, out_dir, args.only)
     report = args.report or PAPER_DIR.parent / "validation" / "report.json"
-    table = write_verdict_table(report, out_dir, args.scale)
+    try:
+        table = write_verdict_table(report, out_dir, args.scale)
+    except ValueError as error:
+        print(f"python -m paper: error: {error}", file=sys.stderr)
+        return 2
     for path in made + ([table] if table else []):
         print(path)
     if failed:

@@ -162,6 +162,23 @@ def test_validation_macros_are_the_report_values():
         if counts:  # the report's own tally, when it writes one
             for verdict in ("pass", "inconclusive", "fail"):
                 assert macros[f"val.{kind}.{verdict}"] == str(counts[verdict])
+    # claims documented as false that still fail: the report's count, not the tags (the
+    # abstract said 5 beside the report's 3, two tags being stale: a review)
+    assert macros["val.theory.knownfail"] == str(report["meta"]["n_known_failures"])
+
+
+def test_the_paper_refuses_a_negative_control_s_report(tmp_path, capsys):
+    """``python -m paper --report`` took a negative control's report and showed the
+    broken method's verdicts beside the method's figures, exit 0 (a review)."""
+    sys.path.insert(0, str(ROOT))
+    from paper.__main__ import main
+
+    control = ROOT / "validation" / "controls" / "random-subspace" / "report.json"
+    code = main(["--scale", "small", "--report", str(control), "--out-dir",
+                 str(tmp_path), "--only", "stability"])
+    assert code == 2
+    assert "negative control 'random-subspace'" in capsys.readouterr().err
+    assert not (tmp_path / "verdicts.md").exists()
 
 
 def test_benchmark_macros_are_the_committed_tables():
