@@ -915,17 +915,21 @@ class _Cluster:
         # A cluster closed on a loaded machine can leave an asyncio future holding a
         # TimeoutError nobody retrieves; when it is collected asyncio logs "Future
         # exception was never retrieved" with its traceback, which reached stderr
-        # after the command's one-line error (a test run beside other jobs). The
-        # shutdown's leftovers are the cluster's, not the command's: silenced while it
-        # closes and its garbage is collected.
-        asyncio_log = logging.getLogger("asyncio")
-        level = asyncio_log.level
-        asyncio_log.setLevel(logging.CRITICAL)
+        # after the command's one-line error (a test run beside other jobs); so did
+        # distributed's "Batched Comm Closed" with a CommClosedError traceback, logged at
+        # INFO by a comm closed mid-send (a CI run beside other jobs: silence_logs had
+        # been restored by then). The shutdown's leftovers are the cluster's, not the
+        # command's: silenced while it closes and its garbage is collected.
+        logs = [logging.getLogger(name) for name in ("asyncio", "distributed")]
+        levels = [log.level for log in logs]
+        for log in logs:
+            log.setLevel(logging.CRITICAL)
         try:
             self.stack.close()
             gc.collect()
         finally:
-            asyncio_log.setLevel(level)
+            for log, level in zip(logs, levels):
+                log.setLevel(level)
 
 
 def _fit_options(args):
