@@ -439,22 +439,33 @@ def code_provenance(folders=CODE_FOLDERS):
 
     Returns
     -------
-    str or None
+    str
         ``"<hash>"``, ``"<hash> with uncommitted changes in <folders> (digest
         <12 hex digits>)"``, ``"<hash> (clairstat imported from outside this
-        checkout)"``, or ``None`` outside a git checkout of this project. The digest
-        (:func:`_code_digest`) tells two uncommitted states on one commit apart: the
-        same working-tree code gives the same string, other code another.
+        checkout, its digest <12 hex digits>)"``, or ``"no git checkout (code digest
+        <12 hex digits>)"`` outside a git checkout of this project (an unpacked
+        archive: the digest of every Python file of ``folders``, :func:`_tree_digest`).
+        The digest (:func:`_code_digest`) tells two states of the code apart: the same
+        code gives the same string, other code another.
     """
     root = Path(__file__).resolve().parents[1]
-    state = _git_state(root, folders)
-    if state is None:
-        return None
-    commit, changed, digest = state
     import clairstat
 
-    if Path(clairstat.__file__).resolve().parents[1] != root:
-        return commit + " (clairstat imported from outside this checkout)"
+    package = Path(clairstat.__file__).resolve().parent
+    state = _git_state(root, folders)
+    if state is None:
+        outside = package.parent != root
+        digest = _tree_digest(root, [folder for folder in folders
+                                     if not (folder == "clairstat" and outside)])
+        label = f"no git checkout (code digest {digest}"
+        if outside:
+            label += f"; clairstat imported from {package.name}, digest " \
+                     f"{_tree_digest(package.parent, [package.name])}"
+        return label + ")"
+    commit, changed, digest = state
+    if package.parent != root:
+        return (commit + " (clairstat imported from outside this checkout, its digest "
+                f"{_tree_digest(package.parent, [package.name])})")
     if not changed:
         return commit
     return f"{commit} with uncommitted changes in {', '.join(changed)} (digest {digest})"
@@ -506,9 +517,9 @@ def _refuse_changed_code(run):
 
 def _code_state(folders=CODE_FOLDERS):
     """Digest (:func:`_code_digest`) of every Python file of ``folders`` in the working
-    tree, tracked or untracked and not git-ignored (result tables apart), or ``None``
-    outside a git checkout of this project: the content of the code, whatever its
-    commit."""
+    tree, tracked or untracked and not git-ignored (result tables apart), or of every
+    Python file of ``folders`` outside a git checkout of this project
+    (:func:`_tree_digest`): the content of the code, whatever its commit."""
     import subprocess
 
     root = Path(__file__).resolve().parents[1]
@@ -516,15 +527,30 @@ def _code_state(folders=CODE_FOLDERS):
         top = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=root,
                              capture_output=True, text=True, check=True).stdout.strip()
         if Path(top).resolve() != root:
-            return None
+            return _tree_digest(root, folders)
         listing = subprocess.run(["git", "ls-files", "-z", "--cached", "--others",
                                   "--exclude-standard", "--", *folders], cwd=root,
                                  capture_output=True, text=True, check=True).stdout
     except (OSError, subprocess.CalledProcessError):
-        return None
+        return _tree_digest(root, folders)
     paths = sorted({path for path in listing.split("\0") if path.endswith(".py")
                     and not path.startswith("simulations/results/")})
     return _code_digest(root, paths)
+
+
+def _tree_digest(root, folders):
+    """:func:`_code_digest` of every Python file under ``folders`` of ``root`` (result
+    tables and ``__pycache__`` apart), found by walking the folders: the code's state
+    where git cannot list it (an unpacked archive, a copy inside another repository, no
+    git installed). Without it such a copy had no state at all, and a resume after an
+    edit appended rows of the new code to the old code's table without a warning (a
+    review)."""
+    root = Path(root)
+    paths = sorted(path.relative_to(root).as_posix()
+                   for folder in folders for path in (root / folder).rglob("*.py")
+                   if "__pycache__" not in path.parts)
+    return _code_digest(root, [path for path in paths
+                               if not path.startswith("simulations/results/")])
 
 
 @functools.lru_cache(maxsize=None)
@@ -824,11 +850,11 @@ def run_study(study, scale, *, n_jobs=1, backend=None, scheduler=None, results_d
         _repair_tail(path)  # a kill -9 mid-write may have left half a line
         todo = pending_tasks(study, scale, results_dir)
         if todo:
-            _warn_other_code(path, threads_per_task)
+            kernels = _warn_other_code(path, threads_per_task)
             jobs = -1 if backend == "dask" else n_jobs  # Dask: every worker of the cluster
             with _backend(backend, scheduler, n_jobs), _open_table(path) as handle:
                 _execute(study, scale, todo, handle, jobs, threads_per_task, progress,
-                         control, run)
+                         control, run, kernels)
         return len(todo)
 
 
@@ -845,12 +871,17 @@ def _warn_other_code(path, threads_per_task=1):
     """Warn before appending rows of this code to a table whose rows say other code (a
     resume after an edit or a commit) or another thread count (torch's and BLAS's sums
     differ in their last bits between one and two threads): readers would mix them.
-    Resume is by (cell, replicate) only, so the warning is all that separates the two."""
+    Resume is by (cell, replicate) only, so the warning is all that separates the two.
+
+    Returns the BLAS kernels the table's rows name (:func:`blas_kernels`), for
+    :func:`_warn_other_kernels` once the first new row says which ran: they are read
+    after a replicate, when its libraries are loaded."""
     from clairstat import __version__
 
     current = (__version__, code_provenance(), threads_per_task)
+    rows = read_rows(path)
     others = sorted({(row.get("clairstat_version"), row.get("code_commit"),
-                      row.get("threads_per_task")) for row in read_rows(path)} - {current},
+                      row.get("threads_per_task")) for row in rows} - {current},
                     key=str)
     if others:
         shown = "; ".join(f"{version} at {commit or 'an unrecorded commit'} on "
@@ -861,11 +892,30 @@ def _warn_other_code(path, threads_per_task=1):
                       f"threads to rows written otherwise ({shown}); the table will mix "
                       "them. Delete it (or use another --results-dir) to rerun it on one "
                       "code.", stacklevel=3)
+    return {row.get("blas_kernels") for row in rows}
+
+
+def _warn_other_kernels(path, existing, kernels):
+    """Warn when the table's rows name other BLAS kernels than the replicate just run
+    (``existing``, the rows' kernels before this run): the same code and seed differ in
+    their last bits under another kernel (a resume on another CPU type, or with
+    ``OPENBLAS_CORETYPE`` set), so the table would mix two roundings (a review: a resume
+    on another machine type appended its rows silently)."""
+    others = sorted(str(kernel or "unrecorded kernels") for kernel in existing - {kernels})
+    if others:
+        warnings.warn(f"{path}: appending rows computed with the BLAS kernels "
+                      f"{kernels or 'unrecorded'} to rows computed with "
+                      f"{'; '.join(others)}; values that are rounding over rounding will "
+                      "differ in their last bits between them. Delete the table (or use "
+                      "another --results-dir) to rerun it on one machine type.",
+                      stacklevel=3)
 
 
 def _execute(study, scale, todo, handle, n_jobs, threads_per_task, progress, control=None,
-             run=None):
-    """Run ``todo`` through joblib and append each row as soon as its replicate is done."""
+             run=None, existing_kernels=frozenset()):
+    """Run ``todo`` through joblib and append each row as soon as its replicate is done;
+    ``existing_kernels`` (:func:`_warn_other_code`) are checked against the first one's
+    (:func:`_warn_other_kernels`)."""
     from joblib import Parallel, delayed
     from tqdm.auto import tqdm
 
@@ -877,6 +927,10 @@ def _execute(study, scale, todo, handle, n_jobs, threads_per_task, progress, con
     with tqdm(total=total, initial=total - len(todo), desc=f"{study.name}[{scale}]",
               disable=not progress, unit="rep") as bar:
         for cell, rep, measured, elapsed, provenance in results:
+            if existing_kernels:
+                _warn_other_kernels(getattr(handle, "name", "the table"),
+                                    set(existing_kernels), provenance[2])
+                existing_kernels = frozenset()  # once per run: the first row tells
             _, _, params, seed = by_key[(cell, rep)]
             _append_row(handle, _make_row(study, cell, rep, params, seed, measured, elapsed,
                                           provenance, control))

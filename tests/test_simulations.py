@@ -510,6 +510,53 @@ def test_code_provenance_tells_uncommitted_states_apart(tmp_path, monkeypatch):
     assert _provenance_in(tmp_path, monkeypatch) == clean
 
 
+def test_code_provenance_outside_a_git_checkout_is_the_code_s_digest(tmp_path,
+                                                                    monkeypatch):
+    """A review ran a study from an unpacked copy (no .git), edited clairstat and
+    resumed: every row said ``code_commit: null``, so the resume appended the new
+    code's rows to the old code's table without a warning. Outside a checkout the label
+    is now a digest of the code's files, and an edit changes it."""
+    from simulations import _framework
+
+    for path in ("clairstat/__init__.py", "clairstat/a.py", "simulations/_framework.py"):
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_text("LEVEL = 0.05\n")
+    first = _provenance_in(tmp_path, monkeypatch)
+    assert re.fullmatch(r"no git checkout \(code digest [0-9a-f]{12}\)", first)
+    (tmp_path / "simulations/results").mkdir()
+    (tmp_path / "simulations/results/x.py").write_text("")  # results are not the code
+    (tmp_path / "clairstat/__pycache__").mkdir()
+    (tmp_path / "clairstat/__pycache__/a.py").write_text("")  # nor are caches
+    (tmp_path / "notes.py").write_text("")  # outside the code folders
+    assert _provenance_in(tmp_path, monkeypatch) == first
+    (tmp_path / "clairstat/a.py").write_text("LEVEL = 0.5\n")
+    second = _provenance_in(tmp_path, monkeypatch)
+    assert second.startswith("no git checkout (code digest ") and second != first
+    monkeypatch.setattr(_framework, "__file__",
+                        str(tmp_path / "simulations" / "_framework.py"))
+    assert _framework._code_state() == second[len("no git checkout (code digest "):-1]
+
+
+def test_resuming_on_rows_of_other_blas_kernels_warns(tmp_path):
+    """A resume on another CPU type (OpenBLAS picks its kernels for the CPU) appended
+    rows whose last bits differ from the first rows' without a word (a review)."""
+    import warnings
+
+    study = simulation_toy.STUDY
+    run_study(study, "smoke", results_dir=tmp_path, progress=False)
+    path = tmp_path / "smoke" / "toy.jsonl"
+    rows = read_rows(path)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows[:5]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same kernels: silent
+        assert run_study(study, "smoke", results_dir=tmp_path, progress=False) == 7
+    path.write_text("".join(json.dumps(dict(row, blas_kernels="openblas 0.0 Other"))
+                            + "\n" for row in rows[:5]))
+    with pytest.warns(UserWarning, match="openblas 0.0 Other.*last bits") as caught:
+        assert run_study(study, "smoke", results_dir=tmp_path, progress=False) == 7
+    assert sum("BLAS kernels" in str(item.message) for item in caught) == 1  # once
+
+
 def test_code_digest_counts_deleted_and_renamed_files(tmp_path):
     """Deleting a file or renaming it away is a state of the code too."""
     from simulations._framework import _code_digest, _code_paths

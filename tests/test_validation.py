@@ -717,6 +717,36 @@ def test_the_report_s_commit_counts_the_checks_as_code(tmp_path, monkeypatch):
         _framework.code_provenance.cache_clear()
 
 
+def test_the_report_names_the_code_at_the_start_and_warns_when_it_changed(tmp_path,
+                                                                          monkeypatch):
+    """A review edited validation/ while the checks ran: the report, labelled when it
+    was written, named the edited code, which the process had not run."""
+    from simulations import _framework
+
+    label = ["abc1234"]
+    monkeypatch.setattr(_framework, "_git_state",
+                        lambda root, folders: (label[0], [], None))
+    monkeypatch.setattr(validation_cli, "all_checks", lambda: [_check("t", _passing)])
+    monkeypatch.setattr(validation_cli, "get_study", lambda name: simulation_toy.STUDY)
+    real_run = validation_cli.run_check
+
+    def edit_then_run(check, table):  # an edit (here, a commit) while the checks run
+        label[0] = "def5678"
+        return real_run(check, table)
+
+    monkeypatch.setattr(validation_cli, "run_check", edit_then_run)
+    _framework.code_provenance.cache_clear()
+    try:
+        assert validation_cli.main(["--scale", "smoke", "--results-dir", str(tmp_path),
+                                    "--output-dir", str(tmp_path), "--no-progress"]) == 0
+    finally:
+        _framework.code_provenance.cache_clear()
+    meta = json.loads((tmp_path / "report.json").read_text())["meta"]
+    assert meta["commit"] == "abc1234"
+    assert any("changed while the checks ran (abc1234 at the start, def5678 at the end)"
+               in warning for warning in meta["provenance_warnings"])
+
+
 # --- the printed digits keep an interval on its side of the margin ---------------------
 
 def test_the_report_prints_the_digits_that_tell_an_interval_end_from_the_margin():

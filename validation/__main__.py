@@ -197,14 +197,16 @@ def _check_complete(study, scale, root):
     raise UsageError(f"{message}: run without --no-run to complete it.")
 
 
-def _provenance():
+def _provenance(fresh=False):
     """The checkout's commit, and whether ``clairstat/``, ``simulations/`` or
     ``validation/`` differ from it (:func:`simulations._framework.code_provenance`):
     results depend on the estimator's code and the checks, not only on a version
-    string."""
+    string. Cached from the first call (the code this process loaded) unless
+    ``fresh``: the code on disk now."""
     from simulations._framework import code_provenance
 
-    return code_provenance(REPORT_CODE_FOLDERS) or "unknown"
+    read = code_provenance.__wrapped__ if fresh else code_provenance
+    return read(REPORT_CODE_FOLDERS) or "unknown"
 
 
 def table_commits(tables):
@@ -261,14 +263,19 @@ def _compute(tables):
             for name, table in tables.items()}
 
 
-def _summary(rows, tables, args, started, start, argv):
-    """The report's header: scale, control, version, timing, replicates and tallies."""
+def _summary(rows, tables, args, started, start, argv, commit=None):
+    """The report's header: scale, control, version, timing, replicates and tallies;
+    ``commit`` is the code's label read when the run started (:func:`_provenance`, read
+    now if not given)."""
     from clairstat import __version__
+
+    now = _provenance(fresh=True)
+    commit = _provenance() if commit is None else commit
 
     control = get_control(args.control)
     meta = {"scale": args.scale, "control": args.control,
             "command": " ".join(["python -m validation", *argv]),
-            "clairstat_version": __version__, "commit": _provenance(),
+            "clairstat_version": __version__, "commit": commit,
             "started": started.strftime("%Y-%m-%d %H:%M UTC"),
             "replicates": {name: len(table) for name, table in tables.items()},
             "replicate_seconds": _compute(tables),
@@ -289,6 +296,11 @@ def _summary(rows, tables, args, started, start, argv):
             "smoke_theory_failures": [row["name"] for row in rows if is_blocking(row)
                                       and not is_blocking(row, args.scale)]}
     meta["provenance_warnings"] = provenance_warnings(meta["table_commits"])
+    if now != commit:
+        meta["provenance_warnings"].append(
+            f"the code changed while the checks ran ({commit} at the start, {now} at the "
+            "end): the report names the code at the start, which this process ran; "
+            "rerun it on one code")
     if control is not None:
         by_name = {row["name"]: row for row in rows}
         targets = [name for name in control.targets if name in by_name]
@@ -330,6 +342,9 @@ def _validate(args, argv, written=None):
     """The command, once its arguments are parsed; bad input raises :class:`UsageError`.
     ``written`` (a list) receives the report's paths once it is in place."""
     start, started = time.perf_counter(), datetime.datetime.now(datetime.timezone.utc)
+    # the code's label when the run starts, the code this process runs: read at the end,
+    # it named an edit made while the checks ran (a review); a change is a warning
+    commit = _provenance()
     if args.scheduler and args.backend != "dask":
         raise UsageError("--scheduler needs --backend dask")
     check_directory("--results-dir", args.results_dir, must_exist=args.no_run)
@@ -341,7 +356,7 @@ def _validate(args, argv, written=None):
     tables_dir(args.control, args.results_dir)  # not a directory of another control's tables
     tables = _run_studies(sorted({check.study for check in checks}), args)
     rows = [run_check(check, tables[check.study]) for check in checks]
-    meta = _summary(rows, tables, args, started, start, argv)
+    meta = _summary(rows, tables, args, started, start, argv, commit)
     print(markdown_table(rows))
     for warning in meta["provenance_warnings"]:
         print(f"{PROG}: warning: {warning}", file=sys.stderr)
