@@ -125,6 +125,13 @@ def test_resume_runs_only_missing_replicates_and_more_replicates_extend(tmp_path
 def test_resuming_on_rows_of_other_code_warns(tmp_path):
     """A review found a resume appending rows of the current code to rows of another
     commit without a word (only a later validation report said so)."""
+    with pytest.warns(UserWarning, match="0000000.*the table will mix them"):
+        _resume_on_first_rows(tmp_path, code_commit="0000000")
+
+
+def _resume_on_first_rows(tmp_path, **changed):
+    """Run the toy study, keep its first five rows with ``changed`` columns, check that a
+    resume on the rows as written is silent, then resume on the changed rows."""
     import warnings
 
     study = simulation_toy.STUDY
@@ -133,12 +140,10 @@ def test_resuming_on_rows_of_other_code_warns(tmp_path):
     rows = read_rows(path)
     path.write_text("".join(json.dumps(row) + "\n" for row in rows[:5]))
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # the same code: silent
+        warnings.simplefilter("error")  # the same code, the same kernels: silent
         assert run_study(study, "smoke", results_dir=tmp_path, progress=False) == 7
-    path.write_text("".join(json.dumps(dict(row, code_commit="0000000")) + "\n"
-                            for row in rows[:5]))
-    with pytest.warns(UserWarning, match="0000000.*the table will mix them"):
-        assert run_study(study, "smoke", results_dir=tmp_path, progress=False) == 7
+    path.write_text("".join(json.dumps(dict(row, **changed)) + "\n" for row in rows[:5]))
+    assert run_study(study, "smoke", results_dir=tmp_path, progress=False) == 7
 
 
 def test_torn_last_line_is_ignored_then_cut_before_appending(tmp_path):
@@ -540,20 +545,8 @@ def test_code_provenance_outside_a_git_checkout_is_the_code_s_digest(tmp_path,
 def test_resuming_on_rows_of_other_blas_kernels_warns(tmp_path):
     """A resume on another CPU type (OpenBLAS picks its kernels for the CPU) appended
     rows whose last bits differ from the first rows' without a word (a review)."""
-    import warnings
-
-    study = simulation_toy.STUDY
-    run_study(study, "smoke", results_dir=tmp_path, progress=False)
-    path = tmp_path / "smoke" / "toy.jsonl"
-    rows = read_rows(path)
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows[:5]))
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # the same kernels: silent
-        assert run_study(study, "smoke", results_dir=tmp_path, progress=False) == 7
-    path.write_text("".join(json.dumps(dict(row, blas_kernels="openblas 0.0 Other"))
-                            + "\n" for row in rows[:5]))
     with pytest.warns(UserWarning, match="openblas 0.0 Other.*last bits") as caught:
-        assert run_study(study, "smoke", results_dir=tmp_path, progress=False) == 7
+        _resume_on_first_rows(tmp_path, blas_kernels="openblas 0.0 Other")
     assert sum("BLAS kernels" in str(item.message) for item in caught) == 1  # once
 
 
