@@ -107,6 +107,13 @@ def validation_macros(report, prefix="val"):
     macros[f"{prefix}.scale"] = tex_escape(meta.get("scale", ""))
     macros[f"{prefix}.version"] = tex_escape(meta.get("clairstat_version", ""))
     macros[f"{prefix}.commit"] = tex_escape((str(meta.get("commit", "")).split() or [""])[0])
+    # the commits that wrote the report's tables (a --no-run report is written at a later
+    # commit than its rows: the title named the report's commit alone, a review)
+    table_commits = sorted({str(value).split()[0] for values in
+                            meta.get("table_commits", {}).values() for value in values
+                            if value})
+    macros[f"{prefix}.tablecommits"] = (fmt_list([tex_escape(c) for c in table_commits])
+                                        if table_commits else "not recorded")
     macros[f"{prefix}.replicates"] = fmt(sum(meta.get("replicates", {}).values()))
     macros[f"{prefix}.checks"] = fmt(len(checks))
     for kind in ("theory", "identity"):
@@ -811,6 +818,71 @@ def _optional_calibrations(names):
                    if src.SOURCES[name].exists() else None) for name in names}
 
 
+#: The current code's real-data tables (``calibration_now_<group><suffix>``): development,
+#: the eleven held-out datasets and the sixth held-out set.
+NOW_GROUPS = ("", "heldout_all_", "heldout6_")
+#: The configurations compared on them: (macro tag, table suffix, path), as README.md's
+#: "Which configuration" table.
+NOW_CONFIGS = (("recommended", "hc3_support3_mean_share", "noise_cov"),
+               ("classical", "mean_share", "noise_cov"),
+               ("nocov", "mean_share", "default"))
+
+
+def current_calibration(tables):
+    """The current code on every real dataset (``calibnow.*``; ``calibnow.has`` 0 unless
+    every table of :data:`NOW_GROUPS` x :data:`NOW_CONFIGS` is committed): per
+    configuration the pooled null share with its Wilson interval and splits, the worst
+    dataset's null share, the datasets meeting the criteria (those of
+    ``benchmarks/calibration_compare.py``, the README's) and the lowest power with its
+    dataset; and the table's body, one row per dataset: clients, then per configuration
+    null share / lowest power, starred where the criteria are not met."""
+    import pandas as pd
+    from statsmodels.stats.proportion import proportion_confint
+
+    names = [f"calibration_now_{group}{suffix}" for group in NOW_GROUPS
+             for _, suffix, _ in NOW_CONFIGS]
+    if any(tables.get(name) is None for name in names):
+        return {"calibnow.has": "0"}, None
+    compare = src._load_script("calibration_compare")
+    macros, cells, clients = {"calibnow.has": "1"}, {}, {}
+    for tag, suffix, path in NOW_CONFIGS:
+        table = pd.concat([tables[f"calibration_now_{group}{suffix}"]
+                           for group in NOW_GROUPS], ignore_index=True)
+        cells[tag] = compare._cells(table, path)
+        clients.update(table.groupby("dataset", sort=False)["n_clients"].first().to_dict())
+        if tag == "recommended":  # the run's rank_support and covariance, read off its rows
+            macros["calibnow.support"] = fmt(int(table["rank_support"].iloc[0]))
+            macros["calibnow.covtype"] = tex_escape(str(table["cov_type"].iloc[0]))
+        null = table[(table.path == path) & (table.corruption == "none")]
+        flagged, splits = int(null.any_flag.sum()), len(null)
+        low, high = proportion_confint(flagged, splits, method="wilson")
+        worst = max(cells[tag], key=lambda name: cells[tag][name][0])
+        weakest = min(cells[tag], key=lambda name: cells[tag][name][1])
+        macros.update({
+            f"calibnow.{tag}.null": fmt_fixed(flagged / splits),
+            f"calibnow.{tag}.lo": fmt_fixed(low), f"calibnow.{tag}.hi": fmt_fixed(high),
+            f"calibnow.{tag}.splits": fmt(splits),
+            f"calibnow.{tag}.worst": fmt_fixed(cells[tag][worst][0], 2),
+            f"calibnow.{tag}.worstdataset": tex_escape(worst),
+            f"calibnow.{tag}.met": fmt(sum(compare._met(cell)
+                                           for cell in cells[tag].values())),
+            f"calibnow.{tag}.lowest": fmt_fixed(cells[tag][weakest][1], 2),
+            f"calibnow.{tag}.lowestdataset": tex_escape(weakest)})
+    datasets = list(cells["nocov"])
+    macros["calibnow.datasets"] = fmt(len(datasets))
+    macros["calibnow.maxnull"] = fmt(compare.MAX_NULL_SHARE)
+    macros["calibnow.minpower"] = fmt(compare.MIN_POWER)
+    lines = []
+    for name in datasets:
+        row = [tex_escape(name), fmt(int(clients[name]))]
+        for tag, _, _ in NOW_CONFIGS:
+            null, power, _ = cells[tag][name]
+            mark = "" if compare._met(cells[tag][name]) else "$^{*}$"
+            row.append(f"{fmt_fixed(null, 2)} / {fmt_fixed(power, 2)}{mark}")
+        lines.append(" & ".join(row) + r" \\")
+    return macros, "\n".join(lines) + "\n"
+
+
 def _criteria_met(rows, path="default"):
     """How many datasets meet the calibration criteria on ``path`` (null share at most
     ``MAX_NULL_SHARE``, every corruption's power at least ``MIN_POWER``)."""
@@ -968,7 +1040,14 @@ def copying_macros(frame, scale):
               "copy.contaminated": fmt(int(frame["n_contaminated"].iloc[0])),
               "copy.rank": fmt(int(frame["rank"].iloc[0])),
               "copy.version": tex_escape(", ".join(sorted(frame["clairstat_version"]
-                                                          .unique())))}
+                                                          .unique()))),
+              # the code that made the rows (a review: the section said "the library's
+              # default" 246 commits later)
+              "copy.commits": (fmt_list([tex_escape(str(c).split()[0]) for c in
+                                         sorted(set(frame["code_commit"].dropna()))])
+                               if "code_commit" in frame
+                               and frame["code_commit"].notna().any()
+                               else "not recorded")}
     for column in ("d_model", "n_layers", "n_heads", "steps", "n_train", "n_test",
                    "pretrain_steps", "n_moved", "n_content"):
         if column in frame:
@@ -1496,7 +1575,15 @@ def collect():
         rows = src.calibration_summary(raw)
         macros.update(calibration_macros(rows))
         macros.update(calibration_design_macros(raw))
+        macros["calib.source"] = tex_escape(
+            src.SOURCES["calibration"].relative_to(src.ROOT).as_posix())
         tables["calibration"] = calibration_table(rows)
+    now, body = current_calibration(_optional_calibrations(
+        [f"calibration_now_{group}{suffix}" for group in NOW_GROUPS
+         for _, suffix, _ in NOW_CONFIGS]))
+    macros.update(now)
+    if body is not None:
+        tables["calibration_current"] = body
     optional = _optional_calibrations(("calibration_heldout", "calibration_heldout_rank0",
                                        "calibration_rank0"))
     macros.update(heldout_macros(*optional.values()))
@@ -2144,6 +2231,7 @@ def write_generated(out_dir):
         switch("rdetprev", "rdet.prev.has"),
         switch("rdetgroupdiff", "rdet.norobust.group.excludes0"),
         switch("rdetfirstexcess", "rdet.has", "rdet.module.first.excess"),
+        switch("calibnow", "calibnow.has"),
         switch("calibheldout", "calibho.has"), switch("calibheldoutb", "calibhob.has"),
         switch("calibheldoutc", "calibhoc.has"), switch("calibframe", "calibhof.has"),
         switch("calibheldoutg", "calibhog.has"), switch("calibevidence", "calibev.has"),

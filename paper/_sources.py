@@ -104,6 +104,14 @@ SOURCES = {
        / f"real_data_calibration_{group}{name}.csv"
        for group in ("", "heldout_all_", "heldout6_")
        for name in ("tilt_cap", "hc3_support3_tilt_cap", "hc3_alone", "support3_alone")},
+    # The current code on every real dataset (the last regression check of
+    # benchmarks/RESULTS.md, "The mean's share weighted as the mean is"): the package's
+    # defaults (both paths) and the recommended configuration (HC3, rank_support=3), the
+    # tables README.md's "Which configuration" table is computed from.
+    **{f"calibration_now_{group}{name}": ROOT / "benchmarks" / "results"
+       / f"real_data_calibration_{group}{name}.csv"
+       for group in ("", "heldout_all_", "heldout6_")
+       for name in ("mean_share", "hc3_support3_mean_share")},
     # The null splits of every real dataset refitted with each client's estimate redrawn
     # as Gaussian noise about the clients' mean: one covariance for all, or each one's own
     # (alike clients or a miscalibrated path, benchmarks/exchangeable_null.py).

@@ -1,4 +1,5 @@
-"""Figure: the per-client tests on real data (``benchmarks/results/real_data_calibration.csv``).
+"""Figure: the per-client tests on real data (``SOURCES["calibration"]``: the
+development data).
 
 Left: share of null splits (nothing corrupted) with at least one flag, per dataset and
 path, with 95% Wilson intervals and the nominal level of BH at 5%; right: the share of
