@@ -53,28 +53,38 @@ class CLAIRSummary:
         if client_names is not None:
             self.clients.index = pd.Index(client_names)
         self.clients.index.name = "client"
-        self._summary = self._build(str)
+        self._summary = self._build(str, notes=False)
 
-    def _build(self, escape):
+    def _notes(self, escape):
+        """The :data:`NOTES` diagnostics, one ``key: value`` line each."""
+        return [escape(f"{key}: {self.diagnostics[key]}") for key in NOTES
+                if key in self.diagnostics]
+
+    def _build(self, escape, notes=True):
         """The statsmodels Summary with every name and value passed through ``escape``
         (client, feature and output names are the user's, and reach every format)."""
         summary = Summary()
         summary.add_title("CLAIR: collaborative low-rank estimation")
-        summary.add_dict({escape(k): escape(v) for k, v in self.diagnostics.items()},
-                         ncols=2)
+        summary.add_dict({escape(k): escape(v) for k, v in self.diagnostics.items()
+                          if k not in NOTES}, ncols=2)
         clients = self.clients.copy()
         clients.index = pd.Index([escape(str(name)) for name in clients.index],
                                  name=clients.index.name)
         summary.add_df(clients, index=True)
+        for note in self._notes(escape) if notes else ():  # long values: under the tables
+            summary.add_text(note)
         return summary
 
     def as_text(self):
         """Plain-text report (its ``=`` and ``-`` rules as wide as its widest line:
         statsmodels draws each table's at that table's width)."""
-        lines = self._summary.as_text().split("\n")
+        lines = self._summary.as_text().rstrip("\n").split("\n")
         width = max(map(len, lines))
-        return "\n".join(line[0] * width if line and set(line) <= {"="} or
-                          line and set(line) <= {"-"} else line for line in lines)
+        # the notes as they are, not wrapped at the tables' width (statsmodels wraps its
+        # own notes, which split "scale x1.005" across lines)
+        return "\n".join([line[0] * width if line and set(line) <= {"="} or
+                           line and set(line) <= {"-"} else line for line in lines]
+                          + self._notes(str))
 
     def as_latex(self):
         """LaTeX tables (for a document with the default font encoding: no raw ``<``
@@ -100,6 +110,12 @@ class CLAIRSummary:
 
     def _repr_html_(self):
         return self._build(lambda text: html.escape(str(text))).as_html()
+
+
+#: Diagnostics whose values run to 40-80 characters, printed as notes under the tables:
+#: in the two-column block they made the text report 154 columns wide (a review), every
+#: column of the client table stretched to match.
+NOTES = ("noise model", "null calibration")
 
 
 def _md(value):

@@ -399,3 +399,20 @@ def test_new_clients_of_a_small_fit_without_covariance_get_a_warning(n_clients):
         with pytest.warns(UserWarning, match=f"fit of {n_clients} clients without a "
                                              "covariance: their test is liberal"):
             est.predict(new)
+
+
+def test_the_text_summary_fits_a_terminal():
+    """The text report was 154 columns wide: the noise model's and the null
+    calibration's long values in the two-column block stretched every column of the
+    client table (a review). They are notes under the tables now, whole."""
+    data = make_federated_regression(n_clients=12, p=6, q=2, rank=1, n_samples=100,
+                                     n_contaminated=2, random_state=0)
+    est = CLAIREstimator(random_state=0).fit(data.local_estimates,
+                                             sample_weight=data.n_samples)
+    lines = str(est.summary()).splitlines()
+    assert max(map(len, lines)) <= 100
+    notes = [line for line in lines if line.startswith(("noise model: ",
+                                                        "null calibration: "))]
+    assert len(notes) == 2 and notes[1].endswith(")")  # one line each, not wrapped
+    for text in (est.summary().as_latex(), est.summary()._repr_html_()):
+        assert "null calibration: " in text and "noise model: " in text

@@ -176,7 +176,7 @@ def test_a_benign_client_with_a_one_row_indicator_is_not_flagged():
 def test_the_summary_names_the_covariance():
     rng = np.random.default_rng(8)
     designs, responses = zip(*[_heteroscedastic(rng, q=2) for _ in range(8)])
-    for cov_type, shown in (("HC3", "noise_cov (HC3)"), ("nonrobust", "noise_cov ")):
+    for cov_type, shown in (("HC3", "noise_cov (HC3)"), ("nonrobust", "noise_cov")):
         ols = local_ols(list(designs), list(responses), cov_type=cov_type)
         est = CLAIREstimator(random_state=0, rank=1).fit(ols)
         line = next(row for row in str(est.summary()).splitlines() if "noise model" in row)
