@@ -1,7 +1,9 @@
 # Two entry points for a newcomer: `make demo` and `make test` (see README.md).
 # Both create .venv on first use and install the package from this checkout with the
-# versions pinned in requirements/ci-constraints.txt (torch is pinned to the CPU build
-# 2.13.0 so CI does not pull a multi-GB CUDA build).
+# versions pinned in requirements/ci-constraints.txt (torch==2.13.0: CI's machines take
+# the CPU build, 2.13.0+cpu, from a local wheel; elsewhere set
+# PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu, or pip takes PyPI's
+# multi-GB CUDA build).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python

@@ -942,6 +942,20 @@ def _fit_options(args):
     return options if args.joint else {**options, "rank": args.rank}
 
 
+def _solver_settings(args):
+    """``{"max_iter", "tol"}`` every module's solver ran with: the options given, else
+    the estimator's defaults (the tolerance of a float32 fit scaled to its precision,
+    :func:`clairstat.aggregation._modules._with_device`). The report said ``null`` for
+    a default, which did not say what ran (a review)."""
+    from ._estimator import CLAIREstimator
+    from .aggregation._modules import _with_device
+
+    given = {name: value for name, value in (("max_iter", args.max_iter),
+                                              ("tol", args.tol)) if value is not None}
+    params = {**CLAIREstimator().get_params(), **_with_device(given, None, args.dtype)}
+    return {"max_iter": int(params["max_iter"]), "tol": float(params["tol"])}
+
+
 class Summary(NamedTuple):
     """For the report: ``flagged`` per client, ``module_flagged``, ``p_values`` and
     ``adjusted_p_values`` per module, ``joint_rank`` (None without the joint
@@ -1273,7 +1287,7 @@ def _report(clients, summary, args):
             "flagged_updates": args.flagged_updates if args.joint else None,
             "rank_rule": summary.rank_rule,
             "random_state": args.random_state,
-            "max_iter": args.max_iter, "tol": args.tol,  # None: the solver's defaults
+            **_solver_settings(args),  # the values the solvers used, defaults included
             "sample_weight": (None if args.sample_weight is None
                               else [float(w) for w in args.sample_weight]),
             "modules": sorted(summary.module_flagged),

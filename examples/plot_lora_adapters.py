@@ -127,12 +127,15 @@ print("flagged by the command:", [c["name"] for c in report["clients"] if c["fla
 # value), so one global adapter, however robust, is far from each of them. Refined
 # module by module (``joint=False``), CLAIR keeps each client's own component in the
 # module's shared subspace and pools only the rest. The default joint refinement looks
-# for a subspace shared across modules: here each module's coefficients are drawn
-# independently, one module says nothing about the other, the cross-validation chooses
-# rank 0 (printed above), and every collaborative client receives the mean, as far from
-# its own update as a global adapter. Which of the two fits depends on whether the
-# clients' differences repeat across modules (the copying experiment's, where the
-# joint refinement gains more: ``docs/method_notes.md``, section 9).
+# for a subspace shared across modules, its rank cross-validated by predicting one
+# module's update from another's: here each module's coefficients are drawn
+# independently, one module says nothing about the other, and the rank it chooses
+# (printed above) is read off noise. Whatever that rank, the joint refinement pools
+# along directions the clients do not share, and its error is far above each client's
+# own adapter's (printed below); the rank alone does not tell, a comparison with
+# ``joint=False`` on each client's held-out data does. Which of the two fits depends on
+# whether the clients' differences repeat across modules (the copying experiment's,
+# where the joint refinement gains more: ``docs/method_notes.md``, section 9).
 
 
 def relative_error(state, k):

@@ -1422,7 +1422,11 @@ def test_max_iter_and_tol_reach_every_module_s_solver(adapters, tmp_path, capsys
                  *map(str, adapters)])
     assert code == 0 and "max_iter reached" not in capsys.readouterr().err
     report = json.loads((tmp_path / "default" / "report.json").read_text())
-    assert report["max_iter"] is None and report["tol"] is None
+    # the values the solvers ran with, not null for a default (a review)
+    from clairstat import CLAIREstimator
+
+    defaults = CLAIREstimator()
+    assert report["max_iter"] == defaults.max_iter and report["tol"] == defaults.tol
 
 
 def test_report_gives_each_module_s_rank(adapters, tmp_path, capsys):
@@ -1439,3 +1443,19 @@ def test_report_gives_each_module_s_rank(adapters, tmp_path, capsys):
         assert all(isinstance(rank, int) for rank in report["module_ranks"].values())
         if options:
             assert set(report["module_ranks"].values()) == {1}
+
+
+def test_the_report_gives_a_float32_fit_s_scaled_tolerance():
+    """In float32 the default tolerance is scaled to the dtype's precision: the report
+    says the value the solvers used."""
+    import numpy as np
+
+    from clairstat import _cli
+
+    args = _cli._parser().parse_args(["refine", "--dtype", "float32", "--out", "o",
+                                           "a"])
+    settings = _cli._solver_settings(args)
+    assert settings["tol"] == 1e2 * float(np.finfo(np.float32).eps)
+    args = _cli._parser().parse_args(["refine", "--dtype", "float32", "--tol", "1e-3",
+                                           "--out", "o", "a"])
+    assert _cli._solver_settings(args)["tol"] == 1e-3
