@@ -808,6 +808,20 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
         if self.contaminated_.all():
             warnings.warn("every client was flagged as contaminated; refined_ holds the "
                           "unchanged local estimates.", UserWarning, stacklevel=4)
+        elif 2 * int(self.contaminated_.sum()) > len(self.contaminated_):
+            # The model has the collaborative clients a majority; a fit that keeps a
+            # minority tested the majority against it (a review: one LoRA module of 8
+            # clients flagged 4 of the 7 benign ones, at one random_state of two, and
+            # the refinement skipped them and pulled the other 3 to their mean).
+            n_flagged = int(self.contaminated_.sum())
+            warnings.warn(
+                f"{n_flagged} of {len(self.contaminated_)} clients were flagged, more "
+                "than half: the method takes the collaborative clients to be a majority, "
+                f"and here the {len(self.contaminated_) - n_flagged} kept are a minority "
+                "the others were tested against. Which group deviates is then not told "
+                "by the data: check the rank (rank=), the noise (noise_cov) and the "
+                "robust start (another random_state), and whether the clients form two "
+                "groups.", UserWarning, stacklevel=4)
         if self.null_scale_factor_ > LARGE_SCALE_FACTOR:
             widened = (f", and they spread as a chi^2 with {self.null_spread_df_:.2g} df"
                        if np.isfinite(self.null_spread_df_)

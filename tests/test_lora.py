@@ -613,3 +613,49 @@ def test_a_per_module_refinement_that_pools_nothing_is_said_and_the_joint_one_is
                                   random_state=0)
         assert not np.any(fit.flagged)
         assert any(said in str(w.message) for w in caught) is expect, (noise, joint)
+
+
+def _alike_llama_clients():
+    """Eight clients' adapters of a two-layer Llama-shaped model (q_proj 32 x 32,
+    v_proj 16 x 32, rank 4), every factor 0.2 * a shared draw + 0.06 * the client's own;
+    client 7's B factors drawn afresh (a review's case, built as peft would hold it)."""
+    torch = pytest.importorskip("torch")
+    shapes = [(f"base_model.model.model.layers.{layer}.self_attn.{name}.lora_{ab}.weight",
+               shape) for layer in (0, 1) for name, out in (("q_proj", 32), ("v_proj", 16))
+              for ab, shape in (("A", (4, 32)), ("B", (out, 4)))]
+    states = []
+    for k in range(8):
+        shared = torch.Generator().manual_seed(1)
+        own = torch.Generator().manual_seed(100 + k)
+        bad = torch.Generator().manual_seed(999 + k)
+        state = {}
+        for key, shape in shapes:
+            value = (0.2 * torch.randn(shape, generator=shared)
+                     + 0.06 * torch.randn(shape, generator=own))
+            if "lora_B" in key and k == 7:
+                value = 0.2 * torch.randn(shape, generator=bad)
+            state[key] = value.to(torch.float32)
+        states.append(state)
+    return states
+
+
+def test_a_module_that_flags_most_clients_says_so():
+    """A review: with eight alike clients and one random, one module's fit flagged four
+    of the seven benign clients at random_state=0 (none at 2), silently but for a
+    "too few to test each other" warning; its refinement left them unchanged and pulled
+    the other three to their mean. More than half flagged contradicts the model's
+    majority of collaborative clients: the fit says so."""
+    states = _alike_llama_clients()
+    config = {"r": 4, "lora_alpha": 8}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit = refine_adapters(states, config, joint=False, random_state=0)
+    majority = [str(w.message) for w in caught if "more than half" in str(w.message)]
+    flagged = {module: int(flags.sum()) for module, flags in fit.module_flagged.items()}
+    assert max(flagged.values()) == 5 and len(majority) == 1
+    assert majority[0].startswith("5 of 8 clients were flagged")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit = refine_adapters(states, config, joint=False, random_state=2)
+    assert max(int(flags.sum()) for flags in fit.module_flagged.values()) == 1
+    assert not any("more than half" in str(w.message) for w in caught)
