@@ -808,20 +808,8 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
         if self.contaminated_.all():
             warnings.warn("every client was flagged as contaminated; refined_ holds the "
                           "unchanged local estimates.", UserWarning, stacklevel=4)
-        elif 2 * int(self.contaminated_.sum()) > len(self.contaminated_):
-            # The model has the collaborative clients a majority; a fit that keeps a
-            # minority tested the majority against it (a review: one LoRA module of 8
-            # clients flagged 4 of the 7 benign ones, at one random_state of two, and
-            # the refinement skipped them and pulled the other 3 to their mean).
-            n_flagged = int(self.contaminated_.sum())
-            warnings.warn(
-                f"{n_flagged} of {len(self.contaminated_)} clients were flagged, more "
-                "than half: the method takes the collaborative clients to be a majority, "
-                f"and here the {len(self.contaminated_) - n_flagged} kept are a minority "
-                "the others were tested against. Which group deviates is then not told "
-                "by the data: check the rank (rank=), the noise (noise_cov) and the "
-                "robust start (another random_state), and whether the clients form two "
-                "groups.", UserWarning, stacklevel=4)
+        else:
+            _warn_most_flagged(self.contaminated_, stacklevel=5)
         if self.null_scale_factor_ > LARGE_SCALE_FACTOR:
             widened = (f", and they spread as a chi^2 with {self.null_spread_df_:.2g} df"
                        if np.isfinite(self.null_spread_df_)
@@ -1769,6 +1757,24 @@ def _warn_directions_few_carry(blocks, weights, fit, noise):
             "one where the noise grows with a covariate). Refit with rank_support=3 (or "
             f"rank={carried}) to test them, with local_ols(cov_type=\"HC3\") where the "
             "noise may grow with a covariate.", UserWarning, stacklevel=user_stacklevel())
+
+
+def _warn_most_flagged(contaminated, stacklevel=3):
+    """Warn when more than half of the clients, but not all, were flagged.
+
+    The model has the collaborative clients a majority; a fit that keeps a minority
+    tested the majority against it (a review: one LoRA module of 8 clients flagged 4 of
+    the 7 benign ones, at one random_state of two, and the refinement skipped them and
+    pulled the other 3 to their mean). Exactly half flagged is within the model."""
+    n_flagged, n_clients = int(np.sum(contaminated)), len(contaminated)
+    if 2 * n_flagged > n_clients and n_flagged < n_clients:
+        warnings.warn(
+            f"{n_flagged} of {n_clients} clients were flagged, more than half: the "
+            "method takes the collaborative clients to be a majority, and here the "
+            f"{n_clients - n_flagged} kept are a minority the others were tested against. "
+            "Which group deviates is then not told by the data: check the rank (rank=), "
+            "the noise (noise_cov) and the robust start (another random_state), and "
+            "whether the clients form two groups.", UserWarning, stacklevel=stacklevel)
 
 
 def _warn_few_clients(n_clients, estimated, predictive=False, stacklevel=3):

@@ -60,9 +60,11 @@ class CLAIRSummary:
         return [escape(f"{key}: {self.diagnostics[key]}") for key in NOTES
                 if key in self.diagnostics]
 
-    def _build(self, escape, notes=True):
+    def _build(self, escape, notes=True, note_escape=None):
         """The statsmodels Summary with every name and value passed through ``escape``
-        (client, feature and output names are the user's, and reach every format)."""
+        (client, feature and output names are the user's, and reach every format); the
+        notes under the tables through ``note_escape`` (default ``escape``: statsmodels
+        escapes its tables' cells for LaTeX, not its notes)."""
         summary = Summary()
         summary.add_title("CLAIR: collaborative low-rank estimation")
         summary.add_dict({escape(k): escape(v) for k, v in self.diagnostics.items()
@@ -71,13 +73,13 @@ class CLAIRSummary:
         clients.index = pd.Index([escape(str(name)) for name in clients.index],
                                  name=clients.index.name)
         summary.add_df(clients, index=True)
-        for note in self._notes(escape) if notes else ():  # long values: under the tables
+        for note in self._notes(note_escape or escape) if notes else ():  # under the tables
             summary.add_text(note)
         return summary
 
     def as_text(self):
-        """Plain-text report (its ``=`` and ``-`` rules as wide as its widest line:
-        statsmodels draws each table's at that table's width)."""
+        """Plain-text report (its ``=`` and ``-`` rules as wide as its widest table line:
+        statsmodels draws each table's at that table's width), the notes under it whole."""
         lines = self._summary.as_text().rstrip("\n").split("\n")
         width = max(map(len, lines))
         # the notes as they are, not wrapped at the tables' width (statsmodels wraps its
@@ -89,7 +91,7 @@ class CLAIRSummary:
     def as_latex(self):
         """LaTeX tables (for a document with the default font encoding: no raw ``<``
         or Unicode bars; no empty label; names with TeX's special characters escaped)."""
-        latex = self._build(_latex_escape).as_latex()
+        latex = self._build(_latex_escape, note_escape=_latex_escape_all).as_latex()
         latex = latex.replace("\\label{}\n", "")
         latex = latex.replace("score ‖S\\_k‖\\_F", "score $\\|S_k\\|_F$")
         return latex.replace(_TINY, "$<10^{-16}$")
@@ -116,6 +118,14 @@ class CLAIRSummary:
 #: in the two-column block they made the text report 154 columns wide (a review), every
 #: column of the client table stretched to match.
 NOTES = ("noise model", "null calibration")
+
+
+def _latex_escape_all(value):
+    """``value`` with every TeX special character escaped: a note under the tables,
+    which statsmodels leaves as it is (a review: ``noise model: noise_cov`` stopped
+    pdflatex at its ``_``)."""
+    table = {**_LATEX, "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_"}
+    return "".join(table.get(ch, ch) for ch in str(value))
 
 
 def _md(value):

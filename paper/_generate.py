@@ -63,6 +63,14 @@ def fmt_pct(value, decimals=1, sign=True):
     return text.replace("-", "\\ensuremath{-}") + r"\,\%"
 
 
+def code_label(value):
+    """A report's or a row's code label as the text prints it, whole: a bare commit, or
+    the commit with its note of uncommitted changes, or an unversioned copy's digest
+    (its first word alone made two uncommitted states one commit, and an unversioned
+    copy "no", a review)."""
+    return tex_escape(str(value).strip())
+
+
 def fmt_list(values, unit=""):
     """Values as an English list: ``8, 16 and 32``; ``unit`` after the last one."""
     values = list(values)
@@ -106,13 +114,13 @@ def validation_macros(report, prefix="val"):
     meta = report.get("meta", {})
     macros[f"{prefix}.scale"] = tex_escape(meta.get("scale", ""))
     macros[f"{prefix}.version"] = tex_escape(meta.get("clairstat_version", ""))
-    macros[f"{prefix}.commit"] = tex_escape((str(meta.get("commit", "")).split() or [""])[0])
+    macros[f"{prefix}.commit"] = code_label(meta.get("commit", ""))
     # the commits that wrote the report's tables (a --no-run report is written at a later
     # commit than its rows: the title named the report's commit alone, a review)
-    table_commits = sorted({str(value).split()[0] for values in
+    table_commits = sorted({str(value).strip() for values in
                             meta.get("table_commits", {}).values() for value in values
                             if value})
-    macros[f"{prefix}.tablecommits"] = (fmt_list([tex_escape(c) for c in table_commits])
+    macros[f"{prefix}.tablecommits"] = (fmt_list([code_label(c) for c in table_commits])
                                         if table_commits else "not recorded")
     macros[f"{prefix}.replicates"] = fmt(sum(meta.get("replicates", {}).values()))
     macros[f"{prefix}.checks"] = fmt(len(checks))
@@ -296,12 +304,24 @@ def solver_version(text):
     return found[-1] if found else None
 
 
+def solver_commit(text):
+    """The commit the solver benchmark's table was measured at, as its section states it
+    before the table ("at commit <hash>"), or None: a development version names no code
+    (a review)."""
+    head = text[:text.find("| torch s |")] if "| torch s |" in text else ""
+    found = re.findall(r"at commit\s+([0-9a-f]{7,40})\b", head)
+    return found[-1] if found else None
+
+
 def benchmark_macros(text):
     """Solver and LoRA benchmark numbers; 'largest' keys follow the table's last rows."""
     macros = {}
     version = solver_version(text)
     if version:
         macros["bench.solver.version"] = version
+    commit = solver_commit(text)
+    if commit:
+        macros["bench.solver.commit"] = commit
     solver = solver_rows(text)
     for row in solver:
         key = f"bench.solver.{_size_key(row, ('p', 'q', 'K'))}"
@@ -1043,7 +1063,7 @@ def copying_macros(frame, scale):
                                                           .unique()))),
               # the code that made the rows (a review: the section said "the library's
               # default" 246 commits later)
-              "copy.commits": (fmt_list([tex_escape(str(c).split()[0]) for c in
+              "copy.commits": (fmt_list([code_label(c) for c in
                                          sorted(set(frame["code_commit"].dropna()))])
                                if "code_commit" in frame
                                and frame["code_commit"].notna().any()

@@ -459,8 +459,8 @@ def code_provenance(folders=CODE_FOLDERS):
                                      if not (folder == "clairstat" and outside)])
         label = f"no git checkout (code digest {digest}"
         if outside:
-            label += f"; clairstat imported from {package.name}, digest " \
-                     f"{_tree_digest(package.parent, [package.name])}"
+            label += ("; clairstat imported from outside this copy, its digest "
+                      f"{_tree_digest(package.parent, [package.name])}")
         return label + ")"
     commit, changed, digest = state
     if package.parent != root:
@@ -900,15 +900,23 @@ def _warn_other_kernels(path, existing, kernels):
     (``existing``, the rows' kernels before this run): the same code and seed differ in
     their last bits under another kernel (a resume on another CPU type, or with
     ``OPENBLAS_CORETYPE`` set), so the table would mix two roundings (a review: a resume
-    on another machine type appended its rows silently)."""
-    others = sorted(str(kernel or "unrecorded kernels") for kernel in existing - {kernels})
-    if others:
+    on another machine type appended its rows silently). Only the run's first new row
+    is compared: the workers of a Dask cluster of mixed CPU types still mix their rows
+    without a word (each row's ``blas_kernels`` says which ran)."""
+    others = existing - {kernels}
+    known = sorted(str(kernel) for kernel in others if kernel)
+    if known:
         warnings.warn(f"{path}: appending rows computed with the BLAS kernels "
                       f"{kernels or 'unrecorded'} to rows computed with "
-                      f"{'; '.join(others)}; values that are rounding over rounding will "
+                      f"{'; '.join(known)}; values that are rounding over rounding will "
                       "differ in their last bits between them. Delete the table (or use "
                       "another --results-dir) to rerun it on one machine type.",
-                      stacklevel=3)
+                      stacklevel=4)  # the caller of run_study
+    elif others:  # rows written before the column: whether they differ is not known
+        warnings.warn(f"{path}: appending rows computed with the BLAS kernels "
+                      f"{kernels or 'unrecorded'} to rows that do not record theirs; if "
+                      "those ran on another machine type, values that are rounding over "
+                      "rounding may differ in their last bits.", stacklevel=4)
 
 
 def _execute(study, scale, todo, handle, n_jobs, threads_per_task, progress, control=None,

@@ -416,3 +416,30 @@ def test_the_text_summary_fits_a_terminal():
     assert len(notes) == 2 and notes[1].endswith(")")  # one line each, not wrapped
     for text in (est.summary().as_latex(), est.summary()._repr_html_()):
         assert "null calibration: " in text and "noise model: " in text
+
+
+def test_the_latex_summary_compiles_with_its_notes(tmp_path):
+    """The notes under the tables ("noise model: noise_scale") reached LaTeX with a bare
+    ``_``, which statsmodels escapes in its cells and not in its notes: pdflatex stopped
+    (a review). Every special character of a note is escaped; where pdflatex is
+    installed the report compiles."""
+    import re
+    import shutil
+    import subprocess
+
+    data = make_federated_regression(n_clients=12, p=6, q=2, rank=1, n_samples=100,
+                                     n_contaminated=2, random_state=0)
+    est = CLAIREstimator(random_state=0, noise_scale=0.05).fit(data.local_estimates)
+    latex = est.summary().as_latex()
+    notes = [line for line in latex.splitlines() if line.startswith(("noise model",
+                                                                     "null calibration"))]
+    assert len(notes) == 2 and "noise\\_scale" in notes[0]
+    assert not any(re.search(r"(?<!\\)[_%&#$]", note) for note in notes)
+    if shutil.which("pdflatex") is None:
+        return
+    (tmp_path / "s.tex").write_text("\\documentclass{article}\\usepackage{booktabs}"
+                                    "\\begin{document}" + latex + "\\end{document}\n")
+    done = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error",
+                           "s.tex"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stdout[-2000:]

@@ -659,3 +659,16 @@ def test_a_module_that_flags_most_clients_says_so():
         fit = refine_adapters(states, config, joint=False, random_state=2)
     assert max(int(flags.sum()) for flags in fit.module_flagged.values()) == 1
     assert not any("more than half" in str(w.message) for w in caught)
+
+
+def test_the_majority_warning_starts_above_half():
+    """Exactly half flagged is within the model (no warning); one more is not; every
+    client flagged has its own warning."""
+    from clairstat._estimator import _warn_most_flagged
+
+    for flagged, warns in ((4, False), (5, True), (8, False), (0, False)):
+        contaminated = np.arange(8) < flagged
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            _warn_most_flagged(contaminated)
+        assert any("more than half" in str(w.message) for w in caught) == warns, flagged

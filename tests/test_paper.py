@@ -210,6 +210,9 @@ def test_solver_table_names_the_version_it_was_measured_with():
     before_table = text[:text.index("| torch s |")]
     stated = re.findall(r"clairstat (\d+\.\d+\.\d+(?:\.?[a-z]+\d*)?)", before_table)
     assert stated and macros["bench.solver.version"] == stated[-1]
+    # and the commit, where the section states one (a development version names no code)
+    commits = re.findall(r"at commit\s+([0-9a-f]{7,})", before_table)
+    assert commits and macros["bench.solver.commit"] == commits[-1]
 
 
 def test_device_macros_are_the_committed_table():
@@ -1293,11 +1296,27 @@ def test_the_title_names_the_commits_of_the_report_s_tables():
     """The title said "results of commit 28d6e31": the commit of a --no-run report,
     whose tables were written by five other commits (a review)."""
     report = json.loads((ROOT / "validation" / "report.json").read_text())
-    commits = sorted({value.split()[0] for values in report["meta"]["table_commits"].values()
+    commits = sorted({value for values in report["meta"]["table_commits"].values()
                       for value in values if value})
     shown = _macros()["val.tablecommits"]
     assert commits and all(commit in shown for commit in commits)
-    assert r"\res{val.tablecommits}" in TEX.read_text().split(r"\begin{document}")[0]
+    title = TEX.read_text().split(r"\begin{document}")[0]
+    assert r"\res{val.tablecommits}" in title and r"\res{valfull.tablecommits}" in title
+
+
+def test_a_label_that_is_not_a_bare_commit_is_printed_whole():
+    """Labels were cut to their first word: "no git checkout (code digest ...)" read
+    "no", and two uncommitted states of one commit read as that commit (a review)."""
+    from paper._generate import validation_macros
+
+    report = json.loads((ROOT / "validation" / "report.json").read_text())
+    labels = ["abc1234 with uncommitted changes in clairstat (digest 0123456789ab)",
+              "no git checkout (code digest 0123456789ab)"]
+    meta = dict(report["meta"], commit=labels[1],
+                table_commits={"toy": labels, "other": ["abc1234"]})
+    macros = validation_macros(dict(report, meta=meta))
+    assert macros["val.commit"] == labels[1]
+    assert macros["val.tablecommits"] == f"abc1234, {labels[0]} and {labels[1]}"
 
 
 def test_the_copying_section_names_the_commit_of_its_rows():

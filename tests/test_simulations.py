@@ -542,12 +542,53 @@ def test_code_provenance_outside_a_git_checkout_is_the_code_s_digest(tmp_path,
     assert _framework._code_state() == second[len("no git checkout (code digest "):-1]
 
 
+def test_code_provenance_names_a_clairstat_imported_from_elsewhere(tmp_path, monkeypatch):
+    """In a checkout and outside one, a clairstat imported from another folder (an
+    installed copy) is named with its own digest, which changes with its code."""
+    from simulations import _framework
+
+    elsewhere = tmp_path / "site" / "clairstat"
+    elsewhere.mkdir(parents=True)
+    (elsewhere / "__init__.py").write_text("X = 1\n")
+    for checkout in ("plain", "repo"):
+        root = tmp_path / checkout
+        for path in ("clairstat/__init__.py", "simulations/_framework.py"):
+            (root / path).parent.mkdir(parents=True, exist_ok=True)
+            (root / path).write_text("LEVEL = 0.05\n")
+        if checkout == "repo":
+            _git(root, "init", "-q")
+            _git(root, "add", ".")
+            _git(root, "commit", "-q", "-m", "start")
+        monkeypatch.setattr(_framework, "__file__", str(root / "simulations" / "_framework.py"))
+        monkeypatch.setattr(clairstat, "__file__", str(elsewhere / "__init__.py"))
+        _framework.code_provenance.cache_clear()
+        try:
+            first = _framework.code_provenance()
+            (elsewhere / "__init__.py").write_text("X = 2\n")
+            _framework.code_provenance.cache_clear()
+            second = _framework.code_provenance()
+            (elsewhere / "__init__.py").write_text("X = 1\n")
+        finally:
+            _framework.code_provenance.cache_clear()
+        pattern = (r"no git checkout \(code digest [0-9a-f]{12}; clairstat imported from "
+                   r"outside this copy, its digest [0-9a-f]{12}\)" if checkout == "plain"
+                   else r"[0-9a-f]{7,} \(clairstat imported from outside this checkout, "
+                   r"its digest [0-9a-f]{12}\)")
+        assert re.fullmatch(pattern, first) and re.fullmatch(pattern, second), first
+        assert first != second  # the imported code's edit shows
+
+
 def test_resuming_on_rows_of_other_blas_kernels_warns(tmp_path):
     """A resume on another CPU type (OpenBLAS picks its kernels for the CPU) appended
     rows whose last bits differ from the first rows' without a word (a review)."""
     with pytest.warns(UserWarning, match="openblas 0.0 Other.*last bits") as caught:
         _resume_on_first_rows(tmp_path, blas_kernels="openblas 0.0 Other")
-    assert sum("BLAS kernels" in str(item.message) for item in caught) == 1  # once
+    kernels = [item for item in caught if "BLAS kernels" in str(item.message)]
+    assert len(kernels) == 1  # once
+    assert kernels[0].filename == __file__  # attributed to run_study's caller
+    with pytest.warns(UserWarning, match="do not record theirs") as caught:
+        _resume_on_first_rows(tmp_path / "older", blas_kernels=None)  # rows before the column
+    assert not any("will differ" in str(item.message) for item in caught)
 
 
 def test_code_digest_counts_deleted_and_renamed_files(tmp_path):

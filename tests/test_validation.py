@@ -720,31 +720,46 @@ def test_the_report_s_commit_counts_the_checks_as_code(tmp_path, monkeypatch):
 def test_the_report_names_the_code_at_the_start_and_warns_when_it_changed(tmp_path,
                                                                           monkeypatch):
     """A review edited validation/ while the checks ran: the report, labelled when it
-    was written, named the edited code, which the process had not run."""
+    was written, named the edited code, which the process had not run. The label is read
+    at the start; an edit of the files during the run is a warning, a commit that leaves
+    them as they were is not (a second review: a docs-only commit warned)."""
     from simulations import _framework
 
-    label = ["abc1234"]
+    label, content = ["abc1234"], ["digest-1"]
     monkeypatch.setattr(_framework, "_git_state",
                         lambda root, folders: (label[0], [], None))
+    monkeypatch.setattr(_framework, "_code_state", lambda folders=None: content[0])
+    # the code the simulations' run checks against: the state before any edit
+    monkeypatch.setattr(_framework, "_loaded_code_state", lambda: "digest-1")
     monkeypatch.setattr(validation_cli, "all_checks", lambda: [_check("t", _passing)])
     monkeypatch.setattr(validation_cli, "get_study", lambda name: simulation_toy.STUDY)
     real_run = validation_cli.run_check
 
-    def edit_then_run(check, table):  # an edit (here, a commit) while the checks run
-        label[0] = "def5678"
-        return real_run(check, table)
+    def run(edit):
+        def during(check, table):  # a commit, and perhaps an edit, while the checks run
+            label[0] = "def5678"
+            if edit:
+                content[0] = "digest-2"
+            return real_run(check, table)
 
-    monkeypatch.setattr(validation_cli, "run_check", edit_then_run)
-    _framework.code_provenance.cache_clear()
-    try:
-        assert validation_cli.main(["--scale", "smoke", "--results-dir", str(tmp_path),
-                                    "--output-dir", str(tmp_path), "--no-progress"]) == 0
-    finally:
+        label[0], content[0] = "abc1234", "digest-1"
+        monkeypatch.setattr(validation_cli, "run_check", during)
         _framework.code_provenance.cache_clear()
-    meta = json.loads((tmp_path / "report.json").read_text())["meta"]
+        try:
+            assert validation_cli.main(["--scale", "smoke", "--results-dir",
+                                        str(tmp_path), "--output-dir", str(tmp_path),
+                                        "--no-progress"]) == 0
+        finally:
+            _framework.code_provenance.cache_clear()
+        return json.loads((tmp_path / "report.json").read_text())["meta"]
+
+    meta = run(edit=False)  # a commit of the same files: no change of the code
     assert meta["commit"] == "abc1234"
-    assert any("changed while the checks ran (abc1234 at the start, def5678 at the end)"
-               in warning for warning in meta["provenance_warnings"])
+    assert not any("changed on disk" in warning for warning in meta["provenance_warnings"])
+    meta = run(edit=True)
+    assert meta["commit"] == "abc1234"
+    assert any("changed on disk while the checks ran (now def5678)" in warning
+               and "(abc1234)" in warning for warning in meta["provenance_warnings"])
 
 
 # --- the printed digits keep an interval on its side of the margin ---------------------

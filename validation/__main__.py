@@ -206,7 +206,16 @@ def _provenance(fresh=False):
     from simulations._framework import code_provenance
 
     read = code_provenance.__wrapped__ if fresh else code_provenance
-    return read(REPORT_CODE_FOLDERS) or "unknown"
+    return read(REPORT_CODE_FOLDERS)
+
+
+def _code_content():
+    """The content of the report's code folders (:func:`simulations._framework.
+    _code_state`: a digest of their Python files, whatever the commit): a commit that
+    leaves the files as they were is no change of the code."""
+    from simulations._framework import _code_state
+
+    return _code_state(REPORT_CODE_FOLDERS)
 
 
 def table_commits(tables):
@@ -263,14 +272,14 @@ def _compute(tables):
             for name, table in tables.items()}
 
 
-def _summary(rows, tables, args, started, start, argv, commit=None):
+def _summary(rows, tables, args, started, start, argv, commit=None, content=None):
     """The report's header: scale, control, version, timing, replicates and tallies;
-    ``commit`` is the code's label read when the run started (:func:`_provenance`, read
-    now if not given)."""
+    ``commit`` and ``content`` are the code's label and content read when the run
+    started (:func:`_provenance`, :func:`_code_content`; read now if not given)."""
     from clairstat import __version__
 
-    now = _provenance(fresh=True)
     commit = _provenance() if commit is None else commit
+    changed = content is not None and _code_content() != content
 
     control = get_control(args.control)
     meta = {"scale": args.scale, "control": args.control,
@@ -296,11 +305,11 @@ def _summary(rows, tables, args, started, start, argv, commit=None):
             "smoke_theory_failures": [row["name"] for row in rows if is_blocking(row)
                                       and not is_blocking(row, args.scale)]}
     meta["provenance_warnings"] = provenance_warnings(meta["table_commits"])
-    if now != commit:
+    if changed:
         meta["provenance_warnings"].append(
-            f"the code changed while the checks ran ({commit} at the start, {now} at the "
-            "end): the report names the code at the start, which this process ran; "
-            "rerun it on one code")
+            f"the code in {', '.join(REPORT_CODE_FOLDERS)} changed on disk while the "
+            f"checks ran (now {_provenance(fresh=True)}): the report names the code at "
+            f"the start ({commit}), which this process ran; rerun it on one code")
     if control is not None:
         by_name = {row["name"]: row for row in rows}
         targets = [name for name in control.targets if name in by_name]
@@ -343,8 +352,9 @@ def _validate(args, argv, written=None):
     ``written`` (a list) receives the report's paths once it is in place."""
     start, started = time.perf_counter(), datetime.datetime.now(datetime.timezone.utc)
     # the code's label when the run starts, the code this process runs: read at the end,
-    # it named an edit made while the checks ran (a review); a change is a warning
-    commit = _provenance()
+    # it named an edit made while the checks ran (a review); a change of the files'
+    # content (not a commit that leaves them as they were) is a warning
+    commit, content = _provenance(), _code_content()
     if args.scheduler and args.backend != "dask":
         raise UsageError("--scheduler needs --backend dask")
     check_directory("--results-dir", args.results_dir, must_exist=args.no_run)
@@ -356,7 +366,7 @@ def _validate(args, argv, written=None):
     tables_dir(args.control, args.results_dir)  # not a directory of another control's tables
     tables = _run_studies(sorted({check.study for check in checks}), args)
     rows = [run_check(check, tables[check.study]) for check in checks]
-    meta = _summary(rows, tables, args, started, start, argv, commit)
+    meta = _summary(rows, tables, args, started, start, argv, commit, content)
     print(markdown_table(rows))
     for warning in meta["provenance_warnings"]:
         print(f"{PROG}: warning: {warning}", file=sys.stderr)
