@@ -47,7 +47,7 @@ from _tables import appending, existing_rows
 from few_clients_frame import ROW_SPREADS, SCENARIOS, SHIFT, draw
 
 ESTIMATORS = ("mad", "shamos", "qn", "sn", "trimmed")
-FIELDS = ["n_clients", "row_spread", "estimator", "scenario", "replicate",
+FIELDS = ["n_clients", "row_spread", "estimator", "test_level", "scenario", "replicate",
           "victim_flagged", "other_flagged", "rank", "version", "code_commit"]
 
 
@@ -75,7 +75,7 @@ def spread(stack, estimator):
     raise ValueError(f"estimator must be one of {ESTIMATORS}, not {estimator!r}")
 
 
-def run_one(n_clients, row_spread, estimator, scenario, replicate):
+def run_one(n_clients, row_spread, estimator, scenario, replicate, test_level=0.05):
     import clairstat._estimator
     from clairstat import CLAIREstimator
 
@@ -90,18 +90,18 @@ def run_one(n_clients, row_spread, estimator, scenario, replicate):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # the few-clients warning
-            est = CLAIREstimator(random_state=replicate).fit(estimates)
+            est = CLAIREstimator(random_state=replicate, test_level=test_level).fit(estimates)
     finally:
         clairstat._estimator._spread = previous
     flags = est.contaminated_
     victim = int(flags[0]) if scenario == "shifted" else 0
     others = flags[1:] if scenario == "shifted" else flags
     return dict(n_clients=n_clients, row_spread=row_spread, estimator=estimator,
-                scenario=scenario, replicate=replicate, victim_flagged=victim,
+                test_level=test_level, scenario=scenario, replicate=replicate, victim_flagged=victim,
                 other_flagged=int(others.any()), rank=est.rank_)
 
 
-def run(clients, replicates, estimators, out):
+def run(clients, replicates, estimators, out, test_level=0.05):
     import clairstat
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -109,7 +109,7 @@ def run(clients, replicates, estimators, out):
 
     commit = code_provenance()
     done = {(int(r["n_clients"]), float(r["row_spread"]), r["estimator"], r["scenario"],
-             int(r["replicate"])) for r in existing_rows(out, FIELDS)}
+             int(r["replicate"]), float(r["test_level"])) for r in existing_rows(out, FIELDS)}
     with appending(out, FIELDS) as (writer, handle):
         for replicate in range(*replicates):
             for n_clients in clients:
@@ -117,9 +117,9 @@ def run(clients, replicates, estimators, out):
                     for estimator in estimators:
                         for scenario in SCENARIOS:
                             key = (n_clients, row_spread, estimator, scenario, replicate)
-                            if key in done:
+                            if (*key, test_level) in done:
                                 continue
-                            row = run_one(*key)
+                            row = run_one(*key, test_level=test_level)
                             writer.writerow({**row, "version": clairstat.__version__,
                                              "code_commit": commit})
                             handle.flush()
@@ -135,16 +135,19 @@ def summarize(out):
         lo, hi = proportion_confint(column.sum(), len(column), method="wilson")
         return f"{column.mean():.3f} [{lo:.3f}, {hi:.3f}]"
 
-    lines = ["| K | row spread | estimator | replicates | null: any flag | shifted: client 0 "
+    lines = ["| K | row spread | estimator | test level | replicates | null: any flag | shifted: client 0 "
              "flagged (power) | shifted: another client flagged |",
-             "|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|"]
     for (n_clients, row_spread), cell in table.groupby(["n_clients", "row_spread"]):
-        for estimator in ESTIMATORS:
-            part = cell[cell.estimator == estimator]
+        pairs = [(estimator, level) for estimator in ESTIMATORS
+                 for level in sorted(set(cell.test_level[cell.estimator == estimator]),
+                                     reverse=True)]
+        for estimator, level in pairs:
+            part = cell[(cell.estimator == estimator) & (cell.test_level == level)]
             null, shifted = part[part.scenario == "null"], part[part.scenario == "shifted"]
             if null.empty or shifted.empty:
                 continue
-            lines.append(f"| {n_clients} | {row_spread:g} | {estimator} | {len(null)} | "
+            lines.append(f"| {n_clients} | {row_spread:g} | {estimator} | {level:g} | {len(null)} | "
                          f"{share(null.other_flagged)} | {share(shifted.victim_flagged)} | "
                          f"{share(shifted.other_flagged)} |")
     return "\n".join(lines)
@@ -156,12 +159,14 @@ def main(argv=None):
     parser.add_argument("--replicates", type=int, nargs=2, default=[400, 700],
                         metavar=("FIRST", "STOP"), help="replicates FIRST..STOP-1")
     parser.add_argument("--estimators", nargs="+", choices=ESTIMATORS, default=ESTIMATORS)
+    parser.add_argument("--test-level", type=float, default=0.05,
+                        help="the estimator's test_level (BH level)")
     parser.add_argument("--out", type=Path,
                         default=Path("benchmarks/results/frame_spread_estimators.csv"))
     parser.add_argument("--summary-only", action="store_true")
     args = parser.parse_args(argv)
     if not args.summary_only:
-        run(args.clients, args.replicates, args.estimators, args.out)
+        run(args.clients, args.replicates, args.estimators, args.out, args.test_level)
     print(summarize(args.out))
 
 

@@ -742,3 +742,47 @@ def test_overstated_noise_reproduces_its_committed_rows():
             assert float(row["free"]) == pytest.approx(stored.free.iloc[0], rel=1e-5)
             for column in ("warned", "any_flag", "rank"):
                 assert row[column] == stored[column].iloc[0], (row, column)
+
+
+def test_frame_spread_estimators_are_what_they_say_and_reproduce_committed_rows():
+    """``benchmarks/frame_spread_estimators.py``: ``mad`` is the package's ``_spread``
+    exactly (its rows are the package's fits); each alternative is the textbook
+    estimator on a hand-checked sample and resists one far value as its breakdown point
+    says; committed rows come out again and the package's ``_spread`` is restored."""
+    import pandas as pd
+
+    import clairstat._estimator
+    import frame_spread_estimators as fse
+
+    package_spread = clairstat._estimator._spread
+    stack = np.random.default_rng(3).standard_normal((7, 4, 3))
+    assert np.array_equal(fse.spread(stack, "mad"), clairstat._estimator._spread(stack))
+    x = np.array([0.0, 1.0, 3.0, 7.0, 15.0]).reshape(5, 1, 1)  # pairwise |differences|:
+    # 1 2 3 4 6 7 8 12 14 15 (sorted)
+    assert fse.spread(x, "shamos").item() == 6.5  # their median
+    assert fse.spread(x, "qn").item() == 3.0  # h = 3, the C(3, 2) = 3rd smallest
+    # each value's median distance to all five (itself included): 3, 2, 3, 6, 12
+    assert fse.spread(x, "sn").item() == 3.0
+    # |x - 3| = 3 2 0 4 12; the largest (one) left out: sqrt(mean(0, 4, 9, 16))
+    assert np.isclose(fse.spread(x, "trimmed").item(), np.sqrt(29 / 4))
+    base = np.random.default_rng(4).standard_normal((8, 1, 1))
+    far = base.copy()
+    far[0] = 1e6
+    for estimator in fse.ESTIMATORS:  # one far client of eight moves none of them far
+        assert fse.spread(far, estimator) < 10 * fse.spread(base, estimator), estimator
+    with pytest.raises(ValueError):
+        fse.spread(x, "no such estimator")
+
+    table = pd.read_csv(ROOT / "benchmarks" / "results" / "frame_spread_estimators.csv",
+                        keep_default_na=False)
+    assert len(table) == 4 * 2 * 5 * 2 * 300
+    for row in [fse.run_one(6, spread, estimator, scenario, 400)
+                for spread in fse.ROW_SPREADS for estimator in fse.ESTIMATORS
+                for scenario in fse.SCENARIOS]:
+        stored = table[(table.n_clients == 6) & (table.row_spread == row["row_spread"])
+                       & (table.estimator == row["estimator"])
+                       & (table.scenario == row["scenario"]) & (table.replicate == 400)]
+        assert len(stored) == 1
+        for column in ("victim_flagged", "other_flagged", "rank"):
+            assert row[column] == stored[column].iloc[0], (row, column)
+        assert clairstat._estimator._spread is package_spread
