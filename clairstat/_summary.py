@@ -236,7 +236,11 @@ def _diagnostics(est):
             f" ({params['cov_type']})"
             if params.get("cov_type") not in (None, "nonrobust") else "") + (
             " (robust row and output scales)" if getattr(est, "robust_frame_", False)
-            else ""),
+            else "") + (
+            # a summary of the covariance's size, not an entry's standard deviation
+            # (client_noise_scale_'s documentation; a review read it as one)
+            " (noise scale: the covariance's geometric-mean size)"
+            if est.noise_model_ == "noise_cov" else ""),
         ("t df" if getattr(est, "null_kind_", None) == "predictive" else "test df"):
             _df(est.degrees_of_freedom_),
         "null calibration": _calibration(est),

@@ -775,12 +775,16 @@ def test_frame_spread_estimators_are_what_they_say_and_reproduce_committed_rows(
 
     table = pd.read_csv(ROOT / "benchmarks" / "results" / "frame_spread_estimators.csv",
                         keep_default_na=False)
-    assert len(table) == 4 * 2 * 5 * 2 * 300
-    for row in [fse.run_one(6, spread, estimator, scenario, 400)
-                for spread in fse.ROW_SPREADS for estimator in fse.ESTIMATORS
+    assert len(table[table.test_level == 0.05]) == 4 * 2 * 5 * 2 * 300
+    # MAD at 0.03 and 0.02: K = 6 and 7, both row spreads, both scenarios
+    assert len(table[table.test_level != 0.05]) == 2 * 2 * 2 * 2 * 300
+    runs = [(estimator, 0.05) for estimator in fse.ESTIMATORS] + [("mad", 0.02)]
+    for row in [fse.run_one(6, spread, estimator, scenario, 400, test_level=level)
+                for spread in fse.ROW_SPREADS for estimator, level in runs
                 for scenario in fse.SCENARIOS]:
         stored = table[(table.n_clients == 6) & (table.row_spread == row["row_spread"])
                        & (table.estimator == row["estimator"])
+                       & (table.test_level == row["test_level"])
                        & (table.scenario == row["scenario"]) & (table.replicate == 400)]
         assert len(stored) == 1
         for column in ("victim_flagged", "other_flagged", "rank"):

@@ -743,3 +743,73 @@ def test_a_rank_that_holds_every_member_s_deviation_is_said_to_pool_nothing():
         assert any(said in str(w.message) for w in caught) is expect
         # float64 round-off of the projection: |refined - own| ~ 1e-15 when it holds all
         assert np.allclose(est.refined_, estimates, rtol=0, atol=1e-12) is expect
+
+
+def test_outputs_dependent_in_the_residuals_are_named_by_local_ols():
+    """An output that is a combination of others plus the design (a total beside its
+    parts) adds nothing and makes every residual covariance singular; a review found the
+    fit's tests moved by it (fair: the rank rule changed in 4 of 12 splits) with only the
+    estimator's generic warning. local_ols names the outputs once for all such clients;
+    independent outputs, and a short client's singular covariance (its own warning),
+    give no such warning."""
+    rng = np.random.default_rng(1)
+    designs = [np.c_[np.ones(40), rng.standard_normal((40, 2))] for _ in range(6)]
+    parts = [x @ rng.standard_normal((3, 2)) + rng.standard_normal((40, 2))
+             for x in designs]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # independent outputs: no warning
+        local_ols(designs, parts)
+    total = [np.c_[y, y[:, 0] + y[:, 1] + x @ np.array([1.0, -2.0, 0.5])]
+             for x, y in zip(designs, parts)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        local_ols(designs, total)
+    dependent = [str(w.message) for w in caught if "linearly dependent" in str(w.message)]
+    assert dependent == [
+        "outputs ['y0', 'y1', 'y2'] are linearly dependent in the residuals of clients "
+        "0, 1, 2, 3, 4 and 1 more: one is a combination of the others (and the design), "
+        "which adds no information, and the residual covariance gives no noise along "
+        "that combination, so that CLAIREstimator's tests take it as exact. Drop one of "
+        "these outputs."]
+    assert caught[0].filename == __file__  # the caller's line, not the package's
+    # a third output unrelated to the first two: only those two are named
+    copies = [np.c_[y[:, 0], 3.0 * y[:, 0] + x @ np.ones(3), rng.standard_normal(40)]
+              for x, y in zip(designs, parts)]
+    with pytest.warns(UserWarning, match=r"outputs \['y0', 'y1'\] are linearly dependent"):
+        local_ols(designs, copies)
+
+
+def test_no_false_refinement_warning_where_squares_overflow():
+    """Entries of 1e155 square beyond float64: the refinement's check divided inf by
+    inf and warned that it "moved each client by at most nan" (a review), although the
+    fit is the unit-scale fit times 1e155. Now the same fit, no warning."""
+    from clairstat import CLAIREstimator
+
+    X = np.random.default_rng(0).standard_normal((10, 4, 2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        reference = CLAIREstimator(random_state=0).fit(X)
+        for factor in (1e154, 1e155, 1e300):
+            est = CLAIREstimator(random_state=0).fit(X * factor)
+            np.testing.assert_allclose(est.refined_ / factor, reference.refined_,
+                                       rtol=1e-12, atol=0)
+            assert np.array_equal(est.contaminated_, reference.contaminated_)
+
+
+def test_the_summary_says_what_the_noise_scale_is_with_a_covariance():
+    """With noise_cov the noise scale is the covariance's geometric-mean size, not an
+    entry's standard deviation (a review read it as one: 0.040 on fair, whose standard
+    errors run from 0.016 to 0.84); the summary's note says so, and only then."""
+    from clairstat import CLAIREstimator
+
+    rng = np.random.default_rng(0)
+    designs = [rng.standard_normal((40, 3)) for _ in range(10)]
+    responses = [x @ np.ones((3, 2)) + rng.standard_normal((40, 2)) for x in designs]
+    ols = local_ols(designs, responses)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        with_cov = str(CLAIREstimator(random_state=0).fit(ols).summary())
+        without = str(CLAIREstimator(random_state=0).fit(ols.estimates).summary())
+    assert ("noise model: noise_cov (noise scale: the covariance's geometric-mean size)"
+            in with_cov.splitlines())
+    assert "geometric-mean" not in without
