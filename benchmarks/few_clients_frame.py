@@ -102,28 +102,35 @@ def run(reps, out):
                             handle.flush()
 
 
-def summarize(out):
-    import pandas as pd
+def scenario_cells(part):
+    """``(replicates, null share, power, others flagged)`` of one cell's rows, each
+    share with its Wilson 95% interval; ``None`` when a scenario has no rows."""
     from statsmodels.stats.proportion import proportion_confint
-
-    table = pd.read_csv(out, keep_default_na=False)  # "null" is a scenario, not NaN
 
     def share(column):
         lo, hi = proportion_confint(column.sum(), len(column), method="wilson")
         return f"{column.mean():.3f} [{lo:.3f}, {hi:.3f}]"
 
+    null, shifted = part[part.scenario == "null"], part[part.scenario == "shifted"]
+    if null.empty or shifted.empty:
+        return None
+    return (len(null), share(null.other_flagged), share(shifted.victim_flagged),
+            share(shifted.other_flagged))
+
+
+def summarize(out):
+    import pandas as pd
+
+    table = pd.read_csv(out, keep_default_na=False)  # "null" is a scenario, not NaN
     lines = ["| K | row spread | frame | replicates | null: any flag | shifted: client 0 "
              "flagged (power) | shifted: another client flagged |",
              "|---|---|---|---|---|---|---|"]
     for (n_clients, row_spread), cell in table.groupby(["n_clients", "row_spread"]):
         for frame in FRAMES:
-            part = cell[cell.frame == frame]
-            null, shifted = part[part.scenario == "null"], part[part.scenario == "shifted"]
-            if null.empty or shifted.empty:
-                continue
-            lines.append(f"| {n_clients} | {row_spread:g} | {frame} | {len(null)} | "
-                         f"{share(null.other_flagged)} | {share(shifted.victim_flagged)} | "
-                         f"{share(shifted.other_flagged)} |")
+            cells = scenario_cells(cell[cell.frame == frame])
+            if cells is not None:
+                lines.append(f"| {n_clients} | {row_spread:g} | {frame} | "
+                             + " | ".join(map(str, cells)) + " |")
     return "\n".join(lines)
 
 

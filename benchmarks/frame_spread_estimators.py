@@ -44,7 +44,7 @@ from pathlib import Path
 import numpy as np
 
 from _tables import appending, existing_rows
-from few_clients_frame import ROW_SPREADS, SCENARIOS, SHIFT, draw
+from few_clients_frame import ROW_SPREADS, SCENARIOS, SHIFT, draw, scenario_cells
 
 ESTIMATORS = ("mad", "shamos", "qn", "sn", "trimmed")
 FIELDS = ["n_clients", "row_spread", "estimator", "test_level", "scenario", "replicate",
@@ -127,29 +127,19 @@ def run(clients, replicates, estimators, out, test_level=0.05):
 
 def summarize(out):
     import pandas as pd
-    from statsmodels.stats.proportion import proportion_confint
 
     table = pd.read_csv(out, keep_default_na=False)  # "null" is a scenario, not NaN
-
-    def share(column):
-        lo, hi = proportion_confint(column.sum(), len(column), method="wilson")
-        return f"{column.mean():.3f} [{lo:.3f}, {hi:.3f}]"
-
-    lines = ["| K | row spread | estimator | test level | replicates | null: any flag | shifted: client 0 "
-             "flagged (power) | shifted: another client flagged |",
+    lines = ["| K | row spread | estimator | test level | replicates | null: any flag | "
+             "shifted: client 0 flagged (power) | shifted: another client flagged |",
              "|---|---|---|---|---|---|---|---|"]
     for (n_clients, row_spread), cell in table.groupby(["n_clients", "row_spread"]):
-        pairs = [(estimator, level) for estimator in ESTIMATORS
-                 for level in sorted(set(cell.test_level[cell.estimator == estimator]),
-                                     reverse=True)]
-        for estimator, level in pairs:
-            part = cell[(cell.estimator == estimator) & (cell.test_level == level)]
-            null, shifted = part[part.scenario == "null"], part[part.scenario == "shifted"]
-            if null.empty or shifted.empty:
-                continue
-            lines.append(f"| {n_clients} | {row_spread:g} | {estimator} | {level:g} | {len(null)} | "
-                         f"{share(null.other_flagged)} | {share(shifted.victim_flagged)} | "
-                         f"{share(shifted.other_flagged)} |")
+        for estimator in ESTIMATORS:
+            mine = cell[cell.estimator == estimator]
+            for level in sorted(set(mine.test_level), reverse=True):
+                cells = scenario_cells(mine[mine.test_level == level])
+                if cells is not None:
+                    lines.append(f"| {n_clients} | {row_spread:g} | {estimator} | {level:g} | "
+                                 + " | ".join(map(str, cells)) + " |")
     return "\n".join(lines)
 
 
