@@ -15,13 +15,17 @@ every module; by default the joint refinement of the collaborative clients' whol
 adapters, ``--per-module`` each module by its own fit) and writes, for each client,
 ``OUT/<folder name>/`` with the refined adapter (same keys, shapes, dtypes, safetensors
 metadata, and the config copied unchanged; a flagged client's file is a byte copy of its
-input) and ``OUT/report.json`` with every client's flag and per-module p-values (raw and
-adjusted for the module's multiple testing), every module's fitted rank, and
+input; other files of the folder, such as the model card ``README.md`` peft writes, are
+not copied) and ``OUT/report.json`` with every client's flag and per-module p-values (raw and
+adjusted for the module's multiple testing), every module's fitted rank and whether
+its detection converged (where it cycled a module flag may differ from its adjusted
+p-value's verdict), and
 its ``untested`` tensors: those that are not LoRA factors (``modules_to_save`` modules,
 biases, trainable tokens), copied unchanged, neither tested nor refined (a warning on
 stderr names them; so does one for adapters that name different base models). Inputs
 are read with safetensors only (no pickle). Exit status: 0 on success, 2 on a usage
-error or an unusable input (one line on stderr naming the folder, no traceback).
+error or an unusable input (one line on stderr naming the folder, no traceback), 130 or
+143 when SIGINT or SIGTERM interrupted the run (one line, after the cleanup below).
 Unusable: besides unreadable files, a ``lora_alpha`` or ``alpha_pattern`` value that is
 not a finite non-zero number, a path that is not valid UTF-8 (safetensors opens files by
 a UTF-8 path), any tensor holding non-finite values (the untested ones included, read
@@ -127,7 +131,8 @@ class Client(NamedTuple):
 
 def _parser():
     parser = argparse.ArgumentParser(prog="clairstat", description="clairstat command line")
-    commands = parser.add_subparsers(dest="command", required=True)
+    # metavar: "required: {refine}", not the internal dest's name (a review)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{refine}")
     refine = commands.add_parser(
         "refine", help="CLAIR on peft LoRA adapter folders: flag and refine",
         description="Fit CLAIR on the clients' LoRA adapters (as clairstat.lora."
@@ -147,10 +152,12 @@ def _parser():
                         help="shared subspace dimension: of the joint refinement, or of "
                              "each module's fit with --per-module (default: chosen from "
                              "the data)")
-    refine.add_argument("--joint", dest="joint", action="store_true", default=True,
+    # alternatives, as the synopsis shows them: both given was accepted, the last winning
+    how = refine.add_mutually_exclusive_group()
+    how.add_argument("--joint", dest="joint", action="store_true", default=True,
                         help="refine the collaborative clients' whole adapters together "
                              "(the default, as clairstat.lora.refine_adapters)")
-    refine.add_argument("--per-module", dest="joint", action="store_false",
+    how.add_argument("--per-module", dest="joint", action="store_false",
                         help="refine each module by its own fit instead")
     refine.add_argument("--test-level", type=float, default=0.05, metavar="A",
                         help="level of the per-client tests (default 0.05)")
@@ -564,11 +571,17 @@ def _warning_lines(records, names, n_modules):
             yield f"{len(modules)} modules ({shown}): {text}"
 
 
+#: ``\n``, ``\t``, ``\x1b``... for the C0 control characters and DEL.
+_CONTROL_ESCAPES = {code: repr(chr(code))[1:-1] for code in (*range(32), 127)}
+
+
 def _say(line, file=None):
     """Print a line; the bytes of a path that is not valid UTF-8 (held as surrogates)
     are written as they are where the stream writes them so, else as ``\\xff``
-    escapes."""
+    escapes; control characters (a newline in a folder name) as escapes."""
     file = sys.stderr if file is None else file
+    # one line: a folder name's control characters (a newline) escaped (a review)
+    line = line.translate(_CONTROL_ESCAPES)
     if getattr(file, "errors", None) != "surrogateescape":
         try:
             line = line.encode("utf-8", "surrogateescape").decode("utf-8",
@@ -589,7 +602,10 @@ class ModuleFit(NamedTuple):
     ``warnings`` the fit's warnings, ``(category name, message)`` (clients by position);
     ``adjusted_p_values`` the p-values after the multiple-testing correction across the
     module's clients (None where ``p_values`` is); ``rank`` the module's fitted rank
-    (its own refinement's with ``--per-module``; None where it was not fitted).
+    (its own refinement's with ``--per-module``; None where it was not fitted);
+    ``converged`` whether its detection ended on a set its own tests keep (False: it
+    cycled, and a flag may differ from its adjusted p-value's verdict; None where it
+    was not fitted).
     """
 
     flagged: list
@@ -599,6 +615,7 @@ class ModuleFit(NamedTuple):
     warnings: list
     adjusted_p_values: list | None = None
     rank: int | None = None
+    converged: bool | None = None
 
 
 def _factors(module, tensors, configs):
@@ -669,7 +686,17 @@ def fit_module(module, tensors, configs, n_jobs, work, options, joint):
     with recorded_warnings() as caught, thread_limits(n_jobs, work), \
             (refinement_replaced() if joint else contextlib.nullcontext()):
         factors = _factors(module, tensors, configs)
-        fit = clair_modules({module: factors}, joint=False, **options)
+        try:
+            fit = clair_modules({module: factors}, joint=False, **options)
+        except ValueError as error:
+            rank = options.get("rank")
+            if rank is not None and str(error).startswith(f"rank={rank} exceeds"):
+                # in the command line's words, naming the module (a review)
+                bound = str(error).split(" = ", 1)[1].split(";")[0]
+                raise ValueError(f"--rank {rank}: exceeds what module {module} supports "
+                                 f"(at most {bound}: its reduced size and clients); "
+                                 "give a smaller --rank") from None
+            raise
         flagged = fit.module_flagged[module].tolist()
         estimator = fit.estimators[module]
         p_values, adjusted, gram, states = None, None, None, None
@@ -685,7 +712,8 @@ def fit_module(module, tensors, configs, n_jobs, work, options, joint):
                 states = list(_states(module, readouts, tensors, configs,
                                       everyone).values())
     return ModuleFit(flagged, p_values, gram, states, list(dict.fromkeys(caught)),
-                     adjusted, None if estimator is None else int(estimator.rank_))
+                     adjusted, None if estimator is None else int(estimator.rank_),
+                     None if estimator is None else bool(estimator.detection_converged_))
 
 
 def _on_device(options):
@@ -962,7 +990,8 @@ class Summary(NamedTuple):
     refinement), ``rank_rule`` (the rule of the cross-validation that chose the joint
     rank; None where none ran: ``--rank`` given, ``--per-module``, one fitted module,
     fewer than three collaborative clients), ``module_ranks`` each module's fitted
-    rank (None where it was not fitted)."""
+    rank and ``module_converged`` whether its detection converged (None where it was
+    not fitted)."""
 
     flagged: list
     module_flagged: dict
@@ -971,6 +1000,7 @@ class Summary(NamedTuple):
     adjusted_p_values: dict
     rank_rule: str | None = None
     module_ranks: dict | None = None
+    module_converged: dict | None = None
 
 
 def _release_memory():
@@ -1064,7 +1094,8 @@ def _stream(clients, writer, args, progress, cluster):
                    {m: fit.flagged for m, fit in fits.items()},
                    {m: fit.p_values for m, fit in fits.items()}, joint_rank,
                    {m: fit.adjusted_p_values for m, fit in fits.items()},
-                   rank_rule, {m: fit.rank for m, fit in fits.items()}), messages
+                   rank_rule, {m: fit.rank for m, fit in fits.items()},
+                   {m: fit.converged for m, fit in fits.items()}), messages
 
 
 # -- running ------------------------------------------------------------------------------
@@ -1169,6 +1200,8 @@ def _check_fit_options(args):
         if value is not None]
     if not args.joint:
         checks.append(("--rank", "rank", args.rank))
+    elif args.rank is not None and args.rank < 0:
+        raise InputError(f"--rank {args.rank}: must be a non-negative integer")
     for option, name, value in checks:
         try:
             CLAIREstimator(**{name: value})._validate_params()
@@ -1231,7 +1264,10 @@ def _refine(clients, writer, args, cluster):
         raise InputError(f"{clients[error.client].folder}: "
                          f"{error.message.splitlines()[0]}") from None
     except ValueError as error:  # parameter checks (rank too large, level, n_jobs...)
-        raise InputError(str(error).splitlines()[0]) from None
+        message = str(error).splitlines()[0]
+        if args.rank is not None and message.startswith("the joint rank"):
+            message = f"--rank {args.rank}: {message}"  # the option that set it
+        raise InputError(message) from None
 
 
 def _input_warnings(clients):
@@ -1276,6 +1312,7 @@ def _report(clients, summary, args):
             # what a module flag compares with the level (a review: raw p-values of
             # 0.007 and 0.010 at level 0.05 beside module_flagged false read as a
             # contradiction); a flag can still differ where the detection cycled
+            # (module_detection_converged false)
             "adjusted_p_values": {name: None if p is None else p[k]
                                   for name, p in summary.adjusted_p_values.items()},
             "module_flagged": {name: bool(flags[k])
@@ -1292,7 +1329,10 @@ def _report(clients, summary, args):
                               else [float(w) for w in args.sample_weight]),
             "modules": sorted(summary.module_flagged),
             # each module's fitted rank: with --per-module the rank of its refinement
-            "module_ranks": summary.module_ranks, "clients": entries}
+            "module_ranks": summary.module_ranks,
+            # false: the module's detection cycled, and its flags are those of the set
+            # it stopped on, not each adjusted p-value's verdict (a review)
+            "module_detection_converged": summary.module_converged, "clients": entries}
 
 
 # -- writing ------------------------------------------------------------------------------
@@ -1626,9 +1666,18 @@ def refine_command(args):
     return 0
 
 
-def _terminate(signum, frame):
-    """SIGTERM (a job scheduler, ``docker stop``) as an interrupt, so that a run's
-    cleanup (the staging folder, the folders it created) happens."""
+#: The signal that interrupted the run (set by :func:`_interrupt`), else None.
+_SIGNALLED = None
+
+
+def _interrupt(signum, frame):
+    """SIGINT (Ctrl-C) and SIGTERM (a job scheduler, ``docker stop``) as an interrupt,
+    so that a run's cleanup (the staging folder, the folders it created) happens, with
+    the signal recorded: torch turns an interrupt raised inside safetensors' reads into
+    another error, which the run reported as an unreadable input (a review: 1 in 21
+    SIGTERMs blamed a healthy client's file)."""
+    global _SIGNALLED
+    _SIGNALLED = signum
     raise KeyboardInterrupt
 
 
@@ -1643,19 +1692,33 @@ def main(argv=None):
     Returns
     -------
     int
-        Exit status: 0, or 2 for a usage error or an unusable input.
+        Exit status: 0, or 2 for a usage error or an unusable input, or 128 plus the
+        signal's number (130, 143) when SIGINT or SIGTERM interrupted the run (one line
+        on stderr, no traceback; the run's cleanup done).
     """
     parser = _parser()
     args = parser.parse_args(argv)  # exits 2 with argparse's usage message on bad usage
     import signal
 
+    global _SIGNALLED
+    _SIGNALLED = None
     installed = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _terminate) if installed else None
+    previous = ({number: signal.signal(number, _interrupt)
+                 for number in (signal.SIGINT, signal.SIGTERM)} if installed else {})
     try:
         return refine_command(args)
-    except InputError as error:
+    except (Exception, KeyboardInterrupt) as error:
+        # an error raised while a signal was being handled is the interrupt's, not the
+        # input's (nor a bug's); a KeyboardInterrupt without a signal (raised by hand)
+        # is one too
+        if _SIGNALLED is not None or isinstance(error, KeyboardInterrupt):
+            number = signal.SIGINT if _SIGNALLED is None else _SIGNALLED
+            _say(f"clairstat {args.command}: interrupted by {signal.Signals(number).name}")
+            return 128 + int(number)  # the shells' status of a process ended by it
+        if not isinstance(error, InputError):
+            raise
         _say(f"clairstat {args.command}: error: {error}")
         return 2
     finally:
-        if installed:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+        for number, handler in previous.items():
+            signal.signal(number, signal.SIG_DFL if handler is None else handler)

@@ -1293,8 +1293,10 @@ def test_an_interrupt_while_publishing_undoes_the_renames(adapters, tmp_path, ca
         return real_replace(source, destination)
 
     _replace_while_publishing(monkeypatch, interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        main(["refine", "--random-state", "0", "--out", str(out), *map(str, inputs)])
+    capsys.readouterr()
+    # one line and the status of a process ended by SIGINT, no traceback
+    assert main(["refine", "--random-state", "0", "--out", str(out), *map(str, inputs)]) == 130
+    assert capsys.readouterr().err.splitlines()[-1] == "clairstat refine: interrupted by SIGINT"
     assert _tree(out) == before
     monkeypatch.undo()
     assert main(["refine", "--random-state", "0", "--out", str(out), *map(str, inputs)]) == 0
@@ -1459,3 +1461,132 @@ def test_the_report_gives_a_float32_fit_s_scaled_tolerance():
     args = _cli._parser().parse_args(["refine", "--dtype", "float32", "--tol", "1e-3",
                                            "--out", "o", "a"])
     assert _cli._solver_settings(args)["tol"] == 1e-3
+
+
+@pytest.mark.filterwarnings("ignore:only")
+def test_an_interrupt_inside_a_tensor_read_is_reported_as_the_interrupt(
+        adapters, tmp_path, capsys, monkeypatch):
+    """A signal that lands inside safetensors' read: torch turns the KeyboardInterrupt
+    its handler raises into another error, which the run reported as an unreadable
+    input, blaming a healthy client's file (a review: 1 of 21 SIGTERMs). The handler
+    records the signal; the run ends as interrupted (143 for SIGTERM, one line), OUT
+    not created."""
+    import signal
+
+    from clairstat import _cli
+
+    import safetensors
+
+    real_open = safetensors.safe_open
+    calls = []
+
+    class Interrupted:  # safe_open whose third read is hit by the signal
+        def __init__(self, *args, **kwargs):
+            self.handle = real_open(*args, **kwargs)
+
+        def __enter__(self):
+            self.inner = self.handle.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.handle.__exit__(*exc)
+
+        def get_tensor(self, key):
+            calls.append(key)
+            if len(calls) == 3:
+                try:  # what torch does with an interrupt raised inside its storage access
+                    _cli._interrupt(signal.SIGTERM, None)
+                except KeyboardInterrupt:
+                    raise RuntimeError("could not determine the shape of object type "
+                                       "'torch.storage.UntypedStorage'") from None
+            return self.inner.get_tensor(key)
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+    monkeypatch.setattr(safetensors, "safe_open", Interrupted)
+    out = tmp_path / "new" / "out"
+    assert main(["refine", "--out", str(out), *map(str, adapters)]) == 143
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1] == "clairstat refine: interrupted by SIGTERM"
+    assert "unreadable" not in err and "Traceback" not in err
+    assert not (tmp_path / "new").exists()
+    assert len(calls) == 3
+    # without the recorded signal the same error is an unreadable input
+    calls.clear()
+    _cli._SIGNALLED = None
+    clients = _cli._read_all(list(adapters))
+    with pytest.raises(_cli.InputError, match="unreadable"):
+        for module in MODULES:
+            for client in clients:
+                _cli._read_module(client, module)
+    assert _cli._SIGNALLED == signal.SIGTERM  # the handler ran (and was not reset)
+    _cli._SIGNALLED = None
+    # the next run is not taken for interrupted
+    monkeypatch.undo()
+    assert main(["refine", "--random-state", "0", "--out", str(out), *map(str, adapters)]) == 0
+
+
+def test_a_newline_in_a_folder_name_stays_on_one_line(adapters, tmp_path, capsys):
+    """The error names the folder with its control characters escaped: one line."""
+    bad = _copy(adapters[0], tmp_path / "bad\nname")
+    (bad / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
+    assert main(["refine", "--out", str(tmp_path / "out"), str(bad),
+                 *map(str, adapters[1:])]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1
+    assert "bad\\nname" in err and "unreadable" in err
+
+
+def test_joint_and_per_module_are_alternatives(adapters, tmp_path, capsys):
+    for options in (["--joint", "--per-module"], ["--per-module", "--joint"]):
+        with pytest.raises(SystemExit) as exit_:
+            main(["refine", *options, "--out", str(tmp_path / "out"), *map(str, adapters)])
+        assert exit_.value.code == 2
+        assert "not allowed with argument" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([])
+    assert "the following arguments are required: {refine}" in capsys.readouterr().err
+
+
+@pytest.mark.filterwarnings("ignore:only")
+def test_rank_errors_name_the_option(adapters, tmp_path, capsys):
+    """--rank errors in the command line's words (a review: "rank=100 exceeds min(p, q *
+    n_clients) = 8; choose a smaller rank or None", no option or module named)."""
+    out = str(tmp_path / "out")
+    cases = [(["--rank", "-1"], "clairstat refine: error: --rank -1: must be a "
+                                "non-negative integer"),
+             (["--per-module", "--rank", "-1"], "clairstat refine: error: --rank -1: must "
+                                                "be an int in the range [0, inf)"),
+             (["--rank", "100"], "clairstat refine: error: --rank 100: the joint rank 100 "
+                                 "exceeds what"),
+             (["--per-module", "--rank", "100"],
+              f"clairstat refine: error: --rank 100: exceeds what module {MODULES[0]} "
+              "supports (at most ")]
+    for options, expected in cases:
+        assert main(["refine", *options, "--out", out, *map(str, adapters)]) == 2
+        err = capsys.readouterr().err.splitlines()
+        assert err[-1].startswith(expected), (options, err[-1])
+        assert not Path(out).exists()
+
+
+@pytest.mark.filterwarnings("ignore:only")
+def test_the_report_says_where_a_module_s_detection_cycled(refined, adapters, tmp_path,
+                                                           monkeypatch):
+    """module_flagged may differ from the adjusted p-value's verdict where the detection
+    cycled; report.json says which modules converged (a review), from each fit."""
+    from clairstat import _cli
+
+    report = json.loads((refined / "report.json").read_text())
+    assert report["module_detection_converged"] == {m: True for m in report["modules"]}
+    real_fit = _cli.fit_module
+
+    def cycled_in_v(module, *args):  # as if the v_proj fit had cycled
+        fit = real_fit(module, *args)
+        return fit._replace(converged=False) if module == MODULES[1] else fit
+
+    monkeypatch.setattr(_cli, "fit_module", cycled_in_v)
+    out = tmp_path / "out"
+    assert main(["refine", "--random-state", "0", "--out", str(out), *map(str, adapters)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["module_detection_converged"] == {MODULES[0]: True, MODULES[1]: False}

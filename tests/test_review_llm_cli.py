@@ -150,7 +150,7 @@ def test_an_error_on_local_scheduler_workers_is_one_line(tmp_path):
              if line.strip() and not line.startswith(("fits:", "refinement:"))]
     assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
     assert len(lines) == 1 and lines[0].startswith("clairstat refine: error: "), run.stderr
-    assert "rank=100" in lines[0]
+    assert "--rank 100: exceeds what module" in lines[0]  # the option, as without dask
     assert not (tmp_path / "out").exists()
 
 
