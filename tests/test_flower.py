@@ -578,6 +578,60 @@ def test_a_huge_claim_does_not_make_the_robust_rules_return_its_update(rule):
         assert to_honest < 0.2 * to_attacker, (module, to_honest, to_attacker)
 
 
+def test_no_minority_holds_half_of_the_weight_for_the_majority_rules():
+    """cap_weights(minority=True): the heaviest ceil(n/2) - 1 clients hold at most
+    1/2 - 1/(4n) of the weight, whatever they claim; equal claims stay equal, and the
+    cut only lowers weights. Without it two of seven claims of 1e308 held 0.667."""
+    from clairstat.integrations.flower import cap_weights
+
+    rng = np.random.default_rng(1)
+    eps = np.finfo(float).eps
+    for n_clients in range(3, 16):
+        minority = (n_clients + 1) // 2 - 1
+        for claims in ([1e308] * minority + [10.0] * (n_clients - minority),
+                       [1e308] * 2 + [10.0] * (n_clients - 2),
+                       rng.exponential(size=n_clients) ** 20 + 1e-300,
+                       [7.0] * n_clients):
+            plain = cap_weights(claims)
+            weights = cap_weights(claims, minority=True)
+            top = np.sort(weights)[-minority:].sum() / weights.sum() if minority else 0.0
+            assert top <= (0.5 - 0.25 / n_clients) * (1 + 8 * eps), (n_clients, claims)
+            assert np.all(weights <= plain * (1 + 8 * eps))  # only cuts
+            if len(set(claims)) == 1:
+                assert np.array_equal(weights, plain)
+    weights = cap_weights([10.0] * 5 + [1e308] * 2)
+    assert weights[-2:].sum() / weights.sum() == pytest.approx(2 / 3)  # without the cut
+
+
+@pytest.mark.parametrize("rule", ["median", "geomedian"])
+def test_two_huge_claims_do_not_make_the_robust_rules_return_their_update(rule):
+    """Two replies carrying the same poisoned adapter and claiming 1e308 examples beside
+    five honest ones claiming 10: the per-client caps left them 2/3 of the weight and
+    the weighted median returned their update exactly (a review). The minority cut keeps
+    the robust rules with the honest clients; fedit, which averages, keeps the per-client
+    caps only."""
+    states = [client_adapter(k) for k in range(ADVERSARY)] + [client_adapter(ADVERSARY)] * 2
+    nodes = [101 + k for k in range(len(states))]
+    counts = [10] * ADVERSARY + [1e308] * 2
+    replies = [_reply(n, s, count=c) for n, s, c in zip(nodes, states, counts)]
+    strategy = LoraStrategy(rule=rule, lora_config=LORA)
+    strategy.aggregate_train(1, replies)
+    shares = np.array([strategy.weights_[node] for node in nodes])
+    assert shares[-2:].sum() / shares.sum() < 0.5
+    updates = [{module: b_mat @ a_mat for module, (b_mat, a_mat)
+                in adapter_factors(state, LORA).items()} for state in states]
+    for module, attacker in updates[-1].items():
+        honest = [client[module] for client in updates[:ADVERSARY]]
+        update = np.asarray(strategy.last_results_[module].update)
+        to_attacker = np.linalg.norm(update - attacker)
+        to_honest = np.linalg.norm(update - np.median(honest, axis=0))
+        assert to_honest < 0.2 * to_attacker, (module, to_honest, to_attacker)
+    averaging = LoraStrategy(rule="fedit", lora_config=LORA)
+    averaging.aggregate_train(1, replies)
+    fedit_shares = np.array([averaging.weights_[node] for node in nodes])
+    assert fedit_shares[-2:].sum() / fedit_shares.sum() == pytest.approx(2 / 3)
+
+
 @pytest.mark.parametrize("rule", ["clair", "median", "fedit"])
 def test_a_round_of_fresh_adapters_keeps_them_trainable(rule):
     """Every reply fresh (lora_B = 0): zero updates, nobody flagged, A kept, B = 0."""

@@ -519,3 +519,38 @@ def test_a_sign_flipped_adapter_is_seen_alone_at_best_and_copies_move_others_lit
     honest_moved = [np.linalg.norm(a - b) / np.linalg.norm(b) for a, b in zip(more, base)]
     assert max(moved) < 0.10
     assert np.median(moved) < 2.0 * np.median(honest_moved)
+
+
+def test_ffa_takes_the_shared_a_sent_at_a_lower_precision():
+    """One client sending the frozen A in float16 (numpy) or bfloat16 (torch) sends the
+    same A: compared at the coarser precision (the finer one refused it, a review); an
+    A that really differs is still refused, naming the client."""
+    from clairstat.aggregation import aggregate
+    from clairstat.aggregation._rules import a_outliers
+
+    rng = np.random.default_rng(0)
+    a_mat = rng.standard_normal((2, 8)).astype(np.float32)
+    factors = [(rng.standard_normal((6, 2)).astype(np.float32), a_mat) for _ in range(5)]
+    half = factors + [(rng.standard_normal((6, 2)).astype(np.float32),
+                       a_mat.astype(np.float16))]
+    assert a_outliers([a for _, a in half]) == []
+    exact = aggregate("ffa", half)
+    b_bar = sum(b.astype(np.float64) for b, _ in half) / 6
+    np.testing.assert_allclose(exact.update, b_bar @ a_mat.astype(np.float64), rtol=1e-12)
+    torch = pytest.importorskip("torch")
+    brain = factors + [(torch.tensor(half[-1][0]), torch.tensor(a_mat).to(torch.bfloat16))]
+    aggregate("ffa", brain)
+    other = factors + [(half[-1][0], a_mat + np.float32(0.05))]  # beyond float32's rounding
+    with pytest.raises(ValueError, match=r"client\(s\) \[5\] have an A that differs"):
+        aggregate("ffa", other)
+    with pytest.raises(ValueError, match=r"client\(s\) \[5\] have an A that differs"):
+        aggregate("ffa", factors + [(half[-1][0], a_mat.astype(np.float16) + np.float16(0.05))])
+
+
+def test_a_weight_beyond_float64_is_a_value_error_naming_the_client():
+    from clairstat.aggregation import aggregate
+
+    rng = np.random.default_rng(0)
+    factors = [(rng.standard_normal((4, 1)), rng.standard_normal((1, 3))) for _ in range(3)]
+    with pytest.raises(ValueError, match=r"client\(s\) \[0\] have weight\(s\) beyond"):
+        aggregate("fedit", factors, weights=[10 ** 400, 1, 1])

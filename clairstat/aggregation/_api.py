@@ -64,7 +64,9 @@ def aggregate(rule: str, factors: Sequence[tuple[ArrayLike, ArrayLike]],
     Notes
     -----
     Zero updates are valid input: with fresh adapters (every ``B_i = 0``, as peft
-    initialises them) every rule returns the zero update, and CLAIR flags nobody.
+    initialises them) every rule returns the zero update, and CLAIR flags nobody; but
+    ``"ffa"`` refuses clients whose A differ, as peft's per-client random A do (FFA-LoRA
+    needs one shared initialisation of A).
 
     Examples
     --------
@@ -79,5 +81,12 @@ def aggregate(rule: str, factors: Sequence[tuple[ArrayLike, ArrayLike]],
     """
     if rule not in RULES:
         raise ValueError(f"unknown rule {rule!r}; valid rules: {', '.join(RULES)}.")
+    if rule == "ffa" and "resolutions" not in options:
+        # the A factors' precision before the cast to float64: a client sending the
+        # shared A in float16 or bfloat16 sends the same A (a review)
+        from ._rules import _resolution
+
+        options = {**options, "resolutions": [_resolution(pair[1]) if len(pair) == 2
+                                              else None for pair in factors]}
     factors = check_factors(factors)
     return RULES[rule](factors, check_weights(weights, len(factors)), **options)

@@ -88,6 +88,13 @@ def _check_reference(reference, factors, weights, rank):
 def fedrot(factors, weights, reference=None, align="A", lam=1.0):
     """FedRot-LoRA: align every client's factors to a reference by a rotation, then average.
 
+    The rotations are proper, ``R`` in SO(r) (:func:`alignment_rotation`; the soft path
+    ``(1 - lam) I + lam R`` would pass through a singular matrix for a reflection), so a
+    gauge that reflects (one column of B and row of A negated) is not undone: at rank 1
+    SO(1) = {1} and FedRot is FedIT, so that ``(b, a)`` and ``(-b, -a)``, the same
+    update, average to zero; at rank 2 one sign flip left a relative error of 0.58 (a
+    review). Identical updates in rotation gauges are averaged exactly.
+
     Parameters
     ----------
     factors : list of (ndarray of shape (d, r), ndarray of shape (r, k))

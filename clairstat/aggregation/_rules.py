@@ -17,17 +17,35 @@ def average_factors(factors, weights):
     return b_bar, a_bar
 
 
-def _same_a(a_mat, reference):
-    """Equality up to a few ulps of the entries (at the coarser of the two dtypes): A is
-    the same frozen array on every client."""
-    eps = np.finfo(np.result_type(a_mat, reference, np.float32)).eps
+def _resolution(array):
+    """The relative resolution (machine epsilon) of an array's floating dtype, torch's
+    bfloat16 included; float64's for anything else."""
+    dtype = getattr(array, "dtype", None)
+    if dtype is not None and type(dtype).__module__ == "torch" and dtype.is_floating_point:
+        import torch
+
+        return float(torch.finfo(dtype).eps)
+    if dtype is not None and np.issubdtype(dtype, np.floating):
+        return float(np.finfo(dtype).eps)
+    return float(np.finfo(np.float64).eps)
+
+
+def _same_a(a_mat, reference, resolutions=None):
+    """Equality up to a few ulps of the entries at the coarser of the two dtypes
+    (``resolutions``: their epsilons, where the arrays were cast before): A is the same
+    frozen array on every client. The finer of the two (``np.result_type``) refused the
+    shared A sent in float16 by one client (a review)."""
+    eps = max(resolutions) if resolutions is not None else max(
+        _resolution(a_mat), _resolution(reference), float(np.finfo(np.float32).eps))
     tol = 8 * eps * max(1.0, float(np.max(np.abs(reference))))
     return a_mat.shape == reference.shape and not np.max(np.abs(a_mat - reference)) > tol
 
 
-def a_outliers(a_mats):
+def a_outliers(a_mats, resolutions=None):
     """Indices of the clients whose A differs from the one most clients share (the first
-    seen on a tie), as FFA-LoRA's frozen A must not differ.
+    seen on a tie), as FFA-LoRA's frozen A must not differ, beyond rounding at the
+    coarser dtype of the two compared (``resolutions``: each A's machine epsilon, where
+    the arrays were cast to float64 before; by default read off their dtypes).
 
     Examples
     --------
@@ -38,7 +56,9 @@ def a_outliers(a_mats):
     groups = []  # [reference, members]
     for index, a_mat in enumerate(a_mats):
         for group in groups:
-            if _same_a(a_mat, group[0]):
+            pair = None if resolutions is None else (resolutions[index],
+                                                     resolutions[group[1][0]])
+            if _same_a(a_mat, group[0], pair):
                 group[1].append(index)
                 break
         else:
@@ -67,12 +87,15 @@ def fedit(factors, weights):
     return AggregationResult("fedit", b_bar @ a_bar, (b_bar, a_bar), weights)
 
 
-def ffa(factors, weights):
+def ffa(factors, weights, resolutions=None):
     """FFA-LoRA: A is frozen at a shared initialisation, only B is averaged (exact).
 
     Raises ValueError when the clients' A factors differ (beyond rounding at the dtype's
-    precision), since FFA's exactness rests on the shared, untrained A; it names the
-    clients whose A differs from the one most clients share (:func:`a_outliers`).
+    precision: ``resolutions``, each A's machine epsilon before a cast, which
+    :func:`clairstat.aggregation.aggregate` passes), since FFA's exactness rests on the
+    shared, untrained A; it names the clients whose A differs from the one most clients
+    share (:func:`a_outliers`). Fresh adapters with A drawn per client (peft's default
+    initialisation) are refused for that reason.
 
     Examples
     --------
@@ -82,7 +105,7 @@ def ffa(factors, weights):
     [[0.5, 0.5], [0.5, 0.5], [0.5, 0.5]]
     """
     common_rank(factors, "ffa")
-    odd = a_outliers([a for _, a in factors])
+    odd = a_outliers([a for _, a in factors], resolutions)
     if odd:
         raise ValueError(f"rule 'ffa' needs the same frozen A on every client: client(s) "
                          f"{odd} have an A that differs from the one most clients share.")

@@ -168,7 +168,12 @@ def check_weights(weights, n_clients):
     """
     if weights is None:
         return np.full(n_clients, 1.0 / n_clients)
-    weights = np.asarray(weights, dtype=float)
+    try:
+        weights = np.asarray(weights, dtype=float)
+    except OverflowError:  # a Python int beyond float64 (10**400): numpy's own error
+        big = [k for k, w in enumerate(weights) if isinstance(w, int) and abs(w) > 1e308]
+        raise ValueError(f"weights must be finite and non-negative: client(s) {big} have "
+                         "weight(s) beyond float64's range.") from None
     if weights.shape != (n_clients,):
         raise ValueError(f"weights must have shape ({n_clients},), got {weights.shape}.")
     bad = np.flatnonzero(~np.isfinite(weights) | (weights < 0))

@@ -15,8 +15,10 @@ global update read out at that client's rank.
 One malformed reply does not abort the round: it is dropped, logged and counted (see
 :class:`LoraStrategy`; a round left with fewer valid replies than its rule needs is
 skipped, as FedAvg skips a round without replies), no client's example count can claim
-more than ``max_weight_ratio`` times the median claim, and no client holds more than
-``max_weight_share`` (1/3) of the round's weight.
+more than ``max_weight_ratio`` times the median claim, no client holds more than
+``max_weight_share`` (1/3) of the round's weight, and, for the rules a weight majority
+decides (median, trimmed_mean, geomedian, krum), no group of fewer than half of the
+replies holds half of it (:func:`cap_weights` with ``minority=True``).
 
 Importing this module needs Flower (``pip install clairstat[flower,lora]``).
 
@@ -46,7 +48,7 @@ except ImportError as error:  # pragma: no cover - depends on the environment
     raise ImportError("clairstat.integrations.flower needs Flower: "
                       "pip install clairstat[flower,lora]") from error
 
-from ..aggregation._rules import a_outliers
+from ..aggregation._rules import _resolution, a_outliers
 from ..aggregation._validation import _REAL_KINDS, _check_size
 from ..lora import (adapter_factors, aggregate_adapters, global_state_dict, lora_scaling,
                     mixed_ranks_expected, personalized_state_dicts, untested_keys)
@@ -95,7 +97,7 @@ def _power_of_two_scale(values):
                                    1023)))
 
 
-def cap_weights(claims, max_ratio=10.0, max_share=1 / 3):
+def cap_weights(claims, max_ratio=10.0, max_share=1 / 3, minority=False):
     """Relative client weights: each claim over the median claim, capped at ``max_ratio``,
     then at a common level that keeps every client's share of the total weight at most
     ``max_share``.
@@ -109,6 +111,10 @@ def cap_weights(claims, max_ratio=10.0, max_share=1 / 3):
     max_share : float or None, default=1/3
         Largest share of the total weight one client may hold (``None``: no such cap).
         With ``n_clients < 1 / max_share`` the largest share is ``1 / n_clients``.
+    minority : bool, default=False
+        Also cut the weights so that no group of fewer than half of the clients holds
+        half of the weight (:func:`_minority_capped`): for rules that a weight majority
+        decides (weighted median, trimmed mean, geometric median, Krum).
 
     Returns
     -------
@@ -123,7 +129,13 @@ def cap_weights(claims, max_ratio=10.0, max_share=1 / 3):
         weight: with the defaults and 3 or more clients at most 1/3, so that a weighted
         median or geometric median never returns one client's update because of its
         claim (the median cap alone let one client among 11 or fewer hold more than
-        half: a review). Two clients get equal weights.
+        half: a review). Two clients get equal weights. With ``minority`` a third cut,
+        at a common level, keeps the heaviest minority (the ``ceil(n / 2) - 1`` largest
+        weights) at most ``1/2 - 1/(4n)`` of the total (:func:`_minority_capped`): a
+        group of clients claiming huge counts cannot make a weighted median theirs
+        either (2 of 7 such claims held 0.667 of the weight before it, a review). It is
+        inactive where the claims are equal. Only with ``minority``: it flattens honest
+        clients' unequal counts too, which a rule that averages should keep.
 
     Examples
     --------
@@ -158,12 +170,56 @@ def cap_weights(claims, max_ratio=10.0, max_share=1 / 3):
             level = rest[m] / (1.0 / share - m)
             break
     capped = np.minimum(relative, level * scale)
-    return capped if capped.max() > 0 else np.ones_like(capped)  # 0: the tiniest underflow
+    capped = capped if capped.max() > 0 else np.ones_like(capped)  # 0: the tiniest underflow
+    return _minority_capped(capped) if minority else capped
+
+
+def _minority_capped(weights):
+    """``weights`` cut at a common level so that the heaviest minority (the
+    ``ceil(n / 2) - 1`` largest weights) holds at most ``1/2 - 1/(4n)`` of the total:
+    strictly less than half (no tie for a weighted median), and more than equal weights
+    give it (``1/2 - 1/(2n)`` or less: inactive for equal claims).
+
+    The per-client caps bound one claim; a group did not (a review: 2 of 7 replies
+    claiming 1e308 examples held 0.667 of the weight and a weighted median returned
+    their update exactly; 3 of 11, 0.789). With this cap no group of fewer than half of
+    the replies holds half of the weight, so a weighted median or geometric median is
+    never theirs because of their claims. The share of the top ``m`` weights under a
+    common cut ``t`` rises with ``t`` (cutting moves weight from the top to no one, or
+    from every capped client alike), so the level is found by bisection between the
+    smallest weight (equal weights) and the largest (no cut).
+    """
+    n = weights.size
+    minority = (n + 1) // 2 - 1
+    if minority == 0:
+        return weights
+    bound = 0.5 - 0.25 / n
+    scaled = weights / weights.max()
+
+    def top_share(level):
+        cut = np.minimum(scaled, level)
+        return np.sort(cut)[-minority:].sum() / cut.sum()
+
+    if top_share(1.0) <= bound:
+        return weights
+    low, high = scaled.min(), 1.0  # top_share(low) = minority / n <= bound
+    for _ in range(200):  # to float64's resolution of the level
+        middle = 0.5 * (low + high)
+        if middle in (low, high):
+            break
+        if top_share(middle) <= bound:
+            low = middle
+        else:
+            high = middle
+    return np.minimum(scaled, low) * weights.max()
 
 
 # Rules that need every client at the same rank: for them a reply's ranks are part of
 # the shapes it must share with most replies.
 _EQUAL_RANK_RULES = {"fedit", "ffa", "fedex", "fedrot"}
+# Rules whose answer a weight majority decides: their weights get the minority cut too
+# (cap_weights(minority=True)), so that a group claiming huge counts cannot decide them.
+_MAJORITY_RULES = {"median", "trimmed_mean", "geomedian", "krum"}
 
 
 class _MalformedReply(ValueError):
@@ -359,6 +415,10 @@ class LoraStrategy(FedAvg):
         where that is larger: two replies weigh equally). Must be below 1/2, so that no
         claim makes one client the weighted median or geometric median alone (with 6
         clients, the ratio cap alone left a claim of 1e308 with 10/15 of the weight).
+        With ``rule`` median, trimmed_mean, geomedian or krum a third cut keeps the
+        heaviest minority of the replies below half of the weight (2 of 7 replies
+        claiming 1e308 held 0.667 of it, and the median was their update: a review);
+        it flattens honest clients' unequal counts where a few hold most of them.
         ``None`` disables it.
     **fedavg_options
         Passed to :class:`flwr.serverapp.strategy.FedAvg` (``fraction_train``,
@@ -764,7 +824,8 @@ class LoraStrategy(FedAvg):
                             len(read), len(dropped), dropped, why, needed)
             return None, MetricRecord({**extra, "n-valid": len(read), "skipped": 1})
         messages, nodes, counts, adapters, _ = (list(column) for column in zip(*read))
-        weights = cap_weights(counts, self.max_weight_ratio, self.max_weight_share)
+        weights = cap_weights(counts, self.max_weight_ratio, self.max_weight_share,
+                              minority=self.rule in _MAJORITY_RULES)
         try:
             per_client, global_adapter, flagged = self._aggregate(adapters, weights)
         except ValueError as error:  # the rules name clients by position: give node ids
@@ -860,7 +921,12 @@ def _same_frozen_a(read, dropped):
     factors = [adapter_factors(item[3]) for item in read]
     odd = {}
     for module in factors[0] if factors else ():
-        for index in a_outliers([client[module][1] for client in factors]):
+        # compared at each reply's own precision (adapter_factors casts to float64): the
+        # shared A sent in float16 is the same A (a review)
+        resolutions = [_resolution(next((value for key, value in item[3].items()
+                                         if key.startswith(module + ".lora_A")), None))
+                       for item in read]
+        for index in a_outliers([client[module][1] for client in factors], resolutions):
             odd.setdefault(index, module)
     for index, module in odd.items():
         dropped[read[index][1]] = (f"{module}.lora_A differs from the frozen A most replies "
