@@ -402,8 +402,29 @@ def _run_task(simulate_one, cell, replicate, params, seed, n_threads=1, control=
         elapsed = time.perf_counter() - start
     if not isinstance(measured, dict):
         raise TypeError(f"simulate_one must return a dict, got {type(measured).__name__}.")
-    return cell, replicate, measured, elapsed, (__version__, code_provenance(),
-                                                 blas_kernels(), n_threads)
+    return cell, replicate, measured, elapsed, (
+        __version__, code_provenance() + _outside_study(simulate_one), blas_kernels(),
+        n_threads)
+
+
+def _outside_study(simulate_one):
+    """The label's part for a study whose code lies outside :data:`CODE_FOLDERS` (given
+    by import path, ``module:ATTRIBUTE``): its file and a digest of its content, else
+    ``""``. Without it an edit of such a study between two runs appended the new code's
+    rows to the old code's under one label, with no warning (a review)."""
+    import inspect
+
+    function = getattr(simulate_one, "func", simulate_one)  # a functools.partial
+    try:
+        path = Path(inspect.getfile(function)).resolve()
+        content = path.read_bytes()
+    except (TypeError, OSError):  # a built-in or a function without a file
+        return ""
+    root = Path(__file__).resolve().parents[1]
+    if any((root / folder).resolve() in path.parents for folder in CODE_FOLDERS):
+        return ""
+    return (f" + study code in {path.name}, outside {' and '.join(CODE_FOLDERS)} "
+            f"(digest {hashlib.sha256(content).hexdigest()[:12]})")
 
 
 def blas_kernels():
@@ -850,7 +871,7 @@ def run_study(study, scale, *, n_jobs=1, backend=None, scheduler=None, results_d
         _repair_tail(path)  # a kill -9 mid-write may have left half a line
         todo = pending_tasks(study, scale, results_dir)
         if todo:
-            kernels = _warn_other_code(path, threads_per_task)
+            kernels = _warn_other_code(path, threads_per_task, study.simulate_one)
             jobs = -1 if backend == "dask" else n_jobs  # Dask: every worker of the cluster
             with _backend(backend, scheduler, n_jobs), _open_table(path) as handle:
                 _execute(study, scale, todo, handle, jobs, threads_per_task, progress,
@@ -867,7 +888,7 @@ def _open_table(path):
             from None
 
 
-def _warn_other_code(path, threads_per_task=1):
+def _warn_other_code(path, threads_per_task=1, simulate_one=None):
     """Warn before appending rows of this code to a table whose rows say other code (a
     resume after an edit or a commit) or another thread count (torch's and BLAS's sums
     differ in their last bits between one and two threads): readers would mix them.
@@ -875,10 +896,13 @@ def _warn_other_code(path, threads_per_task=1):
 
     Returns the BLAS kernels the table's rows name (:func:`blas_kernels`), for
     :func:`_warn_other_kernels` once the first new row says which ran: they are read
-    after a replicate, when its libraries are loaded."""
+    after a replicate, when its libraries are loaded. ``simulate_one``: the study's, whose
+    code counts where it lies outside the code folders (:func:`_outside_study`)."""
     from clairstat import __version__
 
-    current = (__version__, code_provenance(), threads_per_task)
+    current = (__version__, code_provenance() + ("" if simulate_one is None else
+                                                 _outside_study(simulate_one)),
+               threads_per_task)
     rows = read_rows(path)
     others = sorted({(row.get("clairstat_version"), row.get("code_commit"),
                       row.get("threads_per_task")) for row in rows} - {current},

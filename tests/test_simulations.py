@@ -392,7 +392,10 @@ def test_rows_record_the_code_of_the_worker_that_ran_them(tmp_path, monkeypatch)
     the submitter's are changed and the loky workers' are not."""
     from simulations import _framework
 
-    real = (clairstat.__version__, _framework.code_provenance())
+    # the toy study lives in tests/, outside the code folders: its file is named too
+    real = (clairstat.__version__, _framework.code_provenance()
+            + _framework._outside_study(simulation_toy.STUDY.simulate_one))
+    assert "+ study code in simulation_toy.py" in real[1]
     monkeypatch.setattr(clairstat, "__version__", "0.0.submitter")
     monkeypatch.setattr(_framework, "code_provenance", lambda *args: "submitter")
     run_study(simulation_toy.STUDY, "smoke", n_jobs=2, results_dir=tmp_path,
@@ -945,3 +948,46 @@ def test_a_resume_keeps_a_table_written_with_carriage_returns(tmp_path):
     assert run_study(study, "smoke", results_dir=tmp_path, progress=False) == 6
     rows = read_rows(path)
     assert len(rows) == 12 and len(set(_keys(rows))) == 12
+
+
+def test_a_study_outside_the_code_folders_is_part_of_the_rows_label(tmp_path, monkeypatch):
+    """A study given by import path from outside clairstat/ and simulations/: an edit
+    of it between two runs appended the new code's rows under the old rows' label, with
+    no warning (a review). Its file's digest is in the label, so the resume warns and
+    the rows tell the two codes apart; a study inside simulations/ gets no such part."""
+    import importlib
+    import warnings
+
+    from simulations import _framework, get_study
+
+    folder = tmp_path / "mod"
+    folder.mkdir()
+    monkeypatch.syspath_prepend(str(folder))
+
+    def write(shift, replicates):
+        (folder / "outside_study.py").write_text(
+            "import numpy as np\n"
+            "from simulations import Study, grid\n"
+            "def simulate_one(params, seed):\n"
+            f"    return {{'x': float(np.random.default_rng(seed).normal()) + {shift}}}\n"
+            "STUDY = Study(name='outside', description='toy', grids={'smoke': grid(a=[1])},\n"
+            f"              replicates={{'smoke': {replicates}}}, simulate_one=simulate_one)\n")
+        import outside_study
+
+        importlib.reload(outside_study)
+        return get_study("outside_study:STUDY")
+
+    run_study(write(0, 2), "smoke", results_dir=tmp_path, progress=False)
+    with pytest.warns(UserWarning, match="the table will mix them"):
+        run_study(write(100, 3), "smoke", results_dir=tmp_path, progress=False)
+    rows = read_rows(tmp_path / "smoke" / "outside.jsonl")
+    labels = [row["code_commit"] for row in rows]
+    assert len(rows) == 3 and labels[0] == labels[1] != labels[2]
+    assert all("+ study code in outside_study.py, outside clairstat and simulations "
+               "(digest " in label for label in labels)
+    from simulations.studies import recovery
+
+    assert _framework._outside_study(recovery.STUDY.simulate_one) == ""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _framework._outside_study(len) == ""  # a built-in: no file
