@@ -413,13 +413,25 @@ def _outside_study(simulate_one):
     ``""``. Without it an edit of such a study between two runs appended the new code's
     rows to the old code's under one label, with no warning (a review)."""
     import inspect
+    import marshal
 
     function = getattr(simulate_one, "func", simulate_one)  # a functools.partial
+    if not (inspect.isfunction(function) or inspect.ismethod(function)
+            or inspect.isbuiltin(function)):
+        function = type(function)  # a callable object: its class's file
     try:
         path = Path(inspect.getfile(function)).resolve()
         content = path.read_bytes()
-    except (TypeError, OSError):  # a built-in or a function without a file
-        return ""
+    except (TypeError, OSError):  # a built-in, or code without a file (exec, a notebook)
+        code = getattr(function, "__code__", None)
+        if code is None:
+            return ""
+        try:
+            digest = hashlib.sha256(marshal.dumps(code)).hexdigest()[:12]
+        except ValueError:  # a code object marshal cannot write
+            return ""
+        return (f" + study code without a file ({getattr(function, '__qualname__', '?')}, "
+                f"digest {digest} of its function only)")
     root = Path(__file__).resolve().parents[1]
     if any((root / folder).resolve() in path.parents for folder in CODE_FOLDERS):
         return ""

@@ -1529,13 +1529,13 @@ def test_an_interrupt_inside_a_tensor_read_is_reported_as_the_interrupt(
 
 def test_a_newline_in_a_folder_name_stays_on_one_line(adapters, tmp_path, capsys):
     """The error names the folder with its control characters escaped: one line."""
-    bad = _copy(adapters[0], tmp_path / "bad\nname")
+    bad = _copy(adapters[0], tmp_path / "bad\nname\x85\u2028x")
     (bad / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
     assert main(["refine", "--out", str(tmp_path / "out"), str(bad),
                  *map(str, adapters[1:])]) == 2
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1
-    assert "bad\\nname" in err and "unreadable" in err
+    assert "bad\\nname\\x85\\u2028x" in err and "unreadable" in err
 
 
 def test_joint_and_per_module_are_alternatives(adapters, tmp_path, capsys):
@@ -1590,3 +1590,30 @@ def test_the_report_says_where_a_module_s_detection_cycled(refined, adapters, tm
     assert main(["refine", "--random-state", "0", "--out", str(out), *map(str, adapters)]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["module_detection_converged"] == {MODULES[0]: True, MODULES[1]: False}
+
+
+@pytest.mark.filterwarnings("ignore:only")
+def test_an_ignored_sigint_stays_ignored(adapters, tmp_path, monkeypatch):
+    """A background job of a non-interactive shell inherits SIGINT ignored: the command
+    kept its own handler there and stopped on a SIGINT it should ignore (a review)."""
+    import signal
+
+    from clairstat import _cli
+
+    seen = {}
+    real = _cli.refine_command
+
+    def refine(args):
+        seen["sigint"] = signal.getsignal(signal.SIGINT)
+        seen["sigterm"] = signal.getsignal(signal.SIGTERM)
+        return real(args)
+
+    monkeypatch.setattr(_cli, "refine_command", refine)
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        assert main(["refine", "--random-state", "0", "--out", str(tmp_path / "out"),
+                     *map(str, adapters)]) == 0
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert seen["sigint"] is signal.SIG_IGN and seen["sigterm"] is _cli._interrupt

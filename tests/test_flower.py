@@ -601,6 +601,11 @@ def test_no_minority_holds_half_of_the_weight_for_the_majority_rules():
                 assert np.array_equal(weights, plain)
     weights = cap_weights([10.0] * 5 + [1e308] * 2)
     assert weights[-2:].sum() / weights.sum() == pytest.approx(2 / 3)  # without the cut
+    # claims that underflow against the others (weight 0) stay 0 and never take every
+    # weight to 0 (the bisection did, and the round was skipped: a review)
+    for claims in ([5e-324] * 3 + [1000.0] * 4, [0.0, 0.0, 5.0, 5.0, 5.0]):
+        weights = cap_weights(claims, minority=True)
+        assert weights.max() > 0 and np.all(weights[np.asarray(claims) < 1e-300] == 0)
 
 
 @pytest.mark.parametrize("rule", ["median", "geomedian"])

@@ -554,3 +554,19 @@ def test_a_weight_beyond_float64_is_a_value_error_naming_the_client():
     factors = [(rng.standard_normal((4, 1)), rng.standard_normal((1, 3))) for _ in range(3)]
     with pytest.raises(ValueError, match=r"client\(s\) \[0\] have weight\(s\) beyond"):
         aggregate("fedit", factors, weights=[10 ** 400, 1, 1])
+
+
+def test_ffa_reads_a_generator_and_integer_torch_factors_as_the_other_rules_do():
+    """The ffa resolutions were read off the factors before their check: a generator
+    was emptied by it, and a torch integer A raised a TypeError (a review)."""
+    from clairstat.aggregation import aggregate
+
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(0)
+    a_mat = rng.integers(-3, 3, size=(2, 5))
+    factors = [(rng.standard_normal((4, 2)), a_mat) for _ in range(3)]
+    expected = aggregate("ffa", factors).update
+    np.testing.assert_array_equal(aggregate("ffa", (pair for pair in factors)).update,
+                                  expected)
+    as_torch = [(torch.tensor(b), torch.tensor(a)) for b, a in factors]
+    np.testing.assert_allclose(aggregate("ffa", as_torch).update, expected, rtol=1e-12)

@@ -988,6 +988,18 @@ def test_a_study_outside_the_code_folders_is_part_of_the_rows_label(tmp_path, mo
     from simulations.studies import recovery
 
     assert _framework._outside_study(recovery.STUDY.simulate_one) == ""
+    namespace = {}  # code without a file (exec, a notebook cell): its function's digest
+    exec("def simulate(params, seed):\n    return {'x': 1.0}\n", namespace)
+    first = _framework._outside_study(namespace["simulate"])
+    exec("def simulate(params, seed):\n    return {'x': 2.0}\n", namespace)
+    assert first.startswith(" + study code without a file (simulate, digest ")
+    assert _framework._outside_study(namespace["simulate"]) != first
+
+    class Callable:  # a callable object: its class's file (this one)
+        def __call__(self, params, seed):
+            return {}
+
+    assert "+ study code in test_simulations.py" in _framework._outside_study(Callable())
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert _framework._outside_study(len) == ""  # a built-in: no file

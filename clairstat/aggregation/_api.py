@@ -81,12 +81,14 @@ def aggregate(rule: str, factors: Sequence[tuple[ArrayLike, ArrayLike]],
     """
     if rule not in RULES:
         raise ValueError(f"unknown rule {rule!r}; valid rules: {', '.join(RULES)}.")
+    factors = list(factors)  # once: a generator is read here, not emptied below
     if rule == "ffa" and "resolutions" not in options:
         # the A factors' precision before the cast to float64: a client sending the
         # shared A in float16 or bfloat16 sends the same A (a review)
         from ._rules import _resolution
 
-        options = {**options, "resolutions": [_resolution(pair[1]) if len(pair) == 2
-                                              else None for pair in factors]}
+        options = {**options, "resolutions": [
+            _resolution(pair[1]) if isinstance(pair, (tuple, list)) and len(pair) == 2
+            else _resolution(None) for pair in factors]}
     factors = check_factors(factors)
     return RULES[rule](factors, check_weights(weights, len(factors)), **options)

@@ -21,7 +21,9 @@ def _resolution(array):
     """The relative resolution (machine epsilon) of an array's floating dtype, torch's
     bfloat16 included; float64's for anything else."""
     dtype = getattr(array, "dtype", None)
-    if dtype is not None and type(dtype).__module__ == "torch" and dtype.is_floating_point:
+    if dtype is not None and type(dtype).__module__ == "torch":
+        if not dtype.is_floating_point:  # integers, bool: cast exactly to float64
+            return float(np.finfo(np.float64).eps)
         import torch
 
         return float(torch.finfo(dtype).eps)
@@ -36,7 +38,7 @@ def _same_a(a_mat, reference, resolutions=None):
     frozen array on every client. The finer of the two (``np.result_type``) refused the
     shared A sent in float16 by one client (a review)."""
     eps = max(resolutions) if resolutions is not None else max(
-        _resolution(a_mat), _resolution(reference), float(np.finfo(np.float32).eps))
+        _resolution(a_mat), _resolution(reference))
     tol = 8 * eps * max(1.0, float(np.max(np.abs(reference))))
     return a_mat.shape == reference.shape and not np.max(np.abs(a_mat - reference)) > tol
 

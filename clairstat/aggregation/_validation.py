@@ -171,9 +171,11 @@ def check_weights(weights, n_clients):
     try:
         weights = np.asarray(weights, dtype=float)
     except OverflowError:  # a Python int beyond float64 (10**400): numpy's own error
-        big = [k for k, w in enumerate(weights) if isinstance(w, int) and abs(w) > 1e308]
-        raise ValueError(f"weights must be finite and non-negative: client(s) {big} have "
-                         "weight(s) beyond float64's range.") from None
+        big = ([k for k, w in enumerate(weights) if isinstance(w, int) and abs(w) > 1e308]
+               if isinstance(weights, (list, tuple)) else [])
+        which = f"client(s) {big} have weight(s)" if big else "a weight is"
+        raise ValueError(f"weights must be finite and non-negative: {which} beyond "
+                         "float64's range.") from None
     if weights.shape != (n_clients,):
         raise ValueError(f"weights must have shape ({n_clients},), got {weights.shape}.")
     bad = np.flatnonzero(~np.isfinite(weights) | (weights < 0))

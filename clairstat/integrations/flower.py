@@ -48,7 +48,7 @@ except ImportError as error:  # pragma: no cover - depends on the environment
     raise ImportError("clairstat.integrations.flower needs Flower: "
                       "pip install clairstat[flower,lora]") from error
 
-from ..aggregation._rules import _resolution, a_outliers
+from ..aggregation._rules import a_outliers
 from ..aggregation._validation import _REAL_KINDS, _check_size
 from ..lora import (adapter_factors, aggregate_adapters, global_state_dict, lora_scaling,
                     mixed_ranks_expected, personalized_state_dicts, untested_keys)
@@ -202,7 +202,13 @@ def _minority_capped(weights):
 
     if top_share(1.0) <= bound:
         return weights
-    low, high = scaled.min(), 1.0  # top_share(low) = minority / n <= bound
+    # from the smallest positive weight (equal weights among the positive ones): a weight
+    # of 0 (a claim that underflows against the others) stays 0, and the cut never takes
+    # every weight to 0 (a review: 3 of 7 claims of 5e-324 made the bisection return
+    # all zeros, and the round was skipped)
+    low, high = scaled[scaled > 0].min(), 1.0
+    if top_share(low) > bound:  # too few positive weights: equal among them is the most
+        return np.minimum(scaled, low) * weights.max()
     for _ in range(200):  # to float64's resolution of the level
         middle = 0.5 * (low + high)
         if middle in (low, high):
@@ -921,12 +927,10 @@ def _same_frozen_a(read, dropped):
     factors = [adapter_factors(item[3]) for item in read]
     odd = {}
     for module in factors[0] if factors else ():
-        # compared at each reply's own precision (adapter_factors casts to float64): the
-        # shared A sent in float16 is the same A (a review)
-        resolutions = [_resolution(next((value for key, value in item[3].items()
-                                         if key.startswith(module + ".lora_A")), None))
-                       for item in read]
-        for index in a_outliers([client[module][1] for client in factors], resolutions):
+        # compared after adapter_factors' cast to float64, as the rule then compares
+        # them (aggregate_adapters): a reply sending the shared A in float16 is dropped
+        # here, not let through to make the rule refuse the round (a review)
+        for index in a_outliers([client[module][1] for client in factors]):
             odd.setdefault(index, module)
     for index, module in odd.items():
         dropped[read[index][1]] = (f"{module}.lora_A differs from the frozen A most replies "
