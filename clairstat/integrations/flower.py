@@ -187,7 +187,9 @@ def _minority_capped(weights):
     never theirs because of their claims. The share of the top ``m`` weights under a
     common cut ``t`` rises with ``t`` (cutting moves weight from the top to no one, or
     from every capped client alike), so the level is found by bisection between the
-    smallest weight (equal weights) and the largest (no cut).
+    smallest positive weight (equal weights among the positive ones) and the largest
+    (no cut). A weight of 0 stays 0; where too few weights are positive for any cut to
+    reach the bound, the positive ones are made equal.
     """
     n = weights.size
     minority = (n + 1) // 2 - 1
