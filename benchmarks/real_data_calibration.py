@@ -251,16 +251,25 @@ def corrupt(estimates, kind, victims):
 
 
 def run_one(name, frame, features, outputs, n_clients, split, kind, n_victims, rank=None,
-            rank_support=1, cov_type="nonrobust", default_frame="residual"):
-    import clairstat._estimator
+            rank_support=1, cov_type="nonrobust", default_frame="residual",
+            decomposition_frame="none"):
+    import clairstat._estimator as module
 
-    previous = clairstat._estimator.ESTIMATED_FRAME
-    clairstat._estimator.ESTIMATED_FRAME = default_frame
+    previous = (module.ESTIMATED_FRAME, module.DECOMPOSITION_FRAME,
+                module.DECOMPOSITION_PASSES)
+    module.ESTIMATED_FRAME = default_frame
+    module.DECOMPOSITION_FRAME, _, passes = decomposition_frame.partition("-")
+    module.DECOMPOSITION_PASSES = int(passes or 1)
     try:
-        return _run_one(name, frame, features, outputs, n_clients, split, kind, n_victims,
+        rows = _run_one(name, frame, features, outputs, n_clients, split, kind, n_victims,
                         rank, rank_support, cov_type, default_frame)
     finally:
-        clairstat._estimator.ESTIMATED_FRAME = previous
+        (module.ESTIMATED_FRAME, module.DECOMPOSITION_FRAME,
+         module.DECOMPOSITION_PASSES) = previous
+    if decomposition_frame != "none":
+        for row in rows:
+            row["decomposition_frame"] = decomposition_frame
+    return rows
 
 
 def _run_one(name, frame, features, outputs, n_clients, split, kind, n_victims, rank,
@@ -307,25 +316,28 @@ FIELDS = ["dataset", "split", "path", "corruption", "n_clients", "n_victims", "p
           "version", "rank_given"]
 
 
-def fields(rank_support=1, cov_type="nonrobust", default_frame="residual"):
-    """The columns of a table: ``rank_support``, ``cov_type`` and ``default_frame`` added
-    where they are not those of the first tables."""
+def fields(rank_support=1, cov_type="nonrobust", default_frame="residual",
+           decomposition_frame="none"):
+    """The columns of a table: ``rank_support``, ``cov_type``, ``default_frame`` and
+    ``decomposition_frame`` added where they are not those of the first tables."""
     return [*FIELDS, *(["rank_support"] if rank_support != 1 else []),
             *(["cov_type"] if cov_type != "nonrobust" else []),
-            *(["default_frame"] if default_frame != "none" else [])]
+            *(["default_frame"] if default_frame != "none" else []),
+            *(["decomposition_frame"] if decomposition_frame != "none" else [])]
 
 
 def run(n_splits, out, n_victims=2, datasets="development", rank=None, rank_support=1,
-        cov_type="nonrobust", default_frame="residual"):
+        cov_type="nonrobust", default_frame="residual", decomposition_frame="none"):
     import clairstat
 
-    columns = fields(rank_support, cov_type, default_frame)
+    columns = fields(rank_support, cov_type, default_frame, decomposition_frame)
     rows = existing_rows(out, columns)
     # a resumed run must be the same run: the settings the rows record, not only their
     # columns (a table begun with --cov-type HC0 took HC3 rows, a review)
     settings = {"rank_given": "" if rank is None else str(rank),
                 "rank_support": str(rank_support), "cov_type": cov_type,
-                "default_frame": default_frame}
+                "default_frame": default_frame,
+                "decomposition_frame": decomposition_frame}
     for row in rows:
         clash = {key: row[key] for key, value in settings.items()
                  if key in row and row[key] != value}
@@ -342,7 +354,7 @@ def run(n_splits, out, n_victims=2, datasets="development", rank=None, rank_supp
                     victims = 0 if kind == "none" else n_victims
                     for row in run_one(name, frame, features, outputs, n_clients, split,
                                        kind, victims, rank, rank_support, cov_type,
-                                       default_frame):
+                                       default_frame, decomposition_frame):
                         writer.writerow({**row, "version": clairstat.__version__})
                     handle.flush()
 
@@ -392,12 +404,18 @@ def main(argv=None):
                         choices=["residual", "data", "none"],
                         help="the frame of the path without a covariance (default: the "
                              "package's); 'none' resumes the tables made before it")
+    parser.add_argument("--decomposition-frame", default="none",
+                        choices=["none", "data", "residual-2", "residual-3"],
+                        help="where the path without a covariance decomposes "
+                             "(clairstat._estimator.DECOMPOSITION_FRAME and its passes): "
+                             "'none' (the data's units) resumes the tables made before")
     parser.add_argument("--summary-only", action="store_true")
     args = parser.parse_args(argv)
     if not args.summary_only:
         run(args.splits, args.out, datasets=args.datasets, rank=args.rank,
             rank_support=args.rank_support, cov_type=args.cov_type,
-            default_frame=args.default_frame)
+            default_frame=args.default_frame,
+            decomposition_frame=args.decomposition_frame)
     print(summarize(args.out))
 
 

@@ -636,19 +636,13 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
         engine = resolve_solver(self.solver, max_iter=self.max_iter, tol=self.tol,
                                 device=self.device, dtype=self.dtype)
         solve_blocks = blocks.coef if factored else blocks
-        result = clair_decompose(solve_blocks, alpha=self._scaled(self.alpha, scale),
-                                 beta=self._scaled(self.beta, scale), lam=self.lam,
-                                 formulation=self.formulation,
-                                 backbone=False if factored else self.backbone,
-                                 solver=engine, noise_scale=noise.sigma)
+        result, start = self._decompose(solve_blocks, noise, engine, scale, factored)
         reported_sigma = noise.sigma  # in the data's units (the frame has its own)
         if noise.estimated and not factored:
             # the penalized program's certificate bounds the objective's relative gap
             # by tol: its iterates are accurate to about sqrt(tol) of the data
             noise = _estimated_frame(blocks, result, noise, ESTIMATED_FRAME,
                                      np.sqrt(self.tol))
-        scores = np.linalg.norm(result.sparse, axis=(1, 2))
-        start = scores <= self._threshold_value(solve_blocks, scale)
         frame = noise.frame
         support = self._rank_support(n_clients, factored)
         fit = detect_clients(blocks if frame is None else frame.to(blocks), weights, start,
@@ -702,6 +696,54 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
         refined = mean[None] + self._projector @ (blocks - mean[None])
         refined[flagged] = blocks[flagged]
         return refined
+
+    def _decompose(self, solve_blocks, noise, engine, scale, factored):
+        """The decomposition, in the data's units, and the detection's start (the clients
+        whose sparse block is zero up to the solver's accuracy).
+
+        Without a covariance, with the default penalties and threshold, the program runs
+        on the estimates pre-scaled by their rows' and outputs' robust spreads
+        (:func:`_decomposition_frame`, as a lasso on standardised covariates) and its
+        parts are mapped back: the flags then do not depend on the units of a covariate
+        or an output. The objective, gap and penalties it reports are the pre-scaled
+        program's (``decomposition_frame_``)."""
+        pre = None
+        if (DECOMPOSITION_FRAME != "none" and noise.estimated and not factored
+                and all(isinstance(v, str) and v == "auto"
+                        for v in (self.alpha, self.beta, self.threshold))):
+            pre = _robust_frame(solve_blocks, solve_blocks, 0.0)
+        passes = DECOMPOSITION_PASSES if DECOMPOSITION_FRAME == "residual" else 1
+        for _ in range(passes):
+            result, start = self._decompose_in(solve_blocks, pre, noise, engine, scale,
+                                               factored)
+            if pre is None or _ == passes - 1:
+                break
+            second = _robust_frame(solve_blocks - result.backbone[None] - result.low_rank,
+                                   solve_blocks, np.sqrt(self.tol))
+            pre = pre if second is None else second
+        self._decomposition_frame = pre
+        return result, start
+
+    def _decompose_in(self, solve_blocks, pre, noise, engine, scale, factored):
+        sigma, blocks = noise.sigma, solve_blocks
+        if pre is not None:
+            blocks = pre.to(solve_blocks)
+            sigma = np.full(len(blocks), max(floor_noise_scale(
+                estimate_noise_scale(blocks), blocks), _ROUND_OFF))
+        result = clair_decompose(blocks, alpha=self._scaled(self.alpha, scale),
+                                 beta=self._scaled(self.beta, scale), lam=self.lam,
+                                 formulation=self.formulation,
+                                 backbone=False if factored else self.backbone,
+                                 solver=engine, noise_scale=sigma)
+        scores = np.linalg.norm(result.sparse, axis=(1, 2))
+        start = scores <= self._threshold_value(blocks, scale)
+        if pre is not None:
+            back_left, back_right = np.diag(pre.left_inv), 1.0 / np.diag(pre.right)
+            result = dataclasses.replace(
+                result, backbone=back_left[:, None] * result.backbone * back_right,
+                low_rank=back_left[None, :, None] * result.low_rank * back_right,
+                sparse=back_left[None, :, None] * result.sparse * back_right)
+        return result, start
 
     @staticmethod
     def _scaled(value, scale):
@@ -1344,6 +1386,11 @@ def _whitened_noise(row, col, scale, floor):
 #: 0.110 to 0.137. "data" (the estimates' own spread) mixed the shared signal into the
 #: scales and lost power on simulated clients (benchmarks/RESULTS.md).
 ESTIMATED_FRAME = "residual"
+#: Where the decomposition runs without a covariance (:meth:`CLAIREstimator._decompose`):
+#: "data", on the estimates pre-scaled by their rows' and outputs' robust spreads, or
+#: "none", in the data's units.
+DECOMPOSITION_FRAME = "none"
+DECOMPOSITION_PASSES = 3
 _FRAME_SOURCES = ("residual", "data", "none")
 #: Relative spread below which an entry counts as shared by the clients (_robust_frame).
 _SHARED = 1e-6
