@@ -178,6 +178,64 @@ def test_the_tables_before_the_frame_are_reproduced_with_default_frame_none():
     assert clairstat._estimator.ESTIMATED_FRAME == "residual"
 
 
+def test_the_unit_free_tables_are_reproduced_and_the_setting_restored():
+    """``--decomposition-frame residual-3``: racd10's split 0 (the dataset whose sign flips
+    the unit-free decomposition lost) gives the committed ``_unit_free`` rows again, with
+    the setting in a column; the package's setting (the data's units) is restored."""
+    import pandas as pd
+
+    import clairstat._estimator
+
+    table = pd.read_csv(ROOT / "benchmarks" / "results"
+                        / "real_data_calibration_heldout6_unit_free.csv")
+    name, features, outputs, frame, n_clients = next(
+        entry for entry in calibration.GROUPS["heldout6"]() if entry[0] == "racd10")
+    for kind in ("none", "flip"):
+        rows = calibration.run_one(name, frame, features, outputs, n_clients, 0, kind,
+                                   0 if kind == "none" else 2,
+                                   decomposition_frame="residual-3")
+        stored = table[(table.dataset == name) & (table.split == 0)
+                       & (table.corruption == kind)].set_index("path")
+        for row in rows:
+            assert row["decomposition_frame"] == "residual-3"
+            for column in ("any_flag", "false_flags", "victims_flagged", "rank"):
+                assert row[column] == stored.loc[row["path"], column], (kind, row["path"])
+    assert clairstat._estimator.DECOMPOSITION_FRAME == "none"
+    assert clairstat._estimator.DECOMPOSITION_PASSES == 3
+
+
+def test_decomposition_frame_script_reproduces_its_committed_rows(tmp_path, capsys):
+    """``benchmarks/decomposition_frame.py``: replicate 3000's rows come out again (both
+    settings, drawn and rescaled units, 8 clients); the unit-free fit's flags are those of
+    the drawn units; an unknown setting is an error and the setting is restored."""
+    import pandas as pd
+
+    import clairstat._estimator
+    import decomposition_frame as script
+
+    table = pd.read_csv(ROOT / "benchmarks" / "results" / "decomposition_frame.csv")
+    for contaminated in (0, 1):
+        for units in script.UNITS:
+            for frame in ("none", "residual-3"):
+                row = script.run_one(8, contaminated, 1.0, units, frame, 3000)
+                stored = table[(table.n_clients == 8) & (table.n_contaminated == contaminated)
+                               & (table.units == units) & (table.frame == frame)
+                               & (table.replicate == 3000)]
+                assert len(stored) == 1
+                for column in ("benign_flagged", "rank"):
+                    assert row[column] == stored[column].iloc[0], (units, frame, column)
+                assert np.isclose(row["refined_error_ratio"],
+                                  stored.refined_error_ratio.iloc[0], rtol=1e-6)
+    with pytest.raises(ValueError):
+        script.run_one(8, 0, 1.0, "drawn", "no such frame", 3000)
+    assert clairstat._estimator.DECOMPOSITION_FRAME == "none"
+    out = tmp_path / "frames.csv"
+    script.main(["--replicates", "0", "1", "--frames", "none", "--units", "drawn",
+                 "--out", str(out)])
+    assert len(pd.read_csv(out)) == len(script.CELLS)
+    assert "| 40 | 10 | drawn | none | 1 |" in capsys.readouterr().out
+
+
 def test_a_file_of_other_columns_is_not_appended_to(tmp_path):
     out = tmp_path / "old.csv"
     out.write_text("dataset,split,path\n")

@@ -553,6 +553,11 @@ def test_no_client_holds_a_third_of_the_weight_by_its_claim():
             share = (weights / weights.sum()).max()
             assert share <= max(1 / 3, 1 / n_clients) * (1 + 8 * eps), (n_clients, claims)
             assert np.all(weights <= cap_weights(claims, max_share=None))  # only cuts
+    # a zero claim weighs 0 and the others share the weight (the level fell to 0 with
+    # three clients and two positive claims, and every weight became 1)
+    assert cap_weights([0, 5, 5]).tolist() == [0.0, 1.0, 1.0]
+    assert cap_weights([0, 0, 5, 5, 5, 5]).tolist() == [0.0, 0.0, 1.0, 1.0, 1.0, 1.0]
+    assert cap_weights([0, 5, 50]).tolist() == [0.0, 1.0, 1.0]  # two positive: equal
 
 
 @pytest.mark.parametrize("rule", ["median", "geomedian"])
@@ -1009,3 +1014,31 @@ def test_dora_and_embedding_keys_are_named_apart():
         lora_pairs(["m.lora_A.weight", "m.lora_B.weight", "m.lora_magnitude_vector"])
     with pytest.raises(ValueError, match=r"^[^D]*embedding LoRA adapters"):
         lora_pairs(["m.lora_embedding_A", "m.lora_embedding_B"])
+
+
+def _failed_reply(node):
+    """A reply carrying a Flower error (the client raised, or timed out)."""
+    from flwr.app import Error, Metadata
+
+    metadata = Metadata(run_id=0, message_id="", src_node_id=node, dst_node_id=0,
+                        reply_to_message_id="", group_id="", created_at=0.0, ttl=1e9,
+                        message_type="train")
+    return Message(error=Error(code=0, reason="the client raised"), metadata=metadata)
+
+
+def test_failed_replies_are_counted_in_the_rounds_metrics():
+    """A reply carrying a Flower error was only logged by FedAvg: the round's metrics
+    said nothing of a client that had not answered (a review). They now count it, in
+    training (also where every reply failed and the round is skipped) and evaluation."""
+    replies = [_reply(n, client_adapter(k)) for k, n in enumerate(NODES[:3])]
+    strategy = LoraStrategy(rule="fedit", lora_config=LORA)
+    _, metrics = strategy.aggregate_train(1, replies + [_failed_reply(999)])
+    assert metrics["n-failed"] == 1 and list(metrics["failed-nodes"]) == [999]
+    assert metrics["n-dropped"] == 0
+    _, metrics = strategy.aggregate_train(2, replies)
+    assert metrics["n-failed"] == 0 and list(metrics["failed-nodes"]) == []
+    arrays, metrics = strategy.aggregate_train(3, [_failed_reply(998), _failed_reply(999)])
+    assert arrays is None and metrics["skipped"] == 1 and metrics["n-failed"] == 2
+    evaluated = [_reply(n, client_adapter(k), accuracy=0.5) for k, n in enumerate(NODES[:2])]
+    metrics = strategy.aggregate_evaluate(1, evaluated + [_failed_reply(999)])
+    assert metrics["n-failed"] == 1 and list(metrics["failed-nodes"]) == [999]

@@ -6,12 +6,14 @@ set, and the outlier-detector interface must reproduce the fitted flags.
 """
 
 import warnings
+from unittest import mock
 
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import clairstat._estimator as estimator_module
 from clairstat import CLAIREstimator
 from clairstat.datasets import make_low_rank_block_sparse
 
@@ -125,6 +127,63 @@ def test_scale_equivariance(params, exponent):
                                atol=RTOL * (np.abs(X).max() or 1.0))
     if params["noise"] > 0:  # noiseless statistics are round-off, and so are their p-values
         np.testing.assert_allclose(scaled.p_values_, est.p_values_, rtol=1e-6, atol=1e-300)
+
+
+def _unit_free(frame="residual"):
+    """The decomposition's frame for a block of code (module-level setting)."""
+    return mock.patch.object(estimator_module, "DECOMPOSITION_FRAME", frame)
+
+
+def _in_other_units(params, exponents):
+    """Refit ``_fit``'s problem with its rows and outputs in other units."""
+    est, X, weights = _fit(params)
+    p, q = X.shape[1:]
+    rows, cols = 10.0 ** exponents[:p], 10.0 ** exponents[p:p + q]
+    other = CLAIREstimator(**est.get_params())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        other.fit(rows[None, :, None] * X * cols,
+                  sample_weight=None if not params["weighted"] else weights)
+    return est, other
+
+
+unit_exponents = st.lists(st.floats(-3, 3), min_size=14, max_size=14).map(np.array)
+
+
+@settings(max_examples=60, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(problems, unit_exponents)
+def test_unit_equivariance(params, exponents):
+    """Without a covariance, with the unit-free decomposition, a covariate's or an
+    output's units (each row and output of every estimate times its own factor, up to
+    1e3 either way) change no flag, no rank and no p-value: the decomposition, its start,
+    the frame and the tests are all equivariant under a diagonal change of units."""
+    with _unit_free():
+        est, other = _in_other_units(params, exponents)
+    assert np.array_equal(other.contaminated_, est.contaminated_)
+    assert other.test_rank_ == est.test_rank_
+    if params["noise"] > 0:  # noiseless statistics are round-off (test_scale_equivariance)
+        # the two fits run on frames equal up to the round-off of the scales (a few
+        # ulps): test_scale_equivariance's tolerance for the same round-off
+        np.testing.assert_allclose(other.p_values_, est.p_values_, rtol=1e-6, atol=1e-300)
+
+
+def test_units_move_the_decomposition_in_the_datas_units():
+    """The negative control of test_unit_equivariance: with the decomposition in the
+    data's units (the setting before the unit-free one) the same change of units moves
+    the flags of an ordinary problem (40 clients, 5 contaminated, rows and outputs in
+    units up to 1e2 apart)."""
+    params = dict(n_clients=40, p=12, q=2, rank=2, share=0.1, noise=0.5, seed=3,
+                  weighted=False, correction="fdr_bh", rank_given=False)
+    exponents = np.random.default_rng(0).uniform(-2, 2, 14)
+    with _unit_free("none"):
+        est, other = _in_other_units(params, exponents)
+    assert not np.array_equal(other.contaminated_, est.contaminated_) \
+        or other.test_rank_ != est.test_rank_
+    with _unit_free():
+        est, other = _in_other_units(params, exponents)
+    assert np.array_equal(other.contaminated_, est.contaminated_)
+    assert other.test_rank_ == est.test_rank_
 
 
 @pytest.mark.parametrize("params", [

@@ -110,7 +110,8 @@ def cap_weights(claims, max_ratio=10.0, max_share=1 / 3, minority=False):
         Cap, in multiples of the median claim (``None``: no cap).
     max_share : float or None, default=1/3
         Largest share of the total weight one client may hold (``None``: no such cap).
-        With ``n_clients < 1 / max_share`` the largest share is ``1 / n_clients``.
+        With fewer than ``1 / max_share`` clients of positive weight the largest share
+        is one over their number (a zero claim stays at weight 0).
     minority : bool, default=False
         Also cut the weights so that no group of fewer than half of the clients holds
         half of the weight (:func:`_minority_capped`): for rules that a weight majority
@@ -123,10 +124,11 @@ def cap_weights(claims, max_ratio=10.0, max_share=1 / 3, minority=False):
         (without the ratio cap ``v_k = n_k / c``, ``c`` a power of two between the
         smallest and largest claims): scale-free (only ratios matter to a weighted
         mean) and never overflowing, however large or small the claims. With
-        ``s = max(max_share, 1 / n_clients)``, the level ``t`` solves
-        ``t = s * sum_j min(v_j, t)`` (``t = inf``, no cap, where every
-        ``v_k <= s * sum_j v_j``), so that no client holds more than ``s`` of the total
-        weight: with the defaults and 3 or more clients at most 1/3, so that a weighted
+        ``s = max(max_share, 1 / n_positive)`` (``n_positive`` the clients whose ``v_k``
+        is positive), the level ``t`` solves ``t = s * sum_j min(v_j, t)`` (``t = inf``,
+        no cap, where every ``v_k <= s * sum_j v_j``), so that no client holds more than
+        ``s`` of the total weight: with the defaults and 3 or more clients of positive
+        weight at most 1/3, so that a weighted
         median or geometric median never returns one client's update because of its
         claim (the median cap alone let one client among 11 or fewer hold more than
         half: a review). Two clients get equal weights. With ``minority`` a third cut,
@@ -155,7 +157,11 @@ def cap_weights(claims, max_ratio=10.0, max_share=1 / 3, minority=False):
             relative = np.minimum(claims / (lo + (hi - lo) / 2.0), max_ratio)
     if max_share is None:
         return relative
-    share = max(max_share, 1.0 / relative.size)
+    # the share is among the clients that weigh at all: with the cap at 1/3, two positive
+    # claims beside a zero one cannot both hold a third, and the level fell to 0 (every
+    # weight 0, then all made 1: [0, 5, 5] -> [1, 1, 1], the zero claim weighed as the
+    # others)
+    share = max(max_share, 1.0 / max(int(np.count_nonzero(relative > 0)), 1))
     # Cap the m largest weights at t = share (m t + rest[m]) = rest[m] / (1 / share - m),
     # rest[m] the sum of the others, for the smallest m at which the (m + 1)-th largest
     # weight is at most t (m = 0: no weight above share times the total, none capped).
@@ -486,7 +492,9 @@ class LoraStrategy(FedAvg):
     count, and at least ``multi``), the round is skipped before aggregating, as FedAvg
     skips a round without replies: a WARNING, metrics ``skipped`` and ``n-valid``, and
     the previous round's adapters stay (no exception ends the run). Replies that
-    carry a Flower error are left to FedAvg, which logs them as failures. A fresh adapter
+    carry a Flower error (a client's exception, a timeout) are logged by FedAvg as
+    failures and counted in the round's metrics as ``n-failed`` and ``failed-nodes``
+    (a round in which every reply failed is skipped with those metrics). A fresh adapter
     (``lora_B = 0``) is a valid zero update, not malformed.
     Evaluation replies are screened for their count and metrics alike
     (:meth:`aggregate_evaluate`). A train reply whose metrics (a loss) hold a NaN or an
@@ -800,7 +808,8 @@ class LoraStrategy(FedAvg):
             support is lowered for that round (logged), not a failure.
         metrics : MetricRecord or None
             FedAvg's weighted metrics (capped weights) over the replies whose metrics
-            are all finite numbers, ``n-dropped`` and ``dropped-nodes``,
+            are all finite numbers, ``n-dropped`` and ``dropped-nodes``, ``n-failed`` and
+            ``failed-nodes`` (replies carrying a Flower error),
             ``metrics-left-out-nodes`` (the node ids whose metrics held a NaN or an
             infinite value, or other metric names or list lengths than most replies,
             left out of the average and logged; their adapters are aggregated), plus
@@ -816,12 +825,15 @@ class LoraStrategy(FedAvg):
             that repeats is not one round's replies' (both messages, clients by node
             id).
         """
-        valid, _ = self._check_and_log_replies(replies, is_train=True, validate=False)
+        valid, errors = self._check_and_log_replies(replies, is_train=True, validate=False)
+        failed = _failures(errors)
         if not valid:
-            return None, None
+            return None, (MetricRecord({**failed, "n-dropped": 0, "dropped-nodes": [],
+                                        "n-valid": 0, "skipped": 1}) if errors else None)
         read, dropped = self._screen(server_round, valid)
         needed, why = self._min_replies()
-        extra = {"n-dropped": len(dropped), "dropped-nodes": [int(n) for n in dropped]}
+        extra = {"n-dropped": len(dropped), "dropped-nodes": [int(n) for n in dropped],
+                 **failed}
         if len(read) < needed:
             # Skipped, as FedAvg skips a round without replies: raising here ended the
             # whole run (Flower's start does not catch it) when, say, one of two sampled
@@ -885,10 +897,11 @@ class LoraStrategy(FedAvg):
         logged and recorded in ``dropped_evaluate_``; the counts are capped as in
         training. A reply whose metric names (or list lengths) differ from those most
         replies share is left out of the average, logged and listed in
-        ``metrics-left-out-nodes``. The metrics gain ``n-dropped``, ``dropped-nodes``
-        and ``metrics-left-out-nodes``; ``None`` when no valid reply remains.
+        ``metrics-left-out-nodes``. The metrics gain ``n-dropped``, ``dropped-nodes``,
+        ``metrics-left-out-nodes``, ``n-failed`` and ``failed-nodes`` (replies carrying a
+        Flower error); ``None`` when no valid reply remains.
         """
-        valid, _ = self._check_and_log_replies(replies, is_train=False, validate=False)
+        valid, errors = self._check_and_log_replies(replies, is_train=False, validate=False)
         kept, counts = [], []
         valid, dropped = _single_replies(valid)
         for message in valid:
@@ -906,7 +919,15 @@ class LoraStrategy(FedAvg):
                                           server_round)
         return MetricRecord({**dict(metrics.items()), "n-dropped": len(dropped),
                              "dropped-nodes": [int(n) for n in dropped],
-                             "metrics-left-out-nodes": left_out})
+                             "metrics-left-out-nodes": left_out, **_failures(errors)})
+
+
+def _failures(errors):
+    """``n-failed`` and ``failed-nodes`` of the replies that carry a Flower error (a
+    client's exception, a timeout): FedAvg only logs them, and a round's metrics did not
+    say that a client had not answered (a review)."""
+    return {"n-failed": len(errors),
+            "failed-nodes": [int(message.metadata.src_node_id) for message in errors]}
 
 
 def _single_replies(replies):
