@@ -295,8 +295,11 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
         keeping ``1 - 1/f`` of each is their posterior mean, where pooling them all
         replaced the noise by a bias ``f - 1`` times as large (on statsmodels' grunfeld
         data, firms as clients, the projection alone predicted held-out years 4-5 times
-        worse than each firm's own regression; with ``kappa`` 1.1-1.2 times:
+        worse than each firm's own regression; with ``kappa`` 1.2-1.4 times:
         benchmarks/RESULTS.md, "The refinement shrunk by the null scale factor").
+        Without a given noise nothing measures how far the clients differ: there the
+        refinement pools along the fitted subspace whatever they are (dietox's pigs,
+        which differ in weight and growth: 4 times their own estimates' error).
     projector_ : ndarray of shape (p, p)
         The projector onto ``subspace_`` (``U``) that ``refined_`` and :meth:`transform`
         apply: with ``noise_cov``, along the noise's metric,

@@ -1555,3 +1555,35 @@ def test_the_summary_shows_a_small_raise_of_the_null_scale():
                           null_scale_df_=82.6, degrees_of_freedom_=np.array([6.0]))
     assert _calibration(est).startswith("scale x1.005, statistic / (null scale df) ~ "
                                         "F(df, 82.6)")
+
+
+@pytest.mark.parametrize("spread", [0.0, 3.0])
+def test_the_refinement_keeps_what_the_calibration_says_clients_differ(spread):
+    """Clients whose truths differ in every direction (spread 3 times their noise; no
+    shared subspace to pool along) with their noise given: the projection alone pooled
+    every client to the mean, a squared error about ten times their own estimates'
+    (grunfeld's firms: 4-5 times, a review on real data). The calibration's factor reads
+    the excess and the refinement keeps 1 - 1/factor of each client's own deviation: its
+    error is then below the clients' own. Where the clients share one truth (spread 0)
+    the factor stays near 1 and the refinement pools."""
+    rng = np.random.default_rng(5)
+    n_clients, p = 12, 4
+    truth = spread * rng.standard_normal((n_clients, p, 1))
+    X = truth + rng.standard_normal((n_clients, p, 1))
+    est = CLAIREstimator(random_state=0, rank=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # the large-factor warning
+        est.fit(X, noise_cov=(np.eye(p), np.eye(1)))
+    keep, factor = est.refinement_keep_, est.null_scale_factor_
+    assert keep == pytest.approx(1 - 1 / factor if factor > 1 else 0.0)
+    kept = ~est.contaminated_
+    local = np.sum((X - truth)[kept] ** 2)
+    refined = np.sum((est.refined_ - truth)[kept] ** 2)
+    projected = np.sum(((est.refined_[kept] - keep * X[kept]) / (1 - keep) - truth[kept]) ** 2)
+    if spread:
+        assert factor > 4 and keep > 0.75
+        assert projected > 3 * local  # the pooling the factor now holds back
+        assert refined < local
+    else:
+        assert keep < 0.5
+        assert refined < 0.5 * local  # pooled: the mean of 12 has 1/12 of the noise

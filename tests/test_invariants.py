@@ -249,17 +249,27 @@ def test_one_consistent_fit_with_a_known_covariance(params):
     mean = X[members].mean(axis=0)
     np.testing.assert_allclose(est.collaborative_mean_, mean, rtol=0, atol=RTOL * scale)
     kept = ~est.contaminated_
-    diff = est.refined_[kept] - mean[None]
+    # the refinement keeps refinement_keep_ (kappa, from the calibration's factor) of
+    # each member's own estimate: the rest is the projection
+    keep = est.refinement_keep_
+    factor = est.null_scale_factor_
+    assert keep == pytest.approx(1 - 1 / factor if factor > 1 else 0.0, abs=1e-15)
+    projected = (est.refined_[kept] - keep * X[kept]) / (1.0 - keep)
+    diff = projected - mean[None]
     # The frame's maps have condition numbers up to 10 (factors' eigenvalues over two
     # decades), and the oblique projector goes through both: round-off of a few
-    # hundred operations times 100, far below 1e-8 of the data's size.
-    # the refinement's change lies in the subspace...
+    # hundred operations times 100, far below 1e-8 of the data's size; undoing kappa
+    # divides by 1 - kappa = 1 / factor (factors here at most a few hundred).
+    tolerance = 1e-8 * scale * max(factor, 1.0)
+    # the projection's change lies in the subspace...
     basis = est.subspace_
     np.testing.assert_allclose(diff - basis @ (basis.T @ diff), 0.0, rtol=0,
-                               atol=1e-8 * scale)
-    # ...and is a projection: refining the refined estimates changes nothing
-    np.testing.assert_allclose(est.transform(est.refined_[kept]), est.refined_[kept],
-                               rtol=0, atol=1e-8 * scale)
+                               atol=tolerance)
+    # ...and is a projection: projecting the projected estimates changes nothing
+    np.testing.assert_allclose(mean + est.projector_ @ diff, projected, rtol=0,
+                               atol=tolerance)
+    # transform applies the same map to the training clients
+    np.testing.assert_allclose(est.transform(X), est.refined_, rtol=0, atol=1e-8 * scale)
     np.testing.assert_array_equal(est.refined_[~kept], X[~kept])
     assert np.array_equal(est.predict(X), np.where(est.contaminated_, -1, 1))
     if est.detection_converged_:
