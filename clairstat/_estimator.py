@@ -911,7 +911,10 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
                 "Either the clients differ beyond the shared subspace (check rank=), or "
                 "their noise is not what was given, or a large share of them is "
                 "contaminated and hides itself (masking); read each client's row of "
-                "summary() and its own regression.", UserWarning, stacklevel=4)
+                "summary() and its own regression. refined_ keeps "
+                f"{self.refinement_keep_:.2f} of each collaborative client's own "
+                "deviation off the subspace (refinement_keep_ = 1 - 1/factor).",
+                UserWarning, stacklevel=4)
         # The factor the median match would take if it could lower a given noise: read
         # by benchmarks/overstated_noise.py. A warning below a quarter failed its
         # pre-registered false-alarm bound there (classical covariances of heteroscedastic

@@ -244,6 +244,9 @@ def _diagnostics(est):
         ("t df" if getattr(est, "null_kind_", None) == "predictive" else "test df"):
             _df(est.degrees_of_freedom_),
         "null calibration": _calibration(est),
+        **({"refinement": f"keeps {est.refinement_keep_:.3g} of each collaborative "
+                          "client's own deviation (refinement_keep_)"}
+           if getattr(est, "refinement_keep_", 0.0) > 0 else {}),
         "solver": est.solver_,
         "iterations": str(est.n_iter_),
         "converged": str(est.converged_),

@@ -490,6 +490,7 @@ def test_fewer_than_two_valid_replies_skip_the_round(caplog):
         arrays, metrics = strategy.aggregate_train(2, replies)
     assert arrays is None and first is not None
     assert dict(metrics.items()) == {"n-dropped": 2, "dropped-nodes": NODES[1:3],
+                                     "n-failed": 0, "failed-nodes": [],
                                      "n-valid": 1, "skipped": 1}
     assert "round 2: skipped" in caplog.text and "needs at least 2" in caplog.text
     assert set(strategy.dropped_[2]) == {NODES[1], NODES[2]}
