@@ -255,12 +255,15 @@ def run_one(name, frame, features, outputs, n_clients, split, kind, n_victims, r
             decomposition_frame="none"):
     import clairstat._estimator as module
 
+    if decomposition_frame not in DECOMPOSITION_FRAMES:
+        raise ValueError(f"decomposition_frame must be one of {DECOMPOSITION_FRAMES}, not "
+                         f"{decomposition_frame!r}")
+    where, _, passes = decomposition_frame.partition("-")
     previous = (module.ESTIMATED_FRAME, module.DECOMPOSITION_FRAME,
                 module.DECOMPOSITION_PASSES)
-    module.ESTIMATED_FRAME = default_frame
-    module.DECOMPOSITION_FRAME, _, passes = decomposition_frame.partition("-")
-    module.DECOMPOSITION_PASSES = int(passes or 1)
     try:
+        module.ESTIMATED_FRAME = default_frame
+        module.DECOMPOSITION_FRAME, module.DECOMPOSITION_PASSES = where, int(passes or 1)
         rows = _run_one(name, frame, features, outputs, n_clients, split, kind, n_victims,
                         rank, rank_support, cov_type, default_frame)
     finally:
@@ -311,6 +314,8 @@ def _run_one(name, frame, features, outputs, n_clients, split, kind, n_victims, 
     return rows
 
 
+#: ``--decomposition-frame``: clairstat._estimator.DECOMPOSITION_FRAME and its passes
+DECOMPOSITION_FRAMES = ("none", "data", "residual-2", "residual-3")
 FIELDS = ["dataset", "split", "path", "corruption", "n_clients", "n_victims", "p", "q",
           "any_flag", "false_flags", "victims_flagged", "rank", "converged", "seconds",
           "version", "rank_given"]
@@ -405,7 +410,7 @@ def main(argv=None):
                         help="the frame of the path without a covariance (default: the "
                              "package's); 'none' resumes the tables made before it")
     parser.add_argument("--decomposition-frame", default="none",
-                        choices=["none", "data", "residual-2", "residual-3"],
+                        choices=DECOMPOSITION_FRAMES,
                         help="where the path without a covariance decomposes "
                              "(clairstat._estimator.DECOMPOSITION_FRAME and its passes): "
                              "'none' (the data's units) resumes the tables made before")

@@ -729,9 +729,16 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
         covariance and with the default penalties and threshold, the program runs on the
         estimates pre-scaled by robust row and output spreads (:func:`_robust_frame`, as
         a lasso on standardised covariates), its start is read there and its parts are
-        mapped back: the flags then do not depend on the units of a covariate or an
-        output. The objective, gap and penalties it reports are then the pre-scaled
-        program's."""
+        mapped back: the flags, the rank and the p-values then do not depend on the
+        units of a covariate or an output (``refined_`` does: the refinement refits in
+        the data's units). The objective, gap and penalties it reports are then the
+        pre-scaled program's times the data's scale, comparable with no fit in the
+        data's units."""
+        if DECOMPOSITION_FRAME not in _DECOMPOSITION_FRAMES or not (
+                isinstance(DECOMPOSITION_PASSES, int) and DECOMPOSITION_PASSES >= 1):
+            raise ValueError(f"DECOMPOSITION_FRAME must be one of {_DECOMPOSITION_FRAMES} "
+                             f"and DECOMPOSITION_PASSES an int of at least 1, not "
+                             f"{DECOMPOSITION_FRAME!r} and {DECOMPOSITION_PASSES!r}.")
         pre = None
         if (DECOMPOSITION_FRAME != "none" and noise.estimated and not factored
                 and all(isinstance(v, str) and v == "auto"
@@ -1431,14 +1438,16 @@ ESTIMATED_FRAME = "residual"
 #: units; "data", on the estimates pre-scaled by their rows' and outputs' robust spreads;
 #: "residual", the same and then ``DECOMPOSITION_PASSES - 1`` more passes, each pre-scaled
 #: by the robust spreads of what the previous pass's backbone and low-rank part leave.
-#: Both make the flags exactly independent of a covariate's or an output's units (the
-#: data's units do not: benchmarks/frame_units.py). "residual" with 3 passes was measured
+#: Both make the flags, the rank and the p-values independent of a covariate's or an
+#: output's units (the data's units do not: benchmarks/frame_units.py; ``refined_`` is
+#: not, its subspace refitted in the data's units). "residual" with 3 passes was measured
 #: against the data's units, pre-registered, and not adopted: criteria met on 8 of 18
 #: real datasets against 9 (racd10's sign flips caught 0.93 -> 0.28), and at 40
 #: synthetic clients, nothing contaminated, 0.11 of the fits with a false flag against
 #: 0.07 (benchmarks/RESULTS.md, "A decomposition that does not depend on the units").
 DECOMPOSITION_FRAME = "none"
 DECOMPOSITION_PASSES = 3
+_DECOMPOSITION_FRAMES = ("none", "data", "residual")
 _FRAME_SOURCES = ("residual", "data", "none")
 #: Relative spread below which an entry counts as shared by the clients (_robust_frame).
 _SHARED = 1e-6

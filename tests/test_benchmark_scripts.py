@@ -202,6 +202,11 @@ def test_the_unit_free_tables_are_reproduced_and_the_setting_restored():
                 assert row[column] == stored.loc[row["path"], column], (kind, row["path"])
     assert clairstat._estimator.DECOMPOSITION_FRAME == "none"
     assert clairstat._estimator.DECOMPOSITION_PASSES == 3
+    with pytest.raises(ValueError, match="decomposition_frame"):  # checked before it is set
+        calibration.run_one(name, frame, features, outputs, n_clients, 0, "none", 0,
+                            decomposition_frame="residual-x")
+    assert clairstat._estimator.DECOMPOSITION_FRAME == "none"
+    assert clairstat._estimator.ESTIMATED_FRAME == "residual"
 
 
 def test_decomposition_frame_script_reproduces_its_committed_rows(tmp_path, capsys):
@@ -214,6 +219,7 @@ def test_decomposition_frame_script_reproduces_its_committed_rows(tmp_path, caps
     import decomposition_frame as script
 
     table = pd.read_csv(ROOT / "benchmarks" / "results" / "decomposition_frame.csv")
+    rows = {}
     for contaminated in (0, 1):
         for units in script.UNITS:
             for frame in ("none", "residual-3"):
@@ -224,8 +230,16 @@ def test_decomposition_frame_script_reproduces_its_committed_rows(tmp_path, caps
                 assert len(stored) == 1
                 for column in ("benign_flagged", "rank"):
                     assert row[column] == stored[column].iloc[0], (units, frame, column)
+                if contaminated:  # where the settings differ (1.0 against 0.0 here)
+                    assert row["recall"] == stored.recall.iloc[0], (units, frame)
                 assert np.isclose(row["refined_error_ratio"],
                                   stored.refined_error_ratio.iloc[0], rtol=1e-6)
+                rows[(contaminated, units, frame)] = row
+    for contaminated in (0, 1):  # the unit-free fit: the same flag counts in other units
+        drawn, rescaled = (rows[(contaminated, units, "residual-3")]
+                           for units in ("drawn", "rescaled"))
+        assert (drawn["benign_flagged"], drawn["recall"], drawn["rank"]) == (
+            rescaled["benign_flagged"], rescaled["recall"], rescaled["rank"])
     with pytest.raises(ValueError):
         script.run_one(8, 0, 1.0, "drawn", "no such frame", 3000)
     assert clairstat._estimator.DECOMPOSITION_FRAME == "none"

@@ -558,7 +558,15 @@ def test_no_client_holds_a_third_of_the_weight_by_its_claim():
     # three clients and two positive claims, and every weight became 1)
     assert cap_weights([0, 5, 5]).tolist() == [0.0, 1.0, 1.0]
     assert cap_weights([0, 0, 5, 5, 5, 5]).tolist() == [0.0, 0.0, 1.0, 1.0, 1.0, 1.0]
-    assert cap_weights([0, 5, 50]).tolist() == [0.0, 1.0, 1.0]  # two positive: equal
+    weights = cap_weights([0, 5, 50])  # two positive claims: equal weights, the zero 0
+    assert weights[0] == 0.0 and weights[1] == pytest.approx(weights[2], rel=1e-15)
+    # most clients claiming 0: the median positive claim is the unit (the median 0 made
+    # every weight NaN, then 1), and the one client with examples weighs alone
+    assert cap_weights([0, 0, 5]).tolist() == [0.0, 0.0, 1.0]
+    # a positive claim that underflows against a huge one still counts for the share:
+    # the huge claim does not take every weight (a review)
+    weights = cap_weights([5e-324, 5e-324, 1e308], max_ratio=None)
+    assert (weights / weights.sum()).max() <= 1 / 3 * (1 + 8 * eps)
 
 
 @pytest.mark.parametrize("rule", ["median", "geomedian"])
@@ -1043,3 +1051,7 @@ def test_failed_replies_are_counted_in_the_rounds_metrics():
     evaluated = [_reply(n, client_adapter(k), accuracy=0.5) for k, n in enumerate(NODES[:2])]
     metrics = strategy.aggregate_evaluate(1, evaluated + [_failed_reply(999)])
     assert metrics["n-failed"] == 1 and list(metrics["failed-nodes"]) == [999]
+    # no evaluation reply left: the failures are still reported (it returned None)
+    metrics = strategy.aggregate_evaluate(2, [_failed_reply(998), _failed_reply(999)])
+    assert metrics["n-failed"] == 2 and metrics["n-dropped"] == 0
+    assert strategy.aggregate_evaluate(3, []) is None

@@ -98,20 +98,22 @@ def _power_of_two_scale(values):
 
 
 def cap_weights(claims, max_ratio=10.0, max_share=1 / 3, minority=False):
-    """Relative client weights: each claim over the median claim, capped at ``max_ratio``,
+    """Relative client weights: each claim over the median positive claim, capped at
+    ``max_ratio``,
     then at a common level that keeps every client's share of the total weight at most
     ``max_share``.
 
     Parameters
     ----------
     claims : array-like of shape (n_clients,)
-        Finite positive example counts, as the clients report them.
+        Finite non-negative example counts, as the clients report them (a claim of 0
+        weighs 0; where every claim is 0 the weights are equal).
     max_ratio : float or None, default=10.0
-        Cap, in multiples of the median claim (``None``: no cap).
+        Cap, in multiples of the median positive claim (``None``: no cap).
     max_share : float or None, default=1/3
         Largest share of the total weight one client may hold (``None``: no such cap).
-        With fewer than ``1 / max_share`` clients of positive weight the largest share
-        is one over their number (a zero claim stays at weight 0).
+        With fewer than ``1 / max_share`` clients claiming any example the largest
+        share is one over their number (a claim of 0 weighs 0).
     minority : bool, default=False
         Also cut the weights so that no group of fewer than half of the clients holds
         half of the weight (:func:`_minority_capped`): for rules that a weight majority
@@ -120,11 +122,11 @@ def cap_weights(claims, max_ratio=10.0, max_share=1 / 3, minority=False):
     Returns
     -------
     ndarray of shape (n_clients,)
-        ``w_k = min(v_k, t)`` with ``v_k = min(n_k / median(n), max_ratio)``
+        ``w_k = min(v_k, t)`` with ``v_k = min(n_k / median(n_j > 0), max_ratio)``
         (without the ratio cap ``v_k = n_k / c``, ``c`` a power of two between the
         smallest and largest claims): scale-free (only ratios matter to a weighted
         mean) and never overflowing, however large or small the claims. With
-        ``s = max(max_share, 1 / n_positive)`` (``n_positive`` the clients whose ``v_k``
+        ``s = max(max_share, 1 / n_positive)`` (``n_positive`` the clients whose claim
         is positive), the level ``t`` solves ``t = s * sum_j min(v_j, t)`` (``t = inf``,
         no cap, where every ``v_k <= s * sum_j v_j``), so that no client holds more than
         ``s`` of the total weight: with the defaults and 3 or more clients of positive
@@ -147,21 +149,28 @@ def cap_weights(claims, max_ratio=10.0, max_share=1 / 3, minority=False):
     [1.0, 1.0, 1.0, 1.0, 2.0]
     """
     claims = np.asarray(claims, dtype=float)
+    positive = claims[claims > 0]
+    if positive.size == 0:  # nobody claims an example: equal weights
+        return np.ones_like(claims)
     if max_ratio is None:  # claim / median overflowed to inf where the median was tiny
         relative = claims / _power_of_two_scale(claims)  # (1e10 among 1e-300): a review
     else:  # the median as lo + (hi - lo) / 2: two claims of 1e308 cannot sum to inf, and
         # subnormal claims are not halved to 0 (the median of halves, doubled, was 0
-        # where most claims were 5e-324, and every claim then weighed max_ratio: a review)
-        lo, hi = np.sort(claims)[[(claims.size - 1) // 2, claims.size // 2]]
+        # where most claims were 5e-324, and every claim then weighed max_ratio: a review).
+        # The median of the positive claims: where most clients claimed 0 the median was
+        # 0, a claim of 0 over it NaN, and every client then weighed alike
+        lo, hi = np.sort(positive)[[(positive.size - 1) // 2, positive.size // 2]]
         with np.errstate(over="ignore"):  # inf over a tiny median: capped just below
             relative = np.minimum(claims / (lo + (hi - lo) / 2.0), max_ratio)
     if max_share is None:
         return relative
-    # the share is among the clients that weigh at all: with the cap at 1/3, two positive
-    # claims beside a zero one cannot both hold a third, and the level fell to 0 (every
-    # weight 0, then all made 1: [0, 5, 5] -> [1, 1, 1], the zero claim weighed as the
-    # others)
-    share = max(max_share, 1.0 / max(int(np.count_nonzero(relative > 0)), 1))
+    # the share is among the clients that claim any example: with the cap at 1/3, two
+    # positive claims beside a zero one cannot both hold a third, and the level fell to 0
+    # (every weight 0, then all made 1: [0, 5, 5] -> [1, 1, 1], the zero claim weighed
+    # as the others). Claims that are positive but underflow against the others count
+    # (their relative weight is 0, not their claim): one huge claim beside tiny ones
+    # still holds at most the share (a review)
+    share = max(max_share, 1.0 / max(int(np.count_nonzero(claims > 0)), 1))
     # Cap the m largest weights at t = share (m t + rest[m]) = rest[m] / (1 / share - m),
     # rest[m] the sum of the others, for the smallest m at which the (m + 1)-th largest
     # weight is at most t (m = 0: no weight above share times the total, none capped).
@@ -492,9 +501,11 @@ class LoraStrategy(FedAvg):
     count, and at least ``multi``), the round is skipped before aggregating, as FedAvg
     skips a round without replies: a WARNING, metrics ``skipped`` and ``n-valid``, and
     the previous round's adapters stay (no exception ends the run). Replies that
-    carry a Flower error (a client's exception, a timeout) are logged by FedAvg as
-    failures and counted in the round's metrics as ``n-failed`` and ``failed-nodes``
-    (a round in which every reply failed is skipped with those metrics). A fresh adapter
+    carry a Flower error (a client's exception, or an error the link reports, such as a
+    message whose time to live ran out; a reply that never arrives within the round's
+    timeout is not one and is not counted) are logged by FedAvg as failures and counted
+    in the round's metrics as ``n-failed`` and ``failed-nodes`` (a round in which every
+    reply failed is skipped with those metrics). A fresh adapter
     (``lora_B = 0``) is a valid zero update, not malformed.
     Evaluation replies are screened for their count and metrics alike
     (:meth:`aggregate_evaluate`). A train reply whose metrics (a loss) hold a NaN or an
@@ -899,7 +910,8 @@ class LoraStrategy(FedAvg):
         replies share is left out of the average, logged and listed in
         ``metrics-left-out-nodes``. The metrics gain ``n-dropped``, ``dropped-nodes``,
         ``metrics-left-out-nodes``, ``n-failed`` and ``failed-nodes`` (replies carrying a
-        Flower error); ``None`` when no valid reply remains.
+        Flower error); where no valid reply remains, ``None``, or those counts alone
+        when some replies failed.
         """
         valid, errors = self._check_and_log_replies(replies, is_train=False, validate=False)
         kept, counts = [], []
@@ -912,8 +924,10 @@ class LoraStrategy(FedAvg):
                 dropped[message.metadata.src_node_id] = str(reason)
         _log_dropped(server_round, "evaluation ", dropped)
         self.dropped_evaluate_[server_round] = dropped
-        if not kept:
-            return None
+        if not kept:  # nothing to average; the failures are still the round's to report
+            return MetricRecord({"n-dropped": len(dropped),
+                                 "dropped-nodes": [int(n) for n in dropped],
+                                 **_failures(errors)}) if errors else None
         weights = cap_weights(counts, self.max_weight_ratio, self.max_weight_share)
         metrics, left_out = self._metrics(kept, weights, self.evaluate_metrics_aggr_fn,
                                           server_round)
@@ -924,8 +938,10 @@ class LoraStrategy(FedAvg):
 
 def _failures(errors):
     """``n-failed`` and ``failed-nodes`` of the replies that carry a Flower error (a
-    client's exception, a timeout): FedAvg only logs them, and a round's metrics did not
-    say that a client had not answered (a review)."""
+    client's exception, or an error the link reports: a message whose time to live ran
+    out, a node that is gone): FedAvg only logs them, and a round's metrics did not say
+    so (a review). A reply that never arrives within the round's timeout is no reply:
+    the grid returns fewer, and it is not counted here."""
     return {"n-failed": len(errors),
             "failed-nodes": [int(message.metadata.src_node_id) for message in errors]}
 
