@@ -288,21 +288,25 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
     refinement_keep_ : float
         ``kappa = 1 - 1 / null_scale_factor_`` with a given noise (``noise_cov`` or
         ``noise_scale``), 0 where that factor is 1 or not defined (without a given
-        noise, and on factored LoRA stacks): the fraction of each collaborative
+        noise, and on factored LoRA stacks; also where a given noise so small that its
+        statistics leave float64's range left the factor at 1): the fraction of each collaborative
         client's deviation off the subspace that the refinement keeps. A factor ``f``
         says the clients' off-subspace statistics are ``f`` times what their noise
         implies; were the deviations normal with variance ``f - 1`` times the noise's,
         keeping ``1 - 1/f`` of each is their posterior mean, where pooling them all
         replaced the noise by a bias ``f - 1`` times as large (on statsmodels' grunfeld
         data, firms as clients, the projection alone predicted held-out years 4-5 times
-        worse than each firm's own regression; with ``kappa`` 1.2-1.4 times:
+        worse than each firm's own regression; with ``kappa`` 1.2-1.4 times, and a
+        third of the firms better than by their own; measured on that one dataset, the
+        one the rule was chosen on:
         benchmarks/RESULTS.md, "The refinement shrunk by the null scale factor").
         Without a given noise nothing measures how far the clients differ: there the
         refinement pools along the fitted subspace whatever they are (dietox's pigs,
         which differ in weight and growth: 4 times their own estimates' error).
     projector_ : ndarray of shape (p, p)
         The projector onto ``subspace_`` (``U``) that ``refined_`` and :meth:`transform`
-        apply: with ``noise_cov``, along the noise's metric,
+        apply (before ``refinement_keep_`` gives back part of each client's deviation off
+        the subspace): with ``noise_cov``, along the noise's metric,
         ``U (U^T Rbar^-1 U)^-1 U^T Rbar^-1`` with ``Rbar`` the clients' average row
         covariance, each normalised to determinant 1 (docs/method_notes.md, section 8);
         otherwise (and with ``subspace_source="low_rank"``) the orthogonal ``U U^T``,
@@ -536,7 +540,8 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
 
     @property
     def projector_(self) -> np.ndarray:
-        """The projector ``refined_`` applies (see the class's attributes)."""
+        """The projector ``refined_`` applies before ``refinement_keep_`` (see the
+        class's attributes)."""
         check_is_fitted(self)
         projector = getattr(self, "_projector", None)
         return self.subspace_ @ self.subspace_.T if projector is None else projector
@@ -697,11 +702,16 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
         # clients' statistics, clairstat._null.predictive_null)
         if not _REFINEMENT_REPLACED.get() and (
                 factored or np.sqrt(np.mean(noise.sigma ** 2)) > 1e3 * np.sqrt(noise.floor)):
-            _warn_refinement_pools_nothing(original, refined, self.collaborative_mean_,
-                                           self.contaminated_)
+            # the projection's pooling, before refinement_keep_ gives some of it back (with
+            # the share kept near 1 it warned that the subspace held every deviation, and
+            # advised a smaller rank at rank 0, a review)
+            _warn_refinement_pools_nothing(
+                original, refined if self.refinement_keep_ == 0.0 else
+                self._refine(original, self.contaminated_, keep=False),
+                self.collaborative_mean_, self.contaminated_)
         return self
 
-    def _refine(self, blocks, flagged):
+    def _refine(self, blocks, flagged, keep=True):
         """``mean + Pi (Theta_k - mean)`` for the others, flagged clients unchanged; with
         ``refinement_keep_ = kappa > 0`` the others' ``(1 - kappa) (mean + Pi (Theta_k -
         mean)) + kappa Theta_k``.
@@ -715,7 +725,8 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
             mean = self.collaborative_mean_
             refined = mean[None] + self._projector @ (blocks - mean[None])
             refined[flagged] = blocks[flagged]
-        keep = getattr(self, "refinement_keep_", 0.0)  # 0.0: pickled before it existed
+        # 0.0: pickled before it existed; keep=False: the projection alone
+        keep = getattr(self, "refinement_keep_", 0.0) if keep else 0.0
         if keep > 0.0 and isinstance(blocks, np.ndarray):
             kept = ~np.asarray(flagged, dtype=bool)
             refined[kept] = (1.0 - keep) * refined[kept] + keep * blocks[kept]
@@ -1248,8 +1259,10 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
                   noise_cov: tuple[ArrayLike, ArrayLike] | None = None) -> np.ndarray:
         """Refine clients with the fitted subspace and collaborative mean.
 
-        Clients that :meth:`predict` flags (with ``noise_cov`` if given) are returned
-        unchanged.
+        ``(1 - kappa) (mean + P (Theta_k - mean)) + kappa Theta_k`` with ``P`` the
+        ``projector_`` and ``kappa`` the ``refinement_keep_`` (0 unless a given noise's
+        null scale was raised), as ``refined_``. Clients that :meth:`predict` flags (with
+        ``noise_cov`` if given) are returned unchanged.
 
         Parameters
         ----------

@@ -1557,8 +1557,9 @@ def test_the_summary_shows_a_small_raise_of_the_null_scale():
                                         "F(df, 82.6)")
 
 
+@pytest.mark.parametrize("given", ["noise_cov", "noise_scale", "row"])
 @pytest.mark.parametrize("spread", [0.0, 3.0])
-def test_the_refinement_keeps_what_the_calibration_says_clients_differ(spread):
+def test_the_refinement_keeps_what_the_calibration_says_clients_differ(spread, given):
     """Clients whose truths differ in every direction (spread 3 times their noise; no
     shared subspace to pool along) with their noise given: the projection alone pooled
     every client to the mean, a squared error about ten times their own estimates'
@@ -1570,10 +1571,16 @@ def test_the_refinement_keeps_what_the_calibration_says_clients_differ(spread):
     n_clients, p = 12, 4
     truth = spread * rng.standard_normal((n_clients, p, 1))
     X = truth + rng.standard_normal((n_clients, p, 1))
-    est = CLAIREstimator(random_state=0, rank=0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # the large-factor warning
-        est.fit(X, noise_cov=(np.eye(p), np.eye(1)))
+    # a known covariance (the oblique projector's path), a known scale (the orthogonal
+    # one), and the subspace of the rows (the transposed working orientation)
+    est = CLAIREstimator(random_state=0, rank=0, subspace="row" if given == "row" else
+                         "column", noise_scale=1.0 if given == "noise_scale" else None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        est.fit(X, noise_cov=None if given == "noise_scale" else (np.eye(p), np.eye(1)))
+    # the projection pools at rank 0 whatever kappa gives back: no "pools nothing"
+    # warning (it advised a smaller rank at rank 0 where kappa was near 1, a review)
+    assert not any("pools nothing" in str(w.message) for w in caught)
     keep, factor = est.refinement_keep_, est.null_scale_factor_
     assert keep == pytest.approx(1 - 1 / factor if factor > 1 else 0.0)
     kept = ~est.contaminated_
@@ -1584,6 +1591,29 @@ def test_the_refinement_keeps_what_the_calibration_says_clients_differ(spread):
         assert factor > 4 and keep > 0.75
         assert projected > 3 * local  # the pooling the factor now holds back
         assert refined < local
+        assert "refinement_keep_" in str(est.summary())
     else:
         assert keep < 0.5
         assert refined < 0.5 * local  # pooled: the mean of 12 has 1/12 of the noise
+    # transform applies the same map, to the training clients and to new ones (entries
+    # of size about 10: the round-off of a few float64 operations, far below 1e-12;
+    # undoing kappa below divides by 1 - kappa >= 1 / factor, about 0.1: 1e-10)
+    np.testing.assert_allclose(est.transform(X), est.refined_, rtol=0, atol=1e-12)
+    new = X[:3] + 0.01
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        moved = est.transform(new)
+        flagged = est.predict(new) == -1
+    # an estimator pickled before refinement_keep_ existed refines by the projection
+    # alone: for the training clients the refined_ with kappa undone...
+    del est.refinement_keep_
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        projected_new = est.transform(new)
+    projection = est.transform(X)
+    np.testing.assert_allclose(projection[kept], (est.refined_[kept] - keep * X[kept])
+                               / (1 - keep), rtol=0, atol=1e-10)
+    # ...and for new ones the same map with kappa: (1 - kappa) projection + kappa own
+    expected = (1 - keep) * projected_new + keep * new
+    expected[flagged] = new[flagged]
+    np.testing.assert_allclose(moved, expected, rtol=0, atol=1e-12)
