@@ -289,8 +289,8 @@ class CLAIREstimator(OutlierMixin, TransformerMixin, BaseEstimator,
         ``kappa = 1 - 1 / null_scale_factor_`` with a given noise (``noise_cov`` or
         ``noise_scale``), 0 where that factor is 1 or not defined (without a given
         noise, and on factored LoRA stacks; also where a given noise so small that its
-        statistics leave float64's range left the factor at 1): the fraction of each collaborative
-        client's deviation off the subspace that the refinement keeps. A factor ``f``
+        statistics leave float64's range left the factor at 1): the fraction of each
+        collaborative client's deviation off the subspace that the refinement keeps. A factor ``f``
         says the clients' off-subspace statistics are ``f`` times what their noise
         implies; were the deviations normal with variance ``f - 1`` times the noise's,
         keeping ``1 - 1/f`` of each is their posterior mean, where pooling them all

@@ -99,9 +99,8 @@ def _power_of_two_scale(values):
 
 def cap_weights(claims, max_ratio=10.0, max_share=1 / 3, minority=False):
     """Relative client weights: each claim over the median positive claim, capped at
-    ``max_ratio``,
-    then at a common level that keeps every client's share of the total weight at most
-    ``max_share``.
+    ``max_ratio``, then at a common level that keeps every client's share of the total
+    weight at most ``max_share``.
 
     Parameters
     ----------
@@ -130,8 +129,8 @@ def cap_weights(claims, max_ratio=10.0, max_share=1 / 3, minority=False):
         is positive), the level ``t`` solves ``t = s * sum_j min(v_j, t)`` (``t = inf``,
         no cap, where every ``v_k <= s * sum_j v_j``), so that no client holds more than
         ``s`` of the total weight: with the defaults and 3 or more clients of positive
-        weight at most 1/3, so that a weighted
-        median or geometric median never returns one client's update because of its
+        claims at most 1/3, so that a weighted median or geometric median never
+        returns one client's update because of its
         claim (the median cap alone let one client among 11 or fewer hold more than
         half: a review). Two clients get equal weights. With ``minority`` a third cut,
         at a common level, keeps the heaviest minority (the ``ceil(n / 2) - 1`` largest
